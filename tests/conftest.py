@@ -1,0 +1,106 @@
+"""Shared test helpers: load the numbered scripts, find the data files, keep tests deterministic.
+
+The scripts are called `01_tokenizer.py` ... `09_generate.py`; a name that starts with a digit
+cannot be imported with `import`, so `load_script` goes through importlib. Every script is
+self-contained (it copies what it needs from earlier ones), so loading one never loads another.
+"""
+
+import importlib.util
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = ROOT / "data"
+
+
+def load_script(name: str):
+    """Import `ROOT/<name>.py` as a module named `<name>` (cached after the first call).
+
+    subtle: the module must be in sys.modules *before* it executes, or @dataclass fails to
+    resolve the module of its own class (it looks the module up by name).
+    """
+    if name in sys.modules:
+        return sys.modules[name]
+    path = ROOT / f"{name}.py"
+    if not path.exists():
+        pytest.skip(f"{path.name} does not exist yet")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def _script_fixture(name):
+    @pytest.fixture(scope="session")
+    def fixture():
+        return load_script(name)
+
+    return fixture
+
+
+tok01 = _script_fixture("01_tokenizer")
+dl02 = _script_fixture("02_dataloader")
+attn03 = _script_fixture("03_attention")
+gpt04 = _script_fixture("04_gpt")
+pre05 = _script_fixture("05_pretrain")
+dist06 = _script_fixture("06_distributed")
+ft07 = _script_fixture("07_finetune")
+dpo08 = _script_fixture("08_dpo")
+gen09 = _script_fixture("09_generate")
+
+
+def _data_file(source: str) -> Path:
+    """The path of a known data file: data/ if it is there, else 02's own download."""
+    dl = load_script("02_dataloader")
+    filename = dl.SOURCES[source][2]
+    path = DATA_DIR / filename
+    return path if path.exists() else dl.fetch(source, DATA_DIR)
+
+
+@pytest.fixture(scope="session")
+def shakespeare_path() -> Path:
+    return _data_file("tinyshakespeare")
+
+
+@pytest.fixture(scope="session")
+def shakespeare_text(shakespeare_path) -> str:
+    return shakespeare_path.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def gpt2_files() -> tuple[Path, Path]:
+    return _data_file("gpt2-encoder"), _data_file("gpt2-vocab")
+
+
+@pytest.fixture(scope="session")
+def instruction_data_path() -> Path:
+    return _data_file("instruction-data")
+
+
+@pytest.fixture(scope="session")
+def preference_data_path() -> Path:
+    return _data_file("preference-data")
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    """One thread and a fixed seed for every test.
+
+    One thread on purpose: the tiny models here are bound by per-op overhead, and with two
+    threads a step slows down 10x whenever another process (a second rank, the OS) wants a core.
+    """
+    torch.set_num_threads(1)
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
