@@ -1,0 +1,582 @@
+"""02_dataloader.py: from raw text to training batches.
+
+A language model learns from one long stream of token ids. This stage builds that stream and
+cuts it into batches, in the order the data travels:
+
+1. fetch      download a known corpus (streamed, sha256-checked, written atomically)
+2. clean      Unicode and whitespace normalization, exact de-duplication, a quality filter;
+              each step says what it removed ("garbage in, garbage out")
+3. prepare    tokenize once into flat train.bin / val.bin files (uint16 while the vocabulary
+              fits) plus meta.json, as nanoGPT's data/*/prepare.py does
+4. load       read the token files back with np.memmap: the OS pages in only the windows we
+              touch, so a corpus larger than RAM works the same way as tiny Shakespeare
+5. batch      (x, y) pairs where y is x shifted by one token: at every position the model
+              predicts the next token. Two sources:
+              - get_batch: random windows, stateless (batch = f(seed, step)), for pretraining
+              - SlidingWindowDataset + RankBatchSampler: every window at a fixed stride, in
+                epochs, for the book-style loop (rasbt's GPTDatasetV1)
+              Both are rank-aware: with world_size ranks, rank r gets its own slice of the same
+              global batch, so N processes together see exactly what one process sees (06).
+
+References: karpathy/nanoGPT data/shakespeare_char/prepare.py and train.py get_batch;
+rasbt/LLMs-from-scratch ch02 (GPTDatasetV1); C4 (Raffel et al. 2020) and Gopher (Rae et al.
+2021) for de-duplication and quality rules; Lee et al. 2022, "Deduplicating Training Data Makes
+Language Models Better".
+
+Run (CPU is plenty, nothing here trains):
+    python 02_dataloader.py                          # tiny Shakespeare, char and GPT-2 tokens
+    python 02_dataloader.py --tokenizers char --block-size 16
+    python 02_dataloader.py --text-file my.txt --normalize NFKC
+    python 02_dataloader.py --help
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+import requests
+import torch
+from torch.utils.data import Dataset, Sampler
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+OUT_DIR = Path(__file__).resolve().parent / "out" / "data"
+
+# -----------------------------------------------------------------------------
+# Pieces of 01_tokenizer.py (tests/test_copies.py keeps them identical to the originals)
+
+
+# copied from 01_tokenizer.py: CharTokenizer
+class CharTokenizer:
+    """One token per character: the simplest tokenizer (vocabulary = the characters seen).
+
+    >>> tok = CharTokenizer.from_text("hello")      # vocabulary "ehlo"
+    >>> tok.encode("hole"), tok.decode([2, 1])
+    ([2, 3, 2, 0], 'le')
+    """
+
+    def __init__(self, chars: str):
+        if len(set(chars)) != len(chars):
+            raise ValueError("chars has repeated characters; build it with CharTokenizer.from_text(text)")
+        self.chars = chars
+        self.stoi = {ch: i for i, ch in enumerate(chars)}
+        self.itos = dict(enumerate(chars))
+        self.n_vocab = len(chars)
+        self.eot_token = None  # no end-of-text token: 05 trains on one continuous text
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        return cls("".join(sorted(set(text))))
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self.stoi[ch] for ch in text]
+        except KeyError as e:
+            raise ValueError(f"character {e.args[0]!r} is not in the vocabulary; build the tokenizer "
+                             "from text that contains it (CharTokenizer.from_text)") from None
+
+    def decode(self, ids) -> str:
+        try:
+            return "".join([self.itos[i] for i in ids])
+        except KeyError as e:
+            raise ValueError(f"token id {e.args[0]!r} is not in the vocabulary "
+                             f"(ids are 0..{self.n_vocab - 1})") from None
+
+    def to_dict(self) -> dict:
+        return {"kind": "char", "chars": self.chars}
+
+
+# copied from 01_tokenizer.py: get_tokenizer
+def get_tokenizer(spec: dict):
+    """{"kind": "char", "chars": ...} -> CharTokenizer; {"kind": "gpt2"} -> tiktoken's GPT-2.
+
+    Checkpoints store this small dict, not the tokenizer. For GPT-2 we use tiktoken (Rust, fast);
+    01_tokenizer.py's BPETokenizer gives the same ids and shows how they are made.
+    """
+    kind = spec.get("kind")
+    if kind == "char":
+        return CharTokenizer(spec["chars"])
+    if kind == "gpt2":
+        import tiktoken  # imported here so that char-only scripts do not need it
+
+        return tiktoken.get_encoding("gpt2")
+    raise ValueError(f"unknown tokenizer kind {kind!r}; "
+                     f"use {{'kind': 'char', 'chars': ...}} or {{'kind': 'gpt2'}}")
+
+
+# copied from 01_tokenizer.py: download
+def download(url: str, path, sha256: str, timeout=30) -> Path:
+    """Download url to path: streamed, sha256-checked, written to path.tmp then renamed.
+
+    A file that is already there with the right hash is not downloaded again. On an HTTP error
+    or a hash mismatch we raise and leave no file behind, so a half-written download can never
+    be mistaken for the real one.
+    """
+    path = Path(path)
+    if path.exists():
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() == sha256:
+            return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    digest = hashlib.sha256()
+    try:
+        with requests.get(url, stream=True, timeout=timeout) as response:
+            response.raise_for_status()
+            total = int(response.headers.get("content-length", 0))
+            done = 0
+            with open(tmp, "wb") as f:
+                for block in response.iter_content(chunk_size=1 << 20):
+                    f.write(block)
+                    digest.update(block)
+                    done += len(block)
+                    if total > 1 << 24:  # progress only for big files (> 16 MB)
+                        print(f"\r{path.name}: {done / 2**20:.0f}/{total / 2**20:.0f} MB", end="", flush=True)
+            if total > 1 << 24:
+                print()
+        if digest.hexdigest() != sha256:
+            raise ValueError(f"sha256 mismatch for {url}: expected {sha256}, got {digest.hexdigest()}; "
+                             "the file changed upstream or the download was corrupted")
+        os.replace(tmp, path)
+    except requests.RequestException as e:
+        raise RuntimeError(f"download of {url} failed: {e}; check the URL and your network, "
+                           f"or put the file (sha256 {sha256}) in {path.parent} by hand") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+# -----------------------------------------------------------------------------
+# 1. fetch: the corpora we know, with the hash of the exact bytes we expect
+
+_RASBT = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07"
+_GPT2 = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main"
+SOURCES = {  # name -> (url, sha256, filename in data/)
+    "tinyshakespeare": (
+        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+        "tinyshakespeare.txt",
+    ),
+    "gpt2-encoder": (
+        f"{_GPT2}/encoder.json",
+        "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+        "encoder.json",
+    ),
+    "gpt2-vocab": (
+        f"{_GPT2}/vocab.bpe",
+        "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+        "vocab.bpe",
+    ),
+    "instruction-data": (
+        f"{_RASBT}/01_main-chapter-code/instruction-data.json",
+        "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944",
+        "instruction-data.json",
+    ),
+    "preference-data": (
+        f"{_RASBT}/04_preference-tuning-with-dpo/instruction-data-with-preference.json",
+        "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e",
+        "instruction-data-with-preference.json",
+    ),
+}
+
+
+def fetch(name: str, data_dir=DATA_DIR) -> Path:
+    """The local path of the known source `name`, downloaded into data_dir if it is missing."""
+    if name not in SOURCES:
+        raise ValueError(f"unknown source {name!r}; known sources: {', '.join(SOURCES)}")
+    url, sha256, filename = SOURCES[name]
+    return download(url, Path(data_dir) / filename, sha256)
+
+
+# -----------------------------------------------------------------------------
+# 2. clean: small steps, each returning (cleaned text, report of what it did)
+#
+# A model reproduces what it reads, so junk in the corpus (mojibake, boilerplate repeated a
+# thousand times, lines of "=====") becomes junk in the samples. Real pipelines (C4, Gopher,
+# FineWeb) chain many such steps; these four are the core ideas, small enough to read.
+
+
+def _examples(items, n=3, width=60) -> list[str]:
+    """A few short reprs for a report."""
+    return [repr(s if len(s) <= width else s[:width] + "...") for s in items[:n]]
+
+
+def normalize_unicode(text: str, form: str = "NFC") -> tuple[str, dict]:
+    """Give every character one canonical encoding.
+
+    "é" can be one code point (U+00E9) or "e" + a combining accent (U+0065 U+0301); they look
+    identical but tokenize differently, so a model would learn two spellings of every accented
+    word. NFC composes them: normalize_unicode("e\\u0301")[0] == "\\u00e9".
+    NFKC also folds "compatibility" look-alikes: the ligature "ﬁ" -> "fi", full-width "Ａ" -> "A",
+    but also "x²" -> "x2", so it is the stronger and lossier choice.
+    """
+    if form not in ("NFC", "NFD", "NFKC", "NFKD"):
+        raise ValueError(f"unknown normalization form {form!r}; use NFC, NFD, NFKC or NFKD")
+    # line by line is the same as the whole text ("\n" never combines) and lets us count lines
+    lines = text.split("\n")
+    normalized = [unicodedata.normalize(form, line) for line in lines]
+    changed = [old for old, new in zip(lines, normalized) if old != new]
+    report = {"step": "normalize_unicode", "form": form, "lines_changed": len(changed),
+              "examples": _examples(changed)}
+    return "\n".join(normalized), report
+
+
+_WHITESPACE_RULES = [  # (what, pattern, replacement), applied in this order
+    ("\\r\\n or \\r line endings", re.compile(r"\r\n?"), "\n"),
+    ("zero-width spaces and BOMs", re.compile("[\u200b\ufeff]"), ""),
+    ("control characters", re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"), ""),
+    ("exotic spaces (no-break, em, ...)", re.compile("[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]"), " "),
+    ("trailing spaces at line ends", re.compile(r"[ \t]+(?=\n|\Z)"), ""),
+    ("runs of 3+ newlines", re.compile(r"\n{3,}"), "\n\n"),
+]
+
+
+def normalize_whitespace(text: str) -> tuple[str, dict]:
+    """Make invisible differences visible-or-gone: one kind of newline, one kind of space.
+
+    Why: "word\\r\\n" and "word\\n" are different token sequences; a zero-width space splits a
+    word in two for the tokenizer; trailing spaces and blank-line runs waste context. Indentation
+    and runs of spaces inside a line are kept (in code and verse they mean something).
+    Example: normalize_whitespace("a \\r\\n\\n\\n\\nb\\u00a0c")[0] == "a\\n\\nb c".
+    """
+    fixes = {}
+    for what, pattern, replacement in _WHITESPACE_RULES:
+        text, n = pattern.subn(replacement, text)
+        fixes[what] = n
+    report = {"step": "normalize_whitespace", "fixes": {k: v for k, v in fixes.items() if v}}
+    return text, report
+
+
+def deduplicate_paragraphs(text: str, min_chars: int = 50) -> tuple[str, dict]:
+    """Drop every repeat of a paragraph (blank-line separated) seen earlier; keep the first.
+
+    Repeated text (licence headers, navigation menus, the same article crawled twice) is
+    memorized instead of learned and wastes compute (Lee et al. 2022). Short paragraphs are
+    exempt: in a play, "ROMEO:\\nAy." legitimately occurs many times; only paragraphs of at least
+    min_chars characters (after stripping) count as duplicates.
+    We keep a hash per paragraph, not the text: at web scale the set of hashes is what fits in RAM.
+    """
+    seen, kept, dropped = set(), [], []
+    for paragraph in text.split("\n\n"):
+        key = paragraph.strip()
+        if len(key) >= min_chars:
+            digest = hashlib.sha1(key.encode("utf-8")).digest()
+            if digest in seen:
+                dropped.append(key)
+                continue
+            seen.add(digest)
+        kept.append(paragraph)
+    report = {"step": "deduplicate_paragraphs", "paragraphs_removed": len(dropped),
+              "chars_removed": sum(len(p) for p in dropped), "examples": _examples(dropped)}
+    return "\n\n".join(kept), report
+
+
+def quality_filter(text: str, min_letter_fraction: float = 0.5, max_char_run: int = 10) -> tuple[str, dict]:
+    """Drop paragraphs that do not look like prose (two Gopher-style rules).
+
+    - too few letters: fewer than min_letter_fraction of the non-space characters are letters
+      (tables of numbers, "==== ---- ====", lines of symbols);
+    - repeated characters: the same non-space character more than max_char_run times in a row
+      ("!!!!!!!!!!!!", "aaaaaaaaaaaaaaaa", ASCII-art rulers).
+    Paragraphs with no visible characters are left alone (whitespace is normalize_whitespace's job).
+    """
+    run = re.compile(r"(\S)\1{%d,}" % max_char_run)  # one char, then max_char_run more of it
+    kept, too_few_letters, repeated = [], [], []
+    for paragraph in text.split("\n\n"):
+        visible = [ch for ch in paragraph if not ch.isspace()]
+        if visible and sum(ch.isalpha() for ch in visible) < min_letter_fraction * len(visible):
+            too_few_letters.append(paragraph)
+        elif run.search(paragraph):
+            repeated.append(paragraph)
+        else:
+            kept.append(paragraph)
+    report = {"step": "quality_filter", "paragraphs_removed": len(too_few_letters) + len(repeated),
+              "too_few_letters": len(too_few_letters), "repeated_chars": len(repeated),
+              "examples": _examples(too_few_letters + repeated)}
+    return "\n\n".join(kept), report
+
+
+def clean_text(text: str, form: str = "NFC", min_chars: int = 50) -> tuple[str, list[dict]]:
+    """The whole pipeline. Normalize first, so that de-duplication sees equal text as equal."""
+    reports = []
+    for step in (lambda t: normalize_unicode(t, form), normalize_whitespace,
+                 lambda t: deduplicate_paragraphs(t, min_chars), quality_filter):
+        text, report = step(text)
+        reports.append(report)
+    return text, reports
+
+
+def format_report(report: dict) -> str:
+    """One line per step: 'quality_filter: paragraphs_removed=2 ... e.g. ['!!!!...']'."""
+    fields = " ".join(f"{k}={v}" for k, v in report.items() if k not in ("step", "examples"))
+    examples = f"  e.g. {', '.join(report['examples'])}" if report.get("examples") else ""
+    return f"{report['step']}: {fields}{examples}"
+
+
+# -----------------------------------------------------------------------------
+# 3. prepare: tokenize once, store flat token files + metadata
+
+
+def token_dtype(n_vocab: int) -> np.dtype:
+    """uint16 holds ids 0..65535, enough for GPT-2's 50257 and half the disk of uint32."""
+    return np.dtype(np.uint16) if n_vocab <= 2**16 else np.dtype(np.uint32)
+
+
+def prepare_corpus(text: str, out_dir, tokenizer_spec: dict, val_fraction: float = 0.1) -> dict:
+    """Tokenize text into out_dir/train.bin, val.bin and meta.json; return the metadata.
+
+    The split is on the TEXT: the first (1 - val_fraction) of the characters are train, the rest
+    val (nanoGPT's shakespeare_char split). A contiguous split, not random windows: neighbouring
+    windows overlap, so a random split would put copies of the val text into train.
+    The .bin files are raw token ids with no header; meta.json says how to read them.
+    """
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}; e.g. use 0.1")
+    tokenizer = get_tokenizer(tokenizer_spec)
+    dtype = token_dtype(tokenizer.n_vocab)
+    split_at = int(len(text) * (1 - val_fraction))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for split, part in (("train", text[:split_at]), ("val", text[split_at:])):
+        ids = np.array(tokenizer.encode(part), dtype=np.int64)
+        if len(ids) == 0:
+            raise ValueError(f"the {split} split is empty ({len(text)} characters of text); "
+                             "use more text or another val_fraction")
+        ids.astype(dtype).tofile(out_dir / f"{split}.bin")
+        counts[split] = len(ids)
+    meta = {"tokenizer": tokenizer_spec, "n_vocab": tokenizer.n_vocab, "dtype": dtype.name,
+            "train_tokens": counts["train"], "val_tokens": counts["val"]}
+    # written last: a corpus without meta.json is an unfinished one, and load_tokens says so
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    return meta
+
+
+# -----------------------------------------------------------------------------
+# 4. load: memory-map, after checking the files against their metadata
+
+
+def load_meta(out_dir) -> dict:
+    """meta.json of a prepared corpus."""
+    path = Path(out_dir) / "meta.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found; prepare the corpus first "
+                                "(prepare_corpus(...) or python 02_dataloader.py)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_tokens(out_dir, split: str) -> np.memmap:
+    """The token ids of split ("train" or "val") as a read-only np.memmap.
+
+    A raw .bin has no header, so the same bytes read as uint16 or uint32 give different (wrong)
+    ids without any error. The byte size must equal token count x dtype size from meta.json;
+    if it does not, we refuse rather than train on garbage.
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"unknown split {split!r}; use 'train' or 'val'")
+    meta = load_meta(out_dir)
+    path = Path(out_dir) / f"{split}.bin"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found; prepare the corpus again")
+    if meta["dtype"] not in ("uint16", "uint32"):
+        raise ValueError(f"{path.parent / 'meta.json'}: dtype {meta['dtype']!r} is not uint16 or uint32; "
+                         "prepare the corpus again")
+    dtype = np.dtype(meta["dtype"])
+    if meta["n_vocab"] > np.iinfo(dtype).max + 1:
+        raise ValueError(f"{path.parent / 'meta.json'}: n_vocab {meta['n_vocab']} does not fit in "
+                         f"{dtype.name}; prepare the corpus again")
+    n_tokens, size = meta[f"{split}_tokens"], path.stat().st_size
+    if size != n_tokens * dtype.itemsize:
+        other = np.dtype(np.uint32 if dtype == np.uint16 else np.uint16)
+        hint = (f"; it looks written as {other.name}, not {dtype.name}" if size == n_tokens * other.itemsize
+                else "; it is truncated or from another run")
+        raise ValueError(f"{path} has {size} bytes but meta.json says {n_tokens} tokens of {dtype.name} "
+                         f"= {n_tokens * dtype.itemsize} bytes{hint}; prepare the corpus again")
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+# -----------------------------------------------------------------------------
+# 5a. random windows for pretraining: stateless, so resume and multi-GPU come for free
+
+
+def _check_window(n_tokens: int, block_size: int):
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    if n_tokens < block_size + 1:
+        raise ValueError(f"the data has {n_tokens} tokens but one (x, y) window needs block_size + 1 "
+                         f"= {block_size + 1}; use a smaller block_size or more text")
+
+
+def _check_ranks(batch_size: int, rank: int, world_size: int):
+    if batch_size <= 0 or world_size <= 0:
+        raise ValueError(f"batch_size ({batch_size}) and world_size ({world_size}) must be positive")
+    if batch_size % world_size != 0:
+        raise ValueError(f"batch_size {batch_size} does not split across {world_size} ranks; "
+                         f"use a multiple of {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside 0..{world_size - 1} (world_size {world_size})")
+
+
+def get_batch(data, batch_size: int, block_size: int, step: int, seed: int = 0,
+              rank: int = 0, world_size: int = 1, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank `rank`'s share of global batch number `step`: x, y int64 of shape (B/W, T).
+
+    The global batch is batch_size random windows whose start positions come from
+    np.random.default_rng([seed, step]); every rank draws the same starts and keeps rows
+    [rank*B/W, (rank+1)*B/W). So the batch is a pure function of (seed, step): no loader state
+    to checkpoint, a resumed run sees exactly the batches it would have seen, and W ranks
+    together see exactly the batch of one process.
+
+    y is x shifted by one: y[b, t] = data[i_b + t + 1] is the target for the prefix ending at
+    x[b, t]. Example with data = [10, 11, 12, 13], block_size = 2 and start i = 1:
+    x = [11, 12], y = [12, 13].
+    """
+    _check_window(len(data), block_size)
+    _check_ranks(batch_size, rank, world_size)
+    rng = np.random.default_rng([seed, step])
+    starts = rng.integers(0, len(data) - block_size, size=batch_size)  # last start: len - T - 1
+    per_rank = batch_size // world_size
+    starts = starts[rank * per_rank:(rank + 1) * per_rank]
+    # one fancy-indexing read of (B, T+1) tokens; x and y are two views of it
+    window = data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64)  # (B, T+1)
+    x = torch.from_numpy(window[:, :-1])  # (B, T)
+    y = torch.from_numpy(window[:, 1:])  # (B, T)
+    if torch.device(device).type == "cuda":  # pinned memory lets the copy overlap with compute
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+# -----------------------------------------------------------------------------
+# 5b. every window at a fixed stride, in epochs: the book-style Dataset + a rank-aware sampler
+
+
+class SlidingWindowDataset(Dataset):
+    """Window i is x = tokens[i*stride : i*stride + T], y = the same shifted by one.
+
+    stride = block_size: windows tile the text without overlap (each token is a target once per
+    epoch); stride < block_size: overlapping windows, more (correlated) examples; stride >
+    block_size skips text. The last tokens are dropped when they do not fill a whole window.
+    Example: 6 tokens, block_size 2, stride 2 -> starts 0, 2 (start 4 would need token 6).
+    """
+
+    def __init__(self, tokens, block_size: int, stride: int):
+        self.tokens = tokens if isinstance(tokens, np.ndarray) else np.asarray(tokens)
+        _check_window(len(self.tokens), block_size)
+        if stride <= 0:
+            raise ValueError(f"stride must be positive, got {stride}; e.g. use stride = block_size")
+        self.block_size, self.stride = block_size, stride
+
+    def __len__(self) -> int:
+        return (len(self.tokens) - self.block_size - 1) // self.stride + 1
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"window {i} is out of range for {len(self)} windows")
+        start = i * self.stride
+        window = torch.from_numpy(self.tokens[start:start + self.block_size + 1].astype(np.int64))
+        return window[:-1], window[1:]  # (T,), (T,)
+
+
+class RankBatchSampler(Sampler):
+    """Batches of dataset indices for one rank: its contiguous slice of each global batch.
+
+    Global batch k is order[k*B:(k+1)*B], where order is a permutation seeded by (seed, epoch)
+    (or 0..n-1 without shuffle); rank r gets rows [r*B/W, (r+1)*B/W) of it, the same split as
+    get_batch. The last incomplete global batch is dropped so that every rank takes the same
+    number of steps (a rank with one step fewer would leave the others waiting in all-reduce).
+    Use with a DataLoader: DataLoader(dataset, batch_sampler=RankBatchSampler(len(dataset), ...)).
+    Call set_epoch(e) before each epoch for a new order. (torch's DistributedSampler deals the
+    same global batch out interleaved, rank r taking every W-th row; contiguous slices make
+    "concatenate the ranks' rows = the single-process batch" literally true.)
+    """
+
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True, seed: int = 0):
+        _check_ranks(batch_size, rank, world_size)
+        if n < batch_size:
+            raise ValueError(f"{n} examples do not fill one batch of {batch_size}; "
+                             "use a smaller batch_size, a smaller stride or more text")
+        self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
+        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size
+
+    def __iter__(self):
+        order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.n) if self.shuffle
+                 else np.arange(self.n))
+        per_rank = self.batch_size // self.world_size
+        for k in range(len(self)):
+            global_batch = order[k * self.batch_size:(k + 1) * self.batch_size]
+            yield global_batch[self.rank * per_rank:(self.rank + 1) * per_rank].tolist()
+
+
+# -----------------------------------------------------------------------------
+# demo: fetch, clean, prepare with two tokenizers, and look at a batch
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="From raw text to batches: fetch, clean, tokenize "
+                                     "into train.bin/val.bin, and show a batch.")
+    parser.add_argument("--corpus", default="tinyshakespeare", choices=["tinyshakespeare"],
+                        help="known text corpus to fetch (default: %(default)s)")
+    parser.add_argument("--text-file", type=Path, help="use this UTF-8 text file instead of --corpus")
+    parser.add_argument("--tokenizers", nargs="+", default=["char", "gpt2"], choices=["char", "gpt2"],
+                        help="tokenizers to prepare the corpus with (default: char gpt2)")
+    parser.add_argument("--normalize", default="NFC", choices=["NFC", "NFKC"],
+                        help="Unicode normalization form (default: %(default)s)")
+    parser.add_argument("--no-clean", action="store_true", help="skip the cleaning steps")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="tail of the text kept for val")
+    parser.add_argument("--block-size", type=int, default=32, help="tokens per window (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=4, help="windows per batch (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help="where downloads go")
+    parser.add_argument("--out-dir", type=Path, default=OUT_DIR,
+                        help="prepared corpora go to OUT_DIR/<corpus>_<tokenizer>/ (default: %(default)s)")
+    args = parser.parse_args(argv)
+
+    path = args.text_file or fetch(args.corpus, args.data_dir)
+    name = path.stem if args.text_file else args.corpus
+    text = path.read_text(encoding="utf-8")
+    print(f"{path}: {len(text):,} characters")
+    if not args.no_clean:
+        cleaned, reports = clean_text(text, form=args.normalize)
+        for report in reports:
+            print("  " + format_report(report))
+        print(f"cleaned: {len(text):,} -> {len(cleaned):,} characters")
+        text = cleaned
+
+    for kind in args.tokenizers:
+        spec = CharTokenizer.from_text(text).to_dict() if kind == "char" else {"kind": "gpt2"}
+        out_dir = args.out_dir / f"{name}_{kind}"
+        meta = prepare_corpus(text, out_dir, spec, val_fraction=args.val_fraction)
+        train = load_tokens(out_dir, "train")
+        tokenizer = get_tokenizer(spec)
+        print(f"\n[{kind}] {out_dir}: vocab {meta['n_vocab']:,} ({meta['dtype']}), "
+              f"train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens, "
+              f"{len(text) / (meta['train_tokens'] + meta['val_tokens']):.2f} characters/token")
+        x, y = get_batch(train, args.batch_size, args.block_size, step=0, seed=args.seed)
+        print(f"get_batch(step=0): x {tuple(x.shape)}, y {tuple(y.shape)}; row 0:")
+        print(f"  x: {tokenizer.decode(x[0].tolist())!r}")
+        print(f"  y: {tokenizer.decode(y[0].tolist())!r}")
+        if args.batch_size % 2 == 0:
+            halves = [get_batch(train, args.batch_size, args.block_size, 0, args.seed, rank, 2)[0]
+                      for rank in range(2)]
+            print(f"  ranks 0 and 1 of 2 together give the same batch: {torch.equal(torch.cat(halves), x)}")
+        dataset = SlidingWindowDataset(train, args.block_size, stride=args.block_size)
+        print(f"SlidingWindowDataset(stride={args.block_size}): {len(dataset):,} windows; "
+              f"window 1 starts {tokenizer.decode(dataset[1][0][:10].tolist())!r}...")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,466 @@
+"""Stage 3: attention, from five lines to the kernel a GPU runs.
+
+Attention is how a token gathers information from the other tokens of its sequence: each token asks
+a question (query), every token offers a label (key) and a content (value); the token takes an
+average of the values, weighted by how well its query matches each key. Everything else in a GPT
+block is per-token; attention is the only place where tokens talk to each other.
+
+This file builds it in five steps, each adding one idea (read top to bottom):
+
+1. `simple_self_attention`: no weights at all, scores are dot products of the inputs themselves.
+2. `SelfAttention`: trainable query/key/value projections, scores scaled by 1/sqrt(head size).
+3. `CausalAttention`: a mask so a token never sees the future (what a language model needs),
+   and dropout on the attention weights.
+4. Multi-head attention: `MultiHeadAttentionWrapper` stacks independent heads (easy to read, slow);
+   `MultiHeadAttention` computes all heads with one fused qkv matrix and a reshape (same maths).
+5. `CausalSelfAttention`: the same through `F.scaled_dot_product_attention`, which on GPU runs
+   FlashAttention / memory-efficient kernels that never store the T x T score matrix, plus an
+   optional padding mask for batches of unequal lengths. 04_gpt.py copies this class.
+
+With the same weights, steps 3-5 compute the same function; the tests check it to 1e-5.
+
+References:
+- Vaswani et al. 2017, "Attention Is All You Need" (scaled dot-product and multi-head attention).
+- Radford et al. 2019, GPT-2 report; karpathy/nanoGPT model.py (the names c_attn, c_proj).
+- Raschka, "Build a Large Language Model (From Scratch)", chapter 3 (the same five steps).
+- Dao et al. 2022, "FlashAttention" (why not materialising the score matrix saves memory and time).
+
+Commands:
+    python 03_attention.py                  # demo: shapes, the causal mask, versions agree
+    python 03_attention.py --bench          # manual attention vs SDPA: time and peak memory
+    python 03_attention.py --bench --device=cuda --seq_lens 128 512 2048 8192   # one GPU
+    python 03_attention.py --help
+"""
+
+import argparse
+import math
+import os
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Step 1: self-attention without weights
+
+
+def simple_self_attention(x: torch.Tensor) -> torch.Tensor:
+    """Each output is an average of all inputs, weighted by how similar they are to this input.
+
+    x: (T, C) or (B, T, C) -> (same shape). Example with two orthogonal tokens:
+    x = [[1, 0], [0, 1]] -> scores = x x^T = [[1, 0], [0, 1]] -> each row softmaxed to
+    [e/(e+1), 1/(e+1)] ~ [0.73, 0.27] -> token 0 becomes 0.73 * x0 + 0.27 * x1 = [0.73, 0.27].
+    No parameters, so nothing can be learned: a token's "question" and "answer" are both itself.
+    """
+    scores = x @ x.transpose(-2, -1)  # (B, T, T): scores[i, j] = <x_i, x_j>
+    weights = torch.softmax(scores, dim=-1)  # (B, T, T): every row sums to 1
+    return weights @ x  # (B, T, C): row i = sum_j weights[i, j] * x_j
+
+
+# -----------------------------------------------------------------------------
+# Step 2: trainable projections, scaled scores
+
+
+class SelfAttention(nn.Module):
+    """Self-attention with learned query, key and value projections (one head).
+
+    Three linear maps give every token three different roles: a query q = W_q x ("what am I
+    looking for"), a key k = W_k x ("what do I contain") and a value v = W_v x ("what I hand over").
+    weights = softmax(q k^T / sqrt(d_out)), output = weights v.
+
+    Why divide by sqrt(d_out): for random q, k with unit-variance entries, q.k is a sum of d_out
+    terms, so its variance is d_out. Large scores push softmax into a near one-hot regime where its
+    gradient vanishes; dividing by sqrt(d_out) keeps the scores at unit variance whatever the size.
+
+    x: (B, T, d_in) -> (B, T, d_out).
+    """
+
+    def __init__(self, d_in: int, d_out: int, bias: bool = False):
+        super().__init__()
+        self.W_q = nn.Linear(d_in, d_out, bias=bias)
+        self.W_k = nn.Linear(d_in, d_out, bias=bias)
+        self.W_v = nn.Linear(d_in, d_out, bias=bias)
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        q, k = self.W_q(x), self.W_k(x)  # (B, T, d_out)
+        return q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))  # (B, T, T)
+
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """The (B, T, T) table: row i says how much token i takes from each token j."""
+        return self.scores(x).softmax(dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attention_weights(x) @ self.W_v(x)  # (B, T, d_out)
+
+
+# -----------------------------------------------------------------------------
+# Step 3: the causal mask, and dropout on the attention weights
+
+
+class CausalAttention(SelfAttention):
+    """SelfAttention where token i only looks at tokens 0..i, plus dropout on the weights.
+
+    Why the mask: a language model is trained to predict token i+1 from tokens 0..i, for every i
+    of a sequence at once. If token i could attend to token i+1, it would copy the answer and learn
+    nothing. So scores above the diagonal are set to -inf before the softmax: exp(-inf) = 0, and
+    the remaining weights of each row still sum to 1. For T = 4 the allowed pairs are:
+        1 0 0 0
+        1 1 0 0
+        1 1 1 0
+        1 1 1 1
+    A side effect that generation (09) relies on: earlier outputs never change when tokens are
+    appended, so they can be cached.
+
+    Dropout on the weights (training only) randomly drops some of the tokens a token listens to,
+    so the model cannot rely on a single connection; the kept weights are scaled by 1/(1-p).
+
+    x: (B, T, d_in) -> (B, T, d_out).
+    """
+
+    def __init__(self, d_in: int, d_out: int, dropout: float = 0.0, bias: bool = False):
+        super().__init__(d_in, d_out, bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.scores(x)  # (B, T, T)
+        T = scores.size(-1)
+        # built on the fly: a (T, T) bool is cheap next to the (T, T) float scores we already have
+        future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(diagonal=1)  # (T, T)
+        return scores.masked_fill(future, float("-inf")).softmax(dim=-1)  # (B, T, T)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = self.dropout(self.attention_weights(x))  # (B, T, T)
+        return weights @ self.W_v(x)  # (B, T, d_out)
+
+
+# -----------------------------------------------------------------------------
+# Step 4: many heads, first as a stack of single heads, then fused
+
+
+def check_n_head(n_embd: int, n_head: int) -> None:
+    if n_head <= 0 or n_embd % n_head != 0:
+        raise ValueError(
+            f"n_embd={n_embd} is not divisible by n_head={n_head}: every head gets n_embd // n_head "
+            f"channels, so choose an n_head that divides n_embd (GPT-2: n_embd=768, n_head=12)"
+        )
+
+
+class MultiHeadAttentionWrapper(nn.Module):
+    """n_head independent causal heads side by side, then an output projection that mixes them.
+
+    One head computes one weighting of the sequence; several smaller heads can attend to different
+    things at once (one to the previous token, one to the subject of the sentence...). Each head
+    maps n_embd -> n_embd // n_head, so concatenating them gives back n_embd channels, and the
+    cost equals one big head. c_proj (n_embd -> n_embd) lets the heads' outputs mix.
+
+    This version runs the heads one after another in a Python loop: clear, but n_head small
+    matmuls instead of one big one. MultiHeadAttention below computes exactly the same thing.
+
+    x: (B, T, n_embd) -> (B, T, n_embd).
+    """
+
+    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True):
+        super().__init__()
+        check_n_head(n_embd, n_head)
+        self.heads = nn.ModuleList(
+            CausalAttention(n_embd, n_embd // n_head, dropout, bias) for _ in range(n_head)
+        )
+        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([head(x) for head in self.heads], dim=-1)  # (B, T, n_embd)
+        return self.resid_dropout(self.c_proj(y))
+
+    @torch.no_grad()
+    def fused_state_dict(self) -> dict[str, torch.Tensor]:
+        """These weights in MultiHeadAttention's layout: `mha.load_state_dict(w.fused_state_dict())`.
+
+        The fused c_attn is every head's W_q stacked, then every W_k, then every W_v: its weight is
+        (3 * n_embd, n_embd) and rows [h*hs, (h+1)*hs) of each third belong to head h (hs = head
+        size). That is exactly how MultiHeadAttention splits its output into q, k, v, then heads.
+        """
+        names = ["weight"] + (["bias"] if self.c_proj.bias is not None else [])
+        fused = {
+            f"c_attn.{name}": torch.cat(
+                [getattr(getattr(head, W), name) for W in ("W_q", "W_k", "W_v") for head in self.heads]
+            )
+            for name in names
+        }
+        fused.update({f"c_proj.{name}": p.clone() for name, p in self.c_proj.state_dict().items()})
+        return fused
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head causal attention with one fused qkv projection: the version to actually run.
+
+    Two tricks turn the n_head loop into a few large matrix products:
+    1. one Linear c_attn (n_embd -> 3 * n_embd) computes q, k and v of all heads at once;
+    2. a reshape splits the n_embd channels into (n_head, head_size) and moves heads next to the
+       batch dimension, so `q @ k^T` runs every head of every sequence as one batched matmul.
+    Names follow nanoGPT (c_attn, c_proj) so the weights load into CausalSelfAttention unchanged.
+
+    The cost is the (B, n_head, T, T) score matrix it builds, stores and softmaxes: memory grows
+    with T^2 (at T = 2048, 12 heads: 200 MB per sequence in fp32). Step 5 avoids that.
+
+    x: (B, T, n_embd) -> (B, T, n_embd).
+    """
+
+    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True):
+        super().__init__()
+        check_n_head(n_embd, n_head)
+        self.n_embd, self.n_head = n_embd, n_head
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)
+        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.attn_dropout = nn.Dropout(dropout)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        # channel h*hs + i is channel i of head h; heads go next to B: each head is a batch item
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        att = q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))  # (B, nh, T, T)
+        future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(diagonal=1)  # (T, T)
+        att = att.masked_fill(future, float("-inf")).softmax(dim=-1)
+        att = self.attn_dropout(att)
+        y = att @ v  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again, as in torch.cat
+        return self.resid_dropout(self.c_proj(y))
+
+
+# -----------------------------------------------------------------------------
+# Step 5: the same through F.scaled_dot_product_attention, with a padding mask
+
+
+class CausalSelfAttention(nn.Module):
+    """MultiHeadAttention with the core replaced by F.scaled_dot_product_attention (SDPA).
+
+    SDPA computes softmax(q k^T / sqrt(hs) + mask) v in one call and picks a kernel: on GPU,
+    FlashAttention or the memory-efficient kernel walk over blocks of keys with a running softmax,
+    so the (T, T) score matrix never exists in memory (O(T) memory instead of O(T^2), and far fewer
+    trips to slow GPU memory); on CPU a tiled kernel of the same idea. `python 03_attention.py
+    --bench` measures the difference. Weights and names are MultiHeadAttention's.
+
+    Padding (07 finetuning and 08 DPO batch sequences of unequal length): attention_mask (B, T),
+    True/1 = real token, False/0 = padding. A query may attend to key j only if j is not in its
+    future AND j is a real token, so padding never influences real tokens, wherever it sits (left
+    or right). subtle: a padded query (e.g. left padding at position 0) may have no allowed key at
+    all; softmax over an all -inf row is 0/0 = NaN, and NaN * 0 is still NaN in the gradients. So
+    every query may also attend to itself (the diagonal): real rows already include it, and padded
+    rows get a finite value that the loss ignores anyway.
+
+    x: (B, T, n_embd) -> (B, T, n_embd). 04_gpt.py copies this class verbatim.
+    """
+
+    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True):
+        super().__init__()
+        if n_head <= 0 or n_embd % n_head != 0:  # inline, not check_n_head: this class is copied alone
+            raise ValueError(
+                f"n_embd={n_embd} is not divisible by n_head={n_head}: every head gets n_embd // n_head "
+                f"channels, so choose an n_head that divides n_embd (GPT-2: n_embd=768, n_head=12)"
+            )
+        self.n_embd, self.n_head = n_embd, n_head
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)  # q, k, v of all heads in one matmul
+        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)  # mixes the heads' outputs
+        self.attn_dropout_p = dropout  # SDPA takes dropout on the weights as an argument
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        dropout_p = self.attn_dropout_p if self.training else 0.0
+        if attention_mask is None:
+            # is_causal lets the kernel skip the blocks above the diagonal instead of masking them
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            if attention_mask.shape != (B, T):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)} but x is (B, T) = {(B, T)} "
+                    f"tokens: pass one (B, T) row per sequence, True/1 for real tokens, False/0 for padding"
+                )
+            allowed = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (T, T) causal
+            allowed = allowed & attention_mask.bool()[:, None, None, :]  # (B, 1, T, T) and key is real
+            allowed = allowed | torch.eye(T, dtype=torch.bool, device=x.device)  # self: never NaN
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+# -----------------------------------------------------------------------------
+# Benchmark: manual attention (step 4) vs SDPA (step 5)
+
+
+def sync(device: str) -> None:
+    """Wait for the device: GPU work is asynchronous, so a timer would see only the launches."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    elif device == "mps":
+        torch.mps.synchronize()
+
+
+def time_forward(module: nn.Module, x: torch.Tensor, repeat: int, device: str) -> float:
+    """Median wall-clock milliseconds of one forward, after one warm-up call (not timed)."""
+    times = []
+    for _ in range(repeat + 1):
+        sync(device)
+        t0 = time.perf_counter()
+        module(x)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times[1:])
+
+
+def peak_memory_forward(module: nn.Module, x: torch.Tensor, device: str) -> int | None:
+    """Peak bytes a forward allocates on top of what was already allocated (weights, input).
+
+    How it is measured, honestly:
+    - cuda: the caching allocator's own counters (max_memory_allocated after a reset).
+    - cpu: the PyTorch profiler with profile_memory=True records every allocation and free that
+      goes through PyTorch's CPU allocator, with a timestamp. Replaying them in time order gives
+      the bytes alive at each moment; the maximum is the peak. This counts tensors and kernel
+      workspaces (what differs between the versions), not the process RSS, which malloc's free
+      lists and Python's own objects blur. kineto_results is a stable but undocumented attribute.
+    - other devices (mps): no peak counter, reported as "-".
+    """
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        module(x)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    if device != "cpu":
+        return None
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # the profiler's backend logs 2 lines a run below 6
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+        module(x)
+    records = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    alive = peak = 0
+    for record in sorted(records, key=lambda e: e.start_ns()):
+        alive += record.nbytes()  # positive for an allocation, negative for a free
+        peak = max(peak, alive)
+    return peak
+
+
+def bench(args: argparse.Namespace) -> None:
+    device = args.device
+    if args.dtype == "auto":
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    manual = MultiHeadAttention(args.n_embd, args.n_head).to(device, dtype).eval()
+    sdpa = CausalSelfAttention(args.n_embd, args.n_head).to(device, dtype).eval()
+    sdpa.load_state_dict(manual.state_dict())
+    bytes_per = torch.finfo(dtype).bits // 8
+    print(f"forward of one attention layer: batch {args.batch_size}, n_embd {args.n_embd}, "
+          f"n_head {args.n_head}, {device}, {dtype}, {torch.get_num_threads()} threads, "
+          f"median of {args.repeat}")
+    print("ms = whole layer (both share the qkv and output projections; only the core differs)")
+    print("peak MB = memory the forward allocates above weights and input "
+          + ("(cuda allocator counters)" if device == "cuda" else "(profiler allocation records)"))
+    print("T x T MB = one (B, n_head, T, T) score matrix, which the manual version materialises")
+    header = (f"{'T':>6} {'manual ms':>10} {'sdpa ms':>9} {'speedup':>8} "
+              f"{'manual peak MB':>15} {'sdpa peak MB':>13} {'T x T MB':>9} {'max |diff|':>11}")
+    print(header)
+    print("-" * len(header))
+    for T in args.seq_lens:
+        x = torch.randn(args.batch_size, T, args.n_embd, device=device, dtype=dtype)
+        with torch.inference_mode():
+            diff = (manual(x) - sdpa(x)).abs().max().item()
+            ms = [time_forward(m, x, args.repeat, device) for m in (manual, sdpa)]
+            mem = [peak_memory_forward(m, x, device) for m in (manual, sdpa)]
+        mb = ["-" if b is None else f"{b / 2**20:.1f}" for b in mem]
+        scores_mb = args.batch_size * args.n_head * T * T * bytes_per / 2**20
+        print(f"{T:>6} {ms[0]:>10.2f} {ms[1]:>9.2f} {ms[0] / ms[1]:>7.2f}x "
+              f"{mb[0]:>15} {mb[1]:>13} {scores_mb:>9.1f} {diff:>11.1e}")
+
+
+# -----------------------------------------------------------------------------
+# Demo
+
+
+def demo() -> None:
+    torch.manual_seed(0)
+    B, T, C, n_head = 2, 5, 8, 2
+    x = torch.randn(B, T, C)
+    print(f"input x: (B, T, C) = {tuple(x.shape)}\n")
+
+    print("1. simple_self_attention (no weights):", tuple(simple_self_attention(x).shape))
+    attn = SelfAttention(C, 4)
+    print(f"2. SelfAttention(d_in={C}, d_out=4): {tuple(attn(x).shape)}, "
+          f"weights {tuple(attn.attention_weights(x).shape)}, each row sums to 1")
+
+    head = CausalAttention(C, 4)
+    future = torch.ones(T, T, dtype=torch.bool).triu(diagonal=1)
+    print("3. CausalAttention: allowed (1) and masked (0) pairs, row = query, column = key:")
+    for row in (~future).int().tolist():
+        print("     " + " ".join(map(str, row)))
+    print("   its attention weights for sequence 0 (zero above the diagonal; untrained, so near uniform):")
+    for row in head.attention_weights(x)[0].tolist():
+        print("     " + " ".join(f"{w:.2f}" for w in row))
+
+    wrapper = MultiHeadAttentionWrapper(C, n_head)
+    mha, csa = MultiHeadAttention(C, n_head), CausalSelfAttention(C, n_head)
+    mha.load_state_dict(wrapper.fused_state_dict())  # the same weights, fused into one matrix
+    csa.load_state_dict(mha.state_dict())  # identical names: c_attn, c_proj
+    with torch.no_grad():
+        y_wrapper, y_mha, y_csa = wrapper(x), mha(x), csa(x)
+    print(f"\n4. MultiHeadAttentionWrapper ({n_head} heads) vs MultiHeadAttention (fused): "
+          f"max |diff| = {(y_wrapper - y_mha).abs().max():.1e}, output {tuple(y_mha.shape)}")
+    print("5. CausalSelfAttention (SDPA) vs MultiHeadAttention: "
+          f"max |diff| = {(y_csa - y_mha).abs().max():.1e}")
+
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]], dtype=torch.bool)  # (B, T) True = real
+    with torch.no_grad():  # sequence 1 is 3 tokens, left-padded to 5: compare with those 3 alone
+        alone = csa(x[1:, 2:])[0]  # (3, C)
+        with_mask = csa(x, attention_mask=mask)[1, 2:]
+        without_mask = csa(x)[1, 2:]
+    print(f"   left padding, attention_mask {mask.int().tolist()}: sequence 1 vs its 3 real tokens alone,")
+    print(f"   max |diff| = {(with_mask - alone).abs().max():.1e} with the mask, "
+          f"{(without_mask - alone).abs().max():.1e} without it (the pads leak in)")
+    print("\nparameters (n_embd=768, n_head=12, like one GPT-2 layer): "
+          f"{sum(p.numel() for p in CausalSelfAttention(768, 12).parameters()):,}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--bench", action="store_true",
+                        help="time and peak memory of manual attention vs SDPA instead of the demo")
+    default_device = "cuda" if torch.cuda.is_available() else (
+        "mps" if torch.backends.mps.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device, choices=["cpu", "cuda", "mps"],
+                        help="bench device")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="bench dtype; auto = bfloat16 on cuda (flash kernels need it), float32 else")
+    parser.add_argument("--seq_lens", type=int, nargs="+", default=[128, 256, 512, 1024, 2048],
+                        help="sequence lengths T to benchmark")
+    parser.add_argument("--batch_size", type=int, default=1, help="bench batch size")
+    parser.add_argument("--n_embd", type=int, default=768, help="bench width (GPT-2 small: 768)")
+    parser.add_argument("--n_head", type=int, default=12, help="bench heads (GPT-2 small: 12)")
+    parser.add_argument("--repeat", type=int, default=5, help="timed forwards per measurement")
+    args = parser.parse_args(argv)
+    if args.repeat < 1 or args.batch_size < 1 or min(args.seq_lens) < 1:
+        parser.error("--repeat, --batch_size and every --seq_lens value must be positive")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device=cuda but torch.cuda.is_available() is False: use --device=cpu")
+    if args.n_head <= 0 or args.n_embd % args.n_head != 0:
+        parser.error(f"--n_head={args.n_head} must divide --n_embd={args.n_embd} (GPT-2: 768 and 12)")
+    if args.bench:
+        bench(args)
+    else:
+        demo()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,333 @@
+"""Tests for 01_tokenizer.py: our GPT-2 BPE against tiktoken, our fast trainer against the naive one."""
+
+import hashlib
+import json
+import random
+
+import pytest
+import tiktoken
+
+HARD_STRINGS = [
+    "",
+    "Hello world",
+    "hello  world   ",  # runs of spaces, trailing spaces
+    "   leading, and \t tabs\t\t",
+    "\n\n\n  \n\t\t x \r\n\r\n",  # runs of newlines
+    "I'm you're he'll they've we'd it's DON'T 'S 'll'",  # contractions (GPT-2's are lowercase only)
+    "12345 3.14159 1,000,000 007 ٣٤٥ ²³ Ⅻ",  # digits, Arabic-Indic digits, superscripts, roman numeral
+    "héllo naïve café Ünïcödé e\u0301 a\u0308",  # accents, precomposed and combining
+    "日本語のテキスト、中文字符。한국어 Ελληνικά русский עברית العربية",
+    "👋🏽 👨‍👩‍👧‍👦 🇫🇷 ❤️ 🤖🤖🤖",  # skin tone, ZWJ sequence, flag, variation selector
+    "x=1;y+=2//3 <tag> &amp; @user #hash $100 ~/path/to/file.py",
+    "a\u00a0b\u200bc\u2028d\u3000e\x85f",  # nbsp, zero-width space, line separator, ideographic space, NEL
+    "".join(map(chr, range(32))) + "\x7f \x1c\x1d a\x1e\x1f",  # control characters
+    "\ud800 lone surrogate and a pair \ud83d\ude00",  # not valid UTF-8: tiktoken replaces them
+    "<|endoftext <|endoftext| endoftext|> <|endoftext |>",  # almost special tokens: plain text
+    "a" * 500 + " " * 100 + "\n" * 50 + "!" * 40,
+    "".join(map(chr, range(0x20, 0x3000))),  # every code point up to CJK: letters, marks, numbers, ...
+    "".join(chr(c) for c in range(0x3000, 0x110000, 401) if not 0xD800 <= c < 0xE000),  # a sample of the rest
+]
+
+
+@pytest.fixture(scope="module")
+def ours(tok01, gpt2_files):
+    return tok01.BPETokenizer.from_gpt2(*gpt2_files)
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return tiktoken.get_encoding("gpt2")
+
+
+# -----------------------------------------------------------------------------
+# GPT-2: token for token the same as tiktoken
+
+
+def test_gpt2_matches_tiktoken_on_shakespeare(ours, ref, shakespeare_text):
+    expected = ref.encode(shakespeare_text)
+    ids = ours.encode(shakespeare_text)
+    assert len(ids) == len(expected)
+    assert ids == expected
+    assert ours.decode(ids) == ref.decode(expected) == shakespeare_text
+
+
+def test_gpt2_matches_tiktoken_on_instruction_data(ours, ref, instruction_data_path):
+    entries = json.loads(instruction_data_path.read_text(encoding="utf-8"))
+    fields = [value for entry in entries for value in entry.values()]
+    assert len(fields) >= 3 * len(entries) > 3000
+    for text in fields:
+        assert ours.encode(text) == ref.encode(text), text
+    everything = "\n\n".join(fields)
+    assert ours.decode(ours.encode(everything)) == everything
+
+
+@pytest.mark.parametrize("text", HARD_STRINGS, ids=range(len(HARD_STRINGS)))
+def test_gpt2_matches_tiktoken_on_hard_strings(ours, ref, text):
+    ids = ours.encode(text)
+    assert ids == ref.encode(text)
+    assert ours.encode_ordinary(text) == ref.encode_ordinary(text)
+    assert ours.decode(ids) == ref.decode(ids)
+
+
+def test_split_pattern_equals_original_gpt2_pattern(tok01, shakespeare_text):
+    """We use tiktoken's possessive form of the pre-split; it must cut exactly where GPT-2's does."""
+    import regex
+
+    original = regex.compile(  # openai/gpt-2 src/encoder.py
+        r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+    ours = regex.compile(tok01.GPT2_SPLIT_PATTERN)
+    for text in [shakespeare_text, *HARD_STRINGS]:
+        assert ours.findall(text) == original.findall(text)
+    # the last space before a word goes with the word; trailing whitespace stays whole
+    assert ours.findall("a   b  \n\n c'll ") == ["a", "  ", " b", "  \n\n", " c", "'ll", " "]
+
+
+def test_whole_chunk_shortcut_changes_nothing(tok01, ours):
+    """Every GPT-2 token that is one pre-split chunk encodes to itself by plain BPE, so looking
+    whole chunks up directly (as tiktoken does) gives the same ids as merging."""
+    split = tok01.regex.compile(tok01.GPT2_SPLIT_PATTERN)
+    checked = 0
+    for idx, token in ours.vocab.items():
+        text = token.decode("utf-8", errors="ignore")
+        if idx == ours.eot_token or text.encode("utf-8") != token or split.findall(text) != [text]:
+            continue
+        assert ours.apply_merges([ours.byte_ids[b] for b in token]) == [idx], token
+        checked += 1
+    assert checked > 40_000
+
+
+def test_bytes_to_unicode_is_gpt2_byte_order(tok01, gpt2_files):
+    table = tok01.bytes_to_unicode()
+    encoder = json.loads(gpt2_files[0].read_text(encoding="utf-8"))
+    first_256 = sorted(encoder, key=encoder.get)[:256]  # GPT-2's ids 0..255 are the bytes, in this order
+    assert list(table.values()) == first_256
+    assert sorted(table) == list(range(256))
+    assert table[ord(" ")] == "Ġ" and table[ord("\n")] == "Ċ" and table[ord("a")] == "a"
+    assert all(ch.isprintable() and not ch.isspace() for ch in table.values())
+
+
+def test_gpt2_helper_and_ids(tok01, ref, gpt2_files):
+    assert gpt2_files[0].parent == gpt2_files[1].parent
+    tok = tok01.gpt2(gpt2_files[0].parent)
+    assert tok.n_vocab == ref.n_vocab == 50257
+    assert tok.eot_token == ref.eot_token == 50256
+    assert tok.encode("Hello world") == [15496, 995]  # the example in tiktoken's README
+
+
+# -----------------------------------------------------------------------------
+# Special tokens
+
+
+SPECIAL_TEXTS = ["<|endoftext|>", "a<|endoftext|>b", "<|endoftext|><|endoftext|> x\n<|endoftext|>"]
+
+
+@pytest.mark.parametrize("text", SPECIAL_TEXTS)
+@pytest.mark.parametrize("allowed", ["all", {"<|endoftext|>"}])
+def test_allowed_special_matches_tiktoken(ours, ref, text, allowed):
+    ids = ours.encode(text, allowed_special=allowed)
+    assert ids == ref.encode(text, allowed_special=allowed)
+    assert 50256 in ids
+    assert ours.decode(ids) == text
+
+
+@pytest.mark.parametrize("allowed", ["none_raise", set()])
+def test_disallowed_special_raises_like_tiktoken(ours, ref, allowed):
+    text = "the end.<|endoftext|>"
+    with pytest.raises(ValueError) as expected:
+        ref.encode(text) if allowed == "none_raise" else ref.encode(text, allowed_special=allowed)
+    with pytest.raises(ValueError) as got:
+        ours.encode(text, allowed_special=allowed)
+    first_line = "Encountered text corresponding to disallowed special token '<|endoftext|>'."
+    assert str(expected.value).startswith(first_line) and str(got.value).startswith(first_line)
+    assert ours.encode_ordinary(text) == ref.encode_ordinary(text) == ref.encode(text, disallowed_special=())
+
+
+@pytest.mark.parametrize("allowed", ["none", {"<|fim|>"}, ["<|endoftext|>"]])
+def test_bad_allowed_special_raises(ours, allowed):
+    with pytest.raises(ValueError, match="allowed_special|unknown special"):
+        ours.encode("hi", allowed_special=allowed)
+
+
+# -----------------------------------------------------------------------------
+# Decoding
+
+
+# a byte that never occurs in UTF-8, a lone continuation byte, truncated 3- and 4-byte characters,
+# a lead byte followed by a non-continuation byte
+@pytest.mark.parametrize("byte_values", [[0xFF], [0x80], [0xE2, 0x82], [0xF0, 0x9F, 0x98], [0xC3, 0x28]])
+def test_decode_invalid_utf8_like_tiktoken(ours, ref, byte_values):
+    ids = [ours.byte_ids[b] for b in byte_values]
+    assert ref.decode_bytes(ids) == bytes(byte_values)  # the ids are the right ones for these bytes
+    assert "\ufffd" in ours.decode(ids)
+    assert ours.decode(ids) == ref.decode(ids)
+
+
+def test_decode_random_ids_like_tiktoken(ours, ref):
+    rng = random.Random(0)
+    for _ in range(20):
+        ids = [rng.randrange(ours.n_vocab) for _ in range(rng.randrange(1, 400))]
+        assert ours.decode(ids) == ref.decode(ids)
+        assert ours.decode_bytes(ids) == ref.decode_bytes(ids)
+
+
+@pytest.mark.parametrize("bad_id", [50257, -1, 10**9])
+def test_decode_unknown_id_raises(ours, bad_id):
+    with pytest.raises(ValueError, match=f"token id {bad_id} is not in the vocabulary"):
+        ours.decode([15496, bad_id, 995])
+
+
+# -----------------------------------------------------------------------------
+# Training: the fast trainer must learn exactly what the naive one learns
+
+
+def test_trainers_on_hand_computed_example(tok01):
+    """Wikipedia's example, as one chunk: "aaabdaaabac".
+    Counts: (a,a) 4 (overlapping), (a,b) 2 -> merge (a,a) -> 256: [256 a b d 256 a b a c];
+    then (256,a) and (a,b) tie at 2 -> the smaller pair (a,b) -> 257: [256 257 d 256 257 a c];
+    then (256,257) 2 -> 258: [258 d 258 a c]. Four more merges (all counts 1) leave one token."""
+    a, b = ord("a"), ord("b")
+    expected = {(a, a): 256, (a, b): 257, (256, 257): 258}
+    for train in (tok01.train_bpe_naive, tok01.train_bpe):
+        assert train("aaabdaaabac", 3, pattern=r"(?s).+") == expected
+        assert len(train("aaabdaaabac", 7, pattern=r"(?s).+")) == 7
+        with pytest.raises(ValueError, match="no pair left to merge after 7 merges"):
+            train("aaabdaaabac", 10, pattern=r"(?s).+")
+
+
+OVERLAPS = "aaaa aaaaa aa baaab abab ababab bbbb 🙂🙂🙂 日本日本日本 '\n\n" * 4 + "zzzzzzzzzz aaa"
+
+
+@pytest.mark.parametrize("which, n_merges", [("shakespeare", 200), ("overlaps", 34), ("unicode", 120)])
+def test_fast_trainer_equals_naive(tok01, shakespeare_text, which, n_merges):
+    text = {"shakespeare": shakespeare_text[:4000], "overlaps": OVERLAPS,
+            "unicode": "\n".join(HARD_STRINGS[:12]) * 2}[which]
+    naive = tok01.train_bpe_naive(text, n_merges)
+    fast = tok01.train_bpe(text, n_merges)
+    assert list(fast.items()) == list(naive.items())  # same pairs, same ids, same order
+
+
+def test_encode_equals_merging_in_training_order(tok01, shakespeare_text):
+    """After training, encode must reproduce what the naive trainer did to its corpus: apply
+    merge 0 everywhere, then merge 1, ... (our encoder instead merges by priority, chunk by chunk)."""
+    text = shakespeare_text[:3000]
+    tok = tok01.BPETokenizer.train(text, 400)
+    chunks = [list(chunk.encode("utf-8")) for chunk in tok01.regex.findall(tok01.GPT2_SPLIT_PATTERN, text)]
+    for pair, idx in tok.merges.items():
+        chunks = [tok01.merge(ids, pair, idx) for ids in chunks]
+    assert tok.encode(text) == [i for ids in chunks for i in ids]
+
+
+def test_train_save_load_round_trip(tok01, shakespeare_text, tmp_path):
+    text = shakespeare_text[:20_000]
+    tok = tok01.BPETokenizer.train(text, 512)
+    assert tok.n_vocab == 512 and tok.eot_token == 511 and len(tok.merges) == 255
+    path = tok.save(tmp_path / "bpe.json")
+    data = json.loads(path.read_text(encoding="utf-8"))  # readable: tokens as text, merges as [a, b, new]
+    a, b, new = data["merges"][0]
+    assert new == 256 and data["vocab"][str(a)] + data["vocab"][str(b)] == data["vocab"]["256"]
+    assert data["vocab"]["32"] == "Ġ" and data["special_tokens"] == {"<|endoftext|>": 511}
+    loaded = tok01.BPETokenizer.load(path)
+    assert loaded.merges == tok.merges and loaded.special_tokens == tok.special_tokens
+    assert loaded.vocab == tok.vocab
+    sample = shakespeare_text[50_000:52_000] + "\n" + "\n".join(HARD_STRINGS[:13]) + "<|endoftext|>"
+    ids = tok.encode(sample, allowed_special="all")
+    assert loaded.encode(sample, allowed_special="all") == ids
+    assert ids[-1] == 511 and max(ids[:-1]) < 511
+    assert loaded.decode(ids) == sample
+    assert len(ids) < 0.8 * len(sample.encode("utf-8"))  # the merges compress
+
+
+def test_trained_tokenizer_round_trips_unseen_text(tok01, shakespeare_text):
+    tok = tok01.BPETokenizer.train(shakespeare_text[:10_000], 300)
+    for text in HARD_STRINGS[:13]:  # bytes never seen in training still encode (byte-level BPE)
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_gpt2_save_load_round_trip(tok01, ours, ref, tmp_path):
+    loaded = tok01.BPETokenizer.load(ours.save(tmp_path / "gpt2.json"))
+    text = "\n".join(HARD_STRINGS[:12])
+    assert loaded.encode(text) == ref.encode(text)
+    assert loaded.byte_ids == ours.byte_ids and loaded.n_vocab == 50257
+
+
+def test_bad_training_and_loading_input(tok01, tmp_path):
+    with pytest.raises(ValueError, match="vocab_size must be at least 257"):
+        tok01.BPETokenizer.train("hello", 256)
+    path = tmp_path / "chars.json"
+    path.write_text(json.dumps({"kind": "char", "chars": "ab"}))
+    with pytest.raises(ValueError, match="not a BPETokenizer file"):
+        tok01.BPETokenizer.load(path)
+    with pytest.raises(ValueError, match="token ids must be"):
+        tok01.BPETokenizer({(97, 98): 300})
+
+
+def test_chunk_cache_stays_correct_when_cleared(tok01, ours, ref):
+    tok = tok01.BPETokenizer(ours.merges, ours.special_tokens, ours.byte_ids)
+    tok._cache.max_size = 3
+    text = "\n".join(HARD_STRINGS[:12])
+    assert tok.encode(text) == ref.encode(text)
+    assert len(tok._cache) <= 3
+
+
+# -----------------------------------------------------------------------------
+# CharTokenizer, get_tokenizer, download, CLI
+
+
+def test_char_tokenizer_hand_example_and_errors(tok01):
+    tok = tok01.CharTokenizer.from_text("hello")
+    assert tok.chars == "ehlo" and tok.n_vocab == 4 and tok.eot_token is None
+    assert tok.encode("hole") == [1, 3, 2, 0]
+    assert tok.decode([1, 3, 2, 0]) == "hole"
+    with pytest.raises(ValueError, match="'z' is not in the vocabulary"):
+        tok.encode("hez")
+    with pytest.raises(ValueError, match="token id 4 is not in the vocabulary"):
+        tok.decode([0, 4])
+    with pytest.raises(ValueError, match="repeated"):
+        tok01.CharTokenizer("abca")
+
+
+def test_char_tokenizer_round_trip(tok01, shakespeare_text):
+    tok = tok01.CharTokenizer.from_text(shakespeare_text)
+    assert tok.n_vocab == 65
+    ids = tok.encode(shakespeare_text[:5000])
+    assert tok.decode(ids) == shakespeare_text[:5000]
+    again = tok01.get_tokenizer(tok.to_dict())
+    assert again.to_dict() == {"kind": "char", "chars": tok.chars}
+    assert again.encode("Hello") == tok.encode("Hello")
+
+
+def test_get_tokenizer_kinds(tok01, ours, ref):
+    gpt2 = tok01.get_tokenizer({"kind": "gpt2"})
+    text = "Hello world, it's 2024!"
+    assert gpt2.encode(text) == ours.encode(text) == ref.encode(text)
+    assert gpt2.n_vocab == 50257 and gpt2.eot_token == 50256
+    for spec in [{"kind": "bpe"}, {}]:
+        with pytest.raises(ValueError, match="unknown tokenizer kind"):
+            tok01.get_tokenizer(spec)
+
+
+def test_download_existing_file_and_failure(tok01, tmp_path):
+    path = tmp_path / "file.txt"
+    path.write_bytes(b"hello")
+    sha = hashlib.sha256(b"hello").hexdigest()
+    unreachable = "http://127.0.0.1:9/file.txt"  # port 9 (discard): connection refused at once
+    assert tok01.download(unreachable, path, sha) == path  # right hash already there: no network
+    with pytest.raises(RuntimeError, match="127.0.0.1:9"):
+        tok01.download(unreachable, tmp_path / "new.txt", sha)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]  # nothing half-written
+
+
+def test_cli_train_encode_decode(tok01, shakespeare_path, tmp_path, capsys):
+    out = tmp_path / "bpe.json"
+    tok01.main(["train", str(shakespeare_path), "--vocab-size", "300", "--out", str(out)])
+    tok = tok01.BPETokenizer.load(out)
+    assert tok.n_vocab == 300
+    capsys.readouterr()
+    tok01.main(["encode", "--tokenizer", str(out), "To be, or not"])
+    printed = capsys.readouterr().out.splitlines()[0]
+    assert json.loads(printed) == tok.encode("To be, or not")
+    tok01.main(["decode", "--tokenizer", str(out), *map(str, tok.encode("To be, or not"))])
+    assert capsys.readouterr().out == "To be, or not\n"
+    with pytest.raises(SystemExit) as exit_info:
+        tok01.main(["--help"])
+    assert exit_info.value.code == 0 and "bench" in capsys.readouterr().out

@@ -1,0 +1,416 @@
+"""Tests for 02_dataloader.py: download, cleaning, token files, and the two batch sources.
+
+References used instead of the code's own outputs: slicing the token array by hand, a
+single-process batch (for the rank slices), rasbt's `range(0, len - T, stride)` loop (for the
+sliding windows), tiktoken (for GPT-2 token files), and hand-built cleaning examples.
+"""
+
+import hashlib
+import http.server
+import threading
+
+import numpy as np
+import pytest
+import tiktoken
+import torch
+from torch.utils.data import DataLoader
+
+# -----------------------------------------------------------------------------
+# helpers
+
+
+@pytest.fixture
+def tokens(tmp_path):
+    """A memmap of 5000 distinct token ids, so a window's first id tells where it starts."""
+    ids = np.random.default_rng(1).permutation(5000).astype(np.uint16)
+    path = tmp_path / "tokens.bin"
+    ids.tofile(path)
+    return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+def start_of(data, token) -> int:
+    return int(np.flatnonzero(np.asarray(data) == token)[0])
+
+
+# -----------------------------------------------------------------------------
+# get_batch: shapes, shift, ranks, determinism, errors
+
+
+@pytest.mark.parametrize("batch_size,block_size", [(1, 1), (4, 8), (8, 64)])
+def test_get_batch_shapes_and_one_token_shift(dl02, tokens, batch_size, block_size):
+    x, y = dl02.get_batch(tokens, batch_size, block_size, step=3, seed=7)
+    assert x.shape == y.shape == (batch_size, block_size)
+    assert x.dtype == y.dtype == torch.int64
+    for row_x, row_y in zip(x, y):
+        i = start_of(tokens, row_x[0].item())  # distinct ids: the first one locates the window
+        assert row_x.tolist() == tokens[i:i + block_size].tolist()
+        assert row_y.tolist() == tokens[i + 1:i + block_size + 1].tolist()
+
+
+def test_get_batch_follows_the_seeded_spec(dl02, tokens):
+    """SPEC: the starts of global batch `step` come from np.random.default_rng([seed, step])."""
+    starts = np.random.default_rng([5, 11]).integers(0, len(tokens) - 16, size=4)
+    x, _ = dl02.get_batch(tokens, 4, 16, step=11, seed=5)
+    assert x[:, 0].tolist() == tokens[starts].tolist()
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_get_batch_rank_slices_reassemble_the_global_batch(dl02, tokens, world_size):
+    batch_size, block_size = 8, 16
+    full_x, full_y = dl02.get_batch(tokens, batch_size, block_size, step=2, seed=3)
+    parts = [dl02.get_batch(tokens, batch_size, block_size, 2, 3, rank, world_size)
+             for rank in range(world_size)]
+    for x, y in parts:
+        assert x.shape == y.shape == (batch_size // world_size, block_size)
+    torch.testing.assert_close(torch.cat([x for x, _ in parts]), full_x)
+    torch.testing.assert_close(torch.cat([y for _, y in parts]), full_y)
+    starts = [{start_of(tokens, t) for t in x[:, 0].tolist()} for x, _ in parts]
+    for a in range(world_size):  # the ranks' windows are disjoint
+        for b in range(a + 1, world_size):
+            assert not starts[a] & starts[b]
+
+
+def test_get_batch_is_deterministic_and_varies_with_step_and_seed(dl02, tokens):
+    x1, y1 = dl02.get_batch(tokens, 4, 16, step=5, seed=0)
+    x2, y2 = dl02.get_batch(tokens, 4, 16, step=5, seed=0)
+    torch.testing.assert_close(x1, x2)
+    torch.testing.assert_close(y1, y2)
+    assert not torch.equal(x1, dl02.get_batch(tokens, 4, 16, step=6, seed=0)[0])
+    assert not torch.equal(x1, dl02.get_batch(tokens, 4, 16, step=5, seed=1)[0])
+
+
+def test_get_batch_on_the_shortest_possible_data(dl02):
+    data = np.array([10, 11, 12], dtype=np.uint16)  # block_size 2 fits exactly once
+    x, y = dl02.get_batch(data, 3, 2, step=0)
+    assert x.tolist() == [[10, 11]] * 3 and y.tolist() == [[11, 12]] * 3
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(block_size=0), "block_size must be positive"),
+    (dict(block_size=-3), "block_size must be positive"),
+    (dict(block_size=5000), "5000 tokens but one .* needs block_size \\+ 1 = 5001"),
+    (dict(batch_size=6, world_size=4), "batch_size 6 does not split across 4 ranks"),
+    (dict(rank=2, world_size=2), "rank 2 is outside"),
+])
+def test_get_batch_errors(dl02, tokens, kwargs, match):
+    args = dict(batch_size=4, block_size=8, step=0) | kwargs
+    with pytest.raises(ValueError, match=match):
+        dl02.get_batch(tokens, **args)
+
+
+# -----------------------------------------------------------------------------
+# prepare_corpus / load_tokens: the memmap round trip and its checks
+
+
+def test_char_corpus_round_trip_uint16(dl02, tmp_path):
+    text = "hello world, hello tokens.\n" * 20
+    spec = dl02.CharTokenizer.from_text(text).to_dict()
+    meta = dl02.prepare_corpus(text, tmp_path, spec, val_fraction=0.1)
+    split = int(len(text) * 0.9)  # the split is on the text, by hand
+    assert meta == {"tokenizer": spec, "n_vocab": len(set(text)), "dtype": "uint16",
+                    "train_tokens": split, "val_tokens": len(text) - split}
+    tok = dl02.get_tokenizer(spec)
+    train, val = dl02.load_tokens(tmp_path, "train"), dl02.load_tokens(tmp_path, "val")
+    assert isinstance(train, np.memmap) and train.dtype == np.uint16
+    assert tok.decode(train.tolist()) == text[:split]
+    assert tok.decode(val.tolist()) == text[split:]
+
+
+def test_char_corpus_round_trip_uint32(dl02, tmp_path):
+    """More than 2**16 distinct characters: ids no longer fit in uint16."""
+    chars = "".join(chr(c) for c in range(0x20000, 0x20000 + 70_000))  # CJK, no surrogates
+    text = chars + chars[::-1]
+    spec = dl02.CharTokenizer.from_text(text).to_dict()
+    meta = dl02.prepare_corpus(text, tmp_path, spec, val_fraction=0.25)
+    assert meta["dtype"] == "uint32" and meta["n_vocab"] == 70_000
+    train = dl02.load_tokens(tmp_path, "train")
+    assert train.dtype == np.uint32 and train.max() >= 2**16
+    split = int(len(text) * 0.75)
+    assert dl02.get_tokenizer(spec).decode(train.tolist()) == text[:split]
+
+
+def test_gpt2_corpus_matches_tiktoken(dl02, tmp_path, shakespeare_text):
+    text = shakespeare_text[:20_000]
+    meta = dl02.prepare_corpus(text, tmp_path, {"kind": "gpt2"}, val_fraction=0.1)
+    enc = tiktoken.get_encoding("gpt2")
+    split = int(len(text) * 0.9)
+    assert meta["dtype"] == "uint16" and meta["n_vocab"] == 50257
+    assert dl02.load_tokens(tmp_path, "train").tolist() == enc.encode(text[:split])
+    assert dl02.load_tokens(tmp_path, "val").tolist() == enc.encode(text[split:])
+
+
+@pytest.fixture
+def prepared(dl02, tmp_path):
+    text = "abcdefghij" * 10
+    dl02.prepare_corpus(text, tmp_path, dl02.CharTokenizer.from_text(text).to_dict())
+    return tmp_path
+
+
+def test_load_tokens_rejects_a_file_written_with_another_dtype(dl02, prepared):
+    path = prepared / "train.bin"
+    np.fromfile(path, dtype=np.uint16).astype(np.uint32).tofile(path)
+    with pytest.raises(ValueError, match="looks written as uint32, not uint16"):
+        dl02.load_tokens(prepared, "train")
+
+
+def test_load_tokens_rejects_a_truncated_file(dl02, prepared):
+    path = prepared / "val.bin"
+    path.write_bytes(path.read_bytes()[:-2])
+    with pytest.raises(ValueError, match="truncated .* prepare the corpus again"):
+        dl02.load_tokens(prepared, "val")
+
+
+def test_load_tokens_rejects_a_vocabulary_too_big_for_the_dtype(dl02, prepared):
+    meta = (prepared / "meta.json").read_text().replace('"n_vocab": 10', '"n_vocab": 70000')
+    (prepared / "meta.json").write_text(meta)
+    with pytest.raises(ValueError, match="n_vocab 70000 does not fit in uint16"):
+        dl02.load_tokens(prepared, "train")
+
+
+def test_load_tokens_missing_meta_and_bad_split(dl02, prepared, tmp_path):
+    with pytest.raises(ValueError, match="unknown split 'test'"):
+        dl02.load_tokens(prepared, "test")
+    with pytest.raises(FileNotFoundError, match="prepare the corpus first"):
+        dl02.load_tokens(tmp_path / "nowhere", "train")
+
+
+def test_prepare_corpus_errors(dl02, tmp_path):
+    with pytest.raises(ValueError, match="val_fraction must be in"):
+        dl02.prepare_corpus("abc", tmp_path, {"kind": "char", "chars": "abc"}, val_fraction=1.0)
+    with pytest.raises(ValueError, match="split is empty"):
+        dl02.prepare_corpus("a", tmp_path, {"kind": "char", "chars": "a"})
+
+
+# -----------------------------------------------------------------------------
+# SlidingWindowDataset and RankBatchSampler
+
+
+@pytest.mark.parametrize("block_size,stride", [(4, 1), (4, 3), (4, 4), (4, 5), (19, 7)])
+def test_sliding_window_matches_the_reference_loop(dl02, block_size, stride):
+    tokens = np.random.default_rng(0).integers(0, 100, size=20).astype(np.uint16)
+    dataset = dl02.SlidingWindowDataset(tokens, block_size, stride)
+    starts = list(range(0, len(tokens) - block_size, stride))  # rasbt's GPTDatasetV1 loop
+    assert len(dataset) == len(starts)
+    for i, start in enumerate(starts):
+        x, y = dataset[i]
+        assert x.dtype == torch.int64 and x.shape == y.shape == (block_size,)
+        assert x.tolist() == tokens[start:start + block_size].tolist()
+        assert y.tolist() == tokens[start + 1:start + block_size + 1].tolist()
+    with pytest.raises(IndexError):
+        dataset[len(starts)]
+
+
+def test_sliding_window_accepts_lists_and_memmaps(dl02, tokens):
+    from_list = dl02.SlidingWindowDataset(list(range(10)), 3, 2)
+    assert from_list[1][0].tolist() == [2, 3, 4]
+    from_memmap = dl02.SlidingWindowDataset(tokens, 8, 8)
+    assert from_memmap[2][1].tolist() == tokens[17:25].tolist()
+
+
+@pytest.mark.parametrize("args,match", [
+    ((list(range(10)), 4, 0), "stride must be positive"),
+    ((list(range(10)), 0, 1), "block_size must be positive"),
+    ((list(range(4)), 4, 1), "4 tokens but one .* needs block_size \\+ 1 = 5"),
+])
+def test_sliding_window_errors(dl02, args, match):
+    with pytest.raises(ValueError, match=match):
+        dl02.SlidingWindowDataset(*args)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_rank_batch_sampler_reassembles_the_global_batches(dl02, tokens, world_size, shuffle):
+    dataset = dl02.SlidingWindowDataset(tokens[:300], 8, 8)  # 37 windows -> 4 batches of 8, 5 dropped
+    batch_size = 8
+
+    def batches(rank, world, epoch=0):
+        sampler = dl02.RankBatchSampler(len(dataset), batch_size, rank, world, shuffle=shuffle, seed=1)
+        sampler.set_epoch(epoch)
+        return [x for x, _ in DataLoader(dataset, batch_sampler=sampler)]
+
+    single = batches(0, 1)
+    assert len(single) == len(dataset) // batch_size == 4
+    per_rank = [batches(rank, world_size) for rank in range(world_size)]
+    for step, full in enumerate(single):
+        torch.testing.assert_close(torch.cat([b[step] for b in per_rank]), full)
+    seen = [start_of(tokens, x0) for b in per_rank for x in b for x0 in x[:, 0].tolist()]
+    assert len(seen) == len(set(seen)) == 32  # disjoint: no window twice in an epoch
+    if shuffle:
+        assert not torch.equal(batches(0, 1, epoch=1)[0], single[0])  # new order each epoch
+    else:
+        torch.testing.assert_close(single[0], torch.stack([dataset[i][0] for i in range(8)]))
+
+
+def test_rank_batch_sampler_errors(dl02):
+    with pytest.raises(ValueError, match="batch_size 6 does not split across 4 ranks"):
+        dl02.RankBatchSampler(100, 6, rank=0, world_size=4)
+    with pytest.raises(ValueError, match="do not fill one batch"):
+        dl02.RankBatchSampler(3, 4)
+
+
+# -----------------------------------------------------------------------------
+# cleaning, on hand-built examples
+
+
+@pytest.mark.parametrize("form,text,expected", [
+    ("NFC", "cafe\u0301\nplain", "caf\u00e9\nplain"),  # e + combining acute -> é
+    ("NFC", "\ufb01ne \uff21", "\ufb01ne \uff21"),  # NFC keeps compatibility characters
+    ("NFKC", "\ufb01ne \uff21 x\u00b2", "fine A x2"),  # ligature, full-width A, superscript
+])
+def test_normalize_unicode(dl02, form, text, expected):
+    out, report = dl02.normalize_unicode(text, form)
+    assert out == expected
+    assert report["lines_changed"] == int(text != expected)
+
+
+def test_normalize_unicode_bad_form(dl02):
+    with pytest.raises(ValueError, match="unknown normalization form 'NFX'"):
+        dl02.normalize_unicode("a", "NFX")
+
+
+def test_normalize_whitespace(dl02):
+    text = "a \r\nb\u200bc\u00a0d\x0c\n\n\n\n  indented  inside\t\r"
+    out, report = dl02.normalize_whitespace(text)
+    assert out == "a\nbc d\n\n  indented  inside\n"
+    # \r\n and \r, zero-width, \x0c, no-break space, "a " and "inside\t", one newline run
+    assert sum(report["fixes"].values()) == 8
+    assert report["fixes"]["trailing spaces at line ends"] == 2
+    assert report["fixes"]["runs of 3+ newlines"] == 1
+
+
+def test_normalize_whitespace_leaves_clean_text_alone(dl02, shakespeare_text):
+    text = shakespeare_text[:5000]  # no \r, no trailing spaces, no blank-line runs here
+    assert dl02.normalize_whitespace(text) == (text, {"step": "normalize_whitespace", "fixes": {}})
+
+
+def test_deduplicate_paragraphs(dl02):
+    long_a = "To be, or not to be, that is the question:\nWhether 'tis nobler"
+    long_b = "Now is the winter of our discontent\nMade glorious summer by this sun"
+    short = "ROMEO:\nAy."
+    text = "\n\n".join([long_a, short, long_b, short, long_a + "\n", long_b])
+    out, report = dl02.deduplicate_paragraphs(text, min_chars=50)
+    assert out == "\n\n".join([long_a, short, long_b, short])  # short repeats are kept
+    assert report["paragraphs_removed"] == 2
+    assert report["chars_removed"] == len(long_a) + len(long_b)
+
+
+def test_quality_filter(dl02):
+    good = "KING:\nWhat say you, lords?"
+    numbers = "12 34 56 78 90\n-- -- --"
+    shouting = "Help me, help me, I pray you" + "!" * 11
+    fine_run = "Waiting for you, my lord" + "." * 10  # exactly max_char_run in a row is allowed
+    text = "\n\n".join([good, numbers, shouting, fine_run, ""])
+    out, report = dl02.quality_filter(text, min_letter_fraction=0.5, max_char_run=10)
+    assert out == "\n\n".join([good, fine_run, ""])
+    assert (report["paragraphs_removed"], report["too_few_letters"], report["repeated_chars"]) == (2, 1, 1)
+
+
+def test_clean_text_normalizes_before_deduplicating(dl02):
+    """The same paragraph in composed and decomposed form is a duplicate only after NFC."""
+    paragraph = "The caf\u00e9 on the corner serves the best coffee in the whole town."
+    decomposed = paragraph.replace("\u00e9", "e\u0301")
+    out, reports = dl02.clean_text(paragraph + "\n\n" + decomposed + "  \n")
+    assert out == paragraph
+    assert [r["step"] for r in reports] == ["normalize_unicode", "normalize_whitespace",
+                                            "deduplicate_paragraphs", "quality_filter"]
+    assert reports[2]["paragraphs_removed"] == 1
+    assert "paragraphs_removed=1" in dl02.format_report(reports[2])
+
+
+# -----------------------------------------------------------------------------
+# download / fetch against a local HTTP server
+
+
+PAYLOAD = bytes(range(256)) * 1000  # every byte value, several streamed blocks
+
+
+@pytest.fixture
+def server(monkeypatch):
+    """A tiny HTTP server on 127.0.0.1: /payload.bin serves PAYLOAD, /error returns 500."""
+    for var in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    hits = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            if self.path == "/payload.bin":
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(PAYLOAD)))
+                self.end_headers()
+                self.wfile.write(PAYLOAD)
+            else:
+                self.send_error(500, "boom")
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", hits
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_download_success_and_cache(dl02, server, tmp_path):
+    base, hits = server
+    sha = hashlib.sha256(PAYLOAD).hexdigest()
+    path = dl02.download(f"{base}/payload.bin", tmp_path / "payload.bin", sha)
+    assert path == tmp_path / "payload.bin" and path.read_bytes() == PAYLOAD
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["payload.bin"]  # no .tmp left
+    dl02.download(f"{base}/payload.bin", tmp_path / "payload.bin", sha)  # right hash on disk: no request
+    assert hits == ["/payload.bin"]
+    path.write_bytes(b"stale")  # wrong hash on disk: downloaded again
+    assert dl02.download(f"{base}/payload.bin", path, sha).read_bytes() == PAYLOAD
+    assert hits == ["/payload.bin"] * 2
+
+
+def test_download_checksum_mismatch_leaves_nothing(dl02, server, tmp_path):
+    base, _ = server
+    with pytest.raises(Exception, match="0{64}") as error:  # message shows the expected hash
+        dl02.download(f"{base}/payload.bin", tmp_path / "payload.bin", "0" * 64)
+    assert isinstance(error.value, (ValueError, RuntimeError))
+    assert hashlib.sha256(PAYLOAD).hexdigest() in str(error.value) and "payload.bin" in str(error.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_download_http_error_leaves_nothing(dl02, server, tmp_path):
+    base, _ = server
+    with pytest.raises(Exception, match="500") as error:
+        dl02.download(f"{base}/error", tmp_path / "x.txt", "0" * 64)
+    assert isinstance(error.value, (ValueError, RuntimeError)) and f"{base}/error" in str(error.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fetch(dl02, server, tmp_path, monkeypatch):
+    base, _ = server
+    sha = hashlib.sha256(PAYLOAD).hexdigest()
+    monkeypatch.setitem(dl02.SOURCES, "local", (f"{base}/payload.bin", sha, "local.bin"))
+    assert dl02.fetch("local", tmp_path) == tmp_path / "local.bin"
+    assert (tmp_path / "local.bin").read_bytes() == PAYLOAD
+    with pytest.raises(ValueError, match="unknown source 'nope'; known sources: tinyshakespeare"):
+        dl02.fetch("nope", tmp_path)
+
+
+def test_sources_hashes_match_the_offline_copies(dl02, shakespeare_path, gpt2_files):
+    for name, path in [("tinyshakespeare", shakespeare_path), ("gpt2-encoder", gpt2_files[0]),
+                       ("gpt2-vocab", gpt2_files[1])]:
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == dl02.SOURCES[name][1], name
+
+
+# -----------------------------------------------------------------------------
+# the demo
+
+
+def test_main_demo_on_a_small_text(dl02, tmp_path, capsys):
+    text_file = tmp_path / "small.txt"
+    text_file.write_text("First Citizen:\nSpeak, speak.  \n\n\n\nAll:\nResolved. resolved.\n" * 30)
+    dl02.main(["--text-file", str(text_file), "--out-dir", str(tmp_path / "out"), "--block-size", "8"])
+    out = capsys.readouterr().out
+    assert "trailing spaces at line ends" in out
+    assert "ranks 0 and 1 of 2 together give the same batch: True" in out
+    for kind in ("char", "gpt2"):
+        out_dir = tmp_path / "out" / f"small_{kind}"
+        assert dl02.load_meta(out_dir)["train_tokens"] > 0 and len(dl02.load_tokens(out_dir, "val")) > 0

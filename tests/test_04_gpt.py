@@ -1,0 +1,458 @@
+"""Tests for 04_gpt.py: the GPT-2 model, its counts, generate(), and loading Hugging Face weights.
+
+The references: Hugging Face transformers' GPT2LMHeadModel (logits on the same random weights,
+parameter counts of all four GPT-2 sizes), the safetensors package (files it writes, we read),
+ln(vocab_size) for the loss of an untrained model, and plain argmax loops for greedy decoding.
+"""
+
+import json
+import math
+import re
+import struct
+
+import pytest
+import torch
+
+TINY = dict(block_size=16, vocab_size=101, n_layer=2, n_head=4, n_embd=32)
+
+
+def tiny_model(gpt04, **overrides):
+    model = gpt04.GPT(gpt04.GPTConfig(**{**TINY, **overrides}))
+    return model.eval()
+
+
+# --- shapes, loss, causality ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("with_targets", [True, False])
+def test_forward_shapes(gpt04, bias, with_targets):
+    model = tiny_model(gpt04, bias=bias)
+    idx = torch.randint(TINY["vocab_size"], (3, 7))
+    logits, loss = model(idx, targets=idx if with_targets else None)
+    assert logits.shape == (3, 7, TINY["vocab_size"])
+    assert (loss is not None) == with_targets
+    if with_targets:
+        assert loss.shape == ()
+
+
+def test_loss_at_init_is_about_ln_vocab(gpt04):
+    """An untrained model should be unsure of everything: cross-entropy near ln(vocab_size)."""
+    model = gpt04.GPT(gpt04.GPTConfig.from_preset("tiny", vocab_size=1000))
+    idx = torch.randint(1000, (4, 32))
+    _, loss = model(idx, targets=torch.randint(1000, (4, 32)))
+    assert abs(loss.item() - math.log(1000)) < 0.1
+
+
+def test_loss_ignores_minus_100(gpt04):
+    """Targets of -100 drop out of the mean: the loss equals a hand-masked cross-entropy."""
+    model = tiny_model(gpt04)
+    idx = torch.randint(TINY["vocab_size"], (2, 6))
+    targets = idx.clone()
+    targets[0, :4] = -100
+    logits, loss = model(idx, targets=targets)
+    keep = targets != -100
+    expected = torch.nn.functional.cross_entropy(logits[keep], targets[keep])
+    torch.testing.assert_close(loss, expected)
+
+
+def test_causality(gpt04):
+    """Changing token t changes no logits before t (and does change the ones from t on)."""
+    model = tiny_model(gpt04)
+    idx = torch.randint(TINY["vocab_size"], (1, 12))
+    changed = idx.clone()
+    changed[0, 8] = (idx[0, 8] + 1) % TINY["vocab_size"]
+    a, _ = model(idx)
+    b, _ = model(changed)
+    torch.testing.assert_close(a[:, :8], b[:, :8])
+    assert not torch.allclose(a[:, 8:], b[:, 8:])
+
+
+# --- config, counts, init ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(n_embd=100, n_head=12), "not divisible by n_head"),
+        (dict(n_layer=0), "n_layer must be a positive integer"),
+        (dict(vocab_size=-5), "vocab_size must be a positive integer"),
+        (dict(block_size=1.5), "block_size must be a positive integer"),
+        (dict(n_head=0), "n_head must be a positive integer"),
+        (dict(dropout=1.0), "dropout must be in [0, 1)"),
+    ],
+)
+def test_config_validation(gpt04, kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        gpt04.GPTConfig(**kwargs)
+
+
+def test_unknown_preset_lists_the_choices(gpt04):
+    with pytest.raises(ValueError, match="gpt2-medium"):
+        gpt04.GPTConfig.from_preset("gpt3")
+    assert gpt04.GPTConfig.from_preset("tiny", vocab_size=65).vocab_size == 65
+
+
+@pytest.mark.parametrize("preset", ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"])
+def test_param_count_matches_huggingface(gpt04, preset):
+    """Built on the meta device (shapes only, no memory), against HF's GPT-2 of the same size."""
+    import transformers  # not importorskip: CI installs requirements-dev.txt, and this must run
+    config = gpt04.GPTConfig.from_preset(preset)
+    hf_config = transformers.GPT2Config(
+        n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd, n_positions=config.block_size
+    )
+    with torch.device("meta"):
+        ours, theirs = gpt04.GPT(config), transformers.GPT2LMHeadModel(hf_config)
+    assert ours.num_params() == theirs.num_parameters()
+    if preset == "gpt2":
+        assert ours.num_params() == 124_439_808  # the number everyone quotes for GPT-2 small
+        assert ours.num_params(non_embedding=True) == 124_439_808 - 1024 * 768
+    assert sum(gpt04.params_by_component(ours).values()) == ours.num_params()
+
+
+def test_flops_per_token_by_hand(gpt04):
+    model = tiny_model(gpt04)
+    n = sum(p.numel() for p in model.parameters()) - TINY["block_size"] * TINY["n_embd"]
+    L, C = TINY["n_layer"], TINY["n_embd"]
+    assert model.flops_per_token(seq_len=10) == 6 * n + 12 * L * C * 10
+    assert model.flops_per_token() == 6 * n + 12 * L * C * TINY["block_size"]
+    # 1000 tokens in 2 s against a 1e6 FLOP/s peak
+    assert model.estimate_mfu(1000, 2.0, peak_flops=1e6, seq_len=10) == pytest.approx(
+        model.flops_per_token(10) * 1000 / 2.0 / 1e6
+    )
+
+
+def test_weight_tying(gpt04):
+    model = tiny_model(gpt04)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    # one parameter, counted once, and its gradient gathers both uses
+    assert model.num_params() == sum(p.numel() for p in set(model.parameters()))
+    idx = torch.randint(TINY["vocab_size"], (2, 5))
+    _, loss = model(idx, targets=idx)
+    loss.backward()
+    assert model.transformer.wte.weight.grad is model.lm_head.weight.grad
+
+
+def test_gpt2_init_scales_residual_projections(gpt04):
+    config = gpt04.GPTConfig(n_layer=8, n_head=4, n_embd=256, vocab_size=512, block_size=32)
+    model = gpt04.GPT(config)
+    residual = 0.02 / math.sqrt(2 * config.n_layer)
+    for name, p in model.named_parameters():
+        if name.endswith("c_proj.weight"):
+            assert p.std().item() == pytest.approx(residual, rel=0.05), name
+        elif name.endswith(("c_attn.weight", "c_fc.weight", "wte.weight", "wpe.weight")):
+            assert p.std().item() == pytest.approx(0.02, rel=0.05), name
+        elif name.endswith("bias"):
+            assert torch.all(p == 0), name
+        else:  # LayerNorm gains
+            assert torch.all(p == 1), name
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "idx, message",
+    [
+        (torch.zeros(1, 17, dtype=torch.long), "exceeds block_size=16"),
+        (torch.tensor([[1, 2, 101]]), r"token ids must be in \[0, 101\)"),
+        (torch.tensor([[-1, 2, 3]]), r"token ids must be in \[0, 101\)"),
+        (torch.zeros(5, dtype=torch.long), "must be a \\(B, T\\) tensor"),
+        (torch.zeros(1, 5), "must be a \\(B, T\\) tensor of integer"),
+    ],
+)
+def test_bad_input_raises_value_error(gpt04, idx, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model(gpt04)(idx)
+
+
+# --- generate ---------------------------------------------------------------------------------
+
+
+def argmax_loop(model, idx, steps, block_size):
+    for _ in range(steps):
+        logits, _ = model(idx[:, -block_size:])
+        idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+def test_generate_greedy_equals_argmax_loop(gpt04):
+    """Starting at 10 tokens and going to 30 crosses block_size=16: the context must be cropped."""
+    model = tiny_model(gpt04)
+    idx = torch.randint(TINY["vocab_size"], (2, 10))
+    expected = argmax_loop(model, idx, 20, TINY["block_size"])
+    torch.testing.assert_close(model.generate(idx, 20, temperature=0), expected)
+    # top_k=1 leaves one candidate, so sampling at any temperature is greedy too
+    torch.testing.assert_close(model.generate(idx, 20, temperature=1.5, top_k=1), expected)
+
+
+def test_generate_top_k_samples_only_the_top_k(gpt04):
+    """64 draws for one context at a high temperature: exactly the 3 most likely tokens show up."""
+    model = tiny_model(gpt04)
+    idx = torch.randint(TINY["vocab_size"], (1, 4)).repeat(64, 1)
+    logits, _ = model(idx[:1])
+    top3 = set(logits[0, -1].topk(3).indices.tolist())
+    out = model.generate(idx, 1, temperature=2.0, top_k=3)
+    assert out.shape == (64, 5)
+    assert set(out[:, -1].tolist()) == top3  # never outside the top 3, and it samples, not argmax
+
+
+def test_generate_rejects_bad_arguments(gpt04):
+    model = tiny_model(gpt04)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(torch.zeros(1, 1, dtype=torch.long), 1, temperature=-1)
+    with pytest.raises(ValueError, match="top_k"):
+        model.generate(torch.zeros(1, 1, dtype=torch.long), 1, top_k=0)
+
+
+# --- safetensors reader -------------------------------------------------------------------------
+
+
+def test_load_safetensors_reads_what_the_safetensors_package_writes(gpt04, tmp_path):
+    import safetensors.torch as safetensors_torch
+    tensors = {
+        "a.f32": torch.randn(3, 4),
+        "b.f16": torch.randn(5).half(),
+        "c.bf16": torch.randn(2, 3, 4).bfloat16(),
+        "d.i64": torch.arange(-3, 3),
+        "e.scalar": torch.tensor(2.5),
+        "f.empty": torch.zeros(0, 7),
+        "g.bool": torch.tensor([True, False, True]),
+    }
+    path = tmp_path / "t.safetensors"
+    safetensors_torch.save_file(tensors, path, metadata={"format": "pt"})
+    loaded = gpt04.load_safetensors(path)
+    assert loaded.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert loaded[name].dtype == t.dtype and loaded[name].shape == t.shape, name
+        assert torch.equal(loaded[name], t), name
+
+
+def write_raw(path, header: dict, data: bytes):
+    header_bytes = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(header_bytes)) + header_bytes + data)
+
+
+def test_load_safetensors_by_hand(gpt04, tmp_path):
+    """The format from scratch: one little-endian float32 tensor [1.0, -2.0] after the header."""
+    path = tmp_path / "hand.safetensors"
+    header = {"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    write_raw(path, header, struct.pack("<2f", 1.0, -2.0))
+    torch.testing.assert_close(gpt04.load_safetensors(path)["x"], torch.tensor([1.0, -2.0]))
+
+
+@pytest.mark.parametrize(
+    "header, data, message",
+    [
+        ({"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, "inconsistent offsets"),
+        ({"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8, "inconsistent offsets"),
+        ({"x": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}}, b"\0" * 2, "does not support"),
+    ],
+)
+def test_load_safetensors_rejects_bad_files(gpt04, tmp_path, header, data, message):
+    path = tmp_path / "bad.safetensors"
+    write_raw(path, header, data)
+    with pytest.raises(ValueError, match=message):
+        gpt04.load_safetensors(path)
+
+
+def test_load_safetensors_truncated_or_missing(gpt04, tmp_path):
+    path = tmp_path / "short.safetensors"
+    path.write_bytes(struct.pack("<Q", 1000) + b"{}")
+    with pytest.raises(ValueError, match="header length"):
+        gpt04.load_safetensors(path)
+    with pytest.raises(FileNotFoundError):
+        gpt04.load_safetensors(tmp_path / "nothing.safetensors")
+
+
+# --- Hugging Face GPT-2: names, weights, logits --------------------------------------------------
+
+
+def random_hf_gpt2():
+    """A small HF GPT2LMHeadModel with every weight random (biases and LayerNorms too).
+
+    HF initialises biases to 0 and LayerNorm to (1, 0) and its weights small; left that way, a
+    mapping that drops or swaps biases would go unnoticed, and so would the exact GELU in place of
+    GPT-2's tanh approximation (they differ by < 1e-3, visible only for inputs of order 1).
+    Eager attention (a plain softmax): an independent reference for our SDPA path.
+    """
+    import transformers  # not importorskip: CI installs requirements-dev.txt, and this must run
+    sizes = dict(vocab_size=TINY["vocab_size"], n_positions=TINY["block_size"], n_embd=TINY["n_embd"])
+    sizes.update(n_layer=TINY["n_layer"], n_head=TINY["n_head"], bos_token_id=0, eos_token_id=0)
+    no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf_config = transformers.GPT2Config(**sizes, **no_dropout)
+    hf_config._attn_implementation = "eager"
+    hf = transformers.GPT2LMHeadModel(hf_config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            # activations of order 1, where GELU's tanh approximation and the exact one differ by ~1e-3
+            p.normal_(1.0 if ".ln_" in name and name.endswith("weight") else 0.0, 0.3)
+    return hf
+
+
+def save_in_hf_naming(hf, path, prefix):
+    """Write hf's weights the way Hugging Face's model.safetensors files hold them.
+
+    prefix="": OpenAI-era checkpoints ("h.0.attn.c_attn.weight"), "transformer.": newer ones.
+    The tied lm_head is left out (as save_pretrained does), and the attention-mask buffers that old
+    checkpoints carry are put in, since the loader must skip them.
+    """
+    import safetensors.torch as safetensors_torch
+    sd = {prefix + k.removeprefix("transformer."): v for k, v in hf.state_dict().items()}
+    del sd[prefix + "lm_head.weight"]
+    T = TINY["block_size"]
+    sd[prefix + "h.0.attn.bias"] = torch.ones(1, 1, T, T).tril()
+    sd[prefix + "h.0.attn.masked_bias"] = torch.tensor(-1e4)
+    safetensors_torch.save_file({k: v.contiguous() for k, v in sd.items()}, path)
+
+
+@pytest.mark.parametrize("prefix", ["", "transformer."])
+def test_logits_match_huggingface_gpt2(gpt04, tmp_path, prefix):
+    hf = random_hf_gpt2()
+    path = tmp_path / "model.safetensors"
+    save_in_hf_naming(hf, path, prefix)
+    model = tiny_model(gpt04)
+    model.load_state_dict(gpt04.hf_to_gpt_state_dict(gpt04.load_safetensors(path)))
+    assert model.lm_head.weight is model.transformer.wte.weight  # loading kept the tie
+
+    idx = torch.randint(TINY["vocab_size"], (3, TINY["block_size"]))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        logits, _ = model(idx)
+        expected_loss = hf(idx, labels=idx).loss  # HF shifts labels inside; compare on shifted targets
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    _, shifted_loss = model(idx[:, :-1], targets=idx[:, 1:])
+    torch.testing.assert_close(shifted_loss, expected_loss, atol=1e-4, rtol=1e-4)
+
+
+def test_padding_mask_matches_huggingface_gpt2(gpt04, tmp_path):
+    """Right-padded batch: the real tokens' logits equal HF's with the same attention_mask."""
+    hf = random_hf_gpt2()
+    model = tiny_model(gpt04)
+    model.load_state_dict(gpt04.hf_to_gpt_state_dict(hf.state_dict()))
+    idx = torch.randint(TINY["vocab_size"], (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        expected = hf(idx, attention_mask=mask).logits
+        logits, _ = model(idx, attention_mask=mask)
+        alone, _ = model(idx[1:, :6])  # the short sequence on its own, no padding at all
+    real = mask.bool()
+    torch.testing.assert_close(logits[real], expected[real], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits[1, :6], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_hf_to_gpt_transposes_conv1d_and_rejects_other_checkpoints(gpt04):
+    C = 4
+    sd = {
+        "wte.weight": torch.randn(10, C),
+        "h.0.attn.c_attn.weight": torch.randn(C, 3 * C),  # Conv1D: (in, out)
+        "h.0.attn.c_attn.bias": torch.randn(3 * C),
+        "h.0.attn.bias": torch.ones(1, 1, 3, 3),
+    }
+    out = gpt04.hf_to_gpt_state_dict(sd)
+    names = ["wte.weight", "h.0.attn.c_attn.weight", "h.0.attn.c_attn.bias"]
+    assert out.keys() == {"transformer." + name for name in names} | {"lm_head.weight"}
+    torch.testing.assert_close(out["transformer.h.0.attn.c_attn.weight"], sd["h.0.attn.c_attn.weight"].T)
+    torch.testing.assert_close(out["transformer.h.0.attn.c_attn.bias"], sd["h.0.attn.c_attn.bias"])
+    assert out["lm_head.weight"] is out["transformer.wte.weight"]
+    with pytest.raises(ValueError, match="GPT-2 checkpoint"):
+        gpt04.hf_to_gpt_state_dict({"model.embed_tokens.weight": torch.zeros(2, 2)})
+
+
+# --- from_pretrained and the download, without network ---------------------------------------
+
+
+class FakeResponse:
+    """Just enough of requests.Response for download_checked."""
+
+    def __init__(self, body: bytes, headers: dict):
+        self.body, self.headers, self.history = body, headers, []
+
+    def raise_for_status(self):
+        pass
+
+    def iter_content(self, chunk_size):
+        for i in range(0, len(self.body), 3):
+            yield self.body[i : i + 3]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("announced, ok", [(11, True), (20, False)])
+def test_download_checks_the_size_and_leaves_no_partial_file(gpt04, tmp_path, monkeypatch, announced, ok):
+    body = b"hello world"
+    monkeypatch.setattr(
+        gpt04.requests, "get", lambda *a, **k: FakeResponse(body, {"Content-Length": str(announced)})
+    )
+    path = tmp_path / "sub" / "file.bin"
+    if ok:
+        assert gpt04.download_checked("https://example.invalid/f", path) == path
+        assert path.read_bytes() == body
+    else:
+        with pytest.raises(RuntimeError, match="got 11 bytes, expected 20"):
+            gpt04.download_checked("https://example.invalid/f", path)
+        assert not path.exists()
+    assert not path.with_suffix(".bin.tmp").exists()
+
+
+def test_download_checks_huggingface_sha256(gpt04, tmp_path, monkeypatch):
+    body = b"hello world"
+    headers = {"Content-Length": "11", "X-Linked-Etag": '"' + "0" * 64 + '"'}
+    monkeypatch.setattr(gpt04.requests, "get", lambda *a, **k: FakeResponse(body, headers))
+    with pytest.raises(RuntimeError, match="sha256"):
+        gpt04.download_checked("https://example.invalid/f", tmp_path / "f.bin")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_download_without_network_says_what_to_do(gpt04, tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise gpt04.requests.ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(gpt04.requests, "get", offline)
+    path = tmp_path / "gpt2" / "model.safetensors"
+    with pytest.raises(RuntimeError, match=f"put it at {re.escape(str(path))}"):
+        gpt04.download_checked("https://huggingface.co/gpt2/resolve/main/model.safetensors", path)
+    assert list(path.parent.iterdir()) == []
+
+
+def test_from_pretrained_uses_the_cache(gpt04, tmp_path, monkeypatch):
+    """With the file in the cache, from_pretrained loads it and never touches the network.
+
+    ("gpt2" is shrunk to the tiny test size so that the cached file is small.)
+    """
+    hf = random_hf_gpt2()
+    monkeypatch.setitem(gpt04.GPTConfig.PRESETS, "gpt2", TINY)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("from_pretrained must not download a cached file")
+
+    monkeypatch.setattr(gpt04.requests, "get", no_network)
+    (tmp_path / "gpt2").mkdir()
+    save_in_hf_naming(hf, tmp_path / "gpt2" / "model.safetensors", prefix="")
+    model = gpt04.GPT.from_pretrained("gpt2", cache_dir=tmp_path)
+    idx = torch.randint(TINY["vocab_size"], (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], hf(idx).logits, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="gpt2-xl"):
+        gpt04.GPT.from_pretrained("gpt5", cache_dir=tmp_path)
+
+
+# --- the command line --------------------------------------------------------------------------
+
+
+def test_help(gpt04, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        gpt04.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--init_from" in capsys.readouterr().out
+
+
+def test_demo_counts_gpt2_and_samples(gpt04, capsys):
+    gpt04.main(["--max_new_tokens=3"])
+    out = capsys.readouterr().out
+    assert "124,439,808" in out and "training FLOPs per token" in out and "sample from" in out

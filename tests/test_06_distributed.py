@@ -1,0 +1,355 @@
+"""Tests for 06_distributed.py: DDP, ZeRO-1 and FSDP2 on 2 gloo ranks against one process.
+
+The claim of data parallelism: N ranks with B/N rows each take exactly the step one process takes
+with B rows. So every distributed run here is compared with `reference_run`, a plain
+single-process loop written out in this file (no wrappers, no process group), over the same
+global batches.
+
+How the ranks run. Starting process groups is the slow part (each one imports torch and
+connects), so there are only two launches:
+  - `two_ranks` (one per module): `python tests/test_06_distributed.py SPEC` forks 2 ranks that
+    share one gloo group and run every scenario of SCENARIOS in turn (strategies x {SGD, AdamW}
+    x {1, 2} micro-steps, activation checkpointing, resumes), saving what each rank holds;
+  - the kill-and-restart test: torchrun, the way users launch, with a rank killed mid-run.
+Each launch is a new session under a deadline; on timeout the whole process group is killed
+(a plain subprocess timeout would leave orphaned ranks hanging in a collective).
+"""
+
+import gc
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+K = 4  # optimizer steps per run
+SGD_LR, ADAMW_LR = 0.1, 1e-3
+# a tiny GPT; no parameter holds more than ~10% of the total, so ZeRO's greedy split is even
+BASE = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4, max_iters=K,
+            warmup_iters=2, lr_decay_iters=K, log_interval=1, eval_interval=K, eval_iters=1,
+            checkpoint_interval=2, sample_tokens=0, seed=1337)
+RUNS = {  # name -> settings; each is run by every strategy. "sgd" tests the arithmetic tightly.
+    "sgd-1": dict(optimizer="sgd", learning_rate=SGD_LR, min_lr=SGD_LR / 10, grad_clip=0.5),  # clips
+    "sgd-2": dict(optimizer="sgd", learning_rate=SGD_LR, min_lr=SGD_LR / 10, grad_clip=0.0,
+                  gradient_accumulation_steps=2),
+    "adamw-1": dict(optimizer="adamw", learning_rate=ADAMW_LR, min_lr=ADAMW_LR / 10, grad_clip=1.0),
+    "adamw-2": dict(optimizer="adamw", learning_rate=ADAMW_LR, min_lr=ADAMW_LR / 10, grad_clip=1.0,
+                    gradient_accumulation_steps=2),
+}
+STRATEGIES = ("ddp", "zero1", "fsdp")
+# AdamW: measured here, 2 ranks vs 1 differ by up to ~1e-5 after 4 steps (float noise in a gradient
+# entry near zero can flip Adam's normalized update m/sqrt(v) of that entry, which moves by up to
+# lr per step); a wrong data split moves many entries by ~lr per step, i.e. 1e-3 after 1 step and
+# more after 4 (test_tolerances_catch_bugs checks that it fails this tolerance).
+ADAMW_ATOL = 2e-4
+
+
+def scenarios() -> list[dict]:
+    """What the 2-rank launch runs, in order: name, extra settings, and where to resume from."""
+    out = [dict(name=f"{s}-{r}", run=r, settings=dict(strategy=s, **RUNS[r]))
+           for s in STRATEGIES for r in RUNS]
+    for s in out:  # activation checkpointing must not change the arithmetic (checked with SGD)
+        if s["name"] in ("fsdp-sgd-2", "ddp-adamw-1"):
+            s["settings"]["activation_checkpointing"] = True
+    # resumes: half the steps, then the rest from that checkpoint in a new run
+    for name, strategy, extra in (("zero1-resume", "zero1", {}), ("fsdp-dcp", "fsdp", {"sharded_checkpoint": True})):
+        settings = dict(strategy=strategy, **RUNS["adamw-2"], **extra)
+        out.append(dict(name=f"{name}-half", run="adamw-2", settings={**settings, "max_iters": K // 2}))
+        out.append(dict(name=name, run="adamw-2", settings=settings, resume_from=f"{name}-half"))
+    return out
+
+
+def argv(settings: dict, **more) -> list[str]:
+    return [f"--{k}={v}" for k, v in {**BASE, **settings, **more}.items()]
+
+
+def run_with_deadline(cmd: list[str], timeout: float) -> str:
+    """Run cmd in a new session; past the deadline kill its whole process group and fail."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env={**env, "OMP_NUM_THREADS": "1"})
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} did not finish in {timeout} s (a hung collective?):\n{out[-4000:]}")
+    finally:
+        try:  # nothing of it may outlive the test
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-4000:]}"
+    return out
+
+
+# -----------------------------------------------------------------------------
+# the 2-rank launch: this file run as a script forks the ranks (they live in this module)
+
+
+def rank_main(rank: int, world_size: int, spec: dict):
+    """One rank: join the group, run every scenario with 06's train(), save what this rank holds."""
+    from conftest import load_script
+
+    torch.set_num_threads(1)  # torchrun would set OMP_NUM_THREADS=1; 2 ranks share 2 cores
+    dist06 = load_script("06_distributed")
+    dist.init_process_group("gloo", init_method=f"file://{spec['store']}", rank=rank,
+                            world_size=world_size, timeout=timedelta(seconds=60))
+    ctx = dist06.init_distributed("cpu")  # joins the group above
+    results, out = {}, Path(spec["out"])
+    for scenario in spec["scenarios"]:
+        out_dir = out / scenario["name"]
+        if rank == 0 and scenario.get("resume_from"):
+            shutil.copytree(out / scenario["resume_from"], out_dir)
+        dist.barrier()
+        cfg = dist06.parse_config(dist06.DistConfig, scenario["argv"] + [f"--out_dir={out_dir}"])
+        result = dist06.train(cfg, ctx)
+        results[scenario["name"]] = {k: v for k, v in result.items() if k != "val_loss"}
+    torch.save(results, out / f"rank{rank}.pt")
+    del result
+    dist.barrier()  # the teardown order of shutdown_distributed: barrier, drop, destroy
+    gc.collect()
+    dist.destroy_process_group()
+
+
+def launch_two_ranks(spec_path: str):
+    import multiprocessing as mp
+
+    sys.path.insert(0, str(TESTS))
+    from conftest import load_script
+
+    load_script("06_distributed")  # loaded once, before the fork: the ranks inherit it
+    spec = json.loads(Path(spec_path).read_text())
+    context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+    ranks = [context.Process(target=rank_main, args=(r, 2, spec)) for r in range(2)]
+    for p in ranks:
+        p.start()
+    while any(p.is_alive() for p in ranks):  # one rank failing leaves the other waiting: end both
+        if any(p.exitcode not in (None, 0) for p in ranks):
+            for p in ranks:
+                p.kill()
+        time.sleep(0.05)
+    sys.exit(max(abs(p.exitcode) for p in ranks))
+
+
+# -----------------------------------------------------------------------------
+# fixtures and the single-process reference
+
+
+@pytest.fixture(scope="module")
+def corpus(dist06, shakespeare_text, tmp_path_factory) -> Path:
+    text = shakespeare_text[:100_000]
+    out = tmp_path_factory.mktemp("corpus")
+    dist06.prepare_corpus(text, out, dist06.CharTokenizer.from_text(text).to_dict())
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_ranks(dist06, corpus, tmp_path_factory) -> dict:
+    """{scenario: [rank 0's result, rank 1's result]} of the one 2-rank launch; out dir in "_out"."""
+    out = tmp_path_factory.mktemp("two_ranks")
+    spec = {"store": str(out / "store"), "out": str(out),
+            "scenarios": [{**s, "argv": argv(s["settings"], data_dir=corpus)} for s in scenarios()]}
+    (out / "spec.json").write_text(json.dumps(spec))
+    run_with_deadline([sys.executable, __file__, str(out / "spec.json")], timeout=240)
+    per_rank = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return {name: [per_rank[0][name], per_rank[1][name]] for name in per_rank[0]} | {"_out": out}
+
+
+REFERENCES = {}
+
+
+def reference_run(dist06, corpus, run: str, rows=None, loss_scale=1.0) -> tuple[dict, list[float]]:
+    """One process, no wrappers: K steps of RUNS[run] -> (named parameters, loss of each step).
+
+    rows and loss_scale plant bugs for test_tolerances_catch_bugs: train on only these rows of
+    each batch, or scale the gradients (2 = summed over 2 ranks instead of averaged).
+    """
+    buggy = rows is not None or loss_scale != 1.0
+    if not buggy and run in REFERENCES:
+        return REFERENCES[run]
+    cfg = dist06.DistConfig(**{**BASE, **RUNS[run]})
+    data = dist06.load_tokens(corpus, "train")
+    n_vocab = dist06.load_meta(corpus)["n_vocab"]
+    torch.manual_seed(cfg.seed)
+    model = dist06.GPT(dist06.GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                                        block_size=cfg.block_size, vocab_size=n_vocab, dropout=0.0))
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate)
+    else:
+        optimizer = dist06.configure_optimizers(model, cfg.weight_decay, cfg.learning_rate,
+                                                (cfg.beta1, cfg.beta2), "cpu")
+    accumulation, losses = cfg.gradient_accumulation_steps, []
+    for it in range(K):
+        for group in optimizer.param_groups:
+            group["lr"] = dist06.get_lr(it, cfg)
+        optimizer.zero_grad()
+        loss_sum = 0.0
+        for micro in range(accumulation):
+            x, y = dist06.get_batch(data, cfg.batch_size, cfg.block_size, it * accumulation + micro, cfg.seed)
+            _, loss = model(x[rows or slice(None)], y[rows or slice(None)])
+            (loss * loss_scale / accumulation).backward()
+            loss_sum += loss.item() / accumulation
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        losses.append(loss_sum)
+    result = {name: p.detach().clone() for name, p in model.named_parameters()}, losses
+    if not buggy:
+        REFERENCES[run] = result
+    return result
+
+
+def full_weights(ranks: list[dict], strategy: str) -> dict:
+    """The whole model from what the two ranks hold: a replica each, or FSDP's dim-0 shards."""
+    if strategy != "fsdp":
+        for name, tensor in ranks[0]["local_state"].items():  # the replicas agree exactly
+            assert torch.equal(tensor, ranks[1]["local_state"][name]), f"ranks disagree on {name}"
+        return ranks[0]["local_state"]
+    return {name: torch.cat([r["local_state"][name] for r in ranks]) for name in ranks[0]["local_state"]}
+
+
+def tolerance(run: str) -> dict:
+    return dict(rtol=0, atol=1e-6) if run.startswith("sgd") else dict(rtol=0, atol=ADAMW_ATOL)
+
+
+# -----------------------------------------------------------------------------
+# the tests
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [s["name"] for s in scenarios() if not s["name"].endswith("-half")])
+def test_two_ranks_equal_one_process(dist06, corpus, two_ranks, name):
+    """Same weights as one process after K steps (SGD: 1e-6), ranks agree, same loss each step."""
+    scenario = next(s for s in scenarios() if s["name"] == name)
+    strategy, run = scenario["settings"]["strategy"], scenario["run"]
+    ref_weights, ref_losses = reference_run(dist06, corpus, run)
+    ranks = two_ranks[name]
+    weights = full_weights(ranks, strategy)
+    assert weights.keys() == ref_weights.keys()
+    for key in ref_weights:
+        torch.testing.assert_close(weights[key], ref_weights[key], **tolerance(run), msg=f"{name}: {key}")
+    first = K // 2 if scenario.get("resume_from") else 0  # a resumed run logs its own steps only
+    assert ranks[0]["iter_num"] == K
+    for r in ranks:
+        assert sorted(r["losses"]) == list(range(first, K))
+        torch.testing.assert_close([r["losses"][i] for i in range(first, K)], ref_losses[first:],
+                                   rtol=1e-5, atol=1e-6)
+
+
+def max_difference(a: dict, b: dict) -> float:
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_tolerances_catch_bugs(dist06, corpus):
+    """The tolerances can fail: a wrong data split breaks AdamW's; a sum instead of a mean breaks
+    SGD's but not AdamW's (Adam divides the scale out), which is why every case also runs with SGD."""
+    for run, atol in (("adamw-1", ADAMW_ATOL), ("sgd-1", 1e-6), ("sgd-2", 1e-6)):
+        ref, _ = reference_run(dist06, corpus, run)
+        half, _ = reference_run(dist06, corpus, run, rows=slice(0, 2))  # rank 1's rows lost
+        assert max_difference(half, ref) > 5 * atol, run
+    summed, _ = reference_run(dist06, corpus, "sgd-2", loss_scale=2.0)
+    assert max_difference(summed, reference_run(dist06, corpus, "sgd-2")[0]) > 1000 * 1e-6
+    summed, _ = reference_run(dist06, corpus, "adamw-2", loss_scale=2.0)
+    assert max_difference(summed, reference_run(dist06, corpus, "adamw-2")[0]) < ADAMW_ATOL
+
+
+@pytest.mark.slow
+def test_memory_per_rank(two_ranks):
+    """From the real local tensors: FSDP holds <= 0.55x DDP's total, ZeRO-1 <= 0.55x its optimizer state."""
+    ddp, zero1, fsdp = (two_ranks[f"{s}-adamw-1"] for s in STRATEGIES)
+    for rank in range(2):
+        d, z, f = ddp[rank]["memory"], zero1[rank]["memory"], fsdp[rank]["memory"]
+        assert d["optimizer"] == 2 * d["params"] + 4 * len(list(ddp[rank]["local_state"]))  # m, v + step
+        assert d["grads"] == d["params"]
+        assert sum(f.values()) <= 0.55 * sum(d.values()), (f, d)
+        assert z["optimizer"] <= 0.55 * d["optimizer"], (z, d)
+        assert z["params"] == d["params"] and z["grads"] == d["grads"]  # ZeRO-1 shards only the state
+    # the shards add up: every parameter byte is on exactly one rank
+    assert fsdp[0]["memory"]["params"] + fsdp[1]["memory"]["params"] == ddp[0]["memory"]["params"]
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_saves_memory(two_ranks):
+    """Measured on the rank's micro-batch: much less is kept for backward (the math is tested above)."""
+    for name in ("fsdp-sgd-2", "ddp-adamw-1"):
+        before, after = two_ranks[name][0]["activation_bytes"]
+        assert after < 0.5 * before, (name, before, after)
+    assert two_ranks["ddp-sgd-1"][0]["activation_bytes"] is None
+
+
+@pytest.mark.slow
+def test_full_checkpoint_loads_in_05_and_resumes_in_a_world_of_one(dist06, corpus, two_ranks, tmp_path,
+                                                                     monkeypatch):
+    """The file rank 0 writes is 05's format, and another world size and strategy resume from it."""
+    out = two_ranks["_out"]
+    model, tokenizer, ckpt = dist06.load_checkpoint(out / "fsdp-adamw-2" / "ckpt.pt")
+    assert ckpt["iter_num"] == K and ckpt["stage"] == "pretrain" and tokenizer.n_vocab == model.config.vocab_size
+    weights = full_weights(two_ranks["fsdp-adamw-2"], "fsdp")
+    for name, p in model.named_parameters():
+        assert torch.equal(p, weights[name]), name
+    # zero1 on 2 ranks wrote step K/2; a world of one (plain python) continues it with fsdp
+    shutil.copytree(out / "zero1-resume-half", tmp_path / "run")
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    settings = dict(strategy="fsdp", **RUNS["adamw-2"])
+    result = dist06.main(argv(settings, data_dir=corpus, out_dir=tmp_path / "run", init_from="resume"))
+    ref_weights, ref_losses = reference_run(dist06, corpus, "adamw-2")
+    for name, tensor in result["local_state"].items():
+        torch.testing.assert_close(tensor, ref_weights[name], rtol=0, atol=ADAMW_ATOL, msg=name)
+    torch.testing.assert_close(list(result["losses"].values()), ref_losses[K // 2:], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_kill_and_restart_under_torchrun(dist06, corpus, two_ranks, tmp_path):
+    """torchrun --max-restarts=1: rank 1 dies after step 3; the job resumes from the step-2 checkpoint
+    and ends with exactly the weights of the uninterrupted run (same world size, same order of ops)."""
+    settings = dict(strategy="fsdp", **RUNS["adamw-2"])
+    out = run_with_deadline([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "--max-restarts=1", "06_distributed.py",
+                             *argv(settings, data_dir=corpus, out_dir=tmp_path, fail_at_step=3)], timeout=240)
+    assert "fault injection: rank 1 dies after step 3" in out
+    assert "resumed from" in out and "at step 2" in out
+    restarted = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    uninterrupted = torch.load(two_ranks["_out"] / "fsdp-adamw-2" / "ckpt.pt", weights_only=False)
+    assert restarted["iter_num"] == uninterrupted["iter_num"] == K
+    for name, tensor in uninterrupted["model"].items():
+        assert torch.equal(restarted["model"][name], tensor), name
+    for i, state in uninterrupted["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(restarted["optimizer"]["state"][i][key], value), (i, key)
+
+
+def test_errors(dist06, monkeypatch):
+    cfg = dist06.DistConfig(batch_size=6)
+    with pytest.raises(ValueError, match="batch_size=6 .* does not split across 4 ranks.*multiple of 4"):
+        dist06.check_config(cfg, world_size=4)
+    dist06.check_config(cfg, world_size=3)  # 2 rows each: fine
+    with pytest.raises(ValueError, match="unknown strategy 'zero3'.*ddp, zero1 or fsdp"):
+        dist06.check_config(dist06.DistConfig(strategy="zero3"), world_size=1)
+    with pytest.raises(ValueError, match="sharded_checkpoint needs"):
+        dist06.check_config(dist06.DistConfig(strategy="zero1", sharded_checkpoint=True), world_size=1)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        dist06.check_config(dist06.DistConfig(optimizer="adam"), world_size=1)
+    # half of torchrun's environment: say what is missing and how to launch
+    monkeypatch.setenv("RANK", "0")
+    for var in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ValueError, match="RANK is set but LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT.*torchrun"):
+        dist06.init_distributed("cpu")
+    assert not dist.is_initialized()
+
+
+if __name__ == "__main__":
+    launch_two_ranks(sys.argv[1])

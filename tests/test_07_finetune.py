@@ -1,0 +1,277 @@
+"""Tests for 07_finetune.py: template, split, collate masks, LoRA, batched greedy decoding, the loop.
+
+Every expected value is written out by hand (masks, template, LoRA's update) or comes from a
+reference computation (per-token cross-entropy, 04's own generate, the unmerged model).
+"""
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.testing import assert_close
+
+P = -100  # the ignore index, short for the hand-written target tables
+
+ENTRY = {"instruction": "Name the author of 'Pride and Prejudice'.", "input": "", "output": "Jane Austen."}
+
+
+def tiny_gpt(ft07, vocab_size=64, block_size=32, n_embd=16, n_layer=2):
+    return ft07.GPT(ft07.GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=2,
+                                   n_embd=n_embd))
+
+
+def grads(model, x, y) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    model(x, y)[1].backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+# -----------------------------------------------------------------------------
+# data and template
+
+
+def test_format_input_is_the_alpaca_template(ft07):
+    expected = (
+        "Below is an instruction that describes a task. Write a response that appropriately completes "
+        "the request.\n\n### Instruction:\nName the author of 'Pride and Prejudice'."
+    )
+    assert ft07.format_input(ENTRY) == expected
+    with_input = {"instruction": "Rewrite the sentence.", "input": "The car is fast.", "output": ""}
+    assert ft07.format_input(with_input) == (
+        expected.split("\n\n")[0] + "\n\n### Instruction:\nRewrite the sentence.\n\n### Input:\nThe car is fast."
+    )
+    assert ft07.RESPONSE_HEADER == "\n\n### Response:\n"
+
+
+def test_split_is_the_books_85_10_5_in_file_order(ft07, instruction_data_path):
+    data = ft07.load_instruction_data()  # through 02's fetch: the sha256-checked file in data/
+    assert data == json.loads(instruction_data_path.read_text(encoding="utf-8"))
+    splits = ft07.split_data(data)
+    assert [len(splits[k]) for k in ("train", "test", "val")] == [935, 110, 55]
+    assert splits["train"] + splits["test"] + splits["val"] == data
+
+
+def test_bad_data_gets_a_clear_error(ft07, tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([ENTRY, {"instruction": "no output"}]))
+    with pytest.raises(ValueError, match="entry 1"):
+        ft07.load_instruction_data(path)
+    with pytest.raises(ValueError, match="too few"):
+        ft07.split_data([ENTRY] * 5)
+
+
+def test_char_tokenizer_replaces_or_names_unknown_characters(ft07):
+    tok = ft07.CharTokenizer("\n ?abc")
+    encode, unknown = ft07.text_encoder(tok, "?")
+    assert encode("a#b") == tok.encode("a?b")
+    assert unknown == {"#": 1}
+    strict, _ = ft07.text_encoder(tok, "")
+    with pytest.raises(ValueError, match="#"):
+        strict("a#b")
+    assert ft07.end_token_id(tok) == tok.encode("\n")[0]
+
+
+def test_dataset_counts_truncated_and_drops_prompt_only_examples(ft07):
+    encode = lambda text: list(range(len(text)))  # noqa: E731 one id per character: lengths are len()
+    short = {"instruction": "a", "input": "", "output": "b"}
+    long = {"instruction": "a", "input": "", "output": "b" * 50}
+    huge = {"instruction": "a" * 200, "input": "", "output": "b"}
+    prompt = len(ft07.format_input(short))  # the instruction has 1 character
+    full = prompt + len(ft07.RESPONSE_HEADER) + 1
+    ds = ft07.InstructionDataset([short, long, huge], encode, max_length=full)
+    assert [len(ids) for ids, _ in ds] == [full, full + 49]
+    assert [p for _, p in ds] == [prompt, prompt]
+    assert (ds.n_truncated, ds.n_dropped) == (1, 1)
+
+
+# -----------------------------------------------------------------------------
+# collate: masks worked out by hand
+
+
+@pytest.mark.parametrize("mask_prompt", [True, False])
+def test_collate_masks_exactly_the_prompt_and_the_padding(ft07, mask_prompt):
+    # (ids, prompt length); pad/end token 99
+    batch = [([1, 2, 3, 4, 5], 3), ([6, 7], 1), ([8, 9, 10], 2)]
+    x, y = ft07.collate_fn(batch, pad_token_id=99, mask_prompt=mask_prompt)
+    assert x.tolist() == [[1, 2, 3, 4, 5], [6, 7, 99, 99, 99], [8, 9, 10, 99, 99]]
+    if mask_prompt:  # targets inside the prompt masked; the first 99 (end of text) is a target
+        expected = [[P, P, 4, 5, 99], [7, 99, P, P, P], [P, 10, 99, P, P]]
+    else:
+        expected = [[2, 3, 4, 5, 99], [7, 99, P, P, P], [9, 10, 99, P, P]]
+    assert y.tolist() == expected
+    x3, y3 = ft07.collate_fn(batch, pad_token_id=99, allowed_max_length=3, mask_prompt=mask_prompt)
+    assert x3.tolist() == [row[:3] for row in x.tolist()]
+    assert y3.tolist() == [row[:3] for row in expected]
+
+
+def test_loss_is_the_mean_over_response_tokens(ft07):
+    model = tiny_gpt(ft07)
+    batch = [([1, 2, 3, 4, 5, 6], 3), ([7, 8, 9], 2)]
+    x, y = ft07.collate_fn(batch, pad_token_id=0)
+    logits, loss = model(x, y)
+    logp = logits.log_softmax(-1)
+    # reference: position i predicts token i+1; count positions prompt-1 .. len-1 (the last predicts the end)
+    terms = [-logp[r, i, (ids + [0])[i + 1]] for r, (ids, p) in enumerate(batch) for i in range(p - 1, len(ids))]
+    assert len(terms) == 4 + 2
+    assert_close(loss, torch.stack(terms).mean())
+
+
+def test_masked_padding_has_no_effect_on_gradients(ft07):
+    model = tiny_gpt(ft07)
+    batch = [([1, 2, 3, 4, 5, 6, 7, 8], 4), ([9, 10, 11], 2)]
+    x, y = ft07.collate_fn(batch, pad_token_id=0)
+    reference = grads(model, x, y)
+    x2 = x.clone()
+    x2[1, 3:] = torch.tensor([40, 41, 42, 43, 44])  # other tokens where row 1 is padding (targets masked)
+    for name, g in grads(model, x2, y).items():
+        assert_close(g, reference[name], rtol=0, atol=1e-7, msg=name)
+    # and the check can fail: changing a target that counts (row 1's end token) changes the gradients
+    y2 = y.clone()
+    y2[1, 2] = 5
+    changed = grads(model, x, y2)
+    assert any(not torch.allclose(changed[n], reference[n]) for n in reference)
+
+
+# -----------------------------------------------------------------------------
+# LoRA
+
+
+def test_lora_linear_computes_w_plus_scaled_ba(ft07):
+    base = nn.Linear(2, 2, bias=False)
+    base.weight.data = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    lora = ft07.LoRALinear(base, rank=1, alpha=2.0)  # scaling alpha / rank = 2
+    lora.lora_A.data = torch.tensor([[1.0, 0.0]])  # (r, in)
+    lora.lora_B.data = torch.tensor([[1.0], [0.0]])  # (out, r)
+    # W + 2 * B A = [[1 + 2, 2], [3, 4]]; x = [1, 1] -> [5, 7]
+    assert lora(torch.tensor([[1.0, 1.0]])).tolist() == [[5.0, 7.0]]
+
+
+def test_lora_at_init_equals_the_base_model_exactly(ft07):
+    base = tiny_gpt(ft07)
+    model = ft07.apply_lora(copy.deepcopy(base), rank=4, alpha=8)
+    idx = torch.randint(64, (2, 16))
+    assert torch.equal(model(idx)[0], base(idx)[0])
+
+
+def test_lora_trains_only_the_adapters(ft07):
+    model = ft07.apply_lora(tiny_gpt(ft07), rank=4, alpha=8)
+    C, L, r = 16, 2, 4
+    per_layer = r * ((C + 3 * C) + (C + C) + (C + 4 * C) + (4 * C + C))  # c_attn, attn.c_proj, c_fc, mlp.c_proj
+    trainable, total = ft07.count_params(model)
+    assert trainable == L * per_layer
+    assert total == tiny_gpt(ft07).num_params() + L * per_layer
+    idx = torch.randint(64, (2, 16))
+    g = grads(model, idx, idx)
+    names = {n for n, _ in model.named_parameters()}
+    assert set(g) == {n for n in names if ".lora_" in n}  # only adapters receive a gradient
+    assert all(g[n].abs().sum() > 0 for n in g if n.endswith("lora_B"))  # (A's is 0 while B = 0)
+    with pytest.raises(ValueError, match="lm_head"):
+        ft07.apply_lora(tiny_gpt(ft07), 4, 8, targets=["lm_head"])
+
+
+@pytest.mark.parametrize("targets", [("c_attn",), ("c_attn", "c_proj", "c_fc")])
+def test_merged_lora_gives_the_same_logits(ft07, targets):
+    base = tiny_gpt(ft07)
+    model = ft07.apply_lora(copy.deepcopy(base), rank=4, alpha=8, targets=targets)
+    for m in model.modules():
+        if isinstance(m, ft07.LoRALinear):
+            nn.init.normal_(m.lora_B, std=0.1)  # a non-zero update, as after training
+    idx = torch.randint(64, (2, 16))
+    with torch.no_grad():
+        logits = model(idx)[0]
+        merged = ft07.merge_lora(model)
+        assert not any(isinstance(m, ft07.LoRALinear) for m in merged.modules())
+        assert merged.state_dict().keys() == base.state_dict().keys()  # a plain GPT again
+        assert_close(merged(idx)[0], logits, rtol=0, atol=1e-5)
+        assert not torch.allclose(merged(idx)[0], base(idx)[0], atol=1e-3)  # the update is in there
+
+
+# -----------------------------------------------------------------------------
+# generation and the whole loop
+
+
+def test_batched_greedy_equals_one_prompt_at_a_time(ft07):
+    model = tiny_gpt(ft07, vocab_size=32, block_size=24).eval()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11], [12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23]]
+    end_id = 0
+    got = ft07.generate_greedy(model, prompts, max_new_tokens=10, end_id=end_id, batch_size=3)
+    for prompt, out in zip(prompts, got):
+        n = min(10, 24 - len(prompt))  # the context is full after n new tokens
+        ref = model.generate(torch.tensor([prompt]), n, temperature=0)[0, len(prompt) :].tolist()
+        assert out == (ref[: ref.index(end_id)] if end_id in ref else ref)
+
+
+def test_exact_match_normalizes_case_and_punctuation(ft07):
+    assert ft07.exact_match(["jane austen", "Hg", "Zn."], ["Jane Austen.", "Hg.", "Zinc"]) == pytest.approx(2 / 3)
+
+
+@pytest.fixture(scope="module")
+def char_setup(ft07, instruction_data_path, tmp_path_factory):
+    """40 short entries and a tiny char-level "05 checkpoint" whose context fits them."""
+    data = json.loads(instruction_data_path.read_text(encoding="utf-8"))
+    text = lambda e: ft07.format_input(e) + ft07.RESPONSE_HEADER + e["output"]  # noqa: E731
+    entries = [e for e in data if len(text(e)) < 220][:40]
+    chars = "".join(sorted(set("".join(map(text, entries)) + "\n")))
+    tmp = tmp_path_factory.mktemp("ft07")
+    (tmp / "data.json").write_text(json.dumps(entries))
+    torch.manual_seed(0)
+    model = tiny_gpt(ft07, vocab_size=len(chars), block_size=224, n_embd=32)
+    # a little pretraining on the plain text (no template), so that LoRA has a base worth adapting:
+    # with random frozen embeddings (std 0.02) the logits cannot move far, whatever the adapters do
+    ids = torch.tensor(ft07.CharTokenizer(chars).encode("\n".join(e["instruction"] + " " + e["output"]
+                                                                   for e in entries)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(40):
+        starts = torch.randint(len(ids) - 65, (8,)).tolist()
+        x = torch.stack([ids[i : i + 64] for i in starts])  # (8, 64)
+        y = torch.stack([ids[i + 1 : i + 65] for i in starts])
+        model(x, y)[1].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    ckpt = {"model": model.state_dict(), "model_args": ft07.asdict(model.config), "optimizer": None,
+            "config": {}, "iter_num": 0, "best_val_loss": float("inf"), "rng": None,
+            "tokenizer": {"kind": "char", "chars": chars}, "stage": "pretrain"}
+    ft07.save_checkpoint(tmp / "base" / "ckpt.pt", ckpt)
+    return tmp, entries
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_finetune_loss_falls_and_the_checkpoint_loads(ft07, char_setup, lora_rank):
+    tmp, entries = char_setup
+    out_dir = tmp / f"out{lora_rank}"
+    result = ft07.main([
+        f"--ckpt_path={tmp / 'base' / 'ckpt.pt'}", f"--data_path={tmp / 'data.json'}", f"--out_dir={out_dir}",
+        f"--lora_rank={lora_rank}", "--max_iters=30", "--batch_size=4",
+        f"--learning_rate={1e-2 if lora_rank else 3e-3}", "--min_lr=3e-4", "--warmup_iters=3", "--eval_interval=15", "--max_new_tokens=8", "--device=cpu",
+    ])  # fmt: skip
+    losses = result["train_losses"]
+    assert sum(losses[-5:]) / 5 < 0.92 * sum(losses[:5]) / 5
+    assert result["after"]["val_loss"] < result["before"]["val_loss"]
+
+    # the checkpoint: 05's format, a plain (merged) GPT that reproduces the final validation loss
+    model, tokenizer, ckpt = ft07.load_checkpoint(out_dir / "ckpt.pt")
+    assert ckpt["stage"] == "finetune" and ckpt["iter_num"] == 30
+    assert ckpt["model"].keys() == tiny_gpt(ft07).state_dict().keys()
+    encode, _ = ft07.text_encoder(tokenizer)
+    val = ft07.InstructionDataset(ft07.split_data(entries)["val"], encode, model.config.block_size)
+    loss = ft07.evaluate_loss(model, val, 4, ft07.end_token_id(tokenizer))["loss"]
+    assert loss == pytest.approx(result["after"]["val_loss"], abs=1e-5)
+
+    responses = json.loads((out_dir / "test_responses.json").read_text(encoding="utf-8"))
+    assert [r["output"] for r in responses] == [e["output"] for e in ft07.split_data(entries)["test"]]
+    assert all(isinstance(r["model_response"], str) for r in responses)
+
+
+def test_missing_checkpoint_says_what_to_do(ft07, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"05_pretrain\.py.*--init_from=gpt2"):
+        ft07.main([f"--ckpt_path={tmp_path / 'nothing.pt'}", "--device=cpu"])
+
+
+def test_help_lists_the_flags(ft07, capsys):
+    with pytest.raises(SystemExit) as e:
+        ft07.main(["--help"])
+    assert e.value.code == 0
+    assert "--lora_rank" in capsys.readouterr().out

@@ -1,0 +1,336 @@
+"""Tests for 09_generate.py: the KV cache against the model's own forward, sampling filters against
+sets computed here from the logits, batching against one prompt at a time, the full-context rule
+against a plain re-implementation of its docstring, stopping, streaming, and perplexity against
+the model's own loss."""
+
+import dataclasses
+import io
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+VOCAB = 48
+
+
+def rough_model(gen09, block_size=128, vocab_size=VOCAB, seed=0):
+    """A tiny GPT with large random weights: GPT-2's init (std 0.02) gives near-uniform logits and
+    greedy decoding that repeats one token; std 0.3 gives varied, confident predictions, so a broken
+    cache changes the tokens, not just the fourth decimal."""
+    torch.manual_seed(seed)
+    config = gen09.GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32)
+    model = gen09.GPT(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith((".bias", "ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def reference_greedy(model, prompt, n_new, keep=None):
+    """Greedy decoding with the GPT's own forward over the whole context at every step, following
+    the full-context rule of generate_tokens' docstring (crop a long prompt to block_size; when the
+    context outgrows block_size, keep its last block_size // 2 tokens). Returns (tokens, logits)."""
+    block_size = model.config.block_size
+    keep = keep or block_size // 2
+    context, tokens, all_logits = list(prompt[-block_size:]), [], []
+    with torch.no_grad():
+        for _ in range(n_new):
+            logits = model(torch.tensor([context]))[0][0, -1]  # (V,)
+            token = int(logits.argmax())
+            tokens.append(token)
+            all_logits.append(logits)
+            context.append(token)
+            if len(context) > block_size:
+                context = context[-keep:]
+    return tokens, torch.stack(all_logits)
+
+
+def run_steps(gen09, model, prompts, n_new, use_cache=True, **sampling):
+    """n_new steps of generate_tokens: (tokens (B, n_new), logits (B, n_new, V))."""
+    sampling.setdefault("temperature", 0)
+    steps = gen09.generate_tokens(model, prompts, use_cache=use_cache, **sampling)
+    pairs = [step for _, step in zip(range(n_new), steps)]
+    return torch.stack([t for t, _ in pairs], dim=1), torch.stack([lg for _, lg in pairs], dim=1)
+
+
+# -----------------------------------------------------------------------------
+# The KV cache
+
+
+def test_forward_cached_matches_model_forward_chunk_by_chunk(gen09):
+    """Prefill, single tokens, then a multi-token chunk on top of the cache: every position's logits
+    equal the GPT's own forward over the whole sequence."""
+    model = rough_model(gen09, block_size=32)
+    idx = torch.randint(VOCAB, (2, 30))
+    expected, _ = model(idx)  # (2, 30, V)
+    cache = gen09.KVCache(model.config.n_layer, model.config.block_size)
+    pieces, start = [], 0
+    for size in (7, 1, 1, 5, 1, 15):  # chunks with t0 > 0 and T > 1 need the explicit causal mask
+        pieces.append(gen09.forward_cached(model, idx[:, start : start + size], cache))
+        start += size
+    torch.testing.assert_close(torch.cat(pieces, dim=1), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gen09.forward_cached(model, idx), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="exceed the context"):
+        gen09.forward_cached(model, idx[:, :3], cache)  # 30 + 3 > 32
+
+
+def test_greedy_with_cache_equals_without_over_100_tokens(gen09):
+    model = rough_model(gen09, block_size=128)
+    prompt = torch.randint(VOCAB, (8,)).tolist()
+    ref_tokens, ref_logits = reference_greedy(model, prompt, 110)
+    assert len(set(ref_tokens)) > 10, "the test model should not repeat one token"
+    for use_cache in (True, False):
+        tokens, logits = run_steps(gen09, model, [prompt], 110, use_cache=use_cache)
+        assert tokens[0].tolist() == ref_tokens
+        torch.testing.assert_close(logits[0], ref_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_batched_left_padding_equals_one_prompt_at_a_time(gen09):
+    model = rough_model(gen09, block_size=64)
+    prompts = [torch.randint(VOCAB, (n,)).tolist() for n in (3, 11, 6, 1)]
+    tokens, logits = run_steps(gen09, model, prompts, 25)
+    for row, prompt in enumerate(prompts):
+        alone_tokens, alone_logits = run_steps(gen09, model, [prompt], 25)
+        assert tokens[row].tolist() == alone_tokens[0].tolist()
+        torch.testing.assert_close(logits[row], alone_logits[0], atol=1e-5, rtol=1e-5)
+        ref_tokens, _ = reference_greedy(model, prompt, 25)  # and the unpadded forward agrees
+        assert tokens[row].tolist() == ref_tokens
+    uncached_tokens, _ = run_steps(gen09, model, prompts, 25, use_cache=False)
+    assert uncached_tokens.tolist() == tokens.tolist()
+
+
+@pytest.mark.parametrize("prompt_len", [5, 40])  # fits, and longer than the context (16)
+def test_full_context_slides_as_documented(gen09, prompt_len):
+    """block_size 16: 40 new tokens slide the window several times; a 40-token prompt is cropped."""
+    model = rough_model(gen09, block_size=16)
+    prompt = torch.randint(VOCAB, (prompt_len,)).tolist()
+    ref_tokens, ref_logits = reference_greedy(model, prompt, 40)
+    for use_cache in (True, False):
+        tokens, logits = run_steps(gen09, model, [prompt], 40, use_cache=use_cache)
+        assert tokens[0].tolist() == ref_tokens
+        torch.testing.assert_close(logits[0], ref_logits, atol=1e-5, rtol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+
+def allowed_set(logits_row, top_k=None, top_p=None):
+    """The tokens top-k / top-p may emit, computed by hand from one row of logits (in float64)."""
+    order = sorted(range(len(logits_row)), key=lambda i: -logits_row[i])
+    if top_k is not None:
+        order = order[:top_k]
+    # top-p acts on the distribution left after top-k: renormalise over the survivors
+    z = [math.exp(logits_row[i] - logits_row[order[0]]) for i in order]
+    probs = [p / sum(z) for p in z]
+    kept, mass = [], 0.0
+    for i, p in zip(order, probs):
+        if top_p is not None and mass >= top_p:
+            break
+        kept.append(i)
+        mass += p
+    return set(kept)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(5, None), (None, 0.5), (None, 0.9), (10, 0.7), (1, None)])
+def test_top_k_top_p_never_leave_the_allowed_set(gen09, top_k, top_p):
+    torch.manual_seed(1)
+    logits = torch.randn(3, 50) * 2
+    generator = torch.Generator().manual_seed(0)
+    for row in range(3):
+        allowed = allowed_set(logits[row].double().tolist(), top_k, top_p)
+        draws = gen09.sample(logits[row].expand(4000, -1), 1.0, top_k, top_p, generator)
+        seen = set(draws.tolist())
+        assert seen <= allowed, f"emitted {seen - allowed} outside {allowed}"
+        assert seen == allowed or len(allowed) > 20  # many draws reach every allowed token
+
+
+def test_temperature_to_zero_equals_greedy(gen09):
+    logits = torch.randn(64, VOCAB) * 3
+    generator = torch.Generator().manual_seed(0)
+    assert gen09.sample(logits, 1e-6, generator=generator).tolist() == logits.argmax(-1).tolist()
+    model = rough_model(gen09, block_size=64)
+    prompt = torch.randint(VOCAB, (4,)).tolist()
+    greedy, _ = run_steps(gen09, model, [prompt], 30, temperature=0)
+    cold, _ = run_steps(gen09, model, [prompt], 30, temperature=1e-6, generator=generator)
+    assert cold.tolist() == greedy.tolist()
+
+
+def test_seed_makes_sampling_reproducible(gen09):
+    model = rough_model(gen09, block_size=64)
+    generators = [torch.Generator().manual_seed(seed) for seed in (7, 7, 8)]
+    runs = [run_steps(gen09, model, [[1, 2, 3]], 20, temperature=1.0, generator=g)[0] for g in generators]
+    assert runs[0].tolist() == runs[1].tolist() != runs[2].tolist()
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)])
+def test_bad_sampling_settings_raise(gen09, bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        gen09.sample(torch.randn(1, 5), **{"temperature": 1.0, **bad})
+
+
+# -----------------------------------------------------------------------------
+# Stopping and streaming
+
+
+def test_stops_at_the_eot_token(gen09):
+    """Take the token greedy decoding emits at step 6 and call it "end of text": generation must stop
+    right before its first occurrence (and the other row of the batch must go on unaffected)."""
+    model = rough_model(gen09, block_size=64)
+    prompts = [torch.randint(VOCAB, (5,)).tolist(), torch.randint(VOCAB, (9,)).tolist()]
+    free = gen09.generate(model, prompts, 40, temperature=0)
+    eot = free[0][6]
+    stopped = gen09.generate(model, prompts, 40, temperature=0, eot_token=eot)
+    for row in range(2):
+        expected = free[row][: free[row].index(eot)] if eot in free[row] else free[row]
+        assert stopped[row] == expected
+    assert len(stopped[0]) <= 6
+
+
+def test_stops_at_a_stop_string_and_streams_only_text_before_it(gen09):
+    chars = "abcdefghijklmnopqrstuvwxyz ,.!?\nABCDEFGHIJ"
+    model = rough_model(gen09, block_size=64, vocab_size=len(chars))
+    tok = gen09.CharTokenizer(chars)
+    prompt = tok.encode("hello")
+    full = tok.decode(gen09.generate(model, [prompt], 60, temperature=0)[0])
+    stop = full[20:23]  # a 3-character string the model does write
+    chunks = []
+    stream = gen09.TextStream(tok, [stop, "never appears"], on_text=chunks.append)
+    gen09.generate(model, [prompt], 60, temperature=0, streams=[stream])
+    expected = full[: full.index(stop)]
+    assert stream.stopped and stream.text == expected
+    assert "".join(chunks) == expected  # nothing of the stop string was ever shown
+
+
+def test_stream_shows_whole_characters_only(gen09):
+    """GPT-2's byte-level BPE splits 'é', '👋' and '世界' across tokens; decoding token by token must
+    never show a broken character, and the pieces must add up to tiktoken's decoding."""
+    tok = gen09.get_tokenizer({"kind": "gpt2"})
+    text = "Héllo 👋 世界, naïve café!"
+    ids = tok.encode(text)
+    assert any("\ufffd" in tok.decode([i]) for i in ids), "the example should split a character"
+    stream = gen09.TextStream(tok)
+    chunks = [stream.add(i) for i in ids] + [stream.finish()]
+    assert all("\ufffd" not in c for c in chunks)
+    assert "".join(chunks) == tok.decode(ids) == text
+
+
+def test_stream_holds_back_a_possible_stop_string(gen09):
+    tok = gen09.CharTokenizer("\n#ab")
+    stream = gen09.TextStream(tok, ["\n\n#"])
+    assert [stream.add(i) for i in tok.encode("ab\n")] == ["a", "b", ""]  # "\n" may start "\n\n#"
+    assert stream.add(tok.encode("a")[0]) == "\na"  # ruled out: shown
+    assert [stream.add(i) for i in tok.encode("\n\n#")] == ["", "", ""] and stream.stopped
+    assert stream.text == "ab\na"
+
+
+# -----------------------------------------------------------------------------
+# Evaluation
+
+
+@pytest.mark.parametrize("n_tokens, block_size, stride", [(10, 4, 2), (50, 16, 5), (9, 16, 3), (33, 8, 8)])
+def test_strided_windows_score_every_target_once(gen09, n_tokens, block_size, stride):
+    windows = gen09.strided_windows(n_tokens, block_size, stride)
+    T = min(block_size, n_tokens - 1)
+    scored = []
+    for begin, end, n in windows:
+        assert end - begin == T and 1 <= n <= T
+        scored += range(end - n + 1, end + 1)  # target positions in the text
+        assert n == T or end - n - begin >= T - stride  # context of the first scored target
+    assert scored == list(range(1, n_tokens))
+
+
+def test_perplexity_equals_exp_of_the_models_own_loss(gen09):
+    text = "To be, or not to be: that is the question — Whether 'tis nobler in the mind to suffer café. " * 3
+    tok = gen09.CharTokenizer.from_text(text)
+    model = rough_model(gen09, block_size=32, vocab_size=tok.n_vocab)
+    result = gen09.evaluate_text(model, tok, text, stride=10, batch_size=3)
+    ids = torch.tensor(tok.encode(text))
+    nats = 0.0
+    for begin, end, n in gen09.strided_windows(len(ids), 32, 10):
+        targets = ids[begin + 1 : end + 1].clone()
+        targets[:-n] = -100  # scored by an earlier window
+        _, loss = model(ids[None, begin:end], targets[None])
+        nats += loss.item() * n
+    n_bytes = len(text[1:].encode("utf-8"))  # the first character is context only
+    assert n_bytes > len(text) - 1  # '—' and 'é' take more than one byte
+    assert result["tokens"] == len(text) - 1 and result["bytes"] == n_bytes
+    assert result["perplexity"] == pytest.approx(math.exp(nats / (len(text) - 1)), rel=1e-5)
+    assert result["bits_per_byte"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-5)
+
+
+def test_bits_per_byte_of_gpt2_scores_every_token(gen09):
+    """With GPT-2's tokenizer the text follows an <|endoftext|>, so all its bytes are scored."""
+    tok = gen09.get_tokenizer({"kind": "gpt2"})
+    model = rough_model(gen09, block_size=16, vocab_size=tok.n_vocab)
+    text = "Hello, naïve world! 👋"
+    result = gen09.evaluate_text(model, tok, text)
+    ids = torch.tensor([tok.eot_token] + tok.encode(text))
+    logits, _ = model(ids[None, :-1])
+    nats = F.cross_entropy(logits[0], ids[1:], reduction="sum").item()  # fits one window
+    assert result["bytes"] == len(text.encode("utf-8"))
+    assert result["bits_per_byte"] == pytest.approx(nats / math.log(2) / len(text.encode()), rel=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def save_tiny_checkpoint(gen09, path, chars, stage="pretrain"):
+    """A checkpoint in 05's format (the keys of SPEC's load_checkpoint)."""
+    tok = gen09.CharTokenizer(chars)
+    model = rough_model(gen09, block_size=64, vocab_size=tok.n_vocab)
+    torch.save({
+        "model": model.state_dict(), "model_args": dataclasses.asdict(model.config), "optimizer": {},
+        "config": {}, "iter_num": 0, "best_val_loss": float("inf"), "rng": {},
+        "tokenizer": tok.to_dict(), "stage": stage,
+    }, path)  # fmt: skip
+    return model, tok
+
+
+def test_cli_samples_evaluates_and_chats_from_a_checkpoint(gen09, tmp_path, capsys, monkeypatch):
+    chars = "".join(sorted(set("abcdefghijklmnopqrstuvwxyz ,.:#?\n" + "BIRW")))
+    model, tok = save_tiny_checkpoint(gen09, tmp_path / "ckpt.pt", chars, stage="finetune")
+    ckpt = f"--ckpt={tmp_path / 'ckpt.pt'}"
+    texts = gen09.main([ckpt, "--prompt=to be", "--max_new_tokens=30", "--temperature=0", "--device=cpu"])
+    expected = tok.decode(gen09.generate(model, [tok.encode("to be")], 30, temperature=0)[0])
+    assert texts == [expected] and "to be" + expected in capsys.readouterr().out
+
+    (tmp_path / "eval.txt").write_text("to be, or not to be.\n" * 5, encoding="utf-8")
+    result = gen09.main([ckpt, f"--eval_file={tmp_path / 'eval.txt'}", "--device=cpu"])
+    assert "bits per byte" in capsys.readouterr().out and result["tokens"] == 5 * 21 - 1
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Say a word.\n/quit\n"))  # what input() reads
+    gen09.main([ckpt, "--chat=True", "--max_new_tokens=10", "--temperature=0", "--device=cpu"])
+    # what 07 feeds its model: unknown characters ('S' is not in chars) as '?', and a newline ends answers
+    template = gen09.format_input({"instruction": "?ay a word.", "input": ""}) + "\n\n### Response:\n"
+    newline = tok.encode("\n")[0]
+    reply = tok.decode(gen09.generate(model, [tok.encode(template)], 10, temperature=0, eot_token=newline)[0])
+    assert f"model> {reply}\n" in capsys.readouterr().out
+
+
+def test_cli_without_a_checkpoint_says_how_to_get_one(gen09, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # an empty directory: no out/**/ckpt.pt
+    with pytest.raises(FileNotFoundError, match="05_pretrain.py"):
+        gen09.main(["--device=cpu"])
+
+
+def test_newest_checkpoint_is_the_default(gen09, tmp_path):
+    for name, mtime in [("a", 1000), ("b/run", 3000), ("c", 2000)]:  # newest by time, not by name
+        path = tmp_path / name / "ckpt.pt"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"")
+        os.utime(path, (mtime, mtime))
+    assert gen09.newest_checkpoint(tmp_path) == tmp_path / "b" / "run" / "ckpt.pt"
+
+
+def test_help_lists_the_flags(gen09, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        gen09.main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    for flag in ("--ckpt", "--init_from", "--temperature", "--top_p", "--chat", "--eval_file", "--bench"):
+        assert flag in out
