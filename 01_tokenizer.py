@@ -8,7 +8,7 @@ stage builds two:
 2. BPETokenizer: byte-level byte pair encoding (BPE), the tokenizer of GPT-2 (and, with other
    merge lists, of GPT-3/4, Llama 3, ...). It starts from the 256 byte values, so it can encode
    ANY text, then learns merges: "the most frequent adjacent pair of tokens becomes a new token",
-   repeated vocab_size - 256 times. Common words end up as one token, rare ones as a few pieces.
+   repeated until the vocabulary is full. Common words end up as one token, rare ones as pieces.
 
 Three details make it GPT-2's BPE and not just any BPE:
 - a regex pre-split: text is first cut into chunks ("Hello", " world", "!", "'s", " 2024")
@@ -328,8 +328,9 @@ def train_bpe(text: str, n_merges: int, pattern: str = GPT2_SPLIT_PATTERN, verbo
 class _ChunkCache(dict):
     """A dict that fills itself: cache[chunk] runs BPE the first time, then is one lookup.
 
-    Text is Zipfian: the 1,000 most common chunks cover most of any text, so almost every
-    chunk after the first few pages is a hit. Cleared when full so memory stays bounded.
+    Text is Zipfian: a few thousand distinct chunks make up most of any text (tiny Shakespeare:
+    300k chunks, 15k distinct), so almost every lookup is a hit. Cleared when full so that
+    memory stays bounded.
     """
 
     def __init__(self, bpe, max_size=500_000):
@@ -372,9 +373,9 @@ class BPETokenizer:
         self.n_vocab = len(self.vocab)
         self.eot_token = self.special_tokens.get("<|endoftext|>")
         self.pattern_re = regex.compile(pattern)
-        self._token_ids = {}  # bytes -> id of the ordinary tokens, for the whole-chunk shortcut
-        for idx in sorted(self.vocab.keys() - set(self.special_tokens.values()), reverse=True):
-            self._token_ids[self.vocab[idx]] = idx  # reverse: if two ids had the same bytes, keep the smaller
+        specials = set(self.special_tokens.values())
+        # bytes -> id of every ordinary token, for the whole-chunk shortcut in _bpe
+        self._token_ids = {token: idx for idx, token in self.vocab.items() if idx not in specials}
         self._cache = _ChunkCache(self._bpe)
 
     # -- training -------------------------------------------------------------
@@ -496,7 +497,9 @@ class BPETokenizer:
         }
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
+        text = json.dumps(data, ensure_ascii=False, indent=1)
+        text = regex.sub(r"\[\s+(\d+),\s+(\d+),\s+(\d+)\s+\]", r"[\1, \2, \3]", text)  # one merge per line
+        path.write_text(text, encoding="utf-8")
         return path
 
     @classmethod
@@ -613,7 +616,14 @@ def _load_tokenizer(name: str) -> BPETokenizer:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Byte-level BPE from scratch: train, encode, decode, bench.")
+    parser = argparse.ArgumentParser(
+        description="Byte-level BPE from scratch: train, encode, decode, bench.",
+        epilog="examples:\n"
+               "  python 01_tokenizer.py train data/tinyshakespeare.txt --vocab-size 1024\n"
+               "  python 01_tokenizer.py encode \"Hello world, it's 2024!\"\n"
+               "  python 01_tokenizer.py decode 15496 995\n"
+               "  python 01_tokenizer.py bench",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
     p = sub.add_parser("train", help="learn a BPE vocabulary from a text file")
     p.add_argument("file", help="UTF-8 text file, e.g. data/tinyshakespeare.txt")
@@ -645,13 +655,17 @@ def main(argv=None):
         print(f"compression on the first 100k characters: {ratio:.2f} bytes/token")
     elif args.command == "encode":
         tok = _load_tokenizer(args.tokenizer)
-        ids = tok.encode(args.text, allowed_special="all" if args.allow_special else "none_raise")
+        try:
+            ids = tok.encode(args.text, allowed_special="all" if args.allow_special else "none_raise")
+        except ValueError as e:
+            parser.error(f"{str(e).splitlines()[0]} Add --allow-special to encode it as the special token.")
         print(ids)
         print(" | ".join(repr(tok.decode([i])) for i in ids))
     elif args.command == "decode":
         print(_load_tokenizer(args.tokenizer).decode(args.ids))
     elif args.command == "bench":
-        path = download(*SHAKESPEARE[:1], Path(args.data_dir) / "tinyshakespeare.txt", SHAKESPEARE[1])
+        url, sha256 = SHAKESPEARE
+        path = download(url, Path(args.data_dir) / "tinyshakespeare.txt", sha256)
         text = path.read_text(encoding="utf-8")
         bench_train(text, args.vocab_size, args.naive_chars)
         bench_encode(text, args.data_dir)

@@ -51,17 +51,20 @@ Run (07 first: its checkpoint, out/finetune/ckpt.pt, is the starting policy):
     python 08_dpo.py --help
 """
 
+import argparse
 import copy
 import hashlib
+import inspect
 import json
 import math
 import os
 import random
+import re
 import struct
 import time
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -667,67 +670,211 @@ def hf_to_gpt_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 # -----------------------------------------------------------------------------
-# From 05_pretrain.py: command line, device, optimizer, schedule, checkpoints
-# PROVISIONAL stand-ins until 05_pretrain.py exists (then replaced by marked copies)
+# From 05_pretrain.py: command line, device and precision, optimizer, schedule, checkpoints
 
 
+# copied from 05_pretrain.py: parse_config
 def parse_config(cls, argv=None):
-    import argparse
-    from dataclasses import fields
+    """A dataclass of settings from the command line: each field becomes a --field=value flag.
 
-    parser = argparse.ArgumentParser(description=(cls.__doc__ or "").split("\n")[0])
+    The help text of a flag is the comment after its field. Bools take true/false (also 1/0, yes/no).
+    If cls has a PRESETS dict and a `preset` field, the chosen preset is applied first and the flags
+    given on the command line override it:
+        parse_config(TrainConfig, ["--preset=shakespeare-char-gpu", "--dropout=0.1"])
+    """
+
+    def to_bool(text: str) -> bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+    try:  # the comment after each field, e.g. `n_layer: int = 4  # transformer blocks`
+        helps = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M))
+    except (OSError, TypeError):  # no source file (e.g. defined in a REPL)
+        helps = {}
+    presets = getattr(cls, "PRESETS", {})
+    epilog = "presets:\n" + "\n".join(f"  {name}: {values}" for name, values in presets.items())
+    parser = argparse.ArgumentParser(description=(cls.__doc__ or "").split("\n")[0],
+                                     epilog=epilog if presets else None,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(cls):
-        kind = {bool: lambda s: s.lower() in ("1", "true", "yes")}.get(type(f.default), type(f.default))
-        parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f"(default {f.default!r})")
-    return cls(**vars(parser.parse_args(argv)))
+        kind = f.type if isinstance(f.type, type) else type(f.default)
+        help_text = f"{helps.get(f.name, '')} (default: {f.default!r})".replace("%", "%%").lstrip()
+        parser.add_argument(f"--{f.name}", type=to_bool if kind is bool else kind, metavar=kind.__name__,
+                            default=argparse.SUPPRESS, help=help_text,  # SUPPRESS: absent flags stay absent
+                            choices=sorted(presets) if f.name == "preset" and presets else None)
+    given = vars(parser.parse_args(argv))
+    preset = presets.get(given.get("preset", getattr(cls, "preset", None)), {})
+    try:
+        return cls(**{**preset, **given})
+    except ValueError as e:  # a bad combination of values: argparse prints it with the usage line
+        parser.error(str(e))
 
 
-def pick_device(device: str) -> str:
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+# copied from 05_pretrain.py: pick_device
+def pick_device(device: str = "auto") -> str:
+    """"auto" -> "cuda" if a GPU is there, else "mps" (Apple silicon), else "cpu"; others are checked."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    kind = device.split(":")[0]
+    if kind not in available:
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:<index> or mps")
+    if not available[kind]:
+        raise ValueError(f"device {device!r} is not available on this machine; use --device=auto (or cpu)")
+    return device
 
 
-def autocast_context(device_type, dtype):
-    if device_type == "cuda" and dtype == "bfloat16":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return nullcontext()
+# copied from 05_pretrain.py: pick_dtype
+def pick_dtype(dtype: str, device_type: str) -> str:
+    """"auto" -> bfloat16 on GPUs that have it (Ampere and newer), float16 on older ones, else float32.
+
+    On CPU we stay in float32: exact, and the step of a small model is not only matmuls, so bf16's
+    faster matmuls (where the CPU has them) buy little once autocast's casts are paid; --bench
+    measures both on your machine.
+    """
+    if dtype != "auto":
+        return dtype
+    if device_type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
 
 
-def configure_optimizers(model, weight_decay, learning_rate, betas, device_type):
-    params = [p for p in model.parameters() if p.requires_grad]
+# copied from 05_pretrain.py: autocast_context
+def autocast_context(device_type: str, dtype: str):
+    """Mixed precision: matmuls run in dtype, precision-sensitive ops (softmax, norms, the loss) in fp32.
+
+    The weights stay fp32: they are the master copy AdamW updates, since a bf16 weight cannot absorb
+    an update 1000x smaller than itself. bf16 has fp32's exponent range, so gradients need no
+    scaling; fp16 does (GradScaler, see train). "float32" means no autocast at all.
+    """
+    if dtype == "float32":
+        return nullcontext()
+    if dtype not in ("bfloat16", "float16"):
+        raise ValueError(f"dtype {dtype!r} is not float32, bfloat16 or float16")
+    return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
+
+
+# copied from 05_pretrain.py: pick_threads
+def pick_threads(threads: int) -> int:
+    """CPU threads for the run: `threads` if > 0, else the cores that are not already busy.
+
+    Why not simply all cores: a small model's step is hundreds of short ops, and at every op the
+    threads wait for each other. On an idle machine 2 threads beat 1 (~1.5x on 2 cores); but when
+    another process wants a core, one of our threads waits for its turn at every op, and a 2-thread
+    step took 10-30x longer, while 1 thread only slowed 1.3-1.5x. So 0 (auto) takes the cores minus
+    the 1-minute load average (at least 1), once at startup, and OMP_NUM_THREADS wins if it is set.
+    """
+    if threads > 0:
+        return threads
+    if "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()  # PyTorch already follows it
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, round(cores - busy)))
+
+
+# copied from 05_pretrain.py: configure_optimizers
+def configure_optimizers(model, weight_decay: float, learning_rate: float, betas, device_type: str):
+    """AdamW with two groups: weight decay on every 2-D tensor, none on the 1-D ones.
+
+    Weight decay shrinks weights toward zero at every step (decoupled from the gradient: AdamW, not
+    an L2 term in the loss). It is meant for the matrices that multiply activations: the Linear
+    weights, and the embeddings, whose token matrix is also the LM head (tied). Biases and LayerNorm
+    gains are 1-D shifts and scales; decaying them regularizes nothing and drags the gains toward
+    0, i.e. toward switching their layer off. GPT-2's training code was never published and
+    practice differs on the embeddings (minGPT exempted them); we follow nanoGPT, whose Shakespeare
+    numbers we compare against: decay iff p.dim() >= 2. Frozen parameters (LoRA, in 07) are left out.
+
+    fused=True (all tensors updated by one kernel) where PyTorch has it: CUDA, and CPU since
+    PyTorch 2.4, where it measured several times faster than foreach for our small models' step;
+    foreach (one op per group for all tensors) elsewhere.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]  # a tied weight appears once
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
+    fast = {"fused": True} if device_type in ("cuda", "cpu") else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **fast)
 
 
-def get_lr(it, cfg):
+# copied from 05_pretrain.py: get_lr
+def get_lr(it: int, cfg) -> float:
+    """Learning rate at iteration it: linear warmup, then a cosine down to min_lr at lr_decay_iters.
+
+    With the CPU recipe (learning_rate 1e-3, min_lr 1e-4, warmup 100, decay until 2000):
+    it=0 -> 1e-3 / 101; it=100 -> 1e-3 (the peak); it=1050, halfway through the cosine ->
+    1e-4 + 0.5 * (1 + cos(pi / 2)) * 9e-4 = 5.5e-4; it >= 2000 -> 1e-4. Warmup matters because
+    Adam's second-moment estimate is noise in the first steps, and full-size steps on it diverge.
+    """
+    if not cfg.decay_lr:
+        return cfg.learning_rate
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
     if it > cfg.lr_decay_iters:
         return cfg.min_lr
-    ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+    ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)  # 0 -> 1
+    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # 1 -> 0
+    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
 
 
+# copied from 05_pretrain.py: rng_states
+def rng_states() -> dict:
+    """The state of every random number generator a run may draw from.
+
+    numpy's key array is stored as a list: torch.load(weights_only=True) unpickles only plain
+    Python types and tensors, and that is how load_checkpoint reads checkpoints (no code runs).
+    """
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (name, keys.tolist(), pos, has_gauss, gauss),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+# copied from 05_pretrain.py: save_checkpoint
 def save_checkpoint(path, ckpt: dict):
+    """torch.save to path + ".tmp", flushed to disk, then renamed over path.
+
+    The rename is atomic: whatever happens (Ctrl-C, a crash, a full disk) path holds either the old
+    checkpoint or the new one, never half of one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
+# copied from 05_pretrain.py: load_checkpoint
 def load_checkpoint(path, device="cpu"):
-    ckpt = torch.load(path, map_location=device, weights_only=False)
+    """(model, tokenizer, checkpoint dict) from a checkpoint of 05 (or 07/08: same format).
+
+    The model is 04's GPT, built from ckpt["model_args"] and moved to device, in training mode (call
+    .eval() to sample). Keys of a torch.compile'd model carry an "_orig_mod." prefix; it is
+    stripped, so any such checkpoint loads into a plain model. weights_only=True: loading runs
+    no pickled code, so a checkpoint from elsewhere cannot execute anything.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}; train one with `python 05_pretrain.py` "
+                                f"(it writes out_dir/ckpt.pt), or check --out_dir")
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    missing = {"model", "model_args", "tokenizer"} - set(ckpt)
+    if missing:
+        raise ValueError(f"{path} lacks {sorted(missing)}: it is not a checkpoint of these scripts")
     model = GPT(GPTConfig(**ckpt["model_args"]))
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
     return model.to(device), get_tokenizer(ckpt["tokenizer"]), ckpt
 
 
@@ -1108,7 +1255,7 @@ def write_responses(reference, policy, entries, encode, decode, end_id, cfg, ctx
     path = Path(cfg.out_dir) / "dpo_responses.json"
     path.write_text(json.dumps(records, indent=1, ensure_ascii=False), encoding="utf-8")
     for record in records[:2]:
-        print(f"\n{format_input(record)}{RESPONSE_HEADER}\n  before DPO: {record['before_dpo']}\n"
+        print(f"\n{format_input(record)}{RESPONSE_HEADER}  before DPO: {record['before_dpo']}\n"
               f"  after DPO:  {record['after_dpo']}\n  (chosen: {record['chosen']})")
     print(f"\n{len(records)} validation answers before/after DPO written to {path}")
     return path
@@ -1166,20 +1313,24 @@ class DPOConfig:
     max_new_tokens: int = 128  # longest generated answer
     num_responses: int = 5  # validation entries answered before and after DPO in dpo_responses.json
     # system
-    device: str = "auto"  # auto = cuda, then mps, then cpu
-    dtype: str = "bfloat16"  # autocast dtype on cuda; cpu runs in float32
+    device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps
+    dtype: str = "auto"  # auto (cuda: bfloat16, or float16 without bf16; else float32), float32, ...
+    threads: int = 0  # CPU threads; 0 = auto: the cores the load average says are idle
     seed: int = 1337
 
-
-def check_config(cfg: DPOConfig) -> None:
-    if not cfg.beta > 0:
-        raise ValueError(f"--beta={cfg.beta} must be > 0 (it scales the rewards; 0.1 is the paper's value)")
-    if not 0 <= cfg.label_smoothing < 0.5:
-        raise ValueError(f"--label_smoothing={cfg.label_smoothing} must be in [0, 0.5): it is the fraction "
-                         f"of labels assumed flipped, and at 0.5 the labels would be noise (0 = plain DPO)")
-    for name in ("batch_size", "log_interval", "eval_interval"):
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"--{name}={getattr(cfg, name)} must be a positive integer")
+    def __post_init__(self):
+        if not self.beta > 0:
+            raise ValueError(f"--beta={self.beta} must be > 0 (it scales the rewards; the paper uses 0.1)")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"--label_smoothing={self.label_smoothing} must be in [0, 0.5): the fraction of "
+                             f"labels assumed flipped; at 0.5 the labels would be noise (0 = plain DPO)")
+        if self.init_from not in ("checkpoint", *HF_MODELS):
+            raise ValueError(f"--init_from={self.init_from!r}: use 'checkpoint' (07's) or one of {HF_MODELS}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype={self.dtype!r} is not valid; use auto, float32, bfloat16 or float16")
+        for name in ("batch_size", "log_interval", "eval_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
 
 
 def load_policy(cfg: DPOConfig, device: str):
@@ -1197,7 +1348,7 @@ def load_policy(cfg: DPOConfig, device: str):
         spec, stage = ckpt["tokenizer"], ckpt.get("stage", "?")
         print(f"policy: {cfg.ckpt_path} (stage {stage}, iter {ckpt.get('iter_num', '?')})")
     else:
-        raise ValueError(f"--init_from={cfg.init_from!r}: use 'checkpoint' or one of {HF_MODELS}")
+        raise ValueError(f"--init_from={cfg.init_from!r}: use 'checkpoint' (07's) or one of {HF_MODELS}")
     if stage == "pretrain":
         print("note: this model was not instruction-tuned; DPO works on it, but it shapes answers the model "
               "cannot yet give well (finetune it with 07_finetune.py first for real answers)")
@@ -1229,9 +1380,6 @@ def prepare_pairs(cfg: DPOConfig, tokenizer, block_size: int):
 
 def make_checkpoint(model, cfg, spec, iter_num, best_val_loss) -> dict:
     """A checkpoint in 05's format, stage "dpo": 09 (and 08 itself) load it with load_checkpoint."""
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
     return {
         "model": model.state_dict(),
         "model_args": asdict(model.config),
@@ -1239,7 +1387,7 @@ def make_checkpoint(model, cfg, spec, iter_num, best_val_loss) -> dict:
         "config": asdict(cfg),
         "iter_num": iter_num,
         "best_val_loss": best_val_loss,  # the best validation DPO loss
-        "rng": rng,
+        "rng": rng_states(),
         "tokenizer": spec,
         "stage": "dpo",
     }
@@ -1251,12 +1399,15 @@ def dpo(cfg: DPOConfig) -> dict:
     Returns {"iter_num", "train_losses", "before", "after" ({"train": metrics, "val": metrics}),
     "policy", "reference"} (the two models, to inspect in a notebook or a test).
     """
-    check_config(cfg)
+    device = pick_device(cfg.device)
+    device_type = torch.device(device).type
+    # concrete values from here on: "auto" resolved; the checkpoint records what really ran
+    dtype, threads = pick_dtype(cfg.dtype, device_type), pick_threads(cfg.threads)
+    cfg = replace(cfg, device=device, dtype=dtype, threads=threads)
+    torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
-    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
     ctx, out_dir = autocast_context(device_type, cfg.dtype), Path(cfg.out_dir)
 
     policy, spec = load_policy(cfg, device)
@@ -1270,6 +1421,7 @@ def dpo(cfg: DPOConfig) -> dict:
     cfg = replace(cfg, max_iters=max_iters, lr_decay_iters=cfg.lr_decay_iters or max_iters)
     optimizer = configure_optimizers(policy, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                      device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")  # off: a pass-through
     print(f"policy: {policy.num_params():,} parameters; reference: a frozen copy; beta {cfg.beta}, label "
           f"smoothing {cfg.label_smoothing}, {'averaged' if cfg.average_log_probs else 'summed'} log-probs; "
           f"{max_iters} steps of {cfg.batch_size} pairs")
@@ -1288,17 +1440,19 @@ def dpo(cfg: DPOConfig) -> dict:
     policy.train()
     for it in range(max_iters):
         t0 = time.time()
-        lr = get_lr(it, cfg) if cfg.decay_lr else cfg.learning_rate
+        lr = get_lr(it, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         pairs = [train_set[i] for i in batch_indices(it, len(train_set), cfg.batch_size, cfg.seed)]
         batch = collate_pairs(pairs, end_id, block_size, device)
         step = dpo_batch(policy, reference, batch, cfg.beta, cfg.label_smoothing, cfg.average_log_probs, ctx)
         loss = step[0].mean()
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # true gradients, before clipping
         clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if it % cfg.log_interval == 0 or it == max_iters - 1:
@@ -1310,7 +1464,7 @@ def dpo(cfg: DPOConfig) -> dict:
             print(f"step {it + 1}:")
             metrics = evaluate()
             best_val_loss = min(best_val_loss, metrics["val"]["loss"])
-            log.append({"iter": it + 1, "loss": losses[-1],
+            log.append({"iter": it + 1, "batch_loss": losses[-1],
                         **{f"{k}_{name}": v for k, m in metrics.items() for name, v in m.items()}})
             save_checkpoint(out_dir / "ckpt.pt", make_checkpoint(policy, cfg, spec, it + 1, best_val_loss))
     (out_dir / "log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in log))

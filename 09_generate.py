@@ -39,17 +39,18 @@ Run it:
 
 import argparse
 import codecs
-import contextlib
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
+import re
 import struct
-import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import ClassVar
 
@@ -571,38 +572,110 @@ def hf_to_gpt_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 # copied from 05_pretrain.py: parse_config
 def parse_config(cls, argv=None):
-    parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0])
-    for f in dataclasses.fields(cls):
+    """A dataclass of settings from the command line: each field becomes a --field=value flag.
+
+    The help text of a flag is the comment after its field. Bools take true/false (also 1/0, yes/no).
+    If cls has a PRESETS dict and a `preset` field, the chosen preset is applied first and the flags
+    given on the command line override it:
+        parse_config(TrainConfig, ["--preset=shakespeare-char-gpu", "--dropout=0.1"])
+    """
+
+    def to_bool(text: str) -> bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+    try:  # the comment after each field, e.g. `n_layer: int = 4  # transformer blocks`
+        helps = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M))
+    except (OSError, TypeError):  # no source file (e.g. defined in a REPL)
+        helps = {}
+    presets = getattr(cls, "PRESETS", {})
+    epilog = "presets:\n" + "\n".join(f"  {name}: {values}" for name, values in presets.items())
+    parser = argparse.ArgumentParser(description=(cls.__doc__ or "").split("\n")[0],
+                                     epilog=epilog if presets else None,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(cls):
         kind = f.type if isinstance(f.type, type) else type(f.default)
-        if kind is bool:
-            parser.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"),
-                                default=f.default, help=f.metadata.get("help", ""))
-        else:
-            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata.get("help", ""))
-    return cls(**vars(parser.parse_args(argv)))
+        help_text = f"{helps.get(f.name, '')} (default: {f.default!r})".replace("%", "%%").lstrip()
+        parser.add_argument(f"--{f.name}", type=to_bool if kind is bool else kind, metavar=kind.__name__,
+                            default=argparse.SUPPRESS, help=help_text,  # SUPPRESS: absent flags stay absent
+                            choices=sorted(presets) if f.name == "preset" and presets else None)
+    given = vars(parser.parse_args(argv))
+    preset = presets.get(given.get("preset", getattr(cls, "preset", None)), {})
+    try:
+        return cls(**{**preset, **given})
+    except ValueError as e:  # a bad combination of values: argparse prints it with the usage line
+        parser.error(str(e))
 
 
 # copied from 05_pretrain.py: pick_device
 def pick_device(device: str = "auto") -> str:
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    """"auto" -> "cuda" if a GPU is there, else "mps" (Apple silicon), else "cpu"; others are checked."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    kind = device.split(":")[0]
+    if kind not in available:
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:<index> or mps")
+    if not available[kind]:
+        raise ValueError(f"device {device!r} is not available on this machine; use --device=auto (or cpu)")
+    return device
+
+
+# copied from 05_pretrain.py: pick_dtype
+def pick_dtype(dtype: str, device_type: str) -> str:
+    """"auto" -> bfloat16 on GPUs that have it (Ampere and newer), float16 on older ones, else float32.
+
+    On CPU we stay in float32: exact, and the step of a small model is not only matmuls, so bf16's
+    faster matmuls (where the CPU has them) buy little once autocast's casts are paid; --bench
+    measures both on your machine.
+    """
+    if dtype != "auto":
+        return dtype
+    if device_type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
+
+
+# copied from 05_pretrain.py: autocast_context
+def autocast_context(device_type: str, dtype: str):
+    """Mixed precision: matmuls run in dtype, precision-sensitive ops (softmax, norms, the loss) in fp32.
+
+    The weights stay fp32: they are the master copy AdamW updates, since a bf16 weight cannot absorb
+    an update 1000x smaller than itself. bf16 has fp32's exponent range, so gradients need no
+    scaling; fp16 does (GradScaler, see train). "float32" means no autocast at all.
+    """
+    if dtype == "float32":
+        return nullcontext()
+    if dtype not in ("bfloat16", "float16"):
+        raise ValueError(f"dtype {dtype!r} is not float32, bfloat16 or float16")
+    return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
 
 
 # copied from 05_pretrain.py: load_checkpoint
 def load_checkpoint(path, device="cpu"):
+    """(model, tokenizer, checkpoint dict) from a checkpoint of 05 (or 07/08: same format).
+
+    The model is 04's GPT, built from ckpt["model_args"] and moved to device, in training mode (call
+    .eval() to sample). Keys of a torch.compile'd model carry an "_orig_mod." prefix; it is
+    stripped, so any such checkpoint loads into a plain model. weights_only=True: loading runs
+    no pickled code, so a checkpoint from elsewhere cannot execute anything.
+    """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location=device, weights_only=False)
+        raise FileNotFoundError(f"no checkpoint at {path}; train one with `python 05_pretrain.py` "
+                                f"(it writes out_dir/ckpt.pt), or check --out_dir")
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    missing = {"model", "model_args", "tokenizer"} - set(ckpt)
+    if missing:
+        raise ValueError(f"{path} lacks {sorted(missing)}: it is not a checkpoint of these scripts")
     model = GPT(GPTConfig(**ckpt["model_args"]))
-    model.load_state_dict(ckpt["model"])
-    model.to(device)
-    return model, get_tokenizer(ckpt["tokenizer"]), ckpt
+    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+    return model.to(device), get_tokenizer(ckpt["tokenizer"]), ckpt
 
 
 # -----------------------------------------------------------------------------
@@ -1101,6 +1174,7 @@ def evaluate_text(model, tok, text: str, stride: int = 0, batch_size: int = 8) -
     the tokenizer (a character is easier to guess than a word); bits per byte does not.
     GPT-2 texts start after an <|endoftext|>, so every token is scored; a character model has no
     such token and its first character is not scored. stride 0 means block_size // 2.
+    batch_size windows share a forward pass (fewer when their logits would pass 2**27 numbers, 512 MB).
     """
     ids = encode(tok, text)
     if tok.eot_token is not None:
@@ -1108,6 +1182,8 @@ def evaluate_text(model, tok, text: str, stride: int = 0, batch_size: int = 8) -
     block_size = model.config.block_size
     windows = strided_windows(len(ids), block_size, stride or max(1, min(block_size, len(ids) - 1) // 2))
     data = torch.tensor(ids, device=model.lm_head.weight.device)
+    T, V = windows[0][1] - windows[0][0], model.config.vocab_size
+    batch_size = max(1, min(batch_size, 2**27 // (T * V)))  # GPT-2, T=1024: 2 windows per pass
     nats = 0.0
     for i in range(0, len(windows), batch_size):
         batch = windows[i : i + batch_size]
@@ -1177,6 +1253,8 @@ def bench(cfg, device: str) -> None:
 
 @dataclass
 class GenerateConfig:
+    """Sample from, chat with, evaluate or benchmark a GPT (a checkpoint of 05-08, or OpenAI's GPT-2)."""
+
     ckpt: str = ""  # checkpoint of 05/06/07/08; "" = the newest out/**/ckpt.pt
     init_from: str = ""  # "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl": OpenAI's weights instead
     prompt: str = ""  # text to continue; "FILE:path" reads a file; "" = <|endoftext|> (GPT-2) or "\n"
@@ -1196,9 +1274,11 @@ class GenerateConfig:
     bench: bool = False  # benchmark tokens/s with and without the cache (random weights)
     bench_presets: str = "small,gpt2"  # GPTConfig presets to benchmark, comma-separated
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps
+    dtype: str = "auto"  # autocast: auto (cuda: bfloat16, or float16 without bf16; else float32), ...
 
 
 def newest_checkpoint(out_dir: Path = OUT_DIR) -> Path:
+    """The most recently written out_dir/**/ckpt.pt: the run you just trained (05, 06, 07 or 08)."""
     found = sorted(Path(out_dir).rglob("ckpt.pt"), key=lambda p: p.stat().st_mtime)
     if not found:
         raise FileNotFoundError(
@@ -1224,6 +1304,7 @@ def load_model(cfg, device: str):
 
 
 def read_prompts(cfg, tok) -> list[str]:
+    """The batch's prompts as text: --prompts_file lines or --prompt, each repeated num_samples times."""
     if cfg.prompts_file:
         prompts = [line for line in Path(cfg.prompts_file).read_text(encoding="utf-8").splitlines() if line]
     elif cfg.prompt.startswith("FILE:"):
@@ -1238,10 +1319,9 @@ def read_prompts(cfg, tok) -> list[str]:
 def main(argv=None):
     cfg = parse_config(GenerateConfig, argv)
     device = pick_device(cfg.device)
+    device_type = device.split(":")[0]
     torch.manual_seed(cfg.seed)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda")
-                else contextlib.nullcontext())  # fmt: skip
-    with autocast:
+    with autocast_context(device_type, pick_dtype(cfg.dtype, device_type)):
         if cfg.bench:
             return bench(cfg, device)
         model, tok, ckpt = load_model(cfg, device)

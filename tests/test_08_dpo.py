@@ -138,7 +138,7 @@ def test_pairs_are_formatted_exactly_as_07_finetuned(dpo08, ft07):
     for entry, (prompt, chosen, rejected) in zip(entries, pairs):
         for answer, ids in ((entry["chosen"], chosen), (entry["rejected"], rejected)):
             example = ft07.InstructionDataset([{**entry, "output": answer}], encode)[0]
-            x07, y07 = ft07.collate_fn([example], pad_token_id=tok.eot_token)
+            x07, y07 = ft07.collate_fn([example], pad_token_id=tok.eot_token, mask_prompt=False)
             x, y, mask = dpo08.collate_pairs([(prompt, ids, ids)], pad_token_id=tok.eot_token)
             assert x[0].tolist() == x07[0].tolist() and y[0].tolist() == y07[0].tolist()
             # 07 also learned the "### Response:" header; DPO scores the answer and the end token only
@@ -208,7 +208,8 @@ def tiny_run(dpo08, tmp_path_factory, preference_data_path):
     dpo08.save_checkpoint(tmp / "ft.pt", ckpt)
     cfg = dpo08.DPOConfig(ckpt_path=str(tmp / "ft.pt"), out_dir=str(tmp / "dpo"), data_path=str(tmp / "pairs.json"),
                           max_iters=12, learning_rate=3e-3, min_lr=3e-4, warmup_iters=2, beta=0.1,
-                          eval_interval=6, log_interval=6, max_new_tokens=4, num_responses=2, device="cpu")
+                          eval_interval=6, log_interval=6, max_new_tokens=4, num_responses=2, device="cpu",
+                          threads=1)
     return dpo08.dpo(cfg), ckpt, cfg
 
 
@@ -268,14 +269,17 @@ def test_a_missing_checkpoint_says_how_to_make_one(dpo08, tmp_path):
     assert "--init_from=gpt2" in str(error.value)
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"beta": 0.0}, "beta"), ({"label_smoothing": 0.5}, "label_smoothing"), ({"batch_size": 0}, "batch_size"),
-    ({"init_from": "gpt3"}, "init_from"),
+@pytest.mark.parametrize("flag, message", [
+    ("--beta=0", "beta"), ("--label_smoothing=0.5", "label_smoothing"), ("--batch_size=0", "batch_size"),
+    ("--init_from=gpt3", "init_from"), ("--dtype=fp8", "dtype"),
 ])
-def test_bad_settings_get_a_clear_error(dpo08, tmp_path, override, message):
-    cfg = dpo08.DPOConfig(ckpt_path=str(tmp_path / "none.pt"), device="cpu", **override)
+def test_bad_settings_get_a_clear_error(dpo08, capsys, flag, message):
+    name, value = flag[2:].split("=")
     with pytest.raises(ValueError, match=message):
-        dpo08.dpo(cfg)
+        dpo08.DPOConfig(**{name: type(getattr(dpo08.DPOConfig, name))(value)})
+    with pytest.raises(SystemExit):  # on the command line: argparse prints the message with the usage
+        dpo08.parse_config(dpo08.DPOConfig, [flag])
+    assert message in capsys.readouterr().err
 
 
 def test_bad_preference_data_gets_a_clear_error(dpo08, tmp_path):
