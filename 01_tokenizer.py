@@ -450,13 +450,12 @@ class BPETokenizer:
                                  f"this tokenizer has {sorted(specials)}")
         else:
             raise ValueError(f"allowed_special must be 'none_raise', 'all' or a set, got {allowed_special!r}")
-        if disallowed := specials - allowed:
-            if m := _special_regex(disallowed).search(text):
-                token = m.group()
-                raise ValueError(f"Encountered text corresponding to disallowed special token {token!r}.\n"
-                                 "If you want this text to be encoded as a special token, pass it to "
-                                 f"`allowed_special`, e.g. `allowed_special={{{token!r}}}` (or 'all').\n"
-                                 "If you want it encoded as normal text, use `encode_ordinary`.")
+        if found := [token for token in specials - allowed if token in text]:
+            token = min(found, key=text.index)  # the first one in the text, as tiktoken reports
+            raise ValueError(f"Encountered text corresponding to disallowed special token {token!r}.\n"
+                             "If you want this text to be encoded as a special token, pass it to "
+                             f"`allowed_special`, e.g. `allowed_special={{{token!r}}}` (or 'all').\n"
+                             "If you want it encoded as normal text, use `encode_ordinary`.")
         if not allowed:
             return self.encode_ordinary(text)
         ids = []

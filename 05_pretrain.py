@@ -48,7 +48,7 @@ import signal
 import struct
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import ClassVar
@@ -58,6 +58,7 @@ import requests
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
@@ -912,34 +913,6 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
-def pick_dtype(dtype: str, device_type: str) -> str:
-    """"auto" -> bfloat16 on GPUs that have it (Ampere and newer), float16 on older ones, else float32.
-
-    On CPU we stay in float32: exact, and the step of a small model is not only matmuls, so bf16's
-    faster matmuls (where the CPU has them) buy little once autocast's casts are paid; --bench
-    measures both on your machine.
-    """
-    if dtype != "auto":
-        return dtype
-    if device_type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "float32"
-
-
-def autocast_context(device_type: str, dtype: str):
-    """Mixed precision: matmuls run in dtype, precision-sensitive ops (softmax, norms, the loss) in fp32.
-
-    The weights stay fp32: they are the master copy AdamW updates, since a bf16 weight cannot absorb
-    an update 1000x smaller than itself. bf16 has fp32's exponent range, so gradients need no
-    scaling; fp16 does (GradScaler, see train). "float32" means no autocast at all.
-    """
-    if dtype == "float32":
-        return nullcontext()
-    if dtype not in ("bfloat16", "float16"):
-        raise ValueError(f"dtype {dtype!r} is not float32, bfloat16 or float16")
-    return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
-
-
 def pick_threads(threads: int) -> int:
     """CPU threads for the run: `threads` if > 0, else the cores that are not already busy.
 
@@ -971,7 +944,7 @@ def peak_flops(device: str, dtype: str, threads: int) -> float | None:
     """The FLOP/s that MFU is measured against: a GPU's datasheet peak, or a CPU's measured one.
 
     CPUs have no datasheet number that anyone reaches, so we time a 1024 x 1024 matmul in the
-    training dtype with the run's thread count (~0.1 s, once) and call the best of 3 the peak.
+    training dtype with the run's thread count (~0.1 s, once) and call the best of 5 the peak.
     None when unknown (mps, a GPU not in GPU_PEAK_FLOPS). threads is an argument for the cache.
     """
     if device.startswith("cuda"):
@@ -981,11 +954,44 @@ def peak_flops(device: str, dtype: str, threads: int) -> float | None:
         return None
     a = torch.randn(1024, 1024, dtype=getattr(torch, dtype))
     best = float("inf")
-    for _ in range(4):  # the first one warms up
+    for _ in range(6):  # the first one warms up
         t0 = time.perf_counter()
         a @ a
         best = min(best, time.perf_counter() - t0)
     return 2 * 1024**3 / best
+
+
+def pick_dtype(dtype: str, device_type: str) -> str:
+    """"auto" -> bfloat16 on GPUs that have it (Ampere and newer), float16 on older ones; on CPU,
+    bfloat16 if its matmuls measure at least 2x faster than float32's, else float32.
+
+    CPUs with bf16 units (AVX512-BF16, AMX, recent Arm) multiply bf16 matrices 2-4x faster than
+    fp32 ones; on the others bf16 is emulated and slower, so we measure instead of guessing (~0.2 s,
+    with the run's thread count). On CUDA bf16 needs no gradient scaling, fp16 does (see train).
+    """
+    if dtype != "auto":
+        return dtype
+    if device_type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if device_type == "cpu":
+        threads = torch.get_num_threads()
+        fast = peak_flops("cpu", "bfloat16", threads) >= 2 * peak_flops("cpu", "float32", threads)
+        return "bfloat16" if fast else "float32"
+    return "float32"
+
+
+def autocast_context(device_type: str, dtype: str):
+    """Mixed precision: matmuls run in dtype, precision-sensitive ops (softmax, norms, the loss) in fp32.
+
+    The weights stay fp32: they are the master copy AdamW updates, since a bf16 weight cannot absorb
+    an update 1000x smaller than itself. bf16 has fp32's exponent range, so gradients need no
+    scaling; fp16 does (GradScaler, see train). "float32" means no autocast at all.
+    """
+    if dtype == "float32":
+        return nullcontext()
+    if dtype not in ("bfloat16", "float16"):
+        raise ValueError(f"dtype {dtype!r} is not float32, bfloat16 or float16")
+    return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
 
 
 # -----------------------------------------------------------------------------
@@ -1254,10 +1260,15 @@ def plot_losses(log_path, png_path, tokens_per_iter: int) -> bool:
     return True
 
 
-def diverged(what: str, value: float, iter_num: int, saved: str) -> FloatingPointError:
+def diverged(what: str, value: float, iter_num: int, ckpt_path: Path, saved_at: int | None):
+    """The error a NaN/inf loss raises: what happened, and that the last checkpoint is intact."""
+    if saved_at is None:
+        return FloatingPointError(f"{what} is {value} at iteration {iter_num}: training diverged before "
+                                  f"any checkpoint; try a lower --learning_rate or --dtype=float32")
     return FloatingPointError(
-        f"{what} is {value} at iteration {iter_num}: training diverged, stopping. {saved} Restart from "
-        f"there (--init_from=resume) with a lower --learning_rate or a --grad_clip, or in --dtype=float32"
+        f"{what} is {value} at iteration {iter_num}: training diverged, stopping. The last checkpoint, "
+        f"{ckpt_path} (iteration {saved_at}), is untouched: continue from it with --init_from=resume "
+        f"and a lower --learning_rate (or --dtype=float32)"
     )
 
 
@@ -1272,10 +1283,10 @@ def train(cfg: TrainConfig) -> dict:
     device_type = torch.device(device).type
     use_compile = {"auto": device_type == "cuda", "true": True, "false": False}[cfg.compile]
     # concrete values from here on: "auto" resolved; the checkpoints record what really ran
-    dtype, threads = pick_dtype(cfg.dtype, device_type), pick_threads(cfg.threads)
-    cfg = replace(cfg, device=device, dtype=dtype, threads=threads)
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(pick_threads(cfg.threads))  # first: pick_dtype measures with these threads
+    dtype, threads = pick_dtype(cfg.dtype, device_type), torch.get_num_threads()
+    cfg = replace(cfg, device=device, dtype=dtype, threads=threads)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -1291,12 +1302,11 @@ def train(cfg: TrainConfig) -> dict:
     optimizer = configure_optimizers(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                      device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")  # off: a pass-through
-    iter_num, best_val, saved = 0, float("inf"), "No checkpoint was written."
+    iter_num, best_val, saved_at = 0, float("inf"), None
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        iter_num, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
-        saved = f"The last checkpoint, {out_dir / 'ckpt.pt'} (iteration {iter_num}), is untouched."
+        iter_num, best_val, saved_at = ckpt["iter_num"], ckpt["best_val_loss"], ckpt["iter_num"]
         set_rng_states(ckpt["rng"])  # last: building the model above drew random numbers
     fast_model = torch.compile(model) if use_compile else model  # `model` stays plain for saving
     ctx = autocast_context(device_type, cfg.dtype)
@@ -1319,11 +1329,16 @@ def train(cfg: TrainConfig) -> dict:
         stop.set()
         print("\nCtrl-C: saving a checkpoint after this step (Ctrl-C again to quit without saving)")
 
-    main_thread = threading.current_thread() is threading.main_thread()  # signals only work there
-    old_handler = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
-    log = open(out_dir / "log.jsonl", "a" if ckpt else "w")
-    first_iter, losses, window_ms, saved_at, loss = iter_num, {}, [], None, None
-    try:
+    first_iter, losses, window_ms, loss = iter_num, {}, [], None
+    with ExitStack() as cleanup:  # undone on the way out, also when an exception leaves the loop
+        cleanup.callback(torch.set_num_threads, previous_threads)
+        if threading.current_thread() is threading.main_thread():  # only there can signals be handled
+            cleanup.callback(signal.signal, signal.SIGINT, signal.signal(signal.SIGINT, on_sigint))
+        if device_type == "cpu" and cfg.dtype != "float32":
+            # subtle: on CPU, SDPA's fused kernel is slow in bf16 (its backward measured ~10x slower
+            # than in fp32); its plain "math" version runs on the fast bf16 matmuls instead
+            cleanup.enter_context(sdpa_kernel(SDPBackend.MATH))
+        log = cleanup.enter_context(open(out_dir / "log.jsonl", "a" if ckpt else "w"))
         window_start, window_iters = time.perf_counter(), 0
         while True:
             # evaluate and checkpoint (a resumed run was evaluated when it was saved)
@@ -1334,14 +1349,13 @@ def train(cfg: TrainConfig) -> dict:
                 losses = estimate_loss(fast_model, data, cfg, iter_num)
                 for split, value in losses.items():
                     if not math.isfinite(value):
-                        raise diverged(f"the {split} loss", value, iter_num, saved)
+                        raise diverged(f"the {split} loss", value, iter_num, out_dir / "ckpt.pt", saved_at)
                 improved = losses["val"] < best_val
                 best_val = min(best_val, losses["val"])
                 state = checkpoint_dict(model, optimizer, scaler, cfg, iter_num, best_val, spec)
                 save_checkpoint(out_dir / "ckpt.pt", state)
                 if improved:
                     save_checkpoint(out_dir / "best.pt", state)
-                saved = f"The last checkpoint, {out_dir / 'ckpt.pt'} (iteration {iter_num}), is untouched."
                 saved_at = iter_num
                 print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
                       f"{' (best, saved best.pt)' if improved else ''} | {time.perf_counter() - t0:.1f} s")
@@ -1356,7 +1370,7 @@ def train(cfg: TrainConfig) -> dict:
             if stop.is_set():
                 if saved_at != iter_num and iter_num > first_iter:  # else the checkpoint holds this state
                     if not math.isfinite(lossf := loss.item()):
-                        raise diverged("the loss", lossf, iter_num, saved)
+                        raise diverged("the loss", lossf, iter_num, out_dir / "ckpt.pt", saved_at)
                     state = checkpoint_dict(model, optimizer, scaler, cfg, iter_num, best_val, spec)
                     save_checkpoint(out_dir / "ckpt.pt", state)
                 print(f"saved {out_dir / 'ckpt.pt'} at iteration {iter_num}; continue: --init_from=resume")
@@ -1380,7 +1394,7 @@ def train(cfg: TrainConfig) -> dict:
             if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
                 lossf = loss.item()  # the step's one sync with the GPU, once per log line
                 if not math.isfinite(lossf):
-                    raise diverged("the loss", lossf, iter_num, saved)
+                    raise diverged("the loss", lossf, iter_num, out_dir / "ckpt.pt", saved_at)
                 dt = (time.perf_counter() - window_start) / window_iters
                 window_ms.append(1000 * dt)
                 mfu = f"{flops_per_iter / dt / peak:.1%}" if peak else "-"
@@ -1390,17 +1404,12 @@ def train(cfg: TrainConfig) -> dict:
                 log_line(log, iter=iter_num, loss=lossf, lr=lr, grad_norm=grad_norm.item(), ms=1000 * dt,
                          tokens_per_s=tokens_per_iter / dt)
                 window_start, window_iters = time.perf_counter(), 0
-    finally:
-        log.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGINT, old_handler)
-        torch.set_num_threads(previous_threads)
 
-    if not stop.is_set():
-        if plot_losses(out_dir / "log.jsonl", out_dir / "loss.png", tokens_per_iter):
-            print(f"loss curve: {out_dir / 'loss.png'}")
-        if cfg.max_new_tokens:
-            print(f"--- sample at iter {iter_num} ---\n{sample(model, tokenizer, cfg)}\n---")
+        if not stop.is_set():
+            if plot_losses(out_dir / "log.jsonl", out_dir / "loss.png", tokens_per_iter):
+                print(f"loss curve: {out_dir / 'loss.png'}")
+            if cfg.max_new_tokens:
+                print(f"--- sample at iter {iter_num} ---\n{sample(model, tokenizer, cfg)}\n---")
     ms = sorted(window_ms)[len(window_ms) // 2] if window_ms else float("nan")  # median: robust to hiccups
     return {"iter_num": iter_num, "train_loss": losses.get("train"), "val_loss": losses.get("val"),
             "best_val_loss": best_val, "ms_per_iter": ms, "tokens_per_s": 1000 * tokens_per_iter / ms,

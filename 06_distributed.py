@@ -36,8 +36,8 @@ Run (torchrun starts the processes and gives each RANK, LOCAL_RANK, WORLD_SIZE):
   torchrun --standalone --nproc_per_node=8 06_distributed.py --strategy=fsdp \\
       --tokenizer=gpt2 --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 \\
       --batch_size=64 --gradient_accumulation_steps=8           # 8 GPUs (nccl), GPT-2 small
-  torchrun --standalone --nproc_per_node=2 --max-restarts=1 06_distributed.py \\
-      --max_iters=40 --checkpoint_interval=10 --fail_at_step=25   # a rank dies; the job resumes
+  TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --standalone --nproc_per_node=2 --max-restarts=1 \\
+      06_distributed.py --max_iters=40 --checkpoint_interval=10 --fail_at_step=25   # a rank dies, all resume
   # several machines: the same command on every node (HOST = node 0's address)
   torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
       --rdzv-id=gpt 06_distributed.py --strategy=fsdp
@@ -46,10 +46,12 @@ Run (torchrun starts the processes and gives each RANK, LOCAL_RANK, WORLD_SIZE):
 import argparse
 import gc
 import hashlib
+import inspect
 import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import struct
@@ -94,9 +96,9 @@ DATA_DIR = ROOT / "data"
 class CharTokenizer:
     """One token per character: the simplest tokenizer (vocabulary = the characters seen).
 
-    >>> tok = CharTokenizer.from_text("hello")      # vocabulary "ehlo"
-    >>> tok.encode("hole"), tok.decode([2, 1])
-    ([2, 3, 2, 0], 'le')
+    >>> tok = CharTokenizer.from_text("hello")      # vocabulary "ehlo": e=0, h=1, l=2, o=3
+    >>> tok.encode("hole"), tok.decode([2, 0])
+    ([1, 3, 2, 0], 'le')
     """
 
     def __init__(self, chars: str):
@@ -144,7 +146,8 @@ def get_tokenizer(spec: dict):
         import tiktoken  # imported here so that char-only scripts do not need it
 
         return tiktoken.get_encoding("gpt2")
-    raise ValueError(f"unknown tokenizer kind {kind!r}; use {{'kind': 'char', 'chars': ...}} or {{'kind': 'gpt2'}}")
+    raise ValueError(f"unknown tokenizer kind {kind!r}; use {{'kind': 'char', 'chars': ...}} "
+                     "or {'kind': 'gpt2'}")
 
 
 # copied from 01_tokenizer.py: download
@@ -809,76 +812,224 @@ def hf_to_gpt_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 # -----------------------------------------------------------------------------
-# From 05_pretrain.py: command line, device, optimizer, schedule, evaluation, checkpoints
-# PROVISIONAL stand-ins written to SPEC.md until 05_pretrain.py exists (then marked copies)
+# From 05_pretrain.py: command line, device and precision, optimizer, schedule, data, checkpoints
 
 
+# copied from 05_pretrain.py: parse_config
 def parse_config(cls, argv=None):
-    parser = argparse.ArgumentParser(description=(cls.__doc__ or "").split("\n")[0])
+    """A dataclass of settings from the command line: each field becomes a --field=value flag.
+
+    The help text of a flag is the comment after its field. Bools take true/false (also 1/0, yes/no).
+    If cls has a PRESETS dict and a `preset` field, the chosen preset is applied first and the flags
+    given on the command line override it:
+        parse_config(TrainConfig, ["--preset=shakespeare-char-gpu", "--dropout=0.1"])
+    """
+
+    def to_bool(text: str) -> bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+    try:  # the comment after each field, e.g. `n_layer: int = 4  # transformer blocks`
+        helps = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M))
+    except (OSError, TypeError):  # no source file (e.g. defined in a REPL)
+        helps = {}
+    presets = getattr(cls, "PRESETS", {})
+    epilog = "presets:\n" + "\n".join(f"  {name}: {values}" for name, values in presets.items())
+    parser = argparse.ArgumentParser(description=(cls.__doc__ or "").split("\n")[0],
+                                     epilog=epilog if presets else None,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(cls):
-        kind = {bool: lambda s: s.lower() in ("1", "true", "yes")}.get(type(f.default), type(f.default))
-        parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f"(default {f.default!r})")
-    return cls(**vars(parser.parse_args(argv)))
+        kind = f.type if isinstance(f.type, type) else type(f.default)
+        help_text = f"{helps.get(f.name, '')} (default: {f.default!r})".replace("%", "%%").lstrip()
+        parser.add_argument(f"--{f.name}", type=to_bool if kind is bool else kind, metavar=kind.__name__,
+                            default=argparse.SUPPRESS, help=help_text,  # SUPPRESS: absent flags stay absent
+                            choices=sorted(presets) if f.name == "preset" and presets else None)
+    given = vars(parser.parse_args(argv))
+    preset = presets.get(given.get("preset", getattr(cls, "preset", None)), {})
+    try:
+        return cls(**{**preset, **given})
+    except ValueError as e:  # a bad combination of values: argparse prints it with the usage line
+        parser.error(str(e))
 
 
-def pick_device(device: str) -> str:
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+# copied from 05_pretrain.py: pick_device
+def pick_device(device: str = "auto") -> str:
+    """"auto" -> "cuda" if a GPU is there, else "mps" (Apple silicon), else "cpu"; others are checked."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    kind = device.split(":")[0]
+    if kind not in available:
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:<index> or mps")
+    if not available[kind]:
+        raise ValueError(f"device {device!r} is not available on this machine; use --device=auto (or cpu)")
+    return device
 
 
-def autocast_context(device_type, dtype):
-    if device_type == "cuda" and dtype == "bfloat16":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return nullcontext()
+# copied from 05_pretrain.py: pick_dtype
+def pick_dtype(dtype: str, device_type: str) -> str:
+    """"auto" -> bfloat16 on GPUs that have it (Ampere and newer), float16 on older ones, else float32.
+
+    On CPU we stay in float32: exact, and the step of a small model is not only matmuls, so bf16's
+    faster matmuls (where the CPU has them) buy little once autocast's casts are paid; --bench
+    measures both on your machine.
+    """
+    if dtype != "auto":
+        return dtype
+    if device_type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
 
 
-def configure_optimizers(model, weight_decay, learning_rate, betas, device_type):
-    params = [p for p in model.parameters() if p.requires_grad]
+# copied from 05_pretrain.py: autocast_context
+def autocast_context(device_type: str, dtype: str):
+    """Mixed precision: matmuls run in dtype, precision-sensitive ops (softmax, norms, the loss) in fp32.
+
+    The weights stay fp32: they are the master copy AdamW updates, since a bf16 weight cannot absorb
+    an update 1000x smaller than itself. bf16 has fp32's exponent range, so gradients need no
+    scaling; fp16 does (GradScaler, see train). "float32" means no autocast at all.
+    """
+    if dtype == "float32":
+        return nullcontext()
+    if dtype not in ("bfloat16", "float16"):
+        raise ValueError(f"dtype {dtype!r} is not float32, bfloat16 or float16")
+    return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
+
+
+# copied from 05_pretrain.py: configure_optimizers
+def configure_optimizers(model, weight_decay: float, learning_rate: float, betas, device_type: str):
+    """AdamW with two groups: weight decay on every 2-D tensor, none on the 1-D ones.
+
+    Weight decay shrinks weights toward zero at every step (decoupled from the gradient: AdamW, not
+    an L2 term in the loss). It is meant for the matrices that multiply activations: the Linear
+    weights, and the embeddings, whose token matrix is also the LM head (tied). Biases and LayerNorm
+    gains are 1-D shifts and scales; decaying them regularizes nothing and drags the gains toward
+    0, i.e. toward switching their layer off. GPT-2's training code was never published and
+    practice differs on the embeddings (minGPT exempted them); we follow nanoGPT, whose Shakespeare
+    numbers we compare against: decay iff p.dim() >= 2. Frozen parameters (LoRA, in 07) are left out.
+
+    fused=True (all tensors updated by one kernel) where PyTorch has it: CUDA, and CPU since
+    PyTorch 2.4, where it measured several times faster than foreach for our small models' step;
+    foreach (one op per group for all tensors) elsewhere.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]  # a tied weight appears once
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
+    fast = {"fused": True} if device_type in ("cuda", "cpu") else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **fast)
 
 
-def get_lr(it, cfg):
+# copied from 05_pretrain.py: get_lr
+def get_lr(it: int, cfg) -> float:
+    """Learning rate at iteration it: linear warmup, then a cosine down to min_lr at lr_decay_iters.
+
+    With the CPU recipe (learning_rate 1e-3, min_lr 1e-4, warmup 100, decay until 2000):
+    it=0 -> 1e-3 / 101; it=100 -> 1e-3 (the peak); it=1050, halfway through the cosine ->
+    1e-4 + 0.5 * (1 + cos(pi / 2)) * 9e-4 = 5.5e-4; it >= 2000 -> 1e-4. Warmup matters because
+    Adam's second-moment estimate is noise in the first steps, and full-size steps on it diverge.
+    """
+    if not cfg.decay_lr:
+        return cfg.learning_rate
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
     if it > cfg.lr_decay_iters:
         return cfg.min_lr
-    ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+    ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)  # 0 -> 1
+    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # 1 -> 0
+    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
 
 
-@torch.no_grad()
-def estimate_loss(model, data, cfg, step):
-    out = {}
+# copied from 05_pretrain.py: load_corpus
+def load_corpus(cfg) -> tuple[dict, dict]:
+    """({"train": tokens, "val": tokens}, tokenizer spec) for cfg.dataset; tokenized on first use."""
+    data_dir = Path(cfg.data_dir or DATA_DIR)
+    corpus = data_dir / f"{cfg.dataset}-{cfg.tokenizer}"
+    if not (corpus / "meta.json").exists():
+        text = fetch(cfg.dataset, data_dir).read_text(encoding="utf-8")
+        spec = CharTokenizer.from_text(text).to_dict() if cfg.tokenizer == "char" else {"kind": "gpt2"}
+        print(f"tokenizing {cfg.dataset} ({len(text):,} characters) into {corpus}")
+        prepare_corpus(text, corpus, spec)
+    data = {split: load_tokens(corpus, split) for split in ("train", "val")}
+    return data, load_meta(corpus)["tokenizer"]
+
+
+# copied from 05_pretrain.py: sample
+def sample(model, tokenizer, cfg) -> str:
+    """cfg.prompt continued by cfg.max_new_tokens sampled tokens, always with the same seed.
+
+    Sampling draws random numbers; fork_rng gives it its own copy of the generator, so the training
+    RNG (dropout) is untouched and a run with samples is bit-identical to one without.
+    """
+    idx = torch.tensor([tokenizer.encode(cfg.prompt)], dtype=torch.long, device=cfg.device)
+    cuda = torch.device(cfg.device).type == "cuda"
     model.eval()
-    for split, tokens in data.items():
-        losses = [model(*get_batch(tokens, cfg.batch_size, cfg.block_size, k, seed=step,
-                                   device=cfg.device))[1].item() for k in range(cfg.eval_iters)]
-        out[split] = sum(losses) / len(losses)
+    with torch.random.fork_rng(devices=[torch.device(cfg.device)] if cuda else []):
+        torch.manual_seed(cfg.seed)
+        with autocast_context(torch.device(cfg.device).type, cfg.dtype):
+            out = model.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k)
     model.train()
-    return out
+    return tokenizer.decode(out[0].tolist())
 
 
+# copied from 05_pretrain.py: rng_states
+def rng_states() -> dict:
+    """The state of every random number generator a run may draw from.
+
+    numpy's key array is stored as a list: torch.load(weights_only=True) unpickles only plain
+    Python types and tensors, and that is how load_checkpoint reads checkpoints (no code runs).
+    """
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (name, keys.tolist(), pos, has_gauss, gauss),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+# copied from 05_pretrain.py: save_checkpoint
 def save_checkpoint(path, ckpt: dict):
+    """torch.save to path + ".tmp", flushed to disk, then renamed over path.
+
+    The rename is atomic: whatever happens (Ctrl-C, a crash, a full disk) path holds either the old
+    checkpoint or the new one, never half of one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
+# copied from 05_pretrain.py: load_checkpoint
 def load_checkpoint(path, device="cpu"):
-    ckpt = torch.load(path, map_location=device, weights_only=False)
+    """(model, tokenizer, checkpoint dict) from a checkpoint of 05 (or 07/08: same format).
+
+    The model is 04's GPT, built from ckpt["model_args"] and moved to device, in training mode (call
+    .eval() to sample). Keys of a torch.compile'd model carry an "_orig_mod." prefix; it is
+    stripped, so any such checkpoint loads into a plain model. weights_only=True: loading runs
+    no pickled code, so a checkpoint from elsewhere cannot execute anything.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}; train one with `python 05_pretrain.py` "
+                                f"(it writes out_dir/ckpt.pt), or check --out_dir")
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    missing = {"model", "model_args", "tokenizer"} - set(ckpt)
+    if missing:
+        raise ValueError(f"{path} lacks {sorted(missing)}: it is not a checkpoint of these scripts")
     model = GPT(GPTConfig(**ckpt["model_args"]))
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
     return model.to(device), get_tokenizer(ckpt["tokenizer"]), ckpt
 
 
@@ -918,30 +1069,37 @@ def init_distributed(device: str = "auto", timeout_s: float = 600) -> Dist:
     this process (HashStore), so the very same code runs and every collective is a no-op.
     If a group exists already (a test that spawned its own ranks), we join it and leave it alone.
     """
+    owns_group = not dist.is_initialized()
+    torchrun = owns_group and "RANK" in os.environ
+    missing = [name for name in TORCHRUN_ENV if name not in os.environ]
+    if torchrun and missing:
+        raise ValueError(f"RANK is set but {', '.join(missing)} not: start the job with torchrun "
+                         "(torchrun --standalone --nproc_per_node=2 06_distributed.py), "
+                         "or unset RANK to run as a world of one")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0 if owns_group else dist.get_rank()))
     device = pick_device(device)
     if device == "mps":  # NCCL moves only CUDA tensors, gloo only CPU tensors
         print0("note: no collective backend moves mps tensors; using cpu")
         device = "cpu"
-    owns_group = not dist.is_initialized()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0 if owns_group else dist.get_rank()))
-    if device == "cuda":
+    if device.startswith("cuda"):  # one GPU per process: the LOCAL_RANK-th of this machine
         if local_rank >= torch.cuda.device_count():
             raise ValueError(f"LOCAL_RANK={local_rank} but this machine shows {torch.cuda.device_count()} GPUs; "
                              "start at most one process per GPU (torchrun --nproc_per_node)")
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     backend = "nccl" if device.startswith("cuda") else "gloo"
-    if owns_group and "RANK" in os.environ:
-        missing = [name for name in TORCHRUN_ENV if name not in os.environ]
-        if missing:
-            raise ValueError(f"RANK is set but {', '.join(missing)} not: start the job with torchrun "
-                             "(torchrun --standalone --nproc_per_node=2 06_distributed.py), "
-                             "or unset RANK to run as a world of one")
+    if torchrun:
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
                                 device_id=torch.device(device) if backend == "nccl" else None)
     elif owns_group:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     rank, world_size = dist.get_rank(), dist.get_world_size()
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0 and os.environ.get(
+            "TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # measured with torch 2.13: restarted ranks share torchrun's store with the dead ones, may read
+        # their addresses and then fail to connect, or hang (pytorch/pytorch#135712)
+        print0("warning: with --max-restarts, launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in the "
+               "environment, or a restart may fail to connect or hang")
     if backend == "gloo" and world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)  # N ranks each using every core would fight over the same cores
     return Dist(rank, local_rank, world_size, device, owns_group)
@@ -971,47 +1129,53 @@ STRATEGIES = ("ddp", "zero1", "fsdp")
 
 @dataclass
 class DistConfig:
-    """Train 04's GPT on N processes with DDP, ZeRO-1 or FSDP2 (launch with torchrun)."""
+    """Train 04's GPT on N processes with DDP, ZeRO-1 or FSDP2 (launch with torchrun; see the docstring)."""
 
-    # data: a corpus prepared by 02's prepare_corpus (tiny Shakespeare is prepared on first use)
-    data_dir: str = ""  # holds train.bin, val.bin, meta.json; "" = out/data/tinyshakespeare_<tokenizer>
-    tokenizer: str = "char"  # char | gpt2, for the default corpus only
-    out_dir: str = "out/distributed"  # checkpoints and log.jsonl
-    init_from: str = "auto"  # auto: resume if out_dir has a checkpoint | resume | scratch
-    # model: a GPTConfig (vocab_size comes from the corpus)
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    block_size: int = 64
-    dropout: float = 0.0
-    bias: bool = True
+    # data: 05's corpus files, tokenized on first use (by rank 0; the others wait)
+    dataset: str = "tinyshakespeare"  # a text corpus of 02's SOURCES
+    tokenizer: str = "char"  # char or gpt2
+    data_dir: str = ""  # corpora and their token files; "" = data/ next to this script
+    out_dir: str = "out/distributed"  # ckpt.pt (or dcp-*/ when sharded) and log.jsonl
+    init_from: str = "auto"  # auto (resume if out_dir has a checkpoint, else scratch), resume, scratch
+    # model (04's GPTConfig); defaults: 05's CPU recipe
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads per block
+    n_embd: int = 128  # width of the residual stream
+    block_size: int = 64  # context length in tokens
+    dropout: float = 0.0  # dropout masks are drawn per rank and step, so restarts replay them
+    bias: bool = False  # biases in Linear and LayerNorm
     # distributed
-    strategy: str = "ddp"  # ddp | zero1 | fsdp (see apply_ddp, build_optimizer, apply_fsdp)
-    activation_checkpointing: bool = False  # recompute each block in backward instead of storing it
-    sharded_checkpoint: bool = False  # every rank writes its shards (DCP) instead of rank 0 the whole
+    strategy: str = "ddp"  # ddp, zero1 or fsdp: what each rank holds (apply_ddp, build_optimizer, apply_fsdp)
+    activation_checkpointing: bool = False  # keep only each block's input; recompute the rest in backward
+    sharded_checkpoint: bool = False  # every rank writes its own shards (DCP) instead of rank 0 all of it
     fail_at_step: int = 0  # fault injection: the last rank dies after this step (first attempt only)
-    # optimization: one step = gradient_accumulation_steps micro-batches of batch_size rows
-    batch_size: int = 16  # GLOBAL micro-batch: each rank takes batch_size / world_size rows
-    gradient_accumulation_steps: int = 1
-    max_iters: int = 500
-    optimizer: str = "adamw"  # adamw | sgd (plain SGD: the equivalence tests use it)
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0  # 0 = no clipping
-    decay_lr: bool = True
-    warmup_iters: int = 50
-    lr_decay_iters: int = 500
-    min_lr: float = 1e-4
-    # evaluation, logging, checkpoints
-    eval_interval: int = 250
-    eval_iters: int = 20
-    log_interval: int = 10
-    checkpoint_interval: int = 100  # how much work a crash can cost
-    sample_tokens: int = 200  # length of the sample printed at the end (0 = none)
-    seed: int = 1337
-    device: str = "auto"  # auto | cuda | cpu
+    # optimization, as 05: a step is gradient_accumulation_steps micro-batches of batch_size rows
+    batch_size: int = 12  # rows per micro-batch over ALL ranks; each rank takes batch_size / world_size
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    max_iters: int = 2000  # optimizer steps in total
+    optimizer: str = "adamw"  # adamw (05's configure_optimizers) or sgd (plain: the tests' sharp check)
+    learning_rate: float = 1e-3  # peak learning rate, reached after warmup
+    weight_decay: float = 0.1  # AdamW's, on the 2-D weights only
+    beta1: float = 0.9  # AdamW's momentum
+    beta2: float = 0.99  # AdamW's second-moment decay
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
+    decay_lr: bool = True  # warmup + cosine decay; False = constant learning_rate
+    warmup_iters: int = 100  # linear warmup steps
+    lr_decay_iters: int = 2000  # the cosine reaches min_lr here (usually = max_iters)
+    min_lr: float = 1e-4  # ~learning_rate / 10
+    # evaluation, logging, checkpoints, the sample at the end
+    eval_interval: int = 250  # train/val loss every this many steps (and at the end)
+    eval_iters: int = 20  # batches per split in an evaluation
+    log_interval: int = 10  # a log line every this many steps
+    checkpoint_interval: int = 100  # a checkpoint every this many steps: what a crash can cost
+    max_new_tokens: int = 200  # tokens in the sample printed at the end (0 = none)
+    prompt: str = "\n"  # the sample continues this text
+    temperature: float = 0.8  # sampling temperature
+    top_k: int = 200  # sample among the k most likely tokens
+    # system
+    device: str = "auto"  # auto (cuda if there, else cpu), cpu or cuda: rank r drives cuda:LOCAL_RANK
+    dtype: str = "auto"  # auto (bfloat16 on cuda, else float32), float32 or bfloat16
+    seed: int = 1337  # seeds the weights (the same on every rank), the batches and dropout
 
 
 def check_config(cfg: DistConfig, world_size: int):
@@ -1026,6 +1190,9 @@ def check_config(cfg: DistConfig, world_size: int):
         raise ValueError(f"batch_size={cfg.batch_size} (the global micro-batch) does not split across "
                          f"{world_size} ranks; use a positive multiple of {world_size}, e.g. "
                          f"--batch_size={world_size * max(1, round(cfg.batch_size / world_size))}")
+    if cfg.dtype not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"dtype {cfg.dtype!r}: use auto, float32 or bfloat16 (float16 would need 05's "
+                         "gradient scaler, which 06 leaves out)")
     for name in ("gradient_accumulation_steps", "log_interval", "eval_interval", "eval_iters",
                  "checkpoint_interval"):
         if getattr(cfg, name) < 1:
@@ -1057,7 +1224,7 @@ def apply_ddp(model: nn.Module, ctx: Dist) -> DDP:
     return DDP(model, device_ids=device_ids, gradient_as_bucket_view=True)
 
 
-def apply_fsdp(model: nn.Module, ctx: Dist) -> nn.Module:
+def apply_fsdp(model: nn.Module, cfg: DistConfig) -> nn.Module:
     """FSDP2 (ZeRO-3): parameters, gradients and optimizer state are all sharded.
 
     fully_shard(block) replaces each of the block's parameters by a DTensor that keeps only this
@@ -1078,7 +1245,7 @@ def apply_fsdp(model: nn.Module, ctx: Dist) -> nn.Module:
     sharded (model.set_requires_gradient_sync(False) would trade that memory for less traffic).
     """
     policy = MixedPrecisionPolicy()  # fp32 everywhere
-    if ctx.device.startswith("cuda"):
+    if cfg.dtype == "bfloat16":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for block in model.transformer.h:
         fully_shard(block, mp_policy=policy)
@@ -1282,7 +1449,7 @@ def resume(cfg: DistConfig, model, optimizer, model_args: dict) -> tuple[int, fl
         raise FileNotFoundError(f"--init_from=resume but {path} does not exist; train first, "
                                 "or use --init_from=auto to start from scratch when there is none")
     # mmap: the ranks of one machine share the file's pages instead of each reading a copy
-    ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     if ckpt["model_args"] != model_args:
         raise ValueError(f"{path} holds a model with {ckpt['model_args']}, not {model_args}; "
                          "use the same model settings, another --out_dir, or --init_from=scratch")
@@ -1310,39 +1477,36 @@ def maybe_fail(cfg: DistConfig, ctx: Dist, iter_num: int):
 # 6. Training
 
 
-def prepare_data(cfg: DistConfig, ctx: Dist) -> tuple[dict, dict]:
-    """Train/val token memmaps and meta.json; rank 0 prepares tiny Shakespeare on first use."""
-    data_dir = Path(cfg.data_dir or ROOT / "out" / "data" / f"tinyshakespeare_{cfg.tokenizer}")
-    if not cfg.data_dir and ctx.rank == 0 and not (data_dir / "meta.json").exists():
-        text = fetch("tinyshakespeare").read_text(encoding="utf-8")
-        spec = CharTokenizer.from_text(text).to_dict() if cfg.tokenizer == "char" else {"kind": "gpt2"}
-        prepare_corpus(text, data_dir, spec)
-    dist.barrier()  # the others wait for the files (on a filesystem that every rank sees)
-    return {split: load_tokens(data_dir, split) for split in ("train", "val")}, load_meta(data_dir)
+def load_data(cfg: DistConfig, ctx: Dist) -> tuple[dict, dict]:
+    """05's load_corpus, rank 0 first: it tokenizes on first use while the others wait."""
+    if ctx.rank == 0:
+        load_corpus(cfg)
+    dist.barrier()  # then every rank maps the files (on a filesystem that every rank sees)
+    return load_corpus(cfg)
 
 
 def train_step(model, optimizer, data, cfg: DistConfig, ctx: Dist, it: int) -> tuple[torch.Tensor, float]:
-    """One optimizer step over gradient_accumulation_steps micro-batches: (local mean loss, grad norm).
+    """One optimizer step: (this rank's mean loss, global gradient norm).
 
-    Micro-batch m of step `it` is global batch number it * accumulation + m, the same numbering in
-    any world size, and each rank takes its rows of it: N ranks see exactly what one process sees.
+    05's step: global batch number `it` of batch_size x accumulation rows, in accumulation chunks.
+    Here each rank takes its 1/N of the rows, in chunks of batch_size / N: the gradient is the
+    mean over the same rows, so N ranks take 05's step (up to the order of float additions).
     """
-    optimizer.zero_grad(set_to_none=True)
     accumulation = cfg.gradient_accumulation_steps
-    # bf16 autocast on CUDA for ddp/zero1; FSDP casts through its MixedPrecisionPolicy instead
-    amp = autocast_context(torch.device(ctx.device).type, "bfloat16" if cfg.strategy != "fsdp" else "float32")
+    x, y = get_batch(data, cfg.batch_size * accumulation, cfg.block_size, it, cfg.seed, ctx.rank,
+                     ctx.world_size, ctx.device)  # (A * B/N, T): this rank's rows
+    # FSDP casts through its MixedPrecisionPolicy; DDP and ZeRO-1 autocast like 05
+    amp = autocast_context(torch.device(ctx.device).type, cfg.dtype if cfg.strategy != "fsdp" else "float32")
     loss_sum = torch.zeros((), device=ctx.device)
-    for micro in range(accumulation):
-        x, y = get_batch(data, cfg.batch_size, cfg.block_size, it * accumulation + micro, cfg.seed,
-                         ctx.rank, ctx.world_size, ctx.device)  # (B/N, T) each
+    for micro, (xb, yb) in enumerate(zip(x.chunk(accumulation), y.chunk(accumulation))):
         # DDP (and so zero1): all-reduce the gradients only in the last micro-step's backward
         last = micro == accumulation - 1
         with model.no_sync() if isinstance(model, DDP) and not last else nullcontext():
             with amp:
-                _, loss = model(x, y)
-            (loss / accumulation).backward()  # the mean over all micro-batches' rows
+                _, loss = model(xb, yb)
+            (loss / accumulation).backward()  # .grad adds up: the mean over all micro-batches
         loss_sum += loss.detach()
-    # FSDP: the parameters and gradients are DTensors and the norm is computed over all shards
+    # with FSDP the gradients are DTensors: the norm is computed over every rank's shards
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
     optimizer.step()
     norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
@@ -1350,15 +1514,21 @@ def train_step(model, optimizer, data, cfg: DistConfig, ctx: Dist, it: int) -> t
 
 
 @torch.no_grad()
-def sample(model, tokenizer, cfg: DistConfig, ctx: Dist) -> str:
-    """A continuation of a newline (every rank runs it: FSDP gathers weights collectively)."""
-    raw = model.module if isinstance(model, DDP) else model
-    torch.manual_seed(cfg.seed)  # the same tokens on every rank
-    idx = torch.tensor([tokenizer.encode("\n")], device=ctx.device)
+def evaluate(model, data: dict, cfg: DistConfig, ctx: Dist, step: int) -> dict:
+    """05's estimate_loss, data parallel: each rank takes its rows of the same batches, then one
+    all-reduce averages. Equal shares, so the mean of the ranks' means is 05's number."""
     model.eval()
-    out = raw.generate(idx, cfg.sample_tokens, temperature=0.8, top_k=200)
+    amp = autocast_context(torch.device(ctx.device).type, cfg.dtype)
+    losses = torch.zeros(len(data), device=ctx.device)
+    for i, tokens in enumerate(data.values()):
+        for k in range(cfg.eval_iters):
+            x, y = get_batch(tokens, cfg.batch_size, cfg.block_size, step * cfg.eval_iters + k, cfg.seed + 1,
+                             ctx.rank, ctx.world_size, ctx.device)
+            with amp:
+                losses[i] += model(x, y)[1].float()
+    dist.all_reduce(losses)  # a sum: gloo has no average
     model.train()
-    return tokenizer.decode(out[0].tolist())
+    return {split: (value / (cfg.eval_iters * ctx.world_size)).item() for split, value in zip(data, losses)}
 
 
 def local_state(model) -> dict[str, torch.Tensor]:
@@ -1368,80 +1538,88 @@ def local_state(model) -> dict[str, torch.Tensor]:
 
 
 def train(cfg: DistConfig, ctx: Dist) -> dict:
-    """The loop of 05, data parallel. Needs the process group (init_distributed).
+    """05's loop, data parallel; needs the process group (init_distributed).
 
-    Returns {"iter_num", "losses" {step: global mean loss, at log steps}, "val_loss", "memory"
-    (this rank's memory_report), "activation_bytes" (without, with checkpointing; or None),
+    Returns {"iter_num", "losses" ({step: loss over all ranks} at log steps), "val_loss", "memory"
+    (this rank's memory_report), "activation_bytes" ((without, with) checkpointing, or None),
     "local_state"}.
     """
     check_config(cfg, ctx.world_size)
-    cfg = replace(cfg, device=ctx.device)  # estimate_loss reads the device from cfg
+    cfg = replace(cfg, device=ctx.device, dtype=pick_dtype(cfg.dtype, torch.device(ctx.device).type))
     out_dir = Path(cfg.out_dir)
-    data, meta = prepare_data(cfg, ctx)
-    model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                      bias=cfg.bias, vocab_size=meta["n_vocab"], dropout=cfg.dropout)
+    data, spec = load_data(cfg, ctx)
+    tokenizer = get_tokenizer(spec)
+    model_args = asdict(GPTConfig(block_size=cfg.block_size, vocab_size=tokenizer.n_vocab, n_layer=cfg.n_layer,
+                                  n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias))
     # the same initial weights on every rank: DDP would broadcast rank 0's anyway, but fully_shard
-    # keeps each rank's own slice of whatever that rank built
+    # keeps each rank's slice of whatever that rank built
     torch.manual_seed(cfg.seed)
     model = GPT(GPTConfig(**model_args)).to(ctx.device)
-    print0(f"{cfg.strategy} on {ctx.world_size} rank(s), {ctx.device}: {model.num_params():,} parameters, "
-           f"{cfg.batch_size * cfg.gradient_accumulation_steps * cfg.block_size:,} tokens per step "
-           f"({cfg.batch_size // ctx.world_size} rows x {cfg.gradient_accumulation_steps} micro-steps per rank)")
+    tokens_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.block_size
+    print0(f"{cfg.strategy} on {ctx.world_size} rank(s) ({ctx.device}, {cfg.dtype}): {model.num_params():,} "
+           f"parameters | {tokens_per_iter:,} tokens per step, {cfg.batch_size // ctx.world_size} rows x "
+           f"{cfg.gradient_accumulation_steps} micro-batches per rank")
     activation_bytes = None
     if cfg.activation_checkpointing:
         x, y = get_batch(data["train"], cfg.batch_size, cfg.block_size, 0, cfg.seed, ctx.rank, ctx.world_size,
-                         ctx.device)
+                         ctx.device)  # one micro-batch of this rank
         before = saved_activation_bytes(model, x, y)
         apply_activation_checkpointing(model)
         activation_bytes = (before, saved_activation_bytes(model, x, y))
-        print0(f"activation checkpointing: {before / 2**20:.2f} MB -> {activation_bytes[1] / 2**20:.2f} MB "
-               f"kept for backward per micro-batch ({before / activation_bytes[1]:.1f}x less), "
-               "for one more forward of each block")
-    model = apply_fsdp(model, ctx) if cfg.strategy == "fsdp" else apply_ddp(model, ctx)
+        print0(f"activation checkpointing: {before / 2**20:.2f} MB -> {activation_bytes[1] / 2**20:.2f} MB kept "
+               f"for backward per micro-batch ({before / activation_bytes[1]:.1f}x less), for one more "
+               "forward of each block")
+    model = apply_fsdp(model, cfg) if cfg.strategy == "fsdp" else apply_ddp(model, ctx)
     optimizer = build_optimizer(cfg, model, ctx)
     start, best_val_loss = resume(cfg, model, optimizer, model_args)
 
     losses, memory, val_loss = {}, None, None
+    if ctx.rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    log = open(out_dir / "log.jsonl", "a" if start else "w") if ctx.rank == 0 else None
+    t0, window = time.perf_counter(), 0  # steps timed since t0 (evaluations and checkpoints left out)
     for it in range(start, cfg.max_iters):
-        t0 = time.time()
-        lr = get_lr(it, cfg) if cfg.decay_lr else cfg.learning_rate
+        lr = get_lr(it, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         # dropout masks are a function of (seed, step, rank), like the batches: a resumed run replays them
         torch.manual_seed(cfg.seed + it * ctx.world_size + ctx.rank)
         loss, norm = train_step(model, optimizer, data["train"], cfg, ctx, it)
-        iter_num = it + 1
+        iter_num, window = it + 1, window + 1
         if memory is None:
             memory = memory_report(model, optimizer)
             print_memory(memory, ctx)
-        if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
+        logged, evaluated, saved = (iter_num % n == 0 or iter_num == cfg.max_iters
+                                    for n in (cfg.log_interval, cfg.eval_interval, cfg.checkpoint_interval))
+        if logged:
             dist.all_reduce(loss)  # a sum: gloo has no average
             losses[it] = loss.item() / ctx.world_size
-            dt = time.time() - t0
-            tokens = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.block_size
-            print0(f"step {iter_num}/{cfg.max_iters} | loss {losses[it]:.4f} | lr {lr:.2e} | grad norm {norm:.3f}"
-                   f" | {dt * 1000:.0f} ms | {tokens / dt:,.0f} tok/s")
-            if ctx.rank == 0:
-                out_dir.mkdir(parents=True, exist_ok=True)
-                with open(out_dir / "log.jsonl", "a") as f:
-                    f.write(json.dumps({"iter": iter_num, "loss": losses[it], "lr": lr, "grad_norm": norm}) + "\n")
-        if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
-            val_loss = estimate_loss(model, data, cfg, iter_num)["val"]  # every rank, the same batches
+            dt = (time.perf_counter() - t0) / window
+            print0(f"iter {iter_num}/{cfg.max_iters} | loss {losses[it]:.4f} | lr {lr:.2e} | grad norm {norm:.3f}"
+                   f" | {1000 * dt:.1f} ms | {tokens_per_iter / dt:,.0f} tok/s")
+            if log:
+                log.write(json.dumps(dict(iter=iter_num, loss=losses[it], lr=lr, grad_norm=norm)) + "\n")
+        if evaluated:
+            val_loss = evaluate(model, data, cfg, ctx, iter_num)["val"]
             best_val_loss = min(best_val_loss, val_loss)
-            print0(f"step {iter_num}: val loss {val_loss:.4f}")
-        if iter_num % cfg.checkpoint_interval == 0 or iter_num == cfg.max_iters:
-            extra = {"model_args": model_args, "config": asdict(cfg), "iter_num": iter_num,
-                     "best_val_loss": best_val_loss, "tokenizer": meta["tokenizer"], "stage": "pretrain",
-                     "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                             "torch": torch.get_rng_state()}}
+            print0(f"iter {iter_num}: val loss {val_loss:.4f}")
+        if saved:
+            extra = {"model_args": model_args, "config": asdict(cfg), "iter_num": iter_num, "scaler": {},
+                     "best_val_loss": best_val_loss, "rng": rng_states(), "tokenizer": spec, "stage": "pretrain"}
             if cfg.sharded_checkpoint:
                 save_sharded_checkpoint(out_dir, model, optimizer, ctx, extra)
             else:
                 save_full_checkpoint(out_dir / "ckpt.pt", model, optimizer, ctx, extra)
+            if log:
+                log.flush()
         maybe_fail(cfg, ctx, iter_num)
+        if logged or evaluated or saved:  # restart the clock: evaluations and saves are not steps
+            t0, window = time.perf_counter(), 0
+    if log:
+        log.close()
 
-    if cfg.sample_tokens > 0:
-        print0(sample(model, get_tokenizer(meta["tokenizer"]), cfg, ctx))
+    if cfg.max_new_tokens:  # every rank generates (FSDP gathers collectively); rank 0 prints
+        print0(f"--- sample ---\n{sample(model.module if isinstance(model, DDP) else model, tokenizer, cfg)}")
     return {"iter_num": max(start, cfg.max_iters), "losses": losses, "val_loss": val_loss, "memory": memory,
             "activation_bytes": activation_bytes, "local_state": local_state(model)}
 

@@ -1201,89 +1201,113 @@ def exact_match(responses: list[str], references: list[str]) -> float:
 # -----------------------------------------------------------------------------
 # 6. The model to start from, and the finetuning loop
 
-# where 05_pretrain.py writes its checkpoint by default
-DEFAULT_CKPT = "out/shakespeare-char/ckpt.pt"
-
 
 @dataclass
 class FinetuneConfig:
     """Instruction finetuning of a GPT (full, or LoRA with --lora_rank > 0)."""
 
     # model and data
-    init_from: str = "checkpoint"  # "checkpoint" (05's, at ckpt_path), or gpt2, gpt2-medium, -large, -xl
-    ckpt_path: str = DEFAULT_CKPT  # the checkpoint to finetune when init_from=checkpoint
-    out_dir: str = "out/finetune"  # ckpt.pt, test_responses.json and log.jsonl go here
+    init_from: str = "checkpoint"  # checkpoint (at ckpt_path), or OpenAI's gpt2, gpt2-medium, -large, -xl
+    ckpt_path: str = "out/shakespeare-char/ckpt.pt"  # the checkpoint to finetune (05's default out_dir)
+    out_dir: str = "out/finetune"  # ckpt.pt, log.jsonl and test_responses.json go here
     data_path: str = ""  # "" = rasbt's instruction-data.json (downloaded, sha256-checked); or your own
-    mask_prompt: bool = True  # learn only from the response tokens (False: the prompt counts too)
-    unknown_char: str = "?"  # char tokenizers: stands in for characters they lack ("" = error)
-    dropout: float = 0.0  # the model's dropout while finetuning (the book uses 0.0)
+    min_block_size: int = 512  # a model with a shorter context gets its position table stretched to this
+    mask_prompt: bool = True  # learn from the response tokens only (False: the prompt counts too)
+    unknown_char: str = "?"  # char tokenizers: stands in for the characters they lack ("" = error)
+    dropout: float = 0.0  # the model's dropout while finetuning (the book: 0.0)
     # LoRA
     lora_rank: int = 0  # 0 = full finetuning; r > 0 = LoRA adapters of rank r, base weights frozen
     lora_alpha: float = 16.0  # adapters are scaled by lora_alpha / lora_rank
     lora_targets: str = "c_attn,c_proj,c_fc"  # comma-separated Linears that get adapters
-    # optimization (the book: AdamW 5e-5, weight decay 0.1, batch 8, 2 epochs; LoRA likes ~10x the lr)
-    batch_size: int = 8
-    epochs: float = 2.0  # passes over the training split (when max_iters = 0)
+    # optimization (the book: AdamW, lr 5e-5, weight decay 0.1, batch 8, 2 epochs)
+    batch_size: int = 8  # examples per step
+    epochs: float = 2.0  # passes over the training split (used when max_iters = 0)
     max_iters: int = 0  # optimizer steps; 0 = epochs * (training examples // batch_size)
-    learning_rate: float = 5e-5
-    min_lr: float = 5e-6  # the cosine schedule ends here
-    warmup_iters: int = 10
-    lr_decay_iters: int = 0  # 0 = max_iters
-    decay_lr: bool = True  # False: constant learning_rate
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # clip the gradient's global norm (0 = off)
+    learning_rate: float = 5e-5  # peak learning rate; LoRA likes ~10x more (e.g. 5e-4)
+    min_lr: float = 5e-6  # the cosine ends here
+    warmup_iters: int = 10  # linear warmup steps
+    lr_decay_iters: int = 0  # the cosine reaches min_lr here; 0 = max_iters
+    decay_lr: bool = True  # warmup + cosine; False = constant learning_rate
+    weight_decay: float = 0.1  # AdamW's, on 2-D weights only
+    beta1: float = 0.9  # AdamW's momentum
+    beta2: float = 0.95  # AdamW's second-moment decay
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
     # logging and evaluation
-    log_interval: int = 10
-    eval_interval: int = 50  # validation loss and a checkpoint every eval_interval steps, and at the end
-    max_new_tokens: int = 256  # longest generated answer
-    num_responses: int = -1  # test entries to answer into test_responses.json (-1 = all 110)
-    short_answer_words: int = 3  # exact match on test entries whose reference has at most this many words
+    log_interval: int = 10  # a log line every this many steps
+    eval_interval: int = 50  # validation loss and ckpt.pt every this many steps, and at the end
+    max_new_tokens: int = 256  # longest answer generated for test_responses.json
+    num_responses: int = -1  # test entries answered in test_responses.json (-1 = the whole test split)
+    short_answer_words: int = 3  # exact match on the test entries whose reference has at most this many words
     # system
-    device: str = "auto"  # auto = cuda, then mps, then cpu
-    dtype: str = "bfloat16"  # autocast dtype on cuda; cpu runs in float32
-    seed: int = 1337
+    device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps
+    dtype: str = "auto"  # auto (cuda: bfloat16, or float16 without bf16; else float32), float32, ...
+    threads: int = 0  # CPU threads; 0 = the idle cores (05's pick_threads)
+    seed: int = 1337  # seeds the batches, the adapters and dropout
+
+    def __post_init__(self):
+        if self.init_from not in ("checkpoint", *HF_MODELS):
+            choices = ", ".join(("checkpoint", *HF_MODELS))
+            raise ValueError(f"--init_from={self.init_from!r} is not valid; use one of {choices}")
+        if self.lora_rank < 0 or not set(self.lora_targets.split(",")) <= set(LORA_TARGETS):
+            raise ValueError(f"--lora_rank must be >= 0 and --lora_targets a comma-separated subset of "
+                             f"{','.join(LORA_TARGETS)}; got {self.lora_rank} and {self.lora_targets!r}")
+        for name in ("batch_size", "log_interval", "eval_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
 
 
-def load_model(cfg: FinetuneConfig, device: str):
-    """(model, tokenizer spec) to finetune: 05's checkpoint or OpenAI's GPT-2, with cfg's dropout."""
+@torch.no_grad()
+def extend_context(model: GPT, block_size: int) -> GPT:
+    """The same GPT with block_size positions: its learned position table, stretched.
+
+    A GPT has one learned vector per position it trained on (wpe: block_size rows) and nothing
+    beyond; 05's CPU model knows 64 characters, fewer than the template alone. We resample the
+    table along the position axis by linear interpolation (as ViT does for larger images): new
+    position p gets the old table at p * (old - 1) / (new - 1), so neighbours stay similar, and
+    finetuning sharpens them. GPT-2 (1,024 positions) needs none of this.
+    """
+    wpe = model.transformer.wpe.weight  # (T_old, C)
+    stretched = F.interpolate(wpe.T[None], size=block_size, mode="linear", align_corners=True)[0].T  # (T, C)
+    state = {**model.state_dict(), "transformer.wpe.weight": stretched}
+    longer = GPT(replace(model.config, block_size=block_size)).to(wpe.device)
+    longer.load_state_dict(state)
+    return longer
+
+
+def load_model(cfg: FinetuneConfig):
+    """(model on cpu, tokenizer spec) to finetune: a checkpoint or OpenAI's GPT-2, with cfg's dropout
+    and at least cfg.min_block_size positions."""
     if cfg.init_from in HF_MODELS:
         model, spec = GPT.from_pretrained(cfg.init_from), {"kind": "gpt2"}
-    elif cfg.init_from == "checkpoint":
+    else:
         if not Path(cfg.ckpt_path).exists():
             raise FileNotFoundError(
                 f"no checkpoint at {cfg.ckpt_path}: pretrain one first with `python 05_pretrain.py`, "
                 f"or finetune OpenAI's GPT-2 with --init_from=gpt2 (or point --ckpt_path at a checkpoint)"
             )
-        model, _, ckpt = load_checkpoint(cfg.ckpt_path, device="cpu")
+        model, _, ckpt = load_checkpoint(cfg.ckpt_path)
         spec = ckpt["tokenizer"]
-    else:
-        raise ValueError(f"--init_from={cfg.init_from!r}: use 'checkpoint' or one of {HF_MODELS}")
+        print(f"loaded {cfg.ckpt_path} (stage {ckpt.get('stage')!r}, {ckpt.get('iter_num')} iterations)")
+    if model.config.block_size < cfg.min_block_size:
+        print(f"stretching the position table from {model.config.block_size} to {cfg.min_block_size}")
+        model = extend_context(model, cfg.min_block_size)
     if model.config.dropout != cfg.dropout:  # dropout lives in the modules: rebuild with the new rate
         state = model.state_dict()
         model = GPT(replace(model.config, dropout=cfg.dropout))
         model.load_state_dict(state)
-    return model.to(device), spec
+    return model, spec
 
 
 def make_checkpoint(model, cfg, spec, iter_num, best_val_loss) -> dict:
     """A checkpoint in 05's format: the merged, plain GPT state dict, stage "finetune".
 
-    With LoRA we merge a copy (the model keeps training with its adapters).
+    With LoRA we merge a copy (the model keeps training with its adapters). No optimizer state:
+    finetuning runs are short, so there is no resume to feed.
     """
     plain = merge_lora(copy.deepcopy(model)) if cfg.lora_rank > 0 else model
-    return {
-        "model": plain.state_dict(),
-        "model_args": asdict(model.config),
-        "optimizer": None,  # finetuning runs are short: no resume, so no optimizer state to carry
-        "config": asdict(cfg),
-        "iter_num": iter_num,
-        "best_val_loss": best_val_loss,
-        "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
-        "tokenizer": spec,
-        "stage": "finetune",
-    }
+    return {"model": plain.state_dict(), "model_args": asdict(model.config), "optimizer": None,
+            "config": asdict(cfg), "iter_num": iter_num, "best_val_loss": best_val_loss, "rng": rng_states(),
+            "tokenizer": spec, "stage": "finetune"}
 
 
 def prepare_data(cfg: FinetuneConfig, tokenizer, block_size: int):
@@ -1320,14 +1344,16 @@ def evaluate(model, data, datasets, encode, decode, end_id, cfg, ctx=nullcontext
 
 def finetune(cfg: FinetuneConfig) -> dict:
     """Finetune, evaluate before and after, save the checkpoint and the test responses."""
+    device = pick_device(cfg.device)
+    device_type = torch.device(device).type
+    cfg = replace(cfg, device=device, dtype=pick_dtype(cfg.dtype, device_type))  # "auto" resolved
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
-    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
     ctx, out_dir = autocast_context(device_type, cfg.dtype), Path(cfg.out_dir)
 
-    model, spec = load_model(cfg, device)
+    model, spec = load_model(cfg)
+    model.to(device)
     tokenizer, block_size = get_tokenizer(spec), model.config.block_size
     data, datasets, encode, end_id = prepare_data(cfg, tokenizer, block_size)
     train_set = datasets["train"]
@@ -1340,8 +1366,10 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if max_iters <= 0:
         raise ValueError(f"{max_iters} training steps: raise --epochs or --max_iters, or lower --batch_size")
     cfg = replace(cfg, max_iters=max_iters, lr_decay_iters=cfg.lr_decay_iters or max_iters)
+    print(f"{device} {cfg.dtype}, {torch.get_num_threads()} threads, {max_iters} steps of {cfg.batch_size}")
     betas = (cfg.beta1, cfg.beta2)
     optimizer = configure_optimizers(model, cfg.weight_decay, cfg.learning_rate, betas, device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")  # off: a pass-through
     params = [p for p in model.parameters() if p.requires_grad]
 
     print("before finetuning: ", end="")
@@ -1350,8 +1378,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     best_val_loss, losses, log = float("inf"), [], []
     model.train()
     for it in range(max_iters):
-        t0 = time.time()
-        lr = get_lr(it, cfg) if cfg.decay_lr else cfg.learning_rate
+        t0 = time.perf_counter()
+        lr = get_lr(it, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = [train_set[i] for i in batch_indices(it, len(train_set), cfg.batch_size, cfg.seed)]
@@ -1359,13 +1387,17 @@ def finetune(cfg: FinetuneConfig) -> dict:
                           device=device)
         with ctx:
             _, loss = model(x, y)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        optimizer.step()
+        scaler.scale(loss).backward()  # fp16 only: scaled so that small gradients do not underflow
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            raise FloatingPointError(f"the loss is {losses[-1]} at step {it + 1}; lower --learning_rate")
         if it % cfg.log_interval == 0 or it == max_iters - 1:
-            dt = time.time() - t0
+            dt = time.perf_counter() - t0
             print(f"step {it + 1}/{max_iters}: loss {losses[-1]:.4f}, lr {lr:.2e}, grad norm {norm:.2f}, "
                   f"{dt * 1000:.0f} ms, {x.numel() / dt:,.0f} tokens/s")
         if (it + 1) % cfg.eval_interval == 0 or it == max_iters - 1:
@@ -1399,8 +1431,13 @@ def write_test_responses(model, test, encode, decode, end_id, cfg, ctx=nullconte
 
 def main(argv=None):
     cfg = parse_config(FinetuneConfig, argv)
-    print(cfg)
-    return finetune(cfg)
+    print("config:", ", ".join(f"{k}={v!r}" for k, v in asdict(cfg).items()))
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(pick_threads(cfg.threads))
+    try:
+        return finetune(cfg)
+    finally:
+        torch.set_num_threads(previous_threads)
 
 
 if __name__ == "__main__":

@@ -1068,7 +1068,7 @@ class PreferenceDataset(Dataset):
     and the answer together, we encode them apart to know where the answer starts; GPT-2's BPE never
     merges the header's final newline with the next word, so the ids are the same (tested).
     max_length (the model's context): collate_pairs cuts longer sequences (counted in n_truncated);
-    a pair whose prompt alone fills the context has no answer token left to score: dropped.
+    a pair whose prompt alone is longer than the context has no answer token left to score: dropped.
     """
 
     def __init__(self, entries: list[dict], encode, end_id: int, max_length: int | None = None):
@@ -1204,7 +1204,7 @@ def pair_logprobs(model, x, y, mask, average: bool = False, ctx=nullcontext()):
 def dpo_batch(policy, reference, batch, beta=0.1, label_smoothing=0.0, average=False, ctx=nullcontext()):
     """(losses, chosen rewards, rejected rewards), (B,) each, of a collate_pairs batch (x, y, mask)."""
     policy_chosen, policy_rejected = pair_logprobs(policy, *batch, average, ctx)
-    with torch.no_grad():  # the reference is a fixed anchor: no graph through it
+    with torch.no_grad():  # a fixed anchor: no graph, no saved activations (even if not frozen)
         reference_chosen, reference_rejected = pair_logprobs(reference, *batch, average, ctx)
     return dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta,
                     label_smoothing)
@@ -1297,17 +1297,17 @@ class DPOConfig:
     batch_size: int = 8  # pairs per step (2x sequences)
     epochs: float = 1.0  # passes over the training pairs (when max_iters = 0)
     max_iters: int = 0  # optimizer steps; 0 = epochs * (training pairs // batch_size)
-    learning_rate: float = 5e-6
+    learning_rate: float = 5e-6  # peak learning rate: DPO moves a trained model, so small (the book's)
     min_lr: float = 5e-7  # the cosine schedule ends here
-    warmup_iters: int = 10
+    warmup_iters: int = 10  # linear warmup steps
     lr_decay_iters: int = 0  # 0 = max_iters
     decay_lr: bool = True  # False: constant learning_rate
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.95
+    weight_decay: float = 0.01  # AdamW's, on the 2-D weights only
+    beta1: float = 0.9  # AdamW's momentum (not DPO's beta)
+    beta2: float = 0.95  # AdamW's second-moment decay
     grad_clip: float = 1.0  # clip the gradient's global norm (0 = off)
     # logging and evaluation
-    log_interval: int = 5
+    log_interval: int = 5  # a log line every this many steps
     eval_interval: int = 25  # metrics on train and val pairs, and a checkpoint, every eval_interval steps
     eval_pairs: int = 64  # pairs of each split to evaluate on (-1 = all)
     max_new_tokens: int = 128  # longest generated answer
@@ -1316,7 +1316,7 @@ class DPOConfig:
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps
     dtype: str = "auto"  # auto (cuda: bfloat16, or float16 without bf16; else float32), float32, ...
     threads: int = 0  # CPU threads; 0 = auto: the cores the load average says are idle
-    seed: int = 1337
+    seed: int = 1337  # seeds the batch order (and dropout, if any)
 
     def __post_init__(self):
         if not self.beta > 0:
@@ -1369,7 +1369,7 @@ def prepare_pairs(cfg: DPOConfig, tokenizer, block_size: int):
     for name, ds in datasets.items():
         if ds.n_truncated or ds.n_dropped:
             print(f"  {name}: {ds.n_truncated} pairs cut at the context ({block_size} tokens), "
-                  f"{ds.n_dropped} dropped (their prompt alone fills the context)")
+                  f"{ds.n_dropped} dropped (their prompt alone is longer than the context)")
         if len(ds) == 0:
             raise ValueError(f"no {name} pair fits the context of {block_size} tokens; start from a model "
                              f"with a larger block_size (e.g. --init_from=gpt2)")
@@ -1422,7 +1422,7 @@ def dpo(cfg: DPOConfig) -> dict:
     optimizer = configure_optimizers(policy, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                      device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")  # off: a pass-through
-    print(f"policy: {policy.num_params():,} parameters; reference: a frozen copy; beta {cfg.beta}, label "
+    print(f"model: {policy.num_params():,} parameters; reference: a frozen copy; beta {cfg.beta}, label "
           f"smoothing {cfg.label_smoothing}, {'averaged' if cfg.average_log_probs else 'summed'} log-probs; "
           f"{max_iters} steps of {cfg.batch_size} pairs")
 

@@ -14,7 +14,7 @@ token, append it, repeat. This file makes that loop fast and useful:
   - Batches: prompts of unequal length are LEFT-padded so their last tokens line up (the next
     token of every row is then written to the same column); an attention mask hides the padding,
     and position ids start at 0 at each row's first real token, as if the row were alone.
-  - Chat: `--chat` wraps each message in 07's instruction template (for finetuned/DPO checkpoints).
+  - Chat: `--chat=True` wraps each message in 07's instruction template (for finetuned/DPO checkpoints).
   - Evaluation: perplexity and bits per byte of a text file, over strided windows. Bits per byte
     (total nats / ln 2 / UTF-8 bytes) does not depend on the tokenizer, so a character model and
     a BPE model can be compared on the same text.
@@ -29,10 +29,10 @@ References:
 Run it:
   python 09_generate.py                                       # sample from the newest out/**/ckpt.pt
   python 09_generate.py --ckpt=out/shakespeare-char/ckpt.pt --prompt="ROMEO:" --temperature=0
-  python 09_generate.py --ckpt=out/finetune/ckpt.pt --chat    # talk to an instruction-tuned model
+  python 09_generate.py --ckpt=out/finetune/ckpt.pt --chat=True   # talk to an instruction-tuned model
   python 09_generate.py --init_from=gpt2 --prompt="Hello, I'm a language model," --num_samples=3
   python 09_generate.py --ckpt=... --eval_file=data/tinyshakespeare.txt   # perplexity, bits/byte
-  python 09_generate.py --bench                               # tokens/s with and without the cache
+  python 09_generate.py --bench=True                          # tokens/s with and without the cache
   python 09_generate.py --init_from=gpt2 --device=cuda        # the same on one GPU (bf16 autocast)
   python 09_generate.py --help
 """
@@ -71,9 +71,9 @@ OUT_DIR = Path("out")  # where 05-08 write their runs (relative to the working d
 class CharTokenizer:
     """One token per character: the simplest tokenizer (vocabulary = the characters seen).
 
-    >>> tok = CharTokenizer.from_text("hello")      # vocabulary "ehlo"
-    >>> tok.encode("hole"), tok.decode([2, 1])
-    ([2, 3, 2, 0], 'le')
+    >>> tok = CharTokenizer.from_text("hello")      # vocabulary "ehlo": e=0, h=1, l=2, o=3
+    >>> tok.encode("hole"), tok.decode([2, 0])
+    ([1, 3, 2, 0], 'le')
     """
 
     def __init__(self, chars: str):
@@ -121,7 +121,8 @@ def get_tokenizer(spec: dict):
         import tiktoken  # imported here so that char-only scripts do not need it
 
         return tiktoken.get_encoding("gpt2")
-    raise ValueError(f"unknown tokenizer kind {kind!r}; use {{'kind': 'char', 'chars': ...}} or {{'kind': 'gpt2'}}")
+    raise ValueError(f"unknown tokenizer kind {kind!r}; use {{'kind': 'char', 'chars': ...}} "
+                     "or {'kind': 'gpt2'}")
 
 
 # -----------------------------------------------------------------------------
@@ -861,8 +862,8 @@ def forward_cached(model: GPT, idx, cache: KVCache | None = None, attention_mask
     idx (B, T): the NEW tokens; their keys/values are appended to `cache` and they attend to
     everything cached before them. cache=None runs the plain full forward (what you get without a
     cache: the whole context every time). Returns logits (B, T, vocab_size), or (B, 1, vocab_size)
-    with last_only=True: generation needs only the last position's, and for a small model the LM
-    head (C x 50257) over every position costs more than all the blocks.
+    with last_only=True: generation needs only the last position's, and the LM head (C x vocab)
+    is a big share of the work (GPT-2 small: 38.6M of its 124M weights; a tiny model: nearly all).
 
     attention_mask (B, T): True = real token, False = (left) padding. position_ids (B, T): by
     default each row counts its real tokens, continuing from the cache: a row padded as
@@ -1123,6 +1124,7 @@ def chat(model, tok, cfg, stage: str) -> None:
         try:
             message = input("\nyou> ").strip()
         except (EOFError, KeyboardInterrupt):
+            print()
             break
         if message in ("", "/quit", "/exit"):
             break
@@ -1276,6 +1278,14 @@ class GenerateConfig:
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps
     dtype: str = "auto"  # autocast: auto (cuda: bfloat16, or float16 without bf16; else float32), ...
 
+    def __post_init__(self):  # checked before loading anything (parse_config prints the error)
+        check_sampling(self.temperature, self.top_k or None, self.top_p)
+        if self.max_new_tokens < 0 or self.num_samples < 1:
+            raise ValueError(f"need max_new_tokens >= 0 and num_samples >= 1, got "
+                             f"{self.max_new_tokens} and {self.num_samples}")  # fmt: skip
+        if self.ckpt and self.init_from:
+            raise ValueError("pass either --ckpt (a checkpoint of ours) or --init_from (OpenAI's), not both")
+
 
 def newest_checkpoint(out_dir: Path = OUT_DIR) -> Path:
     """The most recently written out_dir/**/ckpt.pt: the run you just trained (05, 06, 07 or 08)."""
@@ -1291,8 +1301,6 @@ def newest_checkpoint(out_dir: Path = OUT_DIR) -> Path:
 def load_model(cfg, device: str):
     """(model in eval mode, tokenizer, checkpoint dict) from --init_from or --ckpt (default: newest)."""
     if cfg.init_from:
-        if cfg.ckpt:
-            raise ValueError("pass either --ckpt (a checkpoint of ours) or --init_from (OpenAI's), not both")
         model, tok = GPT.from_pretrained(cfg.init_from), get_tokenizer({"kind": "gpt2"})
         ckpt = {"stage": "pretrain", "tokenizer": {"kind": "gpt2"}}
         print(f"loaded OpenAI's {cfg.init_from}")
@@ -1311,8 +1319,6 @@ def read_prompts(cfg, tok) -> list[str]:
         prompts = [Path(cfg.prompt[5:]).read_text(encoding="utf-8")]
     else:
         prompts = [cfg.prompt or ("<|endoftext|>" if tok.eot_token is not None else "\n")]
-    if cfg.num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {cfg.num_samples}")
     return [p for p in prompts for _ in range(cfg.num_samples)]
 
 

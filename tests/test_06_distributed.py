@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import load_script
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -38,7 +39,7 @@ SGD_LR, ADAMW_LR = 0.1, 1e-3
 # a tiny GPT; no parameter holds more than ~10% of the total, so ZeRO's greedy split is even
 BASE = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4, max_iters=K,
             warmup_iters=2, lr_decay_iters=K, log_interval=1, eval_interval=K, eval_iters=1,
-            checkpoint_interval=2, sample_tokens=0, seed=1337)
+            checkpoint_interval=2, max_new_tokens=0, seed=1337)
 RUNS = {  # name -> settings; each is run by every strategy. "sgd" tests the arithmetic tightly.
     "sgd-1": dict(optimizer="sgd", learning_rate=SGD_LR, min_lr=SGD_LR / 10, grad_clip=0.5),  # clips
     "sgd-2": dict(optimizer="sgd", learning_rate=SGD_LR, min_lr=SGD_LR / 10, grad_clip=0.0,
@@ -74,9 +75,9 @@ def argv(settings: dict, **more) -> list[str]:
     return [f"--{k}={v}" for k, v in {**BASE, **settings, **more}.items()]
 
 
-def run_with_deadline(cmd: list[str], timeout: float) -> str:
+def run_with_deadline(cmd: list[str], timeout: float, **env) -> str:
     """Run cmd in a new session; past the deadline kill its whole process group and fail."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")} | env
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env={**env, "OMP_NUM_THREADS": "1"})
     try:
@@ -100,8 +101,6 @@ def run_with_deadline(cmd: list[str], timeout: float) -> str:
 
 def rank_main(rank: int, world_size: int, spec: dict):
     """One rank: join the group, run every scenario with 06's train(), save what this rank holds."""
-    from conftest import load_script
-
     torch.set_num_threads(1)  # torchrun would set OMP_NUM_THREADS=1; 2 ranks share 2 cores
     dist06 = load_script("06_distributed")
     dist.init_process_group("gloo", init_method=f"file://{spec['store']}", rank=rank,
@@ -115,7 +114,7 @@ def rank_main(rank: int, world_size: int, spec: dict):
         dist.barrier()
         cfg = dist06.parse_config(dist06.DistConfig, scenario["argv"] + [f"--out_dir={out_dir}"])
         result = dist06.train(cfg, ctx)
-        results[scenario["name"]] = {k: v for k, v in result.items() if k != "val_loss"}
+        results[scenario["name"]] = result
     torch.save(results, out / f"rank{rank}.pt")
     del result
     dist.barrier()  # the teardown order of shutdown_distributed: barrier, drop, destroy
@@ -125,9 +124,6 @@ def rank_main(rank: int, world_size: int, spec: dict):
 
 def launch_two_ranks(spec_path: str):
     import multiprocessing as mp
-
-    sys.path.insert(0, str(TESTS))
-    from conftest import load_script
 
     load_script("06_distributed")  # loaded once, before the fork: the ranks inherit it
     spec = json.loads(Path(spec_path).read_text())
@@ -149,10 +145,11 @@ def launch_two_ranks(spec_path: str):
 
 @pytest.fixture(scope="module")
 def corpus(dist06, shakespeare_text, tmp_path_factory) -> Path:
+    """A data_dir holding 05's tinyshakespeare-char corpus, made from the first 100k characters."""
     text = shakespeare_text[:100_000]
-    out = tmp_path_factory.mktemp("corpus")
-    dist06.prepare_corpus(text, out, dist06.CharTokenizer.from_text(text).to_dict())
-    return out
+    data_dir = tmp_path_factory.mktemp("data")
+    dist06.prepare_corpus(text, data_dir / "tinyshakespeare-char", dist06.CharTokenizer.from_text(text).to_dict())
+    return data_dir
 
 
 @pytest.fixture(scope="module")
@@ -170,8 +167,9 @@ def two_ranks(dist06, corpus, tmp_path_factory) -> dict:
 REFERENCES = {}
 
 
-def reference_run(dist06, corpus, run: str, rows=None, loss_scale=1.0) -> tuple[dict, list[float]]:
-    """One process, no wrappers: K steps of RUNS[run] -> (named parameters, loss of each step).
+def reference_run(dist06, corpus, run: str, rows=None, loss_scale=1.0) -> tuple[dict, list[float], float]:
+    """One process, no wrappers, 05's step: K steps of RUNS[run] -> (named parameters, loss of each
+    step, val loss after the last step).
 
     rows and loss_scale plant bugs for test_tolerances_catch_bugs: train on only these rows of
     each batch, or scale the gradients (2 = summed over 2 ranks instead of averaged).
@@ -179,12 +177,12 @@ def reference_run(dist06, corpus, run: str, rows=None, loss_scale=1.0) -> tuple[
     buggy = rows is not None or loss_scale != 1.0
     if not buggy and run in REFERENCES:
         return REFERENCES[run]
-    cfg = dist06.DistConfig(**{**BASE, **RUNS[run]})
-    data = dist06.load_tokens(corpus, "train")
-    n_vocab = dist06.load_meta(corpus)["n_vocab"]
+    cfg = dist06.DistConfig(**{**BASE, **RUNS[run]}, device="cpu", dtype="float32")
+    data = {split: dist06.load_tokens(corpus / "tinyshakespeare-char", split) for split in ("train", "val")}
+    n_vocab = dist06.load_meta(corpus / "tinyshakespeare-char")["n_vocab"]
     torch.manual_seed(cfg.seed)
     model = dist06.GPT(dist06.GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                                        block_size=cfg.block_size, vocab_size=n_vocab, dropout=0.0))
+                                        block_size=cfg.block_size, vocab_size=n_vocab, bias=cfg.bias))
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate)
     else:
@@ -196,16 +194,17 @@ def reference_run(dist06, corpus, run: str, rows=None, loss_scale=1.0) -> tuple[
             group["lr"] = dist06.get_lr(it, cfg)
         optimizer.zero_grad()
         loss_sum = 0.0
-        for micro in range(accumulation):
-            x, y = dist06.get_batch(data, cfg.batch_size, cfg.block_size, it * accumulation + micro, cfg.seed)
-            _, loss = model(x[rows or slice(None)], y[rows or slice(None)])
+        x, y = dist06.get_batch(data["train"], cfg.batch_size * accumulation, cfg.block_size, it, cfg.seed)
+        for xb, yb in zip(x.chunk(accumulation), y.chunk(accumulation)):
+            _, loss = model(xb[rows or slice(None)], yb[rows or slice(None)])
             (loss * loss_scale / accumulation).backward()
             loss_sum += loss.item() / accumulation
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         losses.append(loss_sum)
-    result = {name: p.detach().clone() for name, p in model.named_parameters()}, losses
+    val_loss = load_script("05_pretrain").estimate_loss(model, data, cfg, K)["val"]  # 05's evaluation
+    result = {name: p.detach().clone() for name, p in model.named_parameters()}, losses, val_loss
     if not buggy:
         REFERENCES[run] = result
     return result
@@ -231,10 +230,11 @@ def tolerance(run: str) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [s["name"] for s in scenarios() if not s["name"].endswith("-half")])
 def test_two_ranks_equal_one_process(dist06, corpus, two_ranks, name):
-    """Same weights as one process after K steps (SGD: 1e-6), ranks agree, same loss each step."""
+    """Same weights as one process after K steps (SGD: 1e-6), ranks agree, same loss each step,
+    and the data-parallel evaluation gives 05's val loss."""
     scenario = next(s for s in scenarios() if s["name"] == name)
     strategy, run = scenario["settings"]["strategy"], scenario["run"]
-    ref_weights, ref_losses = reference_run(dist06, corpus, run)
+    ref_weights, ref_losses, ref_val = reference_run(dist06, corpus, run)
     ranks = two_ranks[name]
     weights = full_weights(ranks, strategy)
     assert weights.keys() == ref_weights.keys()
@@ -246,6 +246,7 @@ def test_two_ranks_equal_one_process(dist06, corpus, two_ranks, name):
         assert sorted(r["losses"]) == list(range(first, K))
         torch.testing.assert_close([r["losses"][i] for i in range(first, K)], ref_losses[first:],
                                    rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r["val_loss"], ref_val, rtol=1e-5, atol=1e-5)
 
 
 def max_difference(a: dict, b: dict) -> float:
@@ -256,12 +257,12 @@ def test_tolerances_catch_bugs(dist06, corpus):
     """The tolerances can fail: a wrong data split breaks AdamW's; a sum instead of a mean breaks
     SGD's but not AdamW's (Adam divides the scale out), which is why every case also runs with SGD."""
     for run, atol in (("adamw-1", ADAMW_ATOL), ("sgd-1", 1e-6), ("sgd-2", 1e-6)):
-        ref, _ = reference_run(dist06, corpus, run)
-        half, _ = reference_run(dist06, corpus, run, rows=slice(0, 2))  # rank 1's rows lost
+        ref = reference_run(dist06, corpus, run)[0]
+        half = reference_run(dist06, corpus, run, rows=slice(0, 2))[0]  # rank 1's rows lost
         assert max_difference(half, ref) > 5 * atol, run
-    summed, _ = reference_run(dist06, corpus, "sgd-2", loss_scale=2.0)
+    summed = reference_run(dist06, corpus, "sgd-2", loss_scale=2.0)[0]
     assert max_difference(summed, reference_run(dist06, corpus, "sgd-2")[0]) > 1000 * 1e-6
-    summed, _ = reference_run(dist06, corpus, "adamw-2", loss_scale=2.0)
+    summed = reference_run(dist06, corpus, "adamw-2", loss_scale=2.0)[0]
     assert max_difference(summed, reference_run(dist06, corpus, "adamw-2")[0]) < ADAMW_ATOL
 
 
@@ -305,7 +306,7 @@ def test_full_checkpoint_loads_in_05_and_resumes_in_a_world_of_one(dist06, corpu
         monkeypatch.delenv(var, raising=False)
     settings = dict(strategy="fsdp", **RUNS["adamw-2"])
     result = dist06.main(argv(settings, data_dir=corpus, out_dir=tmp_path / "run", init_from="resume"))
-    ref_weights, ref_losses = reference_run(dist06, corpus, "adamw-2")
+    ref_weights, ref_losses, _ = reference_run(dist06, corpus, "adamw-2")
     for name, tensor in result["local_state"].items():
         torch.testing.assert_close(tensor, ref_weights[name], rtol=0, atol=ADAMW_ATOL, msg=name)
     torch.testing.assert_close(list(result["losses"].values()), ref_losses[K // 2:], rtol=1e-5, atol=1e-6)
@@ -318,7 +319,10 @@ def test_kill_and_restart_under_torchrun(dist06, corpus, two_ranks, tmp_path):
     settings = dict(strategy="fsdp", **RUNS["adamw-2"])
     out = run_with_deadline([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "--max-restarts=1", "06_distributed.py",
-                             *argv(settings, data_dir=corpus, out_dir=tmp_path, fail_at_step=3)], timeout=240)
+                             *argv(settings, data_dir=corpus, out_dir=tmp_path, fail_at_step=3)], timeout=240,
+                            # without it a restarted rank may read a dead rank's address from the store
+                            # torchrun shares across attempts, and fail or hang (see 06's init_distributed)
+                            TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     assert "fault injection: rank 1 dies after step 3" in out
     assert "resumed from" in out and "at step 2" in out
     restarted = torch.load(tmp_path / "ckpt.pt", weights_only=False)
@@ -351,5 +355,5 @@ def test_errors(dist06, monkeypatch):
     assert not dist.is_initialized()
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python tests/test_06_distributed.py SPEC: the 2-rank launch
     launch_two_ranks(sys.argv[1])

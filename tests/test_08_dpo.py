@@ -72,7 +72,8 @@ def test_label_smoothing_zero_is_plain_dpo_and_matches_the_hand_formula(dpo08):
     assert_close(smoothed, torch.tensor(expected))
     # its minimum sits at m = ln((1 - eps) / eps), where plain DPO would still push
     m = torch.tensor([math.log((1 - eps) / eps)], requires_grad=True)
-    dpo08.dpo_loss(m, torch.zeros(1), torch.zeros(1), torch.zeros(1), beta=1.0, label_smoothing=eps)[0].backward()
+    zero = torch.zeros(1)
+    dpo08.dpo_loss(m, zero, zero, zero, beta=1.0, label_smoothing=eps)[0].backward()
     assert abs(m.grad.item()) < 1e-6
 
 
@@ -206,8 +207,9 @@ def tiny_run(dpo08, tmp_path_factory, preference_data_path):
             "config": {}, "iter_num": 0, "best_val_loss": float("inf"), "rng": None,
             "tokenizer": tok.to_dict(), "stage": "finetune"}
     dpo08.save_checkpoint(tmp / "ft.pt", ckpt)
-    cfg = dpo08.DPOConfig(ckpt_path=str(tmp / "ft.pt"), out_dir=str(tmp / "dpo"), data_path=str(tmp / "pairs.json"),
-                          max_iters=12, learning_rate=3e-3, min_lr=3e-4, warmup_iters=2, beta=0.1,
+    cfg = dpo08.DPOConfig(ckpt_path=str(tmp / "ft.pt"), out_dir=str(tmp / "dpo"),
+                          data_path=str(tmp / "pairs.json"), max_iters=12, learning_rate=3e-3, min_lr=3e-4,
+                          warmup_iters=2, beta=0.1,
                           eval_interval=6, log_interval=6, max_new_tokens=4, num_responses=2, device="cpu",
                           threads=1)
     return dpo08.dpo(cfg), ckpt, cfg

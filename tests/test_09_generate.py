@@ -29,12 +29,12 @@ def rough_model(gen09, block_size=128, vocab_size=VOCAB, seed=0):
     return model.eval()
 
 
-def reference_greedy(model, prompt, n_new, keep=None):
+def reference_greedy(model, prompt, n_new):
     """Greedy decoding with the GPT's own forward over the whole context at every step, following
     the full-context rule of generate_tokens' docstring (crop a long prompt to block_size; when the
     context outgrows block_size, keep its last block_size // 2 tokens). Returns (tokens, logits)."""
     block_size = model.config.block_size
-    keep = keep or block_size // 2
+    keep = block_size // 2
     context, tokens, all_logits = list(prompt[-block_size:]), [], []
     with torch.no_grad():
         for _ in range(n_new):
@@ -325,6 +325,16 @@ def test_newest_checkpoint_is_the_default(gen09, tmp_path):
         path.write_bytes(b"")
         os.utime(path, (mtime, mtime))
     assert gen09.newest_checkpoint(tmp_path) == tmp_path / "b" / "run" / "ckpt.pt"
+
+
+@pytest.mark.parametrize(
+    "name, flags", [("top_p", "--top_p=2"), ("temperature", "--temperature=-1"),
+                    ("num_samples", "--num_samples=0"), ("init_from", "--init_from=gpt2 --ckpt=x")]
+)  # fmt: skip
+def test_cli_rejects_bad_settings_before_loading(gen09, capsys, name, flags):
+    with pytest.raises(SystemExit) as exit_info:  # argparse's usage error: exit code 2
+        gen09.main(flags.split())
+    assert exit_info.value.code == 2 and name in capsys.readouterr().err
 
 
 def test_help_lists_the_flags(gen09, capsys):

@@ -149,17 +149,21 @@ def check(copy: Copy) -> tuple[str | None, str | None]:
 
 
 def fix(paths: list[Path]) -> int:
-    """Rewrite every drifted copy in `paths` from its origin; return how many were rewritten."""
+    """Rewrite every copy in `paths` that is not its origin to the letter; return how many.
+
+    Docstrings and comments are refreshed too, so a copy never keeps an outdated explanation.
+    """
     fixed = 0
     for path in paths:
         # bottom-up, so that rewriting one copy does not shift the line numbers of the next
         for copy in sorted((c for c in find_copies() if c.file == path), key=lambda c: -c.line):
             problem, expected = check(copy)
             node = unit_at(copy.file, copy.line + 1)
-            if problem is None or expected is None or node is None:
-                if problem:
-                    print("cannot fix:", problem.splitlines()[0])
+            if expected is None or node is None:
+                print("cannot fix:", problem.splitlines()[0])
                 continue
+            if source_of(path, node) == expected:
+                continue  # identical to the letter, docstrings and comments included
             lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
             lines[first_line(node) - 1 : node.end_lineno] = [expected]
             path.write_text("".join(lines), encoding="utf-8")
