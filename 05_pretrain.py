@@ -5,8 +5,9 @@ computes the next-token loss, backpropagates, and takes one AdamW step. Around t
 makes a run trustworthy and fast enough to use:
   - AdamW with weight decay on the matrices only; linear warmup then cosine decay of the learning
     rate; gradient clipping; gradient accumulation (a big batch as several small ones);
-  - mixed precision (bf16 autocast on CUDA, fp16 with a gradient scaler on GPUs without bf16,
-    fp32 on CPU), TF32 and torch.compile on CUDA, a deliberate CPU thread count;
+  - mixed precision (bf16 autocast on CUDA, fp16 with a gradient scaler on GPUs without bf16;
+    on CPU fp32, or bf16 where the CPU's bf16 matmuls measure 2x faster), TF32 and torch.compile
+    on CUDA, a deliberate CPU thread count;
   - train/val loss every eval_interval, the best checkpoint kept, checkpoints written atomically
     with everything needed to continue a run bit for bit (weights, optimizer, RNG states);
   - Ctrl-C saves before it exits; a NaN loss stops the run and leaves the last checkpoint intact;
@@ -827,7 +828,7 @@ class TrainConfig:
     top_k: int = 200  # sample among the k most likely tokens
     # system
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps
-    dtype: str = "auto"  # auto (cuda: bfloat16, or float16 without bf16; else float32), float32, ...
+    dtype: str = "auto"  # auto (see pick_dtype), float32, bfloat16, float16 (CUDA, with loss scaling)
     compile: str = "auto"  # torch.compile: auto (on for cuda), true, false
     threads: int = 0  # CPU threads; 0 = auto: the cores the load average says are idle (pick_threads)
     seed: int = 1337  # seeds the weights, the batches and dropout
@@ -848,6 +849,8 @@ class TrainConfig:
                      "eval_iters", "log_interval"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_new_tokens and not self.prompt:
+            raise ValueError("--prompt is empty: samples continue at least one token (or --max_new_tokens=0)")
         if self.decay_lr and self.lr_decay_iters <= self.warmup_iters:
             raise ValueError(
                 f"lr_decay_iters={self.lr_decay_iters} must exceed warmup_iters={self.warmup_iters}; "
@@ -917,10 +920,11 @@ def pick_threads(threads: int) -> int:
     """CPU threads for the run: `threads` if > 0, else the cores that are not already busy.
 
     Why not simply all cores: a small model's step is hundreds of short ops, and at every op the
-    threads wait for each other. On an idle machine 2 threads beat 1 (~1.5x on 2 cores); but when
-    another process wants a core, one of our threads waits for its turn at every op, and a 2-thread
-    step took 10-30x longer, while 1 thread only slowed 1.3-1.5x. So 0 (auto) takes the cores minus
-    the 1-minute load average (at least 1), once at startup, and OMP_NUM_THREADS wins if it is set.
+    threads wait for each other. On an idle 2-core machine 2 threads beat 1 by ~1.5x; but when
+    another process wants a core, one of our threads waits for its turn at every op: a 2-thread
+    step took 7-30x longer, while 1 thread only slowed 1.3-1.5x. So 0 (auto) takes the cores minus
+    the 1-minute load average (at least 1), once at startup; OMP_NUM_THREADS wins if it is set.
+    Results can differ in the last bits between thread counts: resume with the same count.
     """
     if threads > 0:
         return threads
@@ -966,18 +970,25 @@ def pick_dtype(dtype: str, device_type: str) -> str:
     bfloat16 if its matmuls measure at least 2x faster than float32's, else float32.
 
     CPUs with bf16 units (AVX512-BF16, AMX, recent Arm) multiply bf16 matrices 2-4x faster than
-    fp32 ones; on the others bf16 is emulated and slower, so we measure instead of guessing (~0.2 s,
-    with the run's thread count). On CUDA bf16 needs no gradient scaling, fp16 does (see train).
+    fp32 ones; on the others bf16 is emulated and slower, so we measure instead of guessing (~0.1 s,
+    with the current thread count). On CUDA bf16 needs no gradient scaling, fp16 does (see train).
     """
     if dtype != "auto":
         return dtype
     if device_type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if device_type == "cpu":
-        threads = torch.get_num_threads()
-        fast = peak_flops("cpu", "bfloat16", threads) >= 2 * peak_flops("cpu", "float32", threads)
-        return "bfloat16" if fast else "float32"
-    return "float32"
+    if device_type != "cpu":
+        return "float32"
+    seconds = {}
+    for name in ("float32", "bfloat16"):
+        a = torch.randn(1024, 1024, dtype=getattr(torch, name))
+        timings = []
+        for _ in range(4):
+            t0 = time.perf_counter()
+            a @ a
+            timings.append(time.perf_counter() - t0)
+        seconds[name] = min(timings)  # the fastest: least disturbed by other processes
+    return "bfloat16" if 2 * seconds["bfloat16"] <= seconds["float32"] else "float32"
 
 
 def autocast_context(device_type: str, dtype: str):
@@ -1277,7 +1288,14 @@ def diverged(what: str, value: float, iter_num: int, ckpt_path: Path, saved_at: 
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Train as cfg says; return the final losses, the speed, and whether Ctrl-C stopped the run."""
+    """Train as cfg says; return the final losses, the speed, and whether Ctrl-C stopped the run.
+
+    Each iteration: every eval_interval, estimate the train/val loss and save ckpt.pt (and best.pt
+    when val improved); every sample_interval, print a sample; then one optimizer step on batch
+    number iter_num; every log_interval, a log line. --init_from=resume continues from ckpt.pt bit
+    for bit: the same batches (a function of the step), the same dropout masks (the RNG states are
+    restored), the same Adam moments; given the same settings (dtype, threads, device).
+    """
     t_start = time.perf_counter()
     device = pick_device(cfg.device)
     device_type = torch.device(device).type

@@ -4,8 +4,9 @@
 talking through NCCL, or CPU processes talking through gloo (so it runs, and is tested, on a
 laptop). All three strategies are data parallel: every rank runs the whole model on its own
 slice of each global batch, and the ranks average their gradients, so N ranks with B/N rows
-each take exactly the step one process takes with B rows (the tests check it to 1e-6). They
-differ in what each rank keeps in memory and in which collective runs when:
+each take exactly the step one process takes with B rows (the tests check it to 1e-6; with 05's
+settings in float32, 06 on any number of ranks prints 05's losses). They differ in what each rank keeps in
+memory and in which collective runs when:
 
   per rank, P parameters,      params   grads    AdamW state  collectives in a step
   fp32 AdamW (bytes)
@@ -15,7 +16,7 @@ differ in what each rank keeps in memory and in which collective runs when:
                                                               forward and backward; reduce-scatter grads
 
 (fsdp also holds about one block's gathered parameters at a time.) The script measures these
-bytes on the real tensors at the first step and prints them per rank.
+bytes on the real tensors (FSDP's local shards) after the first step and prints them per rank.
 
 Then what a long job needs: activation checkpointing (memory for compute), checkpoints (a full
 state dict gathered to rank 0 in 05's format, which 05, 09 and any world size can load; or a
@@ -44,6 +45,7 @@ Run (torchrun starts the processes and gives each RANK, LOCAL_RANK, WORLD_SIZE):
 """
 
 import argparse
+import functools
 import gc
 import hashlib
 import inspect
@@ -873,17 +875,52 @@ def pick_device(device: str = "auto") -> str:
 
 # copied from 05_pretrain.py: pick_dtype
 def pick_dtype(dtype: str, device_type: str) -> str:
-    """"auto" -> bfloat16 on GPUs that have it (Ampere and newer), float16 on older ones, else float32.
+    """"auto" -> bfloat16 on GPUs that have it (Ampere and newer), float16 on older ones; on CPU,
+    bfloat16 if its matmuls measure at least 2x faster than float32's, else float32.
 
-    On CPU we stay in float32: exact, and the step of a small model is not only matmuls, so bf16's
-    faster matmuls (where the CPU has them) buy little once autocast's casts are paid; --bench
-    measures both on your machine.
+    CPUs with bf16 units (AVX512-BF16, AMX, recent Arm) multiply bf16 matrices 2-4x faster than
+    fp32 ones; on the others bf16 is emulated and slower, so we measure instead of guessing (~0.2 s,
+    with the run's thread count). On CUDA bf16 needs no gradient scaling, fp16 does (see train).
     """
     if dtype != "auto":
         return dtype
     if device_type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if device_type == "cpu":
+        threads = torch.get_num_threads()
+        fast = peak_flops("cpu", "bfloat16", threads) >= 2 * peak_flops("cpu", "float32", threads)
+        return "bfloat16" if fast else "float32"
     return "float32"
+
+
+# copied from 05_pretrain.py: GPU_PEAK_FLOPS
+GPU_PEAK_FLOPS = {
+    "H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+    "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
+}  # fmt: skip
+
+
+# copied from 05_pretrain.py: peak_flops
+@functools.cache
+def peak_flops(device: str, dtype: str, threads: int) -> float | None:
+    """The FLOP/s that MFU is measured against: a GPU's datasheet peak, or a CPU's measured one.
+
+    CPUs have no datasheet number that anyone reaches, so we time a 1024 x 1024 matmul in the
+    training dtype with the run's thread count (~0.1 s, once) and call the best of 5 the peak.
+    None when unknown (mps, a GPU not in GPU_PEAK_FLOPS). threads is an argument for the cache.
+    """
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
+        return next((flops for gpu, flops in GPU_PEAK_FLOPS.items() if gpu in name), None)
+    if device != "cpu":
+        return None
+    a = torch.randn(1024, 1024, dtype=getattr(torch, dtype))
+    best = float("inf")
+    for _ in range(6):  # the first one warms up
+        t0 = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 1024**3 / best
 
 
 # copied from 05_pretrain.py: autocast_context
@@ -1083,8 +1120,8 @@ def init_distributed(device: str = "auto", timeout_s: float = 600) -> Dist:
         device = "cpu"
     if device.startswith("cuda"):  # one GPU per process: the LOCAL_RANK-th of this machine
         if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"LOCAL_RANK={local_rank} but this machine shows {torch.cuda.device_count()} GPUs; "
-                             "start at most one process per GPU (torchrun --nproc_per_node)")
+            raise ValueError(f"LOCAL_RANK={local_rank} but this machine shows {torch.cuda.device_count()} "
+                             "GPUs; start at most one process per GPU (torchrun --nproc_per_node)")
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     backend = "nccl" if device.startswith("cuda") else "gloo"
@@ -1224,6 +1261,11 @@ def apply_ddp(model: nn.Module, ctx: Dist) -> DDP:
     return DDP(model, device_ids=device_ids, gradient_as_bucket_view=True)
 
 
+def unwrap(model: nn.Module) -> GPT:
+    """The GPT inside: DDP wraps it (as .module); FSDP2 shards it in place, so it is the model itself."""
+    return model.module if isinstance(model, DDP) else model
+
+
 def apply_fsdp(model: nn.Module, cfg: DistConfig) -> nn.Module:
     """FSDP2 (ZeRO-3): parameters, gradients and optimizer state are all sharded.
 
@@ -1264,11 +1306,10 @@ def build_optimizer(cfg: DistConfig, model: nn.Module, ctx: Dist) -> torch.optim
     Memory per rank: 4P + 4P + 8P/N bytes. Traffic: DDP's all-reduce plus a broadcast of 4P.
     (ZeRO-2 shards the gradients as well, ZeRO-3 the parameters too: that is FSDP.)
     """
-    module = model.module if isinstance(model, DDP) else model
     if cfg.optimizer == "sgd":  # no state: a gradient that is 2x too large moves the weights 2x
-        optimizer = torch.optim.SGD(module.parameters(), lr=cfg.learning_rate)
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate)
     else:
-        optimizer = configure_optimizers(module, cfg.weight_decay, cfg.learning_rate,
+        optimizer = configure_optimizers(unwrap(model), cfg.weight_decay, cfg.learning_rate,
                                          (cfg.beta1, cfg.beta2), torch.device(ctx.device).type)
     if cfg.strategy == "zero1":  # the same groups, each carrying all its settings (betas, decay...);
         # and the throwaway optimizer cost nothing: AdamW makes its state at the first step
@@ -1299,23 +1340,21 @@ def saved_activation_bytes(model: GPT, x: torch.Tensor, y: torch.Tensor) -> int:
     checkpoint's own hooks take over, and it keeps the block's input alive to rerun it: a forward
     pre-hook counts that input.
     """
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen, total = set(), 0
+    seen = {p.untyped_storage().data_ptr() for p in model.parameters()}  # never counted
+    total = 0
 
-    def count(t: torch.Tensor):
+    def count(t: torch.Tensor) -> torch.Tensor:
         nonlocal total
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params | seen:
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
-
-    def pack(t):
-        count(t)
+        if t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            total += t.untyped_storage().nbytes()
         return t
 
-    hooks = [block.register_forward_pre_hook(lambda module, args: count(args[0]))
-             for block in model.transformer.h]
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    def keep_input(module, args):  # checkpoint keeps each block's input to rerun the block
+        count(args[0])
+
+    hooks = [block.register_forward_pre_hook(keep_input) for block in model.transformer.h]
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
         model(x, y)
     for hook in hooks:
         hook.remove()
@@ -1348,7 +1387,7 @@ def print_memory(memory: dict, ctx: Dist):
     """Gather every rank's memory_report and print them as a table on rank 0."""
     everyone = [None] * ctx.world_size
     dist.all_gather_object(everyone, memory)
-    print0(f"{'rank':>4} {'params':>10} {'grads':>10} {'optimizer':>10} {'total':>10}   (MB, after the first step)")
+    print0(f"{'rank':>4} {'params':>10} {'grads':>10} {'optimizer':>10} {'total':>10}   MB after one step")
     for rank, m in enumerate(everyone):
         mb = [m["params"] / 2**20, m["grads"] / 2**20, m["optimizer"] / 2**20, sum(m.values()) / 2**20]
         print0(f"{rank:>4} " + " ".join(f"{v:>10.3f}" for v in mb))
@@ -1360,8 +1399,7 @@ def print_memory(memory: dict, ctx: Dist):
 
 def param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     """Parameter names in the optimizer's order: name i is parameter i of optimizer.state_dict()."""
-    module = model.module if isinstance(model, DDP) else model
-    name_of = {p: name for name, p in module.named_parameters()}
+    name_of = {p: name for name, p in unwrap(model).named_parameters()}
     return [name_of[p] for group in optimizer.param_groups for p in group["params"]]
 
 
@@ -1371,8 +1409,8 @@ def rekey(optim_sd: dict, key: dict) -> dict:
     torch.distributed.checkpoint keys the state by parameter name, optimizer.state_dict() (and
     so 05's checkpoints) by position: {"state": {0: {...}}, "param_groups": [{"params": [0, 1]}]}.
     """
-    return {"state": {key[k]: v for k, v in optim_sd["state"].items()},
-            "param_groups": [{**g, "params": [key[k] for k in g["params"]]} for g in optim_sd["param_groups"]]}
+    groups = [{**group, "params": [key[k] for k in group["params"]]} for group in optim_sd["param_groups"]]
+    return {"state": {key[k]: v for k, v in optim_sd["state"].items()}, "param_groups": groups}
 
 
 def save_full_checkpoint(path: Path, model, optimizer, ctx: Dist, extra: dict):
@@ -1492,6 +1530,7 @@ def train_step(model, optimizer, data, cfg: DistConfig, ctx: Dist, it: int) -> t
     Here each rank takes its 1/N of the rows, in chunks of batch_size / N: the gradient is the
     mean over the same rows, so N ranks take 05's step (up to the order of float additions).
     """
+    optimizer.zero_grad(set_to_none=True)  # here, not after the step: memory_report sees the gradients
     accumulation = cfg.gradient_accumulation_steps
     x, y = get_batch(data, cfg.batch_size * accumulation, cfg.block_size, it, cfg.seed, ctx.rank,
                      ctx.world_size, ctx.device)  # (A * B/N, T): this rank's rows
@@ -1533,8 +1572,8 @@ def evaluate(model, data: dict, cfg: DistConfig, ctx: Dist, step: int) -> dict:
 
 def local_state(model) -> dict[str, torch.Tensor]:
     """This rank's own parameter tensors (a replica, or FSDP's shards), not copied: for inspection."""
-    module = model.module if isinstance(model, DDP) else model
-    return {name: (p.to_local() if isinstance(p, DTensor) else p).detach() for name, p in module.named_parameters()}
+    return {name: (p.to_local() if isinstance(p, DTensor) else p).detach()
+            for name, p in unwrap(model).named_parameters()}
 
 
 def train(cfg: DistConfig, ctx: Dist) -> dict:
@@ -1545,12 +1584,21 @@ def train(cfg: DistConfig, ctx: Dist) -> dict:
     "local_state"}.
     """
     check_config(cfg, ctx.world_size)
-    cfg = replace(cfg, device=ctx.device, dtype=pick_dtype(cfg.dtype, torch.device(ctx.device).type))
+    # pick_dtype may time matmuls, and two ranks can time differently: one decides for all (a rank
+    # in bf16 next to one in fp32 would all-gather buffers of different sizes and crash)
+    dtype = [pick_dtype(cfg.dtype, torch.device(ctx.device).type) if ctx.rank == 0 else None]
+    dist.broadcast_object_list(dtype, src=0)
+    dtype = dtype[0]
+    if dtype == "float16":  # a GPU without bf16
+        print0("note: float16 needs 05's gradient scaler, which 06 leaves out: training in float32")
+        dtype = "float32"
+    cfg = replace(cfg, device=ctx.device, dtype=dtype)
     out_dir = Path(cfg.out_dir)
     data, spec = load_data(cfg, ctx)
     tokenizer = get_tokenizer(spec)
-    model_args = asdict(GPTConfig(block_size=cfg.block_size, vocab_size=tokenizer.n_vocab, n_layer=cfg.n_layer,
-                                  n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias))
+    model_args = asdict(GPTConfig(block_size=cfg.block_size, vocab_size=tokenizer.n_vocab,
+                                  n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                                  dropout=cfg.dropout, bias=cfg.bias))
     # the same initial weights on every rank: DDP would broadcast rank 0's anyway, but fully_shard
     # keeps each rank's slice of whatever that rank built
     torch.manual_seed(cfg.seed)
@@ -1565,10 +1613,10 @@ def train(cfg: DistConfig, ctx: Dist) -> dict:
                          ctx.device)  # one micro-batch of this rank
         before = saved_activation_bytes(model, x, y)
         apply_activation_checkpointing(model)
-        activation_bytes = (before, saved_activation_bytes(model, x, y))
-        print0(f"activation checkpointing: {before / 2**20:.2f} MB -> {activation_bytes[1] / 2**20:.2f} MB kept "
-               f"for backward per micro-batch ({before / activation_bytes[1]:.1f}x less), for one more "
-               "forward of each block")
+        after = saved_activation_bytes(model, x, y)
+        activation_bytes = (before, after)
+        print0(f"activation checkpointing: {before / 2**20:.2f} MB -> {after / 2**20:.2f} MB kept for "
+               f"backward per micro-batch ({before / after:.1f}x less), for one more forward of each block")
     model = apply_fsdp(model, cfg) if cfg.strategy == "fsdp" else apply_ddp(model, ctx)
     optimizer = build_optimizer(cfg, model, ctx)
     start, best_val_loss = resume(cfg, model, optimizer, model_args)
@@ -1595,8 +1643,8 @@ def train(cfg: DistConfig, ctx: Dist) -> dict:
             dist.all_reduce(loss)  # a sum: gloo has no average
             losses[it] = loss.item() / ctx.world_size
             dt = (time.perf_counter() - t0) / window
-            print0(f"iter {iter_num}/{cfg.max_iters} | loss {losses[it]:.4f} | lr {lr:.2e} | grad norm {norm:.3f}"
-                   f" | {1000 * dt:.1f} ms | {tokens_per_iter / dt:,.0f} tok/s")
+            print0(f"iter {iter_num}/{cfg.max_iters} | loss {losses[it]:.4f} | lr {lr:.2e} | grad norm "
+                   f"{norm:.3f} | {1000 * dt:.1f} ms | {tokens_per_iter / dt:,.0f} tok/s")
             if log:
                 log.write(json.dumps(dict(iter=iter_num, loss=losses[it], lr=lr, grad_norm=norm)) + "\n")
         if evaluated:
@@ -1605,7 +1653,8 @@ def train(cfg: DistConfig, ctx: Dist) -> dict:
             print0(f"iter {iter_num}: val loss {val_loss:.4f}")
         if saved:
             extra = {"model_args": model_args, "config": asdict(cfg), "iter_num": iter_num, "scaler": {},
-                     "best_val_loss": best_val_loss, "rng": rng_states(), "tokenizer": spec, "stage": "pretrain"}
+                     "best_val_loss": best_val_loss, "rng": rng_states(), "tokenizer": spec,
+                     "stage": "pretrain"}  # 05's checkpoint_dict, with the model and optimizer to come
             if cfg.sharded_checkpoint:
                 save_sharded_checkpoint(out_dir, model, optimizer, ctx, extra)
             else:
@@ -1619,7 +1668,7 @@ def train(cfg: DistConfig, ctx: Dist) -> dict:
         log.close()
 
     if cfg.max_new_tokens:  # every rank generates (FSDP gathers collectively); rank 0 prints
-        print0(f"--- sample ---\n{sample(model.module if isinstance(model, DDP) else model, tokenizer, cfg)}")
+        print0(f"--- sample ---\n{sample(unwrap(model), tokenizer, cfg)}")
     return {"iter_num": max(start, cfg.max_iters), "losses": losses, "val_loss": val_loss, "memory": memory,
             "activation_bytes": activation_bytes, "local_state": local_state(model)}
 

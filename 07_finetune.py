@@ -2,27 +2,30 @@
 
 A pretrained GPT continues text; it does not answer. Finetuning on a few hundred examples of
 (instruction, optional input, response), each written in one fixed prompt template, teaches it to
-answer: after "### Response:" comes the answer, then <|endoftext|>. Nothing in the model changes,
-only the data (Ouyang et al. 2022 call this supervised finetuning, SFT; Taori et al. 2023, Alpaca).
+answer: after "### Response:" comes the answer, then <|endoftext|>. The model and the loss are
+05's; only the data changed (supervised finetuning, SFT: Ouyang et al. 2022; Alpaca, Taori et al.
+2023).
 
 What this file teaches, top to bottom:
   - the data: 1,100 Alpaca-style entries (rasbt's instruction-data.json), split 85/10/5 into
     train / test / validation in file order, as in Raschka's book, chapter 7;
   - the prompt template (format_input), the one place 08 and 09 copy it from;
   - collate_fn: pad a batch to its longest sequence, append <|endoftext|>, shift the targets, and
-    mark the prompt and the padding with -100 so that the loss only counts the response;
+    mark the prompt and the padding with -100 so that the loss counts only the response;
   - LoRA (Hu et al. 2021): freeze every weight and learn a low-rank update B A beside each chosen
     Linear; merge_lora folds B A back into the weights, so the saved model is a plain GPT;
-  - 05's training loop (AdamW, warmup + cosine schedule, clipping, atomic checkpoints), with an
-    evaluation before and after: validation loss and perplexity on the response tokens, greedy
-    exact-match on the test entries with short answers, and the model's responses to the whole
-    test split in out_dir/test_responses.json, next to the reference answers, for a person to read.
+  - 05's training pieces (AdamW, warmup + cosine, clipping, atomic checkpoints in 05's format,
+    stage "finetune", which 08 and 09 load), with an evaluation before and after: validation loss
+    and perplexity on the response tokens, greedy exact match on the test entries with short
+    answers, and the model's answers to the test split in out_dir/test_responses.json, next to
+    the reference answers, for a person to read.
 
-Tokenizers: GPT-2's byte-level BPE encodes any text. A char-level 05 checkpoint knows only the
-characters of its training text (tiny Shakespeare has no '#', no '(' and one digit, '3'), and has no
-<|endoftext|>: here each unknown character becomes --unknown_char ("?" by default; "" raises
-instead), and a newline ends a response. The run works, the answers are Shakespearean noise; for
-real answers start from GPT-2.
+05's default model is char-level with a 64-character context, and the template alone is ~120
+characters. Two adaptations make it run (and say so when they act): extend_context stretches its
+position table to --min_block_size positions, and each character its vocabulary lacks ('#', '(',
+digits but 3, ...) becomes --unknown_char ("?"; "" raises instead); a newline stands in for the
+missing <|endoftext|>. The run works, the answers are Shakespearean noise (a model that small
+learns the template's look, not the task); for real answers start from GPT-2.
 
 References: Raschka, "Build a Large Language Model (From Scratch)", ch. 7 and appendix E
 (rasbt/LLMs-from-scratch); Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models";
@@ -30,15 +33,18 @@ Taori et al. 2023, Stanford Alpaca; Ouyang et al. 2022, "Training language model
 instructions with human feedback".
 
 Run:
-    python 07_finetune.py                              # finetune 05's checkpoint (run 05 first)
-    python 07_finetune.py --init_from=gpt2 --max_iters=100 --num_responses=10     # CPU, slow-ish
-    python 07_finetune.py --init_from=gpt2-medium --device=cuda                  # the book's run
+    python 07_finetune.py                       # finetune 05's checkpoint (python 05_pretrain.py first)
+    python 07_finetune.py --learning_rate=1e-3  # the same; a small char model wants a larger rate
+    python 07_finetune.py --init_from=gpt2 --max_iters=100 --num_responses=10   # GPT-2 on a CPU (slow)
+    python 07_finetune.py --init_from=gpt2-medium --device=cuda                # the book's run, one GPU
     python 07_finetune.py --init_from=gpt2-medium --lora_rank=16 --learning_rate=5e-4 --device=cuda
-    python 07_finetune.py --help
+    python 07_finetune.py --help                # every setting, with its default
+Then: python 09_generate.py --ckpt=out/finetune/ckpt.pt --chat, or DPO on top with 08_dpo.py.
 """
 
 import argparse
 import copy
+import functools
 import hashlib
 import inspect
 import json
@@ -71,9 +77,9 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 class CharTokenizer:
     """One token per character: the simplest tokenizer (vocabulary = the characters seen).
 
-    >>> tok = CharTokenizer.from_text("hello")      # vocabulary "ehlo"
-    >>> tok.encode("hole"), tok.decode([2, 1])
-    ([2, 3, 2, 0], 'le')
+    >>> tok = CharTokenizer.from_text("hello")      # vocabulary "ehlo": e=0, h=1, l=2, o=3
+    >>> tok.encode("hole"), tok.decode([2, 0])
+    ([1, 3, 2, 0], 'le')
     """
 
     def __init__(self, chars: str):
@@ -121,7 +127,8 @@ def get_tokenizer(spec: dict):
         import tiktoken  # imported here so that char-only scripts do not need it
 
         return tiktoken.get_encoding("gpt2")
-    raise ValueError(f"unknown tokenizer kind {kind!r}; use {{'kind': 'char', 'chars': ...}} or {{'kind': 'gpt2'}}")
+    raise ValueError(f"unknown tokenizer kind {kind!r}; use {{'kind': 'char', 'chars': ...}} "
+                     "or {'kind': 'gpt2'}")
 
 
 # copied from 01_tokenizer.py: download
@@ -714,18 +721,53 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
+# copied from 05_pretrain.py: GPU_PEAK_FLOPS
+GPU_PEAK_FLOPS = {
+    "H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+    "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
+}  # fmt: skip
+
+
+# copied from 05_pretrain.py: peak_flops
+@functools.cache
+def peak_flops(device: str, dtype: str, threads: int) -> float | None:
+    """The FLOP/s that MFU is measured against: a GPU's datasheet peak, or a CPU's measured one.
+
+    CPUs have no datasheet number that anyone reaches, so we time a 1024 x 1024 matmul in the
+    training dtype with the run's thread count (~0.1 s, once) and call the best of 5 the peak.
+    None when unknown (mps, a GPU not in GPU_PEAK_FLOPS). threads is an argument for the cache.
+    """
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
+        return next((flops for gpu, flops in GPU_PEAK_FLOPS.items() if gpu in name), None)
+    if device != "cpu":
+        return None
+    a = torch.randn(1024, 1024, dtype=getattr(torch, dtype))
+    best = float("inf")
+    for _ in range(6):  # the first one warms up
+        t0 = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 1024**3 / best
+
+
 # copied from 05_pretrain.py: pick_dtype
 def pick_dtype(dtype: str, device_type: str) -> str:
-    """"auto" -> bfloat16 on GPUs that have it (Ampere and newer), float16 on older ones, else float32.
+    """"auto" -> bfloat16 on GPUs that have it (Ampere and newer), float16 on older ones; on CPU,
+    bfloat16 if its matmuls measure at least 2x faster than float32's, else float32.
 
-    On CPU we stay in float32: exact, and the step of a small model is not only matmuls, so bf16's
-    faster matmuls (where the CPU has them) buy little once autocast's casts are paid; --bench
-    measures both on your machine.
+    CPUs with bf16 units (AVX512-BF16, AMX, recent Arm) multiply bf16 matrices 2-4x faster than
+    fp32 ones; on the others bf16 is emulated and slower, so we measure instead of guessing (~0.2 s,
+    with the run's thread count). On CUDA bf16 needs no gradient scaling, fp16 does (see train).
     """
     if dtype != "auto":
         return dtype
     if device_type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if device_type == "cpu":
+        threads = torch.get_num_threads()
+        fast = peak_flops("cpu", "bfloat16", threads) >= 2 * peak_flops("cpu", "float32", threads)
+        return "bfloat16" if fast else "float32"
     return "float32"
 
 
@@ -1026,7 +1068,7 @@ def collate_fn(batch, pad_token_id=50256, ignore_index=-100, allowed_max_length=
         x, y = seq[:-1], seq[1:].clone()  # y[i] = seq[i + 1]: the next token
         y[len(ids) :] = ignore_index  # y[len(ids) - 1] is the end token: kept; the rest is padding
         if mask_prompt:
-            y[: prompt_length - 1] = ignore_index  # y[i] for i < prompt_length - 1 is a prompt token
+            y[: max(prompt_length - 1, 0)] = ignore_index  # y[i] for i < prompt_length - 1: a prompt token
         inputs.append(x[:allowed_max_length])
         targets.append(y[:allowed_max_length])
     return torch.stack(inputs).to(device), torch.stack(targets).to(device)
@@ -1039,10 +1081,9 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int = 0) -> list[int
     """
     if not 0 < batch_size <= n:
         raise ValueError(f"batch_size={batch_size} must be between 1 and the {n} training examples")
-    per_epoch = n // batch_size
-    epoch, i = divmod(step, per_epoch)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-    return order[i * batch_size : (i + 1) * batch_size]
+    epoch, i = divmod(step, n // batch_size)
+    order = np.random.default_rng([seed, epoch]).permutation(n)  # a fresh shuffle every epoch
+    return order[i * batch_size : (i + 1) * batch_size].tolist()
 
 
 # -----------------------------------------------------------------------------
@@ -1322,8 +1363,8 @@ def prepare_data(cfg: FinetuneConfig, tokenizer, block_size: int):
             print(f"  {name}: {ds.n_truncated} examples cut at the context ({block_size} tokens), "
                   f"{ds.n_dropped} dropped (their prompt alone is longer than the context)")
         if len(ds) == 0:
-            raise ValueError(f"no {name} example fits the context of {block_size} tokens; start from a model "
-                             f"with a larger block_size (e.g. --init_from=gpt2)")
+            raise ValueError(f"no {name} example fits the context of {block_size} tokens; raise "
+                             f"--min_block_size or start from a model with more positions (--init_from=gpt2)")
     if unknown:
         print(f"  {sum(unknown.values())} characters the char tokenizer lacks became {cfg.unknown_char!r} "
               f"(most common: {''.join(c for c, _ in unknown.most_common(20))!r})")
@@ -1333,6 +1374,7 @@ def prepare_data(cfg: FinetuneConfig, tokenizer, block_size: int):
 def evaluate(model, data, datasets, encode, decode, end_id, cfg, ctx=nullcontext()) -> dict:
     """Validation loss and perplexity on response tokens, and exact match on short test answers."""
     short = [e for e in data["test"] if len(e["output"].split()) <= cfg.short_answer_words]
+    # 32 new tokens are plenty for answers of a few words
     responses = generate_responses(model, short, encode, decode, end_id, 32, cfg.batch_size, ctx)
     val = evaluate_loss(model, datasets["val"], cfg.batch_size, end_id, ctx)
     result = {"val_loss": val["loss"], "val_perplexity": val["perplexity"], "exact_match_n": len(short),
@@ -1344,15 +1386,14 @@ def evaluate(model, data, datasets, encode, decode, end_id, cfg, ctx=nullcontext
 
 def finetune(cfg: FinetuneConfig) -> dict:
     """Finetune, evaluate before and after, save the checkpoint and the test responses."""
-    device = pick_device(cfg.device)
-    device_type = torch.device(device).type
-    cfg = replace(cfg, device=device, dtype=pick_dtype(cfg.dtype, device_type))  # "auto" resolved
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    ctx, out_dir = autocast_context(device_type, cfg.dtype), Path(cfg.out_dir)
-
     model, spec = load_model(cfg)
+    device = pick_device(cfg.device)
+    device_type = torch.device(device).type
+    cfg = replace(cfg, device=device, dtype=pick_dtype(cfg.dtype, device_type))  # "auto" resolved
+    ctx, out_dir = autocast_context(device_type, cfg.dtype), Path(cfg.out_dir)
     model.to(device)
     tokenizer, block_size = get_tokenizer(spec), model.config.block_size
     data, datasets, encode, end_id = prepare_data(cfg, tokenizer, block_size)

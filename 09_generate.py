@@ -32,7 +32,7 @@ Run it:
   python 09_generate.py --ckpt=out/finetune/ckpt.pt --chat=True   # talk to an instruction-tuned model
   python 09_generate.py --init_from=gpt2 --prompt="Hello, I'm a language model," --num_samples=3
   python 09_generate.py --ckpt=... --eval_file=data/tinyshakespeare.txt   # perplexity, bits/byte
-  python 09_generate.py --bench=True                          # tokens/s with and without the cache
+  python 09_generate.py --bench=True      # tokens/s with and without the cache (CPU: ~15 minutes)
   python 09_generate.py --init_from=gpt2 --device=cuda        # the same on one GPU (bf16 autocast)
   python 09_generate.py --help
 """
@@ -625,21 +625,6 @@ def pick_device(device: str = "auto") -> str:
     if not available[kind]:
         raise ValueError(f"device {device!r} is not available on this machine; use --device=auto (or cpu)")
     return device
-
-
-# copied from 05_pretrain.py: pick_dtype
-def pick_dtype(dtype: str, device_type: str) -> str:
-    """"auto" -> bfloat16 on GPUs that have it (Ampere and newer), float16 on older ones, else float32.
-
-    On CPU we stay in float32: exact, and the step of a small model is not only matmuls, so bf16's
-    faster matmuls (where the CPU has them) buy little once autocast's casts are paid; --bench
-    measures both on your machine.
-    """
-    if dtype != "auto":
-        return dtype
-    if device_type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "float32"
 
 
 # copied from 05_pretrain.py: autocast_context
@@ -1287,6 +1272,19 @@ class GenerateConfig:
             raise ValueError("pass either --ckpt (a checkpoint of ours) or --init_from (OpenAI's), not both")
 
 
+def generation_dtype(dtype: str, device_type: str) -> str:
+    """"auto" -> bfloat16 on CUDA GPUs that have it, float16 on older ones, float32 elsewhere.
+
+    Unlike 05's pick_dtype, no bf16 on CPUs with fast bf16 matmuls: CPU runs stay exact, so a
+    seed gives the same text on every machine (and the tests compare against fp32 references).
+    """
+    if dtype != "auto":
+        return dtype
+    if device_type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
+
+
 def newest_checkpoint(out_dir: Path = OUT_DIR) -> Path:
     """The most recently written out_dir/**/ckpt.pt: the run you just trained (05, 06, 07 or 08)."""
     found = sorted(Path(out_dir).rglob("ckpt.pt"), key=lambda p: p.stat().st_mtime)
@@ -1327,7 +1325,7 @@ def main(argv=None):
     device = pick_device(cfg.device)
     device_type = device.split(":")[0]
     torch.manual_seed(cfg.seed)
-    with autocast_context(device_type, pick_dtype(cfg.dtype, device_type)):
+    with autocast_context(device_type, generation_dtype(cfg.dtype, device_type)):
         if cfg.bench:
             return bench(cfg, device)
         model, tok, ckpt = load_model(cfg, device)

@@ -313,3 +313,28 @@ def test_pick_device(pre05):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="not available.*--device=auto"):
             pre05.pick_device("cuda")
+
+
+def test_pick_threads(pre05, monkeypatch):
+    """An explicit count is kept; auto takes the idle cores by the load average, at least 1."""
+    assert pre05.pick_threads(3) == 3
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(pre05.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    for load, threads in [(0.0, 4), (1.2, 3), (2.6, 1), (9.0, 1)]:
+        monkeypatch.setattr(pre05.os, "getloadavg", lambda load=load: (load, load, load))
+        assert pre05.pick_threads(0) == threads, load
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert pre05.pick_threads(0) == torch.get_num_threads()
+
+
+def test_pick_dtype_and_autocast(pre05):
+    assert pre05.pick_dtype("float16", "cuda") == "float16"
+    assert pre05.pick_dtype("auto", "mps") == "float32"
+    assert pre05.pick_dtype("auto", "cpu") in ("float32", "bfloat16")  # measured: depends on the CPU
+    a = torch.randn(4, 4)
+    with pre05.autocast_context("cpu", "float32"):
+        assert (a @ a).dtype == torch.float32
+    with pre05.autocast_context("cpu", "bfloat16"):
+        assert (a @ a).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        pre05.autocast_context("cpu", "float64")

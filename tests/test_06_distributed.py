@@ -8,8 +8,8 @@ global batches.
 How the ranks run. Starting process groups is the slow part (each one imports torch and
 connects), so there are only two launches:
   - `two_ranks` (one per module): `python tests/test_06_distributed.py SPEC` forks 2 ranks that
-    share one gloo group and run every scenario of SCENARIOS in turn (strategies x {SGD, AdamW}
-    x {1, 2} micro-steps, activation checkpointing, resumes), saving what each rank holds;
+    share one gloo group and run every one of scenarios() in turn (strategies x {SGD, AdamW} x
+    {1, 2} micro-batches, activation checkpointing, resumes), saving what each rank holds;
   - the kill-and-restart test: torchrun, the way users launch, with a rank killed mid-run.
 Each launch is a new session under a deadline; on timeout the whole process group is killed
 (a plain subprocess timeout would leave orphaned ranks hanging in a collective).
@@ -17,7 +17,6 @@ Each launch is a new session under a deadline; on timeout the whole process grou
 
 import gc
 import json
-import math
 import os
 import shutil
 import signal
@@ -39,7 +38,8 @@ SGD_LR, ADAMW_LR = 0.1, 1e-3
 # a tiny GPT; no parameter holds more than ~10% of the total, so ZeRO's greedy split is even
 BASE = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4, max_iters=K,
             warmup_iters=2, lr_decay_iters=K, log_interval=1, eval_interval=K, eval_iters=1,
-            checkpoint_interval=2, max_new_tokens=0, seed=1337)
+            checkpoint_interval=2, max_new_tokens=0, seed=1337, device="cpu",
+            dtype="float32")  # float32 everywhere: "auto" picks bf16 on CPUs with fast bf16 matmuls
 RUNS = {  # name -> settings; each is run by every strategy. "sgd" tests the arithmetic tightly.
     "sgd-1": dict(optimizer="sgd", learning_rate=SGD_LR, min_lr=SGD_LR / 10, grad_clip=0.5),  # clips
     "sgd-2": dict(optimizer="sgd", learning_rate=SGD_LR, min_lr=SGD_LR / 10, grad_clip=0.0,
@@ -49,10 +49,11 @@ RUNS = {  # name -> settings; each is run by every strategy. "sgd" tests the ari
                     gradient_accumulation_steps=2),
 }
 STRATEGIES = ("ddp", "zero1", "fsdp")
-# AdamW: measured here, 2 ranks vs 1 differ by up to ~1e-5 after 4 steps (float noise in a gradient
-# entry near zero can flip Adam's normalized update m/sqrt(v) of that entry, which moves by up to
-# lr per step); a wrong data split moves many entries by ~lr per step, i.e. 1e-3 after 1 step and
-# more after 4 (test_tolerances_catch_bugs checks that it fails this tolerance).
+# AdamW's tolerance. Adam's update is m / sqrt(v): about lr per entry whatever the gradient's size,
+# so float noise in a gradient entry near zero can move that entry by up to lr. Measured here after
+# 4 steps: 2 ranks vs 1 differ by at most ~4e-6; a wrong data split (one rank's rows lost) by ~5e-3,
+# many entries moving ~lr per step. 2e-4 lies 20x from each (test_tolerances_catch_bugs checks the
+# second); SGD's 1e-6 is tighter still, and SGD also sees a sum-instead-of-mean bug that Adam hides.
 ADAMW_ATOL = 2e-4
 
 
@@ -64,7 +65,8 @@ def scenarios() -> list[dict]:
         if s["name"] in ("fsdp-sgd-2", "ddp-adamw-1"):
             s["settings"]["activation_checkpointing"] = True
     # resumes: half the steps, then the rest from that checkpoint in a new run
-    for name, strategy, extra in (("zero1-resume", "zero1", {}), ("fsdp-dcp", "fsdp", {"sharded_checkpoint": True})):
+    resumes = (("zero1-resume", "zero1", {}), ("fsdp-dcp", "fsdp", {"sharded_checkpoint": True}))
+    for name, strategy, extra in resumes:
         settings = dict(strategy=strategy, **RUNS["adamw-2"], **extra)
         out.append(dict(name=f"{name}-half", run="adamw-2", settings={**settings, "max_iters": K // 2}))
         out.append(dict(name=name, run="adamw-2", settings=settings, resume_from=f"{name}-half"))
@@ -148,7 +150,8 @@ def corpus(dist06, shakespeare_text, tmp_path_factory) -> Path:
     """A data_dir holding 05's tinyshakespeare-char corpus, made from the first 100k characters."""
     text = shakespeare_text[:100_000]
     data_dir = tmp_path_factory.mktemp("data")
-    dist06.prepare_corpus(text, data_dir / "tinyshakespeare-char", dist06.CharTokenizer.from_text(text).to_dict())
+    spec = dist06.CharTokenizer.from_text(text).to_dict()
+    dist06.prepare_corpus(text, data_dir / "tinyshakespeare-char", spec)
     return data_dir
 
 
@@ -177,7 +180,7 @@ def reference_run(dist06, corpus, run: str, rows=None, loss_scale=1.0) -> tuple[
     buggy = rows is not None or loss_scale != 1.0
     if not buggy and run in REFERENCES:
         return REFERENCES[run]
-    cfg = dist06.DistConfig(**{**BASE, **RUNS[run]}, device="cpu", dtype="float32")
+    cfg = dist06.DistConfig(**{**BASE, **RUNS[run]})
     data = {split: dist06.load_tokens(corpus / "tinyshakespeare-char", split) for split in ("train", "val")}
     n_vocab = dist06.load_meta(corpus / "tinyshakespeare-char")["n_vocab"]
     torch.manual_seed(cfg.seed)
@@ -296,7 +299,8 @@ def test_full_checkpoint_loads_in_05_and_resumes_in_a_world_of_one(dist06, corpu
     """The file rank 0 writes is 05's format, and another world size and strategy resume from it."""
     out = two_ranks["_out"]
     model, tokenizer, ckpt = dist06.load_checkpoint(out / "fsdp-adamw-2" / "ckpt.pt")
-    assert ckpt["iter_num"] == K and ckpt["stage"] == "pretrain" and tokenizer.n_vocab == model.config.vocab_size
+    assert ckpt["iter_num"] == K and ckpt["stage"] == "pretrain"
+    assert tokenizer.n_vocab == model.config.vocab_size
     weights = full_weights(two_ranks["fsdp-adamw-2"], "fsdp")
     for name, p in model.named_parameters():
         assert torch.equal(p, weights[name]), name
@@ -317,9 +321,10 @@ def test_kill_and_restart_under_torchrun(dist06, corpus, two_ranks, tmp_path):
     """torchrun --max-restarts=1: rank 1 dies after step 3; the job resumes from the step-2 checkpoint
     and ends with exactly the weights of the uninterrupted run (same world size, same order of ops)."""
     settings = dict(strategy="fsdp", **RUNS["adamw-2"])
-    out = run_with_deadline([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "--max-restarts=1", "06_distributed.py",
-                             *argv(settings, data_dir=corpus, out_dir=tmp_path, fail_at_step=3)], timeout=240,
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                "--max-restarts=1", "06_distributed.py"]
+    out = run_with_deadline(torchrun + argv(settings, data_dir=corpus, out_dir=tmp_path, fail_at_step=3),
+                            timeout=240,
                             # without it a restarted rank may read a dead rank's address from the store
                             # torchrun shares across attempts, and fail or hang (see 06's init_distributed)
                             TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
@@ -336,6 +341,7 @@ def test_kill_and_restart_under_torchrun(dist06, corpus, two_ranks, tmp_path):
 
 
 def test_errors(dist06, monkeypatch):
+    """Bad settings and a half-made torchrun environment fail with a message that names the fix."""
     cfg = dist06.DistConfig(batch_size=6)
     with pytest.raises(ValueError, match="batch_size=6 .* does not split across 4 ranks.*multiple of 4"):
         dist06.check_config(cfg, world_size=4)
@@ -350,8 +356,14 @@ def test_errors(dist06, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     for var in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
-    with pytest.raises(ValueError, match="RANK is set but LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT.*torchrun"):
+    with pytest.raises(ValueError, match="RANK is set but LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT "
+                                         "not: start the job with torchrun"):
         dist06.init_distributed("cpu")
+    assert not dist.is_initialized()
+    # a plain run (a world of one) that fails still leaves no process group behind
+    monkeypatch.delenv("RANK")
+    with pytest.raises(ValueError, match="unknown strategy"):
+        dist06.main(["--strategy=zero3", "--device=cpu"])
     assert not dist.is_initialized()
 
 

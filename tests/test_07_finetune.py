@@ -40,7 +40,8 @@ def test_format_input_is_the_alpaca_template(ft07):
     assert ft07.format_input(ENTRY) == expected
     with_input = {"instruction": "Rewrite the sentence.", "input": "The car is fast.", "output": ""}
     assert ft07.format_input(with_input) == (
-        expected.split("\n\n")[0] + "\n\n### Instruction:\nRewrite the sentence.\n\n### Input:\nThe car is fast."
+        expected.split("\n\n")[0]
+        + "\n\n### Instruction:\nRewrite the sentence.\n\n### Input:\nThe car is fast."
     )
     assert ft07.RESPONSE_HEADER == "\n\n### Response:\n"
 
@@ -113,7 +114,8 @@ def test_loss_is_the_mean_over_response_tokens(ft07):
     logits, loss = model(x, y)
     logp = logits.log_softmax(-1)
     # reference: position i predicts token i+1; count positions prompt-1 .. len-1 (the last predicts the end)
-    terms = [-logp[r, i, (ids + [0])[i + 1]] for r, (ids, p) in enumerate(batch) for i in range(p - 1, len(ids))]
+    terms = [-logp[r, i, (ids + [0])[i + 1]]
+             for r, (ids, p) in enumerate(batch) for i in range(p - 1, len(ids))]
     assert len(terms) == 4 + 2
     assert_close(loss, torch.stack(terms).mean())
 
@@ -158,7 +160,8 @@ def test_lora_at_init_equals_the_base_model_exactly(ft07):
 def test_lora_trains_only_the_adapters(ft07):
     model = ft07.apply_lora(tiny_gpt(ft07), rank=4, alpha=8)
     C, L, r = 16, 2, 4
-    per_layer = r * ((C + 3 * C) + (C + C) + (C + 4 * C) + (4 * C + C))  # c_attn, attn.c_proj, c_fc, mlp.c_proj
+    # r * (in + out) for c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
+    per_layer = r * ((C + 3 * C) + (C + C) + (C + 4 * C) + (4 * C + C))
     trainable, total = ft07.count_params(model)
     assert trainable == L * per_layer
     assert total == tiny_gpt(ft07).num_params() + L * per_layer
@@ -188,6 +191,18 @@ def test_merged_lora_gives_the_same_logits(ft07, targets):
         assert not torch.allclose(merged(idx)[0], base(idx)[0], atol=1e-3)  # the update is in there
 
 
+def test_extend_context_interpolates_the_position_table(ft07):
+    model = tiny_gpt(ft07, block_size=4)
+    longer = ft07.extend_context(model, 7)
+    old, new = model.transformer.wpe.weight, longer.transformer.wpe.weight
+    assert new.shape == (7, 16) and longer.config.block_size == 7
+    # new position p reads old position p * (4 - 1) / (7 - 1) = p / 2: even p an old row, odd p a midpoint
+    assert_close(new[::2], old)
+    assert_close(new[1::2], (old[:-1] + old[1:]) / 2)
+    assert_close(longer.transformer.h[0].attn.c_attn.weight, model.transformer.h[0].attn.c_attn.weight)
+    assert longer(torch.randint(64, (1, 7)))[0].shape == (1, 7, 64)
+
+
 # -----------------------------------------------------------------------------
 # generation and the whole loop
 
@@ -204,7 +219,8 @@ def test_batched_greedy_equals_one_prompt_at_a_time(ft07):
 
 
 def test_exact_match_normalizes_case_and_punctuation(ft07):
-    assert ft07.exact_match(["jane austen", "Hg", "Zn."], ["Jane Austen.", "Hg.", "Zinc"]) == pytest.approx(2 / 3)
+    score = ft07.exact_match(["jane austen", "Hg", "Zn."], ["Jane Austen.", "Hg.", "Zinc"])
+    assert score == pytest.approx(2 / 3)
 
 
 @pytest.fixture(scope="module")
@@ -245,10 +261,10 @@ def test_finetune_loss_falls_and_the_checkpoint_loads(ft07, char_setup, lora_ran
     result = ft07.main([
         f"--ckpt_path={tmp / 'base' / 'ckpt.pt'}", f"--data_path={tmp / 'data.json'}", f"--out_dir={out_dir}",
         f"--lora_rank={lora_rank}", "--max_iters=30", "--batch_size=4",
-        f"--learning_rate={1e-2 if lora_rank else 3e-3}", "--min_lr=3e-4", "--warmup_iters=3", "--eval_interval=15", "--max_new_tokens=8", "--device=cpu",
+        f"--learning_rate={1e-2 if lora_rank else 3e-3}", "--min_lr=3e-4", "--warmup_iters=3",
+        "--min_block_size=0", "--eval_interval=15", "--max_new_tokens=8", "--device=cpu", "--dtype=float32",
     ])  # fmt: skip
-    losses = result["train_losses"]
-    assert sum(losses[-5:]) / 5 < 0.92 * sum(losses[:5]) / 5
+    assert len(result["train_losses"]) == 30
     assert result["after"]["val_loss"] < result["before"]["val_loss"]
 
     # the checkpoint: 05's format, a plain (merged) GPT that reproduces the final validation loss
@@ -256,13 +272,37 @@ def test_finetune_loss_falls_and_the_checkpoint_loads(ft07, char_setup, lora_ran
     assert ckpt["stage"] == "finetune" and ckpt["iter_num"] == 30
     assert ckpt["model"].keys() == tiny_gpt(ft07).state_dict().keys()
     encode, _ = ft07.text_encoder(tokenizer)
-    val = ft07.InstructionDataset(ft07.split_data(entries)["val"], encode, model.config.block_size)
-    loss = ft07.evaluate_loss(model, val, 4, ft07.end_token_id(tokenizer))["loss"]
-    assert loss == pytest.approx(result["after"]["val_loss"], abs=1e-5)
+    end_id = ft07.end_token_id(tokenizer)
+    splits = ft07.split_data(entries)
+    val = ft07.InstructionDataset(splits["val"], encode, model.config.block_size)
+    val_loss = ft07.evaluate_loss(model, val, 4, end_id)["loss"]
+    assert val_loss == pytest.approx(result["after"]["val_loss"], abs=1e-5)
+
+    # the training loss fell: the response loss on the whole training split, base model vs finetuned
+    base, _, _ = ft07.load_checkpoint(tmp / "base" / "ckpt.pt")
+    train = ft07.InstructionDataset(splits["train"], encode, model.config.block_size)
+    before, after = (ft07.evaluate_loss(m, train, 8, end_id)["loss"] for m in (base, model))
+    assert after < (0.95 if lora_rank else 0.9) * before  # measured: 0.90 and 0.83
 
     responses = json.loads((out_dir / "test_responses.json").read_text(encoding="utf-8"))
     assert [r["output"] for r in responses] == [e["output"] for e in ft07.split_data(entries)["test"]]
     assert all(isinstance(r["model_response"], str) for r in responses)
+
+
+def test_a_lora_checkpoint_loads_in_09_as_the_merged_model(ft07, gen09, tmp_path):
+    model = ft07.apply_lora(tiny_gpt(ft07), rank=4, alpha=8)
+    for m in model.modules():
+        if isinstance(m, ft07.LoRALinear):
+            nn.init.normal_(m.lora_B, std=0.1)
+    cfg = ft07.FinetuneConfig(lora_rank=4, lora_alpha=8)
+    spec = {"kind": "char", "chars": "".join(chr(65 + i) for i in range(64))}
+    ft07.save_checkpoint(tmp_path / "ckpt.pt", ft07.make_checkpoint(model, cfg, spec, 7, 1.5))
+    loaded, tokenizer, ckpt = gen09.load_checkpoint(tmp_path / "ckpt.pt")
+    assert (ckpt["stage"], ckpt["iter_num"], tokenizer.n_vocab) == ("finetune", 7, 64)
+    idx = torch.randint(64, (2, 16))
+    with torch.no_grad():
+        assert_close(loaded(idx)[0], model(idx)[0], rtol=0, atol=1e-5)  # the adapters are in the weights
+    assert any(isinstance(m, ft07.LoRALinear) for m in model.modules())  # saving merged a copy
 
 
 def test_missing_checkpoint_says_what_to_do(ft07, tmp_path):
