@@ -917,22 +917,33 @@ def pick_device(device: str = "auto") -> str:
 
 
 def pick_threads(threads: int) -> int:
-    """CPU threads for the run: `threads` if > 0, else the cores that are not already busy.
+    """CPU threads for the run: `threads` if > 0, else the cores that are idle right now.
 
     Why not simply all cores: a small model's step is hundreds of short ops, and at every op the
     threads wait for each other. On an idle 2-core machine 2 threads beat 1 by ~1.5x; but when
     another process wants a core, one of our threads waits for its turn at every op: a 2-thread
-    step took 7-30x longer, while 1 thread only slowed 1.3-1.5x. So 0 (auto) takes the cores minus
-    the 1-minute load average (at least 1), once at startup; OMP_NUM_THREADS wins if it is set.
-    Results can differ in the last bits between thread counts: resume with the same count.
+    step took 7-30x longer, while 1 thread only slowed 1.3-1.5x. So 0 (auto) counts the idle cores
+    over 0.25 s at startup (at least 1): on Linux from /proc/stat, whose first line counts the
+    ticks all CPUs spent in each state; elsewhere from the 1-minute load average (which still
+    counts a job that ended a minute ago). OMP_NUM_THREADS wins if it is set. Results can differ
+    in the last bits between thread counts: resume a run with the count it had.
     """
     if threads > 0:
         return threads
     if "OMP_NUM_THREADS" in os.environ:
         return torch.get_num_threads()  # PyTorch already follows it
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(cores, round(cores - busy)))
+    try:
+        ticks = []  # (idle + iowait, total) from "cpu  user nice system idle iowait irq softirq ..."
+        for wait in (0.25, 0):
+            with open("/proc/stat") as f:
+                values = [int(v) for v in f.readline().split()[1:]]
+            ticks.append((values[3] + values[4], sum(values)))
+            time.sleep(wait)
+        idle = cores * (ticks[1][0] - ticks[0][0]) / max(1, ticks[1][1] - ticks[0][1])
+    except (OSError, ValueError, IndexError):
+        idle = cores - os.getloadavg()[0] if hasattr(os, "getloadavg") else cores
+    return max(1, min(cores, round(idle)))
 
 
 # Dense bf16/fp16 tensor-core peaks from NVIDIA's datasheets, for MFU. Matched as substrings of the
@@ -956,7 +967,9 @@ def peak_flops(device: str, dtype: str, threads: int) -> float | None:
         return next((flops for gpu, flops in GPU_PEAK_FLOPS.items() if gpu in name), None)
     if device != "cpu":
         return None
-    a = torch.randn(1024, 1024, dtype=getattr(torch, dtype))
+    # torch.full, not randn: drawing random numbers here would shift the run's RNG stream (the
+    # dropout masks) after a resume restored it, and the values do not change a matmul's speed
+    a = torch.full((1024, 1024), 0.5, dtype=getattr(torch, dtype))
     best = float("inf")
     for _ in range(6):  # the first one warms up
         t0 = time.perf_counter()
@@ -981,7 +994,7 @@ def pick_dtype(dtype: str, device_type: str) -> str:
         return "float32"
     seconds = {}
     for name in ("float32", "bfloat16"):
-        a = torch.randn(1024, 1024, dtype=getattr(torch, name))
+        a = torch.full((1024, 1024), 0.5, dtype=getattr(torch, name))  # not randn: leave the RNG alone
         timings = []
         for _ in range(4):
             t0 = time.perf_counter()

@@ -5,6 +5,7 @@ alone takes seconds), in a temporary out_dir, on a temporary copy of tiny Shakes
 """
 
 import hashlib
+import io
 import math
 import shutil
 import signal
@@ -112,7 +113,10 @@ def test_resume_is_bit_identical(pre05, data_dir, tmp_path, monkeypatch, stop):
     """12 steps in one go == 6 or 7 steps, stop, resume, 5 or 6 more: the same bits, weights and Adam.
 
     Dropout is on, so this also needs the RNG state restored; the stateless batches do the rest.
+    Clearing the peak-FLOPs cache makes the first run measure it, as a fresh process would: that
+    measurement must not draw from the RNG.
     """
+    pre05.peak_flops.cache_clear()
     full = pre05.train(tiny(pre05, tmp_path / "full", data_dir, dropout=0.1))
     if stop == "max_iters":
         first = pre05.train(tiny(pre05, tmp_path / "split", data_dir, dropout=0.1, max_iters=7))
@@ -191,6 +195,20 @@ def test_load_checkpoint_errors(pre05, tmp_path):
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a checkpoint"):
         pre05.load_checkpoint(tmp_path / "other.pt")
+
+
+def test_init_from_gpt2_crops_positions_and_sets_dropout(pre05, data_dir, tmp_path, monkeypatch):
+    """--init_from=gpt2 keeps OpenAI's weights, with our block_size (positions cropped) and dropout."""
+    source = pre05.GPT(pre05.GPTConfig(block_size=32, vocab_size=50257, n_layer=1, n_head=2, n_embd=16))
+    monkeypatch.setattr(pre05.GPT, "from_pretrained", classmethod(lambda cls, name, cache_dir=None: source))
+    cfg = tiny(pre05, tmp_path, data_dir, init_from="gpt2", tokenizer="gpt2", block_size=8, dropout=0.1)
+    model, ckpt = pre05.init_model(cfg, {"kind": "gpt2"}, 50257)
+    assert ckpt is None and (model.config.block_size, model.config.dropout) == (8, 0.1)
+    got, want = model.state_dict(), source.state_dict()
+    assert torch.equal(got["transformer.wpe.weight"], want["transformer.wpe.weight"][:8])
+    assert all(torch.equal(got[k], want[k]) for k in want if k != "transformer.wpe.weight")
+    with pytest.raises(ValueError, match="--tokenizer=gpt2"):
+        pre05.init_model(tiny(pre05, tmp_path, data_dir, init_from="gpt2"), {"kind": "char"}, 65)
 
 
 # -----------------------------------------------------------------------------
@@ -315,14 +333,18 @@ def test_pick_device(pre05):
             pre05.pick_device("cuda")
 
 
-def test_pick_threads(pre05, monkeypatch):
-    """An explicit count is kept; auto takes the idle cores by the load average, at least 1."""
-    assert pre05.pick_threads(3) == 3
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+@pytest.mark.parametrize("idle_ticks, threads", [(400, 4), (280, 3), (30, 1), (0, 1)])
+def test_pick_threads_counts_idle_cores(pre05, monkeypatch, idle_ticks, threads):
+    """Auto: 4 cores, 400 ticks in 0.25 s; idle_ticks of them idle -> 4 * idle_ticks / 400, rounded."""
+    before = "cpu  10 0 10 50 5 0 0 0 0 0\n"  # user nice system idle iowait ...: 75 ticks
+    after = f"cpu  {410 - idle_ticks} 0 10 {50 + idle_ticks} 5 0 0 0 0 0\n"  # 475 ticks
+    lines = iter([before, after])
+    monkeypatch.setattr(pre05, "open", lambda path: io.StringIO(next(lines)), raising=False)
+    monkeypatch.setattr(pre05.time, "sleep", lambda seconds: None)
     monkeypatch.setattr(pre05.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
-    for load, threads in [(0.0, 4), (1.2, 3), (2.6, 1), (9.0, 1)]:
-        monkeypatch.setattr(pre05.os, "getloadavg", lambda load=load: (load, load, load))
-        assert pre05.pick_threads(0) == threads, load
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert pre05.pick_threads(0) == threads
+    assert pre05.pick_threads(3) == 3  # explicit counts are kept
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert pre05.pick_threads(0) == torch.get_num_threads()
 
