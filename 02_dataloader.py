@@ -54,9 +54,9 @@ OUT_DIR = Path(__file__).resolve().parent / "out" / "data"
 class CharTokenizer:
     """One token per character: the simplest tokenizer (vocabulary = the characters seen).
 
-    >>> tok = CharTokenizer.from_text("hello")      # vocabulary "ehlo"
-    >>> tok.encode("hole"), tok.decode([2, 1])
-    ([2, 3, 2, 0], 'le')
+    >>> tok = CharTokenizer.from_text("hello")      # vocabulary "ehlo": e=0, h=1, l=2, o=3
+    >>> tok.encode("hole"), tok.decode([2, 0])
+    ([1, 3, 2, 0], 'le')
     """
 
     def __init__(self, chars: str):
@@ -95,7 +95,7 @@ def get_tokenizer(spec: dict):
     """{"kind": "char", "chars": ...} -> CharTokenizer; {"kind": "gpt2"} -> tiktoken's GPT-2.
 
     Checkpoints store this small dict, not the tokenizer. For GPT-2 we use tiktoken (Rust, fast);
-    01_tokenizer.py's BPETokenizer gives the same ids and shows how they are made.
+    BPETokenizer below gives the same ids and shows how they are made.
     """
     kind = spec.get("kind")
     if kind == "char":
@@ -104,8 +104,8 @@ def get_tokenizer(spec: dict):
         import tiktoken  # imported here so that char-only scripts do not need it
 
         return tiktoken.get_encoding("gpt2")
-    raise ValueError(f"unknown tokenizer kind {kind!r}; "
-                     f"use {{'kind': 'char', 'chars': ...}} or {{'kind': 'gpt2'}}")
+    raise ValueError(f"unknown tokenizer kind {kind!r}; use {{'kind': 'char', 'chars': ...}} "
+                     "or {'kind': 'gpt2'}")
 
 
 # copied from 01_tokenizer.py: download

@@ -879,18 +879,25 @@ def pick_dtype(dtype: str, device_type: str) -> str:
     bfloat16 if its matmuls measure at least 2x faster than float32's, else float32.
 
     CPUs with bf16 units (AVX512-BF16, AMX, recent Arm) multiply bf16 matrices 2-4x faster than
-    fp32 ones; on the others bf16 is emulated and slower, so we measure instead of guessing (~0.2 s,
-    with the run's thread count). On CUDA bf16 needs no gradient scaling, fp16 does (see train).
+    fp32 ones; on the others bf16 is emulated and slower, so we measure instead of guessing (~0.1 s,
+    with the current thread count). On CUDA bf16 needs no gradient scaling, fp16 does (see train).
     """
     if dtype != "auto":
         return dtype
     if device_type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if device_type == "cpu":
-        threads = torch.get_num_threads()
-        fast = peak_flops("cpu", "bfloat16", threads) >= 2 * peak_flops("cpu", "float32", threads)
-        return "bfloat16" if fast else "float32"
-    return "float32"
+    if device_type != "cpu":
+        return "float32"
+    seconds = {}
+    for name in ("float32", "bfloat16"):
+        a = torch.full((1024, 1024), 0.5, dtype=getattr(torch, name))  # not randn: leave the RNG alone
+        timings = []
+        for _ in range(4):
+            t0 = time.perf_counter()
+            a @ a
+            timings.append(time.perf_counter() - t0)
+        seconds[name] = min(timings)  # the fastest: least disturbed by other processes
+    return "bfloat16" if 2 * seconds["bfloat16"] <= seconds["float32"] else "float32"
 
 
 # copied from 05_pretrain.py: GPU_PEAK_FLOPS
@@ -914,7 +921,9 @@ def peak_flops(device: str, dtype: str, threads: int) -> float | None:
         return next((flops for gpu, flops in GPU_PEAK_FLOPS.items() if gpu in name), None)
     if device != "cpu":
         return None
-    a = torch.randn(1024, 1024, dtype=getattr(torch, dtype))
+    # torch.full, not randn: drawing random numbers here would shift the run's RNG stream (the
+    # dropout masks) after a resume restored it, and the values do not change a matmul's speed
+    a = torch.full((1024, 1024), 0.5, dtype=getattr(torch, dtype))
     best = float("inf")
     for _ in range(6):  # the first one warms up
         t0 = time.perf_counter()

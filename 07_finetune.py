@@ -742,7 +742,9 @@ def peak_flops(device: str, dtype: str, threads: int) -> float | None:
         return next((flops for gpu, flops in GPU_PEAK_FLOPS.items() if gpu in name), None)
     if device != "cpu":
         return None
-    a = torch.randn(1024, 1024, dtype=getattr(torch, dtype))
+    # torch.full, not randn: drawing random numbers here would shift the run's RNG stream (the
+    # dropout masks) after a resume restored it, and the values do not change a matmul's speed
+    a = torch.full((1024, 1024), 0.5, dtype=getattr(torch, dtype))
     best = float("inf")
     for _ in range(6):  # the first one warms up
         t0 = time.perf_counter()
@@ -757,18 +759,25 @@ def pick_dtype(dtype: str, device_type: str) -> str:
     bfloat16 if its matmuls measure at least 2x faster than float32's, else float32.
 
     CPUs with bf16 units (AVX512-BF16, AMX, recent Arm) multiply bf16 matrices 2-4x faster than
-    fp32 ones; on the others bf16 is emulated and slower, so we measure instead of guessing (~0.2 s,
-    with the run's thread count). On CUDA bf16 needs no gradient scaling, fp16 does (see train).
+    fp32 ones; on the others bf16 is emulated and slower, so we measure instead of guessing (~0.1 s,
+    with the current thread count). On CUDA bf16 needs no gradient scaling, fp16 does (see train).
     """
     if dtype != "auto":
         return dtype
     if device_type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if device_type == "cpu":
-        threads = torch.get_num_threads()
-        fast = peak_flops("cpu", "bfloat16", threads) >= 2 * peak_flops("cpu", "float32", threads)
-        return "bfloat16" if fast else "float32"
-    return "float32"
+    if device_type != "cpu":
+        return "float32"
+    seconds = {}
+    for name in ("float32", "bfloat16"):
+        a = torch.full((1024, 1024), 0.5, dtype=getattr(torch, name))  # not randn: leave the RNG alone
+        timings = []
+        for _ in range(4):
+            t0 = time.perf_counter()
+            a @ a
+            timings.append(time.perf_counter() - t0)
+        seconds[name] = min(timings)  # the fastest: least disturbed by other processes
+    return "bfloat16" if 2 * seconds["bfloat16"] <= seconds["float32"] else "float32"
 
 
 # copied from 05_pretrain.py: autocast_context
@@ -788,21 +797,33 @@ def autocast_context(device_type: str, dtype: str):
 
 # copied from 05_pretrain.py: pick_threads
 def pick_threads(threads: int) -> int:
-    """CPU threads for the run: `threads` if > 0, else the cores that are not already busy.
+    """CPU threads for the run: `threads` if > 0, else the cores that are idle right now.
 
     Why not simply all cores: a small model's step is hundreds of short ops, and at every op the
-    threads wait for each other. On an idle machine 2 threads beat 1 (~1.5x on 2 cores); but when
-    another process wants a core, one of our threads waits for its turn at every op, and a 2-thread
-    step took 10-30x longer, while 1 thread only slowed 1.3-1.5x. So 0 (auto) takes the cores minus
-    the 1-minute load average (at least 1), once at startup, and OMP_NUM_THREADS wins if it is set.
+    threads wait for each other. On an idle 2-core machine 2 threads beat 1 by ~1.5x; but when
+    another process wants a core, one of our threads waits for its turn at every op: a 2-thread
+    step took 7-30x longer, while 1 thread only slowed 1.3-1.5x. So 0 (auto) counts the idle cores
+    over 0.25 s at startup (at least 1): on Linux from /proc/stat, whose first line counts the
+    ticks all CPUs spent in each state; elsewhere from the 1-minute load average (which still
+    counts a job that ended a minute ago). OMP_NUM_THREADS wins if it is set. Results can differ
+    in the last bits between thread counts: resume a run with the count it had.
     """
     if threads > 0:
         return threads
     if "OMP_NUM_THREADS" in os.environ:
         return torch.get_num_threads()  # PyTorch already follows it
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(cores, round(cores - busy)))
+    try:
+        ticks = []  # (idle + iowait, total) from "cpu  user nice system idle iowait irq softirq ..."
+        for wait in (0.25, 0):
+            with open("/proc/stat") as f:
+                values = [int(v) for v in f.readline().split()[1:]]
+            ticks.append((values[3] + values[4], sum(values)))
+            time.sleep(wait)
+        idle = cores * (ticks[1][0] - ticks[0][0]) / max(1, ticks[1][1] - ticks[0][1])
+    except (OSError, ValueError, IndexError):
+        idle = cores - os.getloadavg()[0] if hasattr(os, "getloadavg") else cores
+    return max(1, min(cores, round(idle)))
 
 
 # copied from 05_pretrain.py: configure_optimizers

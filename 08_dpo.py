@@ -731,17 +731,29 @@ def pick_device(device: str = "auto") -> str:
 
 # copied from 05_pretrain.py: pick_dtype
 def pick_dtype(dtype: str, device_type: str) -> str:
-    """"auto" -> bfloat16 on GPUs that have it (Ampere and newer), float16 on older ones, else float32.
+    """"auto" -> bfloat16 on GPUs that have it (Ampere and newer), float16 on older ones; on CPU,
+    bfloat16 if its matmuls measure at least 2x faster than float32's, else float32.
 
-    On CPU we stay in float32: exact, and the step of a small model is not only matmuls, so bf16's
-    faster matmuls (where the CPU has them) buy little once autocast's casts are paid; --bench
-    measures both on your machine.
+    CPUs with bf16 units (AVX512-BF16, AMX, recent Arm) multiply bf16 matrices 2-4x faster than
+    fp32 ones; on the others bf16 is emulated and slower, so we measure instead of guessing (~0.1 s,
+    with the current thread count). On CUDA bf16 needs no gradient scaling, fp16 does (see train).
     """
     if dtype != "auto":
         return dtype
     if device_type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "float32"
+    if device_type != "cpu":
+        return "float32"
+    seconds = {}
+    for name in ("float32", "bfloat16"):
+        a = torch.full((1024, 1024), 0.5, dtype=getattr(torch, name))  # not randn: leave the RNG alone
+        timings = []
+        for _ in range(4):
+            t0 = time.perf_counter()
+            a @ a
+            timings.append(time.perf_counter() - t0)
+        seconds[name] = min(timings)  # the fastest: least disturbed by other processes
+    return "bfloat16" if 2 * seconds["bfloat16"] <= seconds["float32"] else "float32"
 
 
 # copied from 05_pretrain.py: autocast_context
@@ -761,21 +773,33 @@ def autocast_context(device_type: str, dtype: str):
 
 # copied from 05_pretrain.py: pick_threads
 def pick_threads(threads: int) -> int:
-    """CPU threads for the run: `threads` if > 0, else the cores that are not already busy.
+    """CPU threads for the run: `threads` if > 0, else the cores that are idle right now.
 
     Why not simply all cores: a small model's step is hundreds of short ops, and at every op the
-    threads wait for each other. On an idle machine 2 threads beat 1 (~1.5x on 2 cores); but when
-    another process wants a core, one of our threads waits for its turn at every op, and a 2-thread
-    step took 10-30x longer, while 1 thread only slowed 1.3-1.5x. So 0 (auto) takes the cores minus
-    the 1-minute load average (at least 1), once at startup, and OMP_NUM_THREADS wins if it is set.
+    threads wait for each other. On an idle 2-core machine 2 threads beat 1 by ~1.5x; but when
+    another process wants a core, one of our threads waits for its turn at every op: a 2-thread
+    step took 7-30x longer, while 1 thread only slowed 1.3-1.5x. So 0 (auto) counts the idle cores
+    over 0.25 s at startup (at least 1): on Linux from /proc/stat, whose first line counts the
+    ticks all CPUs spent in each state; elsewhere from the 1-minute load average (which still
+    counts a job that ended a minute ago). OMP_NUM_THREADS wins if it is set. Results can differ
+    in the last bits between thread counts: resume a run with the count it had.
     """
     if threads > 0:
         return threads
     if "OMP_NUM_THREADS" in os.environ:
         return torch.get_num_threads()  # PyTorch already follows it
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(cores, round(cores - busy)))
+    try:
+        ticks = []  # (idle + iowait, total) from "cpu  user nice system idle iowait irq softirq ..."
+        for wait in (0.25, 0):
+            with open("/proc/stat") as f:
+                values = [int(v) for v in f.readline().split()[1:]]
+            ticks.append((values[3] + values[4], sum(values)))
+            time.sleep(wait)
+        idle = cores * (ticks[1][0] - ticks[0][0]) / max(1, ticks[1][1] - ticks[0][1])
+    except (OSError, ValueError, IndexError):
+        idle = cores - os.getloadavg()[0] if hasattr(os, "getloadavg") else cores
+    return max(1, min(cores, round(idle)))
 
 
 # copied from 05_pretrain.py: configure_optimizers
@@ -973,10 +997,9 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int = 0) -> list[int
     """
     if not 0 < batch_size <= n:
         raise ValueError(f"batch_size={batch_size} must be between 1 and the {n} training examples")
-    per_epoch = n // batch_size
-    epoch, i = divmod(step, per_epoch)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-    return order[i * batch_size : (i + 1) * batch_size]
+    epoch, i = divmod(step, n // batch_size)
+    order = np.random.default_rng([seed, epoch]).permutation(n)  # a fresh shuffle every epoch
+    return order[i * batch_size : (i + 1) * batch_size].tolist()
 
 
 # copied from 07_finetune.py: generate_greedy
