@@ -542,7 +542,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help="where downloads go")
     parser.add_argument("--out-dir", type=Path, default=OUT_DIR,
-                        help="prepared corpora go to OUT_DIR/<corpus>_<tokenizer>/ (default: %(default)s)")
+                        help="prepared corpora go to OUT_DIR/<corpus>-<tokenizer>/, the layout 05 reads "
+                             "with --data_dir (default: %(default)s)")
     args = parser.parse_args(argv)
 
     path = args.text_file or fetch(args.corpus, args.data_dir)
@@ -558,7 +559,7 @@ def main(argv=None):
 
     for kind in args.tokenizers:
         spec = CharTokenizer.from_text(text).to_dict() if kind == "char" else {"kind": "gpt2"}
-        out_dir = args.out_dir / f"{name}_{kind}"
+        out_dir = args.out_dir / f"{name}-{kind}"
         meta = prepare_corpus(text, out_dir, spec, val_fraction=args.val_fraction)
         train = load_tokens(out_dir, "train")
         tokenizer = get_tokenizer(spec)

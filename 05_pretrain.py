@@ -830,7 +830,7 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps
     dtype: str = "auto"  # auto (see pick_dtype), float32, bfloat16, float16 (CUDA, with loss scaling)
     compile: str = "auto"  # torch.compile: auto (on for cuda), true, false
-    threads: int = 0  # CPU threads; 0 = auto: the cores the load average says are idle (pick_threads)
+    threads: int = 0  # CPU threads; 0 = auto: the cores idle at startup (see pick_threads)
     seed: int = 1337  # seeds the weights, the batches and dropout
     bench: bool = False  # instead of training, time short runs for threads x dtype and print a table
 
@@ -861,7 +861,8 @@ class TrainConfig:
 def parse_config(cls, argv=None):
     """A dataclass of settings from the command line: each field becomes a --field=value flag.
 
-    The help text of a flag is the comment after its field. Bools take true/false (also 1/0, yes/no).
+    The help text of a flag is the comment after its field. Bools take true/false (also 1/0, yes/no),
+    and a bare flag means true: `--compile` is `--compile=true`.
     If cls has a PRESETS dict and a `preset` field, the chosen preset is applied first and the flags
     given on the command line override it:
         parse_config(TrainConfig, ["--preset=shakespeare-char-gpu", "--dropout=0.1"])
@@ -886,7 +887,9 @@ def parse_config(cls, argv=None):
     for f in fields(cls):
         kind = f.type if isinstance(f.type, type) else type(f.default)
         help_text = f"{helps.get(f.name, '')} (default: {f.default!r})".replace("%", "%%").lstrip()
-        parser.add_argument(f"--{f.name}", type=to_bool if kind is bool else kind, metavar=kind.__name__,
+        flag = kind is bool
+        parser.add_argument(f"--{f.name}", type=to_bool if flag else kind, metavar=kind.__name__,
+                            nargs="?" if flag else None, const=True if flag else None,
                             default=argparse.SUPPRESS, help=help_text,  # SUPPRESS: absent flags stay absent
                             choices=sorted(presets) if f.name == "preset" and presets else None)
     given = vars(parser.parse_args(argv))
@@ -958,8 +961,9 @@ GPU_PEAK_FLOPS = {
 def peak_flops(device: str, dtype: str, threads: int) -> float | None:
     """The FLOP/s that MFU is measured against: a GPU's datasheet peak, or a CPU's measured one.
 
-    CPUs have no datasheet number that anyone reaches, so we time a 1024 x 1024 matmul in the
-    training dtype with the run's thread count (~0.1 s, once) and call the best of 5 the peak.
+    CPUs have no datasheet number that anyone reaches, so we time a 2048 x 2048 matmul in the
+    training dtype with the run's thread count (~0.5 s, once) and call the best of 5 the peak (a
+    smaller or single timing is easily caught by another process and gives MFUs above 100%).
     None when unknown (mps, a GPU not in GPU_PEAK_FLOPS). threads is an argument for the cache.
     """
     if device.startswith("cuda"):
@@ -969,13 +973,14 @@ def peak_flops(device: str, dtype: str, threads: int) -> float | None:
         return None
     # torch.full, not randn: drawing random numbers here would shift the run's RNG stream (the
     # dropout masks) after a resume restored it, and the values do not change a matmul's speed
-    a = torch.full((1024, 1024), 0.5, dtype=getattr(torch, dtype))
+    n = 2048
+    a = torch.full((n, n), 0.5, dtype=getattr(torch, dtype))
     best = float("inf")
     for _ in range(6):  # the first one warms up
         t0 = time.perf_counter()
         a @ a
         best = min(best, time.perf_counter() - t0)
-    return 2 * 1024**3 / best
+    return 2 * n**3 / best
 
 
 def pick_dtype(dtype: str, device_type: str) -> str:
@@ -1315,6 +1320,12 @@ def train(cfg: TrainConfig) -> dict:
     use_compile = {"auto": device_type == "cuda", "true": True, "false": False}[cfg.compile]
     # concrete values from here on: "auto" resolved; the checkpoints record what really ran
     previous_threads = torch.get_num_threads()
+    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
+    if cfg.init_from == "resume" and ckpt_path.exists() and (cfg.dtype == "auto" or cfg.threads == 0):
+        # bit for bit needs the dtype and thread count the run had, not a new measurement of them
+        ran = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True)["config"]
+        cfg = replace(cfg, dtype=ran["dtype"] if cfg.dtype == "auto" else cfg.dtype,
+                      threads=ran["threads"] if cfg.threads == 0 else cfg.threads)
     torch.set_num_threads(pick_threads(cfg.threads))  # first: pick_dtype measures with these threads
     dtype, threads = pick_dtype(cfg.dtype, device_type), torch.get_num_threads()
     cfg = replace(cfg, device=device, dtype=dtype, threads=threads)

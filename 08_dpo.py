@@ -677,7 +677,8 @@ def hf_to_gpt_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 def parse_config(cls, argv=None):
     """A dataclass of settings from the command line: each field becomes a --field=value flag.
 
-    The help text of a flag is the comment after its field. Bools take true/false (also 1/0, yes/no).
+    The help text of a flag is the comment after its field. Bools take true/false (also 1/0, yes/no),
+    and a bare flag means true: `--compile` is `--compile=true`.
     If cls has a PRESETS dict and a `preset` field, the chosen preset is applied first and the flags
     given on the command line override it:
         parse_config(TrainConfig, ["--preset=shakespeare-char-gpu", "--dropout=0.1"])
@@ -702,7 +703,9 @@ def parse_config(cls, argv=None):
     for f in fields(cls):
         kind = f.type if isinstance(f.type, type) else type(f.default)
         help_text = f"{helps.get(f.name, '')} (default: {f.default!r})".replace("%", "%%").lstrip()
-        parser.add_argument(f"--{f.name}", type=to_bool if kind is bool else kind, metavar=kind.__name__,
+        flag = kind is bool
+        parser.add_argument(f"--{f.name}", type=to_bool if flag else kind, metavar=kind.__name__,
+                            nargs="?" if flag else None, const=True if flag else None,
                             default=argparse.SUPPRESS, help=help_text,  # SUPPRESS: absent flags stay absent
                             choices=sorted(presets) if f.name == "preset" and presets else None)
     given = vars(parser.parse_args(argv))
@@ -1338,7 +1341,7 @@ class DPOConfig:
     # system
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps
     dtype: str = "auto"  # auto (cuda: bfloat16, or float16 without bf16; else float32), float32, ...
-    threads: int = 0  # CPU threads; 0 = auto: the cores the load average says are idle
+    threads: int = 0  # CPU threads; 0 = auto: the cores idle at startup (05's pick_threads)
     seed: int = 1337  # seeds the batch order (and dropout, if any)
 
     def __post_init__(self):

@@ -575,7 +575,8 @@ def hf_to_gpt_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 def parse_config(cls, argv=None):
     """A dataclass of settings from the command line: each field becomes a --field=value flag.
 
-    The help text of a flag is the comment after its field. Bools take true/false (also 1/0, yes/no).
+    The help text of a flag is the comment after its field. Bools take true/false (also 1/0, yes/no),
+    and a bare flag means true: `--compile` is `--compile=true`.
     If cls has a PRESETS dict and a `preset` field, the chosen preset is applied first and the flags
     given on the command line override it:
         parse_config(TrainConfig, ["--preset=shakespeare-char-gpu", "--dropout=0.1"])
@@ -600,7 +601,9 @@ def parse_config(cls, argv=None):
     for f in fields(cls):
         kind = f.type if isinstance(f.type, type) else type(f.default)
         help_text = f"{helps.get(f.name, '')} (default: {f.default!r})".replace("%", "%%").lstrip()
-        parser.add_argument(f"--{f.name}", type=to_bool if kind is bool else kind, metavar=kind.__name__,
+        flag = kind is bool
+        parser.add_argument(f"--{f.name}", type=to_bool if flag else kind, metavar=kind.__name__,
+                            nargs="?" if flag else None, const=True if flag else None,
                             default=argparse.SUPPRESS, help=help_text,  # SUPPRESS: absent flags stay absent
                             choices=sorted(presets) if f.name == "preset" and presets else None)
     given = vars(parser.parse_args(argv))

@@ -412,5 +412,5 @@ def test_main_demo_on_a_small_text(dl02, tmp_path, capsys):
     assert "trailing spaces at line ends" in out
     assert "ranks 0 and 1 of 2 together give the same batch: True" in out
     for kind in ("char", "gpt2"):
-        out_dir = tmp_path / "out" / f"small_{kind}"
+        out_dir = tmp_path / "out" / f"small-{kind}"
         assert dl02.load_meta(out_dir)["train_tokens"] > 0 and len(dl02.load_tokens(out_dir, "val")) > 0

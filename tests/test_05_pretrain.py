@@ -139,6 +139,18 @@ def test_resume_is_bit_identical(pre05, data_dir, tmp_path, monkeypatch, stop):
     assert resumed["val_loss"] == full["val_loss"]
 
 
+def test_resume_keeps_the_dtype_and_threads_the_run_had(pre05, data_dir, tmp_path, monkeypatch):
+    """--dtype=auto and --threads=0 on resume mean "what the run used", not a new measurement:
+    a machine that now measures bf16 faster (or has more idle cores) must not change the numbers."""
+    cfg = tiny(pre05, tmp_path, data_dir, max_iters=4)
+    pre05.train(cfg)  # float32, 1 thread
+    monkeypatch.setattr(pre05, "pick_dtype", lambda dtype, _: "bfloat16" if dtype == "auto" else dtype)
+    monkeypatch.setattr(pre05, "pick_threads", lambda threads: threads or 2)
+    pre05.train(pre05.replace(cfg, init_from="resume", max_iters=6, dtype="auto", threads=0))
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert (ckpt["iter_num"], ckpt["config"]["dtype"], ckpt["config"]["threads"]) == (6, "float32", 1)
+
+
 def test_nan_stops_the_run_and_keeps_the_checkpoint(pre05, data_dir, tmp_path, monkeypatch):
     pre05.train(tiny(pre05, tmp_path, data_dir, max_iters=4))  # checkpoints at iterations 0 and 4
     before = {name: sha256(tmp_path / name) for name in ("ckpt.pt", "best.pt")}
@@ -291,6 +303,9 @@ def test_parse_config_preset_then_flags(pre05):
                                                   "--compile=False", "--bias=yes", "--decay_lr=0"])
     assert (cfg.n_layer, cfg.n_embd, cfg.block_size, cfg.batch_size, cfg.max_iters) == (6, 384, 256, 64, 5000)
     assert cfg.dropout == 0.1 and cfg.compile == "false" and cfg.bias is True and cfg.decay_lr is False
+    # a bare bool flag means true, and does not swallow the flag after it
+    cfg = pre05.parse_config(pre05.TrainConfig, ["--bias", "--n_layer=2"])
+    assert cfg.bias is True and cfg.n_layer == 2
 
 
 @pytest.mark.parametrize("argv, message", [

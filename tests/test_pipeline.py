@@ -1,0 +1,86 @@
+"""The whole pipeline end to end, through the scripts' command lines, as a user runs it.
+
+tokenizer (01) -> data (02) -> pretrain (05) -> finetune (07) -> DPO (08) -> generate (09), on tiny
+settings. Each stage reads what the stage before it wrote: 05 trains on the token files that 02
+prepared, 07 starts from 05's checkpoint, 08 from 07's, and 09 samples from 08's. The last check
+ties the chain to the model code: 09's greedy text equals 04's own `generate` on the DPO checkpoint.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import DATA_DIR, ROOT, load_script
+
+pytestmark = pytest.mark.slow
+
+
+def run(*args: str, timeout: float = 120) -> str:
+    """Run `python <args>` in the repo under a deadline; return stdout, or fail showing both streams.
+
+    The script runs in its own session so that a timeout kills it and anything it started.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, text=True, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(args)} did not finish in {timeout} s\n{out}\n{err}")
+    assert proc.returncode == 0, f"{' '.join(args)} exited with {proc.returncode}\n{out}\n{err}"
+    return out
+
+
+def test_the_pipeline_through_the_command_lines(tmp_path, shakespeare_path):
+    # 1. tokenizer: train a small BPE on Shakespeare, then encode and decode through the CLI
+    bpe = tmp_path / "bpe.json"
+    run("01_tokenizer.py", "train", str(shakespeare_path), "--vocab-size=300", f"--out={bpe}")
+    line = "To be, or not to be: that is the question."
+    ids = json.loads(run("01_tokenizer.py", "encode", line, f"--tokenizer={bpe}").splitlines()[0])
+    assert len(ids) < len(line.encode())  # the merges compress
+    assert run("01_tokenizer.py", "decode", *map(str, ids), f"--tokenizer={bpe}").rstrip("\n") == line
+
+    # 2. data: 02 cleans and tokenizes the corpus into <corpus>-<tokenizer>/, the layout 05 reads
+    data = tmp_path / "data"
+    run("02_dataloader.py", "--tokenizers", "char", f"--data-dir={DATA_DIR}", f"--out-dir={data}")
+    meta = json.loads((data / "tinyshakespeare-char" / "meta.json").read_text())
+    assert meta["tokenizer"]["kind"] == "char" and meta["train_tokens"] > 900_000
+
+    # 3. pretrain a tiny char-level GPT on those token files
+    pre = tmp_path / "pretrain"
+    run("05_pretrain.py", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8",
+        "--max_iters=30", "--warmup_iters=5", "--lr_decay_iters=30", "--eval_interval=15", "--eval_iters=2",
+        "--max_new_tokens=10", "--threads=1", "--dtype=float32", f"--data_dir={data}", f"--out_dir={pre}")
+
+    # 4. finetune it on instructions (few steps; a char model gets its context stretched)
+    ft = tmp_path / "finetune"
+    run("07_finetune.py", f"--ckpt_path={pre / 'ckpt.pt'}", f"--out_dir={ft}", "--max_iters=3",
+        "--batch_size=2", "--min_block_size=256", "--eval_interval=3", "--num_responses=2",
+        "--max_new_tokens=8", "--threads=1", "--dtype=float32")
+    assert len(json.loads((ft / "test_responses.json").read_text())) >= 2
+
+    # 5. DPO from the finetuned checkpoint
+    dpo = tmp_path / "dpo"
+    run("08_dpo.py", f"--ckpt_path={ft / 'ckpt.pt'}", f"--out_dir={dpo}", "--max_iters=2", "--batch_size=2",
+        "--eval_interval=2", "--eval_pairs=4", "--num_responses=1", "--max_new_tokens=8", "--threads=1",
+        "--dtype=float32")
+    assert (dpo / "dpo_responses.json").exists()
+
+    # 6. generate from the aligned model; greedy, so the text is determined by the weights
+    prompt = "ROMEO:"
+    out = run("09_generate.py", f"--ckpt={dpo / 'ckpt.pt'}", f"--prompt={prompt}", "--max_new_tokens=30",
+              "--temperature=0", "--device=cpu")
+
+    # 04's own generate on the same checkpoint must write the same text
+    pre05 = load_script("05_pretrain")
+    model, tok, ckpt = pre05.load_checkpoint(dpo / "ckpt.pt")
+    assert ckpt["stage"] == "dpo"
+    idx = torch.tensor([tok.encode(prompt)])
+    expected = tok.decode(model.eval().generate(idx, 30, temperature=0.0)[0].tolist())
+    assert expected in out, f"09 printed:\n{out}\n04's generate:\n{expected}"
