@@ -77,7 +77,7 @@ def test_run_writes_checkpoints_log_and_plot(trained):
     assert out["config"]["dtype"] == "float32"  # the resolved settings, not "auto"
     lines = open(f"{cfg.out_dir}/log.jsonl").read().splitlines()
     assert len([line for line in lines if '"val_loss"' in line]) == 3  # iterations 0, 100, 200
-    pytest.importorskip("matplotlib")
+    # matplotlib is optional for users, but requirements-dev.txt installs it: the plot is tested in CI
     assert open(f"{cfg.out_dir}/loss.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
