@@ -137,6 +137,7 @@ def download(url: str, path, sha256: str, timeout=30) -> Path:
                 digest.update(block)
         if digest.hexdigest() == sha256:
             return path
+        path.unlink()  # corrupt or outdated: never leave it where a good file is expected
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     digest = hashlib.sha256()
@@ -156,7 +157,8 @@ def download(url: str, path, sha256: str, timeout=30) -> Path:
                 print()
         if digest.hexdigest() != sha256:
             raise ValueError(f"sha256 mismatch for {url}: expected {sha256}, got {digest.hexdigest()}; "
-                             "the file changed upstream or the download was corrupted")
+                             "retry; if it persists the file changed upstream: check it and update the hash, "
+                             f"or put the expected file in {path.parent} by hand")
         os.replace(tmp, path)
     except requests.RequestException as e:
         raise RuntimeError(f"download of {url} failed: {e}; check the URL and your network, "

@@ -124,6 +124,7 @@ def download(url: str, path, sha256: str, timeout=30) -> Path:
                 digest.update(block)
         if digest.hexdigest() == sha256:
             return path
+        path.unlink()  # corrupt or outdated: never leave it where a good file is expected
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     digest = hashlib.sha256()
@@ -143,7 +144,8 @@ def download(url: str, path, sha256: str, timeout=30) -> Path:
                 print()
         if digest.hexdigest() != sha256:
             raise ValueError(f"sha256 mismatch for {url}: expected {sha256}, got {digest.hexdigest()}; "
-                             "the file changed upstream or the download was corrupted")
+                             "retry; if it persists the file changed upstream: check it and update the hash, "
+                             f"or put the expected file in {path.parent} by hand")
         os.replace(tmp, path)
     except requests.RequestException as e:
         raise RuntimeError(f"download of {url} failed: {e}; check the URL and your network, "
@@ -346,7 +348,9 @@ def prepare_corpus(text: str, out_dir, tokenizer_spec: dict, val_fraction: float
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = {}
     for split, part in (("train", text[:split_at]), ("val", text[split_at:])):
-        ids = np.array(tokenizer.encode(part), dtype=np.int64)
+        # a literal <|endoftext|> in a GPT-2 corpus is a document separator: encode it as the token
+        special = {} if tokenizer.eot_token is None else {"allowed_special": "all"}
+        ids = np.array(tokenizer.encode(part, **special), dtype=np.int64)
         if len(ids) == 0:
             raise ValueError(f"the {split} split is empty ({len(text)} characters of text); "
                              "use more text or another val_fraction")
@@ -444,10 +448,12 @@ def get_batch(data, batch_size: int, block_size: int, step: int, seed: int = 0,
     starts = rng.integers(0, len(data) - block_size, size=batch_size)  # last start: len - T - 1
     per_rank = batch_size // world_size
     starts = starts[rank * per_rank:(rank + 1) * per_rank]
-    # one fancy-indexing read of (B, T+1) tokens; x and y are two views of it
+    # one fancy-indexing read of (B, T+1) tokens, then x and y as contiguous copies: a strided view
+    # would make .to("cuda", non_blocking=True) stage a pageable copy first (and block), and
+    # .view(-1) on it fails
     window = data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64)  # (B, T+1)
-    x = torch.from_numpy(window[:, :-1])  # (B, T)
-    y = torch.from_numpy(window[:, 1:])  # (B, T)
+    x = torch.from_numpy(np.ascontiguousarray(window[:, :-1]))  # (B, T)
+    y = torch.from_numpy(np.ascontiguousarray(window[:, 1:]))  # (B, T)
     if torch.device(device).type == "cuda":  # pinned memory lets the copy overlap with compute
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)

@@ -17,7 +17,8 @@ This file builds it in five steps, each adding one idea (read top to bottom):
    FlashAttention / memory-efficient kernels that never store the T x T score matrix, plus an
    optional padding mask for batches of unequal lengths. 04_gpt.py copies this class.
 
-With the same weights, steps 3-5 compute the same function; the tests check it to 1e-5.
+With the same weights, steps 4 and 5 compute the same function (and one head of step 4 is step
+3); the tests check it to 1e-5.
 
 References:
 - Vaswani et al. 2017, "Attention Is All You Need" (scaled dot-product and multi-head attention).

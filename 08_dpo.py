@@ -155,6 +155,7 @@ def download(url: str, path, sha256: str, timeout=30) -> Path:
                 digest.update(block)
         if digest.hexdigest() == sha256:
             return path
+        path.unlink()  # corrupt or outdated: never leave it where a good file is expected
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     digest = hashlib.sha256()
@@ -174,7 +175,8 @@ def download(url: str, path, sha256: str, timeout=30) -> Path:
                 print()
         if digest.hexdigest() != sha256:
             raise ValueError(f"sha256 mismatch for {url}: expected {sha256}, got {digest.hexdigest()}; "
-                             "the file changed upstream or the download was corrupted")
+                             "retry; if it persists the file changed upstream: check it and update the hash, "
+                             f"or put the expected file in {path.parent} by hand")
         os.replace(tmp, path)
     except requests.RequestException as e:
         raise RuntimeError(f"download of {url} failed: {e}; check the URL and your network, "
@@ -426,6 +428,8 @@ class GPT(nn.Module):
 
         idx: (B, T) token ids, T <= block_size. targets: (B, T), -100 marks positions to ignore
         (padding, prompts in finetuning). attention_mask: optional (B, T), True/1 = real token.
+        Positions are absolute (0..T-1), so pad on the right: a left-padded row would shift its
+        real tokens' positions (09's generation passes its own positions for left padding).
         Returns (logits (B, T, vocab_size), loss or None).
         """
         self._check_input(idx)
@@ -454,9 +458,10 @@ class GPT(nn.Module):
                 f"sequence length {idx.size(1)} exceeds block_size={block_size} (the model has no "
                 f"position embedding beyond it); crop to the last tokens with idx[:, -{block_size}:]"
             )
-        # subtle: reading min/max waits for the device; torch.compile would break its graph here,
-        # so a compiled model skips the check (an out-of-range id then fails inside the embedding).
-        if idx.numel() and not torch.compiler.is_compiling():
+        # subtle: reading min/max makes the CPU wait for a GPU, and torch.compile would break its
+        # graph here; so only eager CPU tensors are checked (elsewhere an out-of-range id fails
+        # inside the embedding, with a less helpful message).
+        if idx.numel() and idx.device.type == "cpu" and not torch.compiler.is_compiling():
             lo, hi = idx.min().item(), idx.max().item()
             if lo < 0 or hi >= vocab_size:
                 raise ValueError(

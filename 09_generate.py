@@ -324,6 +324,8 @@ class GPT(nn.Module):
 
         idx: (B, T) token ids, T <= block_size. targets: (B, T), -100 marks positions to ignore
         (padding, prompts in finetuning). attention_mask: optional (B, T), True/1 = real token.
+        Positions are absolute (0..T-1), so pad on the right: a left-padded row would shift its
+        real tokens' positions (09's generation passes its own positions for left padding).
         Returns (logits (B, T, vocab_size), loss or None).
         """
         self._check_input(idx)
@@ -352,9 +354,10 @@ class GPT(nn.Module):
                 f"sequence length {idx.size(1)} exceeds block_size={block_size} (the model has no "
                 f"position embedding beyond it); crop to the last tokens with idx[:, -{block_size}:]"
             )
-        # subtle: reading min/max waits for the device; torch.compile would break its graph here,
-        # so a compiled model skips the check (an out-of-range id then fails inside the embedding).
-        if idx.numel() and not torch.compiler.is_compiling():
+        # subtle: reading min/max makes the CPU wait for a GPU, and torch.compile would break its
+        # graph here; so only eager CPU tensors are checked (elsewhere an out-of-range id fails
+        # inside the embedding, with a less helpful message).
+        if idx.numel() and idx.device.type == "cpu" and not torch.compiler.is_compiling():
             lo, hi = idx.min().item(), idx.max().item()
             if lo < 0 or hi >= vocab_size:
                 raise ValueError(

@@ -354,6 +354,13 @@ def server(monkeypatch):
     httpd.server_close()
 
 
+def test_get_batch_returns_contiguous_tensors(dl02):
+    """Strided views would make the pinned, non-blocking copy to a GPU stage and block."""
+    data = np.arange(1000, dtype=np.uint16)
+    x, y = dl02.get_batch(data, 8, 16, step=0, rank=1, world_size=2)
+    assert x.is_contiguous() and y.is_contiguous()
+
+
 def test_download_success_and_cache(dl02, server, tmp_path):
     base, hits = server
     sha = hashlib.sha256(PAYLOAD).hexdigest()
@@ -382,6 +389,10 @@ def test_download_http_error_leaves_nothing(dl02, server, tmp_path):
         dl02.download(f"{base}/error", tmp_path / "x.txt", "0" * 64)
     assert isinstance(error.value, (ValueError, RuntimeError)) and f"{base}/error" in str(error.value)
     assert list(tmp_path.iterdir()) == []
+    (tmp_path / "x.txt").write_bytes(b"corrupt")  # a wrong file on disk and a failing server:
+    with pytest.raises(RuntimeError):
+        dl02.download(f"{base}/error", tmp_path / "x.txt", "0" * 64)
+    assert list(tmp_path.iterdir()) == []  # the corrupt file is gone too, not kept as if good
 
 
 def test_fetch(dl02, server, tmp_path, monkeypatch):
@@ -414,3 +425,15 @@ def test_main_demo_on_a_small_text(dl02, tmp_path, capsys):
     for kind in ("char", "gpt2"):
         out_dir = tmp_path / "out" / f"small-{kind}"
         assert dl02.load_meta(out_dir)["train_tokens"] > 0 and len(dl02.load_tokens(out_dir, "val")) > 0
+
+
+def test_gpt2_corpus_keeps_endoftext_as_the_separator_token(dl02, tmp_path):
+    """Corpora join documents with <|endoftext|>; tiktoken would refuse it unless allowed."""
+    import tiktoken
+
+    text = "First document.<|endoftext|>Second one." * 50
+    dl02.prepare_corpus(text, tmp_path, {"kind": "gpt2"}, val_fraction=0.5)
+    enc = tiktoken.get_encoding("gpt2")
+    tokens = list(dl02.load_tokens(tmp_path, "train"))
+    assert tokens == enc.encode(text[: len(text) // 2], allowed_special="all")
+    assert enc.eot_token in tokens
