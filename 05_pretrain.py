@@ -1333,8 +1333,8 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.init_from == "resume" and ckpt_path.exists() and (cfg.dtype == "auto" or cfg.threads == 0):
         # bit for bit needs the dtype and thread count the run had, not a new measurement of them
         ran = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True)["config"]
-        cfg = replace(cfg, dtype=ran["dtype"] if cfg.dtype == "auto" else cfg.dtype,
-                      threads=ran["threads"] if cfg.threads == 0 else cfg.threads)
+        cfg = replace(cfg, dtype=ran.get("dtype", "auto") if cfg.dtype == "auto" else cfg.dtype,
+                      threads=ran.get("threads", 0) if cfg.threads == 0 else cfg.threads)  # 06's: no threads
     torch.set_num_threads(pick_threads(cfg.threads))  # first: pick_dtype measures with these threads
     dtype, threads = pick_dtype(cfg.dtype, device_type), torch.get_num_threads()
     cfg = replace(cfg, device=device, dtype=dtype, threads=threads)

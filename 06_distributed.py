@@ -1234,7 +1234,7 @@ class DistConfig:
     top_k: int = 200  # sample among the k most likely tokens
     # system
     device: str = "auto"  # auto (cuda if there, else cpu), cpu or cuda: rank r drives cuda:LOCAL_RANK
-    dtype: str = "auto"  # auto (bfloat16 on cuda, else float32), float32 or bfloat16
+    dtype: str = "auto"  # auto (05's pick_dtype: bf16 on cuda; on CPU if 2x faster), float32, bfloat16
     seed: int = 1337  # seeds the weights (the same on every rank), the batches and dropout
 
 
@@ -1546,8 +1546,9 @@ def load_data(cfg: DistConfig, ctx: Dist) -> tuple[dict, dict]:
     return load_corpus(cfg)
 
 
-def train_step(model, optimizer, data, cfg: DistConfig, ctx: Dist, it: int) -> tuple[torch.Tensor, float]:
-    """One optimizer step: (this rank's mean loss, global gradient norm).
+def train_step(model, optimizer, data, cfg: DistConfig, ctx: Dist, it: int) -> tuple[torch.Tensor, ...]:
+    """One optimizer step: (this rank's mean loss, global gradient norm), both still tensors: reading
+    them makes the CPU wait for the GPU, so the loop does it on log steps only.
 
     05's step: global batch number `it` of batch_size x accumulation rows, in accumulation chunks.
     Here each rank takes its 1/N of the rows, in chunks of batch_size / N: the gradient is the
@@ -1557,8 +1558,9 @@ def train_step(model, optimizer, data, cfg: DistConfig, ctx: Dist, it: int) -> t
     accumulation = cfg.gradient_accumulation_steps
     x, y = get_batch(data, cfg.batch_size * accumulation, cfg.block_size, it, cfg.seed, ctx.rank,
                      ctx.world_size, ctx.device)  # (A * B/N, T): this rank's rows
-    # FSDP casts through its MixedPrecisionPolicy; DDP and ZeRO-1 autocast like 05
-    amp = autocast_context(torch.device(ctx.device).type, cfg.dtype if cfg.strategy != "fsdp" else "float32")
+    # autocast for every strategy, as 05: FSDP's MixedPrecisionPolicy already hands the blocks bf16
+    # weights, but without autocast the logits and the cross-entropy would be computed in bf16 too
+    amp = autocast_context(torch.device(ctx.device).type, cfg.dtype)
     loss_sum = torch.zeros((), device=ctx.device)
     for micro, (xb, yb) in enumerate(zip(x.chunk(accumulation), y.chunk(accumulation))):
         # DDP (and so zero1): all-reduce the gradients only in the last micro-step's backward
@@ -1571,8 +1573,7 @@ def train_step(model, optimizer, data, cfg: DistConfig, ctx: Dist, it: int) -> t
     # with FSDP the gradients are DTensors: the norm is computed over every rank's shards
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
     optimizer.step()
-    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
-    return loss_sum / accumulation, norm.item()
+    return loss_sum / accumulation, norm
 
 
 @torch.no_grad()
@@ -1665,6 +1666,7 @@ def train(cfg: DistConfig, ctx: Dist) -> dict:
         if logged:
             dist.all_reduce(loss)  # a sum: gloo has no average
             losses[it] = loss.item() / ctx.world_size
+            norm = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
             dt = (time.perf_counter() - t0) / window
             print0(f"iter {iter_num}/{cfg.max_iters} | loss {losses[it]:.4f} | lr {lr:.2e} | grad norm "
                    f"{norm:.3f} | {1000 * dt:.1f} ms | {tokens_per_iter / dt:,.0f} tok/s")

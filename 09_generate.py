@@ -871,7 +871,7 @@ def forward_cached(model: GPT, idx, cache: KVCache | None = None, attention_mask
         raise ValueError("forward_cached is for inference: call model.eval() first (dropout off)")
     B, T = idx.shape
     t0 = 0 if cache is None else cache.length
-    limit = model.config.block_size if cache is None else cache.max_len
+    limit = model.config.block_size if cache is None else min(cache.max_len, model.config.block_size)
     if t0 + T > limit:
         raise ValueError(
             f"{t0} cached + {T} new tokens exceed the context of {limit} positions; crop the input "
@@ -946,8 +946,9 @@ def generate_tokens(model, prompts, temperature=1.0, top_k=None, top_p=None, gen
     one token, like 04's generate? With learned absolute positions every cached key was computed
     at its old position; moving the window by one changes every position, so the whole cache is
     stale and must be recomputed each step: no cache at all. Halving the window pays one prefill
-    per block_size // 2 new tokens instead. In a batch the window slides for all rows at once (when
-    the padded batch is full); rows shorter than the kept window lose nothing.
+    per block_size // 2 new tokens instead. In a batch every row slides exactly as it would alone:
+    when the padded batch is full, rows longer than block_size keep their last block_size // 2
+    tokens, the other rows keep all of theirs, and the batch is re-padded and re-encoded.
     """
     check_sampling(temperature, top_k, top_p)
     block_size, n_layer = model.config.block_size, model.config.n_layer
@@ -963,8 +964,11 @@ def generate_tokens(model, prompts, temperature=1.0, top_k=None, top_p=None, gen
         yield next_ids, logits
         idx = torch.cat([idx, next_ids[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        if idx.size(1) > block_size:  # context full: slide (see the docstring)
-            idx, mask, logits = idx[:, -keep:], mask[:, -keep:], None
+        if idx.size(1) > block_size:  # context full: slide the rows that are full (see the docstring)
+            rows = [[t for t, real in zip(row, is_real) if real]
+                    for row, is_real in zip(idx.tolist(), mask.tolist())]  # each row's own tokens
+            idx, mask = left_pad([row[-keep:] if len(row) > block_size else row for row in rows], device)
+            logits = None
         elif use_cache:
             logits = forward_cached(model, next_ids[:, None], cache)[:, -1]  # only the new token
         else:

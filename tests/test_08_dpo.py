@@ -169,7 +169,8 @@ def test_at_step_zero_the_loss_is_ln2_and_the_margins_are_zero(dpo08):
     for average in (False, True):
         losses, chosen, rejected = dpo08.dpo_batch(policy, reference, batch, beta=0.1, average=average)
         assert_close(losses, torch.full((2,), LN2))
-        assert_close(chosen, torch.zeros(2)) and assert_close(rejected, torch.zeros(2))
+        assert_close(chosen, torch.zeros(2))
+        assert_close(rejected, torch.zeros(2))
         assert dpo08.pair_metrics(losses, chosen, rejected)["accuracy"] == 0.0  # all ties
 
 
@@ -211,7 +212,7 @@ def tiny_run(dpo08, tmp_path_factory, preference_data_path):
                           data_path=str(tmp / "pairs.json"), max_iters=12, learning_rate=3e-3, min_lr=3e-4,
                           warmup_iters=2, beta=0.1,
                           eval_interval=6, log_interval=6, max_new_tokens=4, num_responses=2, device="cpu",
-                          threads=1)
+                          dtype="float32", threads=1)
     return dpo08.dpo(cfg), ckpt, cfg
 
 

@@ -88,8 +88,9 @@ def test_greedy_with_cache_equals_without_over_100_tokens(gen09):
         torch.testing.assert_close(logits[0], ref_logits, atol=1e-5, rtol=1e-5)
 
 
-def test_batched_left_padding_equals_one_prompt_at_a_time(gen09):
-    model = rough_model(gen09, block_size=64)
+@pytest.mark.parametrize("block_size", [64, 16])  # 16: the batch fills the context and slides
+def test_batched_left_padding_equals_one_prompt_at_a_time(gen09, block_size):
+    model = rough_model(gen09, block_size=block_size)
     prompts = [torch.randint(VOCAB, (n,)).tolist() for n in (3, 11, 6, 1)]
     tokens, logits = run_steps(gen09, model, prompts, 25)
     for row, prompt in enumerate(prompts):
