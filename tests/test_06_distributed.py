@@ -369,3 +369,15 @@ def test_errors(dist06, monkeypatch):
 
 if __name__ == "__main__":  # python tests/test_06_distributed.py SPEC: the 2-rank launch
     launch_two_ranks(sys.argv[1])
+
+
+def test_05_resumes_a_checkpoint_of_06(pre05, corpus, two_ranks, tmp_path):
+    """06 promises 05's format: 05's own --init_from=resume continues an FSDP run's checkpoint
+    (06 records no thread count, so 05 picks its own) and takes the two remaining steps."""
+    shutil.copytree(two_ranks["_out"] / "fsdp-adamw-2", tmp_path / "run")
+    settings = {**BASE, **RUNS["adamw-2"], "max_iters": K + 2, "lr_decay_iters": K + 2, "sample_interval": 0,
+                "threads": 0, "init_from": "resume", "data_dir": str(corpus),
+                "out_dir": str(tmp_path / "run")}
+    fields = {f.name for f in pre05.fields(pre05.TrainConfig)}
+    result = pre05.train(pre05.TrainConfig(**{k: v for k, v in settings.items() if k in fields}))
+    assert result["iter_num"] == K + 2 and result["val_loss"] < 10
