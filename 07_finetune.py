@@ -1320,6 +1320,8 @@ class FinetuneConfig:
         if self.init_from not in ("checkpoint", *HF_MODELS):
             choices = ", ".join(("checkpoint", *HF_MODELS))
             raise ValueError(f"--init_from={self.init_from!r} is not valid; use one of {choices}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype={self.dtype!r} is not valid; use auto, float32, bfloat16 or float16")
         if self.lora_rank < 0 or not set(self.lora_targets.split(",")) <= set(LORA_TARGETS):
             raise ValueError(f"--lora_rank must be >= 0 and --lora_targets a comma-separated subset of "
                              f"{','.join(LORA_TARGETS)}; got {self.lora_rank} and {self.lora_targets!r}")

@@ -1362,6 +1362,8 @@ class DPOConfig:
         for name in ("batch_size", "log_interval", "eval_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.eval_pairs == 0:
+            raise ValueError("--eval_pairs=0 would evaluate nothing; use -1 (all pairs) or a count")
 
 
 def load_policy(cfg: DPOConfig, device: str):
@@ -1511,7 +1513,11 @@ def dpo(cfg: DPOConfig) -> dict:
 def main(argv=None):
     cfg = parse_config(DPOConfig, argv)
     print(cfg)
-    return dpo(cfg)
+    previous_threads = torch.get_num_threads()
+    try:
+        return dpo(cfg)
+    finally:
+        torch.set_num_threads(previous_threads)  # dpo() sets the run's count; give the caller back theirs
 
 
 if __name__ == "__main__":

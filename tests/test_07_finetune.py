@@ -315,3 +315,12 @@ def test_help_lists_the_flags(ft07, capsys):
         ft07.main(["--help"])
     assert e.value.code == 0
     assert "--lora_rank" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(dtype="fp8"), "--dtype"), (dict(lora_rank=-1), "--lora_rank"),
+    (dict(init_from="gpt3"), "--init_from"),
+])
+def test_bad_settings_get_a_clear_error_before_anything_loads(ft07, settings, message):
+    with pytest.raises(ValueError, match=message):
+        ft07.FinetuneConfig(**settings)

@@ -274,7 +274,7 @@ def test_a_missing_checkpoint_says_how_to_make_one(dpo08, tmp_path):
 
 @pytest.mark.parametrize("flag, message", [
     ("--beta=0", "beta"), ("--label_smoothing=0.5", "label_smoothing"), ("--batch_size=0", "batch_size"),
-    ("--init_from=gpt3", "init_from"), ("--dtype=fp8", "dtype"),
+    ("--init_from=gpt3", "init_from"), ("--dtype=fp8", "dtype"), ("--eval_pairs=0", "eval_pairs"),
 ])
 def test_bad_settings_get_a_clear_error(dpo08, capsys, flag, message):
     name, value = flag[2:].split("=")
