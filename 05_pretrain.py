@@ -47,6 +47,7 @@ import random
 import re
 import signal
 import struct
+import sys
 import threading
 import time
 from contextlib import ExitStack, nullcontext
@@ -1501,8 +1502,22 @@ def bench(cfg: TrainConfig):
     return rows
 
 
+def resumed_config(cfg: TrainConfig, argv: list[str]) -> TrainConfig:
+    """--init_from=resume continues the run in out_dir: every setting not given on this command line
+    is the checkpoint's, so `python 05_pretrain.py --preset=shakespeare-char-gpu` resumes with
+    just `--init_from=resume --out_dir=...` (add --max_iters=... to train longer)."""
+    path = Path(cfg.out_dir) / "ckpt.pt"
+    if cfg.init_from != "resume" or not path.exists():
+        return cfg  # (a missing checkpoint gets its clear error from init_model)
+    given = {arg[2:].split("=")[0] for arg in argv if arg.startswith("--")}
+    saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)["config"]
+    names = {f.name for f in fields(TrainConfig)} - given - {"init_from", "bench"}
+    return replace(cfg, **{k: v for k, v in saved.items() if k in names})
+
+
 def main(argv=None):
-    cfg = parse_config(TrainConfig, argv)
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = resumed_config(parse_config(TrainConfig, argv), argv)
     return bench(cfg) if cfg.bench else train(cfg)
 
 

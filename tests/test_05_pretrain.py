@@ -378,3 +378,15 @@ def test_pick_dtype_and_autocast(pre05):
         assert (a @ a).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
         pre05.autocast_context("cpu", "float64")
+
+
+def test_resume_from_the_command_line_keeps_the_runs_settings(pre05, data_dir, tmp_path):
+    """`--init_from=resume` alone continues the run as it was configured (batch, schedule, model),
+    not with the default preset's settings; flags given on the command line still win."""
+    pre05.train(tiny(pre05, tmp_path, data_dir, max_iters=4, lr_decay_iters=8))
+    pre05.main(["--init_from=resume", f"--out_dir={tmp_path}", "--max_iters=6", "--log_interval=2"])
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    ran = ckpt["config"]
+    assert ckpt["iter_num"] == 6 and ran["max_iters"] == 6 and ran["log_interval"] == 2
+    assert (ran["batch_size"], ran["block_size"], ran["lr_decay_iters"]) == (4, 16, 8)
+    assert ran["data_dir"] == str(data_dir)
