@@ -59,7 +59,7 @@ import signal
 import struct
 import time
 import traceback
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import timedelta
 from pathlib import Path
@@ -85,6 +85,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 ROOT = Path(__file__).resolve().parent
@@ -1546,6 +1547,15 @@ def load_data(cfg: DistConfig, ctx: Dist) -> tuple[dict, dict]:
     return load_corpus(cfg)
 
 
+@contextmanager
+def compute_context(device_type: str, dtype: str):
+    """05's autocast, plus (as 05's train does) SDPA's plain "math" kernel for bf16 on CPU, where the
+    fused kernel's backward measured ~10x slower than in fp32."""
+    slow_fused = device_type == "cpu" and dtype != "float32"
+    with autocast_context(device_type, dtype), sdpa_kernel(SDPBackend.MATH) if slow_fused else nullcontext():
+        yield
+
+
 def train_step(model, optimizer, data, cfg: DistConfig, ctx: Dist, it: int) -> tuple[torch.Tensor, ...]:
     """One optimizer step: (this rank's mean loss, global gradient norm), both still tensors: reading
     them makes the CPU wait for the GPU, so the loop does it on log steps only.
@@ -1560,13 +1570,13 @@ def train_step(model, optimizer, data, cfg: DistConfig, ctx: Dist, it: int) -> t
                      ctx.world_size, ctx.device)  # (A * B/N, T): this rank's rows
     # autocast for every strategy, as 05: FSDP's MixedPrecisionPolicy already hands the blocks bf16
     # weights, but without autocast the logits and the cross-entropy would be computed in bf16 too
-    amp = autocast_context(torch.device(ctx.device).type, cfg.dtype)
+    device_type = torch.device(ctx.device).type
     loss_sum = torch.zeros((), device=ctx.device)
     for micro, (xb, yb) in enumerate(zip(x.chunk(accumulation), y.chunk(accumulation))):
         # DDP (and so zero1): all-reduce the gradients only in the last micro-step's backward
         last = micro == accumulation - 1
         with model.no_sync() if isinstance(model, DDP) and not last else nullcontext():
-            with amp:
+            with compute_context(device_type, cfg.dtype):
                 _, loss = model(xb, yb)
             (loss / accumulation).backward()  # .grad adds up: the mean over all micro-batches
         loss_sum += loss.detach()
@@ -1581,13 +1591,13 @@ def evaluate(model, data: dict, cfg: DistConfig, ctx: Dist, step: int) -> dict:
     """05's estimate_loss, data parallel: each rank takes its rows of the same batches, then one
     all-reduce averages. Equal shares, so the mean of the ranks' means is 05's number."""
     model.eval()
-    amp = autocast_context(torch.device(ctx.device).type, cfg.dtype)
+    device_type = torch.device(ctx.device).type
     losses = torch.zeros(len(data), device=ctx.device)
     for i, tokens in enumerate(data.values()):
         for k in range(cfg.eval_iters):
             x, y = get_batch(tokens, cfg.batch_size, cfg.block_size, step * cfg.eval_iters + k, cfg.seed + 1,
                              ctx.rank, ctx.world_size, ctx.device)
-            with amp:
+            with compute_context(device_type, cfg.dtype):
                 losses[i] += model(x, y)[1].float()
     dist.all_reduce(losses)  # a sum: gloo has no average
     model.train()
