@@ -524,13 +524,17 @@ class GPT(nn.Module):
         """GPT-2 with OpenAI's weights: "gpt2" (124M), "gpt2-medium", "gpt2-large" or "gpt2-xl".
 
         Downloads Hugging Face's model.safetensors once into cache_dir/<model_type>/ (0.5 to 6 GB).
+        The model is built on the "meta" device (shapes only, no memory, no random init) and then
+        takes the checkpoint's tensors as its own, so gpt2-xl never exists twice in memory.
         """
         if model_type not in HF_MODELS:
             raise ValueError(f"unknown pretrained model {model_type!r}; choose one of {HF_MODELS}")
         path = Path(cache_dir) / model_type / "model.safetensors"
         download_checked(f"https://huggingface.co/{model_type}/resolve/main/model.safetensors", path)
-        model = cls(GPTConfig.from_preset(model_type))  # vocab 50257, block 1024, bias, no dropout
-        model.load_state_dict(hf_to_gpt_state_dict(load_safetensors(path)))
+        with torch.device("meta"):
+            model = cls(GPTConfig.from_preset(model_type))  # vocab 50257, block 1024, bias, no dropout
+        model.load_state_dict(hf_to_gpt_state_dict(load_safetensors(path)), assign=True)
+        model.lm_head.weight = model.transformer.wte.weight  # assign=True gave them two Parameters: re-tie
         return model
 
 

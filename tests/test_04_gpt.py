@@ -435,6 +435,8 @@ def test_from_pretrained_uses_the_cache(gpt04, tmp_path, monkeypatch):
     (tmp_path / "gpt2").mkdir()
     save_in_hf_naming(hf, tmp_path / "gpt2" / "model.safetensors", prefix="")
     model = gpt04.GPT.from_pretrained("gpt2", cache_dir=tmp_path)
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied: one Parameter
+    assert all(t.device.type == "cpu" for t in model.state_dict().values())  # nothing left on "meta"
     idx = torch.randint(TINY["vocab_size"], (1, 8))
     with torch.no_grad():
         torch.testing.assert_close(model(idx)[0], hf(idx).logits, atol=1e-4, rtol=1e-4)
