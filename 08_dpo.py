@@ -1024,7 +1024,9 @@ def generate_greedy(model, prompts: list[list[int]], max_new_tokens: int, end_id
     attention means what sits right of a row's last token cannot change that token's logits, so we
     read each row's next token at its own last position and write it just after. (No KV cache:
     each step reruns the whole context; 09 adds the cache.) Prompts of similar length are batched
-    together; one longer than the context keeps its last block_size - 1 tokens.
+    together; one longer than the context keeps its last block_size - 1 tokens. An answer also stops
+    when prompt + answer fill the context (block_size tokens), even before end_id: 09's generation
+    slides the window instead.
     """
     was_training, device = model.training, next(model.parameters()).device
     model.eval()
