@@ -1319,6 +1319,15 @@ def diverged(what: str, value: float, iter_num: int, ckpt_path: Path, saved_at: 
 # The training loop
 
 
+def saved_config(cfg) -> dict | None:
+    """The settings stored in out_dir/ckpt.pt when cfg resumes from it, else None (a missing
+    checkpoint gets its clear error from init_model). mmap: the weights are not read."""
+    path = Path(cfg.out_dir) / "ckpt.pt"
+    if cfg.init_from != "resume" or not path.exists():
+        return None
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)["config"]
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train as cfg says; return the final losses, the speed, and whether Ctrl-C stopped the run.
 
@@ -1334,10 +1343,9 @@ def train(cfg: TrainConfig) -> dict:
     use_compile = {"auto": device_type == "cuda", "true": True, "false": False}[cfg.compile]
     # concrete values from here on: "auto" resolved; the checkpoints record what really ran
     previous_threads = torch.get_num_threads()
-    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
-    if cfg.init_from == "resume" and ckpt_path.exists() and (cfg.dtype == "auto" or cfg.threads == 0):
+    ran = saved_config(cfg)
+    if ran is not None and (cfg.dtype == "auto" or cfg.threads == 0):
         # bit for bit needs the dtype and thread count the run had, not a new measurement of them
-        ran = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True)["config"]
         cfg = replace(cfg, dtype=ran.get("dtype", "auto") if cfg.dtype == "auto" else cfg.dtype,
                       threads=ran.get("threads", 0) if cfg.threads == 0 else cfg.threads)  # 06's: no threads
     torch.set_num_threads(pick_threads(cfg.threads))  # first: pick_dtype measures with these threads
@@ -1510,11 +1518,10 @@ def resumed_config(cfg: TrainConfig, argv: list[str]) -> TrainConfig:
     """--init_from=resume continues the run in out_dir: every setting not given on this command line
     is the checkpoint's, so `python 05_pretrain.py --preset=shakespeare-char-gpu` resumes with
     just `--init_from=resume --out_dir=...` (add --max_iters=... to train longer)."""
-    path = Path(cfg.out_dir) / "ckpt.pt"
-    if cfg.init_from != "resume" or not path.exists():
-        return cfg  # (a missing checkpoint gets its clear error from init_model)
+    saved = saved_config(cfg)
+    if saved is None:
+        return cfg
     given = {arg[2:].split("=")[0] for arg in argv if arg.startswith("--")}
-    saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)["config"]
     names = {f.name for f in fields(TrainConfig)} - given - {"init_from", "bench"}
     return replace(cfg, **{k: v for k, v in saved.items() if k in names})
 

@@ -6,7 +6,10 @@ self-contained (it copies what it needs from earlier ones), so loading one never
 """
 
 import importlib.util
+import os
 import random
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -38,6 +41,33 @@ def load_script(name: str):
         del sys.modules[name]
         raise
     return module
+
+
+def run_with_deadline(cmd: list[str], timeout: float, **env: str) -> tuple[str, str]:
+    """Run cmd in the repo under a deadline; return (stdout, stderr), or fail showing both.
+
+    The command runs in its own session, and its whole process group is killed at the deadline and
+    at the end: a plain subprocess timeout would leave orphans behind (a hung rank, a torchrun
+    worker). RANK and friends are dropped so that a child never thinks it is part of our world.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")} | env
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True,
+                            env={**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} did not finish in {timeout} s (a hung collective?):\n"
+                    f"{out[-4000:]}\n{err[-4000:]}")
+    finally:
+        try:  # nothing of it may outlive the test
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-4000:]}\n{err[-4000:]}"
+    return out, err
 
 
 def _script_fixture(name):

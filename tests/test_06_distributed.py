@@ -17,10 +17,7 @@ Each launch is a new session under a deadline; on timeout the whole process grou
 
 import gc
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from datetime import timedelta
@@ -29,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import load_script
+from conftest import load_script, run_with_deadline
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -75,26 +72,6 @@ def scenarios() -> list[dict]:
 
 def argv(settings: dict, **more) -> list[str]:
     return [f"--{k}={v}" for k, v in {**BASE, **settings, **more}.items()]
-
-
-def run_with_deadline(cmd: list[str], timeout: float, **env) -> str:
-    """Run cmd in a new session; past the deadline kill its whole process group and fail."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")} | env
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env={**env, "OMP_NUM_THREADS": "1"})
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} did not finish in {timeout} s (a hung collective?):\n{out[-4000:]}")
-    finally:
-        try:  # nothing of it may outlive the test
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-4000:]}"
-    return out
 
 
 # -----------------------------------------------------------------------------
@@ -323,11 +300,10 @@ def test_kill_and_restart_under_torchrun(dist06, corpus, two_ranks, tmp_path):
     settings = dict(strategy="fsdp", **RUNS["adamw-2"])
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 "--max-restarts=1", "06_distributed.py"]
-    out = run_with_deadline(torchrun + argv(settings, data_dir=corpus, out_dir=tmp_path, fail_at_step=3),
-                            timeout=240,
-                            # without it a restarted rank may read a dead rank's address from the store
-                            # torchrun shares across attempts, and fail or hang (see 06's init_distributed)
-                            TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    cmd = torchrun + argv(settings, data_dir=corpus, out_dir=tmp_path, fail_at_step=3)
+    # without the variable a restarted rank may read a dead rank's address from the store torchrun
+    # shares across attempts, and fail or hang (see 06's init_distributed)
+    out = "".join(run_with_deadline(cmd, timeout=240, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"))
     assert "fault injection: rank 1 dies after step 3" in out
     assert "resumed from" in out and "at step 2" in out
     restarted = torch.load(tmp_path / "ckpt.pt", weights_only=False)

@@ -7,34 +7,18 @@ ties the chain to the model code: 09's greedy text equals 04's own `generate` on
 """
 
 import json
-import os
-import signal
-import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import DATA_DIR, ROOT, load_script
+from conftest import DATA_DIR, load_script, run_with_deadline
 
 pytestmark = pytest.mark.slow
 
 
-def run(*args: str, timeout: float = 120) -> str:
-    """Run `python <args>` in the repo under a deadline; return stdout, or fail showing both streams.
-
-    The script runs in its own session so that a timeout kills it and anything it started.
-    """
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, text=True, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{' '.join(args)} did not finish in {timeout} s\n{out}\n{err}")
-    assert proc.returncode == 0, f"{' '.join(args)} exited with {proc.returncode}\n{out}\n{err}"
-    return out
+def run(*args: str) -> str:
+    """`python <args>` in the repo under a deadline (conftest's run_with_deadline); its stdout."""
+    return run_with_deadline([sys.executable, *args], timeout=120)[0]
 
 
 def test_the_pipeline_through_the_command_lines(tmp_path, shakespeare_path):
