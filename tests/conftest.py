@@ -108,6 +108,19 @@ def shakespeare_text(shakespeare_path) -> str:
 
 
 @pytest.fixture(scope="session")
+def char_corpus(tmp_path_factory, shakespeare_text) -> Path:
+    """A data_dir holding tinyshakespeare-char/ as 02 prepares it (train.bin, val.bin, meta.json).
+
+    05 and 06 read prepared data only; pass `--data_dir=<this>` (dataset tinyshakespeare, tokenizer char).
+    """
+    dl = load_script("02_dataloader")
+    root = tmp_path_factory.mktemp("data")
+    spec = dl.CharTokenizer.from_text(shakespeare_text).to_dict()
+    dl.prepare_corpus(shakespeare_text, root / "tinyshakespeare-char", spec)
+    return root
+
+
+@pytest.fixture(scope="session")
 def gpt2_files() -> tuple[Path, Path]:
     return _data_file("gpt2-encoder"), _data_file("gpt2-vocab")
 

@@ -7,8 +7,9 @@ A copy is marked by the line right above it:
     # copied from 03_attention.py: CausalSelfAttention with attn->self_attn
 
 This test finds every marker, takes the named top-level unit (class, function or module-level
-constant) from the origin file, applies the renames, and compares the two syntax trees.
-Docstrings and comments may differ; code may not. When an origin changes, rewrite its copies:
+constant) from the origin file, applies the renames, and compares the two texts: a copy is its
+origin byte for byte, docstrings and comments included, so an explanation never goes stale in one
+file while it is fixed in another. When an origin changes, rewrite its copies:
 
     python tests/test_copies.py --fix
 
@@ -101,21 +102,6 @@ def rename(source: str, renames: list[tuple[str, str]]) -> str:
     return source
 
 
-def strip_docstrings(tree: ast.AST) -> ast.AST:
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            body = node.body
-            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
-                if isinstance(body[0].value.value, str):
-                    node.body = body[1:] or [ast.Pass()]
-    return tree
-
-
-def normalized(source: str) -> str:
-    """Code without docstrings and comments, in a canonical spelling."""
-    return ast.unparse(strip_docstrings(ast.parse(source)))
-
-
 def check(copy: Copy) -> tuple[str | None, str | None]:
     """Return (problem, expected_source): problem is None when the copy matches its origin."""
     origin_path = ROOT / copy.origin
@@ -134,12 +120,12 @@ def check(copy: Copy) -> tuple[str | None, str | None]:
     if unit_name(node) != rename(copy.name, copy.renames):
         return f"{copy}: the unit below the marker is {unit_name(node)}, not {copy.name}", expected
     got = source_of(copy.file, node)
-    if normalized(got) == normalized(expected):
+    if got == expected:
         return None, expected
     diff = "\n".join(
         difflib.unified_diff(
-            normalized(expected).splitlines(),
-            normalized(got).splitlines(),
+            expected.splitlines(),
+            got.splitlines(),
             f"{copy.origin}: {copy.name}",
             f"{copy.file.name}: {unit_name(node)}",
             lineterm="",
@@ -178,6 +164,19 @@ def test_copy_matches_origin(copy):
     assert problem is None, problem
 
 
+# Words that point at a place in a file: true in the origin, false wherever the unit is copied to.
+POINTERS = re.compile(r"\b(below|see above|defined above|in this file)\b", re.I)
+
+
+@pytest.mark.parametrize("copy", find_copies(), ids=str)
+def test_copied_text_is_true_where_it_lands(copy):
+    """A copied unit's text must hold in every file that holds it: no "see below", no "in this file"."""
+    node = unit_at(copy.file, copy.line + 1)
+    assert node is not None, f"{copy}: no unit below the marker"
+    found = POINTERS.findall(source_of(copy.file, node))
+    assert not found, f"{copy}: its text says {found}, false where it is copied; reword it in {copy.origin}"
+
+
 def test_markers_are_well_formed():
     """A line that looks like a marker but does not parse would silently escape the check."""
     for path in scripts():
@@ -190,12 +189,16 @@ def test_the_check_catches_a_drifted_copy(tmp_path, monkeypatch):
     """The checker itself can fail: a copy with one changed constant is reported, and --fix mends it."""
     (tmp_path / "01_a.py").write_text("def f(x):\n    '''Doc.'''\n    return x + 1\n")
     (tmp_path / "02_b.py").write_text("# copied from 01_a.py: f\ndef f(x):\n    return x + 2\n")
+    stale = "# copied from 01_a.py: f\ndef f(x):\n    '''Old doc.'''\n    return x + 1\n"
+    (tmp_path / "03_c.py").write_text(stale)
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
-    [copy] = find_copies()
-    problem, _ = check(copy)
+    code, doc = find_copies()
+    problem, _ = check(code)
     assert problem and "differs" in problem and "+ 2" in problem
-    assert fix([tmp_path / "02_b.py"]) == 1
-    assert check(find_copies()[0])[0] is None
+    problem, _ = check(doc)  # the same code with a stale docstring is a drift too
+    assert problem and "Old doc" in problem
+    assert fix([tmp_path / "02_b.py", tmp_path / "03_c.py"]) == 2
+    assert all(check(c)[0] is None for c in find_copies())
 
 
 if __name__ == "__main__":
