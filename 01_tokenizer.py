@@ -1,8 +1,6 @@
 """01_tokenizer.py: from text to token ids, the byte-level BPE of GPT-2, from scratch.
 
-A model reads integers, not text. A tokenizer turns text into a list of ids and back. This
-stage builds two:
-
+A model reads integers, not text. A tokenizer turns text into a list of ids and back. Two here:
 1. CharTokenizer: one id per character. Tiny vocabulary (65 for Shakespeare), long sequences,
    cannot encode a character it has not seen. The "hello world" that 05 trains on.
 2. BPETokenizer: byte-level byte pair encoding (BPE), the tokenizer of GPT-2 (and, with other
@@ -20,24 +18,24 @@ Three details make it GPT-2's BPE and not just any BPE:
 
 We train BPE twice: a naive trainer that recounts every pair in the corpus at every merge (the
 textbook loop), and a fast one that counts each distinct chunk once and, after a merge, updates
-only the pair counts that the merge changed. Then we load OpenAI's merges and check that our
-encoder gives exactly tiktoken's ids (tests/test_01_tokenizer.py does so on all of tiny
-Shakespeare).
+only the pair counts that the merge changed; `bench` times the two. Then we load OpenAI's merges
+and check that our encoder gives exactly tiktoken's ids (tests/test_01_tokenizer.py does so on
+all of tiny Shakespeare). Later stages copy only CharTokenizer, get_tokenizer and download.
 
-References: Sennrich et al. 2016, "Neural Machine Translation of Rare Words with Subword Units"
-(BPE for NLP); Radford et al. 2019, "Language Models are Unsupervised Multitask Learners", 2.2
-(byte-level BPE); openai/gpt-2 src/encoder.py; openai/tiktoken; karpathy/minbpe.
+References: Sennrich et al. 2016, "Neural Machine Translation of Rare Words with Subword Units";
+Radford et al. 2019 (GPT-2), 2.2 byte-level BPE; openai/gpt-2 src/encoder.py; openai/tiktoken; minbpe.
 
 Run (CPU only, nothing here needs a GPU):
     python 01_tokenizer.py --help
-    python 01_tokenizer.py train data/tinyshakespeare.txt --vocab-size 1024 --out out/bpe.json
+    python 01_tokenizer.py train data/tinyshakespeare.txt --vocab_size=1024 --out=out/bpe.json
     python 01_tokenizer.py encode "Hello world, it's 2024!"          # GPT-2 (our encoder)
-    python 01_tokenizer.py encode --tokenizer out/bpe.json "To be, or not to be"
+    python 01_tokenizer.py encode --tokenizer=out/bpe.json "To be, or not to be"
     python 01_tokenizer.py decode 15496 995
-    python 01_tokenizer.py bench                                      # trainers and encoders
+    python 01_tokenizer.py bench           # the naive trainer against the incremental one (~20 s)
 """
 
 import argparse
+import functools
 import hashlib
 import heapq
 import json
@@ -52,18 +50,14 @@ import requests
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
-_GPT2_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main"
-GPT2_FILES = {  # filename -> (url, sha256); the hashes are the ones tiktoken checks
-    "encoder.json": (f"{_GPT2_URL}/encoder.json",
-                     "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
-    "vocab.bpe": (f"{_GPT2_URL}/vocab.bpe",
-                  "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
-}
+GPT2_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main"  # + "/" + filename
+GPT2_FILES = {"encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+              "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"}  # sha256s
 SHAKESPEARE = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
                "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed")
 
 # -----------------------------------------------------------------------------
-# The pieces later scripts copy: a character tokenizer, a factory, a safe download
+# One id per character: the simplest tokenizer (later stages copy it)
 
 
 class CharTokenizer:
@@ -105,71 +99,8 @@ class CharTokenizer:
         return {"kind": "char", "chars": self.chars}
 
 
-def get_tokenizer(spec: dict):
-    """{"kind": "char", "chars": ...} -> CharTokenizer; {"kind": "gpt2"} -> tiktoken's GPT-2.
-
-    Checkpoints store this small dict, not the tokenizer. For GPT-2 we use tiktoken (Rust, fast);
-    BPETokenizer below gives the same ids and shows how they are made.
-    """
-    kind = spec.get("kind")
-    if kind == "char":
-        return CharTokenizer(spec["chars"])
-    if kind == "gpt2":
-        import tiktoken  # imported here so that char-only scripts do not need it
-
-        return tiktoken.get_encoding("gpt2")
-    raise ValueError(f"unknown tokenizer kind {kind!r}; use {{'kind': 'char', 'chars': ...}} "
-                     "or {'kind': 'gpt2'}")
-
-
-def download(url: str, path, sha256: str, timeout=30) -> Path:
-    """Download url to path: streamed, sha256-checked, written to path.tmp then renamed.
-
-    A file that is already there with the right hash is not downloaded again. On an HTTP error
-    or a hash mismatch we raise and leave no file behind, so a half-written download can never
-    be mistaken for the real one.
-    """
-    path = Path(path)
-    if path.exists():
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        if digest.hexdigest() == sha256:
-            return path
-        path.unlink()  # corrupt or outdated: never leave it where a good file is expected
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    digest = hashlib.sha256()
-    try:
-        with requests.get(url, stream=True, timeout=timeout) as response:
-            response.raise_for_status()
-            total = int(response.headers.get("content-length", 0))
-            done = 0
-            with open(tmp, "wb") as f:
-                for block in response.iter_content(chunk_size=1 << 20):
-                    f.write(block)
-                    digest.update(block)
-                    done += len(block)
-                    if total > 1 << 24:  # progress only for big files (> 16 MB)
-                        print(f"\r{path.name}: {done / 2**20:.0f}/{total / 2**20:.0f} MB", end="", flush=True)
-            if total > 1 << 24:
-                print()
-        if digest.hexdigest() != sha256:
-            raise ValueError(f"sha256 mismatch for {url}: expected {sha256}, got {digest.hexdigest()}; "
-                             "retry; if it persists the file changed upstream: check it and update the hash, "
-                             f"or put the expected file in {path.parent} by hand")
-        os.replace(tmp, path)
-    except requests.RequestException as e:
-        raise RuntimeError(f"download of {url} failed: {e}; check the URL and your network, "
-                           f"or put the file (sha256 {sha256}) in {path.parent} by hand") from e
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 # -----------------------------------------------------------------------------
-# Bytes and the pre-split
+# Bytes, the pre-split, and the two operations BPE is built from: count pairs, merge one
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -196,9 +127,6 @@ def bytes_to_unicode() -> dict[int, str]:
 #   before a word stays with the word ("a   b" -> "a", "  ", " b").
 GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 
-# -----------------------------------------------------------------------------
-# BPE, the two operations everything else is built from
-
 
 def get_stats(ids: list[int], counts: dict | None = None) -> dict:
     """Count adjacent pairs, into counts if given: [1, 2, 3, 1, 2] -> {(1, 2): 2, (2, 3): 1, (3, 1): 1}."""
@@ -224,26 +152,35 @@ def merge(ids: list[int], pair: tuple[int, int], idx: int) -> list[int]:
     return out
 
 
-def best_pair(stats: dict) -> tuple[int, int]:
-    """The most frequent pair; a tie goes to the smallest pair, so that both trainers agree exactly."""
-    return min(stats, key=lambda pair: (-stats[pair], pair))
-
-
 def _no_pairs_left(n_done: int) -> ValueError:
     return ValueError(f"the text has no pair left to merge after {n_done} merges; "
                       f"use a smaller vocab_size (at most {257 + n_done}) or more text")
 
 
 # -----------------------------------------------------------------------------
-# Training, the naive way: recount every pair of the corpus at every merge
+# Training: the naive way (recount all pairs at every merge), then the fast way (update what changed)
 
 
-def train_bpe_naive(text: str, n_merges: int, pattern: str = GPT2_SPLIT_PATTERN, verbose=False) -> dict:
+def merge_logger(n_merges: int, every: int = 100):
+    """A trainer's `log`: every `every` merges, print the last one, the rate and the time left."""
+    t0 = time.perf_counter()
+
+    def log(i: int, pair: tuple[int, int], idx: int, count: int):
+        if (i + 1) % every == 0:
+            rate = (i + 1) / (time.perf_counter() - t0)
+            print(f"  merge {i + 1}/{n_merges}: {pair} -> {idx} ({count:,} occurrences); "
+                  f"{rate:,.0f} merges/s, ~{(n_merges - i - 1) / rate:.0f} s left", flush=True)
+
+    return log
+
+
+def train_bpe_naive(text: str, n_merges: int, pattern: str = GPT2_SPLIT_PATTERN, log=None) -> dict:
     """Learn n_merges merges; returns {pair: new id} in the order they were learned.
 
     The textbook loop: count all pairs, merge the best one everywhere, repeat. Each merge costs a
     pass over the whole corpus, so this is O(n_merges * len(text)): fine for a page, tens of
     seconds for 100 KB. Kept as the reference that train_bpe must agree with.
+    log: called after each merge with (i, pair, new id, count), e.g. merge_logger(n_merges).
     """
     chunks = [list(chunk.encode("utf-8")) for chunk in regex.findall(pattern, text)]
     merges = {}
@@ -253,19 +190,16 @@ def train_bpe_naive(text: str, n_merges: int, pattern: str = GPT2_SPLIT_PATTERN,
             get_stats(ids, stats)
         if not stats:
             raise _no_pairs_left(i)
-        pair, idx = best_pair(stats), 256 + i
+        # the most frequent pair; a tie goes to the smallest pair, so that both trainers agree exactly
+        pair, idx = min(stats, key=lambda p: (-stats[p], p)), 256 + i
         chunks = [merge(ids, pair, idx) for ids in chunks]
         merges[pair] = idx
-        if verbose:
-            print(f"merge {i + 1}/{n_merges}: {pair} -> {idx} ({stats[pair]} occurrences)")
+        if log:
+            log(i, pair, idx, stats[pair])
     return merges
 
 
-# -----------------------------------------------------------------------------
-# Training, the fast way: count once, then update only what a merge changes
-
-
-def train_bpe(text: str, n_merges: int, pattern: str = GPT2_SPLIT_PATTERN, verbose=False) -> dict:
+def train_bpe(text: str, n_merges: int, pattern: str = GPT2_SPLIT_PATTERN, log=None) -> dict:
     """Same result as train_bpe_naive (tests check it), without rescanning the corpus.
 
     Three ideas:
@@ -288,7 +222,7 @@ def train_bpe(text: str, n_merges: int, pattern: str = GPT2_SPLIT_PATTERN, verbo
             stats[pair] += counts[w]
             where[pair].add(w)
     heap = [(-count, pair) for pair, count in stats.items()]
-    heapq.heapify(heap)  # ties: smallest pair first, like best_pair
+    heapq.heapify(heap)  # ties: smallest pair first, as in train_bpe_naive
 
     merges = {}
     for i in range(n_merges):
@@ -318,32 +252,13 @@ def train_bpe(text: str, n_merges: int, pattern: str = GPT2_SPLIT_PATTERN, verbo
                     heapq.heappush(heap, (-stats[p], p))
                 else:
                     del stats[p]
-        if verbose:
-            print(f"merge {i + 1}/{n_merges}: {pair} -> {idx} ({-count} occurrences)")
+        if log:
+            log(i, pair, idx, -count)
     return merges
 
 
 # -----------------------------------------------------------------------------
 # The tokenizer: encode, decode, save/load, and OpenAI's GPT-2 merges
-
-
-class _ChunkCache(dict):
-    """A dict that fills itself: cache[chunk] runs BPE the first time, then is one lookup.
-
-    Text is Zipfian: a few thousand distinct chunks make up most of any text (tiny Shakespeare:
-    300k chunks, 15k distinct), so almost every lookup is a hit. Cleared when full so that
-    memory stays bounded.
-    """
-
-    def __init__(self, bpe, max_size=500_000):
-        super().__init__()
-        self.bpe, self.max_size = bpe, max_size
-
-    def __missing__(self, chunk: str) -> list[int]:
-        if len(self) >= self.max_size:
-            self.clear()
-        ids = self[chunk] = self.bpe(chunk)
-        return ids
 
 
 class BPETokenizer:
@@ -378,20 +293,18 @@ class BPETokenizer:
         specials = set(self.special_tokens.values())
         # bytes -> id of every ordinary token, for the whole-chunk shortcut in _bpe
         self._token_ids = {token: idx for idx, token in self.vocab.items() if idx not in specials}
-        self._cache = _ChunkCache(self._bpe)
-
-    # -- training -------------------------------------------------------------
+        # chunk -> ids, computed once. Text is Zipfian: tiny Shakespeare is 300k chunks but 15k
+        # distinct ones, so almost every call is a cache hit; bounded so that memory stays bounded
+        self._cache = functools.lru_cache(maxsize=1 << 16)(self._bpe)
 
     @classmethod
-    def train(cls, text: str, vocab_size: int, verbose=False, naive=False) -> "BPETokenizer":
+    def train(cls, text: str, vocab_size: int, log=None) -> "BPETokenizer":
         """Learn vocab_size - 257 merges on text; the last id is "<|endoftext|>" (as in GPT-2:
         50257 = 256 bytes + 50000 merges + 1 special)."""
         if vocab_size < 257:
             raise ValueError(f"vocab_size must be at least 257 (256 bytes + <|endoftext|>), got {vocab_size}")
-        merges = (train_bpe_naive if naive else train_bpe)(text, vocab_size - 257, verbose=verbose)
+        merges = train_bpe(text, vocab_size - 257, log=log)
         return cls(merges, {"<|endoftext|>": vocab_size - 1})
-
-    # -- encoding -------------------------------------------------------------
 
     def apply_merges(self, ids: list[int]) -> list[int]:
         """BPE proper: repeatedly merge the adjacent pair that was learned first, until none is left.
@@ -428,10 +341,12 @@ class BPETokenizer:
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Encode text, treating special-token strings as ordinary text (tiktoken's encode_ordinary)."""
-        text = _replace_surrogates(text)
+        # lone surrogates ("\ud800", e.g. from a broken JSON escape) have no UTF-8 encoding; like
+        # tiktoken, we re-read the text as UTF-16, so that they become U+FFFD and pairs one character
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
         chunks = self.pattern_re.findall(text)  # "Hello world!" -> ["Hello", " world", "!"]
         # one cache lookup per chunk, flattened; map/chain keep the loop in C, which matters here
-        return list(chain.from_iterable(map(self._cache.__getitem__, chunks)))
+        return list(chain.from_iterable(map(self._cache, chunks)))
 
     def encode(self, text: str, allowed_special="none_raise") -> list[int]:
         """Encode text; special tokens are recognised only when allowed, as in tiktoken.
@@ -441,17 +356,14 @@ class BPETokenizer:
         To encode special-token strings as plain text, use encode_ordinary.
         """
         specials = set(self.special_tokens)
-        if allowed_special == "all":
-            allowed = specials
-        elif allowed_special == "none_raise":
-            allowed = set()
-        elif isinstance(allowed_special, (set, frozenset)):
+        if isinstance(allowed_special, (set, frozenset)):
             allowed = set(allowed_special)
-            if allowed - specials:
-                raise ValueError(f"unknown special tokens {sorted(allowed - specials)}; "
-                                 f"this tokenizer has {sorted(specials)}")
+        elif allowed_special in ("all", "none_raise"):
+            allowed = specials if allowed_special == "all" else set()
         else:
             raise ValueError(f"allowed_special must be 'none_raise', 'all' or a set, got {allowed_special!r}")
+        if unknown := allowed - specials:
+            raise ValueError(f"unknown special tokens {sorted(unknown)}; this one has {sorted(specials)}")
         if found := [token for token in specials - allowed if token in text]:
             token = min(found, key=text.index)  # the first one in the text, as tiktoken reports
             raise ValueError(f"Encountered text corresponding to disallowed special token {token!r}.\n"
@@ -460,14 +372,12 @@ class BPETokenizer:
                              "If you want it encoded as normal text, use `encode_ordinary`.")
         if not allowed:
             return self.encode_ordinary(text)
-        ids = []
+        ids, longest_first = [], sorted(allowed, key=len, reverse=True)
         # split keeps the separators because of the capture group: "a<|endoftext|>b" ->
         # ["a", "<|endoftext|>", "b"]; the special tokens are at the odd positions
-        for i, part in enumerate(_special_regex(allowed).split(text)):
+        for i, part in enumerate(regex.split(f"({'|'.join(map(regex.escape, longest_first))})", text)):
             ids.extend(self.encode_ordinary(part) if i % 2 == 0 else [self.special_tokens[part]])
         return ids
-
-    # -- decoding -------------------------------------------------------------
 
     def decode_bytes(self, ids) -> bytes:
         try:
@@ -482,20 +392,16 @@ class BPETokenizer:
         U+FFFD "�" instead of raising."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
-    # -- save / load: readable JSON -------------------------------------------
+    # -- save / load, as JSON a person can read ---------------------------------
 
     def save(self, path) -> Path:
         """Write the tokenizer as JSON a person can read: tokens use GPT-2's printable byte
         characters ("Ġthe" = " the"); merges are [a, b, new id]."""
-        show = bytes_to_unicode()
-        data = {
-            "kind": "bpe",
-            "pattern": self.pattern,
-            "special_tokens": self.special_tokens,
-            "vocab": {idx: "".join(show[b] for b in self.vocab[idx]) for idx in sorted(self.vocab)
-                      if idx not in self.special_tokens.values()},
-            "merges": [[a, b, idx] for (a, b), idx in self.merges.items()],
-        }
+        show, specials = bytes_to_unicode(), set(self.special_tokens.values())
+        data = {"kind": "bpe", "pattern": self.pattern, "special_tokens": self.special_tokens,
+                "vocab": {idx: "".join(map(show.get, token)) for idx, token in sorted(self.vocab.items())
+                          if idx not in specials},
+                "merges": [[a, b, idx] for (a, b), idx in self.merges.items()]}
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(data, ensure_ascii=False, indent=1)
@@ -510,12 +416,9 @@ class BPETokenizer:
             raise ValueError(f"{path} is not a BPETokenizer file (no \"kind\": \"bpe\"); "
                              "write one with BPETokenizer.save or `python 01_tokenizer.py train`")
         unshow = {ch: b for b, ch in bytes_to_unicode().items()}
-        byte_ids = [0] * 256
-        for idx, token in data["vocab"].items():
-            if len(token) == 1:
-                byte_ids[unshow[token]] = int(idx)
+        single = {unshow[token]: int(idx) for idx, token in data["vocab"].items() if len(token) == 1}
         merges = {(a, b): idx for a, b, idx in data["merges"]}
-        return cls(merges, data["special_tokens"], byte_ids, data["pattern"])
+        return cls(merges, data["special_tokens"], [single[b] for b in range(256)], data["pattern"])
 
     @classmethod
     def from_gpt2(cls, encoder_json, vocab_bpe) -> "BPETokenizer":
@@ -531,147 +434,166 @@ class BPETokenizer:
         show = bytes_to_unicode()
         try:
             byte_ids = [encoder[show[b]] for b in range(256)]
-            merges = {}
-            for line in filter(None, lines):
-                a, b = line.split(" ")
-                merges[encoder[a], encoder[b]] = encoder[a + b]
+            pairs = [line.split(" ") for line in lines if line]
+            merges = {(encoder[a], encoder[b]): encoder[a + b] for a, b in pairs}
         except (KeyError, ValueError) as e:
             raise ValueError(f"{encoder_json} and {vocab_bpe} do not match ({e!r}); "
                              "download both again (see GPT2_FILES)") from e
         return cls(merges, special_tokens, byte_ids)
 
 
-def _special_regex(tokens) -> "regex.Pattern":
-    """A pattern matching any of the given special tokens (longest first), as one capture group."""
-    return regex.compile("(" + "|".join(regex.escape(t) for t in sorted(tokens, key=len, reverse=True)) + ")")
+# -----------------------------------------------------------------------------
+# OpenAI's files, fetched safely, and the factory later stages use (they copy both)
 
 
-def _replace_surrogates(text: str) -> str:
-    """Lone surrogates ("\\ud800", e.g. from a broken JSON escape) have no UTF-8 encoding; like
-    tiktoken, we re-read the text as UTF-16 so that they become U+FFFD and pairs become their
-    character."""
+def download(url: str, path, sha256: str | None = None, timeout: float = 30) -> Path:
+    """Download url to path: streamed, written to path + ".tmp", checked, then renamed.
+
+    sha256 pins the exact bytes we expect; with None (no published hash, e.g. Hugging Face's
+    weights) we check the byte count the server announced. A file already at path (with the right
+    hash, when one is given) is not downloaded again. On an HTTP error or a bad file we raise and
+    leave no file behind, so a half-written download is never mistaken for the real one.
+    """
+    path, digest = Path(path), hashlib.sha256()
+    if path.exists() and sha256:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    if path.exists() and (sha256 is None or digest.hexdigest() == sha256):
+        return path  # a download gets this name only once it is complete and checked
+    path.unlink(missing_ok=True)  # corrupt or outdated: never leave it where a good file is expected
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp, digest, done, t0 = path.with_suffix(path.suffix + ".tmp"), hashlib.sha256(), 0, time.perf_counter()
     try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        # identity: a gzip-encoded response would make the byte count differ from Content-Length
+        with requests.get(url, stream=True, timeout=timeout, headers={"Accept-Encoding": "identity"}) as r:
+            r.raise_for_status()
+            total = int(r.headers.get("content-length", 0))
+            with open(tmp, "wb") as f:
+                for block in r.iter_content(chunk_size=1 << 20):
+                    f.write(block)
+                    digest.update(block)
+                    done += len(block)
+                    if total > 1 << 24:  # progress for big files (> 16 MB): MB done, rate, time left
+                        rate, end = done / (time.perf_counter() - t0), "\n" if done == total else ""
+                        print(f"\r{path.name}: {done >> 20:,}/{total >> 20:,} MB, {rate / 2**20:.1f} MB/s, "
+                              f"~{(total - done) / rate:.0f} s left ", end=end, flush=True)
+        if total and done != total:
+            raise RuntimeError(f"download of {url} stopped after {done} of {total} bytes; retry")
+        if sha256 and digest.hexdigest() != sha256:
+            raise ValueError(f"sha256 mismatch for {url}: expected {sha256}, got {digest.hexdigest()}; "
+                             "retry; if it persists the file changed upstream: check it and update the hash, "
+                             f"or put the expected file in {path.parent} by hand")
+        os.replace(tmp, path)
+    except requests.RequestException as e:
+        raise RuntimeError(f"download of {url} failed: {e}; check the URL and your network, "
+                           f"or put the file at {path} by hand") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def gpt2(data_dir=DATA_DIR) -> BPETokenizer:
     """Our GPT-2 tokenizer, downloading encoder.json and vocab.bpe into data_dir if needed."""
-    paths = [download(url, Path(data_dir) / name, sha256) for name, (url, sha256) in GPT2_FILES.items()]
-    return BPETokenizer.from_gpt2(*paths)
+    return BPETokenizer.from_gpt2(*[download(f"{GPT2_URL}/{name}", Path(data_dir) / name, sha256)
+                                    for name, sha256 in GPT2_FILES.items()])
+
+
+def get_tokenizer(spec: dict):
+    """{"kind": "char", "chars": ...} -> CharTokenizer; {"kind": "gpt2"} -> tiktoken's GPT-2.
+
+    Checkpoints and meta.json store this small dict, not the tokenizer. For GPT-2 we use tiktoken
+    (Rust, fast); 01_tokenizer.py's BPETokenizer gives the same ids and shows how they are made.
+    """
+    kind = spec.get("kind")
+    if kind == "char":
+        return CharTokenizer(spec["chars"])
+    if kind == "gpt2":
+        import tiktoken  # imported here so that char-only scripts do not need it
+
+        return tiktoken.get_encoding("gpt2")
+    raise ValueError(f"unknown tokenizer kind {kind!r}; use {{'kind': 'char', 'chars': ...}} "
+                     "or {'kind': 'gpt2'}")
 
 
 # -----------------------------------------------------------------------------
-# Benchmarks: python 01_tokenizer.py bench
-
-
-def _timed(fn, *args):
-    t0 = time.perf_counter()
-    result = fn(*args)
-    return result, time.perf_counter() - t0
+# The lesson in numbers (python 01_tokenizer.py bench), and the command line
 
 
 def bench_train(text: str, vocab_size: int, naive_chars: int) -> None:
-    """Our trainer against the naive one on the first naive_chars of text, then ours on all of it."""
-    n_merges, head = vocab_size - 257, text[:naive_chars]
-    naive_merges, naive_s = _timed(train_bpe_naive, head, n_merges)
-    fast_merges, fast_s = _timed(train_bpe, head, n_merges)
-    _, full_s = _timed(train_bpe, text, n_merges)
+    """The naive trainer against ours on the first naive_chars of text, then ours on all of it."""
+    n_merges, head, rows = vocab_size - 257, text[:naive_chars], []
+    print(f"naive trainer (recount), {n_merges} merges on the first {len(head):,} characters:", flush=True)
+    for name, train, sample, log in [("naive (recount)", train_bpe_naive, head, merge_logger(n_merges)),
+                                     ("ours (incremental)", train_bpe, head, None),
+                                     ("ours (incremental)", train_bpe, text, None)]:
+        t0 = time.perf_counter()
+        rows.append((name, sample, train(sample, n_merges, log=log), time.perf_counter() - t0))
     print(f"\nBPE training to vocab {vocab_size} ({n_merges} merges + <|endoftext|>)")
     print(f"{'trainer':<20} {'text bytes':>11} {'seconds':>8} {'ms/merge':>9} {'speedup':>8}")
-    for name, sample, seconds in [("naive (recount)", head, naive_s), ("ours (incremental)", head, fast_s),
-                                  ("ours (incremental)", text, full_s)]:
-        speedup = f"{naive_s / seconds:.1f}x" if sample is head else "-"
+    for name, sample, _, seconds in rows:
+        speedup = f"{rows[0][3] / seconds:.1f}x" if sample is head else "-"
         print(f"{name:<20} {len(sample.encode('utf-8')):>11,} {seconds:>8.2f} "
               f"{1000 * seconds / n_merges:>9.2f} {speedup:>8}")
-    print(f"same merges as the naive trainer: {fast_merges == naive_merges}")
-
-
-def bench_encode(text: str, data_dir) -> None:
-    """Bytes/s of our GPT-2 encoder (cold cache, then warm) against tiktoken on the same text."""
-    import tiktoken
-
-    n_bytes = len(text.encode("utf-8"))
-    ours, reference = gpt2(data_dir), tiktoken.get_encoding("gpt2")
-    reference.encode("warm up")  # tiktoken builds its regex lazily
-    expected, tiktoken_s = _timed(reference.encode, text)
-    print(f"\nGPT-2 encode of {n_bytes:,} bytes")
-    print(f"{'encoder':<18} {'seconds':>8} {'MB/s':>7} {'time / tiktoken':>16} {'same ids':>9}")
-    rows = [("tiktoken (Rust)", tiktoken_s, expected)]
-    for name in ["ours, cold cache", "ours, warm cache"]:  # the first run fills the chunk cache
-        ids, seconds = _timed(ours.encode, text)
-        rows.append((name, seconds, ids))
-    for name, seconds, ids in rows:
-        print(f"{name:<18} {seconds:>8.3f} {n_bytes / seconds / 1e6:>7.2f} "
-              f"{seconds / tiktoken_s:>15.2f}x {str(ids == expected):>9}")
-
-
-# -----------------------------------------------------------------------------
-# Command line
-
-
-def _load_tokenizer(name: str) -> BPETokenizer:
-    return gpt2() if name == "gpt2" else BPETokenizer.load(name)
+    print(f"same merges as the naive trainer: {rows[1][2] == rows[0][2]}")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Byte-level BPE from scratch: train, encode, decode, bench.",
-        epilog="examples:\n"
-               "  python 01_tokenizer.py train data/tinyshakespeare.txt --vocab-size 1024\n"
-               "  python 01_tokenizer.py encode \"Hello world, it's 2024!\"\n"
-               "  python 01_tokenizer.py decode 15496 995\n"
-               "  python 01_tokenizer.py bench",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command")
-    p = sub.add_parser("train", help="learn a BPE vocabulary from a text file")
+    parser = argparse.ArgumentParser(description="Byte-level BPE from scratch: train, encode, decode, bench.",
+                                     allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command", required=True)
+    tokenizer_help = "'gpt2' (OpenAI's merges) or a JSON file written by train (default: %(default)s)"
+    p = sub.add_parser("train", help="learn a BPE vocabulary from a text file", allow_abbrev=False)
     p.add_argument("file", help="UTF-8 text file, e.g. data/tinyshakespeare.txt")
-    p.add_argument("--vocab-size", type=int, default=1024, help="256 bytes + merges + <|endoftext|>")
+    p.add_argument("--vocab_size", type=int, default=1024, help="256 bytes + merges + <|endoftext|>")
     p.add_argument("--out", default="out/bpe.json", help="where to write the tokenizer (JSON)")
-    p.add_argument("--naive", action="store_true", help="use the recount-every-merge trainer (slow)")
-    p.add_argument("--verbose", action="store_true", help="print every merge")
-    p = sub.add_parser("encode", help="text -> ids")
+    p = sub.add_parser("encode", help="text -> ids", allow_abbrev=False)
     p.add_argument("text")
-    p.add_argument("--tokenizer", default="gpt2", help="'gpt2' (OpenAI's merges) or a JSON file from train")
-    p.add_argument("--allow-special", action="store_true", help="encode <|endoftext|> as the special token")
-    p = sub.add_parser("decode", help="ids -> text")
+    p.add_argument("--tokenizer", default="gpt2", help=tokenizer_help)
+    p.add_argument("--allowed_special", choices=["none_raise", "all"], default="none_raise",
+                   help="all: <|endoftext|> in the text is the special token (default: %(default)s)")
+    p = sub.add_parser("decode", help="ids -> text", allow_abbrev=False)
     p.add_argument("ids", type=int, nargs="+")
-    p.add_argument("--tokenizer", default="gpt2", help="'gpt2' (OpenAI's merges) or a JSON file from train")
-    p = sub.add_parser("bench", help="time the trainers and the encoders (prints two tables)")
-    p.add_argument("--vocab-size", type=int, default=1024)
-    p.add_argument("--naive-chars", type=int, default=100_000, help="the naive trainer's text (it is slow)")
-    p.add_argument("--data-dir", default=str(DATA_DIR))
+    p.add_argument("--tokenizer", default="gpt2", help=tokenizer_help)
+    p = sub.add_parser("bench", help="time the naive and the incremental trainer", allow_abbrev=False)
+    p.add_argument("--vocab_size", type=int, default=1024)
+    p.add_argument("--naive_chars", type=int, default=100_000, help="the naive trainer's text (it is slow)")
+    p.add_argument("--data_dir", default=str(DATA_DIR), help="where tinyshakespeare.txt is (or goes)")
     args = parser.parse_args(argv)
+    try:  # the user's input or network: one line `error: ...`, exit status 2, no traceback
+        run(args)
+    except (ValueError, OSError, RuntimeError) as e:
+        parser.exit(2, f"error: {e}\n")
 
+
+def run(args):  # main's command, its arguments checked before any work
+    if getattr(args, "vocab_size", 257) < 257:
+        raise ValueError(f"--vocab_size={args.vocab_size}; use at least 257 (256 bytes + <|endoftext|>)")
     if args.command == "train":
-        text = Path(args.file).read_text(encoding="utf-8")
-        t0 = time.perf_counter()
-        tok = BPETokenizer.train(text, args.vocab_size, verbose=args.verbose, naive=args.naive)
-        print(f"trained {args.vocab_size - 257} merges in {time.perf_counter() - t0:.2f} s; "
-              f"wrote {tok.save(args.out)}")
+        if not Path(args.file).is_file():
+            raise ValueError(f"{args.file}: no such file; give a UTF-8 text file (data/tinyshakespeare.txt)")
+        text, t0 = Path(args.file).read_text(encoding="utf-8"), time.perf_counter()
+        tok = BPETokenizer.train(text, args.vocab_size, log=merge_logger(args.vocab_size - 257))
+        print(f"{len(tok.merges)} merges in {time.perf_counter() - t0:.2f} s; wrote {tok.save(args.out)}")
         sample = text[:100_000]
         ratio = len(sample.encode("utf-8")) / len(tok.encode_ordinary(sample))
         print(f"compression on the first 100k characters: {ratio:.2f} bytes/token")
-    elif args.command == "encode":
-        tok = _load_tokenizer(args.tokenizer)
+    elif args.command == "bench":
+        if args.naive_chars <= 0:
+            raise ValueError(f"--naive_chars={args.naive_chars}; use a positive count, e.g. 100000")
+        url, sha256 = SHAKESPEARE
+        text = download(url, Path(args.data_dir) / "tinyshakespeare.txt", sha256).read_text(encoding="utf-8")
+        bench_train(text, args.vocab_size, args.naive_chars)
+    else:
+        tok = gpt2() if args.tokenizer == "gpt2" else BPETokenizer.load(args.tokenizer)
+        if args.command == "decode":
+            return print(tok.decode(args.ids))
         try:
-            ids = tok.encode(args.text, allowed_special="all" if args.allow_special else "none_raise")
-        except ValueError as e:
-            parser.error(f"{str(e).splitlines()[0]} Add --allow-special to encode it as the special token.")
+            ids = tok.encode(args.text, allowed_special=args.allowed_special)
+        except ValueError as e:  # tiktoken's message, first line, and our flag
+            raise ValueError(f"{str(e).splitlines()[0]} Add --allowed_special=all to encode it as that token")
         print(ids)
         print(" | ".join(repr(tok.decode([i])) for i in ids))
-    elif args.command == "decode":
-        print(_load_tokenizer(args.tokenizer).decode(args.ids))
-    elif args.command == "bench":
-        url, sha256 = SHAKESPEARE
-        path = download(url, Path(args.data_dir) / "tinyshakespeare.txt", sha256)
-        text = path.read_text(encoding="utf-8")
-        bench_train(text, args.vocab_size, args.naive_chars)
-        bench_encode(text, args.data_dir)
-    else:
-        parser.print_help()
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ cuts it into batches, in the order the data travels:
 2. clean      Unicode and whitespace normalization, exact de-duplication, a quality filter;
               each step says what it removed ("garbage in, garbage out")
 3. prepare    tokenize once into flat train.bin / val.bin files (uint16 while the vocabulary
-              fits) plus meta.json, as nanoGPT's data/*/prepare.py does
+              fits) + meta.json, as nanoGPT's data/*/prepare.py does, in the one home of prepared
+              data, data/<dataset>-<tokenizer>/ (e.g. data/tinyshakespeare-char/), which 05 and 06 read
 4. load       read the token files back with np.memmap: the OS pages in only the windows we
               touch, so a corpus larger than RAM works the same way as tiny Shakespeare
 5. batch      (x, y) pairs where y is x shifted by one token: at every position the model
@@ -18,15 +19,14 @@ cuts it into batches, in the order the data travels:
               Both are rank-aware: with world_size ranks, rank r gets its own slice of the same
               global batch, so N processes together see exactly what one process sees (06).
 
-References: karpathy/nanoGPT data/shakespeare_char/prepare.py and train.py get_batch;
-rasbt/LLMs-from-scratch ch02 (GPTDatasetV1); C4 (Raffel et al. 2020) and Gopher (Rae et al.
-2021) for de-duplication and quality rules; Lee et al. 2022, "Deduplicating Training Data Makes
-Language Models Better".
+References: nanoGPT data/shakespeare_char/prepare.py and train.py get_batch; rasbt's
+LLMs-from-scratch ch02 (GPTDatasetV1); C4 (Raffel et al. 2020) and Gopher (Rae et al. 2021) for
+de-duplication and quality rules; Lee et al. 2022, "Deduplicating Training Data Makes LMs Better".
 
 Run (CPU is plenty, nothing here trains):
-    python 02_dataloader.py                          # tiny Shakespeare, char and GPT-2 tokens
-    python 02_dataloader.py --tokenizers char --block-size 16
-    python 02_dataloader.py --text-file my.txt --normalize NFKC
+    python 02_dataloader.py                 # tiny Shakespeare -> data/tinyshakespeare-{char,gpt2}/
+    python 02_dataloader.py --tokenizers=char --block_size=16
+    python 02_dataloader.py --text_file=my.txt --normalize=NFKC     # -> data/my-char/, data/my-gpt2/
     python 02_dataloader.py --help
 """
 
@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import re
+import time
 import unicodedata
 from pathlib import Path
 
@@ -43,117 +44,7 @@ import requests
 import torch
 from torch.utils.data import Dataset, Sampler
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
-OUT_DIR = Path(__file__).resolve().parent / "out" / "data"
-
-# -----------------------------------------------------------------------------
-# Pieces of 01_tokenizer.py (tests/test_copies.py keeps them identical to the originals)
-
-
-# copied from 01_tokenizer.py: CharTokenizer
-class CharTokenizer:
-    """One token per character: the simplest tokenizer (vocabulary = the characters seen).
-
-    >>> tok = CharTokenizer.from_text("hello")      # vocabulary "ehlo": e=0, h=1, l=2, o=3
-    >>> tok.encode("hole"), tok.decode([2, 0])
-    ([1, 3, 2, 0], 'le')
-    """
-
-    def __init__(self, chars: str):
-        if len(set(chars)) != len(chars):
-            raise ValueError("chars has repeated characters; build it with CharTokenizer.from_text(text)")
-        self.chars = chars
-        self.stoi = {ch: i for i, ch in enumerate(chars)}
-        self.itos = dict(enumerate(chars))
-        self.n_vocab = len(chars)
-        self.eot_token = None  # no end-of-text token: 05 trains on one continuous text
-
-    @classmethod
-    def from_text(cls, text: str) -> "CharTokenizer":
-        return cls("".join(sorted(set(text))))
-
-    def encode(self, text: str) -> list[int]:
-        try:
-            return [self.stoi[ch] for ch in text]
-        except KeyError as e:
-            raise ValueError(f"character {e.args[0]!r} is not in the vocabulary; build the tokenizer "
-                             "from text that contains it (CharTokenizer.from_text)") from None
-
-    def decode(self, ids) -> str:
-        try:
-            return "".join([self.itos[i] for i in ids])
-        except KeyError as e:
-            raise ValueError(f"token id {e.args[0]!r} is not in the vocabulary "
-                             f"(ids are 0..{self.n_vocab - 1})") from None
-
-    def to_dict(self) -> dict:
-        return {"kind": "char", "chars": self.chars}
-
-
-# copied from 01_tokenizer.py: get_tokenizer
-def get_tokenizer(spec: dict):
-    """{"kind": "char", "chars": ...} -> CharTokenizer; {"kind": "gpt2"} -> tiktoken's GPT-2.
-
-    Checkpoints store this small dict, not the tokenizer. For GPT-2 we use tiktoken (Rust, fast);
-    BPETokenizer below gives the same ids and shows how they are made.
-    """
-    kind = spec.get("kind")
-    if kind == "char":
-        return CharTokenizer(spec["chars"])
-    if kind == "gpt2":
-        import tiktoken  # imported here so that char-only scripts do not need it
-
-        return tiktoken.get_encoding("gpt2")
-    raise ValueError(f"unknown tokenizer kind {kind!r}; use {{'kind': 'char', 'chars': ...}} "
-                     "or {'kind': 'gpt2'}")
-
-
-# copied from 01_tokenizer.py: download
-def download(url: str, path, sha256: str, timeout=30) -> Path:
-    """Download url to path: streamed, sha256-checked, written to path.tmp then renamed.
-
-    A file that is already there with the right hash is not downloaded again. On an HTTP error
-    or a hash mismatch we raise and leave no file behind, so a half-written download can never
-    be mistaken for the real one.
-    """
-    path = Path(path)
-    if path.exists():
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        if digest.hexdigest() == sha256:
-            return path
-        path.unlink()  # corrupt or outdated: never leave it where a good file is expected
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    digest = hashlib.sha256()
-    try:
-        with requests.get(url, stream=True, timeout=timeout) as response:
-            response.raise_for_status()
-            total = int(response.headers.get("content-length", 0))
-            done = 0
-            with open(tmp, "wb") as f:
-                for block in response.iter_content(chunk_size=1 << 20):
-                    f.write(block)
-                    digest.update(block)
-                    done += len(block)
-                    if total > 1 << 24:  # progress only for big files (> 16 MB)
-                        print(f"\r{path.name}: {done / 2**20:.0f}/{total / 2**20:.0f} MB", end="", flush=True)
-            if total > 1 << 24:
-                print()
-        if digest.hexdigest() != sha256:
-            raise ValueError(f"sha256 mismatch for {url}: expected {sha256}, got {digest.hexdigest()}; "
-                             "retry; if it persists the file changed upstream: check it and update the hash, "
-                             f"or put the expected file in {path.parent} by hand")
-        os.replace(tmp, path)
-    except requests.RequestException as e:
-        raise RuntimeError(f"download of {url} failed: {e}; check the URL and your network, "
-                           f"or put the file (sha256 {sha256}) in {path.parent} by hand") from e
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
+DATA_DIR = Path(__file__).resolve().parent / "data"  # downloads, and the prepared corpora next to them
 
 # -----------------------------------------------------------------------------
 # 1. fetch: the corpora we know, with the hash of the exact bytes we expect
@@ -163,29 +54,17 @@ _GPT2 = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main"
 SOURCES = {  # name -> (url, sha256, filename in data/)
     "tinyshakespeare": (
         "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
-        "tinyshakespeare.txt",
-    ),
-    "gpt2-encoder": (
-        f"{_GPT2}/encoder.json",
-        "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
-        "encoder.json",
-    ),
-    "gpt2-vocab": (
-        f"{_GPT2}/vocab.bpe",
-        "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
-        "vocab.bpe",
-    ),
-    "instruction-data": (
-        f"{_RASBT}/01_main-chapter-code/instruction-data.json",
-        "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944",
-        "instruction-data.json",
-    ),
-    "preference-data": (
-        f"{_RASBT}/04_preference-tuning-with-dpo/instruction-data-with-preference.json",
-        "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e",
-        "instruction-data-with-preference.json",
-    ),
+        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed", "tinyshakespeare.txt"),
+    "gpt2-encoder": (f"{_GPT2}/encoder.json",
+                     "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783", "encoder.json"),
+    "gpt2-vocab": (f"{_GPT2}/vocab.bpe",
+                   "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5", "vocab.bpe"),
+    "instruction-data": (f"{_RASBT}/01_main-chapter-code/instruction-data.json",
+                         "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944",
+                         "instruction-data.json"),
+    "preference-data": (f"{_RASBT}/04_preference-tuning-with-dpo/instruction-data-with-preference.json",
+                        "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e",
+                        "instruction-data-with-preference.json"),
 }
 
 
@@ -346,6 +225,7 @@ def prepare_corpus(text: str, out_dir, tokenizer_spec: dict, val_fraction: float
     split_at = int(len(text) * (1 - val_fraction))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "meta.json").unlink(missing_ok=True)  # an earlier run's: it would not fit the new .bin files
     counts = {}
     for split, part in (("train", text[:split_at]), ("val", text[split_at:])):
         # a literal <|endoftext|> in a GPT-2 corpus is a document separator: encode it as the token
@@ -367,16 +247,18 @@ def prepare_corpus(text: str, out_dir, tokenizer_spec: dict, val_fraction: float
 # 4. load: memory-map, after checking the files against their metadata
 
 
-def load_meta(out_dir) -> dict:
-    """meta.json of a prepared corpus."""
-    path = Path(out_dir) / "meta.json"
+def load_meta(corpus_dir) -> dict:
+    """meta.json of a prepared corpus, data_dir/<dataset>-<tokenizer>/ as 02_dataloader.py writes it."""
+    path = Path(corpus_dir) / "meta.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found; prepare the corpus first "
-                                "(prepare_corpus(...) or python 02_dataloader.py)")
+        dataset, _, tokenizer = path.parent.name.rpartition("-")  # data_dir/<dataset>-<tokenizer>/
+        raise FileNotFoundError(f"{path} not found; prepare it with: python 02_dataloader.py --dataset="
+                                f"{dataset} --tokenizers={tokenizer} --data_dir={path.parent.parent} "
+                                "(and --text_file=FILE if it is your own text)")
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def load_tokens(out_dir, split: str) -> np.memmap:
+def load_tokens(corpus_dir, split: str) -> np.memmap:
     """The token ids of split ("train" or "val") as a read-only np.memmap.
 
     A raw .bin has no header, so the same bytes read as uint16 or uint32 give different (wrong)
@@ -385,8 +267,8 @@ def load_tokens(out_dir, split: str) -> np.memmap:
     """
     if split not in ("train", "val"):
         raise ValueError(f"unknown split {split!r}; use 'train' or 'val'")
-    meta = load_meta(out_dir)
-    path = Path(out_dir) / f"{split}.bin"
+    meta = load_meta(corpus_dir)
+    path = Path(corpus_dir) / f"{split}.bin"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found; prepare the corpus again")
     if meta["dtype"] not in ("uint16", "uint32"):
@@ -410,24 +292,6 @@ def load_tokens(out_dir, split: str) -> np.memmap:
 # 5a. random windows for pretraining: stateless, so resume and multi-GPU come for free
 
 
-def _check_window(n_tokens: int, block_size: int):
-    if block_size <= 0:
-        raise ValueError(f"block_size must be positive, got {block_size}")
-    if n_tokens < block_size + 1:
-        raise ValueError(f"the data has {n_tokens} tokens but one (x, y) window needs block_size + 1 "
-                         f"= {block_size + 1}; use a smaller block_size or more text")
-
-
-def _check_ranks(batch_size: int, rank: int, world_size: int):
-    if batch_size <= 0 or world_size <= 0:
-        raise ValueError(f"batch_size ({batch_size}) and world_size ({world_size}) must be positive")
-    if batch_size % world_size != 0:
-        raise ValueError(f"batch_size {batch_size} does not split across {world_size} ranks; "
-                         f"use a multiple of {world_size}")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside 0..{world_size - 1} (world_size {world_size})")
-
-
 def get_batch(data, batch_size: int, block_size: int, step: int, seed: int = 0,
               rank: int = 0, world_size: int = 1, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Rank `rank`'s share of global batch number `step`: x, y int64 of shape (B/W, T).
@@ -442,8 +306,16 @@ def get_batch(data, batch_size: int, block_size: int, step: int, seed: int = 0,
     x[b, t]. Example with data = [10, 11, 12, 13], block_size = 2 and start i = 1:
     x = [11, 12], y = [12, 13].
     """
-    _check_window(len(data), block_size)
-    _check_ranks(batch_size, rank, world_size)
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    if len(data) < block_size + 1:
+        raise ValueError(f"the data has {len(data)} tokens but one (x, y) window needs block_size + 1 "
+                         f"= {block_size + 1}; use a smaller block_size or more text")
+    if world_size <= 0 or batch_size <= 0 or batch_size % world_size:
+        raise ValueError(f"batch_size {batch_size} does not split across {world_size} ranks; "
+                         "use a positive multiple of world_size")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside 0..{world_size - 1} (world_size {world_size})")
     rng = np.random.default_rng([seed, step])
     starts = rng.integers(0, len(data) - block_size, size=batch_size)  # last start: len - T - 1
     per_rank = batch_size // world_size
@@ -474,9 +346,12 @@ class SlidingWindowDataset(Dataset):
 
     def __init__(self, tokens, block_size: int, stride: int):
         self.tokens = tokens if isinstance(tokens, np.ndarray) else np.asarray(tokens)
-        _check_window(len(self.tokens), block_size)
-        if stride <= 0:
-            raise ValueError(f"stride must be positive, got {stride}; e.g. use stride = block_size")
+        if block_size <= 0 or stride <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}" if block_size <= 0 else
+                             f"stride must be positive, got {stride}; e.g. use stride = block_size")
+        if len(self.tokens) < block_size + 1:
+            raise ValueError(f"the data has {len(self.tokens)} tokens but one (x, y) window needs block_size "
+                             f"+ 1 = {block_size + 1}; use a smaller block_size or more text")
         self.block_size, self.stride = block_size, stride
 
     def __len__(self) -> int:
@@ -505,7 +380,11 @@ class RankBatchSampler(Sampler):
 
     def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1,
                  shuffle: bool = True, seed: int = 0):
-        _check_ranks(batch_size, rank, world_size)
+        if world_size <= 0 or batch_size <= 0 or batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} does not split across {world_size} ranks; "
+                             "use a positive multiple of world_size")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1} (world_size {world_size})")
         if n < batch_size:
             raise ValueError(f"{n} examples do not fill one batch of {batch_size}; "
                              "use a smaller batch_size, a smaller stride or more text")
@@ -528,50 +407,69 @@ class RankBatchSampler(Sampler):
 
 
 # -----------------------------------------------------------------------------
-# demo: fetch, clean, prepare with two tokenizers, and look at a batch
-
+# The command line: fetch, clean, prepare into data/<dataset>-<tokenizer>/, and look at a batch
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="From raw text to batches: fetch, clean, tokenize "
-                                     "into train.bin/val.bin, and show a batch.")
-    parser.add_argument("--corpus", default="tinyshakespeare", choices=["tinyshakespeare"],
-                        help="known text corpus to fetch (default: %(default)s)")
-    parser.add_argument("--text-file", type=Path, help="use this UTF-8 text file instead of --corpus")
-    parser.add_argument("--tokenizers", nargs="+", default=["char", "gpt2"], choices=["char", "gpt2"],
-                        help="tokenizers to prepare the corpus with (default: char gpt2)")
-    parser.add_argument("--normalize", default="NFC", choices=["NFC", "NFKC"],
-                        help="Unicode normalization form (default: %(default)s)")
-    parser.add_argument("--no-clean", action="store_true", help="skip the cleaning steps")
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="tail of the text kept for val")
-    parser.add_argument("--block-size", type=int, default=32, help="tokens per window (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=4, help="windows per batch (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help="where downloads go")
-    parser.add_argument("--out-dir", type=Path, default=OUT_DIR,
-                        help="prepared corpora go to OUT_DIR/<corpus>-<tokenizer>/, the layout 05 reads "
-                             "with --data_dir (default: %(default)s)")
+    parser = argparse.ArgumentParser(description="From raw text to batches: fetch, clean, tokenize into "
+                                     "train.bin/val.bin/meta.json, and show a batch.", allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--dataset", help="tinyshakespeare (fetched), or a name for --text_file's text; "
+                        "None: tinyshakespeare, or the text file's stem")
+    parser.add_argument("--text_file", type=Path, help="prepare this UTF-8 text file, not a known corpus")
+    parser.add_argument("--tokenizers", default="char,gpt2", help="comma-separated: char, gpt2 or both")
+    parser.add_argument("--normalize", default="NFC", choices=["NFC", "NFKC"], help="Unicode normal form")
+    parser.add_argument("--clean", nargs="?", const="true", default="true", choices=["true", "false"],
+                        help="clean the text first (bare --clean: true); --clean=false keeps it as it is")
+    parser.add_argument("--val_fraction", type=float, default=0.1, help="tail of the text kept for val")
+    parser.add_argument("--block_size", type=int, default=32, help="tokens per window")
+    parser.add_argument("--batch_size", type=int, default=4, help="windows per batch")
+    parser.add_argument("--seed", type=int, default=0, help="seed of get_batch")
+    parser.add_argument("--data_dir", type=Path, default=DATA_DIR,
+                        help="downloads, and the prepared DATA_DIR/<dataset>-<tokenizer>/ (05, 06 read it)")
     args = parser.parse_args(argv)
+    try:  # the user's input or network: one line `error: ...`, exit status 2, no traceback
+        run(args)
+    except (ValueError, OSError, RuntimeError) as e:
+        parser.exit(2, f"error: {e}\n")
 
-    path = args.text_file or fetch(args.corpus, args.data_dir)
-    name = path.stem if args.text_file else args.corpus
+
+def run(args):  # main's work, its arguments checked before any of it
+    kinds = list(dict.fromkeys(args.tokenizers.split(",")))
+    if set(kinds) - {"char", "gpt2"}:
+        raise ValueError(f"--tokenizers={args.tokenizers}; use char, gpt2 or char,gpt2")
+    if not 0 < args.val_fraction < 1:
+        raise ValueError(f"--val_fraction={args.val_fraction}; use a fraction between 0 and 1, e.g. 0.1")
+    if args.block_size <= 0 or args.batch_size <= 0:
+        raise ValueError(f"--block_size={args.block_size}, --batch_size={args.batch_size}: use sizes > 0")
+    if args.text_file and not args.text_file.is_file():
+        raise ValueError(f"--text_file={args.text_file}: no such file")
+    name = args.dataset or (args.text_file.stem if args.text_file else "tinyshakespeare")
+    if not args.text_file and name != "tinyshakespeare":
+        raise ValueError(f"--dataset={name}: the corpus we fetch is tinyshakespeare; for your own text, "
+                         "add --text_file=FILE")
+    path = args.text_file or fetch(name, args.data_dir)
     text = path.read_text(encoding="utf-8")
-    print(f"{path}: {len(text):,} characters")
-    if not args.no_clean:
+    print(f"{path}: {len(text):,} characters", flush=True)
+    if args.clean == "true":
         cleaned, reports = clean_text(text, form=args.normalize)
-        for report in reports:
-            print("  " + format_report(report))
+        print("\n".join("  " + format_report(report) for report in reports))
         print(f"cleaned: {len(text):,} -> {len(cleaned):,} characters")
         text = cleaned
+    if args.block_size >= int(len(text) * (1 - args.val_fraction)):  # a token is >= 1 character
+        raise ValueError(f"--block_size={args.block_size}: the train split has fewer characters than one "
+                         "window; use a smaller block_size or more text")
 
-    for kind in args.tokenizers:
+    for kind in kinds:
         spec = CharTokenizer.from_text(text).to_dict() if kind == "char" else {"kind": "gpt2"}
-        out_dir = args.out_dir / f"{name}-{kind}"
+        out_dir, t0 = args.data_dir / f"{name}-{kind}", time.perf_counter()
+        print(f"\n[{kind}] tokenizing {len(text):,} characters into {out_dir} ...", flush=True)
         meta = prepare_corpus(text, out_dir, spec, val_fraction=args.val_fraction)
         train = load_tokens(out_dir, "train")
         tokenizer = get_tokenizer(spec)
-        print(f"\n[{kind}] {out_dir}: vocab {meta['n_vocab']:,} ({meta['dtype']}), "
-              f"train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens, "
-              f"{len(text) / (meta['train_tokens'] + meta['val_tokens']):.2f} characters/token")
+        n_tokens = meta["train_tokens"] + meta["val_tokens"]
+        print(f"vocab {meta['n_vocab']:,} ({meta['dtype']}), train {meta['train_tokens']:,} tokens, val "
+              f"{meta['val_tokens']:,} tokens, {len(text) / n_tokens:.2f} characters/token, "
+              f"{time.perf_counter() - t0:.1f} s")
         x, y = get_batch(train, args.batch_size, args.block_size, step=0, seed=args.seed)
         print(f"get_batch(step=0): x {tuple(x.shape)}, y {tuple(y.shape)}; row 0:")
         print(f"  x: {tokenizer.decode(x[0].tolist())!r}")
@@ -583,6 +481,116 @@ def main(argv=None):
         dataset = SlidingWindowDataset(train, args.block_size, stride=args.block_size)
         print(f"SlidingWindowDataset(stride={args.block_size}): {len(dataset):,} windows; "
               f"window 1 starts {tokenizer.decode(dataset[1][0][:10].tolist())!r}...")
+
+
+# -----------------------------------------------------------------------------
+# Appendix: pieces copied unchanged from earlier stages, so that this file runs on its own.
+# Each is its origin's text byte for byte (tests/test_copies.py checks); read them there.
+
+# copied from 01_tokenizer.py: CharTokenizer
+class CharTokenizer:
+    """One token per character: the simplest tokenizer (vocabulary = the characters seen).
+
+    >>> tok = CharTokenizer.from_text("hello")      # vocabulary "ehlo": e=0, h=1, l=2, o=3
+    >>> tok.encode("hole"), tok.decode([2, 0])
+    ([1, 3, 2, 0], 'le')
+    """
+
+    def __init__(self, chars: str):
+        if len(set(chars)) != len(chars):
+            raise ValueError("chars has repeated characters; build it with CharTokenizer.from_text(text)")
+        self.chars = chars
+        self.stoi = {ch: i for i, ch in enumerate(chars)}
+        self.itos = dict(enumerate(chars))
+        self.n_vocab = len(chars)
+        self.eot_token = None  # no end-of-text token: 05 trains on one continuous text
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        return cls("".join(sorted(set(text))))
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self.stoi[ch] for ch in text]
+        except KeyError as e:
+            raise ValueError(f"character {e.args[0]!r} is not in the vocabulary; build the tokenizer "
+                             "from text that contains it (CharTokenizer.from_text)") from None
+
+    def decode(self, ids) -> str:
+        try:
+            return "".join([self.itos[i] for i in ids])
+        except KeyError as e:
+            raise ValueError(f"token id {e.args[0]!r} is not in the vocabulary "
+                             f"(ids are 0..{self.n_vocab - 1})") from None
+
+    def to_dict(self) -> dict:
+        return {"kind": "char", "chars": self.chars}
+
+
+# copied from 01_tokenizer.py: get_tokenizer
+def get_tokenizer(spec: dict):
+    """{"kind": "char", "chars": ...} -> CharTokenizer; {"kind": "gpt2"} -> tiktoken's GPT-2.
+
+    Checkpoints and meta.json store this small dict, not the tokenizer. For GPT-2 we use tiktoken
+    (Rust, fast); 01_tokenizer.py's BPETokenizer gives the same ids and shows how they are made.
+    """
+    kind = spec.get("kind")
+    if kind == "char":
+        return CharTokenizer(spec["chars"])
+    if kind == "gpt2":
+        import tiktoken  # imported here so that char-only scripts do not need it
+
+        return tiktoken.get_encoding("gpt2")
+    raise ValueError(f"unknown tokenizer kind {kind!r}; use {{'kind': 'char', 'chars': ...}} "
+                     "or {'kind': 'gpt2'}")
+
+
+# copied from 01_tokenizer.py: download
+def download(url: str, path, sha256: str | None = None, timeout: float = 30) -> Path:
+    """Download url to path: streamed, written to path + ".tmp", checked, then renamed.
+
+    sha256 pins the exact bytes we expect; with None (no published hash, e.g. Hugging Face's
+    weights) we check the byte count the server announced. A file already at path (with the right
+    hash, when one is given) is not downloaded again. On an HTTP error or a bad file we raise and
+    leave no file behind, so a half-written download is never mistaken for the real one.
+    """
+    path, digest = Path(path), hashlib.sha256()
+    if path.exists() and sha256:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    if path.exists() and (sha256 is None or digest.hexdigest() == sha256):
+        return path  # a download gets this name only once it is complete and checked
+    path.unlink(missing_ok=True)  # corrupt or outdated: never leave it where a good file is expected
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp, digest, done, t0 = path.with_suffix(path.suffix + ".tmp"), hashlib.sha256(), 0, time.perf_counter()
+    try:
+        # identity: a gzip-encoded response would make the byte count differ from Content-Length
+        with requests.get(url, stream=True, timeout=timeout, headers={"Accept-Encoding": "identity"}) as r:
+            r.raise_for_status()
+            total = int(r.headers.get("content-length", 0))
+            with open(tmp, "wb") as f:
+                for block in r.iter_content(chunk_size=1 << 20):
+                    f.write(block)
+                    digest.update(block)
+                    done += len(block)
+                    if total > 1 << 24:  # progress for big files (> 16 MB): MB done, rate, time left
+                        rate, end = done / (time.perf_counter() - t0), "\n" if done == total else ""
+                        print(f"\r{path.name}: {done >> 20:,}/{total >> 20:,} MB, {rate / 2**20:.1f} MB/s, "
+                              f"~{(total - done) / rate:.0f} s left ", end=end, flush=True)
+        if total and done != total:
+            raise RuntimeError(f"download of {url} stopped after {done} of {total} bytes; retry")
+        if sha256 and digest.hexdigest() != sha256:
+            raise ValueError(f"sha256 mismatch for {url}: expected {sha256}, got {digest.hexdigest()}; "
+                             "retry; if it persists the file changed upstream: check it and update the hash, "
+                             f"or put the expected file in {path.parent} by hand")
+        os.replace(tmp, path)
+    except requests.RequestException as e:
+        raise RuntimeError(f"download of {url} failed: {e}; check the URL and your network, "
+                           f"or put the file at {path} by hand") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ a question (query), every token offers a label (key) and a content (value); the 
 average of the values, weighted by how well its query matches each key. Everything else in a GPT
 block is per-token; attention is the only place where tokens talk to each other.
 
-This file builds it in five steps, each adding one idea (read top to bottom):
+This file builds it in five steps, each adding one idea (read top to bottom), then one extra:
 
 1. `simple_self_attention`: no weights at all, scores are dot products of the inputs themselves.
 2. `SelfAttention`: trainable query/key/value projections, scores scaled by 1/sqrt(head size).
@@ -14,11 +14,13 @@ This file builds it in five steps, each adding one idea (read top to bottom):
 4. Multi-head attention: `MultiHeadAttentionWrapper` stacks independent heads (easy to read, slow);
    `MultiHeadAttention` computes all heads with one fused qkv matrix and a reshape (same maths).
 5. `CausalSelfAttention`: the same through `F.scaled_dot_product_attention`, which on GPU runs
-   FlashAttention / memory-efficient kernels that never store the T x T score matrix, plus an
-   optional padding mask for batches of unequal lengths. 04_gpt.py copies this class.
+   FlashAttention / memory-efficient kernels that never store the T x T score matrix. This is the
+   class 04_gpt.py and every later stage use.
+6. `PaddedCausalSelfAttention`: a padding mask for batches of unequal lengths, and why the later
+   stages, which pad on the right, do not need one.
 
 With the same weights, steps 4 and 5 compute the same function (and one head of step 4 is step
-3); the tests check it to 1e-5.
+3); the tests check it to 1e-5. `--bench` measures what step 5 buys: time and peak memory.
 
 References:
 - Vaswani et al. 2017, "Attention Is All You Need" (scaled dot-product and multi-head attention).
@@ -27,9 +29,9 @@ References:
 - Dao et al. 2022, "FlashAttention" (why not materialising the score matrix saves memory and time).
 
 Commands:
-    python 03_attention.py                  # demo: shapes, the causal mask, versions agree
+    python 03_attention.py                  # demo: shapes, the causal mask, versions agree, padding
     python 03_attention.py --bench          # manual attention vs SDPA: time and peak memory
-    python 03_attention.py --bench --device=cuda --seq_lens 128 512 2048 8192   # one GPU
+    python 03_attention.py --bench --device=cuda --seq_lens=128,512,2048,8192   # one GPU
     python 03_attention.py --help
 """
 
@@ -235,32 +237,24 @@ class MultiHeadAttention(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Step 5: the same through F.scaled_dot_product_attention, with a padding mask
+# Step 5: the same through F.scaled_dot_product_attention
 
 
 class CausalSelfAttention(nn.Module):
-    """MultiHeadAttention with the core replaced by F.scaled_dot_product_attention (SDPA).
+    """Multi-head causal self-attention whose core is F.scaled_dot_product_attention (SDPA).
 
-    SDPA computes softmax(q k^T / sqrt(hs) + mask) v in one call and picks a kernel: on GPU,
-    FlashAttention or the memory-efficient kernel walk over blocks of keys with a running softmax,
-    so the (T, T) score matrix never exists in memory (O(T) memory instead of O(T^2), and far fewer
-    trips to slow GPU memory); on CPU a tiled kernel of the same idea. `python 03_attention.py
-    --bench` measures the difference. Weights and names are MultiHeadAttention's.
+    c_attn computes q, k and v of every head in one matmul; a reshape makes the heads a batch
+    dimension; SDPA computes softmax(q k^T / sqrt(hs)) v under the causal mask in one call; c_proj
+    mixes the heads' outputs. On GPU, SDPA runs FlashAttention or the memory-efficient kernel: they
+    walk over blocks of keys with a running softmax, so the (T, T) score matrix never exists in
+    memory. 03_attention.py builds this step by step and times it against the manual version.
 
-    Padding (07 finetuning and 08 DPO batch sequences of unequal length): attention_mask (B, T),
-    True/1 = real token, False/0 = padding. A query may attend to key j only if j is not in its
-    future AND j is a real token, so padding never influences real tokens, wherever it sits (left
-    or right). subtle: a padded query (e.g. left padding at position 0) may have no allowed key at
-    all; softmax over an all -inf row is 0/0 = NaN, and NaN * 0 is still NaN in the gradients. So
-    every query may also attend to itself (the diagonal): real rows already include it, and padded
-    rows get a finite value that the loss ignores anyway.
-
-    x: (B, T, n_embd) -> (B, T, n_embd). 04_gpt.py copies this class verbatim.
+    x: (B, T, n_embd) -> (B, T, n_embd).
     """
 
     def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True):
         super().__init__()
-        if n_head <= 0 or n_embd % n_head != 0:  # inline, not check_n_head: this class is copied alone
+        if n_head <= 0 or n_embd % n_head != 0:
             raise ValueError(
                 f"n_embd={n_embd} is not divisible by n_head={n_head}: every head gets n_embd // n_head "
                 f"channels, so choose an n_head that divides n_embd (GPT-2: n_embd=768, n_head=12)"
@@ -271,26 +265,64 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout_p = dropout  # SDPA takes dropout on the weights as an argument
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         dropout_p = self.attn_dropout_p if self.training else 0.0
-        if attention_mask is None:
-            # is_causal lets the kernel skip the blocks above the diagonal instead of masking them
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        else:
-            if attention_mask.shape != (B, T):
-                raise ValueError(
-                    f"attention_mask has shape {tuple(attention_mask.shape)} but x is (B, T) = {(B, T)} "
-                    f"tokens: pass one (B, T) row per sequence, True/1 for real tokens, False/0 for padding"
-                )
-            allowed = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (T, T) causal
-            allowed = allowed & attention_mask.bool()[:, None, None, :]  # (B, 1, T, T) and key is real
-            allowed = allowed | torch.eye(T, dtype=torch.bool, device=x.device)  # self: never NaN
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
+        # is_causal lets the kernel skip the blocks above the diagonal instead of masking them
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+# -----------------------------------------------------------------------------
+# Step 6: padding, and when it needs no mask
+
+
+class PaddedCausalSelfAttention(CausalSelfAttention):
+    """CausalSelfAttention plus a padding mask, for a batch of sequences of unequal lengths.
+
+    A batch is one (B, T) tensor, so shorter sequences are filled up with pad tokens. attention_mask
+    (B, T) says which tokens are real: True/1 = real, False/0 = padding. A query may attend to key j
+    only if j is not in its future AND j is real, so pads never influence a real token, wherever
+    they sit (left, right, or holes in the middle).
+
+    subtle: a query may have no allowed key at all (a pad at position 0 of a left-padded row, a row
+    that is all padding). Its scores are all -inf, softmax gives 0/0 = NaN, and since NaN * 0 is
+    still NaN, the NaN spreads into the gradients of every weight. The fix: every query may also
+    attend to itself (the diagonal). A real query's row allows itself already (its own position is
+    not in its future, and it is real), so real tokens are unchanged; a row that had no key left
+    gets a finite value (the pad's own value vector), which the loss ignores anyway.
+
+    When no mask is needed at all: with RIGHT padding every real token comes before every pad, so
+    the causal mask already hides the pads from the real tokens. The pads' own outputs are garbage,
+    but their targets are -100 and cross_entropy(..., ignore_index=-100) skips them. That is why
+    04's GPT runs plain CausalSelfAttention and the finetuning stages (07, 08) pad on the right.
+    Left padding (a batch of prompts that must all end at the same position, as in generation)
+    does need this mask, and shifted position ids besides.
+
+    x: (B, T, n_embd), attention_mask: (B, T) bool/int/float -> (B, T, n_embd).
+    """
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.size()
+        if attention_mask.shape != (B, T):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but x is (B, T) = {(B, T)} "
+                f"tokens: pass one (B, T) row per sequence, True/1 for real tokens, False/0 for padding"
+            )
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        allowed = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (T, T) causal
+        allowed = allowed & attention_mask.bool()[:, None, None, :]  # (B, 1, T, T) and key is real
+        allowed = allowed | torch.eye(T, dtype=torch.bool, device=x.device)  # and self: never NaN
+        dropout_p = self.attn_dropout_p if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)  # True = allowed
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -421,22 +453,47 @@ def demo() -> None:
     print("5. CausalSelfAttention (SDPA) vs MultiHeadAttention: "
           f"max |diff| = {(y_csa - y_mha).abs().max():.1e}")
 
-    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]], dtype=torch.bool)  # (B, T) True = real
-    with torch.no_grad():  # sequence 1 is 3 tokens, left-padded to 5: compare with those 3 alone
-        alone = csa(x[1:, 2:])[0]  # (3, C)
-        with_mask = csa(x, attention_mask=mask)[1, 2:]
-        without_mask = csa(x)[1, 2:]
-    print(f"   left padding, attention_mask {mask.int().tolist()}: sequence 1 vs its 3 real tokens alone,")
-    print(f"   max |diff| = {(with_mask - alone).abs().max():.1e} with the mask, "
-          f"{(without_mask - alone).abs().max():.1e} without it (the pads leak in)")
+    padded = PaddedCausalSelfAttention(C, n_head)
+    padded.load_state_dict(csa.state_dict())  # the same weights: the mask is the only difference
+    print("6. padding: sequence 1 holds 3 real tokens padded to 5; compare them with the 3 alone")
+    for side, row in (("left ", [0, 0, 1, 1, 1]), ("right", [1, 1, 1, 0, 0])):
+        mask = torch.tensor([[1] * T, row], dtype=torch.bool)  # (B, T) True = real token
+        real = mask[1]
+        with torch.no_grad():
+            alone = csa(x[1:, real])[0]  # (3, C): no padding at all
+            with_mask = padded(x, mask)[1, real]
+            without_mask = csa(x)[1, real]
+        print(f"   {side} padding {row}: max |diff| = {(with_mask - alone).abs().max():.1e} with the mask, "
+              f"{(without_mask - alone).abs().max():.1e} without it")
+    print("   (left: the pads come first and leak into the real tokens; right: causality hides them)")
     print("\nparameters (n_embd=768, n_head=12, like one GPT-2 layer): "
           f"{sum(p.numel() for p in CausalSelfAttention(768, 12).parameters()):,}")
 
 
+def str_to_bool(text: str) -> bool:
+    """--bench=true/false (also 1/0, yes/no); a bare --bench means true."""
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def int_list(text: str) -> list[int]:
+    """--seq_lens=128,512,2048 -> [128, 512, 2048]."""
+    try:
+        return [int(t) for t in text.split(",")]
+    except ValueError:
+        message = f"expected comma-separated integers like 128,512, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--bench", action="store_true",
+    # a user error is one line that names the fix, not argparse's usage dump
+    parser.error = lambda message: parser.exit(2, f"error: {message}\n")
+    parser.add_argument("--bench", type=str_to_bool, nargs="?", const=True, default=False,
                         help="time and peak memory of manual attention vs SDPA instead of the demo")
     default_device = "cuda" if torch.cuda.is_available() else (
         "mps" if torch.backends.mps.is_available() else "cpu")
@@ -444,8 +501,8 @@ def main(argv=None) -> None:
                         help="bench device")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="bench dtype; auto = bfloat16 on cuda (flash kernels need it), float32 else")
-    parser.add_argument("--seq_lens", type=int, nargs="+", default=[128, 256, 512, 1024, 2048],
-                        help="sequence lengths T to benchmark")
+    parser.add_argument("--seq_lens", type=int_list, default=[128, 256, 512, 1024, 2048],
+                        help="sequence lengths T to benchmark, comma-separated")
     parser.add_argument("--batch_size", type=int, default=1, help="bench batch size")
     parser.add_argument("--n_embd", type=int, default=768, help="bench width (GPT-2 small: 768)")
     parser.add_argument("--n_head", type=int, default=12, help="bench heads (GPT-2 small: 12)")
@@ -455,6 +512,8 @@ def main(argv=None) -> None:
         parser.error("--repeat, --batch_size and every --seq_lens value must be positive")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device=cuda but torch.cuda.is_available() is False: use --device=cpu")
+    if args.device == "mps" and not torch.backends.mps.is_available():
+        parser.error("--device=mps but torch.backends.mps.is_available() is False: use --device=cpu")
     if args.n_head <= 0 or args.n_embd % args.n_head != 0:
         parser.error(f"--n_head={args.n_head} must divide --n_embd={args.n_embd} (GPT-2: 768 and 12)")
     if args.bench:

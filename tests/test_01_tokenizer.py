@@ -1,5 +1,6 @@
 """Tests for 01_tokenizer.py: our GPT-2 BPE against tiktoken, our fast trainer against the naive one."""
 
+import functools
 import hashlib
 import json
 import random
@@ -265,12 +266,13 @@ def test_bad_training_and_loading_input(tok01, tmp_path):
         tok01.BPETokenizer({(97, 98): 300})
 
 
-def test_chunk_cache_stays_correct_when_cleared(tok01, ours, ref):
+def test_chunk_cache_stays_correct_when_full(tok01, ours, ref):
     tok = tok01.BPETokenizer(ours.merges, ours.special_tokens, ours.byte_ids)
-    tok._cache.max_size = 3
+    tok._cache = functools.lru_cache(maxsize=3)(tok._bpe)  # a tiny cache: chunks are evicted all the time
     text = "\n".join(SHORT_HARD_STRINGS)
     assert tok.encode(text) == ref.encode(text)
-    assert len(tok._cache) <= 3
+    info = tok._cache.cache_info()
+    assert info.currsize <= 3 and info.misses > 3
 
 
 # -----------------------------------------------------------------------------
@@ -321,18 +323,88 @@ def test_download_existing_file_and_failure(tok01, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]  # nothing half-written
 
 
+def test_download_without_a_hash(tok01, tmp_path):
+    """sha256=None (Hugging Face's weights have no pinned hash): a file that is there is complete,
+    because a download only gets its name once it has finished; a missing one is fetched."""
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"weights")
+    unreachable = "http://127.0.0.1:9/model.safetensors"
+    assert tok01.download(unreachable, path) == path and path.read_bytes() == b"weights"
+    assert tok01.download(unreachable, path, sha256=None, timeout=5) == path
+    with pytest.raises(RuntimeError, match="127.0.0.1:9.*by hand"):
+        tok01.download(unreachable, tmp_path / "other.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
 def test_cli_train_encode_decode(tok01, shakespeare_text, tmp_path, capsys):
     text_file, out = tmp_path / "text.txt", tmp_path / "bpe.json"
     text_file.write_text(shakespeare_text[:20_000], encoding="utf-8")
-    tok01.main(["train", str(text_file), "--vocab-size", "300", "--out", str(out)])
+    tok01.main(["train", str(text_file), "--vocab_size=300", f"--out={out}"])
     tok = tok01.BPETokenizer.load(out)
     assert tok.n_vocab == 300
-    capsys.readouterr()
-    tok01.main(["encode", "--tokenizer", str(out), "To be, or not"])
+    assert "43 merges in" in capsys.readouterr().out
+    tok01.main(["encode", f"--tokenizer={out}", "To be, or not"])
     printed = capsys.readouterr().out.splitlines()[0]
     assert json.loads(printed) == tok.encode("To be, or not")
-    tok01.main(["decode", "--tokenizer", str(out), *map(str, tok.encode("To be, or not"))])
+    tok01.main(["decode", f"--tokenizer={out}", *map(str, tok.encode("To be, or not"))])
     assert capsys.readouterr().out == "To be, or not\n"
+    tok01.main(["encode", f"--tokenizer={out}", "--allowed_special=all", "end<|endoftext|>"])
+    assert json.loads(capsys.readouterr().out.splitlines()[0])[-1] == 299
     with pytest.raises(SystemExit) as exit_info:
         tok01.main(["--help"])
     assert exit_info.value.code == 0 and "bench" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "any.txt", "--vocab=300"],  # prefix of --vocab_size
+    ["train", "any.txt", "--vocab-size=300"],  # the old spelling
+    ["encode", "--allowed=all", "hi"],  # prefix of --allowed_special
+    ["bench", "--naive=1000"],  # prefix of --naive_chars
+])
+def test_cli_rejects_abbreviations_and_dashes(tok01, capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        tok01.main(argv)
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "no/such/file.txt"], "error: no/such/file.txt: no such file; give a UTF-8 text file"),
+    (["train", "any.txt", "--vocab_size=100"], "error: --vocab_size=100; use at least 257"),
+    (["bench", "--vocab_size=256"], "error: --vocab_size=256; use at least 257"),
+    (["bench", "--naive_chars=0"], "error: --naive_chars=0; use a positive count"),
+    (["encode", "the end<|endoftext|>"], "error: Encountered text corresponding to disallowed special token "
+                                         "'<|endoftext|>'. Add --allowed_special=all"),
+    (["encode", "--tokenizer=no/such.json", "hi"], "error: [Errno 2] No such file or directory"),
+])
+def test_cli_user_errors_are_one_line_and_exit_2(tok01, capsys, tmp_path, argv, message):
+    """A user's mistake gets one line saying what to do, status 2, no traceback, before any work."""
+    with pytest.raises(SystemExit) as exit_info:
+        tok01.main(argv)
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2
+    assert captured.err.startswith(message) and captured.err.count("\n") == 1, captured.err
+    assert captured.out == ""  # nothing ran
+
+
+def test_merge_logger_reports_progress(tok01, capsys):
+    log = tok01.merge_logger(10, every=5)
+    for i in range(10):
+        log(i, (97, 98), 256 + i, 1000 - i)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("  merge 5/10: (97, 98) -> 260 (996 occurrences); ")
+    assert lines[0].endswith("s left") and "merges/s" in lines[0]
+    assert lines[1].startswith("  merge 10/10:") and lines[1].endswith("~0 s left")
+
+
+def test_bench_compares_the_trainers(tok01, shakespeare_path, capsys):
+    """The lesson in numbers: the naive and the incremental trainer learn the same merges, and a
+    run longer than a few seconds shows progress (here: every 100 merges)."""
+    tok01.main(["bench", "--vocab_size=457", "--naive_chars=3000", f"--data_dir={shakespeare_path.parent}"])
+    out = capsys.readouterr().out
+    assert "naive trainer (recount), 200 merges on the first 3,000 characters:" in out
+    assert "  merge 100/200: " in out and "  merge 200/200: " in out
+    rows = [line.split() for line in out.splitlines() if line.startswith(("naive (recount)", "ours"))]
+    assert [row[-4] for row in rows] == ["3,000", "3,000", f"{shakespeare_path.stat().st_size:,}"]
+    assert "same merges as the naive trainer: True" in out

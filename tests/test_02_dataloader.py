@@ -170,8 +170,44 @@ def test_load_tokens_rejects_a_vocabulary_too_big_for_the_dtype(dl02, prepared):
 def test_load_tokens_missing_meta_and_bad_split(dl02, prepared, tmp_path):
     with pytest.raises(ValueError, match="unknown split 'test'"):
         dl02.load_tokens(prepared, "test")
-    with pytest.raises(FileNotFoundError, match="prepare the corpus first"):
+    with pytest.raises(FileNotFoundError, match="not found; prepare it with: python 02_dataloader.py"):
         dl02.load_tokens(tmp_path / "nowhere", "train")
+
+
+def test_load_meta_names_the_command_that_prepares_the_corpus(dl02, tmp_path):
+    """05 and 06 only read data/<dataset>-<tokenizer>/; when it is missing, the message is the fix."""
+    with pytest.raises(FileNotFoundError) as error:
+        dl02.load_meta(tmp_path / "tinyshakespeare-gpt2")
+    assert str(error.value) == (
+        f"{tmp_path / 'tinyshakespeare-gpt2' / 'meta.json'} not found; prepare it with: "
+        f"python 02_dataloader.py --dataset=tinyshakespeare --tokenizers=gpt2 --data_dir={tmp_path} "
+        "(and --text_file=FILE if it is your own text)")
+
+
+def test_load_meta_load_tokens_get_batch_run_on_their_own(dl02, prepared):
+    """Later stages copy exactly these three units: they must need nothing else from 02."""
+    import ast
+    import inspect
+    import json
+    from pathlib import Path
+
+    names = ("load_meta", "load_tokens", "get_batch")
+    source = "\n\n".join(inspect.getsource(getattr(dl02, name)) for name in names)
+    namespace = {"json": json, "Path": Path, "np": np, "torch": torch}
+    exec(compile(ast.parse(source), "<copies>", "exec"), namespace)
+    data = namespace["load_tokens"](prepared, "train")
+    x, y = namespace["get_batch"](data, 4, 8, step=3, seed=1)
+    expected = dl02.get_batch(dl02.load_tokens(prepared, "train"), 4, 8, step=3, seed=1)
+    torch.testing.assert_close((x, y), expected)
+    with pytest.raises(ValueError, match="rank 2 is outside"):
+        namespace["get_batch"](data, 4, 8, step=0, rank=2, world_size=2)
+
+
+def test_prepare_corpus_replaces_an_earlier_corpus(dl02, tmp_path):
+    dl02.prepare_corpus("abcdefghij" * 100, tmp_path, {"kind": "char", "chars": "abcdefghij"})
+    meta = dl02.prepare_corpus("abc" * 10, tmp_path, {"kind": "char", "chars": "abc"})
+    assert dl02.load_meta(tmp_path) == meta and meta["train_tokens"] == 27
+    assert dl02.load_tokens(tmp_path, "val").tolist() == [0, 1, 2]
 
 
 def test_prepare_corpus_errors(dl02, tmp_path):
@@ -335,9 +371,9 @@ def server(monkeypatch):
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             hits.append(self.path)
-            if self.path == "/payload.bin":
+            if self.path in ("/payload.bin", "/short.bin"):
                 self.send_response(200)
-                self.send_header("Content-Length", str(len(PAYLOAD)))
+                self.send_header("Content-Length", str(len(PAYLOAD) + 1000 * (self.path == "/short.bin")))
                 self.end_headers()
                 self.wfile.write(PAYLOAD)
             else:
@@ -383,6 +419,18 @@ def test_download_checksum_mismatch_leaves_nothing(dl02, server, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_download_without_a_hash_checks_the_byte_count(dl02, server, tmp_path):
+    """sha256=None (e.g. Hugging Face's weights): the byte count must be what the server announced."""
+    base, hits = server
+    path = dl02.download(f"{base}/payload.bin", tmp_path / "payload.bin")
+    assert path.read_bytes() == PAYLOAD and sorted(p.name for p in tmp_path.iterdir()) == ["payload.bin"]
+    assert dl02.download(f"{base}/payload.bin", path, sha256=None) == path  # there: not fetched again
+    assert hits == ["/payload.bin"]
+    with pytest.raises((RuntimeError, ValueError), match="short.bin"):  # announces more than it sends
+        dl02.download(f"{base}/short.bin", tmp_path / "short.bin")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["payload.bin"]  # nothing half-written
+
+
 def test_download_http_error_leaves_nothing(dl02, server, tmp_path):
     base, _ = server
     with pytest.raises(Exception, match="500") as error:
@@ -412,19 +460,92 @@ def test_sources_hashes_match_the_offline_copies(dl02, shakespeare_path, gpt2_fi
 
 
 # -----------------------------------------------------------------------------
-# the demo
+# the command line: the one home of prepared data, flags, user errors
+
+
+SMALL_TEXT = "First Citizen:\nSpeak, speak.  \n\n\n\nAll:\nResolved. resolved.\n" * 30
 
 
 def test_main_demo_on_a_small_text(dl02, tmp_path, capsys):
     text_file = tmp_path / "small.txt"
-    text_file.write_text("First Citizen:\nSpeak, speak.  \n\n\n\nAll:\nResolved. resolved.\n" * 30)
-    dl02.main(["--text-file", str(text_file), "--out-dir", str(tmp_path / "out"), "--block-size", "8"])
+    text_file.write_text(SMALL_TEXT)
+    dl02.main([f"--text_file={text_file}", f"--data_dir={tmp_path / 'data'}", "--block_size=8"])
     out = capsys.readouterr().out
     assert "trailing spaces at line ends" in out
     assert "ranks 0 and 1 of 2 together give the same batch: True" in out
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["small-char", "small-gpt2"]
     for kind in ("char", "gpt2"):
-        out_dir = tmp_path / "out" / f"small-{kind}"
+        out_dir = tmp_path / "data" / f"small-{kind}"
         assert dl02.load_meta(out_dir)["train_tokens"] > 0 and len(dl02.load_tokens(out_dir, "val")) > 0
+
+
+@pytest.mark.parametrize("clean", ["--clean=false", "--clean=true", "--clean"])
+def test_main_clean_flag_bare_or_with_a_value(dl02, tmp_path, clean, capsys):
+    text_file = tmp_path / "small.txt"
+    text_file.write_text(SMALL_TEXT)
+    dl02.main([f"--text_file={text_file}", f"--data_dir={tmp_path}", "--tokenizers=char", "--dataset=mine",
+               clean])
+    meta = dl02.load_meta(tmp_path / "mine-char")
+    cleaned = dl02.clean_text(SMALL_TEXT)[0]
+    assert len(cleaned) < len(SMALL_TEXT)
+    expected = SMALL_TEXT if clean == "--clean=false" else cleaned
+    assert meta["train_tokens"] + meta["val_tokens"] == len(expected)
+    assert ("cleaned:" in capsys.readouterr().out) == (clean != "--clean=false")
+
+
+def test_default_run_prepares_tinyshakespeare_in_the_data_home(dl02, tmp_path, shakespeare_path,
+                                                                shakespeare_text):
+    """`python 02_dataloader.py` writes data/tinyshakespeare-char/ and -gpt2/: the path 05 and 06 read,
+    data_dir / f"{dataset}-{tokenizer}", holding train.bin, val.bin and meta.json."""
+    (tmp_path / "tinyshakespeare.txt").write_bytes(shakespeare_path.read_bytes())  # no download
+    dl02.main([f"--data_dir={tmp_path}"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "tinyshakespeare-char", "tinyshakespeare-gpt2", "tinyshakespeare.txt"]
+    text = dl02.clean_text(shakespeare_text)[0]
+    split = int(len(text) * 0.9)
+    for kind in ("char", "gpt2"):
+        corpus = tmp_path / f"tinyshakespeare-{kind}"
+        assert sorted(p.name for p in corpus.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+        meta = dl02.load_meta(corpus)
+        assert meta["tokenizer"]["kind"] == kind
+        enc = dl02.get_tokenizer(meta["tokenizer"])
+        assert dl02.load_tokens(corpus, "val").tolist() == enc.encode(text[split:])
+    assert dl02.load_meta(tmp_path / "tinyshakespeare-char")["train_tokens"] == split == 1_003_849
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--text_file=no/such.txt"], "error: --text_file=no/such.txt: no such file"),
+    (["--val_fraction=0"], "error: --val_fraction=0.0; use a fraction between 0 and 1"),
+    (["--val_fraction=1.5"], "error: --val_fraction=1.5; use a fraction between 0 and 1"),
+    (["--tokenizers=char,bpe"], "error: --tokenizers=char,bpe; use char, gpt2 or char,gpt2"),
+    (["--dataset=wikipedia"], "error: --dataset=wikipedia: the corpus we fetch is tinyshakespeare"),
+    (["--block_size=0"], "error: --block_size=0, --batch_size=4: use sizes > 0"),
+    (["--batch_size=-1"], "error: --block_size=32, --batch_size=-1: use sizes > 0"),
+    (["--block_size=2000000", "--text_file={small}"], "error: --block_size=2000000: the train split has"),
+])
+def test_main_user_errors_are_one_line_before_any_work(dl02, tmp_path, capsys, argv, message):
+    text_file = tmp_path / "small.txt"
+    text_file.write_text(SMALL_TEXT)
+    data_dir = tmp_path / "data"
+    with pytest.raises(SystemExit) as exit_info:
+        dl02.main([a.format(small=text_file) for a in argv] + [f"--data_dir={data_dir}"])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2
+    assert captured.err.startswith(message) and captured.err.count("\n") == 1, captured.err
+    assert not data_dir.exists()  # nothing downloaded, nothing prepared
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--text=x.txt"], "unrecognized arguments: --text=x.txt"),  # a prefix of --text_file
+    (["--block=8"], "unrecognized arguments: --block=8"),  # a prefix of --block_size
+    (["--block-size=8"], "unrecognized arguments: --block-size=8"),  # the old spelling
+    (["--clean=maybe"], "invalid choice: 'maybe'"),
+])
+def test_main_rejects_abbreviations_and_bad_flags(dl02, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        dl02.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_gpt2_corpus_keeps_endoftext_as_the_separator_token(dl02, tmp_path):

@@ -5,6 +5,7 @@ never builds a mask, weights copied into the per-head version by this file's own
 unpadded computation of each sequence on its own.
 """
 
+import inspect
 import math
 
 import pytest
@@ -13,7 +14,8 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 C, NH = 16, 4  # default width and heads for the small modules below
-MULTI_HEAD = ["MultiHeadAttentionWrapper", "MultiHeadAttention", "CausalSelfAttention"]
+MULTI_HEAD = ["MultiHeadAttentionWrapper", "MultiHeadAttention", "CausalSelfAttention",
+              "PaddedCausalSelfAttention"]
 CAUSAL = ["CausalAttention"] + MULTI_HEAD
 
 
@@ -22,6 +24,13 @@ def make(m, name, n_embd=C, n_head=NH, dropout=0.0, bias=True):
     if name == "CausalAttention":
         return m.CausalAttention(n_embd, n_embd // n_head, dropout=dropout, bias=bias)
     return getattr(m, name)(n_embd, n_head, dropout=dropout, bias=bias)
+
+
+def call(module, x):
+    """module(x); the padded class gets an all-real mask, which must make it plain causal attention."""
+    if type(module).__name__ == "PaddedCausalSelfAttention":
+        return module(x, torch.ones(x.shape[:2], dtype=torch.bool))
+    return module(x)
 
 
 @torch.no_grad()
@@ -50,6 +59,14 @@ def same_weights(m, n_embd=C, n_head=NH, bias=True):
     csa = m.CausalSelfAttention(n_embd, n_head, bias=bias).eval()
     csa.load_state_dict(mha.state_dict())
     return wrapper, mha, csa
+
+
+def padded_and_plain(m, n_embd=C, n_head=NH):
+    """(PaddedCausalSelfAttention, CausalSelfAttention) holding the same weights."""
+    padded = m.PaddedCausalSelfAttention(n_embd, n_head).eval()
+    plain = m.CausalSelfAttention(n_embd, n_head).eval()
+    plain.load_state_dict(padded.state_dict())
+    return padded, plain
 
 
 # -----------------------------------------------------------------------------
@@ -111,7 +128,14 @@ def test_versions_agree(attn03, bias, B, T, n_embd, n_head):
         assert_close(wrapper(x), y, atol=1e-5, rtol=0)
         assert_close(csa(x), y, atol=1e-5, rtol=0)
         # the padding-mask path with no padding is the is_causal path
-        assert_close(csa(x, attention_mask=torch.ones(B, T, dtype=torch.bool)), y, atol=1e-5, rtol=0)
+        padded = attn03.PaddedCausalSelfAttention(n_embd, n_head, bias=bias).eval()
+        padded.load_state_dict(csa.state_dict())
+        assert_close(padded(x, torch.ones(B, T, dtype=torch.bool)), y, atol=1e-5, rtol=0)
+
+
+def test_causal_self_attention_takes_x_only(attn03):
+    """The class every later stage copies has no padding path: forward(x), is_causal SDPA."""
+    assert list(inspect.signature(attn03.CausalSelfAttention.forward).parameters) == ["self", "x"]
 
 
 def test_one_head_of_wrapper_is_causal_attention(attn03):
@@ -135,12 +159,12 @@ def test_fused_state_dict_matches_hand_copy(attn03):
         assert_close(mha(x), wrapper(x), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("padded", [False, True])
-def test_sdpa_gradients_match_manual(attn03, padded):
+@pytest.mark.parametrize("padding", ["none", "all real", "left"])
+def test_sdpa_gradients_match_manual(attn03, padding):
     _, mha, csa = same_weights(attn03)
     x, dy = torch.randn(2, 9, C), torch.randn(2, 9, C)
     mask = torch.ones(2, 9, dtype=torch.bool)
-    if padded:
+    if padding == "left":
         mask[1, :3] = False
 
     def grads(module, loss_fn):  # gradients of the loss w.r.t. the input and every weight
@@ -148,7 +172,12 @@ def test_sdpa_gradients_match_manual(attn03, padded):
         return torch.autograd.grad(loss_fn(module, x_), [x_, *module.parameters()])
 
     # SDPA: the padded batch at once, loss on real tokens only; manual: each sequence alone, no pads
-    grads_sdpa = grads(csa, lambda m, x_: (m(x_, attention_mask=mask) * dy)[mask].sum())
+    if padding == "none":
+        grads_sdpa = grads(csa, lambda m, x_: (m(x_) * dy).sum())
+    else:
+        padded = attn03.PaddedCausalSelfAttention(C, NH).eval()
+        padded.load_state_dict(csa.state_dict())
+        grads_sdpa = grads(padded, lambda m, x_: (m(x_, mask) * dy)[mask].sum())
     grads_manual = grads(
         mha, lambda m, x_: sum((m(x_[b : b + 1, mask[b]]) * dy[b : b + 1, mask[b]]).sum() for b in range(2))
     )
@@ -160,21 +189,15 @@ def test_sdpa_gradients_match_manual(attn03, padded):
 # causality
 
 
-def call(module, x, with_mask):
-    if with_mask:  # an all-real mask takes CausalSelfAttention's explicit-mask path
-        return module(x, attention_mask=torch.ones(x.shape[:2], dtype=torch.bool))
-    return module(x)
-
-
 @pytest.mark.parametrize("t", [0, 3, 6])
-@pytest.mark.parametrize("name,with_mask", [(n, False) for n in CAUSAL] + [("CausalSelfAttention", True)])
-def test_future_never_changes_the_past(attn03, name, with_mask, t):
+@pytest.mark.parametrize("name", CAUSAL)
+def test_future_never_changes_the_past(attn03, name, t):
     module = make(attn03, name).eval()
     x = torch.randn(2, 8, C)
     x_changed = x.clone()
     x_changed[:, t + 1 :] = 3 * torch.randn(2, 8 - t - 1, C)
     with torch.no_grad():
-        y, y_changed = call(module, x, with_mask), call(module, x_changed, with_mask)
+        y, y_changed = call(module, x), call(module, x_changed)
     assert_close(y_changed[:, : t + 1], y[:, : t + 1])
     assert not torch.allclose(y_changed[:, t + 1 :], y[:, t + 1 :])  # the change did arrive later on
 
@@ -204,35 +227,37 @@ def padding_mask(kind, T=7):
 
 @pytest.mark.parametrize("kind", ["right", "left", "holes"])
 def test_padding_never_influences_real_tokens(attn03, kind):
-    csa = attn03.CausalSelfAttention(C, NH).eval()
+    padded, plain = padded_and_plain(attn03)
     mask = padding_mask(kind)  # (3, 7)
     x = torch.randn(3, 7, C)
     x_other_pads = torch.where(mask[..., None], x, 100 * torch.randn_like(x))
     with torch.no_grad():
-        y = csa(x, attention_mask=mask)
+        y = padded(x, attention_mask=mask)
         assert torch.isfinite(y).all()
-        assert_close(csa(x_other_pads, attention_mask=mask)[mask], y[mask])
+        assert_close(padded(x_other_pads, attention_mask=mask)[mask], y[mask])
         # attention has no notion of position: a real token's output equals the same computation
         # on the real tokens alone, pads removed
         for b in range(3):
-            alone = csa(x[b : b + 1, mask[b]])  # (1, n_real, C)
+            alone = plain(x[b : b + 1, mask[b]])  # (1, n_real, C)
             assert_close(y[b, mask[b]], alone[0], atol=1e-5, rtol=0)
-        if kind != "right":  # control: without the mask, earlier pads do reach real tokens
-            assert not torch.allclose(csa(x_other_pads)[mask], csa(x)[mask])
+        if kind == "right":  # what 07/08 rely on: right pads never reach real tokens, even unmasked
+            assert_close(plain(x_other_pads)[mask], y[mask], atol=1e-5, rtol=0)
+        else:  # control: without the mask, earlier pads do reach real tokens
+            assert not torch.allclose(plain(x_other_pads)[mask], plain(x)[mask])
 
 
 def test_mask_accepts_bool_int_and_float(attn03):
-    csa = attn03.CausalSelfAttention(C, NH).eval()
+    padded = attn03.PaddedCausalSelfAttention(C, NH).eval()
     mask = padding_mask("left")
     x = torch.randn(3, 7, C)
     with torch.no_grad():
-        y = csa(x, attention_mask=mask)
-        assert_close(csa(x, attention_mask=mask.long()), y)
-        assert_close(csa(x, attention_mask=mask.float()), y)
+        y = padded(x, attention_mask=mask)
+        assert_close(padded(x, attention_mask=mask.long()), y)
+        assert_close(padded(x, attention_mask=mask.float()), y)
 
 
 def test_fully_padded_rows_give_no_nan(attn03):
-    csa = attn03.CausalSelfAttention(C, NH).eval()
+    csa = attn03.PaddedCausalSelfAttention(C, NH).eval()
     mask = torch.tensor([[0] * 5, [0, 0, 1, 1, 1]], dtype=torch.bool)  # row 0 entirely padding
     x = torch.randn(2, 5, C, requires_grad=True)
     y = csa(x, attention_mask=mask)
@@ -248,9 +273,9 @@ def test_fully_padded_rows_give_no_nan(attn03):
 
 @pytest.mark.parametrize("shape", [(7,), (3, 6), (2, 7), (3, 7, 1)])
 def test_mask_shape_error(attn03, shape):
-    csa = attn03.CausalSelfAttention(C, NH)
+    padded = attn03.PaddedCausalSelfAttention(C, NH)
     with pytest.raises(ValueError, match="attention_mask"):
-        csa(torch.randn(3, 7, C), attention_mask=torch.ones(shape, dtype=torch.bool))
+        padded(torch.randn(3, 7, C), attention_mask=torch.ones(shape, dtype=torch.bool))
 
 
 # -----------------------------------------------------------------------------
@@ -266,7 +291,7 @@ def test_shapes(attn03, B, T, n_embd, n_head):
     assert attn03.SelfAttention(n_embd, 5).attention_weights(x).shape == (B, T, T)
     assert make(attn03, "CausalAttention", n_embd, n_head)(x).shape == (B, T, n_embd // n_head)
     for name in MULTI_HEAD:
-        assert make(attn03, name, n_embd, n_head)(x).shape == (B, T, n_embd), name
+        assert call(make(attn03, name, n_embd, n_head), x).shape == (B, T, n_embd), name
 
 
 @pytest.mark.parametrize("name", MULTI_HEAD)
@@ -286,10 +311,10 @@ def test_dropout_only_in_training(attn03, name):
     x = torch.randn(2, 8, C)
     with torch.no_grad():
         module.train()
-        y1, y2 = module(x), module(x)
+        y1, y2 = call(module, x), call(module, x)
         assert not torch.allclose(y1, y2)  # a fresh random mask each call
         module.eval()
-        assert_close(module(x), no_dropout.eval()(x))
+        assert_close(call(module, x), call(no_dropout.eval(), x))
 
 
 # -----------------------------------------------------------------------------
@@ -316,9 +341,36 @@ def test_sdpa_never_materialises_the_score_matrix(attn03):
 
 def test_cli_demo_and_bench_run(attn03, capsys):
     attn03.main([])
-    attn03.main(["--bench", "--device=cpu", "--seq_lens", "8", "16", "--n_embd=16", "--n_head=4",
-                 "--repeat=1"])
     out = capsys.readouterr().out
-    assert "max |diff|" in out and out.count("\n") > 20
-    with pytest.raises(SystemExit):
-        attn03.main(["--bench", "--n_embd=10", "--n_head=3"])
+    assert "6. padding" in out and "right padding" in out
+    attn03.main(["--bench", "--device=cpu", "--seq_lens=8,16", "--n_embd=16", "--n_head=4", "--repeat=1"])
+    out = capsys.readouterr().out
+    assert "max |diff|" in out and "speedup" in out
+    assert [line.split()[0] for line in out.splitlines()[-2:]] == ["8", "16"]  # one row per T
+    attn03.main(["--bench=false", "--seq_lens=8"])  # =false is the demo again
+    assert "6. padding" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--bench", "--n_embd=10", "--n_head=3"], "--n_head=3 must divide --n_embd=10"),
+        (["--bench=maybe"], "expected true or false"),
+        (["--seq_lens=8,x"], "comma-separated integers"),
+        (["--benc"], "unrecognized arguments: --benc"),  # no abbreviations
+        (["--repeat=0"], "must be positive"),
+    ],
+)
+def test_cli_errors_are_one_line(attn03, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        attn03.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_cuda_without_gpu_is_one_line(attn03, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        attn03.main(["--bench", "--device=cuda"])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.startswith("error: --device=cuda")

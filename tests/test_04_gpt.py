@@ -11,6 +11,7 @@ import re
 import struct
 
 import pytest
+import requests
 import torch
 
 TINY = dict(block_size=16, vocab_size=101, n_layer=2, n_head=4, n_embd=32)
@@ -42,6 +43,21 @@ def test_loss_at_init_is_about_ln_vocab(gpt04):
     idx = torch.randint(1000, (4, 32))
     _, loss = model(idx, targets=torch.randint(1000, (4, 32)))
     assert abs(loss.item() - math.log(1000)) < 0.1
+
+
+@pytest.mark.parametrize("how", ["autocast", "bf16 weights"])
+def test_loss_is_fp32_from_bf16_logits(gpt04, how):
+    """bf16 logits, fp32 loss: the log-softmax runs on logits.float(), never in bf16."""
+    model = tiny_model(gpt04)
+    idx = torch.randint(TINY["vocab_size"], (2, 8))
+    if how == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, loss = model(idx, targets=idx)
+    else:
+        logits, loss = model.to(torch.bfloat16)(idx, targets=idx)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    expected = torch.nn.functional.cross_entropy(logits.float().view(-1, TINY["vocab_size"]), idx.view(-1))
+    torch.testing.assert_close(loss, expected)
 
 
 def test_loss_ignores_minus_100(gpt04):
@@ -116,10 +132,12 @@ def test_flops_per_token_by_hand(gpt04):
     L, C = TINY["n_layer"], TINY["n_embd"]
     assert model.flops_per_token(seq_len=10) == 6 * n + 12 * L * C * 10
     assert model.flops_per_token() == 6 * n + 12 * L * C * TINY["block_size"]
-    # 1000 tokens in 2 s against a 1e6 FLOP/s peak
-    assert model.estimate_mfu(1000, 2.0, peak_flops=1e6, seq_len=10) == pytest.approx(
-        model.flops_per_token(10) * 1000 / 2.0 / 1e6
-    )
+
+
+def test_gpt_is_lean(gpt04):
+    """generate and from_pretrained are functions (later stages copy only what they run); MFU is 05's."""
+    for name in ("generate", "from_pretrained", "estimate_mfu"):
+        assert not hasattr(gpt04.GPT, name), name
 
 
 def test_weight_tying(gpt04):
@@ -181,9 +199,9 @@ def test_generate_greedy_equals_argmax_loop(gpt04):
     model = tiny_model(gpt04)
     idx = torch.randint(TINY["vocab_size"], (2, 10))
     expected = argmax_loop(model, idx, 20, TINY["block_size"])
-    torch.testing.assert_close(model.generate(idx, 20, temperature=0), expected)
+    torch.testing.assert_close(gpt04.generate(model, idx, 20, temperature=0), expected)
     # top_k=1 leaves one candidate, so sampling at any temperature is greedy too
-    torch.testing.assert_close(model.generate(idx, 20, temperature=1.5, top_k=1), expected)
+    torch.testing.assert_close(gpt04.generate(model, idx, 20, temperature=1.5, top_k=1), expected)
 
 
 def test_generate_top_k_samples_only_the_top_k(gpt04):
@@ -192,7 +210,7 @@ def test_generate_top_k_samples_only_the_top_k(gpt04):
     idx = torch.randint(TINY["vocab_size"], (1, 4)).repeat(64, 1)
     logits, _ = model(idx[:1])
     top3 = set(logits[0, -1].topk(3).indices.tolist())
-    out = model.generate(idx, 1, temperature=2.0, top_k=3)
+    out = gpt04.generate(model, idx, 1, temperature=2.0, top_k=3)
     assert out.shape == (64, 5)
     assert set(out[:, -1].tolist()) == top3  # never outside the top 3, and it samples, not argmax
 
@@ -200,9 +218,9 @@ def test_generate_top_k_samples_only_the_top_k(gpt04):
 def test_generate_rejects_bad_arguments(gpt04):
     model = tiny_model(gpt04)
     with pytest.raises(ValueError, match="temperature"):
-        model.generate(torch.zeros(1, 1, dtype=torch.long), 1, temperature=-1)
+        gpt04.generate(model, torch.zeros(1, 1, dtype=torch.long), 1, temperature=-1)
     with pytest.raises(ValueError, match="top_k"):
-        model.generate(torch.zeros(1, 1, dtype=torch.long), 1, top_k=0)
+        gpt04.generate(model, torch.zeros(1, 1, dtype=torch.long), 1, top_k=0)
 
 
 # --- safetensors reader -------------------------------------------------------------------------
@@ -325,8 +343,11 @@ def test_logits_match_huggingface_gpt2(gpt04, tmp_path, prefix):
     torch.testing.assert_close(shifted_loss, expected_loss, atol=1e-4, rtol=1e-4)
 
 
-def test_padding_mask_matches_huggingface_gpt2(gpt04, tmp_path):
-    """Right-padded batch: the real tokens' logits equal HF's with the same attention_mask."""
+def test_right_padding_needs_no_mask_matches_huggingface_gpt2(gpt04, tmp_path):
+    """Right-padded batch, no mask on our side: the real tokens' logits equal HF's with attention_mask.
+
+    What 07 and 08 rely on: causal attention already keeps right pads away from real tokens.
+    """
     hf = random_hf_gpt2()
     model = tiny_model(gpt04)
     model.load_state_dict(gpt04.hf_to_gpt_state_dict(hf.state_dict()))
@@ -335,7 +356,7 @@ def test_padding_mask_matches_huggingface_gpt2(gpt04, tmp_path):
     mask[1, 6:] = 0
     with torch.no_grad():
         expected = hf(idx, attention_mask=mask).logits
-        logits, _ = model(idx, attention_mask=mask)
+        logits, _ = model(idx)
         alone, _ = model(idx[1:, :6])  # the short sequence on its own, no padding at all
     real = mask.bool()
     torch.testing.assert_close(logits[real], expected[real], atol=1e-4, rtol=1e-4)
@@ -364,17 +385,20 @@ def test_hf_to_gpt_transposes_conv1d_and_rejects_other_checkpoints(gpt04):
 
 
 class FakeResponse:
-    """Just enough of requests.Response for download_checked."""
+    """Just enough of requests.Response for the download that 04 copies from 01."""
 
-    def __init__(self, body: bytes, headers: dict):
-        self.body, self.headers, self.history = body, headers, []
+    def __init__(self, body: bytes, announced: int | None = None):
+        self.body, self.history = body, []
+        size = len(body) if announced is None else announced
+        self.headers = requests.structures.CaseInsensitiveDict({"Content-Length": str(size)})
+        self.status_code = 200
 
     def raise_for_status(self):
         pass
 
-    def iter_content(self, chunk_size):
-        for i in range(0, len(self.body), 3):
-            yield self.body[i : i + 3]
+    def iter_content(self, chunk_size=1):
+        for i in range(0, len(self.body), 1000):
+            yield self.body[i : i + 1000]
 
     def __enter__(self):
         return self
@@ -383,41 +407,44 @@ class FakeResponse:
         return False
 
 
-@pytest.mark.parametrize("announced, ok", [(11, True), (20, False)])
-def test_download_checks_the_size_and_leaves_no_partial_file(gpt04, tmp_path, monkeypatch, announced, ok):
-    body = b"hello world"
-    monkeypatch.setattr(
-        gpt04.requests, "get", lambda *a, **k: FakeResponse(body, {"Content-Length": str(announced)})
-    )
-    path = tmp_path / "sub" / "file.bin"
-    if ok:
-        assert gpt04.download_checked("https://example.invalid/f", path) == path
-        assert path.read_bytes() == body
-    else:
-        with pytest.raises(RuntimeError, match="got 11 bytes, expected 20"):
-            gpt04.download_checked("https://example.invalid/f", path)
-        assert not path.exists()
-    assert not path.with_suffix(".bin.tmp").exists()
+def test_from_pretrained_downloads_then_loads(gpt04, tmp_path, monkeypatch):
+    """The first call fetches Hugging Face's URL into cache_dir/gpt2/ and the logits are HF's."""
+    hf = random_hf_gpt2()
+    monkeypatch.setitem(gpt04.GPTConfig.PRESETS, "gpt2", TINY)
+    served = tmp_path / "served.safetensors"
+    save_in_hf_naming(hf, served, prefix="")
+    urls = []
+
+    def fake_get(url, *args, **kwargs):
+        urls.append(url)
+        return FakeResponse(served.read_bytes())
+
+    monkeypatch.setattr(gpt04.requests, "get", fake_get)
+    model = gpt04.from_pretrained("gpt2", cache_dir=tmp_path / "cache")
+    assert urls == ["https://huggingface.co/gpt2/resolve/main/model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "cache" / "gpt2").iterdir()) == ["model.safetensors"]
+    idx = torch.randint(TINY["vocab_size"], (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], hf(idx).logits, atol=1e-4, rtol=1e-4)
 
 
-def test_download_checks_huggingface_sha256(gpt04, tmp_path, monkeypatch):
-    body = b"hello world"
-    headers = {"Content-Length": "11", "X-Linked-Etag": '"' + "0" * 64 + '"'}
-    monkeypatch.setattr(gpt04.requests, "get", lambda *a, **k: FakeResponse(body, headers))
-    with pytest.raises(RuntimeError, match="sha256"):
-        gpt04.download_checked("https://example.invalid/f", tmp_path / "f.bin")
-    assert list(tmp_path.iterdir()) == []
+def test_from_pretrained_checks_the_size_and_leaves_no_partial_file(gpt04, tmp_path, monkeypatch):
+    """The server announced 20 bytes and sent 11: an error, and nothing left in the cache."""
+    monkeypatch.setattr(gpt04.requests, "get", lambda *a, **k: FakeResponse(b"hello world", announced=20))
+    with pytest.raises(RuntimeError, match=r"\b11\b.*\b20\b"):
+        gpt04.from_pretrained("gpt2", cache_dir=tmp_path)
+    assert list((tmp_path / "gpt2").iterdir()) == []
 
 
-def test_download_without_network_says_what_to_do(gpt04, tmp_path, monkeypatch):
+def test_from_pretrained_without_network_says_what_to_do(gpt04, tmp_path, monkeypatch):
     def offline(*args, **kwargs):
-        raise gpt04.requests.ConnectionError("Name or service not known")
+        raise requests.ConnectionError("Name or service not known")
 
     monkeypatch.setattr(gpt04.requests, "get", offline)
-    path = tmp_path / "gpt2" / "model.safetensors"
-    with pytest.raises(RuntimeError, match=f"put it at {re.escape(str(path))}"):
-        gpt04.download_checked("https://huggingface.co/gpt2/resolve/main/model.safetensors", path)
-    assert list(path.parent.iterdir()) == []
+    folder = tmp_path / "gpt2"
+    with pytest.raises(RuntimeError, match=re.escape(str(folder))):  # where to put the file by hand
+        gpt04.from_pretrained("gpt2", cache_dir=tmp_path)
+    assert not folder.exists() or list(folder.iterdir()) == []  # no partial file left behind
 
 
 def test_from_pretrained_uses_the_cache(gpt04, tmp_path, monkeypatch):
@@ -434,14 +461,14 @@ def test_from_pretrained_uses_the_cache(gpt04, tmp_path, monkeypatch):
     monkeypatch.setattr(gpt04.requests, "get", no_network)
     (tmp_path / "gpt2").mkdir()
     save_in_hf_naming(hf, tmp_path / "gpt2" / "model.safetensors", prefix="")
-    model = gpt04.GPT.from_pretrained("gpt2", cache_dir=tmp_path)
+    model = gpt04.from_pretrained("gpt2", cache_dir=tmp_path)
     assert model.lm_head.weight is model.transformer.wte.weight  # still tied: one Parameter
     assert all(t.device.type == "cpu" for t in model.state_dict().values())  # nothing left on "meta"
     idx = torch.randint(TINY["vocab_size"], (1, 8))
     with torch.no_grad():
         torch.testing.assert_close(model(idx)[0], hf(idx).logits, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="gpt2-xl"):
-        gpt04.GPT.from_pretrained("gpt5", cache_dir=tmp_path)
+        gpt04.from_pretrained("gpt5", cache_dir=tmp_path)
 
 
 # --- the command line --------------------------------------------------------------------------
@@ -455,6 +482,29 @@ def test_help(gpt04, capsys):
 
 
 def test_demo_counts_gpt2_and_samples(gpt04, capsys):
-    gpt04.main(["--max_new_tokens=3"])
+    gpt04.main(["--max_new_tokens=3", "--device=cpu"])
     out = capsys.readouterr().out
     assert "124,439,808" in out and "training FLOPs per token" in out and "sample from" in out
+    gpt04.main(["--preset=gpt2-xl", "--max_new_tokens=2", "--temperature=0", "--top_k=0"])
+    out = capsys.readouterr().out
+    assert "1,557,611,200" in out and "sample from" in out  # gpt2-xl counted on "meta", in no time
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--device=tpu"], "--device=tpu is not available"),
+        (["--device=cuda:99"], "--device=cuda:99 is not available"),
+        (["--temperature=-1"], "must be >= 0"),
+        (["--preset=gpt3"], "invalid choice: 'gpt3'"),
+        (["--init_fro=gpt2"], "unrecognized arguments: --init_fro"),  # no abbreviations
+        (["--max_new_tokens=many"], "invalid int value"),
+    ],
+)
+def test_cli_errors_are_one_line(gpt04, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        gpt04.main(argv)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and message in captured.err, captured.err
+    assert captured.err.count("\n") == 1 and captured.out == ""  # one line, before any work

@@ -1,26 +1,23 @@
-"""Tests of 05_pretrain.py: the loop learns, resumes bit for bit, and its pieces do what they say.
+"""Tests of 05_pretrain.py: the loop learns, resumes bit for bit, its pieces do what they say, and
+every user error ends in one `error:` line.
 
 Every run is a tiny model trained in-process with train(cfg) (importing torch in a subprocess
-alone takes seconds), in a temporary out_dir, on a temporary copy of tiny Shakespeare.
+alone takes seconds), in a temporary out_dir, on the char corpus that 02 prepares (conftest's
+char_corpus).
 """
 
 import hashlib
-import io
 import math
 import shutil
 import signal
+import subprocess
+import sys
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import pytest
 import torch
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory, shakespeare_path):
-    """A data dir holding only tinyshakespeare.txt; the first run tokenizes it there."""
-    path = tmp_path_factory.mktemp("data")
-    shutil.copy(shakespeare_path, path / shakespeare_path.name)
-    return path
+from conftest import ROOT
 
 
 def tiny(pre05, out_dir, data_dir, **overrides):
@@ -28,7 +25,7 @@ def tiny(pre05, out_dir, data_dir, **overrides):
     settings = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4, dropout=0.0, bias=True,
                     max_iters=12, lr_decay_iters=12, warmup_iters=2, learning_rate=3e-3, min_lr=3e-4,
                     eval_interval=4, eval_iters=2, log_interval=4, sample_interval=0, max_new_tokens=0,
-                    device="cpu", dtype="float32", compile="false", threads=1,
+                    device="cpu", dtype="float32", compile=False, threads=1,
                     out_dir=str(out_dir), data_dir=str(data_dir))  # fmt: skip
     return pre05.TrainConfig(**{**settings, **overrides})
 
@@ -46,10 +43,10 @@ def sha256(path):
 
 
 @pytest.fixture(scope="module")
-def trained(pre05, data_dir, tmp_path_factory):
+def trained(pre05, char_corpus, tmp_path_factory):
     """A 2-layer, 64-wide model trained for 200 steps: (config, train's result)."""
     out_dir = tmp_path_factory.mktemp("trained")
-    cfg = tiny(pre05, out_dir, data_dir, n_embd=64, block_size=32, batch_size=16, max_iters=200,
+    cfg = tiny(pre05, out_dir, char_corpus, n_embd=64, block_size=32, batch_size=16, max_iters=200,
                lr_decay_iters=200, warmup_iters=10, eval_interval=100, eval_iters=10, log_interval=50,
                max_new_tokens=20)
     return cfg, pre05.train(cfg)
@@ -69,15 +66,17 @@ def test_loss_decreases_on_tiny_shakespeare(trained):
     # (x as its own target, a wrong shift) would drive the loss towards 0
     assert result["val_loss"] > 2.0, result
     assert result["best_val_loss"] == result["val_loss"]  # still improving: the last eval is the best
+    assert result["ms_per_iter"] > 0 and result["tokens_per_s"] > 0 and result["mfu"] is None  # CPU: no peak
 
 
 def test_run_writes_checkpoints_log_and_plot(trained):
     cfg, result = trained
     out = torch.load(f"{cfg.out_dir}/ckpt.pt", weights_only=True)
-    assert {"model", "model_args", "optimizer", "config", "iter_num", "best_val_loss", "rng", "tokenizer",
-            "stage"} <= set(out)
+    assert set(out) == {"model", "model_args", "tokenizer", "config", "stage", "iter_num", "best_val_loss",
+                        "val_loss", "optimizer", "scaler", "rng"}  # the format every training stage writes
     assert out["iter_num"] == 200 and out["stage"] == "pretrain" and out["tokenizer"]["kind"] == "char"
-    assert out["config"]["dtype"] == "float32"  # the resolved settings, not "auto"
+    assert out["val_loss"] == result["val_loss"] == out["best_val_loss"]
+    assert out["config"]["dtype"] == "float32" and out["config"]["device"] == "cpu"  # resolved, not "auto"
     lines = open(f"{cfg.out_dir}/log.jsonl").read().splitlines()
     assert len([line for line in lines if '"val_loss"' in line]) == 3  # iterations 0, 100, 200
     # matplotlib is optional for users, but requirements-dev.txt installs it: the plot is tested in CI
@@ -88,6 +87,7 @@ def test_checkpoint_loads_into_04s_gpt(trained, pre05, gpt04):
     """best.pt's plain state dict loads into 04's own GPT and gives the logits load_checkpoint's does."""
     cfg, _ = trained
     model05, tokenizer, ckpt = pre05.load_checkpoint(f"{cfg.out_dir}/best.pt")
+    assert next(model05.parameters()).device.type == "cpu"
     model04 = gpt04.GPT(gpt04.GPTConfig(**ckpt["model_args"]))
     model04.load_state_dict(ckpt["model"])
     idx = torch.tensor([tokenizer.encode("ROMEO:\nWhat say")])
@@ -112,26 +112,25 @@ def interrupt_at(pre05, monkeypatch, step, seed):
 
 
 @pytest.mark.parametrize("stop", ["max_iters", "ctrl-c"])
-def test_resume_is_bit_identical(pre05, data_dir, tmp_path, monkeypatch, stop):
+def test_resume_is_bit_identical(pre05, char_corpus, tmp_path, monkeypatch, capsys, stop):
     """12 steps in one go == 6 or 7 steps, stop, resume, 5 or 6 more: the same bits, weights and Adam.
 
     Dropout is on, so this also needs the RNG state restored; the stateless batches do the rest.
-    Clearing the peak-FLOPs cache makes the first run measure it, as a fresh process would: that
-    measurement must not draw from the RNG.
     """
-    pre05.peak_flops.cache_clear()
-    full = pre05.train(tiny(pre05, tmp_path / "full", data_dir, dropout=0.1))
+    full = pre05.train(tiny(pre05, tmp_path / "full", char_corpus, dropout=0.1))
     if stop == "max_iters":
-        first = pre05.train(tiny(pre05, tmp_path / "split", data_dir, dropout=0.1, max_iters=7))
+        first = pre05.train(tiny(pre05, tmp_path / "split", char_corpus, dropout=0.1, max_iters=7))
         assert first["iter_num"] == 7
     else:
         handler = signal.getsignal(signal.SIGINT)
         interrupt_at(pre05, monkeypatch, step=5, seed=1337)
-        first = pre05.train(tiny(pre05, tmp_path / "split", data_dir, dropout=0.1))
+        first = pre05.train(tiny(pre05, tmp_path / "split", char_corpus, dropout=0.1))
         monkeypatch.undo()
         assert first["interrupted"] and first["iter_num"] == 6  # step 5 finished, then saved
         assert signal.getsignal(signal.SIGINT) is handler  # train() restored the Ctrl-C handler
-    resumed = pre05.train(tiny(pre05, tmp_path / "split", data_dir, dropout=0.1, init_from="resume"))
+    capsys.readouterr()
+    resumed = pre05.train(tiny(pre05, tmp_path / "split", char_corpus, dropout=0.1, init_from="resume"))
+    assert f"resuming at iter {first['iter_num']} of 12" in capsys.readouterr().out
     assert resumed["iter_num"] == full["iter_num"] == 12
     a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)
     b = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)
@@ -142,25 +141,24 @@ def test_resume_is_bit_identical(pre05, data_dir, tmp_path, monkeypatch, stop):
     assert resumed["val_loss"] == full["val_loss"]
 
 
-def test_resume_keeps_the_dtype_and_threads_the_run_had(pre05, data_dir, tmp_path, monkeypatch):
-    """--dtype=auto and --threads=0 on resume mean "what the run used", not a new measurement:
-    a machine that now measures bf16 faster (or has more idle cores) must not change the numbers."""
-    cfg = tiny(pre05, tmp_path, data_dir, max_iters=4)
-    pre05.train(cfg)  # float32, 1 thread
-    monkeypatch.setattr(pre05, "pick_dtype", lambda dtype, _: "bfloat16" if dtype == "auto" else dtype)
-    monkeypatch.setattr(pre05, "pick_threads", lambda threads: threads or 2)
-    pre05.train(pre05.replace(cfg, init_from="resume", max_iters=6, dtype="auto", threads=0))
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    assert (ckpt["iter_num"], ckpt["config"]["dtype"], ckpt["config"]["threads"]) == (6, "float32", 1)
+def test_resume_of_a_finished_run_says_how_to_extend_it(pre05, char_corpus, tmp_path, capsys):
+    pre05.train(tiny(pre05, tmp_path, char_corpus, max_iters=4))
+    before = sha256(tmp_path / "ckpt.pt")
+    capsys.readouterr()
+    result = pre05.train(tiny(pre05, tmp_path, char_corpus, max_iters=4, init_from="resume"))
+    out = capsys.readouterr().out
+    assert "resuming at iter 4 of 4" in out and "nothing left to do" in out
+    assert "--init_from=resume --max_iters=" in out and "iter 4:" not in out  # no evaluation either
+    assert result["iter_num"] == 4 and sha256(tmp_path / "ckpt.pt") == before
 
 
-def test_nan_stops_the_run_and_keeps_the_checkpoint(pre05, data_dir, tmp_path, monkeypatch):
-    pre05.train(tiny(pre05, tmp_path, data_dir, max_iters=4))  # checkpoints at iterations 0 and 4
+def test_nan_stops_the_run_and_keeps_the_checkpoint(pre05, char_corpus, tmp_path, monkeypatch):
+    pre05.train(tiny(pre05, tmp_path, char_corpus, max_iters=4))  # checkpoints at iterations 0 and 4
     before = {name: sha256(tmp_path / name) for name in ("ckpt.pt", "best.pt")}
     forward, calls = pre05.GPT.forward, []
 
-    def poisoned(self, idx, targets=None, attention_mask=None):
-        logits, loss = forward(self, idx, targets, attention_mask)
+    def poisoned(self, idx, targets=None):
+        logits, loss = forward(self, idx, targets)
         if self.training:
             calls.append(1)
             if len(calls) >= 3:  # from the third training step on: loss, gradients, then weights NaN
@@ -168,9 +166,9 @@ def test_nan_stops_the_run_and_keeps_the_checkpoint(pre05, data_dir, tmp_path, m
         return logits, loss
 
     monkeypatch.setattr(pre05.GPT, "forward", poisoned)
-    message = r"loss is nan at iteration \d+.*iteration 4\), is untouched"
+    message = r"loss is nan at iteration \d+.*iteration 4\), is untouched.*--init_from=resume"
     with pytest.raises(FloatingPointError, match=message):
-        pre05.train(tiny(pre05, tmp_path, data_dir, init_from="resume", log_interval=10))
+        pre05.train(tiny(pre05, tmp_path, char_corpus, init_from="resume", log_interval=10))
     assert {name: sha256(tmp_path / name) for name in before} == before
     assert not list(tmp_path.glob("*.tmp"))
 
@@ -204,35 +202,41 @@ def test_compiled_checkpoint_loads_into_plain_model(pre05, tmp_path):
     torch.testing.assert_close(loaded(idx)[0], model(idx)[0], rtol=0, atol=0)
 
 
-def test_load_checkpoint_errors(pre05, tmp_path):
+@pytest.mark.parametrize("content", ["a dict without weights", "random bytes", "an arbitrary object"])
+def test_load_checkpoint_errors(pre05, tmp_path, content):
     with pytest.raises(FileNotFoundError, match="05_pretrain.py"):
         pre05.load_checkpoint(tmp_path / "nothing.pt")
-    torch.save({"weights": 1}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not a checkpoint"):
-        pre05.load_checkpoint(tmp_path / "other.pt")
+    path = tmp_path / "other.pt"
+    if content == "a dict without weights":
+        torch.save({"weights": 1}, path)
+    elif content == "random bytes":
+        path.write_bytes(b"\x80\x04not a zip at all" * 10)
+    else:
+        torch.save(SimpleNamespace(x=1), path)  # weights_only refuses it: torch's advice must not leak
+    with pytest.raises(ValueError, match="is not a checkpoint of these scripts") as error:
+        pre05.load_checkpoint(path)
+    assert "weights_only" not in str(error.value)
 
 
-def test_init_from_gpt2_crops_positions_and_sets_dropout(pre05, data_dir, tmp_path, monkeypatch):
+def test_init_from_gpt2_crops_positions_and_sets_dropout(pre05, tmp_path, monkeypatch):
     """--init_from=gpt2 keeps OpenAI's weights, with our block_size (positions cropped) and dropout."""
     source = pre05.GPT(pre05.GPTConfig(block_size=32, vocab_size=50257, n_layer=1, n_head=2, n_embd=16))
-    monkeypatch.setattr(pre05.GPT, "from_pretrained", classmethod(lambda cls, name, cache_dir=None: source))
-    cfg = tiny(pre05, tmp_path, data_dir, init_from="gpt2", tokenizer="gpt2", block_size=8, dropout=0.1)
-    model, ckpt = pre05.init_model(cfg, {"kind": "gpt2"}, 50257)
+    monkeypatch.setattr(pre05, "from_pretrained", lambda model_type, cache_dir: source)
+    cfg = SimpleNamespace(init_from="gpt2", block_size=8, dropout=0.1, data_dir=str(tmp_path))
+    model, ckpt = pre05.init_model(cfg, 50257)
     assert ckpt is None and (model.config.block_size, model.config.dropout) == (8, 0.1)
     got, want = model.state_dict(), source.state_dict()
     assert torch.equal(got["transformer.wpe.weight"], want["transformer.wpe.weight"][:8])
     assert all(torch.equal(got[k], want[k]) for k in want if k != "transformer.wpe.weight")
-    with pytest.raises(ValueError, match="--tokenizer=gpt2"):
-        pre05.init_model(tiny(pre05, tmp_path, data_dir, init_from="gpt2"), {"kind": "char"}, 65)
 
 
 # -----------------------------------------------------------------------------
-# The pieces: schedule, decay groups, accumulation
+# The pieces: schedule, decay groups, accumulation, device and precision
 
 
-def test_get_lr_at_chosen_steps(pre05):
+def test_get_lr_at_chosen_steps(pre05, char_corpus, tmp_path):
     """The CPU recipe's schedule, by hand: warmup (it + 1) / 101 of 1e-3, then a cosine to 1e-4 at 2000."""
-    cfg = pre05.TrainConfig()  # learning_rate 1e-3, min_lr 1e-4, warmup 100, lr_decay_iters 2000
+    cfg = pre05.TrainConfig(data_dir=str(char_corpus), out_dir=str(tmp_path))  # the CPU recipe's numbers
     expected = {0: 1e-3 / 101, 49: 0.5e-3 / 1.01, 99: 1e-3 * 100 / 101, 100: 1e-3,
                 1050: 5.5e-4,  # halfway: 1e-4 + 0.5 * (1 + cos(pi / 2)) * 9e-4
                 2000: 1e-4, 2001: 1e-4, 10**6: 1e-4}  # fmt: skip
@@ -241,7 +245,7 @@ def test_get_lr_at_chosen_steps(pre05):
     for it in (150, 575, 1500, 1999):  # the cosine, written as min + (max - min) * cos^2(pi/2 * progress)
         progress = (it - 100) / 1900
         assert pre05.get_lr(it, cfg) == pytest.approx(1e-4 + 9e-4 * math.cos(math.pi / 2 * progress) ** 2)
-    assert pre05.get_lr(1050, pre05.TrainConfig(decay_lr=False)) == 1e-3
+    assert pre05.get_lr(1050, pre05.replace(cfg, decay_lr=False)) == 1e-3
 
 
 def test_weight_decay_groups(pre05):
@@ -278,67 +282,14 @@ def test_accumulated_micro_batches_equal_one_big_batch(pre05):
         pre05.forward_backward(model, x, y, 5, pre05.nullcontext(), scaler)
 
 
-def test_train_with_accumulation_sees_the_same_batches(pre05, data_dir, tmp_path):
+def test_train_with_accumulation_sees_the_same_batches(pre05, char_corpus, tmp_path):
     """batch_size 4 x 2 micro-steps trains like batch_size 8 x 1: one global batch per step, split."""
     kw = dict(max_iters=3, eval_interval=3)
-    pre05.train(tiny(pre05, tmp_path / "a", data_dir, batch_size=4, gradient_accumulation_steps=2, **kw))
-    pre05.train(tiny(pre05, tmp_path / "b", data_dir, batch_size=8, gradient_accumulation_steps=1, **kw))
+    pre05.train(tiny(pre05, tmp_path / "a", char_corpus, batch_size=4, gradient_accumulation_steps=2, **kw))
+    pre05.train(tiny(pre05, tmp_path / "b", char_corpus, batch_size=8, gradient_accumulation_steps=1, **kw))
     a, b = model_state(tmp_path / "a" / "ckpt.pt"), model_state(tmp_path / "b" / "ckpt.pt")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
-
-
-# -----------------------------------------------------------------------------
-# Settings and command line
-
-
-def test_defaults_are_the_cpu_preset(pre05):
-    cfg = pre05.parse_config(pre05.TrainConfig, [])
-    cpu = pre05.TrainConfig.PRESETS["shakespeare-char-cpu"]
-    assert cfg == pre05.TrainConfig() == pre05.TrainConfig(**cpu)
-    assert (cfg.block_size, cfg.batch_size, cfg.n_layer, cfg.n_head, cfg.n_embd) == (64, 12, 4, 4, 128)
-    assert (cfg.max_iters, cfg.lr_decay_iters, cfg.warmup_iters, cfg.eval_iters) == (2000, 2000, 100, 20)
-    assert (cfg.learning_rate, cfg.min_lr, cfg.beta2, cfg.dropout) == (1e-3, 1e-4, 0.99, 0.0)
-
-
-def test_parse_config_preset_then_flags(pre05):
-    cfg = pre05.parse_config(pre05.TrainConfig, ["--preset=shakespeare-char-gpu", "--dropout=0.1",
-                                                  "--compile=False", "--bias=yes", "--decay_lr=0"])
-    assert (cfg.n_layer, cfg.n_embd, cfg.block_size, cfg.batch_size, cfg.max_iters) == (6, 384, 256, 64, 5000)
-    assert cfg.dropout == 0.1 and cfg.compile == "false" and cfg.bias is True and cfg.decay_lr is False
-    # a bare bool flag means true, and does not swallow the flag after it
-    cfg = pre05.parse_config(pre05.TrainConfig, ["--bias", "--n_layer=2"])
-    assert cfg.bias is True and cfg.n_layer == 2
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--tokenizer=bpe"], "--tokenizer='bpe' is not valid"),
-    (["--preset=huge"], "invalid choice: 'huge'"),
-    (["--n_layer=two"], "invalid int value"),
-    (["--warmup_iters=100", "--lr_decay_iters=50"], "must exceed warmup_iters"),
-])  # fmt: skip
-def test_parse_config_errors(pre05, capsys, argv, message):
-    with pytest.raises(SystemExit):
-        pre05.parse_config(pre05.TrainConfig, argv)
-    assert message in capsys.readouterr().err
-
-
-def test_help_lists_every_field_with_its_comment(pre05, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        pre05.main(["--help"])
-    assert exit_info.value.code == 0
-    out = capsys.readouterr().out
-    for f in pre05.fields(pre05.TrainConfig):
-        assert f"--{f.name}" in out
-    assert "transformer blocks" in out and "shakespeare-char-gpu:" in out
-
-
-def test_main_runs_a_tiny_training(pre05, data_dir, tmp_path, capsys):
-    pre05.main(["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=8", "--batch_size=2",
-                "--max_iters=3", "--eval_iters=1", "--log_interval=1", "--max_new_tokens=5", "--threads=1",
-                f"--out_dir={tmp_path}", f"--data_dir={data_dir}", "--prompt=ROMEO:"])  # fmt: skip
-    out = capsys.readouterr().out
-    assert "iter 3/3 | loss" in out and "tok/s" in out and "--- sample at iter 3 ---\nROMEO:" in out
 
 
 def test_pick_device(pre05):
@@ -351,26 +302,34 @@ def test_pick_device(pre05):
             pre05.pick_device("cuda")
 
 
-@pytest.mark.parametrize("idle_ticks, threads", [(400, 4), (280, 3), (30, 1), (0, 1)])
-def test_pick_threads_counts_idle_cores(pre05, monkeypatch, idle_ticks, threads):
-    """Auto: 4 cores, 400 ticks in 0.25 s; idle_ticks of them idle -> 4 * idle_ticks / 400, rounded."""
-    before = "cpu  10 0 10 50 5 0 0 0 0 0\n"  # user nice system idle iowait ...: 75 ticks
-    after = f"cpu  {410 - idle_ticks} 0 10 {50 + idle_ticks} 5 0 0 0 0 0\n"  # 475 ticks
-    lines = iter([before, after])
-    monkeypatch.setattr(pre05, "open", lambda path: io.StringIO(next(lines)), raising=False)
-    monkeypatch.setattr(pre05.time, "sleep", lambda seconds: None)
-    monkeypatch.setattr(pre05.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert pre05.pick_threads(0) == threads
-    assert pre05.pick_threads(3) == 3  # explicit counts are kept
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert pre05.pick_threads(0) == torch.get_num_threads()
-
-
-def test_pick_dtype_and_autocast(pre05):
-    assert pre05.pick_dtype("float16", "cuda") == "float16"
+def test_pick_dtype_on_cpu_is_fp32_without_measuring(pre05, monkeypatch):
+    """"auto" is float32 on CPU and MPS, decided by no timing: a matmul is never even called."""
+    monkeypatch.setattr(torch, "matmul", None)
+    monkeypatch.setattr(torch.Tensor, "__matmul__", None)
+    assert pre05.pick_dtype("auto", "cpu") == "float32"
     assert pre05.pick_dtype("auto", "mps") == "float32"
-    assert pre05.pick_dtype("auto", "cpu") in ("float32", "bfloat16")  # measured: depends on the CPU
+    assert pre05.pick_dtype("bfloat16", "cpu") == "bfloat16"  # by choice
+    with pytest.raises(ValueError, match="float16 needs loss scaling"):
+        pre05.pick_dtype("float16", "cpu")
+    with pytest.raises(ValueError, match="--dtype='float64' is not valid"):
+        pre05.pick_dtype("float64", "cpu")
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bfloat16"), (False, "float16")])
+def test_pick_dtype_on_cuda_needs_native_bf16(pre05, monkeypatch, native, expected):
+    """Ampere and newer do bf16 natively -> bf16; a V100 or T4 only emulates it (PyTorch's default
+    answer counts emulation as support) -> fp16 with loss scaling."""
+    def is_bf16_supported(including_emulation=True):
+        return native or including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert pre05.pick_dtype("auto", "cuda") == expected
+    assert pre05.pick_dtype("auto", "cuda:1") == expected
+    assert pre05.pick_dtype("float16", "cuda") == "float16"
+    assert pre05.pick_dtype("float32", "cuda") == "float32"
+
+
+def test_autocast_context(pre05):
     a = torch.randn(4, 4)
     with pre05.autocast_context("cpu", "float32"):
         assert (a @ a).dtype == torch.float32
@@ -380,13 +339,173 @@ def test_pick_dtype_and_autocast(pre05):
         pre05.autocast_context("cpu", "float64")
 
 
-def test_resume_from_the_command_line_keeps_the_runs_settings(pre05, data_dir, tmp_path):
-    """`--init_from=resume` alone continues the run as it was configured (batch, schedule, model),
-    not with the default preset's settings; flags given on the command line still win."""
-    pre05.train(tiny(pre05, tmp_path, data_dir, max_iters=4, lr_decay_iters=8))
+def test_peak_flops(pre05, monkeypatch):
+    """MFU's denominator: --peak_flops wins; a GPU's datasheet peak by name; none on CPU."""
+    names = iter(["NVIDIA H100 80GB HBM3", "NVIDIA L40S", "NVIDIA L4", "Some Future GPU"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: next(names))
+    assert [pre05.peak_flops("cuda") for _ in range(4)] == [989e12, 362e12, 121e12, None]  # L40S before L4
+    assert pre05.peak_flops("cpu") is None and pre05.peak_flops("mps") is None
+    assert pre05.peak_flops("cpu", override=2e12) == 2e12
+
+
+# -----------------------------------------------------------------------------
+# Settings and command line
+
+
+def test_defaults_are_the_cpu_preset(pre05, char_corpus, tmp_path):
+    paths = dict(data_dir=str(char_corpus), out_dir=str(tmp_path))
+    cfg = pre05.parse_config(pre05.TrainConfig, [f"--{k}={v}" for k, v in paths.items()])
+    cpu = pre05.TrainConfig.PRESETS["shakespeare-char-cpu"]
+    assert cfg == pre05.TrainConfig(**paths) == pre05.TrainConfig(**cpu, **paths)
+    assert (cfg.block_size, cfg.batch_size, cfg.n_layer, cfg.n_head, cfg.n_embd) == (64, 12, 4, 4, 128)
+    assert (cfg.max_iters, cfg.lr_decay_iters, cfg.warmup_iters, cfg.eval_iters) == (2000, 2000, 100, 20)
+    assert (cfg.learning_rate, cfg.min_lr, cfg.beta2, cfg.dropout) == (1e-3, 1e-4, 0.99, 0.0)
+    assert (cfg.dtype, cfg.threads, cfg.compile) == ("auto", 0, False)
+
+
+def test_parse_config_preset_then_flags(pre05, char_corpus, tmp_path):
+    paths = [f"--data_dir={char_corpus}", f"--out_dir={tmp_path}"]
+    cfg = pre05.parse_config(pre05.TrainConfig, ["--preset=shakespeare-char-gpu", "--dropout=0.1",
+                                                  "--compile=False", "--bias=yes", "--decay_lr=0", *paths])
+    assert (cfg.n_layer, cfg.n_embd, cfg.block_size, cfg.batch_size, cfg.max_iters) == (6, 384, 256, 64, 5000)
+    assert cfg.dropout == 0.1 and cfg.compile is False and cfg.bias is True and cfg.decay_lr is False
+    assert pre05.parse_config(pre05.TrainConfig, ["--preset=shakespeare-char-gpu", *paths]).compile is True
+    # a bare bool flag means true, and does not swallow the flag after it
+    cfg = pre05.parse_config(pre05.TrainConfig, ["--bias", "--n_layer=2", "--compile", *paths])
+    assert cfg.bias is True and cfg.n_layer == 2 and cfg.compile is True
+
+
+@pytest.mark.parametrize("flag", ["--n_lay=2", "--max_iter=3", "--comp", "--block-size=8"])
+def test_abbreviations_and_other_spellings_are_rejected(pre05, capsys, flag):
+    """argparse would take --n_lay for --n_layer; with allow_abbrev=False it is an error, and so is
+    the dashed spelling: one spelling, --field_name=value."""
+    with pytest.raises(SystemExit) as exit_info:
+        pre05.parse_config(pre05.TrainConfig, [flag])
+    assert exit_info.value.code == 2
+    assert f"unrecognized arguments: {flag}" in capsys.readouterr().err
+
+
+def test_help_lists_every_field_with_its_text(pre05, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        pre05.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for f in pre05.fields(pre05.TrainConfig):
+        assert f"--{f.name}" in out and f.metadata["help"][:20] in " ".join(out.split())
+    assert "transformer blocks" in out and "shakespeare-char-gpu:" in out
+
+
+def user_error(pre05, capsys, argv) -> str:
+    """Run main(argv), which must stop with status 2 and one line `error: ...`; return that line."""
+    with pytest.raises(SystemExit) as exit_info:
+        pre05.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tokenizer=bpe"], "--tokenizer='bpe' is not valid; use char, gpt2"),
+    (["--dtype=float64"], "--dtype='float64' is not valid"),
+    (["--dtype=float16", "--device=cpu"], "float16 needs loss scaling"),
+    (["--device=tpu"], "unknown device 'tpu'"),
+    (["--batch_size=0"], "--batch_size must be at least 1"),
+    (["--warmup_iters=100", "--lr_decay_iters=50"], "must exceed --warmup_iters=100"),
+    (["--n_embd=30", "--n_head=4"], "not divisible by n_head=4"),
+    (["--block_size=1000000"], "too few for --block_size=1000000"),
+    (["--init_from=gpt2"], "--tokenizer=gpt2"),
+    (["--init_from=resume"], "no checkpoint at"),
+])  # fmt: skip
+def test_user_errors_are_one_line_and_leave_nothing_behind(pre05, char_corpus, tmp_path, capsys, flags,
+                                                           message):
+    out_dir = tmp_path / "run"
+    err = user_error(pre05, capsys, [*flags, f"--data_dir={char_corpus}", f"--out_dir={out_dir}"])
+    assert message in err
+    assert not out_dir.exists()
+
+
+def test_missing_data_names_the_02_command(pre05, tmp_path, capsys):
+    err = user_error(pre05, capsys, [f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'run'}"])
+    assert f"no prepared data in {tmp_path / 'tinyshakespeare-char'}" in err
+    assert "`python 02_dataloader.py --tokenizers=char" in err
+    err = user_error(pre05, capsys, [f"--data_dir={tmp_path}", "--tokenizer=gpt2", f"--out_dir={tmp_path}"])
+    assert "--tokenizers=gpt2" in err and not (tmp_path / "run").exists()
+
+
+def test_a_damaged_data_file_is_a_user_error(pre05, char_corpus, tmp_path, capsys):
+    shutil.copytree(char_corpus / "tinyshakespeare-char", tmp_path / "tinyshakespeare-char")
+    val = tmp_path / "tinyshakespeare-char" / "val.bin"
+    val.write_bytes(val.read_bytes()[:-3])  # truncated: no longer what meta.json says
+    err = user_error(pre05, capsys, [f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'run'}"])
+    assert f"{val} has" in err and "prepare the corpus again" in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_device_cuda_without_a_gpu(pre05, char_corpus, tmp_path, capsys):
+    err = user_error(pre05, capsys, ["--device=cuda", f"--data_dir={char_corpus}", f"--out_dir={tmp_path}/x"])
+    assert "device 'cuda' is not available on this machine; use --device=auto" in err
+
+
+def test_a_run_never_overwrites_a_checkpoint_it_did_not_write(pre05, char_corpus, tmp_path, capsys):
+    """Starting afresh where a checkpoint is stops before any work and names the three ways on;
+    --overwrite is the explicit one."""
+    pre05.train(tiny(pre05, tmp_path, char_corpus, max_iters=2, eval_interval=2))
+    before = sha256(tmp_path / "ckpt.pt")
+    small = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=8", "--batch_size=2", "--max_iters=2",
+             "--eval_iters=1", "--max_new_tokens=0", "--threads=1", f"--data_dir={char_corpus}",
+             f"--out_dir={tmp_path}"]  # fmt: skip
+    err = user_error(pre05, capsys, small)
+    assert "ckpt.pt exists" in err and "--init_from=resume" in err and "--out_dir" in err
+    assert "--overwrite" in err and sha256(tmp_path / "ckpt.pt") == before
+    pre05.main([*small, "--overwrite"])
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["model_args"]["n_layer"] == 1
+
+
+def test_resume_from_a_foreign_checkpoint(pre05, char_corpus, tmp_path, capsys):
+    for content in (b"\x80\x04not a zip at all", b""):
+        (tmp_path / "ckpt.pt").write_bytes(content)
+        err = user_error(pre05, capsys, ["--init_from=resume", f"--data_dir={char_corpus}",
+                                         f"--out_dir={tmp_path}"])
+        assert "is not a checkpoint of" in err and "weights_only" not in err
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "ckpt.pt")  # torch's, but not ours
+    err = user_error(pre05, capsys, ["--init_from=resume", f"--data_dir={char_corpus}",
+                                     f"--out_dir={tmp_path}"])
+    assert "is not a checkpoint of" in err
+
+
+def test_a_user_error_prints_no_traceback(char_corpus, tmp_path):
+    """The real command line, in a subprocess: exit status 2, one line on stderr, nothing on stdout."""
+    cmd = [sys.executable, "05_pretrain.py", "--n_embd=30", "--n_head=4", f"--data_dir={char_corpus}",
+           f"--out_dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_main_runs_a_tiny_training(pre05, char_corpus, tmp_path, capsys):
+    argv = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=8", "--batch_size=2", "--max_iters=3",
+            "--eval_iters=1", "--log_interval=1", "--max_new_tokens=5", "--threads=1", "--prompt=ROMEO:",
+            f"--data_dir={char_corpus}"]  # fmt: skip
+    pre05.main([*argv, f"--out_dir={tmp_path / 'a'}"])
+    out = capsys.readouterr().out
+    assert "iter 3/3 | loss" in out and "tok/s" in out and "--- sample at iter 3 ---\nROMEO:" in out
+    assert "MFU" not in out  # no known peak on a CPU: tokens/s only
+    pre05.main([*argv, f"--out_dir={tmp_path / 'b'}", "--peak_flops=1e12"])
+    out = capsys.readouterr().out
+    assert "MFU against 1 TFLOP/s" in out and " | MFU " in out
+
+
+def test_resume_from_the_command_line_keeps_the_runs_settings(pre05, char_corpus, tmp_path, capsys):
+    """`--init_from=resume` alone continues the run as it was configured (batch, schedule, model,
+    data, dtype), not with the default preset's settings; flags given on the command line still win."""
+    pre05.train(tiny(pre05, tmp_path, char_corpus, max_iters=4, lr_decay_iters=8, dtype="bfloat16"))
+    capsys.readouterr()
     pre05.main(["--init_from=resume", f"--out_dir={tmp_path}", "--max_iters=6", "--log_interval=2"])
+    assert "resuming at iter 4 of 6" in capsys.readouterr().out
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     ran = ckpt["config"]
     assert ckpt["iter_num"] == 6 and ran["max_iters"] == 6 and ran["log_interval"] == 2
     assert (ran["batch_size"], ran["block_size"], ran["lr_decay_iters"]) == (4, 16, 8)
-    assert ran["data_dir"] == str(data_dir)
+    assert ran["data_dir"] == str(char_corpus) and ran["dtype"] == "bfloat16" and ran["init_from"] == "resume"

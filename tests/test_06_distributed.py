@@ -15,6 +15,7 @@ Each launch is a new session under a deadline; on timeout the whole process grou
 (a plain subprocess timeout would leave orphaned ranks hanging in a collective).
 """
 
+import dataclasses
 import gc
 import json
 import shutil
@@ -35,8 +36,7 @@ SGD_LR, ADAMW_LR = 0.1, 1e-3
 # a tiny GPT; no parameter holds more than ~10% of the total, so ZeRO's greedy split is even
 BASE = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4, max_iters=K,
             warmup_iters=2, lr_decay_iters=K, log_interval=1, eval_interval=K, eval_iters=1,
-            checkpoint_interval=2, max_new_tokens=0, seed=1337, device="cpu",
-            dtype="float32")  # float32 everywhere: "auto" picks bf16 on CPUs with fast bf16 matmuls
+            checkpoint_interval=2, seed=1337, device="cpu", dtype="float32")
 RUNS = {  # name -> settings; each is run by every strategy. "sgd" tests the arithmetic tightly.
     "sgd-1": dict(optimizer="sgd", learning_rate=SGD_LR, min_lr=SGD_LR / 10, grad_clip=0.5),  # clips
     "sgd-2": dict(optimizer="sgd", learning_rate=SGD_LR, min_lr=SGD_LR / 10, grad_clip=0.0,
@@ -61,12 +61,16 @@ def scenarios() -> list[dict]:
     for s in out:  # activation checkpointing must not change the arithmetic (checked with SGD)
         if s["name"] in ("fsdp-sgd-2", "ddp-adamw-1"):
             s["settings"]["activation_checkpointing"] = True
+    # FSDP reduce-scattering on the last micro-step only must not change it either
+    out.append(dict(name="fsdp-nosync-sgd-2", run="sgd-2",
+                    settings=dict(strategy="fsdp", sync_every_micro_step=False, **RUNS["sgd-2"])))
     # resumes: half the steps, then the rest from that checkpoint in a new run
     resumes = (("zero1-resume", "zero1", {}), ("fsdp-dcp", "fsdp", {"sharded_checkpoint": True}))
     for name, strategy, extra in resumes:
         settings = dict(strategy=strategy, **RUNS["adamw-2"], **extra)
         out.append(dict(name=f"{name}-half", run="adamw-2", settings={**settings, "max_iters": K // 2}))
-        out.append(dict(name=name, run="adamw-2", settings=settings, resume_from=f"{name}-half"))
+        out.append(dict(name=name, run="adamw-2", settings={**settings, "init_from": "resume"},
+                        resume_from=f"{name}-half"))
     return out
 
 
@@ -123,12 +127,12 @@ def launch_two_ranks(spec_path: str):
 
 
 @pytest.fixture(scope="module")
-def corpus(dist06, shakespeare_text, tmp_path_factory) -> Path:
-    """A data_dir holding 05's tinyshakespeare-char corpus, made from the first 100k characters."""
+def corpus(dl02, shakespeare_text, tmp_path_factory) -> Path:
+    """A data_dir holding tinyshakespeare-char/ as 02 prepares it, from the first 100k characters."""
     text = shakespeare_text[:100_000]
     data_dir = tmp_path_factory.mktemp("data")
-    spec = dist06.CharTokenizer.from_text(text).to_dict()
-    dist06.prepare_corpus(text, data_dir / "tinyshakespeare-char", spec)
+    spec = dl02.CharTokenizer.from_text(text).to_dict()
+    dl02.prepare_corpus(text, data_dir / "tinyshakespeare-char", spec)
     return data_dir
 
 
@@ -157,7 +161,7 @@ def reference_run(dist06, corpus, run: str, rows=None, loss_scale=1.0) -> tuple[
     buggy = rows is not None or loss_scale != 1.0
     if not buggy and run in REFERENCES:
         return REFERENCES[run]
-    cfg = dist06.DistConfig(**{**BASE, **RUNS[run]})
+    cfg = dist06.DistConfig(**{**BASE, **RUNS[run]}, data_dir=str(corpus), out_dir=str(corpus / "unused"))
     data = {split: dist06.load_tokens(corpus / "tinyshakespeare-char", split) for split in ("train", "val")}
     n_vocab = dist06.load_meta(corpus / "tinyshakespeare-char")["n_vocab"]
     torch.manual_seed(cfg.seed)
@@ -261,22 +265,88 @@ def test_memory_per_rank(two_ranks):
     assert fsdp[0]["memory"]["params"] + fsdp[1]["memory"]["params"] == ddp[0]["memory"]["params"]
 
 
-@pytest.mark.slow
-def test_activation_checkpointing_saves_memory(two_ranks):
-    """Measured on the rank's micro-batch: much less is kept for backward (the math is tested above)."""
-    for name in ("fsdp-sgd-2", "ddp-adamw-1"):
-        before, after = two_ranks[name][0]["activation_bytes"]
-        assert after < 0.5 * before, (name, before, after)
-    assert two_ranks["ddp-sgd-1"][0]["activation_bytes"] is None
+def saved_activation_bytes(model, x, y) -> int:
+    """Bytes autograd keeps for the backward of one forward: the activation memory, measured.
+
+    saved_tensors_hooks sees every tensor an op saves for backward. Parameters are not activations
+    and are skipped; views of one storage count once. Inside a checkpointed block checkpoint's own
+    hooks take over, and it keeps the block's input alive to rerun it: a forward pre-hook counts it.
+    """
+    blocks = getattr(model, "module", model).transformer.h
+    seen = {p.untyped_storage().data_ptr() for p in model.parameters()}  # never counted
+    total = 0
+
+    def count(t):
+        nonlocal total
+        if t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            total += t.untyped_storage().nbytes()
+        return t
+
+    def keep_input(module, args):  # checkpoint keeps each block's input to rerun the block
+        count(args[0])
+
+    hooks = [block.register_forward_pre_hook(keep_input) for block in blocks]
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+        model(x, y)
+    for hook in hooks:
+        hook.remove()
+    return total
+
+
+def test_activation_checkpointing_saves_memory(dist06, corpus, tmp_path):
+    """06's parallelize with --activation_checkpointing keeps much less for backward (its arithmetic
+    is tested above), measured on one micro-batch of 6 rows x 64 tokens; without the flag, no change."""
+    ctx = dist06.init_distributed("cpu")  # a world of one: DDP needs a process group
+    try:
+        data = dist06.load_tokens(corpus / "tinyshakespeare-char", "train")
+        x, y = dist06.get_batch(data, 6, 64, step=0)
+        for checkpointing in (False, True):
+            cfg = dist06.DistConfig(strategy="ddp", activation_checkpointing=checkpointing, device="cpu",
+                                    dtype="float32", data_dir=str(corpus), out_dir=str(tmp_path))
+            torch.manual_seed(0)
+            model = dist06.GPT(dist06.GPTConfig(**cfg.model_args(65)))
+            before = saved_activation_bytes(model, x, y)
+            after = saved_activation_bytes(dist06.parallelize(model, cfg, ctx), x, y)
+            if checkpointing:
+                assert after < 0.5 * before, (before, after)
+            else:
+                assert after == before
+    finally:
+        dist06.shutdown_distributed(ctx)
+
+
+def test_compile_per_block_keeps_the_arithmetic(dist06, corpus, tmp_path, monkeypatch):
+    """--compile compiles each block (before FSDP shards it, with activation checkpointing inside) and
+    trains exactly as one process does. The test compiles with the aot_eager backend: it traces the
+    blocks as inductor would but runs the traced ops as they are, which takes seconds, not a minute."""
+    compiled = []
+    compile_module = torch.nn.Module.compile
+
+    def compile_for_test(module, *args, **kwargs):
+        compiled.append(type(module).__name__)  # "Block": not yet sharded (FSDP renames it FSDPBlock)
+        compile_module(module, backend="aot_eager")
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_for_test)
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    settings = dict(strategy="fsdp", compile=True, activation_checkpointing=True, **RUNS["sgd-2"])
+    result = dist06.main(argv(settings, data_dir=corpus, out_dir=tmp_path / "run"))
+    assert compiled == ["Block"] * BASE["n_layer"]
+    ref_weights, ref_losses, _ = reference_run(dist06, corpus, "sgd-2")
+    for name, tensor in result["local_state"].items():
+        torch.testing.assert_close(tensor, ref_weights[name], **tolerance("sgd-2"), msg=name)
+    torch.testing.assert_close(list(result["losses"].values()), ref_losses, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
-def test_full_checkpoint_loads_in_05_and_resumes_in_a_world_of_one(dist06, corpus, two_ranks, tmp_path,
+def test_full_checkpoint_loads_in_05_and_resumes_in_a_world_of_one(dist06, pre05, corpus, two_ranks, tmp_path,
                                                                      monkeypatch):
-    """The file rank 0 writes is 05's format, and another world size and strategy resume from it."""
+    """The file rank 0 writes is 05's format (05's load_checkpoint reads it), and another world size
+    and strategy resume from it."""
     out = two_ranks["_out"]
-    model, tokenizer, ckpt = dist06.load_checkpoint(out / "fsdp-adamw-2" / "ckpt.pt")
-    assert ckpt["iter_num"] == K and ckpt["stage"] == "pretrain"
+    model, tokenizer, ckpt = pre05.load_checkpoint(out / "fsdp-adamw-2" / "ckpt.pt")
+    assert ckpt["iter_num"] == K and ckpt["stage"] == "distributed"
     assert tokenizer.n_vocab == model.config.vocab_size
     weights = full_weights(two_ranks["fsdp-adamw-2"], "fsdp")
     for name, p in model.named_parameters():
@@ -294,18 +364,49 @@ def test_full_checkpoint_loads_in_05_and_resumes_in_a_world_of_one(dist06, corpu
 
 
 @pytest.mark.slow
+def test_zero1_resume_keeps_optimizer_state_beside_its_parameters(dist06, corpus, two_ranks, tmp_path,
+                                                                  monkeypatch):
+    """ZeroRedundancyOptimizer.load_state_dict puts 0-dim state (Adam's step) on the CPU, where fused
+    CUDA AdamW rejects it (pytorch/pytorch#124133); 06's resume puts it back beside its parameter.
+    Without a GPU, the parameters stand on the meta device, so that the CPU is the wrong place."""
+    shutil.copytree(two_ranks["_out"] / "zero1-resume-half", tmp_path / "run")
+    cfg = dist06.DistConfig(**{**BASE, **RUNS["adamw-2"]}, strategy="zero1", init_from="resume",
+                            data_dir=str(corpus), out_dir=str(tmp_path / "run"))
+    real_cpu = torch.Tensor.cpu  # a meta tensor has no data to copy: the CPU gets an empty one
+
+    def cpu(tensor, *args, **kwargs):
+        return torch.empty_like(tensor, device="cpu") if tensor.is_meta else real_cpu(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "cpu", cpu)
+    ctx = dist06.init_distributed("cpu")
+    try:
+        model_args = cfg.model_args(dist06.load_meta(cfg.corpus_dir)["n_vocab"])
+        with torch.device("meta"):
+            model = dist06.GPT(dist06.GPTConfig(**model_args))
+        optimizer = dist06.build_optimizer(cfg, model, dataclasses.replace(ctx, device="meta"))
+        assert dist06.resume(cfg, model, optimizer, model_args)[0] == K // 2
+        state = optimizer.optim.state
+        assert state and all({"step", "exp_avg", "exp_avg_sq"} <= set(s) for s in state.values())
+        for p, s in state.items():
+            for key, value in s.items():
+                assert value.device == p.device, (key, value.device, p.device)
+    finally:
+        dist06.shutdown_distributed(ctx)
+
+
+@pytest.mark.slow
 def test_kill_and_restart_under_torchrun(dist06, corpus, two_ranks, tmp_path):
     """torchrun --max-restarts=1: rank 1 dies after step 3; the job resumes from the step-2 checkpoint
     and ends with exactly the weights of the uninterrupted run (same world size, same order of ops)."""
     settings = dict(strategy="fsdp", **RUNS["adamw-2"])
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 "--max-restarts=1", "06_distributed.py"]
-    cmd = torchrun + argv(settings, data_dir=corpus, out_dir=tmp_path, fail_at_step=3)
+    cmd = torchrun + argv(settings, data_dir=corpus, out_dir=tmp_path, fail_at_step=3, init_from="auto")
     # without the variable a restarted rank may read a dead rank's address from the store torchrun
-    # shares across attempts, and fail or hang (see 06's init_distributed)
+    # shares across attempts, and fail or hang (pytorch/pytorch#135712)
     out = "".join(run_with_deadline(cmd, timeout=240, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"))
     assert "fault injection: rank 1 dies after step 3" in out
-    assert "resumed from" in out and "at step 2" in out
+    assert "resuming at iter 2 of 4" in out
     restarted = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     uninterrupted = torch.load(two_ranks["_out"] / "fsdp-adamw-2" / "ckpt.pt", weights_only=False)
     assert restarted["iter_num"] == uninterrupted["iter_num"] == K
@@ -316,18 +417,23 @@ def test_kill_and_restart_under_torchrun(dist06, corpus, two_ranks, tmp_path):
             assert torch.equal(restarted["optimizer"]["state"][i][key], value), (i, key)
 
 
-def test_errors(dist06, monkeypatch):
+def test_errors(dist06, corpus, tmp_path, monkeypatch):
     """Bad settings and a half-made torchrun environment fail with a message that names the fix."""
-    cfg = dist06.DistConfig(batch_size=6)
+    where = dict(data_dir=str(corpus), out_dir=str(tmp_path / "run"))
+    monkeypatch.setenv("WORLD_SIZE", "4")  # as torchrun --nproc_per_node=4 sets it
     with pytest.raises(ValueError, match="batch_size=6 .* does not split across 4 ranks.*multiple of 4"):
-        dist06.check_config(cfg, world_size=4)
-    dist06.check_config(cfg, world_size=3)  # 2 rows each: fine
+        dist06.DistConfig(batch_size=6, **where)
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    cfg = dist06.DistConfig(batch_size=6, **where)  # 2 rows each: fine
+    with pytest.raises(ValueError, match="does not split across 4 ranks"):
+        dist06.check_world_size(cfg, 4)  # train() checks its process group too
+    monkeypatch.delenv("WORLD_SIZE")
     with pytest.raises(ValueError, match="unknown strategy 'zero3'.*ddp, zero1 or fsdp"):
-        dist06.check_config(dist06.DistConfig(strategy="zero3"), world_size=1)
+        dist06.DistConfig(strategy="zero3", **where)
     with pytest.raises(ValueError, match="sharded_checkpoint needs"):
-        dist06.check_config(dist06.DistConfig(strategy="zero1", sharded_checkpoint=True), world_size=1)
+        dist06.DistConfig(strategy="zero1", sharded_checkpoint=True, **where)
     with pytest.raises(ValueError, match="unknown optimizer"):
-        dist06.check_config(dist06.DistConfig(optimizer="adam"), world_size=1)
+        dist06.DistConfig(optimizer="adam", **where)
     # half of torchrun's environment: say what is missing and how to launch
     monkeypatch.setenv("RANK", "0")
     for var in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK"):
@@ -336,11 +442,60 @@ def test_errors(dist06, monkeypatch):
                                          "not: start the job with torchrun"):
         dist06.init_distributed("cpu")
     assert not dist.is_initialized()
-    # a plain run (a world of one) that fails still leaves no process group behind
-    monkeypatch.delenv("RANK")
-    with pytest.raises(ValueError, match="unknown strategy"):
-        dist06.main(["--strategy=zero3", "--device=cpu"])
+
+
+def user_error(dist06, capsys, argv) -> str:
+    """main(argv) must stop with exit status 2 and one `error:` line on stderr; return that line."""
+    with pytest.raises(SystemExit) as exit_info:
+        dist06.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--strategy=zero3"], "unknown strategy 'zero3'; use ddp, zero1 or fsdp"),
+    (["--dtype=float16"], "unknown dtype 'float16'"),
+    (["--device=cuda:7"] if not torch.cuda.is_available() else ["--device=tpu"], "device"),
+    (["--n_embd=100", "--n_head=3"], "not divisible by n_head=3"),
+    (["--block_size=100000"], "too few for --block_size=100000"),
+    (["--init_from=resume"], "--init_from=resume: no checkpoint at"),
+    (["--log_interval=0"], "--log_interval must be at least 1"),
+])  # fmt: skip
+def test_user_errors_are_one_line_and_leave_nothing_behind(dist06, corpus, tmp_path, capsys, monkeypatch,
+                                                            flags, message):
+    monkeypatch.delenv("RANK", raising=False)
+    out_dir = tmp_path / "run"
+    err = user_error(dist06, capsys, [*flags, f"--data_dir={corpus}", f"--out_dir={out_dir}"])
+    assert message in err, err
+    assert not out_dir.exists()
     assert not dist.is_initialized()
+
+
+def test_missing_data_names_the_02_command(dist06, tmp_path, capsys):
+    err = user_error(dist06, capsys, [f"--data_dir={tmp_path}", "--tokenizer=gpt2", f"--out_dir={tmp_path}"])
+    assert "python 02_dataloader.py" in err and "--tokenizers=gpt2" in err, err
+
+
+@pytest.mark.slow
+def test_a_fresh_start_never_overwrites_a_run(dist06, corpus, two_ranks, tmp_path, capsys):
+    """Starting afresh where a run's checkpoint lies (full or sharded) is refused, naming the three ways
+    on, and the files stay as they were. --init_from=resume of a finished run says so and how to extend it."""
+    run = tmp_path / "run"
+    shutil.copytree(two_ranks["_out"] / "ddp-adamw-1", run)
+    shutil.copytree(two_ranks["_out"] / "fsdp-dcp", run, dirs_exist_ok=True)
+    before = {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()}
+    for flags in ([], ["--sharded_checkpoint"]):
+        err = user_error(dist06, capsys, [f"--data_dir={corpus}", f"--out_dir={run}", "--strategy=fsdp",
+                                          *flags])
+        assert "--init_from=resume" in err and "another --out_dir" in err and "--overwrite" in err, err
+    assert {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()} == before
+    result = dist06.main(argv(dict(strategy="ddp", **RUNS["adamw-1"]), data_dir=corpus, out_dir=run,
+                              init_from="resume"))
+    out = capsys.readouterr().out
+    assert f"resuming at iter {K} of {K}" in out and "nothing left to do" in out, out
+    assert f"--max_iters={2 * K}" in out and result["iter_num"] == K and result["losses"] == {}
 
 
 if __name__ == "__main__":  # python tests/test_06_distributed.py SPEC: the 2-rank launch

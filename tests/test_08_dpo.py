@@ -2,11 +2,13 @@
 
 Expected values are worked out by hand with math.log / math.exp (loss, label smoothing, log-probs,
 masks), or come from a reference computation: each sequence scored alone by the model, 07's own
-collate_fn for the finetuning format, 05's checkpoint loader for what 09 will load.
+collate_fn for the finetuning format, 05's checkpoint loader for what 09 will load, a float64 LM head
+for the precision of the log-probs under bf16 autocast.
 """
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -130,15 +132,42 @@ def test_batched_logprobs_equal_each_sequence_scored_alone(dpo08):
     assert chosen.shape == rejected.shape == (2,)
 
 
+def test_logprobs_come_from_an_fp32_head_under_bf16_autocast(dpo08):
+    """The blocks may run in bf16; the LM head and log_softmax must not (issue 14).
+
+    GPT-2's logits are tens of nats. We scale a tiny model's embedding (the tied head) so that
+    its logits are too; then a bf16 head rounds them by ~0.1 each, while DPO's signal (log pi -
+    log ref) is of that size. Both paths get the same hidden states (from bf16 blocks); only the head differs.
+    """
+    model = tiny_gpt(dpo08, vocab_size=64, n_embd=32).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50)  # logits of tens, as GPT-2's
+    batch = [([1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 63], [11, 12, 63]), ([7, 8], [9, 10, 11, 63], [12, 63])]
+    x, y, mask = dpo08.collate_pairs(batch, pad_token_id=63)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16)
+    with torch.no_grad():
+        with ctx:
+            h = dpo08.final_hidden(model, x)  # (2B, T, C): bf16 matmuls in the blocks
+            old_logits = model.lm_head(h)  # the old path: a bf16 head ...
+        assert old_logits.dtype == torch.bfloat16
+        exact = dpo08.sequence_logprobs(h.double() @ model.lm_head.weight.double().T, y, mask)  # float64
+        old = dpo08.sequence_logprobs(old_logits.float(), y, mask)  # ... cast to float afterwards
+        new = torch.cat(dpo08.pair_logprobs(model, x, y, mask, ctx=ctx))
+    assert new.dtype == torch.float32
+    assert_close(new.double(), exact, rtol=0, atol=1e-4)
+    assert (old.double() - exact).abs().max() > 1e-2  # the bf16 head is off by far more
+
+
 def test_pairs_are_formatted_exactly_as_07_finetuned(dpo08, ft07):
     """The chosen sequence is 07's training example with the chosen answer as its output."""
     tok = dpo08.get_tokenizer({"kind": "gpt2"})
     encode, _ = dpo08.text_encoder(tok)
     entries = dpo08.load_preference_data()[:20]
-    pairs = dpo08.PreferenceDataset(entries, encode, tok.eot_token)
+    pairs, n_cut, n_dropped = dpo08.tokenize_pairs(entries, encode, tok.eot_token, max_length=1024)
+    assert len(pairs) == 20 and n_dropped == 0
     for entry, (prompt, chosen, rejected) in zip(entries, pairs):
         for answer, ids in ((entry["chosen"], chosen), (entry["rejected"], rejected)):
-            example = ft07.InstructionDataset([{**entry, "output": answer}], encode)[0]
+            example = ft07.tokenize_examples([{**entry, "output": answer}], encode, max_length=1024)[0][0]
             x07, y07 = ft07.collate_fn([example], pad_token_id=tok.eot_token, mask_prompt=False)
             x, y, mask = dpo08.collate_pairs([(prompt, ids, ids)], pad_token_id=tok.eot_token)
             assert x[0].tolist() == x07[0].tolist() and y[0].tolist() == y07[0].tolist()
@@ -153,9 +182,9 @@ def test_dataset_drops_pairs_without_room_for_an_answer(dpo08):
     long = {"instruction": "a", "input": "", "chosen": "b" * 50, "rejected": "c"}
     huge = {"instruction": "a" * 300, "input": "", "chosen": "b", "rejected": "c"}
     prompt = len(dpo08.format_input(short)) + len(dpo08.RESPONSE_HEADER)
-    ds = dpo08.PreferenceDataset([short, long, huge], encode, end_id=99, max_length=prompt + 2)
-    assert len(ds) == 2 and (ds.n_truncated, ds.n_dropped) == (1, 1)
-    assert [(len(p), c[-1], r) for p, c, r in ds][0] == (prompt, 99, [0, 99])
+    pairs, n_cut, n_dropped = dpo08.tokenize_pairs([short, long, huge], encode, 99, max_length=prompt + 2)
+    assert len(pairs) == 2 and (n_cut, n_dropped) == (1, 1)
+    assert [(len(p), c[-1], r) for p, c, r in pairs][0] == (prompt, 99, [0, 99])
 
 
 # -----------------------------------------------------------------------------
@@ -193,8 +222,8 @@ def test_reference_is_a_frozen_copy_and_gets_no_gradient(dpo08):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(dpo08, tmp_path_factory, preference_data_path):
-    """A tiny char GPT saved as a 07 checkpoint, and a short DPO run on the 48 shortest pairs."""
+def start(dpo08, tmp_path_factory, preference_data_path):
+    """A tiny char GPT saved as a 07 checkpoint, and the 48 shortest pairs: (dir, ckpt dict)."""
     tmp = tmp_path_factory.mktemp("dpo")
     data = json.loads(preference_data_path.read_text(encoding="utf-8"))
     length = lambda e: len(dpo08.format_input(e)) + max(len(e["chosen"]), len(e["rejected"]))  # noqa: E731
@@ -204,15 +233,26 @@ def tiny_run(dpo08, tmp_path_factory, preference_data_path):
     tok = dpo08.CharTokenizer.from_text(text + "\n")
     torch.manual_seed(0)
     model = tiny_gpt(dpo08, vocab_size=tok.n_vocab, block_size=256, n_embd=32, n_layer=1)
-    ckpt = {"model": model.state_dict(), "model_args": dpo08.asdict(model.config), "optimizer": None,
-            "config": {}, "iter_num": 0, "best_val_loss": float("inf"), "rng": None,
-            "tokenizer": tok.to_dict(), "stage": "finetune"}
+    ckpt = {"model": model.state_dict(), "model_args": dpo08.asdict(model.config), "tokenizer": tok.to_dict(),
+            "config": {}, "stage": "finetune", "iter_num": 0, "best_val_loss": float("inf"),
+            "val_loss": float("inf"), "optimizer": None, "scaler": None, "rng": None}
     dpo08.save_checkpoint(tmp / "ft.pt", ckpt)
-    cfg = dpo08.DPOConfig(ckpt_path=str(tmp / "ft.pt"), out_dir=str(tmp / "dpo"),
-                          data_path=str(tmp / "pairs.json"), max_iters=12, learning_rate=3e-3, min_lr=3e-4,
-                          warmup_iters=2, beta=0.1,
-                          eval_interval=6, log_interval=6, max_new_tokens=4, num_responses=2, device="cpu",
-                          dtype="float32", threads=1)
+    return tmp, ckpt
+
+
+def run_config(dpo08, tmp, out_dir, **overrides):
+    settings = dict(ckpt_path=str(tmp / "ft.pt"), out_dir=str(out_dir), data_path=str(tmp / "pairs.json"),
+                    max_iters=12, learning_rate=3e-3, warmup_iters=2, beta=0.1, eval_interval=6,
+                    log_interval=6, max_new_tokens=4, num_responses=2, device="cpu", dtype="float32",
+                    threads=1)
+    return dpo08.DPOConfig(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def tiny_run(dpo08, start):
+    """A short DPO run from the tiny 07 checkpoint."""
+    tmp, ckpt = start
+    cfg = run_config(dpo08, tmp, tmp / "dpo")
     return dpo08.dpo(cfg), ckpt, cfg
 
 
@@ -225,6 +265,7 @@ def test_a_short_run_raises_the_margin_and_the_accuracy_on_training_pairs(tiny_r
     assert after["accuracy"] > 0.75
     assert after["loss"] < LN2 - 0.05
     assert after["chosen_reward"] > after["rejected_reward"]
+    assert len(result["train_losses"]) == 12 and all(isinstance(v, float) for v in result["train_losses"])
 
 
 @pytest.mark.slow
@@ -242,6 +283,7 @@ def test_the_run_writes_a_dpo_checkpoint_responses_and_a_log(dpo08, tiny_run):
     out = dpo08.Path(cfg.out_dir)
     model, tok, ckpt = dpo08.load_checkpoint(out / "ckpt.pt")  # what 09 does
     assert ckpt["stage"] == "dpo" and ckpt["iter_num"] == 12 and ckpt["tokenizer"]["kind"] == "char"
+    assert ckpt["val_loss"] == pytest.approx(result["after"]["val"]["loss"])
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, result["policy"].state_dict()[name]), name
     records = json.loads((out / "dpo_responses.json").read_text(encoding="utf-8"))
@@ -252,8 +294,38 @@ def test_the_run_writes_a_dpo_checkpoint_responses_and_a_log(dpo08, tiny_run):
     assert log[-1]["train_margin"] == pytest.approx(result["after"]["train"]["margin"])
 
 
+@pytest.mark.slow
+def test_the_loop_reads_no_value_from_the_device_per_step(dpo08, start, monkeypatch):
+    """Losses stay on the device; values are read on log and eval steps only (issue 14).
+
+    We count every read of a tensor's value (.item(), .tolist(), float(), formatting) made by
+    08's own code in two runs that log and evaluate equally often, one three times as long: the
+    count must not grow with the steps.
+    """
+    tmp, _ = start
+    script, reads = dpo08.__file__, []
+    for method in ("item", "tolist", "__float__", "__format__"):
+        original = getattr(torch.Tensor, method)
+
+        def counted(self, *args, _original=original, **kwargs):
+            if sys._getframe(1).f_code.co_filename == script:
+                reads.append(1)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, method, counted)
+    counts = []
+    for max_iters in (3, 9):
+        reads.clear()
+        cfg = run_config(dpo08, tmp, tmp / f"reads{max_iters}", max_iters=max_iters, log_interval=100,
+                         eval_interval=100, num_responses=0)
+        dpo08.dpo(cfg)
+        counts.append(len(reads))
+    assert counts[0] > 0  # the counter sees 08's reads (the log and eval lines)
+    assert counts[0] == counts[1]
+
+
 # -----------------------------------------------------------------------------
-# command line and errors
+# command line and errors: one `error:` line, exit status 2, nothing written
 
 
 def test_help_lists_the_dpo_flags(dpo08, capsys):
@@ -261,33 +333,66 @@ def test_help_lists_the_dpo_flags(dpo08, capsys):
         dpo08.main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--beta", "--label_smoothing", "--average_log_probs", "--ckpt_path", "--eval_interval"):
+    for flag in ("--beta", "--label_smoothing", "--average_log_probs", "--ckpt_path", "--eval_interval",
+                 "--overwrite"):
         assert flag in out
 
 
-def test_a_missing_checkpoint_says_how_to_make_one(dpo08, tmp_path):
-    cfg = dpo08.DPOConfig(ckpt_path=str(tmp_path / "none.pt"), device="cpu")
+def assert_user_error(dpo08, capsys, argv, *words):
+    """main(argv) stops with one `error: ...` line naming words, exit status 2, and no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        dpo08.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word in err, err
+
+
+def test_a_missing_checkpoint_says_how_to_make_one(dpo08, capsys, tmp_path):
     with pytest.raises(FileNotFoundError, match="07_finetune.py") as error:
-        dpo08.dpo(cfg)
+        dpo08.DPOConfig(ckpt_path=str(tmp_path / "none.pt"), device="cpu")
     assert "--init_from=gpt2" in str(error.value)
+    assert_user_error(dpo08, capsys, [f"--ckpt_path={tmp_path / 'none.pt'}", f"--out_dir={tmp_path / 'out'}"],
+                      "07_finetune.py")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_file_that_is_not_a_checkpoint_is_called_that(dpo08, capsys, tmp_path):
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    argv = [f"--ckpt_path={tmp_path / 'notes.pt'}", f"--out_dir={tmp_path / 'out'}", "--device=cpu"]
+    assert_user_error(dpo08, capsys, argv, "not a checkpoint of these scripts")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_existing_checkpoint_is_never_overwritten_unasked(dpo08, capsys, start, tmp_path):
+    tmp, _ = start
+    (tmp_path / "ckpt.pt").write_bytes(b"someone else's run")
+    argv = [f"--ckpt_path={tmp / 'ft.pt'}", f"--out_dir={tmp_path}", "--device=cpu"]
+    assert_user_error(dpo08, capsys, argv, "--overwrite", "--out_dir")
+    assert (tmp_path / "ckpt.pt").read_bytes() == b"someone else's run"
+    assert dpo08.DPOConfig(ckpt_path=str(tmp / "ft.pt"), out_dir=str(tmp_path), overwrite=True).overwrite
 
 
 @pytest.mark.parametrize("flag, message", [
     ("--beta=0", "beta"), ("--label_smoothing=0.5", "label_smoothing"), ("--batch_size=0", "batch_size"),
-    ("--init_from=gpt3", "init_from"), ("--dtype=fp8", "dtype"), ("--eval_pairs=0", "eval_pairs"),
+    ("--eval_interval=0", "eval_interval"), ("--device=tpu", "tpu"), ("--dtype=fp8", "fp8"),
+    ("--eval_pairs=0", "eval_pairs"),
 ])
 def test_bad_settings_get_a_clear_error(dpo08, capsys, flag, message):
     name, value = flag[2:].split("=")
     with pytest.raises(ValueError, match=message):
         dpo08.DPOConfig(**{name: type(getattr(dpo08.DPOConfig, name))(value)})
-    with pytest.raises(SystemExit):  # on the command line: argparse prints the message with the usage
-        dpo08.parse_config(dpo08.DPOConfig, [flag])
-    assert message in capsys.readouterr().err
+    assert_user_error(dpo08, capsys, [flag], message)
 
 
-def test_bad_preference_data_gets_a_clear_error(dpo08, tmp_path):
+def test_bad_preference_data_gets_a_clear_error(dpo08, capsys, start, tmp_path):
     path = tmp_path / "pairs.json"
     path.write_text(json.dumps([{"instruction": "a", "input": "", "chosen": "b", "rejected": "c"},
                                 {"instruction": "a", "chosen": "b"}]))
     with pytest.raises(ValueError, match="entry 1"):
         dpo08.load_preference_data(path)
+    tmp, _ = start
+    argv = [f"--ckpt_path={tmp / 'ft.pt'}", f"--data_path={path}", f"--out_dir={tmp_path / 'out'}"]
+    assert_user_error(dpo08, capsys, argv, "entry 1")
+    assert not (tmp_path / "out").exists()

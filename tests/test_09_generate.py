@@ -280,16 +280,27 @@ def test_bits_per_byte_of_gpt2_scores_every_token(gen09):
 # Command line
 
 
-def save_tiny_checkpoint(gen09, path, chars, stage="pretrain"):
-    """A checkpoint in 05's format (the keys of SPEC's load_checkpoint)."""
+def save_tiny_checkpoint(gen09, path, chars, stage="pretrain", iter_num=0, val_loss=None):
+    """A checkpoint in the format 05-08 write (the keys of 05's save_checkpoint)."""
     tok = gen09.CharTokenizer(chars)
     model = rough_model(gen09, block_size=64, vocab_size=tok.n_vocab)
+    path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({
         "model": model.state_dict(), "model_args": dataclasses.asdict(model.config), "optimizer": {},
-        "config": {}, "iter_num": 0, "best_val_loss": float("inf"), "rng": {},
-        "tokenizer": tok.to_dict(), "stage": stage,
+        "config": {}, "iter_num": iter_num, "best_val_loss": float("inf") if val_loss is None else val_loss,
+        "val_loss": val_loss, "rng": {}, "tokenizer": tok.to_dict(), "stage": stage,
     }, path)  # fmt: skip
     return model, tok
+
+
+def exits_with_one_error_line(gen09, argv, capsys) -> str:
+    """main(argv) must stop with status 2 and one stderr line `error: ...` (no traceback); return it."""
+    with pytest.raises(SystemExit) as exit_info:
+        gen09.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
 
 
 def test_cli_samples_evaluates_and_chats_from_a_checkpoint(gen09, tmp_path, capsys, monkeypatch):
@@ -300,12 +311,17 @@ def test_cli_samples_evaluates_and_chats_from_a_checkpoint(gen09, tmp_path, caps
     expected = tok.decode(gen09.generate(model, [tok.encode("to be")], 30, temperature=0)[0])
     assert texts == [expected] and "to be" + expected in capsys.readouterr().out
 
+    texts = gen09.main([ckpt, "--prompt=to be", "--max_new_tokens=30", "--num_samples=3", "--device=cpu"])
+    out = capsys.readouterr().out
+    assert len(texts) == 3 and len(set(texts)) > 1  # one batch, three different samples
+    assert all("to be" + text in out for text in texts)
+
     (tmp_path / "eval.txt").write_text("to be, or not to be.\n" * 5, encoding="utf-8")
     result = gen09.main([ckpt, f"--eval_file={tmp_path / 'eval.txt'}", "--device=cpu"])
     assert "bits per byte" in capsys.readouterr().out and result["tokens"] == 5 * 21 - 1
 
     monkeypatch.setattr("sys.stdin", io.StringIO("Say a word.\n/quit\n"))  # what input() reads
-    gen09.main([ckpt, "--chat=True", "--max_new_tokens=10", "--temperature=0", "--device=cpu"])
+    gen09.main([ckpt, "--chat", "--max_new_tokens=10", "--temperature=0", "--device=cpu"])
     # what 07 feeds its model: unknown characters ('S' is not in chars) as '?', and a newline ends answers
     template = gen09.format_input({"instruction": "?ay a word.", "input": ""}) + "\n\n### Response:\n"
     newline = tok.encode("\n")[0]
@@ -313,29 +329,91 @@ def test_cli_samples_evaluates_and_chats_from_a_checkpoint(gen09, tmp_path, caps
     assert f"model> {reply}\n" in capsys.readouterr().out
 
 
-def test_cli_without_a_checkpoint_says_how_to_get_one(gen09, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # an empty directory: no out/**/ckpt.pt
-    with pytest.raises(FileNotFoundError, match="05_pretrain.py"):
-        gen09.main(["--device=cpu"])
+def test_chat_reports_only_the_characters_the_user_typed(gen09, tmp_path, capsys, monkeypatch):
+    """Shakespeare's characters have no '#', so the template's '###' headers go in as 07 trained them
+    ('???'), and only what the user typed that the model lacks is reported (issue 12, case 12)."""
+    chars = "".join(sorted(set("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ,.:?!\n")))
+    save_tiny_checkpoint(gen09, tmp_path / "ckpt.pt", chars, stage="finetune")
+    monkeypatch.setattr("sys.stdin", io.StringIO("Name a colour.\nWhat is 2+2?\n"))
+    gen09.main([f"--ckpt={tmp_path / 'ckpt.pt'}", "--chat", "--max_new_tokens=5", "--device=cpu"])
+    out = capsys.readouterr().out
+    assert "#" not in out and out.count("sent as '?'") == 1  # the first message is all known characters
+    assert "sent as '?': '+2'" in out
 
 
-def test_newest_checkpoint_is_the_default(gen09, tmp_path):
-    for name, mtime in [("a", 1000), ("b/run", 3000), ("c", 2000)]:  # newest by time, not by name
-        path = tmp_path / name / "ckpt.pt"
-        path.parent.mkdir(parents=True)
-        path.write_bytes(b"")
-        os.utime(path, (mtime, mtime))
-    assert gen09.newest_checkpoint(tmp_path) == tmp_path / "b" / "run" / "ckpt.pt"
+def test_eval_file_shows_progress_when_long(gen09, tmp_path, capsys, monkeypatch):
+    """A clock that jumps 10 s per reading makes every batch 'long': each prints tokens, rate, time left."""
+    save_tiny_checkpoint(gen09, tmp_path / "ckpt.pt", "abc \n")
+    (tmp_path / "eval.txt").write_text("abc cab\n" * 100, encoding="utf-8")
+    clock = iter(range(0, 10**6, 10))
+    monkeypatch.setattr(gen09.time, "perf_counter", lambda: next(clock))
+    result = gen09.main([f"--ckpt={tmp_path / 'ckpt.pt'}", f"--eval_file={tmp_path / 'eval.txt'}", "--device=cpu"])
+    err = capsys.readouterr().err
+    assert result["tokens"] == 799 and err.count("tokens/s") >= 3 and "s left" in err
+    assert "scored 799 / 799 tokens" in err
+
+
+def test_cli_says_which_checkpoint_it_loaded(gen09, tmp_path, capsys):
+    path = tmp_path / "run" / "ckpt.pt"
+    save_tiny_checkpoint(gen09, path, "abc \n", stage="dpo", iter_num=1234, val_loss=1.5)
+    gen09.main([f"--ckpt={path}", "--max_new_tokens=3", "--device=cpu"])
+    first_line = capsys.readouterr().out.splitlines()[0]
+    assert str(path) in first_line and "08_dpo.py" in first_line
+    assert "1,234 iterations" in first_line and "val loss 1.5000" in first_line
+
+
+def test_default_checkpoint_is_05s_shakespeare_model_not_the_newest(gen09, tmp_path, capsys, monkeypatch):
+    """The README promises Shakespeare from `python 09_generate.py`, even after 07 and 08 wrote newer runs."""
+    monkeypatch.chdir(tmp_path)
+    save_tiny_checkpoint(gen09, tmp_path / "out" / "shakespeare-char" / "ckpt.pt", "abc \n", iter_num=2000)
+    os.utime(tmp_path / "out" / "shakespeare-char" / "ckpt.pt", (1000, 1000))
+    save_tiny_checkpoint(gen09, tmp_path / "out" / "dpo" / "ckpt.pt", "xyz \n", stage="dpo")
+    gen09.main(["--max_new_tokens=3", "--device=cpu"])
+    first_line = capsys.readouterr().out.splitlines()[0]
+    assert first_line.startswith("loaded out/shakespeare-char/ckpt.pt: the pretrain model of 05_pretrain.py")
+    assert "2,000 iterations" in first_line and "no val loss" in first_line
+
+
+def test_cli_without_a_checkpoint_says_how_to_get_one(gen09, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # an empty directory: no out/shakespeare-char/ckpt.pt
+    err = exits_with_one_error_line(gen09, ["--device=cpu"], capsys)
+    assert "--ckpt=out/shakespeare-char/ckpt.pt" in err and "python 05_pretrain.py" in err
+
+
+def test_a_missing_checkpoint_names_09s_own_flag(gen09, capsys):
+    err = exits_with_one_error_line(gen09, ["--ckpt=/nonexistent.pt"], capsys)
+    assert "--ckpt=/nonexistent.pt" in err and "--out_dir" not in err
+
+
+def test_a_file_that_is_not_a_checkpoint_is_called_that(gen09, tmp_path, capsys):
+    """README.md, or a torch file of other keys: never torch's advice to load with weights_only=False."""
+    (tmp_path / "other.pt").write_bytes(b"")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    readme = os.path.join(os.path.dirname(__file__), "..", "README.md")
+    for path in (readme, tmp_path / "other.pt"):
+        err = exits_with_one_error_line(gen09, [f"--ckpt={path}", "--device=cpu"], capsys)
+        assert "is not a checkpoint of these scripts" in err and "weights_only" not in err
+
+
+def test_text_the_model_cannot_encode_is_a_user_error(gen09, tmp_path, capsys):
+    save_tiny_checkpoint(gen09, tmp_path / "ckpt.pt", "abc \n")
+    err = exits_with_one_error_line(gen09, [f"--ckpt={tmp_path / 'ckpt.pt'}", "--prompt=abZ", "--device=cpu"],
+                                    capsys)  # fmt: skip
+    assert "'Z'" in err and "vocabulary" in err
 
 
 @pytest.mark.parametrize(
-    "name, flags", [("top_p", "--top_p=2"), ("temperature", "--temperature=-1"),
-                    ("num_samples", "--num_samples=0"), ("init_from", "--init_from=gpt2 --ckpt=x")]
+    "name, flags", [("top_p", "--top_p=2"), ("temperature", "--temperature=-1"), ("num_samples", "--num_samples=0"),
+                    ("device", "--device=tpu"), ("dtype", "--dtype=float8"), ("eval_file", "--eval_file=/no.txt")]
 )  # fmt: skip
 def test_cli_rejects_bad_settings_before_loading(gen09, capsys, name, flags):
-    with pytest.raises(SystemExit) as exit_info:  # argparse's usage error: exit code 2
-        gen09.main(flags.split())
-    assert exit_info.value.code == 2 and name in capsys.readouterr().err
+    assert name in exits_with_one_error_line(gen09, flags.split(), capsys)
+
+
+def test_cli_rejects_abbreviations(gen09, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        gen09.main(["--temp=0"])  # not taken as --temperature
+    assert exit_info.value.code == 2 and "--temp" in capsys.readouterr().err
 
 
 def test_help_lists_the_flags(gen09, capsys):
@@ -343,5 +421,16 @@ def test_help_lists_the_flags(gen09, capsys):
         gen09.main(["--help"])
     out = capsys.readouterr().out
     assert exit_info.value.code == 0
-    for flag in ("--ckpt", "--init_from", "--temperature", "--top_p", "--chat", "--eval_file", "--bench"):
+    for flag in ("--ckpt", "--temperature", "--top_p", "--chat", "--eval_file", "--bench", "--stop", "--dtype"):
         assert flag in out
+
+
+def test_the_head_runs_in_fp32_under_autocast(gen09):
+    """Under bf16 autocast the GPT's own head gives bf16 logits (steps of 0.125-0.5 at GPT-2's sizes);
+    forward_cached's head stays fp32, so perplexity and sampling see exact log-probabilities."""
+    model = rough_model(gen09, block_size=16)
+    idx = torch.randint(VOCAB, (2, 10))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, (plain, _) = gen09.forward_cached(model, idx), model(idx)
+    assert plain.dtype == torch.bfloat16 and logits.dtype == torch.float32
+    torch.testing.assert_close(logits, plain.float(), atol=0.5, rtol=0.05)  # the same model, to bf16 precision

@@ -24,15 +24,16 @@ def run(*args: str) -> str:
 def test_the_pipeline_through_the_command_lines(tmp_path, shakespeare_path):
     # 1. tokenizer: train a small BPE on Shakespeare, then encode and decode through the CLI
     bpe = tmp_path / "bpe.json"
-    run("01_tokenizer.py", "train", str(shakespeare_path), "--vocab-size=300", f"--out={bpe}")
+    run("01_tokenizer.py", "train", str(shakespeare_path), "--vocab_size=300", f"--out={bpe}")
     line = "To be, or not to be: that is the question."
     ids = json.loads(run("01_tokenizer.py", "encode", line, f"--tokenizer={bpe}").splitlines()[0])
     assert len(ids) < len(line.encode())  # the merges compress
     assert run("01_tokenizer.py", "decode", *map(str, ids), f"--tokenizer={bpe}").rstrip("\n") == line
 
-    # 2. data: 02 cleans and tokenizes the corpus into <corpus>-<tokenizer>/, the layout 05 reads
+    # 2. data: 02 cleans and tokenizes the corpus into data_dir/<dataset>-<tokenizer>/, the layout 05 reads
     data = tmp_path / "data"
-    run("02_dataloader.py", "--tokenizers", "char", f"--data-dir={DATA_DIR}", f"--out-dir={data}")
+    run("02_dataloader.py", "--tokenizers=char", f"--text_file={shakespeare_path}", "--dataset=tinyshakespeare",
+        f"--data_dir={data}")
     meta = json.loads((data / "tinyshakespeare-char" / "meta.json").read_text())
     assert meta["tokenizer"]["kind"] == "char" and meta["train_tokens"] > 900_000
 
