@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import DATA_DIR, load_script, run_with_deadline
+from conftest import load_script, run_with_deadline
 
 pytestmark = pytest.mark.slow
 
@@ -32,8 +32,8 @@ def test_the_pipeline_through_the_command_lines(tmp_path, shakespeare_path):
 
     # 2. data: 02 cleans and tokenizes the corpus into data_dir/<dataset>-<tokenizer>/, the layout 05 reads
     data = tmp_path / "data"
-    run("02_dataloader.py", "--tokenizers=char", f"--text_file={shakespeare_path}", "--dataset=tinyshakespeare",
-        f"--data_dir={data}")
+    run("02_dataloader.py", "--tokenizers=char", f"--text_file={shakespeare_path}",
+        "--dataset=tinyshakespeare", f"--data_dir={data}")
     meta = json.loads((data / "tinyshakespeare-char" / "meta.json").read_text())
     assert meta["tokenizer"]["kind"] == "char" and meta["train_tokens"] > 900_000
 
@@ -67,5 +67,6 @@ def test_the_pipeline_through_the_command_lines(tmp_path, shakespeare_path):
     model, tok, ckpt = pre05.load_checkpoint(dpo / "ckpt.pt")
     assert ckpt["stage"] == "dpo"
     idx = torch.tensor([tok.encode(prompt)])
-    expected = tok.decode(model.eval().generate(idx, 30, temperature=0.0)[0].tolist())
+    gpt04 = load_script("04_gpt")
+    expected = tok.decode(gpt04.generate(model.eval(), idx, 30, temperature=0.0)[0].tolist())
     assert expected in out, f"09 printed:\n{out}\n04's generate:\n{expected}"

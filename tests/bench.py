@@ -1,0 +1,124 @@
+"""Benchmarks that are not a stage's lesson: they print the rows of the README's results table.
+
+The stage scripts keep the benchmarks that teach (01: naive vs incremental BPE training, 03:
+manual attention vs SDPA, 09: generation with vs without the KV cache). What is measured here is
+the project's speed, not a lesson, so it lives outside them:
+
+    python tests/bench.py encode      # 01: our GPT-2 encoder against tiktoken, same ids
+    python tests/bench.py model       # 04: forward+backward tokens/s of `small` and `gpt2`, fp32
+    python tests/bench.py pretrain    # 05: ms/iter of the CPU recipe for each thread count x dtype
+    python tests/bench.py             # all three
+
+Numbers from a small shared machine mean little unless nothing else runs: run it on a quiet
+machine, and compare figures taken in the same run. To compare 05 with nanoGPT side by side, see
+../shared/bench/vs-nanogpt (the README says how).
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import DATA_DIR, load_script  # noqa: E402  (the numbered scripts load through importlib)
+
+
+def timed(fn, *args):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
+
+
+def bench_encode():
+    """Bytes/s of 01's GPT-2 encoder (cold chunk cache, then warm) against tiktoken, same text."""
+    import tiktoken
+
+    tok01 = load_script("01_tokenizer")
+    text = (DATA_DIR / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    n_bytes = len(text.encode("utf-8"))
+    ours, reference = tok01.gpt2(DATA_DIR), tiktoken.get_encoding("gpt2")
+    reference.encode("warm up")  # tiktoken builds its regex lazily
+    expected, tiktoken_s = timed(reference.encode, text)
+    rows = [("tiktoken (Rust)", tiktoken_s, expected)]
+    for name in ["ours, cold cache", "ours, warm cache"]:  # the first run fills the chunk cache
+        ids, seconds = timed(ours.encode, text)
+        rows.append((name, seconds, ids))
+    print(f"\n01: GPT-2 encode of {n_bytes:,} bytes (tiny Shakespeare)")
+    print(f"{'encoder':<18} {'seconds':>8} {'MB/s':>7} {'time / tiktoken':>16} {'same ids':>9}")
+    for name, seconds, ids in rows:
+        print(f"{name:<18} {seconds:>8.3f} {n_bytes / seconds / 1e6:>7.2f} "
+              f"{seconds / tiktoken_s:>15.2f}x {str(ids == expected):>9}")
+
+
+def bench_model(iters: int = 5):
+    """Forward+backward of 04's GPT in fp32 on CPU: median ms, tokens/s and achieved GFLOP/s.
+
+    Achieved FLOP/s = the model's training FLOPs per token x tokens/s. There is no datasheet peak
+    for a CPU, so no MFU here; compare the GFLOP/s with a plain matmul's, printed first.
+    """
+    gpt04 = load_script("04_gpt")
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    matmul = min(timed(torch.mm, a, b)[1] for _ in range(5))
+    print(f"\n04: forward+backward, fp32, {torch.get_num_threads()} threads "
+          f"(a {n}x{n} fp32 matmul here: {2 * n**3 / matmul / 1e9:,.0f} GFLOP/s)")
+    print(f"{'model':>8} {'params':>8} {'B x T':>8} {'ms/iter':>9} {'tokens/s':>9} {'GFLOP/s':>8}")
+    for preset, B, T in [("small", 8, 128), ("gpt2", 2, 64)]:
+        torch.manual_seed(0)
+        model = gpt04.GPT(gpt04.GPTConfig.from_preset(preset))
+        idx = torch.randint(model.config.vocab_size, (B, T))
+        times = []
+        for _ in range(iters + 1):  # the first iteration warms up (allocations, kernel choice)
+            t0 = time.perf_counter()
+            _, loss = model(idx, targets=idx)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t0)
+        dt = statistics.median(times[1:])
+        flops = model.flops_per_token(T) * B * T / dt
+        print(f"{preset:>8} {model.num_params() / 1e6:>7.1f}M {f'{B}x{T}':>8} {dt * 1e3:>9.1f} "
+              f"{B * T / dt:>9,.0f} {flops / 1e9:>8.1f}")
+
+
+def bench_pretrain(iters: int = 200):
+    """05's CPU recipe for `iters` iterations with 1 and all threads, in fp32 and bf16.
+
+    Each row is 05's own train() (data, model, optimizer, logging) in a temporary out_dir, with
+    evaluation cut to one batch at the end; ms/iter is the median over its log windows. Needs
+    data/tinyshakespeare-char (python 02_dataloader.py).
+    """
+    pre05 = load_script("05_pretrain")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for dtype in ("float32", "bfloat16"):
+            for threads in sorted({1, cores}):
+                cfg = pre05.TrainConfig(out_dir=f"{tmp}/{dtype}-{threads}", max_iters=iters,
+                                        lr_decay_iters=iters, eval_interval=10**9, eval_iters=1,
+                                        log_interval=10, max_new_tokens=0, device="cpu", dtype=dtype,
+                                        threads=threads)
+                rows.append((threads, dtype, pre05.train(cfg)))
+    print(f"\n05: the CPU recipe, {iters} iterations each (median ms/iter over windows of 10)")
+    print(f"{'threads':>7} {'dtype':>9} {'ms/iter':>8} {'tokens/s':>9}")
+    for threads, dtype, r in rows:
+        print(f"{threads:>7} {dtype:>9} {r['ms_per_iter']:>8.1f} {r['tokens_per_s']:>9,.0f}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    parser.add_argument("what", nargs="*", choices=["encode", "model", "pretrain"], default=[],
+                        help="which benchmarks (default: all)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for name in args.what or ["encode", "model", "pretrain"]:
+        {"encode": bench_encode, "model": bench_model, "pretrain": bench_pretrain}[name]()
+
+
+if __name__ == "__main__":
+    main()
