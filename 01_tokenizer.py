@@ -58,24 +58,22 @@ SHAKESPEARE = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/
 
 # -----------------------------------------------------------------------------
 # One id per character: the simplest tokenizer (later stages copy it)
+#
+# The vocabulary is the sorted set of characters seen, so from_text("hello") gives e=0, h=1, l=2,
+# o=3: encode("hole") == [1, 3, 2, 0] and decode([2, 0]) == "le". 65 ids for tiny Shakespeare,
+# one token per character (long sequences), and a character it has not seen cannot be encoded.
+# There is no end-of-text token (eot_token = None): 05 trains on one continuous text. to_dict()
+# is the small dict that meta.json and checkpoints store; get_tokenizer rebuilds the tokenizer.
 
 
 class CharTokenizer:
-    """One token per character: the simplest tokenizer (vocabulary = the characters seen).
-
-    >>> tok = CharTokenizer.from_text("hello")      # vocabulary "ehlo": e=0, h=1, l=2, o=3
-    >>> tok.encode("hole"), tok.decode([2, 0])
-    ([1, 3, 2, 0], 'le')
-    """
+    """One token per character: from_text("hello") gives e=0 h=1 l=2 o=3, so "hole" -> [1, 3, 2, 0]."""
 
     def __init__(self, chars: str):
         if len(set(chars)) != len(chars):
             raise ValueError("chars has repeated characters; build it with CharTokenizer.from_text(text)")
-        self.chars = chars
-        self.stoi = {ch: i for i, ch in enumerate(chars)}
-        self.itos = dict(enumerate(chars))
-        self.n_vocab = len(chars)
-        self.eot_token = None  # no end-of-text token: 05 trains on one continuous text
+        self.chars, self.n_vocab, self.eot_token = chars, len(chars), None  # None: no end-of-text token
+        self.stoi, self.itos = {ch: i for i, ch in enumerate(chars)}, dict(enumerate(chars))
 
     @classmethod
     def from_text(cls, text: str) -> "CharTokenizer":
@@ -444,37 +442,38 @@ class BPETokenizer:
 
 # -----------------------------------------------------------------------------
 # OpenAI's files, fetched safely, and the factory later stages use (they copy both)
+#
+# download() is careful because a bad file fails far from its cause. The body is streamed to
+# path + ".tmp" and renamed to path (os.replace, atomic) only once it is complete and checked, so
+# a file at path is always a finished download: an interrupted one is never mistaken for the real
+# thing, and a file already there is not fetched again. sha256 pins the exact bytes we expect (a
+# server can change a file under the same URL); None means no published hash (Hugging Face's
+# weights), and then the byte count the server announced is checked. The hashed files here are
+# small, so a file already there is hashed in one read. "Accept-Encoding: identity" asks for the
+# raw bytes: a gzip-encoded response would make the count differ from Content-Length. On an HTTP
+# error, a short body or a wrong hash we raise (RuntimeError/ValueError naming the fix) and leave
+# no file behind, deleting a corrupt one that was already there. Big files (> 16 MB) print their
+# progress: MB done, rate, time left.
 
 
 def download(url: str, path, sha256: str | None = None, timeout: float = 30) -> Path:
-    """Download url to path: streamed, written to path + ".tmp", checked, then renamed.
-
-    sha256 pins the exact bytes we expect; with None (no published hash, e.g. Hugging Face's
-    weights) we check the byte count the server announced. A file already at path (with the right
-    hash, when one is given) is not downloaded again. On an HTTP error or a bad file we raise and
-    leave no file behind, so a half-written download is never mistaken for the real one.
-    """
-    path, digest = Path(path), hashlib.sha256()
-    if path.exists() and sha256:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    if path.exists() and (sha256 is None or digest.hexdigest() == sha256):
+    """Download url to path (streamed to path + ".tmp", checked, renamed) unless a good file is there.
+    sha256=None: no pinned hash (e.g. Hugging Face's weights), only the byte count is checked."""
+    path = Path(path)
+    if path.exists() and (sha256 is None or hashlib.sha256(path.read_bytes()).hexdigest() == sha256):
         return path  # a download gets this name only once it is complete and checked
     path.unlink(missing_ok=True)  # corrupt or outdated: never leave it where a good file is expected
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp, digest, done, t0 = path.with_suffix(path.suffix + ".tmp"), hashlib.sha256(), 0, time.perf_counter()
     try:
-        # identity: a gzip-encoded response would make the byte count differ from Content-Length
         with requests.get(url, stream=True, timeout=timeout, headers={"Accept-Encoding": "identity"}) as r:
             r.raise_for_status()
-            total = int(r.headers.get("content-length", 0))
+            total = int(r.headers.get("content-length", 0))  # exact: identity encoding, no gzip
             with open(tmp, "wb") as f:
                 for block in r.iter_content(chunk_size=1 << 20):
-                    f.write(block)
+                    done += f.write(block)
                     digest.update(block)
-                    done += len(block)
-                    if total > 1 << 24:  # progress for big files (> 16 MB): MB done, rate, time left
+                    if total > 1 << 24:  # progress for big files (> 16 MB)
                         rate, end = done / (time.perf_counter() - t0), "\n" if done == total else ""
                         print(f"\r{path.name}: {done >> 20:,}/{total >> 20:,} MB, {rate / 2**20:.1f} MB/s, "
                               f"~{(total - done) / rate:.0f} s left ", end=end, flush=True)
@@ -499,20 +498,19 @@ def gpt2(data_dir=DATA_DIR) -> BPETokenizer:
                                     for name, sha256 in GPT2_FILES.items()])
 
 
+# get_tokenizer: checkpoints and meta.json store a small dict, not the tokenizer, and this rebuilds
+# it. For GPT-2 it returns tiktoken's encoding (Rust, fast); BPETokenizer.from_gpt2 gives the same
+# ids (the tests check it) and shows how they are made. tiktoken is imported only when asked for,
+# so char-only scripts do not need it.
 def get_tokenizer(spec: dict):
-    """{"kind": "char", "chars": ...} -> CharTokenizer; {"kind": "gpt2"} -> tiktoken's GPT-2.
-
-    Checkpoints and meta.json store this small dict, not the tokenizer. For GPT-2 we use tiktoken
-    (Rust, fast); 01_tokenizer.py's BPETokenizer gives the same ids and shows how they are made.
-    """
-    kind = spec.get("kind")
-    if kind == "char":
+    """{"kind": "char", "chars": ...} -> CharTokenizer; {"kind": "gpt2"} -> tiktoken's GPT-2 encoding."""
+    if spec.get("kind") == "char":
         return CharTokenizer(spec["chars"])
-    if kind == "gpt2":
-        import tiktoken  # imported here so that char-only scripts do not need it
+    if spec.get("kind") == "gpt2":
+        import tiktoken  # only when asked for: char-only scripts do not need it
 
         return tiktoken.get_encoding("gpt2")
-    raise ValueError(f"unknown tokenizer kind {kind!r}; use {{'kind': 'char', 'chars': ...}} "
+    raise ValueError(f"unknown tokenizer kind {spec.get('kind')!r}; use {{'kind': 'char', 'chars': ...}} "
                      "or {'kind': 'gpt2'}")
 
 

@@ -245,13 +245,20 @@ def prepare_corpus(text: str, out_dir, tokenizer_spec: dict, val_fraction: float
 
 # -----------------------------------------------------------------------------
 # 4. load: memory-map, after checking the files against their metadata
+#
+# data/<dataset>-<tokenizer>/ is the one home of prepared data: this file writes it, 05 and 06
+# only read it, and when it is missing load_meta's error is the exact command that prepares it.
+# A raw .bin has no header, so the same bytes read as uint16 or uint32 give different (wrong) ids
+# without any error. load_tokens therefore checks the byte size against token count x dtype size
+# from meta.json, says when the file looks written with the other dtype or truncated, and refuses
+# rather than train on garbage. np.memmap maps the file instead of reading it: the OS pages in
+# only the windows we touch, so a corpus larger than RAM works the same way as tiny Shakespeare.
 
 
 def load_meta(corpus_dir) -> dict:
-    """meta.json of a prepared corpus, data_dir/<dataset>-<tokenizer>/ as 02_dataloader.py writes it."""
-    path = Path(corpus_dir) / "meta.json"
+    """meta.json of a corpus that 02_dataloader.py prepared in data_dir/<dataset>-<tokenizer>/."""
+    path, (dataset, _, tokenizer) = Path(corpus_dir) / "meta.json", Path(corpus_dir).name.rpartition("-")
     if not path.exists():
-        dataset, _, tokenizer = path.parent.name.rpartition("-")  # data_dir/<dataset>-<tokenizer>/
         raise FileNotFoundError(f"{path} not found; prepare it with: python 02_dataloader.py --dataset="
                                 f"{dataset} --tokenizers={tokenizer} --data_dir={path.parent.parent} "
                                 "(and --text_file=FILE if it is your own text)")
@@ -259,73 +266,59 @@ def load_meta(corpus_dir) -> dict:
 
 
 def load_tokens(corpus_dir, split: str) -> np.memmap:
-    """The token ids of split ("train" or "val") as a read-only np.memmap.
-
-    A raw .bin has no header, so the same bytes read as uint16 or uint32 give different (wrong)
-    ids without any error. The byte size must equal token count x dtype size from meta.json;
-    if it does not, we refuse rather than train on garbage.
-    """
+    """The token ids of split ("train" or "val") as a read-only np.memmap, checked against meta.json."""
     if split not in ("train", "val"):
         raise ValueError(f"unknown split {split!r}; use 'train' or 'val'")
-    meta = load_meta(corpus_dir)
-    path = Path(corpus_dir) / f"{split}.bin"
+    meta, path = load_meta(corpus_dir), Path(corpus_dir) / f"{split}.bin"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found; prepare the corpus again")
-    if meta["dtype"] not in ("uint16", "uint32"):
-        raise ValueError(f"{path.parent / 'meta.json'}: dtype {meta['dtype']!r} is not uint16 or uint32; "
-                         "prepare the corpus again")
-    dtype = np.dtype(meta["dtype"])
-    if meta["n_vocab"] > np.iinfo(dtype).max + 1:
+    if meta["dtype"] not in ("uint16", "uint32") or meta["n_vocab"] > np.iinfo(meta["dtype"]).max + 1:
         raise ValueError(f"{path.parent / 'meta.json'}: n_vocab {meta['n_vocab']} does not fit in "
-                         f"{dtype.name}; prepare the corpus again")
-    n_tokens, size = meta[f"{split}_tokens"], path.stat().st_size
+                         f"{meta['dtype']} (token files are uint16 or uint32); prepare the corpus again")
+    dtype, n_tokens, size = np.dtype(meta["dtype"]), meta[f"{split}_tokens"], path.stat().st_size
     if size != n_tokens * dtype.itemsize:
         other = np.dtype(np.uint32 if dtype == np.uint16 else np.uint16)
-        hint = (f"; it looks written as {other.name}, not {dtype.name}" if size == n_tokens * other.itemsize
-                else "; it is truncated or from another run")
-        raise ValueError(f"{path} has {size} bytes but meta.json says {n_tokens} tokens of {dtype.name} "
-                         f"= {n_tokens * dtype.itemsize} bytes{hint}; prepare the corpus again")
+        hint = (f"it looks written as {other}, not {dtype}" if size == n_tokens * other.itemsize
+                else "it is truncated or from another run")
+        raise ValueError(f"{path} has {size} bytes but meta.json says {n_tokens} tokens of {dtype} "
+                         f"= {n_tokens * dtype.itemsize} bytes; {hint}; prepare the corpus again")
     return np.memmap(path, dtype=dtype, mode="r")
 
 
 # -----------------------------------------------------------------------------
 # 5a. random windows for pretraining: stateless, so resume and multi-GPU come for free
+#
+# get_batch keeps no state: global batch number `step` is batch_size random windows whose start
+# positions come from np.random.default_rng([seed, step]). Every rank draws the same starts and
+# keeps its contiguous rows [rank*B/W, (rank+1)*B/W). So the batch is a pure function of
+# (seed, step): there is no loader state to checkpoint, a resumed run sees exactly the batches it
+# would have seen, and W ranks together see exactly the batch of one process (06 relies on it).
+# y is x shifted by one: y[b, t] = data[i_b + t + 1] is the target for the prefix ending at
+# x[b, t]. Example with data = [10, 11, 12, 13], block_size = 2 and start i = 1: x = [11, 12],
+# y = [12, 13]. The (B, T+1) windows are read with one fancy index; x and y are then contiguous
+# copies, since a strided view would make .to("cuda", non_blocking=True) stage a pageable copy
+# first (and block), and .view(-1) fails on it. On CUDA the batch goes through pinned memory, so
+# the copy to the GPU overlaps with compute. Its checks are inline, so later stages copy exactly
+# load_meta, load_tokens and get_batch.
 
 
 def get_batch(data, batch_size: int, block_size: int, step: int, seed: int = 0,
               rank: int = 0, world_size: int = 1, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank `rank`'s share of global batch number `step`: x, y int64 of shape (B/W, T).
-
-    The global batch is batch_size random windows whose start positions come from
-    np.random.default_rng([seed, step]); every rank draws the same starts and keeps rows
-    [rank*B/W, (rank+1)*B/W). So the batch is a pure function of (seed, step): no loader state
-    to checkpoint, a resumed run sees exactly the batches it would have seen, and W ranks
-    together see exactly the batch of one process.
-
-    y is x shifted by one: y[b, t] = data[i_b + t + 1] is the target for the prefix ending at
-    x[b, t]. Example with data = [10, 11, 12, 13], block_size = 2 and start i = 1:
-    x = [11, 12], y = [12, 13].
-    """
-    if block_size <= 0:
-        raise ValueError(f"block_size must be positive, got {block_size}")
-    if len(data) < block_size + 1:
-        raise ValueError(f"the data has {len(data)} tokens but one (x, y) window needs block_size + 1 "
+    """Rank's rows of global batch number step, a pure function of (seed, step): x, y (B // world_size, T)."""
+    if not 0 < block_size < len(data):
+        raise ValueError(f"block_size must be positive, got {block_size}" if block_size <= 0 else
+                         f"the data has {len(data)} tokens but one (x, y) window needs block_size + 1 "
                          f"= {block_size + 1}; use a smaller block_size or more text")
     if world_size <= 0 or batch_size <= 0 or batch_size % world_size:
         raise ValueError(f"batch_size {batch_size} does not split across {world_size} ranks; "
                          "use a positive multiple of world_size")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1} (world_size {world_size})")
-    rng = np.random.default_rng([seed, step])
-    starts = rng.integers(0, len(data) - block_size, size=batch_size)  # last start: len - T - 1
     per_rank = batch_size // world_size
-    starts = starts[rank * per_rank:(rank + 1) * per_rank]
-    # one fancy-indexing read of (B, T+1) tokens, then x and y as contiguous copies: a strided view
-    # would make .to("cuda", non_blocking=True) stage a pageable copy first (and block), and
-    # .view(-1) on it fails
+    starts = np.random.default_rng([seed, step]).integers(0, len(data) - block_size, size=batch_size)
+    starts = starts[rank * per_rank:(rank + 1) * per_rank]  # this rank's rows of the global batch
     window = data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64)  # (B, T+1)
-    x = torch.from_numpy(np.ascontiguousarray(window[:, :-1]))  # (B, T)
-    y = torch.from_numpy(np.ascontiguousarray(window[:, 1:]))  # (B, T)
+    x, y = (torch.from_numpy(np.ascontiguousarray(w)) for w in (window[:, :-1], window[:, 1:]))  # (B, T)
     if torch.device(device).type == "cuda":  # pinned memory lets the copy overlap with compute
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
@@ -489,21 +482,13 @@ def run(args):  # main's work, its arguments checked before any of it
 
 # copied from 01_tokenizer.py: CharTokenizer
 class CharTokenizer:
-    """One token per character: the simplest tokenizer (vocabulary = the characters seen).
-
-    >>> tok = CharTokenizer.from_text("hello")      # vocabulary "ehlo": e=0, h=1, l=2, o=3
-    >>> tok.encode("hole"), tok.decode([2, 0])
-    ([1, 3, 2, 0], 'le')
-    """
+    """One token per character: from_text("hello") gives e=0 h=1 l=2 o=3, so "hole" -> [1, 3, 2, 0]."""
 
     def __init__(self, chars: str):
         if len(set(chars)) != len(chars):
             raise ValueError("chars has repeated characters; build it with CharTokenizer.from_text(text)")
-        self.chars = chars
-        self.stoi = {ch: i for i, ch in enumerate(chars)}
-        self.itos = dict(enumerate(chars))
-        self.n_vocab = len(chars)
-        self.eot_token = None  # no end-of-text token: 05 trains on one continuous text
+        self.chars, self.n_vocab, self.eot_token = chars, len(chars), None  # None: no end-of-text token
+        self.stoi, self.itos = {ch: i for i, ch in enumerate(chars)}, dict(enumerate(chars))
 
     @classmethod
     def from_text(cls, text: str) -> "CharTokenizer":
@@ -529,52 +514,36 @@ class CharTokenizer:
 
 # copied from 01_tokenizer.py: get_tokenizer
 def get_tokenizer(spec: dict):
-    """{"kind": "char", "chars": ...} -> CharTokenizer; {"kind": "gpt2"} -> tiktoken's GPT-2.
-
-    Checkpoints and meta.json store this small dict, not the tokenizer. For GPT-2 we use tiktoken
-    (Rust, fast); 01_tokenizer.py's BPETokenizer gives the same ids and shows how they are made.
-    """
-    kind = spec.get("kind")
-    if kind == "char":
+    """{"kind": "char", "chars": ...} -> CharTokenizer; {"kind": "gpt2"} -> tiktoken's GPT-2 encoding."""
+    if spec.get("kind") == "char":
         return CharTokenizer(spec["chars"])
-    if kind == "gpt2":
-        import tiktoken  # imported here so that char-only scripts do not need it
+    if spec.get("kind") == "gpt2":
+        import tiktoken  # only when asked for: char-only scripts do not need it
 
         return tiktoken.get_encoding("gpt2")
-    raise ValueError(f"unknown tokenizer kind {kind!r}; use {{'kind': 'char', 'chars': ...}} "
+    raise ValueError(f"unknown tokenizer kind {spec.get('kind')!r}; use {{'kind': 'char', 'chars': ...}} "
                      "or {'kind': 'gpt2'}")
 
 
 # copied from 01_tokenizer.py: download
 def download(url: str, path, sha256: str | None = None, timeout: float = 30) -> Path:
-    """Download url to path: streamed, written to path + ".tmp", checked, then renamed.
-
-    sha256 pins the exact bytes we expect; with None (no published hash, e.g. Hugging Face's
-    weights) we check the byte count the server announced. A file already at path (with the right
-    hash, when one is given) is not downloaded again. On an HTTP error or a bad file we raise and
-    leave no file behind, so a half-written download is never mistaken for the real one.
-    """
-    path, digest = Path(path), hashlib.sha256()
-    if path.exists() and sha256:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    if path.exists() and (sha256 is None or digest.hexdigest() == sha256):
+    """Download url to path (streamed to path + ".tmp", checked, renamed) unless a good file is there.
+    sha256=None: no pinned hash (e.g. Hugging Face's weights), only the byte count is checked."""
+    path = Path(path)
+    if path.exists() and (sha256 is None or hashlib.sha256(path.read_bytes()).hexdigest() == sha256):
         return path  # a download gets this name only once it is complete and checked
     path.unlink(missing_ok=True)  # corrupt or outdated: never leave it where a good file is expected
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp, digest, done, t0 = path.with_suffix(path.suffix + ".tmp"), hashlib.sha256(), 0, time.perf_counter()
     try:
-        # identity: a gzip-encoded response would make the byte count differ from Content-Length
         with requests.get(url, stream=True, timeout=timeout, headers={"Accept-Encoding": "identity"}) as r:
             r.raise_for_status()
-            total = int(r.headers.get("content-length", 0))
+            total = int(r.headers.get("content-length", 0))  # exact: identity encoding, no gzip
             with open(tmp, "wb") as f:
                 for block in r.iter_content(chunk_size=1 << 20):
-                    f.write(block)
+                    done += f.write(block)
                     digest.update(block)
-                    done += len(block)
-                    if total > 1 << 24:  # progress for big files (> 16 MB): MB done, rate, time left
+                    if total > 1 << 24:  # progress for big files (> 16 MB)
                         rate, end = done / (time.perf_counter() - t0), "\n" if done == total else ""
                         print(f"\r{path.name}: {done >> 20:,}/{total >> 20:,} MB, {rate / 2**20:.1f} MB/s, "
                               f"~{(total - done) / rate:.0f} s left ", end=end, flush=True)

@@ -238,27 +238,26 @@ class MultiHeadAttention(nn.Module):
 
 # -----------------------------------------------------------------------------
 # Step 5: the same through F.scaled_dot_product_attention
+#
+# CausalSelfAttention is MultiHeadAttention with its core replaced: c_attn computes q, k and v of
+# every head in one matmul; a reshape makes the heads a batch dimension; then ONE call,
+# F.scaled_dot_product_attention (SDPA), computes softmax(q k^T / sqrt(hs)) v under the causal
+# mask; c_proj mixes the heads' outputs. On GPU, SDPA runs FlashAttention or the memory-efficient
+# kernel: they walk over blocks of keys with a running softmax, so the (T, T) score matrix never
+# exists in memory, and is_causal=True lets them skip the blocks above the diagonal instead of
+# masking them. SDPA applies the dropout on the attention weights itself (dropout_p, only while
+# training). With the same weights it computes what MultiHeadAttention computes (the tests check
+# it); `--bench` times the two. This is the class 04_gpt.py and every later stage use.
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention whose core is F.scaled_dot_product_attention (SDPA).
-
-    c_attn computes q, k and v of every head in one matmul; a reshape makes the heads a batch
-    dimension; SDPA computes softmax(q k^T / sqrt(hs)) v under the causal mask in one call; c_proj
-    mixes the heads' outputs. On GPU, SDPA runs FlashAttention or the memory-efficient kernel: they
-    walk over blocks of keys with a running softmax, so the (T, T) score matrix never exists in
-    memory. 03_attention.py builds this step by step and times it against the manual version.
-
-    x: (B, T, n_embd) -> (B, T, n_embd).
-    """
+    """Multi-head causal self-attention, one F.scaled_dot_product_attention call: (B, T, C) -> (B, T, C)."""
 
     def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True):
         super().__init__()
         if n_head <= 0 or n_embd % n_head != 0:
-            raise ValueError(
-                f"n_embd={n_embd} is not divisible by n_head={n_head}: every head gets n_embd // n_head "
-                f"channels, so choose an n_head that divides n_embd (GPT-2: n_embd=768, n_head=12)"
-            )
+            raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}: each head gets n_embd // "
+                             "n_head channels; choose an n_head that divides n_embd (GPT-2: 768 and 12)")
         self.n_embd, self.n_head = n_embd, n_head
         self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)  # q, k, v of all heads in one matmul
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)  # mixes the heads' outputs
@@ -267,14 +266,11 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        qkv = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in qkv)  # (B, nh, T, hs)
         dropout_p = self.attn_dropout_p if self.training else 0.0
-        # is_causal lets the kernel skip the blocks above the diagonal instead of masking them
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -314,10 +310,8 @@ class PaddedCausalSelfAttention(CausalSelfAttention):
                 f"attention_mask has shape {tuple(attention_mask.shape)} but x is (B, T) = {(B, T)} "
                 f"tokens: pass one (B, T) row per sequence, True/1 for real tokens, False/0 for padding"
             )
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        qkv = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in qkv)  # (B, nh, T, hs)
         allowed = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (T, T) causal
         allowed = allowed & attention_mask.bool()[:, None, None, :]  # (B, 1, T, T) and key is real
         allowed = allowed | torch.eye(T, dtype=torch.bool, device=x.device)  # and self: never NaN

@@ -15,7 +15,8 @@ What this file teaches, top to bottom:
     attention), the numerator of model FLOPs utilisation (MFU), which 05 measures against a GPU's peak;
   - generate(): greedy, temperature, top-k; 09 tells the full story of generation;
   - loading OpenAI's GPT-2 weights: Hugging Face's model.safetensors read by a hand-written
-    safetensors reader, with the names mapped onto ours (their Conv1D weights are transposed).
+    safetensors reader, with the names mapped onto ours (their Conv1D weights are transposed);
+  - running it: settings as --field=value flags, a device, a precision (the later stages copy these).
 
 References:
   - Radford et al. 2019, "Language Models are Unsupervised Multitask Learners" (GPT-2).
@@ -38,10 +39,12 @@ import json
 import math
 import os
 import struct
+import sys
 import time
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import requests
 import torch
@@ -50,17 +53,21 @@ import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
 # The model
+#
+# GPTConfig holds the handful of numbers that define a GPT; its defaults are GPT-2 small (124M),
+# and PRESETS holds the four GPT-2 sizes (Radford et al. 2019, table 2) plus two small ones for a
+# laptop. PRESETS is a ClassVar, a class constant rather than a field, so it travels with GPTConfig
+# when later stages copy it. Presets take overrides:
+#     GPTConfig.from_preset("gpt2-medium").n_layer == 24
+#     GPTConfig.from_preset("tiny", vocab_size=65).vocab_size == 65
+# GPT-2 trained with dropout 0.1; pretraining on lots of data needs none, finetuning on a little
+# data may want 0.1 or more. bias=False (no biases in Linear and LayerNorm) is a bit faster and as
+# good. A bad shape fails here, at construction, with the fix in the message.
 
 
 @dataclass
 class GPTConfig:
-    """The numbers that define a GPT. Defaults are GPT-2 small (124M).
-
-    >>> GPTConfig.from_preset("gpt2-medium").n_layer
-    24
-    >>> GPTConfig.from_preset("tiny", vocab_size=65).vocab_size    # presets take overrides
-    65
-    """
+    """The numbers that define a GPT; the defaults are GPT-2 small (124M), PRESETS the other sizes."""
 
     block_size: int = 1024  # longest sequence the model can see (number of learned positions)
     vocab_size: int = 50257  # GPT-2's BPE: 50,000 merges + 256 bytes + <|endoftext|>
@@ -69,10 +76,7 @@ class GPTConfig:
     n_embd: int = 768  # width of the residual stream
     dropout: float = 0.0  # 0 for pretraining (GPT-2 used 0.1); try 0.1+ when finetuning small data
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2; False is a bit faster and as good
-
-    # The four GPT-2 sizes (Radford et al. 2019, table 2) and two small ones for a laptop.
-    # ClassVar: a class constant, not a field, so it travels with GPTConfig when later stages copy it.
-    PRESETS: ClassVar[dict[str, dict]] = {
+    PRESETS: ClassVar[dict[str, dict]] = {  # a class constant, not a field
         "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
         "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
         "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
@@ -83,15 +87,11 @@ class GPTConfig:
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            if isinstance(value := getattr(self, name), bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head != 0:
-            raise ValueError(
-                f"GPTConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
-                f"choose n_head among the divisors of n_embd (e.g. n_embd={self.n_head * 64} for "
-                f"n_head={self.n_head} with 64-dimensional heads)"
-            )
+            raise ValueError(f"GPTConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                             f"choose an n_head that divides n_embd (e.g. n_embd={self.n_head * 64})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
 
@@ -102,17 +102,16 @@ class GPTConfig:
         return cls(**{**cls.PRESETS[name], **overrides})
 
 
+# MLP: position-wise, each token on its own; most of a block's parameters live here (8 * n_embd^2
+# of its 12 * n_embd^2). GPT-2 uses the tanh approximation of GELU (Hendrycks & Gimpel 2016; it was
+# cheaper in 2019); we keep it so that OpenAI's weights give OpenAI's outputs.
 class MLP(nn.Module):
-    """Position-wise feed-forward: widen 4x, GELU, project back. Most of a block's parameters live here.
-
-    GPT-2 uses the tanh approximation of GELU (it was cheaper in 2019); we keep it so that OpenAI's
-    weights give OpenAI's outputs.
-    """
+    """Position-wise feed-forward: widen 4x, GELU, project back. (B, T, C) -> (B, T, C)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU, so that its weights give its outputs
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -120,13 +119,12 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, C)
 
 
+# Block, pre-LayerNorm: normalising the input of each branch (not its output, as the 2017
+# transformer did) leaves the residual stream an untouched sum from embedding to output, so
+# gradients flow straight through and deep stacks train without warmup tricks. GPT-2 moved the
+# LayerNorm there for that reason (and added the final ln_f that GPT applies after the last block).
 class Block(nn.Module):
-    """One transformer block, pre-LayerNorm: x + attn(ln(x)), then x + mlp(ln(x)).
-
-    Normalising the input of each branch (not its output, as the 2017 transformer did) leaves the
-    residual stream an untouched sum from embedding to output, so gradients flow straight through
-    and deep stacks train without warmup tricks. GPT-2 moved the LayerNorm here for that reason.
-    """
+    """One transformer block, pre-LayerNorm: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -137,40 +135,54 @@ class Block(nn.Module):
 
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))  # tokens talk to each other
-        x = x + self.mlp(self.ln_2(x))  # each token thinks on its own
-        return x
+        return x + self.mlp(self.ln_2(x))  # each token thinks on its own
 
 
+# GPT: the module names are nanoGPT's (transformer.wte, .h.0.attn.c_attn, lm_head), so the state
+# dict lines up with OpenAI's checkpoint. For example:
+#     model = GPT(GPTConfig.from_preset("tiny", vocab_size=100))
+#     logits, loss = model(torch.randint(100, (2, 8)), targets=torch.randint(100, (2, 8)))
+#     logits.shape == (2, 8, 100), and loss starts near ln(100) = 4.6
+# - Weight tying (Press & Wolf 2017): the matrix that maps a token to a vector also scores vectors
+#   against tokens. One Parameter, two uses, its gradient the sum of both; it saves 38.6M of GPT-2
+#   small's 124M parameters.
+# - GPT-2's init: weights N(0, 0.02), biases 0. Each block adds two branch outputs (attn, mlp) into
+#   the residual stream, so its variance grows with depth; the last projection of each branch
+#   (c_proj) is shrunk by 1/sqrt(2 * n_layer) to keep the sum's scale independent of depth.
+# - forward: targets of -100 are skipped by the loss (padding; the prompt when finetuning). Pad
+#   sequences of unequal lengths on the RIGHT: causal attention keeps right pads away from every
+#   real token and their -100 targets keep them out of the loss, so no attention mask is needed.
+#   The log-softmax over 50k logits runs in fp32, whatever dtype they come in (bf16 under autocast).
+# - _check_input turns bad input into a message with the fix. subtle: checking the id range reads
+#   min/max, which makes the CPU wait for a GPU, and torch.compile would break its graph there; so
+#   only eager CPU tensors are checked (elsewhere an out-of-range id fails inside the embedding,
+#   with a less helpful message).
+# - num_params counts the tied wte/lm_head once (parameters() yields a shared tensor once):
+#   124,439,808 for GPT-2 small. non_embedding=True leaves out the position embedding: a table
+#   lookup costs no FLOPs (the token embedding stays in: as the LM head it is a real matmul).
+# - flops_per_token: a matmul with a weight of N parameters costs 2N FLOPs per token forward (a
+#   multiply and an add per weight) and 4N backward (gradients for the input and for the weight):
+#   6N. Attention adds matmuls with no weights, QK^T and att @ V, 2 * T * C each per layer forward,
+#   so 12 * n_layer * T * C for forward + backward (PaLM's appendix B; we count the full T x T even
+#   though the causal mask makes half of it zeros, as everyone does).
+#   MFU = flops_per_token * tokens per second / the hardware's peak FLOP/s.
 class GPT(nn.Module):
-    """GPT-2: embeddings -> n_layer blocks -> LayerNorm -> LM head (tied to the token embedding).
-
-    >>> model = GPT(GPTConfig.from_preset("tiny", vocab_size=100))
-    >>> logits, loss = model(torch.randint(100, (2, 8)), targets=torch.randint(100, (2, 8)))
-    >>> logits.shape, round(loss.item())                # loss starts near ln(100) = 4.6
-    (torch.Size([2, 8, 100]), 5)
-    """
+    """GPT-2: embeddings -> n_layer blocks -> LayerNorm -> LM head (tied to the token embedding)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
-                wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embedding
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-            )
-        )
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
+            wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embedding
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Weight tying (Press & Wolf 2017): the matrix that maps a token to a vector also scores
-        # vectors against tokens. One Parameter, two uses; its gradient is the sum of both.
-        self.transformer.wte.weight = self.lm_head.weight
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying: one Parameter, two uses
         self.apply(self._init_weights)
-        # GPT-2's scaled init: each block adds two branch outputs (attn, mlp) into the residual
-        # stream, so its variance grows with depth; shrink the last projection of each branch by
-        # 1/sqrt(2 * n_layer) to keep the sum's scale independent of depth.
-        for name, p in self.named_parameters():
+        for name, p in self.named_parameters():  # GPT-2's residual projections: std / sqrt(2 * n_layer)
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
@@ -181,92 +193,57 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, idx, targets=None):
-        """Logits for every position, and the mean cross-entropy loss when targets are given.
-
-        idx: (B, T) token ids, T <= block_size. targets: (B, T), the next token at each position;
-        -100 marks positions to skip (padding, the prompt when finetuning). Pad sequences of unequal
-        lengths on the right: causal attention keeps right pads away from every real token, and
-        their -100 targets keep them out of the loss, so no attention mask is needed.
-        Returns (logits (B, T, vocab_size), loss or None).
-        """
+        """idx, targets: (B, T) token ids and next tokens (-100: skip) -> logits (B, T, vocab_size), loss."""
         self._check_input(idx)
         B, T = idx.shape
         pos = torch.arange(T, device=idx.device)  # (T,)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C) -> (B, T, C)
-        x = self.transformer.drop(x)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x)
-        x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, vocab_size)
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
         loss = None
-        if targets is not None:
-            # the log-softmax over 50k logits in fp32, whatever dtype they come in (bf16 under autocast)
+        if targets is not None:  # in fp32 whatever the logits' dtype (bf16 under autocast)
             loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
         return logits, loss
 
     def _check_input(self, idx):
         if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
-            raise ValueError(
-                f"idx must be a (B, T) tensor of integer token ids, got shape {tuple(idx.shape)} and "
-                f"dtype {idx.dtype}; for one sequence use idx[None] (and .long() for other dtypes)"
-            )
-        block_size, vocab_size = self.config.block_size, self.config.vocab_size
-        if idx.size(1) > block_size:
-            raise ValueError(
-                f"sequence length {idx.size(1)} exceeds block_size={block_size} (the model has no "
-                f"position embedding beyond it); crop to the last tokens with idx[:, -{block_size}:]"
-            )
-        # subtle: reading min/max makes the CPU wait for a GPU, and torch.compile would break its
-        # graph here; so only eager CPU tensors are checked (elsewhere an out-of-range id fails
-        # inside the embedding, with a less helpful message).
+            raise ValueError(f"idx must be a (B, T) tensor of integer token ids, not {tuple(idx.shape)} "
+                             f"{idx.dtype}; for one sequence use idx[None], for other dtypes idx.long()")
+        if idx.size(1) > (block_size := self.config.block_size):
+            raise ValueError(f"sequence length {idx.size(1)} exceeds block_size={block_size} (no position "
+                             f"embedding beyond it); crop to the last tokens with idx[:, -{block_size}:]")
+        # eager CPU tensors only: min/max would make the CPU wait for a GPU and break torch.compile's graph
         if idx.numel() and idx.device.type == "cpu" and not torch.compiler.is_compiling():
-            lo, hi = idx.min().item(), idx.max().item()
+            lo, hi, vocab_size = idx.min().item(), idx.max().item(), self.config.vocab_size
             if lo < 0 or hi >= vocab_size:
-                raise ValueError(
-                    f"token ids must be in [0, {vocab_size}), got ids from {lo} to {hi}; the tokenizer "
-                    f"and the model disagree: set GPTConfig.vocab_size to the tokenizer's n_vocab"
-                )
+                raise ValueError(f"token ids must be in [0, {vocab_size}), got ids from {lo} to {hi}; the "
+                                 "tokenizer and the model disagree: set GPTConfig.vocab_size to its n_vocab")
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameters, the tied wte/lm_head counted once: 124,439,808 for GPT-2 small.
-
-        non_embedding=True leaves out the position embedding: a table lookup costs no FLOPs.
-        (The token embedding stays in: as the LM head it is a real matmul.)
-        """
+        """Parameters, the tied wte/lm_head once; non_embedding=True leaves out wpe (a lookup, no FLOPs)."""
         n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
-        """FLOPs to train on one token (forward + backward) at context length seq_len.
-
-        A matmul with a weight of N parameters costs 2N FLOPs per token forward (a multiply and an
-        add per weight) and 4N backward (gradients for the input and for the weight): 6N. Attention
-        adds matmuls with no weights, QK^T and att @ V, 2 * T * C each per layer forward, so
-        12 * n_layer * T * C for forward + backward (PaLM's appendix B; we count the full T x T
-        even though the causal mask makes half of it zeros, as everyone does).
-        MFU = flops_per_token * tokens per second / the hardware's peak FLOP/s.
-        """
+        """Training FLOPs per token at context seq_len: 6N (forward + backward) + attention's 12 L T C."""
         T = self.config.block_size if seq_len is None else seq_len
-        L, C = self.config.n_layer, self.config.n_embd
-        return 6 * self.num_params(non_embedding=True) + 12 * L * C * T
+        return 6 * self.num_params(non_embedding=True) + 12 * self.config.n_layer * T * self.config.n_embd
 
 
+# generate: each new token is fed back as input. temperature=0 is greedy (argmax); otherwise the
+# logits / temperature are sampled, < 1 sharper, > 1 flatter; top_k keeps only the k most likely
+# tokens. The context is cropped to the last block_size tokens (the model has no positions beyond).
+# Call model.eval() first to turn dropout off. There is no KV cache: each step reruns the whole
+# context; 09 adds the cache and tells the full story of generation.
 @torch.no_grad()
 def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None):
-    """Append max_new_tokens tokens to idx (B, T), one at a time, each fed back as input.
-
-    temperature=0 is greedy (argmax); otherwise logits / temperature are sampled, < 1 sharper,
-    > 1 flatter; top_k keeps only the k most likely tokens. The context is cropped to the last
-    block_size tokens. Call model.eval() first to turn dropout off. (No KV cache: each step
-    reruns the whole context; 09 adds the cache.)
-    """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k <= 0:
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
+    """Append max_new_tokens tokens to idx (B, T); temperature 0 = greedy, top_k = sample the k likeliest."""
+    if temperature < 0 or (top_k is not None and top_k <= 0):
+        raise ValueError(f"need temperature >= 0 (0 = greedy) and top_k a positive integer or None, "
+                         f"got temperature={temperature}, top_k={top_k}")
     for _ in range(max_new_tokens):
-        logits, _ = model(idx[:, -model.config.block_size :])
-        logits = logits[:, -1, :]  # (B, vocab_size): only the last position predicts the next token
+        logits = model(idx[:, -model.config.block_size :])[0][:, -1, :]  # (B, vocab_size): the last position
         if temperature == 0:
             idx_next = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
         else:
@@ -281,8 +258,16 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: i
 
 # -----------------------------------------------------------------------------
 # OpenAI's weights: read safetensors, rename, load
-
-# safetensors dtype names -> torch dtypes
+#
+# A .safetensors file is a length, a JSON header and raw bytes; that is the whole format:
+#     [8 bytes: N, little-endian uint64][N bytes: JSON header][data]
+#     header = {"wte.weight": {"dtype": "F32", "shape": [50257, 768], "data_offsets": [0, 154389504]},
+#               ..., "__metadata__": {...}}   # offsets are relative to the start of the data
+# Each tensor is its bytes in row-major, little-endian order (every machine PyTorch runs on is
+# little-endian, so torch.frombuffer reads them as they are). No code runs while loading, unlike a
+# pickled .bin checkpoint, which is why Hugging Face moved to this format. The reader checks every
+# offset against the file, reads the tensors in file order, each into its own buffer, and
+# refuses the dtypes it does not know (SAFETENSORS_DTYPES: safetensors' names -> torch dtypes).
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -291,92 +276,68 @@ SAFETENSORS_DTYPES = {
 
 
 def load_safetensors(path) -> dict[str, torch.Tensor]:
-    """Read a .safetensors file: the whole format is a length, a JSON header and raw bytes.
-
-        [8 bytes: N, little-endian uint64][N bytes: JSON header][data]
-        header = {"wte.weight": {"dtype": "F32", "shape": [50257, 768], "data_offsets": [0, 154389504]},
-                  ..., "__metadata__": {...}}   # offsets are relative to the start of the data
-
-    Each tensor is its bytes in row-major, little-endian order (every machine PyTorch runs on is
-    little-endian, so torch.frombuffer reads them as they are). No code runs while loading, unlike
-    a pickled .bin checkpoint, which is why Hugging Face moved to this format.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; check the path (from_pretrained downloads it)")
-    file_size = path.stat().st_size
+    """Read a .safetensors file: [N: 8-byte little-endian uint64][N bytes of JSON header][tensor bytes]."""
     with open(path, "rb") as f:
-        if file_size < 8:
-            raise ValueError(f"{path} is {file_size} bytes, too short for a safetensors file; re-download it")
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise ValueError(f"{path} is {size} bytes, too short for a safetensors file; re-download it")
         (header_len,) = struct.unpack("<Q", f.read(8))
-        if 8 + header_len > file_size:
+        if 8 + header_len > size:
             raise ValueError(f"{path}: header length {header_len} exceeds the file size; re-download it")
-        header = json.loads(f.read(header_len))
+        header, start, tensors = json.loads(f.read(header_len)), 8 + header_len, {}
         header.pop("__metadata__", None)
-        start = 8 + header_len
-        tensors = {}
-        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):  # file order
             if info["dtype"] not in SAFETENSORS_DTYPES:
-                raise ValueError(
-                    f"{path}: tensor {name} has dtype {info['dtype']}, which this reader does not "
-                    f"support; supported: {sorted(SAFETENSORS_DTYPES)}"
-                )
-            dtype, shape = SAFETENSORS_DTYPES[info["dtype"]], info["shape"]
-            begin, end = info["data_offsets"]
-            nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-            if end - begin != nbytes or start + end > file_size:
+                raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, which this reader does "
+                                 f"not support; supported: {sorted(SAFETENSORS_DTYPES)}")
+            dtype, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
+            nbytes = math.prod(info["shape"]) * dtype.itemsize
+            if end - begin != nbytes or start + end > size:
                 raise ValueError(f"{path}: tensor {name} has inconsistent offsets; the file is corrupt")
-            if nbytes == 0:
-                tensors[name] = torch.empty(shape, dtype=dtype)
-                continue
-            buffer = bytearray(nbytes)
             f.seek(start + begin)
-            f.readinto(buffer)
-            tensors[name] = torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+            f.readinto(buffer := bytearray(nbytes))
+            flat = torch.frombuffer(buffer, dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)  # not b""
+            tensors[name] = flat.view(info["shape"])
     return tensors
 
 
 # Hugging Face's GPT-2 keeps OpenAI's TensorFlow layout: a "Conv1D" computes x @ W with W of shape
 # (in, out), where nn.Linear computes x @ W.T with W of shape (out, in). Those weights get transposed.
+# hf_to_gpt_state_dict maps "h.0.attn.c_attn.weight" (768, 2304) -> "transformer.h.0.attn.c_attn.weight"
+# (2304, 768). Keys come with or without the "transformer." prefix (checkpoints differ). The
+# attention-mask buffers "attn.bias" / "attn.masked_bias" of old checkpoints are constants, not
+# weights: dropped (subtle: the leading dot matters, "h.0.attn.c_attn.bias" also ends with
+# "attn.bias"). lm_head.weight is the tied wte.weight when the checkpoint leaves it out.
 HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 def hf_to_gpt_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename (and transpose) a Hugging Face GPT-2 state dict into our GPT's names.
-
-    "h.0.attn.c_attn.weight" (768, 2304)  ->  "transformer.h.0.attn.c_attn.weight" (2304, 768)
-    Keys may come with or without the "transformer." prefix (checkpoints differ). The attention-mask
-    buffers "attn.bias" / "attn.masked_bias" of old checkpoints are constants, not weights: dropped.
-    lm_head.weight is the tied wte.weight when the checkpoint leaves it out.
-    """
+    """A Hugging Face GPT-2 state dict in our GPT's names, its Conv1D weights (HF_TRANSPOSED) transposed."""
     out = {}
     for name, tensor in sd.items():
-        name = name.removeprefix("transformer.")
-        # subtle: the leading dot matters, "h.0.attn.c_attn.bias" also ends with "attn.bias"
-        if name.endswith((".attn.bias", ".attn.masked_bias")):
-            continue
-        if name.endswith(HF_TRANSPOSED):
-            tensor = tensor.t()
-        out[name if name == "lm_head.weight" else "transformer." + name] = tensor.contiguous()
+        name = name.removeprefix("transformer.")  # present or not, depending on the checkpoint
+        if not name.endswith((".attn.bias", ".attn.masked_bias")):  # mask buffers, not weights: skip
+            tensor = tensor.t() if name.endswith(HF_TRANSPOSED) else tensor
+            out[name if name == "lm_head.weight" else "transformer." + name] = tensor.contiguous()
     if "transformer.wte.weight" not in out:
         raise ValueError(f"no wte.weight among the keys {sorted(sd)[:5]}...; is this a GPT-2 checkpoint?")
-    out.setdefault("lm_head.weight", out["transformer.wte.weight"])
+    out.setdefault("lm_head.weight", out["transformer.wte.weight"])  # tied: often left out
     return out
 
 
+# from_pretrained downloads Hugging Face's model.safetensors once into cache_dir/<model_type>/
+# (0.5 to 6 GB; no pinned hash, so download checks the byte count). The model is built on the
+# "meta" device (shapes only, no memory, no random init) and then takes the checkpoint's tensors
+# as its own (assign=True), so gpt2-xl never exists twice in memory. assign=True gives wte and
+# lm_head two separate Parameters, so the tie is made again.
 def from_pretrained(model_type: str, cache_dir) -> "GPT":
-    """GPT-2 with OpenAI's weights: "gpt2" (124M), "gpt2-medium", "gpt2-large" or "gpt2-xl".
-
-    Downloads Hugging Face's model.safetensors once into cache_dir/<model_type>/ (0.5 to 6 GB).
-    The model is built on the "meta" device (shapes only, no memory, no random init) and then
-    takes the checkpoint's tensors as its own, so gpt2-xl never exists twice in memory.
-    """
+    """GPT-2 with OpenAI's weights: "gpt2" (124M), "gpt2-medium", "gpt2-large" or "gpt2-xl"."""
     names = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
     if model_type not in names:
         raise ValueError(f"unknown pretrained model {model_type!r}; choose one of {names}")
     url = f"https://huggingface.co/{model_type}/resolve/main/model.safetensors"
     path = download(url, Path(cache_dir) / model_type / "model.safetensors", sha256=None)  # no hash pinned
-    with torch.device("meta"):
+    with torch.device("meta"):  # shapes only: no memory, no random init
         model = GPT(GPTConfig.from_preset(model_type))  # vocab 50257, block 1024, bias, no dropout
     model.load_state_dict(hf_to_gpt_state_dict(load_safetensors(path)), assign=True)
     model.lm_head.weight = model.transformer.wte.weight  # assign=True gave them two Parameters: re-tie
@@ -384,18 +345,140 @@ def from_pretrained(model_type: str, cache_dir) -> "GPT":
 
 
 # -----------------------------------------------------------------------------
+# Running the model: settings from the command line, a device, a precision (05-09 copy these).
+#
+# A dataclass is the single list of a script's settings: each field, with its type and help text
+# (`n_layer: Annotated[int, "transformer blocks"] = 4`, PEP 593), becomes a --field=value flag
+# (parse_config), a checkpoint can store it (asdict), and its __post_init__ checks a command line
+# before any work, so a mistake costs one line, not a traceback after minutes. Flags are generated,
+# not written: a new setting is one line. Two choices protect a user's work: no abbreviations
+# (argparse would take --max_iter for --max_iters and silently start another run), and a bare bool
+# flag means true (--compile is --compile=true).
+
+
+def parse_config(cls, argv=None):
+    """The dataclass cls from the command line: a --field=value flag per Annotated field (bools also
+    bare), cls.PRESETS first when cls has them; a ValueError from cls is one `error:` line, exit 2."""
+
+    def to_bool(text: str) -> bool:
+        if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
+            raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+        return text.lower() in ("1", "true", "yes")
+
+    presets = getattr(cls, "PRESETS", {})
+    parser = argparse.ArgumentParser(description=(cls.__doc__ or "").split("\n")[0], allow_abbrev=False,
+                                     epilog="".join(f"preset {k}: {v}\n" for k, v in presets.items()),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(cls):  # `n_layer: Annotated[int, "transformer blocks"] = 4`: type, help, default
+        kind, help_text = f.type.__origin__, f.type.__metadata__[0]
+        flag = kind is bool
+        parser.add_argument(f"--{f.name}", type=to_bool if flag else kind, metavar=kind.__name__,
+                            nargs="?" if flag else None, const=True if flag else None,
+                            default=argparse.SUPPRESS,  # absent flags stay absent: the preset or default
+                            help=f"{help_text} (default: {f.default!r})".replace("%", "%%"))
+    parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")  # one line, no usage
+    given = vars(parser.parse_args(argv))
+    preset = given.get("preset", getattr(cls, "preset", None))
+    try:
+        if presets and preset not in presets:
+            raise ValueError(f"--preset={preset!r} is not valid; use {', '.join(presets)}")
+        return cls(**{**presets.get(preset, {}), **given})
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def pick_device(device: str = "auto") -> str:
+    """"auto" -> cuda if there is a GPU, else mps (Apple silicon), else cpu; others are checked."""
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if device == "auto":
+        return next(kind for kind in ("cuda", "mps", "cpu") if available[kind])
+    kind, _, index = device.partition(":")
+    if kind not in available or (index and not index.isdigit()):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:<index> or mps")
+    if not available[kind] or (index and kind == "cuda" and int(index) >= torch.cuda.device_count()):
+        raise ValueError(f"device {device!r} is not available on this machine; use --device=auto (or cpu)")
+    return device
+
+
+# Precision. bf16 keeps fp32's exponent range, so it trains as is; fp16's range is narrow, and small
+# gradients underflow to 0 unless the loss is scaled up first (a GradScaler, on CUDA only here).
+# Pre-Ampere GPUs emulate bf16, slowly, and PyTorch counts emulation as support unless asked for
+# native support. On CPU fp32 is exact and fast enough for small models (bf16 measured slower on
+# some CPUs, 2-3x faster on others: no default may depend on which one a run lands on). Under
+# autocast the weights stay fp32, the master copy AdamW updates (a bf16 weight cannot absorb an
+# update 1000x smaller than itself); matmuls run in bf16/fp16, softmax, norms and the loss in fp32.
+def pick_dtype(dtype: str, device: str) -> str:
+    """"auto" -> bfloat16 on CUDA GPUs that do it natively (compute capability 8.0+), float16 on
+    older ones (with a GradScaler), float32 on CPU and MPS. Explicit choices are checked."""
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype={dtype!r} is not valid; use auto, float32, bfloat16, float16")
+    cuda = torch.device(device).type == "cuda"
+    if dtype == "float16" and not cuda:
+        raise ValueError("--dtype=float16 needs loss scaling, done on CUDA only; use bfloat16 or float32")
+    if dtype != "auto":
+        return dtype
+    if cuda:
+        return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
+    return "float32"
+
+
+def autocast_context(device_type: str, dtype: str):
+    """Mixed precision for the forward pass: torch.autocast in dtype, or nothing for float32."""
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
+
+# MFU (model FLOPs utilisation, PaLM appendix B) = the FLOPs the model needs per second (above:
+# flops_per_token x tokens/s) / the hardware's peak. GPUs have a datasheet peak (dense bf16/fp16
+# tensor cores; matched as substrings of the device name, in this order so "L40S" is found before
+# "L4"). CPUs have none that training comes near (a timed matmul read 0.7 to 2.1 TFLOP/s from run
+# to run on one machine), so there the training stages print tokens/s, unless told a peak.
+def peak_flops(device: str, override: float = 0) -> float | None:
+    """The FLOP/s to measure MFU against: override if > 0, a known GPU's datasheet peak, else None."""
+    peaks = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+             "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+    if override > 0 or torch.device(device).type != "cuda":
+        return override or None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for gpu, flops in peaks.items() if gpu in name), None)
+
+
+# -----------------------------------------------------------------------------
 # Demo: count, then sample
+
+
+GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+@dataclass
+class SampleConfig:
+    """Count a GPT-2's parameters and FLOPs, then sample from a random tiny GPT or OpenAI's weights."""
+
+    preset: Annotated[str, "model to count: gpt2, gpt2-medium, gpt2-large, gpt2-xl, small, tiny"] = "gpt2"
+    init_from: Annotated[str, "scratch (a random tiny model) or OpenAI's gpt2 .. gpt2-xl"] = "scratch"
+    prompt: Annotated[str, "text to continue"] = "Hello, I'm a language model,"
+    max_new_tokens: Annotated[int, "tokens to generate"] = 30
+    temperature: Annotated[float, "0 = greedy; < 1 sharper, > 1 flatter"] = 0.8
+    top_k: Annotated[int, "sample among the k likeliest tokens; 0 = all"] = 50
+    seed: Annotated[int, "random seed (weights and sampling)"] = 1337
+    device: Annotated[str, "auto (cuda, mps, then cpu), cpu, cuda, cuda:1, mps"] = "auto"
+    dtype: Annotated[str, "auto (bf16 or fp16 on CUDA, fp32 elsewhere), float32, bfloat16"] = "auto"
+
+    def __post_init__(self):  # a ValueError here is one `error:` line from parse_config
+        for name, allowed in {"preset": GPTConfig.PRESETS, "init_from": ("scratch", *GPT2_SIZES)}.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name}={getattr(self, name)!r} is not valid; use {', '.join(allowed)}")
+        if min(self.max_new_tokens, self.temperature, self.top_k) < 0:
+            raise ValueError("--max_new_tokens, --temperature and --top_k must be >= 0")
+        self.device = pick_device(self.device)
+        self.dtype = pick_dtype(self.dtype, self.device)
 
 
 def params_by_component(model: GPT) -> dict[str, int]:
     """Parameter counts grouped the way one thinks about the model; they sum to num_params()."""
-    labels = {  # the first part found in a parameter's name decides its group
-        "wte": "token embedding (wte, tied with lm_head)",
-        "wpe": "position embedding (wpe)",
-        "attn": "attention (all blocks)",
-        "mlp": "MLP (all blocks)",
-        "ln_": "LayerNorms",
-    }
+    labels = {"wte": "token embedding (wte, tied with lm_head)", "wpe": "position embedding (wpe)",
+              "attn": "attention (all blocks)", "mlp": "MLP (all blocks)", "ln_": "LayerNorms"}
     groups = dict.fromkeys(labels.values(), 0)
     for name, p in model.named_parameters():  # the tied weight appears once, as transformer.wte
         groups[next(label for part, label in labels.items() if part in name)] += p.numel()
@@ -403,60 +486,35 @@ def params_by_component(model: GPT) -> dict[str, int]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    # a user error is one line that names the fix, not argparse's usage dump
-    parser.error = lambda message: parser.exit(2, f"error: {message}\n")
-    pretrained = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-    parser.add_argument("--preset", default="gpt2", choices=sorted(GPTConfig.PRESETS),
-                        help="model to count parameters of")
-    parser.add_argument("--init_from", default="scratch", choices=("scratch", *pretrained),
-                        help="weights to sample from: a random tiny model, or OpenAI's (downloaded once)")
-    parser.add_argument("--prompt", default="Hello, I'm a language model,", help="text to continue")
-    parser.add_argument("--max_new_tokens", type=int, default=30, help="tokens to generate")
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; <1 sharper, >1 flatter")
-    parser.add_argument("--top_k", type=int, default=50, help="sample among the k likeliest tokens; 0 = all")
-    parser.add_argument("--seed", type=int, default=1337, help="random seed (weights and sampling)")
-    parser.add_argument("--device", default="auto", help="auto (cuda, mps, then cpu), cpu, cuda, cuda:1, mps")
-    args = parser.parse_args(argv)
-    if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0:
-        parser.error("--max_new_tokens, --temperature and --top_k must be >= 0")
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    device = next(d for d, ok in available.items() if ok) if args.device == "auto" else args.device
-    kind, _, index = device.partition(":")
-    bad_index = index and not (index.isdigit() and int(index) < torch.cuda.device_count())
-    if not available.get(kind) or bad_index:
-        here = ", ".join(d for d, ok in available.items() if ok)
-        parser.error(f"--device={device} is not available on this machine; use one of: {here}")
-    if kind == "cuda":  # TF32 matmuls: ~8x the fp32 throughput on Ampere+, precision ample for inference
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(args.seed)
+    cfg = parse_config(SampleConfig, argv)
+    if cfg.device.startswith("cuda"):  # TF32 matmuls: ~8x the fp32 throughput on Ampere+, ample here
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg.seed)
 
     # Counting needs no memory: "meta" tensors have shapes but no storage, so even gpt2-xl is instant.
     with torch.device("meta"):
-        model = GPT(GPTConfig.from_preset(args.preset))
-    print(f"{args.preset}: {model.config}")
+        model = GPT(GPTConfig.from_preset(cfg.preset))
+    print(f"{cfg.preset}: {model.config}")
     for name, n in params_by_component(model).items():
         print(f"  {name:<42} {n:>14,} {n / model.num_params():>6.1%}")
     print(f"  {'total (tied weights counted once)':<42} {model.num_params():>14,}")
     total, weights = model.flops_per_token(), 6 * model.num_params(non_embedding=True)
-    print(
-        f"training FLOPs per token at T={model.config.block_size}: {total / 1e9:.2f} GFLOP "
-        f"(weights 6N: {weights / 1e9:.2f}, attention: {(total - weights) / 1e9:.2f})"
-    )
+    print(f"training FLOPs per token at T={model.config.block_size}: {total / 1e9:.2f} GFLOP "
+          f"(weights 6N: {weights / 1e9:.2f}, attention: {(total - weights) / 1e9:.2f})")
 
     import tiktoken  # imported here: counting parameters needs no tokenizer
 
     enc = tiktoken.get_encoding("gpt2")
-    if args.init_from == "scratch":
+    if cfg.init_from == "scratch":
         model, what = GPT(GPTConfig.from_preset("tiny")), "a random 'tiny' model (expect gibberish)"
     else:
         data_dir = Path(__file__).resolve().parent / "data"
-        model, what = from_pretrained(args.init_from, cache_dir=data_dir), f"OpenAI's {args.init_from}"
-    model.to(device).eval()
-    idx = torch.tensor([enc.encode(args.prompt)], device=device)
-    out = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None)
-    print(f"\nsample from {what} on {device}:\n{enc.decode(out[0].tolist())}")
+        model, what = from_pretrained(cfg.init_from, cache_dir=data_dir), f"OpenAI's {cfg.init_from}"
+    model.to(cfg.device).eval()
+    idx = torch.tensor([enc.encode(cfg.prompt)], device=cfg.device)
+    with autocast_context(torch.device(cfg.device).type, cfg.dtype):
+        out = generate(model, idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None)
+    print(f"\nsample from {what} on {cfg.device} ({cfg.dtype}):\n{enc.decode(out[0].tolist())}")
 
 
 # -----------------------------------------------------------------------------
@@ -465,24 +523,13 @@ def main(argv=None):
 
 # copied from 03_attention.py: CausalSelfAttention
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention whose core is F.scaled_dot_product_attention (SDPA).
-
-    c_attn computes q, k and v of every head in one matmul; a reshape makes the heads a batch
-    dimension; SDPA computes softmax(q k^T / sqrt(hs)) v under the causal mask in one call; c_proj
-    mixes the heads' outputs. On GPU, SDPA runs FlashAttention or the memory-efficient kernel: they
-    walk over blocks of keys with a running softmax, so the (T, T) score matrix never exists in
-    memory. 03_attention.py builds this step by step and times it against the manual version.
-
-    x: (B, T, n_embd) -> (B, T, n_embd).
-    """
+    """Multi-head causal self-attention, one F.scaled_dot_product_attention call: (B, T, C) -> (B, T, C)."""
 
     def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True):
         super().__init__()
         if n_head <= 0 or n_embd % n_head != 0:
-            raise ValueError(
-                f"n_embd={n_embd} is not divisible by n_head={n_head}: every head gets n_embd // n_head "
-                f"channels, so choose an n_head that divides n_embd (GPT-2: n_embd=768, n_head=12)"
-            )
+            raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}: each head gets n_embd // "
+                             "n_head channels; choose an n_head that divides n_embd (GPT-2: 768 and 12)")
         self.n_embd, self.n_head = n_embd, n_head
         self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)  # q, k, v of all heads in one matmul
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)  # mixes the heads' outputs
@@ -491,47 +538,33 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        qkv = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in qkv)  # (B, nh, T, hs)
         dropout_p = self.attn_dropout_p if self.training else 0.0
-        # is_causal lets the kernel skip the blocks above the diagonal instead of masking them
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
 
 # copied from 01_tokenizer.py: download
 def download(url: str, path, sha256: str | None = None, timeout: float = 30) -> Path:
-    """Download url to path: streamed, written to path + ".tmp", checked, then renamed.
-
-    sha256 pins the exact bytes we expect; with None (no published hash, e.g. Hugging Face's
-    weights) we check the byte count the server announced. A file already at path (with the right
-    hash, when one is given) is not downloaded again. On an HTTP error or a bad file we raise and
-    leave no file behind, so a half-written download is never mistaken for the real one.
-    """
-    path, digest = Path(path), hashlib.sha256()
-    if path.exists() and sha256:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    if path.exists() and (sha256 is None or digest.hexdigest() == sha256):
+    """Download url to path (streamed to path + ".tmp", checked, renamed) unless a good file is there.
+    sha256=None: no pinned hash (e.g. Hugging Face's weights), only the byte count is checked."""
+    path = Path(path)
+    if path.exists() and (sha256 is None or hashlib.sha256(path.read_bytes()).hexdigest() == sha256):
         return path  # a download gets this name only once it is complete and checked
     path.unlink(missing_ok=True)  # corrupt or outdated: never leave it where a good file is expected
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp, digest, done, t0 = path.with_suffix(path.suffix + ".tmp"), hashlib.sha256(), 0, time.perf_counter()
     try:
-        # identity: a gzip-encoded response would make the byte count differ from Content-Length
         with requests.get(url, stream=True, timeout=timeout, headers={"Accept-Encoding": "identity"}) as r:
             r.raise_for_status()
-            total = int(r.headers.get("content-length", 0))
+            total = int(r.headers.get("content-length", 0))  # exact: identity encoding, no gzip
             with open(tmp, "wb") as f:
                 for block in r.iter_content(chunk_size=1 << 20):
-                    f.write(block)
+                    done += f.write(block)
                     digest.update(block)
-                    done += len(block)
-                    if total > 1 << 24:  # progress for big files (> 16 MB): MB done, rate, time left
+                    if total > 1 << 24:  # progress for big files (> 16 MB)
                         rate, end = done / (time.perf_counter() - t0), "\n" if done == total else ""
                         print(f"\r{path.name}: {done >> 20:,}/{total >> 20:,} MB, {rate / 2**20:.1f} MB/s, "
                               f"~{(total - done) / rate:.0f} s left ", end=end, flush=True)

@@ -493,10 +493,11 @@ def test_demo_counts_gpt2_and_samples(gpt04, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--device=tpu"], "--device=tpu is not available"),
-        (["--device=cuda:99"], "--device=cuda:99 is not available"),
+        (["--device=tpu"], "unknown device 'tpu'"),
+        (["--device=cuda:99"], "device 'cuda:99' is not available"),
         (["--temperature=-1"], "must be >= 0"),
-        (["--preset=gpt3"], "invalid choice: 'gpt3'"),
+        (["--preset=gpt3"], "--preset='gpt3' is not valid"),
+        (["--dtype=float16", "--device=cpu"], "float16 needs loss scaling"),
         (["--init_fro=gpt2"], "unrecognized arguments: --init_fro"),  # no abbreviations
         (["--max_new_tokens=many"], "invalid int value"),
     ],
