@@ -9,10 +9,12 @@ How the ranks run. Starting process groups is the slow part (each one imports to
 connects), so there are only two launches:
   - `two_ranks` (one per module): `python tests/test_06_distributed.py SPEC` forks 2 ranks that
     share one gloo group and run every one of scenarios() in turn (strategies x {SGD, AdamW} x
-    {1, 2} micro-batches, activation checkpointing, resumes), saving what each rank holds;
+    {1, 2} micro-batches, activation checkpointing, FSDP's reduce-scatter on the last micro-step
+    only, resumes), saving what each rank holds;
   - the kill-and-restart test: torchrun, the way users launch, with a rank killed mid-run.
 Each launch is a new session under a deadline; on timeout the whole process group is killed
-(a plain subprocess timeout would leave orphaned ranks hanging in a collective).
+(a plain subprocess timeout would leave orphaned ranks hanging in a collective). The rest runs in
+this process as a world of one: --compile, activation memory, ZeRO's resume, the user errors.
 """
 
 import dataclasses
@@ -296,7 +298,8 @@ def saved_activation_bytes(model, x, y) -> int:
 
 def test_activation_checkpointing_saves_memory(dist06, corpus, tmp_path):
     """06's parallelize with --activation_checkpointing keeps much less for backward (its arithmetic
-    is tested above), measured on one micro-batch of 6 rows x 64 tokens; without the flag, no change."""
+    is tested above, with DDP and FSDP), measured through DDP on one micro-batch of 6 rows x 64
+    tokens of the default model (12.53 MB -> 1.23 MB); without the flag, nothing changes."""
     ctx = dist06.init_distributed("cpu")  # a world of one: DDP needs a process group
     try:
         data = dist06.load_tokens(corpus / "tinyshakespeare-char", "train")
@@ -311,12 +314,12 @@ def test_activation_checkpointing_saves_memory(dist06, corpus, tmp_path):
             if checkpointing:
                 assert after < 0.5 * before, (before, after)
             else:
-                assert after == before
+                assert after == before, (before, after)
     finally:
         dist06.shutdown_distributed(ctx)
 
 
-def test_compile_per_block_keeps_the_arithmetic(dist06, corpus, tmp_path, monkeypatch):
+def test_compile_per_block_keeps_the_arithmetic(dist06, corpus, tmp_path, monkeypatch, capsys):
     """--compile compiles each block (before FSDP shards it, with activation checkpointing inside) and
     trains exactly as one process does. The test compiles with the aot_eager backend: it traces the
     blocks as inductor would but runs the traced ops as they are, which takes seconds, not a minute."""
@@ -333,6 +336,7 @@ def test_compile_per_block_keeps_the_arithmetic(dist06, corpus, tmp_path, monkey
     settings = dict(strategy="fsdp", compile=True, activation_checkpointing=True, **RUNS["sgd-2"])
     result = dist06.main(argv(settings, data_dir=corpus, out_dir=tmp_path / "run"))
     assert compiled == ["Block"] * BASE["n_layer"]
+    assert "MB after one step" in capsys.readouterr().out  # every run prints its memory table
     ref_weights, ref_losses, _ = reference_run(dist06, corpus, "sgd-2")
     for name, tensor in result["local_state"].items():
         torch.testing.assert_close(tensor, ref_weights[name], **tolerance("sgd-2"), msg=name)
@@ -384,7 +388,7 @@ def test_zero1_resume_keeps_optimizer_state_beside_its_parameters(dist06, corpus
         with torch.device("meta"):
             model = dist06.GPT(dist06.GPTConfig(**model_args))
         optimizer = dist06.build_optimizer(cfg, model, dataclasses.replace(ctx, device="meta"))
-        assert dist06.resume(cfg, model, optimizer, model_args)[0] == K // 2
+        assert dist06.resume(cfg, model, optimizer)[0] == K // 2
         state = optimizer.optim.state
         assert state and all({"step", "exp_avg", "exp_avg_sq"} <= set(s) for s in state.values())
         for p, s in state.items():
@@ -424,9 +428,7 @@ def test_errors(dist06, corpus, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="batch_size=6 .* does not split across 4 ranks.*multiple of 4"):
         dist06.DistConfig(batch_size=6, **where)
     monkeypatch.setenv("WORLD_SIZE", "3")
-    cfg = dist06.DistConfig(batch_size=6, **where)  # 2 rows each: fine
-    with pytest.raises(ValueError, match="does not split across 4 ranks"):
-        dist06.check_world_size(cfg, 4)  # train() checks its process group too
+    dist06.DistConfig(batch_size=6, **where)  # 2 rows each: fine
     monkeypatch.delenv("WORLD_SIZE")
     with pytest.raises(ValueError, match="unknown strategy 'zero3'.*ddp, zero1 or fsdp"):
         dist06.DistConfig(strategy="zero3", **where)
