@@ -42,7 +42,7 @@ import struct
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Annotated, ClassVar
 
@@ -464,6 +464,8 @@ class SampleConfig:
     seed: Annotated[int, "random seed (weights and sampling)"] = 1337
     device: Annotated[str, "auto (cuda, mps, then cpu), cpu, cuda, cuda:1, mps"] = "auto"
     dtype: Annotated[str, "auto (bf16 or fp16 on CUDA, fp32 elsewhere), float32, bfloat16"] = "auto"
+    save_ckpt: Annotated[bool, "write OpenAI's model to data_dir/<init_from>/ckpt.pt, for 07 and 09"] = False
+    data_dir: Annotated[str, "OpenAI's weights are cached here; '' = data/ next to this script"] = ""
 
     def __post_init__(self):  # a ValueError here is one `error:` line from parse_config
         for name, allowed in {"preset": GPTConfig.PRESETS, "init_from": ("scratch", *GPT2_SIZES)}.items():
@@ -471,6 +473,8 @@ class SampleConfig:
                 raise ValueError(f"--{name}={getattr(self, name)!r} is not valid; use {', '.join(allowed)}")
         if min(self.max_new_tokens, self.temperature, self.top_k) < 0:
             raise ValueError("--max_new_tokens, --temperature and --top_k must be >= 0")
+        if self.save_ckpt and self.init_from == "scratch":
+            raise ValueError("--save_ckpt writes OpenAI's weights: add --init_from=gpt2 (or gpt2-medium...)")
         self.device = pick_device(self.device)
         self.dtype = pick_dtype(self.dtype, self.device)
 
@@ -508,8 +512,16 @@ def main(argv=None):
     if cfg.init_from == "scratch":
         model, what = GPT(GPTConfig.from_preset("tiny")), "a random 'tiny' model (expect gibberish)"
     else:
-        data_dir = Path(__file__).resolve().parent / "data"
+        data_dir = Path(cfg.data_dir or Path(__file__).resolve().parent / "data")
         model, what = from_pretrained(cfg.init_from, cache_dir=data_dir), f"OpenAI's {cfg.init_from}"
+    if cfg.save_ckpt:  # OpenAI's weights enter here, once; later stages load this file (05's format)
+        path, tmp = data_dir / cfg.init_from / "ckpt.pt", data_dir / cfg.init_from / "ckpt.pt.tmp"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": model.state_dict(), "model_args": asdict(model.config), "stage": "openai",
+                    "tokenizer": {"kind": "gpt2"}, "config": asdict(cfg), "iter_num": 0, "val_loss": None,
+                    "best_val_loss": None}, tmp)
+        os.replace(tmp, path)  # atomic: a file at path is always a whole checkpoint
+        print(f"saved {path}: python 07_finetune.py --init_from={cfg.init_from} finetunes it")
     model.to(cfg.device).eval()
     idx = torch.tensor([enc.encode(cfg.prompt)], device=cfg.device)
     with autocast_context(torch.device(cfg.device).type, cfg.dtype):

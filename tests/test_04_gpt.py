@@ -428,6 +428,19 @@ def test_from_pretrained_downloads_then_loads(gpt04, tmp_path, monkeypatch):
         torch.testing.assert_close(model(idx)[0], hf(idx).logits, atol=1e-4, rtol=1e-4)
 
 
+def test_save_ckpt_writes_openais_model_as_a_checkpoint_05_loads(gpt04, pre05, tmp_path, monkeypatch, capsys):
+    """OpenAI's weights enter once, at 04: --save_ckpt writes them in the checkpoint format of 05-09."""
+    source = gpt04.GPT(gpt04.GPTConfig(**{**TINY, "vocab_size": 50257}))  # GPT-2's tokens for the sample
+    monkeypatch.setattr(gpt04, "from_pretrained", lambda model_type, cache_dir: source)
+    gpt04.main(["--init_from=gpt2", "--save_ckpt", f"--data_dir={tmp_path}", "--max_new_tokens=2"])
+    assert "07_finetune.py --init_from=gpt2" in capsys.readouterr().out
+    model, tokenizer, ckpt = pre05.load_checkpoint(tmp_path / "gpt2" / "ckpt.pt")
+    assert ckpt["stage"] == "openai" and ckpt["tokenizer"] == {"kind": "gpt2"} and ckpt["iter_num"] == 0
+    idx = torch.randint(50257, (1, 8))
+    torch.testing.assert_close(model.eval()(idx)[0], source.cpu().eval()(idx)[0], rtol=0, atol=0)
+    assert not list(tmp_path.glob("**/*.tmp"))
+
+
 def test_from_pretrained_checks_the_size_and_leaves_no_partial_file(gpt04, tmp_path, monkeypatch):
     """The server announced 20 bytes and sent 11: an error, and nothing left in the cache."""
     monkeypatch.setattr(gpt04.requests, "get", lambda *a, **k: FakeResponse(b"hello world", announced=20))

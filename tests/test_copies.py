@@ -18,8 +18,10 @@ file while it is fixed in another. When an origin changes, rewrite its copies:
 
 import ast
 import difflib
+import io
 import re
 import sys
+import tokenize
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,12 +170,22 @@ def test_copy_matches_origin(copy):
 POINTERS = re.compile(r"\b(below|see above|defined above|in this file)\b", re.I)
 
 
+def prose(source: str) -> str:
+    """A unit's docstrings and comments: the text that talks about the code, and so may point at a
+    place in a file. String literals are data: Alpaca's prompt begins "Below is an instruction"."""
+    docs = [ast.get_docstring(n, clean=False) or "" for n in ast.walk(ast.parse(source))
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+    comments = [t.string for t in tokenize.generate_tokens(io.StringIO(source).readline)
+                if t.type == tokenize.COMMENT]
+    return "\n".join(docs + comments)
+
+
 @pytest.mark.parametrize("copy", find_copies(), ids=str)
 def test_copied_text_is_true_where_it_lands(copy):
     """A copied unit's text must hold in every file that holds it: no "see below", no "in this file"."""
     node = unit_at(copy.file, copy.line + 1)
     assert node is not None, f"{copy}: no unit below the marker"
-    found = POINTERS.findall(source_of(copy.file, node))
+    found = POINTERS.findall(prose(source_of(copy.file, node)))
     assert not found, f"{copy}: its text says {found}, false where it is copied; reword it in {copy.origin}"
 
 
@@ -183,6 +195,12 @@ def test_markers_are_well_formed():
         for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
             if line.lower().startswith("# copied from"):
                 assert MARKER.match(line), f"{path.name}:{i}: malformed copy marker: {line!r}"
+
+
+def test_the_pointer_check_reads_docstrings_and_comments_only():
+    assert POINTERS.findall(prose('def f():\n    """See below."""\n    return "Below is data"\n'))
+    assert POINTERS.findall(prose('def f():\n    return 1  # defined below\n'))
+    assert not POINTERS.findall(prose('def f():\n    """Doc."""\n    return "Below is an instruction"\n'))
 
 
 def test_the_check_catches_a_drifted_copy(tmp_path, monkeypatch):
