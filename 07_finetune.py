@@ -1,36 +1,28 @@
-"""07_finetune.py: instruction finetuning, full and LoRA.
+"""Stage 7: instruction finetuning, full and LoRA.
 
-A pretrained GPT continues text; it does not answer. Finetuning on a few hundred examples of
-(instruction, optional input, response), each written in one fixed prompt template, teaches it to
-answer: after "### Response:" comes the answer, then <|endoftext|>. The model and the loss are
-05's; only the data changed (supervised finetuning, SFT: Ouyang et al. 2022; Alpaca, Taori et al.
-2023). Top to bottom: the data (rasbt's 1,100 entries, split 85/10/5 in file order, as in
-Raschka's book, ch. 7); the prompt template, which 08 and 09 copy from here; collate_fn, which
-pads on the right and masks the prompt and the padding out of the loss (and why that needs no
-attention mask); LoRA, a low-rank update beside each frozen weight, merged back in at the end so
-the saved model is a plain GPT; the loop, with an evaluation before and after (loss on the
-validation answers, exact match on short test answers) and the test answers written to
-out_dir/test_responses.json for a person to read. The checkpoint has 05's format (stage
-"finetune"); 08 and 09 load it.
+A pretrained GPT continues text; it does not answer. Finetuning it on a thousand examples of
+(instruction, optional input, response), each in one fixed prompt template, teaches it to answer:
+after "### Response:" comes the answer, then <|endoftext|> (supervised finetuning, SFT). The model
+and the loss are 05's; new are the data (rasbt's 1,100 Alpaca-style entries, split as in
+Raschka's book, ch. 7) and which tokens the loss counts: collate_fn pads on the right and masks
+the prompt and the padding out of the loss, and causal attention makes an attention mask
+unnecessary. LoRA learns a small low-rank update beside each frozen weight instead of changing
+them all, and is merged in at the end, so the checkpoint is a plain GPT in 05's format (stage
+"finetune", which 08 and 09 load). The validation loss is measured before and after, and the
+model's answers to the test split land in out_dir/test_responses.json beside the references.
+05's char model (64 positions, no '#', few digits) runs too, stretched to more positions, with "?"
+for the characters it lacks: it learns the template's look, not the task.
 
-05's default model is char-level with a 64-character context, and the template alone is ~120
-characters. Two adaptations make it run (and say so when they act): extend_context stretches its
-position table to --min_block_size positions, and each character its vocabulary lacks ('#', '(',
-most digits) becomes --unknown_char ("?"); a newline stands in for the missing <|endoftext|>. The
-answers are Shakespearean noise (a model that small learns the template's look, not the task);
-for real answers start from GPT-2.
+References: Raschka, "Build a Large Language Model (From Scratch)", ch. 7 and appendix E; Hu et al.
+2021 (LoRA); Taori et al. 2023 (Stanford Alpaca); Ouyang et al. 2022 (InstructGPT: SFT).
 
-References: Raschka, "Build a Large Language Model (From Scratch)", ch. 7 and appendix E
-(rasbt/LLMs-from-scratch); Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models";
-Taori et al. 2023, Stanford Alpaca; Ouyang et al. 2022, "Training language models to follow
-instructions with human feedback".
-
-Run:
-    python 07_finetune.py --learning_rate=1e-3  # 05's char model (python 05_pretrain.py first): noise
-    python 07_finetune.py --init_from=gpt2 --max_iters=100 --num_responses=10   # GPT-2 on a CPU (slow)
-    python 07_finetune.py --init_from=gpt2-medium --device=cuda                # the book's run, one GPU
-    python 07_finetune.py --init_from=gpt2-medium --lora_rank=16 --learning_rate=5e-4 --device=cuda
-    python 07_finetune.py --help                # every setting, with its default
+Run it:
+  python 07_finetune.py                            # 05's char model (run python 05_pretrain.py first)
+  python 07_finetune.py --init_from=gpt2 --max_iters=100 --num_responses=10    # GPT-2 on a CPU (slow)
+  python 04_gpt.py --init_from=gpt2-medium --save_ckpt  # once: OpenAI's weights, as a checkpoint in data/
+  python 07_finetune.py --init_from=gpt2-medium --device=cuda                 # the book's run, one GPU
+  python 07_finetune.py --init_from=gpt2-medium --lora_rank=16 --learning_rate=5e-4 --device=cuda
+  python 07_finetune.py --help                     # every setting, with its default
 Then: python 09_generate.py --ckpt=out/finetune/ckpt.pt --chat, or DPO on top with 08_dpo.py.
 """
 
@@ -41,15 +33,13 @@ import json
 import math
 import os
 import pickle
-import re
-import struct
 import sys
 import time
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import numpy as np
 import requests
@@ -61,66 +51,42 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 INSTRUCTION_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/"
                         "01_main-chapter-code/instruction-data.json")  # data/README.md lists every file
 INSTRUCTION_DATA_SHA256 = "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"
-OPENAI_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # --init_from's other choices
+OPENAI_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 # -----------------------------------------------------------------------------
-# 1. The data: instruction entries, split in file order
+# 1. The data, and the prompt template (Alpaca's)
 
 
 def load_instruction_data(path="") -> list[dict]:
-    """The entries of a JSON list of {"instruction", "input", "output"} strings.
-
-    path "" (or None) downloads rasbt's instruction-data.json (1,100 entries) into data/ once,
-    sha256-checked; pass your own file in the same format to finetune on your data.
-    """
+    """A JSON list of {"instruction", "input", "output"}; "" = rasbt's 1,100 entries (downloaded once)."""
     if not path:
         path = download(INSTRUCTION_DATA_URL, DATA_DIR / "instruction-data.json", INSTRUCTION_DATA_SHA256)
-    if not Path(path).exists():
+    if not (path := Path(path)).exists():
         raise FileNotFoundError(f"{path} does not exist; pass --data_path=<JSON list of entries> or omit it")
-    data = json.loads(Path(path).read_text(encoding="utf-8"))  # a JSONDecodeError is a ValueError
-    if not isinstance(data, list) or not data:
-        raise ValueError(f"{path} must hold a non-empty JSON list of entries, got {type(data).__name__}")
-    for i, entry in enumerate(data):
+    data = json.loads(path.read_text(encoding="utf-8"))  # not JSON: a ValueError
+    for i, entry in enumerate(data if isinstance(data, list) and data else [None]):
         if not (isinstance(entry, dict) and isinstance(entry.get("instruction"), str)
                 and isinstance(entry.get("output"), str)):
             raise ValueError(f"{path}: entry {i} is not an object with string 'instruction' and 'output' "
-                             f"fields (and an optional 'input'): {str(entry)[:80]}; fix the entry or drop it")
+                             f"(and optional 'input'): {str(entry)[:80]}; the file holds a list of them")
     return data
 
 
+# No shuffling (the file is shuffled already): every run holds out the same entries; 935/110/55 of 1,100.
 def split_data(data: list, train_fraction: float = 0.85, test_fraction: float = 0.10) -> dict[str, list]:
-    """Split in file order: the first 85% train, the next 10% test, the last 5% validation.
-
-    No shuffling: the file is already in random order, and a fixed split means every run (and 08,
-    09) holds out the same entries. 1,100 entries -> 935 train, 110 test, 55 val (the book's).
-    """
+    """In file order: the first 85% train, the next 10% test, the last 5% val."""
     n_train, n_test = int(len(data) * train_fraction), int(len(data) * test_fraction)
     if n_train == 0 or n_test == 0 or len(data) - n_train - n_test == 0:
         raise ValueError(f"{len(data)} entries are too few to split 85/10/5 (every split needs one); use 20+")
-    n_train_test = n_train + n_test
-    return {"train": data[:n_train], "test": data[n_train:n_train_test], "val": data[n_train_test:]}
+    return {"train": data[:n_train], "test": data[n_train:n_train + n_test], "val": data[n_train + n_test:]}
 
 
-# -----------------------------------------------------------------------------
-# 2. The prompt template (Alpaca's), and text -> token ids
-
-RESPONSE_HEADER = "\n\n### Response:\n"  # what follows format_input(entry); then the answer
+# Training: format_input(entry) + RESPONSE_HEADER + output + end token; inference: the model writes on.
+RESPONSE_HEADER = "\n\n### Response:\n"  # between the prompt and the answer
 
 
 def format_input(entry: dict) -> str:
-    """The Alpaca prompt for an entry: a fixed two-sentence preamble, the instruction, the input if any.
-
-    >>> prompt = format_input({"instruction": "Rewrite in the passive voice.", "input": "The cat ate it."})
-    >>> print(prompt[prompt.index("###") :])
-    ### Instruction:
-    Rewrite in the passive voice.
-    <BLANKLINE>
-    ### Input:
-    The cat ate it.
-
-    A training example is format_input(entry) + RESPONSE_HEADER + entry["output"]; at inference the
-    model gets format_input(entry) + RESPONSE_HEADER and writes the rest.
-    """
+    """Alpaca's prompt for an entry: a fixed preamble, "### Instruction:", and "### Input:" if any."""
     instruction_text = (
         "Below is an instruction that describes a task. "
         "Write a response that appropriately completes the request."
@@ -130,20 +96,17 @@ def format_input(entry: dict) -> str:
     return instruction_text + input_text
 
 
+# GPT-2's BPE encodes any text; a char model knows only its own characters (05's: no '#', '(', ...).
 def text_encoder(tokenizer, unknown_char: str = "?"):
-    """Return (encode, unknown): encode(text) -> ids, and a Counter of the characters it replaced.
-
-    GPT-2's BPE encodes any string (here "<|endoftext|>" inside the data is plain text, never the
-    special token). A CharTokenizer knows only its own characters: each unknown one is replaced by
-    unknown_char and counted, or, with unknown_char="", raises a ValueError naming it.
-    """
+    """(encode, unknown): text -> ids, replacing the characters a char tokenizer lacks with unknown_char
+    (counted in the Counter unknown), or naming them in a ValueError when unknown_char is ""."""
     unknown = Counter()
     spec = tokenizer.to_dict() if hasattr(tokenizer, "to_dict") else {"kind": "gpt2"}
     if spec["kind"] != "char":
         return (lambda text: tokenizer.encode(text, disallowed_special=())), unknown
     known = set(spec["chars"])
     if unknown_char and unknown_char not in known:
-        raise ValueError(f"--unknown_char={unknown_char!r} is not among the tokenizer's characters; pick one")
+        raise ValueError(f"--unknown_char={unknown_char!r} is not among the model's characters; pick one")
 
     def encode(text: str) -> list[int]:
         missing = [ch for ch in text if ch not in known]
@@ -156,63 +119,38 @@ def text_encoder(tokenizer, unknown_char: str = "?"):
     return encode, unknown
 
 
+# A char model has no <|endoftext|>: its newline ends the answers, so they stop at their first line break.
 def end_token_id(tokenizer) -> int:
-    """The token that ends every response and pads the batches: GPT-2's <|endoftext|> (50256).
-
-    A char tokenizer has no such token; its newline stands in, so a char model learns to end its
-    answer with a line break (a multi-line answer is cut at its first line when generating).
-    """
-    if tokenizer.eot_token is not None:
-        return tokenizer.eot_token
-    if "\n" not in tokenizer.to_dict().get("chars", ""):
-        raise ValueError("this char tokenizer has neither <|endoftext|> nor a newline to end responses with")
-    return tokenizer.encode("\n")[0]
+    """The token that ends every answer and pads the batches: <|endoftext|>, or a char model's newline."""
+    return tokenizer.eot_token if tokenizer.eot_token is not None else tokenizer.encode("\n")[0]
 
 
 # -----------------------------------------------------------------------------
-# 3. Examples and batches: append the end token, pad on the right, shift, mask
+# 2. Examples and batches: append the end token, pad on the right, shift, mask
 
 
-def tokenize_examples(entries: list[dict], encode, max_length: int) -> tuple[list, int, int]:
-    """(examples, n_cut, n_dropped): each example is (ids of prompt + response, prompt length).
-
-    The response is RESPONSE_HEADER + output: as in the book, the header's few tokens are targets
-    too (the model learns to write it). Prompt and response are encoded separately, so the prompt
-    length is exact. max_length is the model's context: collate_fn cuts longer examples (n_cut
-    counts them); one whose prompt alone fills the context has no target left and is dropped.
-    """
-    examples, n_cut, n_dropped = [], 0, 0
-    for entry in entries:
-        prompt = encode(format_input(entry))
-        ids = prompt + encode(RESPONSE_HEADER + entry["output"])
-        if len(prompt) > max_length:
-            n_dropped += 1
-            continue
-        n_cut += len(ids) > max_length
-        examples.append((ids, len(prompt)))
-    return examples, n_cut, n_dropped
+def tokenize_examples(entries: list[dict], encode, max_length: int) -> list[tuple[list[int], int]]:
+    """(prompt + response ids, prompt length) per entry. The response starts with RESPONSE_HEADER, whose
+    few tokens are targets too (as in the book). collate_fn cuts examples at max_length (the context);
+    one whose prompt alone is longer has no target left and is dropped."""
+    examples = [(encode(format_input(e)), encode(RESPONSE_HEADER + e["output"])) for e in entries]
+    return [(prompt + response, len(prompt)) for prompt, response in examples if len(prompt) <= max_length]
 
 
+# Each sequence gets the end token appended and is padded on the right, with the same token, to the
+# longest in the batch; targets are the inputs shifted left by one. Then -100, which cross-entropy
+# skips, replaces the targets the model should not learn: the padding after the first end token
+# (that one stays: the model must learn to stop) and, with mask_prompt, every target in the prompt.
+# With pad = 0 and prompt length 2:
+#     ids [5, 6, 7, 8] + end  ->  inputs [5, 6, 7, 8]   targets [-100, 7, 8, 0]
+#     ids [5, 6]       + end  ->  inputs [5, 6, 0, 0]   targets [-100, 0, -100, -100]
+# No attention mask is needed: the padding comes after every real token of its row, and causal
+# attention lets a token see only the tokens before it, so no real token ever sees padding. The
+# padding positions do see the real tokens, but their targets are -100: nothing they compute
+# reaches the loss. (Left padding would need a mask, as in 03, and shifted positions.)
 def collate_fn(batch, pad_token_id=50256, ignore_index=-100, allowed_max_length=None, mask_prompt=True,
                device="cpu"):
-    """Turn a list of (ids, prompt_length) into inputs and targets, both (B, T).
-
-    Each sequence gets the end token appended and is padded on the right (with the same token) to
-    the longest in the batch; targets are the inputs shifted left by one. Then ignore_index (-100,
-    which cross-entropy skips) replaces the targets we do not want to learn from: the padding after
-    the first end token (the model must learn to stop, so that one stays) and, with mask_prompt,
-    every target inside the prompt (the model need not learn to write instructions).
-    Example, pad = 0, prompt length 2:
-
-        ids [5, 6, 7, 8] + end  ->  inputs [5, 6, 7, 8]   targets [-100, 7, 8, 0]
-        ids [5, 6]       + end  ->  inputs [5, 6, 0, 0]   targets [-100, 0, -100, -100]
-
-    No attention mask is needed: the padding sits after every real token of its row, and causal
-    attention lets a token see only the tokens before it, so no real token ever sees padding. The
-    padding positions see the real tokens and compute something, but their targets are -100, so
-    nothing they compute reaches the loss. (Left padding would need a mask and shifted positions.)
-    allowed_max_length (the model's context) cuts inputs and targets after padding.
-    """
+    """A list of (ids, prompt_length) -> inputs and targets, both (B, T), cut at allowed_max_length."""
     T = max(len(ids) for ids, _ in batch)
     inputs, targets = [], []
     for ids, prompt_length in batch:
@@ -227,53 +165,43 @@ def collate_fn(batch, pad_token_id=50256, ignore_index=-100, allowed_max_length=
 
 
 def batch_indices(step: int, n: int, batch_size: int, seed: int = 0) -> list[int]:
-    """The example indices of training batch `step`: shuffled epochs, last partial batch dropped.
-
-    Stateless like 02's get_batch: batch = f(seed, step), so a run is reproducible from any step.
-    """
+    """The example indices of batch `step`: a fresh shuffle per epoch, the last partial batch dropped.
+    Stateless, like 02's get_batch: batch = f(seed, step)."""
     if not 0 < batch_size <= n:
         raise ValueError(f"batch_size={batch_size} must be between 1 and the {n} training examples")
     epoch, i = divmod(step, n // batch_size)
-    order = np.random.default_rng([seed, epoch]).permutation(n)  # a fresh shuffle every epoch
+    order = np.random.default_rng([seed, epoch]).permutation(n)
     return order[i * batch_size : (i + 1) * batch_size].tolist()
 
 
 # -----------------------------------------------------------------------------
-# 4. LoRA: a trainable low-rank update beside each frozen Linear
-
+# 3. LoRA (Hu et al. 2021): a trainable low-rank update beside each frozen Linear
+#
+# Finetuning changes a weight W (out, in) by some dW, and that change has a low "intrinsic rank", so
+# learn it as B A with B (out, r) and A (r, in), r small: r * (in + out) parameters instead of
+# in * out (GPT-2's c_attn at r=8: 24,576 instead of 1,769,472). B starts at zero, so the model starts
+# exactly as the base; alpha / rank scales the update, so another rank needs no new learning rate.
+# merge_lora folds B A into W: a plain GPT again, no cost at inference, the usual state dict.
 LORA_TARGETS = ("c_attn", "c_proj", "c_fc")  # GPT's Linears (lm_head is tied to wte: not a target)
 
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus a low-rank update: y = base(x) + (alpha / rank) * x A^T B^T.
-
-    Finetuning changes a weight W (out, in) by some dW, and that change has a low "intrinsic rank"
-    (Hu et al. 2021), so learn it as B A with B (out, r) and A (r, in), r small: r * (in + out)
-    parameters instead of in * out. GPT-2's c_attn (768 -> 2304) at r=8: 24,576 instead of 1,769,472.
-    A starts random (kaiming, as nn.Linear's own weights), B at zero: B A = 0, so at first the
-    layer computes exactly what the base did. alpha / rank scales the update so that a different
-    rank needs no new learning rate.
-    """
+    """A frozen nn.Linear plus a low-rank update: y = base(x) + (alpha / rank) * x A^T B^T."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float):
         super().__init__()
-        if rank <= 0:
-            raise ValueError(f"LoRA rank must be a positive integer, got {rank} (--lora_rank=0 is no LoRA)")
         self.base, self.rank, self.alpha, self.scaling = base, rank, alpha, alpha / rank
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **kw))  # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **kw))  # (out, r)
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear's own weights
 
     def forward(self, x):
         return self.base(x) + (x @ self.lora_A.T @ self.lora_B.T) * self.scaling  # (B, T, out)
 
 
 def apply_lora(model: nn.Module, rank: int, alpha: float, targets=LORA_TARGETS) -> nn.Module:
-    """Freeze every parameter, then wrap each Linear named in targets in a LoRALinear (in place).
-
-    targets are the last part of the module names: "c_proj" wraps attn.c_proj and mlp.c_proj.
-    """
+    """Freeze every parameter, then wrap each Linear named in targets ("c_proj": attn's and mlp's)."""
     targets = [targets] if isinstance(targets, str) else list(targets)
     if not targets or set(targets) - set(LORA_TARGETS):
         raise ValueError(f"LoRA targets {targets} must be a non-empty subset of {LORA_TARGETS}")
@@ -287,11 +215,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets=LORA_TARGETS) 
 
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight, W <- W + (alpha / rank) B A, and unwrap it (in place).
-
-    The result is a plain GPT with no extra cost at inference and the usual state dict, which is
-    what the checkpoint holds. All parameters are trainable again, as in any plain model.
-    """
+    """W <- W + (alpha / rank) B A for every adapter, which is then unwrapped: a plain, trainable GPT."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, LoRALinear):
@@ -300,23 +224,14 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model.requires_grad_(True)
 
 
-def count_params(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters; a shared (tied) tensor counts once."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
 # -----------------------------------------------------------------------------
-# 5. Evaluation: loss on the responses, greedy answers, exact match
+# 4. Evaluation: the loss on the answers, and greedy answers
 
 
 @torch.no_grad()
 def evaluate_loss(model, examples: list, batch_size: int, pad_token_id: int, ctx=nullcontext()) -> dict:
-    """Mean cross-entropy over the response tokens only (prompt and padding masked), and perplexity.
-
-    The model's loss is a mean per batch; summing loss * (number of counted targets) over batches
-    gives the exact mean over all response tokens. The sums stay on the device: one read at the end.
-    """
+    """Mean cross-entropy over the answer tokens (prompt and padding masked), and its perplexity: the
+    sum of each batch's mean times its count of targets, kept on the device and read once at the end."""
     was_training, device = model.training, next(model.parameters()).device
     model.eval()
     total, count = torch.zeros((), device=device), torch.zeros((), device=device)
@@ -326,56 +241,42 @@ def evaluate_loss(model, examples: list, batch_size: int, pad_token_id: int, ctx
         with ctx:
             _, loss = model(x, y)
         n = (y != -100).sum()
-        total, count = total + loss.float() * n, count + n
+        total, count = total + loss * n, count + n
     model.train(was_training)
     loss = (total / count).item()
-    return {"loss": loss, "perplexity": math.exp(loss), "tokens": int(count.item())}
+    return {"loss": loss, "perplexity": math.exp(loss)}
 
 
+# Prompts are padded on the right with end_id: as in collate_fn, what sits right of a row's last token
+# cannot change its logits (causal), so no mask; each row's next token is read at its own last position
+# and written after it. No KV cache (09 has it): each step reruns the context; one sync per token.
 @torch.no_grad()
 def generate_greedy(model, prompts: list[list[int]], max_new_tokens: int, end_id: int, batch_size: int = 8,
                     ctx=nullcontext()) -> list[list[int]]:
-    """Greedy continuations of several prompts, batched, each stopped at end_id (not included).
-
-    subtle: prompts of different lengths share one forward pass, padded on the right with end_id.
-    Causal attention means what sits right of a row's last token cannot change that token's
-    logits, so no mask is needed: we read each row's next token at its own last position and write
-    it just after. Prompts of similar length are batched together; one longer than the context
-    keeps its last block_size - 1 tokens, and an answer stops when prompt + answer fill the context.
-    No KV cache: each step reruns the whole context (09_generate.py adds the cache). The CPU waits
-    for the device once per token, to ask whether every row is done.
-    """
-    was_training, device = model.training, next(model.parameters()).device
+    """Greedy continuations of token-id prompts, each stopped at end_id (not included) or when prompt +
+    answer fill the context (a prompt longer than that keeps its last tokens)."""
+    was_training, device, block_size = model.training, model.lm_head.weight.device, model.config.block_size
     model.eval()
-    block_size, out = model.config.block_size, [None] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        batch = [prompts[i][max(0, len(prompts[i]) - block_size + 1) :] for i in rows]  # room for one more
-        longest = max(len(p) for p in batch)
-        width = min(block_size, longest + max_new_tokens)
-        idx = torch.full((len(rows), width + 1), end_id, dtype=torch.long)  # (B, width + 1): one spare column
-        for r, p in enumerate(batch):
-            idx[r, : len(p)] = torch.tensor(p, dtype=torch.long)
-        idx, arange = idx.to(device), torch.arange(len(rows), device=device)
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        batch = [p[max(0, len(p) - block_size + 1) :] for p in prompts[start : start + batch_size]]
+        longest, rows = max(map(len, batch)), torch.arange(len(batch), device=device)
+        W = min(block_size, longest + max_new_tokens)  # a row grows to at most W tokens
+        idx = torch.tensor([p + [end_id] * (W + 1 - len(p)) for p in batch], device=device)  # (B, W+1)
         lengths = torch.tensor([len(p) for p in batch], device=device)  # (B,)
-        done = torch.zeros(len(rows), dtype=torch.bool, device=device)
+        done = torch.zeros(len(batch), dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
-            with ctx:  # every live row ends at or before column longest + step, and before width
-                logits, _ = model(idx[:, : min(longest + step, width)])  # (B, T, vocab)
-            next_id = logits[arange, lengths - 1].argmax(-1)  # (B,) each row at its own last token
-            next_id = torch.where(done, end_id, next_id)  # a finished row writes end_id into padding
-            idx[arange, lengths] = next_id
+            with ctx:  # each unfinished row ends at or before column longest + step
+                logits, _ = model(idx[:, : min(longest + step, W)])  # (B, T, vocab)
+            next_id = torch.where(done, end_id, logits[rows, lengths - 1].argmax(-1))  # (B,)
+            idx[rows, lengths] = next_id  # a finished row writes end_id into padding or the spare column
             lengths += ~done
-            done |= (next_id == end_id) | (lengths >= width)
-            if done.all():  # the one sync per token
+            done |= (next_id == end_id) | (lengths >= W)
+            if done.all():
                 break
-        idx, lengths = idx.tolist(), lengths.tolist()
-        for r, i in enumerate(rows):
-            new = idx[r][len(batch[r]) : lengths[r]]
-            out[i] = new[:-1] if new and new[-1] == end_id else new
+        out += [row[len(p) : n] for row, p, n in zip(idx.tolist(), batch, lengths.tolist())]
     model.train(was_training)
-    return out
+    return [new[:-1] if new and new[-1] == end_id else new for new in out]
 
 
 def generate_responses(model, entries, encode, decode, end_id, max_new_tokens=256, batch_size=8,
@@ -386,77 +287,59 @@ def generate_responses(model, entries, encode, decode, end_id, max_new_tokens=25
     return [decode(ids).strip() for ids in outputs]
 
 
-def exact_match(responses: list[str], references: list[str]) -> float:
-    """The fraction of responses equal to their reference after lowercasing, punctuation to spaces
-    and single spaces: 'Jane Austen.' matches 'jane austen'."""
-    normalize = lambda text: " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())  # noqa: E731
-    hits = [normalize(r) == normalize(ref) for r, ref in zip(responses, references)]
-    return sum(hits) / max(1, len(hits))
-
-
 # -----------------------------------------------------------------------------
-# 6. Settings, the model to start from, and the finetuning loop
-
-
-# (arg is called when the class below is defined, so its copy stands here, above it, not in the appendix)
-# copied from 05_pretrain.py: arg
-def arg(default, help: str):
-    """A dataclass field with its --help text: `n_layer: int = arg(4, "transformer blocks")`."""
-    return field(default=default, metadata={"help": help})
+# 5. Settings, the model to start from, and the finetuning loop
 
 
 @dataclass
 class FinetuneConfig:
-    """Instruction finetuning of a GPT (full, or LoRA with --lora_rank > 0)."""
+    """Instruction finetuning of a GPT, full or LoRA (--lora_rank > 0); the defaults are the book's."""
 
-    # model and data
-    init_from: str = arg("checkpoint", "checkpoint (--ckpt_path), or OpenAI's gpt2, gpt2-medium, -large, -xl")
-    ckpt_path: str = arg("out/shakespeare-char/ckpt.pt", "the checkpoint to finetune (05's default run)")
-    out_dir: str = arg("out/finetune", "ckpt.pt, log.jsonl and test_responses.json go here")
-    overwrite: bool = arg(False, "replace the ckpt.pt of an earlier run in out_dir")
-    data_path: str = arg("", "'' = rasbt's instruction-data.json (downloaded, sha256-checked), or your own")
-    min_block_size: int = arg(512, "a model with a shorter context gets its position table stretched to this")
-    mask_prompt: bool = arg(True, "learn from the response tokens only (false: the prompt counts too)")
-    unknown_char: str = arg("?", "char tokenizers: stands in for the characters they lack ('' = error)")
-    dropout: float = arg(0.0, "the model's dropout while finetuning (the book: 0.0)")
-    # LoRA
-    lora_rank: int = arg(0, "0 = full finetuning; r > 0 = LoRA adapters of rank r, base weights frozen")
-    lora_alpha: float = arg(16.0, "adapters are scaled by lora_alpha / lora_rank")
-    lora_targets: str = arg("c_attn,c_proj,c_fc", "comma-separated Linears that get adapters")
-    # optimization: the book's AdamW at a constant rate, 2 epochs of batches of 8
-    batch_size: int = arg(8, "examples per step")
-    epochs: float = arg(2.0, "passes over the training split (used when max_iters = 0)")
-    max_iters: int = arg(0, "optimizer steps; 0 = epochs * (training examples // batch_size)")
-    learning_rate: float = arg(5e-5, "AdamW's learning rate; LoRA likes ~10x more (e.g. 5e-4)")
-    weight_decay: float = arg(0.1, "AdamW's, on 2-D weights only")
-    grad_clip: float = arg(1.0, "clip the global gradient norm to this; 0 = no clipping")
-    # logging and evaluation
-    log_interval: int = arg(10, "a log line every this many steps")
-    eval_interval: int = arg(50, "validation loss and ckpt.pt every this many steps, and at the end")
-    max_new_tokens: int = arg(256, "longest answer generated for test_responses.json")
-    num_responses: int = arg(-1, "test entries answered in test_responses.json (-1 = all)")
-    # system
-    device: str = arg("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
-    dtype: str = arg("auto", "auto (bf16 or fp16 on CUDA, fp32 elsewhere), float32, bfloat16, float16")
-    threads: int = arg(0, "CPU threads; 0 = PyTorch's default")
-    seed: int = arg(1337, "seeds the batches, the adapters and dropout")
+    init_from: Annotated[str, "checkpoint (at ckpt_path), gpt2, gpt2-medium, -large, -xl"] = "checkpoint"
+    ckpt_path: Annotated[str, "the checkpoint to finetune (05's default)"] = "out/shakespeare-char/ckpt.pt"
+    out_dir: Annotated[str, "ckpt.pt and test_responses.json go here"] = "out/finetune"
+    overwrite: Annotated[bool, "replace the ckpt.pt of an earlier run in out_dir"] = False
+    data_path: Annotated[str, "a JSON list of entries; '' = rasbt's instruction-data.json"] = ""
+    min_block_size: Annotated[int, "a shorter context is stretched to this many positions"] = 512
+    mask_prompt: Annotated[bool, "learn from the answer tokens only (false: the prompt counts too)"] = True
+    unknown_char: Annotated[str, "char models: stands in for the characters they lack ('' = error)"] = "?"
+    lora_rank: Annotated[int, "0 = full finetuning; r > 0 = LoRA adapters of rank r, weights frozen"] = 0
+    lora_alpha: Annotated[float, "adapters are scaled by lora_alpha / lora_rank"] = 16.0
+    lora_targets: Annotated[str, "comma-separated Linears that get adapters"] = "c_attn,c_proj,c_fc"
+    batch_size: Annotated[int, "examples per step"] = 8
+    epochs: Annotated[float, "passes over the training split (used when max_iters = 0)"] = 2.0
+    max_iters: Annotated[int, "optimizer steps; 0 = epochs * (training examples // batch_size)"] = 0
+    learning_rate: Annotated[float, "AdamW's learning rate; LoRA likes ~10x more (e.g. 5e-4)"] = 5e-5
+    weight_decay: Annotated[float, "AdamW's, on 2-D weights only"] = 0.1
+    grad_clip: Annotated[float, "clip the global gradient norm to this; 0 = no clipping"] = 1.0
+    log_interval: Annotated[int, "a log line every this many steps"] = 10
+    eval_interval: Annotated[int, "validation loss and ckpt.pt every this many steps, and at the end"] = 50
+    max_new_tokens: Annotated[int, "longest answer in test_responses.json"] = 256
+    num_responses: Annotated[int, "test entries answered in test_responses.json (-1 = all)"] = -1
+    device: Annotated[str, "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"] = "auto"
+    dtype: Annotated[str, "auto (bf16 or fp16 on CUDA, fp32 elsewhere), float32, bfloat16, float16"] = "auto"
+    threads: Annotated[int, "CPU threads; 0 = PyTorch's default"] = 0
+    seed: Annotated[int, "seeds the batches and the adapters"] = 1337
 
-    def __post_init__(self):
-        """Check every setting before any work: parse_config prints a failure as one `error:` line."""
+    def __post_init__(self):  # every check names its fix; parse_config prints it as one `error:` line
         if self.init_from not in ("checkpoint", *OPENAI_MODELS):
-            raise ValueError(f"--init_from={self.init_from!r} is not valid; use checkpoint, "
-                             f"{', '.join(OPENAI_MODELS)}")
+            raise ValueError(f"--init_from={self.init_from!r}: use checkpoint, {', '.join(OPENAI_MODELS)}")
         if self.lora_rank < 0 or not set(self.lora_targets.split(",")) <= set(LORA_TARGETS):
             raise ValueError(f"--lora_rank must be >= 0 and --lora_targets a comma-separated subset of "
-                             f"{','.join(LORA_TARGETS)}; got {self.lora_rank} and {self.lora_targets!r}")
+                             f"{','.join(LORA_TARGETS)}; got {self.lora_rank}, {self.lora_targets!r}")
         for name in ("batch_size", "log_interval", "eval_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.max_iters < 0 or (self.max_iters == 0 and self.epochs <= 0):
             raise ValueError(f"--max_iters={self.max_iters} and --epochs={self.epochs} train for no steps")
-        self.device = pick_device(self.device)  # "auto" resolved; both name the fix in their ValueError
+        self.device = pick_device(self.device)  # "auto" resolved here, once
         self.dtype = pick_dtype(self.dtype, self.device)
-        if self.init_from == "checkpoint" and not Path(self.ckpt_path).exists():
+        if self.init_from in OPENAI_MODELS:  # OpenAI's weights enter at 04, as a checkpoint in data/
+            self.ckpt_path = str(DATA_DIR / self.init_from / "ckpt.pt")
+            if not Path(self.ckpt_path).exists():
+                raise FileNotFoundError(f"{self.ckpt_path} not found; fetch OpenAI's weights once: "
+                                        f"python 04_gpt.py --init_from={self.init_from} --save_ckpt")
+        elif not Path(self.ckpt_path).exists():
             raise FileNotFoundError(f"no checkpoint at {self.ckpt_path}: train one (python 05_pretrain.py), "
                                     f"point --ckpt_path at one, or start from GPT-2 (--init_from=gpt2)")
         if (Path(self.out_dir) / "ckpt.pt").exists() and not self.overwrite:
@@ -466,16 +349,12 @@ class FinetuneConfig:
             split_data(load_instruction_data(self.data_path))
 
 
+# A GPT has one learned vector per position it trained on, and 05's CPU model knows 64, fewer than
+# the template alone. So we resample its position table by linear interpolation (as ViT does for
+# larger images): new position p gets the old p * (old - 1) / (new - 1); finetuning sharpens them.
 @torch.no_grad()
 def extend_context(model, block_size: int):
-    """The same GPT with block_size positions: its learned position table, stretched.
-
-    A GPT has one learned vector per position it trained on (wpe: block_size rows) and nothing
-    beyond; 05's CPU model knows 64 characters, fewer than the template alone. We resample the
-    table along the position axis by linear interpolation (as ViT does for larger images): new
-    position p gets the old table at p * (old - 1) / (new - 1), so neighbours stay similar, and
-    finetuning sharpens them. GPT-2 (1,024 positions) needs none of this.
-    """
+    """The same GPT with block_size positions: its learned position table, stretched."""
     wpe = model.transformer.wpe.weight  # (T_old, C)
     stretched = F.interpolate(wpe.T[None], size=block_size, mode="linear", align_corners=True)[0].T  # (T, C)
     longer = GPT(replace(model.config, block_size=block_size))
@@ -484,29 +363,38 @@ def extend_context(model, block_size: int):
 
 
 def load_model(cfg: FinetuneConfig):
-    """(model on the CPU, tokenizer spec): OpenAI's GPT-2 or a checkpoint of these scripts, with
-    cfg's dropout and at least cfg.min_block_size positions."""
-    if cfg.init_from in OPENAI_MODELS:
-        model, spec = from_pretrained(cfg.init_from, DATA_DIR), {"kind": "gpt2"}
-    else:
-        model, _, ckpt = load_checkpoint(cfg.ckpt_path)
-        spec = ckpt["tokenizer"]
-        print(f"loaded {cfg.ckpt_path} (stage {ckpt.get('stage')!r}, {ckpt.get('iter_num')} iterations)")
+    """(model on the CPU, tokenizer spec) from cfg.ckpt_path, with >= cfg.min_block_size positions."""
+    model, _, ckpt = load_checkpoint(cfg.ckpt_path)
+    spec = ckpt["tokenizer"]
+    print(f"loaded {cfg.ckpt_path} (stage {ckpt.get('stage')!r}, {ckpt.get('iter_num')} iterations)")
     if model.config.block_size < cfg.min_block_size:
         print(f"stretching the position table from {model.config.block_size} to {cfg.min_block_size}")
         model = extend_context(model, cfg.min_block_size)
-    if model.config.dropout != cfg.dropout:  # dropout lives in the modules: rebuild with the new rate
-        state, model = model.state_dict(), GPT(replace(model.config, dropout=cfg.dropout))
-        model.load_state_dict(state)
     return model, spec
 
 
-def make_checkpoint(model, config: dict, spec: dict, iter_num: int, best_val_loss: float, val_loss: float):
-    """A checkpoint in 05's format, stage "finetune", holding a plain GPT.
+def prepare_data(cfg: FinetuneConfig, model, spec: dict) -> dict:
+    """The splits tokenized for model: train and val examples, test entries, encode, decode, end_id."""
+    tokenizer, block_size = get_tokenizer(spec), model.config.block_size
+    encode, unknown = text_encoder(tokenizer, cfg.unknown_char)
+    splits = split_data(load_instruction_data(cfg.data_path))
+    train, val = (tokenize_examples(splits[k], encode, block_size) for k in ("train", "val"))
+    n_cut, n_dropped = sum(len(ids) > block_size for ids, _ in train), len(splits["train"]) - len(train)
+    print(f"data: {', '.join(f'{k} {len(v)}' for k, v in splits.items())} entries; {n_cut} training examples "
+          f"cut at the context ({block_size} tokens), {n_dropped} dropped (the prompt alone is longer)")
+    if unknown:
+        print(f"{sum(unknown.values())} characters the char model lacks became {cfg.unknown_char!r} "
+              f"(most common: {''.join(c for c, _ in unknown.most_common(20))!r})")
+    if len(train) < cfg.batch_size or not val:
+        raise ValueError(f"{len(train)} training and {len(val)} validation examples fit the context "
+                         f"({block_size} tokens), too few for --batch_size={cfg.batch_size}: lower it, raise "
+                         f"--min_block_size, or start from GPT-2 (--init_from=gpt2)")
+    return {"train": train, "val": val, "test": splits["test"], "encode": encode, "decode": tokenizer.decode,
+            "end_id": end_token_id(tokenizer)}
 
-    With LoRA we save a merged copy (the model keeps training with its adapters). No optimizer or
-    RNG state: a finetuning run is short, so there is no resume to feed.
-    """
+
+def make_checkpoint(model, config: dict, spec: dict, iter_num: int, best_val_loss: float, val_loss: float):
+    """05's format, stage "finetune"; with LoRA a merged copy. No optimizer or RNG state: no resume."""
     lora = any(isinstance(m, LoRALinear) for m in model.modules())
     plain = merge_lora(copy.deepcopy(model)) if lora else model
     return {"model": plain.state_dict(), "model_args": asdict(plain.config), "tokenizer": spec,
@@ -514,84 +402,46 @@ def make_checkpoint(model, config: dict, spec: dict, iter_num: int, best_val_los
             "val_loss": val_loss, "optimizer": None, "scaler": None, "rng": None}
 
 
-def prepare_data(cfg: FinetuneConfig, model, spec: dict) -> dict:
-    """Tokenize the splits for model: {"train", "val": examples, "test": entries, "encode", "decode",
-    "end_id"}. Says what it cut, dropped or replaced; a ValueError when nothing fits the context."""
-    tokenizer, block_size = get_tokenizer(spec), model.config.block_size
-    encode, unknown = text_encoder(tokenizer, cfg.unknown_char)
-    splits = split_data(load_instruction_data(cfg.data_path))
-    train, n_cut, n_dropped = tokenize_examples(splits["train"], encode, block_size)
-    val, _, _ = tokenize_examples(splits["val"], encode, block_size)
-    print(f"data: {', '.join(f'{k} {len(v)}' for k, v in splits.items())} entries; {n_cut} training examples "
-          f"cut at the context ({block_size} tokens), {n_dropped} dropped (the prompt alone fills it)")
-    if unknown:
-        print(f"{sum(unknown.values())} characters the char tokenizer lacks became {cfg.unknown_char!r} "
-              f"(most common: {''.join(c for c, _ in unknown.most_common(20))!r})")
-    if not train or not val:
-        raise ValueError(f"no training or validation example fits the context of {block_size} tokens; "
-                         f"raise --min_block_size or start from GPT-2 (--init_from=gpt2)")
-    return {"train": train, "val": val, "test": splits["test"], "encode": encode, "decode": tokenizer.decode,
-            "end_id": end_token_id(tokenizer)}
-
-
-def evaluate(model, data: dict, cfg: FinetuneConfig, ctx) -> dict:
-    """Loss and perplexity on the validation answers; exact match on the test answers of <= 3 words."""
-    short = [e for e in data["test"] if len(e["output"].split()) <= 3]
-    # 32 new tokens are plenty for a few words
-    responses = generate_responses(model, short, data["encode"], data["decode"], data["end_id"], 32,
-                                   cfg.batch_size, ctx)
-    loss = evaluate_loss(model, data["val"], cfg.batch_size, data["end_id"], ctx)
-    result = {"val_loss": loss["loss"], "val_perplexity": loss["perplexity"],
-              "exact_match": exact_match(responses, [e["output"] for e in short])}
-    print(f"val loss {result['val_loss']:.4f}, perplexity {result['val_perplexity']:.2f}, "
-          f"exact match {result['exact_match']:.1%} of {len(short)} short test answers")
-    return result
-
-
-def write_test_responses(model, data: dict, cfg: FinetuneConfig, ctx) -> Path:
+def write_test_responses(model, data: dict, cfg: FinetuneConfig, ctx):
     """The model's answers to the test entries, beside the references, in out_dir/test_responses.json."""
     test = data["test"] if cfg.num_responses < 0 else data["test"][: cfg.num_responses]
-    responses, t0 = [], time.perf_counter()
+    answers, t0 = [], time.perf_counter()
     for start in range(0, len(test), cfg.batch_size):  # a batch at a time, to show progress
         chunk = test[start : start + cfg.batch_size]
-        responses += generate_responses(model, chunk, data["encode"], data["decode"], data["end_id"],
-                                        cfg.max_new_tokens, cfg.batch_size, ctx)
-        rate = len(responses) / (time.perf_counter() - t0)
-        print(f"\rtest answers: {len(responses)}/{len(test)}, {rate:.2f}/s, "
-              f"{(len(test) - len(responses)) / rate:.0f} s left", end="", flush=True)
+        answers += generate_responses(model, chunk, data["encode"], data["decode"], data["end_id"],
+                                      cfg.max_new_tokens, cfg.batch_size, ctx)
+        rate = len(answers) / (time.perf_counter() - t0)
+        print(f"\rtest answers: {len(answers)}/{len(test)}, {rate:.2f}/s, "
+              f"{(len(test) - len(answers)) / rate:.0f} s left", end="", flush=True)
     path = Path(cfg.out_dir) / "test_responses.json"
-    records = [{**entry, "model_response": response} for entry, response in zip(test, responses)]
+    records = [{**entry, "model_response": answer} for entry, answer in zip(test, answers)]
     path.write_text(json.dumps(records, indent=1, ensure_ascii=False), encoding="utf-8")
-    if test:
-        print(f"\n\n{format_input(test[0])}{RESPONSE_HEADER}{responses[0]}\n(reference: {test[0]['output']})")
-    print(f"\n{len(test)} test answers in {path}; the model in {Path(cfg.out_dir) / 'ckpt.pt'}")
-    return path
+    print(f"\n{len(test)} test answers in {path}, beside the references; the model in {cfg.out_dir}/ckpt.pt")
 
 
 def finetune(cfg: FinetuneConfig, model, spec: dict, data: dict) -> dict:
-    """Finetune model, evaluate before and after, save the checkpoint and the test answers."""
-    device_type, out_dir, end_id = torch.device(cfg.device).type, Path(cfg.out_dir), data["end_id"]
+    """Finetune model, with the validation loss before and after; save the checkpoint and test answers."""
+    train, val, end_id, device_type = data["train"], data["val"], data["end_id"], cfg.device.split(":")[0]
+    ctx, out_dir = autocast_context(device_type, cfg.dtype), Path(cfg.out_dir)
     if device_type == "cuda":  # TF32: fp32 matmuls on tensor cores, 10-bit mantissa (as 05)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    ctx, train, val = autocast_context(device_type, cfg.dtype), data["train"], data["val"]
     model.to(cfg.device)
     if cfg.lora_rank > 0:
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","))
-    trainable, total = count_params(model)
-    how = f"LoRA rank {cfg.lora_rank} on {cfg.lora_targets}" if cfg.lora_rank > 0 else "full finetuning"
+    params = [p for p in model.parameters() if p.requires_grad]  # a tied tensor appears once
+    trainable, total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
     max_iters = cfg.max_iters or max(1, int(cfg.epochs * (len(train) // cfg.batch_size)))
-    print(f"parameters: {trainable:,} trainable of {total:,} ({trainable / total:.2%}), {how}; {cfg.device} "
+    print(f"parameters: {trainable:,} trainable of {total:,} ({trainable / total:.2%}); {cfg.device} "
           f"{cfg.dtype}, {torch.get_num_threads()} threads, {max_iters} steps of {cfg.batch_size} examples")
     # AdamW as 05's configure_optimizers: weight decay on the matrices, none on biases and gains
-    params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=device_type in ("cuda", "cpu"))
     scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")  # off: a pass-through
 
-    print("before finetuning: ", end="")
-    before = evaluate(model, data, cfg, ctx)
-    best_val_loss, losses, log, tokens, t0 = float("inf"), [], [], 0, time.perf_counter()
+    before = evaluate_loss(model, val, cfg.batch_size, end_id, ctx)
+    print(f"before finetuning: val loss {before['loss']:.4f}, perplexity {before['perplexity']:.2f}")
+    best_val_loss, losses, tokens, t0 = float("inf"), [], 0, time.perf_counter()
     model.train()
     for it in range(max_iters):
         batch = [train[i] for i in batch_indices(it, len(train), cfg.batch_size, cfg.seed)]
@@ -605,43 +455,38 @@ def finetune(cfg: FinetuneConfig, model, spec: dict, data: dict) -> dict:
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        # the loss stays on the device: reading it (.item()) makes the CPU wait for the GPU, so we
-        # read it on log and eval steps only, and meanwhile the CPU queues the next steps
+        # on the device: .item() makes the CPU wait for the GPU, so only on log and eval steps
         losses.append(loss.detach())
         tokens, last = tokens + x.numel(), it == max_iters - 1
         if it % cfg.log_interval == 0 or last:
-            loss_value, dt = loss.item(), time.perf_counter() - t0
-            print(f"step {it + 1}/{max_iters}: loss {loss_value:.4f}, grad norm {norm.item():.2f}, "
-                  f"{tokens / dt:,.0f} tokens/s")
+            print(f"step {it + 1}/{max_iters}: loss {loss.item():.4f}, grad norm {norm.item():.2f}, "
+                  f"{tokens / (time.perf_counter() - t0):,.0f} tokens/s")
             tokens, t0 = 0, time.perf_counter()
         if (it + 1) % cfg.eval_interval == 0 or last:
-            val_loss = evaluate_loss(model, val, cfg.batch_size, end_id, ctx)["loss"]
-            if not math.isfinite(val_loss):  # never save a broken model over the last good one
-                raise FloatingPointError(f"val loss {val_loss} at step {it + 1}; lower --learning_rate")
-            best_val_loss = min(best_val_loss, val_loss)
-            print(f"step {it + 1}: val loss {val_loss:.4f}")
-            log.append({"iter": it + 1, "train_loss": loss.item(), "val_loss": val_loss})
-            ckpt = make_checkpoint(model, asdict(cfg), spec, it + 1, best_val_loss, val_loss)
+            after = evaluate_loss(model, val, cfg.batch_size, end_id, ctx)
+            if not math.isfinite(after["loss"]):  # never save a broken model over the last good one
+                raise FloatingPointError(f"val loss {after['loss']} at step {it + 1}; lower --learning_rate")
+            best_val_loss = min(best_val_loss, after["loss"])
+            print(f"step {it + 1}: val loss {after['loss']:.4f}")
+            ckpt = make_checkpoint(model, asdict(cfg), spec, it + 1, best_val_loss, after["loss"])
             save_checkpoint(out_dir / "ckpt.pt", ckpt)
-    (out_dir / "log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in log))
+            tokens, t0 = 0, time.perf_counter()  # tokens/s: the evaluation's time is not training time
 
-    print("after finetuning: ", end="")
-    after = evaluate(model, data, cfg, ctx)
+    print(f"after finetuning: val loss {after['loss']:.4f}, perplexity {after['perplexity']:.2f}")
     write_test_responses(model, data, cfg, ctx)
     return {"iter_num": max_iters, "train_losses": torch.stack(losses).tolist(), "before": before,
-            "after": after, "val_loss": after["val_loss"], "best_val_loss": best_val_loss}
+            "after": after, "best_val_loss": best_val_loss}
 
 
 def main(argv=None):
     cfg = parse_config(FinetuneConfig, argv)  # a bad setting: one `error:` line, exit status 2
     print("config:", ", ".join(f"{k}={v!r}" for k, v in asdict(cfg).items()))
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.threads or torch.get_num_threads())
     torch.manual_seed(cfg.seed)
-    try:  # a file that is not a checkpoint, a vocabulary that lacks --unknown_char, a context too short
+    try:  # a file that is not a checkpoint, a vocabulary without --unknown_char, a context too short
         model, spec = load_model(cfg)
         data = prepare_data(cfg, model, spec)
-    except ValueError as e:  # the user's to fix, not a bug of ours: one line, as parse_config does
+    except ValueError as e:  # the user's to fix, not our bug: one line, as parse_config does
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     return finetune(cfg, model, spec, data)
@@ -654,21 +499,13 @@ def main(argv=None):
 
 # copied from 01_tokenizer.py: CharTokenizer
 class CharTokenizer:
-    """One token per character: the simplest tokenizer (vocabulary = the characters seen).
-
-    >>> tok = CharTokenizer.from_text("hello")      # vocabulary "ehlo": e=0, h=1, l=2, o=3
-    >>> tok.encode("hole"), tok.decode([2, 0])
-    ([1, 3, 2, 0], 'le')
-    """
+    """One token per character: from_text("hello") gives e=0 h=1 l=2 o=3, so "hole" -> [1, 3, 2, 0]."""
 
     def __init__(self, chars: str):
         if len(set(chars)) != len(chars):
             raise ValueError("chars has repeated characters; build it with CharTokenizer.from_text(text)")
-        self.chars = chars
-        self.stoi = {ch: i for i, ch in enumerate(chars)}
-        self.itos = dict(enumerate(chars))
-        self.n_vocab = len(chars)
-        self.eot_token = None  # no end-of-text token: 05 trains on one continuous text
+        self.chars, self.n_vocab, self.eot_token = chars, len(chars), None  # None: no end-of-text token
+        self.stoi, self.itos = {ch: i for i, ch in enumerate(chars)}, dict(enumerate(chars))
 
     @classmethod
     def from_text(cls, text: str) -> "CharTokenizer":
@@ -694,52 +531,36 @@ class CharTokenizer:
 
 # copied from 01_tokenizer.py: get_tokenizer
 def get_tokenizer(spec: dict):
-    """{"kind": "char", "chars": ...} -> CharTokenizer; {"kind": "gpt2"} -> tiktoken's GPT-2.
-
-    Checkpoints and meta.json store this small dict, not the tokenizer. For GPT-2 we use tiktoken
-    (Rust, fast); 01_tokenizer.py's BPETokenizer gives the same ids and shows how they are made.
-    """
-    kind = spec.get("kind")
-    if kind == "char":
+    """{"kind": "char", "chars": ...} -> CharTokenizer; {"kind": "gpt2"} -> tiktoken's GPT-2 encoding."""
+    if spec.get("kind") == "char":
         return CharTokenizer(spec["chars"])
-    if kind == "gpt2":
-        import tiktoken  # imported here so that char-only scripts do not need it
+    if spec.get("kind") == "gpt2":
+        import tiktoken  # only when asked for: char-only scripts do not need it
 
         return tiktoken.get_encoding("gpt2")
-    raise ValueError(f"unknown tokenizer kind {kind!r}; use {{'kind': 'char', 'chars': ...}} "
+    raise ValueError(f"unknown tokenizer kind {spec.get('kind')!r}; use {{'kind': 'char', 'chars': ...}} "
                      "or {'kind': 'gpt2'}")
 
 
 # copied from 01_tokenizer.py: download
 def download(url: str, path, sha256: str | None = None, timeout: float = 30) -> Path:
-    """Download url to path: streamed, written to path + ".tmp", checked, then renamed.
-
-    sha256 pins the exact bytes we expect; with None (no published hash, e.g. Hugging Face's
-    weights) we check the byte count the server announced. A file already at path (with the right
-    hash, when one is given) is not downloaded again. On an HTTP error or a bad file we raise and
-    leave no file behind, so a half-written download is never mistaken for the real one.
-    """
-    path, digest = Path(path), hashlib.sha256()
-    if path.exists() and sha256:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    if path.exists() and (sha256 is None or digest.hexdigest() == sha256):
+    """Download url to path (streamed to path + ".tmp", checked, renamed) unless a good file is there.
+    sha256=None: no pinned hash (e.g. Hugging Face's weights), only the byte count is checked."""
+    path = Path(path)
+    if path.exists() and (sha256 is None or hashlib.sha256(path.read_bytes()).hexdigest() == sha256):
         return path  # a download gets this name only once it is complete and checked
     path.unlink(missing_ok=True)  # corrupt or outdated: never leave it where a good file is expected
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp, digest, done, t0 = path.with_suffix(path.suffix + ".tmp"), hashlib.sha256(), 0, time.perf_counter()
     try:
-        # identity: a gzip-encoded response would make the byte count differ from Content-Length
         with requests.get(url, stream=True, timeout=timeout, headers={"Accept-Encoding": "identity"}) as r:
             r.raise_for_status()
-            total = int(r.headers.get("content-length", 0))
+            total = int(r.headers.get("content-length", 0))  # exact: identity encoding, no gzip
             with open(tmp, "wb") as f:
                 for block in r.iter_content(chunk_size=1 << 20):
-                    f.write(block)
+                    done += f.write(block)
                     digest.update(block)
-                    done += len(block)
-                    if total > 1 << 24:  # progress for big files (> 16 MB): MB done, rate, time left
+                    if total > 1 << 24:  # progress for big files (> 16 MB)
                         rate, end = done / (time.perf_counter() - t0), "\n" if done == total else ""
                         print(f"\r{path.name}: {done >> 20:,}/{total >> 20:,} MB, {rate / 2**20:.1f} MB/s, "
                               f"~{(total - done) / rate:.0f} s left ", end=end, flush=True)
@@ -760,24 +581,13 @@ def download(url: str, path, sha256: str | None = None, timeout: float = 30) -> 
 
 # copied from 03_attention.py: CausalSelfAttention
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention whose core is F.scaled_dot_product_attention (SDPA).
-
-    c_attn computes q, k and v of every head in one matmul; a reshape makes the heads a batch
-    dimension; SDPA computes softmax(q k^T / sqrt(hs)) v under the causal mask in one call; c_proj
-    mixes the heads' outputs. On GPU, SDPA runs FlashAttention or the memory-efficient kernel: they
-    walk over blocks of keys with a running softmax, so the (T, T) score matrix never exists in
-    memory. 03_attention.py builds this step by step and times it against the manual version.
-
-    x: (B, T, n_embd) -> (B, T, n_embd).
-    """
+    """Multi-head causal self-attention, one F.scaled_dot_product_attention call: (B, T, C) -> (B, T, C)."""
 
     def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True):
         super().__init__()
         if n_head <= 0 or n_embd % n_head != 0:
-            raise ValueError(
-                f"n_embd={n_embd} is not divisible by n_head={n_head}: every head gets n_embd // n_head "
-                f"channels, so choose an n_head that divides n_embd (GPT-2: n_embd=768, n_head=12)"
-            )
+            raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}: each head gets n_embd // "
+                             "n_head channels; choose an n_head that divides n_embd (GPT-2: 768 and 12)")
         self.n_embd, self.n_head = n_embd, n_head
         self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)  # q, k, v of all heads in one matmul
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)  # mixes the heads' outputs
@@ -786,27 +596,18 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        qkv = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in qkv)  # (B, nh, T, hs)
         dropout_p = self.attn_dropout_p if self.training else 0.0
-        # is_causal lets the kernel skip the blocks above the diagonal instead of masking them
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
 
 # copied from 04_gpt.py: GPTConfig
 @dataclass
 class GPTConfig:
-    """The numbers that define a GPT. Defaults are GPT-2 small (124M).
-
-    >>> GPTConfig.from_preset("gpt2-medium").n_layer
-    24
-    >>> GPTConfig.from_preset("tiny", vocab_size=65).vocab_size    # presets take overrides
-    65
-    """
+    """The numbers that define a GPT; the defaults are GPT-2 small (124M), PRESETS the other sizes."""
 
     block_size: int = 1024  # longest sequence the model can see (number of learned positions)
     vocab_size: int = 50257  # GPT-2's BPE: 50,000 merges + 256 bytes + <|endoftext|>
@@ -815,10 +616,7 @@ class GPTConfig:
     n_embd: int = 768  # width of the residual stream
     dropout: float = 0.0  # 0 for pretraining (GPT-2 used 0.1); try 0.1+ when finetuning small data
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2; False is a bit faster and as good
-
-    # The four GPT-2 sizes (Radford et al. 2019, table 2) and two small ones for a laptop.
-    # ClassVar: a class constant, not a field, so it travels with GPTConfig when later stages copy it.
-    PRESETS: ClassVar[dict[str, dict]] = {
+    PRESETS: ClassVar[dict[str, dict]] = {  # a class constant, not a field
         "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
         "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
         "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
@@ -829,15 +627,11 @@ class GPTConfig:
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            if isinstance(value := getattr(self, name), bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head != 0:
-            raise ValueError(
-                f"GPTConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
-                f"choose n_head among the divisors of n_embd (e.g. n_embd={self.n_head * 64} for "
-                f"n_head={self.n_head} with 64-dimensional heads)"
-            )
+            raise ValueError(f"GPTConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                             f"choose an n_head that divides n_embd (e.g. n_embd={self.n_head * 64})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
 
@@ -850,16 +644,12 @@ class GPTConfig:
 
 # copied from 04_gpt.py: MLP
 class MLP(nn.Module):
-    """Position-wise feed-forward: widen 4x, GELU, project back. Most of a block's parameters live here.
-
-    GPT-2 uses the tanh approximation of GELU (it was cheaper in 2019); we keep it so that OpenAI's
-    weights give OpenAI's outputs.
-    """
+    """Position-wise feed-forward: widen 4x, GELU, project back. (B, T, C) -> (B, T, C)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU, so that its weights give its outputs
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -869,12 +659,7 @@ class MLP(nn.Module):
 
 # copied from 04_gpt.py: Block
 class Block(nn.Module):
-    """One transformer block, pre-LayerNorm: x + attn(ln(x)), then x + mlp(ln(x)).
-
-    Normalising the input of each branch (not its output, as the 2017 transformer did) leaves the
-    residual stream an untouched sum from embedding to output, so gradients flow straight through
-    and deep stacks train without warmup tricks. GPT-2 moved the LayerNorm here for that reason.
-    """
+    """One transformer block, pre-LayerNorm: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -885,41 +670,27 @@ class Block(nn.Module):
 
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))  # tokens talk to each other
-        x = x + self.mlp(self.ln_2(x))  # each token thinks on its own
-        return x
+        return x + self.mlp(self.ln_2(x))  # each token thinks on its own
 
 
 # copied from 04_gpt.py: GPT
 class GPT(nn.Module):
-    """GPT-2: embeddings -> n_layer blocks -> LayerNorm -> LM head (tied to the token embedding).
-
-    >>> model = GPT(GPTConfig.from_preset("tiny", vocab_size=100))
-    >>> logits, loss = model(torch.randint(100, (2, 8)), targets=torch.randint(100, (2, 8)))
-    >>> logits.shape, round(loss.item())                # loss starts near ln(100) = 4.6
-    (torch.Size([2, 8, 100]), 5)
-    """
+    """GPT-2: embeddings -> n_layer blocks -> LayerNorm -> LM head (tied to the token embedding)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
-                wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embedding
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-            )
-        )
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
+            wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embedding
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Weight tying (Press & Wolf 2017): the matrix that maps a token to a vector also scores
-        # vectors against tokens. One Parameter, two uses; its gradient is the sum of both.
-        self.transformer.wte.weight = self.lm_head.weight
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying: one Parameter, two uses
         self.apply(self._init_weights)
-        # GPT-2's scaled init: each block adds two branch outputs (attn, mlp) into the residual
-        # stream, so its variance grows with depth; shrink the last projection of each branch by
-        # 1/sqrt(2 * n_layer) to keep the sum's scale independent of depth.
-        for name, p in self.named_parameters():
+        for name, p in self.named_parameters():  # GPT-2's residual projections: std / sqrt(2 * n_layer)
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
@@ -930,250 +701,97 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, idx, targets=None):
-        """Logits for every position, and the mean cross-entropy loss when targets are given.
-
-        idx: (B, T) token ids, T <= block_size. targets: (B, T), the next token at each position;
-        -100 marks positions to skip (padding, the prompt when finetuning). Pad sequences of unequal
-        lengths on the right: causal attention keeps right pads away from every real token, and
-        their -100 targets keep them out of the loss, so no attention mask is needed.
-        Returns (logits (B, T, vocab_size), loss or None).
-        """
+        """idx, targets: (B, T) token ids and next tokens (-100: skip) -> logits (B, T, vocab_size), loss."""
         self._check_input(idx)
         B, T = idx.shape
         pos = torch.arange(T, device=idx.device)  # (T,)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C) -> (B, T, C)
-        x = self.transformer.drop(x)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x)
-        x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, vocab_size)
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
         loss = None
-        if targets is not None:
-            # the log-softmax over 50k logits in fp32, whatever dtype they come in (bf16 under autocast)
+        if targets is not None:  # in fp32 whatever the logits' dtype (bf16 under autocast)
             loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
         return logits, loss
 
     def _check_input(self, idx):
         if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
-            raise ValueError(
-                f"idx must be a (B, T) tensor of integer token ids, got shape {tuple(idx.shape)} and "
-                f"dtype {idx.dtype}; for one sequence use idx[None] (and .long() for other dtypes)"
-            )
-        block_size, vocab_size = self.config.block_size, self.config.vocab_size
-        if idx.size(1) > block_size:
-            raise ValueError(
-                f"sequence length {idx.size(1)} exceeds block_size={block_size} (the model has no "
-                f"position embedding beyond it); crop to the last tokens with idx[:, -{block_size}:]"
-            )
-        # subtle: reading min/max makes the CPU wait for a GPU, and torch.compile would break its
-        # graph here; so only eager CPU tensors are checked (elsewhere an out-of-range id fails
-        # inside the embedding, with a less helpful message).
+            raise ValueError(f"idx must be a (B, T) tensor of integer token ids, not {tuple(idx.shape)} "
+                             f"{idx.dtype}; for one sequence use idx[None], for other dtypes idx.long()")
+        if idx.size(1) > (block_size := self.config.block_size):
+            raise ValueError(f"sequence length {idx.size(1)} exceeds block_size={block_size} (no position "
+                             f"embedding beyond it); crop to the last tokens with idx[:, -{block_size}:]")
+        # eager CPU tensors only: min/max would make the CPU wait for a GPU and break torch.compile's graph
         if idx.numel() and idx.device.type == "cpu" and not torch.compiler.is_compiling():
-            lo, hi = idx.min().item(), idx.max().item()
+            lo, hi, vocab_size = idx.min().item(), idx.max().item(), self.config.vocab_size
             if lo < 0 or hi >= vocab_size:
-                raise ValueError(
-                    f"token ids must be in [0, {vocab_size}), got ids from {lo} to {hi}; the tokenizer "
-                    f"and the model disagree: set GPTConfig.vocab_size to the tokenizer's n_vocab"
-                )
+                raise ValueError(f"token ids must be in [0, {vocab_size}), got ids from {lo} to {hi}; the "
+                                 "tokenizer and the model disagree: set GPTConfig.vocab_size to its n_vocab")
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameters, the tied wte/lm_head counted once: 124,439,808 for GPT-2 small.
-
-        non_embedding=True leaves out the position embedding: a table lookup costs no FLOPs.
-        (The token embedding stays in: as the LM head it is a real matmul.)
-        """
+        """Parameters, the tied wte/lm_head once; non_embedding=True leaves out wpe (a lookup, no FLOPs)."""
         n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
-        """FLOPs to train on one token (forward + backward) at context length seq_len.
-
-        A matmul with a weight of N parameters costs 2N FLOPs per token forward (a multiply and an
-        add per weight) and 4N backward (gradients for the input and for the weight): 6N. Attention
-        adds matmuls with no weights, QK^T and att @ V, 2 * T * C each per layer forward, so
-        12 * n_layer * T * C for forward + backward (PaLM's appendix B; we count the full T x T
-        even though the causal mask makes half of it zeros, as everyone does).
-        MFU = flops_per_token * tokens per second / the hardware's peak FLOP/s.
-        """
+        """Training FLOPs per token at context seq_len: 6N (forward + backward) + attention's 12 L T C."""
         T = self.config.block_size if seq_len is None else seq_len
-        L, C = self.config.n_layer, self.config.n_embd
-        return 6 * self.num_params(non_embedding=True) + 12 * L * C * T
+        return 6 * self.num_params(non_embedding=True) + 12 * self.config.n_layer * T * self.config.n_embd
 
 
-# copied from 04_gpt.py: SAFETENSORS_DTYPES
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}  # fmt: skip
-
-
-# copied from 04_gpt.py: load_safetensors
-def load_safetensors(path) -> dict[str, torch.Tensor]:
-    """Read a .safetensors file: the whole format is a length, a JSON header and raw bytes.
-
-        [8 bytes: N, little-endian uint64][N bytes: JSON header][data]
-        header = {"wte.weight": {"dtype": "F32", "shape": [50257, 768], "data_offsets": [0, 154389504]},
-                  ..., "__metadata__": {...}}   # offsets are relative to the start of the data
-
-    Each tensor is its bytes in row-major, little-endian order (every machine PyTorch runs on is
-    little-endian, so torch.frombuffer reads them as they are). No code runs while loading, unlike
-    a pickled .bin checkpoint, which is why Hugging Face moved to this format.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; check the path (from_pretrained downloads it)")
-    file_size = path.stat().st_size
-    with open(path, "rb") as f:
-        if file_size < 8:
-            raise ValueError(f"{path} is {file_size} bytes, too short for a safetensors file; re-download it")
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        if 8 + header_len > file_size:
-            raise ValueError(f"{path}: header length {header_len} exceeds the file size; re-download it")
-        header = json.loads(f.read(header_len))
-        header.pop("__metadata__", None)
-        start = 8 + header_len
-        tensors = {}
-        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            if info["dtype"] not in SAFETENSORS_DTYPES:
-                raise ValueError(
-                    f"{path}: tensor {name} has dtype {info['dtype']}, which this reader does not "
-                    f"support; supported: {sorted(SAFETENSORS_DTYPES)}"
-                )
-            dtype, shape = SAFETENSORS_DTYPES[info["dtype"]], info["shape"]
-            begin, end = info["data_offsets"]
-            nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-            if end - begin != nbytes or start + end > file_size:
-                raise ValueError(f"{path}: tensor {name} has inconsistent offsets; the file is corrupt")
-            if nbytes == 0:
-                tensors[name] = torch.empty(shape, dtype=dtype)
-                continue
-            buffer = bytearray(nbytes)
-            f.seek(start + begin)
-            f.readinto(buffer)
-            tensors[name] = torch.frombuffer(buffer, dtype=dtype).reshape(shape)
-    return tensors
-
-
-# copied from 04_gpt.py: HF_TRANSPOSED
-HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-# copied from 04_gpt.py: hf_to_gpt_state_dict
-def hf_to_gpt_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename (and transpose) a Hugging Face GPT-2 state dict into our GPT's names.
-
-    "h.0.attn.c_attn.weight" (768, 2304)  ->  "transformer.h.0.attn.c_attn.weight" (2304, 768)
-    Keys may come with or without the "transformer." prefix (checkpoints differ). The attention-mask
-    buffers "attn.bias" / "attn.masked_bias" of old checkpoints are constants, not weights: dropped.
-    lm_head.weight is the tied wte.weight when the checkpoint leaves it out.
-    """
-    out = {}
-    for name, tensor in sd.items():
-        name = name.removeprefix("transformer.")
-        # subtle: the leading dot matters, "h.0.attn.c_attn.bias" also ends with "attn.bias"
-        if name.endswith((".attn.bias", ".attn.masked_bias")):
-            continue
-        if name.endswith(HF_TRANSPOSED):
-            tensor = tensor.t()
-        out[name if name == "lm_head.weight" else "transformer." + name] = tensor.contiguous()
-    if "transformer.wte.weight" not in out:
-        raise ValueError(f"no wte.weight among the keys {sorted(sd)[:5]}...; is this a GPT-2 checkpoint?")
-    out.setdefault("lm_head.weight", out["transformer.wte.weight"])
-    return out
-
-
-# copied from 04_gpt.py: from_pretrained
-def from_pretrained(model_type: str, cache_dir) -> "GPT":
-    """GPT-2 with OpenAI's weights: "gpt2" (124M), "gpt2-medium", "gpt2-large" or "gpt2-xl".
-
-    Downloads Hugging Face's model.safetensors once into cache_dir/<model_type>/ (0.5 to 6 GB).
-    The model is built on the "meta" device (shapes only, no memory, no random init) and then
-    takes the checkpoint's tensors as its own, so gpt2-xl never exists twice in memory.
-    """
-    names = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-    if model_type not in names:
-        raise ValueError(f"unknown pretrained model {model_type!r}; choose one of {names}")
-    url = f"https://huggingface.co/{model_type}/resolve/main/model.safetensors"
-    path = download(url, Path(cache_dir) / model_type / "model.safetensors", sha256=None)  # no hash pinned
-    with torch.device("meta"):
-        model = GPT(GPTConfig.from_preset(model_type))  # vocab 50257, block 1024, bias, no dropout
-    model.load_state_dict(hf_to_gpt_state_dict(load_safetensors(path)), assign=True)
-    model.lm_head.weight = model.transformer.wte.weight  # assign=True gave them two Parameters: re-tie
-    return model
-
-
-# copied from 05_pretrain.py: parse_config
+# copied from 04_gpt.py: parse_config
 def parse_config(cls, argv=None):
-    """A dataclass of settings from the command line: each field becomes a --field_name=value flag.
-
-    The help text of a flag is its field's arg() text. Bools take true/false (also 1/0, yes/no),
-    and a bare flag means true: `--compile` is `--compile=true`. No abbreviations: `--lr` is an
-    error, not a guess. If cls has a PRESETS dict and a `preset` field, the chosen preset is
-    applied first and the flags given override it. A value that cls rejects (its __post_init__
-    raises ValueError or FileNotFoundError) ends the program with one line `error: <message>` on
-    stderr and exit status 2: no usage dump, no traceback.
-    """
+    """The dataclass cls from the command line: a --field=value flag per Annotated field (bools also
+    bare), cls.PRESETS first when cls has them; a ValueError from cls is one `error:` line, exit 2."""
 
     def to_bool(text: str) -> bool:
-        if text.lower() in ("1", "true", "yes"):
-            return True
-        if text.lower() in ("0", "false", "no"):
-            return False
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+        if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
+            raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+        return text.lower() in ("1", "true", "yes")
 
     presets = getattr(cls, "PRESETS", {})
-    epilog = "presets:\n" + "\n".join(f"  {name}: {values}" for name, values in presets.items())
     parser = argparse.ArgumentParser(description=(cls.__doc__ or "").split("\n")[0], allow_abbrev=False,
-                                     epilog=epilog if presets else None,
+                                     epilog="".join(f"preset {k}: {v}\n" for k, v in presets.items()),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(cls):
-        kind = f.type if isinstance(f.type, type) else type(f.default)  # the type, also when a string
+    for f in fields(cls):  # `n_layer: Annotated[int, "transformer blocks"] = 4`: type, help, default
+        kind, help_text = f.type.__origin__, f.type.__metadata__[0]
         flag = kind is bool
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})".replace("%", "%%").lstrip()
         parser.add_argument(f"--{f.name}", type=to_bool if flag else kind, metavar=kind.__name__,
                             nargs="?" if flag else None, const=True if flag else None,
-                            default=argparse.SUPPRESS, help=help_text,  # SUPPRESS: absent flags stay absent
-                            choices=sorted(presets) if f.name == "preset" and presets else None)
+                            default=argparse.SUPPRESS,  # absent flags stay absent: the preset or default
+                            help=f"{help_text} (default: {f.default!r})".replace("%", "%%"))
+    parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")  # one line, no usage
     given = vars(parser.parse_args(argv))
-    preset = presets.get(given.get("preset", getattr(cls, "preset", None)), {})
+    preset = given.get("preset", getattr(cls, "preset", None))
     try:
-        return cls(**{**preset, **given})
+        if presets and preset not in presets:
+            raise ValueError(f"--preset={preset!r} is not valid; use {', '.join(presets)}")
+        return cls(**{**presets.get(preset, {}), **given})
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
-# copied from 05_pretrain.py: pick_device
+# copied from 04_gpt.py: pick_device
 def pick_device(device: str = "auto") -> str:
-    """"auto" -> "cuda" if a GPU is there, else "mps" (Apple silicon), else "cpu"; others are checked."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if torch.backends.mps.is_available() else "cpu"
+    """"auto" -> cuda if there is a GPU, else mps (Apple silicon), else cpu; others are checked."""
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    kind = device.split(":")[0]
-    if kind not in available:
+    if device == "auto":
+        return next(kind for kind in ("cuda", "mps", "cpu") if available[kind])
+    kind, _, index = device.partition(":")
+    if kind not in available or (index and not index.isdigit()):
         raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:<index> or mps")
-    if not available[kind]:
+    if not available[kind] or (index and kind == "cuda" and int(index) >= torch.cuda.device_count()):
         raise ValueError(f"device {device!r} is not available on this machine; use --device=auto (or cpu)")
     return device
 
 
-# copied from 05_pretrain.py: pick_dtype
+# copied from 04_gpt.py: pick_dtype
 def pick_dtype(dtype: str, device: str) -> str:
-    """The precision to train in. "auto" -> "bfloat16" on CUDA GPUs that do bf16 natively (Ampere,
-    compute capability 8.0, and newer), "float16" on older CUDA GPUs, "float32" on CPU and MPS.
-
-    bf16 keeps fp32's exponent range, so it trains as is; fp16's range is narrow, and its small
-    gradients underflow to 0 unless the loss is scaled up first (a GradScaler, used here on CUDA
-    only, hence float16 is refused elsewhere). Older GPUs emulate bf16, slowly, and PyTorch counts
-    emulation as support unless asked for native support only. On CPU, fp32 is exact and fast
-    enough for small models; a CPU with bf16 units can take --dtype=bfloat16 by choice.
-    """
-    allowed = ("auto", "float32", "bfloat16", "float16")
-    if dtype not in allowed:
-        raise ValueError(f"--dtype={dtype!r} is not valid; use {', '.join(allowed)}")
+    """"auto" -> bfloat16 on CUDA GPUs that do it natively (compute capability 8.0+), float16 on
+    older ones (with a GradScaler), float32 on CPU and MPS. Explicit choices are checked."""
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype={dtype!r} is not valid; use auto, float32, bfloat16, float16")
     cuda = torch.device(device).type == "cuda"
     if dtype == "float16" and not cuda:
         raise ValueError("--dtype=float16 needs loss scaling, done on CUDA only; use bfloat16 or float32")
@@ -1184,30 +802,17 @@ def pick_dtype(dtype: str, device: str) -> str:
     return "float32"
 
 
-# copied from 05_pretrain.py: autocast_context
+# copied from 04_gpt.py: autocast_context
 def autocast_context(device_type: str, dtype: str):
-    """Mixed precision: matmuls run in dtype, precision-sensitive ops (softmax, norms, the loss) in fp32.
-
-    The weights stay fp32: they are the master copy AdamW updates, since a bf16 weight cannot absorb
-    an update 1000x smaller than itself. bf16 has fp32's exponent range, so gradients need no
-    scaling; fp16 does (a GradScaler). "float32" means no autocast at all.
-    """
+    """Mixed precision for the forward pass: torch.autocast in dtype, or nothing for float32."""
     if dtype == "float32":
         return nullcontext()
-    if dtype not in ("bfloat16", "float16"):
-        raise ValueError(f"dtype {dtype!r} is not float32, bfloat16 or float16")
     return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
 
 
 # copied from 05_pretrain.py: save_checkpoint
 def save_checkpoint(path, ckpt: dict):
-    """torch.save to path + ".tmp", flushed to disk, then renamed over path.
-
-    The rename is atomic: whatever happens (Ctrl-C, a crash, a full disk) path holds either the old
-    checkpoint or the new one, never half of one. The format the training stages write:
-    {"model", "model_args", "tokenizer", "config", "stage" (pretrain, distributed, finetune, dpo),
-    "iter_num", "best_val_loss", "val_loss" (last measured), "optimizer", "scaler", "rng"}.
-    """
+    """torch.save to path + ".tmp", flushed to disk, then renamed over path (atomic)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -1223,26 +828,19 @@ def save_checkpoint(path, ckpt: dict):
 
 # copied from 05_pretrain.py: load_checkpoint
 def load_checkpoint(path):
-    """(model, tokenizer, checkpoint dict) from a checkpoint of these scripts (05 to 08 write them).
-
-    The model is 04's GPT, built from ckpt["model_args"] on the CPU, in training mode: move it with
-    .to(device) and call .eval() to sample. mmap=True maps the file instead of reading it all, so the
-    optimizer state is never read unless used. weights_only=True: loading runs no pickled code, so
-    a checkpoint from elsewhere cannot execute anything. Keys of a torch.compile'd model carry an
-    "_orig_mod." prefix; it is stripped, so any such checkpoint loads into a plain model.
-    """
+    """(model, tokenizer, checkpoint dict) from a checkpoint of 05-08; the model is on the CPU. mmap:
+    what is not used (Adam's state) is never read. A torch.compile'd model's "_orig_mod." is dropped."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}; train one with `python 05_pretrain.py` "
                                 f"(it writes out_dir/ckpt.pt), or check the path")
     try:
         ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        missing = {"model", "model_args", "tokenizer"} - set(ckpt)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, TypeError):  # not torch.save's zip, or foreign
-        missing = {"everything"}
-    if missing:
-        raise ValueError(f"{path} is not a checkpoint of these scripts (it lacks {sorted(missing)}); "
-                         f"05_pretrain.py to 08_dpo.py write them as out_dir/ckpt.pt")
+    except (pickle.UnpicklingError, RuntimeError, EOFError):  # not torch.save's format, or not just tensors
+        ckpt = None
+    if not isinstance(ckpt, dict) or not {"model", "model_args", "tokenizer"} <= set(ckpt):
+        raise ValueError(f"{path} is not a checkpoint of these scripts (05_pretrain.py to 08_dpo.py write "
+                         f"them as out_dir/ckpt.pt); check the path")
     model = GPT(GPTConfig(**ckpt["model_args"]))
     model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
     return model, get_tokenizer(ckpt["tokenizer"]), ckpt
