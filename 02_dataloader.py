@@ -441,6 +441,8 @@ def run(args):  # main's work, its arguments checked before any of it
         raise ValueError(f"--dataset={name}: the corpus we fetch is tinyshakespeare; for your own text, "
                          "add --text_file=FILE")
     path = args.text_file or fetch(name, args.data_dir)
+    for source in [] if args.text_file else ["instruction-data", "preference-data"]:  # for 07 and 08
+        print(f"{fetch(source, args.data_dir)}: {source}, JSON for {'07' if 'instr' in source else '08'}")
     text = path.read_text(encoding="utf-8")
     print(f"{path}: {len(text):,} characters", flush=True)
     if args.clean == "true":

@@ -28,7 +28,6 @@ Then: python 09_generate.py --ckpt=out/finetune/ckpt.pt --chat, or DPO on top wi
 
 import argparse
 import copy
-import hashlib
 import json
 import math
 import os
@@ -42,15 +41,11 @@ from pathlib import Path
 from typing import Annotated, ClassVar
 
 import numpy as np
-import requests
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
-INSTRUCTION_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/"
-                        "01_main-chapter-code/instruction-data.json")  # data/README.md lists every file
-INSTRUCTION_DATA_SHA256 = "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"
 OPENAI_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 # -----------------------------------------------------------------------------
@@ -58,11 +53,10 @@ OPENAI_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
 def load_instruction_data(path="") -> list[dict]:
-    """A JSON list of {"instruction", "input", "output"}; "" = rasbt's 1,100 entries (downloaded once)."""
-    if not path:
-        path = download(INSTRUCTION_DATA_URL, DATA_DIR / "instruction-data.json", INSTRUCTION_DATA_SHA256)
-    if not (path := Path(path)).exists():
-        raise FileNotFoundError(f"{path} does not exist; pass --data_path=<JSON list of entries> or omit it")
+    """A JSON list of {"instruction", "input", "output"}; "" = rasbt's 1,100 entries, which 02 fetches."""
+    if not (path := Path(path or DATA_DIR / "instruction-data.json")).exists():
+        raise FileNotFoundError(f"{path} does not exist; `python 02_dataloader.py` fetches rasbt's entries "
+                                "(sha256-checked), or pass --data_path=<your JSON list of entries>")
     data = json.loads(path.read_text(encoding="utf-8"))  # not JSON: a ValueError
     for i, entry in enumerate(data if isinstance(data, list) and data else [None]):
         if not (isinstance(entry, dict) and isinstance(entry.get("instruction"), str)
@@ -540,43 +534,6 @@ def get_tokenizer(spec: dict):
         return tiktoken.get_encoding("gpt2")
     raise ValueError(f"unknown tokenizer kind {spec.get('kind')!r}; use {{'kind': 'char', 'chars': ...}} "
                      "or {'kind': 'gpt2'}")
-
-
-# copied from 01_tokenizer.py: download
-def download(url: str, path, sha256: str | None = None, timeout: float = 30) -> Path:
-    """Download url to path (streamed to path + ".tmp", checked, renamed) unless a good file is there.
-    sha256=None: no pinned hash (e.g. Hugging Face's weights), only the byte count is checked."""
-    path = Path(path)
-    if path.exists() and (sha256 is None or hashlib.sha256(path.read_bytes()).hexdigest() == sha256):
-        return path  # a download gets this name only once it is complete and checked
-    path.unlink(missing_ok=True)  # corrupt or outdated: never leave it where a good file is expected
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp, digest, done, t0 = path.with_suffix(path.suffix + ".tmp"), hashlib.sha256(), 0, time.perf_counter()
-    try:
-        with requests.get(url, stream=True, timeout=timeout, headers={"Accept-Encoding": "identity"}) as r:
-            r.raise_for_status()
-            total = int(r.headers.get("content-length", 0))  # exact: identity encoding, no gzip
-            with open(tmp, "wb") as f:
-                for block in r.iter_content(chunk_size=1 << 20):
-                    done += f.write(block)
-                    digest.update(block)
-                    if total > 1 << 24:  # progress for big files (> 16 MB)
-                        rate, end = done / (time.perf_counter() - t0), "\n" if done == total else ""
-                        print(f"\r{path.name}: {done >> 20:,}/{total >> 20:,} MB, {rate / 2**20:.1f} MB/s, "
-                              f"~{(total - done) / rate:.0f} s left ", end=end, flush=True)
-        if total and done != total:
-            raise RuntimeError(f"download of {url} stopped after {done} of {total} bytes; retry")
-        if sha256 and digest.hexdigest() != sha256:
-            raise ValueError(f"sha256 mismatch for {url}: expected {sha256}, got {digest.hexdigest()}; "
-                             "retry; if it persists the file changed upstream: check it and update the hash, "
-                             f"or put the expected file in {path.parent} by hand")
-        os.replace(tmp, path)
-    except requests.RequestException as e:
-        raise RuntimeError(f"download of {url} failed: {e}; check the URL and your network, "
-                           f"or put the file at {path} by hand") from e
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 # copied from 03_attention.py: CausalSelfAttention

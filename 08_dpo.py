@@ -15,43 +15,27 @@ and no RL loop,
 
     loss = -log sigmoid(beta * ((log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected))))
 
-What this file teaches, top to bottom:
-  - the data: rasbt's 1,100 instructions, each with a polite "chosen" and an impolite "rejected"
-    answer, split 85/10/5 in file order like 07 (train / test / val);
-  - collate_pairs: the chosen and rejected sequences of a batch in one tensor, written exactly as
-    07 wrote its training examples, with a mask that keeps only the response tokens;
-  - sequence_logprobs: log pi(response | prompt), summed over the response tokens (or averaged,
-    --average_log_probs, which removes DPO's length bias but changes what beta means), from an fp32
-    LM head even when the blocks run in bf16;
-  - dpo_loss, the implicit rewards, and conservative DPO (--label_smoothing) for noisy labels;
-  - the reference model: a frozen copy of the starting policy;
-  - a short training loop (AdamW, warmup, clipping; 05 explains each) that reports loss, rewards,
-    margin and accuracy on train and validation pairs, saves a checkpoint (stage "dpo") that 09
-    loads, and writes the answers before and after DPO, side by side, to out_dir/dpo_responses.json.
-
-Reading the metrics: at step 0 the policy IS the reference, so every reward is 0, every margin 0
-and the loss is ln 2 = 0.693 (sigmoid(0) = 1/2). The reward accuracy (the fraction of pairs whose
-chosen reward is above the rejected one) starts at 0 (all ties) and should climb on held-out pairs
-too, not only on the training ones.
+Reading the metrics: at step 0 the policy IS the reference, so every reward and margin is 0 and the
+loss ln 2 = 0.693 (sigmoid(0) = 1/2). The reward accuracy (pairs whose chosen reward is above the
+rejected one) starts at 0 (all ties) and should climb on held-out pairs too, not only on training ones.
 
 References: Rafailov et al. 2023, "Direct Preference Optimization: Your Language Model is Secretly
-a Reward Model"; Mitchell 2023, "A note on DPO with noisy preferences" (conservative DPO / label
-smoothing); Raschka, "Build a Large Language Model (From Scratch)", ch. 7 bonus, dpo-from-scratch
-(rasbt/LLMs-from-scratch), whose data and settings we use; Hugging Face TRL's DPOTrainer.
+a Reward Model"; Mitchell 2023, "A note on DPO with noisy preferences" (conservative DPO); Raschka,
+"Build a Large Language Model (From Scratch)", ch. 7 bonus, dpo-from-scratch (rasbt/LLMs-from-scratch),
+whose data and settings we use; Hugging Face TRL's DPOTrainer.
 
-Run (07 first: its checkpoint, out/finetune/ckpt.pt, is the starting policy):
-    python 07_finetune.py --init_from=gpt2 --max_iters=100     # an instruction-tuned GPT-2 (CPU)
-    python 08_dpo.py                                           # DPO on it -> out/dpo/ckpt.pt
-    python 08_dpo.py --max_iters=20 --eval_interval=10 --num_responses=2 --overwrite   # a quick look
-    python 08_dpo.py --ckpt_path=out/finetune-medium/ckpt.pt --device=cuda   # the book's gpt2-medium (GPU)
-    python 08_dpo.py --average_log_probs --beta=1.0 --out_dir=out/dpo-avg   # per-token rewards
-    python 09_generate.py --ckpt=out/dpo/ckpt.pt --chat        # talk to the result
-    python 08_dpo.py --help
+Run it (one process; 07's checkpoint is the starting policy):
+  python 04_gpt.py --init_from=gpt2 --save_ckpt              # once: OpenAI's GPT-2 as a checkpoint
+  python 07_finetune.py --init_from=gpt2 --max_iters=100     # CPU: an instruction-tuned GPT-2, then
+  python 08_dpo.py                                           # DPO on it -> out/dpo/ckpt.pt
+  python 08_dpo.py --average_log_probs --beta=1.0 --out_dir=out/dpo-avg       # per-token rewards
+  python 09_generate.py --ckpt=out/dpo/ckpt.pt --chat        # talk to the result
+One GPU, the book's model: the same with --init_from=gpt2-medium (04, 07) and 07's --out_dir=
+out/finetune-medium, then python 08_dpo.py --ckpt_path=out/finetune-medium/ckpt.pt --out_dir=out/dpo-medium
 """
 
 import argparse
 import copy
-import hashlib
 import json
 import math
 import os
@@ -60,12 +44,11 @@ import sys
 import time
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import numpy as np
-import requests
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -74,57 +57,38 @@ import torch.nn.functional as F
 # 1. The data: preference pairs
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
-# 07's instructions, each with two answers by Llama 3.1 70B: a polite one ("chosen") and an impolite
-# one ("rejected"). URL and sha256 as listed in data/README.md.
-PREFERENCE_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/"
-                       "04_preference-tuning-with-dpo/instruction-data-with-preference.json")
-PREFERENCE_DATA_SHA256 = "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e"
 
 
-def load_preference_data(path=None) -> list[dict]:
-    """The preference entries: {"instruction", "input", "chosen", "rejected"} strings (and 07's "output").
-
-    path=None downloads rasbt's file into data/ once (sha256-checked). Pass your own file in the
-    same format to align the model with your preferences.
-    """
-    if path is None:
-        path = download(PREFERENCE_DATA_URL, DATA_DIR / "instruction-data-with-preference.json",
-                        PREFERENCE_DATA_SHA256)
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; pass --data_path=<JSON list of pairs> or omit it")
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(data, list) or not data:
-        raise ValueError(f"{path} must hold a non-empty JSON list of entries, got {type(data).__name__}")
-    for i, entry in enumerate(data):
-        keys = ("instruction", "chosen", "rejected")
-        if not (isinstance(entry, dict) and all(isinstance(entry.get(k), str) for k in keys)
-                and isinstance(entry.get("input", ""), str)):
+def load_preference_data(path="") -> list[dict]:
+    """Entries {"instruction", "input", "chosen", "rejected"}: path="" = rasbt's (07's instructions with two
+    answers each by Llama 3.1 70B, polite and impolite), which 02 fetches; or your own file in that format."""
+    if not (path := Path(path or DATA_DIR / "instruction-data-with-preference.json")).exists():
+        raise FileNotFoundError(f"{path} does not exist; `python 02_dataloader.py` fetches rasbt's pairs "
+                                "(sha256-checked), or pass --data_path=<your JSON list of pairs>")
+    data = json.loads(path.read_text(encoding="utf-8"))  # not JSON: a ValueError
+    for i, entry in enumerate(data if isinstance(data, list) and data else [None]):
+        if not (isinstance(entry, dict) and isinstance(entry.get("input", ""), str)
+                and all(isinstance(entry.get(k), str) for k in ("instruction", "chosen", "rejected"))):
             raise ValueError(f"{path}: entry {i} is not an object with string 'instruction', 'chosen' and "
-                             f"'rejected' (and optional 'input'): {str(entry)[:80]}; fix or drop it")
+                             f"'rejected' (optional 'input'): {str(entry)[:80]}; fix or drop it")
     return data
 
 
-def tokenize_pairs(entries: list[dict], encode, end_id: int, max_length: int | None = None):
-    """(pairs, n_cut, n_dropped): each pair is (prompt ids, chosen ids, rejected ids), tokenized once.
-
-    The prompt is format_input(entry) + RESPONSE_HEADER, and each answer is followed by the end
-    token: exactly the text 07 finetuned on and the prompt 07 and 09 generate from, so the policy
-    is judged on the distribution it learned (and on where it stops). subtle: 07 encodes the header
-    and the answer together, we encode them apart to know where the answer starts; GPT-2's BPE never
-    merges the header's final newline with the next word, so the ids are the same (tested).
-    max_length (the model's context): collate_pairs cuts longer sequences (n_cut counts them); a
-    pair whose prompt alone is longer than the context has no answer token left to score: dropped.
-    """
+def tokenize_pairs(entries: list[dict], encode, end_id: int, max_length: int):
+    """(pairs, n_cut, n_dropped): (prompt, chosen, rejected) ids per entry, as the text 07 finetuned on:
+    prompt = format_input + RESPONSE_HEADER, each answer + the end token (where it stops). subtle: 07
+    encodes header and answer together, we apart (to know where the answer starts): the same ids, as
+    GPT-2's BPE never merges the header's last newline with the next word (tested). Pairs longer than
+    max_length are cut by collate_pairs (n_cut); a prompt alone that long leaves nothing: dropped."""
     pairs, n_cut, n_dropped = [], 0, 0
     for entry in entries:
         prompt = encode(format_input(entry)) + encode(RESPONSE_HEADER)
         chosen, rejected = encode(entry["chosen"]) + [end_id], encode(entry["rejected"]) + [end_id]
-        if max_length is not None and len(prompt) > max_length:
+        if len(prompt) > max_length:
             n_dropped += 1
             continue
         longest = len(prompt) + max(len(chosen), len(rejected)) - 1  # inputs: all but the last token
-        n_cut += max_length is not None and longest > max_length
+        n_cut += longest > max_length
         pairs.append((prompt, chosen, rejected))
     return pairs, n_cut, n_dropped
 
@@ -206,11 +170,12 @@ def pair_logprobs(model, x, y, mask, average: bool = False, ctx=nullcontext()):
 
     The blocks run under ctx (bf16 autocast on a GPU); the LM head and log_softmax run in fp32,
     outside it. subtle: GPT-2's logits are tens of nats, where one bf16 step is 0.125-0.5; the gaps
-    DPO measures (log pi - log ref, summed over an answer) are that small, so a bf16 head would bury
-    them in rounding. The fp32 logits cost memory ((2B, T, vocab) x 4 bytes), not precision.
-    """
+    DPO measures (log pi - log ref) are that small, so a bf16 head would bury them in rounding
+    (summed over 100 tokens of GPT-2-sized logits: 0.2 nats off in bf16, 0.03 with CUDA's TF32).
+    The price: (2B, T, vocab) logits of 4 bytes each instead of 2."""
     with ctx:
-        logits = model(x)[0].float()
+        h = final_hidden(model, x)  # (2B, T, C)
+    logits = F.linear(h.float(), model.lm_head.weight.float())  # (2B, T, vocab_size) in fp32
     return sequence_logprobs(logits, y, mask, average).chunk(2)
 
 
@@ -243,12 +208,8 @@ def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejecte
 
 
 def make_reference(policy: nn.Module) -> nn.Module:
-    """The reference model: a frozen deep copy of the starting policy.
-
-    A copy with its own weights (the policy's change under the optimizer, the copy's must not),
-    no gradients (no graph is built through it) and eval mode (no dropout: ref(y|x) must be one
-    fixed number per answer, the anchor of every reward).
-    """
+    """The reference: a frozen deep copy of the starting policy. Its own weights (the policy's change,
+    the copy's must not), no gradients (no graph through it), eval mode (ref(y|x): one fixed number)."""
     reference = copy.deepcopy(policy)
     reference.requires_grad_(False)
     return reference.eval()
@@ -272,238 +233,185 @@ def pair_metrics(losses, chosen_rewards, rejected_rewards) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# 4. Evaluation: the metrics on fixed pairs, answers before and after
-
-
-@torch.no_grad()
-def evaluate_pairs(policy, reference, dataset, cfg, pad_token_id: int, ctx=nullcontext()) -> dict:
-    """pair_metrics over the first cfg.eval_pairs pairs of dataset (-1: all)."""
-    device = next(policy.parameters()).device
-    n = len(dataset) if cfg.eval_pairs < 0 else min(cfg.eval_pairs, len(dataset))
-    parts = []
-    for start in range(0, n, cfg.batch_size):
-        pairs = [dataset[i] for i in range(start, min(start + cfg.batch_size, n))]
-        batch = collate_pairs(pairs, pad_token_id, policy.config.block_size, device)
-        parts.append(dpo_batch(policy, reference, batch, cfg.beta, cfg.label_smoothing, cfg.average_log_probs,
-                               ctx))
-    return pair_metrics(*(torch.cat(tensors) for tensors in zip(*parts)))
-
-
-def write_responses(reference, policy, entries, encode, decode, end_id, cfg, ctx=nullcontext()) -> Path:
-    """Greedy answers before DPO (the reference IS the model before) and after, in dpo_responses.json."""
-    entries = entries[: max(cfg.num_responses, 0)]
-    args = (encode, decode, end_id, cfg.max_new_tokens, cfg.batch_size, ctx)
-    before, after = generate_responses(reference, entries, *args), generate_responses(policy, entries, *args)
-    records = [{"instruction": e["instruction"], "input": e.get("input", ""), "chosen": e["chosen"],
-                "rejected": e["rejected"], "before_dpo": b, "after_dpo": a}
-               for e, b, a in zip(entries, before, after)]
-    path = Path(cfg.out_dir) / "dpo_responses.json"
-    path.write_text(json.dumps(records, indent=1, ensure_ascii=False), encoding="utf-8")
-    for record in records[:2]:
-        print(f"\n{format_input(record)}{RESPONSE_HEADER}  before DPO: {record['before_dpo']}\n"
-              f"  after DPO:  {record['after_dpo']}\n  (chosen: {record['chosen']})")
-    print(f"\n{len(records)} validation answers before/after DPO written to {path}")
-    return path
-
-
-# -----------------------------------------------------------------------------
-# 5. The settings, and the DPO loop
-
-
-# (arg is called when the class below is defined, so its copy stands here, above it, not in the appendix)
-# copied from 05_pretrain.py: arg
-def arg(default, help: str):
-    """A dataclass field with its --help text: `n_layer: int = arg(4, "transformer blocks")`."""
-    return field(default=default, metadata={"help": help})
+# 4. The settings and the DPO loop
 
 
 @dataclass
 class DPOConfig:
-    """Direct Preference Optimization of an instruction-tuned GPT (07's checkpoint)."""
+    """Direct Preference Optimization of an instruction-tuned GPT (07's checkpoint); the book's settings."""
 
-    # model and data
-    ckpt_path: str = arg("out/finetune/ckpt.pt", "the starting policy: 07's checkpoint (its default out_dir)")
-    out_dir: str = arg("out/dpo", "ckpt.pt, dpo_responses.json and log.jsonl go here")
-    overwrite: bool = arg(False, "replace a ckpt.pt already in out_dir (08 never does so unasked)")
-    data_path: str = arg("", "'' = rasbt's instruction-data-with-preference.json (sha256-checked); or yours")
-    unknown_char: str = arg("?", "char tokenizers: stands in for characters they lack ('' = error)")
-    # DPO
-    beta: float = arg(0.1, "the KL penalty's weight: larger stays closer to the reference")
-    label_smoothing: float = arg(0.0, "conservative DPO: the assumed fraction of flipped labels, in [0, 0.5)")
-    average_log_probs: bool = arg(False, "per-token mean instead of sum of the answer's log-probs")
-    # optimization (the book: AdamW 5e-6, weight decay 0.01, batch 8, 1 epoch)
-    batch_size: int = arg(8, "pairs per step (2x sequences)")
-    epochs: float = arg(1.0, "passes over the training pairs (when max_iters = 0)")
-    max_iters: int = arg(0, "optimizer steps; 0 = epochs * (training pairs // batch_size)")
-    learning_rate: float = arg(5e-6, "small: DPO moves a trained model (the book's); constant after warmup")
-    warmup_iters: int = arg(10, "linear warmup steps (the DPO paper warms up, then keeps the rate)")
-    weight_decay: float = arg(0.01, "AdamW's")
-    grad_clip: float = arg(1.0, "clip the gradient's global norm (0 = off)")
-    # logging and evaluation
-    log_interval: int = arg(5, "a log line every this many steps")
-    eval_interval: int = arg(25, "metrics on train and val pairs, and a checkpoint, every this many steps")
-    eval_pairs: int = arg(64, "pairs of each split to evaluate on (-1 = all)")
-    max_new_tokens: int = arg(128, "longest generated answer")
-    num_responses: int = arg(5, "validation entries answered before and after DPO in dpo_responses.json")
-    # system
-    device: str = arg("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
-    dtype: str = arg("auto", "auto (cuda: bfloat16 where native, else float16; else float32), float32, ...")
-    threads: int = arg(0, "CPU threads; 0 = PyTorch's default")
-    seed: int = arg(1337, "seeds the batch order")
+    ckpt_path: Annotated[str, "the starting policy: 07's checkpoint"] = "out/finetune/ckpt.pt"
+    out_dir: Annotated[str, "ckpt.pt, log.jsonl and dpo_responses.json go here"] = "out/dpo"
+    overwrite: Annotated[bool, "replace the ckpt.pt of an earlier run in out_dir"] = False
+    data_path: Annotated[str, "a JSON list of pairs; '' = rasbt's (sha256-checked)"] = ""
+    beta: Annotated[float, "the KL penalty's weight: larger stays closer to the reference"] = 0.1
+    label_smoothing: Annotated[float, "conservative DPO: the share of labels assumed flipped, < 0.5"] = 0.0
+    average_log_probs: Annotated[bool, "per-token mean instead of sum of the answer's log-probs"] = False
+    batch_size: Annotated[int, "pairs per step (2x sequences)"] = 8
+    max_iters: Annotated[int, "optimizer steps; 0 = one pass over the training pairs"] = 0
+    learning_rate: Annotated[float, "small: DPO nudges a trained model; constant after warmup"] = 5e-6
+    warmup_iters: Annotated[int, "linear warmup steps (as the DPO paper)"] = 10
+    weight_decay: Annotated[float, "AdamW's"] = 0.01
+    grad_clip: Annotated[float, "clip the global gradient norm to this; 0 = no clipping"] = 1.0
+    log_interval: Annotated[int, "a log line every this many steps"] = 5
+    eval_interval: Annotated[int, "metrics on train and val pairs, and ckpt.pt, every this many steps"] = 25
+    eval_pairs: Annotated[int, "pairs of each split to evaluate on (-1 = all)"] = 64
+    max_new_tokens: Annotated[int, "longest answer in dpo_responses.json"] = 128
+    num_responses: Annotated[int, "validation entries answered before and after DPO"] = 5
+    device: Annotated[str, "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"] = "auto"
+    dtype: Annotated[str, "auto (bf16 or fp16 on CUDA, fp32 elsewhere), float32, bfloat16, float16"] = "auto"
+    threads: Annotated[int, "CPU threads; 0 = PyTorch's default"] = 0
+    seed: Annotated[int, "seeds the batch order"] = 1337
 
-    def __post_init__(self):
-        if not self.beta > 0:
-            raise ValueError(f"--beta={self.beta} must be > 0 (it scales the rewards; the paper uses 0.1)")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"--label_smoothing={self.label_smoothing} must be in [0, 0.5): the fraction of "
-                             f"labels assumed flipped; at 0.5 the labels would be noise (0 = plain DPO)")
+    def __post_init__(self):  # every check names its fix; parse_config prints it as one `error:` line
+        if not self.beta > 0 or not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"--beta={self.beta} must be > 0 (the paper: 0.1), --label_smoothing="
+                             f"{self.label_smoothing} in [0, 0.5) (at 0.5 the labels would be noise)")
         for name in ("batch_size", "log_interval", "eval_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.eval_pairs == 0:
             raise ValueError("--eval_pairs=0 would evaluate nothing; use -1 (all pairs) or a count")
-        pick_dtype(self.dtype, pick_device(self.device))  # an unknown device or dtype: ValueError
+        self.device = pick_device(self.device)  # "auto" resolved here, once
+        self.dtype = pick_dtype(self.dtype, self.device)
         if not Path(self.ckpt_path).exists():
-            raise FileNotFoundError(
-                f"no checkpoint at {self.ckpt_path}: DPO starts from an instruction-tuned model, so run "
-                f"07 first (`python 07_finetune.py --init_from=gpt2`) or point --ckpt_path at one")
-        if self.data_path:
-            load_preference_data(self.data_path)  # a missing or malformed file: caught here, before any work
+            raise FileNotFoundError(f"no checkpoint at {self.ckpt_path}: DPO starts from an instruction-"
+                                    f"tuned model: run 07 first (python 07_finetune.py --init_from=gpt2) or "
+                                    f"point --ckpt_path at one")
         if (Path(self.out_dir) / "ckpt.pt").exists() and not self.overwrite:
-            raise ValueError(f"{self.out_dir}/ckpt.pt already exists; write elsewhere with --out_dir=..., "
-                             f"or pass --overwrite to replace it")
+            raise ValueError(f"{Path(self.out_dir) / 'ckpt.pt'} holds an earlier run, which this one would "
+                             f"replace; choose another --out_dir, or pass --overwrite")
+        if self.data_path:  # a bad file fails now, before a model is loaded
+            load_preference_data(self.data_path)
 
 
-def prepare_pairs(cfg: DPOConfig, tokenizer, block_size: int):
-    """The splits, the train/val pair datasets, encode, and the end token; prints what was cut."""
-    encode, unknown = text_encoder(tokenizer, cfg.unknown_char)
-    end_id = end_token_id(tokenizer)
-    data = split_data(load_preference_data(cfg.data_path or None))
-    print(f"data: {', '.join(f'{k} {len(v)}' for k, v in data.items())} pairs (DPO uses train, reports val)")
-    datasets = {}
-    for name in ("train", "val"):
-        datasets[name], n_cut, n_dropped = tokenize_pairs(data[name], encode, end_id, block_size)
-        if n_cut or n_dropped:
-            print(f"  {name}: {n_cut} pairs cut at the context ({block_size} tokens), "
-                  f"{n_dropped} dropped (their prompt alone is longer than the context)")
-        if not datasets[name]:
-            raise ValueError(f"no {name} pair fits the context of {block_size} tokens; start from a model "
-                             f"with a larger block_size (07 from GPT-2: 1024)")
-    if unknown:
-        print(f"  {sum(unknown.values())} characters the char tokenizer lacks became {cfg.unknown_char!r}")
-    return data, datasets, encode, end_id
+def prepare_pairs(cfg: DPOConfig, tokenizer, block_size: int) -> dict:
+    """Train and val pairs tokenized for the model, the val entries, encode, end_id; prints what was cut."""
+    encode, unknown = text_encoder(tokenizer, "?")
+    end_id, splits = end_token_id(tokenizer), split_data(load_preference_data(cfg.data_path))
+    (train, n_cut, n_dropped), (val, _, _) = (tokenize_pairs(splits[k], encode, end_id, block_size)
+                                              for k in ("train", "val"))
+    print(f"data: {', '.join(f'{k} {len(v)}' for k, v in splits.items())} pairs; {n_cut} training pairs cut "
+          f"at the context ({block_size} tokens), {n_dropped} dropped (the prompt alone is longer)"
+          + (f"; {sum(unknown.values())} characters the char model lacks became '?'" if unknown else ""))
+    if len(train) < cfg.batch_size or not val:
+        raise ValueError(f"{len(train)} training and {len(val)} validation pairs fit the context of "
+                         f"{block_size} tokens, too few for --batch_size={cfg.batch_size}: lower it, or "
+                         f"start from a model with a longer context (GPT-2's: 1024)")
+    return {"train": train, "val": val, "val_entries": splits["val"], "encode": encode, "end_id": end_id}
 
 
-def dpo(cfg: DPOConfig, start=None) -> dict:
-    """Train the policy with DPO against its frozen copy; metrics, checkpoint and answers before/after.
+def write_responses(reference, policy, data: dict, decode, cfg: DPOConfig, ctx):
+    """Greedy answers before DPO (the reference IS the model before) and after, in dpo_responses.json."""
 
-    start: load_checkpoint(cfg.ckpt_path)'s (model, tokenizer, ckpt), if the caller has it already.
-    Returns {"iter_num", "train_losses", "before", "after" ({"train": metrics, "val": metrics}),
-    "policy", "reference"} (the two models, to inspect in a notebook or a test).
-    """
-    device = pick_device(cfg.device)
-    device_type = torch.device(device).type
-    cfg = replace(cfg, device=device, dtype=pick_dtype(cfg.dtype, device))  # the checkpoint records these
-    if device_type == "cuda":  # TF32 for the fp32 matmuls that autocast leaves (the fp32 LM head)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    ctx, out_dir = autocast_context(device_type, cfg.dtype), Path(cfg.out_dir)
+    def answer(model, entry) -> str:  # 04's generate, greedy; an answer ends at the end token
+        prompt = data["encode"](format_input(entry) + RESPONSE_HEADER)
+        with ctx:
+            out = generate(model, torch.tensor([prompt], device=cfg.device), cfg.max_new_tokens, 0.0)
+        ids = out[0, len(prompt):].tolist()
+        return decode(ids[: ids.index(data["end_id"])] if data["end_id"] in ids else ids).strip()
 
+    entries = data["val_entries"][: max(cfg.num_responses, 0)]
+    records = [{**e, "before_dpo": answer(reference, e), "after_dpo": answer(policy, e)} for e in entries]
+    path = Path(cfg.out_dir) / "dpo_responses.json"
+    path.write_text(json.dumps(records, indent=1, ensure_ascii=False), encoding="utf-8")
+    for r in records[:1]:
+        print(f"{format_input(r)}{RESPONSE_HEADER}  before: {r['before_dpo']}\n  after:  {r['after_dpo']}")
+    print(f"{len(records)} validation answers before and after DPO in {path}")
+
+
+def dpo(cfg: DPOConfig, start=None, data=None) -> dict:
+    """Train the policy against its frozen copy (start, data: load_checkpoint's and prepare_pairs'
+    results, when the caller has them). Returns the metrics before and after, the losses, both models."""
     policy, tokenizer, ckpt = start or load_checkpoint(cfg.ckpt_path)
-    print(f"policy: {cfg.ckpt_path} (stage {ckpt.get('stage', '?')}, iter {ckpt.get('iter_num', '?')})")
-    if ckpt.get("stage") in ("pretrain", "distributed"):
-        print("note: this model was not instruction-tuned; DPO shapes answers it cannot yet give well")
+    data = data or prepare_pairs(cfg, tokenizer, policy.config.block_size)
+    train, end_id, device_type = data["train"], data["end_id"], cfg.device.split(":")[0]
+    ctx, out_dir = autocast_context(device_type, cfg.dtype), Path(cfg.out_dir)
+    if device_type == "cuda":  # TF32: fp32 matmuls on tensor cores, 10-bit mantissa (as 05)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     # eval mode for the policy too: dropout would make log pi noisy, a margin that is not there
-    policy = policy.to(device).eval()
+    policy = policy.to(cfg.device).eval()
     reference = make_reference(policy)  # the model before DPO, frozen
-    block_size = policy.config.block_size
-    data, datasets, encode, end_id = prepare_pairs(cfg, tokenizer, block_size)
-    train_set = datasets["train"]
-    max_iters = cfg.max_iters or int(cfg.epochs * (len(train_set) // cfg.batch_size))
-    if max_iters <= 0:
-        raise ValueError(f"{max_iters} training steps: raise --epochs or --max_iters, or lower --batch_size")
-    cfg = replace(cfg, max_iters=max_iters)
-    # AdamW on every weight, as the book (at lr 5e-6, decaying the LayerNorm gains too changes nothing);
-    # fused: one kernel updates every tensor (as 05's configure_optimizers)
+    max_iters = cfg.max_iters or len(train) // cfg.batch_size  # 0: one epoch, as the book
+    print(f"policy: {cfg.ckpt_path} (stage {ckpt.get('stage')!r}, {ckpt.get('iter_num')} iterations), "
+          f"{policy.num_params():,} parameters, and its frozen copy; {max_iters} steps of {cfg.batch_size}")
+    # AdamW on every weight as the book (at lr 5e-6 decaying the LayerNorm gains is harmless)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   fused=device_type in ("cuda", "cpu"))
     scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")  # off: a pass-through
-    print(f"model: {policy.num_params():,} parameters; reference: a frozen copy; beta {cfg.beta}, label "
-          f"smoothing {cfg.label_smoothing}, {'averaged' if cfg.average_log_probs else 'summed'} log-probs; "
-          f"{max_iters} steps of {cfg.batch_size} pairs")
 
-    def evaluate(it: int) -> dict:
-        metrics = {k: evaluate_pairs(policy, reference, datasets[k], cfg, end_id, ctx) for k in datasets}
-        for k, m in metrics.items():
-            print(f"  {k:5s} loss {m['loss']:.4f}, rewards chosen {m['chosen_reward']:+.3f} rejected "
-                  f"{m['rejected_reward']:+.3f}, margin {m['margin']:+.3f}, accuracy {m['accuracy']:.1%}")
+    def score(pairs):  # (losses, chosen rewards, rejected rewards) of a list of pairs, (B,) each
+        batch = collate_pairs(pairs, end_id, policy.config.block_size, cfg.device)
+        return dpo_batch(policy, reference, batch, cfg.beta, cfg.label_smoothing, cfg.average_log_probs, ctx)
+
+    @torch.no_grad()
+    def evaluate(it: int) -> dict:  # pair_metrics of cfg.eval_pairs pairs of each split, to log.jsonl
+        metrics = {}
+        for k in ("train", "val"):
+            pairs = data[k][: cfg.eval_pairs] if cfg.eval_pairs > 0 else data[k]
+            parts = [score(pairs[i : i + cfg.batch_size]) for i in range(0, len(pairs), cfg.batch_size)]
+            m = metrics[k] = pair_metrics(*(torch.cat(tensors) for tensors in zip(*parts)))
+            print(f"step {it} {k:5s} loss {m['loss']:.4f}, rewards {m['chosen_reward']:+.3f} chosen, "
+                  f"{m['rejected_reward']:+.3f} rejected, margin {m['margin']:+.3f}, "
+                  f"accuracy {m['accuracy']:.1%}")
+        record = {"iter": it, **{f"{k}_{n}": v for k, m in metrics.items() for n, v in m.items()}}
         with open(out_dir / "log.jsonl", "a" if it else "w") as log:
-            record = {f"{k}_{name}": v for k, m in metrics.items() for name, v in m.items()}
-            log.write(json.dumps({"iter": it, **record}) + "\n")
+            print(json.dumps(record), file=log)
         return metrics
 
     out_dir.mkdir(parents=True, exist_ok=True)
     print("before DPO (the policy is the reference: rewards 0, loss ln 2 = 0.6931):")
-    before = metrics = evaluate(0)
-    best_val_loss, losses, t0, tokens = float("inf"), [], time.time(), 0
+    before = evaluate(0)
+    best_val_loss, losses, tokens, t0 = float("inf"), [], 0, time.perf_counter()
     for it in range(max_iters):
-        lr = cfg.learning_rate * min(1.0, (it + 1) / (cfg.warmup_iters + 1))  # linear warmup, then constant
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        pairs = [train_set[i] for i in batch_indices(it, len(train_set), cfg.batch_size, cfg.seed)]
-        batch = collate_pairs(pairs, end_id, block_size, device)
-        step = dpo_batch(policy, reference, batch, cfg.beta, cfg.label_smoothing, cfg.average_log_probs, ctx)
+        for group in optimizer.param_groups:  # linear warmup, then constant (the DPO paper)
+            group["lr"] = cfg.learning_rate * min(1.0, (it + 1) / (cfg.warmup_iters + 1))
+        pairs = [train[i] for i in batch_indices(it, len(train), cfg.batch_size, cfg.seed)]
+        step = score(pairs)
         loss = step[0].mean()
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)  # true gradients, before clipping
-        norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip or float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip or math.inf)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach()); loss.item()  # stays on the device: reading it every step would wait for the GPU
-        tokens += batch[0].numel()
-        if it % cfg.log_interval == 0 or it == max_iters - 1:
-            m = pair_metrics(*step)  # reading values waits for the device: on log steps only
+        # on the device: .item() makes the CPU wait for the GPU, so only on log and eval steps
+        losses.append(loss.detach())
+        tokens, last = tokens + sum(2 * len(p) + len(c) + len(r) for p, c, r in pairs), it == max_iters - 1
+        if it % cfg.log_interval == 0 or last:
+            m = pair_metrics(*step)
             print(f"step {it + 1}/{max_iters}: loss {m['loss']:.4f}, margin {m['margin']:+.3f}, accuracy "
-                  f"{m['accuracy']:.0%}, lr {lr:.2e}, grad norm {norm:.2f}, "
-                  f"{tokens / (time.time() - t0):,.0f} tokens/s")
-            t0, tokens = time.time(), 0
-        if (it + 1) % cfg.eval_interval == 0 or it == max_iters - 1:
-            print(f"step {it + 1}:")
-            metrics = evaluate(it + 1)
-            best_val_loss = min(best_val_loss, metrics["val"]["loss"])
-            save_checkpoint(out_dir / "ckpt.pt", {
+                  f"{m['accuracy']:.0%}, grad norm {norm:.2f}, {tokens / (time.perf_counter() - t0):,.0f} "
+                  f"tokens/s")
+            tokens, t0 = 0, time.perf_counter()
+        if (it + 1) % cfg.eval_interval == 0 or last:
+            after = evaluate(it + 1)
+            val_loss = after["val"]["loss"]  # the DPO loss (ln 2 at the start), not the LM loss
+            best_val_loss = min(best_val_loss, val_loss)
+            save_checkpoint(out_dir / "ckpt.pt", {  # 05's format, stage "dpo"; no optimizer: no resume
                 "model": policy.state_dict(), "model_args": asdict(policy.config), "config": asdict(cfg),
-                "tokenizer": ckpt["tokenizer"], "stage": "dpo", "iter_num": it + 1,
-                "best_val_loss": best_val_loss,
-                "val_loss": metrics["val"]["loss"],  # DPO losses, not LM losses: ln 2 is where 08 starts
-                "optimizer": None, "scaler": None, "rng": None,  # a DPO run is short: no resume (as 07)
-            })
-            t0, tokens = time.time(), 0  # the speed of training, not of evaluating
+                "tokenizer": ckpt["tokenizer"], "stage": "dpo", "iter_num": it + 1, "val_loss": val_loss,
+                "best_val_loss": best_val_loss, "optimizer": None, "scaler": None, "rng": None})
+            tokens, t0 = 0, time.perf_counter()  # tokens/s: the evaluation's time is not training time
 
-    write_responses(reference, policy, data["val"], encode, tokenizer.decode, end_id, cfg, ctx)
-    print(f"\nDPO, before -> after (rewards = {cfg.beta} * (log pi - log ref), in nats)")
-    for k in ("train", "val"):
-        b, a = before[k], metrics[k]
-        print(f"  {k:5s} loss {b['loss']:.4f} -> {a['loss']:.4f}   margin {b['margin']:+.3f} -> "
-              f"{a['margin']:+.3f}   accuracy {b['accuracy']:.1%} -> {a['accuracy']:.1%}")
-    print(f"checkpoint (stage dpo): {out_dir / 'ckpt.pt'}; try it: python 09_generate.py "
-          f"--ckpt={out_dir / 'ckpt.pt'} --chat")
+    write_responses(reference, policy, data, tokenizer.decode, cfg, ctx)
+    print(f"talk to the aligned model: python 09_generate.py --ckpt={out_dir / 'ckpt.pt'} --chat")
     return {"iter_num": max_iters, "train_losses": torch.stack(losses).tolist(), "before": before,
-            "after": metrics, "policy": policy, "reference": reference}
+            "after": after, "policy": policy, "reference": reference}
 
 
 def main(argv=None):
-    cfg = parse_config(DPOConfig, argv)  # a bad setting or a missing file: one `error:` line, exit 2
-    print(cfg)
-    try:
+    cfg = parse_config(DPOConfig, argv)  # a bad setting or a missing file: one `error:` line, exit status 2
+    print("config:", ", ".join(f"{k}={v!r}" for k, v in asdict(cfg).items()))
+    torch.set_num_threads(cfg.threads or torch.get_num_threads())
+    torch.manual_seed(cfg.seed)
+    try:  # a file that is not a checkpoint, pairs that do not fit the context
         start = load_checkpoint(cfg.ckpt_path)
-    except ValueError as e:  # a file that is not a checkpoint of these scripts: the user's, not our bug
+        data = prepare_pairs(cfg, start[1], start[0].config.block_size)
+    except ValueError as e:  # the user's to fix, not our bug: one line, as parse_config does
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    return dpo(cfg, start)
+    return dpo(cfg, start, data)
 
 
 # -----------------------------------------------------------------------------
@@ -513,21 +421,13 @@ def main(argv=None):
 
 # copied from 01_tokenizer.py: CharTokenizer
 class CharTokenizer:
-    """One token per character: the simplest tokenizer (vocabulary = the characters seen).
-
-    >>> tok = CharTokenizer.from_text("hello")      # vocabulary "ehlo": e=0, h=1, l=2, o=3
-    >>> tok.encode("hole"), tok.decode([2, 0])
-    ([1, 3, 2, 0], 'le')
-    """
+    """One token per character: from_text("hello") gives e=0 h=1 l=2 o=3, so "hole" -> [1, 3, 2, 0]."""
 
     def __init__(self, chars: str):
         if len(set(chars)) != len(chars):
             raise ValueError("chars has repeated characters; build it with CharTokenizer.from_text(text)")
-        self.chars = chars
-        self.stoi = {ch: i for i, ch in enumerate(chars)}
-        self.itos = dict(enumerate(chars))
-        self.n_vocab = len(chars)
-        self.eot_token = None  # no end-of-text token: 05 trains on one continuous text
+        self.chars, self.n_vocab, self.eot_token = chars, len(chars), None  # None: no end-of-text token
+        self.stoi, self.itos = {ch: i for i, ch in enumerate(chars)}, dict(enumerate(chars))
 
     @classmethod
     def from_text(cls, text: str) -> "CharTokenizer":
@@ -553,90 +453,26 @@ class CharTokenizer:
 
 # copied from 01_tokenizer.py: get_tokenizer
 def get_tokenizer(spec: dict):
-    """{"kind": "char", "chars": ...} -> CharTokenizer; {"kind": "gpt2"} -> tiktoken's GPT-2.
-
-    Checkpoints and meta.json store this small dict, not the tokenizer. For GPT-2 we use tiktoken
-    (Rust, fast); 01_tokenizer.py's BPETokenizer gives the same ids and shows how they are made.
-    """
-    kind = spec.get("kind")
-    if kind == "char":
+    """{"kind": "char", "chars": ...} -> CharTokenizer; {"kind": "gpt2"} -> tiktoken's GPT-2 encoding."""
+    if spec.get("kind") == "char":
         return CharTokenizer(spec["chars"])
-    if kind == "gpt2":
-        import tiktoken  # imported here so that char-only scripts do not need it
+    if spec.get("kind") == "gpt2":
+        import tiktoken  # only when asked for: char-only scripts do not need it
 
         return tiktoken.get_encoding("gpt2")
-    raise ValueError(f"unknown tokenizer kind {kind!r}; use {{'kind': 'char', 'chars': ...}} "
+    raise ValueError(f"unknown tokenizer kind {spec.get('kind')!r}; use {{'kind': 'char', 'chars': ...}} "
                      "or {'kind': 'gpt2'}")
-
-
-# copied from 01_tokenizer.py: download
-def download(url: str, path, sha256: str | None = None, timeout: float = 30) -> Path:
-    """Download url to path: streamed, written to path + ".tmp", checked, then renamed.
-
-    sha256 pins the exact bytes we expect; with None (no published hash, e.g. Hugging Face's
-    weights) we check the byte count the server announced. A file already at path (with the right
-    hash, when one is given) is not downloaded again. On an HTTP error or a bad file we raise and
-    leave no file behind, so a half-written download is never mistaken for the real one.
-    """
-    path, digest = Path(path), hashlib.sha256()
-    if path.exists() and sha256:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    if path.exists() and (sha256 is None or digest.hexdigest() == sha256):
-        return path  # a download gets this name only once it is complete and checked
-    path.unlink(missing_ok=True)  # corrupt or outdated: never leave it where a good file is expected
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp, digest, done, t0 = path.with_suffix(path.suffix + ".tmp"), hashlib.sha256(), 0, time.perf_counter()
-    try:
-        # identity: a gzip-encoded response would make the byte count differ from Content-Length
-        with requests.get(url, stream=True, timeout=timeout, headers={"Accept-Encoding": "identity"}) as r:
-            r.raise_for_status()
-            total = int(r.headers.get("content-length", 0))
-            with open(tmp, "wb") as f:
-                for block in r.iter_content(chunk_size=1 << 20):
-                    f.write(block)
-                    digest.update(block)
-                    done += len(block)
-                    if total > 1 << 24:  # progress for big files (> 16 MB): MB done, rate, time left
-                        rate, end = done / (time.perf_counter() - t0), "\n" if done == total else ""
-                        print(f"\r{path.name}: {done >> 20:,}/{total >> 20:,} MB, {rate / 2**20:.1f} MB/s, "
-                              f"~{(total - done) / rate:.0f} s left ", end=end, flush=True)
-        if total and done != total:
-            raise RuntimeError(f"download of {url} stopped after {done} of {total} bytes; retry")
-        if sha256 and digest.hexdigest() != sha256:
-            raise ValueError(f"sha256 mismatch for {url}: expected {sha256}, got {digest.hexdigest()}; "
-                             "retry; if it persists the file changed upstream: check it and update the hash, "
-                             f"or put the expected file in {path.parent} by hand")
-        os.replace(tmp, path)
-    except requests.RequestException as e:
-        raise RuntimeError(f"download of {url} failed: {e}; check the URL and your network, "
-                           f"or put the file at {path} by hand") from e
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 # copied from 03_attention.py: CausalSelfAttention
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention whose core is F.scaled_dot_product_attention (SDPA).
-
-    c_attn computes q, k and v of every head in one matmul; a reshape makes the heads a batch
-    dimension; SDPA computes softmax(q k^T / sqrt(hs)) v under the causal mask in one call; c_proj
-    mixes the heads' outputs. On GPU, SDPA runs FlashAttention or the memory-efficient kernel: they
-    walk over blocks of keys with a running softmax, so the (T, T) score matrix never exists in
-    memory. 03_attention.py builds this step by step and times it against the manual version.
-
-    x: (B, T, n_embd) -> (B, T, n_embd).
-    """
+    """Multi-head causal self-attention, one F.scaled_dot_product_attention call: (B, T, C) -> (B, T, C)."""
 
     def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True):
         super().__init__()
         if n_head <= 0 or n_embd % n_head != 0:
-            raise ValueError(
-                f"n_embd={n_embd} is not divisible by n_head={n_head}: every head gets n_embd // n_head "
-                f"channels, so choose an n_head that divides n_embd (GPT-2: n_embd=768, n_head=12)"
-            )
+            raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}: each head gets n_embd // "
+                             "n_head channels; choose an n_head that divides n_embd (GPT-2: 768 and 12)")
         self.n_embd, self.n_head = n_embd, n_head
         self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)  # q, k, v of all heads in one matmul
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)  # mixes the heads' outputs
@@ -645,27 +481,18 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        qkv = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in qkv)  # (B, nh, T, hs)
         dropout_p = self.attn_dropout_p if self.training else 0.0
-        # is_causal lets the kernel skip the blocks above the diagonal instead of masking them
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
 
 # copied from 04_gpt.py: GPTConfig
 @dataclass
 class GPTConfig:
-    """The numbers that define a GPT. Defaults are GPT-2 small (124M).
-
-    >>> GPTConfig.from_preset("gpt2-medium").n_layer
-    24
-    >>> GPTConfig.from_preset("tiny", vocab_size=65).vocab_size    # presets take overrides
-    65
-    """
+    """The numbers that define a GPT; the defaults are GPT-2 small (124M), PRESETS the other sizes."""
 
     block_size: int = 1024  # longest sequence the model can see (number of learned positions)
     vocab_size: int = 50257  # GPT-2's BPE: 50,000 merges + 256 bytes + <|endoftext|>
@@ -674,10 +501,7 @@ class GPTConfig:
     n_embd: int = 768  # width of the residual stream
     dropout: float = 0.0  # 0 for pretraining (GPT-2 used 0.1); try 0.1+ when finetuning small data
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2; False is a bit faster and as good
-
-    # The four GPT-2 sizes (Radford et al. 2019, table 2) and two small ones for a laptop.
-    # ClassVar: a class constant, not a field, so it travels with GPTConfig when later stages copy it.
-    PRESETS: ClassVar[dict[str, dict]] = {
+    PRESETS: ClassVar[dict[str, dict]] = {  # a class constant, not a field
         "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
         "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
         "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
@@ -688,15 +512,11 @@ class GPTConfig:
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            if isinstance(value := getattr(self, name), bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head != 0:
-            raise ValueError(
-                f"GPTConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
-                f"choose n_head among the divisors of n_embd (e.g. n_embd={self.n_head * 64} for "
-                f"n_head={self.n_head} with 64-dimensional heads)"
-            )
+            raise ValueError(f"GPTConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                             f"choose an n_head that divides n_embd (e.g. n_embd={self.n_head * 64})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
 
@@ -709,16 +529,12 @@ class GPTConfig:
 
 # copied from 04_gpt.py: MLP
 class MLP(nn.Module):
-    """Position-wise feed-forward: widen 4x, GELU, project back. Most of a block's parameters live here.
-
-    GPT-2 uses the tanh approximation of GELU (it was cheaper in 2019); we keep it so that OpenAI's
-    weights give OpenAI's outputs.
-    """
+    """Position-wise feed-forward: widen 4x, GELU, project back. (B, T, C) -> (B, T, C)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU, so that its weights give its outputs
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -728,12 +544,7 @@ class MLP(nn.Module):
 
 # copied from 04_gpt.py: Block
 class Block(nn.Module):
-    """One transformer block, pre-LayerNorm: x + attn(ln(x)), then x + mlp(ln(x)).
-
-    Normalising the input of each branch (not its output, as the 2017 transformer did) leaves the
-    residual stream an untouched sum from embedding to output, so gradients flow straight through
-    and deep stacks train without warmup tricks. GPT-2 moved the LayerNorm here for that reason.
-    """
+    """One transformer block, pre-LayerNorm: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -744,41 +555,27 @@ class Block(nn.Module):
 
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))  # tokens talk to each other
-        x = x + self.mlp(self.ln_2(x))  # each token thinks on its own
-        return x
+        return x + self.mlp(self.ln_2(x))  # each token thinks on its own
 
 
 # copied from 04_gpt.py: GPT
 class GPT(nn.Module):
-    """GPT-2: embeddings -> n_layer blocks -> LayerNorm -> LM head (tied to the token embedding).
-
-    >>> model = GPT(GPTConfig.from_preset("tiny", vocab_size=100))
-    >>> logits, loss = model(torch.randint(100, (2, 8)), targets=torch.randint(100, (2, 8)))
-    >>> logits.shape, round(loss.item())                # loss starts near ln(100) = 4.6
-    (torch.Size([2, 8, 100]), 5)
-    """
+    """GPT-2: embeddings -> n_layer blocks -> LayerNorm -> LM head (tied to the token embedding)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
-                wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embedding
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-            )
-        )
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
+            wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embedding
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Weight tying (Press & Wolf 2017): the matrix that maps a token to a vector also scores
-        # vectors against tokens. One Parameter, two uses; its gradient is the sum of both.
-        self.transformer.wte.weight = self.lm_head.weight
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying: one Parameter, two uses
         self.apply(self._init_weights)
-        # GPT-2's scaled init: each block adds two branch outputs (attn, mlp) into the residual
-        # stream, so its variance grows with depth; shrink the last projection of each branch by
-        # 1/sqrt(2 * n_layer) to keep the sum's scale independent of depth.
-        for name, p in self.named_parameters():
+        for name, p in self.named_parameters():  # GPT-2's residual projections: std / sqrt(2 * n_layer)
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
@@ -789,147 +586,97 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, idx, targets=None):
-        """Logits for every position, and the mean cross-entropy loss when targets are given.
-
-        idx: (B, T) token ids, T <= block_size. targets: (B, T), the next token at each position;
-        -100 marks positions to skip (padding, the prompt when finetuning). Pad sequences of unequal
-        lengths on the right: causal attention keeps right pads away from every real token, and
-        their -100 targets keep them out of the loss, so no attention mask is needed.
-        Returns (logits (B, T, vocab_size), loss or None).
-        """
+        """idx, targets: (B, T) token ids and next tokens (-100: skip) -> logits (B, T, vocab_size), loss."""
         self._check_input(idx)
         B, T = idx.shape
         pos = torch.arange(T, device=idx.device)  # (T,)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C) -> (B, T, C)
-        x = self.transformer.drop(x)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x)
-        x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, vocab_size)
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
         loss = None
-        if targets is not None:
-            # the log-softmax over 50k logits in fp32, whatever dtype they come in (bf16 under autocast)
+        if targets is not None:  # in fp32 whatever the logits' dtype (bf16 under autocast)
             loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
         return logits, loss
 
     def _check_input(self, idx):
         if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
-            raise ValueError(
-                f"idx must be a (B, T) tensor of integer token ids, got shape {tuple(idx.shape)} and "
-                f"dtype {idx.dtype}; for one sequence use idx[None] (and .long() for other dtypes)"
-            )
-        block_size, vocab_size = self.config.block_size, self.config.vocab_size
-        if idx.size(1) > block_size:
-            raise ValueError(
-                f"sequence length {idx.size(1)} exceeds block_size={block_size} (the model has no "
-                f"position embedding beyond it); crop to the last tokens with idx[:, -{block_size}:]"
-            )
-        # subtle: reading min/max makes the CPU wait for a GPU, and torch.compile would break its
-        # graph here; so only eager CPU tensors are checked (elsewhere an out-of-range id fails
-        # inside the embedding, with a less helpful message).
+            raise ValueError(f"idx must be a (B, T) tensor of integer token ids, not {tuple(idx.shape)} "
+                             f"{idx.dtype}; for one sequence use idx[None], for other dtypes idx.long()")
+        if idx.size(1) > (block_size := self.config.block_size):
+            raise ValueError(f"sequence length {idx.size(1)} exceeds block_size={block_size} (no position "
+                             f"embedding beyond it); crop to the last tokens with idx[:, -{block_size}:]")
+        # eager CPU tensors only: min/max would make the CPU wait for a GPU and break torch.compile's graph
         if idx.numel() and idx.device.type == "cpu" and not torch.compiler.is_compiling():
-            lo, hi = idx.min().item(), idx.max().item()
+            lo, hi, vocab_size = idx.min().item(), idx.max().item(), self.config.vocab_size
             if lo < 0 or hi >= vocab_size:
-                raise ValueError(
-                    f"token ids must be in [0, {vocab_size}), got ids from {lo} to {hi}; the tokenizer "
-                    f"and the model disagree: set GPTConfig.vocab_size to the tokenizer's n_vocab"
-                )
+                raise ValueError(f"token ids must be in [0, {vocab_size}), got ids from {lo} to {hi}; the "
+                                 "tokenizer and the model disagree: set GPTConfig.vocab_size to its n_vocab")
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameters, the tied wte/lm_head counted once: 124,439,808 for GPT-2 small.
-
-        non_embedding=True leaves out the position embedding: a table lookup costs no FLOPs.
-        (The token embedding stays in: as the LM head it is a real matmul.)
-        """
+        """Parameters, the tied wte/lm_head once; non_embedding=True leaves out wpe (a lookup, no FLOPs)."""
         n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
-        """FLOPs to train on one token (forward + backward) at context length seq_len.
-
-        A matmul with a weight of N parameters costs 2N FLOPs per token forward (a multiply and an
-        add per weight) and 4N backward (gradients for the input and for the weight): 6N. Attention
-        adds matmuls with no weights, QK^T and att @ V, 2 * T * C each per layer forward, so
-        12 * n_layer * T * C for forward + backward (PaLM's appendix B; we count the full T x T
-        even though the causal mask makes half of it zeros, as everyone does).
-        MFU = flops_per_token * tokens per second / the hardware's peak FLOP/s.
-        """
+        """Training FLOPs per token at context seq_len: 6N (forward + backward) + attention's 12 L T C."""
         T = self.config.block_size if seq_len is None else seq_len
-        L, C = self.config.n_layer, self.config.n_embd
-        return 6 * self.num_params(non_embedding=True) + 12 * L * C * T
+        return 6 * self.num_params(non_embedding=True) + 12 * self.config.n_layer * T * self.config.n_embd
 
 
-# copied from 05_pretrain.py: parse_config
+# copied from 04_gpt.py: parse_config
 def parse_config(cls, argv=None):
-    """A dataclass of settings from the command line: each field becomes a --field_name=value flag.
-
-    The help text of a flag is its field's arg() text. Bools take true/false (also 1/0, yes/no),
-    and a bare flag means true: `--compile` is `--compile=true`. No abbreviations: `--lr` is an
-    error, not a guess. If cls has a PRESETS dict and a `preset` field, the chosen preset is
-    applied first and the flags given override it. A value that cls rejects (its __post_init__
-    raises ValueError or FileNotFoundError) ends the program with one line `error: <message>` on
-    stderr and exit status 2: no usage dump, no traceback.
-    """
+    """The dataclass cls from the command line: a --field=value flag per Annotated field (bools also
+    bare), cls.PRESETS first when cls has them; a ValueError from cls is one `error:` line, exit 2."""
 
     def to_bool(text: str) -> bool:
-        if text.lower() in ("1", "true", "yes"):
-            return True
-        if text.lower() in ("0", "false", "no"):
-            return False
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+        if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
+            raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+        return text.lower() in ("1", "true", "yes")
 
     presets = getattr(cls, "PRESETS", {})
-    epilog = "presets:\n" + "\n".join(f"  {name}: {values}" for name, values in presets.items())
     parser = argparse.ArgumentParser(description=(cls.__doc__ or "").split("\n")[0], allow_abbrev=False,
-                                     epilog=epilog if presets else None,
+                                     epilog="".join(f"preset {k}: {v}\n" for k, v in presets.items()),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(cls):
-        kind = f.type if isinstance(f.type, type) else type(f.default)  # the type, also when a string
+    for f in fields(cls):  # `n_layer: Annotated[int, "transformer blocks"] = 4`: type, help, default
+        kind, help_text = f.type.__origin__, f.type.__metadata__[0]
         flag = kind is bool
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})".replace("%", "%%").lstrip()
         parser.add_argument(f"--{f.name}", type=to_bool if flag else kind, metavar=kind.__name__,
                             nargs="?" if flag else None, const=True if flag else None,
-                            default=argparse.SUPPRESS, help=help_text,  # SUPPRESS: absent flags stay absent
-                            choices=sorted(presets) if f.name == "preset" and presets else None)
+                            default=argparse.SUPPRESS,  # absent flags stay absent: the preset or default
+                            help=f"{help_text} (default: {f.default!r})".replace("%", "%%"))
+    parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")  # one line, no usage
     given = vars(parser.parse_args(argv))
-    preset = presets.get(given.get("preset", getattr(cls, "preset", None)), {})
+    preset = given.get("preset", getattr(cls, "preset", None))
     try:
-        return cls(**{**preset, **given})
+        if presets and preset not in presets:
+            raise ValueError(f"--preset={preset!r} is not valid; use {', '.join(presets)}")
+        return cls(**{**presets.get(preset, {}), **given})
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
-# copied from 05_pretrain.py: pick_device
+# copied from 04_gpt.py: pick_device
 def pick_device(device: str = "auto") -> str:
-    """"auto" -> "cuda" if a GPU is there, else "mps" (Apple silicon), else "cpu"; others are checked."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if torch.backends.mps.is_available() else "cpu"
+    """"auto" -> cuda if there is a GPU, else mps (Apple silicon), else cpu; others are checked."""
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    kind = device.split(":")[0]
-    if kind not in available:
+    if device == "auto":
+        return next(kind for kind in ("cuda", "mps", "cpu") if available[kind])
+    kind, _, index = device.partition(":")
+    if kind not in available or (index and not index.isdigit()):
         raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:<index> or mps")
-    if not available[kind]:
+    if not available[kind] or (index and kind == "cuda" and int(index) >= torch.cuda.device_count()):
         raise ValueError(f"device {device!r} is not available on this machine; use --device=auto (or cpu)")
     return device
 
 
-# copied from 05_pretrain.py: pick_dtype
+# copied from 04_gpt.py: pick_dtype
 def pick_dtype(dtype: str, device: str) -> str:
-    """The precision to train in. "auto" -> "bfloat16" on CUDA GPUs that do bf16 natively (Ampere,
-    compute capability 8.0, and newer), "float16" on older CUDA GPUs, "float32" on CPU and MPS.
-
-    bf16 keeps fp32's exponent range, so it trains as is; fp16's range is narrow, and its small
-    gradients underflow to 0 unless the loss is scaled up first (a GradScaler, used here on CUDA
-    only, hence float16 is refused elsewhere). Older GPUs emulate bf16, slowly, and PyTorch counts
-    emulation as support unless asked for native support only. On CPU, fp32 is exact and fast
-    enough for small models; a CPU with bf16 units can take --dtype=bfloat16 by choice.
-    """
-    allowed = ("auto", "float32", "bfloat16", "float16")
-    if dtype not in allowed:
-        raise ValueError(f"--dtype={dtype!r} is not valid; use {', '.join(allowed)}")
+    """"auto" -> bfloat16 on CUDA GPUs that do it natively (compute capability 8.0+), float16 on
+    older ones (with a GradScaler), float32 on CPU and MPS. Explicit choices are checked."""
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype={dtype!r} is not valid; use auto, float32, bfloat16, float16")
     cuda = torch.device(device).type == "cuda"
     if dtype == "float16" and not cuda:
         raise ValueError("--dtype=float16 needs loss scaling, done on CUDA only; use bfloat16 or float32")
@@ -940,30 +687,17 @@ def pick_dtype(dtype: str, device: str) -> str:
     return "float32"
 
 
-# copied from 05_pretrain.py: autocast_context
+# copied from 04_gpt.py: autocast_context
 def autocast_context(device_type: str, dtype: str):
-    """Mixed precision: matmuls run in dtype, precision-sensitive ops (softmax, norms, the loss) in fp32.
-
-    The weights stay fp32: they are the master copy AdamW updates, since a bf16 weight cannot absorb
-    an update 1000x smaller than itself. bf16 has fp32's exponent range, so gradients need no
-    scaling; fp16 does (a GradScaler). "float32" means no autocast at all.
-    """
+    """Mixed precision for the forward pass: torch.autocast in dtype, or nothing for float32."""
     if dtype == "float32":
         return nullcontext()
-    if dtype not in ("bfloat16", "float16"):
-        raise ValueError(f"dtype {dtype!r} is not float32, bfloat16 or float16")
     return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
 
 
 # copied from 05_pretrain.py: save_checkpoint
 def save_checkpoint(path, ckpt: dict):
-    """torch.save to path + ".tmp", flushed to disk, then renamed over path.
-
-    The rename is atomic: whatever happens (Ctrl-C, a crash, a full disk) path holds either the old
-    checkpoint or the new one, never half of one. The format the training stages write:
-    {"model", "model_args", "tokenizer", "config", "stage" (pretrain, distributed, finetune, dpo),
-    "iter_num", "best_val_loss", "val_loss" (last measured), "optimizer", "scaler", "rng"}.
-    """
+    """torch.save to path + ".tmp", flushed to disk, then renamed over path (atomic)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -979,14 +713,8 @@ def save_checkpoint(path, ckpt: dict):
 
 # copied from 05_pretrain.py: load_checkpoint
 def load_checkpoint(path):
-    """(model, tokenizer, checkpoint dict) from a checkpoint of these scripts (05 to 08 write them).
-
-    The model is 04's GPT, built from ckpt["model_args"] on the CPU, in training mode: move it with
-    .to(device) and call .eval() to sample. mmap=True maps the file instead of reading it all, so the
-    optimizer state is never read unless used. weights_only=True: loading runs no pickled code, so
-    a checkpoint from elsewhere cannot execute anything. Keys of a torch.compile'd model carry an
-    "_orig_mod." prefix; it is stripped, so any such checkpoint loads into a plain model.
-    """
+    """(model, tokenizer, checkpoint dict) from a checkpoint of 05-08; the model is on the CPU. mmap:
+    what is not used (Adam's state) is never read. A torch.compile'd model's "_orig_mod." is dropped."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}; train one with `python 05_pretrain.py` "
@@ -1005,37 +733,20 @@ def load_checkpoint(path):
 
 # copied from 07_finetune.py: split_data
 def split_data(data: list, train_fraction: float = 0.85, test_fraction: float = 0.10) -> dict[str, list]:
-    """Split in file order: the first 85% train, the next 10% test, the last 5% validation.
-
-    No shuffling: the file is already in random order, and a fixed split means every run (and 08,
-    09) holds out the same entries. 1,100 entries -> 935 train, 110 test, 55 val (the book's).
-    """
+    """In file order: the first 85% train, the next 10% test, the last 5% val."""
     n_train, n_test = int(len(data) * train_fraction), int(len(data) * test_fraction)
     if n_train == 0 or n_test == 0 or len(data) - n_train - n_test == 0:
         raise ValueError(f"{len(data)} entries are too few to split 85/10/5 (every split needs one); use 20+")
-    n_train_test = n_train + n_test
-    return {"train": data[:n_train], "test": data[n_train:n_train_test], "val": data[n_train_test:]}
+    return {"train": data[:n_train], "test": data[n_train:n_train + n_test], "val": data[n_train + n_test:]}
 
 
 # copied from 07_finetune.py: RESPONSE_HEADER
-RESPONSE_HEADER = "\n\n### Response:\n"  # what follows format_input(entry); then the answer
+RESPONSE_HEADER = "\n\n### Response:\n"  # between the prompt and the answer
 
 
 # copied from 07_finetune.py: format_input
 def format_input(entry: dict) -> str:
-    """The Alpaca prompt for an entry: a fixed two-sentence preamble, the instruction, the input if any.
-
-    >>> prompt = format_input({"instruction": "Rewrite in the passive voice.", "input": "The cat ate it."})
-    >>> print(prompt[prompt.index("###") :])
-    ### Instruction:
-    Rewrite in the passive voice.
-    <BLANKLINE>
-    ### Input:
-    The cat ate it.
-
-    A training example is format_input(entry) + RESPONSE_HEADER + entry["output"]; at inference the
-    model gets format_input(entry) + RESPONSE_HEADER and writes the rest.
-    """
+    """Alpaca's prompt for an entry: a fixed preamble, "### Instruction:", and "### Input:" if any."""
     instruction_text = (
         "Below is an instruction that describes a task. "
         "Write a response that appropriately completes the request."
@@ -1047,19 +758,15 @@ def format_input(entry: dict) -> str:
 
 # copied from 07_finetune.py: text_encoder
 def text_encoder(tokenizer, unknown_char: str = "?"):
-    """Return (encode, unknown): encode(text) -> ids, and a Counter of the characters it replaced.
-
-    GPT-2's BPE encodes any string (here "<|endoftext|>" inside the data is plain text, never the
-    special token). A CharTokenizer knows only its own characters: each unknown one is replaced by
-    unknown_char and counted, or, with unknown_char="", raises a ValueError naming it.
-    """
+    """(encode, unknown): text -> ids, replacing the characters a char tokenizer lacks with unknown_char
+    (counted in the Counter unknown), or naming them in a ValueError when unknown_char is ""."""
     unknown = Counter()
     spec = tokenizer.to_dict() if hasattr(tokenizer, "to_dict") else {"kind": "gpt2"}
     if spec["kind"] != "char":
         return (lambda text: tokenizer.encode(text, disallowed_special=())), unknown
     known = set(spec["chars"])
     if unknown_char and unknown_char not in known:
-        raise ValueError(f"--unknown_char={unknown_char!r} is not among the tokenizer's characters; pick one")
+        raise ValueError(f"--unknown_char={unknown_char!r} is not among the model's characters; pick one")
 
     def encode(text: str) -> list[int]:
         missing = [ch for ch in text if ch not in known]
@@ -1074,85 +781,40 @@ def text_encoder(tokenizer, unknown_char: str = "?"):
 
 # copied from 07_finetune.py: end_token_id
 def end_token_id(tokenizer) -> int:
-    """The token that ends every response and pads the batches: GPT-2's <|endoftext|> (50256).
-
-    A char tokenizer has no such token; its newline stands in, so a char model learns to end its
-    answer with a line break (a multi-line answer is cut at its first line when generating).
-    """
-    if tokenizer.eot_token is not None:
-        return tokenizer.eot_token
-    if "\n" not in tokenizer.to_dict().get("chars", ""):
-        raise ValueError("this char tokenizer has neither <|endoftext|> nor a newline to end responses with")
-    return tokenizer.encode("\n")[0]
+    """The token that ends every answer and pads the batches: <|endoftext|>, or a char model's newline."""
+    return tokenizer.eot_token if tokenizer.eot_token is not None else tokenizer.encode("\n")[0]
 
 
 # copied from 07_finetune.py: batch_indices
 def batch_indices(step: int, n: int, batch_size: int, seed: int = 0) -> list[int]:
-    """The example indices of training batch `step`: shuffled epochs, last partial batch dropped.
-
-    Stateless like 02's get_batch: batch = f(seed, step), so a run is reproducible from any step.
-    """
+    """The example indices of batch `step`: a fresh shuffle per epoch, the last partial batch dropped.
+    Stateless, like 02's get_batch: batch = f(seed, step)."""
     if not 0 < batch_size <= n:
         raise ValueError(f"batch_size={batch_size} must be between 1 and the {n} training examples")
     epoch, i = divmod(step, n // batch_size)
-    order = np.random.default_rng([seed, epoch]).permutation(n)  # a fresh shuffle every epoch
+    order = np.random.default_rng([seed, epoch]).permutation(n)
     return order[i * batch_size : (i + 1) * batch_size].tolist()
 
 
-# copied from 07_finetune.py: generate_greedy
+# copied from 04_gpt.py: generate
 @torch.no_grad()
-def generate_greedy(model, prompts: list[list[int]], max_new_tokens: int, end_id: int, batch_size: int = 8,
-                    ctx=nullcontext()) -> list[list[int]]:
-    """Greedy continuations of several prompts, batched, each stopped at end_id (not included).
-
-    subtle: prompts of different lengths share one forward pass, padded on the right with end_id.
-    Causal attention means what sits right of a row's last token cannot change that token's
-    logits, so no mask is needed: we read each row's next token at its own last position and write
-    it just after. Prompts of similar length are batched together; one longer than the context
-    keeps its last block_size - 1 tokens, and an answer stops when prompt + answer fill the context.
-    No KV cache: each step reruns the whole context (09_generate.py adds the cache). The CPU waits
-    for the device once per token, to ask whether every row is done.
-    """
-    was_training, device = model.training, next(model.parameters()).device
-    model.eval()
-    block_size, out = model.config.block_size, [None] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        batch = [prompts[i][max(0, len(prompts[i]) - block_size + 1) :] for i in rows]  # room for one more
-        longest = max(len(p) for p in batch)
-        width = min(block_size, longest + max_new_tokens)
-        idx = torch.full((len(rows), width + 1), end_id, dtype=torch.long)  # (B, width + 1): one spare column
-        for r, p in enumerate(batch):
-            idx[r, : len(p)] = torch.tensor(p, dtype=torch.long)
-        idx, arange = idx.to(device), torch.arange(len(rows), device=device)
-        lengths = torch.tensor([len(p) for p in batch], device=device)  # (B,)
-        done = torch.zeros(len(rows), dtype=torch.bool, device=device)
-        for step in range(max_new_tokens):
-            with ctx:  # every live row ends at or before column longest + step, and before width
-                logits, _ = model(idx[:, : min(longest + step, width)])  # (B, T, vocab)
-            next_id = logits[arange, lengths - 1].argmax(-1)  # (B,) each row at its own last token
-            next_id = torch.where(done, end_id, next_id)  # a finished row writes end_id into padding
-            idx[arange, lengths] = next_id
-            lengths += ~done
-            done |= (next_id == end_id) | (lengths >= width)
-            if done.all():  # the one sync per token
-                break
-        idx, lengths = idx.tolist(), lengths.tolist()
-        for r, i in enumerate(rows):
-            new = idx[r][len(batch[r]) : lengths[r]]
-            out[i] = new[:-1] if new and new[-1] == end_id else new
-    model.train(was_training)
-    return out
-
-
-# copied from 07_finetune.py: generate_responses
-def generate_responses(model, entries, encode, decode, end_id, max_new_tokens=256, batch_size=8,
-                       ctx=nullcontext()) -> list[str]:
-    """The model's greedy answer to each entry, as text (prompt: format_input + RESPONSE_HEADER)."""
-    prompts = [encode(format_input(e)) + encode(RESPONSE_HEADER) for e in entries]
-    outputs = generate_greedy(model, prompts, max_new_tokens, end_id, batch_size, ctx)
-    return [decode(ids).strip() for ids in outputs]
+def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None):
+    """Append max_new_tokens tokens to idx (B, T); temperature 0 = greedy, top_k = sample the k likeliest."""
+    if temperature < 0 or (top_k is not None and top_k <= 0):
+        raise ValueError(f"need temperature >= 0 (0 = greedy) and top_k a positive integer or None, "
+                         f"got temperature={temperature}, top_k={top_k}")
+    for _ in range(max_new_tokens):
+        logits = model(idx[:, -model.config.block_size :])[0][:, -1, :]  # (B, vocab_size): the last position
+        if temperature == 0:
+            idx_next = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+        else:
+            logits = logits / temperature
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
+        idx = torch.cat((idx, idx_next), dim=1)
+    return idx
 
 
 if __name__ == "__main__":

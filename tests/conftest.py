@@ -87,6 +87,7 @@ dist06 = _script_fixture("06_distributed")
 ft07 = _script_fixture("07_finetune")
 dpo08 = _script_fixture("08_dpo")
 gen09 = _script_fixture("09_generate")
+serve10 = _script_fixture("10_serve")
 
 
 def _data_file(source: str) -> Path:

@@ -494,13 +494,17 @@ def test_main_clean_flag_bare_or_with_a_value(dl02, tmp_path, clean, capsys):
 
 
 def test_default_run_prepares_tinyshakespeare_in_the_data_home(dl02, tmp_path, shakespeare_path,
-                                                                shakespeare_text):
+                                                                shakespeare_text, instruction_data_path,
+                                                                preference_data_path):
     """`python 02_dataloader.py` writes data/tinyshakespeare-char/ and -gpt2/: the path 05 and 06 read,
-    data_dir / f"{dataset}-{tokenizer}", holding train.bin, val.bin and meta.json."""
-    (tmp_path / "tinyshakespeare.txt").write_bytes(shakespeare_path.read_bytes())  # no download
+    data_dir / f"{dataset}-{tokenizer}", holding train.bin, val.bin and meta.json; and it fetches the
+    JSON files 07 and 08 read (checked against their sha256)."""
+    for source in (shakespeare_path, instruction_data_path, preference_data_path):  # no download
+        (tmp_path / source.name).write_bytes(source.read_bytes())
     dl02.main([f"--data_dir={tmp_path}"])
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "tinyshakespeare-char", "tinyshakespeare-gpt2", "tinyshakespeare.txt"]
+        "instruction-data-with-preference.json", "instruction-data.json", "tinyshakespeare-char",
+        "tinyshakespeare-gpt2", "tinyshakespeare.txt"]
     text = dl02.clean_text(shakespeare_text)[0]
     split = int(len(text) * 0.9)
     for kind in ("char", "gpt2"):

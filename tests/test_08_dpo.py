@@ -167,7 +167,7 @@ def test_pairs_are_formatted_exactly_as_07_finetuned(dpo08, ft07):
     assert len(pairs) == 20 and n_dropped == 0
     for entry, (prompt, chosen, rejected) in zip(entries, pairs):
         for answer, ids in ((entry["chosen"], chosen), (entry["rejected"], rejected)):
-            example = ft07.tokenize_examples([{**entry, "output": answer}], encode, max_length=1024)[0][0]
+            example = ft07.tokenize_examples([{**entry, "output": answer}], encode, max_length=1024)[0]
             x07, y07 = ft07.collate_fn([example], pad_token_id=tok.eot_token, mask_prompt=False)
             x, y, mask = dpo08.collate_pairs([(prompt, ids, ids)], pad_token_id=tok.eot_token)
             assert x[0].tolist() == x07[0].tolist() and y[0].tolist() == y07[0].tolist()
@@ -374,6 +374,17 @@ def test_an_existing_checkpoint_is_never_overwritten_unasked(dpo08, capsys, star
     assert dpo08.DPOConfig(ckpt_path=str(tmp / "ft.pt"), out_dir=str(tmp_path), overwrite=True).overwrite
 
 
+def test_pairs_that_do_not_fit_the_context_are_a_user_error(dpo08, capsys, start, tmp_path):
+    tmp, ckpt = start
+    small = tiny_gpt(dpo08, vocab_size=ckpt["model_args"]["vocab_size"], block_size=16)
+    dpo08.save_checkpoint(tmp_path / "small.pt",
+                          {**ckpt, "model": small.state_dict(), "model_args": dpo08.asdict(small.config)})
+    argv = [f"--ckpt_path={tmp_path / 'small.pt'}", f"--data_path={tmp / 'pairs.json'}",
+            f"--out_dir={tmp_path / 'out'}", "--device=cpu"]
+    assert_user_error(dpo08, capsys, argv, "fit the context of 16 tokens", "--batch_size")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("flag, message", [
     ("--beta=0", "beta"), ("--label_smoothing=0.5", "label_smoothing"), ("--batch_size=0", "batch_size"),
     ("--eval_interval=0", "eval_interval"), ("--device=tpu", "tpu"), ("--dtype=fp8", "fp8"),
@@ -384,6 +395,11 @@ def test_bad_settings_get_a_clear_error(dpo08, capsys, flag, message):
     with pytest.raises(ValueError, match=message):
         dpo08.DPOConfig(**{name: type(getattr(dpo08.DPOConfig, name))(value)})
     assert_user_error(dpo08, capsys, [flag], message)
+
+
+def test_unknown_and_abbreviated_flags_are_errors(dpo08, capsys):
+    assert_user_error(dpo08, capsys, ["--init_from=gpt2"], "--init_from")  # 08 starts from 07 only
+    assert_user_error(dpo08, capsys, ["--bet=0.2"], "--bet")  # no abbreviations: --bet is not --beta
 
 
 def test_bad_preference_data_gets_a_clear_error(dpo08, capsys, start, tmp_path):
