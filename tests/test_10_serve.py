@@ -1,0 +1,365 @@
+"""Tests for 10_serve.py, the model's way out of this repo: the Hugging Face export, checked by
+transformers itself (its logits and greedy tokens equal ours, its tokenizer gives tiktoken's ids),
+and the OpenAI-compatible server, driven by the official openai client on 127.0.0.1 (a free port,
+a thread of this process)."""
+
+import contextlib
+import dataclasses
+import http.client
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import openai  # not importorskip: test-only dependencies, CI installs requirements-dev.txt
+import pytest
+import tiktoken
+import torch
+import transformers
+from conftest import ROOT
+
+
+def rough_model(serve10, vocab_size, bias=True, block_size=64, seed=0):
+    """A tiny GPT with large random weights (std 0.3, biases too): confident, varied predictions, so a
+    wrong transpose or a missing bias changes the greedy tokens, not just the fifth decimal."""
+    torch.manual_seed(seed)
+    config = serve10.GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32,
+                             bias=bias)  # fmt: skip
+    model = serve10.GPT(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+CHAR_SPEC = {"kind": "char", "chars": CHARS}
+
+
+# -----------------------------------------------------------------------------
+# The Hugging Face export
+
+
+@pytest.mark.parametrize("kind, bias", [("gpt2", True), ("char", False)])
+def test_transformers_loads_the_export_with_our_logits_and_greedy_tokens(serve10, tmp_path, kind, bias):
+    vocab_size = 50257 if kind == "gpt2" else len(CHARS)
+    spec = {"kind": "gpt2"} if kind == "gpt2" else CHAR_SPEC
+    model = rough_model(serve10, vocab_size, bias=bias)
+    serve10.export_hf(model, spec, tmp_path / "hf")
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not any(info.values()), info  # every weight found (zero biases too), none left over
+    hf.eval()
+    assert type(hf).__name__ == "GPT2LMHeadModel"
+    assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()  # tied, as ours
+
+    idx = torch.randint(vocab_size, (2, 64))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx)[0], atol=1e-4, rtol=1e-4)
+    prompt = torch.randint(vocab_size, (8,)).tolist()
+    steps = serve10.generate_tokens(model, [prompt], temperature=0)  # 09's KV-cache generation
+    ours = [t.item() for _, (t, _) in zip(range(30), steps)]
+    assert len(set(ours)) > 5 and 50256 not in ours  # varied, and no end token for HF to stop at
+    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False)[0, 8:].tolist()
+    assert theirs == ours
+
+    if kind == "char":  # weights + config + the character table, and what to do about tokenization
+        assert json.loads((tmp_path / "hf" / "chars.json").read_text()) == spec
+        assert "chars.json" in (tmp_path / "hf" / "README.txt").read_text()
+        assert not (tmp_path / "hf" / "vocab.json").exists()
+
+
+def test_safetensors_file_is_the_format(serve10, gpt04, tmp_path):
+    """Our writer against the safetensors library and 04's reader: same names, shapes, dtypes, values."""
+    from safetensors.torch import load_file
+
+    tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).half(), "c": torch.randn(2, 3).to(torch.bfloat16),
+               "d": torch.randn(4, 2).t().contiguous()}  # fmt: skip
+    serve10.save_safetensors(tensors, tmp_path / "t.safetensors")
+    head_len = struct.unpack("<Q", (tmp_path / "t.safetensors").read_bytes()[:8])[0]
+    assert head_len % 8 == 0
+    for loaded in (load_file(tmp_path / "t.safetensors"), gpt04.load_safetensors(tmp_path / "t.safetensors")):
+        assert loaded.keys() == tensors.keys()
+        for name, t in tensors.items():
+            assert loaded[name].dtype == t.dtype and torch.equal(loaded[name], t)
+
+
+def test_exported_tokenizer_gives_tiktokens_ids(serve10, tmp_path):
+    serve10.export_hf(rough_model(serve10, 50257), {"kind": "gpt2"}, tmp_path)
+    theirs, ours = transformers.AutoTokenizer.from_pretrained(tmp_path), tiktoken.get_encoding("gpt2")
+    texts = ["Hello, I'm a language model,", "  two spaces\n\nand lines\t tab", "naïve café: 東京 🤖!",
+             "numbers 1234567 and 3.14159", "it's don't we'll THEY'RE", "<|endoftext|>a document break"]
+    for text in texts:
+        ids = ours.encode(text, allowed_special={"<|endoftext|>"})
+        assert theirs(text)["input_ids"] == ids
+        assert theirs.decode(ids) == text
+    assert theirs.eos_token_id == 50256 and theirs.model_max_length == 64
+
+
+def test_export_refuses_a_non_empty_directory_unless_overwrite(serve10, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        serve10.export_hf(rough_model(serve10, len(CHARS)), CHAR_SPEC, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    serve10.export_hf(rough_model(serve10, 50257), {"kind": "gpt2"}, tmp_path, overwrite=True)
+    serve10.export_hf(rough_model(serve10, len(CHARS)), CHAR_SPEC, tmp_path, overwrite=True)
+    names = sorted(p.name for p in tmp_path.iterdir())  # the GPT-2 tokenizer files went: no mixed export
+    assert names == ["README.txt", "chars.json", "config.json", "model.safetensors", "notes.txt"]
+
+
+# -----------------------------------------------------------------------------
+# The server
+
+
+@contextlib.contextmanager
+def running(serve10, model, tokenizer_spec):
+    """make_server on a free port (port=0), serving from a thread of this process until the with ends."""
+    srv = serve10.make_server(model, serve10.get_tokenizer(tokenizer_spec), "tiny", port=0)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(timeout=10)
+
+
+def openai_client(server):
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="unused",
+                         max_retries=0, timeout=30)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def server(serve10):
+    with running(serve10, rough_model(serve10, 50257), {"kind": "gpt2"}) as srv:
+        yield srv
+
+
+@pytest.fixture
+def client(server):
+    return openai_client(server)
+
+
+def complete(client, chat=False, stream=False, **kw):
+    """The text of one completion (streamed: the chunks joined) and its finish_reason."""
+    kw = {"model": "tiny", "max_tokens": 20, "temperature": 0} | kw
+    if chat:
+        kw.setdefault("messages", [{"role": "user", "content": "Name a colour."}])
+        response = client.chat.completions.create(stream=stream, **kw)
+        if not stream:
+            return response.choices[0].message.content, response.choices[0].finish_reason
+        chunks = [(c.choices[0].delta.content or "", c.choices[0].finish_reason) for c in response]
+    else:
+        kw.setdefault("prompt", "Once upon a time")
+        response = client.completions.create(stream=stream, **kw)
+        if not stream:
+            return response.choices[0].text, response.choices[0].finish_reason
+        chunks = [(c.choices[0].text, c.choices[0].finish_reason) for c in response]
+    assert len(chunks) > 1 and all(f is None for _, f in chunks[:-1])  # really streamed, one end
+    return "".join(t for t, _ in chunks), chunks[-1][1]
+
+
+def test_models_lists_the_served_model(client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completion", "chat"])
+def test_greedy_answer_is_09s_and_streams_the_same_text(serve10, server, client, chat):
+    text, finish = complete(client, chat)
+    tok = server.tok
+    prompt = tok.encode("Once upon a time")
+    if chat:  # 07's template, encoded in two parts
+        prompt = tok.encode(serve10.format_input({"instruction": "Name a colour."})) + tok.encode(
+            serve10.RESPONSE_HEADER)  # fmt: skip
+    steps = serve10.generate_tokens(server.model, [prompt], temperature=0)  # 09's KV-cache generation
+    assert text == tok.decode([t.item() for _, (t, _) in zip(range(20), steps)])
+    assert finish == "length" and len(text) > 20
+    assert complete(client, chat, stream=True) == (text, finish)
+
+
+def test_chat_ends_where_07_taught_it(serve10, server):
+    """At <|endoftext|>, at the next "### " header, or after a whole context of tokens by default."""
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    body = {"model": "tiny", "stop": "X", "messages": messages}
+    prompt, req, end_token = serve10.parse_request(server, body, chat=True)
+    tok = server.tok  # the last message is the instruction, in two parts as 07 encoded it
+    instruction = tok.encode(serve10.format_input({"instruction": "Hi"}))
+    assert prompt == instruction + tok.encode(serve10.RESPONSE_HEADER)
+    assert (req["stop"], end_token, req["max_tokens"]) == (["X", "\n\n### "], 50256, 64)
+
+
+def test_seed_makes_sampling_repeatable(client):
+    first = complete(client, temperature=1.0, seed=7)[0]
+    assert complete(client, temperature=1.0, seed=7, stream=True)[0] == first
+    assert complete(client, temperature=1.0, seed=8)[0] != first
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_string_ends_the_answer_before_it(client, stream):
+    full = complete(client, max_tokens=30)[0]
+    stop = full[12:15]
+    text, finish = complete(client, max_tokens=30, stop=["never there", stop], stream=stream)
+    assert (text, finish) == (full[: full.index(stop)], "stop")
+
+
+def request(server, method, path, body=b""):
+    """A raw HTTP request (the openai client cannot send broken JSON): (status, parsed JSON body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+    conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    status, data = response.status, response.read()
+    conn.close()
+    return status, json.loads(data)
+
+
+OK = {"model": "tiny", "prompt": "Hello"}
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}]}
+P, C = "/v1/completions", "/v1/chat/completions"
+BAD_REQUESTS = {  # name: (path, body, status, param)
+    "malformed JSON": (P, b'{"model": "tiny", "prompt": ', 400, None),
+    "not an object": (P, b'["tiny", "Hello"]', 400, None),
+    "not UTF-8": (P, b'{"model": "\xff"}', 400, None),
+    "missing prompt": (P, {"model": "tiny"}, 400, "prompt"),
+    "missing model": (P, {"prompt": "Hello"}, 400, "model"),
+    "missing messages": (C, {"model": "tiny"}, 400, "messages"),
+    "prompt not a string": (P, OK | {"prompt": 5}, 400, "prompt"),
+    "max_tokens a string": (P, OK | {"max_tokens": "10"}, 400, "max_tokens"),
+    "temperature a string": (P, OK | {"temperature": "hot"}, 400, "temperature"),
+    "stream not a bool": (P, OK | {"stream": 1}, 400, "stream"),
+    "seed a float": (P, OK | {"seed": 1.5}, 400, "seed"),
+    "stop a number": (P, OK | {"stop": 3}, 400, "stop"),
+    "messages not a list": (C, CHAT | {"messages": "Hi"}, 400, "messages"),
+    "message without content": (C, CHAT | {"messages": [{"role": "user"}]}, 400, "messages"),
+    "last message not the user's": (C, CHAT | {"messages": [{"role": "system", "content": "Hi"}]}, 400,
+                                    "messages"),
+    "prompt longer than the context": (P, OK | {"prompt": "word " * 65}, 400, "prompt"),
+    "chat longer than the context": (C, CHAT | {"messages": [{"role": "user", "content": "word " * 40}]}, 400,
+                                     "messages"),
+    "max_tokens 0": (P, OK | {"max_tokens": 0}, 400, "max_tokens"),
+    "max_tokens past the limit": (P, OK | {"max_tokens": 4097}, 400, "max_tokens"),
+    "temperature 3": (P, OK | {"temperature": 3}, 400, "temperature"),
+    "top_p 0": (P, OK | {"top_p": 0}, 400, "top_p"),
+    "unknown model": (P, OK | {"model": "gpt-4"}, 400, "model"),
+    "unknown path": ("/v1/embeddings", OK, 404, None),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", BAD_REQUESTS)
+def test_bad_request_gets_openais_error_shape_and_the_server_goes_on(server, client, name):
+    path, body, status, param = BAD_REQUESTS[name]
+    got_status, got = request(server, "POST", path, body if isinstance(body, bytes) else json.dumps(body))
+    assert got_status == status
+    assert set(got) == {"error"} and set(got["error"]) == {"message", "type", "param", "code"}
+    assert got["error"]["param"] == param and got["error"]["message"]
+    assert complete(client)[1] == "length"  # a normal request right after is answered
+
+
+def test_unknown_get_path_is_404_and_the_client_sees_openais_errors(server, client):
+    status, got = request(server, "GET", "/v1/nothing")
+    assert status == 404 and "error" in got
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="gpt-4", prompt="Hi")
+    assert e.value.body["code"] == "model_not_found"
+    assert complete(client)[1] == "length"
+
+
+def test_eight_concurrent_clients_all_get_complete_answers(client):
+    prompts = [f"Client number {i} says" for i in range(8)]
+    expected = [complete(client, prompt=p) for p in prompts]  # one at a time
+    with ThreadPoolExecutor(8) as pool:  # all at once, half of them streamed
+        answers = list(pool.map(lambda i: complete(client, prompt=prompts[i], stream=i % 2 == 1), range(8)))
+    assert answers == expected
+
+
+def test_client_dropping_mid_stream_leaves_the_server_answering(server, client):
+    body = json.dumps(OK | {"max_tokens": 64, "stream": True}).encode()
+    sock = socket.create_connection(server.server_address, timeout=30)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+    received = b""
+    while b"data: " not in received:  # the answer has begun
+        received += sock.recv(4096)
+    assert b"text/event-stream" in received
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = reset
+    sock.close()
+    assert complete(client, stream=True)[1] == "length"
+    assert complete(client)[1] == "length"
+
+
+def test_stream_is_server_sent_events_ending_in_done(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+    conn.request("POST", "/v1/chat/completions", json.dumps(CHAT | {"stream": True, "max_tokens": 5}))
+    response = conn.getresponse()
+    assert response.getheader("Content-Type") == "text/event-stream"
+    events = response.read().decode().split("\n\n")
+    conn.close()
+    assert events[-2:] == ["data: [DONE]", ""] and all(e.startswith("data: {") for e in events[:-2])
+    assert [json.loads(e[6:])["object"] for e in events[:-2]] == ["chat.completion.chunk"] * (len(events) - 2)
+
+
+def test_character_model_server(serve10):
+    """A character model: a prompt character outside its vocabulary is a 400; chat replaces such
+    characters (07's template has '#') and ends the answer at a newline, as 07 trained it."""
+    model = rough_model(serve10, len(CHARS), block_size=256)
+    with running(serve10, model, CHAR_SPEC) as srv:
+        client = openai_client(srv)
+        with pytest.raises(openai.BadRequestError, match="not in the vocabulary"):
+            client.completions.create(model="tiny", prompt="ROMEO: 1")
+        text, finish = complete(client, chat=True, temperature=1.0, seed=0, max_tokens=200)
+        assert "\n" not in text and (finish == "stop") == (len(text) < 200)
+        greedy = complete(client, prompt="ROMEO:", max_tokens=50)
+        assert complete(client, prompt="ROMEO:", max_tokens=50, stream=True) == greedy
+
+
+# -----------------------------------------------------------------------------
+# The command line
+
+
+def save_ckpt(model, spec, path):
+    """A checkpoint as 05-08 write it (the keys load_checkpoint reads)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ckpt = {"model": model.state_dict(), "model_args": dataclasses.asdict(model.config), "tokenizer": spec,
+            "config": {}, "stage": "finetune", "iter_num": 0}  # fmt: skip
+    torch.save(ckpt, path)
+    return path
+
+
+def test_export_from_the_command_line(serve10, tmp_path, capsys):
+    model = rough_model(serve10, len(CHARS), bias=False)
+    ckpt = save_ckpt(model, CHAR_SPEC, tmp_path / "out" / "finetune" / "ckpt.pt")
+    out = serve10.main([f"--ckpt={ckpt}", f"--export_hf={tmp_path / 'hf'}", "--device=cpu"])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    idx = torch.randint(len(CHARS), (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx)[0], atol=1e-4, rtol=1e-4)
+    for argv, message in [([f"--export_hf={tmp_path / 'hf'}"], "is not empty"), ([], "nothing to do"),
+                          (["--serve", "--port=70000"], "--port")]:  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            serve10.main([f"--ckpt={ckpt}", "--device=cpu", *argv])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_serve_from_the_command_line(serve10, tmp_path):
+    """`python 10_serve.py --serve --port=0` answers the openai client under the checkpoint's name."""
+    ckpt = save_ckpt(rough_model(serve10, 50257), {"kind": "gpt2"}, tmp_path / "out" / "tiny" / "ckpt.pt")
+    proc = subprocess.Popen([sys.executable, "10_serve.py", f"--ckpt={ckpt}", "--serve", "--port=0",
+                             "--device=cpu", "--threads=1"], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        line = ""
+        while "serving" not in line:
+            line = proc.stdout.readline()
+            assert line, "the server exited before serving"
+        url = line.split(" at ")[1].split()[0]  # http://127.0.0.1:PORT/v1
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=30)
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+        assert complete(client, chat=True)[1] == "length"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
