@@ -203,17 +203,17 @@ def forward_backward(model, x, y, micro_steps: int, ctx, scaler) -> torch.Tensor
 
 @torch.no_grad()
 def estimate_loss(model, data: dict, cfg, step: int) -> dict:
-    """Mean loss over cfg.eval_iters batches per split, dropout off, from their own stream (seed + 1)."""
+    """Mean loss over eval_iters x batch_size windows per split from their own stream (seed + 1), dropout
+    off; four batches per forward pass: without gradients it fits, and small models are bound by ops."""
     model.eval()
     out = {}
-    for split, tokens in data.items():
+    for split, ids in data.items():
+        x, y = get_batch(ids, cfg.eval_iters * cfg.batch_size, cfg.block_size, step=step, seed=cfg.seed + 1)
         total = torch.zeros((), device=cfg.device)
-        for k in range(cfg.eval_iters):
-            x, y = get_batch(tokens, cfg.batch_size, cfg.block_size, step=step * cfg.eval_iters + k,
-                             seed=cfg.seed + 1, device=cfg.device)
+        for xb, yb in zip(x.split(4 * cfg.batch_size), y.split(4 * cfg.batch_size)):
             with autocast_context(torch.device(cfg.device).type, cfg.dtype):
-                total += model(x, y)[1].float()
-        out[split] = total.item() / cfg.eval_iters
+                total += model(xb.to(cfg.device), yb.to(cfg.device))[1].float() * len(xb)
+        out[split] = total.item() / len(x)
     model.train()
     return out
 

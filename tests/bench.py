@@ -7,7 +7,8 @@ the project's speed, not a lesson, so it lives outside them:
     python tests/bench.py encode      # 01: our GPT-2 encoder against tiktoken, same ids
     python tests/bench.py model       # 04: forward+backward tokens/s of `small` and `gpt2`, fp32
     python tests/bench.py pretrain    # 05: ms/iter of the CPU recipe for each thread count x dtype
-    python tests/bench.py             # all three
+    python tests/bench.py serve       # 10: the server's tokens/s, 1 and 8 clients (05's model in out/)
+    python tests/bench.py             # all four
 
 Numbers from a small shared machine mean little unless nothing else runs: run it on a quiet
 machine, and compare figures taken in the same run. To compare 05 with nanoGPT side by side, see
@@ -109,15 +110,51 @@ def bench_pretrain(iters: int = 200):
         print(f"{threads:>7} {dtype:>9} {r['ms_per_iter']:>8.1f} {r['tokens_per_s']:>9,.0f}")
 
 
+def bench_serve(ckpt="out/shakespeare-char/ckpt.pt", requests: int = 4, max_tokens: int = 256):
+    """Tokens/s of 10_serve.py's server as the openai client sees it, with 1 and with 8 clients at once.
+
+    Each client sends `requests` completions one after another (temperature 0.8; a char model never
+    stops early); tokens/s = all completion tokens / wall time. The server runs in a thread of this
+    process, on a free port, with one CPU thread.
+    """
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    serve10 = load_script("10_serve")
+    torch.set_num_threads(1)
+    model, tokenizer, _ = serve10.load_checkpoint(ckpt)
+    server = serve10.make_server(model.eval(), tokenizer, "shakespeare", "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="unused")
+
+    def one_client(i):
+        return sum(client.completions.create(model="shakespeare", prompt="ROMEO:", max_tokens=max_tokens,
+                                             temperature=0.8, seed=1000 * i + r).usage.completion_tokens
+                   for r in range(requests))
+
+    one_client(0)  # warm up
+    print(f"\n10: the server on {ckpt}, 1 CPU thread, {requests} x {max_tokens} tokens per client")
+    for clients in (1, 8):
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            tokens = sum(pool.map(one_client, range(clients)))
+        dt = time.perf_counter() - t0
+        print(f"{clients} client(s): {tokens} tokens in {dt:.1f} s = {tokens / dt:,.0f} tokens/s")
+    server.shutdown()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    parser.add_argument("what", nargs="*", choices=["encode", "model", "pretrain"], default=[],
+    parser.add_argument("what", nargs="*", choices=["encode", "model", "pretrain", "serve"], default=[],
                         help="which benchmarks (default: all)")
     args = parser.parse_args(argv)
     torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    for name in args.what or ["encode", "model", "pretrain"]:
-        {"encode": bench_encode, "model": bench_model, "pretrain": bench_pretrain}[name]()
+    benches = {"encode": bench_encode, "model": bench_model, "pretrain": bench_pretrain, "serve": bench_serve}
+    for name in args.what or benches:
+        benches[name]()
 
 
 if __name__ == "__main__":
