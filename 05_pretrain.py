@@ -20,8 +20,7 @@ Run it:
   python 05_pretrain.py --preset=shakespeare-char-gpu    # nanoGPT's GPU recipe: 10.7M params, one GPU
   python 05_pretrain.py --init_from=resume               # continue the run in out_dir (--max_iters=N: longer)
   python 05_pretrain.py --tokenizer=gpt2 --out_dir=out/shakespeare-gpt2    # GPT-2 tokens (02 prepares)
-  python 05_pretrain.py --help                           # every setting, with its default
-Several GPUs: 06_distributed.py (torchrun).
+Every setting, with its default: python 05_pretrain.py --help. Several GPUs: 06_distributed.py (torchrun).
 """
 
 import argparse
@@ -126,8 +125,11 @@ class TrainConfig:
                              f"{self.warmup_iters}; usually lr_decay_iters = max_iters (or --decay_lr=false)")
         pick_dtype(self.dtype, pick_device(self.device))  # both name the fix in their ValueError
         ckpt_path = Path(self.out_dir) / "ckpt.pt"
-        if self.init_from == "resume":
-            load_checkpoint(ckpt_path)  # the run's settings come from its checkpoint: it must be one
+        if self.init_from == "resume":  # the run's settings come from its checkpoint: it must be one
+            ckpt, shape = load_checkpoint(ckpt_path)[2], ("n_layer", "n_head", "n_embd", "block_size", "bias")
+            if ckpt.get("optimizer") is None or any(getattr(self, k) != ckpt["model_args"][k] for k in shape):
+                raise ValueError(f"{ckpt_path} cannot be resumed so: it holds no optimizer state (07, 08) or "
+                                 f"its model is not {', '.join(f'{k}={getattr(self, k)}' for k in shape)}")
         elif ckpt_path.exists() and not self.overwrite:
             raise ValueError(f"{ckpt_path} exists and a new run would overwrite it; continue that run with "
                              f"--init_from=resume, train into another --out_dir, or replace it: --overwrite")
@@ -256,8 +258,7 @@ def set_rng_states(states: dict):
 
 def save_checkpoint(path, ckpt: dict):
     """torch.save to path + ".tmp", flushed to disk, then renamed over path (atomic)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    (path := Path(path)).parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
@@ -272,8 +273,7 @@ def save_checkpoint(path, ckpt: dict):
 def load_checkpoint(path):
     """(model, tokenizer, checkpoint dict) from a checkpoint of 05-08; the model is on the CPU. mmap:
     what is not used (Adam's state) is never read. A torch.compile'd model's "_orig_mod." is dropped."""
-    path = Path(path)
-    if not path.exists():
+    if not (path := Path(path)).exists():
         raise FileNotFoundError(f"no checkpoint at {path}; train one with `python 05_pretrain.py` "
                                 f"(it writes out_dir/ckpt.pt), or check the path")
     try:
@@ -359,9 +359,9 @@ def train(cfg: TrainConfig) -> dict:
 
     def check_finite(what: str, value: float):  # a NaN stops the run; the last checkpoint is intact
         if not math.isfinite(value):
-            kept = "" if saved_at is None else f"{ckpt_path} (iter {saved_at}) is intact; --init_from=resume"
-            raise FloatingPointError(f"{what} is {value} at iteration {iter_num}: training diverged; {kept} "
-                                     f"with a lower --learning_rate (or --dtype=float32)")
+            kept = "" if saved_at is None else f"; {ckpt_path} (iter {saved_at}) intact: --init_from=resume"
+            raise FloatingPointError(f"{what} is {value} at iteration {iter_num}: training diverged{kept}; "
+                                     f"try a lower --learning_rate (or --dtype=float32)")
 
     tokens_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.block_size
     flops_per_iter = model.flops_per_token(cfg.block_size) * tokens_per_iter
@@ -843,7 +843,6 @@ def peak_flops(device: str, override: float = 0) -> float | None:
         return override or None
     name = torch.cuda.get_device_name(device)
     return next((flops for gpu, flops in peaks.items() if gpu in name), None)
-
 
 
 if __name__ == "__main__":

@@ -770,8 +770,7 @@ def autocast_context(device_type: str, dtype: str):
 # copied from 05_pretrain.py: save_checkpoint
 def save_checkpoint(path, ckpt: dict):
     """torch.save to path + ".tmp", flushed to disk, then renamed over path (atomic)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    (path := Path(path)).parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
@@ -787,8 +786,7 @@ def save_checkpoint(path, ckpt: dict):
 def load_checkpoint(path):
     """(model, tokenizer, checkpoint dict) from a checkpoint of 05-08; the model is on the CPU. mmap:
     what is not used (Adam's state) is never read. A torch.compile'd model's "_orig_mod." is dropped."""
-    path = Path(path)
-    if not path.exists():
+    if not (path := Path(path)).exists():
         raise FileNotFoundError(f"no checkpoint at {path}; train one with `python 05_pretrain.py` "
                                 f"(it writes out_dir/ckpt.pt), or check the path")
     try:

@@ -243,7 +243,7 @@ class DPOConfig:
     ckpt_path: Annotated[str, "the starting policy: 07's checkpoint"] = "out/finetune/ckpt.pt"
     out_dir: Annotated[str, "ckpt.pt, log.jsonl and dpo_responses.json go here"] = "out/dpo"
     overwrite: Annotated[bool, "replace the ckpt.pt of an earlier run in out_dir"] = False
-    data_path: Annotated[str, "a JSON list of pairs; '' = rasbt's (sha256-checked)"] = ""
+    data_path: Annotated[str, "a JSON list of pairs; '' = rasbt's, which 02 fetches"] = ""
     beta: Annotated[float, "the KL penalty's weight: larger stays closer to the reference"] = 0.1
     label_smoothing: Annotated[float, "conservative DPO: the share of labels assumed flipped, < 0.5"] = 0.0
     average_log_probs: Annotated[bool, "per-token mean instead of sum of the answer's log-probs"] = False
@@ -267,9 +267,10 @@ class DPOConfig:
         if not self.beta > 0 or not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"--beta={self.beta} must be > 0 (the paper: 0.1), --label_smoothing="
                              f"{self.label_smoothing} in [0, 0.5) (at 0.5 the labels would be noise)")
-        for name in ("batch_size", "log_interval", "eval_interval"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("batch_size", "log_interval", "eval_interval", "max_iters", "warmup_iters",
+                     "learning_rate", "weight_decay", "grad_clip", "max_new_tokens", "threads"):
+            if getattr(self, name) < (least := int(name in ("batch_size", "log_interval", "eval_interval"))):
+                raise ValueError(f"--{name} must be at least {least}, got {getattr(self, name)}")
         if self.eval_pairs == 0:
             raise ValueError("--eval_pairs=0 would evaluate nothing; use -1 (all pairs) or a count")
         self.device = pick_device(self.device)  # "auto" resolved here, once
@@ -408,7 +409,7 @@ def main(argv=None):
     try:  # a file that is not a checkpoint, pairs that do not fit the context
         start = load_checkpoint(cfg.ckpt_path)
         data = prepare_pairs(cfg, start[1], start[0].config.block_size)
-    except ValueError as e:  # the user's to fix, not our bug: one line, as parse_config does
+    except (ValueError, FileNotFoundError) as e:  # the user's to fix, not our bug: one line, as parse_config
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     return dpo(cfg, start, data)
@@ -698,8 +699,7 @@ def autocast_context(device_type: str, dtype: str):
 # copied from 05_pretrain.py: save_checkpoint
 def save_checkpoint(path, ckpt: dict):
     """torch.save to path + ".tmp", flushed to disk, then renamed over path (atomic)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    (path := Path(path)).parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
@@ -715,8 +715,7 @@ def save_checkpoint(path, ckpt: dict):
 def load_checkpoint(path):
     """(model, tokenizer, checkpoint dict) from a checkpoint of 05-08; the model is on the CPU. mmap:
     what is not used (Adam's state) is never read. A torch.compile'd model's "_orig_mod." is dropped."""
-    path = Path(path)
-    if not path.exists():
+    if not (path := Path(path)).exists():
         raise FileNotFoundError(f"no checkpoint at {path}; train one with `python 05_pretrain.py` "
                                 f"(it writes out_dir/ckpt.pt), or check the path")
     try:

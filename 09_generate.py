@@ -778,8 +778,7 @@ def autocast_context(device_type: str, dtype: str):
 def load_checkpoint(path):
     """(model, tokenizer, checkpoint dict) from a checkpoint of 05-08; the model is on the CPU. mmap:
     what is not used (Adam's state) is never read. A torch.compile'd model's "_orig_mod." is dropped."""
-    path = Path(path)
-    if not path.exists():
+    if not (path := Path(path)).exists():
         raise FileNotFoundError(f"no checkpoint at {path}; train one with `python 05_pretrain.py` "
                                 f"(it writes out_dir/ckpt.pt), or check the path")
     try:

@@ -113,6 +113,8 @@ def export_hf(model, tokenizer_spec: dict, out_dir, overwrite: bool = False) -> 
                         "bos_token": eot, "eos_token": eot, "unk_token": eot}  # fmt: skip
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
     return out
+
+
 # -----------------------------------------------------------------------------
 # Serve: OpenAI's HTTP API (completions, chat completions, streamed as server-sent events)
 
@@ -148,7 +150,7 @@ SAMPLING = {
     "max_tokens": (16, lambda v: type(v) is int and 0 < v <= MAX_TOKENS, f"an integer in [1, {MAX_TOKENS}]"),
     "temperature": (1.0, lambda v: type(v) in (int, float) and 0 <= v <= 2, "a number from 0 to 2"),
     "top_p": (1.0, lambda v: type(v) in (int, float) and 0 < v <= 1, "a number in (0, 1]"),
-    "seed": (None, lambda v: type(v) is int, "an integer"),
+    "seed": (None, lambda v: type(v) is int and 0 <= v < 2**63, "an integer in [0, 2**63)"),
     "stream": (False, lambda v: type(v) is bool, "true or false"),
     "stop": ((), lambda v: type(v) is str or type(v) is list and len(v) < 5 and {type(s) for s in v} <= {str},
              "a string, or a list of up to 4"),
@@ -208,7 +210,9 @@ class OpenAIHandler(BaseHTTPRequestHandler):
     def do_POST(self):
         chat = self.path == "/v1/chat/completions"
         try:  # read the whole body first: closing a socket with unread data resets it, losing our answer
-            raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if not (length := self.headers.get("Content-Length", "0")).isdigit():  # a negative one would hang
+                raise APIError(f"Content-Length must be the body's size in bytes, got {length!r}")
+            raw = self.rfile.read(int(length))
             if not chat and self.path != "/v1/completions":
                 raise APIError(f"no route POST {self.path}", code="not_found", status=404)
             try:
@@ -314,7 +318,7 @@ def main(argv=None):
         print(f"wrote {out}; load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
     if not cfg.serve:
         return out
-    name = Path(cfg.ckpt).parent.name  # out/finetune/ckpt.pt serves "finetune"
+    name = Path(cfg.ckpt).resolve().parent.name  # out/finetune/ckpt.pt serves "finetune"
     server = make_server(model.to(cfg.device), tok, name, cfg.host, cfg.port)
     print(f"serving {name!r} with OpenAI's API at http://{cfg.host}:{server.server_address[1]}/v1 "
           f"(Ctrl-C stops)", flush=True)  # fmt: skip
@@ -379,7 +383,6 @@ GPT2_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main"  # 
 # copied from 01_tokenizer.py: GPT2_FILES
 GPT2_FILES = {"encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
               "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"}  # sha256s
-
 
 
 # copied from 03_attention.py: CausalSelfAttention
@@ -542,7 +545,6 @@ class GPT(nn.Module):
         return 6 * self.num_params(non_embedding=True) + 12 * self.config.n_layer * T * self.config.n_embd
 
 
-
 # copied from 04_gpt.py: HF_TRANSPOSED
 HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -594,14 +596,11 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
-
-
 # copied from 05_pretrain.py: load_checkpoint
 def load_checkpoint(path):
     """(model, tokenizer, checkpoint dict) from a checkpoint of 05-08; the model is on the CPU. mmap:
     what is not used (Adam's state) is never read. A torch.compile'd model's "_orig_mod." is dropped."""
-    path = Path(path)
-    if not path.exists():
+    if not (path := Path(path)).exists():
         raise FileNotFoundError(f"no checkpoint at {path}; train one with `python 05_pretrain.py` "
                                 f"(it writes out_dir/ckpt.pt), or check the path")
     try:
@@ -630,8 +629,6 @@ def format_input(entry: dict) -> str:
     )
     input_text = f"\n\n### Input:\n{entry['input']}" if entry.get("input") else ""
     return instruction_text + input_text
-
-
 
 
 # copied from 09_generate.py: check_sampling
@@ -843,7 +840,6 @@ class TextStream:
         if chunk and self.on_text is not None:
             self.on_text(chunk)
         return chunk
-
 
 
 if __name__ == "__main__":

@@ -166,7 +166,7 @@ def test_nan_stops_the_run_and_keeps_the_checkpoint(pre05, char_corpus, tmp_path
         return logits, loss
 
     monkeypatch.setattr(pre05.GPT, "forward", poisoned)
-    message = r"loss is nan at iteration \d+: training diverged; .*ckpt.pt \(iter 4\) is intact; --init_from"
+    message = r"loss is nan at iteration \d+: training diverged; .*ckpt.pt \(iter 4\) intact: --init_from"
     with pytest.raises(FloatingPointError, match=message):
         pre05.train(tiny(pre05, tmp_path, char_corpus, init_from="resume", log_interval=10))
     assert {name: sha256(tmp_path / name) for name in before} == before
