@@ -557,6 +557,8 @@ def main(argv=None):
     p.add_argument("--vocab_size", type=int, default=1024)
     p.add_argument("--naive_chars", type=int, default=100_000, help="the naive trainer's text (it is slow)")
     p.add_argument("--data_dir", default=str(DATA_DIR), help="where tinyshakespeare.txt is (or goes)")
+    for each in (parser, *sub.choices.values()):  # a mistake is one line, not a usage dump
+        each.error = lambda message, each=each: each.exit(2, f"error: {message} (see --help)\n")
     args = parser.parse_args(argv)
     try:  # the user's input or network: one line `error: ...`, exit status 2, no traceback
         run(args)

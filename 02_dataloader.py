@@ -419,6 +419,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of get_batch")
     parser.add_argument("--data_dir", type=Path, default=DATA_DIR,
                         help="downloads, and the prepared DATA_DIR/<dataset>-<tokenizer>/ (05, 06 read it)")
+    parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")  # one line, no usage
     args = parser.parse_args(argv)
     try:  # the user's input or network: one line `error: ...`, exit status 2, no traceback
         run(args)

@@ -501,6 +501,7 @@ def main(argv=None) -> None:
     parser.add_argument("--n_embd", type=int, default=768, help="bench width (GPT-2 small: 768)")
     parser.add_argument("--n_head", type=int, default=12, help="bench heads (GPT-2 small: 12)")
     parser.add_argument("--repeat", type=int, default=5, help="timed forwards per measurement")
+    parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")  # one line, no usage
     args = parser.parse_args(argv)
     if args.repeat < 1 or args.batch_size < 1 or min(args.seq_lens) < 1:
         parser.error("--repeat, --batch_size and every --seq_lens value must be positive")
