@@ -443,7 +443,8 @@ def train(cfg: TrainConfig) -> dict:
                 window_ms.append(1000 * dt)
                 mfu = f" | MFU {flops_per_iter / dt / peak:.1%}" if peak else ""
                 print(f"iter {iter_num}/{cfg.max_iters} | loss {lossf:.4f} | lr {lr:.2e} | grad norm "
-                      f"{norm:.3f} | {1000 * dt:.1f} ms | {tokens_per_iter / dt:,.0f} tok/s{mfu}")
+                      f"{norm:.3f} | {1000 * dt:.1f} ms | {tokens_per_iter / dt:,.0f} tok/s{mfu} | "
+                      f"~{(cfg.max_iters - iter_num) * dt:.0f} s left")
                 log(json.dumps(dict(iter=iter_num, loss=lossf, lr=lr, grad_norm=norm, ms=1000 * dt)))
                 window_start, window_iters = time.perf_counter(), 0
 
