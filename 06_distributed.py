@@ -253,7 +253,8 @@ def parallelize(model: nn.Module, cfg: DistConfig, ctx: Dist) -> nn.Module:
     # of dim 0, so the optimizer built afterwards holds sharded state too. An all-gather rebuilds a
     # block's parameters before its forward (freed after) and its backward; then a reduce-scatter
     # leaves each rank its slice's averaged gradient. Block by block, then the root (embeddings,
-    # head): a rank holds its shards plus about one block in full. Traffic: 1.5x DDP's all-reduce.
+    # head, kept gathered from forward to backward): a rank holds its shards, the root's parameters and
+    # about one block in full. Traffic: 1.5x DDP's all-reduce.
     # Over A micro-steps each reduce-scatters (A times the traffic, gradients stay sharded);
     # --sync_every_micro_step=false keeps full gradients (4P bytes more) until the last: 1/A of it.
     # bf16: blocks compute with bf16 copies of the gathered parameters, reduce gradients in fp32.
@@ -389,10 +390,11 @@ def train_step(model, optimizer, data, cfg: DistConfig, ctx: Dist, it: int) -> t
             sync = model.no_sync()
         elif not isinstance(model, DDP) and not cfg.sync_every_micro_step:  # FSDP: see parallelize
             model.set_requires_gradient_sync(last)
-        # autocast as 05 (with FSDP too: without it, its bf16 weights would give a bf16 cross-entropy)
-        with sync, torch.autocast(xb.device.type, getattr(torch, cfg.dtype), enabled=cfg.dtype != "float32"):
-            _, loss = model(xb, yb)
-            (loss / accumulation).backward()  # .grad adds up: the mean over all micro-batches
+        # autocast as 05, with FSDP too: softmax and LayerNorm then run in fp32 as in one process
+        with sync:
+            with torch.autocast(xb.device.type, getattr(torch, cfg.dtype), enabled=cfg.dtype != "float32"):
+                _, loss = model(xb, yb)
+            (loss / accumulation).backward()  # outside autocast; .grad adds up: the mean of the micro-batches
         loss_sum += loss.detach()
     # with FSDP the gradients are DTensors: the norm is computed over every rank's shards
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
