@@ -5,7 +5,7 @@ a question (query), every token offers a label (key) and a content (value); the 
 average of the values, weighted by how well its query matches each key. Everything else in a GPT
 block is per-token; attention is the only place where tokens talk to each other.
 
-This file builds it in five steps, each adding one idea (read top to bottom), then one extra:
+This file builds it in five steps, each adding one idea (read top to bottom), then two extras:
 
 1. `simple_self_attention`: no weights at all, scores are dot products of the inputs themselves.
 2. `SelfAttention`: trainable query/key/value projections, scores scaled by 1/sqrt(head size).
@@ -18,6 +18,8 @@ This file builds it in five steps, each adding one idea (read top to bottom), th
    class 04_gpt.py and every later stage use.
 6. `PaddedCausalSelfAttention`: a padding mask for batches of unequal lengths, and why the later
    stages, which pad on the right, do not need one.
+7. `KVCache`: attention at inference, one new token at a time over the cached keys and values of
+   the tokens before it (what 07, 08 and 09 generate with).
 
 With the same weights, steps 4 and 5 compute the same function (and one head of step 4 is step
 3); the tests check it to 1e-5. `--bench` measures what step 5 buys: time and peak memory.
@@ -29,7 +31,7 @@ References:
 - Dao et al. 2022, "FlashAttention" (why not materialising the score matrix saves memory and time).
 
 Commands:
-    python 03_attention.py                  # demo: shapes, the causal mask, versions agree, padding
+    python 03_attention.py                  # demo: shapes, the causal mask, versions agree, padding, cache
     python 03_attention.py --bench          # manual attention vs SDPA: time and peak memory
     python 03_attention.py --bench --device=cuda --seq_lens=128,512,2048,8192   # one GPU
     python 03_attention.py --help
@@ -322,6 +324,51 @@ class PaddedCausalSelfAttention(CausalSelfAttention):
 
 
 # -----------------------------------------------------------------------------
+# Step 7: attention at inference, with a KV cache
+#
+# A language model generates one token at a time, and each new token attends to every token before
+# it. Rerunning the whole sequence for each new token recomputes keys and values that cannot have
+# changed: under the causal mask, a token's k and v depend only on the tokens up to it. So keep them
+# (the KV cache) and feed each step only the new token: its query attends to the cached keys plus
+# its own. Per token, the projections then run on one row instead of T. The price is memory:
+# 2 * n_layer * T * n_embd numbers per sequence (GPT-2 small in fp32 at T = 1024: 75 MB), in
+# buffers allocated once, at max_len, rather than grown token by token. `attend` uses the weights of
+# a CausalSelfAttention, so any trained model works. Its mask is step 6's, (B, 1, T, length + T),
+# True = may attend. Without one it is causal: queries at positions length .. length + T - 1 see
+# the keys up to their own. 07 and 08 answer with this cache; 09 builds all of generation on it.
+
+
+class KVCache:
+    """The keys and values of every token so far, per layer, in (B, n_head, max_len, head_size) buffers."""
+
+    def __init__(self, n_layer: int, max_len: int):
+        self.max_len, self.length = max_len, 0  # length: positions filled; the last layer moves it on
+        self.k, self.v = [None] * n_layer, [None] * n_layer  # allocated on first use (batch, dtype, device)
+
+    def attend(self, attn, x: torch.Tensor, layer: int, mask=None) -> torch.Tensor:
+        """attn's (a CausalSelfAttention's) attention for the new tokens x (B, T, C) over the cached keys
+        and values and their own, which join the cache. mask: None (causal) or bool, True = may attend."""
+        (B, T, C), start = x.size(), self.length
+        if start + T > self.max_len:
+            raise ValueError(f"{start} cached + {T} new tokens exceed max_len={self.max_len}; start a new "
+                             f"cache with a larger max_len")
+        q, k, v = attn.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.k[layer] is None:
+            self.k[layer] = k.new_zeros(B, attn.n_head, self.max_len, C // attn.n_head)
+            self.v[layer] = torch.zeros_like(self.k[layer])
+        end = start + T
+        if layer == len(self.k) - 1:  # every layer has written [start, end): move on
+            self.length = end
+        self.k[layer][:, :, start:end], self.v[layer][:, :, start:end] = k, v
+        if mask is None and T > 1 and start > 0:  # a later chunk (is_causal would put its queries at 0)
+            mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)  # (T, end)
+        k, v = self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, nh, end, hs): views, no copy
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        return attn.c_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C); no dropout at inference
+
+
+# -----------------------------------------------------------------------------
 # Benchmark: manual attention (step 4) vs SDPA (step 5)
 
 
@@ -460,6 +507,11 @@ def demo() -> None:
         print(f"   {side} padding {row}: max |diff| = {(with_mask - alone).abs().max():.1e} with the mask, "
               f"{(without_mask - alone).abs().max():.1e} without it")
     print("   (left: the pads come first and leak into the real tokens; right: causality hides them)")
+    cache = KVCache(n_layer=1, max_len=T)  # one attention layer: each call moves the cache on
+    with torch.no_grad():
+        one_by_one = torch.cat([cache.attend(csa, x[:, t : t + 1], layer=0) for t in range(T)], dim=1)
+    print(f"7. KV cache: {T} tokens one at a time over the cached keys and values, vs all at once: "
+          f"max |diff| = {(one_by_one - y_csa).abs().max():.1e}")
     print("\nparameters (n_embd=768, n_head=12, like one GPT-2 layer): "
           f"{sum(p.numel() for p in CausalSelfAttention(768, 12).parameters()):,}")
 
