@@ -331,39 +331,31 @@ class PaddedCausalSelfAttention(CausalSelfAttention):
 # changed: under the causal mask, a token's k and v depend only on the tokens up to it. So keep them
 # (the KV cache) and feed each step only the new token: its query attends to the cached keys plus
 # its own. Per token, the projections then run on one row instead of T. The price is memory:
-# 2 * n_layer * T * n_embd numbers per sequence (GPT-2 small in fp32 at T = 1024: 75 MB), in
-# buffers allocated once, at max_len, rather than grown token by token. `attend` uses the weights of
-# a CausalSelfAttention, so any trained model works. Its mask is step 6's, (B, 1, T, length + T),
-# True = may attend. Without one it is causal: queries at positions length .. length + T - 1 see
+# 2 * n_layer * T * n_embd numbers per sequence (GPT-2 small in fp32 at T = 1024: 75 MB). Here the
+# cache grows by concatenation, a copy of it per token; servers allocate it once at full length
+# instead (the copy is small next to reading the weights for each token). `attend` uses the weights
+# of a CausalSelfAttention, so any trained model works. Its mask is step 6's, (B, 1, T, length + T),
+# True = may attend. Without one it is causal: the queries at positions length .. length + T - 1 see
 # the keys up to their own. 07 and 08 answer with this cache; 09 builds all of generation on it.
 
 
 class KVCache:
-    """The keys and values of every token so far, per layer, in (B, n_head, max_len, head_size) buffers."""
+    """The keys and values of every token so far, per layer: (B, n_head, length, head_size) each."""
 
-    def __init__(self, n_layer: int, max_len: int):
-        self.max_len, self.length = max_len, 0  # length: positions filled; the last layer moves it on
-        self.k, self.v = [None] * n_layer, [None] * n_layer  # allocated on first use (batch, dtype, device)
+    def __init__(self, n_layer: int):
+        self.k, self.v, self.length = [None] * n_layer, [None] * n_layer, 0  # length: tokens cached
 
     def attend(self, attn, x: torch.Tensor, layer: int, mask=None) -> torch.Tensor:
-        """attn's (a CausalSelfAttention's) attention for the new tokens x (B, T, C) over the cached keys
-        and values and their own, which join the cache. mask: None (causal) or bool, True = may attend."""
+        """attn's (a CausalSelfAttention's) attention for new tokens x (B, T, C) over the cache and x."""
         (B, T, C), start = x.size(), self.length
-        if start + T > self.max_len:
-            raise ValueError(f"{start} cached + {T} new tokens exceed max_len={self.max_len}; start a new "
-                             f"cache with a larger max_len")
         q, k, v = attn.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))
-        if self.k[layer] is None:
-            self.k[layer] = k.new_zeros(B, attn.n_head, self.max_len, C // attn.n_head)
-            self.v[layer] = torch.zeros_like(self.k[layer])
-        end = start + T
-        if layer == len(self.k) - 1:  # every layer has written [start, end): move on
-            self.length = end
-        self.k[layer][:, :, start:end], self.v[layer][:, :, start:end] = k, v
+        if start > 0:  # the new keys and values join this layer's earlier ones
+            k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
+        self.k[layer], self.v[layer] = k, v  # (B, nh, start + T, hs)
+        self.length = start + T if layer == len(self.k) - 1 else start  # the last layer moves it on
         if mask is None and T > 1 and start > 0:  # a later chunk (is_causal would put its queries at 0)
-            mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)  # (T, end)
-        k, v = self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, nh, end, hs): views, no copy
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
         return attn.c_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C); no dropout at inference
 
@@ -507,7 +499,7 @@ def demo() -> None:
         print(f"   {side} padding {row}: max |diff| = {(with_mask - alone).abs().max():.1e} with the mask, "
               f"{(without_mask - alone).abs().max():.1e} without it")
     print("   (left: the pads come first and leak into the real tokens; right: causality hides them)")
-    cache = KVCache(n_layer=1, max_len=T)  # one attention layer: each call moves the cache on
+    cache = KVCache(n_layer=1)  # one attention layer: each call moves the cache on
     with torch.no_grad():
         one_by_one = torch.cat([cache.attend(csa, x[:, t : t + 1], layer=0) for t in range(T)], dim=1)
     print(f"7. KV cache: {T} tokens one at a time over the cached keys and values, vs all at once: "

@@ -160,12 +160,6 @@ class Block(nn.Module):
 # - num_params counts the tied wte/lm_head once (parameters() yields a shared tensor once):
 #   124,439,808 for GPT-2 small. non_embedding=True leaves out the position embedding: a table
 #   lookup costs no FLOPs (the token embedding stays in: as the LM head it is a real matmul).
-# - flops_per_token: a matmul with a weight of N parameters costs 2N FLOPs per token forward (a
-#   multiply and an add per weight) and 4N backward (gradients for the input and for the weight):
-#   6N. Attention adds matmuls with no weights, QK^T and att @ V, 2 * T * C each per layer forward,
-#   so 12 * n_layer * T * C for forward + backward (PaLM's appendix B; we count the full T x T even
-#   though the causal mask makes half of it zeros, as everyone does).
-#   MFU = flops_per_token * tokens per second / the hardware's peak FLOP/s.
 class GPT(nn.Module):
     """GPT-2: embeddings -> n_layer blocks -> LayerNorm -> LM head (tied to the token embedding)."""
 
@@ -225,11 +219,16 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token at context seq_len: 6N (forward + backward) + attention's 12 L T C."""
-        T = self.config.block_size if seq_len is None else seq_len
-        return 6 * self.num_params(non_embedding=True) + 12 * self.config.n_layer * T * self.config.n_embd
 
+# flops_per_token: a matmul with a weight of N parameters costs 2N FLOPs per token forward (a multiply
+# and an add per weight) and 4N backward (gradients for the input and for the weight): 6N. Attention
+# adds matmuls with no weights, QK^T and att @ V, 2 * T * C each per layer forward, so 12 * n_layer *
+# T * C for forward + backward (PaLM's appendix B; we count the full T x T even though the causal mask
+# makes half of it zeros, as everyone does). MFU = flops_per_token * tokens/s / the hardware's peak.
+def flops_per_token(model: GPT, seq_len: int | None = None) -> int:
+    """Training FLOPs per token at context seq_len: 6N (forward + backward) + attention's 12 L T C."""
+    T, config = model.config.block_size if seq_len is None else seq_len, model.config
+    return 6 * model.num_params(non_embedding=True) + 12 * config.n_layer * T * config.n_embd
 
 # generate: each new token is fed back as input. temperature=0 is greedy (argmax); otherwise the
 # logits / temperature are sampled, < 1 sharper, > 1 flatter; top_k keeps only the k most likely
@@ -502,7 +501,7 @@ def main(argv=None):
     for name, n in params_by_component(model).items():
         print(f"  {name:<42} {n:>14,} {n / model.num_params():>6.1%}")
     print(f"  {'total (tied weights counted once)':<42} {model.num_params():>14,}")
-    total, weights = model.flops_per_token(), 6 * model.num_params(non_embedding=True)
+    total, weights = flops_per_token(model), 6 * model.num_params(non_embedding=True)
     print(f"training FLOPs per token at T={model.config.block_size}: {total / 1e9:.2f} GFLOP "
           f"(weights 6N: {weights / 1e9:.2f}, attention: {(total - weights) / 1e9:.2f})")
 

@@ -331,8 +331,7 @@ def train(cfg: TrainConfig) -> dict:
     torch.set_num_threads(cfg.threads or previous_threads)
 
     data = {split: load_tokens(cfg.corpus_dir, split) for split in ("train", "val")}
-    spec = load_meta(cfg.corpus_dir)["tokenizer"]
-    tokenizer = get_tokenizer(spec)
+    tokenizer = get_tokenizer(spec := load_meta(cfg.corpus_dir)["tokenizer"])  # spec: saved in checkpoints
     if cfg.init_from == "resume":  # the shape of the model is the checkpoint's
         model, _, ckpt = load_checkpoint(ckpt_path)
     else:
@@ -364,7 +363,7 @@ def train(cfg: TrainConfig) -> dict:
                                      f"try a lower --learning_rate (or --dtype=float32)")
 
     tokens_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.block_size
-    flops_per_iter = model.flops_per_token(cfg.block_size) * tokens_per_iter
+    flops_per_iter = flops_per_token(model, cfg.block_size) * tokens_per_iter
     peak = peak_flops(device, cfg.peak_flops)
     print("config:", ", ".join(f"{k}={v!r}" for k, v in asdict(cfg).items()))
     print(f"{model.num_params():,} parameters | {tokens_per_iter:,} tokens per iteration | {device} "
@@ -433,8 +432,7 @@ def train(cfg: TrainConfig) -> dict:
             scaler.step(optimizer)  # fp16: skips the step if a gradient overflowed
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            iter_num += 1
-            window_iters += 1
+            iter_num, window_iters = iter_num + 1, window_iters + 1
 
             if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
                 lossf, norm = loss.item(), grad_norm.item()  # the one wait for the GPU, once per log line
@@ -737,10 +735,12 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token at context seq_len: 6N (forward + backward) + attention's 12 L T C."""
-        T = self.config.block_size if seq_len is None else seq_len
-        return 6 * self.num_params(non_embedding=True) + 12 * self.config.n_layer * T * self.config.n_embd
+
+# copied from 04_gpt.py: flops_per_token
+def flops_per_token(model: GPT, seq_len: int | None = None) -> int:
+    """Training FLOPs per token at context seq_len: 6N (forward + backward) + attention's 12 L T C."""
+    T, config = model.config.block_size if seq_len is None else seq_len, model.config
+    return 6 * model.num_params(non_embedding=True) + 12 * config.n_layer * T * config.n_embd
 
 
 # copied from 04_gpt.py: generate

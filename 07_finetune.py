@@ -95,10 +95,9 @@ def text_encoder(tokenizer, unknown_char: str = "?"):
     """(encode, unknown): text -> ids, replacing the characters a char tokenizer lacks with unknown_char
     (counted in the Counter unknown), or naming them in a ValueError when unknown_char is ""."""
     unknown = Counter()
-    spec = tokenizer.to_dict() if hasattr(tokenizer, "to_dict") else {"kind": "gpt2"}
-    if spec["kind"] != "char":
+    if not isinstance(tokenizer, CharTokenizer):  # GPT-2's BPE: every text has an encoding
         return (lambda text: tokenizer.encode(text, disallowed_special=())), unknown
-    known = set(spec["chars"])
+    known = set(tokenizer.chars)
     if unknown_char and unknown_char not in known:
         raise ValueError(f"--unknown_char={unknown_char!r} is not among the model's characters; pick one")
 
@@ -241,44 +240,56 @@ def evaluate_loss(model, examples: list, batch_size: int, pad_token_id: int, ctx
     return {"loss": loss, "perplexity": math.exp(loss)}
 
 
-# Prompts are padded on the right with end_id: as in collate_fn, what sits right of a row's last token
-# cannot change its logits (causal), so no mask; each row's next token is read at its own last position
-# and written after it. No KV cache (09 has it): each step reruns the context; one sync per token.
+# Answers come from 03's KV cache: each prompt is encoded once, then every step feeds the model only
+# its newest token (09 tells the whole story of generation). A batch is padded on the LEFT, so that
+# every row's next token lands in the same column; the mask hides the padding (03's step 6), and each
+# row counts its positions from its first real token, as if it were alone. One sync per token: has
+# every row ended? final_hidden is 04's GPT.forward without the LM head, with the cache when given one.
+def final_hidden(model, idx, position_ids=None, mask=None, cache=None):
+    """(B, T) ids -> (B, T, n_embd) after ln_f; with a cache (03's KVCache), idx are the tokens after it."""
+    tr, start = model.transformer, 0 if cache is None else cache.length
+    if position_ids is None:
+        position_ids = torch.arange(start, start + idx.size(1), device=idx.device)  # (T,)
+    x = tr.drop(tr.wte(idx) + tr.wpe(position_ids))  # (B, T, C)
+    for layer, block in enumerate(tr.h):
+        h = block.ln_1(x)
+        x = x + (block.attn(h) if cache is None else cache.attend(block.attn, h, layer, mask))
+        x = x + block.mlp(block.ln_2(x))
+    return tr.ln_f(x)
+
+
 @torch.no_grad()
-def generate_greedy(model, prompts: list[list[int]], max_new_tokens: int, end_id: int, batch_size: int = 8,
-                    ctx=nullcontext()) -> list[list[int]]:
-    """Greedy continuations of token-id prompts, each stopped at end_id (not included) or when prompt +
-    answer fill the context (a prompt longer than that keeps its last tokens)."""
-    was_training, device, block_size = model.training, model.lm_head.weight.device, model.config.block_size
-    model.eval()
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        batch = [p[max(0, len(p) - block_size + 1) :] for p in prompts[start : start + batch_size]]
-        longest, rows = max(map(len, batch)), torch.arange(len(batch), device=device)
-        W = min(block_size, longest + max_new_tokens)  # a row grows to at most W tokens
-        idx = torch.tensor([p + [end_id] * (W + 1 - len(p)) for p in batch], device=device)  # (B, W+1)
-        lengths = torch.tensor([len(p) for p in batch], device=device)  # (B,)
-        done = torch.zeros(len(batch), dtype=torch.bool, device=device)
-        for step in range(max_new_tokens):
-            with ctx:  # each unfinished row ends at or before column longest + step
-                logits, _ = model(idx[:, : min(longest + step, W)])  # (B, T, vocab)
-            next_id = torch.where(done, end_id, logits[rows, lengths - 1].argmax(-1))  # (B,)
-            idx[rows, lengths] = next_id  # a finished row writes end_id into padding or the spare column
-            lengths += ~done
-            done |= (next_id == end_id) | (lengths >= W)
-            if done.all():
-                break
-        out += [row[len(p) : n] for row, p, n in zip(idx.tolist(), batch, lengths.tolist())]
-    model.train(was_training)
-    return [new[:-1] if new and new[-1] == end_id else new for new in out]
+def generate_greedy(model, prompts: list[list[int]], max_new_tokens: int, end_id: int, ctx=nullcontext()):
+    """Greedy continuations (token ids) of a batch of prompts, each stopped at end_id (not included) or when
+    prompt + answer fill the context (a prompt longer than that keeps its last tokens). model.eval() first."""
+    device, block_size = model.lm_head.weight.device, model.config.block_size
+    prompts = [p[max(0, len(p) - block_size + 1) :] for p in prompts]
+    T = max(map(len, prompts))
+    idx = torch.tensor([[0] * (T - len(p)) + p for p in prompts], device=device)  # (B, T), pad id 0: masked
+    real = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts], device=device)
+    position_ids = (real.cumsum(dim=1) - 1).clamp(min=0)  # (B, T): 0 at each row's first real token
+    causal, itself = torch.ones(T, T, dtype=torch.bool, device=device).tril(), torch.eye(T, device=device)
+    mask = ((causal & real[:, None, :]) | itself.bool())[:, None]  # (B, 1, T, T); a pad sees itself: no NaN
+    cache, new, done = KVCache(model.config.n_layer), [], torch.zeros_like(real[:, 0])
+    for _ in range(max_new_tokens):
+        with ctx:
+            logits = model.lm_head(final_hidden(model, idx, position_ids, mask, cache)[:, -1])  # (B, vocab)
+        idx = torch.where(done, end_id, logits.argmax(dim=-1))[:, None]  # (B, 1); an ended row: end_id
+        new.append(idx)
+        position_ids = (position_ids[:, -1:] + 1).clamp(max=block_size - 1)  # (B, 1) the new token's
+        done |= (idx[:, 0] == end_id) | (position_ids[:, 0] == block_size - 1)  # ended, or context full
+        if done.all():
+            break
+        real = torch.cat([real, torch.ones_like(real[:, :1])], dim=1)  # (B, L)
+        mask = real[:, None, None, :]  # (B, 1, 1, L): the new token sees every real key
+    return [row[: row.index(end_id)] if end_id in row else row for row in torch.cat(new, dim=1).tolist()]
 
 
-def generate_responses(model, entries, encode, decode, end_id, max_new_tokens=256, batch_size=8,
-                       ctx=nullcontext()) -> list[str]:
+def generate_responses(model, entries, encode, decode, end_id, max_new_tokens, batch_size, ctx=nullcontext()):
     """The model's greedy answer to each entry, as text (prompt: format_input + RESPONSE_HEADER)."""
     prompts = [encode(format_input(e)) + encode(RESPONSE_HEADER) for e in entries]
-    outputs = generate_greedy(model, prompts, max_new_tokens, end_id, batch_size, ctx)
-    return [decode(ids).strip() for ids in outputs]
+    return [decode(ids).strip() for i in range(0, len(prompts), batch_size)
+            for ids in generate_greedy(model, prompts[i : i + batch_size], max_new_tokens, end_id, ctx)]
 
 
 # -----------------------------------------------------------------------------
@@ -400,10 +411,9 @@ def write_test_responses(model, data: dict, cfg: FinetuneConfig, ctx):
     """The model's answers to the test entries, beside the references, in out_dir/test_responses.json."""
     test = data["test"] if cfg.num_responses < 0 else data["test"][: cfg.num_responses]
     answers, t0 = [], time.perf_counter()
-    for start in range(0, len(test), cfg.batch_size):  # a batch at a time, to show progress
-        chunk = test[start : start + cfg.batch_size]
-        answers += generate_responses(model, chunk, data["encode"], data["decode"], data["end_id"],
-                                      cfg.max_new_tokens, cfg.batch_size, ctx)
+    for start in range(0, len(test), cfg.batch_size):  # one batch at a time, in eval mode: no dropout
+        answers += generate_responses(model.eval(), test[start : start + cfg.batch_size], data["encode"],
+                                      data["decode"], data["end_id"], cfg.max_new_tokens, cfg.batch_size, ctx)
         rate = len(answers) / (time.perf_counter() - t0)
         print(f"\rtest answers: {len(answers)}/{len(test)}, {rate:.2f}/s, "
               f"{(len(test) - len(answers)) / rate:.0f} s left", end="", flush=True)
@@ -561,6 +571,28 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+# copied from 03_attention.py: KVCache
+class KVCache:
+    """The keys and values of every token so far, per layer: (B, n_head, length, head_size) each."""
+
+    def __init__(self, n_layer: int):
+        self.k, self.v, self.length = [None] * n_layer, [None] * n_layer, 0  # length: tokens cached
+
+    def attend(self, attn, x: torch.Tensor, layer: int, mask=None) -> torch.Tensor:
+        """attn's (a CausalSelfAttention's) attention for new tokens x (B, T, C) over the cache and x."""
+        (B, T, C), start = x.size(), self.length
+        q, k, v = attn.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))
+        if start > 0:  # the new keys and values join this layer's earlier ones
+            k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
+        self.k[layer], self.v[layer] = k, v  # (B, nh, start + T, hs)
+        self.length = start + T if layer == len(self.k) - 1 else start  # the last layer moves it on
+        if mask is None and T > 1 and start > 0:  # a later chunk (is_causal would put its queries at 0)
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        return attn.c_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C); no dropout at inference
+
+
 # copied from 04_gpt.py: GPTConfig
 @dataclass
 class GPTConfig:
@@ -689,11 +721,6 @@ class GPT(nn.Module):
         """Parameters, the tied wte/lm_head once; non_embedding=True leaves out wpe (a lookup, no FLOPs)."""
         n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
-
-    def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token at context seq_len: 6N (forward + backward) + attention's 12 L T C."""
-        T = self.config.block_size if seq_len is None else seq_len
-        return 6 * self.num_params(non_embedding=True) + 12 * self.config.n_layer * T * self.config.n_embd
 
 
 # copied from 04_gpt.py: parse_config

@@ -156,15 +156,6 @@ def sequence_logprobs(logits, targets, mask, average: bool = False):
     return total / mask.sum(dim=-1).clamp(min=1) if average else total
 
 
-def final_hidden(model, idx):
-    """04's GPT.forward without the LM head: (B, T) ids -> (B, T, n_embd), after the last LayerNorm."""
-    t = model.transformer
-    x = t.drop(t.wte(idx) + t.wpe(torch.arange(idx.size(1), device=idx.device)))  # (B, T, C)
-    for block in t.h:
-        x = block(x)
-    return t.ln_f(x)
-
-
 def pair_logprobs(model, x, y, mask, average: bool = False, ctx=nullcontext()):
     """(chosen, rejected) sequence log-probs, (B,) each, of a collate_pairs batch in one forward pass.
 
@@ -304,16 +295,10 @@ def prepare_pairs(cfg: DPOConfig, tokenizer, block_size: int) -> dict:
 
 def write_responses(reference, policy, data: dict, decode, cfg: DPOConfig, ctx):
     """Greedy answers before DPO (the reference IS the model before) and after, in dpo_responses.json."""
-
-    def answer(model, entry) -> str:  # 04's generate, greedy; an answer ends at the end token
-        prompt = data["encode"](format_input(entry) + RESPONSE_HEADER)
-        with ctx:
-            out = generate(model, torch.tensor([prompt], device=cfg.device), cfg.max_new_tokens, 0.0)
-        ids = out[0, len(prompt):].tolist()
-        return decode(ids[: ids.index(data["end_id"])] if data["end_id"] in ids else ids).strip()
-
     entries = data["val_entries"][: max(cfg.num_responses, 0)]
-    records = [{**e, "before_dpo": answer(reference, e), "after_dpo": answer(policy, e)} for e in entries]
+    before, after = (generate_responses(m, entries, data["encode"], decode, data["end_id"],  # 07's, cached
+                                        cfg.max_new_tokens, cfg.batch_size, ctx) for m in (reference, policy))
+    records = [{**e, "before_dpo": b, "after_dpo": a} for e, b, a in zip(entries, before, after)]
     path = Path(cfg.out_dir) / "dpo_responses.json"
     path.write_text(json.dumps(records, indent=1, ensure_ascii=False), encoding="utf-8")
     for r in records[:1]:
@@ -490,6 +475,28 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+# copied from 03_attention.py: KVCache
+class KVCache:
+    """The keys and values of every token so far, per layer: (B, n_head, length, head_size) each."""
+
+    def __init__(self, n_layer: int):
+        self.k, self.v, self.length = [None] * n_layer, [None] * n_layer, 0  # length: tokens cached
+
+    def attend(self, attn, x: torch.Tensor, layer: int, mask=None) -> torch.Tensor:
+        """attn's (a CausalSelfAttention's) attention for new tokens x (B, T, C) over the cache and x."""
+        (B, T, C), start = x.size(), self.length
+        q, k, v = attn.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))
+        if start > 0:  # the new keys and values join this layer's earlier ones
+            k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
+        self.k[layer], self.v[layer] = k, v  # (B, nh, start + T, hs)
+        self.length = start + T if layer == len(self.k) - 1 else start  # the last layer moves it on
+        if mask is None and T > 1 and start > 0:  # a later chunk (is_causal would put its queries at 0)
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        return attn.c_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C); no dropout at inference
+
+
 # copied from 04_gpt.py: GPTConfig
 @dataclass
 class GPTConfig:
@@ -618,11 +625,6 @@ class GPT(nn.Module):
         """Parameters, the tied wte/lm_head once; non_embedding=True leaves out wpe (a lookup, no FLOPs)."""
         n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
-
-    def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token at context seq_len: 6N (forward + backward) + attention's 12 L T C."""
-        T = self.config.block_size if seq_len is None else seq_len
-        return 6 * self.num_params(non_embedding=True) + 12 * self.config.n_layer * T * self.config.n_embd
 
 
 # copied from 04_gpt.py: parse_config
@@ -760,10 +762,9 @@ def text_encoder(tokenizer, unknown_char: str = "?"):
     """(encode, unknown): text -> ids, replacing the characters a char tokenizer lacks with unknown_char
     (counted in the Counter unknown), or naming them in a ValueError when unknown_char is ""."""
     unknown = Counter()
-    spec = tokenizer.to_dict() if hasattr(tokenizer, "to_dict") else {"kind": "gpt2"}
-    if spec["kind"] != "char":
+    if not isinstance(tokenizer, CharTokenizer):  # GPT-2's BPE: every text has an encoding
         return (lambda text: tokenizer.encode(text, disallowed_special=())), unknown
-    known = set(spec["chars"])
+    known = set(tokenizer.chars)
     if unknown_char and unknown_char not in known:
         raise ValueError(f"--unknown_char={unknown_char!r} is not among the model's characters; pick one")
 
@@ -795,25 +796,54 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int = 0) -> list[int
     return order[i * batch_size : (i + 1) * batch_size].tolist()
 
 
-# copied from 04_gpt.py: generate
+# copied from 07_finetune.py: final_hidden
+def final_hidden(model, idx, position_ids=None, mask=None, cache=None):
+    """(B, T) ids -> (B, T, n_embd) after ln_f; with a cache (03's KVCache), idx are the tokens after it."""
+    tr, start = model.transformer, 0 if cache is None else cache.length
+    if position_ids is None:
+        position_ids = torch.arange(start, start + idx.size(1), device=idx.device)  # (T,)
+    x = tr.drop(tr.wte(idx) + tr.wpe(position_ids))  # (B, T, C)
+    for layer, block in enumerate(tr.h):
+        h = block.ln_1(x)
+        x = x + (block.attn(h) if cache is None else cache.attend(block.attn, h, layer, mask))
+        x = x + block.mlp(block.ln_2(x))
+    return tr.ln_f(x)
+
+
+# copied from 07_finetune.py: generate_greedy
 @torch.no_grad()
-def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None):
-    """Append max_new_tokens tokens to idx (B, T); temperature 0 = greedy, top_k = sample the k likeliest."""
-    if temperature < 0 or (top_k is not None and top_k <= 0):
-        raise ValueError(f"need temperature >= 0 (0 = greedy) and top_k a positive integer or None, "
-                         f"got temperature={temperature}, top_k={top_k}")
+def generate_greedy(model, prompts: list[list[int]], max_new_tokens: int, end_id: int, ctx=nullcontext()):
+    """Greedy continuations (token ids) of a batch of prompts, each stopped at end_id (not included) or when
+    prompt + answer fill the context (a prompt longer than that keeps its last tokens). model.eval() first."""
+    device, block_size = model.lm_head.weight.device, model.config.block_size
+    prompts = [p[max(0, len(p) - block_size + 1) :] for p in prompts]
+    T = max(map(len, prompts))
+    idx = torch.tensor([[0] * (T - len(p)) + p for p in prompts], device=device)  # (B, T), pad id 0: masked
+    real = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts], device=device)
+    position_ids = (real.cumsum(dim=1) - 1).clamp(min=0)  # (B, T): 0 at each row's first real token
+    causal, itself = torch.ones(T, T, dtype=torch.bool, device=device).tril(), torch.eye(T, device=device)
+    mask = ((causal & real[:, None, :]) | itself.bool())[:, None]  # (B, 1, T, T); a pad sees itself: no NaN
+    cache, new, done = KVCache(model.config.n_layer), [], torch.zeros_like(real[:, 0])
     for _ in range(max_new_tokens):
-        logits = model(idx[:, -model.config.block_size :])[0][:, -1, :]  # (B, vocab_size): the last position
-        if temperature == 0:
-            idx_next = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-        else:
-            logits = logits / temperature
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
-        idx = torch.cat((idx, idx_next), dim=1)
-    return idx
+        with ctx:
+            logits = model.lm_head(final_hidden(model, idx, position_ids, mask, cache)[:, -1])  # (B, vocab)
+        idx = torch.where(done, end_id, logits.argmax(dim=-1))[:, None]  # (B, 1); an ended row: end_id
+        new.append(idx)
+        position_ids = (position_ids[:, -1:] + 1).clamp(max=block_size - 1)  # (B, 1) the new token's
+        done |= (idx[:, 0] == end_id) | (position_ids[:, 0] == block_size - 1)  # ended, or context full
+        if done.all():
+            break
+        real = torch.cat([real, torch.ones_like(real[:, :1])], dim=1)  # (B, L)
+        mask = real[:, None, None, :]  # (B, 1, 1, L): the new token sees every real key
+    return [row[: row.index(end_id)] if end_id in row else row for row in torch.cat(new, dim=1).tolist()]
+
+
+# copied from 07_finetune.py: generate_responses
+def generate_responses(model, entries, encode, decode, end_id, max_new_tokens, batch_size, ctx=nullcontext()):
+    """The model's greedy answer to each entry, as text (prompt: format_input + RESPONSE_HEADER)."""
+    prompts = [encode(format_input(e)) + encode(RESPONSE_HEADER) for e in entries]
+    return [decode(ids).strip() for i in range(0, len(prompts), batch_size)
+            for ids in generate_greedy(model, prompts[i : i + batch_size], max_new_tokens, end_id, ctx)]
 
 
 if __name__ == "__main__":

@@ -539,11 +539,6 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token at context seq_len: 6N (forward + backward) + attention's 12 L T C."""
-        T = self.config.block_size if seq_len is None else seq_len
-        return 6 * self.num_params(non_embedding=True) + 12 * self.config.n_layer * T * self.config.n_embd
-
 
 # copied from 04_gpt.py: HF_TRANSPOSED
 HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

@@ -81,7 +81,7 @@ def bench_model(iters: int = 5):
             model.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - t0)
         dt = statistics.median(times[1:])
-        flops = model.flops_per_token(T) * B * T / dt
+        flops = gpt04.flops_per_token(model, T) * B * T / dt
         print(f"{preset:>8} {model.num_params() / 1e6:>7.1f}M {f'{B}x{T}':>8} {dt * 1e3:>9.1f} "
               f"{B * T / dt:>9,.0f} {flops / 1e9:>8.1f}")
 

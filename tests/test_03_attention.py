@@ -287,7 +287,7 @@ def test_mask_shape_error(attn03, shape):
 def test_kv_cache_chunk_by_chunk_equals_the_whole_sequence(attn03, chunks, B):
     csa = attn03.CausalSelfAttention(C, NH).eval()
     x = torch.randn(B, 7, C)
-    cache = attn03.KVCache(n_layer=1, max_len=9)  # room to spare: only `length` positions count
+    cache = attn03.KVCache(n_layer=1)
     with torch.no_grad():
         pieces, start = [], 0
         for size in chunks:
@@ -299,14 +299,14 @@ def test_kv_cache_chunk_by_chunk_equals_the_whole_sequence(attn03, chunks, B):
 
 def test_kv_cache_length_moves_on_after_the_last_layer(attn03):
     layers = [attn03.CausalSelfAttention(C, NH).eval() for _ in range(3)]
-    cache, x = attn03.KVCache(n_layer=3, max_len=8), torch.randn(2, 4, C)
+    cache, x = attn03.KVCache(n_layer=3), torch.randn(2, 4, C)
     with torch.no_grad():
         for i, attn in enumerate(layers):
             cache.attend(attn, x, layer=i)
             assert cache.length == (4 if i == 2 else 0)  # every layer writes at the same positions
         for i, attn in enumerate(layers):  # and each layer keeps its own keys: layer i's are attn i's
             k = F.linear(x, attn.c_attn.weight[C : 2 * C], attn.c_attn.bias[C : 2 * C])  # (B, T, C)
-            assert_close(cache.k[i][:, :, :4], k.view(2, 4, NH, C // NH).transpose(1, 2))
+            assert_close(cache.k[i], k.view(2, 4, NH, C // NH).transpose(1, 2))
 
 
 def test_kv_cache_with_left_padding_equals_each_row_alone(attn03):
@@ -314,7 +314,7 @@ def test_kv_cache_with_left_padding_equals_each_row_alone(attn03):
     csa = attn03.CausalSelfAttention(C, NH).eval()
     real = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)  # row 0: 2 pads, then 2 tokens
     x = torch.randn(2, 4 + 3, C)  # a 4-token padded prompt, then 3 new tokens
-    cache = attn03.KVCache(n_layer=1, max_len=7)
+    cache = attn03.KVCache(n_layer=1)
     causal, self_ = torch.ones(4, 4, dtype=torch.bool).tril(), torch.eye(4, dtype=torch.bool)
     prompt_mask = (causal & real[:, None, :]) | self_  # (B, T, T) causal, real keys, and itself
     with torch.no_grad():
@@ -326,14 +326,6 @@ def test_kv_cache_with_left_padding_equals_each_row_alone(attn03):
         for b in range(2):  # attention knows no positions: a row alone is its real tokens alone
             alone = csa(x[b : b + 1, real[b]])[0]
             assert_close(y[b, real[b]], alone, atol=1e-5, rtol=0)
-
-
-def test_kv_cache_refuses_more_tokens_than_it_holds(attn03):
-    csa, cache = attn03.CausalSelfAttention(C, NH), attn03.KVCache(n_layer=1, max_len=4)
-    with torch.no_grad():
-        cache.attend(csa, torch.randn(1, 3, C), layer=0)
-        with pytest.raises(ValueError, match="3 cached \\+ 2 new tokens exceed max_len=4"):
-            cache.attend(csa, torch.randn(1, 2, C), layer=0)
 
 
 # -----------------------------------------------------------------------------

@@ -130,8 +130,8 @@ def test_flops_per_token_by_hand(gpt04):
     model = tiny_model(gpt04)
     n = sum(p.numel() for p in model.parameters()) - TINY["block_size"] * TINY["n_embd"]
     L, C = TINY["n_layer"], TINY["n_embd"]
-    assert model.flops_per_token(seq_len=10) == 6 * n + 12 * L * C * 10
-    assert model.flops_per_token() == 6 * n + 12 * L * C * TINY["block_size"]
+    assert gpt04.flops_per_token(model, seq_len=10) == 6 * n + 12 * L * C * 10
+    assert gpt04.flops_per_token(model) == 6 * n + 12 * L * C * TINY["block_size"]
 
 
 def test_gpt_is_lean(gpt04):

@@ -8,6 +8,7 @@ reference computation (per-token cross-entropy, one prompt decoded alone, the un
 import copy
 import json
 import re
+import sys
 import types
 from dataclasses import asdict
 
@@ -234,14 +235,60 @@ def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
 
 
 @pytest.mark.parametrize("end_id", [0, 7])
-def test_batched_greedy_equals_one_prompt_at_a_time(ft07, end_id):
+def test_batched_cached_greedy_equals_one_prompt_at_a_time_without_cache(ft07, end_id):
+    """Left padding, positions per row, the cache: each row gets what it gets alone and uncached.
+    The 20-token prompt fills the 24-token context after 4 new tokens while the others go on."""
+    torch.manual_seed(0)
     model = tiny_gpt(ft07, vocab_size=32, block_size=24).eval()
-    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11], [12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23]]
-    got = ft07.generate_greedy(model, prompts, max_new_tokens=10, end_id=end_id, batch_size=3)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11], [12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23],
+               list(range(1, 21))]
+    got = ft07.generate_greedy(model, prompts, max_new_tokens=10, end_id=end_id)
+    assert len(got) == len(prompts)
     for prompt, out in zip(prompts, got):
         n = min(10, 24 - len(prompt))  # the context is full after n new tokens
         ref = greedy_reference(model, prompt, n)
         assert out == (ref[: ref.index(end_id)] if end_id in ref else ref)
+
+
+def test_final_hidden_is_the_model_without_its_head_with_or_without_a_cache(ft07):
+    torch.manual_seed(0)
+    model = tiny_gpt(ft07, vocab_size=32, block_size=16).eval()
+    idx = torch.randint(32, (2, 11))
+    with torch.no_grad():
+        expected = model(idx)[0]  # (B, T, vocab)
+        assert_close(model.lm_head(ft07.final_hidden(model, idx)), expected, atol=1e-5, rtol=0)
+        cache, pieces = ft07.KVCache(model.config.n_layer), []
+        for start, end in [(0, 4), (4, 5), (5, 6), (6, 11)]:  # a prompt, two tokens, then a chunk
+            pieces.append(ft07.final_hidden(model, idx[:, start:end], cache=cache))
+            assert cache.length == end
+        assert_close(model.lm_head(torch.cat(pieces, dim=1)), expected, atol=1e-5, rtol=0)
+
+
+def test_greedy_answers_read_the_device_once_per_token(ft07, monkeypatch):
+    """Issue 14: one sync per new token at most (the check whether every row has ended), plus the
+    final read of the answers; no rerun of the context, which the cache's length shows."""
+    torch.manual_seed(0)
+    model = tiny_gpt(ft07, vocab_size=32, block_size=64).eval()
+    reads, lengths, script = [], [], ft07.__file__
+    for method in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        original = getattr(torch.Tensor, method)
+
+        def counted(self, *args, _original=original, **kwargs):
+            if sys._getframe(1).f_code.co_filename == script:
+                reads.append(1)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, method, counted)
+    original_attend = ft07.KVCache.attend
+
+    def attend(self, attn, x, layer, mask=None):
+        lengths.append(x.size(1))
+        return original_attend(self, attn, x, layer, mask)
+
+    monkeypatch.setattr(ft07.KVCache, "attend", attend)
+    ft07.generate_greedy(model, [[1, 2, 3], [4, 5]], max_new_tokens=12, end_id=99)  # 99: never ends early
+    assert len(reads) == 12 + 1
+    assert lengths == [3] * 2 + [1] * 2 * 11  # the prompt once per layer, then one token per layer
 
 
 @pytest.fixture(scope="module")
