@@ -3,9 +3,9 @@
 A GPT scores "what comes next"; generating is a loop around it (score, pick, append) made useful:
   - Sampling: greedy, temperature, top-k, top-p, seeded; stops at <|endoftext|> or stop strings;
     streamed as it is made, whole UTF-8 characters only.
-  - The KV cache. Without it each new token reruns the model over the whole context: O(T) work per
-    token, O(T^2) per text. In a causal model the keys and values of past tokens never change, so we
-    keep them and feed the model only the newest token. `forward_cached` runs the model's own
+  - The KV cache (03's). Without it each new token reruns the model over the whole context: O(T) work
+    per token, O(T^2) per text. In a causal model the keys and values of past tokens never change, so
+    we keep them and feed the model only the newest token. `forward_cached` runs the model's own
     modules around the cache: 04's GPT is untouched, any checkpoint of 05-08 works. `--bench` times it.
   - Batches: prompts of unequal length are LEFT-padded so their last tokens line up; a mask hides
     the padding, and each row's positions start at 0 at its first real token, as if it were alone.
@@ -76,40 +76,20 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None) -> t
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator).squeeze(-1)
 
 
-class KVCache:
-    """Per layer, the keys and values so far in (B, n_head, max_len, head_size) buffers, `length` of them
-    filled, in the model's compute dtype (GPT-2 small in fp32: 2 * 12 * 1024 * 768 * 4 B = 75 MB per row).
-    key_real (B, max_len): False at left padding. next_pos (B, 1): each row's next position id."""
+# The cache itself is 03's KVCache, and the forward pass around it 07's final_hidden: the model's own
+# modules, so 04's GPT is untouched and any checkpoint of 05-08 works. What generation adds is the
+# bookkeeping of a batch of left-padded rows, kept beside the keys and values: which cached keys are
+# padding (key_real) and where each row's positions go on (next_pos).
+class BatchCache:
+    """03's KVCache (kv) plus, for left-padded rows: key_real (B, length), False at padding; next_pos
+    (B, 1), each row's next position id; padded, whether any cached key is padding (else no mask)."""
 
-    def __init__(self, n_layer: int, max_len: int):
-        self.max_len, self.length = max_len, 0
-        self.k, self.v = [None] * n_layer, [None] * n_layer  # per layer, allocated on first use
-        self.key_real, self.next_pos, self.padded = None, None, False  # padded: is any key padding?
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, nh, T, hs) at [length, length + T); return all keys and values so far."""
-        if self.k[layer] is None:
-            self.k[layer] = k.new_zeros(*k.shape[:2], self.max_len, k.size(3))  # (B, nh, max_len, hs)
-            self.v[layer] = torch.zeros_like(self.k[layer])
-        end = self.length + k.size(2)
-        self.k[layer][:, :, self.length : end], self.v[layer][:, :, self.length : end] = k, v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, nh, end, hs) views, no copy
-
-
-def cached_attention(attn, x, n_head: int, cache: KVCache | None, layer: int, mask) -> torch.Tensor:
-    """03's attention with attn's weights, over the cache plus the new tokens x (B, T, C). mask: None
-    (causal, or one new token: it sees every key) or bool (B, 1, T, L), True = may attend."""
-    B, T, C = x.shape
-    q, k, v = attn.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
-    q, k, v = (t.view(B, T, n_head, C // n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-    if cache is not None:
-        k, v = cache.update(layer, k, v)  # (B, nh, L, hs), L = cache.length + T
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
-    return attn.c_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C); no dropout at inference
+    def __init__(self, n_layer: int):
+        self.kv, self.key_real, self.next_pos, self.padded = KVCache(n_layer), None, None, False
 
 
 def forward_cached(model, idx, cache=None, attention_mask=None, last_only=False):
-    """The GPT forward pass from the model's own modules, around a KV cache (None: the whole context).
+    """The GPT forward pass around a BatchCache (None: the whole context, nothing kept).
 
     idx (B, T) are the NEW tokens: their keys/values join the cache, and they attend to everything
     in it. attention_mask (B, T): False at (left) padding. Position ids count each row's real
@@ -119,8 +99,7 @@ def forward_cached(model, idx, cache=None, attention_mask=None, last_only=False)
     GPT-2's logit sizes). For inference: call model.eval() first (dropout off).
     """
     B, T = idx.shape
-    t0 = 0 if cache is None else cache.length
-    limit = model.config.block_size if cache is None else min(cache.max_len, model.config.block_size)
+    t0, limit = 0 if cache is None else cache.kv.length, model.config.block_size
     if t0 + T > limit:
         raise ValueError(f"{t0} cached + {T} new tokens exceed the context of {limit} positions; crop the "
                          f"input or start a new cache (generate_tokens slides the window)")  # fmt: skip
@@ -128,26 +107,21 @@ def forward_cached(model, idx, cache=None, attention_mask=None, last_only=False)
     position_ids = (cache.next_pos if t0 else 0) + (real.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
     padded, key_real = attention_mask is not None and not bool(real.all()), real  # key_real: (B, L)
     if cache is not None:
-        if cache.key_real is None:
-            cache.key_real = torch.ones(B, cache.max_len, dtype=torch.bool, device=idx.device)
-        cache.key_real[:, t0 : t0 + T] = real
+        cache.key_real = real if cache.key_real is None else torch.cat([cache.key_real, real], dim=1)
         cache.padded |= padded
-        padded, key_real = cache.padded, cache.key_real[:, : t0 + T]
-    mask = None  # no padding, and the new tokens come first or alone: is_causal (or nothing) suffices
-    if padded or (t0 > 0 and T > 1):  # a later chunk: is_causal would align its queries with the first keys
+        padded, key_real = cache.padded, cache.key_real
+    mask = None  # no padding: causal suffices (KVCache.attend shifts it for a later chunk)
+    if padded:
         q_pos = torch.arange(t0, t0 + T, device=idx.device)[:, None]  # (T, 1)
         k_pos = torch.arange(t0 + T, device=idx.device)[None, :]  # (1, L)
         mask = (k_pos <= q_pos) & key_real[:, None, :]  # (B, T, L) causal and key is real
         mask = (mask | (k_pos == q_pos))[:, None]  # (B, 1, T, L); a padded query sees itself: no NaN
-    tr = model.transformer
-    x = tr.wte(idx) + tr.wpe(position_ids)  # (B, T, C)
-    for layer, block in enumerate(tr.h):
-        x = x + cached_attention(block.attn, block.ln_1(x), model.config.n_head, cache, layer, mask)
-        x = x + block.mlp(block.ln_2(x))
+    kv = KVCache(model.config.n_layer) if cache is None else cache.kv  # None: a cache used once
+    h = final_hidden(model, idx, position_ids, mask, kv)  # (B, T, C)
     with torch.autocast(idx.device.type, enabled=False):
-        logits = model.lm_head(tr.ln_f(x[:, -1:] if last_only else x).float())  # (B, T or 1, V)
+        logits = model.lm_head((h[:, -1:] if last_only else h).float())  # (B, T or 1, V)
     if cache is not None:
-        cache.length, cache.next_pos = cache.length + T, position_ids[:, -1:] + 1  # next_pos: (B, 1)
+        cache.next_pos = position_ids[:, -1:] + 1  # (B, 1)
     return logits
 
 
@@ -183,7 +157,7 @@ def generate_tokens(model, prompts, temperature=1.0, top_k=None, top_p=None, gen
     cache, logits = None, None
     while True:
         if logits is None:  # encode the whole window: the prompt, after a slide, or every step uncached
-            cache = KVCache(model.config.n_layer, block_size) if use_cache else None
+            cache = BatchCache(model.config.n_layer) if use_cache else None
             logits = forward_cached(model, idx, cache, attention_mask=mask, last_only=True)[:, -1]  # (B, V)
         next_ids = sample(logits, temperature, top_k, top_p, generator)  # (B,)
         yield next_ids, logits
@@ -568,6 +542,28 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+# copied from 03_attention.py: KVCache
+class KVCache:
+    """The keys and values of every token so far, per layer: (B, n_head, length, head_size) each."""
+
+    def __init__(self, n_layer: int):
+        self.k, self.v, self.length = [None] * n_layer, [None] * n_layer, 0  # length: tokens cached
+
+    def attend(self, attn, x: torch.Tensor, layer: int, mask=None) -> torch.Tensor:
+        """attn's (a CausalSelfAttention's) attention for new tokens x (B, T, C) over the cache and x."""
+        (B, T, C), start = x.size(), self.length
+        q, k, v = attn.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))
+        if start > 0:  # the new keys and values join this layer's earlier ones
+            k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
+        self.k[layer], self.v[layer] = k, v  # (B, nh, start + T, hs)
+        self.length = start + T if layer == len(self.k) - 1 else start  # the last layer moves it on
+        if mask is None and T > 1 and start > 0:  # a later chunk (is_causal would put its queries at 0)
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        return attn.c_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C); no dropout at inference
+
+
 # copied from 04_gpt.py: GPTConfig
 @dataclass
 class GPTConfig:
@@ -786,6 +782,20 @@ def load_checkpoint(path):
     model = GPT(GPTConfig(**ckpt["model_args"]))
     model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
     return model, get_tokenizer(ckpt["tokenizer"]), ckpt
+
+
+# copied from 07_finetune.py: final_hidden
+def final_hidden(model, idx, position_ids=None, mask=None, cache=None):
+    """(B, T) ids -> (B, T, n_embd) after ln_f; with a cache (03's KVCache), idx are the tokens after it."""
+    tr, start = model.transformer, 0 if cache is None else cache.length
+    if position_ids is None:
+        position_ids = torch.arange(start, start + idx.size(1), device=idx.device)  # (T,)
+    x = tr.drop(tr.wte(idx) + tr.wpe(position_ids))  # (B, T, C)
+    for layer, block in enumerate(tr.h):
+        h = block.ln_1(x)
+        x = x + (block.attn(h) if cache is None else cache.attend(block.attn, h, layer, mask))
+        x = x + block.mlp(block.ln_2(x))
+    return tr.ln_f(x)
 
 
 # copied from 07_finetune.py: RESPONSE_HEADER

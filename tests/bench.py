@@ -7,8 +7,9 @@ the project's speed, not a lesson, so it lives outside them:
     python tests/bench.py encode      # 01: our GPT-2 encoder against tiktoken, same ids
     python tests/bench.py model       # 04: forward+backward tokens/s of `small` and `gpt2`, fp32
     python tests/bench.py pretrain    # 05: ms/iter of the CPU recipe for each thread count x dtype
+    python tests/bench.py answers     # 07: greedy answers of GPT-2 small with the KV cache and without
     python tests/bench.py serve       # 10: the server's tokens/s, 1 and 8 clients (05's model in out/)
-    python tests/bench.py             # all four
+    python tests/bench.py             # all five
 
 Numbers from a small shared machine mean little unless nothing else runs: run it on a quiet
 machine, and compare figures taken in the same run. To compare 05 with nanoGPT side by side, see
@@ -145,16 +146,60 @@ def bench_serve(ckpt="out/shakespeare-char/ckpt.pt", requests: int = 4, max_toke
     server.shutdown()
 
 
+@torch.no_grad()
+def greedy_rerun(model, prompts, max_new_tokens, end_id):
+    """07's answers before the KV cache: a right-padded batch, the whole context rerun for every token."""
+    rows, lengths = [list(p) for p in prompts], [len(p) for p in prompts]
+    done = [False] * len(rows)
+    for _ in range(max_new_tokens):
+        T = max(map(len, rows))
+        idx = torch.tensor([r + [end_id] * (T - len(r)) for r in rows])  # right pads: causal hides them
+        logits = model(idx)[0][torch.arange(len(rows)), torch.tensor([len(r) - 1 for r in rows])]
+        for i, token in enumerate(logits.argmax(-1).tolist()):
+            if not done[i]:
+                rows[i].append(token)
+                done[i] = token == end_id
+        if all(done):
+            break
+    return [r[n:-1] if ended else r[n:] for r, n, ended in zip(rows, lengths, done)]  # end_id cut off
+
+
+def bench_answers(n: int = 4, max_new_tokens: int = 32):
+    """07's greedy answers to n test prompts in one batch, GPT-2 small (random weights, fp32): with 03's
+    KV cache (07 now) and with the whole context rerun for every token (07 before); the same tokens."""
+    import json
+
+    import tiktoken
+
+    ft07, enc = load_script("07_finetune"), tiktoken.get_encoding("gpt2")
+    entries = json.loads((DATA_DIR / "instruction-data.json").read_text(encoding="utf-8"))[-n:]
+    prompts = [enc.encode(ft07.format_input(e)) + enc.encode(ft07.RESPONSE_HEADER) for e in entries]
+    torch.manual_seed(0)
+    model = ft07.GPT(ft07.GPTConfig()).eval()  # 124M
+    print(f"\n07: greedy answers, GPT-2 small (random weights), fp32, one batch of {n} prompts of "
+          f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, {max_new_tokens} new tokens each")
+    ft07.generate_greedy(model, prompts, 2, enc.eot_token)  # warm up
+    cached, cached_s = timed(ft07.generate_greedy, model, prompts, max_new_tokens, enc.eot_token)
+    rerun, rerun_s = timed(greedy_rerun, model, prompts, max_new_tokens, enc.eot_token)
+    tokens = sum(map(len, cached))
+    for name, seconds in (("KV cache (07)", cached_s), ("rerun the context", rerun_s)):
+        print(f"{name:<18} {seconds:>7.1f} s {tokens / seconds:>8.1f} tokens/s")
+    print(f"speedup {rerun_s / cached_s:.1f}x; the same tokens: {cached == rerun}")
+
+
+BENCHES = {"encode": bench_encode, "model": bench_model, "pretrain": bench_pretrain, "answers": bench_answers,
+           "serve": bench_serve}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    parser.add_argument("what", nargs="*", choices=["encode", "model", "pretrain", "serve"], default=[],
+    parser.add_argument("what", nargs="*", choices=list(BENCHES), default=[],
                         help="which benchmarks (default: all)")
     args = parser.parse_args(argv)
     torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    benches = {"encode": bench_encode, "model": bench_model, "pretrain": bench_pretrain, "serve": bench_serve}
-    for name in args.what or benches:
-        benches[name]()
+    for name in args.what or BENCHES:
+        BENCHES[name]()
 
 
 if __name__ == "__main__":
