@@ -244,7 +244,8 @@ def evaluate_loss(model, examples: list, batch_size: int, pad_token_id: int, ctx
 # its newest token (09 tells the whole story of generation). A batch is padded on the LEFT, so that
 # every row's next token lands in the same column; the mask hides the padding (03's step 6), and each
 # row counts its positions from its first real token, as if it were alone. One sync per token: has
-# every row ended? final_hidden is 04's GPT.forward without the LM head, with the cache when given one.
+# every row ended? final_hidden is 04's GPT.forward without the LM head (and its input checks), with
+# the cache when given one; mask (03's attend's) counts only then: without a cache it is plain causal.
 def final_hidden(model, idx, position_ids=None, mask=None, cache=None):
     """(B, T) ids -> (B, T, n_embd) after ln_f; with a cache (03's KVCache), idx are the tokens after it."""
     tr, start = model.transformer, 0 if cache is None else cache.length
@@ -268,14 +269,14 @@ def generate_greedy(model, prompts: list[list[int]], max_new_tokens: int, end_id
     idx = torch.tensor([[0] * (T - len(p)) + p for p in prompts], device=device)  # (B, T), pad id 0: masked
     real = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts], device=device)
     position_ids = (real.cumsum(dim=1) - 1).clamp(min=0)  # (B, T): 0 at each row's first real token
-    causal, itself = torch.ones(T, T, dtype=torch.bool, device=device).tril(), torch.eye(T, device=device)
-    mask = ((causal & real[:, None, :]) | itself.bool())[:, None]  # (B, 1, T, T); a pad sees itself: no NaN
-    cache, new, done = KVCache(model.config.n_layer), [], torch.zeros_like(real[:, 0])
+    causal, itself = torch.ones(T, T, device=device).tril().bool(), torch.eye(T, device=device).bool()
+    mask = ((causal & real[:, None, :]) | itself)[:, None]  # (B, 1, T, T); a pad sees itself: no NaN
+    cache, new, done = KVCache(model.config.n_layer), [idx[:, :0]], torch.zeros_like(real[:, 0])
     for _ in range(max_new_tokens):
-        with ctx:
-            logits = model.lm_head(final_hidden(model, idx, position_ids, mask, cache)[:, -1])  # (B, vocab)
-        idx = torch.where(done, end_id, logits.argmax(dim=-1))[:, None]  # (B, 1); an ended row: end_id
-        new.append(idx)
+        with ctx:  # the blocks in ctx's precision; the head in fp32, as 08's and 09's (bf16 rounds logits)
+            h = final_hidden(model, idx, position_ids, mask, cache)[:, -1]  # (B, C)
+        idx = torch.where(done, end_id, model.lm_head(h.float()).argmax(dim=-1))[:, None]  # (B, 1)
+        new.append(idx)  # an ended row's: end_id
         position_ids = (position_ids[:, -1:] + 1).clamp(max=block_size - 1)  # (B, 1) the new token's
         done |= (idx[:, 0] == end_id) | (position_ids[:, 0] == block_size - 1)  # ended, or context full
         if done.all():

@@ -248,7 +248,7 @@ class DPOConfig:
     eval_interval: Annotated[int, "metrics on train and val pairs, and ckpt.pt, every this many steps"] = 25
     eval_pairs: Annotated[int, "pairs of each split to evaluate on (-1 = all)"] = 64
     max_new_tokens: Annotated[int, "longest answer in dpo_responses.json"] = 128
-    num_responses: Annotated[int, "validation entries answered before and after DPO"] = 5
+    num_responses: Annotated[int, "validation entries answered before and after DPO (-1 = all)"] = 5
     device: Annotated[str, "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"] = "auto"
     dtype: Annotated[str, "auto (bf16 or fp16 on CUDA, fp32 elsewhere), float32, bfloat16, float16"] = "auto"
     threads: Annotated[int, "CPU threads; 0 = PyTorch's default"] = 0
@@ -295,7 +295,7 @@ def prepare_pairs(cfg: DPOConfig, tokenizer, block_size: int) -> dict:
 
 def write_responses(reference, policy, data: dict, decode, cfg: DPOConfig, ctx):
     """Greedy answers before DPO (the reference IS the model before) and after, in dpo_responses.json."""
-    entries = data["val_entries"][: max(cfg.num_responses, 0)]
+    entries = data["val_entries"][: cfg.num_responses if cfg.num_responses >= 0 else None]  # -1: all
     before, after = (generate_responses(m, entries, data["encode"], decode, data["end_id"],  # 07's, cached
                                         cfg.max_new_tokens, cfg.batch_size, ctx) for m in (reference, policy))
     records = [{**e, "before_dpo": b, "after_dpo": a} for e, b, a in zip(entries, before, after)]
@@ -821,14 +821,14 @@ def generate_greedy(model, prompts: list[list[int]], max_new_tokens: int, end_id
     idx = torch.tensor([[0] * (T - len(p)) + p for p in prompts], device=device)  # (B, T), pad id 0: masked
     real = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts], device=device)
     position_ids = (real.cumsum(dim=1) - 1).clamp(min=0)  # (B, T): 0 at each row's first real token
-    causal, itself = torch.ones(T, T, dtype=torch.bool, device=device).tril(), torch.eye(T, device=device)
-    mask = ((causal & real[:, None, :]) | itself.bool())[:, None]  # (B, 1, T, T); a pad sees itself: no NaN
-    cache, new, done = KVCache(model.config.n_layer), [], torch.zeros_like(real[:, 0])
+    causal, itself = torch.ones(T, T, device=device).tril().bool(), torch.eye(T, device=device).bool()
+    mask = ((causal & real[:, None, :]) | itself)[:, None]  # (B, 1, T, T); a pad sees itself: no NaN
+    cache, new, done = KVCache(model.config.n_layer), [idx[:, :0]], torch.zeros_like(real[:, 0])
     for _ in range(max_new_tokens):
-        with ctx:
-            logits = model.lm_head(final_hidden(model, idx, position_ids, mask, cache)[:, -1])  # (B, vocab)
-        idx = torch.where(done, end_id, logits.argmax(dim=-1))[:, None]  # (B, 1); an ended row: end_id
-        new.append(idx)
+        with ctx:  # the blocks in ctx's precision; the head in fp32, as 08's and 09's (bf16 rounds logits)
+            h = final_hidden(model, idx, position_ids, mask, cache)[:, -1]  # (B, C)
+        idx = torch.where(done, end_id, model.lm_head(h.float()).argmax(dim=-1))[:, None]  # (B, 1)
+        new.append(idx)  # an ended row's: end_id
         position_ids = (position_ids[:, -1:] + 1).clamp(max=block_size - 1)  # (B, 1) the new token's
         done |= (idx[:, 0] == end_id) | (position_ids[:, 0] == block_size - 1)  # ended, or context full
         if done.all():

@@ -164,27 +164,59 @@ def greedy_rerun(model, prompts, max_new_tokens, end_id):
     return [r[n:-1] if ended else r[n:] for r, n, ended in zip(rows, lengths, done)]  # end_id cut off
 
 
-def bench_answers(n: int = 4, max_new_tokens: int = 32):
-    """07's greedy answers to n test prompts in one batch, GPT-2 small (random weights, fp32): with 03's
-    KV cache (07 now) and with the whole context rerun for every token (07 before); the same tokens."""
+class BufferedKVCache:
+    """03's KVCache with its buffers allocated once, at max_len, as servers do, for comparison: 03 grows
+    its cache by concatenation (a copy per token and layer) because it is the simpler code."""
+
+    def __init__(self, n_layer: int, max_len: int = 1024):
+        self.k, self.v, self.length, self.max_len = [None] * n_layer, [None] * n_layer, 0, max_len
+
+    def attend(self, attn, x, layer: int, mask=None):
+        (B, T, C), start = x.size(), self.length
+        q, k, v = attn.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.k[layer] is None:
+            self.k[layer] = k.new_zeros(B, attn.n_head, self.max_len, C // attn.n_head)
+            self.v[layer] = torch.zeros_like(self.k[layer])
+        self.k[layer][:, :, start : start + T], self.v[layer][:, :, start : start + T] = k, v
+        k, v = self.k[layer][:, :, : start + T], self.v[layer][:, :, : start + T]  # views, no copy
+        self.length = start + T if layer == len(self.k) - 1 else start
+        if mask is None and T > 1 and start > 0:
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                             is_causal=mask is None and T > 1)
+        return attn.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+def bench_answers(n: int = 8, max_new_tokens: int = 128):
+    """07's greedy answers to its first n test entries in one batch, GPT-2 small (random weights, fp32):
+    with 03's KV cache (07 now), with buffers allocated once instead, and with the whole context rerun
+    for every token (07 before the cache). All three must give the same tokens."""
     import json
 
     import tiktoken
 
     ft07, enc = load_script("07_finetune"), tiktoken.get_encoding("gpt2")
-    entries = json.loads((DATA_DIR / "instruction-data.json").read_text(encoding="utf-8"))[-n:]
+    data = json.loads((DATA_DIR / "instruction-data.json").read_text(encoding="utf-8"))
+    entries = ft07.split_data(data)["test"][:n]  # 07's default batch
     prompts = [enc.encode(ft07.format_input(e)) + enc.encode(ft07.RESPONSE_HEADER) for e in entries]
     torch.manual_seed(0)
     model = ft07.GPT(ft07.GPTConfig()).eval()  # 124M
     print(f"\n07: greedy answers, GPT-2 small (random weights), fp32, one batch of {n} prompts of "
           f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, {max_new_tokens} new tokens each")
     ft07.generate_greedy(model, prompts, 2, enc.eot_token)  # warm up
-    cached, cached_s = timed(ft07.generate_greedy, model, prompts, max_new_tokens, enc.eot_token)
-    rerun, rerun_s = timed(greedy_rerun, model, prompts, max_new_tokens, enc.eot_token)
-    tokens = sum(map(len, cached))
-    for name, seconds in (("KV cache (07)", cached_s), ("rerun the context", rerun_s)):
-        print(f"{name:<18} {seconds:>7.1f} s {tokens / seconds:>8.1f} tokens/s")
-    print(f"speedup {rerun_s / cached_s:.1f}x; the same tokens: {cached == rerun}")
+    rows, concat = [], ft07.KVCache
+    for name, cache in (("03's KV cache (07)", concat), ("buffers, once", BufferedKVCache)):
+        ft07.KVCache = cache
+        try:
+            rows.append((name, *timed(ft07.generate_greedy, model, prompts, max_new_tokens, enc.eot_token)))
+        finally:
+            ft07.KVCache = concat
+    rows.append(("rerun the context", *timed(greedy_rerun, model, prompts, max_new_tokens, enc.eot_token)))
+    tokens = sum(map(len, rows[0][1]))
+    for name, out, seconds in rows:
+        print(f"{name:<19} {seconds:>7.1f} s {tokens / seconds:>8.1f} tokens/s {seconds / rows[0][2]:>6.2f}x "
+              f"the time, same tokens: {out == rows[0][1]}")
 
 
 BENCHES = {"encode": bench_encode, "model": bench_model, "pretrain": bench_pretrain, "answers": bench_answers,

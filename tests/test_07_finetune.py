@@ -250,6 +250,19 @@ def test_batched_cached_greedy_equals_one_prompt_at_a_time_without_cache(ft07, e
         assert out == (ref[: ref.index(end_id)] if end_id in ref else ref)
 
 
+def test_greedy_with_no_new_tokens_and_the_head_in_fp32_under_bf16(ft07):
+    """max_new_tokens=0 answers nothing (08 allows it); under bf16 autocast the blocks run in bf16 but
+    the argmax reads fp32 logits, as 08's and 09's heads (bf16 would round GPT-2's logits by 0.1-0.5)."""
+    model = tiny_gpt(ft07, vocab_size=32, block_size=24).eval()
+    assert ft07.generate_greedy(model, [[1, 2], [3]], max_new_tokens=0, end_id=0) == [[], []]
+    dtypes = []
+    model.lm_head.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    block_dtypes = []
+    model.transformer.h[0].mlp.c_fc.register_forward_hook(lambda m, i, out: block_dtypes.append(out.dtype))
+    ft07.generate_greedy(model, [[1, 2], [3]], 3, end_id=31, ctx=torch.autocast("cpu", dtype=torch.bfloat16))
+    assert dtypes and set(dtypes) == {torch.float32} and set(block_dtypes) == {torch.bfloat16}
+
+
 def test_final_hidden_is_the_model_without_its_head_with_or_without_a_cache(ft07):
     torch.manual_seed(0)
     model = tiny_gpt(ft07, vocab_size=32, block_size=16).eval()

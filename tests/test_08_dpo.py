@@ -9,6 +9,8 @@ for the precision of the log-probs under bf16 autocast.
 import json
 import math
 import sys
+import types
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -156,6 +158,26 @@ def test_logprobs_come_from_an_fp32_head_under_bf16_autocast(dpo08):
     assert new.dtype == torch.float32
     assert_close(new.double(), exact, rtol=0, atol=1e-4)
     assert (old.double() - exact).abs().max() > 1e-2  # the bf16 head is off by far more
+
+
+@pytest.mark.parametrize("num_responses, expected", [(2, 2), (0, 0), (-1, 3)])
+def test_responses_before_and_after_for_n_or_all_entries(dpo08, tmp_path, num_responses, expected):
+    """write_responses answers the first num_responses validation entries (-1: all, as 07's flag) with
+    both models, through 07's cached greedy answers; the JSON holds each entry with both answers."""
+    entries = [{"instruction": f"Say {w}.", "input": "", "chosen": w, "rejected": "no"} for w in "abc"]
+    prompt_texts = [dpo08.format_input(e) + dpo08.RESPONSE_HEADER for e in entries]
+    tok = dpo08.CharTokenizer.from_text("".join(prompt_texts))
+    torch.manual_seed(0)
+    policy, reference = (tiny_gpt(dpo08, vocab_size=tok.n_vocab, block_size=128).eval() for _ in range(2))
+    data = {"val_entries": entries, "encode": tok.encode, "end_id": tok.encode("\n")[0]}
+    cfg = types.SimpleNamespace(num_responses=num_responses, max_new_tokens=5, batch_size=2, out_dir=tmp_path)
+    dpo08.write_responses(reference, policy, data, tok.decode, cfg, nullcontext())
+    records = json.loads((tmp_path / "dpo_responses.json").read_text(encoding="utf-8"))
+    assert [r["instruction"] for r in records] == [e["instruction"] for e in entries[:expected]]
+    prompts = [tok.encode(text) for text in prompt_texts[:expected]]
+    for model, key in ((reference, "before_dpo"), (policy, "after_dpo")):
+        answers = dpo08.generate_greedy(model, prompts, 5, data["end_id"]) if prompts else []
+        assert [r[key] for r in records] == [tok.decode(ids).strip() for ids in answers]
 
 
 def test_pairs_are_formatted_exactly_as_07_finetuned(dpo08, ft07):
