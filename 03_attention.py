@@ -331,10 +331,11 @@ class PaddedCausalSelfAttention(CausalSelfAttention):
 # changed: under the causal mask, a token's k and v depend only on the tokens up to it. So keep them
 # (the KV cache) and feed each step only the new token: its query attends to the cached keys plus
 # its own. Per token, the projections then run on one row instead of T. The price is memory:
-# 2 * n_layer * T * n_embd numbers per sequence (GPT-2 small in fp32 at T = 1024: 75 MB). Here the
-# cache grows by concatenation, a copy of it per token and layer; servers allocate it once at full
-# length instead, 5-10% faster in our measurements (`python tests/bench.py answers`, GPT-2 small on a
-# CPU): not worth the lines here. The cache does the attention itself, with the weights of a
+# 2 * n_layer * T * n_embd numbers per sequence (GPT-2 small in fp32 at T = 1024: 75 MB), in
+# buffers allocated once, at max_len, and written in place. Growing them by concatenation instead
+# would copy the whole cache for every token and layer: 6% slower for GPT-2 small on a CPU (`python
+# tests/bench.py answers`), and on a GPU, with a batch and a long context, more memory traffic than
+# reading the weights. The cache does the attention itself, with the weights of a
 # CausalSelfAttention, so the model's modules stay as they are and any trained model works; a
 # forward pass calls it for layers 0 .. n_layer - 1 in order, and the last one moves `length` on.
 # The mask comes finished: bool (B, 1, T, length + T), True = may attend, built as step 6 builds its
@@ -344,19 +345,21 @@ class PaddedCausalSelfAttention(CausalSelfAttention):
 
 
 class KVCache:
-    """The keys and values of every token so far, per layer: (B, n_head, length, head_size) each."""
+    """The keys and values of every token so far, per layer, in (B, n_head, max_len, head_size) buffers."""
 
-    def __init__(self, n_layer: int):
-        self.k, self.v, self.length = [None] * n_layer, [None] * n_layer, 0  # length: tokens cached
+    def __init__(self, n_layer: int, max_len: int):
+        self.k, self.v, self.length, self.max_len = [None] * n_layer, [None] * n_layer, 0, max_len
 
     def attend(self, attn, x: torch.Tensor, layer: int, mask=None) -> torch.Tensor:
         """attn's (a CausalSelfAttention's) attention for new tokens x (B, T, C) over the cache and x."""
         (B, T, C), start = x.size(), self.length
         q, k, v = attn.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))
-        if start > 0:  # the new keys and values join this layer's earlier ones
-            k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
-        self.k[layer], self.v[layer] = k, v  # (B, nh, start + T, hs)
+        if self.k[layer] is None:  # the first call allocates; every later one writes in place
+            self.k[layer] = k.new_zeros(B, attn.n_head, self.max_len, C // attn.n_head)
+            self.v[layer] = torch.zeros_like(self.k[layer])
+        self.k[layer][:, :, start : start + T], self.v[layer][:, :, start : start + T] = k, v
+        k, v = self.k[layer][:, :, : start + T], self.v[layer][:, :, : start + T]  # views: no copy
         self.length = start + T if layer == len(self.k) - 1 else start  # the last layer moves it on
         if mask is None and T > 1 and start > 0:  # a later chunk (is_causal would put its queries at 0)
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
@@ -503,7 +506,7 @@ def demo() -> None:
         print(f"   {side} padding {row}: max |diff| = {(with_mask - alone).abs().max():.1e} with the mask, "
               f"{(without_mask - alone).abs().max():.1e} without it")
     print("   (left: the pads come first and leak into the real tokens; right: causality hides them)")
-    cache = KVCache(n_layer=1)  # one attention layer: each call moves the cache on
+    cache = KVCache(n_layer=1, max_len=T)  # one attention layer: each call moves the cache on
     with torch.no_grad():
         one_by_one = torch.cat([cache.attend(csa, x[:, t : t + 1], layer=0) for t in range(T)], dim=1)
     print(f"7. KV cache: {T} tokens one at a time over the cached keys and values, vs all at once: "

@@ -201,9 +201,7 @@ def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejecte
 def make_reference(policy: nn.Module) -> nn.Module:
     """The reference: a frozen deep copy of the starting policy. Its own weights (the policy's change,
     the copy's must not), no gradients (no graph through it), eval mode (ref(y|x): one fixed number)."""
-    reference = copy.deepcopy(policy)
-    reference.requires_grad_(False)
-    return reference.eval()
+    return copy.deepcopy(policy).requires_grad_(False).eval()
 
 
 def dpo_batch(policy, reference, batch, beta=0.1, label_smoothing=0.0, average=False, ctx=nullcontext()):
@@ -267,9 +265,8 @@ class DPOConfig:
         self.device = pick_device(self.device)  # "auto" resolved here, once
         self.dtype = pick_dtype(self.dtype, self.device)
         if not Path(self.ckpt_path).exists():
-            raise FileNotFoundError(f"no checkpoint at {self.ckpt_path}: DPO starts from an instruction-"
-                                    f"tuned model: run 07 first (python 07_finetune.py --init_from=gpt2) or "
-                                    f"point --ckpt_path at one")
+            raise FileNotFoundError(f"no checkpoint at {self.ckpt_path}: DPO starts from 07's model "
+                                    f"(python 07_finetune.py --init_from=gpt2), or point --ckpt_path at one")
         if (Path(self.out_dir) / "ckpt.pt").exists() and not self.overwrite:
             raise ValueError(f"{Path(self.out_dir) / 'ckpt.pt'} holds an earlier run, which this one would "
                              f"replace; choose another --out_dir, or pass --overwrite")
@@ -477,19 +474,21 @@ class CausalSelfAttention(nn.Module):
 
 # copied from 03_attention.py: KVCache
 class KVCache:
-    """The keys and values of every token so far, per layer: (B, n_head, length, head_size) each."""
+    """The keys and values of every token so far, per layer, in (B, n_head, max_len, head_size) buffers."""
 
-    def __init__(self, n_layer: int):
-        self.k, self.v, self.length = [None] * n_layer, [None] * n_layer, 0  # length: tokens cached
+    def __init__(self, n_layer: int, max_len: int):
+        self.k, self.v, self.length, self.max_len = [None] * n_layer, [None] * n_layer, 0, max_len
 
     def attend(self, attn, x: torch.Tensor, layer: int, mask=None) -> torch.Tensor:
         """attn's (a CausalSelfAttention's) attention for new tokens x (B, T, C) over the cache and x."""
         (B, T, C), start = x.size(), self.length
         q, k, v = attn.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))
-        if start > 0:  # the new keys and values join this layer's earlier ones
-            k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
-        self.k[layer], self.v[layer] = k, v  # (B, nh, start + T, hs)
+        if self.k[layer] is None:  # the first call allocates; every later one writes in place
+            self.k[layer] = k.new_zeros(B, attn.n_head, self.max_len, C // attn.n_head)
+            self.v[layer] = torch.zeros_like(self.k[layer])
+        self.k[layer][:, :, start : start + T], self.v[layer][:, :, start : start + T] = k, v
+        k, v = self.k[layer][:, :, : start + T], self.v[layer][:, :, : start + T]  # views: no copy
         self.length = start + T if layer == len(self.k) - 1 else start  # the last layer moves it on
         if mask is None and T > 1 and start > 0:  # a later chunk (is_causal would put its queries at 0)
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
@@ -823,7 +822,8 @@ def generate_greedy(model, prompts: list[list[int]], max_new_tokens: int, end_id
     position_ids = (real.cumsum(dim=1) - 1).clamp(min=0)  # (B, T): 0 at each row's first real token
     causal, itself = torch.ones(T, T, device=device).tril().bool(), torch.eye(T, device=device).bool()
     mask = ((causal & real[:, None, :]) | itself)[:, None]  # (B, 1, T, T); a pad sees itself: no NaN
-    cache, new, done = KVCache(model.config.n_layer), [idx[:, :0]], torch.zeros_like(real[:, 0])
+    cache, new = KVCache(model.config.n_layer, T + max_new_tokens), [idx[:, :0]]  # new: (B, 0) at first
+    done = torch.zeros_like(real[:, 0])  # (B,) False
     for _ in range(max_new_tokens):
         with ctx:  # the blocks in ctx's precision; the head in fp32, as 08's and 09's (bf16 rounds logits)
             h = final_hidden(model, idx, position_ids, mask, cache)[:, -1]  # (B, C)

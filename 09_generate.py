@@ -84,8 +84,8 @@ class BatchCache:
     """03's KVCache (kv) plus, for left-padded rows: key_real (B, length), False at padding; next_pos
     (B, 1), each row's next position id; padded, whether any cached key is padding (else no mask)."""
 
-    def __init__(self, n_layer: int):
-        self.kv, self.key_real, self.next_pos, self.padded = KVCache(n_layer), None, None, False
+    def __init__(self, n_layer: int, max_len: int):
+        self.kv, self.key_real, self.next_pos, self.padded = KVCache(n_layer, max_len), None, None, False
 
 
 def forward_cached(model, idx, cache=None, attention_mask=None, last_only=False):
@@ -116,7 +116,7 @@ def forward_cached(model, idx, cache=None, attention_mask=None, last_only=False)
         k_pos = torch.arange(t0 + T, device=idx.device)[None, :]  # (1, L)
         mask = (k_pos <= q_pos) & key_real[:, None, :]  # (B, T, L) causal and key is real
         mask = (mask | (k_pos == q_pos))[:, None]  # (B, 1, T, L); a padded query sees itself: no NaN
-    kv = KVCache(model.config.n_layer) if cache is None else cache.kv  # None: a cache used once
+    kv = KVCache(model.config.n_layer, T) if cache is None else cache.kv  # None: a cache used once
     h = final_hidden(model, idx, position_ids, mask, kv)  # (B, T, C)
     with torch.autocast(idx.device.type, enabled=False):
         logits = model.lm_head((h[:, -1:] if last_only else h).float())  # (B, T or 1, V)
@@ -157,7 +157,7 @@ def generate_tokens(model, prompts, temperature=1.0, top_k=None, top_p=None, gen
     cache, logits = None, None
     while True:
         if logits is None:  # encode the whole window: the prompt, after a slide, or every step uncached
-            cache = BatchCache(model.config.n_layer) if use_cache else None
+            cache = BatchCache(model.config.n_layer, block_size) if use_cache else None
             logits = forward_cached(model, idx, cache, attention_mask=mask, last_only=True)[:, -1]  # (B, V)
         next_ids = sample(logits, temperature, top_k, top_p, generator)  # (B,)
         yield next_ids, logits
@@ -544,19 +544,21 @@ class CausalSelfAttention(nn.Module):
 
 # copied from 03_attention.py: KVCache
 class KVCache:
-    """The keys and values of every token so far, per layer: (B, n_head, length, head_size) each."""
+    """The keys and values of every token so far, per layer, in (B, n_head, max_len, head_size) buffers."""
 
-    def __init__(self, n_layer: int):
-        self.k, self.v, self.length = [None] * n_layer, [None] * n_layer, 0  # length: tokens cached
+    def __init__(self, n_layer: int, max_len: int):
+        self.k, self.v, self.length, self.max_len = [None] * n_layer, [None] * n_layer, 0, max_len
 
     def attend(self, attn, x: torch.Tensor, layer: int, mask=None) -> torch.Tensor:
         """attn's (a CausalSelfAttention's) attention for new tokens x (B, T, C) over the cache and x."""
         (B, T, C), start = x.size(), self.length
         q, k, v = attn.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))
-        if start > 0:  # the new keys and values join this layer's earlier ones
-            k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
-        self.k[layer], self.v[layer] = k, v  # (B, nh, start + T, hs)
+        if self.k[layer] is None:  # the first call allocates; every later one writes in place
+            self.k[layer] = k.new_zeros(B, attn.n_head, self.max_len, C // attn.n_head)
+            self.v[layer] = torch.zeros_like(self.k[layer])
+        self.k[layer][:, :, start : start + T], self.v[layer][:, :, start : start + T] = k, v
+        k, v = self.k[layer][:, :, : start + T], self.v[layer][:, :, : start + T]  # views: no copy
         self.length = start + T if layer == len(self.k) - 1 else start  # the last layer moves it on
         if mask is None and T > 1 and start > 0:  # a later chunk (is_causal would put its queries at 0)
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)

@@ -164,22 +164,20 @@ def greedy_rerun(model, prompts, max_new_tokens, end_id):
     return [r[n:-1] if ended else r[n:] for r, n, ended in zip(rows, lengths, done)]  # end_id cut off
 
 
-class BufferedKVCache:
-    """03's KVCache with its buffers allocated once, at max_len, as servers do, for comparison: 03 grows
-    its cache by concatenation (a copy per token and layer) because it is the simpler code."""
+class ConcatKVCache:
+    """03's KVCache grown by concatenation (as Hugging Face's DynamicCache), for comparison: simpler,
+    but every token copies the whole cache of every layer. max_len is ignored."""
 
-    def __init__(self, n_layer: int, max_len: int = 1024):
-        self.k, self.v, self.length, self.max_len = [None] * n_layer, [None] * n_layer, 0, max_len
+    def __init__(self, n_layer: int, max_len: int = 0):
+        self.k, self.v, self.length = [None] * n_layer, [None] * n_layer, 0
 
     def attend(self, attn, x, layer: int, mask=None):
         (B, T, C), start = x.size(), self.length
         q, k, v = attn.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))
-        if self.k[layer] is None:
-            self.k[layer] = k.new_zeros(B, attn.n_head, self.max_len, C // attn.n_head)
-            self.v[layer] = torch.zeros_like(self.k[layer])
-        self.k[layer][:, :, start : start + T], self.v[layer][:, :, start : start + T] = k, v
-        k, v = self.k[layer][:, :, : start + T], self.v[layer][:, :, : start + T]  # views, no copy
+        if start > 0:
+            k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
+        self.k[layer], self.v[layer] = k, v
         self.length = start + T if layer == len(self.k) - 1 else start
         if mask is None and T > 1 and start > 0:
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
@@ -190,8 +188,8 @@ class BufferedKVCache:
 
 def bench_answers(n: int = 8, max_new_tokens: int = 128):
     """07's greedy answers to its first n test entries in one batch, GPT-2 small (random weights, fp32):
-    with 03's KV cache (07 now), with buffers allocated once instead, and with the whole context rerun
-    for every token (07 before the cache). All three must give the same tokens."""
+    with 03's KV cache (07 now), with a cache grown by concatenation instead, and with the whole
+    context rerun for every token (07 before the cache). All three must give the same tokens."""
     import json
 
     import tiktoken
@@ -205,13 +203,13 @@ def bench_answers(n: int = 8, max_new_tokens: int = 128):
     print(f"\n07: greedy answers, GPT-2 small (random weights), fp32, one batch of {n} prompts of "
           f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, {max_new_tokens} new tokens each")
     ft07.generate_greedy(model, prompts, 2, enc.eot_token)  # warm up
-    rows, concat = [], ft07.KVCache
-    for name, cache in (("03's KV cache (07)", concat), ("buffers, once", BufferedKVCache)):
+    rows, buffers = [], ft07.KVCache
+    for name, cache in (("03's KV cache (07)", buffers), ("concatenated cache", ConcatKVCache)):
         ft07.KVCache = cache
         try:
             rows.append((name, *timed(ft07.generate_greedy, model, prompts, max_new_tokens, enc.eot_token)))
         finally:
-            ft07.KVCache = concat
+            ft07.KVCache = buffers
     rows.append(("rerun the context", *timed(greedy_rerun, model, prompts, max_new_tokens, enc.eot_token)))
     tokens = sum(map(len, rows[0][1]))
     for name, out, seconds in rows:

@@ -287,7 +287,7 @@ def test_mask_shape_error(attn03, shape):
 def test_kv_cache_chunk_by_chunk_equals_the_whole_sequence(attn03, chunks, B):
     csa = attn03.CausalSelfAttention(C, NH).eval()
     x = torch.randn(B, 7, C)
-    cache = attn03.KVCache(n_layer=1)
+    cache = attn03.KVCache(n_layer=1, max_len=7)
     with torch.no_grad():
         pieces, start = [], 0
         for size in chunks:
@@ -299,7 +299,7 @@ def test_kv_cache_chunk_by_chunk_equals_the_whole_sequence(attn03, chunks, B):
 
 def test_kv_cache_length_moves_on_after_the_last_layer(attn03):
     layers = [attn03.CausalSelfAttention(C, NH).eval() for _ in range(3)]
-    cache, x = attn03.KVCache(n_layer=3), torch.randn(2, 4, C)
+    cache, x = attn03.KVCache(n_layer=3, max_len=4), torch.randn(2, 4, C)
     with torch.no_grad():
         for i, attn in enumerate(layers):
             cache.attend(attn, x, layer=i)
@@ -314,7 +314,7 @@ def test_kv_cache_with_left_padding_equals_each_row_alone(attn03):
     csa = attn03.CausalSelfAttention(C, NH).eval()
     real = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)  # row 0: 2 pads, then 2 tokens
     x = torch.randn(2, 4 + 3, C)  # a 4-token padded prompt, then 3 new tokens
-    cache = attn03.KVCache(n_layer=1)
+    cache = attn03.KVCache(n_layer=1, max_len=7)
     causal, self_ = torch.ones(4, 4, dtype=torch.bool).tril(), torch.eye(4, dtype=torch.bool)
     prompt_mask = (causal & real[:, None, :]) | self_  # (B, T, T) causal, real keys, and itself
     with torch.no_grad():

@@ -270,7 +270,7 @@ def test_final_hidden_is_the_model_without_its_head_with_or_without_a_cache(ft07
     with torch.no_grad():
         expected = model(idx)[0]  # (B, T, vocab)
         assert_close(model.lm_head(ft07.final_hidden(model, idx)), expected, atol=1e-5, rtol=0)
-        cache, pieces = ft07.KVCache(model.config.n_layer), []
+        cache, pieces = ft07.KVCache(model.config.n_layer, 16), []
         for start, end in [(0, 4), (4, 5), (5, 6), (6, 11)]:  # a prompt, two tokens, then a chunk
             pieces.append(ft07.final_hidden(model, idx[:, start:end], cache=cache))
             assert cache.length == end

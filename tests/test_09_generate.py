@@ -66,7 +66,7 @@ def test_forward_cached_matches_model_forward_chunk_by_chunk(gen09):
     model = rough_model(gen09, block_size=32)
     idx = torch.randint(VOCAB, (2, 30))
     expected, _ = model(idx)  # (2, 30, V)
-    cache = gen09.BatchCache(model.config.n_layer)
+    cache = gen09.BatchCache(model.config.n_layer, model.config.block_size)
     pieces, start = [], 0
     for size in (7, 1, 1, 5, 1, 15):  # chunks with t0 > 0 and T > 1 need the explicit causal mask
         pieces.append(gen09.forward_cached(model, idx[:, start : start + size], cache))
@@ -441,7 +441,7 @@ def test_the_head_runs_in_fp32_under_autocast(gen09):
     idx = torch.randint(VOCAB, (2, 10))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         logits, (plain, _) = gen09.forward_cached(model, idx), model(idx)
-        h = gen09.final_hidden(model, idx, cache=gen09.KVCache(model.config.n_layer))  # forward_cached's path
+        h = gen09.final_hidden(model, idx, cache=gen09.KVCache(model.config.n_layer, 10))  # as forward_cached
     assert plain.dtype == torch.bfloat16 and logits.dtype == torch.float32
     exact = (h.double() @ model.lm_head.weight.double().T).log_softmax(dim=-1)  # float64 head, same h
     torch.testing.assert_close(logits.log_softmax(dim=-1).double(), exact, atol=1e-4, rtol=0)
