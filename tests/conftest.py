@@ -70,6 +70,25 @@ def run_with_deadline(cmd: list[str], timeout: float, **env: str) -> tuple[str, 
     return out, err
 
 
+READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "__format__")
+
+
+def count_device_reads(monkeypatch, script: str) -> list:
+    """Count every read of a tensor's value (.item(), .tolist(), bool(), float(), formatting...) made by
+    code in the file `script`: on a GPU each is a sync, the CPU waiting for the device. Returns the
+    list that grows by one per read (clear it between measurements)."""
+    reads = []
+    for method in READS:
+        original = getattr(torch.Tensor, method)
+
+        def counted(self, *args, _original=original, **kwargs):
+            if sys._getframe(1).f_code.co_filename == script:
+                reads.append(1)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, method, counted)
+    return reads
+
 def _script_fixture(name):
     @pytest.fixture(scope="session")
     def fixture():

@@ -8,13 +8,13 @@ reference computation (per-token cross-entropy, one prompt decoded alone, the un
 import copy
 import json
 import re
-import sys
 import types
 from dataclasses import asdict
 
 import pytest
 import torch
 import torch.nn as nn
+from conftest import count_device_reads
 from torch.testing import assert_close
 
 P = -100  # the ignore index, short for the hand-written target tables
@@ -282,16 +282,7 @@ def test_greedy_answers_read_the_device_once_per_token(ft07, monkeypatch):
     final read of the answers; no rerun of the context, which the cache's length shows."""
     torch.manual_seed(0)
     model = tiny_gpt(ft07, vocab_size=32, block_size=64).eval()
-    reads, lengths, script = [], [], ft07.__file__
-    for method in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
-        original = getattr(torch.Tensor, method)
-
-        def counted(self, *args, _original=original, **kwargs):
-            if sys._getframe(1).f_code.co_filename == script:
-                reads.append(1)
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, method, counted)
+    reads, lengths = count_device_reads(monkeypatch, ft07.__file__), []
     original_attend = ft07.KVCache.attend
 
     def attend(self, attn, x, layer, mask=None):

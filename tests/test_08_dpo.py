@@ -8,12 +8,12 @@ for the precision of the log-probs under bf16 autocast.
 
 import json
 import math
-import sys
 import types
 from contextlib import nullcontext
 
 import pytest
 import torch
+from conftest import count_device_reads
 from torch.testing import assert_close
 
 LN2 = math.log(2)
@@ -325,17 +325,7 @@ def test_the_loop_reads_no_value_from_the_device_per_step(dpo08, start, monkeypa
     count must not grow with the steps.
     """
     tmp, _ = start
-    script, reads = dpo08.__file__, []
-    for method in ("item", "tolist", "__float__", "__format__"):
-        original = getattr(torch.Tensor, method)
-
-        def counted(self, *args, _original=original, **kwargs):
-            if sys._getframe(1).f_code.co_filename == script:
-                reads.append(1)
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, method, counted)
-    counts = []
+    reads, counts = count_device_reads(monkeypatch, dpo08.__file__), []
     for max_iters in (3, 9):
         reads.clear()
         cfg = run_config(dpo08, tmp, tmp / f"reads{max_iters}", max_iters=max_iters, log_interval=100,
