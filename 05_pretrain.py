@@ -250,10 +250,10 @@ def rng_states() -> dict:
 
 
 def set_rng_states(states: dict):
-    """Restore what rng_states() returned."""
+    """Restore what rng_states() returned (to as many GPUs as this machine has; each keeps its own)."""
     torch.set_rng_state(states["torch"].cpu())
     if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
+        torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"][: torch.cuda.device_count()]])
 
 
 def save_checkpoint(path, ckpt: dict):
@@ -343,7 +343,7 @@ def train(cfg: TrainConfig) -> dict:
     iter_num, best_val, losses, saved_at = 0, float("inf"), {}, None
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        scaler.load_state_dict(ckpt["scaler"] or scaler.state_dict())  # {}: saved without fp16, start anew
         iter_num, best_val, saved_at = ckpt["iter_num"], ckpt["best_val_loss"], ckpt["iter_num"]
         losses = {"val": ckpt["val_loss"]}
         set_rng_states(ckpt["rng"])  # last: building the model above drew random numbers

@@ -152,6 +152,33 @@ def test_resume_of_a_finished_run_says_how_to_extend_it(pre05, char_corpus, tmp_
     assert result["iter_num"] == 4 and sha256(tmp_path / "ckpt.pt") == before
 
 
+def test_resume_may_switch_to_and_from_fp16s_gradient_scaler(pre05, char_corpus, tmp_path, monkeypatch):
+    """A run saved without fp16 (scaler state {}) resumes with fp16's scaler, as on a GPU without bf16,
+    and back. fp16 is allowed on CPU here only for the test: on CPU pick_dtype refuses it."""
+    pre05.train(tiny(pre05, tmp_path, char_corpus, max_iters=4))
+    monkeypatch.setattr(pre05, "pick_dtype", lambda dtype, device: dtype)
+    fp16 = pre05.train(tiny(pre05, tmp_path, char_corpus, max_iters=8, init_from="resume", dtype="float16"))
+    assert fp16["iter_num"] == 8 and math.isfinite(fp16["val_loss"])
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["scaler"]["scale"] > 0  # fp16's state saved
+    fp32 = pre05.train(tiny(pre05, tmp_path, char_corpus, max_iters=12, init_from="resume"))
+    assert fp32["iter_num"] == 12 and math.isfinite(fp32["val_loss"])
+
+
+def test_rng_states_restore_onto_fewer_gpus(pre05, monkeypatch):
+    """A checkpoint written on 2 GPUs resumes on 1: each GPU this machine has gets its own state back
+    (torch.cuda.set_rng_state_all would fail on the GPU that is not there). CUDA's side is mocked."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.extend(states))
+    cpu_state, gpu_states = torch.get_rng_state(), [torch.full((16,), 1, dtype=torch.uint8),
+                                                    torch.full((16,), 2, dtype=torch.uint8)]
+    torch.manual_seed(123)  # moves the CPU generator away from cpu_state
+    pre05.set_rng_states({"torch": cpu_state, "cuda": gpu_states})
+    assert torch.equal(torch.get_rng_state(), cpu_state)
+    assert len(restored) == 1 and torch.equal(restored[0], gpu_states[0])
+
+
 def test_nan_stops_the_run_and_keeps_the_checkpoint(pre05, char_corpus, tmp_path, monkeypatch):
     pre05.train(tiny(pre05, tmp_path, char_corpus, max_iters=4))  # checkpoints at iterations 0 and 4
     before = {name: sha256(tmp_path / name) for name in ("ckpt.pt", "best.pt")}
