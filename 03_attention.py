@@ -330,18 +330,22 @@ class PaddedCausalSelfAttention(CausalSelfAttention):
 # it. Rerunning the whole sequence for each new token recomputes keys and values that cannot have
 # changed: under the causal mask, a token's k and v depend only on the tokens up to it. So keep them
 # (the KV cache) and feed each step only the new token: its query attends to the cached keys plus
-# its own. Per token, the projections then run on one row instead of T. The price is memory:
-# 2 * n_layer * T * n_embd numbers per sequence (GPT-2 small in fp32 at T = 1024: 75 MB), in
-# buffers allocated once, at max_len, and written in place. Growing them by concatenation instead
-# would copy the whole cache for every token and layer: 6-10% slower for GPT-2 small on a CPU
-# (`python tests/bench.py answers`), and for GPT-2 medium, 8 rows of 500 tokens in bf16, a copy of
-# about 0.8 GB per token, more than its 0.7 GB of weights in bf16 (arithmetic, not measured).
+# its own, and the projections and the MLP run on one row instead of all of them (attention still
+# reads every cached key). The price is memory: 2 * n_layer * n_embd numbers per token and row (GPT-2
+# small in fp32: 75 MB for 1024 tokens), in buffers allocated once, max_len tokens for every row of
+# the batch, and written in place. Growing them by concatenation instead copies the whole cache for
+# every token and layer: 6-10% slower for GPT-2 small on a CPU (`python tests/bench.py answers`); for
+# GPT-2 medium, 8 rows of 500 tokens in bf16, by the last token that reads and writes 0.8 GB, more
+# than its 0.7 GB of weights (arithmetic, not measured).
 # The cache does the attention itself, with the weights of a CausalSelfAttention, so the model's
 # modules stay as they are and any trained model works; a forward pass calls it for layers 0 ..
-# n_layer - 1 in order, and the last one moves `length` on. The mask comes finished: bool (B, 1, T,
-# length + T), True = may attend, built as step 6 builds its own (causal, real keys, and each query
-# itself). Without one it is causal: the queries at positions length .. length + T - 1 see the keys
-# up to their own. 07 and 08 answer with this cache; 09 builds all of generation on it.
+# n_layer - 1 in order, and the last one moves `length` (the tokens cached so far) on. The batch is
+# fixed by the first call. The caller's part: position ids that go on from `length` (per row, if
+# padded) and, with padding, a mask on every call (the pads stay in the cache): bool (B, 1, T,
+# length + T) for T new tokens, True = may attend: step 6's rules (causal, real keys, and each query
+# itself) over absolute positions, query i at length + i. Without a mask it is causal, shifted for a
+# later chunk (SDPA's is_causal puts the triangle in the top-left corner, right only when nothing is
+# cached). 07 and 08 answer with this cache; 09 builds all of generation on it.
 
 
 class KVCache:
@@ -361,7 +365,7 @@ class KVCache:
         self.k[layer][:, :, start : start + T], self.v[layer][:, :, start : start + T] = k, v
         k, v = self.k[layer][:, :, : start + T], self.v[layer][:, :, : start + T]  # views: no copy
         self.length = start + T if layer == len(self.k) - 1 else start  # the last layer moves it on
-        if mask is None and T > 1 and start > 0:  # a later chunk (is_causal would put its queries at 0)
+        if mask is None and T > 1 and start > 0:  # a later chunk: the causal triangle, shifted by start
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
         return attn.c_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C); no dropout at inference

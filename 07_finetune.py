@@ -240,12 +240,12 @@ def evaluate_loss(model, examples: list, batch_size: int, pad_token_id: int, ctx
     return {"loss": loss, "perplexity": math.exp(loss)}
 
 
-# Answers come from 03's KV cache: each prompt is encoded once, then every step feeds the model only
-# its newest token (09 tells the whole story of generation). A batch is padded on the LEFT, so that
+# Answers come from 03's KV cache: each prompt goes through the model once, then every step feeds it
+# only the newest token (09 tells the whole story of generation). A batch is padded on the LEFT, so
 # every row's next token lands in the same column; the mask hides the padding (03's step 6), and each
-# row counts its positions from its first real token, as if it were alone. One sync per token: has
-# every row ended? final_hidden is 04's GPT.forward without the LM head (and its input checks), with
-# the cache when given one; mask (03's attend's) counts only then: without a cache it is plain causal.
+# row counts its positions from its first real token, as if alone. final_hidden is 04's GPT.forward
+# without the head (or input checks) but with position_ids per row and the cache; mask counts only
+# with a cache (no cache: plain causal, as 08 scores answers). done.all() is the one read per token.
 def final_hidden(model, idx, position_ids=None, mask=None, cache=None):
     """(B, T) ids -> (B, T, n_embd) after ln_f; with a cache (03's KVCache), idx are the tokens after it."""
     tr, start = model.transformer, 0 if cache is None else cache.length
@@ -262,7 +262,7 @@ def final_hidden(model, idx, position_ids=None, mask=None, cache=None):
 @torch.no_grad()
 def generate_greedy(model, prompts: list[list[int]], max_new_tokens: int, end_id: int, ctx=nullcontext()):
     """Greedy continuations (token ids) of a batch of prompts, each stopped at end_id (not included) or when
-    prompt + answer fill the context (a prompt longer than that keeps its last tokens). model.eval() first."""
+    prompt + answer fill the context (a longer prompt keeps its last block_size - 1). model.eval() first."""
     device, block_size = model.lm_head.weight.device, model.config.block_size
     prompts = [p[max(0, len(p) - block_size + 1) :] for p in prompts]
     T = max(map(len, prompts))
@@ -274,11 +274,11 @@ def generate_greedy(model, prompts: list[list[int]], max_new_tokens: int, end_id
     cache, new = KVCache(model.config.n_layer, T + max_new_tokens), [idx[:, :0]]  # new: (B, 0) at first
     done = torch.zeros_like(real[:, 0])  # (B,) False
     for _ in range(max_new_tokens):
-        with ctx:  # the blocks in ctx's precision; the head in fp32, as 08's and 09's (bf16 rounds logits)
+        with ctx:  # blocks in ctx's precision, the head in fp32: bf16 logits could flip a near tie
             h = final_hidden(model, idx, position_ids, mask, cache)[:, -1]  # (B, C)
         idx = torch.where(done, end_id, model.lm_head(h.float()).argmax(dim=-1))[:, None]  # (B, 1)
         new.append(idx)  # an ended row's: end_id
-        position_ids = (position_ids[:, -1:] + 1).clamp(max=block_size - 1)  # (B, 1) the new token's
+        position_ids = (position_ids[:, -1:] + 1).clamp(max=block_size - 1)  # (B, 1); ended rows go on
         done |= (idx[:, 0] == end_id) | (position_ids[:, 0] == block_size - 1)  # ended, or context full
         if done.all():
             break
@@ -413,7 +413,7 @@ def write_test_responses(model, data: dict, cfg: FinetuneConfig, ctx):
     """The model's answers to the test entries, beside the references, in out_dir/test_responses.json."""
     test = data["test"] if cfg.num_responses < 0 else data["test"][: cfg.num_responses]
     answers, t0 = [], time.perf_counter()
-    for start in range(0, len(test), cfg.batch_size):  # one batch at a time, in eval mode: no dropout
+    for start in range(0, len(test), cfg.batch_size):  # a batch per call, to show progress; eval: no dropout
         answers += generate_responses(model.eval(), test[start : start + cfg.batch_size], data["encode"],
                                       data["decode"], data["end_id"], cfg.max_new_tokens, cfg.batch_size, ctx)
         rate = len(answers) / (time.perf_counter() - t0)
@@ -591,7 +591,7 @@ class KVCache:
         self.k[layer][:, :, start : start + T], self.v[layer][:, :, start : start + T] = k, v
         k, v = self.k[layer][:, :, : start + T], self.v[layer][:, :, : start + T]  # views: no copy
         self.length = start + T if layer == len(self.k) - 1 else start  # the last layer moves it on
-        if mask is None and T > 1 and start > 0:  # a later chunk (is_causal would put its queries at 0)
+        if mask is None and T > 1 and start > 0:  # a later chunk: the causal triangle, shifted by start
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
         return attn.c_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C); no dropout at inference

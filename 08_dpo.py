@@ -490,7 +490,7 @@ class KVCache:
         self.k[layer][:, :, start : start + T], self.v[layer][:, :, start : start + T] = k, v
         k, v = self.k[layer][:, :, : start + T], self.v[layer][:, :, : start + T]  # views: no copy
         self.length = start + T if layer == len(self.k) - 1 else start  # the last layer moves it on
-        if mask is None and T > 1 and start > 0:  # a later chunk (is_causal would put its queries at 0)
+        if mask is None and T > 1 and start > 0:  # a later chunk: the causal triangle, shifted by start
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
         return attn.c_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C); no dropout at inference
@@ -813,7 +813,7 @@ def final_hidden(model, idx, position_ids=None, mask=None, cache=None):
 @torch.no_grad()
 def generate_greedy(model, prompts: list[list[int]], max_new_tokens: int, end_id: int, ctx=nullcontext()):
     """Greedy continuations (token ids) of a batch of prompts, each stopped at end_id (not included) or when
-    prompt + answer fill the context (a prompt longer than that keeps its last tokens). model.eval() first."""
+    prompt + answer fill the context (a longer prompt keeps its last block_size - 1). model.eval() first."""
     device, block_size = model.lm_head.weight.device, model.config.block_size
     prompts = [p[max(0, len(p) - block_size + 1) :] for p in prompts]
     T = max(map(len, prompts))
@@ -825,11 +825,11 @@ def generate_greedy(model, prompts: list[list[int]], max_new_tokens: int, end_id
     cache, new = KVCache(model.config.n_layer, T + max_new_tokens), [idx[:, :0]]  # new: (B, 0) at first
     done = torch.zeros_like(real[:, 0])  # (B,) False
     for _ in range(max_new_tokens):
-        with ctx:  # the blocks in ctx's precision; the head in fp32, as 08's and 09's (bf16 rounds logits)
+        with ctx:  # blocks in ctx's precision, the head in fp32: bf16 logits could flip a near tie
             h = final_hidden(model, idx, position_ids, mask, cache)[:, -1]  # (B, C)
         idx = torch.where(done, end_id, model.lm_head(h.float()).argmax(dim=-1))[:, None]  # (B, 1)
         new.append(idx)  # an ended row's: end_id
-        position_ids = (position_ids[:, -1:] + 1).clamp(max=block_size - 1)  # (B, 1) the new token's
+        position_ids = (position_ids[:, -1:] + 1).clamp(max=block_size - 1)  # (B, 1); ended rows go on
         done |= (idx[:, 0] == end_id) | (position_ids[:, 0] == block_size - 1)  # ended, or context full
         if done.all():
             break

@@ -428,7 +428,7 @@ class KVCache:
         self.k[layer][:, :, start : start + T], self.v[layer][:, :, start : start + T] = k, v
         k, v = self.k[layer][:, :, : start + T], self.v[layer][:, :, : start + T]  # views: no copy
         self.length = start + T if layer == len(self.k) - 1 else start  # the last layer moves it on
-        if mask is None and T > 1 and start > 0:  # a later chunk (is_causal would put its queries at 0)
+        if mask is None and T > 1 and start > 0:  # a later chunk: the causal triangle, shifted by start
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
         return attn.c_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C); no dropout at inference
