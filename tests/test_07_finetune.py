@@ -263,6 +263,22 @@ def test_greedy_with_no_new_tokens_and_the_head_in_fp32_under_bf16(ft07):
     assert dtypes and set(dtypes) == {torch.float32} and set(block_dtypes) == {torch.bfloat16}
 
 
+def test_cached_greedy_runs_through_lora_adapters(ft07):
+    """07 writes its test answers before merging LoRA: the cache must go through the adapters too."""
+    torch.manual_seed(0)
+    model = ft07.apply_lora(tiny_gpt(ft07, vocab_size=32, block_size=24), rank=4, alpha=8).eval()
+    for m in model.modules():
+        if isinstance(m, ft07.LoRALinear):
+            nn.init.normal_(m.lora_B, std=0.5)  # an update large enough to change the answers
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    got = ft07.generate_greedy(model, prompts, max_new_tokens=8, end_id=0)
+    for prompt, out in zip(prompts, got):
+        ref = greedy_reference(model, prompt, 8)
+        assert out == (ref[: ref.index(0)] if 0 in ref else ref)
+    plain = ft07.generate_greedy(ft07.merge_lora(copy.deepcopy(model)), prompts, 8, end_id=0)
+    assert plain == got  # merged, the same answers
+
+
 def test_final_hidden_is_the_model_without_its_head_with_or_without_a_cache(ft07):
     torch.manual_seed(0)
     model = tiny_gpt(ft07, vocab_size=32, block_size=16).eval()
