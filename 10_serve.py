@@ -735,7 +735,8 @@ def forward_cached(model, idx, cache=None, attention_mask=None, last_only=False)
         k_pos = torch.arange(t0 + T, device=idx.device)[None, :]  # (1, L)
         mask = (k_pos <= q_pos) & key_real[:, None, :]  # (B, T, L) causal and key is real
         mask = (mask | (k_pos == q_pos))[:, None]  # (B, 1, T, L); a padded query sees itself: no NaN
-    kv = KVCache(model.config.n_layer, T) if cache is None else cache.kv  # None: a cache used once
+    # no cache: plain causal attention (perplexity), or, for the padding mask, a cache used once
+    kv = cache.kv if cache is not None else KVCache(model.config.n_layer, T) if padded else None
     h = final_hidden(model, idx, position_ids, mask, kv)  # (B, T, C)
     with torch.autocast(idx.device.type, enabled=False):
         logits = model.lm_head((h[:, -1:] if last_only else h).float())  # (B, T or 1, V)
