@@ -115,8 +115,8 @@ class CausalAttention(SelfAttention):
         1 1 0 0
         1 1 1 0
         1 1 1 1
-    A side effect that generation (09) relies on: earlier outputs never change when tokens are
-    appended, so they can be cached.
+    A side effect that generation relies on: earlier outputs never change when tokens are
+    appended, so their keys and values can be cached (step 7).
 
     Dropout on the weights (training only) randomly drops some of the tokens a token listens to,
     so the model cannot rely on a single connection; the kept weights are scaled by 1/(1-p).

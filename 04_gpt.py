@@ -234,7 +234,7 @@ def flops_per_token(model: GPT, seq_len: int | None = None) -> int:
 # logits / temperature are sampled, < 1 sharper, > 1 flatter; top_k keeps only the k most likely
 # tokens. The context is cropped to the last block_size tokens (the model has no positions beyond).
 # Call model.eval() first to turn dropout off. There is no KV cache: each step reruns the whole
-# context; 09 adds the cache and tells the full story of generation.
+# context; 03's step 7 has the cache, 07 answers with it, and 09 tells the full story of generation.
 @torch.no_grad()
 def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None):
     """Append max_new_tokens tokens to idx (B, T); temperature 0 = greedy, top_k = sample the k likeliest."""
