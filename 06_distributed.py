@@ -3,9 +3,9 @@
 05 trained the GPT in one process. Here the same training runs on N processes: one per GPU, talking
 through NCCL, or CPU processes talking through gloo (so it runs, and is tested, on a laptop). All three
 strategies are data parallel: every rank runs the whole model on its own slice of each global batch,
-and the ranks average their gradients, so N ranks with B/N rows each take exactly the step one process
-takes with B rows (the tests check it to 1e-6). They differ in what each rank holds, and in which
-collective runs when:
+and the ranks average their gradients, so N ranks with B/N rows each take the step one process takes
+with B rows (the tests check it to 1e-6 on CPU; GPUs' TF32, bf16 and summation orders differ in the
+last bits). They differ in what each rank holds, and in which collective runs when:
 
   per rank, P parameters,      params   grads    AdamW state  collectives in a step
   fp32 AdamW (bytes)
@@ -16,8 +16,8 @@ collective runs when:
 
 (fsdp also holds about one block's gathered parameters at a time; rank 0 prints each rank's bytes.)
 Then what a long job needs: activation checkpointing and torch.compile per block, checkpoints (on rank
-0 in 05's format, or every rank's shards), and restarts that end with exactly the weights of an
-uninterrupted run, as batches and dropout are functions of (seed, step, rank).
+0 in 05's format, or every rank's shards), and restarts that end with the weights of an uninterrupted
+run (bit for bit on CPU), as batches and dropout are functions of (seed, step, rank).
 
 References: Li et al. 2020 (DDP); Rajbhandari et al. 2020 (ZeRO); Zhao et al. 2023 (FSDP); Chen et al.
 2016 (activation checkpointing); pytorch/torchtitan (FSDP2 in practice); karpathy/build-nanogpt.
@@ -49,6 +49,7 @@ import time
 import traceback
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, ClassVar
 
@@ -78,7 +79,7 @@ class Dist:
     rank: int  # 0 .. world_size-1 over all machines; rank 0 prints and writes the full checkpoint
     local_rank: int  # index on this machine: which GPU this process drives
     world_size: int
-    device: str  # "cuda:<local_rank>" or "cpu"
+    device: str  # "cuda:<LOCAL_RANK modulo the GPUs this process sees>" or "cpu"
     owns_group: bool  # init_distributed made the group, so shutdown_distributed destroys it
 
 
@@ -102,8 +103,8 @@ def init_distributed(device: str = "auto") -> Dist:
                          "(torchrun --standalone --nproc_per_node=2 06_distributed.py), or unset RANK")
     local_rank = int(os.environ.get("LOCAL_RANK", 0 if owns_group else dist.get_rank()))
     device = pick_device(device)
-    if device.startswith("cuda"):  # one GPU per process: the LOCAL_RANK-th of this machine
-        device = f"cuda:{local_rank}"
+    if device.startswith("cuda"):  # one GPU per process: the LOCAL_RANK-th it sees (1 if bound to one)
+        device = f"cuda:{local_rank % torch.cuda.device_count()}"
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 tensor cores
     else:  # NCCL moves only CUDA tensors and gloo only CPU ones: mps trains on the CPU here
@@ -111,6 +112,7 @@ def init_distributed(device: str = "auto") -> Dist:
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if owns_group:  # torchrun's rendezvous, or a group of one whose store lives in this process
         dist.init_process_group(backend, device_id=torch.device(device) if backend == "nccl" else None,
+                                timeout=timedelta(minutes=30),  # ranks wait at a barrier while rank 0 saves
                                 **({} if torchrun else dict(store=dist.HashStore(), rank=0, world_size=1)))
     return Dist(dist.get_rank(), local_rank, dist.get_world_size(), device, owns_group)
 
@@ -247,19 +249,19 @@ def parallelize(model: nn.Module, cfg: DistConfig, ctx: Dist) -> nn.Module:
     if cfg.strategy != "fsdp":
         # DDP (and zero1): construction broadcasts rank 0's weights; backward all-reduces (averages) the
         # gradients in ~25 MB buckets as each is ready, overlapping with the rest (.grad: bucket views)
-        device_ids = [ctx.local_rank] if ctx.device.startswith("cuda") else None
+        device_ids = [torch.device(ctx.device).index] if ctx.device.startswith("cuda") else None
         return DDP(model, device_ids=device_ids, gradient_as_bucket_view=True)
     # FSDP2 (ZeRO-3): fully_shard(block) makes each parameter a DTensor holding this rank's 1/N slice
     # of dim 0, so the optimizer built afterwards holds sharded state too. An all-gather rebuilds a
-    # block's parameters before its forward (freed after) and its backward; then a reduce-scatter
-    # leaves each rank its slice's averaged gradient. Block by block, then the root (embeddings,
-    # head, kept gathered from forward to backward): a rank holds its shards, the root's parameters and
-    # about one block in full. Traffic: 1.5x DDP's all-reduce.
-    # Over A micro-steps each reduce-scatters (A times the traffic, gradients stay sharded);
-    # --sync_every_micro_step=false keeps full gradients (4P bytes more) until the last: 1/A of it.
-    # bf16: blocks compute with bf16 copies of the gathered parameters, reduce gradients in fp32.
-    bf16 = cfg.dtype == "bfloat16"
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    # block's parameters before its forward (freed after) and its backward; then a reduce-scatter leaves
+    # each rank its slice's averaged gradient. Block by block, then the root (embeddings, head, kept
+    # gathered from forward to backward): a rank holds its shards, the root's parameters and about one
+    # block in full. Traffic: 1.5x DDP's all-reduce. Over A micro-steps each reduce-scatters (A times the
+    # traffic, gradients stay sharded); --sync_every_micro_step=false keeps full gradients (4P bytes
+    # more) until the last: 1/A of it. bf16: gathered as bf16 (half the traffic), reduced in fp32; inputs
+    # are cast too, so the residual stream adds in bf16 (05, DDP: fp32): losses differ slightly from DDP's.
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cfg.dtype == "bfloat16" else None,
+                                  reduce_dtype=torch.float32)
     for block in model.transformer.h:
         fully_shard(block, mp_policy=policy)
     return fully_shard(model, mp_policy=policy)
@@ -331,8 +333,9 @@ def save(cfg: DistConfig, model, optimizer, ctx: Dist, extra: dict):
     else:
         options = dsd.StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_sd = dsd.get_model_state_dict(model, options=options)
-        if isinstance(optimizer, ZeroRedundancyOptimizer):
+        if isinstance(optimizer, ZeroRedundancyOptimizer):  # its copies to the CPU do not wait: we do
             optimizer.consolidate_state_dict(to=0)
+            torch.get_device_module(ctx.device).synchronize()  # (on the CPU a no-op)
             optim_sd = optimizer.state_dict() if ctx.rank == 0 else None
         else:
             optim_sd = dsd.get_optimizer_state_dict(model, optimizer, options=options)
@@ -364,6 +367,7 @@ def resume(cfg: DistConfig, model, optimizer) -> tuple[int, float]:
             # CUDA AdamW fails (pytorch/pytorch#124133): every state tensor goes to its parameter's device
             for p, state in optimizer.optim.state.items():
                 state.update({k: v.to(p.device) for k, v in state.items() if torch.is_tensor(v)})
+            optimizer.state.clear()  # the base class keeps a second copy, which ZeRO never reads: memory back
         else:
             dsd.set_optimizer_state_dict(model, optimizer, rekey(ckpt["optimizer"], model, optimizer, True),
                                          options=dsd.StateDictOptions(full_state_dict=True))
@@ -439,8 +443,7 @@ def train(cfg: DistConfig, ctx: Dist) -> dict:
     if start >= cfg.max_iters:
         print0(f"nothing left to do at iter {start} of {cfg.max_iters}; to train it longer: "
                f"--init_from=resume --max_iters={start + cfg.max_iters}")
-    losses, memory, val_loss = {}, None, None
-    t0, window = time.perf_counter(), 0  # steps timed since t0 (evaluations and checkpoints left out)
+    losses, memory, val_loss, t0, window = {}, None, None, time.perf_counter(), 0  # window: steps since t0
     for it in range(start, cfg.max_iters):
         lr = get_lr(it, cfg)
         for group in optimizer.param_groups:
