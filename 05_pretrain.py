@@ -347,7 +347,7 @@ def train(cfg: TrainConfig) -> dict:
         iter_num, best_val, saved_at = ckpt["iter_num"], ckpt["best_val_loss"], ckpt["iter_num"]
         losses = {"val": ckpt["val_loss"]}
         set_rng_states(ckpt["rng"])  # last: building the model above drew random numbers
-    fast_model = torch.compile(model) if cfg.compile else model  # `model` stays plain for saving
+    fast_model = torch.compile(model, dynamic=False) if cfg.compile else model  # `model`: plain, for saving
     ctx = autocast_context(device_type, cfg.dtype)
 
     def checkpoint() -> dict:  # the format every training stage writes

@@ -245,7 +245,7 @@ def parallelize(model: nn.Module, cfg: DistConfig, ctx: Dist) -> nn.Module:
         if cfg.compile:
             # fuses the block's elementwise work (LayerNorm, GELU, residual adds) into few kernels:
             # less memory traffic and fewer saved intermediates, for a compilation at startup
-            block.compile()
+            block.compile(dynamic=False)  # a graph per shape (training's, evaluation's), each specialized
     if cfg.strategy != "fsdp":
         # DDP (and zero1): construction broadcasts rank 0's weights; backward all-reduces (averages) the
         # gradients in ~25 MB buckets as each is ready, overlapping with the rest (.grad: bucket views)

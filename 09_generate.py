@@ -54,6 +54,10 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
         raise ValueError(f"top_p must be in (0, 1] (1 = no nucleus filter), got {top_p}")
 
 
+# The draw: token i with probability p_i is the largest p_i / E_i, each E_i an independent Exp(1) draw
+# (an "exponential race": E_i / p_i is Exp(p_i), and the smallest of those is i's with probability p_i).
+# torch.multinomial draws one sample just so, from the same generator, but first checks the
+# probabilities on the host: two GPU syncs per token, which this leaves out (the same tokens on CPU).
 def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None) -> torch.Tensor:
     """One token per row of logits (B, V) -> (B,), drawn with `generator` (seeded).
 
@@ -73,7 +77,8 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None) -> t
         probs, order = torch.sort(F.softmax(logits, dim=-1), dim=-1, descending=True)
         drop = probs.cumsum(dim=-1) - probs >= top_p  # the tokens ranked above already reach top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))  # rank -> token order
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator).squeeze(-1)
+    probs = F.softmax(logits, dim=-1)
+    return (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(dim=-1)  # multinomial
 
 
 # The cache itself is 03's KVCache, and the forward pass around it 07's final_hidden: the model's own
@@ -331,7 +336,7 @@ def evaluate_text(model, tok, text: str, stride: int = 0, batch_size: int = 8, p
         batch = windows[i : i + batch_size]
         x = torch.stack([data[b:e] for b, e, _ in batch])  # (B, T)
         y = torch.stack([data[b + 1 : e + 1] for b, e, _ in batch])  # (B, T)
-        nll = F.cross_entropy(forward_cached(model, x).transpose(1, 2), y, reduction="none")  # (B, T)
+        nll = F.cross_entropy(forward_cached(model, x).flatten(0, 1), y.view(-1), reduction="none").view_as(y)
         n_scored = torch.tensor([n for *_, n in batch], device=x.device)[:, None]  # (B, 1)
         nats += nll[torch.arange(T, device=x.device) >= T - n_scored].sum().item()  # each row's last n
         done, now = done + sum(n for *_, n in batch), time.perf_counter()

@@ -694,7 +694,8 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None) -> t
         probs, order = torch.sort(F.softmax(logits, dim=-1), dim=-1, descending=True)
         drop = probs.cumsum(dim=-1) - probs >= top_p  # the tokens ranked above already reach top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))  # rank -> token order
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator).squeeze(-1)
+    probs = F.softmax(logits, dim=-1)
+    return (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(dim=-1)  # multinomial
 
 
 # copied from 09_generate.py: BatchCache
