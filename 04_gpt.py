@@ -230,6 +230,7 @@ def flops_per_token(model: GPT, seq_len: int | None = None) -> int:
     T, config = model.config.block_size if seq_len is None else seq_len, model.config
     return 6 * model.num_params(non_embedding=True) + 12 * config.n_layer * T * config.n_embd
 
+
 # generate: each new token is fed back as input. temperature=0 is greedy (argmax); otherwise the
 # logits / temperature are sampled, < 1 sharper, > 1 flatter; top_k keeps only the k most likely
 # tokens. The context is cropped to the last block_size tokens (the model has no positions beyond).

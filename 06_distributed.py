@@ -77,7 +77,7 @@ class Dist:
     """This process's place in the job (what init_distributed returns)."""
 
     rank: int  # 0 .. world_size-1 over all machines; rank 0 prints and writes the full checkpoint
-    local_rank: int  # index on this machine: which GPU this process drives
+    local_rank: int  # index on this machine: which of its GPUs this process drives (see init_distributed)
     world_size: int
     device: str  # "cuda:<LOCAL_RANK modulo the GPUs this process sees>" or "cpu"
     owns_group: bool  # init_distributed made the group, so shutdown_distributed destroys it
@@ -103,8 +103,8 @@ def init_distributed(device: str = "auto") -> Dist:
                          "(torchrun --standalone --nproc_per_node=2 06_distributed.py), or unset RANK")
     local_rank = int(os.environ.get("LOCAL_RANK", 0 if owns_group else dist.get_rank()))
     device = pick_device(device)
-    if device.startswith("cuda"):  # one GPU per process: the LOCAL_RANK-th it sees (1 if bound to one)
-        device = f"cuda:{local_rank % torch.cuda.device_count()}"
+    if device.startswith("cuda"):  # one GPU per process: the LOCAL_RANK-th, or the one a launcher bound
+        device = f"cuda:{local_rank if torch.cuda.device_count() > 1 else 0}"
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 tensor cores
     else:  # NCCL moves only CUDA tensors and gloo only CPU ones: mps trains on the CPU here
@@ -245,7 +245,7 @@ def parallelize(model: nn.Module, cfg: DistConfig, ctx: Dist) -> nn.Module:
         if cfg.compile:
             # fuses the block's elementwise work (LayerNorm, GELU, residual adds) into few kernels:
             # less memory traffic and fewer saved intermediates, for a compilation at startup
-            block.compile(dynamic=False)  # a graph per shape (training's, evaluation's), each specialized
+            block.compile(dynamic=False)  # static: with accumulation, evaluation's batch gets its own graph
     if cfg.strategy != "fsdp":
         # DDP (and zero1): construction broadcasts rank 0's weights; backward all-reduces (averages) the
         # gradients in ~25 MB buckets as each is ready, overlapping with the rest (.grad: bucket views)

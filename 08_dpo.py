@@ -236,7 +236,7 @@ class DPOConfig:
     beta: Annotated[float, "the KL penalty's weight: larger stays closer to the reference"] = 0.1
     label_smoothing: Annotated[float, "conservative DPO: the share of labels assumed flipped, < 0.5"] = 0.0
     average_log_probs: Annotated[bool, "per-token mean instead of sum of the answer's log-probs"] = False
-    batch_size: Annotated[int, "pairs per step (2x sequences)"] = 8
+    batch_size: Annotated[int, "pairs per step (2x sequences); also answers per batch"] = 8
     max_iters: Annotated[int, "optimizer steps; 0 = one pass over the training pairs"] = 0
     learning_rate: Annotated[float, "small: DPO nudges a trained model; constant after warmup"] = 5e-6
     warmup_iters: Annotated[int, "linear warmup steps (as the DPO paper)"] = 10

@@ -56,8 +56,9 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
 
 # The draw: token i with probability p_i is the largest p_i / E_i, each E_i an independent Exp(1) draw
 # (an "exponential race": E_i / p_i is Exp(p_i), and the smallest of those is i's with probability p_i).
-# torch.multinomial draws one sample just so, from the same generator, but first checks the
-# probabilities on the host: two GPU syncs per token, which this leaves out (the same tokens on CPU).
+# torch.multinomial draws one sample just so, from the same generator, after checking the
+# probabilities (NaN, inf, negative), a check that has cost host syncs per token on CUDA in some
+# PyTorch versions. This draws the same tokens (tested on CPU), unchecked: a NaN does not raise here.
 def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None) -> torch.Tensor:
     """One token per row of logits (B, V) -> (B,), drawn with `generator` (seeded).
 

@@ -70,7 +70,8 @@ def run_with_deadline(cmd: list[str], timeout: float, **env: str) -> tuple[str, 
     return out, err
 
 
-READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "__format__")
+READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__", "__format__",
+         "__contains__")
 
 
 def count_device_reads(monkeypatch, script: str) -> list:
@@ -88,6 +89,7 @@ def count_device_reads(monkeypatch, script: str) -> list:
 
         monkeypatch.setattr(torch.Tensor, method, counted)
     return reads
+
 
 def _script_fixture(name):
     @pytest.fixture(scope="session")

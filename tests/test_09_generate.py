@@ -429,6 +429,20 @@ def test_help_lists_the_flags(gen09, capsys):
         assert flag in out
 
 
+def test_sample_draws_what_multinomial_draws_from_the_same_generator(gen09):
+    """sample() skips torch.multinomial (its checks have cost host syncs on GPUs) but draws the same
+    way, the largest p_i / E_i with E_i ~ Exp(1): the same seed gives the same tokens. (top_k and
+    top_p only mask logits before the draw; the tests above check what they keep.)"""
+    torch.manual_seed(0)
+    for seed in range(100):
+        logits = torch.randn(4, 40) * 3
+        for temperature in (1.0, 0.7):
+            ours = gen09.sample(logits, temperature, generator=torch.Generator().manual_seed(seed))
+            probs = F.softmax(logits / temperature, dim=-1)
+            theirs = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed)).squeeze(-1)
+            assert torch.equal(ours, theirs), (seed, temperature)
+
+
 def test_the_head_runs_in_fp32_under_autocast(gen09):
     """Perplexity's log-probabilities come from an fp32 head even when the blocks run in bf16 (issue 14).
 
