@@ -21,8 +21,10 @@ import dataclasses
 import gc
 import json
 import shutil
+import signal
 import sys
 import time
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -121,7 +123,8 @@ def launch_two_ranks(spec_path: str):
             for p in ranks:
                 p.kill()
         time.sleep(0.05)
-    sys.exit(max(abs(p.exitcode) for p in ranks))
+    aborted = any(p.exitcode == -signal.SIGABRT for p in ranks)  # a crash, not our kill (SIGKILL)
+    sys.exit(6 if aborted else max(abs(p.exitcode) for p in ranks))
 
 
 # -----------------------------------------------------------------------------
@@ -141,11 +144,22 @@ def corpus(dl02, shakespeare_text, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def two_ranks(dist06, corpus, tmp_path_factory) -> dict:
     """{scenario: [rank 0's result, rank 1's result]} of the one 2-rank launch; out dir in "_out"."""
-    out = tmp_path_factory.mktemp("two_ranks")
-    spec = {"store": str(out / "store"), "out": str(out),
-            "scenarios": [{**s, "argv": argv(s["settings"], data_dir=corpus)} for s in scenarios()]}
-    (out / "spec.json").write_text(json.dumps(spec))
-    run_with_deadline([sys.executable, __file__, str(out / "spec.json")], timeout=240)
+    for attempt in (1, 2):
+        out = tmp_path_factory.mktemp("two_ranks")
+        spec = {"store": str(out / "store"), "out": str(out),
+                "scenarios": [{**s, "argv": argv(s["settings"], data_dir=corpus)} for s in scenarios()]}
+        (out / "spec.json").write_text(json.dumps(spec))
+        try:
+            run_with_deadline([sys.executable, __file__, str(out / "spec.json")], timeout=240)
+            break
+        except AssertionError as failure:
+            # A rank killed by SIGABRT inside gloo (exit 6), its peer then "Connection reset by peer":
+            # seen once in ~40 launches on this 2-core machine, never twice in a row, with no Python
+            # error in our code. One more launch, loudly; a real bug fails the same way both times.
+            if attempt == 2 or "failed (6)" not in str(failure):
+                raise
+            warnings.warn(f"the 2-rank launch aborted once (SIGABRT in a rank); launching again:\n"
+                          f"{str(failure)[:3000]}")
     per_rank = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
     return {name: [per_rank[0][name], per_rank[1][name]] for name in per_rank[0]} | {"_out": out}
 
