@@ -1,9 +1,10 @@
 """The layout every numbered script keeps, so that a reader meets the stage's own code first.
 
 Each script is: the docstring, the imports, the stage's own code and main(), then (if it copies
-anything) one appendix of marked copies. Budgets, counted as `wc -l` counts: 01-04 at most 600
-lines, the later stages at most 850, of which the part above the appendix's section rule (the
-docstring included) at most 500. A copy comes from an earlier stage, never a later one: a reader
+anything) one appendix of marked copies. Budgets, counted as `wc -l` counts: 01-04 at most 700
+lines, the later stages at most 1,000, of which the part above the appendix's section rule (the
+docstring included) at most 600. A budget is a ceiling, not a target: lines are split until each
+says one thing, then machinery is cut, never explanation. A copy comes from an earlier stage, never a later one: a reader
 who reaches it has read its origin already.
 """
 
@@ -19,7 +20,7 @@ MARKER = re.compile(r"^# copied from (\d\d)_\w+\.py: \w+")
 
 
 def budget(path: Path) -> int:
-    return 600 if int(path.name[:2]) <= 4 else 850
+    return 700 if int(path.name[:2]) <= 4 else 1000
 
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
@@ -29,9 +30,9 @@ def test_the_script_keeps_its_line_budget(path):
     starts = [i for i, line in enumerate(lines) if line.startswith(APPENDIX)]
     assert len(starts) <= 1, f"{path.name}: {len(starts)} appendices; keep one"
     assert not starts or lines[starts[0] - 1].startswith("# ---"), f"{path.name}: no rule above the appendix"
-    if starts and int(path.name[:2]) >= 5:  # 01-04 have the 600-line budget only
+    if starts and int(path.name[:2]) >= 5:  # 01-04 have the 700-line budget only
         above = starts[0] - 1  # the lines above the section rule that opens the appendix
-        assert above <= 500, f"{path.name}: {above} lines before the appendix, budget 500"
+        assert above <= 600, f"{path.name}: {above} lines before the appendix, budget 600"
 
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
