@@ -7,8 +7,8 @@ the project's speed, not a lesson, so it lives outside them:
     python tests/bench.py encode      # 01: our GPT-2 encoder against tiktoken, same ids
     python tests/bench.py model       # 04: forward+backward tokens/s of `small` and `gpt2`, fp32
     python tests/bench.py pretrain    # 05: ms/iter of the CPU recipe for each thread count x dtype
-    python tests/bench.py answers     # 07: greedy answers of GPT-2 small with the KV cache and without
-    python tests/bench.py serve       # 10: the server's tokens/s, 1 and 8 clients (05's model in out/)
+    python tests/bench.py answers     # 07: GPT-2 small's greedy answers, with and without KV cache
+    python tests/bench.py serve       # 10: the server's tokens/s, 1 and 8 clients (05's model)
     python tests/bench.py             # all five
 
 Numbers from a small shared machine mean little unless nothing else runs: run it on a quiet
@@ -95,14 +95,23 @@ def bench_pretrain(iters: int = 200):
     data/tinyshakespeare-char (python 02_dataloader.py).
     """
     pre05 = load_script("05_pretrain")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if hasattr(os, "sched_getaffinity"):
+        cores = len(os.sched_getaffinity(0))
+    else:
+        cores = os.cpu_count() or 1
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in ("float32", "bfloat16"):
             for threads in sorted({1, cores}):
-                cfg = pre05.TrainConfig(out_dir=f"{tmp}/{dtype}-{threads}", max_iters=iters,
-                                        lr_decay_iters=iters, eval_interval=10**9, eval_iters=1,
-                                        log_interval=10, max_new_tokens=0, device="cpu", dtype=dtype,
+                cfg = pre05.TrainConfig(out_dir=f"{tmp}/{dtype}-{threads}",
+                                        max_iters=iters,
+                                        lr_decay_iters=iters,
+                                        eval_interval=10**9,
+                                        eval_iters=1,
+                                        log_interval=10,
+                                        max_new_tokens=0,
+                                        device="cpu",
+                                        dtype=dtype,
                                         threads=threads)
                 rows.append((threads, dtype, pre05.train(cfg)))
     print(f"\n05: the CPU recipe, {iters} iterations each (median ms/iter over windows of 10)")
@@ -112,7 +121,7 @@ def bench_pretrain(iters: int = 200):
 
 
 def bench_serve(ckpt="out/shakespeare-char/ckpt.pt", requests: int = 4, max_tokens: int = 256):
-    """Tokens/s of 10_serve.py's server as the openai client sees it, with 1 and with 8 clients at once.
+    """Tokens/s of 10_serve.py's server as the openai client sees it, with 1 and 8 clients at once.
 
     Each client sends `requests` completions one after another (temperature 0.8; a char model never
     stops early); tokens/s = all completion tokens / wall time. The server runs in a thread of this
@@ -128,12 +137,17 @@ def bench_serve(ckpt="out/shakespeare-char/ckpt.pt", requests: int = 4, max_toke
     model, tokenizer, _ = serve10.load_checkpoint(ckpt)
     server = serve10.make_server(model.eval(), tokenizer, "shakespeare", "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="unused")
+    port = server.server_address[1]
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
 
     def one_client(i):
-        return sum(client.completions.create(model="shakespeare", prompt="ROMEO:", max_tokens=max_tokens,
-                                             temperature=0.8, seed=1000 * i + r).usage.completion_tokens
-                   for r in range(requests))
+        tokens = 0
+        for r in range(requests):
+            completion = client.completions.create(model="shakespeare", prompt="ROMEO:",
+                                                   max_tokens=max_tokens, temperature=0.8,
+                                                   seed=1000 * i + r)
+            tokens += completion.usage.completion_tokens
+        return tokens
 
     one_client(0)  # warm up
     print(f"\n10: the server on {ckpt}, 1 CPU thread, {requests} x {max_tokens} tokens per client")
@@ -148,25 +162,29 @@ def bench_serve(ckpt="out/shakespeare-char/ckpt.pt", requests: int = 4, max_toke
 
 @torch.no_grad()
 def greedy_rerun(model, prompts, max_new_tokens, end_id):
-    """07's answers before the KV cache: a right-padded batch, the whole context rerun for every token."""
-    rows, lengths = [list(p) for p in prompts], [len(p) for p in prompts]
+    """07's answers before the KV cache: a right-padded batch, the whole context rerun per token."""
+    rows = [list(p) for p in prompts]
+    lengths = [len(p) for p in prompts]
     done = [False] * len(rows)
     for _ in range(max_new_tokens):
         T = max(map(len, rows))
-        idx = torch.tensor([r + [end_id] * (T - len(r)) for r in rows])  # right pads: causal hides them
-        logits = model(idx)[0][torch.arange(len(rows)), torch.tensor([len(r) - 1 for r in rows])]
+        # right pads: the causal mask hides them
+        idx = torch.tensor([r + [end_id] * (T - len(r)) for r in rows])
+        last = torch.tensor([len(r) - 1 for r in rows])
+        logits = model(idx)[0][torch.arange(len(rows)), last]
         for i, token in enumerate(logits.argmax(-1).tolist()):
             if not done[i]:
                 rows[i].append(token)
                 done[i] = token == end_id
         if all(done):
             break
-    return [r[n:-1] if ended else r[n:] for r, n, ended in zip(rows, lengths, done)]  # end_id cut off
+    # the answers, end_id cut off
+    return [r[n:-1] if ended else r[n:] for r, n, ended in zip(rows, lengths, done)]
 
 
 class ConcatKVCache:
-    """03's KVCache grown by concatenation (as Hugging Face's DynamicCache), for comparison: simpler,
-    but every token copies the whole cache of every layer. max_len is ignored."""
+    """03's KVCache grown by concatenation (as Hugging Face's DynamicCache), for comparison:
+    simpler, but every token copies the whole cache of every layer. max_len is ignored."""
 
     def __init__(self, n_layer: int, max_len: int = 0):
         self.k, self.v, self.length = [None] * n_layer, [None] * n_layer, 0
@@ -187,9 +205,10 @@ class ConcatKVCache:
 
 
 def bench_answers(n: int = 8, max_new_tokens: int = 128):
-    """07's greedy answers to its first n test entries in one batch, GPT-2 small (random weights, fp32):
-    with 03's KV cache (07 now), with a cache grown by concatenation instead, and with the whole
-    context rerun for every token (07 before the cache). All three must give the same tokens."""
+    """07's greedy answers to its first n test entries in one batch, GPT-2 small (random weights,
+    fp32): with 03's KV cache (07 now), with a cache grown by concatenation instead, and with the
+    whole context rerun for every token (07 before the cache). All three must give the same
+    tokens."""
     import json
 
     import tiktoken
@@ -200,24 +219,33 @@ def bench_answers(n: int = 8, max_new_tokens: int = 128):
     prompts = [enc.encode(ft07.format_input(e)) + enc.encode(ft07.RESPONSE_HEADER) for e in entries]
     torch.manual_seed(0)
     model = ft07.GPT(ft07.GPTConfig()).eval()  # 124M
+    shortest = min(map(len, prompts))
+    longest = max(map(len, prompts))
     print(f"\n07: greedy answers, GPT-2 small (random weights), fp32, one batch of {n} prompts of "
-          f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, {max_new_tokens} new tokens each")
+          f"{shortest}-{longest} tokens, {max_new_tokens} new tokens each")
     ft07.generate_greedy(model, prompts, 2, enc.eot_token)  # warm up
     rows, buffers = [], ft07.KVCache
     for name, cache in (("03's KV cache (07)", buffers), ("concatenated cache", ConcatKVCache)):
         ft07.KVCache = cache
         try:
-            rows.append((name, *timed(ft07.generate_greedy, model, prompts, max_new_tokens, enc.eot_token)))
+            answers, seconds = timed(ft07.generate_greedy, model, prompts, max_new_tokens,
+                                     enc.eot_token)
+            rows.append((name, answers, seconds))
         finally:
             ft07.KVCache = buffers
-    rows.append(("rerun the context", *timed(greedy_rerun, model, prompts, max_new_tokens, enc.eot_token)))
+    answers, seconds = timed(greedy_rerun, model, prompts, max_new_tokens, enc.eot_token)
+    rows.append(("rerun the context", answers, seconds))
     tokens = sum(map(len, rows[0][1]))
     for name, out, seconds in rows:
-        print(f"{name:<19} {seconds:>7.1f} s {tokens / seconds:>8.1f} tokens/s {seconds / rows[0][2]:>6.2f}x "
+        ratio = seconds / rows[0][2]
+        print(f"{name:<19} {seconds:>7.1f} s {tokens / seconds:>8.1f} tokens/s {ratio:>6.2f}x "
               f"the time, same tokens: {out == rows[0][1]}")
 
 
-BENCHES = {"encode": bench_encode, "model": bench_model, "pretrain": bench_pretrain, "answers": bench_answers,
+BENCHES = {"encode": bench_encode,
+           "model": bench_model,
+           "pretrain": bench_pretrain,
+           "answers": bench_answers,
            "serve": bench_serve}
 
 

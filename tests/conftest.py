@@ -50,10 +50,11 @@ def run_with_deadline(cmd: list[str], timeout: float, **env: str) -> tuple[str, 
     at the end: a plain subprocess timeout would leave orphans behind (a hung rank, a torchrun
     worker). RANK and friends are dropped so that a child never thinks it is part of our world.
     """
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")} | env
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True,
-                            env={**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    world = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
+    env = {k: v for k, v in os.environ.items() if k not in world} | env
+    env = {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, env=env)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -66,18 +67,20 @@ def run_with_deadline(cmd: list[str], timeout: float, **env: str) -> tuple[str, 
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-4000:]}\n{err[-4000:]}"
+    command = " ".join(cmd)
+    assert proc.returncode == 0, (
+        f"{command} failed ({proc.returncode}):\n{out[-4000:]}\n{err[-4000:]}")
     return out, err
 
 
-READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__", "__format__",
-         "__contains__")
+READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__",
+         "__format__", "__contains__")
 
 
 def count_device_reads(monkeypatch, script: str) -> list:
-    """Count every read of a tensor's value (.item(), .tolist(), bool(), float(), formatting...) made by
-    code in the file `script`: on a GPU each is a sync, the CPU waiting for the device. Returns the
-    list that grows by one per read (clear it between measurements)."""
+    """Count every read of a tensor's value (.item(), .tolist(), bool(), float(), formatting...)
+    made by code in the file `script`: on a GPU each is a sync, the CPU waiting for the device.
+    Returns the list that grows by one per read (clear it between measurements)."""
     reads = []
     for method in READS:
         original = getattr(torch.Tensor, method)
@@ -133,7 +136,8 @@ def shakespeare_text(shakespeare_path) -> str:
 def char_corpus(tmp_path_factory, shakespeare_text) -> Path:
     """A data_dir holding tinyshakespeare-char/ as 02 prepares it (train.bin, val.bin, meta.json).
 
-    05 and 06 read prepared data only; pass `--data_dir=<this>` (dataset tinyshakespeare, tokenizer char).
+    05 and 06 read prepared data only; pass `--data_dir=<this>` (dataset tinyshakespeare,
+    tokenizer char).
     """
     dl = load_script("02_dataloader")
     root = tmp_path_factory.mktemp("data")

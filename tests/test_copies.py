@@ -28,7 +28,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-MARKER = re.compile(r"^# copied from (?P<origin>\S+\.py): (?P<name>\w+)(?: with (?P<renames>.+))?\s*$")
+MARKER = re.compile(
+    r"^# copied from (?P<origin>\S+\.py): (?P<name>\w+)(?: with (?P<renames>.+))?\s*$")
 
 
 @dataclass
@@ -65,8 +66,9 @@ def unit_name(node: ast.stmt) -> str | None:
     """The name a top-level statement defines: `class X`, `def f`, `X = ...`, `X: int = ...`."""
     if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
         return node.name
-    if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-        return node.targets[0].id
+    if isinstance(node, ast.Assign) and len(node.targets) == 1:
+        if isinstance(node.targets[0], ast.Name):
+            return node.targets[0].id
     if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
         return node.target.id
     return None
@@ -114,11 +116,13 @@ def check(copy: Copy) -> tuple[str | None, str | None]:
         return f"{copy}: {copy.origin} defines no top-level {copy.name}", None
     above = origin_path.read_text(encoding="utf-8").splitlines()[first_line(origin_node) - 2]
     if MARKER.match(above):
-        return f"{copy}: {copy.origin} holds a copy of {copy.name} itself; name the earliest file", None
+        problem = f"{copy}: {copy.origin} holds a copy of {copy.name} itself; name the first file"
+        return problem, None
     expected = rename(source_of(origin_path, origin_node), copy.renames)
     node = unit_at(copy.file, copy.line + 1)
     if node is None:
-        return f"{copy}: the marker must stand right above the copied class, function or constant", expected
+        problem = f"{copy}: the marker must stand right above the copied class, function, constant"
+        return problem, expected
     if unit_name(node) != rename(copy.name, copy.renames):
         return f"{copy}: the unit below the marker is {unit_name(node)}, not {copy.name}", expected
     got = source_of(copy.file, node)
@@ -133,7 +137,8 @@ def check(copy: Copy) -> tuple[str | None, str | None]:
             lineterm="",
         )
     )
-    return f"{copy} differs from its origin (fix: python tests/test_copies.py --fix)\n{diff}", expected
+    problem = f"{copy} differs from its origin (fix: python tests/test_copies.py --fix)\n{diff}"
+    return problem, expected
 
 
 def fix(paths: list[Path]) -> int:
@@ -182,11 +187,13 @@ def prose(source: str) -> str:
 
 @pytest.mark.parametrize("copy", find_copies(), ids=str)
 def test_copied_text_is_true_where_it_lands(copy):
-    """A copied unit's text must hold in every file that holds it: no "see below", no "in this file"."""
+    """A copied unit's text must hold in every file that holds it: no "see below", no "in this
+    file"."""
     node = unit_at(copy.file, copy.line + 1)
     assert node is not None, f"{copy}: no unit below the marker"
     found = POINTERS.findall(prose(source_of(copy.file, node)))
-    assert not found, f"{copy}: its text says {found}, false where it is copied; reword it in {copy.origin}"
+    assert not found, (
+        f"{copy}: its text says {found}, false where it is copied; reword it in {copy.origin}")
 
 
 def test_markers_are_well_formed():
@@ -200,11 +207,13 @@ def test_markers_are_well_formed():
 def test_the_pointer_check_reads_docstrings_and_comments_only():
     assert POINTERS.findall(prose('def f():\n    """See below."""\n    return "Below is data"\n'))
     assert POINTERS.findall(prose('def f():\n    return 1  # defined below\n'))
-    assert not POINTERS.findall(prose('def f():\n    """Doc."""\n    return "Below is an instruction"\n'))
+    data = 'def f():\n    """Doc."""\n    return "Below is an instruction"\n'
+    assert not POINTERS.findall(prose(data))
 
 
 def test_the_check_catches_a_drifted_copy(tmp_path, monkeypatch):
-    """The checker itself can fail: a copy with one changed constant is reported, and --fix mends it."""
+    """The checker itself can fail: a copy with one changed constant is reported, and --fix mends
+    it."""
     (tmp_path / "01_a.py").write_text("def f(x):\n    '''Doc.'''\n    return x + 1\n")
     (tmp_path / "02_b.py").write_text("# copied from 01_a.py: f\ndef f(x):\n    return x + 2\n")
     stale = "# copied from 01_a.py: f\ndef f(x):\n    '''Old doc.'''\n    return x + 1\n"

@@ -26,11 +26,14 @@ def test_the_pipeline_through_the_command_lines(tmp_path, shakespeare_path):
     bpe = tmp_path / "bpe.json"
     run("01_tokenizer.py", "train", str(shakespeare_path), "--vocab_size=300", f"--out={bpe}")
     line = "To be, or not to be: that is the question."
-    ids = json.loads(run("01_tokenizer.py", "encode", line, f"--tokenizer={bpe}").splitlines()[0])
+    encoded = run("01_tokenizer.py", "encode", line, f"--tokenizer={bpe}")
+    ids = json.loads(encoded.splitlines()[0])
     assert len(ids) < len(line.encode())  # the merges compress
-    assert run("01_tokenizer.py", "decode", *map(str, ids), f"--tokenizer={bpe}").rstrip("\n") == line
+    decoded = run("01_tokenizer.py", "decode", *map(str, ids), f"--tokenizer={bpe}")
+    assert decoded.rstrip("\n") == line
 
-    # 2. data: 02 cleans and tokenizes the corpus into data_dir/<dataset>-<tokenizer>/, the layout 05 reads
+    # 2. data: 02 cleans and tokenizes the corpus into data_dir/<dataset>-<tokenizer>/, which 05
+    # reads
     data = tmp_path / "data"
     run("02_dataloader.py", "--tokenizers=char", f"--text_file={shakespeare_path}",
         "--dataset=tinyshakespeare", f"--data_dir={data}")
@@ -39,9 +42,10 @@ def test_the_pipeline_through_the_command_lines(tmp_path, shakespeare_path):
 
     # 3. pretrain a tiny char-level GPT on those token files
     pre = tmp_path / "pretrain"
-    run("05_pretrain.py", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8",
-        "--max_iters=30", "--warmup_iters=5", "--lr_decay_iters=30", "--eval_interval=15", "--eval_iters=2",
-        "--max_new_tokens=10", "--threads=1", "--dtype=float32", f"--data_dir={data}", f"--out_dir={pre}")
+    run("05_pretrain.py", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32",
+        "--batch_size=8", "--max_iters=30", "--warmup_iters=5", "--lr_decay_iters=30",
+        "--eval_interval=15", "--eval_iters=2", "--max_new_tokens=10", "--threads=1",
+        "--dtype=float32", f"--data_dir={data}", f"--out_dir={pre}")
 
     # 4. finetune it on instructions (few steps; a char model gets its context stretched)
     ft = tmp_path / "finetune"
@@ -52,15 +56,15 @@ def test_the_pipeline_through_the_command_lines(tmp_path, shakespeare_path):
 
     # 5. DPO from the finetuned checkpoint
     dpo = tmp_path / "dpo"
-    run("08_dpo.py", f"--ckpt_path={ft / 'ckpt.pt'}", f"--out_dir={dpo}", "--max_iters=2", "--batch_size=2",
-        "--eval_interval=2", "--eval_pairs=4", "--num_responses=1", "--max_new_tokens=8", "--threads=1",
-        "--dtype=float32")
+    run("08_dpo.py", f"--ckpt_path={ft / 'ckpt.pt'}", f"--out_dir={dpo}", "--max_iters=2",
+        "--batch_size=2", "--eval_interval=2", "--eval_pairs=4", "--num_responses=1",
+        "--max_new_tokens=8", "--threads=1", "--dtype=float32")
     assert (dpo / "dpo_responses.json").exists()
 
     # 6. generate from the aligned model; greedy, so the text is determined by the weights
     prompt = "ROMEO:"
-    out = run("09_generate.py", f"--ckpt={dpo / 'ckpt.pt'}", f"--prompt={prompt}", "--max_new_tokens=30",
-              "--temperature=0", "--device=cpu")
+    out = run("09_generate.py", f"--ckpt={dpo / 'ckpt.pt'}", f"--prompt={prompt}",
+              "--max_new_tokens=30", "--temperature=0", "--device=cpu")
 
     # 04's own generate on the same checkpoint must write the same text
     pre05 = load_script("05_pretrain")
