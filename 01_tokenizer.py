@@ -20,10 +20,12 @@ We train BPE twice: a naive trainer that recounts every pair in the corpus at ev
 textbook loop), and a fast one that counts each distinct chunk once and, after a merge, updates
 only the pair counts that the merge changed; `bench` times the two. Then we load OpenAI's merges
 and check that our encoder gives exactly tiktoken's ids (tests/test_01_tokenizer.py does so on
-all of tiny Shakespeare). Later stages copy only CharTokenizer, get_tokenizer and download.
+all of tiny Shakespeare). Later stages copy only CharTokenizer, get_tokenizer, download and
+the addresses of GPT-2's two files (GPT2_URL, GPT2_FILES).
 
 References: Sennrich et al. 2016, "Neural Machine Translation of Rare Words with Subword Units";
-Radford et al. 2019 (GPT-2), 2.2 byte-level BPE; openai/gpt-2 src/encoder.py; openai/tiktoken; minbpe.
+Radford et al. 2019 (GPT-2), 2.2 byte-level BPE; openai/gpt-2 src/encoder.py; openai/tiktoken;
+minbpe.
 
 Run (CPU only, nothing here needs a GPU):
     python 01_tokenizer.py --help
@@ -51,10 +53,13 @@ import requests
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
 GPT2_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main"  # + "/" + filename
-GPT2_FILES = {"encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
-              "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"}  # sha256s
-SHAKESPEARE = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-               "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed")
+GPT2_FILES = {  # file name -> sha256 of its exact bytes
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
+SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
+                   "tinyshakespeare/input.txt")
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
 # -----------------------------------------------------------------------------
 # One id per character: the simplest tokenizer (later stages copy it)
@@ -65,15 +70,18 @@ SHAKESPEARE = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/
 # There is no end-of-text token (eot_token = None): 05 trains on one continuous text. to_dict()
 # is the small dict that meta.json and checkpoints store; get_tokenizer rebuilds the tokenizer.
 
-
 class CharTokenizer:
-    """One token per character: from_text("hello") gives e=0 h=1 l=2 o=3, so "hole" -> [1, 3, 2, 0]."""
+    """One token per character: from_text("hello") gives e=0 h=1 l=2 o=3; "hole" -> [1, 3, 2, 0]."""
 
     def __init__(self, chars: str):
         if len(set(chars)) != len(chars):
-            raise ValueError("chars has repeated characters; build it with CharTokenizer.from_text(text)")
-        self.chars, self.n_vocab, self.eot_token = chars, len(chars), None  # None: no end-of-text token
-        self.stoi, self.itos = {ch: i for i, ch in enumerate(chars)}, dict(enumerate(chars))
+            raise ValueError("chars has repeated characters; "
+                             "build it with CharTokenizer.from_text(text)")
+        self.chars = chars
+        self.n_vocab = len(chars)
+        self.eot_token = None  # no end-of-text token
+        self.stoi = {ch: i for i, ch in enumerate(chars)}  # character -> id
+        self.itos = dict(enumerate(chars))  # id -> character
 
     @classmethod
     def from_text(cls, text: str) -> "CharTokenizer":
@@ -83,8 +91,9 @@ class CharTokenizer:
         try:
             return [self.stoi[ch] for ch in text]
         except KeyError as e:
-            raise ValueError(f"character {e.args[0]!r} is not in the vocabulary; build the tokenizer "
-                             "from text that contains it (CharTokenizer.from_text)") from None
+            raise ValueError(f"character {e.args[0]!r} is not in the vocabulary; "
+                             "build the tokenizer from text that contains it "
+                             "(CharTokenizer.from_text)") from None
 
     def decode(self, ids) -> str:
         try:
@@ -100,7 +109,6 @@ class CharTokenizer:
 # -----------------------------------------------------------------------------
 # Bytes, the pre-split, and the two operations BPE is built from: count pairs, merge one
 
-
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's table byte -> printable character, so that every token is readable text.
 
@@ -111,7 +119,8 @@ def bytes_to_unicode() -> dict[int, str]:
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
                  *range(ord("®"), ord("ÿ") + 1)]
     table = {b: chr(b) for b in printable}
-    for n, b in enumerate(b for b in range(256) if b not in table):
+    others = [b for b in range(256) if b not in table]
+    for n, b in enumerate(others):
         table[b] = chr(256 + n)
     return table
 
@@ -119,27 +128,36 @@ def bytes_to_unicode() -> dict[int, str]:
 # GPT-2's pre-split, in tiktoken's form. The original (openai/gpt-2 encoder.py) is
 #   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
 # tiktoken's version matches exactly the same chunks; its possessive ++ (no backtracking) and
-# \s++$ make it faster. Alternatives, tried left to right at each position:
-#   a contraction ('s 't 're 've 'm 'll 'd), an optional space + letters, an optional space +
-#   digits, an optional space + other symbols; then whitespace, split so that the last space
-#   before a word stays with the word ("a   b" -> "a", "  ", " b").
-GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+# \s++$ make it faster. The alternatives are tried left to right at each position. Whitespace is
+# split so that the last space before a word stays with the word ("a   b" -> "a", "  ", " b").
+GPT2_SPLIT_PATTERN = "|".join([
+    r"'(?:[sdmt]|ll|ve|re)",  # a contraction: 's 't 're 've 'm 'll 'd
+    r" ?\p{L}++",  # an optional space + letters
+    r" ?\p{N}++",  # an optional space + digits
+    r" ?[^\s\p{L}\p{N}]++",  # an optional space + other symbols
+    r"\s++$",  # whitespace that ends the text
+    r"\s+(?!\S)",  # whitespace, less its last character when a non-space follows
+    r"\s",  # that last character, when it is not a space that joins the word ("\n" of "a\nb")
+])
 
 
 def get_stats(ids: list[int], counts: dict | None = None) -> dict:
-    """Count adjacent pairs, into counts if given: [1, 2, 3, 1, 2] -> {(1, 2): 2, (2, 3): 1, (3, 1): 1}."""
-    counts = {} if counts is None else counts
+    """Count adjacent pairs, into counts if given:
+    [1, 2, 3, 1, 2] -> {(1, 2): 2, (2, 3): 1, (3, 1): 1}."""
+    if counts is None:
+        counts = {}
     for pair in zip(ids, ids[1:]):
         counts[pair] = counts.get(pair, 0) + 1
     return counts
 
 
 def merge(ids: list[int], pair: tuple[int, int], idx: int) -> list[int]:
-    """Replace each occurrence of pair by idx, left to right: ([1, 2, 3, 1, 2], (1, 2), 4) -> [4, 3, 4].
-
-    subtle: occurrences may overlap ([5, 5, 5] with (5, 5)); the leftmost wins -> [idx, 5].
-    """
-    out, i, n = [], 0, len(ids)
+    """Replace each occurrence of pair by idx, left to right: ([1, 2, 3, 1, 2], (1, 2), 4) ->
+    [4, 3, 4].
+    subtle: occurrences may overlap ([5, 5, 5] with (5, 5)); the leftmost wins -> [idx, 5]."""
+    out = []
+    i = 0
+    n = len(ids)
     while i < n:
         if i < n - 1 and ids[i] == pair[0] and ids[i + 1] == pair[1]:
             out.append(idx)
@@ -156,23 +174,25 @@ def _no_pairs_left(n_done: int) -> ValueError:
 
 
 # -----------------------------------------------------------------------------
-# Training: the naive way (recount all pairs at every merge), then the fast way (update what changed)
-
+# Training: the naive way (recount all pairs at each merge), then the fast one (update what changed)
 
 def merge_logger(n_merges: int, every: int = 100):
     """A trainer's `log`: every `every` merges, print the last one, the rate and the time left."""
     t0 = time.perf_counter()
 
     def log(i: int, pair: tuple[int, int], idx: int, count: int):
-        if (i + 1) % every == 0:
-            rate = (i + 1) / (time.perf_counter() - t0)
-            print(f"  merge {i + 1}/{n_merges}: {pair} -> {idx} ({count:,} occurrences); "
-                  f"{rate:,.0f} merges/s, ~{(n_merges - i - 1) / rate:.0f} s left", flush=True)
+        done = i + 1
+        if done % every == 0:
+            rate = done / (time.perf_counter() - t0)
+            seconds_left = (n_merges - done) / rate
+            print(f"  merge {done}/{n_merges}: {pair} -> {idx} ({count:,} occurrences); "
+                  f"{rate:,.0f} merges/s, ~{seconds_left:.0f} s left", flush=True)
 
     return log
 
 
-def train_bpe_naive(text: str, n_merges: int, pattern: str = GPT2_SPLIT_PATTERN, log=None) -> dict:
+def train_bpe_naive(text: str, n_merges: int, pattern: str = GPT2_SPLIT_PATTERN,
+                    log=None) -> dict:
     """Learn n_merges merges; returns {pair: new id} in the order they were learned.
 
     The textbook loop: count all pairs, merge the best one everywhere, repeat. Each merge costs a
@@ -188,8 +208,9 @@ def train_bpe_naive(text: str, n_merges: int, pattern: str = GPT2_SPLIT_PATTERN,
             get_stats(ids, stats)
         if not stats:
             raise _no_pairs_left(i)
-        # the most frequent pair; a tie goes to the smallest pair, so that both trainers agree exactly
-        pair, idx = min(stats, key=lambda p: (-stats[p], p)), 256 + i
+        # the most frequent pair; a tie goes to the smallest pair, so both trainers agree exactly
+        pair = min(stats, key=lambda p: (-stats[p], p))
+        idx = 256 + i
         chunks = [merge(ids, pair, idx) for ids in chunks]
         merges[pair] = idx
         if log:
@@ -197,7 +218,8 @@ def train_bpe_naive(text: str, n_merges: int, pattern: str = GPT2_SPLIT_PATTERN,
     return merges
 
 
-def train_bpe(text: str, n_merges: int, pattern: str = GPT2_SPLIT_PATTERN, log=None) -> dict:
+def train_bpe(text: str, n_merges: int, pattern: str = GPT2_SPLIT_PATTERN,
+              log=None) -> dict:
     """Same result as train_bpe_naive (tests check it), without rescanning the corpus.
 
     Three ideas:
@@ -211,10 +233,11 @@ def train_bpe(text: str, n_merges: int, pattern: str = GPT2_SPLIT_PATTERN, log=N
        current only if its count equals the count we hold now.
     """
     chunk_counts = Counter(regex.findall(pattern, text))
-    words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]  # the distinct chunks, as ids
-    counts = list(chunk_counts.values())  # how often each occurs
+    # the distinct chunks, as ids ("words"), and how often each occurs
+    words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]
+    counts = list(chunk_counts.values())
     stats = defaultdict(int)  # pair -> count in the whole corpus
-    where = defaultdict(set)  # pair -> indices of the words that contain it (may hold stale ones)
+    where = defaultdict(set)  # pair -> indices w of the words that hold it (may be stale)
     for w, ids in enumerate(words):
         for pair in zip(ids, ids[1:]):
             stats[pair] += counts[w]
@@ -224,7 +247,10 @@ def train_bpe(text: str, n_merges: int, pattern: str = GPT2_SPLIT_PATTERN, log=N
 
     merges = {}
     for i in range(n_merges):
-        while heap and stats.get(heap[0][1]) != -heap[0][0]:
+        while heap:
+            negative_count, pair = heap[0]
+            if stats.get(pair) == -negative_count:
+                break  # a current entry: the best pair
             heapq.heappop(heap)  # outdated entry: its pair's count changed since it was pushed
         if not heap:
             raise _no_pairs_left(i)
@@ -233,7 +259,8 @@ def train_bpe(text: str, n_merges: int, pattern: str = GPT2_SPLIT_PATTERN, log=N
         merges[pair] = idx
         delta = defaultdict(int)  # pair -> change of its count caused by this merge
         for w in where.pop(pair):
-            ids, n = words[w], counts[w]
+            ids = words[w]
+            n = counts[w]
             new_ids = merge(ids, pair, idx)
             if len(new_ids) == len(ids):
                 continue  # stale index entry: an earlier merge already removed the pair here
@@ -258,7 +285,6 @@ def train_bpe(text: str, n_merges: int, pattern: str = GPT2_SPLIT_PATTERN, log=N
 # -----------------------------------------------------------------------------
 # The tokenizer: encode, decode, save/load, and OpenAI's GPT-2 merges
 
-
 class BPETokenizer:
     """Byte-level BPE: merges (pair -> new id) + special tokens.
 
@@ -270,7 +296,8 @@ class BPETokenizer:
 
     def __init__(self, merges: dict, special_tokens: dict | None = None, byte_ids=None,
                  pattern: str = GPT2_SPLIT_PATTERN):
-        self.merges = dict(sorted(merges.items(), key=lambda item: item[1]))  # in the order they apply
+        # sorted by new id, which is the order they apply in
+        self.merges = dict(sorted(merges.items(), key=lambda item: item[1]))
         self.special_tokens = dict(special_tokens or {})  # "<|endoftext|>" -> id
         self.byte_ids = list(range(256) if byte_ids is None else byte_ids)
         self.pattern = pattern
@@ -279,18 +306,20 @@ class BPETokenizer:
             for (a, b), idx in self.merges.items():
                 self.vocab[idx] = self.vocab[a] + self.vocab[b]
         except KeyError as e:
-            raise ValueError(f"merge uses token {e.args[0]} before it exists; merges must build on "
-                             "bytes and on merges with smaller ids") from None
-        self.vocab.update({idx: s.encode("utf-8") for s, idx in self.special_tokens.items()})
-        if sorted(self.vocab) != list(range(256 + len(self.merges) + len(self.special_tokens))):
-            raise ValueError("token ids must be 0..n_vocab-1, each used once; check merges, byte_ids and "
-                             "special_tokens")
+            raise ValueError(f"merge uses token {e.args[0]} before it exists; "
+                             "merges must build on bytes and on merges with smaller ids") from None
+        for token, idx in self.special_tokens.items():
+            self.vocab[idx] = token.encode("utf-8")
+        n_ids = 256 + len(self.merges) + len(self.special_tokens)
+        if sorted(self.vocab) != list(range(n_ids)):
+            raise ValueError("token ids must be 0..n_vocab-1, each used once; "
+                             "check merges, byte_ids and special_tokens")
         self.n_vocab = len(self.vocab)
         self.eot_token = self.special_tokens.get("<|endoftext|>")
         self.pattern_re = regex.compile(pattern)
         specials = set(self.special_tokens.values())
         # bytes -> id of every ordinary token, for the whole-chunk shortcut in _bpe
-        self._token_ids = {token: idx for idx, token in self.vocab.items() if idx not in specials}
+        self._token_ids = {tok: idx for idx, tok in self.vocab.items() if idx not in specials}
         # chunk -> ids, computed once. Text is Zipfian: tiny Shakespeare is 300k chunks but 15k
         # distinct ones, so almost every call is a cache hit; bounded so that memory stays bounded
         self._cache = functools.lru_cache(maxsize=1 << 16)(self._bpe)
@@ -300,18 +329,20 @@ class BPETokenizer:
         """Learn vocab_size - 257 merges on text; the last id is "<|endoftext|>" (as in GPT-2:
         50257 = 256 bytes + 50000 merges + 1 special)."""
         if vocab_size < 257:
-            raise ValueError(f"vocab_size must be at least 257 (256 bytes + <|endoftext|>), got {vocab_size}")
+            raise ValueError("vocab_size must be at least 257 (256 bytes + <|endoftext|>), "
+                             f"got {vocab_size}")
         merges = train_bpe(text, vocab_size - 257, log=log)
         return cls(merges, {"<|endoftext|>": vocab_size - 1})
 
     def apply_merges(self, ids: list[int]) -> list[int]:
-        """BPE proper: repeatedly merge the adjacent pair that was learned first, until none is left.
+        """BPE proper: repeatedly merge the adjacent pair learned first, until none is left.
 
         GPT-2 on " there": [Ġ t h e r e] -> [Ġt h e r e] -> [Ġt he r e] -> [Ġt he re] -> [Ġthe re]
         -> [Ġthere]. Merges apply in the order they were learned, not left to right.
         """
         ids = list(ids)
-        merges, never = self.merges, self.n_vocab  # `never`: larger than any id, = "not a merge"
+        merges = self.merges
+        never = self.n_vocab  # larger than any id: "not a merge"
         # ranks[i]: what the pair (ids[i], ids[i + 1]) merges into, which is also its priority
         ranks = [merges.get(pair, never) for pair in zip(ids, ids[1:])]
         while ranks:
@@ -331,16 +362,18 @@ class BPETokenizer:
     def _bpe(self, chunk: str) -> list[int]:
         """The ids of one pre-split chunk (what the cache calls on a miss)."""
         data = chunk.encode("utf-8")
-        if (idx := self._token_ids.get(data)) is not None:
+        idx = self._token_ids.get(data)
+        if idx is not None:
             # the chunk is itself a token: BPE would end there too, so skip it (tiktoken does the
             # same; a test checks that this shortcut changes nothing for GPT-2)
             return [idx]
         return self.apply_merges([self.byte_ids[b] for b in data])
 
     def encode_ordinary(self, text: str) -> list[int]:
-        """Encode text, treating special-token strings as ordinary text (tiktoken's encode_ordinary)."""
+        """Encode text, treating special-token strings as ordinary text (tiktoken's
+        encode_ordinary)."""
         # lone surrogates ("\ud800", e.g. from a broken JSON escape) have no UTF-8 encoding; like
-        # tiktoken, we re-read the text as UTF-16, so that they become U+FFFD and pairs one character
+        # tiktoken, we re-read the text as UTF-16: they become U+FFFD, and pairs one character
         text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
         chunks = self.pattern_re.findall(text)  # "Hello world!" -> ["Hello", " world", "!"]
         # one cache lookup per chunk, flattened; map/chain keep the loop in C, which matters here
@@ -356,25 +389,39 @@ class BPETokenizer:
         specials = set(self.special_tokens)
         if isinstance(allowed_special, (set, frozenset)):
             allowed = set(allowed_special)
-        elif allowed_special in ("all", "none_raise"):
-            allowed = specials if allowed_special == "all" else set()
+        elif allowed_special == "all":
+            allowed = specials
+        elif allowed_special == "none_raise":
+            allowed = set()
         else:
-            raise ValueError(f"allowed_special must be 'none_raise', 'all' or a set, got {allowed_special!r}")
-        if unknown := allowed - specials:
-            raise ValueError(f"unknown special tokens {sorted(unknown)}; this one has {sorted(specials)}")
-        if found := [token for token in specials - allowed if token in text]:
+            raise ValueError("allowed_special must be 'none_raise', 'all' or a set, "
+                             f"got {allowed_special!r}")
+        unknown = allowed - specials
+        if unknown:
+            raise ValueError(f"unknown special tokens {sorted(unknown)}; "
+                             f"this one has {sorted(specials)}")
+        found = [token for token in specials - allowed if token in text]
+        if found:
             token = min(found, key=text.index)  # the first one in the text, as tiktoken reports
-            raise ValueError(f"Encountered text corresponding to disallowed special token {token!r}.\n"
-                             "If you want this text to be encoded as a special token, pass it to "
-                             f"`allowed_special`, e.g. `allowed_special={{{token!r}}}` (or 'all').\n"
+            raise ValueError("Encountered text corresponding to disallowed special token "
+                             f"{token!r}.\n"
+                             "If you want this text to be encoded as a special token, "
+                             "pass it to `allowed_special`, "
+                             f"e.g. `allowed_special={{{token!r}}}` (or 'all').\n"
                              "If you want it encoded as normal text, use `encode_ordinary`.")
         if not allowed:
             return self.encode_ordinary(text)
-        ids, longest_first = [], sorted(allowed, key=len, reverse=True)
+        longest_first = sorted(allowed, key=len, reverse=True)
+        separators = "|".join(map(regex.escape, longest_first))
         # split keeps the separators because of the capture group: "a<|endoftext|>b" ->
         # ["a", "<|endoftext|>", "b"]; the special tokens are at the odd positions
-        for i, part in enumerate(regex.split(f"({'|'.join(map(regex.escape, longest_first))})", text)):
-            ids.extend(self.encode_ordinary(part) if i % 2 == 0 else [self.special_tokens[part]])
+        parts = regex.split(f"({separators})", text)
+        ids = []
+        for i, part in enumerate(parts):
+            if i % 2 == 0:
+                ids.extend(self.encode_ordinary(part))
+            else:
+                ids.append(self.special_tokens[part])
         return ids
 
     def decode_bytes(self, ids) -> bytes:
@@ -395,15 +442,19 @@ class BPETokenizer:
     def save(self, path) -> Path:
         """Write the tokenizer as JSON a person can read: tokens use GPT-2's printable byte
         characters ("Ġthe" = " the"); merges are [a, b, new id]."""
-        show, specials = bytes_to_unicode(), set(self.special_tokens.values())
+        show = bytes_to_unicode()
+        specials = set(self.special_tokens.values())
+        ordinary = [(idx, tok) for idx, tok in sorted(self.vocab.items()) if idx not in specials]
+        vocab = {idx: "".join(map(show.get, token)) for idx, token in ordinary}
+        merges = [[a, b, idx] for (a, b), idx in self.merges.items()]
         data = {"kind": "bpe", "pattern": self.pattern, "special_tokens": self.special_tokens,
-                "vocab": {idx: "".join(map(show.get, token)) for idx, token in sorted(self.vocab.items())
-                          if idx not in specials},
-                "merges": [[a, b, idx] for (a, b), idx in self.merges.items()]}
+                "vocab": vocab, "merges": merges}
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(data, ensure_ascii=False, indent=1)
-        text = regex.sub(r"\[\s+(\d+),\s+(\d+),\s+(\d+)\s+\]", r"[\1, \2, \3]", text)  # one merge per line
+        # indent=1 puts each number of a merge on a line of its own: one merge per line instead
+        spread_merge = r"\[\s+(\d+),\s+(\d+),\s+(\d+)\s+\]"
+        text = regex.sub(spread_merge, r"[\1, \2, \3]", text)
         path.write_text(text, encoding="utf-8")
         return path
 
@@ -414,9 +465,12 @@ class BPETokenizer:
             raise ValueError(f"{path} is not a BPETokenizer file (no \"kind\": \"bpe\"); "
                              "write one with BPETokenizer.save or `python 01_tokenizer.py train`")
         unshow = {ch: b for b, ch in bytes_to_unicode().items()}
-        single = {unshow[token]: int(idx) for idx, token in data["vocab"].items() if len(token) == 1}
+        # the one-character tokens are the 256 bytes: byte -> its id
+        vocab = data["vocab"]
+        byte_to_id = {unshow[tok]: int(idx) for idx, tok in vocab.items() if len(tok) == 1}
+        byte_ids = [byte_to_id[b] for b in range(256)]
         merges = {(a, b): idx for a, b, idx in data["merges"]}
-        return cls(merges, data["special_tokens"], [single[b] for b in range(256)], data["pattern"])
+        return cls(merges, data["special_tokens"], byte_ids, data["pattern"])
 
     @classmethod
     def from_gpt2(cls, encoder_json, vocab_bpe) -> "BPETokenizer":
@@ -427,7 +481,7 @@ class BPETokenizer:
         e.g. "Ġ t" (merge 0: " " + "t" -> " t"), "Ġ a", "h e", ...
         """
         encoder = json.loads(Path(encoder_json).read_text(encoding="utf-8"))
-        lines = Path(vocab_bpe).read_text(encoding="utf-8").split("\n")[1:]
+        lines = Path(vocab_bpe).read_text(encoding="utf-8").split("\n")[1:]  # after "#version"
         special_tokens = {"<|endoftext|>": encoder.pop("<|endoftext|>")}
         show = bytes_to_unicode()
         try:
@@ -455,34 +509,43 @@ class BPETokenizer:
 # no file behind, deleting a corrupt one that was already there. Big files (> 16 MB) print their
 # progress: MB done, rate, time left.
 
-
 def download(url: str, path, sha256: str | None = None, timeout: float = 30) -> Path:
-    """Download url to path (streamed to path + ".tmp", checked, renamed) unless a good file is there.
-    sha256=None: no pinned hash (e.g. Hugging Face's weights), only the byte count is checked."""
+    """Download url to path, unless a good file is there: streamed to path + ".tmp", checked,
+    renamed. sha256=None: no pinned hash (Hugging Face's weights); the byte count is checked."""
     path = Path(path)
-    if path.exists() and (sha256 is None or hashlib.sha256(path.read_bytes()).hexdigest() == sha256):
+    if path.exists() and sha256 is None:
         return path  # a download gets this name only once it is complete and checked
-    path.unlink(missing_ok=True)  # corrupt or outdated: never leave it where a good file is expected
+    if path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == sha256:
+        return path  # the exact bytes we expect
+    path.unlink(missing_ok=True)  # corrupt or stale: never leave it where a good file is expected
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp, digest, done, t0 = path.with_suffix(path.suffix + ".tmp"), hashlib.sha256(), 0, time.perf_counter()
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    digest = hashlib.sha256()
+    done = 0  # bytes written so far
+    t0 = time.perf_counter()
+    headers = {"Accept-Encoding": "identity"}  # the raw bytes, no gzip
     try:
-        with requests.get(url, stream=True, timeout=timeout, headers={"Accept-Encoding": "identity"}) as r:
-            r.raise_for_status()
-            total = int(r.headers.get("content-length", 0))  # exact: identity encoding, no gzip
+        with requests.get(url, stream=True, timeout=timeout, headers=headers) as response:
+            response.raise_for_status()
+            total = int(response.headers.get("content-length", 0))  # exact: identity encoding
             with open(tmp, "wb") as f:
-                for block in r.iter_content(chunk_size=1 << 20):
+                for block in response.iter_content(chunk_size=1 << 20):
                     done += f.write(block)
                     digest.update(block)
                     if total > 1 << 24:  # progress for big files (> 16 MB)
-                        rate, end = done / (time.perf_counter() - t0), "\n" if done == total else ""
-                        print(f"\r{path.name}: {done >> 20:,}/{total >> 20:,} MB, {rate / 2**20:.1f} MB/s, "
-                              f"~{(total - done) / rate:.0f} s left ", end=end, flush=True)
+                        rate = done / (time.perf_counter() - t0)  # bytes/s
+                        megabytes = f"{done >> 20:,}/{total >> 20:,} MB"
+                        seconds_left = (total - done) / rate
+                        end = "\n" if done == total else ""  # the last report ends the line
+                        print(f"\r{path.name}: {megabytes}, {rate / 2**20:.1f} MB/s, "
+                              f"~{seconds_left:.0f} s left ", end=end, flush=True)
         if total and done != total:
             raise RuntimeError(f"download of {url} stopped after {done} of {total} bytes; retry")
-        if sha256 and digest.hexdigest() != sha256:
-            raise ValueError(f"sha256 mismatch for {url}: expected {sha256}, got {digest.hexdigest()}; "
-                             "retry; if it persists the file changed upstream: check it and update the hash, "
-                             f"or put the expected file in {path.parent} by hand")
+        got = digest.hexdigest()
+        if sha256 and got != sha256:
+            raise ValueError(f"sha256 mismatch for {url}: expected {sha256}, got {got}; retry; "
+                             "if it persists the file changed upstream: check it and update the "
+                             f"hash, or put the expected file in {path.parent} by hand")
         os.replace(tmp, path)
     except requests.RequestException as e:
         raise RuntimeError(f"download of {url} failed: {e}; check the URL and your network, "
@@ -494,8 +557,10 @@ def download(url: str, path, sha256: str | None = None, timeout: float = 30) -> 
 
 def gpt2(data_dir=DATA_DIR) -> BPETokenizer:
     """Our GPT-2 tokenizer, downloading encoder.json and vocab.bpe into data_dir if needed."""
-    return BPETokenizer.from_gpt2(*[download(f"{GPT2_URL}/{name}", Path(data_dir) / name, sha256)
-                                    for name, sha256 in GPT2_FILES.items()])
+    paths = {}
+    for name, sha256 in GPT2_FILES.items():
+        paths[name] = download(f"{GPT2_URL}/{name}", Path(data_dir) / name, sha256)
+    return BPETokenizer.from_gpt2(paths["encoder.json"], paths["vocab.bpe"])
 
 
 # get_tokenizer: checkpoints and meta.json store a small dict, not the tokenizer, and this rebuilds
@@ -503,61 +568,81 @@ def gpt2(data_dir=DATA_DIR) -> BPETokenizer:
 # ids (the tests check it) and shows how they are made. tiktoken is imported only when asked for,
 # so char-only scripts do not need it.
 def get_tokenizer(spec: dict):
-    """{"kind": "char", "chars": ...} -> CharTokenizer; {"kind": "gpt2"} -> tiktoken's GPT-2 encoding."""
-    if spec.get("kind") == "char":
+    """The tokenizer a dict describes: {"kind": "char", "chars": ...} -> CharTokenizer;
+    {"kind": "gpt2"} -> tiktoken's GPT-2 encoding."""
+    kind = spec.get("kind")
+    if kind == "char":
         return CharTokenizer(spec["chars"])
-    if spec.get("kind") == "gpt2":
+    if kind == "gpt2":
         import tiktoken  # only when asked for: char-only scripts do not need it
 
         return tiktoken.get_encoding("gpt2")
-    raise ValueError(f"unknown tokenizer kind {spec.get('kind')!r}; use {{'kind': 'char', 'chars': ...}} "
-                     "or {'kind': 'gpt2'}")
+    raise ValueError(f"unknown tokenizer kind {kind!r}; "
+                     "use {'kind': 'char', 'chars': ...} or {'kind': 'gpt2'}")
 
 
 # -----------------------------------------------------------------------------
 # The lesson in numbers (python 01_tokenizer.py bench), and the command line
 
-
 def bench_train(text: str, vocab_size: int, naive_chars: int) -> None:
     """The naive trainer against ours on the first naive_chars of text, then ours on all of it."""
-    n_merges, head, rows = vocab_size - 257, text[:naive_chars], []
-    print(f"naive trainer (recount), {n_merges} merges on the first {len(head):,} characters:", flush=True)
-    for name, train, sample, log in [("naive (recount)", train_bpe_naive, head, merge_logger(n_merges)),
-                                     ("ours (incremental)", train_bpe, head, None),
-                                     ("ours (incremental)", train_bpe, text, None)]:
+    n_merges = vocab_size - 257
+    head = text[:naive_chars]
+    print(f"naive trainer (recount), {n_merges} merges on the first {len(head):,} characters:",
+          flush=True)
+    runs = [  # (name, trainer, text, log)
+        ("naive (recount)", train_bpe_naive, head, merge_logger(n_merges)),
+        ("ours (incremental)", train_bpe, head, None),
+        ("ours (incremental)", train_bpe, text, None),
+    ]
+    rows = []  # (name, text, merges, seconds)
+    for name, train, sample, log in runs:
         t0 = time.perf_counter()
-        rows.append((name, sample, train(sample, n_merges, log=log), time.perf_counter() - t0))
+        merges = train(sample, n_merges, log=log)
+        rows.append((name, sample, merges, time.perf_counter() - t0))
+    _, _, naive_merges, naive_seconds = rows[0]
+    _, _, our_merges, _ = rows[1]
     print(f"\nBPE training to vocab {vocab_size} ({n_merges} merges + <|endoftext|>)")
     print(f"{'trainer':<20} {'text bytes':>11} {'seconds':>8} {'ms/merge':>9} {'speedup':>8}")
     for name, sample, _, seconds in rows:
-        speedup = f"{rows[0][3] / seconds:.1f}x" if sample is head else "-"
-        print(f"{name:<20} {len(sample.encode('utf-8')):>11,} {seconds:>8.2f} "
-              f"{1000 * seconds / n_merges:>9.2f} {speedup:>8}")
-    print(f"same merges as the naive trainer: {rows[1][2] == rows[0][2]}")
+        speedup = f"{naive_seconds / seconds:.1f}x" if sample is head else "-"
+        n_bytes = len(sample.encode("utf-8"))
+        ms_per_merge = 1000 * seconds / n_merges
+        print(f"{name:<20} {n_bytes:>11,} {seconds:>8.2f} {ms_per_merge:>9.2f} {speedup:>8}")
+    print(f"same merges as the naive trainer: {our_merges == naive_merges}")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Byte-level BPE from scratch: train, encode, decode, bench.",
-                                     allow_abbrev=False)
-    sub = parser.add_subparsers(dest="command", required=True)
-    tokenizer_help = "'gpt2' (OpenAI's merges) or a JSON file written by train (default: %(default)s)"
-    p = sub.add_parser("train", help="learn a BPE vocabulary from a text file", allow_abbrev=False)
-    p.add_argument("file", help="UTF-8 text file, e.g. data/tinyshakespeare.txt")
-    p.add_argument("--vocab_size", type=int, default=1024, help="256 bytes + merges + <|endoftext|>")
-    p.add_argument("--out", default="out/bpe.json", help="where to write the tokenizer (JSON)")
-    p = sub.add_parser("encode", help="text -> ids", allow_abbrev=False)
-    p.add_argument("text")
-    p.add_argument("--tokenizer", default="gpt2", help=tokenizer_help)
-    p.add_argument("--allowed_special", choices=["none_raise", "all"], default="none_raise",
-                   help="all: <|endoftext|> in the text is the special token (default: %(default)s)")
-    p = sub.add_parser("decode", help="ids -> text", allow_abbrev=False)
-    p.add_argument("ids", type=int, nargs="+")
-    p.add_argument("--tokenizer", default="gpt2", help=tokenizer_help)
-    p = sub.add_parser("bench", help="time the naive and the incremental trainer", allow_abbrev=False)
-    p.add_argument("--vocab_size", type=int, default=1024)
-    p.add_argument("--naive_chars", type=int, default=100_000, help="the naive trainer's text (it is slow)")
-    p.add_argument("--data_dir", default=str(DATA_DIR), help="where tinyshakespeare.txt is (or goes)")
-    for each in (parser, *sub.choices.values()):  # a mistake is one line, not a usage dump
+    description = "Byte-level BPE from scratch: train, encode, decode, bench."
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    commands = parser.add_subparsers(dest="command", required=True)
+    tokenizer_help = ("'gpt2' (OpenAI's merges) or a JSON file written by train "
+                      "(default: %(default)s)")
+    train_parser = commands.add_parser("train", help="learn a BPE vocabulary from a text file",
+                                       allow_abbrev=False)
+    train_parser.add_argument("file", help="UTF-8 text file, e.g. data/tinyshakespeare.txt")
+    train_parser.add_argument("--vocab_size", type=int, default=1024,
+                              help="256 bytes + merges + <|endoftext|>")
+    train_parser.add_argument("--out", default="out/bpe.json",
+                              help="where to write the tokenizer (JSON)")
+    encode_parser = commands.add_parser("encode", help="text -> ids", allow_abbrev=False)
+    encode_parser.add_argument("text")
+    encode_parser.add_argument("--tokenizer", default="gpt2", help=tokenizer_help)
+    encode_parser.add_argument("--allowed_special", choices=["none_raise", "all"],
+                               default="none_raise",
+                               help="all: <|endoftext|> in the text is the special token "
+                                    "(default: %(default)s)")
+    decode_parser = commands.add_parser("decode", help="ids -> text", allow_abbrev=False)
+    decode_parser.add_argument("ids", type=int, nargs="+")
+    decode_parser.add_argument("--tokenizer", default="gpt2", help=tokenizer_help)
+    bench_parser = commands.add_parser("bench", help="time the naive and the incremental trainer",
+                                       allow_abbrev=False)
+    bench_parser.add_argument("--vocab_size", type=int, default=1024)
+    bench_parser.add_argument("--naive_chars", type=int, default=100_000,
+                              help="the naive trainer's text (it is slow)")
+    bench_parser.add_argument("--data_dir", default=str(DATA_DIR),
+                              help="where tinyshakespeare.txt is (or goes)")
+    for each in (parser, *commands.choices.values()):  # a mistake is one line, not a usage dump
         each.error = lambda message, each=each: each.exit(2, f"error: {message} (see --help)\n")
     args = parser.parse_args(argv)
     try:  # the user's input or network: one line `error: ...`, exit status 2, no traceback
@@ -567,31 +652,42 @@ def main(argv=None):
 
 
 def run(args):  # main's command, its arguments checked before any work
-    if getattr(args, "vocab_size", 257) < 257:
-        raise ValueError(f"--vocab_size={args.vocab_size}; use at least 257 (256 bytes + <|endoftext|>)")
+    vocab_size = getattr(args, "vocab_size", 257)  # encode and decode have none
+    if vocab_size < 257:
+        raise ValueError(f"--vocab_size={vocab_size}; "
+                         "use at least 257 (256 bytes + <|endoftext|>)")
     if args.command == "train":
         if not Path(args.file).is_file():
-            raise ValueError(f"{args.file}: no such file; give a UTF-8 text file (data/tinyshakespeare.txt)")
-        text, t0 = Path(args.file).read_text(encoding="utf-8"), time.perf_counter()
+            raise ValueError(f"{args.file}: no such file; "
+                             "give a UTF-8 text file (data/tinyshakespeare.txt)")
+        text = Path(args.file).read_text(encoding="utf-8")
+        t0 = time.perf_counter()
         tok = BPETokenizer.train(text, args.vocab_size, log=merge_logger(args.vocab_size - 257))
-        print(f"{len(tok.merges)} merges in {time.perf_counter() - t0:.2f} s; wrote {tok.save(args.out)}")
+        seconds = time.perf_counter() - t0
+        print(f"{len(tok.merges)} merges in {seconds:.2f} s; wrote {tok.save(args.out)}")
         sample = text[:100_000]
         ratio = len(sample.encode("utf-8")) / len(tok.encode_ordinary(sample))
         print(f"compression on the first 100k characters: {ratio:.2f} bytes/token")
     elif args.command == "bench":
         if args.naive_chars <= 0:
-            raise ValueError(f"--naive_chars={args.naive_chars}; use a positive count, e.g. 100000")
-        url, sha256 = SHAKESPEARE
-        text = download(url, Path(args.data_dir) / "tinyshakespeare.txt", sha256).read_text(encoding="utf-8")
-        bench_train(text, args.vocab_size, args.naive_chars)
-    else:
-        tok = gpt2() if args.tokenizer == "gpt2" else BPETokenizer.load(args.tokenizer)
+            raise ValueError(f"--naive_chars={args.naive_chars}; "
+                             "use a positive count, e.g. 100000")
+        path = download(SHAKESPEARE_URL, Path(args.data_dir) / "tinyshakespeare.txt",
+                        SHAKESPEARE_SHA256)
+        bench_train(path.read_text(encoding="utf-8"), args.vocab_size, args.naive_chars)
+    else:  # encode or decode
+        if args.tokenizer == "gpt2":
+            tok = gpt2()
+        else:
+            tok = BPETokenizer.load(args.tokenizer)
         if args.command == "decode":
-            return print(tok.decode(args.ids))
+            print(tok.decode(args.ids))
+            return
         try:
             ids = tok.encode(args.text, allowed_special=args.allowed_special)
         except ValueError as e:  # tiktoken's message, first line, and our flag
-            raise ValueError(f"{str(e).splitlines()[0]} Add --allowed_special=all to encode it as that token")
+            first_line = str(e).splitlines()[0]
+            raise ValueError(f"{first_line} Add --allowed_special=all to encode it as that token")
         print(ids)
         print(" | ".join(repr(tok.decode([i])) for i in ids))
 

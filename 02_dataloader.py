@@ -8,7 +8,8 @@ cuts it into batches, in the order the data travels:
               each step says what it removed ("garbage in, garbage out")
 3. prepare    tokenize once into flat train.bin / val.bin files (uint16 while the vocabulary
               fits) + meta.json, as nanoGPT's data/*/prepare.py does, in the one home of prepared
-              data, data/<dataset>-<tokenizer>/ (e.g. data/tinyshakespeare-char/), which 05 and 06 read
+              data, data/<dataset>-<tokenizer>/ (e.g. data/tinyshakespeare-char/), which 05 and
+              06 read
 4. load       read the token files back with np.memmap: the OS pages in only the windows we
               touch, so a corpus larger than RAM works the same way as tiny Shakespeare
 5. batch      (x, y) pairs where y is x shifted by one token: at every position the model
@@ -26,7 +27,7 @@ de-duplication and quality rules; Lee et al. 2022, "Deduplicating Training Data 
 Run (CPU is plenty, nothing here trains):
     python 02_dataloader.py                 # tiny Shakespeare -> data/tinyshakespeare-{char,gpt2}/
     python 02_dataloader.py --tokenizers=char --block_size=16
-    python 02_dataloader.py --text_file=my.txt --normalize=NFKC     # -> data/my-char/, data/my-gpt2/
+    python 02_dataloader.py --text_file=my.txt --normalize=NFKC  # -> data/my-char/, data/my-gpt2/
     python 02_dataloader.py --help
 """
 
@@ -44,25 +45,30 @@ import requests
 import torch
 from torch.utils.data import Dataset, Sampler
 
-DATA_DIR = Path(__file__).resolve().parent / "data"  # downloads, and the prepared corpora next to them
+# downloads, and the prepared corpora next to them
+DATA_DIR = Path(__file__).resolve().parent / "data"
 
 # -----------------------------------------------------------------------------
 # 1. fetch: the corpora we know, with the hash of the exact bytes we expect
 
-_RASBT = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07"
+_SHAKESPEARE = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare"
 _GPT2 = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main"
+_RASBT = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07"
 SOURCES = {  # name -> (url, sha256, filename in data/)
-    "tinyshakespeare": (
-        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed", "tinyshakespeare.txt"),
+    "tinyshakespeare": (f"{_SHAKESPEARE}/input.txt",
+                        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+                        "tinyshakespeare.txt"),
     "gpt2-encoder": (f"{_GPT2}/encoder.json",
-                     "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783", "encoder.json"),
+                     "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+                     "encoder.json"),
     "gpt2-vocab": (f"{_GPT2}/vocab.bpe",
-                   "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5", "vocab.bpe"),
+                   "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+                   "vocab.bpe"),
     "instruction-data": (f"{_RASBT}/01_main-chapter-code/instruction-data.json",
                          "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944",
                          "instruction-data.json"),
-    "preference-data": (f"{_RASBT}/04_preference-tuning-with-dpo/instruction-data-with-preference.json",
+    "preference-data": (f"{_RASBT}/04_preference-tuning-with-dpo/"
+                        "instruction-data-with-preference.json",
                         "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e",
                         "instruction-data-with-preference.json"),
 }
@@ -71,7 +77,8 @@ SOURCES = {  # name -> (url, sha256, filename in data/)
 def fetch(name: str, data_dir=DATA_DIR) -> Path:
     """The local path of the known source `name`, downloaded into data_dir if it is missing."""
     if name not in SOURCES:
-        raise ValueError(f"unknown source {name!r}; known sources: {', '.join(SOURCES)}")
+        known = ", ".join(SOURCES)
+        raise ValueError(f"unknown source {name!r}; known sources: {known}")
     url, sha256, filename = SOURCES[name]
     return download(url, Path(data_dir) / filename, sha256)
 
@@ -83,10 +90,14 @@ def fetch(name: str, data_dir=DATA_DIR) -> Path:
 # thousand times, lines of "=====") becomes junk in the samples. Real pipelines (C4, Gopher,
 # FineWeb) chain many such steps; these four are the core ideas, small enough to read.
 
-
 def _examples(items, n=3, width=60) -> list[str]:
     """A few short reprs for a report."""
-    return [repr(s if len(s) <= width else s[:width] + "...") for s in items[:n]]
+    shown = []
+    for item in items[:n]:
+        if len(item) > width:
+            item = item[:width] + "..."
+        shown.append(repr(item))
+    return shown
 
 
 def normalize_unicode(text: str, form: str = "NFC") -> tuple[str, dict]:
@@ -104,8 +115,8 @@ def normalize_unicode(text: str, form: str = "NFC") -> tuple[str, dict]:
     lines = text.split("\n")
     normalized = [unicodedata.normalize(form, line) for line in lines]
     changed = [old for old, new in zip(lines, normalized) if old != new]
-    report = {"step": "normalize_unicode", "form": form, "lines_changed": len(changed),
-              "examples": _examples(changed)}
+    report = {"step": "normalize_unicode", "form": form,
+              "lines_changed": len(changed), "examples": _examples(changed)}
     return "\n".join(normalized), report
 
 
@@ -113,7 +124,8 @@ _WHITESPACE_RULES = [  # (what, pattern, replacement), applied in this order
     ("\\r\\n or \\r line endings", re.compile(r"\r\n?"), "\n"),
     ("zero-width spaces and BOMs", re.compile("[\u200b\ufeff]"), ""),
     ("control characters", re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"), ""),
-    ("exotic spaces (no-break, em, ...)", re.compile("[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]"), " "),
+    ("exotic spaces (no-break, em, ...)",
+     re.compile("[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]"), " "),
     ("trailing spaces at line ends", re.compile(r"[ \t]+(?=\n|\Z)"), ""),
     ("runs of 3+ newlines", re.compile(r"\n{3,}"), "\n\n"),
 ]
@@ -127,11 +139,12 @@ def normalize_whitespace(text: str) -> tuple[str, dict]:
     and runs of spaces inside a line are kept (in code and verse they mean something).
     Example: normalize_whitespace("a \\r\\n\\n\\n\\nb\\u00a0c")[0] == "a\\n\\nb c".
     """
-    fixes = {}
+    fixes = {}  # what -> how many, for the rules that changed something
     for what, pattern, replacement in _WHITESPACE_RULES:
         text, n = pattern.subn(replacement, text)
-        fixes[what] = n
-    report = {"step": "normalize_whitespace", "fixes": {k: v for k, v in fixes.items() if v}}
+        if n:
+            fixes[what] = n
+    report = {"step": "normalize_whitespace", "fixes": fixes}
     return text, report
 
 
@@ -142,9 +155,12 @@ def deduplicate_paragraphs(text: str, min_chars: int = 50) -> tuple[str, dict]:
     memorized instead of learned and wastes compute (Lee et al. 2022). Short paragraphs are
     exempt: in a play, "ROMEO:\\nAy." legitimately occurs many times; only paragraphs of at least
     min_chars characters (after stripping) count as duplicates.
-    We keep a hash per paragraph, not the text: at web scale the set of hashes is what fits in RAM.
+    We keep a hash per paragraph, not the text: at web scale the set of hashes is what fits in
+    RAM.
     """
-    seen, kept, dropped = set(), [], []
+    seen = set()  # the hashes of the paragraphs kept so far
+    kept = []
+    dropped = []
     for paragraph in text.split("\n\n"):
         key = paragraph.strip()
         if len(key) >= min_chars:
@@ -154,63 +170,80 @@ def deduplicate_paragraphs(text: str, min_chars: int = 50) -> tuple[str, dict]:
                 continue
             seen.add(digest)
         kept.append(paragraph)
-    report = {"step": "deduplicate_paragraphs", "paragraphs_removed": len(dropped),
-              "chars_removed": sum(len(p) for p in dropped), "examples": _examples(dropped)}
+    report = {
+        "step": "deduplicate_paragraphs",
+        "paragraphs_removed": len(dropped),
+        "chars_removed": sum(len(p) for p in dropped),
+        "examples": _examples(dropped),
+    }
     return "\n\n".join(kept), report
 
 
-def quality_filter(text: str, min_letter_fraction: float = 0.5, max_char_run: int = 10) -> tuple[str, dict]:
+def quality_filter(text: str, min_letter_fraction: float = 0.5,
+                   max_char_run: int = 10) -> tuple[str, dict]:
     """Drop paragraphs that do not look like prose (two Gopher-style rules).
 
     - too few letters: fewer than min_letter_fraction of the non-space characters are letters
       (tables of numbers, "==== ---- ====", lines of symbols);
     - repeated characters: the same non-space character more than max_char_run times in a row
       ("!!!!!!!!!!!!", "aaaaaaaaaaaaaaaa", ASCII-art rulers).
-    Paragraphs with no visible characters are left alone (whitespace is normalize_whitespace's job).
+    Paragraphs with no visible characters are left alone (whitespace is normalize_whitespace's
+    job).
     """
-    run = re.compile(r"(\S)\1{%d,}" % max_char_run)  # one char, then max_char_run more of it
-    kept, too_few_letters, repeated = [], [], []
+    char_run = re.compile(r"(\S)\1{%d,}" % max_char_run)  # one char, then max_char_run more of it
+    kept = []
+    too_few_letters = []
+    repeated = []
     for paragraph in text.split("\n\n"):
         visible = [ch for ch in paragraph if not ch.isspace()]
-        if visible and sum(ch.isalpha() for ch in visible) < min_letter_fraction * len(visible):
+        n_letters = sum(ch.isalpha() for ch in visible)
+        if visible and n_letters < min_letter_fraction * len(visible):
             too_few_letters.append(paragraph)
-        elif run.search(paragraph):
+        elif char_run.search(paragraph):
             repeated.append(paragraph)
         else:
             kept.append(paragraph)
-    report = {"step": "quality_filter", "paragraphs_removed": len(too_few_letters) + len(repeated),
-              "too_few_letters": len(too_few_letters), "repeated_chars": len(repeated),
-              "examples": _examples(too_few_letters + repeated)}
+    report = {
+        "step": "quality_filter",
+        "paragraphs_removed": len(too_few_letters) + len(repeated),
+        "too_few_letters": len(too_few_letters),
+        "repeated_chars": len(repeated),
+        "examples": _examples(too_few_letters + repeated),
+    }
     return "\n\n".join(kept), report
 
 
-def clean_text(text: str, form: str = "NFC", min_chars: int = 50) -> tuple[str, list[dict]]:
+def clean_text(text: str, form: str = "NFC",
+               min_chars: int = 50) -> tuple[str, list[dict]]:
     """The whole pipeline. Normalize first, so that de-duplication sees equal text as equal."""
-    reports = []
-    for step in (lambda t: normalize_unicode(t, form), normalize_whitespace,
-                 lambda t: deduplicate_paragraphs(t, min_chars), quality_filter):
-        text, report = step(text)
-        reports.append(report)
-    return text, reports
+    text, unicode_report = normalize_unicode(text, form)
+    text, whitespace_report = normalize_whitespace(text)
+    text, duplicates_report = deduplicate_paragraphs(text, min_chars)
+    text, quality_report = quality_filter(text)
+    return text, [unicode_report, whitespace_report, duplicates_report, quality_report]
 
 
 def format_report(report: dict) -> str:
     """One line per step: 'quality_filter: paragraphs_removed=2 ... e.g. ['!!!!...']'."""
-    fields = " ".join(f"{k}={v}" for k, v in report.items() if k not in ("step", "examples"))
-    examples = f"  e.g. {', '.join(report['examples'])}" if report.get("examples") else ""
-    return f"{report['step']}: {fields}{examples}"
+    counts = [f"{k}={v}" for k, v in report.items() if k not in ("step", "examples")]
+    line = f"{report['step']}: {' '.join(counts)}"
+    if report.get("examples"):
+        line += f"  e.g. {', '.join(report['examples'])}"
+    return line
 
 
 # -----------------------------------------------------------------------------
 # 3. prepare: tokenize once, store flat token files + metadata
 
-
 def token_dtype(n_vocab: int) -> np.dtype:
     """uint16 holds ids 0..65535, enough for GPT-2's 50257 and half the disk of uint32."""
-    return np.dtype(np.uint16) if n_vocab <= 2**16 else np.dtype(np.uint32)
+    if n_vocab <= 2**16:
+        return np.dtype(np.uint16)
+    return np.dtype(np.uint32)
 
 
-def prepare_corpus(text: str, out_dir, tokenizer_spec: dict, val_fraction: float = 0.1) -> dict:
+def prepare_corpus(text: str, out_dir, tokenizer_spec: dict,
+                   val_fraction: float = 0.1) -> dict:
     """Tokenize text into out_dir/train.bin, val.bin and meta.json; return the metadata.
 
     The split is on the TEXT: the first (1 - val_fraction) of the characters are train, the rest
@@ -219,18 +252,24 @@ def prepare_corpus(text: str, out_dir, tokenizer_spec: dict, val_fraction: float
     The .bin files are raw token ids with no header; meta.json says how to read them.
     """
     if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}; e.g. use 0.1")
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}; "
+                         "e.g. use 0.1")
     tokenizer = get_tokenizer(tokenizer_spec)
     dtype = token_dtype(tokenizer.n_vocab)
     split_at = int(len(text) * (1 - val_fraction))
+    parts = {"train": text[:split_at], "val": text[split_at:]}
+    encode_options = {}
+    if tokenizer.eot_token is not None:
+        # a literal <|endoftext|> in a GPT-2 corpus is a document separator: encode it as the token
+        encode_options["allowed_special"] = "all"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "meta.json").unlink(missing_ok=True)  # an earlier run's: it would not fit the new .bin files
+    # an earlier run's meta.json would not fit the new .bin files
+    (out_dir / "meta.json").unlink(missing_ok=True)
     counts = {}
-    for split, part in (("train", text[:split_at]), ("val", text[split_at:])):
-        # a literal <|endoftext|> in a GPT-2 corpus is a document separator: encode it as the token
-        special = {} if tokenizer.eot_token is None else {"allowed_special": "all"}
-        ids = np.array(tokenizer.encode(part, **special), dtype=np.int64)
+    for split, part in parts.items():
+        encoded = tokenizer.encode(part, **encode_options)
+        ids = np.array(encoded, dtype=np.int64)
         if len(ids) == 0:
             raise ValueError(f"the {split} split is empty ({len(text)} characters of text); "
                              "use more text or another val_fraction")
@@ -254,34 +293,45 @@ def prepare_corpus(text: str, out_dir, tokenizer_spec: dict, val_fraction: float
 # rather than train on garbage. np.memmap maps the file instead of reading it: the OS pages in
 # only the windows we touch, so a corpus larger than RAM works the same way as tiny Shakespeare.
 
-
 def load_meta(corpus_dir) -> dict:
     """meta.json of a corpus that 02_dataloader.py prepared in data_dir/<dataset>-<tokenizer>/."""
-    path, (dataset, _, tokenizer) = Path(corpus_dir) / "meta.json", Path(corpus_dir).name.rpartition("-")
+    corpus_dir = Path(corpus_dir)
+    path = corpus_dir / "meta.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found; prepare it with: python 02_dataloader.py --dataset="
-                                f"{dataset} --tokenizers={tokenizer} --data_dir={path.parent.parent} "
+        dataset, _, tokenizer = corpus_dir.name.rpartition("-")  # "tinyshakespeare", "char"
+        raise FileNotFoundError(f"{path} not found; prepare it with: python 02_dataloader.py "
+                                f"--dataset={dataset} --tokenizers={tokenizer} "
+                                f"--data_dir={corpus_dir.parent} "
                                 "(and --text_file=FILE if it is your own text)")
     return json.loads(path.read_text(encoding="utf-8"))
 
 
 def load_tokens(corpus_dir, split: str) -> np.memmap:
-    """The token ids of split ("train" or "val") as a read-only np.memmap, checked against meta.json."""
+    """The ids of split ("train" or "val") as a read-only np.memmap, checked against meta.json."""
     if split not in ("train", "val"):
         raise ValueError(f"unknown split {split!r}; use 'train' or 'val'")
-    meta, path = load_meta(corpus_dir), Path(corpus_dir) / f"{split}.bin"
+    meta = load_meta(corpus_dir)
+    path = Path(corpus_dir) / f"{split}.bin"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found; prepare the corpus again")
-    if meta["dtype"] not in ("uint16", "uint32") or meta["n_vocab"] > np.iinfo(meta["dtype"]).max + 1:
-        raise ValueError(f"{path.parent / 'meta.json'}: n_vocab {meta['n_vocab']} does not fit in "
-                         f"{meta['dtype']} (token files are uint16 or uint32); prepare the corpus again")
-    dtype, n_tokens, size = np.dtype(meta["dtype"]), meta[f"{split}_tokens"], path.stat().st_size
-    if size != n_tokens * dtype.itemsize:
+    known_dtype = meta["dtype"] in ("uint16", "uint32")
+    if not known_dtype or meta["n_vocab"] > np.iinfo(meta["dtype"]).max + 1:
+        meta_path = path.parent / "meta.json"
+        raise ValueError(f"{meta_path}: n_vocab {meta['n_vocab']} does not fit in "
+                         f"{meta['dtype']} (token files are uint16 or uint32); "
+                         "prepare the corpus again")
+    dtype = np.dtype(meta["dtype"])
+    n_tokens = meta[f"{split}_tokens"]
+    n_bytes = path.stat().st_size
+    expected_bytes = n_tokens * dtype.itemsize
+    if n_bytes != expected_bytes:
         other = np.dtype(np.uint32 if dtype == np.uint16 else np.uint16)
-        hint = (f"it looks written as {other}, not {dtype}" if size == n_tokens * other.itemsize
-                else "it is truncated or from another run")
-        raise ValueError(f"{path} has {size} bytes but meta.json says {n_tokens} tokens of {dtype} "
-                         f"= {n_tokens * dtype.itemsize} bytes; {hint}; prepare the corpus again")
+        if n_bytes == n_tokens * other.itemsize:
+            hint = f"it looks written as {other}, not {dtype}"
+        else:
+            hint = "it is truncated or from another run"
+        raise ValueError(f"{path} has {n_bytes} bytes but meta.json says {n_tokens} tokens of "
+                         f"{dtype} = {expected_bytes} bytes; {hint}; prepare the corpus again")
     return np.memmap(path, dtype=dtype, mode="r")
 
 
@@ -301,32 +351,37 @@ def load_tokens(corpus_dir, split: str) -> np.memmap:
 # the copy to the GPU overlaps with compute. Its checks are inline, so later stages copy exactly
 # load_meta, load_tokens and get_batch.
 
-
-def get_batch(data, batch_size: int, block_size: int, step: int, seed: int = 0,
-              rank: int = 0, world_size: int = 1, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank's rows of global batch number step, a pure function of (seed, step): x, y (B // world_size, T)."""
-    if not 0 < block_size < len(data):
-        raise ValueError(f"block_size must be positive, got {block_size}" if block_size <= 0 else
-                         f"the data has {len(data)} tokens but one (x, y) window needs block_size + 1 "
-                         f"= {block_size + 1}; use a smaller block_size or more text")
+def get_batch(data, batch_size: int, block_size: int, step: int, seed: int = 0, rank: int = 0,
+              world_size: int = 1, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank's rows of global batch number step, a pure function of (seed, step):
+    x, y (B // world_size, T)."""
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    if block_size >= len(data):
+        raise ValueError(f"the data has {len(data)} tokens but one (x, y) window needs "
+                         f"block_size + 1 = {block_size + 1}; "
+                         "use a smaller block_size or more text")
     if world_size <= 0 or batch_size <= 0 or batch_size % world_size:
         raise ValueError(f"batch_size {batch_size} does not split across {world_size} ranks; "
                          "use a positive multiple of world_size")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1} (world_size {world_size})")
     per_rank = batch_size // world_size
-    starts = np.random.default_rng([seed, step]).integers(0, len(data) - block_size, size=batch_size)
-    starts = starts[rank * per_rank:(rank + 1) * per_rank]  # this rank's rows of the global batch
+    rng = np.random.default_rng([seed, step])
+    starts = rng.integers(0, len(data) - block_size, size=batch_size)  # the global batch
+    starts = starts[rank * per_rank:(rank + 1) * per_rank]  # this rank's rows of it
     window = data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64)  # (B, T+1)
-    x, y = (torch.from_numpy(np.ascontiguousarray(w)) for w in (window[:, :-1], window[:, 1:]))  # (B, T)
+    x = torch.from_numpy(np.ascontiguousarray(window[:, :-1]))  # (B, T)
+    y = torch.from_numpy(np.ascontiguousarray(window[:, 1:]))  # (B, T)
     if torch.device(device).type == "cuda":  # pinned memory lets the copy overlap with compute
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        x = x.pin_memory().to(device, non_blocking=True)
+        y = y.pin_memory().to(device, non_blocking=True)
+        return x, y
     return x.to(device), y.to(device)
 
 
 # -----------------------------------------------------------------------------
 # 5b. every window at a fixed stride, in epochs: the book-style Dataset + a rank-aware sampler
-
 
 class SlidingWindowDataset(Dataset):
     """Window i is x = tokens[i*stride : i*stride + T], y = the same shifted by one.
@@ -338,14 +393,20 @@ class SlidingWindowDataset(Dataset):
     """
 
     def __init__(self, tokens, block_size: int, stride: int):
-        self.tokens = tokens if isinstance(tokens, np.ndarray) else np.asarray(tokens)
-        if block_size <= 0 or stride <= 0:
-            raise ValueError(f"block_size must be positive, got {block_size}" if block_size <= 0 else
-                             f"stride must be positive, got {stride}; e.g. use stride = block_size")
+        if not isinstance(tokens, np.ndarray):
+            tokens = np.asarray(tokens)  # a list; an array or a memmap is kept as it is
+        self.tokens = tokens
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        if stride <= 0:
+            raise ValueError(f"stride must be positive, got {stride}; "
+                             "e.g. use stride = block_size")
         if len(self.tokens) < block_size + 1:
-            raise ValueError(f"the data has {len(self.tokens)} tokens but one (x, y) window needs block_size "
-                             f"+ 1 = {block_size + 1}; use a smaller block_size or more text")
-        self.block_size, self.stride = block_size, stride
+            raise ValueError(f"the data has {len(self.tokens)} tokens but one (x, y) window "
+                             f"needs block_size + 1 = {block_size + 1}; "
+                             "use a smaller block_size or more text")
+        self.block_size = block_size
+        self.stride = stride
 
     def __len__(self) -> int:
         return (len(self.tokens) - self.block_size - 1) // self.stride + 1
@@ -354,7 +415,8 @@ class SlidingWindowDataset(Dataset):
         if not 0 <= i < len(self):
             raise IndexError(f"window {i} is out of range for {len(self)} windows")
         start = i * self.stride
-        window = torch.from_numpy(self.tokens[start:start + self.block_size + 1].astype(np.int64))
+        ids = self.tokens[start:start + self.block_size + 1].astype(np.int64)  # (T+1,)
+        window = torch.from_numpy(ids)
         return window[:-1], window[1:]  # (T,), (T,)
 
 
@@ -365,7 +427,8 @@ class RankBatchSampler(Sampler):
     (or 0..n-1 without shuffle); rank r gets rows [r*B/W, (r+1)*B/W) of it, the same split as
     get_batch. The last incomplete global batch is dropped so that every rank takes the same
     number of steps (a rank with one step fewer would leave the others waiting in all-reduce).
-    Use with a DataLoader: DataLoader(dataset, batch_sampler=RankBatchSampler(len(dataset), ...)).
+    Use with a DataLoader:
+        DataLoader(dataset, batch_sampler=RankBatchSampler(len(dataset), ...))
     Call set_epoch(e) before each epoch for a new order. (torch's DistributedSampler deals the
     same global batch out interleaved, rank r taking every W-th row; contiguous slices make
     "concatenate the ranks' rows = the single-process batch" literally true.)
@@ -374,15 +437,21 @@ class RankBatchSampler(Sampler):
     def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1,
                  shuffle: bool = True, seed: int = 0):
         if world_size <= 0 or batch_size <= 0 or batch_size % world_size:
-            raise ValueError(f"batch_size {batch_size} does not split across {world_size} ranks; "
-                             "use a positive multiple of world_size")
+            raise ValueError(f"batch_size {batch_size} does not split across "
+                             f"{world_size} ranks; use a positive multiple of world_size")
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside 0..{world_size - 1} (world_size {world_size})")
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1} "
+                             f"(world_size {world_size})")
         if n < batch_size:
             raise ValueError(f"{n} examples do not fill one batch of {batch_size}; "
                              "use a smaller batch_size, a smaller stride or more text")
-        self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
-        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+        self.n = n  # examples in the dataset
+        self.batch_size = batch_size  # the global batch, all ranks together
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
@@ -391,35 +460,48 @@ class RankBatchSampler(Sampler):
         return self.n // self.batch_size
 
     def __iter__(self):
-        order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.n) if self.shuffle
-                 else np.arange(self.n))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        else:
+            order = np.arange(self.n)
         per_rank = self.batch_size // self.world_size
+        first = self.rank * per_rank  # this rank's first row in each global batch
         for k in range(len(self)):
             global_batch = order[k * self.batch_size:(k + 1) * self.batch_size]
-            yield global_batch[self.rank * per_rank:(self.rank + 1) * per_rank].tolist()
+            yield global_batch[first:first + per_rank].tolist()
 
 
 # -----------------------------------------------------------------------------
 # The command line: fetch, clean, prepare into data/<dataset>-<tokenizer>/, and look at a batch
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="From raw text to batches: fetch, clean, tokenize into "
-                                     "train.bin/val.bin/meta.json, and show a batch.", allow_abbrev=False,
+    description = ("From raw text to batches: fetch, clean, tokenize into "
+                   "train.bin/val.bin/meta.json, and show a batch.")
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--dataset", help="tinyshakespeare (fetched), or a name for --text_file's text; "
-                        "None: tinyshakespeare, or the text file's stem")
-    parser.add_argument("--text_file", type=Path, help="prepare this UTF-8 text file, not a known corpus")
-    parser.add_argument("--tokenizers", default="char,gpt2", help="comma-separated: char, gpt2 or both")
-    parser.add_argument("--normalize", default="NFC", choices=["NFC", "NFKC"], help="Unicode normal form")
-    parser.add_argument("--clean", nargs="?", const="true", default="true", choices=["true", "false"],
-                        help="clean the text first (bare --clean: true); --clean=false keeps it as it is")
-    parser.add_argument("--val_fraction", type=float, default=0.1, help="tail of the text kept for val")
+    parser.add_argument("--dataset",
+                        help="tinyshakespeare (fetched), or a name for --text_file's text; "
+                             "None: tinyshakespeare, or the text file's stem")
+    parser.add_argument("--text_file", type=Path,
+                        help="prepare this UTF-8 text file, not a known corpus")
+    parser.add_argument("--tokenizers", default="char,gpt2",
+                        help="comma-separated: char, gpt2 or both")
+    parser.add_argument("--normalize", default="NFC", choices=["NFC", "NFKC"],
+                        help="Unicode normal form")
+    parser.add_argument("--clean", nargs="?", const="true", default="true",
+                        choices=["true", "false"],
+                        help="clean the text first (bare --clean: true); "
+                             "--clean=false keeps it as it is")
+    parser.add_argument("--val_fraction", type=float, default=0.1,
+                        help="tail of the text kept for val")
     parser.add_argument("--block_size", type=int, default=32, help="tokens per window")
     parser.add_argument("--batch_size", type=int, default=4, help="windows per batch")
     parser.add_argument("--seed", type=int, default=0, help="seed of get_batch")
     parser.add_argument("--data_dir", type=Path, default=DATA_DIR,
-                        help="downloads, and the prepared DATA_DIR/<dataset>-<tokenizer>/ (05, 06 read it)")
-    parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")  # one line, no usage
+                        help="downloads, and the prepared DATA_DIR/<dataset>-<tokenizer>/ "
+                             "(05, 06 read it)")
+    # a mistake is one line, not a usage dump
+    parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")
     args = parser.parse_args(argv)
     try:  # the user's input or network: one line `error: ...`, exit status 2, no traceback
         run(args)
@@ -428,55 +510,84 @@ def main(argv=None):
 
 
 def run(args):  # main's work, its arguments checked before any of it
-    kinds = list(dict.fromkeys(args.tokenizers.split(",")))
+    kinds = list(dict.fromkeys(args.tokenizers.split(",")))  # each tokenizer once, in order
     if set(kinds) - {"char", "gpt2"}:
         raise ValueError(f"--tokenizers={args.tokenizers}; use char, gpt2 or char,gpt2")
     if not 0 < args.val_fraction < 1:
-        raise ValueError(f"--val_fraction={args.val_fraction}; use a fraction between 0 and 1, e.g. 0.1")
+        raise ValueError(f"--val_fraction={args.val_fraction}; "
+                         "use a fraction between 0 and 1, e.g. 0.1")
     if args.block_size <= 0 or args.batch_size <= 0:
-        raise ValueError(f"--block_size={args.block_size}, --batch_size={args.batch_size}: use sizes > 0")
+        raise ValueError(f"--block_size={args.block_size}, --batch_size={args.batch_size}: "
+                         "use sizes > 0")
     if args.text_file and not args.text_file.is_file():
         raise ValueError(f"--text_file={args.text_file}: no such file")
-    name = args.dataset or (args.text_file.stem if args.text_file else "tinyshakespeare")
+    if args.dataset:
+        name = args.dataset
+    elif args.text_file:
+        name = args.text_file.stem
+    else:
+        name = "tinyshakespeare"
     if not args.text_file and name != "tinyshakespeare":
-        raise ValueError(f"--dataset={name}: the corpus we fetch is tinyshakespeare; for your own text, "
-                         "add --text_file=FILE")
-    path = args.text_file or fetch(name, args.data_dir)
-    for source in [] if args.text_file else ["instruction-data", "preference-data"]:  # for 07 and 08
-        print(f"{fetch(source, args.data_dir)}: {source}, JSON for {'07' if 'instr' in source else '08'}")
+        raise ValueError(f"--dataset={name}: the corpus we fetch is tinyshakespeare; "
+                         "for your own text, add --text_file=FILE")
+    if args.text_file:
+        path = args.text_file
+    else:
+        path = fetch(name, args.data_dir)
+        for source, stage in [("instruction-data", "07"), ("preference-data", "08")]:
+            source_path = fetch(source, args.data_dir)
+            print(f"{source_path}: {source}, JSON for {stage}")
     text = path.read_text(encoding="utf-8")
     print(f"{path}: {len(text):,} characters", flush=True)
     if args.clean == "true":
         cleaned, reports = clean_text(text, form=args.normalize)
-        print("\n".join("  " + format_report(report) for report in reports))
+        for report in reports:
+            print("  " + format_report(report))
         print(f"cleaned: {len(text):,} -> {len(cleaned):,} characters")
         text = cleaned
-    if args.block_size >= int(len(text) * (1 - args.val_fraction)):  # a token is >= 1 character
-        raise ValueError(f"--block_size={args.block_size}: the train split has fewer characters than one "
-                         "window; use a smaller block_size or more text")
-
+    train_chars = int(len(text) * (1 - args.val_fraction))
+    if args.block_size >= train_chars:  # a token is >= 1 character
+        raise ValueError(f"--block_size={args.block_size}: "
+                         "the train split has fewer characters than one window; "
+                         "use a smaller block_size or more text")
     for kind in kinds:
-        spec = CharTokenizer.from_text(text).to_dict() if kind == "char" else {"kind": "gpt2"}
-        out_dir, t0 = args.data_dir / f"{name}-{kind}", time.perf_counter()
-        print(f"\n[{kind}] tokenizing {len(text):,} characters into {out_dir} ...", flush=True)
+        if kind == "char":
+            spec = CharTokenizer.from_text(text).to_dict()
+        else:
+            spec = {"kind": "gpt2"}
+        out_dir = args.data_dir / f"{name}-{kind}"
+        t0 = time.perf_counter()
+        print(f"\n[{kind}] tokenizing {len(text):,} characters into {out_dir} ...",
+              flush=True)
         meta = prepare_corpus(text, out_dir, spec, val_fraction=args.val_fraction)
         train = load_tokens(out_dir, "train")
         tokenizer = get_tokenizer(spec)
+        seconds = time.perf_counter() - t0
         n_tokens = meta["train_tokens"] + meta["val_tokens"]
-        print(f"vocab {meta['n_vocab']:,} ({meta['dtype']}), train {meta['train_tokens']:,} tokens, val "
-              f"{meta['val_tokens']:,} tokens, {len(text) / n_tokens:.2f} characters/token, "
-              f"{time.perf_counter() - t0:.1f} s")
-        x, y = get_batch(train, args.batch_size, args.block_size, step=0, seed=args.seed)
-        print(f"get_batch(step=0): x {tuple(x.shape)}, y {tuple(y.shape)}; row 0:")
-        print(f"  x: {tokenizer.decode(x[0].tolist())!r}")
-        print(f"  y: {tokenizer.decode(y[0].tolist())!r}")
-        if args.batch_size % 2 == 0:
-            halves = [get_batch(train, args.batch_size, args.block_size, 0, args.seed, rank, 2)[0]
-                      for rank in range(2)]
-            print(f"  ranks 0 and 1 of 2 together give the same batch: {torch.equal(torch.cat(halves), x)}")
-        dataset = SlidingWindowDataset(train, args.block_size, stride=args.block_size)
-        print(f"SlidingWindowDataset(stride={args.block_size}): {len(dataset):,} windows; "
-              f"window 1 starts {tokenizer.decode(dataset[1][0][:10].tolist())!r}...")
+        print(f"vocab {meta['n_vocab']:,} ({meta['dtype']}), "
+              f"train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens, "
+              f"{len(text) / n_tokens:.2f} characters/token, {seconds:.1f} s")
+        show_batches(train, tokenizer, args.batch_size, args.block_size, args.seed)
+
+
+def show_batches(train, tokenizer, batch_size: int, block_size: int, seed: int):
+    """Print what the two batch sources make of the train tokens, decoded."""
+    x, y = get_batch(train, batch_size, block_size, step=0, seed=seed)
+    print(f"get_batch(step=0): x {tuple(x.shape)}, y {tuple(y.shape)}; row 0:")
+    print(f"  x: {tokenizer.decode(x[0].tolist())!r}")
+    print(f"  y: {tokenizer.decode(y[0].tolist())!r}")
+    if batch_size % 2 == 0:
+        rank_rows = []
+        for rank in range(2):
+            x_rank, _ = get_batch(train, batch_size, block_size, step=0, seed=seed,
+                                  rank=rank, world_size=2)
+            rank_rows.append(x_rank)
+        same = torch.equal(torch.cat(rank_rows), x)
+        print(f"  ranks 0 and 1 of 2 together give the same batch: {same}")
+    dataset = SlidingWindowDataset(train, block_size, stride=block_size)
+    window_x, _ = dataset[1]
+    print(f"SlidingWindowDataset(stride={block_size}): {len(dataset):,} windows; "
+          f"window 1 starts {tokenizer.decode(window_x[:10].tolist())!r}...")
 
 
 # -----------------------------------------------------------------------------
@@ -485,13 +596,17 @@ def run(args):  # main's work, its arguments checked before any of it
 
 # copied from 01_tokenizer.py: CharTokenizer
 class CharTokenizer:
-    """One token per character: from_text("hello") gives e=0 h=1 l=2 o=3, so "hole" -> [1, 3, 2, 0]."""
+    """One token per character: from_text("hello") gives e=0 h=1 l=2 o=3; "hole" -> [1, 3, 2, 0]."""
 
     def __init__(self, chars: str):
         if len(set(chars)) != len(chars):
-            raise ValueError("chars has repeated characters; build it with CharTokenizer.from_text(text)")
-        self.chars, self.n_vocab, self.eot_token = chars, len(chars), None  # None: no end-of-text token
-        self.stoi, self.itos = {ch: i for i, ch in enumerate(chars)}, dict(enumerate(chars))
+            raise ValueError("chars has repeated characters; "
+                             "build it with CharTokenizer.from_text(text)")
+        self.chars = chars
+        self.n_vocab = len(chars)
+        self.eot_token = None  # no end-of-text token
+        self.stoi = {ch: i for i, ch in enumerate(chars)}  # character -> id
+        self.itos = dict(enumerate(chars))  # id -> character
 
     @classmethod
     def from_text(cls, text: str) -> "CharTokenizer":
@@ -501,8 +616,9 @@ class CharTokenizer:
         try:
             return [self.stoi[ch] for ch in text]
         except KeyError as e:
-            raise ValueError(f"character {e.args[0]!r} is not in the vocabulary; build the tokenizer "
-                             "from text that contains it (CharTokenizer.from_text)") from None
+            raise ValueError(f"character {e.args[0]!r} is not in the vocabulary; "
+                             "build the tokenizer from text that contains it "
+                             "(CharTokenizer.from_text)") from None
 
     def decode(self, ids) -> str:
         try:
@@ -517,45 +633,57 @@ class CharTokenizer:
 
 # copied from 01_tokenizer.py: get_tokenizer
 def get_tokenizer(spec: dict):
-    """{"kind": "char", "chars": ...} -> CharTokenizer; {"kind": "gpt2"} -> tiktoken's GPT-2 encoding."""
-    if spec.get("kind") == "char":
+    """The tokenizer a dict describes: {"kind": "char", "chars": ...} -> CharTokenizer;
+    {"kind": "gpt2"} -> tiktoken's GPT-2 encoding."""
+    kind = spec.get("kind")
+    if kind == "char":
         return CharTokenizer(spec["chars"])
-    if spec.get("kind") == "gpt2":
+    if kind == "gpt2":
         import tiktoken  # only when asked for: char-only scripts do not need it
 
         return tiktoken.get_encoding("gpt2")
-    raise ValueError(f"unknown tokenizer kind {spec.get('kind')!r}; use {{'kind': 'char', 'chars': ...}} "
-                     "or {'kind': 'gpt2'}")
+    raise ValueError(f"unknown tokenizer kind {kind!r}; "
+                     "use {'kind': 'char', 'chars': ...} or {'kind': 'gpt2'}")
 
 
 # copied from 01_tokenizer.py: download
 def download(url: str, path, sha256: str | None = None, timeout: float = 30) -> Path:
-    """Download url to path (streamed to path + ".tmp", checked, renamed) unless a good file is there.
-    sha256=None: no pinned hash (e.g. Hugging Face's weights), only the byte count is checked."""
+    """Download url to path, unless a good file is there: streamed to path + ".tmp", checked,
+    renamed. sha256=None: no pinned hash (Hugging Face's weights); the byte count is checked."""
     path = Path(path)
-    if path.exists() and (sha256 is None or hashlib.sha256(path.read_bytes()).hexdigest() == sha256):
+    if path.exists() and sha256 is None:
         return path  # a download gets this name only once it is complete and checked
-    path.unlink(missing_ok=True)  # corrupt or outdated: never leave it where a good file is expected
+    if path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == sha256:
+        return path  # the exact bytes we expect
+    path.unlink(missing_ok=True)  # corrupt or stale: never leave it where a good file is expected
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp, digest, done, t0 = path.with_suffix(path.suffix + ".tmp"), hashlib.sha256(), 0, time.perf_counter()
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    digest = hashlib.sha256()
+    done = 0  # bytes written so far
+    t0 = time.perf_counter()
+    headers = {"Accept-Encoding": "identity"}  # the raw bytes, no gzip
     try:
-        with requests.get(url, stream=True, timeout=timeout, headers={"Accept-Encoding": "identity"}) as r:
-            r.raise_for_status()
-            total = int(r.headers.get("content-length", 0))  # exact: identity encoding, no gzip
+        with requests.get(url, stream=True, timeout=timeout, headers=headers) as response:
+            response.raise_for_status()
+            total = int(response.headers.get("content-length", 0))  # exact: identity encoding
             with open(tmp, "wb") as f:
-                for block in r.iter_content(chunk_size=1 << 20):
+                for block in response.iter_content(chunk_size=1 << 20):
                     done += f.write(block)
                     digest.update(block)
                     if total > 1 << 24:  # progress for big files (> 16 MB)
-                        rate, end = done / (time.perf_counter() - t0), "\n" if done == total else ""
-                        print(f"\r{path.name}: {done >> 20:,}/{total >> 20:,} MB, {rate / 2**20:.1f} MB/s, "
-                              f"~{(total - done) / rate:.0f} s left ", end=end, flush=True)
+                        rate = done / (time.perf_counter() - t0)  # bytes/s
+                        megabytes = f"{done >> 20:,}/{total >> 20:,} MB"
+                        seconds_left = (total - done) / rate
+                        end = "\n" if done == total else ""  # the last report ends the line
+                        print(f"\r{path.name}: {megabytes}, {rate / 2**20:.1f} MB/s, "
+                              f"~{seconds_left:.0f} s left ", end=end, flush=True)
         if total and done != total:
             raise RuntimeError(f"download of {url} stopped after {done} of {total} bytes; retry")
-        if sha256 and digest.hexdigest() != sha256:
-            raise ValueError(f"sha256 mismatch for {url}: expected {sha256}, got {digest.hexdigest()}; "
-                             "retry; if it persists the file changed upstream: check it and update the hash, "
-                             f"or put the expected file in {path.parent} by hand")
+        got = digest.hexdigest()
+        if sha256 and got != sha256:
+            raise ValueError(f"sha256 mismatch for {url}: expected {sha256}, got {got}; retry; "
+                             "if it persists the file changed upstream: check it and update the "
+                             f"hash, or put the expected file in {path.parent} by hand")
         os.replace(tmp, path)
     except requests.RequestException as e:
         raise RuntimeError(f"download of {url} failed: {e}; check the URL and your network, "

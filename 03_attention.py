@@ -31,8 +31,8 @@ References:
 - Dao et al. 2022, "FlashAttention" (why not materialising the score matrix saves memory and time).
 
 Commands:
-    python 03_attention.py                  # demo: shapes, the causal mask, versions agree, padding, cache
-    python 03_attention.py --bench          # manual attention vs SDPA: time and peak memory
+    python 03_attention.py          # demo: shapes, the causal mask, versions agree, padding, cache
+    python 03_attention.py --bench  # manual attention vs SDPA: time and peak memory
     python 03_attention.py --bench --device=cuda --seq_lens=128,512,2048,8192   # one GPU
     python 03_attention.py --help
 """
@@ -89,7 +89,8 @@ class SelfAttention(nn.Module):
         self.W_v = nn.Linear(d_in, d_out, bias=bias)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        q, k = self.W_q(x), self.W_k(x)  # (B, T, d_out)
+        q = self.W_q(x)  # (B, T, d_out)
+        k = self.W_k(x)  # (B, T, d_out)
         return q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))  # (B, T, T)
 
     def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,8 +133,10 @@ class CausalAttention(SelfAttention):
         scores = self.scores(x)  # (B, T, T)
         T = scores.size(-1)
         # built on the fly: a (T, T) bool is cheap next to the (T, T) float scores we already have
-        future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(diagonal=1)  # (T, T)
-        return scores.masked_fill(future, float("-inf")).softmax(dim=-1)  # (B, T, T)
+        ones = torch.ones(T, T, dtype=torch.bool, device=x.device)
+        future = ones.triu(diagonal=1)  # (T, T): True above the diagonal
+        scores = scores.masked_fill(future, float("-inf"))
+        return scores.softmax(dim=-1)  # (B, T, T)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights = self.dropout(self.attention_weights(x))  # (B, T, T)
@@ -147,8 +150,9 @@ class CausalAttention(SelfAttention):
 def check_n_head(n_embd: int, n_head: int) -> None:
     if n_head <= 0 or n_embd % n_head != 0:
         raise ValueError(
-            f"n_embd={n_embd} is not divisible by n_head={n_head}: every head gets n_embd // n_head "
-            f"channels, so choose an n_head that divides n_embd (GPT-2: n_embd=768, n_head=12)"
+            f"n_embd={n_embd} is not divisible by n_head={n_head}: "
+            "every head gets n_embd // n_head channels, "
+            "so choose an n_head that divides n_embd (GPT-2: n_embd=768, n_head=12)"
         )
 
 
@@ -169,9 +173,9 @@ class MultiHeadAttentionWrapper(nn.Module):
     def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True):
         super().__init__()
         check_n_head(n_embd, n_head)
-        self.heads = nn.ModuleList(
-            CausalAttention(n_embd, n_embd // n_head, dropout, bias) for _ in range(n_head)
-        )
+        head_size = n_embd // n_head
+        heads = [CausalAttention(n_embd, head_size, dropout, bias) for _ in range(n_head)]
+        self.heads = nn.ModuleList(heads)
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
 
@@ -181,20 +185,26 @@ class MultiHeadAttentionWrapper(nn.Module):
 
     @torch.no_grad()
     def fused_state_dict(self) -> dict[str, torch.Tensor]:
-        """These weights in MultiHeadAttention's layout: `mha.load_state_dict(w.fused_state_dict())`.
+        """These weights in MultiHeadAttention's layout.
 
-        The fused c_attn is every head's W_q stacked, then every W_k, then every W_v: its weight is
-        (3 * n_embd, n_embd) and rows [h*hs, (h+1)*hs) of each third belong to head h (hs = head
-        size). That is exactly how MultiHeadAttention splits its output into q, k, v, then heads.
+        Use: `mha.load_state_dict(wrapper.fused_state_dict())`. The fused c_attn is every head's
+        W_q stacked, then every W_k, then every W_v: its weight is (3 * n_embd, n_embd) and rows
+        [h*hs, (h+1)*hs) of each third belong to head h (hs = head size). That is exactly how
+        MultiHeadAttention splits its output into q, k, v, then heads.
         """
-        names = ["weight"] + (["bias"] if self.c_proj.bias is not None else [])
-        fused = {
-            f"c_attn.{name}": torch.cat(
-                [getattr(getattr(head, W), name) for W in ("W_q", "W_k", "W_v") for head in self.heads]
-            )
-            for name in names
-        }
-        fused.update({f"c_proj.{name}": p.clone() for name, p in self.c_proj.state_dict().items()})
+        names = ["weight"]
+        if self.c_proj.bias is not None:
+            names.append("bias")
+        fused = {}
+        for name in names:
+            rows = []  # every head's W_q, then every head's W_k, then every head's W_v
+            for W in ("W_q", "W_k", "W_v"):
+                for head in self.heads:
+                    linear = getattr(head, W)
+                    rows.append(getattr(linear, name))
+            fused[f"c_attn.{name}"] = torch.cat(rows)
+        for name, p in self.c_proj.state_dict().items():
+            fused[f"c_proj.{name}"] = p.clone()
         return fused
 
 
@@ -216,7 +226,8 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True):
         super().__init__()
         check_n_head(n_embd, n_head)
-        self.n_embd, self.n_head = n_embd, n_head
+        self.n_embd = n_embd
+        self.n_head = n_head
         self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.attn_dropout = nn.Dropout(dropout)
@@ -224,17 +235,21 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.size()
+        hs = C // self.n_head  # head size
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
         # channel h*hs + i is channel i of head h; heads go next to B: each head is a batch item
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        att = q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))  # (B, nh, T, T)
-        future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(diagonal=1)  # (T, T)
-        att = att.masked_fill(future, float("-inf")).softmax(dim=-1)
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        att = q @ k.transpose(-2, -1) / math.sqrt(hs)  # (B, nh, T, T)
+        ones = torch.ones(T, T, dtype=torch.bool, device=x.device)
+        future = ones.triu(diagonal=1)  # (T, T): True above the diagonal
+        att = att.masked_fill(future, float("-inf"))
+        att = att.softmax(dim=-1)
         att = self.attn_dropout(att)
         y = att @ v  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again, as in torch.cat
+        # heads side by side again, as in torch.cat
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -253,14 +268,16 @@ class MultiHeadAttention(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention, one F.scaled_dot_product_attention call: (B, T, C) -> (B, T, C)."""
+    """Multi-head causal self-attention by scaled_dot_product_attention: (B, T, C) -> (B, T, C)."""
 
     def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True):
         super().__init__()
         if n_head <= 0 or n_embd % n_head != 0:
-            raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}: each head gets n_embd // "
-                             "n_head channels; choose an n_head that divides n_embd (GPT-2: 768 and 12)")
-        self.n_embd, self.n_head = n_embd, n_head
+            raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}: each head "
+                             "gets n_embd // n_head channels; choose an n_head that divides "
+                             "n_embd (GPT-2: 768 and 12)")
+        self.n_embd = n_embd
+        self.n_head = n_head
         self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)  # q, k, v of all heads in one matmul
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)  # mixes the heads' outputs
         self.attn_dropout_p = dropout  # SDPA takes dropout on the weights as an argument
@@ -268,10 +285,13 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.size()
-        qkv = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in qkv)  # (B, nh, T, hs)
+        hs = C // self.n_head  # head size
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         dropout_p = self.attn_dropout_p if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -309,16 +329,21 @@ class PaddedCausalSelfAttention(CausalSelfAttention):
         B, T, C = x.size()
         if attention_mask.shape != (B, T):
             raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)} but x is (B, T) = {(B, T)} "
-                f"tokens: pass one (B, T) row per sequence, True/1 for real tokens, False/0 for padding"
+                f"attention_mask has shape {tuple(attention_mask.shape)} "
+                f"but x is (B, T) = {(B, T)} tokens: pass one (B, T) row per sequence, "
+                "True/1 for real tokens, False/0 for padding"
             )
-        qkv = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in qkv)  # (B, nh, T, hs)
-        allowed = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (T, T) causal
-        allowed = allowed & attention_mask.bool()[:, None, None, :]  # (B, 1, T, T) and key is real
-        allowed = allowed | torch.eye(T, dtype=torch.bool, device=x.device)  # and self: never NaN
+        hs = C // self.n_head  # head size
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        key_is_real = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (T, T)
+        itself = torch.eye(T, dtype=torch.bool, device=x.device)  # (T, T): the diagonal
+        allowed = (causal & key_is_real) | itself  # (B, 1, T, T), True = may attend; never NaN
         dropout_p = self.attn_dropout_p if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)  # True = allowed
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -326,49 +351,63 @@ class PaddedCausalSelfAttention(CausalSelfAttention):
 # -----------------------------------------------------------------------------
 # Step 7: attention at inference, with a KV cache
 #
-# A language model generates one token at a time, and each new token attends to every token before
-# it. Rerunning the whole sequence for each new token recomputes keys and values that cannot have
-# changed: under the causal mask, a token's k and v depend only on the tokens up to it. So keep them
-# (the KV cache) and feed each step only the new token: its query attends to the cached keys plus
-# its own, and the projections and the MLP run on one row instead of all of them (attention still
-# reads every cached key). The price is memory: 2 * n_layer * n_embd numbers per token and row (GPT-2
-# small in fp32: 75 MB for 1024 tokens), in buffers allocated once, max_len tokens for every row of
-# the batch, and written in place. Growing them by concatenation instead copies the whole cache for
-# every token and layer: 6-10% slower for GPT-2 small on a CPU (`python tests/bench.py answers`); for
-# GPT-2 medium, 8 rows of 500 tokens in bf16, by the last token that reads and writes 0.8 GB, more
-# than its 0.7 GB of weights (arithmetic, not measured).
+# A language model generates one token at a time, and each new token attends to every token
+# before it. Rerunning the whole sequence for each new token recomputes keys and values that cannot
+# have changed: under the causal mask, a token's k and v depend only on the tokens up to it. So
+# keep them (the KV cache) and feed each step only the new token: its query attends to the cached
+# keys plus its own, and the projections and the MLP run on one row instead of all of them
+# (attention still reads every cached key). The price is memory: 2 * n_layer * n_embd numbers per
+# token and row (GPT-2 small in fp32: 75 MB for 1024 tokens), in buffers allocated once, max_len
+# tokens for every row of the batch, and written in place. Growing them by concatenation instead
+# copies the whole cache for every token and layer: 6-10% slower for GPT-2 small on a CPU
+# (`python tests/bench.py answers`); for GPT-2 medium, 8 rows of 500 tokens in bf16, by the last
+# token that reads and writes 0.8 GB, more than its 0.7 GB of weights (arithmetic, not measured).
 # The cache does the attention itself, with the weights of a CausalSelfAttention, so the model's
 # modules stay as they are and any trained model works; a forward pass calls it for layers 0 ..
-# n_layer - 1 in order, and the last one moves `length` (the tokens cached so far) on. The batch is
-# fixed by the first call. The caller's part: position ids that go on from `length` (per row, if
-# padded) and, with padding, a mask on every call (the pads stay in the cache): bool (B, 1, T,
-# length + T) for T new tokens, True = may attend: step 6's rules (causal, real keys, and each query
-# itself) over absolute positions, query i at length + i. Without a mask it is causal, shifted for a
-# later chunk (SDPA's is_causal puts the triangle in the top-left corner, right only when nothing is
-# cached). 07 and 08 answer with this cache; 09 builds all of generation on it.
+# n_layer - 1 in order, and the last one moves `length` (the tokens cached so far) on. The batch
+# is fixed by the first call. The caller's part: position ids that go on from `length` (per row,
+# if padded) and, with padding, a mask on every call (the pads stay in the cache): bool (B, 1, T,
+# length + T) for T new tokens, True = may attend: step 6's rules (causal, real keys, and each
+# query itself) over absolute positions, query i at length + i. Without a mask it is causal,
+# shifted for a later chunk (SDPA's is_causal puts the triangle in the top-left corner, right only
+# when nothing is cached). 07 and 08 answer with this cache; 09 builds all of generation on it.
 
 
 class KVCache:
-    """The keys and values of every token so far, per layer, in (B, n_head, max_len, head_size) buffers."""
+    """The keys and values of every token so far: per layer, (B, n_head, max_len, head_size)."""
 
     def __init__(self, n_layer: int, max_len: int):
-        self.k, self.v, self.length, self.max_len = [None] * n_layer, [None] * n_layer, 0, max_len
+        self.k = [None] * n_layer  # per layer: (B, n_head, max_len, head_size) keys
+        self.v = [None] * n_layer  # per layer: the values, the same shape
+        self.length = 0  # tokens cached so far
+        self.max_len = max_len
 
     def attend(self, attn, x: torch.Tensor, layer: int, mask=None) -> torch.Tensor:
-        """attn's (a CausalSelfAttention's) attention for new tokens x (B, T, C) over the cache and x."""
-        (B, T, C), start = x.size(), self.length
+        """attn (a CausalSelfAttention) on the new tokens x (B, T, C), over the cache and x."""
+        B, T, C = x.size()
+        hs = C // attn.n_head  # head size
+        start = self.length  # the new tokens' positions: start .. end - 1
+        end = start + T
         q, k, v = attn.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
-        q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))
+        q = q.view(B, T, attn.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, attn.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, attn.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         if self.k[layer] is None:  # the first call allocates; every later one writes in place
-            self.k[layer] = k.new_zeros(B, attn.n_head, self.max_len, C // attn.n_head)
+            self.k[layer] = k.new_zeros(B, attn.n_head, self.max_len, hs)
             self.v[layer] = torch.zeros_like(self.k[layer])
-        self.k[layer][:, :, start : start + T], self.v[layer][:, :, start : start + T] = k, v
-        k, v = self.k[layer][:, :, : start + T], self.v[layer][:, :, : start + T]  # views: no copy
-        self.length = start + T if layer == len(self.k) - 1 else start  # the last layer moves it on
-        if mask is None and T > 1 and start > 0:  # a later chunk: the causal triangle, shifted by start
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
-        return attn.c_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C); no dropout at inference
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        k = self.k[layer][:, :, :end]  # (B, nh, end, hs): a view, no copy
+        v = self.v[layer][:, :, :end]  # (B, nh, end, hs)
+        if layer == len(self.k) - 1:  # the last layer moves the cache on
+            self.length = end
+        if mask is None and T > 1 and start > 0:  # a later chunk: the causal triangle, shifted
+            # by start: query i sees keys 0 .. start + i
+            mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        is_causal = mask is None and T > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return attn.c_proj(y)  # no dropout at inference
 
 
 # -----------------------------------------------------------------------------
@@ -416,50 +455,77 @@ def peak_memory_forward(module: nn.Module, x: torch.Tensor, device: str) -> int 
         return torch.cuda.max_memory_allocated() - before
     if device != "cpu":
         return None
-    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # the profiler's backend logs 2 lines a run below 6
+    # the profiler's backend logs 2 lines a run below level 6
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     activities = [torch.profiler.ProfilerActivity.CPU]
     with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
         module(x)
-    records = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    alive = peak = 0
+    events = prof.profiler.kineto_results.events()
+    records = [e for e in events if e.name() == "[memory]"]
+    alive = 0  # bytes allocated and not yet freed
+    peak = 0
     for record in sorted(records, key=lambda e: e.start_ns()):
         alive += record.nbytes()  # positive for an allocation, negative for a free
         peak = max(peak, alive)
     return peak
 
 
+def megabytes(nbytes: int | None) -> str:
+    """A peak for the table: 3.5 MB as "3.5", no measurement (None) as "-"."""
+    if nbytes is None:
+        return "-"
+    return f"{nbytes / 2**20:.1f}"
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest |a - b| of two tensors of the same shape: 0.0 when they agree exactly."""
+    return (a - b).abs().max().item()
+
+
 def bench(args: argparse.Namespace) -> None:
     device = args.device
-    if args.dtype == "auto":
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    else:
+    B = args.batch_size
+    if args.dtype != "auto":
         dtype = getattr(torch, args.dtype)
+    elif device == "cuda":
+        dtype = torch.bfloat16
+    else:
+        dtype = torch.float32
     torch.manual_seed(0)
     manual = MultiHeadAttention(args.n_embd, args.n_head).to(device, dtype).eval()
     sdpa = CausalSelfAttention(args.n_embd, args.n_head).to(device, dtype).eval()
     sdpa.load_state_dict(manual.state_dict())
     bytes_per = torch.finfo(dtype).bits // 8
-    print(f"forward of one attention layer: batch {args.batch_size}, n_embd {args.n_embd}, "
-          f"n_head {args.n_head}, {device}, {dtype}, {torch.get_num_threads()} threads, "
+    threads = torch.get_num_threads()
+    print(f"forward of one attention layer: batch {B}, n_embd {args.n_embd}, "
+          f"n_head {args.n_head}, {device}, {dtype}, {threads} threads, "
           f"median of {args.repeat}")
     print("ms = whole layer (both share the qkv and output projections; only the core differs)")
-    print("peak MB = memory the forward allocates above weights and input "
-          + ("(cuda allocator counters)" if device == "cuda" else "(profiler allocation records)"))
+    if device == "cuda":
+        measured_by = "(cuda allocator counters)"
+    else:
+        measured_by = "(profiler allocation records)"
+    print(f"peak MB = memory the forward allocates above weights and input {measured_by}")
     print("T x T MB = one (B, n_head, T, T) score matrix, which the manual version materialises")
-    header = (f"{'T':>6} {'manual ms':>10} {'sdpa ms':>9} {'speedup':>8} "
-              f"{'manual peak MB':>15} {'sdpa peak MB':>13} {'T x T MB':>9} {'max |diff|':>11}")
+    header = (
+        f"{'T':>6} {'manual ms':>10} {'sdpa ms':>9} {'speedup':>8} "
+        f"{'manual peak MB':>15} {'sdpa peak MB':>13} "
+        f"{'T x T MB':>9} {'max |diff|':>11}"
+    )
     print(header)
     print("-" * len(header))
     for T in args.seq_lens:
-        x = torch.randn(args.batch_size, T, args.n_embd, device=device, dtype=dtype)
+        x = torch.randn(B, T, args.n_embd, device=device, dtype=dtype)
         with torch.inference_mode():
-            diff = (manual(x) - sdpa(x)).abs().max().item()
-            ms = [time_forward(m, x, args.repeat, device) for m in (manual, sdpa)]
-            mem = [peak_memory_forward(m, x, device) for m in (manual, sdpa)]
-        mb = ["-" if b is None else f"{b / 2**20:.1f}" for b in mem]
-        scores_mb = args.batch_size * args.n_head * T * T * bytes_per / 2**20
-        print(f"{T:>6} {ms[0]:>10.2f} {ms[1]:>9.2f} {ms[0] / ms[1]:>7.2f}x "
-              f"{mb[0]:>15} {mb[1]:>13} {scores_mb:>9.1f} {diff:>11.1e}")
+            diff = max_diff(manual(x), sdpa(x))
+            manual_ms = time_forward(manual, x, args.repeat, device)
+            sdpa_ms = time_forward(sdpa, x, args.repeat, device)
+            manual_peak = peak_memory_forward(manual, x, device)
+            sdpa_peak = peak_memory_forward(sdpa, x, device)
+        scores_mb = B * args.n_head * T * T * bytes_per / 2**20
+        print(f"{T:>6} {manual_ms:>10.2f} {sdpa_ms:>9.2f} {manual_ms / sdpa_ms:>7.2f}x "
+              f"{megabytes(manual_peak):>15} {megabytes(sdpa_peak):>13} "
+              f"{scores_mb:>9.1f} {diff:>11.1e}")
 
 
 # -----------------------------------------------------------------------------
@@ -468,34 +534,43 @@ def bench(args: argparse.Namespace) -> None:
 
 def demo() -> None:
     torch.manual_seed(0)
-    B, T, C, n_head = 2, 5, 8, 2
+    B = 2
+    T = 5
+    C = 8
+    n_head = 2
     x = torch.randn(B, T, C)
     print(f"input x: (B, T, C) = {tuple(x.shape)}\n")
 
-    print("1. simple_self_attention (no weights):", tuple(simple_self_attention(x).shape))
+    simple_shape = tuple(simple_self_attention(x).shape)
+    print(f"1. simple_self_attention (no weights): {simple_shape}")
     attn = SelfAttention(C, 4)
+    weights_shape = tuple(attn.attention_weights(x).shape)
     print(f"2. SelfAttention(d_in={C}, d_out=4): {tuple(attn(x).shape)}, "
-          f"weights {tuple(attn.attention_weights(x).shape)}, each row sums to 1")
+          f"weights {weights_shape}, each row sums to 1")
 
     head = CausalAttention(C, 4)
     future = torch.ones(T, T, dtype=torch.bool).triu(diagonal=1)
     print("3. CausalAttention: allowed (1) and masked (0) pairs, row = query, column = key:")
     for row in (~future).int().tolist():
         print("     " + " ".join(map(str, row)))
-    print("   its attention weights for sequence 0 (zero above the diagonal; untrained, so near uniform):")
+    print("   its attention weights for sequence 0 "
+          "(zero above the diagonal; untrained, so near uniform):")
     for row in head.attention_weights(x)[0].tolist():
         print("     " + " ".join(f"{w:.2f}" for w in row))
 
     wrapper = MultiHeadAttentionWrapper(C, n_head)
-    mha, csa = MultiHeadAttention(C, n_head), CausalSelfAttention(C, n_head)
+    mha = MultiHeadAttention(C, n_head)
+    csa = CausalSelfAttention(C, n_head)
     mha.load_state_dict(wrapper.fused_state_dict())  # the same weights, fused into one matrix
     csa.load_state_dict(mha.state_dict())  # identical names: c_attn, c_proj
     with torch.no_grad():
-        y_wrapper, y_mha, y_csa = wrapper(x), mha(x), csa(x)
+        y_wrapper = wrapper(x)
+        y_mha = mha(x)
+        y_csa = csa(x)
     print(f"\n4. MultiHeadAttentionWrapper ({n_head} heads) vs MultiHeadAttention (fused): "
-          f"max |diff| = {(y_wrapper - y_mha).abs().max():.1e}, output {tuple(y_mha.shape)}")
+          f"max |diff| = {max_diff(y_wrapper, y_mha):.1e}, output {tuple(y_mha.shape)}")
     print("5. CausalSelfAttention (SDPA) vs MultiHeadAttention: "
-          f"max |diff| = {(y_csa - y_mha).abs().max():.1e}")
+          f"max |diff| = {max_diff(y_csa, y_mha):.1e}")
 
     padded = PaddedCausalSelfAttention(C, n_head)
     padded.load_state_dict(csa.state_dict())  # the same weights: the mask is the only difference
@@ -507,16 +582,22 @@ def demo() -> None:
             alone = csa(x[1:, real])[0]  # (3, C): no padding at all
             with_mask = padded(x, mask)[1, real]
             without_mask = csa(x)[1, real]
-        print(f"   {side} padding {row}: max |diff| = {(with_mask - alone).abs().max():.1e} with the mask, "
-              f"{(without_mask - alone).abs().max():.1e} without it")
-    print("   (left: the pads come first and leak into the real tokens; right: causality hides them)")
+        print(f"   {side} padding {row}: "
+              f"max |diff| = {max_diff(with_mask, alone):.1e} with the mask, "
+              f"{max_diff(without_mask, alone):.1e} without it")
+    print("   (left: the pads come first and leak into the real tokens; "
+          "right: causality hides them)")
     cache = KVCache(n_layer=1, max_len=T)  # one attention layer: each call moves the cache on
+    outputs = []
     with torch.no_grad():
-        one_by_one = torch.cat([cache.attend(csa, x[:, t : t + 1], layer=0) for t in range(T)], dim=1)
-    print(f"7. KV cache: {T} tokens one at a time over the cached keys and values, vs all at once: "
-          f"max |diff| = {(one_by_one - y_csa).abs().max():.1e}")
-    print("\nparameters (n_embd=768, n_head=12, like one GPT-2 layer): "
-          f"{sum(p.numel() for p in CausalSelfAttention(768, 12).parameters()):,}")
+        for t in range(T):
+            outputs.append(cache.attend(csa, x[:, t : t + 1], layer=0))  # (B, 1, C)
+    one_by_one = torch.cat(outputs, dim=1)  # (B, T, C)
+    print(f"7. KV cache: {T} tokens one at a time over the cached keys and values, "
+          f"vs all at once: max |diff| = {max_diff(one_by_one, y_csa):.1e}")
+    gpt2_layer = CausalSelfAttention(768, 12)
+    n_params = sum(p.numel() for p in gpt2_layer.parameters())
+    print(f"\nparameters (n_embd=768, n_head=12, like one GPT-2 layer): {n_params:,}")
 
 
 def str_to_bool(text: str) -> bool:
@@ -537,35 +618,51 @@ def int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(message) from None
 
 
+def default_device() -> str:
+    """cuda if there is a GPU, else mps (Apple silicon), else cpu."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # a user error is one line that names the fix, not argparse's usage dump
-    parser.error = lambda message: parser.exit(2, f"error: {message}\n")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--bench", type=str_to_bool, nargs="?", const=True, default=False,
-                        help="time and peak memory of manual attention vs SDPA instead of the demo")
-    default_device = "cuda" if torch.cuda.is_available() else (
-        "mps" if torch.backends.mps.is_available() else "cpu")
-    parser.add_argument("--device", default=default_device, choices=["cpu", "cuda", "mps"],
+                        help="time and peak memory of manual attention vs SDPA, not the demo")
+    devices = ["cpu", "cuda", "mps"]
+    parser.add_argument("--device", default=default_device(), choices=devices,
                         help="bench device")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="bench dtype; auto = bfloat16 on cuda (flash kernels need it), float32 else")
+    dtypes = ["auto", "float32", "bfloat16", "float16"]
+    parser.add_argument("--dtype", default="auto", choices=dtypes,
+                        help="bench dtype; auto = bfloat16 on cuda (flash kernels need it), "
+                             "float32 else")
     parser.add_argument("--seq_lens", type=int_list, default=[128, 256, 512, 1024, 2048],
                         help="sequence lengths T to benchmark, comma-separated")
     parser.add_argument("--batch_size", type=int, default=1, help="bench batch size")
     parser.add_argument("--n_embd", type=int, default=768, help="bench width (GPT-2 small: 768)")
     parser.add_argument("--n_head", type=int, default=12, help="bench heads (GPT-2 small: 12)")
     parser.add_argument("--repeat", type=int, default=5, help="timed forwards per measurement")
-    parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")  # one line, no usage
+    # a user error is one line that names the fix, not argparse's usage dump
+    parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")
     args = parser.parse_args(argv)
     if args.repeat < 1 or args.batch_size < 1 or min(args.seq_lens) < 1:
         parser.error("--repeat, --batch_size and every --seq_lens value must be positive")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device=cuda but torch.cuda.is_available() is False: use --device=cpu")
     if args.device == "mps" and not torch.backends.mps.is_available():
-        parser.error("--device=mps but torch.backends.mps.is_available() is False: use --device=cpu")
+        parser.error(
+            "--device=mps but torch.backends.mps.is_available() is False: use --device=cpu"
+        )
     if args.n_head <= 0 or args.n_embd % args.n_head != 0:
-        parser.error(f"--n_head={args.n_head} must divide --n_embd={args.n_embd} (GPT-2: 768 and 12)")
+        parser.error(
+            f"--n_head={args.n_head} must divide --n_embd={args.n_embd} (GPT-2: 768 and 12)"
+        )
     if args.bench:
         bench(args)
     else:

@@ -11,12 +11,12 @@ What this file teaches, top to bottom:
   - MLP, Block, GPT, in nanoGPT's names, so the state dict lines up with OpenAI's checkpoint;
   - GPT-2's initialisation: std 0.02, residual projections scaled by 1/sqrt(2 * n_layer);
   - the loss: cross-entropy computed in fp32, with -100 marking the targets to skip;
-  - counting: parameters (124,439,808 for GPT-2 small) and training FLOPs per token (6N plus
-    attention), the numerator of model FLOPs utilisation (MFU), which 05 measures against a GPU's peak;
+  - counting: parameters (124,439,808 for GPT-2 small) and training FLOPs per token (6N +
+    attention), the numerator of model FLOPs utilisation (MFU), which 05 sets against a GPU's peak;
   - generate(): greedy, temperature, top-k; 09 tells the full story of generation;
   - loading OpenAI's GPT-2 weights: Hugging Face's model.safetensors read by a hand-written
     safetensors reader, with the names mapped onto ours (their Conv1D weights are transposed);
-  - running it: settings as --field=value flags, a device, a precision (the later stages copy these).
+  - running it: settings as --field=value flags, a device, a precision (later stages copy these).
 
 References:
   - Radford et al. 2019, "Language Models are Unsupervised Multitask Learners" (GPT-2).
@@ -28,7 +28,7 @@ References:
 Run it:
   python 04_gpt.py                                  # parameter counts of GPT-2 small + a sample
   python 04_gpt.py --preset=gpt2-xl                 # counts for the 1.5B model (built on "meta")
-  python 04_gpt.py --init_from=gpt2 --prompt="Hello, I'm a language model,"   # downloads 0.5 GB once
+  python 04_gpt.py --init_from=gpt2 --prompt="Hello, I'm a language model,"  # 0.5 GB, once
   python 04_gpt.py --init_from=gpt2 --device=cuda   # the same on one GPU
   python 04_gpt.py --help
 """
@@ -67,7 +67,7 @@ import torch.nn.functional as F
 
 @dataclass
 class GPTConfig:
-    """The numbers that define a GPT; the defaults are GPT-2 small (124M), PRESETS the other sizes."""
+    """The numbers that define a GPT: the defaults are GPT-2 small (124M), PRESETS other sizes."""
 
     block_size: int = 1024  # longest sequence the model can see (number of learned positions)
     vocab_size: int = 50257  # GPT-2's BPE: 50,000 merges + 256 bytes + <|endoftext|>
@@ -81,25 +81,29 @@ class GPTConfig:
         "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
         "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
         "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
-        "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),  # nanoGPT's shakespeare-char
+        "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),  # nanoGPT shakespeare-char
         "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64),  # tests and quick demos
     }
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
-            if isinstance(value := getattr(self, name), bool) or not isinstance(value, int) or value <= 0:
+            value = getattr(self, name)
+            is_int = isinstance(value, int) and not isinstance(value, bool)  # True is an int too
+            if not is_int or value <= 0:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head != 0:
-            raise ValueError(f"GPTConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
-                             f"choose an n_head that divides n_embd (e.g. n_embd={self.n_head * 64})")
+            raise ValueError(f"GPTConfig: n_embd={self.n_embd} is not divisible by "
+                             f"n_head={self.n_head}; choose an n_head that divides n_embd "
+                             f"(e.g. n_embd={self.n_head * 64})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "GPTConfig":
         if name not in cls.PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(cls.PRESETS)}")
-        return cls(**{**cls.PRESETS[name], **overrides})
+            choices = sorted(cls.PRESETS)
+            raise ValueError(f"unknown model preset {name!r}; choose one of {choices}")
+        return cls(**{**cls.PRESETS[name], **overrides})  # the overrides win
 
 
 # MLP: position-wise, each token on its own; most of a block's parameters live here (8 * n_embd^2
@@ -110,9 +114,10 @@ class MLP(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU, so that its weights give its outputs
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        C = config.n_embd
+        self.c_fc = nn.Linear(C, 4 * C, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU: its weights give its outputs
+        self.c_proj = nn.Linear(4 * C, C, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -128,9 +133,10 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config.n_embd, config.n_head, config.dropout, config.bias)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        C = config.n_embd
+        self.ln_1 = nn.LayerNorm(C, bias=config.bias)
+        self.attn = CausalSelfAttention(C, config.n_head, config.dropout, config.bias)
+        self.ln_2 = nn.LayerNorm(C, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x):
@@ -176,9 +182,10 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying: one Parameter, two uses
         self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2's residual projections: std / sqrt(2 * n_layer)
+        residual_std = 0.02 / math.sqrt(2 * config.n_layer)  # GPT-2's residual projections
+        for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                nn.init.normal_(p, mean=0.0, std=residual_std)
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -187,48 +194,65 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, idx, targets=None):
-        """idx, targets: (B, T) token ids and next tokens (-100: skip) -> logits (B, T, vocab_size), loss."""
+        """idx, targets: (B, T) ids and next ids (-100: skip) -> logits (B, T, vocab_size), loss."""
         self._check_input(idx)
         B, T = idx.shape
         pos = torch.arange(T, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        tok_emb = self.transformer.wte(idx)  # (B, T, C)
+        pos_emb = self.transformer.wpe(pos)  # (T, C)
+        x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
         for block in self.transformer.h:
             x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, vocab_size)
         loss = None
         if targets is not None:  # in fp32 whatever the logits' dtype (bf16 under autocast)
-            loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
+            logits_fp32 = logits.float().view(B * T, -1)  # (B * T, vocab_size)
+            loss = F.cross_entropy(logits_fp32, targets.reshape(B * T), ignore_index=-100)
         return logits, loss
 
     def _check_input(self, idx):
         if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"idx must be a (B, T) tensor of integer token ids, not {tuple(idx.shape)} "
-                             f"{idx.dtype}; for one sequence use idx[None], for other dtypes idx.long()")
-        if idx.size(1) > (block_size := self.config.block_size):
-            raise ValueError(f"sequence length {idx.size(1)} exceeds block_size={block_size} (no position "
-                             f"embedding beyond it); crop to the last tokens with idx[:, -{block_size}:]")
-        # eager CPU tensors only: min/max would make the CPU wait for a GPU and break torch.compile's graph
-        if idx.numel() and idx.device.type == "cpu" and not torch.compiler.is_compiling():
-            lo, hi, vocab_size = idx.min().item(), idx.max().item(), self.config.vocab_size
+            raise ValueError(f"idx must be a (B, T) tensor of integer token ids, not "
+                             f"{tuple(idx.shape)} {idx.dtype}; for one sequence use idx[None], "
+                             "for other dtypes idx.long()")
+        block_size = self.config.block_size
+        if idx.size(1) > block_size:
+            raise ValueError(f"sequence length {idx.size(1)} exceeds block_size={block_size} "
+                             "(no position embedding beyond it); crop to the last tokens "
+                             f"with idx[:, -{block_size}:]")
+        # eager CPU only: min/max would make the CPU wait for a GPU, and break torch.compile's graph
+        eager_cpu = idx.device.type == "cpu" and not torch.compiler.is_compiling()
+        if idx.numel() and eager_cpu:
+            lo = idx.min().item()
+            hi = idx.max().item()
+            vocab_size = self.config.vocab_size
             if lo < 0 or hi >= vocab_size:
-                raise ValueError(f"token ids must be in [0, {vocab_size}), got ids from {lo} to {hi}; the "
-                                 "tokenizer and the model disagree: set GPTConfig.vocab_size to its n_vocab")
+                raise ValueError(f"token ids must be in [0, {vocab_size}), got ids from {lo} to "
+                                 f"{hi}; the tokenizer and the model disagree: set "
+                                 "GPTConfig.vocab_size to its n_vocab")
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameters, the tied wte/lm_head once; non_embedding=True leaves out wpe (a lookup, no FLOPs)."""
+        """Parameters (tied wte/lm_head once); non_embedding: without wpe (a lookup, no FLOPs)."""
         n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
 
 
-# flops_per_token: a matmul with a weight of N parameters costs 2N FLOPs per token forward (a multiply
-# and an add per weight) and 4N backward (gradients for the input and for the weight): 6N. Attention
-# adds matmuls with no weights, QK^T and att @ V, 2 * T * C each per layer forward, so 12 * n_layer *
-# T * C for forward + backward (PaLM's appendix B; we count the full T x T even though the causal mask
-# makes half of it zeros, as everyone does). MFU = flops_per_token * tokens/s / the hardware's peak.
+# flops_per_token: a matmul with a weight of N parameters costs 2N FLOPs per token forward (a
+# multiply and an add per weight) and 4N backward (gradients for the input and for the weight): 6N.
+# Attention adds matmuls with no weights, QK^T and att @ V, 2 * T * C each per layer forward, so
+# 12 * n_layer * T * C for forward + backward (PaLM's appendix B; we count the full T x T even
+# though the causal mask makes half of it zeros, as everyone does).
+# MFU = flops_per_token * tokens/s / the hardware's peak.
 def flops_per_token(model: GPT, seq_len: int | None = None) -> int:
-    """Training FLOPs per token at context seq_len: 6N (forward + backward) + attention's 12 L T C."""
-    T, config = model.config.block_size if seq_len is None else seq_len, model.config
-    return 6 * model.num_params(non_embedding=True) + 12 * config.n_layer * T * config.n_embd
+    """Training FLOPs per token at context seq_len: 6N (weights) + 12 L T C (attention)."""
+    config = model.config
+    T = config.block_size if seq_len is None else seq_len
+    weights = 6 * model.num_params(non_embedding=True)
+    attention = 12 * config.n_layer * T * config.n_embd
+    return weights + attention
 
 
 # generate: each new token is fed back as input. temperature=0 is greedy (argmax); otherwise the
@@ -238,20 +262,24 @@ def flops_per_token(model: GPT, seq_len: int | None = None) -> int:
 # context; 03's step 7 has the cache, 07 answers with it, and 09 tells the full story of generation.
 @torch.no_grad()
 def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None):
-    """Append max_new_tokens tokens to idx (B, T); temperature 0 = greedy, top_k = sample the k likeliest."""
+    """Append max_new_tokens tokens to idx (B, T); temperature 0 = greedy; top_k: k likeliest."""
     if temperature < 0 or (top_k is not None and top_k <= 0):
-        raise ValueError(f"need temperature >= 0 (0 = greedy) and top_k a positive integer or None, "
-                         f"got temperature={temperature}, top_k={top_k}")
+        raise ValueError("need temperature >= 0 (0 = greedy) and top_k a positive integer or "
+                         f"None, got temperature={temperature}, top_k={top_k}")
     for _ in range(max_new_tokens):
-        logits = model(idx[:, -model.config.block_size :])[0][:, -1, :]  # (B, vocab_size): the last position
+        context = idx[:, -model.config.block_size :]  # the last block_size tokens
+        logits, _ = model(context)  # (B, T, vocab_size)
+        logits = logits[:, -1, :]  # (B, vocab_size): the last position
         if temperature == 0:
             idx_next = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
         else:
             logits = logits / temperature
             if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
+                k = min(top_k, logits.size(-1))
+                kth = torch.topk(logits, k).values[:, [-1]]  # (B, 1): the k-th largest
                 logits = logits.masked_fill(logits < kth, float("-inf"))
-            idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
+            probs = F.softmax(logits, dim=-1)  # (B, vocab_size)
+            idx_next = torch.multinomial(probs, num_samples=1)  # (B, 1)
         idx = torch.cat((idx, idx_next), dim=1)
     return idx
 
@@ -261,12 +289,13 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: i
 #
 # A .safetensors file is a length, a JSON header and raw bytes; that is the whole format:
 #     [8 bytes: N, little-endian uint64][N bytes: JSON header][data]
-#     header = {"wte.weight": {"dtype": "F32", "shape": [50257, 768], "data_offsets": [0, 154389504]},
+#     header = {"wte.weight": {"dtype": "F32", "shape": [50257, 768],
+#                              "data_offsets": [0, 154389504]},
 #               ..., "__metadata__": {...}}   # offsets are relative to the start of the data
 # Each tensor is its bytes in row-major, little-endian order (every machine PyTorch runs on is
-# little-endian, so torch.frombuffer reads them as they are). No code runs while loading, unlike a
-# pickled .bin checkpoint, which is why Hugging Face moved to this format. The reader checks every
-# offset against the file, reads the tensors in file order, each into its own buffer, and
+# little-endian, so torch.frombuffer reads them as they are). No code runs while loading, unlike
+# a pickled .bin checkpoint, which is why Hugging Face moved to this format. The reader checks
+# every offset against the file, reads the tensors in file order, each into its own buffer, and
 # refuses the dtypes it does not know (SAFETENSORS_DTYPES: safetensors' names -> torch dtypes).
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -276,53 +305,74 @@ SAFETENSORS_DTYPES = {
 
 
 def load_safetensors(path) -> dict[str, torch.Tensor]:
-    """Read a .safetensors file: [N: 8-byte little-endian uint64][N bytes of JSON header][tensor bytes]."""
+    """Read a .safetensors file: [N: 8-byte little-endian uint64][N bytes of JSON][tensors]."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size < 8:
-            raise ValueError(f"{path} is {size} bytes, too short for a safetensors file; re-download it")
+            raise ValueError(f"{path} is {size} bytes, too short for a safetensors file; "
+                             "re-download it")
         (header_len,) = struct.unpack("<Q", f.read(8))
         if 8 + header_len > size:
-            raise ValueError(f"{path}: header length {header_len} exceeds the file size; re-download it")
-        header, start, tensors = json.loads(f.read(header_len)), 8 + header_len, {}
+            raise ValueError(f"{path}: header length {header_len} exceeds the file size; "
+                             "re-download it")
+        header = json.loads(f.read(header_len))
         header.pop("__metadata__", None)
-        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):  # file order
+        start = 8 + header_len  # the data begins here; the offsets count from it
+        tensors = {}
+        in_file_order = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
+        for name, info in in_file_order:
             if info["dtype"] not in SAFETENSORS_DTYPES:
-                raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, which this reader does "
-                                 f"not support; supported: {sorted(SAFETENSORS_DTYPES)}")
-            dtype, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
+                raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, which this "
+                                 "reader does not support; supported: "
+                                 f"{sorted(SAFETENSORS_DTYPES)}")
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            begin, end = info["data_offsets"]
             nbytes = math.prod(info["shape"]) * dtype.itemsize
             if end - begin != nbytes or start + end > size:
-                raise ValueError(f"{path}: tensor {name} has inconsistent offsets; the file is corrupt")
+                raise ValueError(f"{path}: tensor {name} has inconsistent offsets; "
+                                 "the file is corrupt")
             f.seek(start + begin)
-            f.readinto(buffer := bytearray(nbytes))
-            flat = torch.frombuffer(buffer, dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)  # not b""
+            buffer = bytearray(nbytes)
+            f.readinto(buffer)
+            flat = torch.empty(0, dtype=dtype)  # torch.frombuffer refuses an empty buffer
+            if nbytes:
+                flat = torch.frombuffer(buffer, dtype=dtype)
             tensors[name] = flat.view(info["shape"])
     return tensors
 
 
-# Hugging Face's GPT-2 keeps OpenAI's TensorFlow layout: a "Conv1D" computes x @ W with W of shape
-# (in, out), where nn.Linear computes x @ W.T with W of shape (out, in). Those weights get transposed.
-# hf_to_gpt_state_dict maps "h.0.attn.c_attn.weight" (768, 2304) -> "transformer.h.0.attn.c_attn.weight"
-# (2304, 768). Keys come with or without the "transformer." prefix (checkpoints differ). The
-# attention-mask buffers "attn.bias" / "attn.masked_bias" of old checkpoints are constants, not
-# weights: dropped (subtle: the leading dot matters, "h.0.attn.c_attn.bias" also ends with
-# "attn.bias"). lm_head.weight is the tied wte.weight when the checkpoint leaves it out.
-HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Hugging Face's GPT-2 keeps OpenAI's TensorFlow layout: a "Conv1D" computes x @ W with W of
+# shape (in, out), where nn.Linear computes x @ W.T with W of shape (out, in). Those weights get
+# transposed. hf_to_gpt_state_dict maps "h.0.attn.c_attn.weight" (768, 2304) to
+# "transformer.h.0.attn.c_attn.weight" (2304, 768). Keys come with or without the "transformer."
+# prefix (checkpoints differ). The attention-mask buffers "attn.bias" / "attn.masked_bias" of old
+# checkpoints are constants, not weights: dropped (subtle: the leading dot matters,
+# "h.0.attn.c_attn.bias" also ends with "attn.bias"). lm_head.weight is the tied wte.weight when
+# the checkpoint leaves it out.
+HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight",
+                 "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 def hf_to_gpt_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A Hugging Face GPT-2 state dict in our GPT's names, its Conv1D weights (HF_TRANSPOSED) transposed."""
+    """A Hugging Face GPT-2 state dict in our names; Conv1D weights (HF_TRANSPOSED) transposed."""
     out = {}
     for name, tensor in sd.items():
         name = name.removeprefix("transformer.")  # present or not, depending on the checkpoint
-        if not name.endswith((".attn.bias", ".attn.masked_bias")):  # mask buffers, not weights: skip
-            tensor = tensor.t() if name.endswith(HF_TRANSPOSED) else tensor
-            out[name if name == "lm_head.weight" else "transformer." + name] = tensor.contiguous()
+        if name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # mask buffers, not weights: skip
+        if name.endswith(HF_TRANSPOSED):
+            tensor = tensor.t()
+        if name != "lm_head.weight":
+            name = "transformer." + name
+        out[name] = tensor.contiguous()
     if "transformer.wte.weight" not in out:
-        raise ValueError(f"no wte.weight among the keys {sorted(sd)[:5]}...; is this a GPT-2 checkpoint?")
+        raise ValueError(f"no wte.weight among the keys {sorted(sd)[:5]}...; "
+                         "is this a GPT-2 checkpoint?")
     out.setdefault("lm_head.weight", out["transformer.wte.weight"])  # tied: often left out
     return out
+
+
+GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
 # from_pretrained downloads Hugging Face's model.safetensors once into cache_dir/<model_type>/
@@ -332,33 +382,35 @@ def hf_to_gpt_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 # lm_head two separate Parameters, so the tie is made again.
 def from_pretrained(model_type: str, cache_dir) -> "GPT":
     """GPT-2 with OpenAI's weights: "gpt2" (124M), "gpt2-medium", "gpt2-large" or "gpt2-xl"."""
-    names = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-    if model_type not in names:
-        raise ValueError(f"unknown pretrained model {model_type!r}; choose one of {names}")
+    if model_type not in GPT2_SIZES:
+        raise ValueError(f"unknown pretrained model {model_type!r}; choose one of {GPT2_SIZES}")
     url = f"https://huggingface.co/{model_type}/resolve/main/model.safetensors"
-    path = download(url, Path(cache_dir) / model_type / "model.safetensors", sha256=None)  # no hash pinned
+    path = Path(cache_dir) / model_type / "model.safetensors"
+    path = download(url, path, sha256=None)  # no hash pinned
     with torch.device("meta"):  # shapes only: no memory, no random init
         model = GPT(GPTConfig.from_preset(model_type))  # vocab 50257, block 1024, bias, no dropout
-    model.load_state_dict(hf_to_gpt_state_dict(load_safetensors(path)), assign=True)
-    model.lm_head.weight = model.transformer.wte.weight  # assign=True gave them two Parameters: re-tie
+    state_dict = hf_to_gpt_state_dict(load_safetensors(path))
+    model.load_state_dict(state_dict, assign=True)
+    model.lm_head.weight = model.transformer.wte.weight  # assign=True untied them: tie again
     return model
 
 
 # -----------------------------------------------------------------------------
-# Running the model: settings from the command line, a device, a precision (05-09 copy these).
+# Running the model: settings from the command line, a device, a precision (05-10 copy these).
 #
 # A dataclass is the single list of a script's settings: each field, with its type and help text
 # (`n_layer: Annotated[int, "transformer blocks"] = 4`, PEP 593), becomes a --field=value flag
 # (parse_config), a checkpoint can store it (asdict), and its __post_init__ checks a command line
-# before any work, so a mistake costs one line, not a traceback after minutes. Flags are generated,
-# not written: a new setting is one line. Two choices protect a user's work: no abbreviations
-# (argparse would take --max_iter for --max_iters and silently start another run), and a bare bool
-# flag means true (--compile is --compile=true).
+# before any work, so a mistake costs one line, not a traceback after minutes. Flags are
+# generated, not written: a new setting is one line. Two choices protect a user's work: no
+# abbreviations (argparse would take --max_iter for --max_iters and silently start another run),
+# and a bare bool flag means true (--compile is --compile=true).
 
 
 def parse_config(cls, argv=None):
-    """The dataclass cls from the command line: a --field=value flag per Annotated field (bools also
-    bare), cls.PRESETS first when cls has them; a ValueError from cls is one `error:` line, exit 2."""
+    """The dataclass cls from the command line: a --field=value flag per Annotated field (bools
+    also bare), cls.PRESETS first when cls has them; a ValueError from cls is one `error:` line
+    and exit 2."""
 
     def to_bool(text: str) -> bool:
         if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
@@ -366,23 +418,27 @@ def parse_config(cls, argv=None):
         return text.lower() in ("1", "true", "yes")
 
     presets = getattr(cls, "PRESETS", {})
-    parser = argparse.ArgumentParser(description=(cls.__doc__ or "").split("\n")[0], allow_abbrev=False,
-                                     epilog="".join(f"preset {k}: {v}\n" for k, v in presets.items()),
+    description = (cls.__doc__ or "").split("\n")[0]
+    epilog = "".join(f"preset {name}: {values}\n" for name, values in presets.items())
+    parser = argparse.ArgumentParser(description=description, epilog=epilog, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(cls):  # `n_layer: Annotated[int, "transformer blocks"] = 4`: type, help, default
-        kind, help_text = f.type.__origin__, f.type.__metadata__[0]
-        flag = kind is bool
-        parser.add_argument(f"--{f.name}", type=to_bool if flag else kind, metavar=kind.__name__,
-                            nargs="?" if flag else None, const=True if flag else None,
-                            default=argparse.SUPPRESS,  # absent flags stay absent: the preset or default
-                            help=f"{help_text} (default: {f.default!r})".replace("%", "%%"))
-    parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")  # one line, no usage
+    for f in fields(cls):  # `n_layer: Annotated[int, "transformer blocks"] = 4`
+        kind = f.type.__origin__  # int
+        meaning = f.type.__metadata__[0]  # "transformer blocks"
+        help_text = f"{meaning} (default: {f.default!r})".replace("%", "%%")  # argparse %-formats
+        options = dict(type=kind, metavar=kind.__name__, help=help_text)
+        if kind is bool:  # a bare --compile means --compile=true
+            options.update(type=to_bool, nargs="?", const=True)
+        # absent flags stay absent: the preset or the default fills them in
+        parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, **options)
+    # a user error is one line, not argparse's usage dump
+    parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")
     given = vars(parser.parse_args(argv))
     preset = given.get("preset", getattr(cls, "preset", None))
     try:
         if presets and preset not in presets:
             raise ValueError(f"--preset={preset!r} is not valid; use {', '.join(presets)}")
-        return cls(**{**presets.get(preset, {}), **given})
+        return cls(**{**presets.get(preset, {}), **given})  # the flags given win over the preset
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -390,14 +446,17 @@ def parse_config(cls, argv=None):
 
 def pick_device(device: str = "auto") -> str:
     """"auto" -> cuda if there is a GPU, else mps (Apple silicon), else cpu; others are checked."""
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": torch.backends.mps.is_available()}
     if device == "auto":
         return next(kind for kind in ("cuda", "mps", "cpu") if available[kind])
-    kind, _, index = device.partition(":")
+    kind, _, index = device.partition(":")  # "cuda:1" -> "cuda", "1"
     if kind not in available or (index and not index.isdigit()):
         raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:<index> or mps")
-    if not available[kind] or (index and kind == "cuda" and int(index) >= torch.cuda.device_count()):
-        raise ValueError(f"device {device!r} is not available on this machine; use --device=auto (or cpu)")
+    no_such_gpu = kind == "cuda" and index and int(index) >= torch.cuda.device_count()
+    if not available[kind] or no_such_gpu:
+        raise ValueError(f"device {device!r} is not available on this machine; "
+                         "use --device=auto (or cpu)")
     return device
 
 
@@ -415,12 +474,14 @@ def pick_dtype(dtype: str, device: str) -> str:
         raise ValueError(f"--dtype={dtype!r} is not valid; use auto, float32, bfloat16, float16")
     cuda = torch.device(device).type == "cuda"
     if dtype == "float16" and not cuda:
-        raise ValueError("--dtype=float16 needs loss scaling, done on CUDA only; use bfloat16 or float32")
+        raise ValueError("--dtype=float16 needs loss scaling, done on CUDA only; "
+                         "use bfloat16 or float32")
     if dtype != "auto":
         return dtype
-    if cuda:
-        return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
-    return "float32"
+    if not cuda:
+        return "float32"
+    native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    return "bfloat16" if native_bf16 else "float16"
 
 
 def autocast_context(device_type: str, dtype: str):
@@ -435,7 +496,7 @@ def autocast_context(device_type: str, dtype: str):
 # "L4"). CPUs have none that training comes near (a timed matmul read 0.7 to 2.1 TFLOP/s from run
 # to run on one machine), so there the training stages print tokens/s, unless told a peak.
 def peak_flops(device: str, override: float = 0) -> float | None:
-    """The FLOP/s to measure MFU against: override if > 0, a known GPU's datasheet peak, else None."""
+    """FLOP/s to measure MFU against: override if > 0, a known GPU's datasheet peak, else None."""
     peaks = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
              "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
     if override > 0 or torch.device(device).type != "cuda":
@@ -448,85 +509,98 @@ def peak_flops(device: str, override: float = 0) -> float | None:
 # Demo: count, then sample
 
 
-GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-
-
 @dataclass
 class SampleConfig:
-    """Count a GPT-2's parameters and FLOPs, then sample from a random tiny GPT or OpenAI's weights."""
+    """Count a GPT-2's parameters and FLOPs; sample from a random tiny GPT or OpenAI's weights."""
 
-    preset: Annotated[str, "model to count: gpt2, gpt2-medium, gpt2-large, gpt2-xl, small, tiny"] = "gpt2"
-    init_from: Annotated[str, "scratch (a random tiny model) or OpenAI's gpt2 .. gpt2-xl"] = "scratch"
+    preset: Annotated[str, "model to count: gpt2 .. gpt2-xl, small, tiny"] = "gpt2"
+    init_from: Annotated[str, "scratch (random tiny GPT) or OpenAI's gpt2 .. gpt2-xl"] = "scratch"
     prompt: Annotated[str, "text to continue"] = "Hello, I'm a language model,"
     max_new_tokens: Annotated[int, "tokens to generate"] = 30
     temperature: Annotated[float, "0 = greedy; < 1 sharper, > 1 flatter"] = 0.8
     top_k: Annotated[int, "sample among the k likeliest tokens; 0 = all"] = 50
     seed: Annotated[int, "random seed (weights and sampling)"] = 1337
     device: Annotated[str, "auto (cuda, mps, then cpu), cpu, cuda, cuda:1, mps"] = "auto"
-    dtype: Annotated[str, "auto (bf16 or fp16 on CUDA, fp32 elsewhere), float32, bfloat16"] = "auto"
-    save_ckpt: Annotated[bool, "write OpenAI's model to data_dir/<init_from>/ckpt.pt, for 07 and 09"] = False
-    data_dir: Annotated[str, "OpenAI's weights are cached here; '' = data/ next to this script"] = ""
+    dtype: Annotated[str, "auto (bf16 or fp16 on CUDA, else fp32), float32, bfloat16"] = "auto"
+    save_ckpt: Annotated[bool, "write OpenAI's model to data_dir/<init_from>/ckpt.pt"] = False
+    data_dir: Annotated[str, "OpenAI's weights are cached here; '' = data/ by this script"] = ""
 
     def __post_init__(self):  # a ValueError here is one `error:` line from parse_config
-        for name, allowed in {"preset": GPTConfig.PRESETS, "init_from": ("scratch", *GPT2_SIZES)}.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"--{name}={getattr(self, name)!r} is not valid; use {', '.join(allowed)}")
+        choices = {"preset": GPTConfig.PRESETS, "init_from": ("scratch", *GPT2_SIZES)}
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"--{name}={value!r} is not valid; use {', '.join(allowed)}")
         if min(self.max_new_tokens, self.temperature, self.top_k) < 0:
             raise ValueError("--max_new_tokens, --temperature and --top_k must be >= 0")
         if self.save_ckpt and self.init_from == "scratch":
-            raise ValueError("--save_ckpt writes OpenAI's weights: add --init_from=gpt2 (or gpt2-medium...)")
+            raise ValueError("--save_ckpt writes OpenAI's weights: "
+                             "add --init_from=gpt2 (or gpt2-medium...)")
         self.device = pick_device(self.device)
         self.dtype = pick_dtype(self.dtype, self.device)
 
 
 def params_by_component(model: GPT) -> dict[str, int]:
     """Parameter counts grouped the way one thinks about the model; they sum to num_params()."""
-    labels = {"wte": "token embedding (wte, tied with lm_head)", "wpe": "position embedding (wpe)",
-              "attn": "attention (all blocks)", "mlp": "MLP (all blocks)", "ln_": "LayerNorms"}
+    labels = {  # a part of a parameter's name -> its group
+        "wte": "token embedding (wte, tied with lm_head)", "wpe": "position embedding (wpe)",
+        "attn": "attention (all blocks)", "mlp": "MLP (all blocks)", "ln_": "LayerNorms",
+    }
     groups = dict.fromkeys(labels.values(), 0)
     for name, p in model.named_parameters():  # the tied weight appears once, as transformer.wte
-        groups[next(label for part, label in labels.items() if part in name)] += p.numel()
+        label = next(label for part, label in labels.items() if part in name)
+        groups[label] += p.numel()
     return groups
 
 
 def main(argv=None):
     cfg = parse_config(SampleConfig, argv)
-    if cfg.device.startswith("cuda"):  # TF32 matmuls: ~8x the fp32 throughput on Ampere+, ample here
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if cfg.device.startswith("cuda"):  # TF32 matmuls: ~8x fp32's throughput on Ampere+, ample here
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)
 
-    # Counting needs no memory: "meta" tensors have shapes but no storage, so even gpt2-xl is instant.
+    # Counting needs no memory: "meta" tensors have shapes, no storage: even gpt2-xl is instant.
     with torch.device("meta"):
         model = GPT(GPTConfig.from_preset(cfg.preset))
     print(f"{cfg.preset}: {model.config}")
+    n_params = model.num_params()
     for name, n in params_by_component(model).items():
-        print(f"  {name:<42} {n:>14,} {n / model.num_params():>6.1%}")
-    print(f"  {'total (tied weights counted once)':<42} {model.num_params():>14,}")
-    total, weights = flops_per_token(model), 6 * model.num_params(non_embedding=True)
-    print(f"training FLOPs per token at T={model.config.block_size}: {total / 1e9:.2f} GFLOP "
-          f"(weights 6N: {weights / 1e9:.2f}, attention: {(total - weights) / 1e9:.2f})")
+        print(f"  {name:<42} {n:>14,} {n / n_params:>6.1%}")
+    print(f"  {'total (tied weights counted once)':<42} {n_params:>14,}")
+    total = flops_per_token(model) / 1e9
+    weights = 6 * model.num_params(non_embedding=True) / 1e9
+    attention = total - weights
+    print(f"training FLOPs per token at T={model.config.block_size}: {total:.2f} GFLOP "
+          f"(weights 6N: {weights:.2f}, attention: {attention:.2f})")
 
     import tiktoken  # imported here: counting parameters needs no tokenizer
 
     enc = tiktoken.get_encoding("gpt2")
+    data_dir = Path(cfg.data_dir or Path(__file__).resolve().parent / "data")
     if cfg.init_from == "scratch":
-        model, what = GPT(GPTConfig.from_preset("tiny")), "a random 'tiny' model (expect gibberish)"
+        model = GPT(GPTConfig.from_preset("tiny"))
+        what = "a random 'tiny' model (expect gibberish)"
     else:
-        data_dir = Path(cfg.data_dir or Path(__file__).resolve().parent / "data")
-        model, what = from_pretrained(cfg.init_from, cache_dir=data_dir), f"OpenAI's {cfg.init_from}"
-    if cfg.save_ckpt:  # OpenAI's weights enter here, once; later stages load this file (05's format)
-        path, tmp = data_dir / cfg.init_from / "ckpt.pt", data_dir / cfg.init_from / "ckpt.pt.tmp"
+        model = from_pretrained(cfg.init_from, cache_dir=data_dir)
+        what = f"OpenAI's {cfg.init_from}"
+    if cfg.save_ckpt:  # OpenAI's weights enter once, here; later stages load it (05's format)
+        path = data_dir / cfg.init_from / "ckpt.pt"
+        tmp = data_dir / cfg.init_from / "ckpt.pt.tmp"
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": model.state_dict(), "model_args": asdict(model.config), "stage": "openai",
-                    "tokenizer": {"kind": "gpt2"}, "config": asdict(cfg), "iter_num": 0, "val_loss": None,
-                    "best_val_loss": None}, tmp)
+        checkpoint = {"model": model.state_dict(), "model_args": asdict(model.config),
+                      "stage": "openai", "tokenizer": {"kind": "gpt2"}, "config": asdict(cfg),
+                      "iter_num": 0, "val_loss": None, "best_val_loss": None}
+        torch.save(checkpoint, tmp)
         os.replace(tmp, path)  # atomic: a file at path is always a whole checkpoint
         print(f"saved {path}: python 07_finetune.py --init_from={cfg.init_from} finetunes it")
     model.to(cfg.device).eval()
     idx = torch.tensor([enc.encode(cfg.prompt)], device=cfg.device)
+    top_k = cfg.top_k or None  # 0 = all tokens
     with autocast_context(torch.device(cfg.device).type, cfg.dtype):
-        out = generate(model, idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None)
-    print(f"\nsample from {what} on {cfg.device} ({cfg.dtype}):\n{enc.decode(out[0].tolist())}")
+        out = generate(model, idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=top_k)
+    text = enc.decode(out[0].tolist())
+    print(f"\nsample from {what} on {cfg.device} ({cfg.dtype}):\n{text}")
 
 
 # -----------------------------------------------------------------------------
@@ -535,14 +609,16 @@ def main(argv=None):
 
 # copied from 03_attention.py: CausalSelfAttention
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention, one F.scaled_dot_product_attention call: (B, T, C) -> (B, T, C)."""
+    """Multi-head causal self-attention by scaled_dot_product_attention: (B, T, C) -> (B, T, C)."""
 
     def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True):
         super().__init__()
         if n_head <= 0 or n_embd % n_head != 0:
-            raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}: each head gets n_embd // "
-                             "n_head channels; choose an n_head that divides n_embd (GPT-2: 768 and 12)")
-        self.n_embd, self.n_head = n_embd, n_head
+            raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}: each head "
+                             "gets n_embd // n_head channels; choose an n_head that divides "
+                             "n_embd (GPT-2: 768 and 12)")
+        self.n_embd = n_embd
+        self.n_head = n_head
         self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)  # q, k, v of all heads in one matmul
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)  # mixes the heads' outputs
         self.attn_dropout_p = dropout  # SDPA takes dropout on the weights as an argument
@@ -550,42 +626,55 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.size()
-        qkv = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in qkv)  # (B, nh, T, hs)
+        hs = C // self.n_head  # head size
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         dropout_p = self.attn_dropout_p if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
 
 # copied from 01_tokenizer.py: download
 def download(url: str, path, sha256: str | None = None, timeout: float = 30) -> Path:
-    """Download url to path (streamed to path + ".tmp", checked, renamed) unless a good file is there.
-    sha256=None: no pinned hash (e.g. Hugging Face's weights), only the byte count is checked."""
+    """Download url to path, unless a good file is there: streamed to path + ".tmp", checked,
+    renamed. sha256=None: no pinned hash (Hugging Face's weights); the byte count is checked."""
     path = Path(path)
-    if path.exists() and (sha256 is None or hashlib.sha256(path.read_bytes()).hexdigest() == sha256):
+    if path.exists() and sha256 is None:
         return path  # a download gets this name only once it is complete and checked
-    path.unlink(missing_ok=True)  # corrupt or outdated: never leave it where a good file is expected
+    if path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == sha256:
+        return path  # the exact bytes we expect
+    path.unlink(missing_ok=True)  # corrupt or stale: never leave it where a good file is expected
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp, digest, done, t0 = path.with_suffix(path.suffix + ".tmp"), hashlib.sha256(), 0, time.perf_counter()
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    digest = hashlib.sha256()
+    done = 0  # bytes written so far
+    t0 = time.perf_counter()
+    headers = {"Accept-Encoding": "identity"}  # the raw bytes, no gzip
     try:
-        with requests.get(url, stream=True, timeout=timeout, headers={"Accept-Encoding": "identity"}) as r:
-            r.raise_for_status()
-            total = int(r.headers.get("content-length", 0))  # exact: identity encoding, no gzip
+        with requests.get(url, stream=True, timeout=timeout, headers=headers) as response:
+            response.raise_for_status()
+            total = int(response.headers.get("content-length", 0))  # exact: identity encoding
             with open(tmp, "wb") as f:
-                for block in r.iter_content(chunk_size=1 << 20):
+                for block in response.iter_content(chunk_size=1 << 20):
                     done += f.write(block)
                     digest.update(block)
                     if total > 1 << 24:  # progress for big files (> 16 MB)
-                        rate, end = done / (time.perf_counter() - t0), "\n" if done == total else ""
-                        print(f"\r{path.name}: {done >> 20:,}/{total >> 20:,} MB, {rate / 2**20:.1f} MB/s, "
-                              f"~{(total - done) / rate:.0f} s left ", end=end, flush=True)
+                        rate = done / (time.perf_counter() - t0)  # bytes/s
+                        megabytes = f"{done >> 20:,}/{total >> 20:,} MB"
+                        seconds_left = (total - done) / rate
+                        end = "\n" if done == total else ""  # the last report ends the line
+                        print(f"\r{path.name}: {megabytes}, {rate / 2**20:.1f} MB/s, "
+                              f"~{seconds_left:.0f} s left ", end=end, flush=True)
         if total and done != total:
             raise RuntimeError(f"download of {url} stopped after {done} of {total} bytes; retry")
-        if sha256 and digest.hexdigest() != sha256:
-            raise ValueError(f"sha256 mismatch for {url}: expected {sha256}, got {digest.hexdigest()}; "
-                             "retry; if it persists the file changed upstream: check it and update the hash, "
-                             f"or put the expected file in {path.parent} by hand")
+        got = digest.hexdigest()
+        if sha256 and got != sha256:
+            raise ValueError(f"sha256 mismatch for {url}: expected {sha256}, got {got}; retry; "
+                             "if it persists the file changed upstream: check it and update the "
+                             f"hash, or put the expected file in {path.parent} by hand")
         os.replace(tmp, path)
     except requests.RequestException as e:
         raise RuntimeError(f"download of {url} failed: {e}; check the URL and your network, "

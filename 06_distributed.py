@@ -1,40 +1,39 @@
 """06_distributed.py: one model, many processes. DDP, ZeRO-1 and FSDP2 under torchrun.
 
 05 trained the GPT in one process. Here the same training runs on N processes: one per GPU, talking
-through NCCL, or CPU processes talking through gloo (so it runs, and is tested, on a laptop). All three
-strategies are data parallel: every rank runs the whole model on its own slice of each global batch,
-and the ranks average their gradients, so N ranks with B/N rows each take the step one process takes
-with B rows (the tests check it to 1e-6 on CPU; GPUs' TF32, bf16 and summation orders differ in the
-last bits). They differ in what each rank holds, and in which collective runs when:
+through NCCL, or CPU processes talking through gloo (so it runs, and is tested, on a laptop). All
+three strategies are data parallel: every rank runs the whole model on its own slice of each global
+batch, and the ranks average their gradients, so N ranks with B/N rows each take the step one
+process takes with B rows (the tests check it to 1e-6 on CPU; GPUs' TF32, bf16 and summation orders
+differ in the last bits). They differ in what each rank holds, and in which collective runs when:
 
-  per rank, P parameters,      params   grads    AdamW state  collectives in a step
-  fp32 AdamW (bytes)
-  ddp    replicate everything  4P       4P       8P           all-reduce grads during backward
-  zero1  shard optimizer state 4P       4P       8P/N         all-reduce grads; broadcast params
-  fsdp   shard everything      4P/N     4P/N     8P/N         all-gather params before each block's
-                                                              forward and backward; reduce-scatter grads
+  bytes per rank, fp32 AdamW   params grads AdamW state  collectives in a step (P parameters)
+  ddp    replicate everything  4P     4P    8P           all-reduce grads during backward
+  zero1  shard optimizer state 4P     4P    8P/N         all-reduce grads; broadcast params
+  fsdp   shard everything      4P/N   4P/N  8P/N         all-gather params before each block's
+                                                         forward and backward; reduce-scatter grads
 
 (fsdp also holds about one block's gathered parameters at a time; rank 0 prints each rank's bytes.)
-Then what a long job needs: activation checkpointing and torch.compile per block, checkpoints (on rank
-0 in 05's format, or every rank's shards), and restarts that end with the weights of an uninterrupted
-run (bit for bit on CPU), as batches and dropout are functions of (seed, step, rank).
+Then what a long job needs: activation checkpointing and torch.compile per block, checkpoints (on
+rank 0 in 05's format, or every rank's shards), and restarts that end with the weights of an
+uninterrupted run (bit for bit on CPU), as batches and dropout are functions of (seed, step, rank).
 
-References: Li et al. 2020 (DDP); Rajbhandari et al. 2020 (ZeRO); Zhao et al. 2023 (FSDP); Chen et al.
-2016 (activation checkpointing); pytorch/torchtitan (FSDP2 in practice); karpathy/build-nanogpt.
+References: Li et al. 2020 (DDP); Rajbhandari et al. 2020 (ZeRO); Zhao et al. 2023 (FSDP); Chen et
+al. 2016 (activation checkpointing); pytorch/torchtitan (FSDP2 in practice); karpathy/build-nanogpt.
 
 Run (after `python 02_dataloader.py` has prepared the data):
   python 06_distributed.py                                  # a world of one, the same code path
   torchrun --standalone --nproc_per_node=2 06_distributed.py --strategy=fsdp   # 2 CPU ranks (gloo)
-  torchrun --standalone --nproc_per_node=8 06_distributed.py --strategy=fsdp --compile --tokenizer=gpt2 \\
-      --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --batch_size=64 \\
+  torchrun --standalone --nproc_per_node=8 06_distributed.py --strategy=fsdp --compile \\
+      --tokenizer=gpt2 --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --batch_size=64 \\
       --gradient_accumulation_steps=8                          # 8 GPUs (nccl): GPT-2 small
-  # rank 1 dies after step 25, torchrun restarts both, they resume at step 20 (the variable: pytorch#135712)
+  # rank 1 dies after step 25; torchrun restarts both at step 20 (the variable: pytorch#135712)
   TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --standalone --nproc_per_node=2 --max-restarts=1 \\
-      06_distributed.py --init_from=auto --out_dir=out/restart --max_iters=40 --checkpoint_interval=10 \\
-      --fail_at_step=25
+      06_distributed.py --init_from=auto --out_dir=out/restart --max_iters=40 \\
+      --checkpoint_interval=10 --fail_at_step=25
   # several machines: the same command on every node (HOST = node 0's address)
-  torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --rdzv-id=gpt \\
-      06_distributed.py --strategy=fsdp --init_from=auto --batch_size=64
+  torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
+      --rdzv-id=gpt 06_distributed.py --strategy=fsdp --init_from=auto --batch_size=64
 """
 
 import argparse
@@ -73,13 +72,13 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 
 
 @dataclass
-class Dist:
+class World:
     """This process's place in the job (what init_distributed returns)."""
 
-    rank: int  # 0 .. world_size-1 over all machines; rank 0 prints and writes the full checkpoint
-    local_rank: int  # index on this machine: which of its GPUs this process drives (see init_distributed)
-    world_size: int
-    device: str  # "cuda:<LOCAL_RANK modulo the GPUs this process sees>" or "cpu"
+    rank: int  # 0 .. size-1 over all machines; rank 0 prints and writes the full checkpoint
+    local_rank: int  # index on this machine: which of its GPUs this process drives
+    size: int  # how many processes (ranks), over all machines
+    device: str  # "cuda:<local_rank>" ("cuda:0" if a launcher bound one GPU to it) or "cpu"
     owns_group: bool  # init_distributed made the group, so shutdown_distributed destroys it
 
 
@@ -89,38 +88,44 @@ def print0(*args):
         print(*args, flush=True)
 
 
-def init_distributed(device: str = "auto") -> Dist:
+def init_distributed(device: str = "auto") -> World:
     """Join the process group that torchrun prepared, or make a world of one (the same code runs,
     every collective a no-op); a group that exists already (a test's ranks) is joined, left alone.
     torchrun starts one process per GPU (or CPU slot) and tells each who it is in environment
     variables: RANK (global index), LOCAL_RANK (index on this machine: which GPU), WORLD_SIZE, and
     MASTER_ADDR:MASTER_PORT, a store where the ranks find each other. The backend moves the bytes:
     NCCL for CUDA tensors (NVLink, InfiniBand), gloo for CPU tensors (TCP)."""
-    owns_group, torchrun = not dist.is_initialized(), "RANK" in os.environ
-    missing = [v for v in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    owns_group = not dist.is_initialized()
+    torchrun = "RANK" in os.environ
+    needed = ("LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    missing = [name for name in needed if name not in os.environ]
     if owns_group and torchrun and missing:
         raise ValueError(f"RANK is set but {', '.join(missing)} not: start the job with torchrun "
-                         "(torchrun --standalone --nproc_per_node=2 06_distributed.py), or unset RANK")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0 if owns_group else dist.get_rank()))
+                         "or unset RANK")
+    default_local_rank = 0 if owns_group else dist.get_rank()  # a test's ranks: one machine
+    local_rank = int(os.environ.get("LOCAL_RANK", default_local_rank))
     device = pick_device(device)
-    if device.startswith("cuda"):  # one GPU per process: the LOCAL_RANK-th, or the one a launcher bound
-        device = f"cuda:{local_rank if torch.cuda.device_count() > 1 else 0}"
+    if device.startswith("cuda"):  # one GPU per process: the LOCAL_RANK-th, or the one bound to it
+        gpu = local_rank if torch.cuda.device_count() > 1 else 0
+        device = f"cuda:{gpu}"
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 matmuls
+        torch.backends.cudnn.allow_tf32 = True
     else:  # NCCL moves only CUDA tensors and gloo only CPU ones: mps trains on the CPU here
         device = "cpu"
-    backend = "nccl" if device.startswith("cuda") else "gloo"
     if owns_group:  # torchrun's rendezvous, or a group of one whose store lives in this process
-        dist.init_process_group(backend, device_id=torch.device(device) if backend == "nccl" else None,
-                                timeout=timedelta(minutes=30),  # ranks wait at a barrier while rank 0 saves
-                                **({} if torchrun else dict(store=dist.HashStore(), rank=0, world_size=1)))
-    return Dist(dist.get_rank(), local_rank, dist.get_world_size(), device, owns_group)
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        device_id = torch.device(device) if backend == "nccl" else None
+        one = {} if torchrun else dict(store=dist.HashStore(), rank=0, world_size=1)
+        timeout = timedelta(minutes=30)  # the ranks wait at a barrier while rank 0 saves
+        dist.init_process_group(backend, device_id=device_id, timeout=timeout, **one)
+    return World(dist.get_rank(), local_rank, dist.get_world_size(), device, owns_group)
 
 
-def shutdown_distributed(ctx: Dist, failed: bool = False):
-    """Leave the group in an order that cannot hang: a barrier (not after an error: the others may wait
-    elsewhere), gc.collect() to free a dropped DDP (gloo can deadlock under it), then destroy it."""
-    if ctx.owns_group:
+def shutdown_distributed(world: World, failed: bool = False):
+    """Leave the group in an order that cannot hang: a barrier (not after an error: the others may
+    wait elsewhere), gc.collect() to free a dropped DDP (gloo can deadlock under it), destroy it."""
+    if world.owns_group:
         if not failed:
             dist.barrier()
         gc.collect()
@@ -128,94 +133,410 @@ def shutdown_distributed(ctx: Dist, failed: bool = False):
 
 
 # -----------------------------------------------------------------------------
-# 2. Settings, all checked before any work
+# 2. The strategies: how each wraps the model and builds its optimizer
+
+
+def parallelize(model: nn.Module, cfg, world: World) -> nn.Module:
+    """Per block, torchtitan's order: activation checkpointing, compile, DDP or FSDP (whose
+    collectives then wrap the compiled blocks). In place: parameter names, so checkpoints, stay."""
+    for block in model.transformer.h:
+        if cfg.activation_checkpointing:
+            # else every intermediate (q, k, v, the 4x-wide MLP...) waits for backward; with it
+            # a block keeps its input (B, T, C) and reruns: ~33% more compute, far less memory
+            checkpoint_activations(block)
+        if cfg.compile:
+            # fuses the block's elementwise work (LayerNorm, GELU, residual adds) into few kernels:
+            # less memory traffic and fewer saved intermediates, for a compilation at startup.
+            # Evaluation gets a second graph: model.eval() flips .training, which graphs guard on.
+            block.compile(dynamic=False)
+    if cfg.strategy == "fsdp":
+        return shard_fully(model, cfg)
+    # DDP (and zero1): construction broadcasts rank 0's weights; backward all-reduces (averages)
+    # the gradients in ~25 MB buckets as each is ready, overlapping with the rest (.grad: views)
+    device_ids = None
+    if world.device.startswith("cuda"):
+        device_ids = [torch.device(world.device).index]
+    return DDP(model, device_ids=device_ids, gradient_as_bucket_view=True)
+
+
+def shard_fully(model: nn.Module, cfg) -> nn.Module:
+    """FSDP2 (ZeRO-3): fully_shard(block) makes each parameter a DTensor holding this rank's 1/N
+    slice of dim 0, so the optimizer built afterwards holds sharded state too. An all-gather
+    rebuilds a block's parameters before its forward (freed after) and its backward; then a
+    reduce-scatter leaves each rank its slice's averaged gradient. Block by block, then the root
+    (embeddings, head, kept gathered from forward to backward): a rank holds its shards, the root's
+    parameters and about one block in full. Traffic: 1.5x DDP's all-reduce. Over A micro-steps
+    each reduce-scatters (A times the traffic, gradients stay sharded); with
+    --sync_every_micro_step=false full gradients (4P bytes more) wait for the last: 1/A of it.
+    bf16: gathered as bf16 (half the traffic), reduced in fp32; inputs are cast too, so the
+    residual stream adds in bf16 (05, DDP: fp32): losses differ slightly from DDP's."""
+    param_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None  # None: as stored, fp32
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in model.transformer.h:
+        fully_shard(block, mp_policy=policy)
+    return fully_shard(model, mp_policy=policy)
+
+
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of a tensor: a DTensor's (FSDP's) own shard, or a plain tensor whole."""
+    if isinstance(tensor, DTensor):
+        return tensor.to_local()
+    return tensor
+
+
+def build_optimizer(cfg, model: nn.Module, world: World) -> torch.optim.Optimizer:
+    """AdamW (05's configure_optimizers) or plain SGD; for zero1, wrapped in ZeRO stage 1:
+    ZeroRedundancyOptimizer, over a DDP model: each rank owns about 1/N of the parameters (whole
+    tensors, dealt out greedily by size) and keeps optimizer state for those only. After DDP's
+    all-reduce every rank updates just its own parameters, then broadcasts them so that the
+    replicas are equal again. (ZeRO-2 shards the gradients too, ZeRO-3 the parameters: FSDP.)"""
+    if cfg.optimizer == "sgd":  # no state: a gradient that is 2x too large moves the weights 2x
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate)
+    else:
+        module = getattr(model, "module", model)  # DDP keeps the model in .module
+        betas = (cfg.beta1, cfg.beta2)
+        device_type = torch.device(world.device).type
+        optimizer = configure_optimizers(module, cfg.weight_decay, cfg.learning_rate, betas,
+                                         device_type)
+    if cfg.strategy == "zero1":  # the same groups; the optimizer above made no state: no cost
+        optimizer = ZeroRedundancyOptimizer(optimizer.param_groups,
+                                            optimizer_class=type(optimizer), lr=cfg.learning_rate)
+    return optimizer
+
+
+def memory_report(model: nn.Module, optimizer, world: World) -> dict[str, int]:
+    """Bytes of parameters, gradients and optimizer state this rank holds (after a step), counted
+    on the tensors themselves (of a DTensor, its local shard); rank 0 prints every rank's."""
+    params = list(model.parameters())  # a tied weight (wte = lm_head) is listed once
+    state = getattr(optimizer, "optim", optimizer).state  # ZeRO's: in its local optimizer
+    tensors = {"params": params, "grads": [p.grad for p in params if p.grad is not None],
+               "optimizer": [v for s in state.values() for v in s.values() if torch.is_tensor(v)]}
+    memory = {kind: sum(local_part(t).nbytes for t in ts) for kind, ts in tensors.items()}
+    every_rank = [None] * world.size
+    dist.all_gather_object(every_rank, memory)
+    print0("rank     params      grads  optimizer      total   MB after one step")
+    for rank, rank_memory in enumerate(every_rank):
+        byte_counts = [*rank_memory.values(), sum(rank_memory.values())]
+        print0(f"{rank:>4} " + " ".join(f"{b / 2**20:>10.3f}" for b in byte_counts))
+    return memory
+
+
+# -----------------------------------------------------------------------------
+# 3. Training and evaluation: 05's, data parallel. `# NEW:` marks what data parallelism changes
+
+
+def train_step(model, optimizer, data, cfg, world: World, it: int):
+    """05's step on global batch `it`, each rank on its 1/N of the rows (so the gradient is the
+    mean over the same rows, up to the order of float additions): (this rank's mean loss, global
+    gradient norm), tensors still: reading them waits for the GPU, so only log steps do it."""
+    optimizer.zero_grad(set_to_none=True)  # here, not after the step: memory_report sees the grads
+    accumulation = cfg.gradient_accumulation_steps
+    x, y = get_batch(data, cfg.batch_size * accumulation, cfg.block_size, it, cfg.seed,
+                     world.rank, world.size, world.device)  # NEW: this rank's (A * B/N, T)
+    loss_sum = torch.zeros((), device=world.device)
+    micro_batches = zip(x.chunk(accumulation), y.chunk(accumulation))
+    for micro_step, (xb, yb) in enumerate(micro_batches):
+        last = micro_step == accumulation - 1
+        sync = nullcontext()
+        if isinstance(model, DDP) and not last:  # NEW: DDP (and zero1) all-reduce in the last only
+            sync = model.no_sync()
+        elif not isinstance(model, DDP) and not cfg.sync_every_micro_step:  # NEW: see shard_fully
+            model.set_requires_gradient_sync(last)  # FSDP: reduce-scatter in the last only
+        with sync:
+            # autocast as 05, with FSDP too: softmax and LayerNorm then run in fp32 as in 05
+            with autocast_context(xb.device.type, cfg.dtype):
+                _, loss = model(xb, yb)
+            (loss / accumulation).backward()  # outside autocast; .grad adds up: the mean
+        loss_sum += loss.detach()
+    # NEW: with FSDP the gradients are DTensors: the norm is computed over every rank's shards
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+    optimizer.step()
+    return loss_sum / accumulation, norm
+
+
+def train(cfg, world: World) -> dict:
+    """05's loop, data parallel (init_distributed first): {"iter_num", "losses" ({iter_num as
+    logged: the ranks' mean loss}), "val_loss", "memory" (this rank's), "local_state" (its own)}."""
+    torch.set_num_threads(cfg.threads or torch.get_num_threads())
+    dtype = pick_dtype(cfg.dtype, world.device)
+    if dtype == "float16":  # a GPU without bf16: 06 has no gradient scaler
+        dtype = "float32"
+    config_as_given = asdict(cfg)  # checkpoints keep it: a resume resolves "auto" on its machine
+    cfg = replace(cfg, device=world.device, dtype=dtype)
+    data = {split: load_tokens(cfg.corpus_dir, split) for split in ("train", "val")}
+    meta = load_meta(cfg.corpus_dir)
+    model_args = cfg.model_args(meta["n_vocab"])
+    # NEW: the same weights on every rank (DDP broadcasts rank 0's; FSDP keeps each rank's own)
+    torch.manual_seed(cfg.seed)
+    model = GPT(GPTConfig(**model_args)).to(world.device)
+    tokens_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.block_size
+    print0(f"{cfg.strategy} on {world.size} rank(s) ({world.device}, {cfg.dtype}): "
+           f"{model.num_params():,} params | {tokens_per_iter:,} tokens a step, "
+           f"{cfg.batch_size // world.size} rows per rank")
+    model = parallelize(model, cfg, world)  # NEW: DDP or FSDP wraps the model
+    optimizer = build_optimizer(cfg, model, world)  # NEW: zero1 wraps the optimizer
+    start, best_val_loss = resume(cfg, model, optimizer)
+    if start >= cfg.max_iters:
+        print0(f"nothing left to do at iter {start} of {cfg.max_iters}; to train it longer: "
+               f"--init_from=resume --max_iters={start + cfg.max_iters}")
+    losses = {}
+    memory = None
+    val_loss = None
+    t0 = time.perf_counter()
+    steps_timed = 0  # steps since t0
+    for it in range(start, cfg.max_iters):
+        lr = get_lr(it, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # NEW: dropout masks, like the batches, are a function of (seed, step, rank): resumable
+        torch.manual_seed(cfg.seed + it * world.size + world.rank)
+        loss, norm = train_step(model, optimizer, data["train"], cfg, world, it)
+        iter_num = it + 1  # steps done, as the log prints them
+        steps_timed += 1
+        if memory is None:  # after the first step of every run
+            memory = memory_report(model, optimizer, world)
+        last = iter_num == cfg.max_iters
+        logged = last or iter_num % cfg.log_interval == 0
+        evaluated = last or iter_num % cfg.eval_interval == 0
+        saved = last or iter_num % cfg.checkpoint_interval == 0
+        if logged:  # reading a tensor waits for the GPU: on log steps only
+            dist.all_reduce(loss)  # NEW: a sum over the ranks (gloo has no average)
+            losses[iter_num] = loss.item() / world.size
+            if isinstance(norm, DTensor):  # NEW: FSDP's norm is a DTensor
+                norm = norm.full_tensor()
+            seconds = (time.perf_counter() - t0) / steps_timed
+            print0(f"iter {iter_num}/{cfg.max_iters} | loss {losses[iter_num]:.4f} | lr {lr:.2e} "
+                   f"| grad norm {norm.item():.3f} | {1000 * seconds:.1f} ms | "
+                   f"{tokens_per_iter / seconds:,.0f} tok/s")
+        if evaluated:
+            val_loss = evaluate(model, data["val"], cfg, world, iter_num)
+            best_val_loss = min(best_val_loss, val_loss)
+            print0(f"iter {iter_num}: val loss {val_loss:.4f}")
+        if saved:  # 05's format (see save_checkpoint); save() adds the model and the optimizer
+            run_info = {"model_args": model_args, "tokenizer": meta["tokenizer"],
+                        "config": config_as_given, "stage": "distributed", "iter_num": iter_num,
+                        "best_val_loss": best_val_loss, "val_loss": val_loss, "scaler": {},
+                        "rng": rng_states()}
+            save(cfg, model, optimizer, world, run_info)
+        if iter_num == cfg.fail_at_step:  # see "Special cases"
+            inject_fault(world, iter_num)
+        if logged or evaluated or saved:  # restart the clock: evaluations and saves are not steps
+            t0 = time.perf_counter()
+            steps_timed = 0
+    module = getattr(model, "module", model)  # DDP keeps the model in .module
+    local_state = {name: local_part(p).detach() for name, p in module.named_parameters()}
+    return {"iter_num": max(start, cfg.max_iters), "losses": losses, "val_loss": val_loss,
+            "memory": memory, "local_state": local_state}
+
+
+@torch.no_grad()
+def evaluate(model, tokens, cfg, world: World, step: int) -> float:
+    """05's val loss after `step` steps: the mean of the mean losses of global batches
+    step * eval_iters + k (k < eval_iters) of the val stream (seed + 1). Each rank takes its B/N
+    rows of each; as the ranks hold as many rows, the mean of their means is the batch's mean, so
+    this is 05's estimate_loss for any eval_iters, up to the order of float additions."""
+    model.eval()
+    loss_sum = torch.zeros((), device=world.device)
+    for k in range(cfg.eval_iters):
+        batch_number = step * cfg.eval_iters + k
+        x, y = get_batch(tokens, cfg.batch_size, cfg.block_size, batch_number, cfg.seed + 1,
+                         world.rank, world.size, world.device)  # NEW: this rank's rows
+        with autocast_context(x.device.type, cfg.dtype):
+            _, loss = model(x, y)
+        loss_sum += loss.float()
+    dist.all_reduce(loss_sum)  # NEW: a sum over the ranks (gloo has no average)
+    model.train()
+    return loss_sum.item() / (cfg.eval_iters * world.size)
+
+
+# -----------------------------------------------------------------------------
+# 4. Checkpoints and restarts: the full state on rank 0 in 05's format, or every rank's shards
+
+
+def save(cfg, model, optimizer, world: World, run_info: dict):
+    """Write run_info with the model and optimizer; every rank calls this (it runs collectives).
+    Full: get_model_state_dict and get_optimizer_state_dict know every wrapper; for FSDP they
+    gather one tensor at a time straight to rank 0's CPU, so no GPU holds the whole model. Numbered
+    like optimizer.state_dict(), the file is 05's. Sharded (too large to gather): every rank writes
+    its shards with torch.distributed.checkpoint, plus an index of which slice lies where, so
+    another world size can load them; rank 0 moves the pointer (dcp-latest.pt) once a save is
+    complete, so a crash mid-save leaves the last one usable."""
+    if cfg.sharded_checkpoint:
+        name = f"dcp-{run_info['iter_num']:06d}"  # a new directory per save
+        model_state, optimizer_state = dsd.get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp.save(state, checkpoint_id=Path(cfg.out_dir) / name)  # each rank writes its shards
+        if world.rank == 0:  # dcp.save returns once every rank's part and the metadata are written
+            save_checkpoint(cfg.ckpt_path, {"path": name, **run_info})
+            for old in Path(cfg.out_dir).glob("dcp-0*"):
+                if old.name != name:  # superseded
+                    shutil.rmtree(old)
+    else:
+        options = dsd.StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = dsd.get_model_state_dict(model, options=options)
+        if isinstance(optimizer, ZeroRedundancyOptimizer):
+            optimizer_state = gather_zero1_state(optimizer, world)  # see "Special cases"
+        else:
+            named = dsd.get_optimizer_state_dict(model, optimizer, options=options)
+            optimizer_state = None
+            if world.rank == 0:  # the only rank that received the state
+                optimizer_state = key_optimizer_state(named, model, optimizer, to_names=False)
+        if world.rank == 0:
+            ckpt = {"model": model_state, "optimizer": optimizer_state, **run_info}
+            save_checkpoint(cfg.ckpt_path, ckpt)
+    # the others wait for the file: ranks that ran ahead would wait for rank 0 in the next step's
+    # collectives instead, and on a slow shared filesystem could reach the collective timeout
+    dist.barrier()
+
+
+def key_optimizer_state(state_dict: dict, model, optimizer, to_names: bool) -> dict:
+    """optimizer.state_dict() numbers the parameters 0, 1, ... in the optimizer's order;
+    torch.distributed.checkpoint keys them by name. Key state_dict by name, or back by number."""
+    module = getattr(model, "module", model)  # DDP keeps the model in .module
+    name_of = {p: name for name, p in module.named_parameters()}
+    names = [name_of[p] for group in optimizer.param_groups for p in group["params"]]
+    new_key = {name: number for number, name in enumerate(names)}
+    if to_names:
+        new_key = dict(enumerate(names))
+    state = {new_key[k]: v for k, v in state_dict["state"].items()}
+    groups = [{**group, "params": [new_key[k] for k in group["params"]]}
+              for group in state_dict["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def check_checkpoint(cfg):
+    """The checkpoint in out_dir, full or sharded, must be the one init_from and the flags say."""
+    found = cfg.ckpt_path.exists()
+    other_name = "ckpt.pt" if cfg.sharded_checkpoint else "dcp-latest.pt"
+    other_kind = Path(cfg.out_dir) / other_name  # what the opposite --sharded_checkpoint writes
+    if cfg.init_from != "scratch" and not found and other_kind.exists():
+        flag = "--sharded_checkpoint"
+        if cfg.sharded_checkpoint:
+            flag = "--sharded_checkpoint=false"
+        raise ValueError(f"{other_kind} is the other kind of checkpoint: resume it with {flag}")
+    if cfg.init_from == "resume" and not found:
+        raise FileNotFoundError(f"--init_from=resume: no checkpoint at {cfg.ckpt_path}; check "
+                                "--out_dir, or start afresh: --init_from=auto")
+    if cfg.init_from == "scratch" and (found or other_kind.exists()) and not cfg.overwrite:
+        raise ValueError(f"{cfg.out_dir} holds a checkpoint; continue it with --init_from=resume, "
+                         "train into another --out_dir, or replace it: --overwrite")
+
+
+def resume(cfg, model, optimizer) -> tuple[int, float]:
+    """(iter_num, best_val_loss) of out_dir's checkpoint, loaded into any strategy at any world
+    size if init_from says so. Every rank reads it: out_dir is on a filesystem all nodes see."""
+    if cfg.init_from == "scratch" or not cfg.ckpt_path.exists():
+        return 0, float("inf")
+    # mmap: the ranks of one machine share the file's pages instead of each reading a copy
+    ckpt = torch.load(cfg.ckpt_path, map_location="cpu", mmap=True, weights_only=True)
+    if cfg.sharded_checkpoint:  # DCP fills templates of what this rank holds, re-slicing as needed
+        model_state, optimizer_state = dsd.get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(state, checkpoint_id=Path(cfg.out_dir) / ckpt["path"])
+        dsd.set_state_dict(model, optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optimizer"])
+    else:  # every rank passes the full state; FSDP keeps its slices, ZeRO its parameters' state
+        full = dsd.StateDictOptions(full_state_dict=True)
+        dsd.set_model_state_dict(model, ckpt["model"], options=full)
+        if isinstance(optimizer, ZeroRedundancyOptimizer):
+            load_zero1_state(optimizer, ckpt["optimizer"])  # see "Special cases"
+        else:
+            named = key_optimizer_state(ckpt["optimizer"], model, optimizer, to_names=True)
+            dsd.set_optimizer_state_dict(model, optimizer, named, options=full)
+    print0(f"resuming at iter {ckpt['iter_num']} of {cfg.max_iters} from {cfg.ckpt_path}, "
+           f"on {cfg.device} in {cfg.dtype}")
+    return ckpt["iter_num"], ckpt["best_val_loss"]
+
+
+# -----------------------------------------------------------------------------
+# 5. Special cases: ZeRO-1's optimizer state in a full checkpoint, and the fault injection
+
+
+def gather_zero1_state(optimizer: ZeroRedundancyOptimizer, world: World) -> dict | None:
+    """consolidate_state_dict sends rank 0 every rank's state: all of it there, None elsewhere."""
+    optimizer.consolidate_state_dict(to=0)
+    torch.get_device_module(world.device).synchronize()  # its copies do not wait for the GPU
+    if world.rank != 0:
+        return None
+    return optimizer.state_dict()
+
+
+def load_zero1_state(optimizer: ZeroRedundancyOptimizer, optimizer_state: dict):
+    """Every rank passes the full state; ZeRO keeps the state of its own parameters."""
+    optimizer.load_state_dict(optimizer_state)
+    # subtle: ZeRO's load_state_dict moves 0-dim state (Adam's step) to the CPU, where fused CUDA
+    # AdamW fails (pytorch/pytorch#124133): every state tensor goes to its parameter's device
+    for p, state in optimizer.optim.state.items():
+        for key, value in list(state.items()):
+            if torch.is_tensor(value):
+                state[key] = value.to(p.device)
+    optimizer.state.clear()  # the base class keeps a second copy, which ZeRO never reads
+
+
+def inject_fault(world: World, iter_num: int):
+    """--fail_at_step: the last rank dies as in a crash (SIGKILL: no exception, no cleanup), on
+    torchrun's first attempt only, so that the restarted job runs to the end."""
+    if world.rank != world.size - 1:
+        return
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    print(f"fault injection: rank {world.rank} dies after step {iter_num}", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+# -----------------------------------------------------------------------------
+# 6. Settings, all checked before any work, and main
 
 
 @dataclass
 class DistConfig:
-    """Train 04's GPT on N processes with DDP, ZeRO-1 or FSDP2 (launch with torchrun; see the docstring)."""
+    """Train 04's GPT on N processes with DDP, ZeRO-1 or FSDP2 (launch with torchrun)."""
 
     # data, as 02 prepared it: data_dir/<dataset>-<tokenizer>/{train.bin, val.bin, meta.json}
-    dataset: Annotated[str, "the corpus that 02_dataloader.py prepared"] = "tinyshakespeare"
-    tokenizer: Annotated[str, "char or gpt2: which of 02's token files to read"] = "char"
-    data_dir: Annotated[str, "where 02 put the prepared corpora; '' = data/ next to this script"] = ""
-    out_dir: Annotated[str, "ckpt.pt (or dcp-latest.pt and dcp-*/ when sharded)"] = "out/distributed"
-    init_from: Annotated[str, "scratch, resume, or auto: resume if out_dir has a checkpoint"] = "scratch"
-    overwrite: Annotated[bool, "start afresh even if out_dir holds a checkpoint (it is replaced)"] = False
+    dataset: Annotated[str, "a corpus 02_dataloader.py prepared"] = "tinyshakespeare"
+    tokenizer: Annotated[str, "char or gpt2: which of 02's token files"] = "char"
+    data_dir: Annotated[str, "02's output; '' = data/ beside this script"] = ""
+    out_dir: Annotated[str, "ckpt.pt, or dcp-latest.pt + dcp-*/ if sharded"] = "out/distributed"
+    init_from: Annotated[str, "scratch, resume, or auto (resume if there is one)"] = "scratch"
+    overwrite: Annotated[bool, "start afresh even over a checkpoint (replaced)"] = False
     # model (04's GPTConfig), defaults 05's CPU recipe; then distributed (parallelize, save)
     n_layer: Annotated[int, "transformer blocks"] = 4
     n_head: Annotated[int, "attention heads per block"] = 4
     n_embd: Annotated[int, "width of the residual stream"] = 128
     block_size: Annotated[int, "context length in tokens"] = 64
-    dropout: Annotated[float, "masks are drawn per (seed, step, rank), so a restart replays them"] = 0.0
+    dropout: Annotated[float, "its masks, a function of (seed, step, rank)"] = 0.0
     bias: Annotated[bool, "biases in Linear and LayerNorm"] = False
-    strategy: Annotated[str, "ddp, zero1 or fsdp: what each rank holds (see the table above)"] = "ddp"
-    activation_checkpointing: Annotated[bool, "keep each block's input only; rerun it in backward"] = False
-    compile: Annotated[bool, "torch.compile each block, before sharding (see parallelize)"] = False
-    sync_every_micro_step: Annotated[bool, "fsdp: reduce-scatter every micro-step, or the last only"] = True
-    sharded_checkpoint: Annotated[bool, "every rank writes its own shards (DCP); else rank 0 all"] = False
-    fail_at_step: Annotated[int, "fault injection: the last rank dies after this step (first attempt)"] = 0
+    strategy: Annotated[str, "ddp, zero1 or fsdp: what each rank holds"] = "ddp"
+    activation_checkpointing: Annotated[bool, "keep a block's input, rerun it in backward"] = False
+    compile: Annotated[bool, "torch.compile each block, before sharding"] = False
+    sync_every_micro_step: Annotated[bool, "fsdp: reduce-scatter at each micro-step"] = True
+    sharded_checkpoint: Annotated[bool, "each rank writes its shards (DCP), not rank 0 all"] = False
+    fail_at_step: Annotated[int, "fault injection: the last rank dies after this step"] = 0
     # optimization, as 05: a step is gradient_accumulation_steps micro-batches of batch_size rows
-    batch_size: Annotated[int, "rows per micro-batch over ALL ranks; each takes 1/world_size"] = 12
-    gradient_accumulation_steps: Annotated[int, "micro-batches per optimizer step"] = 1
+    batch_size: Annotated[int, "rows per micro-batch over ALL ranks (B/N each)"] = 12
+    gradient_accumulation_steps: Annotated[int, "micro-batches per step"] = 1
     max_iters: Annotated[int, "optimizer steps in total"] = 2000
-    optimizer: Annotated[str, "adamw (05's configure_optimizers) or sgd (the tests' sharp check)"] = "adamw"
-    learning_rate: Annotated[float, "peak learning rate, reached after warmup"] = 1e-3
+    optimizer: Annotated[str, "adamw (05's) or sgd (the tests')"] = "adamw"
+    learning_rate: Annotated[float, "peak learning rate, after warmup"] = 1e-3
     weight_decay: Annotated[float, "AdamW's, on the 2-D weights only"] = 0.1
     beta1: Annotated[float, "AdamW's momentum"] = 0.9
     beta2: Annotated[float, "AdamW's second-moment decay"] = 0.99
-    grad_clip: Annotated[float, "clip the global gradient norm to this; 0 = no clipping"] = 1.0
-    decay_lr: Annotated[bool, "warmup + cosine decay; false = constant learning_rate"] = True
+    grad_clip: Annotated[float, "clip the gradient norm to this; 0 = off"] = 1.0
+    decay_lr: Annotated[bool, "warmup + cosine; false = constant"] = True
     warmup_iters: Annotated[int, "linear warmup steps"] = 100
-    lr_decay_iters: Annotated[int, "the cosine reaches min_lr here (usually = max_iters)"] = 2000
+    lr_decay_iters: Annotated[int, "the cosine reaches min_lr here"] = 2000
     min_lr: Annotated[float, "~learning_rate / 10"] = 1e-4
-    eval_interval: Annotated[int, "val loss every this many steps (and at the end)"] = 250
+    eval_interval: Annotated[int, "val loss every this many steps, and last"] = 250
     eval_iters: Annotated[int, "val batches per evaluation"] = 20
     log_interval: Annotated[int, "a log line every this many steps"] = 10
-    checkpoint_interval: Annotated[int, "a checkpoint every this many steps (and at the end)"] = 100
+    checkpoint_interval: Annotated[int, "save every this many steps, and last"] = 100
     device: Annotated[str, "auto, cpu or cuda: rank r drives cuda:LOCAL_RANK"] = "auto"
-    dtype: Annotated[str, "auto (bf16 on GPUs that have it, else fp32), float32 or bfloat16"] = "auto"
-    threads: Annotated[int, "CPU threads per rank; 0 = PyTorch's default (torchrun: 1 per rank)"] = 0
-    seed: Annotated[int, "seeds the weights (the same on every rank), the batches and dropout"] = 1337
+    dtype: Annotated[str, "auto (bf16 on GPUs that have it), float32, bfloat16"] = "auto"
+    threads: Annotated[int, "CPU threads per rank; 0 = PyTorch's default"] = 0
+    seed: Annotated[int, "seeds the weights (same on every rank), batches, dropout"] = 1337
 
-    def __post_init__(self):
-        """Every check that needs no training: a mistake is one `error:` line, before any work."""
-        choices = {"strategy": ("ddp", "zero1", "fsdp"), "optimizer": ("adamw", "sgd"),
-                   "init_from": ("scratch", "resume", "auto"), "dtype": ("auto", "float32", "bfloat16")}
-        for name, allowed in choices.items():  # (no float16: it needs 05's gradient scaler)
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"unknown {name} {getattr(self, name)!r}; use {', '.join(allowed[:-1])} "
-                                 f"or {allowed[-1]}")
-        for name in ("gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval",
-                     "checkpoint_interval"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        n = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's (get_batch checks the group's)
-        if self.batch_size <= 0 or self.batch_size % n:
-            raise ValueError(f"batch_size={self.batch_size} (the global micro-batch) does not split across "
-                             f"{n} ranks; use a multiple of {n}, e.g. "
-                             f"--batch_size={n * max(1, round(self.batch_size / n))}")
-        if self.sharded_checkpoint and self.strategy == "zero1":
-            raise ValueError("--sharded_checkpoint needs --strategy=ddp or fsdp: torch.distributed."
-                             "checkpoint cannot read ZeRO's optimizer; zero1 writes the full checkpoint")
-        pick_dtype(self.dtype, pick_device(self.device))  # both name the fix
-        meta = load_meta(self.corpus_dir)  # no prepared data: its error names the 02 command
-        if min(meta["train_tokens"], meta["val_tokens"]) <= self.block_size:
-            raise ValueError(f"{self.corpus_dir} has {meta['train_tokens']} train and {meta['val_tokens']} "
-                             f"val tokens, too few for --block_size={self.block_size}; use a smaller one")
-        model_args = self.model_args(meta["n_vocab"])
-        GPTConfig(**model_args)  # the model's shape: n_embd % n_head, ...
-        if self.init_from == "resume" and not self.ckpt_path.exists():
-            raise FileNotFoundError(f"--init_from=resume: no checkpoint at {self.ckpt_path}; check "
-                                    "--out_dir, or use --init_from=auto to start afresh when there is none")
-        if self.init_from == "scratch" and self.ckpt_path.exists() and not self.overwrite:
-            raise ValueError(f"{self.ckpt_path} exists and this run would overwrite it; continue it with "
-                             "--init_from=resume, train into another --out_dir, or replace it: --overwrite")
-        if self.init_from != "scratch" and self.ckpt_path.exists():  # mmap: the weights are not read
-            saved = torch.load(self.ckpt_path, map_location="cpu", mmap=True, weights_only=True)["model_args"]
-            if saved != model_args:
-                raise ValueError(f"{self.ckpt_path} holds another model, {saved}; resume it with its "
-                                 "settings, or train into another --out_dir")
+    def __post_init__(self):  # a mistake is one `error:` line (see parse_config)
+        check_settings(self)
 
     @property
     def corpus_dir(self) -> Path:
@@ -223,278 +544,56 @@ class DistConfig:
 
     @property
     def ckpt_path(self) -> Path:  # the full checkpoint, or the pointer to the latest sharded one
-        return Path(self.out_dir) / ("dcp-latest.pt" if self.sharded_checkpoint else "ckpt.pt")
+        name = "dcp-latest.pt" if self.sharded_checkpoint else "ckpt.pt"
+        return Path(self.out_dir) / name
 
     def model_args(self, vocab_size: int) -> dict:
         return dict(block_size=self.block_size, vocab_size=vocab_size, n_layer=self.n_layer,
                     n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout, bias=self.bias)
 
 
-# -----------------------------------------------------------------------------
-# 3. The strategies: what each rank holds, and which collective runs when
-
-
-def parallelize(model: nn.Module, cfg: DistConfig, ctx: Dist) -> nn.Module:
-    """Per block, torchtitan's order: activation checkpointing, compile, DDP or FSDP (whose collectives
-    then wrap the compiled blocks). All in place: parameter names, and so checkpoints, stay 05's."""
-    for block in model.transformer.h:
-        if cfg.activation_checkpointing:
-            # else every intermediate of every block (q, k, v, the 4x-wide MLP...) waits for backward;
-            # with it a block keeps its input (B, T, C) and reruns: ~33% more compute, far less memory
-            checkpoint_activations(block)
-        if cfg.compile:
-            # fuses the block's elementwise work (LayerNorm, GELU, residual adds) into few kernels:
-            # less memory traffic and fewer saved intermediates, for a compilation at startup
-            block.compile(dynamic=False)  # static: with accumulation, evaluation's batch gets its own graph
-    if cfg.strategy != "fsdp":
-        # DDP (and zero1): construction broadcasts rank 0's weights; backward all-reduces (averages) the
-        # gradients in ~25 MB buckets as each is ready, overlapping with the rest (.grad: bucket views)
-        device_ids = [torch.device(ctx.device).index] if ctx.device.startswith("cuda") else None
-        return DDP(model, device_ids=device_ids, gradient_as_bucket_view=True)
-    # FSDP2 (ZeRO-3): fully_shard(block) makes each parameter a DTensor holding this rank's 1/N slice
-    # of dim 0, so the optimizer built afterwards holds sharded state too. An all-gather rebuilds a
-    # block's parameters before its forward (freed after) and its backward; then a reduce-scatter leaves
-    # each rank its slice's averaged gradient. Block by block, then the root (embeddings, head, kept
-    # gathered from forward to backward): a rank holds its shards, the root's parameters and about one
-    # block in full. Traffic: 1.5x DDP's all-reduce. Over A micro-steps each reduce-scatters (A times the
-    # traffic, gradients stay sharded); --sync_every_micro_step=false keeps full gradients (4P bytes
-    # more) until the last: 1/A of it. bf16: gathered as bf16 (half the traffic), reduced in fp32; inputs
-    # are cast too, so the residual stream adds in bf16 (05, DDP: fp32): losses differ slightly from DDP's.
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cfg.dtype == "bfloat16" else None,
-                                  reduce_dtype=torch.float32)
-    for block in model.transformer.h:
-        fully_shard(block, mp_policy=policy)
-    return fully_shard(model, mp_policy=policy)
-
-
-def build_optimizer(cfg: DistConfig, model: nn.Module, ctx: Dist) -> torch.optim.Optimizer:
-    """AdamW (05's configure_optimizers) or plain SGD; for zero1, wrapped in ZeRO stage 1:
-    ZeroRedundancyOptimizer, over a DDP model: each rank owns about 1/N of the parameters (whole
-    tensors, dealt out greedily by size) and keeps optimizer state for those only. After DDP's
-    all-reduce every rank updates just its own parameters, then broadcasts them so that the replicas
-    are equal again. (ZeRO-2 shards the gradients as well, ZeRO-3 the parameters too: FSDP.)"""
-    if cfg.optimizer == "sgd":  # no state: a gradient that is 2x too large moves the weights 2x
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate)
-    else:
-        optimizer = configure_optimizers(getattr(model, "module", model), cfg.weight_decay, cfg.learning_rate,
-                                         (cfg.beta1, cfg.beta2), torch.device(ctx.device).type)
-    if cfg.strategy == "zero1":  # the same groups; the optimizer above made no state yet: it cost nothing
-        optimizer = ZeroRedundancyOptimizer(optimizer.param_groups, optimizer_class=type(optimizer),
-                                            lr=cfg.learning_rate)
-    return optimizer
-
-
-def memory_report(model: nn.Module, optimizer, ctx: Dist) -> dict[str, int]:
-    """Bytes of parameters, gradients and optimizer state this rank holds (after a step), counted on
-    the tensors themselves (a DTensor, FSDP's, counts its local shard); rank 0 prints every rank's."""
-    params = list(model.parameters())  # a tied weight (wte = lm_head) is listed once
-    state = getattr(optimizer, "optim", optimizer).state  # ZeRO keeps its state in a local optimizer
-    tensors = {"params": params, "grads": [p.grad for p in params if p.grad is not None],
-               "optimizer": [v for s in state.values() for v in s.values() if torch.is_tensor(v)]}
-    memory = {kind: sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in ts)
-              for kind, ts in tensors.items()}
-    everyone = [None] * ctx.world_size
-    dist.all_gather_object(everyone, memory)
-    print0(f"{'rank':>4} {'params':>10} {'grads':>10} {'optimizer':>10} {'total':>10}   MB after one step")
-    for r, m in enumerate(everyone):
-        print0(f"{r:>4} " + " ".join(f"{v / 2**20:>10.3f}" for v in [*m.values(), sum(m.values())]))
-    return memory
-
-
-# -----------------------------------------------------------------------------
-# 4. Checkpoints: the full state on rank 0 in 05's format, or every rank's shards
-
-
-def rekey(optim_sd: dict, model: nn.Module, optimizer, to_names: bool) -> dict:
-    """Key optimizer state by parameter name (torch.distributed.checkpoint's way), or back by number."""
-    named = {p: name for name, p in getattr(model, "module", model).named_parameters()}
-    names = [named[p] for group in optimizer.param_groups for p in group["params"]]
-    key = dict(enumerate(names)) if to_names else {name: i for i, name in enumerate(names)}
-    groups = [{**group, "params": [key[k] for k in group["params"]]} for group in optim_sd["param_groups"]]
-    return {"state": {key[k]: v for k, v in optim_sd["state"].items()}, "param_groups": groups}
-
-
-def save(cfg: DistConfig, model, optimizer, ctx: Dist, extra: dict):
-    """Write the checkpoint; every rank calls this (it runs collectives). Full: get_model_state_dict
-    and get_optimizer_state_dict know every wrapper; for FSDP they gather one tensor at a time straight
-    to rank 0's CPU, so no GPU holds the whole model; ZeRO's consolidate_state_dict sends rank 0 each
-    rank's state. Numbered like optimizer.state_dict(), the file is 05's. Sharded (too large to
-    gather): every rank writes its shards with torch.distributed.checkpoint, plus an index of which
-    slice lies where, so another world size can load them; rank 0 moves the pointer (dcp-latest.pt)
-    once a save is complete, so a crash mid-save leaves the last one usable."""
-    if cfg.sharded_checkpoint:
-        name = f"dcp-{extra['iter_num']:06d}"  # a new directory per save; each rank writes its own shards
-        dcp.save(dict(zip(("model", "optimizer"), dsd.get_state_dict(model, optimizer))),
-                 checkpoint_id=Path(cfg.out_dir) / name)
-        if ctx.rank == 0:  # dcp.save returns once every rank's part and the metadata are written
-            save_checkpoint(cfg.ckpt_path, {"path": name, **extra})
-            for old in (d for d in Path(cfg.out_dir).glob("dcp-0*") if d.name != name):  # superseded
-                shutil.rmtree(old)
-    else:
-        options = dsd.StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_sd = dsd.get_model_state_dict(model, options=options)
-        if isinstance(optimizer, ZeroRedundancyOptimizer):  # its copies to the CPU do not wait: we do
-            optimizer.consolidate_state_dict(to=0)
-            torch.get_device_module(ctx.device).synchronize()  # (on the CPU a no-op)
-            optim_sd = optimizer.state_dict() if ctx.rank == 0 else None
-        else:
-            optim_sd = dsd.get_optimizer_state_dict(model, optimizer, options=options)
-            optim_sd = rekey(optim_sd, model, optimizer, to_names=False) if ctx.rank == 0 else None
-        if ctx.rank == 0:
-            save_checkpoint(cfg.ckpt_path, {"model": model_sd, "optimizer": optim_sd, **extra})
-    # the others wait for the file: ranks that ran ahead would wait for rank 0 in the next step's
-    # collectives instead, and on a slow shared filesystem could reach the collective timeout
-    dist.barrier()
-
-
-def resume(cfg: DistConfig, model, optimizer) -> tuple[int, float]:
-    """(iter_num, best_val_loss) of out_dir's checkpoint, loaded into any strategy at any world size if
-    init_from says so. Every rank reads the file: out_dir must be on a filesystem all nodes see."""
-    if cfg.init_from == "scratch" or not cfg.ckpt_path.exists():
-        return 0, float("inf")
-    # mmap: the ranks of one machine share the file's pages instead of each reading a copy
-    ckpt = torch.load(cfg.ckpt_path, map_location="cpu", mmap=True, weights_only=True)
-    if cfg.sharded_checkpoint:  # DCP fills templates of what this rank holds, re-slicing as needed
-        state = dict(zip(("model", "optimizer"), dsd.get_state_dict(model, optimizer)))
-        dcp.load(state, checkpoint_id=Path(cfg.out_dir) / ckpt["path"])
-        dsd.set_state_dict(model, optimizer, model_state_dict=state["model"],
-                           optim_state_dict=state["optimizer"])
-    else:  # every rank passes the full state; FSDP keeps its slices, ZeRO the state of its parameters
-        dsd.set_model_state_dict(model, ckpt["model"], options=dsd.StateDictOptions(full_state_dict=True))
-        if isinstance(optimizer, ZeroRedundancyOptimizer):
-            optimizer.load_state_dict(ckpt["optimizer"])
-            # subtle: ZeRO's load_state_dict moves 0-dim state (Adam's step) to the CPU, where fused
-            # CUDA AdamW fails (pytorch/pytorch#124133): every state tensor goes to its parameter's device
-            for p, state in optimizer.optim.state.items():
-                state.update({k: v.to(p.device) for k, v in state.items() if torch.is_tensor(v)})
-            optimizer.state.clear()  # the base class keeps a second copy, which ZeRO never reads: memory back
-        else:
-            dsd.set_optimizer_state_dict(model, optimizer, rekey(ckpt["optimizer"], model, optimizer, True),
-                                         options=dsd.StateDictOptions(full_state_dict=True))
-    print0(f"resuming at iter {ckpt['iter_num']} of {cfg.max_iters} from {cfg.ckpt_path}")
-    return ckpt["iter_num"], ckpt["best_val_loss"]
-
-
-# -----------------------------------------------------------------------------
-# 5. Training: 05's loop, data parallel
-
-
-def train_step(model, optimizer, data, cfg: DistConfig, ctx: Dist, it: int) -> tuple[torch.Tensor, ...]:
-    """05's step on global batch `it`, each rank on its 1/N of the rows (so the gradient is the mean
-    over the same rows, up to the order of float additions): (this rank's mean loss, global gradient
-    norm), tensors still: reading them waits for the GPU, so the loop does it on log steps only."""
-    optimizer.zero_grad(set_to_none=True)  # here, not after the step: memory_report sees the gradients
-    accumulation = cfg.gradient_accumulation_steps
-    x, y = get_batch(data, cfg.batch_size * accumulation, cfg.block_size, it, cfg.seed, ctx.rank,
-                     ctx.world_size, ctx.device)  # (A * B/N, T): this rank's rows
-    loss_sum = torch.zeros((), device=ctx.device)
-    for micro, (xb, yb) in enumerate(zip(x.chunk(accumulation), y.chunk(accumulation))):
-        last, sync = micro == accumulation - 1, nullcontext()
-        if isinstance(model, DDP) and not last:  # DDP (and zero1): no all-reduce until the last backward
-            sync = model.no_sync()
-        elif not isinstance(model, DDP) and not cfg.sync_every_micro_step:  # FSDP: see parallelize
-            model.set_requires_gradient_sync(last)
-        # autocast as 05, with FSDP too: softmax and LayerNorm then run in fp32 as in one process
-        with sync:
-            with torch.autocast(xb.device.type, getattr(torch, cfg.dtype), enabled=cfg.dtype != "float32"):
-                _, loss = model(xb, yb)
-            (loss / accumulation).backward()  # outside autocast; .grad adds up: the mean of the micro-batches
-        loss_sum += loss.detach()
-    # with FSDP the gradients are DTensors: the norm is computed over every rank's shards
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-    optimizer.step()
-    return loss_sum / accumulation, norm
-
-
-@torch.no_grad()
-def evaluate(model, tokens, cfg: DistConfig, ctx: Dist, step: int) -> float:
-    """05's val loss, data parallel: each rank its rows of the same batches; the mean of means is 05's."""
-    model.eval()
-    loss = torch.zeros((), device=ctx.device)
-    for k in range(cfg.eval_iters):
-        x, y = get_batch(tokens, cfg.batch_size, cfg.block_size, step * cfg.eval_iters + k, cfg.seed + 1,
-                         ctx.rank, ctx.world_size, ctx.device)
-        with torch.autocast(x.device.type, getattr(torch, cfg.dtype), enabled=cfg.dtype != "float32"):
-            loss += model(x, y)[1].float()
-    dist.all_reduce(loss)  # a sum: gloo has no average
-    model.train()
-    return loss.item() / (cfg.eval_iters * ctx.world_size)
-
-
-def train(cfg: DistConfig, ctx: Dist) -> dict:
-    """05's loop, data parallel (init_distributed first): {"iter_num", "losses" ({step: mean over the
-    ranks} at log steps), "val_loss", "memory" (this rank's), "local_state" (its own parameters)}."""
-    torch.set_num_threads(cfg.threads or torch.get_num_threads())
-    dtype = pick_dtype(cfg.dtype, ctx.device)  # float16 on GPUs without bf16: 06 has no gradient scaler
-    cfg = replace(cfg, device=ctx.device, dtype="float32" if dtype == "float16" else dtype)
-    data = {split: load_tokens(cfg.corpus_dir, split) for split in ("train", "val")}
-    meta = load_meta(cfg.corpus_dir)
-    model_args = cfg.model_args(meta["n_vocab"])
-    # the same initial weights on every rank: DDP would broadcast rank 0's anyway, but fully_shard
-    # keeps each rank's slice of whatever that rank built
-    torch.manual_seed(cfg.seed)
-    model = GPT(GPTConfig(**model_args)).to(ctx.device)
-    tokens_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.block_size
-    print0(f"{cfg.strategy} on {ctx.world_size} rank(s) ({ctx.device}, {cfg.dtype}): {model.num_params():,} "
-           f"params | {tokens_per_iter:,} tokens a step, {cfg.batch_size // ctx.world_size} rows per rank")
-    model = parallelize(model, cfg, ctx)
-    optimizer = build_optimizer(cfg, model, ctx)
-    start, best_val_loss = resume(cfg, model, optimizer)
-    if start >= cfg.max_iters:
-        print0(f"nothing left to do at iter {start} of {cfg.max_iters}; to train it longer: "
-               f"--init_from=resume --max_iters={start + cfg.max_iters}")
-    losses, memory, val_loss, t0, window = {}, None, None, time.perf_counter(), 0  # window: steps since t0
-    for it in range(start, cfg.max_iters):
-        lr = get_lr(it, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # dropout masks are a function of (seed, step, rank), like the batches: a resumed run replays them
-        torch.manual_seed(cfg.seed + it * ctx.world_size + ctx.rank)
-        loss, norm = train_step(model, optimizer, data["train"], cfg, ctx, it)
-        iter_num, window = it + 1, window + 1
-        if memory is None:  # after the first step of every run
-            memory = memory_report(model, optimizer, ctx)
-        logged, evaluated, saved = (iter_num % n == 0 or iter_num == cfg.max_iters
-                                    for n in (cfg.log_interval, cfg.eval_interval, cfg.checkpoint_interval))
-        if logged:
-            dist.all_reduce(loss)  # a sum: gloo has no average
-            losses[it] = loss.item() / ctx.world_size
-            norm = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
-            dt = (time.perf_counter() - t0) / window
-            print0(f"iter {iter_num}/{cfg.max_iters} | loss {losses[it]:.4f} | lr {lr:.2e} | grad norm "
-                   f"{norm:.3f} | {1000 * dt:.1f} ms | {tokens_per_iter / dt:,.0f} tok/s")
-        if evaluated:
-            val_loss = evaluate(model, data["val"], cfg, ctx, iter_num)
-            best_val_loss = min(best_val_loss, val_loss)
-            print0(f"iter {iter_num}: val loss {val_loss:.4f}")
-        if saved:  # 05's format (see save_checkpoint); the model and optimizer are gathered in save()
-            save(cfg, model, optimizer, ctx, {"model_args": model_args, "tokenizer": meta["tokenizer"],
-                 "config": asdict(cfg), "stage": "distributed", "iter_num": iter_num, "best_val_loss":
-                 best_val_loss, "val_loss": val_loss, "scaler": {}, "rng": rng_states()})
-        # --fail_at_step: the last rank dies as in a crash; on torchrun's first attempt only
-        if iter_num == cfg.fail_at_step and ctx.rank == ctx.world_size - 1 and \
-                os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-            print(f"fault injection: rank {ctx.rank} dies after step {iter_num}", flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
-        if logged or evaluated or saved:  # restart the clock: evaluations and saves are not steps
-            t0, window = time.perf_counter(), 0
-    local_state = {name: (p.to_local() if isinstance(p, DTensor) else p).detach()
-                   for name, p in getattr(model, "module", model).named_parameters()}
-    return {"iter_num": max(start, cfg.max_iters), "losses": losses, "val_loss": val_loss, "memory": memory,
-            "local_state": local_state}
+def check_settings(cfg: DistConfig):
+    """Every check that needs no training: a mistake is one `error:` line, before any work."""
+    choices = {"strategy": ("ddp", "zero1", "fsdp"), "optimizer": ("adamw", "sgd"),
+               "init_from": ("scratch", "resume", "auto"),
+               "dtype": ("auto", "float32", "bfloat16")}  # no float16: no gradient scaler
+    for name, allowed in choices.items():
+        value = getattr(cfg, name)
+        if value not in allowed:
+            listed = f"{', '.join(allowed[:-1])} or {allowed[-1]}"
+            raise ValueError(f"unknown {name} {value!r}; use {listed}")
+    at_least_one = ("gradient_accumulation_steps", "eval_interval", "eval_iters",
+                    "log_interval", "checkpoint_interval")
+    for name in at_least_one:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    world_size = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's (get_batch checks the group)
+    if cfg.batch_size <= 0 or cfg.batch_size % world_size:
+        raise ValueError(f"batch_size={cfg.batch_size} (the global micro-batch) does not "
+                         f"split across {world_size} ranks; use a multiple of {world_size}")
+    if cfg.sharded_checkpoint and cfg.strategy == "zero1":
+        raise ValueError("--sharded_checkpoint needs --strategy=ddp or fsdp: "
+                         "torch.distributed.checkpoint cannot read ZeRO's optimizer")
+    pick_dtype(cfg.dtype, pick_device(cfg.device))  # both name the fix
+    meta = load_meta(cfg.corpus_dir)  # no prepared data: its error names the 02 command
+    if min(meta["train_tokens"], meta["val_tokens"]) <= cfg.block_size:
+        raise ValueError(f"{cfg.corpus_dir}: train or val tokens too few for "
+                         f"--block_size={cfg.block_size}; use a smaller one")
+    GPTConfig(**cfg.model_args(meta["n_vocab"]))  # the model's shape: n_embd % n_head, ...
+    check_checkpoint(cfg)
 
 
 def main(argv=None) -> dict:
     cfg = parse_config(DistConfig, argv)
-    ctx = init_distributed(cfg.device)
+    world = init_distributed(cfg.device)
     try:
-        result = train(cfg, ctx)
+        result = train(cfg, world)
     except BaseException as error:
         # the traceback holds train()'s frames and through them the model: let it go first
         traceback.clear_frames(error.__traceback__)
-        shutdown_distributed(ctx, failed=True)
+        shutdown_distributed(world, failed=True)
         raise
-    shutdown_distributed(ctx)
+    shutdown_distributed(world)
     return result
 
 
@@ -505,68 +604,89 @@ def main(argv=None) -> dict:
 # copied from 02_dataloader.py: load_meta
 def load_meta(corpus_dir) -> dict:
     """meta.json of a corpus that 02_dataloader.py prepared in data_dir/<dataset>-<tokenizer>/."""
-    path, (dataset, _, tokenizer) = Path(corpus_dir) / "meta.json", Path(corpus_dir).name.rpartition("-")
+    corpus_dir = Path(corpus_dir)
+    path = corpus_dir / "meta.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found; prepare it with: python 02_dataloader.py --dataset="
-                                f"{dataset} --tokenizers={tokenizer} --data_dir={path.parent.parent} "
+        dataset, _, tokenizer = corpus_dir.name.rpartition("-")  # "tinyshakespeare", "char"
+        raise FileNotFoundError(f"{path} not found; prepare it with: python 02_dataloader.py "
+                                f"--dataset={dataset} --tokenizers={tokenizer} "
+                                f"--data_dir={corpus_dir.parent} "
                                 "(and --text_file=FILE if it is your own text)")
     return json.loads(path.read_text(encoding="utf-8"))
 
 
 # copied from 02_dataloader.py: load_tokens
 def load_tokens(corpus_dir, split: str) -> np.memmap:
-    """The token ids of split ("train" or "val") as a read-only np.memmap, checked against meta.json."""
+    """The ids of split ("train" or "val") as a read-only np.memmap, checked against meta.json."""
     if split not in ("train", "val"):
         raise ValueError(f"unknown split {split!r}; use 'train' or 'val'")
-    meta, path = load_meta(corpus_dir), Path(corpus_dir) / f"{split}.bin"
+    meta = load_meta(corpus_dir)
+    path = Path(corpus_dir) / f"{split}.bin"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found; prepare the corpus again")
-    if meta["dtype"] not in ("uint16", "uint32") or meta["n_vocab"] > np.iinfo(meta["dtype"]).max + 1:
-        raise ValueError(f"{path.parent / 'meta.json'}: n_vocab {meta['n_vocab']} does not fit in "
-                         f"{meta['dtype']} (token files are uint16 or uint32); prepare the corpus again")
-    dtype, n_tokens, size = np.dtype(meta["dtype"]), meta[f"{split}_tokens"], path.stat().st_size
-    if size != n_tokens * dtype.itemsize:
+    known_dtype = meta["dtype"] in ("uint16", "uint32")
+    if not known_dtype or meta["n_vocab"] > np.iinfo(meta["dtype"]).max + 1:
+        meta_path = path.parent / "meta.json"
+        raise ValueError(f"{meta_path}: n_vocab {meta['n_vocab']} does not fit in "
+                         f"{meta['dtype']} (token files are uint16 or uint32); "
+                         "prepare the corpus again")
+    dtype = np.dtype(meta["dtype"])
+    n_tokens = meta[f"{split}_tokens"]
+    n_bytes = path.stat().st_size
+    expected_bytes = n_tokens * dtype.itemsize
+    if n_bytes != expected_bytes:
         other = np.dtype(np.uint32 if dtype == np.uint16 else np.uint16)
-        hint = (f"it looks written as {other}, not {dtype}" if size == n_tokens * other.itemsize
-                else "it is truncated or from another run")
-        raise ValueError(f"{path} has {size} bytes but meta.json says {n_tokens} tokens of {dtype} "
-                         f"= {n_tokens * dtype.itemsize} bytes; {hint}; prepare the corpus again")
+        if n_bytes == n_tokens * other.itemsize:
+            hint = f"it looks written as {other}, not {dtype}"
+        else:
+            hint = "it is truncated or from another run"
+        raise ValueError(f"{path} has {n_bytes} bytes but meta.json says {n_tokens} tokens of "
+                         f"{dtype} = {expected_bytes} bytes; {hint}; prepare the corpus again")
     return np.memmap(path, dtype=dtype, mode="r")
 
 
 # copied from 02_dataloader.py: get_batch
-def get_batch(data, batch_size: int, block_size: int, step: int, seed: int = 0,
-              rank: int = 0, world_size: int = 1, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank's rows of global batch number step, a pure function of (seed, step): x, y (B // world_size, T)."""
-    if not 0 < block_size < len(data):
-        raise ValueError(f"block_size must be positive, got {block_size}" if block_size <= 0 else
-                         f"the data has {len(data)} tokens but one (x, y) window needs block_size + 1 "
-                         f"= {block_size + 1}; use a smaller block_size or more text")
+def get_batch(data, batch_size: int, block_size: int, step: int, seed: int = 0, rank: int = 0,
+              world_size: int = 1, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank's rows of global batch number step, a pure function of (seed, step):
+    x, y (B // world_size, T)."""
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    if block_size >= len(data):
+        raise ValueError(f"the data has {len(data)} tokens but one (x, y) window needs "
+                         f"block_size + 1 = {block_size + 1}; "
+                         "use a smaller block_size or more text")
     if world_size <= 0 or batch_size <= 0 or batch_size % world_size:
         raise ValueError(f"batch_size {batch_size} does not split across {world_size} ranks; "
                          "use a positive multiple of world_size")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1} (world_size {world_size})")
     per_rank = batch_size // world_size
-    starts = np.random.default_rng([seed, step]).integers(0, len(data) - block_size, size=batch_size)
-    starts = starts[rank * per_rank:(rank + 1) * per_rank]  # this rank's rows of the global batch
+    rng = np.random.default_rng([seed, step])
+    starts = rng.integers(0, len(data) - block_size, size=batch_size)  # the global batch
+    starts = starts[rank * per_rank:(rank + 1) * per_rank]  # this rank's rows of it
     window = data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64)  # (B, T+1)
-    x, y = (torch.from_numpy(np.ascontiguousarray(w)) for w in (window[:, :-1], window[:, 1:]))  # (B, T)
+    x = torch.from_numpy(np.ascontiguousarray(window[:, :-1]))  # (B, T)
+    y = torch.from_numpy(np.ascontiguousarray(window[:, 1:]))  # (B, T)
     if torch.device(device).type == "cuda":  # pinned memory lets the copy overlap with compute
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        x = x.pin_memory().to(device, non_blocking=True)
+        y = y.pin_memory().to(device, non_blocking=True)
+        return x, y
     return x.to(device), y.to(device)
 
 
 # copied from 03_attention.py: CausalSelfAttention
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention, one F.scaled_dot_product_attention call: (B, T, C) -> (B, T, C)."""
+    """Multi-head causal self-attention by scaled_dot_product_attention: (B, T, C) -> (B, T, C)."""
 
     def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True):
         super().__init__()
         if n_head <= 0 or n_embd % n_head != 0:
-            raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}: each head gets n_embd // "
-                             "n_head channels; choose an n_head that divides n_embd (GPT-2: 768 and 12)")
-        self.n_embd, self.n_head = n_embd, n_head
+            raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}: each head "
+                             "gets n_embd // n_head channels; choose an n_head that divides "
+                             "n_embd (GPT-2: 768 and 12)")
+        self.n_embd = n_embd
+        self.n_head = n_head
         self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)  # q, k, v of all heads in one matmul
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)  # mixes the heads' outputs
         self.attn_dropout_p = dropout  # SDPA takes dropout on the weights as an argument
@@ -574,10 +694,13 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.size()
-        qkv = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in qkv)  # (B, nh, T, hs)
+        hs = C // self.n_head  # head size
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         dropout_p = self.attn_dropout_p if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -585,7 +708,7 @@ class CausalSelfAttention(nn.Module):
 # copied from 04_gpt.py: GPTConfig
 @dataclass
 class GPTConfig:
-    """The numbers that define a GPT; the defaults are GPT-2 small (124M), PRESETS the other sizes."""
+    """The numbers that define a GPT: the defaults are GPT-2 small (124M), PRESETS other sizes."""
 
     block_size: int = 1024  # longest sequence the model can see (number of learned positions)
     vocab_size: int = 50257  # GPT-2's BPE: 50,000 merges + 256 bytes + <|endoftext|>
@@ -599,25 +722,29 @@ class GPTConfig:
         "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
         "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
         "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
-        "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),  # nanoGPT's shakespeare-char
+        "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),  # nanoGPT shakespeare-char
         "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64),  # tests and quick demos
     }
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
-            if isinstance(value := getattr(self, name), bool) or not isinstance(value, int) or value <= 0:
+            value = getattr(self, name)
+            is_int = isinstance(value, int) and not isinstance(value, bool)  # True is an int too
+            if not is_int or value <= 0:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head != 0:
-            raise ValueError(f"GPTConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
-                             f"choose an n_head that divides n_embd (e.g. n_embd={self.n_head * 64})")
+            raise ValueError(f"GPTConfig: n_embd={self.n_embd} is not divisible by "
+                             f"n_head={self.n_head}; choose an n_head that divides n_embd "
+                             f"(e.g. n_embd={self.n_head * 64})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "GPTConfig":
         if name not in cls.PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(cls.PRESETS)}")
-        return cls(**{**cls.PRESETS[name], **overrides})
+            choices = sorted(cls.PRESETS)
+            raise ValueError(f"unknown model preset {name!r}; choose one of {choices}")
+        return cls(**{**cls.PRESETS[name], **overrides})  # the overrides win
 
 
 # copied from 04_gpt.py: MLP
@@ -626,9 +753,10 @@ class MLP(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU, so that its weights give its outputs
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        C = config.n_embd
+        self.c_fc = nn.Linear(C, 4 * C, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU: its weights give its outputs
+        self.c_proj = nn.Linear(4 * C, C, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -641,9 +769,10 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config.n_embd, config.n_head, config.dropout, config.bias)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        C = config.n_embd
+        self.ln_1 = nn.LayerNorm(C, bias=config.bias)
+        self.attn = CausalSelfAttention(C, config.n_head, config.dropout, config.bias)
+        self.ln_2 = nn.LayerNorm(C, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x):
@@ -668,9 +797,10 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying: one Parameter, two uses
         self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2's residual projections: std / sqrt(2 * n_layer)
+        residual_std = 0.02 / math.sqrt(2 * config.n_layer)  # GPT-2's residual projections
+        for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                nn.init.normal_(p, mean=0.0, std=residual_std)
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -679,43 +809,57 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, idx, targets=None):
-        """idx, targets: (B, T) token ids and next tokens (-100: skip) -> logits (B, T, vocab_size), loss."""
+        """idx, targets: (B, T) ids and next ids (-100: skip) -> logits (B, T, vocab_size), loss."""
         self._check_input(idx)
         B, T = idx.shape
         pos = torch.arange(T, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        tok_emb = self.transformer.wte(idx)  # (B, T, C)
+        pos_emb = self.transformer.wpe(pos)  # (T, C)
+        x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
         for block in self.transformer.h:
             x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, vocab_size)
         loss = None
         if targets is not None:  # in fp32 whatever the logits' dtype (bf16 under autocast)
-            loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
+            logits_fp32 = logits.float().view(B * T, -1)  # (B * T, vocab_size)
+            loss = F.cross_entropy(logits_fp32, targets.reshape(B * T), ignore_index=-100)
         return logits, loss
 
     def _check_input(self, idx):
         if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"idx must be a (B, T) tensor of integer token ids, not {tuple(idx.shape)} "
-                             f"{idx.dtype}; for one sequence use idx[None], for other dtypes idx.long()")
-        if idx.size(1) > (block_size := self.config.block_size):
-            raise ValueError(f"sequence length {idx.size(1)} exceeds block_size={block_size} (no position "
-                             f"embedding beyond it); crop to the last tokens with idx[:, -{block_size}:]")
-        # eager CPU tensors only: min/max would make the CPU wait for a GPU and break torch.compile's graph
-        if idx.numel() and idx.device.type == "cpu" and not torch.compiler.is_compiling():
-            lo, hi, vocab_size = idx.min().item(), idx.max().item(), self.config.vocab_size
+            raise ValueError(f"idx must be a (B, T) tensor of integer token ids, not "
+                             f"{tuple(idx.shape)} {idx.dtype}; for one sequence use idx[None], "
+                             "for other dtypes idx.long()")
+        block_size = self.config.block_size
+        if idx.size(1) > block_size:
+            raise ValueError(f"sequence length {idx.size(1)} exceeds block_size={block_size} "
+                             "(no position embedding beyond it); crop to the last tokens "
+                             f"with idx[:, -{block_size}:]")
+        # eager CPU only: min/max would make the CPU wait for a GPU, and break torch.compile's graph
+        eager_cpu = idx.device.type == "cpu" and not torch.compiler.is_compiling()
+        if idx.numel() and eager_cpu:
+            lo = idx.min().item()
+            hi = idx.max().item()
+            vocab_size = self.config.vocab_size
             if lo < 0 or hi >= vocab_size:
-                raise ValueError(f"token ids must be in [0, {vocab_size}), got ids from {lo} to {hi}; the "
-                                 "tokenizer and the model disagree: set GPTConfig.vocab_size to its n_vocab")
+                raise ValueError(f"token ids must be in [0, {vocab_size}), got ids from {lo} to "
+                                 f"{hi}; the tokenizer and the model disagree: set "
+                                 "GPTConfig.vocab_size to its n_vocab")
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameters, the tied wte/lm_head once; non_embedding=True leaves out wpe (a lookup, no FLOPs)."""
+        """Parameters (tied wte/lm_head once); non_embedding: without wpe (a lookup, no FLOPs)."""
         n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
 
 
 # copied from 04_gpt.py: parse_config
 def parse_config(cls, argv=None):
-    """The dataclass cls from the command line: a --field=value flag per Annotated field (bools also
-    bare), cls.PRESETS first when cls has them; a ValueError from cls is one `error:` line, exit 2."""
+    """The dataclass cls from the command line: a --field=value flag per Annotated field (bools
+    also bare), cls.PRESETS first when cls has them; a ValueError from cls is one `error:` line
+    and exit 2."""
 
     def to_bool(text: str) -> bool:
         if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
@@ -723,23 +867,27 @@ def parse_config(cls, argv=None):
         return text.lower() in ("1", "true", "yes")
 
     presets = getattr(cls, "PRESETS", {})
-    parser = argparse.ArgumentParser(description=(cls.__doc__ or "").split("\n")[0], allow_abbrev=False,
-                                     epilog="".join(f"preset {k}: {v}\n" for k, v in presets.items()),
+    description = (cls.__doc__ or "").split("\n")[0]
+    epilog = "".join(f"preset {name}: {values}\n" for name, values in presets.items())
+    parser = argparse.ArgumentParser(description=description, epilog=epilog, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(cls):  # `n_layer: Annotated[int, "transformer blocks"] = 4`: type, help, default
-        kind, help_text = f.type.__origin__, f.type.__metadata__[0]
-        flag = kind is bool
-        parser.add_argument(f"--{f.name}", type=to_bool if flag else kind, metavar=kind.__name__,
-                            nargs="?" if flag else None, const=True if flag else None,
-                            default=argparse.SUPPRESS,  # absent flags stay absent: the preset or default
-                            help=f"{help_text} (default: {f.default!r})".replace("%", "%%"))
-    parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")  # one line, no usage
+    for f in fields(cls):  # `n_layer: Annotated[int, "transformer blocks"] = 4`
+        kind = f.type.__origin__  # int
+        meaning = f.type.__metadata__[0]  # "transformer blocks"
+        help_text = f"{meaning} (default: {f.default!r})".replace("%", "%%")  # argparse %-formats
+        options = dict(type=kind, metavar=kind.__name__, help=help_text)
+        if kind is bool:  # a bare --compile means --compile=true
+            options.update(type=to_bool, nargs="?", const=True)
+        # absent flags stay absent: the preset or the default fills them in
+        parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, **options)
+    # a user error is one line, not argparse's usage dump
+    parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")
     given = vars(parser.parse_args(argv))
     preset = given.get("preset", getattr(cls, "preset", None))
     try:
         if presets and preset not in presets:
             raise ValueError(f"--preset={preset!r} is not valid; use {', '.join(presets)}")
-        return cls(**{**presets.get(preset, {}), **given})
+        return cls(**{**presets.get(preset, {}), **given})  # the flags given win over the preset
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -748,14 +896,17 @@ def parse_config(cls, argv=None):
 # copied from 04_gpt.py: pick_device
 def pick_device(device: str = "auto") -> str:
     """"auto" -> cuda if there is a GPU, else mps (Apple silicon), else cpu; others are checked."""
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": torch.backends.mps.is_available()}
     if device == "auto":
         return next(kind for kind in ("cuda", "mps", "cpu") if available[kind])
-    kind, _, index = device.partition(":")
+    kind, _, index = device.partition(":")  # "cuda:1" -> "cuda", "1"
     if kind not in available or (index and not index.isdigit()):
         raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:<index> or mps")
-    if not available[kind] or (index and kind == "cuda" and int(index) >= torch.cuda.device_count()):
-        raise ValueError(f"device {device!r} is not available on this machine; use --device=auto (or cpu)")
+    no_such_gpu = kind == "cuda" and index and int(index) >= torch.cuda.device_count()
+    if not available[kind] or no_such_gpu:
+        raise ValueError(f"device {device!r} is not available on this machine; "
+                         "use --device=auto (or cpu)")
     return device
 
 
@@ -767,27 +918,41 @@ def pick_dtype(dtype: str, device: str) -> str:
         raise ValueError(f"--dtype={dtype!r} is not valid; use auto, float32, bfloat16, float16")
     cuda = torch.device(device).type == "cuda"
     if dtype == "float16" and not cuda:
-        raise ValueError("--dtype=float16 needs loss scaling, done on CUDA only; use bfloat16 or float32")
+        raise ValueError("--dtype=float16 needs loss scaling, done on CUDA only; "
+                         "use bfloat16 or float32")
     if dtype != "auto":
         return dtype
-    if cuda:
-        return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
-    return "float32"
+    if not cuda:
+        return "float32"
+    native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    return "bfloat16" if native_bf16 else "float16"
+
+
+# copied from 04_gpt.py: autocast_context
+def autocast_context(device_type: str, dtype: str):
+    """Mixed precision for the forward pass: torch.autocast in dtype, or nothing for float32."""
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
+
 
 
 # copied from 05_pretrain.py: configure_optimizers
-def configure_optimizers(model, weight_decay: float, learning_rate: float, betas, device_type: str):
+def configure_optimizers(model, weight_decay: float, learning_rate: float, betas,
+                         device_type: str):
     """AdamW with weight decay on the 2-D tensors only; frozen parameters (LoRA) are left out."""
     params = [p for p in model.parameters() if p.requires_grad]  # a tied weight appears once
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    fast = {"fused": True} if device_type in ("cuda", "cpu") else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **fast)
+    matrices = [p for p in params if p.dim() >= 2]
+    vectors = [p for p in params if p.dim() < 2]
+    groups = [{"params": matrices, "weight_decay": weight_decay},
+              {"params": vectors, "weight_decay": 0.0}]
+    implementation = {"fused": True} if device_type in ("cuda", "cpu") else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **implementation)
 
 
 # copied from 05_pretrain.py: get_lr
 def get_lr(it: int, cfg) -> float:
-    """Linear warmup to cfg.learning_rate, then a cosine down to cfg.min_lr at cfg.lr_decay_iters."""
+    """Linear warmup to cfg.learning_rate, then a cosine down to cfg.min_lr at lr_decay_iters."""
     if not cfg.decay_lr:
         return cfg.learning_rate
     if it < cfg.warmup_iters:
@@ -801,15 +966,20 @@ def get_lr(it: int, cfg) -> float:
 
 # copied from 05_pretrain.py: rng_states
 def rng_states() -> dict:
-    """The states of torch's random generators (CPU and every GPU): dropout draws from them."""
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    """The states of torch's random generators (CPU, each CUDA GPU, MPS), which dropout draws."""
+    states = {"torch": torch.get_rng_state(), "cuda": []}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.backends.mps.is_available():
+        states["mps"] = torch.mps.get_rng_state()
+    return states
 
 
 # copied from 05_pretrain.py: save_checkpoint
 def save_checkpoint(path, ckpt: dict):
     """torch.save to path + ".tmp", flushed to disk, then renamed over path (atomic)."""
-    (path := Path(path)).parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:

@@ -1,28 +1,32 @@
 """08_dpo.py: Direct Preference Optimization (DPO).
 
 07 taught the model to answer; now we teach it which of two answers people prefer. The classic
-recipe (RLHF: Christiano et al. 2017, Ouyang et al. 2022) trains a reward model on preference pairs,
-then maximises that reward with PPO while a KL penalty keeps the policy close to a frozen reference.
-DPO (Rafailov et al. 2023) shows that this KL-regularised problem has a closed-form optimum,
+recipe (RLHF: Christiano et al. 2017, Ouyang et al. 2022) trains a reward model on preference
+pairs, then maximises that reward with PPO while a KL penalty keeps the policy close to a frozen
+reference. DPO (Rafailov et al. 2023) shows that this KL-regularised problem has a closed-form
+optimum,
 
-    pi*(y|x) = ref(y|x) exp(r(x,y) / beta) / Z(x)  <=>  r(x,y) = beta log(pi*(y|x) / ref(y|x)) + beta log Z(x)
+    pi*(y|x) = ref(y|x) exp(r(x,y) / beta) / Z(x)
+      <=>  r(x,y) = beta log(pi*(y|x) / ref(y|x)) + beta log Z(x)
 
-so every policy IMPLIES a reward, r = beta * log(pi / ref), and Z(x) cancels when two answers to the
-same prompt are compared. Put that reward into the Bradley-Terry model of preferences,
+so every policy IMPLIES a reward, r = beta * log(pi / ref), and Z(x) cancels when two answers to
+the same prompt are compared. Put that reward into the Bradley-Terry model of preferences,
 p(chosen beats rejected) = sigmoid(r_chosen - r_rejected), and maximise the likelihood of the
 human labels: a plain classification loss on the policy itself, with no reward model, no sampling
 and no RL loop,
 
-    loss = -log sigmoid(beta * ((log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected))))
+    loss = -log sigmoid(beta * ((log pi(chosen) - log ref(chosen))
+                                - (log pi(rejected) - log ref(rejected))))
 
-Reading the metrics: at step 0 the policy IS the reference, so every reward and margin is 0 and the
-loss ln 2 = 0.693 (sigmoid(0) = 1/2). The reward accuracy (pairs whose chosen reward is above the
-rejected one) starts at 0 (all ties) and should climb on held-out pairs too, not only on training ones.
+Reading the metrics: at step 0 the policy IS the reference, so every reward and margin is 0 and
+the loss ln 2 = 0.693 (sigmoid(0) = 1/2). The reward accuracy (pairs whose chosen reward is above
+the rejected one) starts at 0 (all ties) and should climb on held-out pairs too, not only on
+training ones.
 
 References: Rafailov et al. 2023, "Direct Preference Optimization: Your Language Model is Secretly
-a Reward Model"; Mitchell 2023, "A note on DPO with noisy preferences" (conservative DPO); Raschka,
-"Build a Large Language Model (From Scratch)", ch. 7 bonus, dpo-from-scratch (rasbt/LLMs-from-scratch),
-whose data and settings we use; Hugging Face TRL's DPOTrainer.
+a Reward Model"; Mitchell 2023, "A note on DPO with noisy preferences" (conservative DPO);
+Raschka, "Build a Large Language Model (From Scratch)", ch. 7 bonus, dpo-from-scratch
+(rasbt/LLMs-from-scratch), whose data and settings we use; Hugging Face TRL's DPOTrainer.
 
 Run it (one process; 07's checkpoint is the starting policy):
   python 04_gpt.py --init_from=gpt2 --save_ckpt              # once: OpenAI's GPT-2 as a checkpoint
@@ -30,8 +34,9 @@ Run it (one process; 07's checkpoint is the starting policy):
   python 08_dpo.py                                           # DPO on it -> out/dpo/ckpt.pt
   python 08_dpo.py --average_log_probs --beta=1.0 --out_dir=out/dpo-avg       # per-token rewards
   python 09_generate.py --ckpt=out/dpo/ckpt.pt --chat        # talk to the result
-One GPU, the book's model: the same with --init_from=gpt2-medium (04, 07) and 07's --out_dir=
-out/finetune-medium, then python 08_dpo.py --ckpt_path=out/finetune-medium/ckpt.pt --out_dir=out/dpo-medium
+One GPU, the book's model: the same with --init_from=gpt2-medium (04, 07) and 07's
+--out_dir=out/finetune-medium, then
+  python 08_dpo.py --ckpt_path=out/finetune-medium/ckpt.pt --out_dir=out/dpo-medium
 """
 
 import argparse
@@ -57,37 +62,56 @@ import torch.nn.functional as F
 # 1. The data: preference pairs
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
+PAIRS_FILE = "instruction-data-with-preference.json"  # rasbt's, which 02 fetches
 
 
 def load_preference_data(path="") -> list[dict]:
-    """Entries {"instruction", "input", "chosen", "rejected"}: path="" = rasbt's (07's instructions with two
-    answers each by Llama 3.1 70B, polite and impolite), which 02 fetches; or your own file in that format."""
-    if not (path := Path(path or DATA_DIR / "instruction-data-with-preference.json")).exists():
-        raise FileNotFoundError(f"{path} does not exist; `python 02_dataloader.py` fetches rasbt's pairs "
-                                "(sha256-checked), or pass --data_path=<your JSON list of pairs>")
+    """Entries {"instruction", "input", "chosen", "rejected"}. path="": rasbt's pairs (07's
+    instructions with two answers each by Llama 3.1 70B, polite and impolite), which 02 fetches;
+    or your own file in that format."""
+    path = Path(path or DATA_DIR / PAIRS_FILE)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} does not exist; `python 02_dataloader.py` fetches rasbt's pairs "
+            "(sha256-checked), or pass --data_path=<your JSON list of pairs>"
+        )
     data = json.loads(path.read_text(encoding="utf-8"))  # not JSON: a ValueError
-    for i, entry in enumerate(data if isinstance(data, list) and data else [None]):
-        if not (isinstance(entry, dict) and isinstance(entry.get("input", ""), str)
-                and all(isinstance(entry.get(k), str) for k in ("instruction", "chosen", "rejected"))):
-            raise ValueError(f"{path}: entry {i} is not an object with string 'instruction', 'chosen' and "
-                             f"'rejected' (optional 'input'): {str(entry)[:80]}; fix or drop it")
+    entries = data if isinstance(data, list) and data else [None]  # else entry 0 is bad
+    texts = ("instruction", "chosen", "rejected")
+    for i, entry in enumerate(entries):
+        is_object = isinstance(entry, dict) and isinstance(entry.get("input", ""), str)
+        if not (is_object and all(isinstance(entry.get(k), str) for k in texts)):
+            raise ValueError(
+                f"{path}: entry {i} is not an object with string 'instruction', 'chosen' and "
+                f"'rejected' (optional 'input'): {str(entry)[:80]}; fix or drop it"
+            )
     return data
 
 
 def tokenize_pairs(entries: list[dict], encode, end_id: int, max_length: int):
-    """(pairs, n_cut, n_dropped): (prompt, chosen, rejected) ids per entry, as the text 07 finetuned on:
-    prompt = format_input + RESPONSE_HEADER, each answer + the end token (where it stops). subtle: 07
-    encodes header and answer together, we apart (to know where the answer starts): the same ids, as
-    GPT-2's BPE never merges the header's last newline with the next word (tested). Pairs longer than
-    max_length are cut by collate_pairs (n_cut); a prompt alone that long leaves nothing: dropped."""
-    pairs, n_cut, n_dropped = [], 0, 0
+    r"""(pairs, n_cut, n_dropped): (prompt, chosen, rejected) ids per entry, as the text 07
+    finetuned on: prompt = format_input + RESPONSE_HEADER, each answer + the end token (where it
+    stops). Pairs longer than max_length are cut by collate_pairs (n_cut); a prompt alone that
+    long leaves nothing: dropped.
+
+    subtle: 07 encodes header and answer together, we apart (to know where the answer starts).
+    GPT-2's BPE merges only inside the chunks of its pre-split, and the header ends with "\n".
+    When the answer starts with a non-space, or with one whitespace character and then a
+    non-space (all of rasbt's answers), that newline is a chunk of its own, so both give the same
+    ids. An answer that starts with two whitespace characters, or is only whitespace, shares a
+    chunk with it (`\s+(?!\S)` takes a run of whitespace but its last character), and BPE may
+    merge them: "\n\n" and "\n\xa0" are GPT-2 tokens, so "\n\nHi" gets other ids (tested)."""
+    pairs = []
+    n_cut = 0
+    n_dropped = 0
     for entry in entries:
         prompt = encode(format_input(entry)) + encode(RESPONSE_HEADER)
-        chosen, rejected = encode(entry["chosen"]) + [end_id], encode(entry["rejected"]) + [end_id]
+        chosen = encode(entry["chosen"]) + [end_id]
+        rejected = encode(entry["rejected"]) + [end_id]
         if len(prompt) > max_length:
             n_dropped += 1
             continue
-        longest = len(prompt) + max(len(chosen), len(rejected)) - 1  # inputs: all but the last token
+        longest = len(prompt) + max(len(chosen), len(rejected)) - 1  # inputs: all but the last
         n_cut += longest > max_length
         pairs.append((prompt, chosen, rejected))
     return pairs, n_cut, n_dropped
@@ -101,7 +125,8 @@ def collate_pairs(batch, pad_token_id=50256, allowed_max_length=None, device="cp
     """B pairs (prompt, chosen, rejected) -> inputs x, targets y and mask, each (2B, T).
 
     Rows 0..B-1 hold prompt + chosen, rows B..2B-1 prompt + rejected: one forward pass scores
-    both halves (split them with .chunk(2)). For each sequence s (its answer ends with the end token):
+    both halves (split them with .chunk(2)). For each sequence s (its answer ends with the end
+    token):
 
         x    = s without its last token              the model's input
         y    = s without its first token             y[i] is the token that x[:i+1] predicts
@@ -119,14 +144,17 @@ def collate_pairs(batch, pad_token_id=50256, allowed_max_length=None, device="cp
     """
     seqs = [p + c for p, c, _ in batch] + [p + r for p, _, r in batch]
     prompt_lengths = [len(p) for p, _, _ in batch] * 2
+    N = len(seqs)  # 2B
     T = max(len(s) for s in seqs) - 1
-    x = torch.full((len(seqs), T), pad_token_id, dtype=torch.long)  # (2B, T)
-    y = torch.full((len(seqs), T), pad_token_id, dtype=torch.long)  # (2B, T) pad: a valid id to gather
-    mask = torch.zeros(len(seqs), T, dtype=torch.bool)  # (2B, T)
-    for row, (s, prompt_length) in enumerate(zip(seqs, prompt_lengths)):
+    x = torch.full((N, T), pad_token_id, dtype=torch.long)  # (2B, T)
+    y = torch.full((N, T), pad_token_id, dtype=torch.long)  # (2B, T) pad: a valid id to gather
+    mask = torch.zeros(N, T, dtype=torch.bool)  # (2B, T)
+    for row, s in enumerate(seqs):
         n = len(s) - 1
-        x[row, :n], y[row, :n] = torch.tensor(s[:-1]), torch.tensor(s[1:])
-        mask[row, prompt_length - 1 : n] = True  # y[prompt_length - 1] is the answer's first token
+        x[row, :n] = torch.tensor(s[:-1])
+        y[row, :n] = torch.tensor(s[1:])
+        answer_start = prompt_lengths[row] - 1  # y[prompt_length - 1]: the answer's first token
+        mask[row, answer_start:n] = True
     cut = slice(None, allowed_max_length)
     return x[:, cut].to(device), y[:, cut].to(device), mask[:, cut].to(device)
 
@@ -136,7 +164,7 @@ def collate_pairs(batch, pad_token_id=50256, allowed_max_length=None, device="cp
 
 
 def sequence_logprobs(logits, targets, mask, average: bool = False):
-    """log pi(answer | prompt) for each row: the answer tokens' log-probabilities, summed or averaged.
+    """log pi(answer | prompt) per row: the answer tokens' log-probabilities, summed or averaged.
 
     logits (N, T, V), targets and mask (N, T) -> (N,). By the chain rule, log p(y_1 .. y_n | x) =
     sum_i log p(y_i | x, y_<i): gather each target's log-probability and add up the masked ones.
@@ -151,74 +179,95 @@ def sequence_logprobs(logits, targets, mask, average: bool = False):
     large, so beta must be larger for the same push (SimPO uses beta ~2), and the loss is no
     longer the one derived from the KL-regularised objective.
     """
-    logps = logits.log_softmax(dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N, T)
+    all_logps = logits.log_softmax(dim=-1)  # (N, T, V)
+    logps = all_logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N, T): the targets'
     total = torch.where(mask, logps, 0.0).sum(dim=-1)  # (N,) where, not *: 0 * -inf would be nan
-    return total / mask.sum(dim=-1).clamp(min=1) if average else total
+    if not average:
+        return total
+    return total / mask.sum(dim=-1).clamp(min=1)  # per answer token
 
 
 def pair_logprobs(model, x, y, mask, average: bool = False, ctx=nullcontext()):
-    """(chosen, rejected) sequence log-probs, (B,) each, of a collate_pairs batch in one forward pass.
+    """(chosen, rejected) sequence log-probs, (B,) each, of a collate_pairs batch, in one pass.
 
     The blocks run under ctx (bf16 autocast on a GPU); the LM head and log_softmax run in fp32,
-    outside it. subtle: GPT-2's logits are tens of nats, where one bf16 step is 0.125-0.5; the gaps
-    DPO measures (log pi - log ref) are that small, so a bf16 head would bury them in rounding
-    (summed over 100 tokens of GPT-2-sized logits: 0.2 nats off in bf16, 0.03 with CUDA's TF32).
-    The price: (2B, T, vocab) logits of 4 bytes each instead of 2."""
+    outside it. subtle: GPT-2's logits are tens of nats, where one bf16 step is 0.125-0.5; the
+    gaps DPO measures (log pi - log ref) are that small, so a bf16 head would bury them in
+    rounding (summed over 100 tokens of GPT-2-sized logits: 0.2 nats off in bf16, 0.03 with
+    CUDA's TF32). The price: (2B, T, vocab) logits of 4 bytes each instead of 2."""
+    # final_hidden is GPT.forward up to ln_f, without lm_head (and its input check): we apply
+    # the head ourselves, in fp32 outside ctx; GPT.forward's would run under ctx, in bf16
     with ctx:
         h = final_hidden(model, x)  # (2B, T, C)
-    logits = F.linear(h.float(), model.lm_head.weight.float())  # (2B, T, vocab_size) in fp32
-    return sequence_logprobs(logits, y, mask, average).chunk(2)
+    head = model.lm_head.weight.float()  # (vocab_size, C): the token embedding, tied
+    logits = F.linear(h.float(), head)  # (2B, T, vocab_size) in fp32
+    return sequence_logprobs(logits, y, mask, average).chunk(2)  # (B,) each
 
 
-def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta: float = 0.1,
-             label_smoothing: float = 0.0):
+def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
+             beta: float = 0.1, label_smoothing: float = 0.0):
     """The DPO loss of each pair and the implicit rewards of its two answers: three (B,) tensors.
 
     Inputs are sequence log-probs (B,). The reward the policy implies for an answer is
-    r = beta * (log pi(answer) - log ref(answer)): how much more likely the policy made it than the
-    reference did. Bradley-Terry says p(chosen preferred) = sigmoid(r_chosen - r_rejected); the
-    loss is the negative log-likelihood of the label, -log sigmoid(margin). Its gradient,
+    r = beta * (log pi(answer) - log ref(answer)): how much more likely the policy made it than
+    the reference did. Bradley-Terry says p(chosen preferred) = sigmoid(r_chosen - r_rejected);
+    the loss is the negative log-likelihood of the label, -log sigmoid(margin). Its gradient,
     -beta * sigmoid(-margin) * (grad log pi(chosen) - grad log pi(rejected)), pushes the chosen
     answer up and the rejected one down, hardest on the pairs the policy still gets wrong.
     Hand example: log-probs pi (-5, -7), ref (-6, -6.5), beta 0.5 -> rewards +0.5 and -0.25,
     margin 0.75, loss ln(1 + e^-0.75) = 0.3869.
 
     label_smoothing eps > 0 is conservative DPO (Mitchell 2023): if a fraction eps of the labels
-    may be flipped, train towards a soft label, p(chosen wins) = 1 - eps instead of 1, i.e. binary
-    cross-entropy -(1 - eps) log sigmoid(m) - eps log sigmoid(-m) with m = beta * (the log-ratio
-    difference). Plain DPO keeps pushing m up forever; this loss is smallest at m = ln((1 - eps) / eps)
-    (2.2 for eps = 0.1), so the policy stops pushing once it is that confident.
+    may be flipped, train towards a soft label, p(chosen wins) = 1 - eps instead of 1, i.e.
+    binary cross-entropy -(1 - eps) log sigmoid(m) - eps log sigmoid(-m) with m = beta * (the
+    log-ratio difference). Plain DPO keeps pushing m up forever; this loss is smallest at
+    m = ln((1 - eps) / eps) (2.2 for eps = 0.1), so the policy stops pushing once it is that
+    confident.
     beta: a larger beta trusts the reference more (the KL penalty's weight); 0.1 is the paper's.
     """
-    logits = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected)  # (B,)
-    losses = (-(1 - label_smoothing) * F.logsigmoid(beta * logits)
-              - label_smoothing * F.logsigmoid(-beta * logits))  # (B,)
-    chosen_rewards = beta * (policy_chosen - reference_chosen).detach()  # (B,) for the logs only
-    rejected_rewards = beta * (policy_rejected - reference_rejected).detach()  # (B,)
+    chosen_logratios = policy_chosen - reference_chosen  # (B,) log pi/ref of the chosen answer
+    rejected_logratios = policy_rejected - reference_rejected  # (B,)
+    logits = chosen_logratios - rejected_logratios  # (B,)
+    log_p_chosen_wins = F.logsigmoid(beta * logits)  # (B,) log sigmoid(m)
+    log_p_rejected_wins = F.logsigmoid(-beta * logits)  # (B,) log sigmoid(-m)
+    eps = label_smoothing
+    losses = -(1 - eps) * log_p_chosen_wins - eps * log_p_rejected_wins  # (B,)
+    chosen_rewards = beta * chosen_logratios.detach()  # (B,) for the logs only
+    rejected_rewards = beta * rejected_logratios.detach()  # (B,)
     return losses, chosen_rewards, rejected_rewards
 
 
 def make_reference(policy: nn.Module) -> nn.Module:
-    """The reference: a frozen deep copy of the starting policy. Its own weights (the policy's change,
-    the copy's must not), no gradients (no graph through it), eval mode (ref(y|x): one fixed number)."""
+    """The reference: a frozen deep copy of the starting policy. Its own weights (the policy's
+    change, the copy's must not), no gradients (no graph through it), eval mode (ref(y|x): one
+    fixed number)."""
     return copy.deepcopy(policy).requires_grad_(False).eval()
 
 
-def dpo_batch(policy, reference, batch, beta=0.1, label_smoothing=0.0, average=False, ctx=nullcontext()):
-    """(losses, chosen rewards, rejected rewards), (B,) each, of a collate_pairs batch (x, y, mask)."""
+def dpo_batch(policy, reference, batch, beta=0.1, label_smoothing=0.0, average=False,
+              ctx=nullcontext()):
+    """(losses, chosen rewards, rejected rewards), (B,) each, of a collate_pairs (x, y, mask)."""
     policy_chosen, policy_rejected = pair_logprobs(policy, *batch, average, ctx)
     with torch.no_grad():  # a fixed anchor: no graph, no saved activations
-        reference_chosen, reference_rejected = pair_logprobs(reference, *batch, average, ctx)
-    return dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta,
-                    label_smoothing)
+        reference_logps = pair_logprobs(reference, *batch, average, ctx)
+    reference_chosen, reference_rejected = reference_logps
+    return dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
+                    beta, label_smoothing)
 
 
 def pair_metrics(losses, chosen_rewards, rejected_rewards) -> dict:
-    """Means over pairs: loss, chosen and rejected rewards, margin, accuracy (chosen reward > rejected)."""
+    """Means over pairs: loss, chosen and rejected rewards, margin, and accuracy (the share of
+    pairs whose chosen reward is above the rejected one)."""
     margins = chosen_rewards - rejected_rewards
-    means = torch.stack([losses.mean(), chosen_rewards.mean(), rejected_rewards.mean(), margins.mean(),
-                         (margins > 0).float().mean()])
-    return dict(zip(("loss", "chosen_reward", "rejected_reward", "margin", "accuracy"), means.tolist()))
+    means = {
+        "loss": losses.mean(),
+        "chosen_reward": chosen_rewards.mean(),
+        "rejected_reward": rejected_rewards.mean(),
+        "margin": margins.mean(),
+        "accuracy": (margins > 0).float().mean(),
+    }
+    values = torch.stack(list(means.values())).tolist()  # one read of the device, not five
+    return dict(zip(means, values))
 
 
 # -----------------------------------------------------------------------------
@@ -227,173 +276,256 @@ def pair_metrics(losses, chosen_rewards, rejected_rewards) -> dict:
 
 @dataclass
 class DPOConfig:
-    """Direct Preference Optimization of an instruction-tuned GPT (07's checkpoint); the book's settings."""
+    """Direct Preference Optimization of 07's instruction-tuned GPT, with the book's settings."""
 
     ckpt_path: Annotated[str, "the starting policy: 07's checkpoint"] = "out/finetune/ckpt.pt"
     out_dir: Annotated[str, "ckpt.pt, log.jsonl and dpo_responses.json go here"] = "out/dpo"
     overwrite: Annotated[bool, "replace the ckpt.pt of an earlier run in out_dir"] = False
     data_path: Annotated[str, "a JSON list of pairs; '' = rasbt's, which 02 fetches"] = ""
     beta: Annotated[float, "the KL penalty's weight: larger stays closer to the reference"] = 0.1
-    label_smoothing: Annotated[float, "conservative DPO: the share of labels assumed flipped, < 0.5"] = 0.0
-    average_log_probs: Annotated[bool, "per-token mean instead of sum of the answer's log-probs"] = False
+    label_smoothing: Annotated[float, "conservative DPO: share of labels assumed flipped"] = 0.0
+    average_log_probs: Annotated[bool, "per-token mean, not sum, of the answer log-probs"] = False
     batch_size: Annotated[int, "pairs per step (2x sequences); also answers per batch"] = 8
     max_iters: Annotated[int, "optimizer steps; 0 = one pass over the training pairs"] = 0
-    learning_rate: Annotated[float, "small: DPO nudges a trained model; constant after warmup"] = 5e-6
+    learning_rate: Annotated[float, "small: DPO nudges a trained model; flat after warmup"] = 5e-6
     warmup_iters: Annotated[int, "linear warmup steps (as the DPO paper)"] = 10
     weight_decay: Annotated[float, "AdamW's"] = 0.01
     grad_clip: Annotated[float, "clip the global gradient norm to this; 0 = no clipping"] = 1.0
     log_interval: Annotated[int, "a log line every this many steps"] = 5
-    eval_interval: Annotated[int, "metrics on train and val pairs, and ckpt.pt, every this many steps"] = 25
+    eval_interval: Annotated[int, "train/val metrics and ckpt.pt every this many steps"] = 25
     eval_pairs: Annotated[int, "pairs of each split to evaluate on (-1 = all)"] = 64
     max_new_tokens: Annotated[int, "longest answer in dpo_responses.json"] = 128
-    num_responses: Annotated[int, "validation entries answered before and after DPO (-1 = all)"] = 5
+    num_responses: Annotated[int, "val entries answered before and after DPO (-1 = all)"] = 5
     device: Annotated[str, "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"] = "auto"
-    dtype: Annotated[str, "auto (bf16 or fp16 on CUDA, fp32 elsewhere), float32, bfloat16, float16"] = "auto"
+    dtype: Annotated[str, "auto (CUDA: bf16/fp16, else fp32), float32, bfloat16, float16"] = "auto"
     threads: Annotated[int, "CPU threads; 0 = PyTorch's default"] = 0
     seed: Annotated[int, "seeds the batch order"] = 1337
 
-    def __post_init__(self):  # every check names its fix; parse_config prints it as one `error:` line
-        if not self.beta > 0 or not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"--beta={self.beta} must be > 0 (the paper: 0.1), --label_smoothing="
-                             f"{self.label_smoothing} in [0, 0.5) (at 0.5 the labels would be noise)")
-        for name in ("batch_size", "log_interval", "eval_interval", "max_iters", "warmup_iters",
-                     "learning_rate", "weight_decay", "grad_clip", "max_new_tokens", "threads"):
-            if getattr(self, name) < (least := int(name in ("batch_size", "log_interval", "eval_interval"))):
-                raise ValueError(f"--{name} must be at least {least}, got {getattr(self, name)}")
+    def __post_init__(self):  # every check names its fix; parse_config prints it as one line
+        if not self.beta > 0:
+            raise ValueError(f"--beta={self.beta} must be > 0 (the paper: 0.1)")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(
+                f"--label_smoothing={self.label_smoothing} must be in [0, 0.5) "
+                "(at 0.5 the labels would be noise)"
+            )
+        at_least_one = ("batch_size", "log_interval", "eval_interval")
+        at_least_zero = ("max_iters", "warmup_iters", "learning_rate", "weight_decay",
+                         "grad_clip", "max_new_tokens", "threads")
+        for name in at_least_one + at_least_zero:
+            least = int(name in at_least_one)
+            value = getattr(self, name)
+            if value < least:
+                raise ValueError(f"--{name} must be at least {least}, got {value}")
         if self.eval_pairs == 0:
-            raise ValueError("--eval_pairs=0 would evaluate nothing; use -1 (all pairs) or a count")
+            raise ValueError("--eval_pairs=0 evaluates nothing; use -1 (all pairs) or a count")
         self.device = pick_device(self.device)  # "auto" resolved here, once
         self.dtype = pick_dtype(self.dtype, self.device)
         if not Path(self.ckpt_path).exists():
-            raise FileNotFoundError(f"no checkpoint at {self.ckpt_path}: DPO starts from 07's model "
-                                    f"(python 07_finetune.py --init_from=gpt2), or point --ckpt_path at one")
-        if (Path(self.out_dir) / "ckpt.pt").exists() and not self.overwrite:
-            raise ValueError(f"{Path(self.out_dir) / 'ckpt.pt'} holds an earlier run, which this one would "
-                             f"replace; choose another --out_dir, or pass --overwrite")
+            raise FileNotFoundError(
+                f"no checkpoint at {self.ckpt_path}: DPO starts from 07's model "
+                "(python 07_finetune.py --init_from=gpt2), or point --ckpt_path at one"
+            )
+        earlier_run = Path(self.out_dir) / "ckpt.pt"
+        if earlier_run.exists() and not self.overwrite:
+            raise ValueError(
+                f"{earlier_run} holds an earlier run, which this one would replace; "
+                "choose another --out_dir, or pass --overwrite"
+            )
         if self.data_path:  # a bad file fails now, before a model is loaded
             load_preference_data(self.data_path)
 
 
 def prepare_pairs(cfg: DPOConfig, tokenizer, block_size: int) -> dict:
-    """Train and val pairs tokenized for the model, the val entries, encode, end_id; prints what was cut."""
+    """Train and val pairs tokenized for the model, the val entries, encode and end_id; prints
+    how many pairs the context cuts or drops."""
     encode, unknown = text_encoder(tokenizer, "?")
-    end_id, splits = end_token_id(tokenizer), split_data(load_preference_data(cfg.data_path))
-    (train, n_cut, n_dropped), (val, _, _) = (tokenize_pairs(splits[k], encode, end_id, block_size)
-                                              for k in ("train", "val"))
-    print(f"data: {', '.join(f'{k} {len(v)}' for k, v in splits.items())} pairs; {n_cut} training pairs cut "
-          f"at the context ({block_size} tokens), {n_dropped} dropped (the prompt alone is longer)"
-          + (f"; {sum(unknown.values())} characters the char model lacks became '?'" if unknown else ""))
+    end_id = end_token_id(tokenizer)
+    splits = split_data(load_preference_data(cfg.data_path))
+    train, n_cut, n_dropped = tokenize_pairs(splits["train"], encode, end_id, block_size)
+    val, _, _ = tokenize_pairs(splits["val"], encode, end_id, block_size)
+    sizes = ", ".join(f"{split} {len(entries)}" for split, entries in splits.items())
+    message = (
+        f"data: {sizes} pairs; {n_cut} training pairs cut at the context ({block_size} "
+        f"tokens), {n_dropped} dropped (the prompt alone is longer)"
+    )
+    if unknown:
+        n_unknown = sum(unknown.values())
+        message += f"; {n_unknown} characters the char model lacks became '?'"
+    print(message)
     if len(train) < cfg.batch_size or not val:
-        raise ValueError(f"{len(train)} training and {len(val)} validation pairs fit the context of "
-                         f"{block_size} tokens, too few for --batch_size={cfg.batch_size}: lower it, or "
-                         f"start from a model with a longer context (GPT-2's: 1024)")
-    return {"train": train, "val": val, "val_entries": splits["val"], "encode": encode, "end_id": end_id}
+        raise ValueError(
+            f"{len(train)} training and {len(val)} validation pairs fit the context of "
+            f"{block_size} tokens, too few for --batch_size={cfg.batch_size}: lower it, or "
+            "start from a model with a longer context (GPT-2's: 1024)"
+        )
+    return {"train": train, "val": val, "val_entries": splits["val"],
+            "encode": encode, "end_id": end_id}
+
+
+@torch.no_grad()
+def evaluate(score, data: dict, eval_pairs: int, batch_size: int) -> dict:
+    """pair_metrics of each split's first eval_pairs pairs (-1: all), scored batch_size at a time
+    by score(pairs) -> (losses, chosen rewards, rejected rewards)."""
+    metrics = {}
+    for split in ("train", "val"):
+        pairs = data[split]
+        if eval_pairs > 0:
+            pairs = pairs[:eval_pairs]
+        starts = range(0, len(pairs), batch_size)
+        scores = [score(pairs[i : i + batch_size]) for i in starts]
+        columns = [torch.cat(column) for column in zip(*scores)]  # losses, rewards: (n,) each
+        metrics[split] = pair_metrics(*columns)
+    return metrics
+
+
+def log_evaluation(it: int, metrics: dict, path: Path):
+    """Print evaluate's metrics, and add them to the JSON lines at path (step 0 starts afresh)."""
+    record = {"iter": it}
+    for split, m in metrics.items():
+        print(
+            f"step {it} {split:5s} loss {m['loss']:.4f}, "
+            f"rewards {m['chosen_reward']:+.3f} chosen, {m['rejected_reward']:+.3f} rejected, "
+            f"margin {m['margin']:+.3f}, accuracy {m['accuracy']:.1%}"
+        )
+        record |= {f"{split}_{name}": value for name, value in m.items()}
+    with open(path, "a" if it else "w") as log:
+        print(json.dumps(record), file=log)
 
 
 def write_responses(reference, policy, data: dict, decode, cfg: DPOConfig, ctx):
-    """Greedy answers before DPO (the reference IS the model before) and after, in dpo_responses.json."""
-    entries = data["val_entries"][: cfg.num_responses if cfg.num_responses >= 0 else None]  # -1: all
-    before, after = (generate_responses(m, entries, data["encode"], decode, data["end_id"],  # 07's, cached
-                                        cfg.max_new_tokens, cfg.batch_size, ctx) for m in (reference, policy))
-    records = [{**e, "before_dpo": b, "after_dpo": a} for e, b, a in zip(entries, before, after)]
+    """Greedy answers before DPO (the reference IS the model before) and after, in
+    dpo_responses.json."""
+    entries = data["val_entries"]
+    if cfg.num_responses >= 0:  # -1: all
+        entries = entries[: cfg.num_responses]
+    encode = data["encode"]
+    end_id = data["end_id"]
+    settings = (cfg.max_new_tokens, cfg.batch_size, ctx)
+    # 07's greedy answers, through its KV cache
+    before = generate_responses(reference, entries, encode, decode, end_id, *settings)
+    after = generate_responses(policy, entries, encode, decode, end_id, *settings)
+    records = []
+    for entry, answer_before, answer_after in zip(entries, before, after):
+        records.append({**entry, "before_dpo": answer_before, "after_dpo": answer_after})
     path = Path(cfg.out_dir) / "dpo_responses.json"
-    path.write_text(json.dumps(records, indent=1, ensure_ascii=False), encoding="utf-8")
-    for r in records[:1]:
-        print(f"{format_input(r)}{RESPONSE_HEADER}  before: {r['before_dpo']}\n  after:  {r['after_dpo']}")
+    text = json.dumps(records, indent=1, ensure_ascii=False)
+    path.write_text(text, encoding="utf-8")
+    if records:
+        first = records[0]
+        prompt = format_input(first) + RESPONSE_HEADER
+        print(f"{prompt}  before: {first['before_dpo']}\n  after:  {first['after_dpo']}")
     print(f"{len(records)} validation answers before and after DPO in {path}")
 
 
 def dpo(cfg: DPOConfig, start=None, data=None) -> dict:
-    """Train the policy against its frozen copy (start, data: load_checkpoint's and prepare_pairs'
-    results, when the caller has them). Returns the metrics before and after, the losses, both models."""
+    """Train the policy against its frozen copy (start, data: load_checkpoint's and
+    prepare_pairs' results, when the caller has them). Returns the metrics before and after, the
+    losses, both models."""
     policy, tokenizer, ckpt = start or load_checkpoint(cfg.ckpt_path)
-    data = data or prepare_pairs(cfg, tokenizer, policy.config.block_size)
-    train, end_id, device_type = data["train"], data["end_id"], cfg.device.split(":")[0]
-    ctx, out_dir = autocast_context(device_type, cfg.dtype), Path(cfg.out_dir)
+    block_size = policy.config.block_size
+    data = data or prepare_pairs(cfg, tokenizer, block_size)
+    train = data["train"]
+    end_id = data["end_id"]
+    device_type = cfg.device.split(":")[0]
+    ctx = autocast_context(device_type, cfg.dtype)
+    out_dir = Path(cfg.out_dir)
     if device_type == "cuda":  # TF32: fp32 matmuls on tensor cores, 10-bit mantissa (as 05)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     # eval mode for the policy too: dropout would make log pi noisy, a margin that is not there
     policy = policy.to(cfg.device).eval()
     reference = make_reference(policy)  # the model before DPO, frozen
     max_iters = cfg.max_iters or len(train) // cfg.batch_size  # 0: one epoch, as the book
-    print(f"policy: {cfg.ckpt_path} (stage {ckpt.get('stage')!r}, {ckpt.get('iter_num')} iterations), "
-          f"{policy.num_params():,} parameters, and its frozen copy; {max_iters} steps of {cfg.batch_size}")
+    print(
+        f"policy: {cfg.ckpt_path} (stage {ckpt.get('stage')!r}, "
+        f"{ckpt.get('iter_num')} iterations), {policy.num_params():,} parameters, "
+        f"and its frozen copy; {max_iters} steps of {cfg.batch_size}"
+    )
     # AdamW on every weight as the book (at lr 5e-6 decaying the LayerNorm gains is harmless)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                  fused=device_type in ("cuda", "cpu"))
-    scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")  # off: a pass-through
+    fused = device_type in ("cuda", "cpu")
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay, fused=fused)
+    fp16 = cfg.dtype == "float16"
+    scaler = torch.amp.GradScaler(device_type, enabled=fp16)  # off: a pass-through
 
     def score(pairs):  # (losses, chosen rewards, rejected rewards) of a list of pairs, (B,) each
-        batch = collate_pairs(pairs, end_id, policy.config.block_size, cfg.device)
-        return dpo_batch(policy, reference, batch, cfg.beta, cfg.label_smoothing, cfg.average_log_probs, ctx)
-
-    @torch.no_grad()
-    def evaluate(it: int) -> dict:  # pair_metrics of cfg.eval_pairs pairs of each split, to log.jsonl
-        metrics = {}
-        for k in ("train", "val"):
-            pairs = data[k][: cfg.eval_pairs] if cfg.eval_pairs > 0 else data[k]
-            parts = [score(pairs[i : i + cfg.batch_size]) for i in range(0, len(pairs), cfg.batch_size)]
-            m = metrics[k] = pair_metrics(*(torch.cat(tensors) for tensors in zip(*parts)))
-            print(f"step {it} {k:5s} loss {m['loss']:.4f}, rewards {m['chosen_reward']:+.3f} chosen, "
-                  f"{m['rejected_reward']:+.3f} rejected, margin {m['margin']:+.3f}, "
-                  f"accuracy {m['accuracy']:.1%}")
-        record = {"iter": it, **{f"{k}_{n}": v for k, m in metrics.items() for n, v in m.items()}}
-        with open(out_dir / "log.jsonl", "a" if it else "w") as log:
-            print(json.dumps(record), file=log)
-        return metrics
+        batch = collate_pairs(pairs, end_id, block_size, cfg.device)
+        average = cfg.average_log_probs
+        return dpo_batch(policy, reference, batch, cfg.beta, cfg.label_smoothing, average, ctx)
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    log_path = out_dir / "log.jsonl"
     print("before DPO (the policy is the reference: rewards 0, loss ln 2 = 0.6931):")
-    before = evaluate(0)
-    best_val_loss, losses, tokens, t0 = float("inf"), [], 0, time.perf_counter()
+    before = evaluate(score, data, cfg.eval_pairs, cfg.batch_size)
+    log_evaluation(0, before, log_path)
+    best_val_loss = float("inf")
+    train_losses = []
+    tokens = 0  # since the last log line
+    t0 = time.perf_counter()
     for it in range(max_iters):
+        lr = cfg.learning_rate * min(1.0, (it + 1) / (cfg.warmup_iters + 1))
         for group in optimizer.param_groups:  # linear warmup, then constant (the DPO paper)
-            group["lr"] = cfg.learning_rate * min(1.0, (it + 1) / (cfg.warmup_iters + 1))
-        pairs = [train[i] for i in batch_indices(it, len(train), cfg.batch_size, cfg.seed)]
-        step = score(pairs)
-        loss = step[0].mean()
+            group["lr"] = lr
+        indices = batch_indices(it, len(train), cfg.batch_size, cfg.seed)
+        pairs = [train[i] for i in indices]
+        losses, chosen_rewards, rejected_rewards = score(pairs)
+        loss = losses.mean()
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)  # true gradients, before clipping
-        norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip or math.inf)
+        max_norm = cfg.grad_clip or math.inf
+        norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         # on the device: .item() makes the CPU wait for the GPU, so only on log and eval steps
-        losses.append(loss.detach())
-        tokens, last = tokens + sum(2 * len(p) + len(c) + len(r) for p, c, r in pairs), it == max_iters - 1
+        train_losses.append(loss.detach())
+        tokens += sum(2 * len(p) + len(c) + len(r) for p, c, r in pairs)
+        last = it == max_iters - 1
         if it % cfg.log_interval == 0 or last:
-            m = pair_metrics(*step)
-            print(f"step {it + 1}/{max_iters}: loss {m['loss']:.4f}, margin {m['margin']:+.3f}, accuracy "
-                  f"{m['accuracy']:.0%}, grad norm {norm:.2f}, {tokens / (time.perf_counter() - t0):,.0f} "
-                  f"tokens/s")
-            tokens, t0 = 0, time.perf_counter()
+            m = pair_metrics(losses, chosen_rewards, rejected_rewards)
+            tokens_per_s = tokens / (time.perf_counter() - t0)
+            print(
+                f"step {it + 1}/{max_iters}: loss {m['loss']:.4f}, "
+                f"margin {m['margin']:+.3f}, accuracy {m['accuracy']:.0%}, "
+                f"grad norm {norm:.2f}, {tokens_per_s:,.0f} tokens/s"
+            )
+            tokens = 0
+            t0 = time.perf_counter()
         if (it + 1) % cfg.eval_interval == 0 or last:
-            after = evaluate(it + 1)
+            after = evaluate(score, data, cfg.eval_pairs, cfg.batch_size)
+            log_evaluation(it + 1, after, log_path)
             val_loss = after["val"]["loss"]  # the DPO loss (ln 2 at the start), not the LM loss
             best_val_loss = min(best_val_loss, val_loss)
-            save_checkpoint(out_dir / "ckpt.pt", {  # 05's format, stage "dpo"; no optimizer: no resume
-                "model": policy.state_dict(), "model_args": asdict(policy.config), "config": asdict(cfg),
-                "tokenizer": ckpt["tokenizer"], "stage": "dpo", "iter_num": it + 1, "val_loss": val_loss,
-                "best_val_loss": best_val_loss, "optimizer": None, "scaler": None, "rng": None})
-            tokens, t0 = 0, time.perf_counter()  # tokens/s: the evaluation's time is not training time
+            save_checkpoint(out_dir / "ckpt.pt", {  # 05's format, stage "dpo"
+                "model": policy.state_dict(), "model_args": asdict(policy.config),
+                "config": asdict(cfg), "tokenizer": ckpt["tokenizer"], "stage": "dpo",
+                "iter_num": it + 1, "val_loss": val_loss, "best_val_loss": best_val_loss,
+                "optimizer": None, "scaler": None, "rng": None,  # a DPO run does not resume
+            })
+            tokens = 0
+            t0 = time.perf_counter()  # tokens/s: the evaluation's time is not training time
 
     write_responses(reference, policy, data, tokenizer.decode, cfg, ctx)
     print(f"talk to the aligned model: python 09_generate.py --ckpt={out_dir / 'ckpt.pt'} --chat")
-    return {"iter_num": max_iters, "train_losses": torch.stack(losses).tolist(), "before": before,
+    train_losses = torch.stack(train_losses).tolist()  # one read of the device
+    return {"iter_num": max_iters, "train_losses": train_losses, "before": before,
             "after": after, "policy": policy, "reference": reference}
 
 
 def main(argv=None):
-    cfg = parse_config(DPOConfig, argv)  # a bad setting or a missing file: one `error:` line, exit status 2
-    print("config:", ", ".join(f"{k}={v!r}" for k, v in asdict(cfg).items()))
+    cfg = parse_config(DPOConfig, argv)  # a bad setting or a missing file: one line, exit 2
+    settings = ", ".join(f"{k}={v!r}" for k, v in asdict(cfg).items())
+    print("config:", settings)
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
     torch.manual_seed(cfg.seed)
     try:  # a file that is not a checkpoint, pairs that do not fit the context
         start = load_checkpoint(cfg.ckpt_path)
-        data = prepare_pairs(cfg, start[1], start[0].config.block_size)
-    except (ValueError, FileNotFoundError) as e:  # the user's to fix, not our bug: one line, as parse_config
+        policy, tokenizer, _ = start
+        data = prepare_pairs(cfg, tokenizer, policy.config.block_size)
+    except (ValueError, FileNotFoundError) as e:  # the user's to fix, not our bug: one line
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(2)  # as parse_config
     return dpo(cfg, start, data)
 
 
@@ -404,13 +536,17 @@ def main(argv=None):
 
 # copied from 01_tokenizer.py: CharTokenizer
 class CharTokenizer:
-    """One token per character: from_text("hello") gives e=0 h=1 l=2 o=3, so "hole" -> [1, 3, 2, 0]."""
+    """One token per character: from_text("hello") gives e=0 h=1 l=2 o=3; "hole" -> [1, 3, 2, 0]."""
 
     def __init__(self, chars: str):
         if len(set(chars)) != len(chars):
-            raise ValueError("chars has repeated characters; build it with CharTokenizer.from_text(text)")
-        self.chars, self.n_vocab, self.eot_token = chars, len(chars), None  # None: no end-of-text token
-        self.stoi, self.itos = {ch: i for i, ch in enumerate(chars)}, dict(enumerate(chars))
+            raise ValueError("chars has repeated characters; "
+                             "build it with CharTokenizer.from_text(text)")
+        self.chars = chars
+        self.n_vocab = len(chars)
+        self.eot_token = None  # no end-of-text token
+        self.stoi = {ch: i for i, ch in enumerate(chars)}  # character -> id
+        self.itos = dict(enumerate(chars))  # id -> character
 
     @classmethod
     def from_text(cls, text: str) -> "CharTokenizer":
@@ -420,8 +556,9 @@ class CharTokenizer:
         try:
             return [self.stoi[ch] for ch in text]
         except KeyError as e:
-            raise ValueError(f"character {e.args[0]!r} is not in the vocabulary; build the tokenizer "
-                             "from text that contains it (CharTokenizer.from_text)") from None
+            raise ValueError(f"character {e.args[0]!r} is not in the vocabulary; "
+                             "build the tokenizer from text that contains it "
+                             "(CharTokenizer.from_text)") from None
 
     def decode(self, ids) -> str:
         try:
@@ -436,27 +573,31 @@ class CharTokenizer:
 
 # copied from 01_tokenizer.py: get_tokenizer
 def get_tokenizer(spec: dict):
-    """{"kind": "char", "chars": ...} -> CharTokenizer; {"kind": "gpt2"} -> tiktoken's GPT-2 encoding."""
-    if spec.get("kind") == "char":
+    """The tokenizer a dict describes: {"kind": "char", "chars": ...} -> CharTokenizer;
+    {"kind": "gpt2"} -> tiktoken's GPT-2 encoding."""
+    kind = spec.get("kind")
+    if kind == "char":
         return CharTokenizer(spec["chars"])
-    if spec.get("kind") == "gpt2":
+    if kind == "gpt2":
         import tiktoken  # only when asked for: char-only scripts do not need it
 
         return tiktoken.get_encoding("gpt2")
-    raise ValueError(f"unknown tokenizer kind {spec.get('kind')!r}; use {{'kind': 'char', 'chars': ...}} "
-                     "or {'kind': 'gpt2'}")
+    raise ValueError(f"unknown tokenizer kind {kind!r}; "
+                     "use {'kind': 'char', 'chars': ...} or {'kind': 'gpt2'}")
 
 
 # copied from 03_attention.py: CausalSelfAttention
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention, one F.scaled_dot_product_attention call: (B, T, C) -> (B, T, C)."""
+    """Multi-head causal self-attention by scaled_dot_product_attention: (B, T, C) -> (B, T, C)."""
 
     def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True):
         super().__init__()
         if n_head <= 0 or n_embd % n_head != 0:
-            raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}: each head gets n_embd // "
-                             "n_head channels; choose an n_head that divides n_embd (GPT-2: 768 and 12)")
-        self.n_embd, self.n_head = n_embd, n_head
+            raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}: each head "
+                             "gets n_embd // n_head channels; choose an n_head that divides "
+                             "n_embd (GPT-2: 768 and 12)")
+        self.n_embd = n_embd
+        self.n_head = n_head
         self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)  # q, k, v of all heads in one matmul
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)  # mixes the heads' outputs
         self.attn_dropout_p = dropout  # SDPA takes dropout on the weights as an argument
@@ -464,42 +605,59 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.size()
-        qkv = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in qkv)  # (B, nh, T, hs)
+        hs = C // self.n_head  # head size
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         dropout_p = self.attn_dropout_p if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
 
 # copied from 03_attention.py: KVCache
 class KVCache:
-    """The keys and values of every token so far, per layer, in (B, n_head, max_len, head_size) buffers."""
+    """The keys and values of every token so far: per layer, (B, n_head, max_len, head_size)."""
 
     def __init__(self, n_layer: int, max_len: int):
-        self.k, self.v, self.length, self.max_len = [None] * n_layer, [None] * n_layer, 0, max_len
+        self.k = [None] * n_layer  # per layer: (B, n_head, max_len, head_size) keys
+        self.v = [None] * n_layer  # per layer: the values, the same shape
+        self.length = 0  # tokens cached so far
+        self.max_len = max_len
 
     def attend(self, attn, x: torch.Tensor, layer: int, mask=None) -> torch.Tensor:
-        """attn's (a CausalSelfAttention's) attention for new tokens x (B, T, C) over the cache and x."""
-        (B, T, C), start = x.size(), self.length
+        """attn (a CausalSelfAttention) on the new tokens x (B, T, C), over the cache and x."""
+        B, T, C = x.size()
+        hs = C // attn.n_head  # head size
+        start = self.length  # the new tokens' positions: start .. end - 1
+        end = start + T
         q, k, v = attn.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
-        q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))
+        q = q.view(B, T, attn.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, attn.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, attn.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         if self.k[layer] is None:  # the first call allocates; every later one writes in place
-            self.k[layer] = k.new_zeros(B, attn.n_head, self.max_len, C // attn.n_head)
+            self.k[layer] = k.new_zeros(B, attn.n_head, self.max_len, hs)
             self.v[layer] = torch.zeros_like(self.k[layer])
-        self.k[layer][:, :, start : start + T], self.v[layer][:, :, start : start + T] = k, v
-        k, v = self.k[layer][:, :, : start + T], self.v[layer][:, :, : start + T]  # views: no copy
-        self.length = start + T if layer == len(self.k) - 1 else start  # the last layer moves it on
-        if mask is None and T > 1 and start > 0:  # a later chunk: the causal triangle, shifted by start
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
-        return attn.c_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C); no dropout at inference
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        k = self.k[layer][:, :, :end]  # (B, nh, end, hs): a view, no copy
+        v = self.v[layer][:, :, :end]  # (B, nh, end, hs)
+        if layer == len(self.k) - 1:  # the last layer moves the cache on
+            self.length = end
+        if mask is None and T > 1 and start > 0:  # a later chunk: the causal triangle, shifted
+            # by start: query i sees keys 0 .. start + i
+            mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        is_causal = mask is None and T > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return attn.c_proj(y)  # no dropout at inference
 
 
 # copied from 04_gpt.py: GPTConfig
 @dataclass
 class GPTConfig:
-    """The numbers that define a GPT; the defaults are GPT-2 small (124M), PRESETS the other sizes."""
+    """The numbers that define a GPT: the defaults are GPT-2 small (124M), PRESETS other sizes."""
 
     block_size: int = 1024  # longest sequence the model can see (number of learned positions)
     vocab_size: int = 50257  # GPT-2's BPE: 50,000 merges + 256 bytes + <|endoftext|>
@@ -513,25 +671,29 @@ class GPTConfig:
         "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
         "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
         "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
-        "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),  # nanoGPT's shakespeare-char
+        "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),  # nanoGPT shakespeare-char
         "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64),  # tests and quick demos
     }
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
-            if isinstance(value := getattr(self, name), bool) or not isinstance(value, int) or value <= 0:
+            value = getattr(self, name)
+            is_int = isinstance(value, int) and not isinstance(value, bool)  # True is an int too
+            if not is_int or value <= 0:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head != 0:
-            raise ValueError(f"GPTConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
-                             f"choose an n_head that divides n_embd (e.g. n_embd={self.n_head * 64})")
+            raise ValueError(f"GPTConfig: n_embd={self.n_embd} is not divisible by "
+                             f"n_head={self.n_head}; choose an n_head that divides n_embd "
+                             f"(e.g. n_embd={self.n_head * 64})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "GPTConfig":
         if name not in cls.PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(cls.PRESETS)}")
-        return cls(**{**cls.PRESETS[name], **overrides})
+            choices = sorted(cls.PRESETS)
+            raise ValueError(f"unknown model preset {name!r}; choose one of {choices}")
+        return cls(**{**cls.PRESETS[name], **overrides})  # the overrides win
 
 
 # copied from 04_gpt.py: MLP
@@ -540,9 +702,10 @@ class MLP(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU, so that its weights give its outputs
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        C = config.n_embd
+        self.c_fc = nn.Linear(C, 4 * C, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU: its weights give its outputs
+        self.c_proj = nn.Linear(4 * C, C, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -555,9 +718,10 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config.n_embd, config.n_head, config.dropout, config.bias)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        C = config.n_embd
+        self.ln_1 = nn.LayerNorm(C, bias=config.bias)
+        self.attn = CausalSelfAttention(C, config.n_head, config.dropout, config.bias)
+        self.ln_2 = nn.LayerNorm(C, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x):
@@ -582,9 +746,10 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying: one Parameter, two uses
         self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2's residual projections: std / sqrt(2 * n_layer)
+        residual_std = 0.02 / math.sqrt(2 * config.n_layer)  # GPT-2's residual projections
+        for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                nn.init.normal_(p, mean=0.0, std=residual_std)
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -593,43 +758,57 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, idx, targets=None):
-        """idx, targets: (B, T) token ids and next tokens (-100: skip) -> logits (B, T, vocab_size), loss."""
+        """idx, targets: (B, T) ids and next ids (-100: skip) -> logits (B, T, vocab_size), loss."""
         self._check_input(idx)
         B, T = idx.shape
         pos = torch.arange(T, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        tok_emb = self.transformer.wte(idx)  # (B, T, C)
+        pos_emb = self.transformer.wpe(pos)  # (T, C)
+        x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
         for block in self.transformer.h:
             x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, vocab_size)
         loss = None
         if targets is not None:  # in fp32 whatever the logits' dtype (bf16 under autocast)
-            loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
+            logits_fp32 = logits.float().view(B * T, -1)  # (B * T, vocab_size)
+            loss = F.cross_entropy(logits_fp32, targets.reshape(B * T), ignore_index=-100)
         return logits, loss
 
     def _check_input(self, idx):
         if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"idx must be a (B, T) tensor of integer token ids, not {tuple(idx.shape)} "
-                             f"{idx.dtype}; for one sequence use idx[None], for other dtypes idx.long()")
-        if idx.size(1) > (block_size := self.config.block_size):
-            raise ValueError(f"sequence length {idx.size(1)} exceeds block_size={block_size} (no position "
-                             f"embedding beyond it); crop to the last tokens with idx[:, -{block_size}:]")
-        # eager CPU tensors only: min/max would make the CPU wait for a GPU and break torch.compile's graph
-        if idx.numel() and idx.device.type == "cpu" and not torch.compiler.is_compiling():
-            lo, hi, vocab_size = idx.min().item(), idx.max().item(), self.config.vocab_size
+            raise ValueError(f"idx must be a (B, T) tensor of integer token ids, not "
+                             f"{tuple(idx.shape)} {idx.dtype}; for one sequence use idx[None], "
+                             "for other dtypes idx.long()")
+        block_size = self.config.block_size
+        if idx.size(1) > block_size:
+            raise ValueError(f"sequence length {idx.size(1)} exceeds block_size={block_size} "
+                             "(no position embedding beyond it); crop to the last tokens "
+                             f"with idx[:, -{block_size}:]")
+        # eager CPU only: min/max would make the CPU wait for a GPU, and break torch.compile's graph
+        eager_cpu = idx.device.type == "cpu" and not torch.compiler.is_compiling()
+        if idx.numel() and eager_cpu:
+            lo = idx.min().item()
+            hi = idx.max().item()
+            vocab_size = self.config.vocab_size
             if lo < 0 or hi >= vocab_size:
-                raise ValueError(f"token ids must be in [0, {vocab_size}), got ids from {lo} to {hi}; the "
-                                 "tokenizer and the model disagree: set GPTConfig.vocab_size to its n_vocab")
+                raise ValueError(f"token ids must be in [0, {vocab_size}), got ids from {lo} to "
+                                 f"{hi}; the tokenizer and the model disagree: set "
+                                 "GPTConfig.vocab_size to its n_vocab")
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameters, the tied wte/lm_head once; non_embedding=True leaves out wpe (a lookup, no FLOPs)."""
+        """Parameters (tied wte/lm_head once); non_embedding: without wpe (a lookup, no FLOPs)."""
         n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
 
 
 # copied from 04_gpt.py: parse_config
 def parse_config(cls, argv=None):
-    """The dataclass cls from the command line: a --field=value flag per Annotated field (bools also
-    bare), cls.PRESETS first when cls has them; a ValueError from cls is one `error:` line, exit 2."""
+    """The dataclass cls from the command line: a --field=value flag per Annotated field (bools
+    also bare), cls.PRESETS first when cls has them; a ValueError from cls is one `error:` line
+    and exit 2."""
 
     def to_bool(text: str) -> bool:
         if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
@@ -637,23 +816,27 @@ def parse_config(cls, argv=None):
         return text.lower() in ("1", "true", "yes")
 
     presets = getattr(cls, "PRESETS", {})
-    parser = argparse.ArgumentParser(description=(cls.__doc__ or "").split("\n")[0], allow_abbrev=False,
-                                     epilog="".join(f"preset {k}: {v}\n" for k, v in presets.items()),
+    description = (cls.__doc__ or "").split("\n")[0]
+    epilog = "".join(f"preset {name}: {values}\n" for name, values in presets.items())
+    parser = argparse.ArgumentParser(description=description, epilog=epilog, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(cls):  # `n_layer: Annotated[int, "transformer blocks"] = 4`: type, help, default
-        kind, help_text = f.type.__origin__, f.type.__metadata__[0]
-        flag = kind is bool
-        parser.add_argument(f"--{f.name}", type=to_bool if flag else kind, metavar=kind.__name__,
-                            nargs="?" if flag else None, const=True if flag else None,
-                            default=argparse.SUPPRESS,  # absent flags stay absent: the preset or default
-                            help=f"{help_text} (default: {f.default!r})".replace("%", "%%"))
-    parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")  # one line, no usage
+    for f in fields(cls):  # `n_layer: Annotated[int, "transformer blocks"] = 4`
+        kind = f.type.__origin__  # int
+        meaning = f.type.__metadata__[0]  # "transformer blocks"
+        help_text = f"{meaning} (default: {f.default!r})".replace("%", "%%")  # argparse %-formats
+        options = dict(type=kind, metavar=kind.__name__, help=help_text)
+        if kind is bool:  # a bare --compile means --compile=true
+            options.update(type=to_bool, nargs="?", const=True)
+        # absent flags stay absent: the preset or the default fills them in
+        parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, **options)
+    # a user error is one line, not argparse's usage dump
+    parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")
     given = vars(parser.parse_args(argv))
     preset = given.get("preset", getattr(cls, "preset", None))
     try:
         if presets and preset not in presets:
             raise ValueError(f"--preset={preset!r} is not valid; use {', '.join(presets)}")
-        return cls(**{**presets.get(preset, {}), **given})
+        return cls(**{**presets.get(preset, {}), **given})  # the flags given win over the preset
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -662,14 +845,17 @@ def parse_config(cls, argv=None):
 # copied from 04_gpt.py: pick_device
 def pick_device(device: str = "auto") -> str:
     """"auto" -> cuda if there is a GPU, else mps (Apple silicon), else cpu; others are checked."""
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": torch.backends.mps.is_available()}
     if device == "auto":
         return next(kind for kind in ("cuda", "mps", "cpu") if available[kind])
-    kind, _, index = device.partition(":")
+    kind, _, index = device.partition(":")  # "cuda:1" -> "cuda", "1"
     if kind not in available or (index and not index.isdigit()):
         raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:<index> or mps")
-    if not available[kind] or (index and kind == "cuda" and int(index) >= torch.cuda.device_count()):
-        raise ValueError(f"device {device!r} is not available on this machine; use --device=auto (or cpu)")
+    no_such_gpu = kind == "cuda" and index and int(index) >= torch.cuda.device_count()
+    if not available[kind] or no_such_gpu:
+        raise ValueError(f"device {device!r} is not available on this machine; "
+                         "use --device=auto (or cpu)")
     return device
 
 
@@ -681,12 +867,14 @@ def pick_dtype(dtype: str, device: str) -> str:
         raise ValueError(f"--dtype={dtype!r} is not valid; use auto, float32, bfloat16, float16")
     cuda = torch.device(device).type == "cuda"
     if dtype == "float16" and not cuda:
-        raise ValueError("--dtype=float16 needs loss scaling, done on CUDA only; use bfloat16 or float32")
+        raise ValueError("--dtype=float16 needs loss scaling, done on CUDA only; "
+                         "use bfloat16 or float32")
     if dtype != "auto":
         return dtype
-    if cuda:
-        return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
-    return "float32"
+    if not cuda:
+        return "float32"
+    native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    return "bfloat16" if native_bf16 else "float16"
 
 
 # copied from 04_gpt.py: autocast_context
@@ -700,7 +888,8 @@ def autocast_context(device_type: str, dtype: str):
 # copied from 05_pretrain.py: save_checkpoint
 def save_checkpoint(path, ckpt: dict):
     """torch.save to path + ".tmp", flushed to disk, then renamed over path (atomic)."""
-    (path := Path(path)).parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
@@ -714,30 +903,35 @@ def save_checkpoint(path, ckpt: dict):
 
 # copied from 05_pretrain.py: load_checkpoint
 def load_checkpoint(path):
-    """(model, tokenizer, checkpoint dict) from a checkpoint of 05-08; the model is on the CPU. mmap:
-    what is not used (Adam's state) is never read. A torch.compile'd model's "_orig_mod." is dropped."""
-    if not (path := Path(path)).exists():
+    """(model, tokenizer, checkpoint dict) from a checkpoint of 05-08, the model on the CPU. mmap:
+    what is not used (Adam's state) is never read. torch.compile's "_orig_mod." is dropped."""
+    path = Path(path)
+    if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}; train one with `python 05_pretrain.py` "
                                 f"(it writes out_dir/ckpt.pt), or check the path")
     try:
         ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError):  # not torch.save's format, or not just tensors
+    except (pickle.UnpicklingError, RuntimeError, EOFError):  # not torch.save's, or not tensors
         ckpt = None
     if not isinstance(ckpt, dict) or not {"model", "model_args", "tokenizer"} <= set(ckpt):
-        raise ValueError(f"{path} is not a checkpoint of these scripts (05_pretrain.py to 08_dpo.py write "
-                         f"them as out_dir/ckpt.pt); check the path")
+        raise ValueError(f"{path} is not a checkpoint of these scripts (05_pretrain.py to "
+                         f"08_dpo.py write them as out_dir/ckpt.pt); check the path")
     model = GPT(GPTConfig(**ckpt["model_args"]))
-    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+    state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+    model.load_state_dict(state)
     return model, get_tokenizer(ckpt["tokenizer"]), ckpt
 
 
 # copied from 07_finetune.py: split_data
-def split_data(data: list, train_fraction: float = 0.85, test_fraction: float = 0.10) -> dict[str, list]:
+def split_data(data: list, train_fraction=0.85, test_fraction=0.10) -> dict[str, list]:
     """In file order: the first 85% train, the next 10% test, the last 5% val."""
-    n_train, n_test = int(len(data) * train_fraction), int(len(data) * test_fraction)
-    if n_train == 0 or n_test == 0 or len(data) - n_train - n_test == 0:
-        raise ValueError(f"{len(data)} entries are too few to split 85/10/5 (every split needs one); use 20+")
-    return {"train": data[:n_train], "test": data[n_train:n_train + n_test], "val": data[n_train + n_test:]}
+    n_train = int(len(data) * train_fraction)
+    n_test = int(len(data) * test_fraction)
+    if n_train == 0 or n_test == 0 or n_train + n_test == len(data):  # no val left
+        raise ValueError(f"{len(data)} entries are too few to split 85/10/5 "
+                         "(every split needs one); use 20+")
+    test_end = n_train + n_test
+    return {"train": data[:n_train], "test": data[n_train:test_end], "val": data[test_end:]}
 
 
 # copied from 07_finetune.py: RESPONSE_HEADER
@@ -746,104 +940,132 @@ RESPONSE_HEADER = "\n\n### Response:\n"  # between the prompt and the answer
 
 # copied from 07_finetune.py: format_input
 def format_input(entry: dict) -> str:
-    """Alpaca's prompt for an entry: a fixed preamble, "### Instruction:", and "### Input:" if any."""
+    """Alpaca's prompt for entry: a fixed preamble, "### Instruction:", and "### Input:" if any."""
     instruction_text = (
         "Below is an instruction that describes a task. "
         "Write a response that appropriately completes the request."
         f"\n\n### Instruction:\n{entry['instruction']}"
     )
-    input_text = f"\n\n### Input:\n{entry['input']}" if entry.get("input") else ""
-    return instruction_text + input_text
+    if not entry.get("input"):
+        return instruction_text
+    return instruction_text + f"\n\n### Input:\n{entry['input']}"
 
 
 # copied from 07_finetune.py: text_encoder
 def text_encoder(tokenizer, unknown_char: str = "?"):
-    """(encode, unknown): text -> ids, replacing the characters a char tokenizer lacks with unknown_char
-    (counted in the Counter unknown), or naming them in a ValueError when unknown_char is ""."""
+    """(encode, unknown): text -> ids; the characters a char tokenizer lacks become unknown_char
+    (counted in the Counter unknown), or a ValueError names them when unknown_char is ""."""
     unknown = Counter()
     if not isinstance(tokenizer, CharTokenizer):  # GPT-2's BPE: every text has an encoding
         return (lambda text: tokenizer.encode(text, disallowed_special=())), unknown
-    known = set(tokenizer.chars)
-    if unknown_char and unknown_char not in known:
-        raise ValueError(f"--unknown_char={unknown_char!r} is not among the model's characters; pick one")
+    vocabulary = set(tokenizer.chars)
+    if unknown_char and unknown_char not in vocabulary:
+        raise ValueError(f"unknown_char={unknown_char!r} is not among the model's characters; "
+                         "pick one that is (07's --unknown_char)")
 
     def encode(text: str) -> list[int]:
-        missing = [ch for ch in text if ch not in known]
+        missing = [ch for ch in text if ch not in vocabulary]
         if missing and not unknown_char:
-            raise ValueError(f"characters {''.join(sorted(set(missing)))!r} are not in the model's char "
-                             f"vocabulary; pass --unknown_char='?' to replace them, or use a GPT-2 model")
+            names = "".join(sorted(set(missing)))
+            raise ValueError(f"characters {names!r} are not in the model's char vocabulary; "
+                             "07's --unknown_char='?' replaces them, or use a GPT-2 model")
         unknown.update(missing)
-        return tokenizer.encode("".join(ch if ch in known else unknown_char for ch in text))
+        replaced = [ch if ch in vocabulary else unknown_char for ch in text]
+        return tokenizer.encode("".join(replaced))
 
     return encode, unknown
 
 
 # copied from 07_finetune.py: end_token_id
 def end_token_id(tokenizer) -> int:
-    """The token that ends every answer and pads the batches: <|endoftext|>, or a char model's newline."""
-    return tokenizer.eot_token if tokenizer.eot_token is not None else tokenizer.encode("\n")[0]
+    """The token that ends each answer and pads batches: <|endoftext|> or a char model's newline."""
+    if tokenizer.eot_token is not None:
+        return tokenizer.eot_token
+    return tokenizer.encode("\n")[0]
 
 
 # copied from 07_finetune.py: batch_indices
 def batch_indices(step: int, n: int, batch_size: int, seed: int = 0) -> list[int]:
-    """The example indices of batch `step`: a fresh shuffle per epoch, the last partial batch dropped.
-    Stateless, like 02's get_batch: batch = f(seed, step)."""
+    """The example indices of batch `step`: a fresh shuffle per epoch, the last partial batch
+    dropped. Stateless, like 02's get_batch: batch = f(seed, step)."""
     if not 0 < batch_size <= n:
-        raise ValueError(f"batch_size={batch_size} must be between 1 and the {n} training examples")
-    epoch, i = divmod(step, n // batch_size)
+        raise ValueError(f"batch_size={batch_size} must be from 1 to {n}, the number of examples")
+    epoch, batch_in_epoch = divmod(step, n // batch_size)  # n // batch_size batches per epoch
     order = np.random.default_rng([seed, epoch]).permutation(n)
-    return order[i * batch_size : (i + 1) * batch_size].tolist()
+    start = batch_in_epoch * batch_size
+    return order[start : start + batch_size].tolist()
 
 
 # copied from 07_finetune.py: final_hidden
 def final_hidden(model, idx, position_ids=None, mask=None, cache=None):
-    """(B, T) ids -> (B, T, n_embd) after ln_f; with a cache (03's KVCache), idx are the tokens after it."""
-    tr, start = model.transformer, 0 if cache is None else cache.length
+    """(B, T) ids -> (B, T, n_embd) after ln_f; with a cache (03's KVCache), idx come after it."""
+    transformer = model.transformer
     if position_ids is None:
+        start = 0 if cache is None else cache.length  # the tokens the cache holds already
         position_ids = torch.arange(start, start + idx.size(1), device=idx.device)  # (T,)
-    x = tr.drop(tr.wte(idx) + tr.wpe(position_ids))  # (B, T, C)
-    for layer, block in enumerate(tr.h):
+    tok_emb = transformer.wte(idx)  # (B, T, C)
+    pos_emb = transformer.wpe(position_ids)  # (T, C), or (B, T, C) with a row's own positions
+    x = transformer.drop(tok_emb + pos_emb)  # (B, T, C)
+    for layer, block in enumerate(transformer.h):
         h = block.ln_1(x)
-        x = x + (block.attn(h) if cache is None else cache.attend(block.attn, h, layer, mask))
+        if cache is None:
+            x = x + block.attn(h)
+        else:
+            x = x + cache.attend(block.attn, h, layer, mask)
         x = x + block.mlp(block.ln_2(x))
-    return tr.ln_f(x)
+    return transformer.ln_f(x)
 
 
 # copied from 07_finetune.py: generate_greedy
 @torch.no_grad()
-def generate_greedy(model, prompts: list[list[int]], max_new_tokens: int, end_id: int, ctx=nullcontext()):
-    """Greedy continuations (token ids) of a batch of prompts, each stopped at end_id (not included) or when
-    prompt + answer fill the context (a longer prompt keeps its last block_size - 1). model.eval() first."""
-    device, block_size = model.lm_head.weight.device, model.config.block_size
+def generate_greedy(model, prompts: list[list[int]], max_new_tokens: int, end_id: int,
+                    ctx=nullcontext()):
+    """Greedy answers (token ids) to prompts, each stopped at end_id (not included) or when prompt +
+    answer fill the context (a longer prompt keeps its last block_size - 1). model.eval() first."""
+    device = model.lm_head.weight.device
+    block_size = model.config.block_size
     prompts = [p[max(0, len(p) - block_size + 1) :] for p in prompts]
     T = max(map(len, prompts))
-    idx = torch.tensor([[0] * (T - len(p)) + p for p in prompts], device=device)  # (B, T), pad id 0: masked
-    real = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts], device=device)
-    position_ids = (real.cumsum(dim=1) - 1).clamp(min=0)  # (B, T): 0 at each row's first real token
-    causal, itself = torch.ones(T, T, device=device).tril().bool(), torch.eye(T, device=device).bool()
-    mask = ((causal & real[:, None, :]) | itself)[:, None]  # (B, 1, T, T); a pad sees itself: no NaN
-    cache, new = KVCache(model.config.n_layer, T + max_new_tokens), [idx[:, :0]]  # new: (B, 0) at first
+    rows = [[0] * (T - len(p)) + p for p in prompts]  # padded on the left with id 0, masked
+    idx = torch.tensor(rows, device=device)  # (B, T)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)  # (B,)
+    real = torch.arange(T, device=device) >= T - lengths[:, None]  # (B, T): False on padding
+    position_ids = (real.cumsum(dim=1) - 1).clamp(min=0)  # (B, T): 0 at a row's first real token
+    causal = torch.ones(T, T, device=device).tril().bool()
+    itself = torch.eye(T, device=device).bool()  # a pad sees itself: no row all masked, no NaN
+    mask = ((causal & real[:, None, :]) | itself)[:, None]  # (B, 1, T, T)
+    cache = KVCache(model.config.n_layer, T + max_new_tokens)
+    new_tokens = [idx[:, :0]]  # (B, 0) at first
     done = torch.zeros_like(real[:, 0])  # (B,) False
     for _ in range(max_new_tokens):
         with ctx:  # blocks in ctx's precision, the head in fp32: bf16 logits could flip a near tie
             h = final_hidden(model, idx, position_ids, mask, cache)[:, -1]  # (B, C)
-        idx = torch.where(done, end_id, model.lm_head(h.float()).argmax(dim=-1))[:, None]  # (B, 1)
-        new.append(idx)  # an ended row's: end_id
-        position_ids = (position_ids[:, -1:] + 1).clamp(max=block_size - 1)  # (B, 1); ended rows go on
-        done |= (idx[:, 0] == end_id) | (position_ids[:, 0] == block_size - 1)  # ended, or context full
-        if done.all():
+        logits = model.lm_head(h.float())  # (B, vocab_size)
+        next_ids = torch.where(done, end_id, logits.argmax(dim=-1))  # (B,); an ended row's: end_id
+        idx = next_ids[:, None]  # (B, 1)
+        new_tokens.append(idx)
+        position_ids = (position_ids[:, -1:] + 1).clamp(max=block_size - 1)  # (B, 1)
+        context_full = position_ids[:, 0] == block_size - 1
+        done |= (next_ids == end_id) | context_full  # ended rows go on, fed end_id
+        if done.all():  # the one read of the device per token
             break
         real = torch.cat([real, torch.ones_like(real[:, :1])], dim=1)  # (B, L)
         mask = real[:, None, None, :]  # (B, 1, 1, L): the new token sees every real key
-    return [row[: row.index(end_id)] if end_id in row else row for row in torch.cat(new, dim=1).tolist()]
+    answers = torch.cat(new_tokens, dim=1).tolist()
+    return [row[: row.index(end_id)] if end_id in row else row for row in answers]
 
 
 # copied from 07_finetune.py: generate_responses
-def generate_responses(model, entries, encode, decode, end_id, max_new_tokens, batch_size, ctx=nullcontext()):
+def generate_responses(model, entries, encode, decode, end_id, max_new_tokens, batch_size,
+                       ctx=nullcontext()):
     """The model's greedy answer to each entry, as text (prompt: format_input + RESPONSE_HEADER)."""
     prompts = [encode(format_input(e)) + encode(RESPONSE_HEADER) for e in entries]
-    return [decode(ids).strip() for i in range(0, len(prompts), batch_size)
-            for ids in generate_greedy(model, prompts[i : i + batch_size], max_new_tokens, end_id, ctx)]
+    responses = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        for ids in generate_greedy(model, batch, max_new_tokens, end_id, ctx):
+            responses.append(decode(ids).strip())
+    return responses
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Tests for 01_tokenizer.py: our GPT-2 BPE against tiktoken, our fast trainer against the naive one."""
+"""Tests for 01_tokenizer.py: our GPT-2 BPE against tiktoken, our fast trainer against the naive
+one."""
 
 import functools
 import hashlib
@@ -15,18 +16,22 @@ HARD_STRINGS = [
     "   leading, and \t tabs\t\t",
     "\n\n\n  \n\t\t x \r\n\r\n",  # runs of newlines
     "I'm you're he'll they've we'd it's DON'T 'S 'll'",  # contractions (GPT-2's are lowercase only)
-    "12345 3.14159 1,000,000 007 ٣٤٥ ²³ Ⅻ",  # digits, Arabic-Indic digits, superscripts, roman numeral
+    # digits, Arabic-Indic digits, superscripts, roman numeral
+    "12345 3.14159 1,000,000 007 ٣٤٥ ²³ Ⅻ",
     "héllo naïve café Ünïcödé e\u0301 a\u0308",  # accents, precomposed and combining
     "日本語のテキスト、中文字符。한국어 Ελληνικά русский עברית العربية",
     "👋🏽 👨‍👩‍👧‍👦 🇫🇷 ❤️ 🤖🤖🤖",  # skin tone, ZWJ sequence, flag, variation selector
     "x=1;y+=2//3 <tag> &amp; @user #hash $100 ~/path/to/file.py",
-    "a\u00a0b\u200bc\u2028d\u3000e\x85f",  # nbsp, zero-width space, line separator, ideographic space, NEL
+    # nbsp, zero-width space, line separator, ideographic space, NEL
+    "a\u00a0b\u200bc\u2028d\u3000e\x85f",
     "".join(map(chr, range(32))) + "\x7f \x1c\x1d a\x1e\x1f",  # control characters
     "\ud800 lone surrogate and a pair \ud83d\ude00",  # not valid UTF-8: tiktoken replaces them
     "<|endoftext <|endoftext| endoftext|> <|endoftext |>",  # almost special tokens: plain text
     "a" * 500 + " " * 100 + "\n" * 50 + "!" * 40,
-    "".join(map(chr, range(0x20, 0x3000))),  # every code point up to CJK: letters, marks, numbers, ...
-    "".join(chr(c) for c in range(0x3000, 0x110000, 401) if not 0xD800 <= c < 0xE000),  # a sample of the rest
+    # every code point up to CJK: letters, marks, numbers, ...
+    "".join(map(chr, range(0x20, 0x3000))),
+    # a sample of the rest
+    "".join(chr(c) for c in range(0x3000, 0x110000, 401) if not 0xD800 <= c < 0xE000),
 ]
 
 # the short ones that are valid UTF-8 (no surrogates), for round trips and training
@@ -75,7 +80,8 @@ def test_gpt2_matches_tiktoken_on_hard_strings(ours, ref, text):
 
 
 def test_split_pattern_equals_original_gpt2_pattern(tok01, shakespeare_text):
-    """We use tiktoken's possessive form of the pre-split; it must cut exactly where GPT-2's does."""
+    """We use tiktoken's possessive form of the pre-split; it must cut exactly where GPT-2's
+    does."""
     import regex
 
     original = regex.compile(  # openai/gpt-2 src/encoder.py
@@ -104,7 +110,8 @@ def test_whole_chunk_shortcut_changes_nothing(tok01, ours):
 def test_bytes_to_unicode_is_gpt2_byte_order(tok01, gpt2_files):
     table = tok01.bytes_to_unicode()
     encoder = json.loads(gpt2_files[0].read_text(encoding="utf-8"))
-    first_256 = sorted(encoder, key=encoder.get)[:256]  # GPT-2's ids 0..255 are the bytes, in this order
+    # GPT-2's ids 0..255 are the bytes, in this order
+    first_256 = sorted(encoder, key=encoder.get)[:256]
     assert list(table.values()) == first_256
     assert sorted(table) == list(range(256))
     assert table[ord(" ")] == "Ġ" and table[ord("\n")] == "Ċ" and table[ord("a")] == "a"
@@ -144,7 +151,8 @@ def test_disallowed_special_raises_like_tiktoken(ours, ref, allowed):
         ours.encode(text, allowed_special=allowed)
     first_line = "Encountered text corresponding to disallowed special token '<|endoftext|>'."
     assert str(expected.value).startswith(first_line) and str(got.value).startswith(first_line)
-    assert ours.encode_ordinary(text) == ref.encode_ordinary(text) == ref.encode(text, disallowed_special=())
+    expected = ref.encode(text, disallowed_special=())
+    assert ours.encode_ordinary(text) == ref.encode_ordinary(text) == expected
 
 
 @pytest.mark.parametrize("allowed", ["none", {"<|fim|>"}, ["<|endoftext|>"]])
@@ -159,7 +167,8 @@ def test_bad_allowed_special_raises(ours, allowed):
 
 # a byte that never occurs in UTF-8, a lone continuation byte, truncated 3- and 4-byte characters,
 # a lead byte followed by a non-continuation byte
-@pytest.mark.parametrize("byte_values", [[0xFF], [0x80], [0xE2, 0x82], [0xF0, 0x9F, 0x98], [0xC3, 0x28]])
+@pytest.mark.parametrize("byte_values",
+                         [[0xFF], [0x80], [0xE2, 0x82], [0xF0, 0x9F, 0x98], [0xC3, 0x28]])
 def test_decode_invalid_utf8_like_tiktoken(ours, ref, byte_values):
     ids = [ours.byte_ids[b] for b in byte_values]
     assert ref.decode_bytes(ids) == bytes(byte_values)  # the ids are the right ones for these bytes
@@ -202,7 +211,8 @@ def test_trainers_on_hand_computed_example(tok01):
 OVERLAPS = "aaaa aaaaa aa baaab abab ababab bbbb 🙂🙂🙂 日本日本日本 '\n\n" * 4 + "zzzzzzzzzz aaa"
 
 
-@pytest.mark.parametrize("which, n_merges", [("shakespeare", 200), ("overlaps", 34), ("unicode", 120)])
+@pytest.mark.parametrize("which, n_merges",
+                         [("shakespeare", 200), ("overlaps", 34), ("unicode", 120)])
 def test_fast_trainer_equals_naive(tok01, shakespeare_text, which, n_merges):
     text = {"shakespeare": shakespeare_text[:4000], "overlaps": OVERLAPS,
             "unicode": "\n".join(SHORT_HARD_STRINGS) * 2}[which]
@@ -213,10 +223,12 @@ def test_fast_trainer_equals_naive(tok01, shakespeare_text, which, n_merges):
 
 def test_encode_equals_merging_in_training_order(tok01, shakespeare_text):
     """After training, encode must reproduce what the naive trainer did to its corpus: apply
-    merge 0 everywhere, then merge 1, ... (our encoder instead merges by priority, chunk by chunk)."""
+    merge 0 everywhere, then merge 1, ... (our encoder instead merges by priority, chunk by
+    chunk)."""
     text = shakespeare_text[:3000]
     tok = tok01.BPETokenizer.train(text, 400)
-    chunks = [list(chunk.encode("utf-8")) for chunk in tok01.regex.findall(tok01.GPT2_SPLIT_PATTERN, text)]
+    texts = tok01.regex.findall(tok01.GPT2_SPLIT_PATTERN, text)
+    chunks = [list(chunk.encode("utf-8")) for chunk in texts]
     for pair, idx in tok.merges.items():
         chunks = [tok01.merge(ids, pair, idx) for ids in chunks]
     assert tok.encode(text) == [i for ids in chunks for i in ids]
@@ -227,14 +239,16 @@ def test_train_save_load_round_trip(tok01, shakespeare_text, tmp_path):
     tok = tok01.BPETokenizer.train(text, 512)
     assert tok.n_vocab == 512 and tok.eot_token == 511 and len(tok.merges) == 255
     path = tok.save(tmp_path / "bpe.json")
-    data = json.loads(path.read_text(encoding="utf-8"))  # readable: tokens as text, merges as [a, b, new]
+    # readable: tokens as text, merges as [a, b, new]
+    data = json.loads(path.read_text(encoding="utf-8"))
     a, b, new = data["merges"][0]
     assert new == 256 and data["vocab"][str(a)] + data["vocab"][str(b)] == data["vocab"]["256"]
     assert data["vocab"]["32"] == "Ġ" and data["special_tokens"] == {"<|endoftext|>": 511}
     loaded = tok01.BPETokenizer.load(path)
     assert loaded.merges == tok.merges and loaded.special_tokens == tok.special_tokens
     assert loaded.vocab == tok.vocab
-    sample = shakespeare_text[50_000:52_000] + "\n" + "\n".join(SHORT_HARD_STRINGS) + "<|endoftext|>"
+    hard = "\n".join(SHORT_HARD_STRINGS)
+    sample = shakespeare_text[50_000:52_000] + "\n" + hard + "<|endoftext|>"
     ids = tok.encode(sample, allowed_special="all")
     assert loaded.encode(sample, allowed_special="all") == ids
     assert ids[-1] == 511 and max(ids[:-1]) < 511
@@ -268,7 +282,8 @@ def test_bad_training_and_loading_input(tok01, tmp_path):
 
 def test_chunk_cache_stays_correct_when_full(tok01, ours, ref):
     tok = tok01.BPETokenizer(ours.merges, ours.special_tokens, ours.byte_ids)
-    tok._cache = functools.lru_cache(maxsize=3)(tok._bpe)  # a tiny cache: chunks are evicted all the time
+    # a tiny cache: chunks are evicted all the time
+    tok._cache = functools.lru_cache(maxsize=3)(tok._bpe)
     text = "\n".join(SHORT_HARD_STRINGS)
     assert tok.encode(text) == ref.encode(text)
     info = tok._cache.cache_info()
@@ -336,6 +351,39 @@ def test_download_without_a_hash(tok01, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
 
 
+def test_download_shows_progress_for_big_files(tok01, tmp_path, monkeypatch, capsys):
+    """Over 16 MB, each 1 MB block rewrites one line (MB done, rate, time left); the last block
+    ends it. The server is faked: a response that streams 17 MB."""
+    payload = bytes(range(256)) * (17 * 4096)
+
+    class Response:
+        headers = {"content-length": str(len(payload))}
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *args):
+            return False
+
+        def raise_for_status(self):
+            pass
+
+        def iter_content(self, chunk_size):
+            for start in range(0, len(payload), chunk_size):
+                yield payload[start:start + chunk_size]
+
+    monkeypatch.setattr(tok01.requests, "get", lambda url, **kwargs: Response())
+    sha = hashlib.sha256(payload).hexdigest()
+    path = tok01.download("http://127.0.0.1:9/big.bin", tmp_path / "big.bin", sha)
+    assert path.read_bytes() == payload
+    reports = capsys.readouterr().out.split("\r")
+    assert reports[0] == ""  # each report starts with "\r": back to the start of the line
+    assert len(reports) == 1 + 17  # one per block
+    assert reports[1].startswith("big.bin: 1/17 MB, ") and " MB/s, ~" in reports[1]
+    assert all(report.endswith(" s left ") for report in reports[1:-1])  # no newline yet
+    assert reports[-1].startswith("big.bin: 17/17 MB, ") and reports[-1].endswith("~0 s left \n")
+
+
 def test_cli_train_encode_decode(tok01, shakespeare_text, tmp_path, capsys):
     text_file, out = tmp_path / "text.txt", tmp_path / "bpe.json"
     text_file.write_text(shakespeare_text[:20_000], encoding="utf-8")
@@ -369,12 +417,14 @@ def test_cli_rejects_abbreviations_and_dashes(tok01, capsys, argv):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["train", "no/such/file.txt"], "error: no/such/file.txt: no such file; give a UTF-8 text file"),
+    (["train", "no/such/file.txt"],
+     "error: no/such/file.txt: no such file; give a UTF-8 text file"),
     (["train", "any.txt", "--vocab_size=100"], "error: --vocab_size=100; use at least 257"),
     (["bench", "--vocab_size=256"], "error: --vocab_size=256; use at least 257"),
     (["bench", "--naive_chars=0"], "error: --naive_chars=0; use a positive count"),
-    (["encode", "the end<|endoftext|>"], "error: Encountered text corresponding to disallowed special token "
-                                         "'<|endoftext|>'. Add --allowed_special=all"),
+    (["encode", "the end<|endoftext|>"],
+     "error: Encountered text corresponding to disallowed special token "
+     "'<|endoftext|>'. Add --allowed_special=all"),
     (["encode", "--tokenizer=no/such.json", "hi"], "error: [Errno 2] No such file or directory"),
 ])
 def test_cli_user_errors_are_one_line_and_exit_2(tok01, capsys, tmp_path, argv, message):
@@ -401,10 +451,12 @@ def test_merge_logger_reports_progress(tok01, capsys):
 def test_bench_compares_the_trainers(tok01, shakespeare_path, capsys):
     """The lesson in numbers: the naive and the incremental trainer learn the same merges, and a
     run longer than a few seconds shows progress (here: every 100 merges)."""
-    tok01.main(["bench", "--vocab_size=457", "--naive_chars=3000", f"--data_dir={shakespeare_path.parent}"])
+    data_dir = shakespeare_path.parent
+    tok01.main(["bench", "--vocab_size=457", "--naive_chars=3000", f"--data_dir={data_dir}"])
     out = capsys.readouterr().out
     assert "naive trainer (recount), 200 merges on the first 3,000 characters:" in out
     assert "  merge 100/200: " in out and "  merge 200/200: " in out
-    rows = [line.split() for line in out.splitlines() if line.startswith(("naive (recount)", "ours"))]
+    trainers = ("naive (recount)", "ours")
+    rows = [line.split() for line in out.splitlines() if line.startswith(trainers)]
     assert [row[-4] for row in rows] == ["3,000", "3,000", f"{shakespeare_path.stat().st_size:,}"]
     assert "same merges as the naive trainer: True" in out

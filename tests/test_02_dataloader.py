@@ -170,17 +170,20 @@ def test_load_tokens_rejects_a_vocabulary_too_big_for_the_dtype(dl02, prepared):
 def test_load_tokens_missing_meta_and_bad_split(dl02, prepared, tmp_path):
     with pytest.raises(ValueError, match="unknown split 'test'"):
         dl02.load_tokens(prepared, "test")
-    with pytest.raises(FileNotFoundError, match="not found; prepare it with: python 02_dataloader.py"):
+    hint = "not found; prepare it with: python 02_dataloader.py"
+    with pytest.raises(FileNotFoundError, match=hint):
         dl02.load_tokens(tmp_path / "nowhere", "train")
 
 
 def test_load_meta_names_the_command_that_prepares_the_corpus(dl02, tmp_path):
-    """05 and 06 only read data/<dataset>-<tokenizer>/; when it is missing, the message is the fix."""
+    """05 and 06 only read data/<dataset>-<tokenizer>/; when it is missing, the message is the
+    fix."""
     with pytest.raises(FileNotFoundError) as error:
         dl02.load_meta(tmp_path / "tinyshakespeare-gpt2")
     assert str(error.value) == (
         f"{tmp_path / 'tinyshakespeare-gpt2' / 'meta.json'} not found; prepare it with: "
-        f"python 02_dataloader.py --dataset=tinyshakespeare --tokenizers=gpt2 --data_dir={tmp_path} "
+        "python 02_dataloader.py --dataset=tinyshakespeare --tokenizers=gpt2 "
+        f"--data_dir={tmp_path} "
         "(and --text_file=FILE if it is your own text)")
 
 
@@ -256,11 +259,13 @@ def test_sliding_window_errors(dl02, args, match):
 @pytest.mark.parametrize("world_size", [2, 4])
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_rank_batch_sampler_reassembles_the_global_batches(dl02, tokens, world_size, shuffle):
-    dataset = dl02.SlidingWindowDataset(tokens[:300], 8, 8)  # 37 windows -> 4 batches of 8, 5 dropped
+    # 37 windows -> 4 batches of 8, 5 dropped
+    dataset = dl02.SlidingWindowDataset(tokens[:300], 8, 8)
     batch_size = 8
 
     def batches(rank, world, epoch=0):
-        sampler = dl02.RankBatchSampler(len(dataset), batch_size, rank, world, shuffle=shuffle, seed=1)
+        sampler = dl02.RankBatchSampler(len(dataset), batch_size, rank, world,
+                                        shuffle=shuffle, seed=1)
         sampler.set_epoch(epoch)
         return [x for x, _ in DataLoader(dataset, batch_sampler=sampler)]
 
@@ -328,6 +333,8 @@ def test_deduplicate_paragraphs(dl02):
     assert out == "\n\n".join([long_a, short, long_b, short])  # short repeats are kept
     assert report["paragraphs_removed"] == 2
     assert report["chars_removed"] == len(long_a) + len(long_b)
+    # the report's examples: reprs, cut to 60 characters
+    assert report["examples"] == [repr(long_a[:60] + "..."), repr(long_b[:60] + "...")]
 
 
 def test_quality_filter(dl02):
@@ -338,7 +345,9 @@ def test_quality_filter(dl02):
     text = "\n\n".join([good, numbers, shouting, fine_run, ""])
     out, report = dl02.quality_filter(text, min_letter_fraction=0.5, max_char_run=10)
     assert out == "\n\n".join([good, fine_run, ""])
-    assert (report["paragraphs_removed"], report["too_few_letters"], report["repeated_chars"]) == (2, 1, 1)
+    assert report["paragraphs_removed"] == 2
+    assert report["too_few_letters"] == 1
+    assert report["repeated_chars"] == 1
 
 
 def test_clean_text_normalizes_before_deduplicating(dl02):
@@ -350,7 +359,11 @@ def test_clean_text_normalizes_before_deduplicating(dl02):
     assert [r["step"] for r in reports] == ["normalize_unicode", "normalize_whitespace",
                                             "deduplicate_paragraphs", "quality_filter"]
     assert reports[2]["paragraphs_removed"] == 1
-    assert "paragraphs_removed=1" in dl02.format_report(reports[2])
+    line = dl02.format_report(reports[2])
+    assert line.startswith("deduplicate_paragraphs: paragraphs_removed=1 chars_removed=")
+    assert line.endswith(f"  e.g. {reports[2]['examples'][0]}")
+    whitespace_line = "normalize_whitespace: fixes={'trailing spaces at line ends': 1}"
+    assert dl02.format_report(reports[1]) == whitespace_line  # no examples, no "e.g."
 
 
 # -----------------------------------------------------------------------------
@@ -373,7 +386,8 @@ def server(monkeypatch):
             hits.append(self.path)
             if self.path in ("/payload.bin", "/short.bin"):
                 self.send_response(200)
-                self.send_header("Content-Length", str(len(PAYLOAD) + 1000 * (self.path == "/short.bin")))
+                announced = len(PAYLOAD) + 1000 * (self.path == "/short.bin")
+                self.send_header("Content-Length", str(announced))
                 self.end_headers()
                 self.wfile.write(PAYLOAD)
             else:
@@ -403,7 +417,8 @@ def test_download_success_and_cache(dl02, server, tmp_path):
     path = dl02.download(f"{base}/payload.bin", tmp_path / "payload.bin", sha)
     assert path == tmp_path / "payload.bin" and path.read_bytes() == PAYLOAD
     assert sorted(p.name for p in tmp_path.iterdir()) == ["payload.bin"]  # no .tmp left
-    dl02.download(f"{base}/payload.bin", tmp_path / "payload.bin", sha)  # right hash on disk: no request
+    # right hash on disk: no request
+    dl02.download(f"{base}/payload.bin", tmp_path / "payload.bin", sha)
     assert hits == ["/payload.bin"]
     path.write_bytes(b"stale")  # wrong hash on disk: downloaded again
     assert dl02.download(f"{base}/payload.bin", path, sha).read_bytes() == PAYLOAD
@@ -415,18 +430,23 @@ def test_download_checksum_mismatch_leaves_nothing(dl02, server, tmp_path):
     with pytest.raises(Exception, match="0{64}") as error:  # message shows the expected hash
         dl02.download(f"{base}/payload.bin", tmp_path / "payload.bin", "0" * 64)
     assert isinstance(error.value, (ValueError, RuntimeError))
-    assert hashlib.sha256(PAYLOAD).hexdigest() in str(error.value) and "payload.bin" in str(error.value)
+    assert hashlib.sha256(PAYLOAD).hexdigest() in str(error.value)
+    assert "payload.bin" in str(error.value)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_download_without_a_hash_checks_the_byte_count(dl02, server, tmp_path):
-    """sha256=None (e.g. Hugging Face's weights): the byte count must be what the server announced."""
+    """sha256=None (e.g. Hugging Face's weights): the byte count must be what the server
+    announced."""
     base, hits = server
     path = dl02.download(f"{base}/payload.bin", tmp_path / "payload.bin")
-    assert path.read_bytes() == PAYLOAD and sorted(p.name for p in tmp_path.iterdir()) == ["payload.bin"]
-    assert dl02.download(f"{base}/payload.bin", path, sha256=None) == path  # there: not fetched again
+    assert path.read_bytes() == PAYLOAD
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["payload.bin"]
+    # there: not fetched again
+    assert dl02.download(f"{base}/payload.bin", path, sha256=None) == path
     assert hits == ["/payload.bin"]
-    with pytest.raises((RuntimeError, ValueError), match="short.bin"):  # announces more than it sends
+    # announces more than it sends
+    with pytest.raises((RuntimeError, ValueError), match="short.bin"):
         dl02.download(f"{base}/short.bin", tmp_path / "short.bin")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["payload.bin"]  # nothing half-written
 
@@ -435,7 +455,8 @@ def test_download_http_error_leaves_nothing(dl02, server, tmp_path):
     base, _ = server
     with pytest.raises(Exception, match="500") as error:
         dl02.download(f"{base}/error", tmp_path / "x.txt", "0" * 64)
-    assert isinstance(error.value, (ValueError, RuntimeError)) and f"{base}/error" in str(error.value)
+    assert isinstance(error.value, (ValueError, RuntimeError))
+    assert f"{base}/error" in str(error.value)
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "x.txt").write_bytes(b"corrupt")  # a wrong file on disk and a failing server:
     with pytest.raises(RuntimeError):
@@ -476,15 +497,16 @@ def test_main_demo_on_a_small_text(dl02, tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["small-char", "small-gpt2"]
     for kind in ("char", "gpt2"):
         out_dir = tmp_path / "data" / f"small-{kind}"
-        assert dl02.load_meta(out_dir)["train_tokens"] > 0 and len(dl02.load_tokens(out_dir, "val")) > 0
+        assert dl02.load_meta(out_dir)["train_tokens"] > 0
+        assert len(dl02.load_tokens(out_dir, "val")) > 0
 
 
 @pytest.mark.parametrize("clean", ["--clean=false", "--clean=true", "--clean"])
 def test_main_clean_flag_bare_or_with_a_value(dl02, tmp_path, clean, capsys):
     text_file = tmp_path / "small.txt"
     text_file.write_text(SMALL_TEXT)
-    dl02.main([f"--text_file={text_file}", f"--data_dir={tmp_path}", "--tokenizers=char", "--dataset=mine",
-               clean])
+    dl02.main([f"--text_file={text_file}", f"--data_dir={tmp_path}", "--tokenizers=char",
+               "--dataset=mine", clean])
     meta = dl02.load_meta(tmp_path / "mine-char")
     cleaned = dl02.clean_text(SMALL_TEXT)[0]
     assert len(cleaned) < len(SMALL_TEXT)
@@ -493,12 +515,12 @@ def test_main_clean_flag_bare_or_with_a_value(dl02, tmp_path, clean, capsys):
     assert ("cleaned:" in capsys.readouterr().out) == (clean != "--clean=false")
 
 
-def test_default_run_prepares_tinyshakespeare_in_the_data_home(dl02, tmp_path, shakespeare_path,
-                                                                shakespeare_text, instruction_data_path,
-                                                                preference_data_path):
-    """`python 02_dataloader.py` writes data/tinyshakespeare-char/ and -gpt2/: the path 05 and 06 read,
-    data_dir / f"{dataset}-{tokenizer}", holding train.bin, val.bin and meta.json; and it fetches the
-    JSON files 07 and 08 read (checked against their sha256)."""
+def test_default_run_prepares_tinyshakespeare_in_the_data_home(
+        dl02, tmp_path, shakespeare_path, shakespeare_text, instruction_data_path,
+        preference_data_path):
+    """`python 02_dataloader.py` writes data/tinyshakespeare-char/ and -gpt2/: the path 05 and 06
+    read, data_dir / f"{dataset}-{tokenizer}", holding train.bin, val.bin and meta.json; and it
+    fetches the JSON files 07 and 08 read (checked against their sha256)."""
     for source in (shakespeare_path, instruction_data_path, preference_data_path):  # no download
         (tmp_path / source.name).write_bytes(source.read_bytes())
     dl02.main([f"--data_dir={tmp_path}"])
@@ -525,7 +547,8 @@ def test_default_run_prepares_tinyshakespeare_in_the_data_home(dl02, tmp_path, s
     (["--dataset=wikipedia"], "error: --dataset=wikipedia: the corpus we fetch is tinyshakespeare"),
     (["--block_size=0"], "error: --block_size=0, --batch_size=4: use sizes > 0"),
     (["--batch_size=-1"], "error: --block_size=32, --batch_size=-1: use sizes > 0"),
-    (["--block_size=2000000", "--text_file={small}"], "error: --block_size=2000000: the train split has"),
+    (["--block_size=2000000", "--text_file={small}"],
+     "error: --block_size=2000000: the train split has"),
 ])
 def test_main_user_errors_are_one_line_before_any_work(dl02, tmp_path, capsys, argv, message):
     text_file = tmp_path / "small.txt"

@@ -27,7 +27,7 @@ def make(m, name, n_embd=C, n_head=NH, dropout=0.0, bias=True):
 
 
 def call(module, x):
-    """module(x); the padded class gets an all-real mask, which must make it plain causal attention."""
+    """module(x); the padded class gets an all-real mask: it must then be plain causal attention."""
     if type(module).__name__ == "PaddedCausalSelfAttention":
         return module(x, torch.ones(x.shape[:2], dtype=torch.bool))
     return module(x)
@@ -143,7 +143,8 @@ def test_one_head_of_wrapper_is_causal_attention(attn03):
     x = torch.randn(2, 5, C)
     with torch.no_grad():
         assert_close(wrapper(x), wrapper.c_proj(wrapper.heads[0](x)))
-        assert_close(wrapper.heads[0](x)[0], reference_causal_head(x[0], wrapper.heads[0]), atol=1e-5, rtol=0)
+        expected = reference_causal_head(x[0], wrapper.heads[0])
+        assert_close(wrapper.heads[0](x)[0], expected, atol=1e-5, rtol=0)
 
 
 def test_fused_state_dict_matches_hand_copy(attn03):
@@ -151,7 +152,8 @@ def test_fused_state_dict_matches_hand_copy(attn03):
     mha = attn03.MultiHeadAttention(C, NH)
     mha.load_state_dict(wrapper.fused_state_dict())
     back = attn03.MultiHeadAttentionWrapper(C, NH)
-    load_fused_into_heads(back, mha)  # fused -> heads by this file's slicing: the round trip is exact
+    # fused -> heads by this file's slicing: the round trip is exact
+    load_fused_into_heads(back, mha)
     for (name, p), (_, p_back) in zip(wrapper.state_dict().items(), back.state_dict().items()):
         assert torch.equal(p, p_back), name
     x = torch.randn(2, 6, C)
@@ -178,9 +180,11 @@ def test_sdpa_gradients_match_manual(attn03, padding):
         padded = attn03.PaddedCausalSelfAttention(C, NH).eval()
         padded.load_state_dict(csa.state_dict())
         grads_sdpa = grads(padded, lambda m, x_: (m(x_, mask) * dy)[mask].sum())
-    grads_manual = grads(
-        mha, lambda m, x_: sum((m(x_[b : b + 1, mask[b]]) * dy[b : b + 1, mask[b]]).sum() for b in range(2))
-    )
+    def manual_loss(m, x_):  # each sequence alone, its pads removed
+        rows = [(m(x_[b : b + 1, mask[b]]) * dy[b : b + 1, mask[b]]).sum() for b in range(2)]
+        return sum(rows)
+
+    grads_manual = grads(mha, manual_loss)
     for g_sdpa, g_manual in zip(grads_sdpa, grads_manual, strict=True):
         assert_close(g_sdpa, g_manual, atol=1e-5, rtol=1e-5)
 
@@ -199,7 +203,8 @@ def test_future_never_changes_the_past(attn03, name, t):
     with torch.no_grad():
         y, y_changed = call(module, x), call(module, x_changed)
     assert_close(y_changed[:, : t + 1], y[:, : t + 1])
-    assert not torch.allclose(y_changed[:, t + 1 :], y[:, t + 1 :])  # the change did arrive later on
+    # the change did arrive later on
+    assert not torch.allclose(y_changed[:, t + 1 :], y[:, t + 1 :])
 
 
 def test_self_attention_is_not_causal(attn03):
@@ -304,15 +309,17 @@ def test_kv_cache_length_moves_on_after_the_last_layer(attn03):
         for i, attn in enumerate(layers):
             cache.attend(attn, x, layer=i)
             assert cache.length == (4 if i == 2 else 0)  # every layer writes at the same positions
-        for i, attn in enumerate(layers):  # and each layer keeps its own keys: layer i's are attn i's
+        # and each layer keeps its own keys: layer i's are attn i's
+        for i, attn in enumerate(layers):
             k = F.linear(x, attn.c_attn.weight[C : 2 * C], attn.c_attn.bias[C : 2 * C])  # (B, T, C)
             assert_close(cache.k[i], k.view(2, 4, NH, C // NH).transpose(1, 2))
 
 
 def test_kv_cache_with_left_padding_equals_each_row_alone(attn03):
-    """Step 6's mask in the cache: the prompt with it, then each new token over the real keys only."""
+    """Step 6's mask in the cache: the prompt with it, then each new token over real keys only."""
     csa = attn03.CausalSelfAttention(C, NH).eval()
-    real = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)  # row 0: 2 pads, then 2 tokens
+    # row 0: 2 pads, then 2 tokens
+    real = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
     x = torch.randn(2, 4 + 3, C)  # a 4-token padded prompt, then 3 new tokens
     cache = attn03.KVCache(n_layer=1, max_len=7)
     causal, self_ = torch.ones(4, 4, dtype=torch.bool).tril(), torch.eye(4, dtype=torch.bool)
@@ -393,7 +400,8 @@ def test_cli_demo_and_bench_run(attn03, capsys):
     attn03.main([])
     out = capsys.readouterr().out
     assert "6. padding" in out and "right padding" in out
-    attn03.main(["--bench", "--device=cpu", "--seq_lens=8,16", "--n_embd=16", "--n_head=4", "--repeat=1"])
+    attn03.main(["--bench", "--device=cpu", "--seq_lens=8,16", "--n_embd=16", "--n_head=4",
+                 "--repeat=1"])
     out = capsys.readouterr().out
     assert "max |diff|" in out and "speedup" in out
     assert [line.split()[0] for line in out.splitlines()[-2:]] == ["8", "16"]  # one row per T

@@ -56,7 +56,8 @@ def test_loss_is_fp32_from_bf16_logits(gpt04, how):
     else:
         logits, loss = model.to(torch.bfloat16)(idx, targets=idx)
     assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
-    expected = torch.nn.functional.cross_entropy(logits.float().view(-1, TINY["vocab_size"]), idx.view(-1))
+    flat_logits = logits.float().view(-1, TINY["vocab_size"])
+    expected = torch.nn.functional.cross_entropy(flat_logits, idx.view(-1))
     torch.testing.assert_close(loss, expected)
 
 
@@ -115,7 +116,10 @@ def test_param_count_matches_huggingface(gpt04, preset):
     import transformers  # not importorskip: CI installs requirements-dev.txt, and this must run
     config = gpt04.GPTConfig.from_preset(preset)
     hf_config = transformers.GPT2Config(
-        n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd, n_positions=config.block_size
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        n_embd=config.n_embd,
+        n_positions=config.block_size,
     )
     with torch.device("meta"):
         ours, theirs = gpt04.GPT(config), transformers.GPT2LMHeadModel(hf_config)
@@ -135,7 +139,7 @@ def test_flops_per_token_by_hand(gpt04):
 
 
 def test_gpt_is_lean(gpt04):
-    """generate and from_pretrained are functions (later stages copy only what they run); MFU is 05's."""
+    """generate and from_pretrained are functions (later stages copy what they run); MFU is 05's."""
     for name in ("generate", "from_pretrained", "estimate_mfu"):
         assert not hasattr(gpt04.GPT, name), name
 
@@ -166,7 +170,7 @@ def test_gpt2_init_scales_residual_projections(gpt04):
             assert torch.all(p == 1), name
 
 
-# --- bad input -------------------------------------------------------------------------------------
+# --- bad input -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -262,9 +266,21 @@ def test_load_safetensors_by_hand(gpt04, tmp_path):
 @pytest.mark.parametrize(
     "header, data, message",
     [
-        ({"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, "inconsistent offsets"),
-        ({"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8, "inconsistent offsets"),
-        ({"x": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}}, b"\0" * 2, "does not support"),
+        (
+            {"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}},
+            b"\0" * 8,
+            "inconsistent offsets",
+        ),
+        (
+            {"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}},
+            b"\0" * 8,
+            "inconsistent offsets",
+        ),
+        (
+            {"x": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}},
+            b"\0" * 2,
+            "does not support",
+        ),
     ],
 )
 def test_load_safetensors_rejects_bad_files(gpt04, tmp_path, header, data, message):
@@ -295,7 +311,8 @@ def random_hf_gpt2():
     Eager attention (a plain softmax): an independent reference for our SDPA path.
     """
     import transformers  # not importorskip: CI installs requirements-dev.txt, and this must run
-    sizes = dict(vocab_size=TINY["vocab_size"], n_positions=TINY["block_size"], n_embd=TINY["n_embd"])
+    sizes = dict(vocab_size=TINY["vocab_size"], n_positions=TINY["block_size"])
+    sizes.update(n_embd=TINY["n_embd"])
     sizes.update(n_layer=TINY["n_layer"], n_head=TINY["n_head"], bos_token_id=0, eos_token_id=0)
     no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     hf_config = transformers.GPT2Config(**sizes, **no_dropout)
@@ -303,7 +320,8 @@ def random_hf_gpt2():
     hf = transformers.GPT2LMHeadModel(hf_config).eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
-            # activations of order 1, where GELU's tanh approximation and the exact one differ by ~1e-3
+            # activations of order 1, where GELU's tanh approximation and the exact one differ
+            # by ~1e-3
             p.normal_(1.0 if ".ln_" in name and name.endswith("weight") else 0.0, 0.3)
     return hf
 
@@ -337,14 +355,15 @@ def test_logits_match_huggingface_gpt2(gpt04, tmp_path, prefix):
     with torch.no_grad():
         expected = hf(idx).logits
         logits, _ = model(idx)
-        expected_loss = hf(idx, labels=idx).loss  # HF shifts labels inside; compare on shifted targets
+        # HF shifts labels inside; compare on shifted targets
+        expected_loss = hf(idx, labels=idx).loss
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
     _, shifted_loss = model(idx[:, :-1], targets=idx[:, 1:])
     torch.testing.assert_close(shifted_loss, expected_loss, atol=1e-4, rtol=1e-4)
 
 
 def test_right_padding_needs_no_mask_matches_huggingface_gpt2(gpt04, tmp_path):
-    """Right-padded batch, no mask on our side: the real tokens' logits equal HF's with attention_mask.
+    """Right-padded batch, no mask on our side: real tokens' logits equal HF's with attention_mask.
 
     What 07 and 08 rely on: causal attention already keeps right pads away from real tokens.
     """
@@ -374,7 +393,8 @@ def test_hf_to_gpt_transposes_conv1d_and_rejects_other_checkpoints(gpt04):
     out = gpt04.hf_to_gpt_state_dict(sd)
     names = ["wte.weight", "h.0.attn.c_attn.weight", "h.0.attn.c_attn.bias"]
     assert out.keys() == {"transformer." + name for name in names} | {"lm_head.weight"}
-    torch.testing.assert_close(out["transformer.h.0.attn.c_attn.weight"], sd["h.0.attn.c_attn.weight"].T)
+    conv1d = sd["h.0.attn.c_attn.weight"]
+    torch.testing.assert_close(out["transformer.h.0.attn.c_attn.weight"], conv1d.T)
     torch.testing.assert_close(out["transformer.h.0.attn.c_attn.bias"], sd["h.0.attn.c_attn.bias"])
     assert out["lm_head.weight"] is out["transformer.wte.weight"]
     with pytest.raises(ValueError, match="GPT-2 checkpoint"):
@@ -428,14 +448,19 @@ def test_from_pretrained_downloads_then_loads(gpt04, tmp_path, monkeypatch):
         torch.testing.assert_close(model(idx)[0], hf(idx).logits, atol=1e-4, rtol=1e-4)
 
 
-def test_save_ckpt_writes_openais_model_as_a_checkpoint_05_loads(gpt04, pre05, tmp_path, monkeypatch, capsys):
-    """OpenAI's weights enter once, at 04: --save_ckpt writes them in the checkpoint format of 05-09."""
-    source = gpt04.GPT(gpt04.GPTConfig(**{**TINY, "vocab_size": 50257}))  # GPT-2's tokens for the sample
+def test_save_ckpt_writes_openais_model_as_a_checkpoint_05_loads(
+    gpt04, pre05, tmp_path, monkeypatch, capsys
+):
+    """OpenAI's weights enter once, at 04: --save_ckpt writes them in 05-09's checkpoint format."""
+    # GPT-2's tokens for the sample
+    source = gpt04.GPT(gpt04.GPTConfig(**{**TINY, "vocab_size": 50257}))
     monkeypatch.setattr(gpt04, "from_pretrained", lambda model_type, cache_dir: source)
     gpt04.main(["--init_from=gpt2", "--save_ckpt", f"--data_dir={tmp_path}", "--max_new_tokens=2"])
     assert "07_finetune.py --init_from=gpt2" in capsys.readouterr().out
     model, tokenizer, ckpt = pre05.load_checkpoint(tmp_path / "gpt2" / "ckpt.pt")
-    assert ckpt["stage"] == "openai" and ckpt["tokenizer"] == {"kind": "gpt2"} and ckpt["iter_num"] == 0
+    assert ckpt["stage"] == "openai"
+    assert ckpt["tokenizer"] == {"kind": "gpt2"}
+    assert ckpt["iter_num"] == 0
     idx = torch.randint(50257, (1, 8))
     torch.testing.assert_close(model.eval()(idx)[0], source.cpu().eval()(idx)[0], rtol=0, atol=0)
     assert not list(tmp_path.glob("**/*.tmp"))
@@ -443,7 +468,10 @@ def test_save_ckpt_writes_openais_model_as_a_checkpoint_05_loads(gpt04, pre05, t
 
 def test_from_pretrained_checks_the_size_and_leaves_no_partial_file(gpt04, tmp_path, monkeypatch):
     """The server announced 20 bytes and sent 11: an error, and nothing left in the cache."""
-    monkeypatch.setattr(gpt04.requests, "get", lambda *a, **k: FakeResponse(b"hello world", announced=20))
+    def short_response(*args, **kwargs):
+        return FakeResponse(b"hello world", announced=20)
+
+    monkeypatch.setattr(gpt04.requests, "get", short_response)
     with pytest.raises(RuntimeError, match=r"\b11\b.*\b20\b"):
         gpt04.from_pretrained("gpt2", cache_dir=tmp_path)
     assert list((tmp_path / "gpt2").iterdir()) == []
@@ -476,7 +504,8 @@ def test_from_pretrained_uses_the_cache(gpt04, tmp_path, monkeypatch):
     save_in_hf_naming(hf, tmp_path / "gpt2" / "model.safetensors", prefix="")
     model = gpt04.from_pretrained("gpt2", cache_dir=tmp_path)
     assert model.lm_head.weight is model.transformer.wte.weight  # still tied: one Parameter
-    assert all(t.device.type == "cpu" for t in model.state_dict().values())  # nothing left on "meta"
+    # nothing left on "meta"
+    assert all(t.device.type == "cpu" for t in model.state_dict().values())
     idx = torch.randint(TINY["vocab_size"], (1, 8))
     with torch.no_grad():
         torch.testing.assert_close(model(idx)[0], hf(idx).logits, atol=1e-4, rtol=1e-4)

@@ -22,9 +22,10 @@ from conftest import ROOT
 
 def tiny(pre05, out_dir, data_dir, **overrides):
     """A config for a model small enough to train in a test: ~2 ms per step on one core."""
-    settings = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4, dropout=0.0, bias=True,
-                    max_iters=12, lr_decay_iters=12, warmup_iters=2, learning_rate=3e-3, min_lr=3e-4,
-                    eval_interval=4, eval_iters=2, log_interval=4, sample_interval=0, max_new_tokens=0,
+    settings = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4, dropout=0.0,
+                    bias=True, max_iters=12, lr_decay_iters=12, warmup_iters=2,
+                    learning_rate=3e-3, min_lr=3e-4, eval_interval=4, eval_iters=2,
+                    log_interval=4, sample_interval=0, max_new_tokens=0,
                     device="cpu", dtype="float32", compile=False, threads=1,
                     out_dir=str(out_dir), data_dir=str(data_dir))  # fmt: skip
     return pre05.TrainConfig(**{**settings, **overrides})
@@ -46,14 +47,26 @@ def sha256(path):
 def trained(pre05, char_corpus, tmp_path_factory):
     """A 2-layer, 64-wide model trained for 200 steps: (config, train's result)."""
     out_dir = tmp_path_factory.mktemp("trained")
-    cfg = tiny(pre05, out_dir, char_corpus, n_embd=64, block_size=32, batch_size=16, max_iters=200,
-               lr_decay_iters=200, warmup_iters=10, eval_interval=100, eval_iters=10, log_interval=50,
-               max_new_tokens=20)
+    cfg = tiny(
+        pre05,
+        out_dir,
+        char_corpus,
+        n_embd=64,
+        block_size=32,
+        batch_size=16,
+        max_iters=200,
+        lr_decay_iters=200,
+        warmup_iters=10,
+        eval_interval=100,
+        eval_iters=10,
+        log_interval=50,
+        max_new_tokens=20,
+    )
     return cfg, pre05.train(cfg)
 
 
 def test_loss_decreases_on_tiny_shakespeare(trained):
-    """From ln(65) = 4.17 to below 2.7 in 200 steps (this model reaches 2.46-2.48 with seeds 1, 2, 3).
+    """From ln(65) = 4.17 to below 2.7 in 200 steps (this model: 2.46-2.48 with seeds 1, 2, 3).
 
     Reference points on the val split, computed from character counts of the train split: a model
     that ignores its input can do no better than the unigram distribution, 3.35 nats; one that sees
@@ -65,26 +78,44 @@ def test_loss_decreases_on_tiny_shakespeare(trained):
     # and not below what 200 steps of a 2-layer model can reach: a target leaking into the input
     # (x as its own target, a wrong shift) would drive the loss towards 0
     assert result["val_loss"] > 2.0, result
-    assert result["best_val_loss"] == result["val_loss"]  # still improving: the last eval is the best
-    assert result["ms_per_iter"] > 0 and result["tokens_per_s"] > 0 and result["mfu"] is None  # CPU: no peak
+    assert (
+        result["best_val_loss"] == result["val_loss"]
+    )  # still improving: the last eval is the best
+    assert (
+        result["ms_per_iter"] > 0 and result["tokens_per_s"] > 0 and result["mfu"] is None
+    )  # CPU: no peak
 
 
 def test_run_writes_checkpoints_log_and_plot(trained):
     cfg, result = trained
     out = torch.load(f"{cfg.out_dir}/ckpt.pt", weights_only=True)
-    assert set(out) == {"model", "model_args", "tokenizer", "config", "stage", "iter_num", "best_val_loss",
-                        "val_loss", "optimizer", "scaler", "rng"}  # the format every training stage writes
-    assert out["iter_num"] == 200 and out["stage"] == "pretrain" and out["tokenizer"]["kind"] == "char"
+    assert set(out) == {
+        "model",
+        "model_args",
+        "tokenizer",
+        "config",
+        "stage",
+        "iter_num",
+        "best_val_loss",
+        "val_loss",
+        "optimizer",
+        "scaler",
+        "rng",
+    }  # the format every training stage writes
+    assert (
+        out["iter_num"] == 200 and out["stage"] == "pretrain" and out["tokenizer"]["kind"] == "char"
+    )
     assert out["val_loss"] == result["val_loss"] == out["best_val_loss"]
-    assert out["config"]["dtype"] == "float32" and out["config"]["device"] == "cpu"  # resolved, not "auto"
+    # the settings as given (tiny() gives both): an "auto" dtype resolves anew at each resume
+    assert out["config"]["dtype"] == "float32" and out["config"]["device"] == "cpu"
     lines = open(f"{cfg.out_dir}/log.jsonl").read().splitlines()
     assert len([line for line in lines if '"val_loss"' in line]) == 3  # iterations 0, 100, 200
-    # matplotlib is optional for users, but requirements-dev.txt installs it: the plot is tested in CI
+    # matplotlib is optional for users, but requirements-dev.txt installs it: CI tests the plot
     assert open(f"{cfg.out_dir}/loss.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_checkpoint_loads_into_04s_gpt(trained, pre05, gpt04):
-    """best.pt's plain state dict loads into 04's own GPT and gives the logits load_checkpoint's does."""
+    """best.pt's plain state dict loads into 04's own GPT and gives load_checkpoint's logits."""
     cfg, _ = trained
     model05, tokenizer, ckpt = pre05.load_checkpoint(f"{cfg.out_dir}/best.pt")
     assert next(model05.parameters()).device.type == "cpu"
@@ -104,7 +135,9 @@ def interrupt_at(pre05, monkeypatch, step, seed):
     get_batch = pre05.get_batch
 
     def patched(*args, **kwargs):  # train() passes step= and seed= by keyword
-        if kwargs["step"] == step and kwargs["seed"] == seed:  # training batches (evaluation: seed + 1)
+        if (
+            kwargs["step"] == step and kwargs["seed"] == seed
+        ):  # training batches (evaluation: seed + 1)
             signal.raise_signal(signal.SIGINT)
         return get_batch(*args, **kwargs)
 
@@ -113,7 +146,8 @@ def interrupt_at(pre05, monkeypatch, step, seed):
 
 @pytest.mark.parametrize("stop", ["max_iters", "ctrl-c"])
 def test_resume_is_bit_identical(pre05, char_corpus, tmp_path, monkeypatch, capsys, stop):
-    """12 steps in one go == 6 or 7 steps, stop, resume, 5 or 6 more: the same bits, weights and Adam.
+    """12 steps in one go == 6 or 7 steps, stop, resume, 5 or 6 more: the same bits, weights and
+    Adam.
 
     Dropout is on, so this also needs the RNG state restored; the stateless batches do the rest.
     """
@@ -129,7 +163,9 @@ def test_resume_is_bit_identical(pre05, char_corpus, tmp_path, monkeypatch, caps
         assert first["interrupted"] and first["iter_num"] == 6  # step 5 finished, then saved
         assert signal.getsignal(signal.SIGINT) is handler  # train() restored the Ctrl-C handler
     capsys.readouterr()
-    resumed = pre05.train(tiny(pre05, tmp_path / "split", char_corpus, dropout=0.1, init_from="resume"))
+    resumed = pre05.train(
+        tiny(pre05, tmp_path / "split", char_corpus, dropout=0.1, init_from="resume")
+    )
     assert f"resuming at iter {first['iter_num']} of 12" in capsys.readouterr().out
     assert resumed["iter_num"] == full["iter_num"] == 12
     a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)
@@ -139,6 +175,21 @@ def test_resume_is_bit_identical(pre05, char_corpus, tmp_path, monkeypatch, caps
     for i, state in a["optimizer"]["state"].items():
         assert all(torch.equal(state[k], b["optimizer"]["state"][i][k]) for k in state)
     assert resumed["val_loss"] == full["val_loss"]
+
+
+def test_a_resumed_run_builds_its_model_once(pre05, char_corpus, tmp_path, monkeypatch):
+    """main reads the checkpoint once, for its settings and its model; train and the checks reuse
+    it (a GPT's random init is the slow part of building one)."""
+    pre05.train(tiny(pre05, tmp_path, char_corpus, max_iters=2, eval_interval=2))
+    init, built = pre05.GPT.__init__, []
+
+    def counting(self, config):
+        built.append(config)
+        init(self, config)
+
+    monkeypatch.setattr(pre05.GPT, "__init__", counting)
+    pre05.main(["--init_from=resume", f"--out_dir={tmp_path}", "--max_iters=3"])
+    assert len(built) == 1
 
 
 def test_resume_of_a_finished_run_says_how_to_extend_it(pre05, char_corpus, tmp_path, capsys):
@@ -152,27 +203,35 @@ def test_resume_of_a_finished_run_says_how_to_extend_it(pre05, char_corpus, tmp_
     assert result["iter_num"] == 4 and sha256(tmp_path / "ckpt.pt") == before
 
 
-def test_resume_may_switch_to_and_from_fp16s_gradient_scaler(pre05, char_corpus, tmp_path, monkeypatch):
-    """A run saved without fp16 (scaler state {}) resumes with fp16's scaler, as on a GPU without bf16,
-    and back. fp16 is allowed on CPU here only for the test: on CPU pick_dtype refuses it."""
+def test_resume_may_switch_to_and_from_fp16s_gradient_scaler(
+    pre05, char_corpus, tmp_path, monkeypatch
+):
+    """A run saved without fp16 (scaler state {}) resumes with fp16's scaler, as on a GPU without
+    bf16, and back. fp16 is allowed on CPU here only for the test: on CPU pick_dtype refuses it."""
     pre05.train(tiny(pre05, tmp_path, char_corpus, max_iters=4))
     monkeypatch.setattr(pre05, "pick_dtype", lambda dtype, device: dtype)
-    fp16 = pre05.train(tiny(pre05, tmp_path, char_corpus, max_iters=8, init_from="resume", dtype="float16"))
+    fp16 = pre05.train(
+        tiny(pre05, tmp_path, char_corpus, max_iters=8, init_from="resume", dtype="float16")
+    )
     assert fp16["iter_num"] == 8 and math.isfinite(fp16["val_loss"])
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["scaler"]["scale"] > 0  # fp16's state saved
+    assert (
+        torch.load(tmp_path / "ckpt.pt", weights_only=True)["scaler"]["scale"] > 0
+    )  # fp16's state saved
     fp32 = pre05.train(tiny(pre05, tmp_path, char_corpus, max_iters=12, init_from="resume"))
     assert fp32["iter_num"] == 12 and math.isfinite(fp32["val_loss"])
 
 
 def test_rng_states_restore_onto_fewer_gpus(pre05, monkeypatch):
-    """A checkpoint written on 2 GPUs resumes on 1: each GPU this machine has gets its own state back
-    (torch.cuda.set_rng_state_all would fail on the GPU that is not there). CUDA's side is mocked."""
+    """A checkpoint written on 2 GPUs resumes on 1: each GPU this machine has gets its own state
+    back (torch.cuda.set_rng_state_all would fail on the GPU that is not there). CUDA is mocked."""
     restored = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.extend(states))
-    cpu_state, gpu_states = torch.get_rng_state(), [torch.full((16,), 1, dtype=torch.uint8),
-                                                    torch.full((16,), 2, dtype=torch.uint8)]
+    cpu_state, gpu_states = (
+        torch.get_rng_state(),
+        [torch.full((16,), 1, dtype=torch.uint8), torch.full((16,), 2, dtype=torch.uint8)],
+    )
     torch.manual_seed(123)  # moves the CPU generator away from cpu_state
     pre05.set_rng_states({"torch": cpu_state, "cuda": gpu_states})
     assert torch.equal(torch.get_rng_state(), cpu_state)
@@ -180,7 +239,9 @@ def test_rng_states_restore_onto_fewer_gpus(pre05, monkeypatch):
 
 
 def test_nan_stops_the_run_and_keeps_the_checkpoint(pre05, char_corpus, tmp_path, monkeypatch):
-    pre05.train(tiny(pre05, tmp_path, char_corpus, max_iters=4))  # checkpoints at iterations 0 and 4
+    pre05.train(
+        tiny(pre05, tmp_path, char_corpus, max_iters=4)
+    )  # checkpoints at iterations 0 and 4
     before = {name: sha256(tmp_path / name) for name in ("ckpt.pt", "best.pt")}
     forward, calls = pre05.GPT.forward, []
 
@@ -188,12 +249,16 @@ def test_nan_stops_the_run_and_keeps_the_checkpoint(pre05, char_corpus, tmp_path
         logits, loss = forward(self, idx, targets)
         if self.training:
             calls.append(1)
-            if len(calls) >= 3:  # from the third training step on: loss, gradients, then weights NaN
+            if (
+                len(calls) >= 3
+            ):  # from the third training step on: loss, gradients, then weights NaN
                 loss = loss * float("nan")
         return logits, loss
 
     monkeypatch.setattr(pre05.GPT, "forward", poisoned)
-    message = r"loss is nan at iteration \d+: training diverged; .*ckpt.pt \(iter 4\) intact: --init_from"
+    message = (
+        r"loss is nan at iteration \d+: training diverged; .*ckpt.pt \(iter 4\) intact: --init_from"
+    )
     with pytest.raises(FloatingPointError, match=message):
         pre05.train(tiny(pre05, tmp_path, char_corpus, init_from="resume", log_interval=10))
     assert {name: sha256(tmp_path / name) for name in before} == before
@@ -217,7 +282,8 @@ def test_save_checkpoint_is_atomic(pre05, tmp_path, monkeypatch):
 
 
 def test_compiled_checkpoint_loads_into_plain_model(pre05, tmp_path):
-    """torch.compile wraps the model: its state dict names are "_orig_mod.<name>"; loading strips that."""
+    """torch.compile wraps the model: its state dict names are "_orig_mod.<name>"; loading strips
+    that."""
     model = pre05.GPT(pre05.GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=2, n_embd=16))
     state = torch.compile(model).state_dict()  # compiles nothing until called
     assert all(name.startswith("_orig_mod.") for name in state)
@@ -229,7 +295,9 @@ def test_compiled_checkpoint_loads_into_plain_model(pre05, tmp_path):
     torch.testing.assert_close(loaded(idx)[0], model(idx)[0], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("content", ["a dict without weights", "random bytes", "an arbitrary object"])
+@pytest.mark.parametrize(
+    "content", ["a dict without weights", "random bytes", "an arbitrary object"]
+)
 def test_load_checkpoint_errors(pre05, tmp_path, content):
     with pytest.raises(FileNotFoundError, match="05_pretrain.py"):
         pre05.load_checkpoint(tmp_path / "nothing.pt")
@@ -239,7 +307,9 @@ def test_load_checkpoint_errors(pre05, tmp_path, content):
     elif content == "random bytes":
         path.write_bytes(b"\x80\x04not a zip at all" * 10)
     else:
-        torch.save(SimpleNamespace(x=1), path)  # weights_only refuses it: torch's advice must not leak
+        torch.save(
+            SimpleNamespace(x=1), path
+        )  # weights_only refuses it: torch's advice must not leak
     with pytest.raises(ValueError, match="is not a checkpoint of these scripts") as error:
         pre05.load_checkpoint(path)
     assert "weights_only" not in str(error.value)
@@ -250,29 +320,43 @@ def test_load_checkpoint_errors(pre05, tmp_path, content):
 
 
 def test_get_lr_at_chosen_steps(pre05, char_corpus, tmp_path):
-    """The CPU recipe's schedule, by hand: warmup (it + 1) / 101 of 1e-3, then a cosine to 1e-4 at 2000."""
-    cfg = pre05.TrainConfig(data_dir=str(char_corpus), out_dir=str(tmp_path))  # the CPU recipe's numbers
+    """The CPU recipe's schedule, by hand: warmup (it + 1) / 101 of 1e-3, then a cosine to 1e-4 at
+    2000."""
+    cfg = pre05.TrainConfig(
+        data_dir=str(char_corpus), out_dir=str(tmp_path)
+    )  # the CPU recipe's numbers
     expected = {0: 1e-3 / 101, 49: 0.5e-3 / 1.01, 99: 1e-3 * 100 / 101, 100: 1e-3,
                 1050: 5.5e-4,  # halfway: 1e-4 + 0.5 * (1 + cos(pi / 2)) * 9e-4
                 2000: 1e-4, 2001: 1e-4, 10**6: 1e-4}  # fmt: skip
     for it, lr in expected.items():
         assert pre05.get_lr(it, cfg) == pytest.approx(lr, rel=1e-12), it
-    for it in (150, 575, 1500, 1999):  # the cosine, written as min + (max - min) * cos^2(pi/2 * progress)
+    for it in (
+        150,
+        575,
+        1500,
+        1999,
+    ):  # the cosine, written as min + (max - min) * cos^2(pi/2 * progress)
         progress = (it - 100) / 1900
-        assert pre05.get_lr(it, cfg) == pytest.approx(1e-4 + 9e-4 * math.cos(math.pi / 2 * progress) ** 2)
+        assert pre05.get_lr(it, cfg) == pytest.approx(
+            1e-4 + 9e-4 * math.cos(math.pi / 2 * progress) ** 2
+        )
     assert pre05.get_lr(1050, pre05.replace(cfg, decay_lr=False)) == 1e-3
 
 
 def test_weight_decay_groups(pre05):
     """Decay on every matrix (Linear weights, wte = lm_head, wpe); none on biases and LayerNorms."""
-    model = pre05.GPT(pre05.GPTConfig(block_size=8, vocab_size=11, n_layer=2, n_head=2, n_embd=16, bias=True))
+    model = pre05.GPT(
+        pre05.GPTConfig(block_size=8, vocab_size=11, n_layer=2, n_head=2, n_embd=16, bias=True)
+    )
     model.transformer.h[1].ln_2.weight.requires_grad_(False)  # frozen parameters stay out entirely
     opt = pre05.configure_optimizers(model, 0.1, 1e-3, (0.9, 0.99), "cpu")
     names = {id(p): name for name, p in model.named_parameters()}
     decay, no_decay = ([names[id(p)] for p in group["params"]] for group in opt.param_groups)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
     assert set(decay) == {n for n in names.values() if n.endswith(".weight") and ".ln_" not in n}
-    assert "transformer.wte.weight" in decay and "lm_head.weight" not in names.values()  # tied: once
+    assert (
+        "transformer.wte.weight" in decay and "lm_head.weight" not in names.values()
+    )  # tied: once
     assert set(no_decay) == {n for n in names.values() if n.endswith(".bias") or ".ln_" in n} - {
         "transformer.h.1.ln_2.weight"
     }
@@ -280,7 +364,7 @@ def test_weight_decay_groups(pre05):
 
 
 def test_accumulated_micro_batches_equal_one_big_batch(pre05):
-    """4 micro-batches of 3 rows leave the gradients of one batch of 12 (not 4x them: the loss is /4)."""
+    """4 micro-batches of 3 rows leave the gradients of one batch of 12 (not 4x: the loss is /4)."""
     torch.manual_seed(0)
     model = pre05.GPT(pre05.GPTConfig(block_size=8, vocab_size=11, n_layer=2, n_head=2, n_embd=16))
     twin = pre05.GPT(model.config)
@@ -297,14 +381,40 @@ def test_accumulated_micro_batches_equal_one_big_batch(pre05):
         pre05.forward_backward(model, x, y, 5, pre05.nullcontext(), scaler)
 
 
-def test_train_with_accumulation_sees_the_same_batches(pre05, char_corpus, tmp_path):
-    """batch_size 4 x 2 micro-steps trains like batch_size 8 x 1: one global batch per step, split."""
-    kw = dict(max_iters=3, eval_interval=3)
-    pre05.train(tiny(pre05, tmp_path / "a", char_corpus, batch_size=4, gradient_accumulation_steps=2, **kw))
-    pre05.train(tiny(pre05, tmp_path / "b", char_corpus, batch_size=8, gradient_accumulation_steps=1, **kw))
-    a, b = model_state(tmp_path / "a" / "ckpt.pt"), model_state(tmp_path / "b" / "ckpt.pt")
+@pytest.mark.parametrize("seed", [1, 1337])
+def test_train_with_accumulation_sees_the_same_batches(
+    pre05, char_corpus, tmp_path, monkeypatch, seed
+):
+    """batch_size 4 x 2 micro-steps trains like batch_size 8 x 1: one global batch per step, split.
+
+    Plain SGD, no clipping: Adam divides by the gradient's own scale, so it would hide a loss not
+    divided by the micro-steps, and it amplifies float-order noise (AdamW at 1e-6 failed for seeds
+    1-7). Under SGD the runs agree within 2e-7 for seeds 1-7; with either bug planted (the loss not
+    divided by micro_steps, or the first micro-batch drawn twice) they differ by 2e-2 or more.
+    """
+
+    def sgd(model, weight_decay, learning_rate, betas, device_type):
+        return torch.optim.SGD(model.parameters(), lr=learning_rate)
+
+    monkeypatch.setattr(pre05, "configure_optimizers", sgd)
+    kw = dict(
+        max_iters=3, eval_interval=3, grad_clip=0.0, decay_lr=False, learning_rate=0.1, seed=seed
+    )
+    for name, batch_size, micro_steps in (("a", 4, 2), ("b", 8, 1)):
+        pre05.train(
+            tiny(
+                pre05,
+                tmp_path / name,
+                char_corpus,
+                batch_size=batch_size,
+                gradient_accumulation_steps=micro_steps,
+                **kw,
+            )
+        )
+    a = model_state(tmp_path / "a" / "ckpt.pt")
+    b = model_state(tmp_path / "b" / "ckpt.pt")
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
 
 
 def test_pick_device(pre05):
@@ -318,7 +428,7 @@ def test_pick_device(pre05):
 
 
 def test_pick_dtype_on_cpu_is_fp32_without_measuring(pre05, monkeypatch):
-    """"auto" is float32 on CPU and MPS, decided by no timing: a matmul is never even called."""
+    """ "auto" is float32 on CPU and MPS, decided by no timing: a matmul is never even called."""
     monkeypatch.setattr(torch, "matmul", None)
     monkeypatch.setattr(torch.Tensor, "__matmul__", None)
     assert pre05.pick_dtype("auto", "cpu") == "float32"
@@ -334,6 +444,7 @@ def test_pick_dtype_on_cpu_is_fp32_without_measuring(pre05, monkeypatch):
 def test_pick_dtype_on_cuda_needs_native_bf16(pre05, monkeypatch, native, expected):
     """Ampere and newer do bf16 natively -> bf16; a V100 or T4 only emulates it (PyTorch's default
     answer counts emulation as support) -> fp16 with loss scaling."""
+
     def is_bf16_supported(including_emulation=True):
         return native or including_emulation
 
@@ -350,7 +461,9 @@ def test_autocast_context(pre05):
         assert (a @ a).dtype == torch.float32
     with pre05.autocast_context("cpu", "bfloat16"):
         assert (a @ a).dtype == torch.bfloat16
-    with pytest.raises(ValueError, match="--dtype='float64' is not valid"):  # pick_dtype checks the name
+    with pytest.raises(
+        ValueError, match="--dtype='float64' is not valid"
+    ):  # pick_dtype checks the name
         pre05.pick_dtype("float64", "cpu")
 
 
@@ -358,7 +471,12 @@ def test_peak_flops(pre05, monkeypatch):
     """MFU's denominator: --peak_flops wins; a GPU's datasheet peak by name; none on CPU."""
     names = iter(["NVIDIA H100 80GB HBM3", "NVIDIA L40S", "NVIDIA L4", "Some Future GPU"])
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: next(names))
-    assert [pre05.peak_flops("cuda") for _ in range(4)] == [989e12, 362e12, 121e12, None]  # L40S before L4
+    assert [pre05.peak_flops("cuda") for _ in range(4)] == [
+        989e12,
+        362e12,
+        121e12,
+        None,
+    ]  # L40S before L4
     assert pre05.peak_flops("cpu") is None and pre05.peak_flops("mps") is None
     assert pre05.peak_flops("cpu", override=2e12) == 2e12
 
@@ -372,19 +490,50 @@ def test_defaults_are_the_cpu_preset(pre05, char_corpus, tmp_path):
     cfg = pre05.parse_config(pre05.TrainConfig, [f"--{k}={v}" for k, v in paths.items()])
     cpu = pre05.TrainConfig.PRESETS["shakespeare-char-cpu"]
     assert cfg == pre05.TrainConfig(**paths) == pre05.TrainConfig(**cpu, **paths)
-    assert (cfg.block_size, cfg.batch_size, cfg.n_layer, cfg.n_head, cfg.n_embd) == (64, 12, 4, 4, 128)
-    assert (cfg.max_iters, cfg.lr_decay_iters, cfg.warmup_iters, cfg.eval_iters) == (2000, 2000, 100, 20)
+    assert (cfg.block_size, cfg.batch_size, cfg.n_layer, cfg.n_head, cfg.n_embd) == (
+        64,
+        12,
+        4,
+        4,
+        128,
+    )
+    assert (cfg.max_iters, cfg.lr_decay_iters, cfg.warmup_iters, cfg.eval_iters) == (
+        2000,
+        2000,
+        100,
+        20,
+    )
     assert (cfg.learning_rate, cfg.min_lr, cfg.beta2, cfg.dropout) == (1e-3, 1e-4, 0.99, 0.0)
     assert (cfg.dtype, cfg.threads, cfg.compile) == ("auto", 0, False)
 
 
 def test_parse_config_preset_then_flags(pre05, char_corpus, tmp_path):
     paths = [f"--data_dir={char_corpus}", f"--out_dir={tmp_path}"]
-    cfg = pre05.parse_config(pre05.TrainConfig, ["--preset=shakespeare-char-gpu", "--dropout=0.1",
-                                                  "--compile=False", "--bias=yes", "--decay_lr=0", *paths])
-    assert (cfg.n_layer, cfg.n_embd, cfg.block_size, cfg.batch_size, cfg.max_iters) == (6, 384, 256, 64, 5000)
-    assert cfg.dropout == 0.1 and cfg.compile is False and cfg.bias is True and cfg.decay_lr is False
-    assert pre05.parse_config(pre05.TrainConfig, ["--preset=shakespeare-char-gpu", *paths]).compile is True
+    cfg = pre05.parse_config(
+        pre05.TrainConfig,
+        [
+            "--preset=shakespeare-char-gpu",
+            "--dropout=0.1",
+            "--compile=False",
+            "--bias=yes",
+            "--decay_lr=0",
+            *paths,
+        ],
+    )
+    assert (cfg.n_layer, cfg.n_embd, cfg.block_size, cfg.batch_size, cfg.max_iters) == (
+        6,
+        384,
+        256,
+        64,
+        5000,
+    )
+    assert (
+        cfg.dropout == 0.1 and cfg.compile is False and cfg.bias is True and cfg.decay_lr is False
+    )
+    assert (
+        pre05.parse_config(pre05.TrainConfig, ["--preset=shakespeare-char-gpu", *paths]).compile
+        is True
+    )
     # a bare bool flag means true, and does not swallow the flag after it
     cfg = pre05.parse_config(pre05.TrainConfig, ["--bias", "--n_layer=2", "--compile", *paths])
     assert cfg.bias is True and cfg.n_layer == 2 and cfg.compile is True
@@ -432,8 +581,9 @@ def user_error(pre05, capsys, argv) -> str:
     (["--init_from=gpt2"], "--init_from='gpt2' is not valid; use scratch, resume"),
     (["--init_from=resume"], "no checkpoint at"),
 ])  # fmt: skip
-def test_user_errors_are_one_line_and_leave_nothing_behind(pre05, char_corpus, tmp_path, capsys, flags,
-                                                           message):
+def test_user_errors_are_one_line_and_leave_nothing_behind(
+    pre05, char_corpus, tmp_path, capsys, flags, message
+):
     out_dir = tmp_path / "run"
     err = user_error(pre05, capsys, [*flags, f"--data_dir={char_corpus}", f"--out_dir={out_dir}"])
     assert message in err
@@ -444,7 +594,9 @@ def test_missing_data_names_the_02_command(pre05, tmp_path, capsys):
     err = user_error(pre05, capsys, [f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'run'}"])
     assert f"{tmp_path / 'tinyshakespeare-char' / 'meta.json'} not found" in err
     assert "python 02_dataloader.py --dataset=tinyshakespeare --tokenizers=char" in err
-    err = user_error(pre05, capsys, [f"--data_dir={tmp_path}", "--tokenizer=gpt2", f"--out_dir={tmp_path}"])
+    err = user_error(
+        pre05, capsys, [f"--data_dir={tmp_path}", "--tokenizer=gpt2", f"--out_dir={tmp_path}"]
+    )
     assert "--tokenizers=gpt2" in err and not (tmp_path / "run").exists()
 
 
@@ -453,12 +605,18 @@ def test_a_damaged_data_file_is_a_user_error(pre05, char_corpus, tmp_path, capsy
     val = tmp_path / "tinyshakespeare-char" / "val.bin"
     val.write_bytes(val.read_bytes()[:-3])  # truncated: no longer what meta.json says
     err = user_error(pre05, capsys, [f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'run'}"])
-    assert f"{val} has" in err and "prepare the corpus again" in err and not (tmp_path / "run").exists()
+    assert (
+        f"{val} has" in err
+        and "prepare the corpus again" in err
+        and not (tmp_path / "run").exists()
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_device_cuda_without_a_gpu(pre05, char_corpus, tmp_path, capsys):
-    err = user_error(pre05, capsys, ["--device=cuda", f"--data_dir={char_corpus}", f"--out_dir={tmp_path}/x"])
+    err = user_error(
+        pre05, capsys, ["--device=cuda", f"--data_dir={char_corpus}", f"--out_dir={tmp_path}/x"]
+    )
     assert "device 'cuda' is not available on this machine; use --device=auto" in err
 
 
@@ -467,9 +625,9 @@ def test_a_run_never_overwrites_a_checkpoint_it_did_not_write(pre05, char_corpus
     --overwrite is the explicit one."""
     pre05.train(tiny(pre05, tmp_path, char_corpus, max_iters=2, eval_interval=2))
     before = sha256(tmp_path / "ckpt.pt")
-    small = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=8", "--batch_size=2", "--max_iters=2",
-             "--eval_iters=1", "--max_new_tokens=0", "--threads=1", f"--data_dir={char_corpus}",
-             f"--out_dir={tmp_path}"]  # fmt: skip
+    small = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=8", "--batch_size=2",
+             "--max_iters=2", "--eval_iters=1", "--max_new_tokens=0", "--threads=1",
+             f"--data_dir={char_corpus}", f"--out_dir={tmp_path}"]  # fmt: skip
     err = user_error(pre05, capsys, small)
     assert "ckpt.pt exists" in err and "--init_from=resume" in err and "--out_dir" in err
     assert "--overwrite" in err and sha256(tmp_path / "ckpt.pt") == before
@@ -480,19 +638,29 @@ def test_a_run_never_overwrites_a_checkpoint_it_did_not_write(pre05, char_corpus
 def test_resume_from_a_foreign_checkpoint(pre05, char_corpus, tmp_path, capsys):
     for content in (b"\x80\x04not a zip at all", b""):
         (tmp_path / "ckpt.pt").write_bytes(content)
-        err = user_error(pre05, capsys, ["--init_from=resume", f"--data_dir={char_corpus}",
-                                         f"--out_dir={tmp_path}"])
+        err = user_error(
+            pre05,
+            capsys,
+            ["--init_from=resume", f"--data_dir={char_corpus}", f"--out_dir={tmp_path}"],
+        )
         assert "is not a checkpoint of" in err and "weights_only" not in err
     torch.save({"weights": torch.zeros(2)}, tmp_path / "ckpt.pt")  # torch's, but not ours
-    err = user_error(pre05, capsys, ["--init_from=resume", f"--data_dir={char_corpus}",
-                                     f"--out_dir={tmp_path}"])
+    err = user_error(
+        pre05, capsys, ["--init_from=resume", f"--data_dir={char_corpus}", f"--out_dir={tmp_path}"]
+    )
     assert "is not a checkpoint of" in err
 
 
 def test_a_user_error_prints_no_traceback(char_corpus, tmp_path):
-    """The real command line, in a subprocess: exit status 2, one line on stderr, nothing on stdout."""
-    cmd = [sys.executable, "05_pretrain.py", "--n_embd=30", "--n_head=4", f"--data_dir={char_corpus}",
-           f"--out_dir={tmp_path / 'run'}"]
+    """The real command line, in a subprocess: exit status 2, one line on stderr, none on stdout."""
+    cmd = [
+        sys.executable,
+        "05_pretrain.py",
+        "--n_embd=30",
+        "--n_head=4",
+        f"--data_dir={char_corpus}",
+        f"--out_dir={tmp_path / 'run'}",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
@@ -500,9 +668,9 @@ def test_a_user_error_prints_no_traceback(char_corpus, tmp_path):
 
 
 def test_main_runs_a_tiny_training(pre05, char_corpus, tmp_path, capsys):
-    argv = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=8", "--batch_size=2", "--max_iters=3",
-            "--eval_iters=1", "--log_interval=1", "--max_new_tokens=5", "--threads=1", "--prompt=ROMEO:",
-            f"--data_dir={char_corpus}"]  # fmt: skip
+    argv = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=8", "--batch_size=2",
+            "--max_iters=3", "--eval_iters=1", "--log_interval=1", "--max_new_tokens=5",
+            "--threads=1", "--prompt=ROMEO:", f"--data_dir={char_corpus}"]  # fmt: skip
     pre05.main([*argv, f"--out_dir={tmp_path / 'a'}"])
     out = capsys.readouterr().out
     assert "iter 3/3 | loss" in out and "tok/s" in out and "--- sample at iter 3 ---\nROMEO:" in out
@@ -514,7 +682,8 @@ def test_main_runs_a_tiny_training(pre05, char_corpus, tmp_path, capsys):
 
 def test_resume_from_the_command_line_keeps_the_runs_settings(pre05, char_corpus, tmp_path, capsys):
     """`--init_from=resume` alone continues the run as it was configured (batch, schedule, model,
-    data, dtype), not with the default preset's settings; flags given on the command line still win."""
+    data, dtype), not with the default preset's settings; flags given on the command line still
+    win."""
     pre05.train(tiny(pre05, tmp_path, char_corpus, max_iters=4, lr_decay_iters=8, dtype="bfloat16"))
     capsys.readouterr()
     pre05.main(["--init_from=resume", f"--out_dir={tmp_path}", "--max_iters=6", "--log_interval=2"])
@@ -523,4 +692,129 @@ def test_resume_from_the_command_line_keeps_the_runs_settings(pre05, char_corpus
     ran = ckpt["config"]
     assert ckpt["iter_num"] == 6 and ran["max_iters"] == 6 and ran["log_interval"] == 2
     assert (ran["batch_size"], ran["block_size"], ran["lr_decay_iters"]) == (4, 16, 8)
-    assert ran["data_dir"] == str(char_corpus) and ran["dtype"] == "bfloat16" and ran["init_from"] == "resume"
+    assert (
+        ran["data_dir"] == str(char_corpus)
+        and ran["dtype"] == "bfloat16"
+        and ran["init_from"] == "resume"
+    )
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: one micro-batch of rows per forward, the batches 06 draws
+
+
+def test_evaluation_runs_micro_batches_and_averages_their_means(
+    pre05, char_corpus, tmp_path, monkeypatch
+):
+    """Batch k of the evaluation at `step` is get_batch(step=step * eval_iters + k, seed=seed + 1),
+    batch_size rows, never more per forward than a training micro-step; a split's loss is the mean
+    of the eval_iters per-batch mean losses (06 evaluates the same batches)."""
+    cfg = tiny(pre05, tmp_path, char_corpus, eval_iters=3)
+    torch.manual_seed(0)
+    model = pre05.GPT(cfg.model_config(65))
+    data = {split: pre05.load_tokens(cfg.corpus_dir, split) for split in ("train", "val")}
+    expected = {}
+    with torch.no_grad():
+        for split, ids in data.items():
+            batches = [
+                pre05.get_batch(
+                    ids, cfg.batch_size, cfg.block_size, step=5 * 3 + k, seed=cfg.seed + 1
+                )
+                for k in range(3)
+            ]
+            expected[split] = sum(model.eval()(x, y)[1].item() for x, y in batches) / 3
+    forward, rows = pre05.GPT.forward, []
+
+    def spy(self, idx, targets=None):
+        rows.append(idx.size(0))
+        return forward(self, idx, targets)
+
+    monkeypatch.setattr(pre05.GPT, "forward", spy)
+    losses = pre05.estimate_loss(model.train(), data, cfg, 5)
+    assert rows == [cfg.batch_size] * 6  # 3 batches per split
+    assert losses == pytest.approx(expected, rel=1e-6)
+    assert model.training  # dropout is back on after the evaluation
+
+
+def test_train_evaluates_no_more_rows_than_a_training_step(
+    pre05, char_corpus, tmp_path, monkeypatch
+):
+    forward, rows = pre05.GPT.forward, {True: set(), False: set()}
+
+    def spy(self, idx, targets=None):
+        rows[self.training].add(idx.size(0))
+        return forward(self, idx, targets)
+
+    monkeypatch.setattr(pre05.GPT, "forward", spy)
+    pre05.train(
+        tiny(pre05, tmp_path, char_corpus, max_iters=4, eval_iters=5, gradient_accumulation_steps=2)
+    )
+    assert rows == {True: {4}, False: {4}}  # micro-batches of batch_size rows, in both modes
+
+
+# -----------------------------------------------------------------------------
+# Resume on another machine: the dtype as given, the MPS generator
+
+
+def test_resume_resolves_an_auto_dtype_on_its_own_machine(
+    pre05, char_corpus, tmp_path, monkeypatch, capsys
+):
+    """A run started with --dtype=auto on a bf16 GPU resumes on a CPU in float32, not in CPU bf16:
+    the checkpoint keeps "auto", and each machine resolves it. The GPU is mocked: pick_dtype says
+    bfloat16 for auto during the first run."""
+    pick_dtype = pre05.pick_dtype
+
+    def on_a_bf16_gpu(dtype, device):
+        return "bfloat16" if dtype == "auto" else pick_dtype(dtype, device)
+
+    monkeypatch.setattr(pre05, "pick_dtype", on_a_bf16_gpu)
+    pre05.train(tiny(pre05, tmp_path, char_corpus, max_iters=4, dtype="auto"))
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"]["dtype"] == "auto"
+    monkeypatch.undo()
+    capsys.readouterr()
+    autocast = []
+    monkeypatch.setattr(
+        pre05,
+        "autocast_context",
+        lambda device_type, dtype: autocast.append(dtype) or pre05.nullcontext(),
+    )
+    pre05.main(["--init_from=resume", f"--out_dir={tmp_path}", "--max_iters=6"])
+    out = capsys.readouterr().out
+    assert "resuming at iter 4 of 6" in out and "--dtype=auto runs as float32 on cpu" in out
+    assert autocast and set(autocast) == {"float32"}
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"]["dtype"] == "auto"
+
+
+def test_resume_of_an_fp16_run_on_a_cpu_names_the_dtype_flag(
+    pre05, char_corpus, tmp_path, monkeypatch, capsys
+):
+    """An explicit --dtype=float16 is replayed at resume; a CPU cannot run it: one line naming
+    --dtype, before any work. --dtype=float32 given now continues the run."""
+    monkeypatch.setattr(pre05, "pick_dtype", lambda dtype, device: dtype)  # as on an old GPU
+    pre05.train(tiny(pre05, tmp_path, char_corpus, max_iters=4, dtype="float16"))
+    monkeypatch.undo()
+    before = sha256(tmp_path / "ckpt.pt")
+    resume = ["--init_from=resume", f"--out_dir={tmp_path}", "--max_iters=6"]
+    err = user_error(pre05, capsys, resume)
+    assert "--dtype=float16 needs loss scaling" in err and sha256(tmp_path / "ckpt.pt") == before
+    pre05.main([*resume, "--dtype=float32"])
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"] == 6
+
+
+def test_rng_states_save_and_restore_the_mps_generator(pre05, monkeypatch):
+    """On Apple silicon dropout draws from the MPS generator: it is saved and restored with the
+    others. MPS is mocked; a checkpoint without it (written elsewhere) restores the rest."""
+    mps_state, restored = torch.full((8,), 7, dtype=torch.uint8), []
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda device="mps": mps_state)
+    monkeypatch.setattr(
+        torch.mps, "set_rng_state", lambda state, device="mps": restored.append(state)
+    )
+    states = pre05.rng_states()
+    assert torch.equal(states["mps"], mps_state) and {"torch", "cuda"} <= set(states)
+    pre05.set_rng_states(states)
+    assert len(restored) == 1 and torch.equal(restored[0], mps_state)
+    pre05.set_rng_states(
+        {"torch": torch.get_rng_state(), "cuda": []}
+    )  # no "mps": an old checkpoint
+    assert len(restored) == 1

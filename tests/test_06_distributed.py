@@ -14,7 +14,8 @@ connects), so there are only two launches:
   - the kill-and-restart test: torchrun, the way users launch, with a rank killed mid-run.
 Each launch is a new session under a deadline; on timeout the whole process group is killed
 (a plain subprocess timeout would leave orphaned ranks hanging in a collective). The rest runs in
-this process as a world of one: --compile, activation memory, ZeRO's resume, the user errors.
+this process as a world of one: --compile, activation memory, ZeRO's resume, the user errors,
+the checkpoint kind and the dtype a resume finds.
 """
 
 import dataclasses
@@ -39,10 +40,11 @@ K = 4  # optimizer steps per run
 SGD_LR, ADAMW_LR = 0.1, 1e-3
 # a tiny GPT; no parameter holds more than ~10% of the total, so ZeRO's greedy split is even
 BASE = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4, max_iters=K,
-            warmup_iters=2, lr_decay_iters=K, log_interval=1, eval_interval=K, eval_iters=1,
+            warmup_iters=2, lr_decay_iters=K, log_interval=1, eval_interval=K, eval_iters=3,
             checkpoint_interval=2, seed=1337, device="cpu", dtype="float32")
 RUNS = {  # name -> settings; each is run by every strategy. "sgd" tests the arithmetic tightly.
-    "sgd-1": dict(optimizer="sgd", learning_rate=SGD_LR, min_lr=SGD_LR / 10, grad_clip=0.5),  # clips
+    # sgd-1 clips the gradient norm
+    "sgd-1": dict(optimizer="sgd", learning_rate=SGD_LR, min_lr=SGD_LR / 10, grad_clip=0.5),
     "sgd-2": dict(optimizer="sgd", learning_rate=SGD_LR, min_lr=SGD_LR / 10, grad_clip=0.0,
                   gradient_accumulation_steps=2),
     "adamw-1": dict(optimizer="adamw", learning_rate=ADAMW_LR, min_lr=ADAMW_LR / 10, grad_clip=1.0),
@@ -72,7 +74,8 @@ def scenarios() -> list[dict]:
     resumes = (("zero1-resume", "zero1", {}), ("fsdp-dcp", "fsdp", {"sharded_checkpoint": True}))
     for name, strategy, extra in resumes:
         settings = dict(strategy=strategy, **RUNS["adamw-2"], **extra)
-        out.append(dict(name=f"{name}-half", run="adamw-2", settings={**settings, "max_iters": K // 2}))
+        half = {**settings, "max_iters": K // 2}
+        out.append(dict(name=f"{name}-half", run="adamw-2", settings=half))
         out.append(dict(name=name, run="adamw-2", settings={**settings, "init_from": "resume"},
                         resume_from=f"{name}-half"))
     return out
@@ -92,7 +95,7 @@ def rank_main(rank: int, world_size: int, spec: dict):
     dist06 = load_script("06_distributed")
     dist.init_process_group("gloo", init_method=f"file://{spec['store']}", rank=rank,
                             world_size=world_size, timeout=timedelta(seconds=60))
-    ctx = dist06.init_distributed("cpu")  # joins the group above
+    world = dist06.init_distributed("cpu")  # joins the group above
     results, out = {}, Path(spec["out"])
     for scenario in spec["scenarios"]:
         out_dir = out / scenario["name"]
@@ -100,7 +103,7 @@ def rank_main(rank: int, world_size: int, spec: dict):
             shutil.copytree(out / scenario["resume_from"], out_dir)
         dist.barrier()
         cfg = dist06.parse_config(dist06.DistConfig, scenario["argv"] + [f"--out_dir={out_dir}"])
-        result = dist06.train(cfg, ctx)
+        result = dist06.train(cfg, world)
         results[scenario["name"]] = result
     torch.save(results, out / f"rank{rank}.pt")
     del result
@@ -133,7 +136,8 @@ def launch_two_ranks(spec_path: str):
 
 @pytest.fixture(scope="module")
 def corpus(dl02, shakespeare_text, tmp_path_factory) -> Path:
-    """A data_dir holding tinyshakespeare-char/ as 02 prepares it, from the first 100k characters."""
+    """A data_dir holding tinyshakespeare-char/ as 02 prepares it, from the first 100k
+    characters."""
     text = shakespeare_text[:100_000]
     data_dir = tmp_path_factory.mktemp("data")
     spec = dl02.CharTokenizer.from_text(text).to_dict()
@@ -143,19 +147,21 @@ def corpus(dl02, shakespeare_text, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def two_ranks(dist06, corpus, tmp_path_factory) -> dict:
-    """{scenario: [rank 0's result, rank 1's result]} of the one 2-rank launch; out dir in "_out"."""
+    """{scenario: [rank 0's result, rank 1's result]} of the one 2-rank launch; out dir in
+    "_out"."""
     for attempt in (1, 2):
         out = tmp_path_factory.mktemp("two_ranks")
-        spec = {"store": str(out / "store"), "out": str(out),
-                "scenarios": [{**s, "argv": argv(s["settings"], data_dir=corpus)} for s in scenarios()]}
+        runs = [{**s, "argv": argv(s["settings"], data_dir=corpus)} for s in scenarios()]
+        spec = {"store": str(out / "store"), "out": str(out), "scenarios": runs}
         (out / "spec.json").write_text(json.dumps(spec))
         try:
             run_with_deadline([sys.executable, __file__, str(out / "spec.json")], timeout=240)
             break
         except AssertionError as failure:
-            # A rank killed by SIGABRT inside gloo (exit 6), its peer then "Connection reset by peer":
-            # seen once in ~40 launches on this 2-core machine, never twice in a row, with no Python
-            # error in our code. One more launch, loudly; a real bug fails the same way both times.
+            # A rank killed by SIGABRT inside gloo (exit 6), its peer then "Connection reset by
+            # peer": seen once in ~40 launches on this 2-core machine, never twice in a row, with no
+            # Python error in our code. One more launch, loudly; a real bug fails the same way both
+            # times.
             if attempt == 2 or "failed (6)" not in str(failure):
                 raise
             warnings.warn(f"the 2-rank launch aborted once (SIGABRT in a rank); launching again:\n"
@@ -167,7 +173,22 @@ def two_ranks(dist06, corpus, tmp_path_factory) -> dict:
 REFERENCES = {}
 
 
-def reference_run(dist06, corpus, run: str, rows=None, loss_scale=1.0) -> tuple[dict, list[float], float]:
+def val_loss_as_05(dist06, model, tokens, cfg, step: int) -> float:
+    """05's evaluation after `step` steps, written out: batch k is global batch
+    step * eval_iters + k of the val stream (seed + 1); the loss is the mean of the eval_iters
+    batches' mean losses."""
+    batch_losses = []
+    model.eval()
+    with torch.no_grad():
+        for k in range(cfg.eval_iters):
+            x, y = dist06.get_batch(tokens, cfg.batch_size, cfg.block_size,
+                                    step * cfg.eval_iters + k, cfg.seed + 1)
+            batch_losses.append(model(x, y)[1].item())
+    model.train()
+    return sum(batch_losses) / len(batch_losses)
+
+
+def reference_run(dist06, corpus, run: str, rows=None, loss_scale=1.0):
     """One process, no wrappers, 05's step: K steps of RUNS[run] -> (named parameters, loss of each
     step, val loss after the last step).
 
@@ -177,12 +198,15 @@ def reference_run(dist06, corpus, run: str, rows=None, loss_scale=1.0) -> tuple[
     buggy = rows is not None or loss_scale != 1.0
     if not buggy and run in REFERENCES:
         return REFERENCES[run]
-    cfg = dist06.DistConfig(**{**BASE, **RUNS[run]}, data_dir=str(corpus), out_dir=str(corpus / "unused"))
-    data = {split: dist06.load_tokens(corpus / "tinyshakespeare-char", split) for split in ("train", "val")}
-    n_vocab = dist06.load_meta(corpus / "tinyshakespeare-char")["n_vocab"]
+    cfg = dist06.DistConfig(**{**BASE, **RUNS[run]}, data_dir=str(corpus),
+                            out_dir=str(corpus / "unused"))
+    corpus_dir = corpus / "tinyshakespeare-char"
+    data = {split: dist06.load_tokens(corpus_dir, split) for split in ("train", "val")}
+    n_vocab = dist06.load_meta(corpus_dir)["n_vocab"]
     torch.manual_seed(cfg.seed)
     model = dist06.GPT(dist06.GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                                        block_size=cfg.block_size, vocab_size=n_vocab, bias=cfg.bias))
+                                        block_size=cfg.block_size, vocab_size=n_vocab,
+                                        bias=cfg.bias))
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate)
     else:
@@ -194,7 +218,8 @@ def reference_run(dist06, corpus, run: str, rows=None, loss_scale=1.0) -> tuple[
             group["lr"] = dist06.get_lr(it, cfg)
         optimizer.zero_grad()
         loss_sum = 0.0
-        x, y = dist06.get_batch(data["train"], cfg.batch_size * accumulation, cfg.block_size, it, cfg.seed)
+        x, y = dist06.get_batch(data["train"], cfg.batch_size * accumulation, cfg.block_size, it,
+                                cfg.seed)
         for xb, yb in zip(x.chunk(accumulation), y.chunk(accumulation)):
             _, loss = model(xb[rows or slice(None)], yb[rows or slice(None)])
             (loss * loss_scale / accumulation).backward()
@@ -203,11 +228,27 @@ def reference_run(dist06, corpus, run: str, rows=None, loss_scale=1.0) -> tuple[
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         losses.append(loss_sum)
-    val_loss = load_script("05_pretrain").estimate_loss(model, data, cfg, K)["val"]  # 05's evaluation
-    result = {name: p.detach().clone() for name, p in model.named_parameters()}, losses, val_loss
+    val_loss = val_loss_as_05(dist06, model, data["val"], cfg, K)
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    result = weights, losses, val_loss
     if not buggy:
         REFERENCES[run] = result
     return result
+
+
+def test_05_evaluates_as_06(dist06, pre05, corpus):
+    """05's estimate_loss reads the batches 06's evaluate reads (val_loss_as_05, which the 2-rank
+    runs match): with eval_iters=3, batch k of the evaluation at step K is global batch 3K + k."""
+    cfg = dist06.DistConfig(**{**BASE, **RUNS["sgd-1"]}, data_dir=str(corpus),
+                            out_dir=str(corpus / "unused"))
+    assert cfg.eval_iters == 3
+    tokens = dist06.load_tokens(corpus / "tinyshakespeare-char", "val")
+    torch.manual_seed(0)
+    n_vocab = dist06.load_meta(cfg.corpus_dir)["n_vocab"]
+    model = dist06.GPT(dist06.GPTConfig(**cfg.model_args(n_vocab)))
+    val_05 = pre05.estimate_loss(model, {"val": tokens}, cfg, K)["val"]
+    expected = val_loss_as_05(dist06, model, tokens, cfg, K)
+    torch.testing.assert_close(val_05, expected, rtol=1e-5, atol=1e-5)
 
 
 def full_weights(ranks: list[dict], strategy: str) -> dict:
@@ -216,7 +257,8 @@ def full_weights(ranks: list[dict], strategy: str) -> dict:
         for name, tensor in ranks[0]["local_state"].items():  # the replicas agree exactly
             assert torch.equal(tensor, ranks[1]["local_state"][name]), f"ranks disagree on {name}"
         return ranks[0]["local_state"]
-    return {name: torch.cat([r["local_state"][name] for r in ranks]) for name in ranks[0]["local_state"]}
+    names = ranks[0]["local_state"]
+    return {name: torch.cat([r["local_state"][name] for r in ranks]) for name in names}
 
 
 def tolerance(run: str) -> dict:
@@ -228,7 +270,8 @@ def tolerance(run: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [s["name"] for s in scenarios() if not s["name"].endswith("-half")])
+@pytest.mark.parametrize("name", [s["name"] for s in scenarios()
+                                  if not s["name"].endswith("-half")])
 def test_two_ranks_equal_one_process(dist06, corpus, two_ranks, name):
     """Same weights as one process after K steps (SGD: 1e-6), ranks agree, same loss each step,
     and the data-parallel evaluation gives 05's val loss."""
@@ -239,12 +282,14 @@ def test_two_ranks_equal_one_process(dist06, corpus, two_ranks, name):
     weights = full_weights(ranks, strategy)
     assert weights.keys() == ref_weights.keys()
     for key in ref_weights:
-        torch.testing.assert_close(weights[key], ref_weights[key], **tolerance(run), msg=f"{name}: {key}")
+        torch.testing.assert_close(weights[key], ref_weights[key], **tolerance(run),
+                                   msg=f"{name}: {key}")
     first = K // 2 if scenario.get("resume_from") else 0  # a resumed run logs its own steps only
     assert ranks[0]["iter_num"] == K
+    logged = list(range(first + 1, K + 1))  # keyed by steps done, as the log prints "iter 1/4"
     for r in ranks:
-        assert sorted(r["losses"]) == list(range(first, K))
-        torch.testing.assert_close([r["losses"][i] for i in range(first, K)], ref_losses[first:],
+        assert sorted(r["losses"]) == logged
+        torch.testing.assert_close([r["losses"][i] for i in logged], ref_losses[first:],
                                    rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(r["val_loss"], ref_val, rtol=1e-5, atol=1e-5)
 
@@ -255,7 +300,8 @@ def max_difference(a: dict, b: dict) -> float:
 
 def test_tolerances_catch_bugs(dist06, corpus):
     """The tolerances can fail: a wrong data split breaks AdamW's; a sum instead of a mean breaks
-    SGD's but not AdamW's (Adam divides the scale out), which is why every case also runs with SGD."""
+    SGD's but not AdamW's (Adam divides the scale out), which is why every case also runs with
+    SGD."""
     for run, atol in (("adamw-1", ADAMW_ATOL), ("sgd-1", 1e-6), ("sgd-2", 1e-6)):
         ref = reference_run(dist06, corpus, run)[0]
         half = reference_run(dist06, corpus, run, rows=slice(0, 2))[0]  # rank 1's rows lost
@@ -268,15 +314,18 @@ def test_tolerances_catch_bugs(dist06, corpus):
 
 @pytest.mark.slow
 def test_memory_per_rank(two_ranks):
-    """From the real local tensors: FSDP holds <= 0.55x DDP's total, ZeRO-1 <= 0.55x its optimizer state."""
+    """From the real local tensors: FSDP holds <= 0.55x DDP's total, ZeRO-1 <= 0.55x its optimizer
+    state."""
     ddp, zero1, fsdp = (two_ranks[f"{s}-adamw-1"] for s in STRATEGIES)
     for rank in range(2):
         d, z, f = ddp[rank]["memory"], zero1[rank]["memory"], fsdp[rank]["memory"]
-        assert d["optimizer"] == 2 * d["params"] + 4 * len(list(ddp[rank]["local_state"]))  # m, v + step
+        step_bytes = 4 * len(list(ddp[rank]["local_state"]))  # Adam's step, one per parameter
+        assert d["optimizer"] == 2 * d["params"] + step_bytes  # m, v and the steps
         assert d["grads"] == d["params"]
         assert sum(f.values()) <= 0.55 * sum(d.values()), (f, d)
         assert z["optimizer"] <= 0.55 * d["optimizer"], (z, d)
-        assert z["params"] == d["params"] and z["grads"] == d["grads"]  # ZeRO-1 shards only the state
+        # ZeRO-1 shards only the state
+        assert z["params"] == d["params"] and z["grads"] == d["grads"]
     # the shards add up: every parameter byte is on exactly one rank
     assert fsdp[0]["memory"]["params"] + fsdp[1]["memory"]["params"] == ddp[0]["memory"]["params"]
 
@@ -314,34 +363,37 @@ def test_activation_checkpointing_saves_memory(dist06, corpus, tmp_path):
     """06's parallelize with --activation_checkpointing keeps much less for backward (its arithmetic
     is tested above, with DDP and FSDP), measured through DDP on one micro-batch of 6 rows x 64
     tokens of the default model (12.53 MB -> 1.23 MB); without the flag, nothing changes."""
-    ctx = dist06.init_distributed("cpu")  # a world of one: DDP needs a process group
+    world = dist06.init_distributed("cpu")  # a world of one: DDP needs a process group
     try:
         data = dist06.load_tokens(corpus / "tinyshakespeare-char", "train")
         x, y = dist06.get_batch(data, 6, 64, step=0)
         for checkpointing in (False, True):
-            cfg = dist06.DistConfig(strategy="ddp", activation_checkpointing=checkpointing, device="cpu",
-                                    dtype="float32", data_dir=str(corpus), out_dir=str(tmp_path))
+            cfg = dist06.DistConfig(strategy="ddp", activation_checkpointing=checkpointing,
+                                    device="cpu", dtype="float32", data_dir=str(corpus),
+                                    out_dir=str(tmp_path))
             torch.manual_seed(0)
             model = dist06.GPT(dist06.GPTConfig(**cfg.model_args(65)))
             before = saved_activation_bytes(model, x, y)
-            after = saved_activation_bytes(dist06.parallelize(model, cfg, ctx), x, y)
+            after = saved_activation_bytes(dist06.parallelize(model, cfg, world), x, y)
             if checkpointing:
                 assert after < 0.5 * before, (before, after)
             else:
                 assert after == before, (before, after)
     finally:
-        dist06.shutdown_distributed(ctx)
+        dist06.shutdown_distributed(world)
 
 
 def test_compile_per_block_keeps_the_arithmetic(dist06, corpus, tmp_path, monkeypatch, capsys):
-    """--compile compiles each block (before FSDP shards it, with activation checkpointing inside) and
-    trains exactly as one process does. The test compiles with the aot_eager backend: it traces the
-    blocks as inductor would but runs the traced ops as they are, which takes seconds, not a minute."""
+    """--compile compiles each block (before FSDP shards it, with activation checkpointing inside)
+    and trains exactly as one process does. The test compiles with the aot_eager backend: it traces
+    the blocks as inductor would but runs the traced ops as they are, which takes seconds, not a
+    minute."""
     compiled = []
     compile_module = torch.nn.Module.compile
 
     def compile_for_test(module, *args, **kwargs):
-        compiled.append(type(module).__name__)  # "Block": not yet sharded (FSDP renames it FSDPBlock)
+        # "Block": not yet sharded (FSDP renames it FSDPBlock)
+        compiled.append(type(module).__name__)
         compile_module(module, backend="aot_eager")
 
     monkeypatch.setattr(torch.nn.Module, "compile", compile_for_test)
@@ -358,8 +410,8 @@ def test_compile_per_block_keeps_the_arithmetic(dist06, corpus, tmp_path, monkey
 
 
 @pytest.mark.slow
-def test_full_checkpoint_loads_in_05_and_resumes_in_a_world_of_one(dist06, pre05, corpus, two_ranks, tmp_path,
-                                                                     monkeypatch):
+def test_full_checkpoint_loads_in_05_and_resumes_in_a_world_of_one(dist06, pre05, corpus, two_ranks,
+                                                                     tmp_path, monkeypatch):
     """The file rank 0 writes is 05's format (05's load_checkpoint reads it), and another world size
     and strategy resume from it."""
     out = two_ranks["_out"]
@@ -374,18 +426,21 @@ def test_full_checkpoint_loads_in_05_and_resumes_in_a_world_of_one(dist06, pre05
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
     settings = dict(strategy="fsdp", **RUNS["adamw-2"])
-    result = dist06.main(argv(settings, data_dir=corpus, out_dir=tmp_path / "run", init_from="resume"))
+    result = dist06.main(argv(settings, data_dir=corpus, out_dir=tmp_path / "run",
+                              init_from="resume"))
     ref_weights, ref_losses, _ = reference_run(dist06, corpus, "adamw-2")
     for name, tensor in result["local_state"].items():
         torch.testing.assert_close(tensor, ref_weights[name], rtol=0, atol=ADAMW_ATOL, msg=name)
-    torch.testing.assert_close(list(result["losses"].values()), ref_losses[K // 2:], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(list(result["losses"].values()), ref_losses[K // 2:], rtol=1e-5,
+                               atol=1e-6)
 
 
 @pytest.mark.slow
-def test_zero1_resume_keeps_optimizer_state_beside_its_parameters(dist06, corpus, two_ranks, tmp_path,
-                                                                  monkeypatch):
-    """ZeroRedundancyOptimizer.load_state_dict puts 0-dim state (Adam's step) on the CPU, where fused
-    CUDA AdamW rejects it (pytorch/pytorch#124133); 06's resume puts it back beside its parameter.
+def test_zero1_resume_keeps_optimizer_state_beside_its_parameters(dist06, corpus, two_ranks,
+                                                                  tmp_path, monkeypatch):
+    """ZeroRedundancyOptimizer.load_state_dict puts 0-dim state (Adam's step) on the CPU, where
+    fused CUDA AdamW rejects it (pytorch/pytorch#124133); 06's resume puts it back beside its
+    parameter.
     Without a GPU, the parameters stand on the meta device, so that the CPU is the wrong place."""
     shutil.copytree(two_ranks["_out"] / "zero1-resume-half", tmp_path / "run")
     cfg = dist06.DistConfig(**{**BASE, **RUNS["adamw-2"]}, strategy="zero1", init_from="resume",
@@ -393,36 +448,42 @@ def test_zero1_resume_keeps_optimizer_state_beside_its_parameters(dist06, corpus
     real_cpu = torch.Tensor.cpu  # a meta tensor has no data to copy: the CPU gets an empty one
 
     def cpu(tensor, *args, **kwargs):
-        return torch.empty_like(tensor, device="cpu") if tensor.is_meta else real_cpu(tensor, *args, **kwargs)
+        if tensor.is_meta:
+            return torch.empty_like(tensor, device="cpu")
+        return real_cpu(tensor, *args, **kwargs)
 
     monkeypatch.setattr(torch.Tensor, "cpu", cpu)
-    ctx = dist06.init_distributed("cpu")
+    world = dist06.init_distributed("cpu")
     try:
         model_args = cfg.model_args(dist06.load_meta(cfg.corpus_dir)["n_vocab"])
         with torch.device("meta"):
             model = dist06.GPT(dist06.GPTConfig(**model_args))
-        optimizer = dist06.build_optimizer(cfg, model, dataclasses.replace(ctx, device="meta"))
+        optimizer = dist06.build_optimizer(cfg, model, dataclasses.replace(world, device="meta"))
         assert dist06.resume(cfg, model, optimizer)[0] == K // 2
         state = optimizer.optim.state
         assert state and all({"step", "exp_avg", "exp_avg_sq"} <= set(s) for s in state.values())
         for p, s in state.items():
             for key, value in s.items():
                 assert value.device == p.device, (key, value.device, p.device)
-        # the base class's load_state_dict kept a second copy of the same state in ZeRO's own .state,
-        # which its step never reads: 06 drops it (on a GPU, 8P/N bytes of optimizer state per rank)
-        assert not any(torch.is_tensor(v) for s in optimizer.state.values() for v in (s or {}).values())
+        # the base class's load_state_dict kept a second copy of the same state in ZeRO's own
+        # .state, which its step never reads: 06 drops it (on a GPU, 8P/N bytes of optimizer state
+        # per rank)
+        second_copy = [v for s in optimizer.state.values() for v in (s or {}).values()]
+        assert not any(torch.is_tensor(v) for v in second_copy)
     finally:
-        dist06.shutdown_distributed(ctx)
+        dist06.shutdown_distributed(world)
 
 
 @pytest.mark.slow
 def test_kill_and_restart_under_torchrun(dist06, corpus, two_ranks, tmp_path):
-    """torchrun --max-restarts=1: rank 1 dies after step 3; the job resumes from the step-2 checkpoint
-    and ends with exactly the weights of the uninterrupted run (same world size, same order of ops)."""
+    """torchrun --max-restarts=1: rank 1 dies after step 3; the job resumes from the step-2
+    checkpoint and ends with exactly the weights of the uninterrupted run (same world size, same
+    order of ops)."""
     settings = dict(strategy="fsdp", **RUNS["adamw-2"])
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 "--max-restarts=1", "06_distributed.py"]
-    cmd = torchrun + argv(settings, data_dir=corpus, out_dir=tmp_path, fail_at_step=3, init_from="auto")
+    cmd = torchrun + argv(settings, data_dir=corpus, out_dir=tmp_path, fail_at_step=3,
+                          init_from="auto")
     # without the variable a restarted rank may read a dead rank's address from the store torchrun
     # shares across attempts, and fail or hang (pytorch/pytorch#135712)
     out = "".join(run_with_deadline(cmd, timeout=240, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"))
@@ -442,7 +503,8 @@ def test_errors(dist06, corpus, tmp_path, monkeypatch):
     """Bad settings and a half-made torchrun environment fail with a message that names the fix."""
     where = dict(data_dir=str(corpus), out_dir=str(tmp_path / "run"))
     monkeypatch.setenv("WORLD_SIZE", "4")  # as torchrun --nproc_per_node=4 sets it
-    with pytest.raises(ValueError, match="batch_size=6 .* does not split across 4 ranks.*multiple of 4"):
+    split = "batch_size=6 .* does not split across 4 ranks.*multiple of 4"
+    with pytest.raises(ValueError, match=split):
         dist06.DistConfig(batch_size=6, **where)
     monkeypatch.setenv("WORLD_SIZE", "3")
     dist06.DistConfig(batch_size=6, **where)  # 2 rows each: fine
@@ -457,8 +519,9 @@ def test_errors(dist06, corpus, tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     for var in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
-    with pytest.raises(ValueError, match="RANK is set but LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT "
-                                         "not: start the job with torchrun"):
+    missing = "LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT"
+    message = f"RANK is set but {missing} not: start the job with torchrun"
+    with pytest.raises(ValueError, match=message):
         dist06.init_distributed("cpu")
     assert not dist.is_initialized()
 
@@ -482,8 +545,8 @@ def user_error(dist06, capsys, argv) -> str:
     (["--init_from=resume"], "--init_from=resume: no checkpoint at"),
     (["--log_interval=0"], "--log_interval must be at least 1"),
 ])  # fmt: skip
-def test_user_errors_are_one_line_and_leave_nothing_behind(dist06, corpus, tmp_path, capsys, monkeypatch,
-                                                            flags, message):
+def test_user_errors_are_one_line_and_leave_nothing_behind(dist06, corpus, tmp_path, capsys,
+                                                            monkeypatch, flags, message):
     monkeypatch.delenv("RANK", raising=False)
     out_dir = tmp_path / "run"
     err = user_error(dist06, capsys, [*flags, f"--data_dir={corpus}", f"--out_dir={out_dir}"])
@@ -492,23 +555,68 @@ def test_user_errors_are_one_line_and_leave_nothing_behind(dist06, corpus, tmp_p
     assert not dist.is_initialized()
 
 
+def test_auto_finds_either_kind_of_checkpoint_and_refuses_the_other_flag(dist06, corpus, tmp_path,
+                                                                          capsys, monkeypatch):
+    """--init_from=auto (or resume) where out_dir holds the other kind of checkpoint than
+    --sharded_checkpoint names stops with one line that names the flag, instead of starting afresh
+    beside it (a sharded run restarted without the flag)."""
+    monkeypatch.delenv("RANK", raising=False)
+    settings = dict(strategy="ddp", **RUNS["sgd-1"])
+    cases = (("dcp-latest.pt", {}, "--sharded_checkpoint"),
+             ("ckpt.pt", {"sharded_checkpoint": True}, "--sharded_checkpoint=false"))
+    for on_disk, flags, fix in cases:
+        run = tmp_path / on_disk
+        run.mkdir()
+        (run / on_disk).write_bytes(b"")  # refused before it is read
+        for init_from in ("auto", "resume"):
+            flags_now = argv({**settings, **flags}, data_dir=corpus, out_dir=run,
+                             init_from=init_from)
+            err = user_error(dist06, capsys, flags_now)
+            assert f"{run / on_disk} is the other kind" in err, err
+            assert err.endswith(f"resume it with {fix}\n"), err
+        assert [f.name for f in run.iterdir()] == [on_disk]
+
+
+def test_checkpoints_keep_the_dtype_as_given(dist06, corpus, tmp_path, capsys, monkeypatch):
+    """A checkpoint records --dtype and --device as the user gave them ("auto"), so a resume on
+    another machine resolves them there and says what it chose; the losses are keyed by the step
+    count the log prints ("iter 1/2")."""
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    settings = dict(strategy="ddp", **RUNS["adamw-1"], dtype="auto", device="auto")
+    run = tmp_path / "run"
+    result = dist06.main(argv(settings, data_dir=corpus, out_dir=run, max_iters=2))
+    assert sorted(result["losses"]) == [1, 2] and "iter 1/2 | loss" in capsys.readouterr().out
+    config = torch.load(run / "ckpt.pt", weights_only=False)["config"]
+    assert config["dtype"] == "auto" and config["device"] == "auto", config
+    dist06.main(argv(settings, data_dir=corpus, out_dir=run, init_from="resume"))
+    device = dist06.pick_device("auto")
+    device = "cuda:0" if device == "cuda" else "cpu"  # mps trains on the CPU in 06
+    dtype = dist06.pick_dtype("auto", device).replace("float16", "float32")  # no GradScaler in 06
+    assert f"resuming at iter 2 of {K} from {run / 'ckpt.pt'}, on {device} in {dtype}" in \
+        capsys.readouterr().out
+
+
 def test_missing_data_names_the_02_command(dist06, tmp_path, capsys):
-    err = user_error(dist06, capsys, [f"--data_dir={tmp_path}", "--tokenizer=gpt2", f"--out_dir={tmp_path}"])
+    flags = [f"--data_dir={tmp_path}", "--tokenizer=gpt2", f"--out_dir={tmp_path}"]
+    err = user_error(dist06, capsys, flags)
     assert "python 02_dataloader.py" in err and "--tokenizers=gpt2" in err, err
 
 
 @pytest.mark.slow
 def test_a_fresh_start_never_overwrites_a_run(dist06, corpus, two_ranks, tmp_path, capsys):
-    """Starting afresh where a run's checkpoint lies (full or sharded) is refused, naming the three ways
-    on, and the files stay as they were. --init_from=resume of a finished run says so and how to extend it."""
+    """Starting afresh where a run's checkpoint lies (full or sharded) is refused, naming the three
+    ways on, and the files stay as they were. --init_from=resume of a finished run says so and how
+    to extend it."""
     run = tmp_path / "run"
     shutil.copytree(two_ranks["_out"] / "ddp-adamw-1", run)
     shutil.copytree(two_ranks["_out"] / "fsdp-dcp", run, dirs_exist_ok=True)
     before = {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()}
     for flags in ([], ["--sharded_checkpoint"]):
-        err = user_error(dist06, capsys, [f"--data_dir={corpus}", f"--out_dir={run}", "--strategy=fsdp",
-                                          *flags])
-        assert "--init_from=resume" in err and "another --out_dir" in err and "--overwrite" in err, err
+        err = user_error(dist06, capsys, [f"--data_dir={corpus}", f"--out_dir={run}",
+                                          "--strategy=fsdp", *flags])
+        for way_on in ("--init_from=resume", "another --out_dir", "--overwrite"):
+            assert way_on in err, err
     assert {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()} == before
     result = dist06.main(argv(dict(strategy="ddp", **RUNS["adamw-1"]), data_dir=corpus, out_dir=run,
                               init_from="resume"))
@@ -525,8 +633,8 @@ def test_05_resumes_a_checkpoint_of_06(pre05, corpus, two_ranks, tmp_path):
     """06 promises 05's format: 05's own --init_from=resume continues an FSDP run's checkpoint
     (06 records no thread count, so 05 picks its own) and takes the two remaining steps."""
     shutil.copytree(two_ranks["_out"] / "fsdp-adamw-2", tmp_path / "run")
-    settings = {**BASE, **RUNS["adamw-2"], "max_iters": K + 2, "lr_decay_iters": K + 2, "sample_interval": 0,
-                "threads": 0, "init_from": "resume", "data_dir": str(corpus),
+    settings = {**BASE, **RUNS["adamw-2"], "max_iters": K + 2, "lr_decay_iters": K + 2,
+                "sample_interval": 0, "threads": 0, "init_from": "resume", "data_dir": str(corpus),
                 "out_dir": str(tmp_path / "run")}
     fields = {f.name for f in pre05.fields(pre05.TrainConfig)}
     result = pre05.train(pre05.TrainConfig(**{k: v for k, v in settings.items() if k in fields}))

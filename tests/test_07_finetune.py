@@ -1,5 +1,5 @@
-"""Tests for 07_finetune.py: template, split, collate masks, LoRA, batched greedy decoding, the loop,
-OpenAI's weights (offline), and the user errors that stop a run before any model loads.
+"""Tests for 07_finetune.py: template, split, collate masks, LoRA, batched greedy decoding, the
+loop, OpenAI's weights (offline), and the user errors that stop a run before any model loads.
 
 Every expected value is written out by hand (masks, template, LoRA's update) or comes from a
 reference computation (per-token cross-entropy, one prompt decoded alone, the unmerged model).
@@ -19,12 +19,17 @@ from torch.testing import assert_close
 
 P = -100  # the ignore index, short for the hand-written target tables
 
-ENTRY = {"instruction": "Name the author of 'Pride and Prejudice'.", "input": "", "output": "Jane Austen."}
+ENTRY = {
+    "instruction": "Name the author of 'Pride and Prejudice'.",
+    "input": "",
+    "output": "Jane Austen.",
+}
 
 
 def tiny_gpt(ft07, vocab_size=64, block_size=32, n_embd=16, n_layer=2):
-    return ft07.GPT(ft07.GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=2,
-                                   n_embd=n_embd))
+    config = ft07.GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer,
+                            n_head=2, n_embd=n_embd)
+    return ft07.GPT(config)
 
 
 def grads(model, x, y) -> dict[str, torch.Tensor]:
@@ -39,8 +44,8 @@ def grads(model, x, y) -> dict[str, torch.Tensor]:
 
 def test_format_input_is_the_alpaca_template(ft07):
     expected = (
-        "Below is an instruction that describes a task. Write a response that appropriately completes "
-        "the request.\n\n### Instruction:\nName the author of 'Pride and Prejudice'."
+        "Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.\n\n### Instruction:\nName the author of 'Pride and Prejudice'."
     )
     assert ft07.format_input(ENTRY) == expected
     with_input = {"instruction": "Rewrite the sentence.", "input": "The car is fast.", "output": ""}
@@ -80,14 +85,15 @@ def test_char_tokenizer_replaces_or_names_unknown_characters(ft07):
 
 
 def test_examples_drop_those_whose_prompt_fills_the_context(ft07):
-    encode = lambda text: list(range(len(text)))  # noqa: E731 one id per character: lengths are len()
+    # one id per character: lengths are len()
+    encode = lambda text: list(range(len(text)))  # noqa: E731
     short = {"instruction": "a", "input": "", "output": "b"}
     long = {"instruction": "a", "input": "", "output": "b" * 50}
     huge = {"instruction": "a" * 200, "input": "", "output": "b"}
     prompt = len(ft07.format_input(short))  # the instruction has 1 character
     full = prompt + len(ft07.RESPONSE_HEADER) + 1
     examples = ft07.tokenize_examples([short, long, huge], encode, max_length=full)
-    assert [len(ids) for ids, _ in examples] == [full, full + 49]  # huge is dropped, long is kept whole
+    assert [len(ids) for ids, _ in examples] == [full, full + 49]  # huge dropped, long kept whole
     assert [p for _, p in examples] == [prompt, prompt]
 
 
@@ -98,10 +104,13 @@ def test_prepare_data_says_what_it_cuts_and_drops(ft07, tmp_path, capsys):
     chars = "".join(sorted(set(ft07.format_input(entries[1]) + ft07.RESPONSE_HEADER + "b?\n")))
     full = len(ft07.format_input(short) + ft07.RESPONSE_HEADER) + 1  # a short example fits exactly
     model = tiny_gpt(ft07, vocab_size=len(chars), block_size=full)
-    cfg = types.SimpleNamespace(unknown_char="?", data_path=str(tmp_path / "data.json"), batch_size=4)
+    data_path = str(tmp_path / "data.json")
+    cfg = types.SimpleNamespace(unknown_char="?", data_path=data_path, batch_size=4)
     data = ft07.prepare_data(cfg, model, {"kind": "char", "chars": chars})
-    assert f"1 training examples cut at the context ({full} tokens), 1 dropped" in capsys.readouterr().out
-    assert (len(data["train"]), len(data["val"]), len(data["test"])) == (17 - 1, 1, 2)  # 85/10/5 of 20
+    out = capsys.readouterr().out
+    assert f"1 training examples cut at the context ({full} tokens), 1 dropped" in out
+    sizes = (len(data["train"]), len(data["val"]), len(data["test"]))
+    assert sizes == (17 - 1, 1, 2)  # 85/10/5 of 20
 
 
 # -----------------------------------------------------------------------------
@@ -130,7 +139,8 @@ def test_loss_is_the_mean_over_response_tokens(ft07):
     x, y = ft07.collate_fn(batch, pad_token_id=0)
     logits, loss = model(x, y)
     logp = logits.log_softmax(-1)
-    # reference: position i predicts token i+1; count positions prompt-1 .. len-1 (the last predicts the end)
+    # reference: position i predicts token i+1; count positions prompt-1 .. len-1 (the last
+    # predicts the end)
     terms = [-logp[r, i, (ids + [0])[i + 1]]
              for r, (ids, p) in enumerate(batch) for i in range(p - 1, len(ids))]
     assert len(terms) == 4 + 2
@@ -143,10 +153,12 @@ def test_masked_padding_has_no_effect_on_gradients(ft07):
     x, y = ft07.collate_fn(batch, pad_token_id=0)
     reference = grads(model, x, y)
     x2 = x.clone()
-    x2[1, 3:] = torch.tensor([40, 41, 42, 43, 44])  # other tokens where row 1 is padding (targets masked)
+    # other tokens where row 1 is padding (targets masked)
+    x2[1, 3:] = torch.tensor([40, 41, 42, 43, 44])
     for name, g in grads(model, x2, y).items():
         assert_close(g, reference[name], rtol=0, atol=1e-7, msg=name)
-    # and the check can fail: changing a target that counts (row 1's end token) changes the gradients
+    # and the check can fail: changing a target that counts (row 1's end token) changes the
+    # gradients
     y2 = y.clone()
     y2[1, 2] = 5
     changed = grads(model, x, y2)
@@ -180,7 +192,8 @@ def test_lora_trains_only_the_adapters(ft07):
     # r * (in + out) for c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
     per_layer = r * ((C + 3 * C) + (C + C) + (C + 4 * C) + (4 * C + C))
     params = list(model.parameters())  # a tied tensor appears once
-    trainable, total = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    total = sum(p.numel() for p in params)
     assert trainable == L * per_layer
     assert total == tiny_gpt(ft07).num_params() + L * per_layer
     idx = torch.randint(64, (2, 16))
@@ -190,6 +203,22 @@ def test_lora_trains_only_the_adapters(ft07):
     assert all(g[n].abs().sum() > 0 for n in g if n.endswith("lora_B"))  # (A's is 0 while B = 0)
     with pytest.raises(ValueError, match="lm_head"):
         ft07.apply_lora(tiny_gpt(ft07), 4, 8, targets=["lm_head"])
+
+
+def test_the_optimizer_holds_the_adapters_only_and_decays_matrices_only(ft07):
+    """07 builds its AdamW with 05's configure_optimizers: with LoRA only the adapters (both
+    2-D, so all decayed); fully finetuned, every weight, and no decay on biases and gains."""
+    model = ft07.apply_lora(tiny_gpt(ft07), rank=4, alpha=8)
+    optimizer = ft07.configure_optimizers(model, 0.1, 1e-3, (0.9, 0.999), "cpu")
+    decayed, not_decayed = optimizer.param_groups
+    adapters = [p for name, p in model.named_parameters() if ".lora_" in name]
+    assert {id(p) for p in decayed["params"]} == {id(p) for p in adapters}
+    assert decayed["weight_decay"] == 0.1 and not_decayed["params"] == []
+    full = tiny_gpt(ft07)
+    optimizer = ft07.configure_optimizers(full, 0.1, 1e-3, (0.9, 0.999), "cpu")
+    decayed, not_decayed = optimizer.param_groups
+    assert len(decayed["params"]) + len(not_decayed["params"]) == len(list(full.parameters()))
+    assert all(p.dim() == 1 for p in not_decayed["params"]) and not_decayed["weight_decay"] == 0.0
 
 
 @pytest.mark.parametrize("targets", [("c_attn",), ("c_attn", "c_proj", "c_fc")])
@@ -214,10 +243,12 @@ def test_extend_context_interpolates_the_position_table(ft07):
     longer = ft07.extend_context(model, 7)
     old, new = model.transformer.wpe.weight, longer.transformer.wpe.weight
     assert new.shape == (7, 16) and longer.config.block_size == 7
-    # new position p reads old position p * (4 - 1) / (7 - 1) = p / 2: even p an old row, odd p a midpoint
+    # new position p reads old position p * (4 - 1) / (7 - 1) = p / 2: even p an old row, odd p a
+    # midpoint
     assert_close(new[::2], old)
     assert_close(new[1::2], (old[:-1] + old[1:]) / 2)
-    assert_close(longer.transformer.h[0].attn.c_attn.weight, model.transformer.h[0].attn.c_attn.weight)
+    c_attn = model.transformer.h[0].attn.c_attn.weight
+    assert_close(longer.transformer.h[0].attn.c_attn.weight, c_attn)
     assert longer(torch.randint(64, (1, 7)))[0].shape == (1, 7, 64)
 
 
@@ -240,8 +271,13 @@ def test_batched_cached_greedy_equals_one_prompt_at_a_time_without_cache(ft07, e
     The 20-token prompt fills the 24-token context after 4 new tokens while the others go on."""
     torch.manual_seed(0)
     model = tiny_gpt(ft07, vocab_size=32, block_size=24).eval()
-    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11], [12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23],
-               list(range(1, 21))]
+    prompts = [
+        [1, 2, 3],
+        [4, 5, 6, 7, 8, 9, 10],
+        [11],
+        [12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23],
+        list(range(1, 21)),
+    ]
     got = ft07.generate_greedy(model, prompts, max_new_tokens=10, end_id=end_id)
     assert len(got) == len(prompts)
     for prompt, out in zip(prompts, got):
@@ -251,20 +287,23 @@ def test_batched_cached_greedy_equals_one_prompt_at_a_time_without_cache(ft07, e
 
 
 def test_greedy_with_no_new_tokens_and_the_head_in_fp32_under_bf16(ft07):
-    """max_new_tokens=0 answers nothing (08 allows it); under bf16 autocast the blocks run in bf16 but
-    the argmax reads fp32 logits, as 08's and 09's heads (bf16 would round GPT-2's logits by 0.1-0.5)."""
+    """max_new_tokens=0 answers nothing (08 allows it); under bf16 autocast the blocks run in bf16
+    but the argmax reads fp32 logits, as 08's and 09's heads (bf16 would round GPT-2's logits by
+    0.1-0.5)."""
     model = tiny_gpt(ft07, vocab_size=32, block_size=24).eval()
     assert ft07.generate_greedy(model, [[1, 2], [3]], max_new_tokens=0, end_id=0) == [[], []]
     dtypes = []
     model.lm_head.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
     block_dtypes = []
-    model.transformer.h[0].mlp.c_fc.register_forward_hook(lambda m, i, out: block_dtypes.append(out.dtype))
-    ft07.generate_greedy(model, [[1, 2], [3]], 3, end_id=31, ctx=torch.autocast("cpu", dtype=torch.bfloat16))
+    c_fc = model.transformer.h[0].mlp.c_fc
+    c_fc.register_forward_hook(lambda m, i, out: block_dtypes.append(out.dtype))
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+    ft07.generate_greedy(model, [[1, 2], [3]], 3, end_id=31, ctx=bf16)
     assert dtypes and set(dtypes) == {torch.float32} and set(block_dtypes) == {torch.bfloat16}
 
 
 def test_cached_greedy_runs_through_lora_adapters(ft07):
-    """07 writes its test answers before merging LoRA: the cache must go through the adapters too."""
+    """07 writes its test answers before merging LoRA: the cache must go through the adapters."""
     torch.manual_seed(0)
     model = ft07.apply_lora(tiny_gpt(ft07, vocab_size=32, block_size=24), rank=4, alpha=8).eval()
     for m in model.modules():
@@ -306,7 +345,8 @@ def test_greedy_answers_read_the_device_once_per_token(ft07, monkeypatch):
         return original_attend(self, attn, x, layer, mask)
 
     monkeypatch.setattr(ft07.KVCache, "attend", attend)
-    ft07.generate_greedy(model, [[1, 2, 3], [4, 5]], max_new_tokens=12, end_id=99)  # 99: never ends early
+    # end_id 99: never ends early
+    ft07.generate_greedy(model, [[1, 2, 3], [4, 5]], max_new_tokens=12, end_id=99)
     assert len(reads) == 12 + 1
     assert lengths == [3] * 2 + [1] * 2 * 11  # the prompt once per layer, then one token per layer
 
@@ -324,8 +364,8 @@ def char_setup(ft07, instruction_data_path, tmp_path_factory):
     model = tiny_gpt(ft07, vocab_size=len(chars), block_size=224, n_embd=32)
     # a little pretraining on the plain text (no template), so that LoRA has a base worth adapting:
     # with random frozen embeddings (std 0.02) the logits cannot move far, whatever the adapters do
-    ids = torch.tensor(ft07.CharTokenizer(chars).encode("\n".join(e["instruction"] + " " + e["output"]
-                                                                   for e in entries)))
+    plain_text = "\n".join(e["instruction"] + " " + e["output"] for e in entries)
+    ids = torch.tensor(ft07.CharTokenizer(chars).encode(plain_text))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(40):
         starts = torch.randint(len(ids) - 65, (8,)).tolist()
@@ -347,10 +387,11 @@ def test_finetune_loss_falls_and_the_checkpoint_loads(ft07, char_setup, lora_ran
     tmp, entries = char_setup
     out_dir = tmp / f"out{lora_rank}"
     result = ft07.main([
-        f"--ckpt_path={tmp / 'base' / 'ckpt.pt'}", f"--data_path={tmp / 'data.json'}", f"--out_dir={out_dir}",
-        f"--lora_rank={lora_rank}", "--max_iters=30", "--batch_size=4",
+        f"--ckpt_path={tmp / 'base' / 'ckpt.pt'}", f"--data_path={tmp / 'data.json'}",
+        f"--out_dir={out_dir}", f"--lora_rank={lora_rank}", "--max_iters=30", "--batch_size=4",
         f"--learning_rate={1e-2 if lora_rank else 3e-3}",
-        "--min_block_size=0", "--eval_interval=15", "--max_new_tokens=8", "--device=cpu", "--dtype=float32",
+        "--min_block_size=0", "--eval_interval=15", "--max_new_tokens=8", "--device=cpu",
+        "--dtype=float32",
     ])  # fmt: skip
     assert len(result["train_losses"]) == 30
     assert result["after"]["loss"] < result["before"]["loss"]
@@ -378,14 +419,14 @@ def test_finetune_loss_falls_and_the_checkpoint_loads(ft07, char_setup, lora_ran
     assert after < (0.95 if lora_rank else 0.9) * before  # measured: 0.86 and 0.75
 
     responses = json.loads((out_dir / "test_responses.json").read_text(encoding="utf-8"))
-    assert [r["output"] for r in responses] == [e["output"] for e in ft07.split_data(entries)["test"]]
+    assert [r["output"] for r in responses] == [e["output"] for e in splits["test"]]
     assert all(isinstance(r["model_response"], str) for r in responses)
 
 
 @pytest.mark.slow
 def test_finetune_from_openai_weights(ft07, char_setup, tmp_path, monkeypatch, capsys):
-    """--init_from=gpt2, the book's path, offline: a tiny "gpt2" stands where 04's --save_ckpt writes
-    OpenAI's weights (data/gpt2/ckpt.pt); without it, the error names that 04 command."""
+    """--init_from=gpt2, the book's path, offline: a tiny "gpt2" stands where 04's --save_ckpt
+    writes OpenAI's weights (data/gpt2/ckpt.pt); without it, the error names that 04 command."""
     tmp, _ = char_setup
     monkeypatch.setattr(ft07, "DATA_DIR", tmp_path)
     args = ["--init_from=gpt2", f"--data_path={tmp / 'data.json'}", f"--out_dir={tmp_path / 'out'}"]
@@ -394,13 +435,21 @@ def test_finetune_from_openai_weights(ft07, char_setup, tmp_path, monkeypatch, c
     assert exit_info.value.code == 2
     assert "python 04_gpt.py --init_from=gpt2 --save_ckpt" in capsys.readouterr().err
     torch.manual_seed(0)
-    reference = ft07.GPT(ft07.GPTConfig(n_layer=2, n_head=2, n_embd=32))  # GPT-2's vocabulary and context
-    ft07.save_checkpoint(tmp_path / "gpt2" / "ckpt.pt", {"model": reference.state_dict(), "iter_num": 0,
-                         "model_args": asdict(reference.config), "tokenizer": {"kind": "gpt2"}})
+    # GPT-2's vocabulary and context
+    reference = ft07.GPT(ft07.GPTConfig(n_layer=2, n_head=2, n_embd=32))
+    ckpt = {
+        "model": reference.state_dict(),
+        "iter_num": 0,
+        "model_args": asdict(reference.config),
+        "tokenizer": {"kind": "gpt2"},
+    }
+    ft07.save_checkpoint(tmp_path / "gpt2" / "ckpt.pt", ckpt)
     out_dir = tmp_path / "out"
-    result = ft07.main(["--init_from=gpt2", f"--data_path={tmp / 'data.json'}", f"--out_dir={out_dir}",
-                        "--max_iters=4", "--batch_size=4", "--learning_rate=1e-3", "--max_new_tokens=4",
-                        "--device=cpu", "--dtype=float32"])  # fmt: skip
+    result = ft07.main([
+        "--init_from=gpt2", f"--data_path={tmp / 'data.json'}", f"--out_dir={out_dir}",
+        "--max_iters=4", "--batch_size=4", "--learning_rate=1e-3", "--max_new_tokens=4",
+        "--device=cpu", "--dtype=float32",
+    ])  # fmt: skip
     assert result["after"]["loss"] < result["before"]["loss"]
     model, tokenizer, ckpt = ft07.load_checkpoint(out_dir / "ckpt.pt")
     assert ckpt["tokenizer"] == {"kind": "gpt2"} and ft07.end_token_id(tokenizer) == 50256
@@ -416,10 +465,12 @@ def test_a_lora_checkpoint_loads_in_09_as_the_merged_model(ft07, gen09, tmp_path
     ckpt = ft07.make_checkpoint(model, {"lora_rank": 4, "lora_alpha": 8}, spec, 7, 1.5, 1.6)
     ft07.save_checkpoint(tmp_path / "ckpt.pt", ckpt)
     loaded, tokenizer, ckpt = gen09.load_checkpoint(tmp_path / "ckpt.pt")
-    assert (ckpt["stage"], ckpt["iter_num"], ckpt["val_loss"], tokenizer.n_vocab) == ("finetune", 7, 1.6, 64)
+    saved = (ckpt["stage"], ckpt["iter_num"], ckpt["val_loss"], tokenizer.n_vocab)
+    assert saved == ("finetune", 7, 1.6, 64)
     idx = torch.randint(64, (2, 16))
     with torch.no_grad():
-        assert_close(loaded(idx)[0], model(idx)[0], rtol=0, atol=1e-5)  # the adapters are in the weights
+        # the adapters are in the weights
+        assert_close(loaded(idx)[0], model(idx)[0], rtol=0, atol=1e-5)
     assert any(isinstance(m, ft07.LoRALinear) for m in model.modules())  # saving merged a copy
 
 
@@ -428,7 +479,7 @@ def test_a_lora_checkpoint_loads_in_09_as_the_merged_model(ft07, gen09, tmp_path
 
 
 def run_main(ft07, capsys, argv) -> str:
-    """main(argv) must stop with exit status 2 and one line `error: ...` on stderr; return that line."""
+    """main(argv) must stop with exit status 2 and one line `error: ...` on stderr; returns it."""
     with pytest.raises(SystemExit) as e:
         ft07.main(argv)
     assert e.value.code == 2
@@ -440,20 +491,22 @@ def run_main(ft07, capsys, argv) -> str:
 @pytest.fixture
 def no_model(ft07, monkeypatch):
     """Fail the test if a model gets loaded: the check must come first."""
-    monkeypatch.setattr(ft07, "load_model", lambda cfg: pytest.fail("a model was loaded before the check"))
+    fail = lambda cfg: pytest.fail("a model was loaded before the check")  # noqa: E731
+    monkeypatch.setattr(ft07, "load_model", fail)
 
 
 def test_missing_checkpoint_says_what_to_do(ft07, tmp_path, capsys, no_model):
-    err = run_main(ft07, capsys, [f"--ckpt_path={tmp_path / 'nothing.pt'}", f"--out_dir={tmp_path / 'out'}",
-                                  "--device=cpu"])
+    missing = tmp_path / "nothing.pt"
+    argv = [f"--ckpt_path={missing}", f"--out_dir={tmp_path / 'out'}", "--device=cpu"]
+    err = run_main(ft07, capsys, argv)
     assert re.search(r"no checkpoint at .*nothing\.pt.*05_pretrain\.py.*--init_from=gpt2", err), err
     assert not (tmp_path / "out").exists()  # nothing left behind
 
 
 def test_a_file_that_is_not_a_checkpoint_is_called_so(ft07, tmp_path, capsys):
     (tmp_path / "notes.pt").write_text("not a checkpoint")
-    err = run_main(ft07, capsys, [f"--ckpt_path={tmp_path / 'notes.pt'}", f"--out_dir={tmp_path / 'out'}",
-                                  "--device=cpu"])
+    argv = [f"--ckpt_path={tmp_path / 'notes.pt'}", f"--out_dir={tmp_path / 'out'}", "--device=cpu"]
+    err = run_main(ft07, capsys, argv)
     assert "not a checkpoint of these scripts" in err and "weights_only" not in err
     assert not (tmp_path / "out").exists()
 
@@ -461,8 +514,9 @@ def test_a_file_that_is_not_a_checkpoint_is_called_so(ft07, tmp_path, capsys):
 def test_a_bad_data_file_stops_before_a_model_loads(ft07, char_setup, tmp_path, capsys, no_model):
     tmp, _ = char_setup
     (tmp_path / "data.json").write_text(json.dumps([ENTRY, {"instruction": "no output"}]))
-    err = run_main(ft07, capsys, [f"--ckpt_path={tmp / 'base' / 'ckpt.pt'}", f"--out_dir={tmp_path / 'out'}",
-                                  f"--data_path={tmp_path / 'data.json'}", "--device=cpu"])
+    argv = [f"--ckpt_path={tmp / 'base' / 'ckpt.pt'}", f"--out_dir={tmp_path / 'out'}",
+            f"--data_path={tmp_path / 'data.json'}", "--device=cpu"]
+    err = run_main(ft07, capsys, argv)
     assert "entry 1" in err
 
 
@@ -473,38 +527,48 @@ def test_an_earlier_run_is_never_overwritten_unasked(ft07, char_setup, tmp_path,
     err = run_main(ft07, capsys, args)
     assert "--out_dir" in err and "--overwrite" in err
     assert (tmp_path / "ckpt.pt").read_bytes() == b"an earlier run"
-    assert ft07.parse_config(ft07.FinetuneConfig, [*args, "--overwrite"]).overwrite  # asked: accepted
+    asked = ft07.parse_config(ft07.FinetuneConfig, [*args, "--overwrite"])
+    assert asked.overwrite  # asked: accepted
 
 
 @pytest.mark.parametrize("flags, message", [
     ("--unknown_char=~", "--unknown_char"),  # not among the checkpoint's characters
-    ("--min_block_size=0 --data_path={long}", "0 training and 0 validation examples fit the context"),
+    ("--min_block_size=0 --data_path={long}",
+     "0 training and 0 validation examples fit the context"),
     ("--batch_size=35 --data_path={data}", "too few for --batch_size=35"),  # 34 training examples
 ])
-def test_data_the_model_cannot_take_is_one_error_line(ft07, char_setup, tmp_path, capsys, flags, message):
+def test_data_the_model_cannot_take_is_one_error_line(ft07, char_setup, tmp_path, capsys, flags,
+                                                      message):
     tmp, entries = char_setup
     long = tmp_path / "long.json"  # every prompt longer than the checkpoint's 224 positions
-    long.write_text(json.dumps([{**e, "instruction": e["instruction"] + " x" * 120} for e in entries]))
-    argv = [f"--ckpt_path={tmp / 'base' / 'ckpt.pt'}", f"--out_dir={tmp_path / 'out'}", "--device=cpu",
-            *flags.format(long=long, data=tmp / "data.json").split()]
+    longer = [{**e, "instruction": e["instruction"] + " x" * 120} for e in entries]
+    long.write_text(json.dumps(longer))
+    argv = [f"--ckpt_path={tmp / 'base' / 'ckpt.pt'}", f"--out_dir={tmp_path / 'out'}",
+            "--device=cpu", *flags.format(long=long, data=tmp / "data.json").split()]
     assert message in run_main(ft07, capsys, argv)
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("flags, message", [
-    ("--device=tpu", "tpu"), ("--lora_rank=-1", "--lora_rank"), ("--lora_targets=lm_head", "lm_head"),
+    ("--device=tpu", "tpu"), ("--lora_rank=-1", "--lora_rank"),
+    ("--lora_targets=lm_head", "lm_head"),
     ("--batch_size=0", "--batch_size"), ("--max_iters=0 --epochs=0", "no steps"),
     ("--init_from=gpt3", "gpt3"), ("--dtype=fp8", "--dtype"),
 ])  # fmt: skip
-def test_bad_values_get_one_error_line(ft07, char_setup, tmp_path, capsys, no_model, flags, message):
+def test_bad_values_get_one_error_line(ft07, char_setup, tmp_path, capsys, no_model, flags,
+                                      message):
     tmp, _ = char_setup
     argv = [f"--ckpt_path={tmp / 'base' / 'ckpt.pt'}", f"--out_dir={tmp_path}", *flags.split()]
     assert message in run_main(ft07, capsys, argv)
 
 
-@pytest.mark.parametrize("flag", ["--max_iter=10", "--lora=4", "--overwrite=maybe", "--batch-size=4"])
+FLAGS = ["--max_iter=10", "--lora=4", "--overwrite=maybe", "--batch-size=4"]
+
+
+@pytest.mark.parametrize("flag", FLAGS)
 def test_flags_are_spelled_out_in_full(ft07, capsys, no_model, flag):
     assert flag.split("=")[0] in run_main(ft07, capsys, [flag])  # no abbreviations, no guesses
+
 
 def test_help_lists_the_flags(ft07, capsys):
     with pytest.raises(SystemExit) as e:

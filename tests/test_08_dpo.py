@@ -2,10 +2,12 @@
 
 Expected values are worked out by hand with math.log / math.exp (loss, label smoothing, log-probs,
 masks), or come from a reference computation: each sequence scored alone by the model, 07's own
-collate_fn for the finetuning format, 05's checkpoint loader for what 09 will load, a float64 LM head
-for the precision of the log-probs under bf16 autocast.
+collate_fn for the finetuning format, tiktoken encoding prompt and answer together as 07 does,
+05's checkpoint loader for what 09 will load, a float64 LM head for the precision of the
+log-probs under bf16 autocast.
 """
 
+import itertools
 import json
 import math
 import types
@@ -20,8 +22,9 @@ LN2 = math.log(2)
 
 
 def tiny_gpt(dpo08, vocab_size=32, block_size=32, n_embd=16, n_layer=2):
-    return dpo08.GPT(dpo08.GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=2,
-                                     n_embd=n_embd))
+    config = dpo08.GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer,
+                             n_head=2, n_embd=n_embd)
+    return dpo08.GPT(config)
 
 
 def neg_log_sigmoid(x: float) -> float:
@@ -114,7 +117,8 @@ def test_collate_pairs_masks_the_prompt_and_the_padding(dpo08):
 
 
 def test_batched_logprobs_equal_each_sequence_scored_alone(dpo08):
-    """Padding, masks and the chosen/rejected row order, against a plain per-sequence computation."""
+    """Padding, masks and the chosen/rejected row order, against a plain per-sequence
+    computation."""
     model = tiny_gpt(dpo08).eval()
     batch = [([1, 2, 3], [4, 5, 31], [6, 31]), ([7, 8], [9, 31], [10, 11, 12, 13, 31])]
     x, y, mask = dpo08.collate_pairs(batch, pad_token_id=31)
@@ -139,12 +143,14 @@ def test_logprobs_come_from_an_fp32_head_under_bf16_autocast(dpo08):
 
     GPT-2's logits are tens of nats. We scale a tiny model's embedding (the tied head) so that
     its logits are too; then a bf16 head rounds them by ~0.1 each, while DPO's signal (log pi -
-    log ref) is of that size. Both paths get the same hidden states (from bf16 blocks); only the head differs.
+    log ref) is of that size. Both paths get the same hidden states (from bf16 blocks); only the
+    head differs.
     """
     model = tiny_gpt(dpo08, vocab_size=64, n_embd=32).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(50)  # logits of tens, as GPT-2's
-    batch = [([1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 63], [11, 12, 63]), ([7, 8], [9, 10, 11, 63], [12, 63])]
+    batch = [([1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 63], [11, 12, 63]),
+             ([7, 8], [9, 10, 11, 63], [12, 63])]
     x, y, mask = dpo08.collate_pairs(batch, pad_token_id=63)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16)
     with torch.no_grad():
@@ -152,7 +158,8 @@ def test_logprobs_come_from_an_fp32_head_under_bf16_autocast(dpo08):
             h = dpo08.final_hidden(model, x)  # (2B, T, C): bf16 matmuls in the blocks
             old_logits = model.lm_head(h)  # the old path: a bf16 head ...
         assert old_logits.dtype == torch.bfloat16
-        exact = dpo08.sequence_logprobs(h.double() @ model.lm_head.weight.double().T, y, mask)  # float64
+        exact_logits = h.double() @ model.lm_head.weight.double().T  # float64
+        exact = dpo08.sequence_logprobs(exact_logits, y, mask)
         old = dpo08.sequence_logprobs(old_logits.float(), y, mask)  # ... cast to float afterwards
         new = torch.cat(dpo08.pair_logprobs(model, x, y, mask, ctx=ctx))
     assert new.dtype == torch.float32
@@ -162,15 +169,20 @@ def test_logprobs_come_from_an_fp32_head_under_bf16_autocast(dpo08):
 
 @pytest.mark.parametrize("num_responses, expected", [(2, 2), (0, 0), (-1, 3)])
 def test_responses_before_and_after_for_n_or_all_entries(dpo08, tmp_path, num_responses, expected):
-    """write_responses answers the first num_responses validation entries (-1: all, as 07's flag) with
-    both models, through 07's cached greedy answers; the JSON holds each entry with both answers."""
-    entries = [{"instruction": f"Say {w}.", "input": "", "chosen": w, "rejected": "no"} for w in "abc"]
+    """write_responses answers the first num_responses validation entries (-1: all, as 07's flag)
+    with both models, through 07's cached greedy answers; the JSON holds each entry with both
+    answers."""
+    entries = [
+        {"instruction": f"Say {w}.", "input": "", "chosen": w, "rejected": "no"} for w in "abc"
+    ]
     prompt_texts = [dpo08.format_input(e) + dpo08.RESPONSE_HEADER for e in entries]
     tok = dpo08.CharTokenizer.from_text("".join(prompt_texts))
     torch.manual_seed(0)
-    policy, reference = (tiny_gpt(dpo08, vocab_size=tok.n_vocab, block_size=128).eval() for _ in range(2))
+    policy = tiny_gpt(dpo08, vocab_size=tok.n_vocab, block_size=128).eval()
+    reference = tiny_gpt(dpo08, vocab_size=tok.n_vocab, block_size=128).eval()
     data = {"val_entries": entries, "encode": tok.encode, "end_id": tok.encode("\n")[0]}
-    cfg = types.SimpleNamespace(num_responses=num_responses, max_new_tokens=5, batch_size=2, out_dir=tmp_path)
+    cfg = types.SimpleNamespace(num_responses=num_responses, max_new_tokens=5, batch_size=2,
+                                out_dir=tmp_path)
     dpo08.write_responses(reference, policy, data, tok.decode, cfg, nullcontext())
     records = json.loads((tmp_path / "dpo_responses.json").read_text(encoding="utf-8"))
     assert [r["instruction"] for r in records] == [e["instruction"] for e in entries[:expected]]
@@ -189,13 +201,62 @@ def test_pairs_are_formatted_exactly_as_07_finetuned(dpo08, ft07):
     assert len(pairs) == 20 and n_dropped == 0
     for entry, (prompt, chosen, rejected) in zip(entries, pairs):
         for answer, ids in ((entry["chosen"], chosen), (entry["rejected"], rejected)):
-            example = ft07.tokenize_examples([{**entry, "output": answer}], encode, max_length=1024)[0]
+            example_entry = {**entry, "output": answer}
+            example = ft07.tokenize_examples([example_entry], encode, max_length=1024)[0]
             x07, y07 = ft07.collate_fn([example], pad_token_id=tok.eot_token, mask_prompt=False)
             x, y, mask = dpo08.collate_pairs([(prompt, ids, ids)], pad_token_id=tok.eot_token)
             assert x[0].tolist() == x07[0].tolist() and y[0].tolist() == y07[0].tolist()
-            # 07 also learned the "### Response:" header; DPO scores the answer and the end token only
+            # 07 also learned the "### Response:" header; DPO scores the answer and the end
+            # token only
             assert tok.decode(y[0][mask[0]].tolist()) == answer + "<|endoftext|>"
             assert tok.decode(prompt) == dpo08.format_input(entry) + dpo08.RESPONSE_HEADER
+
+
+def answer_starts_cleanly(answer: str) -> bool:
+    """tokenize_pairs' condition: the answer starts with a non-space, or with one whitespace
+    character and then a non-space (or is empty)."""
+    return not answer[:1].isspace() or (answer[1:2] != "" and not answer[1:2].isspace())
+
+
+def test_header_and_answer_apart_give_07s_ids_when_the_answer_starts_cleanly(
+    dpo08, preference_data_path
+):
+    r"""07 encodes RESPONSE_HEADER + answer together, tokenize_pairs apart; tiktoken decides.
+
+    The header ends with "\n". When the answer starts cleanly, GPT-2's pre-split leaves that
+    newline a chunk of its own, and BPE never merges across chunks: the same ids. Otherwise the
+    newline shares a chunk with the answer's leading whitespace, and BPE merges "\n\n" or
+    "\n\xa0" into one token: other ids. rasbt's answers all start cleanly."""
+    tok = dpo08.get_tokenizer({"kind": "gpt2"})
+    encode, _ = dpo08.text_encoder(tok)
+    entry = {"instruction": "Greet me.", "input": ""}
+    prompt_ids = encode(dpo08.format_input(entry))
+
+    def apart_and_together(answer):  # 08's (prompt + answer) ids, and 07's
+        pair = {**entry, "chosen": answer, "rejected": answer}
+        pairs, _, _ = dpo08.tokenize_pairs([pair], encode, tok.eot_token, max_length=1024)
+        prompt, chosen, _ = pairs[0]
+        return prompt + chosen[:-1], prompt_ids + encode(dpo08.RESPONSE_HEADER + answer)
+
+    whitespace = ["", " ", "\n", "\t", "\r", "\xa0", "\u3000"]
+    rests = ["Hi", " Hi", "!", "12", "'s", ""]
+    clean = 0
+    for first, second, rest in itertools.product(whitespace, whitespace, rests):
+        answer = first + second + rest
+        if answer_starts_cleanly(answer):
+            apart, together = apart_and_together(answer)
+            assert apart == together, repr(answer)
+            clean += 1
+    assert clean > 50
+    for answer in ("\n\nHi", "\n Hi", "\n", "\xa0 Hi", "\xa0"):  # a newline token forms
+        assert not answer_starts_cleanly(answer)
+        apart, together = apart_and_together(answer)
+        assert apart != together, repr(answer)
+    for answer in ("  Hi", " \nHi", "\t\tHi"):  # one chunk, but BPE has no token to merge into
+        apart, together = apart_and_together(answer)
+        assert not answer_starts_cleanly(answer) and apart == together
+    data = json.loads(preference_data_path.read_text(encoding="utf-8"))
+    assert all(answer_starts_cleanly(e[k]) for e in data for k in ("chosen", "rejected"))
 
 
 def test_dataset_drops_pairs_without_room_for_an_answer(dpo08):
@@ -204,7 +265,8 @@ def test_dataset_drops_pairs_without_room_for_an_answer(dpo08):
     long = {"instruction": "a", "input": "", "chosen": "b" * 50, "rejected": "c"}
     huge = {"instruction": "a" * 300, "input": "", "chosen": "b", "rejected": "c"}
     prompt = len(dpo08.format_input(short)) + len(dpo08.RESPONSE_HEADER)
-    pairs, n_cut, n_dropped = dpo08.tokenize_pairs([short, long, huge], encode, 99, max_length=prompt + 2)
+    entries = [short, long, huge]
+    pairs, n_cut, n_dropped = dpo08.tokenize_pairs(entries, encode, 99, max_length=prompt + 2)
     assert len(pairs) == 2 and (n_cut, n_dropped) == (1, 1)
     assert [(len(p), c[-1], r) for p, c, r in pairs][0] == (prompt, 99, [0, 99])
 
@@ -216,9 +278,11 @@ def test_dataset_drops_pairs_without_room_for_an_answer(dpo08):
 def test_at_step_zero_the_loss_is_ln2_and_the_margins_are_zero(dpo08):
     policy = tiny_gpt(dpo08)
     reference = dpo08.make_reference(policy)
-    batch = dpo08.collate_pairs([([1, 2, 3], [4, 5, 31], [6, 31]), ([7], [9, 31], [10, 11, 12, 31])], 31)
+    pairs = [([1, 2, 3], [4, 5, 31], [6, 31]), ([7], [9, 31], [10, 11, 12, 31])]
+    batch = dpo08.collate_pairs(pairs, 31)
     for average in (False, True):
-        losses, chosen, rejected = dpo08.dpo_batch(policy, reference, batch, beta=0.1, average=average)
+        losses, chosen, rejected = dpo08.dpo_batch(policy, reference, batch, beta=0.1,
+                                                   average=average)
         assert_close(losses, torch.full((2,), LN2))
         assert_close(chosen, torch.zeros(2))
         assert_close(rejected, torch.zeros(2))
@@ -230,9 +294,12 @@ def test_reference_is_a_frozen_copy_and_gets_no_gradient(dpo08):
     reference = dpo08.make_reference(policy)
     assert not reference.training and policy.training
     assert all(not p.requires_grad for p in reference.parameters())
-    ref_params, pol_params = dict(reference.named_parameters()), dict(policy.named_parameters())
-    assert all(ref_params[k].data_ptr() != pol_params[k].data_ptr() for k in ref_params)  # own storage
-    assert reference.lm_head.weight is reference.transformer.wte.weight  # still tied, within the copy
+    ref_params = dict(reference.named_parameters())
+    pol_params = dict(policy.named_parameters())
+    # own storage
+    assert all(ref_params[k].data_ptr() != pol_params[k].data_ptr() for k in ref_params)
+    # still tied, within the copy
+    assert reference.lm_head.weight is reference.transformer.wte.weight
     batch = dpo08.collate_pairs([([1, 2], [3, 31], [4, 5, 31])], 31)
     dpo08.dpo_batch(policy, reference, batch)[0].mean().backward()
     assert all(p.grad is None for p in reference.parameters())
@@ -248,25 +315,29 @@ def start(dpo08, tmp_path_factory, preference_data_path):
     """A tiny char GPT saved as a 07 checkpoint, and the 48 shortest pairs: (dir, ckpt dict)."""
     tmp = tmp_path_factory.mktemp("dpo")
     data = json.loads(preference_data_path.read_text(encoding="utf-8"))
-    length = lambda e: len(dpo08.format_input(e)) + max(len(e["chosen"]), len(e["rejected"]))  # noqa: E731
+    def length(e):
+        return len(dpo08.format_input(e)) + max(len(e["chosen"]), len(e["rejected"]))
+
     data = sorted(data, key=length)[:48]
     (tmp / "pairs.json").write_text(json.dumps(data))
-    text = "".join(dpo08.format_input(e) + dpo08.RESPONSE_HEADER + e["chosen"] + e["rejected"] for e in data)
+    header = dpo08.RESPONSE_HEADER
+    text = "".join(dpo08.format_input(e) + header + e["chosen"] + e["rejected"] for e in data)
     tok = dpo08.CharTokenizer.from_text(text + "\n")
     torch.manual_seed(0)
     model = tiny_gpt(dpo08, vocab_size=tok.n_vocab, block_size=256, n_embd=32, n_layer=1)
-    ckpt = {"model": model.state_dict(), "model_args": dpo08.asdict(model.config), "tokenizer": tok.to_dict(),
-            "config": {}, "stage": "finetune", "iter_num": 0, "best_val_loss": float("inf"),
-            "val_loss": float("inf"), "optimizer": None, "scaler": None, "rng": None}
+    ckpt = {"model": model.state_dict(), "model_args": dpo08.asdict(model.config),
+            "tokenizer": tok.to_dict(), "config": {}, "stage": "finetune", "iter_num": 0,
+            "best_val_loss": float("inf"), "val_loss": float("inf"), "optimizer": None,
+            "scaler": None, "rng": None}
     dpo08.save_checkpoint(tmp / "ft.pt", ckpt)
     return tmp, ckpt
 
 
 def run_config(dpo08, tmp, out_dir, **overrides):
-    settings = dict(ckpt_path=str(tmp / "ft.pt"), out_dir=str(out_dir), data_path=str(tmp / "pairs.json"),
-                    max_iters=12, learning_rate=3e-3, warmup_iters=2, beta=0.1, eval_interval=6,
-                    log_interval=6, max_new_tokens=4, num_responses=2, device="cpu", dtype="float32",
-                    threads=1)
+    settings = dict(ckpt_path=str(tmp / "ft.pt"), out_dir=str(out_dir),
+                    data_path=str(tmp / "pairs.json"), max_iters=12, learning_rate=3e-3,
+                    warmup_iters=2, beta=0.1, eval_interval=6, log_interval=6, max_new_tokens=4,
+                    num_responses=2, device="cpu", dtype="float32", threads=1)
     return dpo08.DPOConfig(**{**settings, **overrides})
 
 
@@ -282,12 +353,14 @@ def tiny_run(dpo08, start):
 def test_a_short_run_raises_the_margin_and_the_accuracy_on_training_pairs(tiny_run):
     result, _, _ = tiny_run
     before, after = result["before"]["train"], result["after"]["train"]
-    assert before["loss"] == pytest.approx(LN2) and before["margin"] == 0 and before["accuracy"] == 0
+    assert before["loss"] == pytest.approx(LN2)
+    assert before["margin"] == 0 and before["accuracy"] == 0
     assert after["margin"] > before["margin"] + 0.1
     assert after["accuracy"] > 0.75
     assert after["loss"] < LN2 - 0.05
     assert after["chosen_reward"] > after["rejected_reward"]
-    assert len(result["train_losses"]) == 12 and all(isinstance(v, float) for v in result["train_losses"])
+    assert len(result["train_losses"]) == 12
+    assert all(isinstance(v, float) for v in result["train_losses"])
 
 
 @pytest.mark.slow
@@ -304,13 +377,15 @@ def test_the_run_writes_a_dpo_checkpoint_responses_and_a_log(dpo08, tiny_run):
     result, _, cfg = tiny_run
     out = dpo08.Path(cfg.out_dir)
     model, tok, ckpt = dpo08.load_checkpoint(out / "ckpt.pt")  # what 09 does
-    assert ckpt["stage"] == "dpo" and ckpt["iter_num"] == 12 and ckpt["tokenizer"]["kind"] == "char"
+    assert ckpt["stage"] == "dpo" and ckpt["iter_num"] == 12
+    assert ckpt["tokenizer"]["kind"] == "char"
     assert ckpt["val_loss"] == pytest.approx(result["after"]["val"]["loss"])
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, result["policy"].state_dict()[name]), name
     records = json.loads((out / "dpo_responses.json").read_text(encoding="utf-8"))
     assert len(records) == 2
-    assert {"instruction", "input", "chosen", "rejected", "before_dpo", "after_dpo"} <= set(records[0])
+    keys = {"instruction", "input", "chosen", "rejected", "before_dpo", "after_dpo"}
+    assert keys <= set(records[0])
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [line["iter"] for line in log] == [0, 6, 12]
     assert log[-1]["train_margin"] == pytest.approx(result["after"]["train"]["margin"])
@@ -325,11 +400,12 @@ def test_the_loop_reads_no_value_from_the_device_per_step(dpo08, start, monkeypa
     count must not grow with the steps.
     """
     tmp, _ = start
-    reads, counts = count_device_reads(monkeypatch, dpo08.__file__), []
+    reads = count_device_reads(monkeypatch, dpo08.__file__)
+    counts = []
     for max_iters in (3, 9):
         reads.clear()
-        cfg = run_config(dpo08, tmp, tmp / f"reads{max_iters}", max_iters=max_iters, log_interval=100,
-                         eval_interval=100, num_responses=0)
+        cfg = run_config(dpo08, tmp, tmp / f"reads{max_iters}", max_iters=max_iters,
+                         log_interval=100, eval_interval=100, num_responses=0)
         dpo08.dpo(cfg)
         counts.append(len(reads))
     assert counts[0] > 0  # the counter sees 08's reads (the log and eval lines)
@@ -345,8 +421,8 @@ def test_help_lists_the_dpo_flags(dpo08, capsys):
         dpo08.main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--beta", "--label_smoothing", "--average_log_probs", "--ckpt_path", "--eval_interval",
-                 "--overwrite"):
+    for flag in ("--beta", "--label_smoothing", "--average_log_probs", "--ckpt_path",
+                 "--eval_interval", "--overwrite"):
         assert flag in out
 
 
@@ -365,8 +441,8 @@ def test_a_missing_checkpoint_says_how_to_make_one(dpo08, capsys, tmp_path):
     with pytest.raises(FileNotFoundError, match="07_finetune.py") as error:
         dpo08.DPOConfig(ckpt_path=str(tmp_path / "none.pt"), device="cpu")
     assert "--init_from=gpt2" in str(error.value)
-    assert_user_error(dpo08, capsys, [f"--ckpt_path={tmp_path / 'none.pt'}", f"--out_dir={tmp_path / 'out'}"],
-                      "07_finetune.py")
+    argv = [f"--ckpt_path={tmp_path / 'none.pt'}", f"--out_dir={tmp_path / 'out'}"]
+    assert_user_error(dpo08, capsys, argv, "07_finetune.py")
     assert not (tmp_path / "out").exists()
 
 
@@ -383,14 +459,15 @@ def test_an_existing_checkpoint_is_never_overwritten_unasked(dpo08, capsys, star
     argv = [f"--ckpt_path={tmp / 'ft.pt'}", f"--out_dir={tmp_path}", "--device=cpu"]
     assert_user_error(dpo08, capsys, argv, "--overwrite", "--out_dir")
     assert (tmp_path / "ckpt.pt").read_bytes() == b"someone else's run"
-    assert dpo08.DPOConfig(ckpt_path=str(tmp / "ft.pt"), out_dir=str(tmp_path), overwrite=True).overwrite
+    cfg = dpo08.DPOConfig(ckpt_path=str(tmp / "ft.pt"), out_dir=str(tmp_path), overwrite=True)
+    assert cfg.overwrite
 
 
 def test_pairs_that_do_not_fit_the_context_are_a_user_error(dpo08, capsys, start, tmp_path):
     tmp, ckpt = start
     small = tiny_gpt(dpo08, vocab_size=ckpt["model_args"]["vocab_size"], block_size=16)
-    dpo08.save_checkpoint(tmp_path / "small.pt",
-                          {**ckpt, "model": small.state_dict(), "model_args": dpo08.asdict(small.config)})
+    small_ckpt = {**ckpt, "model": small.state_dict(), "model_args": dpo08.asdict(small.config)}
+    dpo08.save_checkpoint(tmp_path / "small.pt", small_ckpt)
     argv = [f"--ckpt_path={tmp_path / 'small.pt'}", f"--data_path={tmp / 'pairs.json'}",
             f"--out_dir={tmp_path / 'out'}", "--device=cpu"]
     assert_user_error(dpo08, capsys, argv, "fit the context of 16 tokens", "--batch_size")
@@ -398,9 +475,9 @@ def test_pairs_that_do_not_fit_the_context_are_a_user_error(dpo08, capsys, start
 
 
 @pytest.mark.parametrize("flag, message", [
-    ("--beta=0", "beta"), ("--label_smoothing=0.5", "label_smoothing"), ("--batch_size=0", "batch_size"),
-    ("--eval_interval=0", "eval_interval"), ("--device=tpu", "tpu"), ("--dtype=fp8", "fp8"),
-    ("--eval_pairs=0", "eval_pairs"),
+    ("--beta=0", "beta"), ("--label_smoothing=0.5", "label_smoothing"),
+    ("--batch_size=0", "batch_size"), ("--eval_interval=0", "eval_interval"),
+    ("--device=tpu", "tpu"), ("--dtype=fp8", "fp8"), ("--eval_pairs=0", "eval_pairs"),
 ])
 def test_bad_settings_get_a_clear_error(dpo08, capsys, flag, message):
     name, value = flag[2:].split("=")
@@ -410,8 +487,10 @@ def test_bad_settings_get_a_clear_error(dpo08, capsys, flag, message):
 
 
 def test_unknown_and_abbreviated_flags_are_errors(dpo08, capsys):
-    assert_user_error(dpo08, capsys, ["--init_from=gpt2"], "--init_from")  # 08 starts from 07 only
-    assert_user_error(dpo08, capsys, ["--bet=0.2"], "--bet")  # no abbreviations: --bet is not --beta
+    # 08 starts from 07 only
+    assert_user_error(dpo08, capsys, ["--init_from=gpt2"], "--init_from")
+    # no abbreviations: --bet is not --beta
+    assert_user_error(dpo08, capsys, ["--bet=0.2"], "--bet")
 
 
 def test_bad_preference_data_gets_a_clear_error(dpo08, capsys, start, tmp_path):

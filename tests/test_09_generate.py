@@ -7,6 +7,8 @@ import dataclasses
 import io
 import math
 import os
+import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,7 +22,9 @@ def rough_model(gen09, block_size=128, vocab_size=VOCAB, seed=0):
     greedy decoding that repeats one token; std 0.3 gives varied, confident predictions, so a broken
     cache changes the tokens, not just the fourth decimal."""
     torch.manual_seed(seed)
-    config = gen09.GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32)
+    config = gen09.GPTConfig(
+        block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32
+    )
     model = gen09.GPT(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -136,7 +140,9 @@ def allowed_set(logits_row, top_k=None, top_p=None):
     return set(kept)
 
 
-@pytest.mark.parametrize("top_k, top_p", [(5, None), (None, 0.5), (None, 0.9), (10, 0.7), (1, None)])
+@pytest.mark.parametrize(
+    "top_k, top_p", [(5, None), (None, 0.5), (None, 0.9), (10, 0.7), (1, None)]
+)
 def test_top_k_top_p_never_leave_the_allowed_set(gen09, top_k, top_p):
     torch.manual_seed(1)
     logits = torch.randn(3, 50) * 2
@@ -163,11 +169,16 @@ def test_temperature_to_zero_equals_greedy(gen09):
 def test_seed_makes_sampling_reproducible(gen09):
     model = rough_model(gen09, block_size=64)
     generators = [torch.Generator().manual_seed(seed) for seed in (7, 7, 8)]
-    runs = [run_steps(gen09, model, [[1, 2, 3]], 20, temperature=1.0, generator=g)[0] for g in generators]
+    runs = []
+    for generator in generators:
+        tokens, _ = run_steps(gen09, model, [[1, 2, 3]], 20, temperature=1.0, generator=generator)
+        runs.append(tokens)
     assert runs[0].tolist() == runs[1].tolist() != runs[2].tolist()
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)])
+@pytest.mark.parametrize(
+    "bad", [dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)]
+)
 def test_bad_sampling_settings_raise(gen09, bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         gen09.sample(torch.randn(1, 5), **{"temperature": 1.0, **bad})
@@ -178,8 +189,9 @@ def test_bad_sampling_settings_raise(gen09, bad):
 
 
 def test_stops_at_the_eot_token(gen09):
-    """Take the token greedy decoding emits at step 6 and call it "end of text": generation must stop
-    right before its first occurrence (and the other row of the batch must go on unaffected)."""
+    """Take the token greedy decoding emits at step 6 and call it "end of text": generation must
+    stop right before its first occurrence (and the other row of the batch must go on
+    unaffected)."""
     model = rough_model(gen09, block_size=64)
     prompts = [torch.randint(VOCAB, (5,)).tolist(), torch.randint(VOCAB, (9,)).tolist()]
     free = gen09.generate(model, prompts, 40, temperature=0)
@@ -207,8 +219,8 @@ def test_stops_at_a_stop_string_and_streams_only_text_before_it(gen09):
 
 
 def test_stream_shows_whole_characters_only(gen09):
-    """GPT-2's byte-level BPE splits 'é', '👋' and '世界' across tokens; decoding token by token must
-    never show a broken character, and the pieces must add up to tiktoken's decoding."""
+    """GPT-2's byte-level BPE splits 'é', '👋' and '世界' across tokens; decoding token by token
+    must never show a broken character, and the pieces must add up to tiktoken's decoding."""
     tok = gen09.get_tokenizer({"kind": "gpt2"})
     text = "Héllo 👋 世界, naïve café!"
     ids = tok.encode(text)
@@ -232,7 +244,9 @@ def test_stream_holds_back_a_possible_stop_string(gen09):
 # Evaluation
 
 
-@pytest.mark.parametrize("n_tokens, block_size, stride", [(10, 4, 2), (50, 16, 5), (9, 16, 3), (33, 8, 8)])
+@pytest.mark.parametrize(
+    "n_tokens, block_size, stride", [(10, 4, 2), (50, 16, 5), (9, 16, 3), (33, 8, 8)]
+)
 def test_strided_windows_score_every_target_once(gen09, n_tokens, block_size, stride):
     windows = gen09.strided_windows(n_tokens, block_size, stride)
     T = min(block_size, n_tokens - 1)
@@ -245,7 +259,8 @@ def test_strided_windows_score_every_target_once(gen09, n_tokens, block_size, st
 
 
 def test_perplexity_equals_exp_of_the_models_own_loss(gen09):
-    text = "To be, or not to be: that is the question — Whether 'tis nobler in the mind to suffer café. " * 3
+    line = "To be, or not to be: that is the question — Whether 'tis nobler in the mind to suffer "
+    text = (line + "café. ") * 3
     tok = gen09.CharTokenizer.from_text(text)
     model = rough_model(gen09, block_size=32, vocab_size=tok.n_vocab)
     result = gen09.evaluate_text(model, tok, text, stride=10, batch_size=3)
@@ -273,7 +288,8 @@ def test_bits_per_byte_of_gpt2_scores_every_token(gen09):
     logits, _ = model(ids[None, :-1])
     nats = F.cross_entropy(logits[0], ids[1:], reduction="sum").item()  # fits one window
     assert result["bytes"] == len(text.encode("utf-8"))
-    assert result["bits_per_byte"] == pytest.approx(nats / math.log(2) / len(text.encode()), rel=1e-5)
+    bits_per_byte = nats / math.log(2) / len(text.encode())
+    assert result["bits_per_byte"] == pytest.approx(bits_per_byte, rel=1e-5)
 
 
 # -----------------------------------------------------------------------------
@@ -285,16 +301,18 @@ def save_tiny_checkpoint(gen09, path, chars, stage="pretrain", iter_num=0, val_l
     tok = gen09.CharTokenizer(chars)
     model = rough_model(gen09, block_size=64, vocab_size=tok.n_vocab)
     path.parent.mkdir(parents=True, exist_ok=True)
+    best_val_loss = float("inf") if val_loss is None else val_loss
     torch.save({
-        "model": model.state_dict(), "model_args": dataclasses.asdict(model.config), "optimizer": {},
-        "config": {}, "iter_num": iter_num, "best_val_loss": float("inf") if val_loss is None else val_loss,
+        "model": model.state_dict(), "model_args": dataclasses.asdict(model.config),
+        "optimizer": {}, "config": {}, "iter_num": iter_num, "best_val_loss": best_val_loss,
         "val_loss": val_loss, "rng": {}, "tokenizer": tok.to_dict(), "stage": stage,
     }, path)  # fmt: skip
     return model, tok
 
 
 def exits_with_one_error_line(gen09, argv, capsys) -> str:
-    """main(argv) must stop with status 2 and one stderr line `error: ...` (no traceback); return it."""
+    """main(argv) must stop with status 2 and one stderr line `error: ...` (no traceback); return
+    it."""
     with pytest.raises(SystemExit) as exit_info:
         gen09.main(argv)
     err = capsys.readouterr().err
@@ -307,11 +325,13 @@ def test_cli_samples_evaluates_and_chats_from_a_checkpoint(gen09, tmp_path, caps
     chars = "".join(sorted(set("abcdefghijklmnopqrstuvwxyz ,.:#?\n" + "BIRW")))
     model, tok = save_tiny_checkpoint(gen09, tmp_path / "ckpt.pt", chars, stage="finetune")
     ckpt = f"--ckpt={tmp_path / 'ckpt.pt'}"
-    texts = gen09.main([ckpt, "--prompt=to be", "--max_new_tokens=30", "--temperature=0", "--device=cpu"])
+    argv = [ckpt, "--prompt=to be", "--max_new_tokens=30", "--temperature=0", "--device=cpu"]
+    texts = gen09.main(argv)
     expected = tok.decode(gen09.generate(model, [tok.encode("to be")], 30, temperature=0)[0])
     assert texts == [expected] and "to be" + expected in capsys.readouterr().out
 
-    texts = gen09.main([ckpt, "--prompt=to be", "--max_new_tokens=30", "--num_samples=3", "--device=cpu"])
+    argv = [ckpt, "--prompt=to be", "--max_new_tokens=30", "--num_samples=3", "--device=cpu"]
+    texts = gen09.main(argv)
     out = capsys.readouterr().out
     assert len(texts) == 3 and len(set(texts)) > 1  # one batch, three different samples
     assert all("to be" + text in out for text in texts)
@@ -324,32 +344,39 @@ def test_cli_samples_evaluates_and_chats_from_a_checkpoint(gen09, tmp_path, caps
 
     monkeypatch.setattr("sys.stdin", io.StringIO("Say a word.\n/quit\n"))  # what input() reads
     gen09.main([ckpt, "--chat", "--max_new_tokens=10", "--temperature=0", "--device=cpu"])
-    # what 07 feeds its model: unknown characters ('S' is not in chars) as '?', and a newline ends answers
-    template = gen09.format_input({"instruction": "?ay a word.", "input": ""}) + "\n\n### Response:\n"
+    # what 07 feeds its model: unknown characters ('S' is not in chars) as '?', and a newline ends
+    # answers
+    instruction = gen09.format_input({"instruction": "?ay a word.", "input": ""})
+    template = instruction + "\n\n### Response:\n"
     newline = tok.encode("\n")[0]
-    reply = tok.decode(gen09.generate(model, [tok.encode(template)], 10, temperature=0, eot_token=newline)[0])
+    reply_ids = gen09.generate(model, [tok.encode(template)], 10, temperature=0, eot_token=newline)
+    reply = tok.decode(reply_ids[0])
     assert f"model> {reply}\n" in capsys.readouterr().out
 
 
 def test_chat_reports_only_the_characters_the_user_typed(gen09, tmp_path, capsys, monkeypatch):
-    """Shakespeare's characters have no '#', so the template's '###' headers go in as 07 trained them
-    ('???'), and only what the user typed that the model lacks is reported (issue 12, case 12)."""
+    """Shakespeare's characters have no '#', so the template's '###' headers go in as 07 trained
+    them ('???'), and only what the user typed that the model lacks is reported (issue 12, case
+    12)."""
     chars = "".join(sorted(set("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ,.:?!\n")))
     save_tiny_checkpoint(gen09, tmp_path / "ckpt.pt", chars, stage="finetune")
     monkeypatch.setattr("sys.stdin", io.StringIO("Name a colour.\nWhat is 2+2?\n"))
     gen09.main([f"--ckpt={tmp_path / 'ckpt.pt'}", "--chat", "--max_new_tokens=5", "--device=cpu"])
     out = capsys.readouterr().out
-    assert "#" not in out and out.count("sent as '?'") == 1  # the first message is all known characters
+    assert "#" not in out
+    assert out.count("sent as '?'") == 1  # the first message is all known characters
     assert "sent as '?': '+2'" in out
 
 
 def test_eval_file_shows_progress_when_long(gen09, tmp_path, capsys, monkeypatch):
-    """A clock that jumps 10 s per reading makes every batch 'long': each prints tokens, rate, time left."""
+    """A clock that jumps 10 s per reading makes every batch 'long': each prints tokens, rate, time
+    left."""
     save_tiny_checkpoint(gen09, tmp_path / "ckpt.pt", "abc \n")
     (tmp_path / "eval.txt").write_text("abc cab\n" * 100, encoding="utf-8")
     clock = iter(range(0, 10**6, 10))
     monkeypatch.setattr(gen09.time, "perf_counter", lambda: next(clock))
-    argv = [f"--ckpt={tmp_path / 'ckpt.pt'}", f"--eval_file={tmp_path / 'eval.txt'}", "--device=cpu"]
+    ckpt = f"--ckpt={tmp_path / 'ckpt.pt'}"
+    argv = [ckpt, f"--eval_file={tmp_path / 'eval.txt'}", "--device=cpu"]
     result = gen09.main(argv)
     err = capsys.readouterr().err
     assert result["tokens"] == 799 and err.count("tokens/s") >= 3 and "s left" in err
@@ -365,15 +392,20 @@ def test_cli_says_which_checkpoint_it_loaded(gen09, tmp_path, capsys):
     assert "1,234 iterations" in first_line and "val loss 1.5000" in first_line
 
 
-def test_default_checkpoint_is_05s_shakespeare_model_not_the_newest(gen09, tmp_path, capsys, monkeypatch):
-    """The README promises Shakespeare from `python 09_generate.py`, even after 07 and 08 wrote newer runs."""
+def test_default_checkpoint_is_05s_shakespeare_model_not_the_newest(
+    gen09, tmp_path, capsys, monkeypatch
+):
+    """The README promises Shakespeare from `python 09_generate.py`, even after 07 and 08 wrote
+    newer runs."""
     monkeypatch.chdir(tmp_path)
-    save_tiny_checkpoint(gen09, tmp_path / "out" / "shakespeare-char" / "ckpt.pt", "abc \n", iter_num=2000)
-    os.utime(tmp_path / "out" / "shakespeare-char" / "ckpt.pt", (1000, 1000))
+    shakespeare = tmp_path / "out" / "shakespeare-char" / "ckpt.pt"
+    save_tiny_checkpoint(gen09, shakespeare, "abc \n", iter_num=2000)
+    os.utime(shakespeare, (1000, 1000))
     save_tiny_checkpoint(gen09, tmp_path / "out" / "dpo" / "ckpt.pt", "xyz \n", stage="dpo")
     gen09.main(["--max_new_tokens=3", "--device=cpu"])
     first_line = capsys.readouterr().out.splitlines()[0]
-    assert first_line.startswith("loaded out/shakespeare-char/ckpt.pt: the pretrain model of 05_pretrain.py")
+    expected = "loaded out/shakespeare-char/ckpt.pt: the pretrain model of 05_pretrain.py"
+    assert first_line.startswith(expected)
     assert "2,000 iterations" in first_line and "no val loss" in first_line
 
 
@@ -389,7 +421,8 @@ def test_a_missing_checkpoint_names_09s_own_flag(gen09, capsys):
 
 
 def test_a_file_that_is_not_a_checkpoint_is_called_that(gen09, tmp_path, capsys):
-    """README.md, or a torch file of other keys: never torch's advice to load with weights_only=False."""
+    """README.md, or a torch file of other keys: never torch's advice to load with
+    weights_only=False."""
     (tmp_path / "other.pt").write_bytes(b"")
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     readme = os.path.join(os.path.dirname(__file__), "..", "README.md")
@@ -403,6 +436,30 @@ def test_text_the_model_cannot_encode_is_a_user_error(gen09, tmp_path, capsys):
     argv = [f"--ckpt={tmp_path / 'ckpt.pt'}", "--prompt=abZ", "--device=cpu"]
     err = exits_with_one_error_line(gen09, argv, capsys)
     assert "'Z'" in err and "vocabulary" in err
+
+
+def test_an_eval_file_that_is_not_utf8_is_a_user_error(gen09, tmp_path, capsys):
+    save_tiny_checkpoint(gen09, tmp_path / "ckpt.pt", "abc \n")
+    (tmp_path / "eval.txt").write_bytes(b"abc \xff\xfe cab\n")  # Latin-1 bytes, not UTF-8
+    argv = [f"--ckpt={tmp_path / 'ckpt.pt'}", f"--eval_file={tmp_path / 'eval.txt'}"]
+    err = exits_with_one_error_line(gen09, argv + ["--device=cpu"], capsys)
+    assert "utf-8" in err
+
+
+def test_bench_prints_a_row_per_length_without_the_warm_up(gen09, capsys, monkeypatch):
+    """bench on a tiny model (a fraction of a second): the header, then one row per length, each
+    with tokens/s cached and not, the speedup, and ms per token first -> last for both."""
+    def tiny(preset, **sizes):
+        return gen09.GPTConfig(n_layer=1, n_head=1, n_embd=8, **sizes)
+
+    monkeypatch.setattr(gen09.GPTConfig, "from_preset", staticmethod(tiny))
+    gen09.bench(SimpleNamespace(device="cpu", dtype="float32", bench_presets="tiny"))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("cpu, float32,") and "no cache" in lines[1]
+    number = r"[\d,]+\.\d"
+    ms = rf"{number} -> {number}"  # ms per token, the first 64 -> the last 64
+    row = rf" *tiny +(256|512) +{number} +{number} +{number}x +{ms} +{ms}"
+    assert len(lines) == 4 and all(re.fullmatch(row, line) for line in lines[2:])
 
 
 @pytest.mark.parametrize("name, flags", [
@@ -425,7 +482,8 @@ def test_help_lists_the_flags(gen09, capsys):
         gen09.main(["--help"])
     out = capsys.readouterr().out
     assert exit_info.value.code == 0
-    for flag in ("--ckpt", "--temperature", "--top_p", "--stop", "--chat", "--eval_file", "--bench"):
+    flags = ("--ckpt", "--temperature", "--top_p", "--stop", "--chat", "--eval_file", "--bench")
+    for flag in flags:
         assert flag in out
 
 
@@ -439,12 +497,14 @@ def test_sample_draws_what_multinomial_draws_from_the_same_generator(gen09):
         for temperature in (1.0, 0.7):
             ours = gen09.sample(logits, temperature, generator=torch.Generator().manual_seed(seed))
             probs = F.softmax(logits / temperature, dim=-1)
-            theirs = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed)).squeeze(-1)
+            generator = torch.Generator().manual_seed(seed)
+            theirs = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
             assert torch.equal(ours, theirs), (seed, temperature)
 
 
 def test_the_head_runs_in_fp32_under_autocast(gen09):
-    """Perplexity's log-probabilities come from an fp32 head even when the blocks run in bf16 (issue 14).
+    """Perplexity's log-probabilities come from an fp32 head even when the blocks run in bf16
+    (issue 14).
 
     As in 08's test: the tied head is scaled so that the logits are tens of nats, as GPT-2's. From
     the same bf16 hidden states, forward_cached's log-probs equal a float64 head's within 1e-4; the
@@ -457,6 +517,8 @@ def test_the_head_runs_in_fp32_under_autocast(gen09):
         logits, (plain, _) = gen09.forward_cached(model, idx), model(idx)
         h = gen09.final_hidden(model, idx)  # the hidden states forward_cached computes
     assert plain.dtype == torch.bfloat16 and logits.dtype == torch.float32
-    exact = (h.double() @ model.lm_head.weight.double().T).log_softmax(dim=-1)  # float64 head, same h
+    exact_logits = h.double() @ model.lm_head.weight.double().T  # a float64 head, the same h
+    exact = exact_logits.log_softmax(dim=-1)
     torch.testing.assert_close(logits.log_softmax(dim=-1).double(), exact, atol=1e-4, rtol=0)
-    assert (plain.float().log_softmax(dim=-1).double() - exact).abs().max() > 1e-2  # bf16's head is off
+    plain_error = (plain.float().log_softmax(dim=-1).double() - exact).abs().max()
+    assert plain_error > 1e-2  # bf16's head is off

@@ -8,12 +8,15 @@ import dataclasses
 import http.client
 import json
 import os
+import queue
 import signal
 import socket
 import struct
 import subprocess
 import sys
 import threading
+import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 
 import openai  # not importorskip: test-only dependencies, CI installs requirements-dev.txt
@@ -25,11 +28,12 @@ from conftest import ROOT
 
 
 def rough_model(serve10, vocab_size, bias=True, block_size=64, seed=0):
-    """A tiny GPT with large random weights (std 0.3, biases too): confident, varied predictions, so a
-    wrong transpose or a missing bias changes the greedy tokens, not just the fifth decimal."""
+    """A tiny GPT with large random weights (std 0.3, biases too): confident, varied predictions,
+    so a wrong transpose or a missing bias changes the greedy tokens, not just the fifth decimal."""
     torch.manual_seed(seed)
-    config = serve10.GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32,
-                             bias=bias)  # fmt: skip
+    config = serve10.GPTConfig(
+        block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32, bias=bias
+    )
     model = serve10.GPT(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -47,12 +51,16 @@ CHAR_SPEC = {"kind": "char", "chars": CHARS}
 
 
 @pytest.mark.parametrize("kind, bias", [("gpt2", True), ("char", False)])
-def test_transformers_loads_the_export_with_our_logits_and_greedy_tokens(serve10, tmp_path, kind, bias):
+def test_transformers_loads_the_export_with_our_logits_and_greedy_tokens(
+    serve10, tmp_path, kind, bias
+):
     vocab_size = 50257 if kind == "gpt2" else len(CHARS)
     spec = {"kind": "gpt2"} if kind == "gpt2" else CHAR_SPEC
     model = rough_model(serve10, vocab_size, bias=bias)
     serve10.export_hf(model, spec, tmp_path / "hf")
-    hf, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "hf", output_loading_info=True
+    )
     assert not any(info.values()), info  # every weight found (zero biases too), none left over
     hf.eval()
     assert type(hf).__name__ == "GPT2LMHeadModel"
@@ -65,7 +73,8 @@ def test_transformers_loads_the_export_with_our_logits_and_greedy_tokens(serve10
     steps = serve10.generate_tokens(model, [prompt], temperature=0)  # 09's KV-cache generation
     ours = [t.item() for _, (t, _) in zip(range(30), steps)]
     assert len(set(ours)) > 5 and 50256 not in ours  # varied, and no end token for HF to stop at
-    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False)[0, 8:].tolist()
+    generated = hf.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False)
+    theirs = generated[0, 8:].tolist()  # the new tokens, after the prompt's 8
     assert theirs == ours
 
     if kind == "char":  # weights + config + the character table, and what to do about tokenization
@@ -75,15 +84,21 @@ def test_transformers_loads_the_export_with_our_logits_and_greedy_tokens(serve10
 
 
 def test_safetensors_file_is_the_format(serve10, gpt04, tmp_path):
-    """Our writer against the safetensors library and 04's reader: same names, shapes, dtypes, values."""
+    """Our writer against the safetensors library and 04's reader: same names, shapes, dtypes,
+    values."""
     from safetensors.torch import load_file
 
-    tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).half(), "c": torch.randn(2, 3).to(torch.bfloat16),
-               "d": torch.randn(4, 2).t().contiguous()}  # fmt: skip
-    serve10.save_safetensors(tensors, tmp_path / "t.safetensors")
-    head_len = struct.unpack("<Q", (tmp_path / "t.safetensors").read_bytes()[:8])[0]
-    assert head_len % 8 == 0
-    for loaded in (load_file(tmp_path / "t.safetensors"), gpt04.load_safetensors(tmp_path / "t.safetensors")):
+    tensors = {
+        "a": torch.randn(3, 5),
+        "b": torch.randn(7).half(),
+        "c": torch.randn(2, 3).to(torch.bfloat16),
+        "d": torch.randn(4, 2).t().contiguous(),
+    }
+    path = tmp_path / "t.safetensors"
+    serve10.save_safetensors(tensors, path)
+    header_length = struct.unpack("<Q", path.read_bytes()[:8])[0]
+    assert header_length % 8 == 0
+    for loaded in (load_file(path), gpt04.load_safetensors(path)):
         assert loaded.keys() == tensors.keys()
         for name, t in tensors.items():
             assert loaded[name].dtype == t.dtype and torch.equal(loaded[name], t)
@@ -91,9 +106,16 @@ def test_safetensors_file_is_the_format(serve10, gpt04, tmp_path):
 
 def test_exported_tokenizer_gives_tiktokens_ids(serve10, tmp_path):
     serve10.export_hf(rough_model(serve10, 50257), {"kind": "gpt2"}, tmp_path)
-    theirs, ours = transformers.AutoTokenizer.from_pretrained(tmp_path), tiktoken.get_encoding("gpt2")
-    texts = ["Hello, I'm a language model,", "  two spaces\n\nand lines\t tab", "naïve café: 東京 🤖!",
-             "numbers 1234567 and 3.14159", "it's don't we'll THEY'RE", "<|endoftext|>a document break"]
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ours = tiktoken.get_encoding("gpt2")
+    texts = [
+        "Hello, I'm a language model,",
+        "  two spaces\n\nand lines\t tab",
+        "naïve café: 東京 🤖!",
+        "numbers 1234567 and 3.14159",
+        "it's don't we'll THEY'RE",
+        "<|endoftext|>a document break",
+    ]
     for text in texts:
         ids = ours.encode(text, allowed_special={"<|endoftext|>"})
         assert theirs(text)["input_ids"] == ids
@@ -108,7 +130,7 @@ def test_export_refuses_a_non_empty_directory_unless_overwrite(serve10, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
     serve10.export_hf(rough_model(serve10, 50257), {"kind": "gpt2"}, tmp_path, overwrite=True)
     serve10.export_hf(rough_model(serve10, len(CHARS)), CHAR_SPEC, tmp_path, overwrite=True)
-    names = sorted(p.name for p in tmp_path.iterdir())  # the GPT-2 tokenizer files went: no mixed export
+    names = sorted(p.name for p in tmp_path.iterdir())  # GPT-2's tokenizer files went: no mix
     assert names == ["README.txt", "chars.json", "config.json", "model.safetensors", "notes.txt"]
 
 
@@ -118,7 +140,8 @@ def test_export_refuses_a_non_empty_directory_unless_overwrite(serve10, tmp_path
 
 @contextlib.contextmanager
 def running(serve10, model, tokenizer_spec):
-    """make_server on a free port (port=0), serving from a thread of this process until the with ends."""
+    """make_server on a free port (port=0), serving from a thread of this process until the with
+    ends."""
     srv = serve10.make_server(model, serve10.get_tokenizer(tokenizer_spec), "tiny", port=0)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
@@ -130,9 +153,12 @@ def running(serve10, model, tokenizer_spec):
         thread.join(timeout=10)
 
 
+DEADLINE_S = 10  # for a raw socket's answer: a tiny model's first token takes milliseconds
+
+
 def openai_client(server):
-    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="unused",
-                         max_retries=0, timeout=30)  # fmt: skip
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    return openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -175,23 +201,26 @@ def test_greedy_answer_is_09s_and_streams_the_same_text(serve10, server, client,
     tok = server.tok
     prompt = tok.encode("Once upon a time")
     if chat:  # 07's template, encoded in two parts
-        prompt = tok.encode(serve10.format_input({"instruction": "Name a colour."})) + tok.encode(
-            serve10.RESPONSE_HEADER)  # fmt: skip
-    steps = serve10.generate_tokens(server.model, [prompt], temperature=0)  # 09's KV-cache generation
+        instruction = serve10.format_input({"instruction": "Name a colour."})
+        prompt = tok.encode(instruction) + tok.encode(serve10.RESPONSE_HEADER)
+    steps = serve10.generate_tokens(server.model, [prompt], temperature=0)  # 09's generation
     assert text == tok.decode([t.item() for _, (t, _) in zip(range(20), steps)])
     assert finish == "length" and len(text) > 20
     assert complete(client, chat, stream=True) == (text, finish)
 
 
 def test_chat_ends_where_07_taught_it(serve10, server):
-    """At <|endoftext|>, at the next "### " header, or after a whole context of tokens by default."""
+    """At <|endoftext|>, at the next "### " header, or after a whole context of tokens by
+    default."""
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     body = {"model": "tiny", "stop": "X", "messages": messages}
-    prompt, req, end_token = serve10.parse_request(server, body, chat=True)
+    prompt, settings, end_token = serve10.parse_request(server, body, chat=True)
     tok = server.tok  # the last message is the instruction, in two parts as 07 encoded it
     instruction = tok.encode(serve10.format_input({"instruction": "Hi"}))
     assert prompt == instruction + tok.encode(serve10.RESPONSE_HEADER)
-    assert (req["stop"], end_token, req["max_tokens"]) == (["X", "\n\n### "], 50256, 64)
+    assert settings["stop"] == ["X", "\n\n### "]
+    assert end_token == 50256
+    assert settings["max_tokens"] == 64
 
 
 def test_seed_makes_sampling_repeatable(client):
@@ -209,7 +238,8 @@ def test_stop_string_ends_the_answer_before_it(client, stream):
 
 
 def request(server, method, path, body=b""):
-    """A raw HTTP request (the openai client cannot send broken JSON): (status, parsed JSON body)."""
+    """A raw HTTP request (the openai client cannot send broken JSON): (status, parsed JSON
+    body)."""
     conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
     conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
     response = conn.getresponse()
@@ -236,11 +266,13 @@ BAD_REQUESTS = {  # name: (path, body, status, param)
     "stop a number": (P, OK | {"stop": 3}, 400, "stop"),
     "messages not a list": (C, CHAT | {"messages": "Hi"}, 400, "messages"),
     "message without content": (C, CHAT | {"messages": [{"role": "user"}]}, 400, "messages"),
-    "last message not the user's": (C, CHAT | {"messages": [{"role": "system", "content": "Hi"}]}, 400,
-                                    "messages"),
+    "last message not the user's": (
+        C, CHAT | {"messages": [{"role": "system", "content": "Hi"}]}, 400, "messages"
+    ),
     "prompt longer than the context": (P, OK | {"prompt": "word " * 65}, 400, "prompt"),
-    "chat longer than the context": (C, CHAT | {"messages": [{"role": "user", "content": "word " * 40}]}, 400,
-                                     "messages"),
+    "chat longer than the context": (
+        C, CHAT | {"messages": [{"role": "user", "content": "word " * 40}]}, 400, "messages"
+    ),
     "max_tokens 0": (P, OK | {"max_tokens": 0}, 400, "max_tokens"),
     "max_tokens past the limit": (P, OK | {"max_tokens": 4097}, 400, "max_tokens"),
     "temperature 3": (P, OK | {"temperature": 3}, 400, "temperature"),
@@ -253,7 +285,9 @@ BAD_REQUESTS = {  # name: (path, body, status, param)
 @pytest.mark.parametrize("name", BAD_REQUESTS)
 def test_bad_request_gets_openais_error_shape_and_the_server_goes_on(server, client, name):
     path, body, status, param = BAD_REQUESTS[name]
-    got_status, got = request(server, "POST", path, body if isinstance(body, bytes) else json.dumps(body))
+    if not isinstance(body, bytes):
+        body = json.dumps(body)
+    got_status, got = request(server, "POST", path, body)
     assert got_status == status
     assert set(got) == {"error"} and set(got["error"]) == {"message", "type", "param", "code"}
     assert got["error"]["param"] == param and got["error"]["message"]
@@ -272,19 +306,32 @@ def test_unknown_get_path_is_404_and_the_client_sees_openais_errors(server, clie
 def test_eight_concurrent_clients_all_get_complete_answers(client):
     prompts = [f"Client number {i} says" for i in range(8)]
     expected = [complete(client, prompt=p) for p in prompts]  # one at a time
-    with ThreadPoolExecutor(8) as pool:  # all at once, half of them streamed
-        answers = list(pool.map(lambda i: complete(client, prompt=prompts[i], stream=i % 2 == 1), range(8)))
+
+    def ask(i):  # half of them streamed
+        return complete(client, prompt=prompts[i], stream=i % 2 == 1)
+
+    with ThreadPoolExecutor(8) as pool:  # all at once
+        answers = list(pool.map(ask, range(8)))
     assert answers == expected
 
 
 def test_client_dropping_mid_stream_leaves_the_server_answering(server, client):
     body = json.dumps(OK | {"max_tokens": 64, "stream": True}).encode()
-    sock = socket.create_connection(server.server_address, timeout=30)
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+    # a deadline for each recv and one for them all: a server that does not stream fails the test
+    # in seconds, whether it closes the connection (recv gives b"") or keeps it open (timeout)
+    sock = socket.create_connection(server.server_address, timeout=DEADLINE_S)
+    request_head = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    )
+    sock.sendall(request_head + body)
     received = b""
+    deadline = time.monotonic() + DEADLINE_S
     while b"data: " not in received:  # the answer has begun
-        received += sock.recv(4096)
+        assert time.monotonic() < deadline, f"no event in {DEADLINE_S} s: {received[:300]!r}"
+        chunk = sock.recv(4096)  # TimeoutError after DEADLINE_S seconds of silence
+        assert chunk, f"the server closed the connection without an event: {received[:300]!r}"
+        received += chunk
     assert b"text/event-stream" in received
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = reset
     sock.close()
@@ -294,13 +341,15 @@ def test_client_dropping_mid_stream_leaves_the_server_answering(server, client):
 
 def test_stream_is_server_sent_events_ending_in_done(server):
     conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
-    conn.request("POST", "/v1/chat/completions", json.dumps(CHAT | {"stream": True, "max_tokens": 5}))
+    body = json.dumps(CHAT | {"stream": True, "max_tokens": 5})
+    conn.request("POST", "/v1/chat/completions", body)
     response = conn.getresponse()
     assert response.getheader("Content-Type") == "text/event-stream"
     events = response.read().decode().split("\n\n")
     conn.close()
-    assert events[-2:] == ["data: [DONE]", ""] and all(e.startswith("data: {") for e in events[:-2])
-    assert [json.loads(e[6:])["object"] for e in events[:-2]] == ["chat.completion.chunk"] * (len(events) - 2)
+    chunks = events[:-2]
+    assert events[-2:] == ["data: [DONE]", ""] and all(e.startswith("data: {") for e in chunks)
+    assert [json.loads(e[6:])["object"] for e in chunks] == ["chat.completion.chunk"] * len(chunks)
 
 
 def test_character_model_server(serve10):
@@ -317,15 +366,74 @@ def test_character_model_server(serve10):
         assert complete(client, prompt="ROMEO:", max_tokens=50, stream=True) == greedy
 
 
+@pytest.fixture
+def tf32_off():
+    """TF32 switched off for a test, and back as it was after: the flags are the process's."""
+    matmul_before = torch.backends.cuda.matmul.allow_tf32
+    cudnn_before = torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = matmul_before
+    torch.backends.cudnn.allow_tf32 = cudnn_before
+
+
+def test_make_server_switches_tf32_on_for_a_cuda_model(serve10, tf32_off):
+    """make_server's docstring says the fp32 matmuls run in TF32 on CUDA: it switches TF32 on
+    itself, so a server made by a test or a benchmark computes as `--serve` does."""
+    tok = serve10.get_tokenizer(CHAR_SPEC)
+    serve10.make_server(rough_model(serve10, len(CHARS)), tok, "tiny", port=0).server_close()
+    assert not torch.backends.cuda.matmul.allow_tf32  # a CPU model: left as it was
+    if torch.cuda.is_available():
+        cuda_model = rough_model(serve10, len(CHARS)).cuda()
+    else:  # what make_server reads of a model: where its weights are, and eval()
+        weight = types.SimpleNamespace(device=torch.device("cuda"))
+        cuda_model = types.SimpleNamespace(lm_head=types.SimpleNamespace(weight=weight))
+        cuda_model.eval = lambda: cuda_model
+    serve10.make_server(cuda_model, tok, "tiny", port=0).server_close()
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+
+
 # -----------------------------------------------------------------------------
 # The command line
+
+
+STARTUP_DEADLINE_S = 60  # python, torch and the checkpoint loaded, on a busy machine
+
+
+def first_line_with(proc, word: str, seconds: float) -> str:
+    """The first line of proc's stdout that holds word. A thread reads it, so that a process that
+    never prints it fails the test after `seconds` instead of hanging it (readline has no
+    deadline)."""
+    found = queue.Queue()
+
+    def read():
+        for line in proc.stdout:
+            if word in line:
+                found.put(line)
+                return
+        found.put(None)  # stdout closed: the process ended
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        line = found.get(timeout=seconds)
+    except queue.Empty:
+        pytest.fail(f"no {word!r} line on stdout in {seconds} s")
+    assert line is not None, f"the process exited before printing {word!r}"
+    return line
 
 
 def save_ckpt(model, spec, path):
     """A checkpoint as 05-08 write it (the keys load_checkpoint reads)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    ckpt = {"model": model.state_dict(), "model_args": dataclasses.asdict(model.config), "tokenizer": spec,
-            "config": {}, "stage": "finetune", "iter_num": 0}  # fmt: skip
+    ckpt = {
+        "model": model.state_dict(),
+        "model_args": dataclasses.asdict(model.config),
+        "tokenizer": spec,
+        "config": {},
+        "stage": "finetune",
+        "iter_num": 0,
+    }
     torch.save(ckpt, path)
     return path
 
@@ -333,29 +441,35 @@ def save_ckpt(model, spec, path):
 def test_export_from_the_command_line(serve10, tmp_path, capsys):
     model = rough_model(serve10, len(CHARS), bias=False)
     ckpt = save_ckpt(model, CHAR_SPEC, tmp_path / "out" / "finetune" / "ckpt.pt")
-    out = serve10.main([f"--ckpt={ckpt}", f"--export_hf={tmp_path / 'hf'}", "--device=cpu"])
+    export_dir = tmp_path / "hf"
+    out = serve10.main([f"--ckpt={ckpt}", f"--export_hf={export_dir}", "--device=cpu"])
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     idx = torch.randint(len(CHARS), (1, 16))
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, model(idx)[0], atol=1e-4, rtol=1e-4)
-    for argv, message in [([f"--export_hf={tmp_path / 'hf'}"], "is not empty"), ([], "nothing to do"),
-                          (["--serve", "--port=70000"], "--port")]:  # fmt: skip
+    refused = [
+        ([f"--export_hf={export_dir}"], "is not empty"),
+        ([], "nothing to do"),
+        (["--serve", "--port=70000"], "--port"),
+    ]
+    for argv, message in refused:
         with pytest.raises(SystemExit) as e:
             serve10.main([f"--ckpt={ckpt}", "--device=cpu", *argv])
         assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_serve_from_the_command_line(serve10, tmp_path):
-    """`python 10_serve.py --serve --port=0` answers the openai client under the checkpoint's name."""
-    ckpt = save_ckpt(rough_model(serve10, 50257), {"kind": "gpt2"}, tmp_path / "out" / "tiny" / "ckpt.pt")
-    proc = subprocess.Popen([sys.executable, "10_serve.py", f"--ckpt={ckpt}", "--serve", "--port=0",
-                             "--device=cpu", "--threads=1"], cwd=ROOT, stdout=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
+    """`python 10_serve.py --serve --port=0` answers the openai client under the checkpoint's
+    name."""
+    ckpt_path = tmp_path / "out" / "tiny" / "ckpt.pt"
+    ckpt = save_ckpt(rough_model(serve10, 50257), {"kind": "gpt2"}, ckpt_path)
+    command = [sys.executable, "10_serve.py", f"--ckpt={ckpt}", "--serve", "--port=0"]
+    command += ["--device=cpu", "--threads=1"]
+    proc = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
-        line = ""
-        while "serving" not in line:
-            line = proc.stdout.readline()
-            assert line, "the server exited before serving"
+        line = first_line_with(proc, "serving", seconds=STARTUP_DEADLINE_S)
         url = line.split(" at ")[1].split()[0]  # http://127.0.0.1:PORT/v1
         client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=30)
         assert [m.id for m in client.models.list().data] == ["tiny"]
