@@ -2,9 +2,11 @@
 
 Each script is: the docstring, the imports, the stage's own code and main(), then (if it copies
 anything) one appendix of marked copies. Budgets, counted as `wc -l` counts: 01-04 at most 700
-lines, the later stages at most 1,000, of which the part above the appendix's section rule (the
-docstring included) at most 600. A budget is a ceiling, not a target: lines are split until each
-says one thing, then machinery is cut, never explanation. A copy comes from an earlier stage,
+lines; the later stages at most 600 above the appendix's section rule (the docstring included),
+and 1,150 in all. The appendix's size follows from its origins: when they were unpacked to one
+idea per line, the copies of 05-10 grew to 390-630 lines, more than the 400 that a 1,000-line
+total would have left them. A budget is a ceiling, not a target: lines are split until each says
+one thing, then machinery is cut, never explanation. A copy comes from an earlier stage,
 never a later one: a reader who reaches it has read its origin already.
 
 Density, one idea per line: the stage part's code lines (comments, docstrings and blank lines left
@@ -27,7 +29,7 @@ MAX_LONG = 0.04  # the share of code lines of 100 characters or more
 
 
 def budget(path: Path) -> int:
-    return 700 if int(path.name[:2]) <= 4 else 1000
+    return 700 if int(path.name[:2]) <= 4 else 1150
 
 
 def stage_part(lines: list[str]) -> list[str]:
