@@ -10,15 +10,18 @@ the project's speed, not a lesson, so it lives outside them:
     python tests/bench.py answers     # 07: GPT-2 small's greedy answers, with and without KV cache
     python tests/bench.py serve       # 10: the server's tokens/s, 1 and 8 clients (05's model)
     python tests/bench.py             # all five
+    python tests/bench.py nanogpt --nanogpt=PATH   # 05 beside your clone of nanoGPT, same recipe
 
 Numbers from a small shared machine mean little unless nothing else runs: run it on a quiet
-machine, and compare figures taken in the same run. To compare 05 with nanoGPT side by side, see
-../shared/bench/vs-nanogpt (the README says how).
+machine, and compare figures taken in the same run.
 """
 
 import argparse
 import os
+import re
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import DATA_DIR, load_script  # noqa: E402  (the numbered scripts load through importlib)
+from conftest import DATA_DIR, ROOT, load_script  # noqa: E402  (the scripts load through importlib)
 
 
 def timed(fn, *args):
@@ -242,6 +245,60 @@ def bench_answers(n: int = 8, max_new_tokens: int = 128):
               f"the time, same tokens: {out == rows[0][1]}")
 
 
+# nanoGPT's README recipe for character-level Shakespeare on a CPU; 05 takes the same flags
+NANOGPT_RECIPE = ["--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128",
+                  "--dropout=0.0", "--eval_iters=200", "--log_interval=100", "--device=cpu"]
+
+
+def run_timed(cmd: list[str], cwd: Path) -> tuple[float, float]:
+    """(wall seconds, the last val loss printed) of one whole process."""
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    val_losses = re.findall(r"val loss[^0-9]*([0-9]+\.[0-9]+)", done.stdout, re.IGNORECASE)
+    return seconds, float(val_losses[-1])
+
+
+def bench_nanogpt(nanogpt: str, iters: int = 2000, rounds: int = 3):
+    """nanoGPT's CPU recipe and 05 with the same flags, alternately, as whole processes.
+
+    nanoGPT runs from a temporary copy of your clone (its prepare.py writes into data/), on
+    data/tinyshakespeare.txt; 05 reads data/tinyshakespeare-char/ (python 02_dataloader.py). Each
+    round runs both; the medians of wall time and the final val losses are printed.
+    """
+    clone = Path(nanogpt).expanduser()
+    if not (clone / "train.py").exists():
+        sys.exit(f"error: no nanoGPT at {clone}; clone it "
+                 "(git clone https://github.com/karpathy/nanoGPT) and pass --nanogpt=PATH")
+    if not (DATA_DIR / "tinyshakespeare-char" / "meta.json").exists():
+        sys.exit("error: no prepared Shakespeare; run python 02_dataloader.py first")
+    recipe = NANOGPT_RECIPE + [f"--max_iters={iters}", f"--lr_decay_iters={iters}",
+                               f"--eval_interval={iters}"]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp) / "nanoGPT"
+        shutil.copytree(clone, work, ignore=shutil.ignore_patterns(".git", "out*"))
+        shutil.copy(DATA_DIR / "tinyshakespeare.txt", work / "data/shakespeare_char/input.txt")
+        prepare = [sys.executable, "data/shakespeare_char/prepare.py"]
+        subprocess.run(prepare, cwd=work, check=True, capture_output=True)
+        theirs = [sys.executable, "train.py", "config/train_shakespeare_char.py",
+                  "--compile=False", *recipe]
+        ours = [sys.executable, "05_pretrain.py", *recipe]
+        warm_up = ["--max_iters=2", "--lr_decay_iters=2", "--warmup_iters=1", "--eval_iters=1"]
+        run_timed(ours + warm_up + [f"--out_dir={tmp}/warm"], ROOT)  # nothing one-time timed
+        walls = {"nanoGPT": [], "05": []}
+        for r in range(rounds):
+            for name, cmd, cwd in (("nanoGPT", theirs, work), ("05", ours, ROOT)):
+                seconds, val_loss = run_timed(cmd + [f"--out_dir={tmp}/{name}-{r}"], cwd)
+                walls[name].append(seconds)
+                print(f"round {r + 1} {name:<8} wall {seconds:6.1f} s   final val loss {val_loss}")
+    theirs_s = statistics.median(walls["nanoGPT"])
+    ours_s = statistics.median(walls["05"])
+    print(f"median wall: nanoGPT {theirs_s:.1f} s, 05 {ours_s:.1f} s: 05 runs at "
+          f"{theirs_s / ours_s:.2f}x nanoGPT's speed ({iters} iterations, {rounds} rounds)")
+
+
 BENCHES = {"encode": bench_encode,
            "model": bench_model,
            "pretrain": bench_pretrain,
@@ -251,9 +308,17 @@ BENCHES = {"encode": bench_encode,
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    parser.add_argument("what", nargs="*", choices=list(BENCHES), default=[],
-                        help="which benchmarks (default: all)")
+    parser.add_argument("what", nargs="*", choices=[*BENCHES, "nanogpt"], default=[],
+                        help="which benchmarks (default: all but nanogpt)")
+    parser.add_argument("--nanogpt", default="", help="nanogpt: the path to your clone of nanoGPT")
+    parser.add_argument("--iters", type=int, default=2000, help="nanogpt: iterations per run")
+    parser.add_argument("--rounds", type=int, default=3, help="nanogpt: runs of each")
     args = parser.parse_args(argv)
+    if "nanogpt" in args.what:
+        bench_nanogpt(args.nanogpt, args.iters, args.rounds)
+        args.what.remove("nanogpt")
+        if not args.what:
+            return
     torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name in args.what or BENCHES:
