@@ -29,7 +29,6 @@ import os
 import pickle
 import signal
 import sys
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
@@ -44,8 +43,7 @@ import torch.nn.functional as F
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
 # -----------------------------------------------------------------------------
-# Settings: nanoGPT's names, each a --field=value flag (04's parse_config). __post_init__ checks
-# what the settings alone decide; check_run, before any work, what needs the disk.
+# Settings: nanoGPT's names, each a --field=value flag (04's parse_config)
 
 
 @dataclass
@@ -110,57 +108,67 @@ class TrainConfig:
 
     AT_LEAST_ONE = ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval",
                     "eval_iters", "log_interval")  # not fields: no annotation
-    MODEL_SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # kept at resume
+    MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
 
     def __post_init__(self):  # each check names its fix; parse_config prints one `error:` line
-        self.corpus_dir = Path(self.data_dir or DATA_DIR) / f"{self.dataset}-{self.tokenizer}"
+        data_dir = Path(self.data_dir or DATA_DIR)
+        self.corpus_dir = data_dir / f"{self.dataset}-{self.tokenizer}"
         choices = {"tokenizer": ("char", "gpt2"), "init_from": ("scratch", "resume")}
-        for name, allowed in choices.items():
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ValueError(f"--{name}={value!r} is not valid; use {', '.join(allowed)}")
-        for f in fields(self):  # the numbers: at least 0, or 1; the seed may be anything
-            minimum = 1 if f.name in self.AT_LEAST_ONE else 0
-            value = getattr(self, f.name)
-            if f.type.__origin__ in (int, float) and f.name != "seed" and value < minimum:
-                raise ValueError(f"--{f.name} must be at least {minimum}, got {value}")
+        check_values(self, choices, self.AT_LEAST_ONE)
         if self.max_new_tokens and not self.prompt:
             raise ValueError("--prompt is empty: samples continue at least one token "
                              "(or --max_new_tokens=0)")
-        if self.decay_lr and self.lr_decay_iters <= self.warmup_iters:
-            raise ValueError(f"--lr_decay_iters={self.lr_decay_iters} must exceed "
-                             f"--warmup_iters={self.warmup_iters}; "
-                             f"usually lr_decay_iters = max_iters (or --decay_lr=false)")
-        pick_dtype(self.dtype, pick_device(self.device))  # both name the fix in their ValueError
 
-    def model_config(self, vocab_size: int) -> "GPTConfig":
-        shape = {name: getattr(self, name) for name in self.MODEL_SHAPE_FIELDS}
-        return GPTConfig(vocab_size=vocab_size, dropout=self.dropout, **shape)
+    def model_config(self, vocab_size: int) -> "GPTConfig":  # vocab_size: the corpus's
+        model_args = {name: getattr(self, name) for name in self.MODEL_FIELDS}
+        return GPTConfig(vocab_size=vocab_size, **model_args)
+
+
+def check_values(cfg, choices: dict, at_least_one: tuple):
+    """A settings dataclass's values: each of choices among its allowed; each number at least 0, or
+    1 if at_least_one names it (the seed: any); AdamW's betas under 1; warmup shorter than decay."""
+    for name, allowed in choices.items():
+        value = getattr(cfg, name)
+        if value not in allowed:
+            raise ValueError(f"--{name}={value!r} is not valid; use {', '.join(allowed)}")
+    for f in fields(cfg):
+        minimum = 1 if f.name in at_least_one else 0
+        value = getattr(cfg, f.name)
+        if f.type.__origin__ in (int, float) and f.name != "seed" and value < minimum:
+            raise ValueError(f"--{f.name} must be at least {minimum}, got {value}")
+    if max(cfg.beta1, cfg.beta2) >= 1:  # a decay of 1 or more: the averages never forget
+        raise ValueError(f"--beta1={cfg.beta1} and --beta2={cfg.beta2} must be less than 1")
+    if cfg.decay_lr and cfg.lr_decay_iters <= cfg.warmup_iters:
+        raise ValueError(f"--lr_decay_iters={cfg.lr_decay_iters} must exceed --warmup_iters="
+                         f"{cfg.warmup_iters}; usually lr_decay_iters = max_iters "
+                         "(or --decay_lr=false)")
+    pick_dtype(cfg.dtype, pick_device(cfg.device))  # a dtype the device has; both name the fix
 
 
 def check_run(cfg: TrainConfig, resumed: tuple | None = None):
     """The checks that read the disk, which main runs before any work; each error names its fix.
     resumed: load_checkpoint's (model, tokenizer, ckpt) of out_dir/ckpt.pt when cfg resumes."""
     ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
+    meta = load_meta(cfg.corpus_dir)  # if 02 has not prepared it: the 02 command that does
+    wanted = asdict(cfg.model_config(meta["n_vocab"]))  # GPTConfig checks n_embd % n_head...
     if cfg.init_from == "resume":  # the run's settings come from its checkpoint: it must be one
-        ckpt = resumed[2]
-        wanted = {k: getattr(cfg, k) for k in cfg.MODEL_SHAPE_FIELDS}
-        saved = {k: ckpt["model_args"][k] for k in cfg.MODEL_SHAPE_FIELDS}
-        if ckpt.get("optimizer") is None or saved != wanted:
-            shape = ", ".join(f"{k}={v}" for k, v in wanted.items())
-            raise ValueError(f"{ckpt_path} cannot be resumed so: it holds no optimizer state "
-                             f"(07, 08) or its model is not {shape}")
+        model, tokenizer, ckpt = resumed
+        if ckpt.get("optimizer") is None:  # 07 and 08 save the weights only
+            raise ValueError(f"{ckpt_path} holds no optimizer state ({ckpt.get('stage')} "
+                             "saves weights only): sample it with 09_generate.py")
+        saved = ckpt["model_args"]
+        differing = ", ".join(f"{k}={v!r}" for k, v in saved.items() if v != wanted[k])
+        if differing:  # the model is the checkpoint's: the settings must say so too
+            raise ValueError(f"{ckpt_path} holds a model with {differing}: "
+                             "resume with those (vocab_size: --dataset, --tokenizer)")
     elif ckpt_path.exists() and not cfg.overwrite:
         raise ValueError(f"{ckpt_path} exists; continue that run with --init_from=resume, "
                          f"train into another --out_dir, or replace it: --overwrite")
-    meta = load_meta(cfg.corpus_dir)  # if 02 has not prepared it: the 02 command that does
     train_tokens = len(load_tokens(cfg.corpus_dir, "train"))  # load_tokens checks the file
     val_tokens = len(load_tokens(cfg.corpus_dir, "val"))
     if min(train_tokens, val_tokens) <= cfg.block_size:
         raise ValueError(f"{cfg.corpus_dir} has {train_tokens} train and {val_tokens} val "
                          f"tokens, too few for --block_size={cfg.block_size}; use a smaller one")
-    if cfg.init_from == "scratch":
-        cfg.model_config(meta["n_vocab"])  # GPTConfig checks the shape (n_embd % n_head, ...)
 
 
 # -----------------------------------------------------------------------------
@@ -207,9 +215,6 @@ def forward_backward(model, x, y, micro_steps: int, ctx, scaler) -> torch.Tensor
     """Accumulate in .grad the gradient of the batch's mean loss in micro_steps chunks: backward()
     adds into .grad, so loss_i / micro_steps per equal chunk sums to the batch's gradient, with one
     chunk's activations in memory at a time. The mean loss stays on the device (.item() waits)."""
-    if x.size(0) % micro_steps:
-        raise ValueError(f"a batch of {x.size(0)} rows does not split into {micro_steps} "
-                         f"equal micro-batches")
     losses = []
     for xb, yb in zip(x.chunk(micro_steps), y.chunk(micro_steps)):
         with ctx:
@@ -230,14 +235,14 @@ def estimate_loss(model, data: dict, cfg, step: int) -> dict:
     get_batch(step=step * eval_iters + k, seed=seed + 1), as in 06. Each forward sees batch_size
     rows, as a training micro-step does: with GPT-2's vocabulary the fp32 logits fill the memory."""
     model.eval()
-    device_type = torch.device(cfg.device).type
     out = {}
     for split, ids in data.items():
         total = torch.zeros((), device=cfg.device)  # summed on the device: one .item() per split
         for k in range(cfg.eval_iters):
-            x, y = get_batch(ids, cfg.batch_size, cfg.block_size, step=step * cfg.eval_iters + k,
+            batch_number = step * cfg.eval_iters + k
+            x, y = get_batch(ids, cfg.batch_size, cfg.block_size, step=batch_number,
                              seed=cfg.seed + 1, device=cfg.device)
-            with autocast_context(device_type, cfg.dtype):
+            with autocast_context(x.device.type, cfg.dtype):
                 _, loss = model(x, y)
             total += loss.float()
         out[split] = total.item() / cfg.eval_iters
@@ -263,10 +268,10 @@ def sample(model, tokenizer, cfg) -> str:
 # -----------------------------------------------------------------------------
 # Checkpoints that continue a run exactly. A checkpoint holds the weights, the optimizer (Adam's
 # moments), the gradient scaler, the settings, the step, and torch's random generators, so that a
-# resumed run draws the same dropout masks (the batches need no state: 02's get_batch is a function
-# of the step, and nothing else draws random numbers). The format every training stage writes:
-# {"model", "model_args", "tokenizer", "config", "stage" (pretrain, distributed, finetune, dpo),
-# "iter_num", "best_val_loss", "val_loss" (last measured), "optimizer", "scaler", "rng"}. Read with
+# resumed run draws the same dropout masks (nothing else needs state: 02's get_batch is a function
+# of the step, and sample() forks the generators). The format every training stage writes: {"model",
+# "model_args", "tokenizer", "config", "stage" (pretrain, distributed, finetune, dpo), "iter_num",
+# "best_val_loss", "val_loss" (last measured), "optimizer", "scaler", "rng"}. Read with
 # weights_only=True (no pickled code runs); written to a temporary file renamed over the old one.
 
 
@@ -330,7 +335,6 @@ def plot_losses(out_dir: Path, tokens_per_iter: int):
     """Plot train and val loss from out_dir/log.jsonl into out_dir/loss.png, and say where."""
     try:
         import matplotlib
-
         matplotlib.use("Agg")  # draw into files only, never open a window
         import matplotlib.pyplot as plt
     except ImportError:
@@ -338,8 +342,8 @@ def plot_losses(out_dir: Path, tokens_per_iter: int):
         return
     lines = (out_dir / "log.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    curves = {"loss": "train (one batch)", "train_loss": "train, eval", "val_loss": "val, eval"}
+    fig, ax = plt.subplots(figsize=(8, 4.5), layout="tight")
+    curves = dict(loss="train (one batch)", train_loss="train, eval", val_loss="val, eval")
     for key, label in curves.items():
         iters = [r["iter"] for r in records if key in r]
         losses = [r[key] for r in records if key in r]
@@ -349,14 +353,23 @@ def plot_losses(out_dir: Path, tokens_per_iter: int):
     ax.set(xlabel=xlabel, ylabel="cross-entropy loss (nats/token)")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
     fig.savefig(out_dir / "loss.png", dpi=100)
     plt.close(fig)
     print(f"loss curve: {out_dir / 'loss.png'}")
 
 
 # -----------------------------------------------------------------------------
-# Around the step, in one object the loop calls: Ctrl-C, the NaN stop, saves, timing, log lines.
+# Around the step: the NaN stop, and one object the loop calls for Ctrl-C, saves, timing, logs.
+
+
+def check_finite(what: str, value: float, step: int, ckpt_path, saved_at: int | None):
+    """Stop at a NaN or an infinity, before a save overwrites ckpt_path (of iteration saved_at)."""
+    if math.isfinite(value):
+        return
+    message = f"{what} is {value} at iteration {step}: training diverged"
+    if saved_at is not None:
+        message += f"; {ckpt_path} (iter {saved_at}) is intact: --init_from=resume"
+    raise FloatingPointError(f"{message}; try a lower --learning_rate (or --dtype=float32)")
 
 
 class Run:
@@ -372,7 +385,8 @@ class Run:
         self.scaler = scaler
         self.header = header  # model_args, tokenizer, config, stage: the same in every save
         self.ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
-        self.saved_at = ckpt["iter_num"] if ckpt else None  # a resumed run was saved, evaluated
+        self.resumed = ckpt is not None  # this run continues the one ckpt.pt holds
+        self.saved_at = ckpt["iter_num"] if ckpt else None  # the iteration ckpt.pt holds
         self.best_val = ckpt["best_val_loss"] if ckpt else math.inf
         self.losses = {"val": ckpt["val_loss"]} if ckpt else {}  # the last evaluation's
         rows = cfg.batch_size * cfg.gradient_accumulation_steps  # one global batch
@@ -387,67 +401,66 @@ class Run:
         self.old_threads = torch.get_num_threads()
         torch.set_num_threads(self.cfg.threads or self.old_threads)
         self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-        log_mode = "w" if self.saved_at is None else "a"  # a resumed run's log goes on
-        self.log_file = open(self.ckpt_path.with_name("log.jsonl"), log_mode)
-        self.old_handler = None
-        if threading.current_thread() is threading.main_thread():  # only it receives signals
-            self.old_handler = signal.signal(signal.SIGINT, self.on_sigint)
+        log_path = self.ckpt_path.with_name("log.jsonl")
+        if self.resumed and log_path.exists():  # drop rows past ckpt.pt: this run logs them again
+            rows = log_path.read_text().splitlines(keepends=True)
+            kept = [row for row in rows if json.loads(row)["iter"] <= self.saved_at]
+            tmp = log_path.with_suffix(".tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, log_path)  # atomic: the old log or the kept rows, never half of them
+        self.log_file = open(log_path, "a" if self.resumed else "w")
+        self.old_handler = signal.signal(signal.SIGINT, self.on_sigint)  # main thread only
         return self
 
     def __exit__(self, *exc_info):
         torch.set_num_threads(self.old_threads)
         self.log_file.close()
-        if self.old_handler is not None:
-            signal.signal(signal.SIGINT, self.old_handler)
+        signal.signal(signal.SIGINT, self.old_handler)
 
     def on_sigint(self, signum, frame):
         if self.ctrl_c:
             raise KeyboardInterrupt
         self.ctrl_c = True
-        print("\nCtrl-C: saving after this step (Ctrl-C again: quit without saving)")
+        print("\nCtrl-C: saving after this step (again: quit without saving)")
 
-    def check_finite(self, what, value, step):
-        """Stop the run at a NaN or an infinity, naming the checkpoint to resume from."""
-        if math.isfinite(value):
-            return
-        message = f"{what} is {value} at iteration {step}: training diverged"
-        if self.saved_at is not None:
-            message += f"; {self.ckpt_path} (iter {self.saved_at}) intact: --init_from=resume"
-        raise FloatingPointError(f"{message}; try a lower --learning_rate (or --dtype=float32)")
+    def record_eval(self, step, losses) -> bool:
+        """Stop at a NaN loss; else print and log the losses. True if val is the best so far."""
+        for split, value in losses.items():
+            check_finite(f"the {split} loss", value, step, self.ckpt_path, self.saved_at)
+        val_loss = losses["val"]
+        improved = val_loss < self.best_val
+        self.best_val = min(self.best_val, val_loss)
+        self.losses = losses
+        best = " (best, saving best.pt)" if improved else ""
+        print(f"iter {step}: train loss {losses['train']:.4f}, "
+              f"val loss {val_loss:.4f}{best}")
+        self.write(iter=step, train_loss=losses["train"], val_loss=val_loss)
+        return improved
 
     def save(self, step, losses=None):
-        """Save ckpt.pt; after an evaluation: stop at a NaN, log the losses, best.pt if improved."""
-        improved = False
-        if losses is not None:
-            for split, value in losses.items():
-                self.check_finite(f"the {split} loss", value, step)
-            improved = losses["val"] < self.best_val
-            self.best_val = min(self.best_val, losses["val"])
-            self.losses = losses
-        state = {
-            "model": self.model.state_dict(), **self.header, "iter_num": step,
-            "best_val_loss": self.best_val, "val_loss": self.losses.get("val"),
-            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-            "rng": rng_states(),
-        }
+        """ckpt.pt (best.pt if the evaluation's losses improve val); a NaN stops the run first."""
+        best = losses is not None and self.record_eval(step, losses)
+        weight_norm = nn.utils.get_total_norm(self.model.parameters())  # NaN after NaN gradients
+        check_finite("the weight norm", weight_norm.item(), step, self.ckpt_path, self.saved_at)
+        state = dict(
+            model=self.model.state_dict(), **self.header, iter_num=step,
+            best_val_loss=self.best_val, val_loss=self.losses.get("val"),
+            optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
+            rng=rng_states(),
+        )
         save_checkpoint(self.ckpt_path, state)
-        if improved:
+        if best:
             save_checkpoint(self.ckpt_path.with_name("best.pt"), state)
         self.saved_at = step
-        if losses is not None:
-            best = " (best, saved best.pt)" if improved else ""
-            print(f"iter {step}: train loss {losses['train']:.4f}, "
-                  f"val loss {losses['val']:.4f}{best}")
-            self.write(iter=step, train_loss=losses["train"], val_loss=losses["val"])
-            self.restart_clock(step)
+        self.restart_clock(step)
+
+    def write(self, **record):
+        print(json.dumps(record), file=self.log_file, flush=True)  # flushed: a crash loses nothing
 
     def restart_clock(self, step):
         """Time the steps from here on: evaluations and samples stay out of the step time."""
         self.clock_start = time.perf_counter()
         self.clock_step = step
-
-    def write(self, **record):
-        print(json.dumps(record), file=self.log_file, flush=True)  # flushed: a crash loses nothing
 
     def print_start(self, dtype_given):
         cfg = self.cfg
@@ -456,7 +469,7 @@ class Run:
         print(f"{self.model.num_params():,} parameters | {self.tokens_per_iter:,} tokens per "
               f"iteration | {cfg.device} {cfg.dtype}, {torch.get_num_threads()} threads, "
               f"compile {cfg.compile}{against}")
-        if self.saved_at is None:
+        if not self.resumed:
             return
         print(f"resuming at iter {self.saved_at} of {cfg.max_iters} from {self.ckpt_path} "
               f"(--dtype={dtype_given} runs as {cfg.dtype} on {cfg.device})")
@@ -465,14 +478,17 @@ class Run:
                   f"--max_iters={2 * self.saved_at})")
 
     def log_step(self, step, loss, lr, grad_norm):
-        dt = (time.perf_counter() - self.clock_start) / (step - self.clock_step)
-        self.step_ms.append(1000 * dt)
+        check_finite("the loss", loss, step, self.ckpt_path, self.saved_at)
+        steps = max(1, step - self.clock_step)  # >= 1: restarts come after a step's log line
+        dt = (time.perf_counter() - self.clock_start) / steps
+        ms = 1000 * dt
+        self.step_ms.append(ms)
         mfu = f" | MFU {self.flops_per_iter / dt / self.peak:.1%}" if self.peak else ""
         seconds_left = (self.cfg.max_iters - step) * dt
         print(f"iter {step}/{self.cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} "
-              f"| grad norm {grad_norm:.3f} | {1000 * dt:.1f} ms "
+              f"| grad norm {grad_norm:.3f} | {ms:.1f} ms "
               f"| {self.tokens_per_iter / dt:,.0f} tok/s{mfu} | ~{seconds_left:.0f} s left")
-        self.write(iter=step, loss=loss, lr=lr, grad_norm=grad_norm, ms=1000 * dt)
+        self.write(iter=step, loss=loss, lr=lr, grad_norm=grad_norm, ms=ms)
         self.restart_clock(step)
 
     def log_sample(self, step, tokenizer):
@@ -485,9 +501,9 @@ class Run:
         """The losses, the median step time (robust to hiccups), and tokens/s and MFU at it."""
         ms = sorted(self.step_ms)[len(self.step_ms) // 2] if self.step_ms else math.nan
         mfu = self.flops_per_iter / (ms / 1000) / self.peak if self.peak else None
-        return {"train_loss": self.losses.get("train"), "val_loss": self.losses.get("val"),
-                "best_val_loss": self.best_val, "ms_per_iter": ms,
-                "tokens_per_s": 1000 * self.tokens_per_iter / ms, "mfu": mfu}
+        return dict(train_loss=self.losses.get("train"), val_loss=self.losses.get("val"),
+                    best_val_loss=self.best_val, ms_per_iter=ms,
+                    tokens_per_s=1000 * self.tokens_per_iter / ms, mfu=mfu)
 
 
 # -----------------------------------------------------------------------------
@@ -495,34 +511,29 @@ class Run:
 
 
 def train(cfg: TrainConfig, resumed: tuple | None = None) -> dict:
-    """Train as cfg says: each iteration one step on batch number iter_num, each log_interval a
-    log line, each eval_interval the losses and ckpt.pt. resumed: load_checkpoint(out_dir/ckpt.pt)
-    if main read it. Returns iter_num, the losses, ms_per_iter, tokens_per_s, mfu, interrupted."""
+    """Train as cfg says; resumed: load_checkpoint(out_dir/ckpt.pt) if main read it. Returns
+    iter_num, the losses, ms_per_iter, tokens_per_s, mfu (None: no known peak), interrupted."""
     settings = asdict(cfg)  # saved as given: a resumed run resolves an "auto" dtype on its machine
     device = pick_device(cfg.device)
     cfg = replace(cfg, device=device, dtype=pick_dtype(cfg.dtype, device))
     device_type = torch.device(device).type
     torch.manual_seed(cfg.seed)
     if device_type == "cuda":  # TF32: fp32 matmuls on the tensor cores, with a 10-bit mantissa
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    out_dir = Path(cfg.out_dir)
+        torch.backends.cuda.matmul.allow_tf32 = True  # cuDNN's (convolutions): on by default
     data = {split: load_tokens(cfg.corpus_dir, split) for split in ("train", "val")}
     tokenizer_spec = load_meta(cfg.corpus_dir)["tokenizer"]  # saved in the checkpoints
     tokenizer = get_tokenizer(tokenizer_spec)
     ckpt = None
     if cfg.init_from == "resume":  # the model is the checkpoint's, built once
-        model, _, ckpt = resumed or load_checkpoint(out_dir / "ckpt.pt")
+        model, _, ckpt = resumed or load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
     else:
         model = GPT(cfg.model_config(tokenizer.n_vocab))
     model.to(device)
-    betas = (cfg.beta1, cfg.beta2)
-    optimizer = configure_optimizers(model, cfg.weight_decay, cfg.learning_rate, betas,
-                                     device_type)
+    optimizer = configure_optimizers(
+        model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")  # off: pass-through
-    iter_num = 0
-    if ckpt is not None:
-        iter_num = ckpt["iter_num"]
+    iter_num = ckpt["iter_num"] if ckpt else 0
+    if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"] or scaler.state_dict())  # {}: saved without fp16
         set_rng_states(ckpt["rng"])  # last: building the model drew random numbers
@@ -542,21 +553,19 @@ def train(cfg: TrainConfig, resumed: tuple | None = None) -> dict:
             lr = get_lr(iter_num, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # the batch is a pure function of (seed, iter_num), see get_batch
-            x, y = get_batch(data["train"], rows, cfg.block_size,
-                             step=iter_num, seed=cfg.seed, device=device)
+            x, y = get_batch(  # batch number iter_num: a function of (seed, iter_num) alone
+                data["train"], rows, cfg.block_size, step=iter_num, seed=cfg.seed, device=device)
             loss = forward_backward(compiled_model, x, y, micro_steps, ctx, scaler)
             scaler.unscale_(optimizer)  # clip the true gradients, not fp16's scaled ones
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm)
             scaler.step(optimizer)  # fp16: skips the step if a gradient overflowed
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             iter_num += 1
             last = iter_num == cfg.max_iters
             if iter_num % cfg.log_interval == 0 or last:
-                loss_value = loss.item()  # waits for the device (fp16's scaler.step: at every step)
-                run.check_finite("the loss", loss_value, iter_num)
-                run.log_step(iter_num, loss_value, lr, grad_norm.item())
+                # .item() waits for the GPU: only at log lines (fp16's scaler.step waits every step)
+                run.log_step(iter_num, loss.item(), lr, grad_norm.item())  # a NaN loss stops it
             if iter_num % cfg.eval_interval == 0 or last:
                 losses = estimate_loss(compiled_model, data, cfg, iter_num)
                 run.save(iter_num, losses)  # a NaN loss stops the run instead
@@ -564,32 +573,33 @@ def train(cfg: TrainConfig, resumed: tuple | None = None) -> dict:
                 run.log_sample(iter_num, tokenizer)
         if run.ctrl_c:
             if run.saved_at != iter_num:  # else ckpt.pt holds this state already
-                run.check_finite("the loss", loss.item(), iter_num)
-                run.save(iter_num)
-            print(f"saved {run.ckpt_path} at iteration {iter_num}; continue: --init_from=resume")
+                run.save(iter_num)  # NaN weights stop the run instead: the last save stays
+            print(f"saved {run.ckpt_path} (iter {iter_num}); continue: --init_from=resume")
         elif iter_num > first_iter:
-            plot_losses(out_dir, run.tokens_per_iter)
+            plot_losses(Path(cfg.out_dir), run.tokens_per_iter)
             run.log_sample(iter_num, tokenizer)
     return {"iter_num": iter_num, **run.summary(), "interrupted": run.ctrl_c}
 
 
 def main(argv=None):
     """Train from the command line; a user error is one `error:` line, before any work. Resuming
-    takes every setting not given now from the checkpoint (--max_iters=... alone extends a run),
-    the device excepted: on another machine the device, and a dtype saved as auto, resolve anew."""
+    takes each setting not given now (a flag; a --preset, under the flags) from the checkpoint
+    (--max_iters=N alone extends a run); the device, and a dtype saved as auto, resolve anew."""
     argv = sys.argv[1:] if argv is None else argv
-    two_flags = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # parse_config: all
-    two_flags.add_argument("--init_from")
-    two_flags.add_argument("--out_dir", default=TrainConfig.out_dir)
-    given, _ = two_flags.parse_known_args(argv)
+    resume_flags = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # parse_config: all
+    resume_flags.add_argument("--init_from")
+    resume_flags.add_argument("--preset")
+    resume_flags.add_argument("--out_dir", default=TrainConfig.out_dir)
+    given, _ = resume_flags.parse_known_args(argv)
     resumed = None
     saved_flags = []
     try:
         if given.init_from == "resume":  # the run's settings first: the flags given now win
             resumed = load_checkpoint(Path(given.out_dir) / "ckpt.pt")  # the one model it builds
             names = {f.name for f in fields(TrainConfig)} - {"device"}
-            saved = resumed[2]["config"]
-            saved_flags = [f"--{k}={v}" for k, v in saved.items() if k in names]
+            names -= set(TrainConfig.PRESETS.get(given.preset, {}))  # a preset given now wins too
+            model, tokenizer, ckpt = resumed
+            saved_flags = [f"--{k}={v}" for k, v in ckpt["config"].items() if k in names]
         cfg = parse_config(TrainConfig, saved_flags + argv)  # its own errors: one line too
         check_run(cfg, resumed)
     except (ValueError, FileNotFoundError) as error:

@@ -16,7 +16,7 @@ differ in the last bits). They differ in what each rank holds, and in which coll
 (fsdp also holds about one block's gathered parameters at a time; rank 0 prints each rank's bytes.)
 Then what a long job needs: activation checkpointing and torch.compile per block, checkpoints (on
 rank 0 in 05's format, or every rank's shards), and restarts that end with the weights of an
-uninterrupted run (bit for bit on CPU), as batches and dropout are functions of (seed, step, rank).
+uninterrupted run (bit for bit on CPU, at the same world size: dropout's masks depend on it too).
 
 References: Li et al. 2020 (DDP); Rajbhandari et al. 2020 (ZeRO); Zhao et al. 2023 (FSDP); Chen et
 al. 2016 (activation checkpointing); pytorch/torchtitan (FSDP2 in practice); karpathy/build-nanogpt.
@@ -82,15 +82,15 @@ class World:
     owns_group: bool  # init_distributed made the group, so shutdown_distributed destroys it
 
 
-def print0(*args):
+def print0(*args, **kwargs):
     """print() on rank 0 only: eight ranks printing the same line eight times help nobody."""
     if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*args, flush=True)
+        print(*args, flush=True, **kwargs)
 
 
 def init_distributed(device: str = "auto") -> World:
     """Join the process group that torchrun prepared, or make a world of one (the same code runs,
-    every collective a no-op); a group that exists already (a test's ranks) is joined, left alone.
+    its collectives cheap); a group that exists already (a test's ranks) is joined, left alone.
     torchrun starts one process per GPU (or CPU slot) and tells each who it is in environment
     variables: RANK (global index), LOCAL_RANK (index on this machine: which GPU), WORLD_SIZE, and
     MASTER_ADDR:MASTER_PORT, a store where the ranks find each other. The backend moves the bytes:
@@ -116,9 +116,9 @@ def init_distributed(device: str = "auto") -> World:
     if owns_group:  # torchrun's rendezvous, or a group of one whose store lives in this process
         backend = "nccl" if device.startswith("cuda") else "gloo"
         device_id = torch.device(device) if backend == "nccl" else None
-        one = {} if torchrun else dict(store=dist.HashStore(), rank=0, world_size=1)
+        store_args = {} if torchrun else dict(store=dist.HashStore(), rank=0, world_size=1)
         timeout = timedelta(minutes=30)  # the ranks wait at a barrier while rank 0 saves
-        dist.init_process_group(backend, device_id=device_id, timeout=timeout, **one)
+        dist.init_process_group(backend, device_id=device_id, timeout=timeout, **store_args)
     return World(dist.get_rank(), local_rank, dist.get_world_size(), device, owns_group)
 
 
@@ -165,9 +165,10 @@ def shard_fully(model: nn.Module, cfg) -> nn.Module:
     rebuilds a block's parameters before its forward (freed after) and its backward; then a
     reduce-scatter leaves each rank its slice's averaged gradient. Block by block, then the root
     (embeddings, head, kept gathered from forward to backward): a rank holds its shards, the root's
-    parameters and about one block in full. Traffic: 1.5x DDP's all-reduce. Over A micro-steps
-    each reduce-scatters (A times the traffic, gradients stay sharded); with
-    --sync_every_micro_step=false full gradients (4P bytes more) wait for the last: 1/A of it.
+    parameters and about one block in full. Traffic: 1.5x DDP's all-reduce.
+    Over A micro-steps, each micro-step reduce-scatters: A times that traffic, gradients sharded.
+    --sync_every_micro_step=false reduce-scatters in the last only: 1/A of the traffic, but every
+    rank holds full, unsharded gradients until then (4P bytes more).
     bf16: gathered as bf16 (half the traffic), reduced in fp32; inputs are cast too, so the
     residual stream adds in bf16 (05, DDP: fp32): losses differ slightly from DDP's."""
     param_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None  # None: as stored, fp32
@@ -190,17 +191,21 @@ def build_optimizer(cfg, model: nn.Module, world: World) -> torch.optim.Optimize
     tensors, dealt out greedily by size) and keeps optimizer state for those only. After DDP's
     all-reduce every rank updates just its own parameters, then broadcasts them so that the
     replicas are equal again. (ZeRO-2 shards the gradients too, ZeRO-3 the parameters: FSDP.)"""
-    if cfg.optimizer == "sgd":  # no state: a gradient that is 2x too large moves the weights 2x
+    # SGD, for the tests: Adam divides the gradient's scale out, SGD's step is proportional to
+    # it, so a gradient 2x too large (summed over 2 ranks, not averaged) moves the weights 2x
+    if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate)
     else:
         module = getattr(model, "module", model)  # DDP keeps the model in .module
         betas = (cfg.beta1, cfg.beta2)
         device_type = torch.device(world.device).type
-        optimizer = configure_optimizers(module, cfg.weight_decay, cfg.learning_rate, betas,
-                                         device_type)
-    if cfg.strategy == "zero1":  # the same groups; the optimizer above made no state: no cost
-        optimizer = ZeroRedundancyOptimizer(optimizer.param_groups,
-                                            optimizer_class=type(optimizer), lr=cfg.learning_rate)
+        optimizer = configure_optimizers(
+            module, cfg.weight_decay, cfg.learning_rate, betas, device_type)
+    if cfg.strategy == "zero1":
+        # ZeRO builds its own optimizer from these groups; the one above is dropped unused
+        # (an optimizer makes its state at its first step, so building it cost nothing)
+        optimizer = ZeroRedundancyOptimizer(
+            optimizer.param_groups, optimizer_class=type(optimizer), lr=cfg.learning_rate)
     return optimizer
 
 
@@ -209,8 +214,9 @@ def memory_report(model: nn.Module, optimizer, world: World) -> dict[str, int]:
     on the tensors themselves (of a DTensor, its local shard); rank 0 prints every rank's."""
     params = list(model.parameters())  # a tied weight (wte = lm_head) is listed once
     state = getattr(optimizer, "optim", optimizer).state  # ZeRO's: in its local optimizer
-    tensors = {"params": params, "grads": [p.grad for p in params if p.grad is not None],
-               "optimizer": [v for s in state.values() for v in s.values() if torch.is_tensor(v)]}
+    grads = [p.grad for p in params if p.grad is not None]
+    optimizer_state = [v for s in state.values() for v in s.values() if torch.is_tensor(v)]
+    tensors = {"params": params, "grads": grads, "optimizer": optimizer_state}
     memory = {kind: sum(local_part(t).nbytes for t in ts) for kind, ts in tensors.items()}
     every_rank = [None] * world.size
     dist.all_gather_object(every_rank, memory)
@@ -240,8 +246,8 @@ def train_step(model, optimizer, data, cfg, world: World, it: int):
         sync = nullcontext()
         if isinstance(model, DDP) and not last:  # NEW: DDP (and zero1) all-reduce in the last only
             sync = model.no_sync()
-        elif not isinstance(model, DDP) and not cfg.sync_every_micro_step:  # NEW: see shard_fully
-            model.set_requires_gradient_sync(last)  # FSDP: reduce-scatter in the last only
+        elif cfg.strategy == "fsdp" and not cfg.sync_every_micro_step:  # NEW: see shard_fully
+            model.set_requires_gradient_sync(last)  # reduce-scatter in the last only
         with sync:
             # autocast as 05, with FSDP too: softmax and LayerNorm then run in fp32 as in 05
             with autocast_context(xb.device.type, cfg.dtype):
@@ -249,7 +255,7 @@ def train_step(model, optimizer, data, cfg, world: World, it: int):
             (loss / accumulation).backward()  # outside autocast; .grad adds up: the mean
         loss_sum += loss.detach()
     # NEW: with FSDP the gradients are DTensors: the norm is computed over every rank's shards
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
     optimizer.step()
     return loss_sum / accumulation, norm
 
@@ -261,12 +267,13 @@ def train(cfg, world: World) -> dict:
     dtype = pick_dtype(cfg.dtype, world.device)
     if dtype == "float16":  # a GPU without bf16: 06 has no gradient scaler
         dtype = "float32"
-    config_as_given = asdict(cfg)  # checkpoints keep it: a resume resolves "auto" on its machine
+    settings = asdict(cfg)  # checkpoints keep it: a resume resolves "auto" on its machine
     cfg = replace(cfg, device=world.device, dtype=dtype)
     data = {split: load_tokens(cfg.corpus_dir, split) for split in ("train", "val")}
     meta = load_meta(cfg.corpus_dir)
     model_args = cfg.model_args(meta["n_vocab"])
-    # NEW: the same weights on every rank (DDP broadcasts rank 0's; FSDP keeps each rank's own)
+    # NEW: the same weights on every rank. DDP broadcasts rank 0's anyway; FSDP keeps each rank's
+    # slices of its own copy, so the seed is what makes the ranks' copies equal
     torch.manual_seed(cfg.seed)
     model = GPT(GPTConfig(**model_args)).to(world.device)
     tokens_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.block_size
@@ -275,55 +282,60 @@ def train(cfg, world: World) -> dict:
            f"{cfg.batch_size // world.size} rows per rank")
     model = parallelize(model, cfg, world)  # NEW: DDP or FSDP wraps the model
     optimizer = build_optimizer(cfg, model, world)  # NEW: zero1 wraps the optimizer
-    start, best_val_loss = resume(cfg, model, optimizer)
+    start, best_val_loss = resume(cfg, model, optimizer, world)  # NEW: dsd, agreed by the ranks
     if start >= cfg.max_iters:
-        print0(f"nothing left to do at iter {start} of {cfg.max_iters}; to train it longer: "
-               f"--init_from=resume --max_iters={start + cfg.max_iters}")
+        print0(f"nothing left to do at iter {start}: to train longer, repeat the run's flags "
+               f"with --init_from=resume --max_iters={start + cfg.max_iters}")
+    saved_at = start or None  # the iteration of the checkpoint a NaN leaves intact
     losses = {}
     memory = None
     val_loss = None
     t0 = time.perf_counter()
-    steps_timed = 0  # steps since t0
+    timed_from = start  # the clock runs from the end of this step
     for it in range(start, cfg.max_iters):
         lr = get_lr(it, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        # NEW: dropout masks, like the batches, are a function of (seed, step, rank): resumable
+        # NEW: dropout masks are a function of (seed, step, rank, world size): resumable
         torch.manual_seed(cfg.seed + it * world.size + world.rank)
         loss, norm = train_step(model, optimizer, data["train"], cfg, world, it)
         iter_num = it + 1  # steps done, as the log prints them
-        steps_timed += 1
-        if memory is None:  # after the first step of every run
+        if memory is None:  # NEW: after the first step of every run; a collective, every rank
             memory = memory_report(model, optimizer, world)
         last = iter_num == cfg.max_iters
-        logged = last or iter_num % cfg.log_interval == 0
-        evaluated = last or iter_num % cfg.eval_interval == 0
         saved = last or iter_num % cfg.checkpoint_interval == 0
+        logged = saved or iter_num % cfg.log_interval == 0  # a save's loss is checked first
+        evaluated = last or iter_num % cfg.eval_interval == 0
         if logged:  # reading a tensor waits for the GPU: on log steps only
             dist.all_reduce(loss)  # NEW: a sum over the ranks (gloo has no average)
-            losses[iter_num] = loss.item() / world.size
+            mean_loss = loss.item() / world.size
+            losses[iter_num] = mean_loss
             if isinstance(norm, DTensor):  # NEW: FSDP's norm is a DTensor
                 norm = norm.full_tensor()
-            seconds = (time.perf_counter() - t0) / steps_timed
-            print0(f"iter {iter_num}/{cfg.max_iters} | loss {losses[iter_num]:.4f} | lr {lr:.2e} "
+            seconds = (time.perf_counter() - t0) / (iter_num - timed_from)
+            print0(f"iter {iter_num}/{cfg.max_iters} | loss {mean_loss:.4f} | lr {lr:.2e} "
                    f"| grad norm {norm.item():.3f} | {1000 * seconds:.1f} ms | "
                    f"{tokens_per_iter / seconds:,.0f} tok/s")
+            check_finite("loss", mean_loss, iter_num, cfg.ckpt_path, saved_at)
+            check_finite("grad norm", norm.item(), iter_num, cfg.ckpt_path, saved_at)
         if evaluated:
             val_loss = evaluate(model, data["val"], cfg, world, iter_num)
+            check_finite("val loss", val_loss, iter_num, cfg.ckpt_path, saved_at)
             best_val_loss = min(best_val_loss, val_loss)
             print0(f"iter {iter_num}: val loss {val_loss:.4f}")
         if saved:  # 05's format (see save_checkpoint); save() adds the model and the optimizer
             run_info = {"model_args": model_args, "tokenizer": meta["tokenizer"],
-                        "config": config_as_given, "stage": "distributed", "iter_num": iter_num,
+                        "config": settings, "stage": "distributed", "iter_num": iter_num,
                         "best_val_loss": best_val_loss, "val_loss": val_loss, "scaler": {},
-                        "rng": rng_states()}
-            save(cfg, model, optimizer, world, run_info)
-        if iter_num == cfg.fail_at_step:  # see "Special cases"
+                        "rng": rng_states()}  # 05's format; never restored: the loop reseeds
+            save(cfg, model, optimizer, world, run_info)  # NEW: every rank, not the master only
+            saved_at = iter_num
+        if iter_num == cfg.fail_at_step:  # a crash, for the restart test
             inject_fault(world, iter_num)
-        if logged or evaluated or saved:  # restart the clock: evaluations and saves are not steps
+        if logged or evaluated:  # restart the clock: evaluations and saves are not steps
             t0 = time.perf_counter()
-            steps_timed = 0
-    module = getattr(model, "module", model)  # DDP keeps the model in .module
+            timed_from = iter_num
+    module = getattr(model, "module", model)  # NEW: DDP keeps the model in .module
     local_state = {name: local_part(p).detach() for name, p in module.named_parameters()}
     return {"iter_num": max(start, cfg.max_iters), "losses": losses, "val_loss": val_loss,
             "memory": memory, "local_state": local_state}
@@ -374,13 +386,15 @@ def save(cfg, model, optimizer, world: World, run_info: dict):
     else:
         options = dsd.StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_state = dsd.get_model_state_dict(model, options=options)
-        if isinstance(optimizer, ZeroRedundancyOptimizer):
-            optimizer_state = gather_zero1_state(optimizer, world)  # see "Special cases"
+        if isinstance(optimizer, ZeroRedundancyOptimizer):  # rank 0 receives every rank's state
+            optimizer.consolidate_state_dict(to=0)
+            torch.get_device_module(world.device).synchronize()  # its copies don't wait for the GPU
+            optimizer_state = optimizer.state_dict() if world.rank == 0 else None
         else:
-            named = dsd.get_optimizer_state_dict(model, optimizer, options=options)
+            by_name = dsd.get_optimizer_state_dict(model, optimizer, options=options)
             optimizer_state = None
             if world.rank == 0:  # the only rank that received the state
-                optimizer_state = key_optimizer_state(named, model, optimizer, to_names=False)
+                optimizer_state = key_optimizer_state(by_name, model, optimizer, to_names=False)
         if world.rank == 0:
             ckpt = {"model": model_state, "optimizer": optimizer_state, **run_info}
             save_checkpoint(cfg.ckpt_path, ckpt)
@@ -404,7 +418,7 @@ def key_optimizer_state(state_dict: dict, model, optimizer, to_names: bool) -> d
     return {"state": state, "param_groups": groups}
 
 
-def check_checkpoint(cfg):
+def check_checkpoint(cfg, n_vocab: int):
     """The checkpoint in out_dir, full or sharded, must be the one init_from and the flags say."""
     found = cfg.ckpt_path.exists()
     other_name = "ckpt.pt" if cfg.sharded_checkpoint else "dcp-latest.pt"
@@ -413,22 +427,47 @@ def check_checkpoint(cfg):
         flag = "--sharded_checkpoint"
         if cfg.sharded_checkpoint:
             flag = "--sharded_checkpoint=false"
-        raise ValueError(f"{other_kind} is the other kind of checkpoint: resume it with {flag}")
+        raise ValueError(f"{other_kind} is the other kind: resume it with {flag}")
     if cfg.init_from == "resume" and not found:
         raise FileNotFoundError(f"--init_from=resume: no checkpoint at {cfg.ckpt_path}; check "
                                 "--out_dir, or start afresh: --init_from=auto")
     if cfg.init_from == "scratch" and (found or other_kind.exists()) and not cfg.overwrite:
         raise ValueError(f"{cfg.out_dir} holds a checkpoint; continue it with --init_from=resume, "
                          "train into another --out_dir, or replace it: --overwrite")
+    if cfg.init_from == "scratch" or not found:
+        return
+    fix = "train into another --out_dir, or replace it: --init_from=scratch --overwrite"
+    try:  # mmap: the metadata only, the tensors stay on disk (a pointer file has none)
+        ckpt = torch.load(cfg.ckpt_path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:  # empty, cut short, not a checkpoint: torch's message is many lines
+        raise ValueError(f"{cfg.ckpt_path} is not a readable checkpoint; {fix}") from None
+    saved = ckpt.get("model_args")
+    if saved != cfg.model_args(n_vocab):
+        raise ValueError(f"{cfg.ckpt_path} holds another model, {saved}: to resume it, "
+                         f"repeat that run's flags; or {fix}")
+    if not cfg.sharded_checkpoint and ckpt.get("optimizer") is None:
+        raise ValueError(f"{cfg.ckpt_path} holds no optimizer state (07, 08); {fix}")
 
 
-def resume(cfg, model, optimizer) -> tuple[int, float]:
+def resume(cfg, model, optimizer, world: World) -> tuple[int, float]:
     """(iter_num, best_val_loss) of out_dir's checkpoint, loaded into any strategy at any world
-    size if init_from says so. Every rank reads it: out_dir is on a filesystem all nodes see."""
-    if cfg.init_from == "scratch" or not cfg.ckpt_path.exists():
-        return 0, float("inf")
-    # mmap: the ranks of one machine share the file's pages instead of each reading a copy
-    ckpt = torch.load(cfg.ckpt_path, map_location="cpu", mmap=True, weights_only=True)
+    size if init_from says so. Every rank reads it: out_dir must be on a filesystem all nodes see
+    (the ranks check that they agree)."""
+    ckpt = None
+    start = 0
+    if cfg.init_from != "scratch" and cfg.ckpt_path.exists():  # check_checkpoint read it
+        # mmap: the ranks of one machine share the file's pages instead of each reading a copy
+        ckpt = torch.load(cfg.ckpt_path, map_location="cpu", mmap=True, weights_only=True)
+        start = ckpt["iter_num"]
+    # NEW: rank 0 decides where to start; all learn every rank's view, so one that disagrees
+    # (it cannot see rank 0's checkpoint) stops them all instead of hanging in a collective
+    starts = [None] * world.size
+    dist.all_gather_object(starts, start)
+    if starts.count(starts[0]) < world.size:
+        raise RunError(f"the ranks see different checkpoints in {cfg.out_dir} (iterations "
+                       f"{starts}): out_dir must be on a filesystem that all nodes share")
+    if ckpt is None:
+        return 0, math.inf
     if cfg.sharded_checkpoint:  # DCP fills templates of what this rank holds, re-slicing as needed
         model_state, optimizer_state = dsd.get_state_dict(model, optimizer)
         state = {"model": model_state, "optimizer": optimizer_state}
@@ -436,56 +475,38 @@ def resume(cfg, model, optimizer) -> tuple[int, float]:
         dsd.set_state_dict(model, optimizer, model_state_dict=state["model"],
                            optim_state_dict=state["optimizer"])
     else:  # every rank passes the full state; FSDP keeps its slices, ZeRO its parameters' state
-        full = dsd.StateDictOptions(full_state_dict=True)
-        dsd.set_model_state_dict(model, ckpt["model"], options=full)
+        full_state = dsd.StateDictOptions(full_state_dict=True)
+        dsd.set_model_state_dict(model, ckpt["model"], options=full_state)
         if isinstance(optimizer, ZeroRedundancyOptimizer):
-            load_zero1_state(optimizer, ckpt["optimizer"])  # see "Special cases"
+            optimizer.load_state_dict(ckpt["optimizer"])  # ZeRO keeps its parameters' state
+            # subtle: ZeRO's load_state_dict moves 0-dim state (Adam's step) to the CPU, where
+            # fused CUDA AdamW fails (pytorch/pytorch#124133): each state tensor goes to its
+            # parameter's device
+            for p, state in optimizer.optim.state.items():
+                for key, value in list(state.items()):
+                    if torch.is_tensor(value):
+                        state[key] = value.to(p.device)
+            optimizer.state.clear()  # the base class keeps a second copy, which ZeRO never reads
         else:
-            named = key_optimizer_state(ckpt["optimizer"], model, optimizer, to_names=True)
-            dsd.set_optimizer_state_dict(model, optimizer, named, options=full)
-    print0(f"resuming at iter {ckpt['iter_num']} of {cfg.max_iters} from {cfg.ckpt_path}, "
+            by_name = key_optimizer_state(ckpt["optimizer"], model, optimizer, to_names=True)
+            dsd.set_optimizer_state_dict(model, optimizer, by_name, options=full_state)
+    print0(f"resuming at iter {start} of {cfg.max_iters} from {cfg.ckpt_path}, "
            f"on {cfg.device} in {cfg.dtype}")
-    return ckpt["iter_num"], ckpt["best_val_loss"]
-
-
-# -----------------------------------------------------------------------------
-# 5. Special cases: ZeRO-1's optimizer state in a full checkpoint, and the fault injection
-
-
-def gather_zero1_state(optimizer: ZeroRedundancyOptimizer, world: World) -> dict | None:
-    """consolidate_state_dict sends rank 0 every rank's state: all of it there, None elsewhere."""
-    optimizer.consolidate_state_dict(to=0)
-    torch.get_device_module(world.device).synchronize()  # its copies do not wait for the GPU
-    if world.rank != 0:
-        return None
-    return optimizer.state_dict()
-
-
-def load_zero1_state(optimizer: ZeroRedundancyOptimizer, optimizer_state: dict):
-    """Every rank passes the full state; ZeRO keeps the state of its own parameters."""
-    optimizer.load_state_dict(optimizer_state)
-    # subtle: ZeRO's load_state_dict moves 0-dim state (Adam's step) to the CPU, where fused CUDA
-    # AdamW fails (pytorch/pytorch#124133): every state tensor goes to its parameter's device
-    for p, state in optimizer.optim.state.items():
-        for key, value in list(state.items()):
-            if torch.is_tensor(value):
-                state[key] = value.to(p.device)
-    optimizer.state.clear()  # the base class keeps a second copy, which ZeRO never reads
+    return start, ckpt["best_val_loss"]
 
 
 def inject_fault(world: World, iter_num: int):
     """--fail_at_step: the last rank dies as in a crash (SIGKILL: no exception, no cleanup), on
     torchrun's first attempt only, so that the restarted job runs to the end."""
-    if world.rank != world.size - 1:
-        return
-    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if world.rank != world.size - 1 or not first_attempt:
         return
     print(f"fault injection: rank {world.rank} dies after step {iter_num}", flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
 # -----------------------------------------------------------------------------
-# 6. Settings, all checked before any work, and main
+# 5. Settings, all checked before any work, and main
 
 
 @dataclass
@@ -497,23 +518,23 @@ class DistConfig:
     tokenizer: Annotated[str, "char or gpt2: which of 02's token files"] = "char"
     data_dir: Annotated[str, "02's output; '' = data/ beside this script"] = ""
     out_dir: Annotated[str, "ckpt.pt, or dcp-latest.pt + dcp-*/ if sharded"] = "out/distributed"
-    init_from: Annotated[str, "scratch, resume, or auto (resume if there is one)"] = "scratch"
+    init_from: Annotated[str, "scratch, resume, or auto (resume if one exists)"] = "scratch"
     overwrite: Annotated[bool, "start afresh even over a checkpoint (replaced)"] = False
     # model (04's GPTConfig), defaults 05's CPU recipe; then distributed (parallelize, save)
     n_layer: Annotated[int, "transformer blocks"] = 4
     n_head: Annotated[int, "attention heads per block"] = 4
     n_embd: Annotated[int, "width of the residual stream"] = 128
     block_size: Annotated[int, "context length in tokens"] = 64
-    dropout: Annotated[float, "its masks, a function of (seed, step, rank)"] = 0.0
+    dropout: Annotated[float, "masks: a function of (seed, step, rank, world size)"] = 0.0
     bias: Annotated[bool, "biases in Linear and LayerNorm"] = False
     strategy: Annotated[str, "ddp, zero1 or fsdp: what each rank holds"] = "ddp"
     activation_checkpointing: Annotated[bool, "keep a block's input, rerun it in backward"] = False
     compile: Annotated[bool, "torch.compile each block, before sharding"] = False
     sync_every_micro_step: Annotated[bool, "fsdp: reduce-scatter at each micro-step"] = True
-    sharded_checkpoint: Annotated[bool, "each rank writes its shards (DCP), not rank 0 all"] = False
+    sharded_checkpoint: Annotated[bool, "every rank writes its own shards (DCP)"] = False
     fail_at_step: Annotated[int, "fault injection: the last rank dies after this step"] = 0
     # optimization, as 05: a step is gradient_accumulation_steps micro-batches of batch_size rows
-    batch_size: Annotated[int, "rows per micro-batch over ALL ranks (B/N each)"] = 12
+    batch_size: Annotated[int, "rows per micro-batch of ALL ranks (nanoGPT: per rank)"] = 12
     gradient_accumulation_steps: Annotated[int, "micro-batches per step"] = 1
     max_iters: Annotated[int, "optimizer steps in total"] = 2000
     optimizer: Annotated[str, "adamw (05's) or sgd (the tests')"] = "adamw"
@@ -533,7 +554,7 @@ class DistConfig:
     device: Annotated[str, "auto, cpu or cuda: rank r drives cuda:LOCAL_RANK"] = "auto"
     dtype: Annotated[str, "auto (bf16 on GPUs that have it), float32, bfloat16"] = "auto"
     threads: Annotated[int, "CPU threads per rank; 0 = PyTorch's default"] = 0
-    seed: Annotated[int, "seeds the weights (same on every rank), batches, dropout"] = 1337
+    seed: Annotated[int, "seeds weights (same on every rank), batches, dropout"] = 1337
 
     def __post_init__(self):  # a mistake is one `error:` line (see parse_config)
         check_settings(self)
@@ -547,9 +568,10 @@ class DistConfig:
         name = "dcp-latest.pt" if self.sharded_checkpoint else "ckpt.pt"
         return Path(self.out_dir) / name
 
-    def model_args(self, vocab_size: int) -> dict:
-        return dict(block_size=self.block_size, vocab_size=vocab_size, n_layer=self.n_layer,
-                    n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout, bias=self.bias)
+    def model_args(self, vocab_size: int) -> dict:  # 04's GPTConfig, as a dict
+        model_fields = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias")
+        model_args = {name: getattr(self, name) for name in model_fields}
+        return {"vocab_size": vocab_size, **model_args}
 
 
 def check_settings(cfg: DistConfig):
@@ -557,30 +579,26 @@ def check_settings(cfg: DistConfig):
     choices = {"strategy": ("ddp", "zero1", "fsdp"), "optimizer": ("adamw", "sgd"),
                "init_from": ("scratch", "resume", "auto"),
                "dtype": ("auto", "float32", "bfloat16")}  # no float16: no gradient scaler
-    for name, allowed in choices.items():
-        value = getattr(cfg, name)
-        if value not in allowed:
-            listed = f"{', '.join(allowed[:-1])} or {allowed[-1]}"
-            raise ValueError(f"unknown {name} {value!r}; use {listed}")
-    at_least_one = ("gradient_accumulation_steps", "eval_interval", "eval_iters",
-                    "log_interval", "checkpoint_interval")
-    for name in at_least_one:
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    at_least_one = ("batch_size", "block_size", "gradient_accumulation_steps", "max_iters",
+                    "eval_interval", "eval_iters", "log_interval", "checkpoint_interval")
+    check_values(cfg, choices, at_least_one)
     world_size = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's (get_batch checks the group)
-    if cfg.batch_size <= 0 or cfg.batch_size % world_size:
+    if cfg.batch_size % world_size:
         raise ValueError(f"batch_size={cfg.batch_size} (the global micro-batch) does not "
                          f"split across {world_size} ranks; use a multiple of {world_size}")
     if cfg.sharded_checkpoint and cfg.strategy == "zero1":
         raise ValueError("--sharded_checkpoint needs --strategy=ddp or fsdp: "
                          "torch.distributed.checkpoint cannot read ZeRO's optimizer")
-    pick_dtype(cfg.dtype, pick_device(cfg.device))  # both name the fix
     meta = load_meta(cfg.corpus_dir)  # no prepared data: its error names the 02 command
     if min(meta["train_tokens"], meta["val_tokens"]) <= cfg.block_size:
         raise ValueError(f"{cfg.corpus_dir}: train or val tokens too few for "
                          f"--block_size={cfg.block_size}; use a smaller one")
     GPTConfig(**cfg.model_args(meta["n_vocab"]))  # the model's shape: n_embd % n_head, ...
-    check_checkpoint(cfg)
+    check_checkpoint(cfg, meta["n_vocab"])
+
+
+class RunError(ValueError):
+    """A mistake found mid-run, not a bug (check_finite's FloatingPointError too): one line."""
 
 
 def main(argv=None) -> dict:
@@ -591,8 +609,11 @@ def main(argv=None) -> dict:
     except BaseException as error:
         # the traceback holds train()'s frames and through them the model: let it go first
         traceback.clear_frames(error.__traceback__)
+        if isinstance(error, (RunError, FloatingPointError)):  # not a bug: no traceback
+            print0(f"error: {error}", file=sys.stderr)  # every rank stops; rank 0 says why
+            error = SystemExit(2)
         shutdown_distributed(world, failed=True)
-        raise
+        raise error
     shutdown_distributed(world)
     return result
 
@@ -937,6 +958,28 @@ def autocast_context(device_type: str, dtype: str):
 
 
 
+# copied from 05_pretrain.py: check_values
+def check_values(cfg, choices: dict, at_least_one: tuple):
+    """A settings dataclass's values: each of choices among its allowed; each number at least 0, or
+    1 if at_least_one names it (the seed: any); AdamW's betas under 1; warmup shorter than decay."""
+    for name, allowed in choices.items():
+        value = getattr(cfg, name)
+        if value not in allowed:
+            raise ValueError(f"--{name}={value!r} is not valid; use {', '.join(allowed)}")
+    for f in fields(cfg):
+        minimum = 1 if f.name in at_least_one else 0
+        value = getattr(cfg, f.name)
+        if f.type.__origin__ in (int, float) and f.name != "seed" and value < minimum:
+            raise ValueError(f"--{f.name} must be at least {minimum}, got {value}")
+    if max(cfg.beta1, cfg.beta2) >= 1:  # a decay of 1 or more: the averages never forget
+        raise ValueError(f"--beta1={cfg.beta1} and --beta2={cfg.beta2} must be less than 1")
+    if cfg.decay_lr and cfg.lr_decay_iters <= cfg.warmup_iters:
+        raise ValueError(f"--lr_decay_iters={cfg.lr_decay_iters} must exceed --warmup_iters="
+                         f"{cfg.warmup_iters}; usually lr_decay_iters = max_iters "
+                         "(or --decay_lr=false)")
+    pick_dtype(cfg.dtype, pick_device(cfg.device))  # a dtype the device has; both name the fix
+
+
 # copied from 05_pretrain.py: configure_optimizers
 def configure_optimizers(model, weight_decay: float, learning_rate: float, betas,
                          device_type: str):
@@ -973,6 +1016,17 @@ def rng_states() -> dict:
     if torch.backends.mps.is_available():
         states["mps"] = torch.mps.get_rng_state()
     return states
+
+
+# copied from 05_pretrain.py: check_finite
+def check_finite(what: str, value: float, step: int, ckpt_path, saved_at: int | None):
+    """Stop at a NaN or an infinity, before a save overwrites ckpt_path (of iteration saved_at)."""
+    if math.isfinite(value):
+        return
+    message = f"{what} is {value} at iteration {step}: training diverged"
+    if saved_at is not None:
+        message += f"; {ckpt_path} (iter {saved_at}) is intact: --init_from=resume"
+    raise FloatingPointError(f"{message}; try a lower --learning_rate (or --dtype=float32)")
 
 
 # copied from 05_pretrain.py: save_checkpoint

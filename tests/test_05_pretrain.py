@@ -7,6 +7,7 @@ char_corpus).
 """
 
 import hashlib
+import json
 import math
 import shutil
 import signal
@@ -257,7 +258,8 @@ def test_nan_stops_the_run_and_keeps_the_checkpoint(pre05, char_corpus, tmp_path
 
     monkeypatch.setattr(pre05.GPT, "forward", poisoned)
     message = (
-        r"loss is nan at iteration \d+: training diverged; .*ckpt.pt \(iter 4\) intact: --init_from"
+        r"loss is nan at iteration \d+: training diverged; .*ckpt.pt \(iter 4\) is intact: "
+        r"--init_from"
     )
     with pytest.raises(FloatingPointError, match=message):
         pre05.train(tiny(pre05, tmp_path, char_corpus, init_from="resume", log_interval=10))
@@ -377,8 +379,6 @@ def test_accumulated_micro_batches_equal_one_big_batch(pre05):
     torch.testing.assert_close(loss_1, twin(x, y)[1].detach())
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
-    with pytest.raises(ValueError, match="equal micro-batches"):
-        pre05.forward_backward(model, x, y, 5, pre05.nullcontext(), scaler)
 
 
 @pytest.mark.parametrize("seed", [1, 1337])
@@ -575,6 +575,7 @@ def user_error(pre05, capsys, argv) -> str:
     (["--dtype=float16", "--device=cpu"], "float16 needs loss scaling"),
     (["--device=tpu"], "unknown device 'tpu'"),
     (["--batch_size=0"], "--batch_size must be at least 1"),
+    (["--beta1=1"], "--beta1=1.0 and --beta2=0.99 must be less than 1"),
     (["--warmup_iters=100", "--lr_decay_iters=50"], "must exceed --warmup_iters=100"),
     (["--n_embd=30", "--n_head=4"], "not divisible by n_head=4"),
     (["--block_size=1000000"], "too few for --block_size=1000000"),
@@ -697,6 +698,107 @@ def test_resume_from_the_command_line_keeps_the_runs_settings(pre05, char_corpus
         and ran["dtype"] == "bfloat16"
         and ran["init_from"] == "resume"
     )
+
+
+@pytest.mark.parametrize("flag, saved", [
+    ("--dropout=0.2", "dropout=0.0"),
+    ("--bias=false", "bias=True"),
+    ("--n_layer=3", "n_layer=2"),
+    ("--dataset=other", "vocab_size=65"),  # another corpus: another vocabulary
+])  # fmt: skip
+def test_resume_with_other_model_settings_names_the_saved_ones(
+    pre05, char_corpus, tmp_path, capsys, flag, saved
+):
+    """The model is the checkpoint's: a model setting given now that differs from it (the
+    vocabulary of another --dataset or --tokenizer too) is one line naming the saved value, before
+    any work, not a run whose saved config contradicts its model."""
+    other = tmp_path / "data" / "other-char"  # the same tokens, one character more in the vocab
+    shutil.copytree(char_corpus / "tinyshakespeare-char", other)
+    meta = json.loads((other / "meta.json").read_text())
+    meta["tokenizer"]["chars"] += "~"
+    meta["n_vocab"] += 1
+    (other / "meta.json").write_text(json.dumps(meta))
+    out_dir = tmp_path / "run"
+    pre05.train(tiny(pre05, out_dir, char_corpus, max_iters=2, eval_interval=2))
+    before = sha256(out_dir / "ckpt.pt")
+    argv = ["--init_from=resume", f"--out_dir={out_dir}", "--max_iters=4", flag]
+    if flag.startswith("--dataset"):
+        argv.append(f"--data_dir={tmp_path / 'data'}")
+    err = user_error(pre05, capsys, argv)
+    assert "ckpt.pt holds a model with" in err and saved in err
+    assert sha256(out_dir / "ckpt.pt") == before
+
+
+def test_resume_of_a_weights_only_checkpoint_names_what_wrote_it(
+    pre05, char_corpus, tmp_path, capsys
+):
+    """07 and 08 save no optimizer state: resuming one of theirs is its own error, not a model
+    mismatch."""
+    pre05.train(tiny(pre05, tmp_path, char_corpus, max_iters=2, eval_interval=2))
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    ckpt.update(stage="finetune", optimizer=None, scaler=None, rng=None)  # as 07 saves it
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    err = user_error(pre05, capsys, ["--init_from=resume", f"--out_dir={tmp_path}"])
+    assert "no optimizer state" in err and "finetune" in err and "holds a model" not in err
+    assert "09_generate.py" in err
+
+
+def test_a_preset_given_at_resume_applies_under_the_flags_given_now(
+    pre05, char_corpus, tmp_path, capsys
+):
+    """A resumed run's settings are its checkpoint's, replayed as flags; a --preset given now
+    applies over them and under the flags given now, as on a new run (it used to lose to the
+    replayed flags, silently). Another preset's model is one error line naming the saved one."""
+    run = ["--preset=shakespeare-char-cpu", "--batch_size=2", "--max_iters=2", "--eval_iters=1",
+           "--eval_interval=2", "--max_new_tokens=0", "--threads=1", f"--data_dir={char_corpus}",
+           f"--out_dir={tmp_path}"]  # fmt: skip
+    pre05.main(run)
+    resume = ["--init_from=resume", f"--out_dir={tmp_path}"]
+    pre05.main([*resume, "--preset=shakespeare-char-cpu", "--max_iters=3", "--eval_iters=1"])
+    ran = torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"]
+    assert ran["batch_size"] == 12 and ran["max_iters"] == 3 and ran["eval_iters"] == 1
+    assert ran["eval_interval"] == 2  # not in the preset: the checkpoint's
+    err = user_error(pre05, capsys, [*resume, "--preset=shakespeare-char-gpu"])
+    assert "holds a model with block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0" in err
+
+
+def test_a_resumed_run_drops_the_log_rows_after_its_checkpoint(pre05, char_corpus, tmp_path):
+    """A run killed after its save at 4 may have logged iterations 5 and 6 (written here by hand);
+    the resumed run logs them again, so it first drops them: the log and the plot have each
+    iteration once, in order."""
+    pre05.train(tiny(pre05, tmp_path, char_corpus, max_iters=4, log_interval=1))
+    log = tmp_path / "log.jsonl"
+    with open(log, "a") as f:
+        for step in (5, 6):
+            f.write(json.dumps({"iter": step, "loss": 9.0, "lr": 1e-3, "grad_norm": 1.0}) + "\n")
+    pre05.train(tiny(pre05, tmp_path, char_corpus, max_iters=8, log_interval=1, init_from="resume"))
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["iter"] for r in rows if "loss" in r] == list(range(1, 9))
+    assert [r["iter"] for r in rows if "val_loss" in r] == [0, 4, 8]
+    assert 9.0 not in [r.get("loss") for r in rows] and not list(tmp_path.glob("*.tmp"))
+
+
+def test_ctrl_c_never_saves_nan_weights(pre05, char_corpus, tmp_path, monkeypatch):
+    """Ctrl-C saves the weights after the step; a step with NaN gradients (its loss, computed
+    before the update, still finite) made them NaN: the run stops instead, ckpt.pt intact."""
+    pre05.train(tiny(pre05, tmp_path, char_corpus, max_iters=4))
+    before = sha256(tmp_path / "ckpt.pt")
+    forward_backward, calls = pre05.forward_backward, []
+
+    def nan_gradients(model, *args):
+        loss = forward_backward(model, *args)
+        calls.append(1)
+        if len(calls) == 2:  # the step Ctrl-C ends: a finite loss, NaN gradients
+            for p in model.parameters():
+                p.grad.fill_(math.nan)
+        return loss
+
+    monkeypatch.setattr(pre05, "forward_backward", nan_gradients)
+    interrupt_at(pre05, monkeypatch, step=5, seed=1337)
+    message = r"is nan at iteration 6: training diverged; .*ckpt.pt \(iter 4\) is intact"
+    with pytest.raises(FloatingPointError, match=message):
+        pre05.train(tiny(pre05, tmp_path, char_corpus, init_from="resume", log_interval=10))
+    assert sha256(tmp_path / "ckpt.pt") == before and not list(tmp_path.glob("*.tmp"))
 
 
 # -----------------------------------------------------------------------------

@@ -101,9 +101,15 @@ def rank_main(rank: int, world_size: int, spec: dict):
         out_dir = out / scenario["name"]
         if rank == 0 and scenario.get("resume_from"):
             shutil.copytree(out / scenario["resume_from"], out_dir)
+        if rank == 1 and scenario.get("unshared"):  # a node that cannot see rank 0's out_dir
+            out_dir = out / "rank1-local"
         dist.barrier()
         cfg = dist06.parse_config(dist06.DistConfig, scenario["argv"] + [f"--out_dir={out_dir}"])
-        result = dist06.train(cfg, world)
+        started = time.perf_counter()
+        try:
+            result = dist06.train(cfg, world)
+        except ValueError as error:  # the unshared run's: every rank must stop, and soon
+            result = {"error": str(error), "seconds": time.perf_counter() - started}
         results[scenario["name"]] = result
     torch.save(results, out / f"rank{rank}.pt")
     del result
@@ -145,6 +151,15 @@ def corpus(dl02, shakespeare_text, tmp_path_factory) -> Path:
     return data_dir
 
 
+def run_two_ranks(out: Path, runs: list[dict], timeout: float) -> dict:
+    """One 2-rank launch of runs (scenarios with "argv") -> {name: [rank 0's, rank 1's result]}."""
+    spec = {"store": str(out / "store"), "out": str(out), "scenarios": runs}
+    (out / "spec.json").write_text(json.dumps(spec))
+    run_with_deadline([sys.executable, __file__, str(out / "spec.json")], timeout=timeout)
+    per_rank = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return {name: [per_rank[0][name], per_rank[1][name]] for name in per_rank[0]}
+
+
 @pytest.fixture(scope="module")
 def two_ranks(dist06, corpus, tmp_path_factory) -> dict:
     """{scenario: [rank 0's result, rank 1's result]} of the one 2-rank launch; out dir in
@@ -152,10 +167,8 @@ def two_ranks(dist06, corpus, tmp_path_factory) -> dict:
     for attempt in (1, 2):
         out = tmp_path_factory.mktemp("two_ranks")
         runs = [{**s, "argv": argv(s["settings"], data_dir=corpus)} for s in scenarios()]
-        spec = {"store": str(out / "store"), "out": str(out), "scenarios": runs}
-        (out / "spec.json").write_text(json.dumps(spec))
         try:
-            run_with_deadline([sys.executable, __file__, str(out / "spec.json")], timeout=240)
+            results = run_two_ranks(out, runs, timeout=240)
             break
         except AssertionError as failure:
             # A rank killed by SIGABRT inside gloo (exit 6), its peer then "Connection reset by
@@ -166,8 +179,7 @@ def two_ranks(dist06, corpus, tmp_path_factory) -> dict:
                 raise
             warnings.warn(f"the 2-rank launch aborted once (SIGABRT in a rank); launching again:\n"
                           f"{str(failure)[:3000]}")
-    per_rank = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    return {name: [per_rank[0][name], per_rank[1][name]] for name in per_rank[0]} | {"_out": out}
+    return results | {"_out": out}
 
 
 REFERENCES = {}
@@ -459,7 +471,7 @@ def test_zero1_resume_keeps_optimizer_state_beside_its_parameters(dist06, corpus
         with torch.device("meta"):
             model = dist06.GPT(dist06.GPTConfig(**model_args))
         optimizer = dist06.build_optimizer(cfg, model, dataclasses.replace(world, device="meta"))
-        assert dist06.resume(cfg, model, optimizer)[0] == K // 2
+        assert dist06.resume(cfg, model, optimizer, world)[0] == K // 2
         state = optimizer.optim.state
         assert state and all({"step", "exp_avg", "exp_avg_sq"} <= set(s) for s in state.values())
         for p, s in state.items():
@@ -509,11 +521,11 @@ def test_errors(dist06, corpus, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     dist06.DistConfig(batch_size=6, **where)  # 2 rows each: fine
     monkeypatch.delenv("WORLD_SIZE")
-    with pytest.raises(ValueError, match="unknown strategy 'zero3'.*ddp, zero1 or fsdp"):
+    with pytest.raises(ValueError, match="--strategy='zero3' is not valid; use ddp, zero1, fsdp"):
         dist06.DistConfig(strategy="zero3", **where)
     with pytest.raises(ValueError, match="sharded_checkpoint needs"):
         dist06.DistConfig(strategy="zero1", sharded_checkpoint=True, **where)
-    with pytest.raises(ValueError, match="unknown optimizer"):
+    with pytest.raises(ValueError, match="--optimizer='adam' is not valid"):
         dist06.DistConfig(optimizer="adam", **where)
     # half of torchrun's environment: say what is missing and how to launch
     monkeypatch.setenv("RANK", "0")
@@ -537,13 +549,19 @@ def user_error(dist06, capsys, argv) -> str:
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--strategy=zero3"], "unknown strategy 'zero3'; use ddp, zero1 or fsdp"),
-    (["--dtype=float16"], "unknown dtype 'float16'"),
+    (["--strategy=zero3"], "--strategy='zero3' is not valid; use ddp, zero1, fsdp"),
+    (["--dtype=float16"], "--dtype='float16' is not valid"),
     (["--device=cuda:7"] if not torch.cuda.is_available() else ["--device=tpu"], "device"),
     (["--n_embd=100", "--n_head=3"], "not divisible by n_head=3"),
     (["--block_size=100000"], "too few for --block_size=100000"),
     (["--init_from=resume"], "--init_from=resume: no checkpoint at"),
     (["--log_interval=0"], "--log_interval must be at least 1"),
+    (["--max_iters=-3"], "--max_iters must be at least 1, got -3"),
+    (["--grad_clip=-1", "--max_iters=1"], "--grad_clip must be at least 0, got -1.0"),
+    (["--threads=-1", "--max_iters=1"], "--threads must be at least 0"),
+    (["--learning_rate=-1", "--max_iters=1"], "--learning_rate must be at least 0"),
+    (["--beta2=1.5", "--max_iters=1"], "--beta2=1.5 must be less than 1"),
+    (["--warmup_iters=9", "--lr_decay_iters=9", "--max_iters=1"], "--lr_decay_iters=9 must exceed"),
 ])  # fmt: skip
 def test_user_errors_are_one_line_and_leave_nothing_behind(dist06, corpus, tmp_path, capsys,
                                                             monkeypatch, flags, message):
@@ -575,6 +593,84 @@ def test_auto_finds_either_kind_of_checkpoint_and_refuses_the_other_flag(dist06,
             assert f"{run / on_disk} is the other kind" in err, err
             assert err.endswith(f"resume it with {fix}\n"), err
         assert [f.name for f in run.iterdir()] == [on_disk]
+
+
+def test_resume_refuses_a_checkpoint_that_does_not_fit(dist06, corpus, tmp_path, capsys,
+                                                        monkeypatch):
+    """A resume (or auto) into an out_dir whose checkpoint another model wrote, that holds no
+    optimizer state (07, 08 write such) or that cannot be read stops with one line before any work,
+    naming the way on, instead of a traceback from inside the load."""
+    monkeypatch.delenv("RANK", raising=False)
+    settings = dict(strategy="ddp", **RUNS["adamw-1"])
+    cfg = dist06.DistConfig(**{**BASE, **settings}, data_dir=str(corpus), out_dir=str(tmp_path))
+    model_args = cfg.model_args(dist06.load_meta(cfg.corpus_dir)["n_vocab"])
+    fits = {"model_args": model_args, "optimizer": {"state": {}}, "iter_num": 2}
+    cases = (  # what is on disk, the flags given now, what the error says
+        ("ckpt.pt", fits, {"n_embd": 64}, "holds another model"),
+        ("dcp-latest.pt", fits, {"n_layer": 3, "sharded_checkpoint": True}, "holds another"),
+        ("ckpt.pt", {**fits, "optimizer": None}, {}, "holds no optimizer state"),
+        ("ckpt.pt", b"", {}, "is not a readable checkpoint"),
+    )
+    for number, (name, ckpt, flags, message) in enumerate(cases):
+        run = tmp_path / str(number)
+        run.mkdir()
+        if ckpt == b"":
+            (run / name).write_bytes(ckpt)
+        else:
+            torch.save(ckpt, run / name)
+        for init_from in ("resume", "auto"):
+            flags_now = argv({**settings, **flags}, data_dir=corpus, out_dir=run,
+                             init_from=init_from)
+            err = user_error(dist06, capsys, flags_now)
+            assert f"{run / name} {message}" in err and "another --out_dir" in err, err
+            assert [f.name for f in run.iterdir()] == [name] and not dist.is_initialized()
+
+
+@pytest.mark.parametrize("what", ["loss", "val loss"])
+def test_a_nan_stops_before_it_overwrites_a_checkpoint(dist06, corpus, tmp_path, capsys,
+                                                       monkeypatch, what):
+    """A NaN loss (read at log steps, and at every save step) or val loss stops the run before
+    the next save, naming the checkpoint to resume from; the step-2 checkpoint stays."""
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    train_step = dist06.train_step
+    evaluate = dist06.evaluate
+
+    def nan_train_step(model, optimizer, data, cfg, world, it):
+        loss, norm = train_step(model, optimizer, data, cfg, world, it)
+        if what == "loss" and it == 3:  # step 4: a save step, not a log step
+            loss = loss * float("nan")
+        return loss, norm
+
+    def nan_evaluate(model, tokens, cfg, world, step):
+        val_loss = evaluate(model, tokens, cfg, world, step)
+        if what == "val loss" and step == 4:
+            val_loss = float("nan")
+        return val_loss
+
+    monkeypatch.setattr(dist06, "train_step", nan_train_step)
+    monkeypatch.setattr(dist06, "evaluate", nan_evaluate)
+    run = tmp_path / "run"
+    flags = argv(dict(strategy="ddp", **RUNS["sgd-1"]), data_dir=corpus, out_dir=run,
+                 max_iters=6, lr_decay_iters=6, log_interval=5, eval_interval=2)
+    err = user_error(dist06, capsys, flags)
+    assert f"{what} is nan at iteration 4" in err, err
+    assert f"{run / 'ckpt.pt'} (iter 2) is intact: --init_from=resume" in err, err
+    assert torch.load(run / "ckpt.pt", weights_only=False)["iter_num"] == 2
+
+
+def test_ranks_that_see_different_checkpoints_all_stop(dist06, corpus, tmp_path):
+    """--init_from=auto where rank 1 cannot see the checkpoint rank 0 resumes (out_dir is not on
+    a shared filesystem): both ranks stop within seconds, naming the requirement, instead of
+    starting at different steps and hanging in a collective."""
+    settings = dict(strategy="ddp", **RUNS["sgd-1"])
+    half = dict(name="shared", argv=argv({**settings, "max_iters": K // 2}, data_dir=corpus))
+    unshared = dict(name="unshared", resume_from="shared", unshared=True,
+                    argv=argv({**settings, "init_from": "auto"}, data_dir=corpus))
+    ranks = run_two_ranks(tmp_path, [half, unshared], timeout=120)["unshared"]
+    for result in ranks:
+        assert "out_dir must be on a filesystem that all nodes share" in result["error"], result
+        assert "[2, 0]" in result["error"] and result["seconds"] < 10, result
 
 
 def test_checkpoints_keep_the_dtype_as_given(dist06, corpus, tmp_path, capsys, monkeypatch):

@@ -3,11 +3,13 @@
 Each script is: the docstring, the imports, the stage's own code and main(), then (if it copies
 anything) one appendix of marked copies. Budgets, counted as `wc -l` counts: 01-04 at most 700
 lines; the later stages at most 600 above the appendix's section rule (the docstring included),
-and 1,150 in all. The appendix's size follows from its origins: when they were unpacked to one
-idea per line, the copies of 05-10 grew to 390-630 lines, more than the 400 that a 1,000-line
-total would have left them. A budget is a ceiling, not a target: lines are split until each says
-one thing, then machinery is cut, never explanation. A copy comes from an earlier stage,
-never a later one: a reader who reaches it has read its origin already.
+620 for the two training loops (05, 06: each refuses a resume that does not fit, stops at a NaN
+before it saves, and 06 has its ranks agree where they start), and 1,150 in all. The appendix's
+size follows from its origins: when they were unpacked to one idea per line, the copies of 05-10
+grew to 390-630 lines, more than the 400 that a 1,000-line total would have left them. A budget
+is a ceiling, not a target: lines are split until each says one thing, then machinery is cut,
+never explanation. A copy comes from an earlier stage, never a later one: a reader who reaches
+it has read its origin already.
 
 Density, one idea per line: the stage part's code lines (comments, docstrings and blank lines left
 out, a trailing comment cut) average at most 52 characters, and at most 4% of them reach 100.
@@ -30,6 +32,10 @@ MAX_LONG = 0.04  # the share of code lines of 100 characters or more
 
 def budget(path: Path) -> int:
     return 700 if int(path.name[:2]) <= 4 else 1150
+
+
+def stage_budget(path: Path) -> int:
+    return 620 if path.name[:2] in ("05", "06") else 600
 
 
 def stage_part(lines: list[str]) -> list[str]:
@@ -70,7 +76,8 @@ def test_the_script_keeps_its_line_budget(path):
         assert lines[starts[0] - 1].startswith("# ---"), f"{path.name}: no rule above the appendix"
     if starts and int(path.name[:2]) >= 5:  # 01-04 have the 700-line budget only
         above = starts[0] - 1  # the lines above the section rule that opens the appendix
-        assert above <= 600, f"{path.name}: {above} lines before the appendix, budget 600"
+        cap = stage_budget(path)
+        assert above <= cap, f"{path.name}: {above} lines before the appendix, budget {cap}"
 
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
