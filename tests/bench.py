@@ -275,7 +275,7 @@ def bench_nanogpt(nanogpt: str, iters: int = 2000, rounds: int = 3):
     if not (DATA_DIR / "tinyshakespeare-char" / "meta.json").exists():
         sys.exit("error: no prepared Shakespeare; run python 02_dataloader.py first")
     recipe = NANOGPT_RECIPE + [f"--max_iters={iters}", f"--lr_decay_iters={iters}",
-                               f"--eval_interval={iters}"]
+                               f"--eval_interval={iters}", f"--warmup_iters={min(100, iters // 2)}"]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp) / "nanoGPT"
         shutil.copytree(clone, work, ignore=shutil.ignore_patterns(".git", "out*"))
