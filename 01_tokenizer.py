@@ -18,25 +18,26 @@ Three details make it GPT-2's BPE and not just any BPE:
 
 We train BPE twice: a naive trainer that recounts every pair in the corpus at every merge (the
 textbook loop), and a fast one that counts each distinct chunk once and, after a merge, updates
-only the pair counts that the merge changed; `bench` times the two. Then we load OpenAI's merges
-and check that our encoder gives exactly tiktoken's ids (tests/test_01_tokenizer.py does so on
-all of tiny Shakespeare). Later stages copy only CharTokenizer, get_tokenizer, download and
-the addresses of GPT-2's two files (GPT2_URL, GPT2_FILES).
+only the pair counts that the merge changed; `--bench` times the two. Then we load OpenAI's
+merges and check that our encoder gives exactly tiktoken's ids (tests/test_01_tokenizer.py does
+so on all of tiny Shakespeare). Later stages copy only CharTokenizer, get_tokenizer, download,
+FlagParser and the addresses of GPT-2's two files (GPT2_URL, GPT2_FILES).
 
 References: Sennrich et al. 2016, "Neural Machine Translation of Rare Words with Subword Units";
 Radford et al. 2019 (GPT-2), 2.2 byte-level BPE; openai/gpt-2 src/encoder.py; openai/tiktoken;
 minbpe.
 
-Run (CPU only, nothing here needs a GPU):
+Run (CPU only; one of --train, --encode, --decode, --bench; relative paths start at this folder):
+    python 01_tokenizer.py --train=data/tinyshakespeare.txt --vocab_size=1024 --out=out/bpe.json
+    python 01_tokenizer.py --encode="Hello world, it's 2024!"          # GPT-2 (our encoder)
+    python 01_tokenizer.py --encode="To be, or not to be" --tokenizer=out/bpe.json
+    python 01_tokenizer.py --decode 15496 995
+    python 01_tokenizer.py --bench      # the naive trainer against the incremental one (~20 s)
     python 01_tokenizer.py --help
-    python 01_tokenizer.py train data/tinyshakespeare.txt --vocab_size=1024 --out=out/bpe.json
-    python 01_tokenizer.py encode "Hello world, it's 2024!"          # GPT-2 (our encoder)
-    python 01_tokenizer.py encode --tokenizer=out/bpe.json "To be, or not to be"
-    python 01_tokenizer.py decode 15496 995
-    python 01_tokenizer.py bench           # the naive trainer against the incremental one (~20 s)
 """
 
 import argparse
+import difflib
 import functools
 import hashlib
 import heapq
@@ -50,7 +51,8 @@ from pathlib import Path
 import regex  # the `regex` module, not `re`: the GPT-2 pattern needs \p{L} (any letter) and \p{N}
 import requests
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+PROJECT = Path(__file__).resolve().parent  # relative paths (data/, out/, flags) start here
+DATA_DIR = PROJECT / "data"
 
 GPT2_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main"  # + "/" + filename
 GPT2_FILES = {  # file name -> sha256 of its exact bytes
@@ -65,10 +67,9 @@ SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2d
 # One id per character: the simplest tokenizer (later stages copy it)
 #
 # The vocabulary is the sorted set of characters seen, so from_text("hello") gives e=0, h=1, l=2,
-# o=3: encode("hole") == [1, 3, 2, 0] and decode([2, 0]) == "le". 65 ids for tiny Shakespeare,
-# one token per character (long sequences), and a character it has not seen cannot be encoded.
-# There is no end-of-text token (eot_token = None): 05 trains on one continuous text. to_dict()
-# is the small dict that meta.json and checkpoints store; get_tokenizer rebuilds the tokenizer.
+# o=3: encode("hole") == [1, 3, 2, 0] and decode([2, 0]) == "le". There is no end-of-text token
+# (eot_token = None): 05 trains on one continuous text. to_dict() is the small dict that meta.json
+# and checkpoints store; get_tokenizer rebuilds the tokenizer from it.
 
 class CharTokenizer:
     """One token per character: from_text("hello") gives e=0 h=1 l=2 o=3; "hole" -> [1, 3, 2, 0]."""
@@ -187,7 +188,6 @@ def merge_logger(n_merges: int, every: int = 100):
             seconds_left = (n_merges - done) / rate
             print(f"  merge {done}/{n_merges}: {pair} -> {idx} ({count:,} occurrences); "
                   f"{rate:,.0f} merges/s, ~{seconds_left:.0f} s left", flush=True)
-
     return log
 
 
@@ -244,7 +244,6 @@ def train_bpe(text: str, n_merges: int, pattern: str = GPT2_SPLIT_PATTERN,
             where[pair].add(w)
     heap = [(-count, pair) for pair, count in stats.items()]
     heapq.heapify(heap)  # ties: smallest pair first, as in train_bpe_naive
-
     merges = {}
     for i in range(n_merges):
         while heap:
@@ -455,15 +454,20 @@ class BPETokenizer:
         # indent=1 puts each number of a merge on a line of its own: one merge per line instead
         spread_merge = r"\[\s+(\d+),\s+(\d+),\s+(\d+)\s+\]"
         text = regex.sub(spread_merge, r"[\1, \2, \3]", text)
-        path.write_text(text, encoding="utf-8")
+        tmp = path.with_name(path.name + ".tmp")  # written whole, then renamed: never half a file
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
         return path
 
     @classmethod
     def load(cls, path) -> "BPETokenizer":
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        if data.get("kind") != "bpe":
-            raise ValueError(f"{path} is not a BPETokenizer file (no \"kind\": \"bpe\"); "
-                             "write one with BPETokenizer.save or `python 01_tokenizer.py train`")
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # missing, unreadable, not UTF-8 or not JSON
+            data = None
+        if not isinstance(data, dict) or data.get("kind") != "bpe":
+            raise ValueError(f"{path} is missing or not a BPETokenizer file (\"kind\": \"bpe\"); "
+                             "write one with BPETokenizer.save or `python 01_tokenizer.py --train`")
         unshow = {ch: b for b, ch in bytes_to_unicode().items()}
         # the one-character tokens are the 256 bytes: byte -> its id
         vocab = data["vocab"]
@@ -565,8 +569,7 @@ def gpt2(data_dir=DATA_DIR) -> BPETokenizer:
 
 # get_tokenizer: checkpoints and meta.json store a small dict, not the tokenizer, and this rebuilds
 # it. For GPT-2 it returns tiktoken's encoding (Rust, fast); BPETokenizer.from_gpt2 gives the same
-# ids (the tests check it) and shows how they are made. tiktoken is imported only when asked for,
-# so char-only scripts do not need it.
+# ids (the tests check it) and shows how they are made.
 def get_tokenizer(spec: dict):
     """The tokenizer a dict describes: {"kind": "char", "chars": ...} -> CharTokenizer;
     {"kind": "gpt2"} -> tiktoken's GPT-2 encoding."""
@@ -582,7 +585,7 @@ def get_tokenizer(spec: dict):
 
 
 # -----------------------------------------------------------------------------
-# The lesson in numbers (python 01_tokenizer.py bench), and the command line
+# The lesson in numbers (python 01_tokenizer.py --bench), and the command line (02, 03 copy it)
 
 def bench_train(text: str, vocab_size: int, naive_chars: int) -> None:
     """The naive trainer against ours on the first naive_chars of text, then ours on all of it."""
@@ -612,38 +615,44 @@ def bench_train(text: str, vocab_size: int, naive_chars: int) -> None:
     print(f"same merges as the naive trainer: {our_merges == naive_merges}")
 
 
+class FlagParser(argparse.ArgumentParser):
+    """argparse with no abbreviations (--max_iter is not --max_iters) and 04-10's --help. A mistake
+    is one line and exit status 2, not a usage dump; a misspelt flag gets the closest known one:
+    `error: unrecognized arguments: --max_iter=9 (did you mean --max_iters?)`."""
+
+    class Help(argparse.MetavarTypeHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        """Each flag as `--name TYPE  meaning (default: X)`."""
+
+    def __init__(self, **options):
+        super().__init__(allow_abbrev=False, formatter_class=self.Help, **options)
+
+    def error(self, message: str):
+        hint = "see --help"
+        if message.startswith("unrecognized arguments: "):
+            first = message.split()[2].split("=")[0]  # "--max_iter=9" -> "--max_iter"
+            flags = [flag for action in self._actions for flag in action.option_strings]
+            close = difflib.get_close_matches(first, flags, n=1)
+            if close:
+                hint = f"did you mean {close[0]}?"
+        self.exit(2, f"error: {message} ({hint})\n")
+
+
 def main(argv=None):
-    description = "Byte-level BPE from scratch: train, encode, decode, bench."
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
-    commands = parser.add_subparsers(dest="command", required=True)
-    tokenizer_help = ("'gpt2' (OpenAI's merges) or a JSON file written by train "
-                      "(default: %(default)s)")
-    train_parser = commands.add_parser("train", help="learn a BPE vocabulary from a text file",
-                                       allow_abbrev=False)
-    train_parser.add_argument("file", help="UTF-8 text file, e.g. data/tinyshakespeare.txt")
-    train_parser.add_argument("--vocab_size", type=int, default=1024,
-                              help="256 bytes + merges + <|endoftext|>")
-    train_parser.add_argument("--out", default="out/bpe.json",
-                              help="where to write the tokenizer (JSON)")
-    encode_parser = commands.add_parser("encode", help="text -> ids", allow_abbrev=False)
-    encode_parser.add_argument("text")
-    encode_parser.add_argument("--tokenizer", default="gpt2", help=tokenizer_help)
-    encode_parser.add_argument("--allowed_special", choices=["none_raise", "all"],
-                               default="none_raise",
-                               help="all: <|endoftext|> in the text is the special token "
-                                    "(default: %(default)s)")
-    decode_parser = commands.add_parser("decode", help="ids -> text", allow_abbrev=False)
-    decode_parser.add_argument("ids", type=int, nargs="+")
-    decode_parser.add_argument("--tokenizer", default="gpt2", help=tokenizer_help)
-    bench_parser = commands.add_parser("bench", help="time the naive and the incremental trainer",
-                                       allow_abbrev=False)
-    bench_parser.add_argument("--vocab_size", type=int, default=1024)
-    bench_parser.add_argument("--naive_chars", type=int, default=100_000,
-                              help="the naive trainer's text (it is slow)")
-    bench_parser.add_argument("--data_dir", default=str(DATA_DIR),
-                              help="where tinyshakespeare.txt is (or goes)")
-    for each in (parser, *commands.choices.values()):  # a mistake is one line, not a usage dump
-        each.error = lambda message, each=each: each.exit(2, f"error: {message} (see --help)\n")
+    parser = FlagParser(description=__doc__.split("\n")[0])  # the docstring's first line
+    todo = parser.add_mutually_exclusive_group()  # what to do: one of these four
+    todo.add_argument("--train", type=str, help="learn BPE merges from this UTF-8 text file")
+    todo.add_argument("--encode", type=str, help="print this text's token ids, and each token")
+    todo.add_argument("--decode", type=int, nargs="+", help="print the text of ids: 15496 995")
+    todo.add_argument("--bench", action="store_true", help="time the naive trainer against ours")
+    parser.add_argument("--vocab_size", type=int, default=1024,
+                        help="tokens in all (--train, --bench): 256 bytes, merges, <|endoftext|>")
+    parser.add_argument("--out", type=str, default="out/bpe.json", help="the file --train writes")
+    parser.add_argument("--tokenizer", type=str, default="gpt2",
+                        help="--encode, --decode: gpt2 (OpenAI's merges) or a file --train wrote")
+    parser.add_argument("--allowed_special", type=str, default="none_raise",
+                        choices=["none_raise", "all"], help="all: <|endoftext|> is that token")
+    parser.add_argument("--naive_chars", type=int, default=100_000,
+                        help="--bench: characters of text for the naive (slow) trainer")
     args = parser.parse_args(argv)
     try:  # the user's input or network: one line `error: ...`, exit status 2, no traceback
         run(args)
@@ -651,43 +660,38 @@ def main(argv=None):
         parser.exit(2, f"error: {e}\n")
 
 
-def run(args):  # main's command, its arguments checked before any work
-    vocab_size = getattr(args, "vocab_size", 257)  # encode and decode have none
-    if vocab_size < 257:
-        raise ValueError(f"--vocab_size={vocab_size}; "
-                         "use at least 257 (256 bytes + <|endoftext|>)")
-    if args.command == "train":
-        if not Path(args.file).is_file():
-            raise ValueError(f"{args.file}: no such file; "
-                             "give a UTF-8 text file (data/tinyshakespeare.txt)")
-        text = Path(args.file).read_text(encoding="utf-8")
+def run(args):  # main's work, its arguments checked before any of it
+    if args.train is None and args.encode is None and args.decode is None and not args.bench:
+        raise ValueError("say what to do: --train=FILE, --encode=TEXT, --decode IDS or --bench")
+    if args.vocab_size < 257:
+        raise ValueError(f"--vocab_size={args.vocab_size}; use at least 257 (256 bytes + 1)")
+    if args.encode and "<|endoftext|>" in args.encode and args.allowed_special == "none_raise":
+        raise ValueError("--encode's text holds <|endoftext|>; add --allowed_special=all to encode "
+                         "it as the end-of-text token, not as text")  # not encode's long message
+    if args.train is not None:
+        path = PROJECT / args.train
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, ValueError):  # missing, unreadable or not UTF-8
+            raise ValueError(f"--train={args.train}: no UTF-8 text file at {path}") from None
         t0 = time.perf_counter()
         tok = BPETokenizer.train(text, args.vocab_size, log=merge_logger(args.vocab_size - 257))
         seconds = time.perf_counter() - t0
-        print(f"{len(tok.merges)} merges in {seconds:.2f} s; wrote {tok.save(args.out)}")
+        print(f"{len(tok.merges)} merges in {seconds:.2f} s; wrote {tok.save(PROJECT / args.out)}")
         sample = text[:100_000]
         ratio = len(sample.encode("utf-8")) / len(tok.encode_ordinary(sample))
         print(f"compression on the first 100k characters: {ratio:.2f} bytes/token")
-    elif args.command == "bench":
+    elif args.bench:
         if args.naive_chars <= 0:
-            raise ValueError(f"--naive_chars={args.naive_chars}; "
-                             "use a positive count, e.g. 100000")
-        path = download(SHAKESPEARE_URL, Path(args.data_dir) / "tinyshakespeare.txt",
-                        SHAKESPEARE_SHA256)
+            raise ValueError(f"--naive_chars={args.naive_chars}; use a positive count, e.g. 100000")
+        path = download(SHAKESPEARE_URL, DATA_DIR / "tinyshakespeare.txt", SHAKESPEARE_SHA256)
         bench_train(path.read_text(encoding="utf-8"), args.vocab_size, args.naive_chars)
-    else:  # encode or decode
-        if args.tokenizer == "gpt2":
-            tok = gpt2()
-        else:
-            tok = BPETokenizer.load(args.tokenizer)
-        if args.command == "decode":
-            print(tok.decode(args.ids))
+    else:  # --encode or --decode
+        tok = gpt2() if args.tokenizer == "gpt2" else BPETokenizer.load(PROJECT / args.tokenizer)
+        if args.decode is not None:
+            print(tok.decode(args.decode))
             return
-        try:
-            ids = tok.encode(args.text, allowed_special=args.allowed_special)
-        except ValueError as e:  # tiktoken's message, first line, and our flag
-            first_line = str(e).splitlines()[0]
-            raise ValueError(f"{first_line} Add --allowed_special=all to encode it as that token")
+        ids = tok.encode(args.encode, allowed_special=args.allowed_special)
         print(ids)
         print(" | ".join(repr(tok.decode([i])) for i in ids))
 

@@ -32,6 +32,7 @@ Run (CPU is plenty, nothing here trains):
 """
 
 import argparse
+import difflib
 import hashlib
 import json
 import os
@@ -45,8 +46,8 @@ import requests
 import torch
 from torch.utils.data import Dataset, Sampler
 
-# downloads, and the prepared corpora next to them
-DATA_DIR = Path(__file__).resolve().parent / "data"
+PROJECT = Path(__file__).resolve().parent  # relative paths (data/, flags) start here
+DATA_DIR = PROJECT / "data"  # downloads, and the prepared corpora next to them
 
 # -----------------------------------------------------------------------------
 # 1. fetch: the corpora we know, with the hash of the exact bytes we expect
@@ -170,12 +171,8 @@ def deduplicate_paragraphs(text: str, min_chars: int = 50) -> tuple[str, dict]:
                 continue
             seen.add(digest)
         kept.append(paragraph)
-    report = {
-        "step": "deduplicate_paragraphs",
-        "paragraphs_removed": len(dropped),
-        "chars_removed": sum(len(p) for p in dropped),
-        "examples": _examples(dropped),
-    }
+    report = {"step": "deduplicate_paragraphs", "paragraphs_removed": len(dropped),
+              "chars_removed": sum(len(p) for p in dropped), "examples": _examples(dropped)}
     return "\n\n".join(kept), report
 
 
@@ -203,13 +200,10 @@ def quality_filter(text: str, min_letter_fraction: float = 0.5,
             repeated.append(paragraph)
         else:
             kept.append(paragraph)
-    report = {
-        "step": "quality_filter",
-        "paragraphs_removed": len(too_few_letters) + len(repeated),
-        "too_few_letters": len(too_few_letters),
-        "repeated_chars": len(repeated),
-        "examples": _examples(too_few_letters + repeated),
-    }
+    report = {"step": "quality_filter",
+              "paragraphs_removed": len(too_few_letters) + len(repeated),
+              "too_few_letters": len(too_few_letters), "repeated_chars": len(repeated),
+              "examples": _examples(too_few_letters + repeated)}
     return "\n\n".join(kept), report
 
 
@@ -252,8 +246,7 @@ def prepare_corpus(text: str, out_dir, tokenizer_spec: dict,
     The .bin files are raw token ids with no header; meta.json says how to read them.
     """
     if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}; "
-                         "e.g. use 0.1")
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}; e.g. use 0.1")
     tokenizer = get_tokenizer(tokenizer_spec)
     dtype = token_dtype(tokenizer.n_vocab)
     split_at = int(len(text) * (1 - val_fraction))
@@ -475,33 +468,24 @@ class RankBatchSampler(Sampler):
 # The command line: fetch, clean, prepare into data/<dataset>-<tokenizer>/, and look at a batch
 
 def main(argv=None):
-    description = ("From raw text to batches: fetch, clean, tokenize into "
-                   "train.bin/val.bin/meta.json, and show a batch.")
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--dataset",
-                        help="tinyshakespeare (fetched), or a name for --text_file's text; "
-                             "None: tinyshakespeare, or the text file's stem")
-    parser.add_argument("--text_file", type=Path,
-                        help="prepare this UTF-8 text file, not a known corpus")
-    parser.add_argument("--tokenizers", default="char,gpt2",
-                        help="comma-separated: char, gpt2 or both")
-    parser.add_argument("--normalize", default="NFC", choices=["NFC", "NFKC"],
-                        help="Unicode normal form")
-    parser.add_argument("--clean", nargs="?", const="true", default="true",
-                        choices=["true", "false"],
-                        help="clean the text first (bare --clean: true); "
-                             "--clean=false keeps it as it is")
+    parser = FlagParser(description=__doc__.split("\n")[0])  # the docstring's first line
+    parser.add_argument("--dataset", type=str, help="the corpus's name; tinyshakespeare is "
+                        "downloaded (default: %(default)s: tinyshakespeare or --text_file's name)")
+    parser.add_argument("--text_file", type=str, help="your own UTF-8 text file to prepare")
+    parser.add_argument("--tokenizers", type=str, default="char,gpt2",
+                        help="char (a token per character), gpt2 (GPT-2's BPE) or char,gpt2")
+    parser.add_argument("--normalize", type=str, default="NFC", choices=["NFC", "NFKC"],
+                        help="Unicode normal form (NFKC also folds look-alikes: ﬁ -> fi)")
+    parser.add_argument("--clean", type=str, nargs="?", const="true", default="true",
+                        choices=["true", "false"], help="clean the text first")
     parser.add_argument("--val_fraction", type=float, default=0.1,
-                        help="tail of the text kept for val")
-    parser.add_argument("--block_size", type=int, default=32, help="tokens per window")
-    parser.add_argument("--batch_size", type=int, default=4, help="windows per batch")
-    parser.add_argument("--seed", type=int, default=0, help="seed of get_batch")
-    parser.add_argument("--data_dir", type=Path, default=DATA_DIR,
-                        help="downloads, and the prepared DATA_DIR/<dataset>-<tokenizer>/ "
-                             "(05, 06 read it)")
-    # a mistake is one line, not a usage dump
-    parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")
+                        help="the share of the text (its end) kept for validation")
+    parser.add_argument("--block_size", type=int, default=32, help="tokens per window shown")
+    parser.add_argument("--batch_size", type=int, default=4, help="windows per batch shown")
+    parser.add_argument("--seed", type=int, default=0, help="the random seed of get_batch")
+    parser.add_argument("--data_dir", type=str, default="data",
+                        help="downloads, and the <dataset>-<tokenizer>/ folders 05 and 06 read; "
+                             "relative paths start at this script's folder")
     args = parser.parse_args(argv)
     try:  # the user's input or network: one line `error: ...`, exit status 2, no traceback
         run(args)
@@ -519,25 +503,25 @@ def run(args):  # main's work, its arguments checked before any of it
     if args.block_size <= 0 or args.batch_size <= 0:
         raise ValueError(f"--block_size={args.block_size}, --batch_size={args.batch_size}: "
                          "use sizes > 0")
-    if args.text_file and not args.text_file.is_file():
-        raise ValueError(f"--text_file={args.text_file}: no such file")
-    if args.dataset:
-        name = args.dataset
-    elif args.text_file:
-        name = args.text_file.stem
-    else:
-        name = "tinyshakespeare"
-    if not args.text_file and name != "tinyshakespeare":
+    data_dir = PROJECT / args.data_dir  # relative to this folder; an absolute path stays as it is
+    text_file = PROJECT / args.text_file if args.text_file else None
+    if text_file and not text_file.is_file():
+        raise ValueError(f"--text_file={args.text_file}: no such file ({text_file})")
+    default_name = text_file.stem if text_file else "tinyshakespeare"
+    name = args.dataset or default_name
+    if not text_file and name != "tinyshakespeare":
         raise ValueError(f"--dataset={name}: the corpus we fetch is tinyshakespeare; "
                          "for your own text, add --text_file=FILE")
-    if args.text_file:
-        path = args.text_file
-    else:
-        path = fetch(name, args.data_dir)
+    path = text_file
+    if not text_file:
+        path = fetch(name, data_dir)
         for source, stage in [("instruction-data", "07"), ("preference-data", "08")]:
-            source_path = fetch(source, args.data_dir)
+            source_path = fetch(source, data_dir)
             print(f"{source_path}: {source}, JSON for {stage}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text; give a UTF-8 text file") from None
     print(f"{path}: {len(text):,} characters", flush=True)
     if args.clean == "true":
         cleaned, reports = clean_text(text, form=args.normalize)
@@ -547,18 +531,14 @@ def run(args):  # main's work, its arguments checked before any of it
         text = cleaned
     train_chars = int(len(text) * (1 - args.val_fraction))
     if args.block_size >= train_chars:  # a token is >= 1 character
-        raise ValueError(f"--block_size={args.block_size}: "
-                         "the train split has fewer characters than one window; "
-                         "use a smaller block_size or more text")
+        raise ValueError(f"--block_size={args.block_size}: the train split has fewer characters "
+                         "than one window; use a smaller block_size or more text")
+    specs = {"char": CharTokenizer.from_text(text).to_dict(), "gpt2": {"kind": "gpt2"}}
     for kind in kinds:
-        if kind == "char":
-            spec = CharTokenizer.from_text(text).to_dict()
-        else:
-            spec = {"kind": "gpt2"}
-        out_dir = args.data_dir / f"{name}-{kind}"
+        spec = specs[kind]
+        out_dir = data_dir / f"{name}-{kind}"
         t0 = time.perf_counter()
-        print(f"\n[{kind}] tokenizing {len(text):,} characters into {out_dir} ...",
-              flush=True)
+        print(f"\n[{kind}] tokenizing {len(text):,} characters into {out_dir} ...", flush=True)
         meta = prepare_corpus(text, out_dir, spec, val_fraction=args.val_fraction)
         train = load_tokens(out_dir, "train")
         tokenizer = get_tokenizer(spec)
@@ -691,6 +671,29 @@ def download(url: str, path, sha256: str | None = None, timeout: float = 30) -> 
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+# copied from 01_tokenizer.py: FlagParser
+class FlagParser(argparse.ArgumentParser):
+    """argparse with no abbreviations (--max_iter is not --max_iters) and 04-10's --help. A mistake
+    is one line and exit status 2, not a usage dump; a misspelt flag gets the closest known one:
+    `error: unrecognized arguments: --max_iter=9 (did you mean --max_iters?)`."""
+
+    class Help(argparse.MetavarTypeHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        """Each flag as `--name TYPE  meaning (default: X)`."""
+
+    def __init__(self, **options):
+        super().__init__(allow_abbrev=False, formatter_class=self.Help, **options)
+
+    def error(self, message: str):
+        hint = "see --help"
+        if message.startswith("unrecognized arguments: "):
+            first = message.split()[2].split("=")[0]  # "--max_iter=9" -> "--max_iter"
+            flags = [flag for action in self._actions for flag in action.option_strings]
+            close = difflib.get_close_matches(first, flags, n=1)
+            if close:
+                hint = f"did you mean {close[0]}?"
+        self.exit(2, f"error: {message} ({hint})\n")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ Commands:
 """
 
 import argparse
+import difflib
 import math
 import os
 import statistics
@@ -628,37 +629,31 @@ def default_device() -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0],
-        allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = FlagParser(description=__doc__.split("\n")[0])  # the docstring's first line
     parser.add_argument("--bench", type=str_to_bool, nargs="?", const=True, default=False,
-                        help="time and peak memory of manual attention vs SDPA, not the demo")
-    devices = ["cpu", "cuda", "mps"]
-    parser.add_argument("--device", default=default_device(), choices=devices,
-                        help="bench device")
-    dtypes = ["auto", "float32", "bfloat16", "float16"]
-    parser.add_argument("--dtype", default="auto", choices=dtypes,
-                        help="bench dtype; auto = bfloat16 on cuda (flash kernels need it), "
-                             "float32 else")
-    parser.add_argument("--seq_lens", type=int_list, default=[128, 256, 512, 1024, 2048],
-                        help="sequence lengths T to benchmark, comma-separated")
-    parser.add_argument("--batch_size", type=int, default=1, help="bench batch size")
-    parser.add_argument("--n_embd", type=int, default=768, help="bench width (GPT-2 small: 768)")
-    parser.add_argument("--n_head", type=int, default=12, help="bench heads (GPT-2 small: 12)")
+                        metavar="bool", help="time manual attention against SDPA, not the demo")
+    parser.add_argument("--device", type=str, default=default_device(),
+                        choices=["cpu", "cuda", "mps"], help="where the benchmark runs")
+    parser.add_argument("--dtype", type=str, default="auto",
+                        choices=["auto", "float32", "bfloat16", "float16"],
+                        help="the benchmark's number format; auto = bfloat16 on cuda (its fast "
+                             "kernels need 16 bits), float32 elsewhere")
+    parser.add_argument("--seq_lens", type=int_list, default="128,256,512,1024,2048",
+                        metavar="ints", help="the sequence lengths T to time, comma-separated")
+    parser.add_argument("--batch_size", type=int, default=1, help="sequences per forward")
+    parser.add_argument("--n_embd", type=int, default=768, help="channels per token, as in GPT-2")
+    parser.add_argument("--n_head", type=int, default=12, help="attention heads, as in GPT-2")
     parser.add_argument("--repeat", type=int, default=5, help="timed forwards per measurement")
-    # a user error is one line that names the fix, not argparse's usage dump
-    parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")
     args = parser.parse_args(argv)
-    if args.repeat < 1 or args.batch_size < 1 or min(args.seq_lens) < 1:
-        parser.error("--repeat, --batch_size and every --seq_lens value must be positive")
+    counts = {"--repeat": args.repeat, "--batch_size": args.batch_size,
+              "--seq_lens": min(args.seq_lens)}  # the smallest length
+    for flag, count in counts.items():
+        if count < 1:
+            parser.error(f"{flag}: {count} is not positive; use 1 or more")
     if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device=cuda but torch.cuda.is_available() is False: use --device=cpu")
+        parser.error("--device=cuda, but PyTorch sees no CUDA GPU here: use --device=cpu")
     if args.device == "mps" and not torch.backends.mps.is_available():
-        parser.error(
-            "--device=mps but torch.backends.mps.is_available() is False: use --device=cpu"
-        )
+        parser.error("--device=mps, but PyTorch sees no Apple GPU here: use --device=cpu")
     if args.n_head <= 0 or args.n_embd % args.n_head != 0:
         parser.error(
             f"--n_head={args.n_head} must divide --n_embd={args.n_embd} (GPT-2: 768 and 12)"
@@ -667,6 +662,33 @@ def main(argv=None) -> None:
         bench(args)
     else:
         demo()
+
+
+# -----------------------------------------------------------------------------
+# Appendix: pieces copied unchanged from earlier stages, so that this file runs on its own.
+# Each is its origin's text byte for byte (tests/test_copies.py checks); read them there.
+
+# copied from 01_tokenizer.py: FlagParser
+class FlagParser(argparse.ArgumentParser):
+    """argparse with no abbreviations (--max_iter is not --max_iters) and 04-10's --help. A mistake
+    is one line and exit status 2, not a usage dump; a misspelt flag gets the closest known one:
+    `error: unrecognized arguments: --max_iter=9 (did you mean --max_iters?)`."""
+
+    class Help(argparse.MetavarTypeHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        """Each flag as `--name TYPE  meaning (default: X)`."""
+
+    def __init__(self, **options):
+        super().__init__(allow_abbrev=False, formatter_class=self.Help, **options)
+
+    def error(self, message: str):
+        hint = "see --help"
+        if message.startswith("unrecognized arguments: "):
+            first = message.split()[2].split("=")[0]  # "--max_iter=9" -> "--max_iter"
+            flags = [flag for action in self._actions for flag in action.option_strings]
+            close = difflib.get_close_matches(first, flags, n=1)
+            if close:
+                hint = f"did you mean {close[0]}?"
+        self.exit(2, f"error: {message} ({hint})\n")
 
 
 if __name__ == "__main__":

@@ -245,7 +245,6 @@ class GPT(nn.Module):
 # Attention adds matmuls with no weights, QK^T and att @ V, 2 * T * C each per layer forward, so
 # 12 * n_layer * T * C for forward + backward (PaLM's appendix B; we count the full T x T even
 # though the causal mask makes half of it zeros, as everyone does).
-# MFU = flops_per_token * tokens/s / the hardware's peak.
 def flops_per_token(model: GPT, seq_len: int | None = None) -> int:
     """Training FLOPs per token at context seq_len: 6N (weights) + 12 L T C (attention)."""
     config = model.config
@@ -309,12 +308,10 @@ def load_safetensors(path) -> dict[str, torch.Tensor]:
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size < 8:
-            raise ValueError(f"{path} is {size} bytes, too short for a safetensors file; "
-                             "re-download it")
+            raise ValueError(f"{path} is {size} bytes, too short for safetensors; re-download it")
         (header_len,) = struct.unpack("<Q", f.read(8))
         if 8 + header_len > size:
-            raise ValueError(f"{path}: header length {header_len} exceeds the file size; "
-                             "re-download it")
+            raise ValueError(f"{path}: header length {header_len} > file size; re-download it")
         header = json.loads(f.read(header_len))
         header.pop("__metadata__", None)
         start = 8 + header_len  # the data begins here; the offsets count from it
@@ -323,20 +320,17 @@ def load_safetensors(path) -> dict[str, torch.Tensor]:
         for name, info in in_file_order:
             if info["dtype"] not in SAFETENSORS_DTYPES:
                 raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, which this "
-                                 "reader does not support; supported: "
-                                 f"{sorted(SAFETENSORS_DTYPES)}")
+                                 f"reader does not support; it knows {sorted(SAFETENSORS_DTYPES)}")
             dtype = SAFETENSORS_DTYPES[info["dtype"]]
             begin, end = info["data_offsets"]
             nbytes = math.prod(info["shape"]) * dtype.itemsize
             if end - begin != nbytes or start + end > size:
-                raise ValueError(f"{path}: tensor {name} has inconsistent offsets; "
-                                 "the file is corrupt")
+                raise ValueError(f"{path}: {name} has inconsistent offsets; the file is corrupt")
             f.seek(start + begin)
             buffer = bytearray(nbytes)
             f.readinto(buffer)
-            flat = torch.empty(0, dtype=dtype)  # torch.frombuffer refuses an empty buffer
-            if nbytes:
-                flat = torch.frombuffer(buffer, dtype=dtype)
+            # torch.frombuffer refuses an empty buffer
+            flat = torch.frombuffer(buffer, dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
             tensors[name] = flat.view(info["shape"])
     return tensors
 
@@ -351,6 +345,7 @@ def load_safetensors(path) -> dict[str, torch.Tensor]:
 # the checkpoint leaves it out.
 HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight",
                  "mlp.c_fc.weight", "mlp.c_proj.weight")
+GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's four, as HF names them
 
 
 def hf_to_gpt_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -366,13 +361,9 @@ def hf_to_gpt_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
             name = "transformer." + name
         out[name] = tensor.contiguous()
     if "transformer.wte.weight" not in out:
-        raise ValueError(f"no wte.weight among the keys {sorted(sd)[:5]}...; "
-                         "is this a GPT-2 checkpoint?")
+        raise ValueError(f"no wte.weight in {sorted(sd)[:5]}...: is this a GPT-2 checkpoint?")
     out.setdefault("lm_head.weight", out["transformer.wte.weight"])  # tied: often left out
     return out
-
-
-GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
 # from_pretrained downloads Hugging Face's model.safetensors once into cache_dir/<model_type>/
@@ -386,7 +377,9 @@ def from_pretrained(model_type: str, cache_dir) -> "GPT":
         raise ValueError(f"unknown pretrained model {model_type!r}; choose one of {GPT2_SIZES}")
     url = f"https://huggingface.co/{model_type}/resolve/main/model.safetensors"
     path = Path(cache_dir) / model_type / "model.safetensors"
-    path = download(url, path, sha256=None)  # no hash pinned
+    if not path.exists():  # fetched beside its folder, which appears once the file is whole
+        fetched = download(url, path.parent.with_suffix(".safetensors"))  # no hash pinned
+        os.renames(fetched, path)  # makes the folder: a failed download leaves none behind
     with torch.device("meta"):  # shapes only: no memory, no random init
         model = GPT(GPTConfig.from_preset(model_type))  # vocab 50257, block 1024, bias, no dropout
     state_dict = hf_to_gpt_state_dict(load_safetensors(path))
@@ -433,15 +426,21 @@ def parse_config(cls, argv=None):
         parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, **options)
     # a user error is one line, not argparse's usage dump
     parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")
-    given = vars(parser.parse_args(argv))
+    known, unknown = parser.parse_known_args(argv)
+    if unknown:  # a typo gets the closest flag: --lerning_rate=1 (did you mean --learning_rate?)
+        import difflib  # imported here: the files that copy parse_config need no new import
+        flags = [f"--{f.name}" for f in fields(cls)]
+        close = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    given = vars(known)
     preset = given.get("preset", getattr(cls, "preset", None))
     try:
         if presets and preset not in presets:
             raise ValueError(f"--preset={preset!r} is not valid; use {', '.join(presets)}")
         return cls(**{**presets.get(preset, {}), **given})  # the flags given win over the preset
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        parser.exit(2, f"error: {e}\n")
 
 
 def pick_device(device: str = "auto") -> str:
@@ -491,18 +490,30 @@ def autocast_context(device_type: str, dtype: str):
     return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
 
 # MFU (model FLOPs utilisation, PaLM appendix B) = the FLOPs the model needs per second (above:
-# flops_per_token x tokens/s) / the hardware's peak. GPUs have a datasheet peak (dense bf16/fp16
-# tensor cores; matched as substrings of the device name, in this order so "L40S" is found before
-# "L4"). CPUs have none that training comes near (a timed matmul read 0.7 to 2.1 TFLOP/s from run
-# to run on one machine), so there the training stages print tokens/s, unless told a peak.
-def peak_flops(device: str, override: float = 0) -> float | None:
-    """FLOP/s to measure MFU against: override if > 0, a known GPU's datasheet peak, else None."""
-    peaks = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
-             "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+# flops_per_token x tokens/s) / the hardware's peak. A GPU's peak depends on its exact model (an
+# "H100" does 756, 835 or 989 TFLOP/s in bf16: PCIe, NVL or SXM) and on the dtype. CPUs have none
+# that training comes near (a timed matmul read 0.7 to 2.1 TFLOP/s from run to run on one machine),
+# so there the training stages print tokens/s, unless told a peak.
+def peak_flops(device: str, dtype: str, override: float = 0) -> float | None:
+    """FLOP/s to measure MFU against: override if > 0, else a known GPU's dense datasheet peak for
+    dtype (bf16/fp16: tensor cores; float32: TF32 if torch has it on, else fp32), else None."""
     if override > 0 or torch.device(device).type != "cuda":
         return override or None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for gpu, flops in peaks.items() if gpu in name), None)
+    tflops = {  # dense TFLOP/s, NVIDIA's datasheets (whose headlines are often 2:4 sparse: 2x)
+        "NVIDIA H100 80GB HBM3": (989, 495, 67), "NVIDIA H200": (989, 495, 67),  # the SXM ones
+        "NVIDIA H100 PCIe": (756, 378, 51), "NVIDIA H100 NVL": (835, 418, 60),
+        "NVIDIA A100-SXM4-80GB": (312, 156, 19.5), "NVIDIA A100-SXM4-40GB": (312, 156, 19.5),
+        "NVIDIA A100 80GB PCIe": (312, 156, 19.5), "NVIDIA A100-PCIE-40GB": (312, 156, 19.5),
+        "NVIDIA L40S": (362, 183, 91.6), "NVIDIA L40": (181, 90.5, 90.5),
+        "NVIDIA L4": (121, 60, 30.3), "NVIDIA GeForce RTX 4090": (165, 82.6, 82.6),
+        "NVIDIA GeForce RTX 3090": (71, 35.6, 35.6), "Tesla V100-SXM2-16GB": (125, 0, 15.7),
+        "Tesla V100-SXM2-32GB": (125, 0, 15.7), "Tesla T4": (65, 0, 8.1),  # no bf16, no TF32
+    }  # fmt: skip
+    half, tf32, fp32 = tflops.get(torch.cuda.get_device_name(device), (0, 0, 0))  # 0: not listed
+    peak = half
+    if dtype == "float32":  # TF32: fp32 matmuls on the tensor cores, at half their bf16 rate
+        peak = tf32 if tf32 and torch.backends.cuda.matmul.allow_tf32 else fp32
+    return peak * 1e12 or None  # None: a GPU the table does not know
 
 
 # -----------------------------------------------------------------------------
@@ -523,7 +534,7 @@ class SampleConfig:
     device: Annotated[str, "auto (cuda, mps, then cpu), cpu, cuda, cuda:1, mps"] = "auto"
     dtype: Annotated[str, "auto (bf16 or fp16 on CUDA, else fp32), float32, bfloat16"] = "auto"
     save_ckpt: Annotated[bool, "write OpenAI's model to data_dir/<init_from>/ckpt.pt"] = False
-    data_dir: Annotated[str, "OpenAI's weights are cached here; '' = data/ by this script"] = ""
+    data_dir: Annotated[str, "OpenAI's weights are cached here (relative to this script)"] = "data"
 
     def __post_init__(self):  # a ValueError here is one `error:` line from parse_config
         choices = {"preset": GPTConfig.PRESETS, "init_from": ("scratch", *GPT2_SIZES)}
@@ -534,8 +545,7 @@ class SampleConfig:
         if min(self.max_new_tokens, self.temperature, self.top_k) < 0:
             raise ValueError("--max_new_tokens, --temperature and --top_k must be >= 0")
         if self.save_ckpt and self.init_from == "scratch":
-            raise ValueError("--save_ckpt writes OpenAI's weights: "
-                             "add --init_from=gpt2 (or gpt2-medium...)")
+            raise ValueError("--save_ckpt saves OpenAI's model: use --init_from=gpt2 .. gpt2-xl")
         self.device = pick_device(self.device)
         self.dtype = pick_dtype(self.dtype, self.device)
 
@@ -556,8 +566,7 @@ def params_by_component(model: GPT) -> dict[str, int]:
 def main(argv=None):
     cfg = parse_config(SampleConfig, argv)
     if cfg.device.startswith("cuda"):  # TF32 matmuls: ~8x fp32's throughput on Ampere+, ample here
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = True  # cuDNN's (convolutions): on by default
     torch.manual_seed(cfg.seed)
 
     # Counting needs no memory: "meta" tensors have shapes, no storage: even gpt2-xl is instant.
@@ -575,15 +584,18 @@ def main(argv=None):
           f"(weights 6N: {weights:.2f}, attention: {attention:.2f})")
 
     import tiktoken  # imported here: counting parameters needs no tokenizer
-
-    enc = tiktoken.get_encoding("gpt2")
-    data_dir = Path(cfg.data_dir or Path(__file__).resolve().parent / "data")
-    if cfg.init_from == "scratch":
-        model = GPT(GPTConfig.from_preset("tiny"))
-        what = "a random 'tiny' model (expect gibberish)"
-    else:
-        model = from_pretrained(cfg.init_from, cache_dir=data_dir)
-        what = f"OpenAI's {cfg.init_from}"
+    data_dir = Path(__file__).resolve().parent / cfg.data_dir  # an absolute one stays as it is
+    try:  # offline, or a damaged file: one line naming it, no traceback, nothing left behind
+        enc = tiktoken.get_encoding("gpt2")  # tiktoken downloads GPT-2's BPE files once
+        if cfg.init_from == "scratch":
+            model = GPT(GPTConfig.from_preset("tiny"))
+            what = "a random 'tiny' model (expect gibberish)"
+        else:
+            model = from_pretrained(cfg.init_from, cache_dir=data_dir)
+            what = f"OpenAI's {cfg.init_from}"
+    except (RuntimeError, ValueError, requests.RequestException) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     if cfg.save_ckpt:  # OpenAI's weights enter once, here; later stages load it (05's format)
         path = data_dir / cfg.init_from / "ckpt.pt"
         tmp = data_dir / cfg.init_from / "ckpt.pt.tmp"

@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+PROJECT = Path(__file__).resolve().parent  # a relative data_dir or out_dir resolves here
 
 # -----------------------------------------------------------------------------
 # Settings: nanoGPT's names, each a --field=value flag (04's parse_config)
@@ -65,7 +65,7 @@ class TrainConfig:
     # data, as 02 prepared it: data_dir/<dataset>-<tokenizer>/{train.bin, val.bin, meta.json}
     dataset: Annotated[str, "the corpus 02 prepared"] = "tinyshakespeare"
     tokenizer: Annotated[str, "char (a token per character) or gpt2 (BPE)"] = "char"
-    data_dir: Annotated[str, "02's prepared corpora; '' = data/ by this script"] = ""
+    data_dir: Annotated[str, "02's prepared corpora (relative to this script)"] = "data"
     # model (04's GPTConfig)
     n_layer: Annotated[int, "transformer blocks"] = 4
     n_head: Annotated[int, "attention heads per block"] = 4
@@ -73,7 +73,7 @@ class TrainConfig:
     block_size: Annotated[int, "context length in tokens"] = 64
     dropout: Annotated[float, "0: short runs on much data; GPU recipe: 0.2"] = 0.0
     bias: Annotated[bool, "biases in Linear and LayerNorm; nanoGPT has none"] = False
-    init_from: Annotated[str, "scratch, or resume the run in out_dir"] = "scratch"
+    init_from: Annotated[str, "scratch, resume out_dir's run, or auto: resume if any"] = "scratch"
     # optimization
     batch_size: Annotated[int, "sequences per micro-batch"] = 12
     gradient_accumulation_steps: Annotated[int, "micro-batches per optimizer step"] = 1
@@ -102,8 +102,8 @@ class TrainConfig:
     device: Annotated[str, "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"] = "auto"
     dtype: Annotated[str, "auto (CUDA: bf16/fp16, else fp32), float32, bfloat16, float16"] = "auto"
     compile: Annotated[bool, "torch.compile: slower start, faster steps (GPUs)"] = False
-    threads: Annotated[int, "CPU threads; 0 = PyTorch's default"] = 0
-    peak_flops: Annotated[float, "FLOP/s for MFU; 0 = a known GPU's peak"] = 0.0
+    threads: Annotated[int, "CPU threads; 0 = PyTorch's choice"] = 0
+    peak_flops: Annotated[float, "chip's top FLOP/s; MFU = the share used; 0 = known GPUs"] = 0.0
     seed: Annotated[int, "seeds the weights, the batches and dropout"] = 1337
 
     AT_LEAST_ONE = ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval",
@@ -111,10 +111,13 @@ class TrainConfig:
     MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
 
     def __post_init__(self):  # each check names its fix; parse_config prints one `error:` line
-        data_dir = Path(self.data_dir or DATA_DIR)
+        data_dir = PROJECT / (self.data_dir or "data")  # '': older checkpoints' data/
         self.corpus_dir = data_dir / f"{self.dataset}-{self.tokenizer}"
-        choices = {"tokenizer": ("char", "gpt2"), "init_from": ("scratch", "resume")}
+        self.ckpt_path = PROJECT / self.out_dir / "ckpt.pt"  # an absolute out_dir stays as is
+        choices = {"tokenizer": ("char", "gpt2"), "init_from": ("scratch", "resume", "auto")}
         check_values(self, choices, self.AT_LEAST_ONE)
+        if self.init_from == "auto":  # as in 06: resume if out_dir holds a checkpoint, else start
+            self.init_from = "resume" if self.ckpt_path.exists() else "scratch"
         if self.max_new_tokens and not self.prompt:
             raise ValueError("--prompt is empty: samples continue at least one token "
                              "(or --max_new_tokens=0)")
@@ -148,21 +151,20 @@ def check_values(cfg, choices: dict, at_least_one: tuple):
 def check_run(cfg: TrainConfig, resumed: tuple | None = None):
     """The checks that read the disk, which main runs before any work; each error names its fix.
     resumed: load_checkpoint's (model, tokenizer, ckpt) of out_dir/ckpt.pt when cfg resumes."""
-    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
     meta = load_meta(cfg.corpus_dir)  # if 02 has not prepared it: the 02 command that does
     wanted = asdict(cfg.model_config(meta["n_vocab"]))  # GPTConfig checks n_embd % n_head...
     if cfg.init_from == "resume":  # the run's settings come from its checkpoint: it must be one
         model, tokenizer, ckpt = resumed
         if ckpt.get("optimizer") is None:  # 07 and 08 save the weights only
-            raise ValueError(f"{ckpt_path} holds no optimizer state ({ckpt.get('stage')} "
+            raise ValueError(f"{cfg.ckpt_path} holds no optimizer state ({ckpt.get('stage')} "
                              "saves weights only): sample it with 09_generate.py")
         saved = ckpt["model_args"]
         differing = ", ".join(f"{k}={v!r}" for k, v in saved.items() if v != wanted[k])
         if differing:  # the model is the checkpoint's: the settings must say so too
-            raise ValueError(f"{ckpt_path} holds a model with {differing}: "
+            raise ValueError(f"{cfg.ckpt_path} holds a model with {differing}: "
                              "resume with those (vocab_size: --dataset, --tokenizer)")
-    elif ckpt_path.exists() and not cfg.overwrite:
-        raise ValueError(f"{ckpt_path} exists; continue that run with --init_from=resume, "
+    elif cfg.ckpt_path.exists() and not cfg.overwrite:
+        raise ValueError(f"{cfg.ckpt_path} exists; continue that run with --init_from=resume, "
                          f"train into another --out_dir, or replace it: --overwrite")
     train_tokens = len(load_tokens(cfg.corpus_dir, "train"))  # load_tokens checks the file
     val_tokens = len(load_tokens(cfg.corpus_dir, "val"))
@@ -368,7 +370,8 @@ def check_finite(what: str, value: float, step: int, ckpt_path, saved_at: int | 
         return
     message = f"{what} is {value} at iteration {step}: training diverged"
     if saved_at is not None:
-        message += f"; {ckpt_path} (iter {saved_at}) is intact: --init_from=resume"
+        resume = f"--init_from=resume --out_dir={ckpt_path.parent}"
+        message += f"; {ckpt_path} (iter {saved_at}) is intact: {resume}"
     raise FloatingPointError(f"{message}; try a lower --learning_rate (or --dtype=float32)")
 
 
@@ -384,7 +387,7 @@ class Run:
         self.optimizer = optimizer
         self.scaler = scaler
         self.header = header  # model_args, tokenizer, config, stage: the same in every save
-        self.ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
+        self.ckpt_path = cfg.ckpt_path
         self.resumed = ckpt is not None  # this run continues the one ckpt.pt holds
         self.saved_at = ckpt["iter_num"] if ckpt else None  # the iteration ckpt.pt holds
         self.best_val = ckpt["best_val_loss"] if ckpt else math.inf
@@ -392,8 +395,9 @@ class Run:
         rows = cfg.batch_size * cfg.gradient_accumulation_steps  # one global batch
         self.tokens_per_iter = rows * cfg.block_size
         self.flops_per_iter = flops_per_token(model, cfg.block_size) * self.tokens_per_iter
-        self.peak = peak_flops(cfg.device, cfg.peak_flops)
-        self.step_ms = []  # one per log line; train returns their median
+        self.peak = peak_flops(cfg.device, cfg.dtype, cfg.peak_flops)
+        self.resume_flags = f"--init_from=resume --out_dir={cfg.out_dir}"  # from any folder
+        self.step_ms = []  # one per warm log window; train returns their median
         self.ctrl_c = False
         self.restart_clock(self.saved_at or 0)
 
@@ -457,10 +461,11 @@ class Run:
     def write(self, **record):
         print(json.dumps(record), file=self.log_file, flush=True)  # flushed: a crash loses nothing
 
-    def restart_clock(self, step):
-        """Time the steps from here on: evaluations and samples stay out of the step time."""
+    def restart_clock(self, step, warm=False):
+        """Restart the step timer; warm=False: after a start, an evaluation or a sample."""
         self.clock_start = time.perf_counter()
         self.clock_step = step
+        self.warm = warm
 
     def print_start(self, dtype_given):
         cfg = self.cfg
@@ -474,7 +479,7 @@ class Run:
         print(f"resuming at iter {self.saved_at} of {cfg.max_iters} from {self.ckpt_path} "
               f"(--dtype={dtype_given} runs as {cfg.dtype} on {cfg.device})")
         if self.saved_at >= cfg.max_iters:
-            print(f"nothing left to do (to train longer: --init_from=resume "
+            print(f"nothing left to do (to train longer: {self.resume_flags} "
                   f"--max_iters={2 * self.saved_at})")
 
     def log_step(self, step, loss, lr, grad_norm):
@@ -482,14 +487,17 @@ class Run:
         steps = max(1, step - self.clock_step)  # >= 1: restarts come after a step's log line
         dt = (time.perf_counter() - self.clock_start) / steps
         ms = 1000 * dt
-        self.step_ms.append(ms)
         mfu = f" | MFU {self.flops_per_iter / dt / self.peak:.1%}" if self.peak else ""
         seconds_left = (self.cfg.max_iters - step) * dt
+        left = ""  # the first window after a start, an evaluation or a sample pays for compiling
+        if self.warm:  # and a GPU's emptied queue: it stays out of MFU, time left and the median
+            self.step_ms.append(ms)
+            left = f"{mfu} | ~{seconds_left:.0f} s left"
         print(f"iter {step}/{self.cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} "
               f"| grad norm {grad_norm:.3f} | {ms:.1f} ms "
-              f"| {self.tokens_per_iter / dt:,.0f} tok/s{mfu} | ~{seconds_left:.0f} s left")
+              f"| {self.tokens_per_iter / dt:,.0f} tok/s{left}")
         self.write(iter=step, loss=loss, lr=lr, grad_norm=grad_norm, ms=ms)
-        self.restart_clock(step)
+        self.restart_clock(step, warm=True)
 
     def log_sample(self, step, tokenizer):
         if self.cfg.max_new_tokens:
@@ -525,7 +533,7 @@ def train(cfg: TrainConfig, resumed: tuple | None = None) -> dict:
     tokenizer = get_tokenizer(tokenizer_spec)
     ckpt = None
     if cfg.init_from == "resume":  # the model is the checkpoint's, built once
-        model, _, ckpt = resumed or load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
+        model, _, ckpt = resumed or load_checkpoint(cfg.ckpt_path)
     else:
         model = GPT(cfg.model_config(tokenizer.n_vocab))
     model.to(device)
@@ -574,9 +582,9 @@ def train(cfg: TrainConfig, resumed: tuple | None = None) -> dict:
         if run.ctrl_c:
             if run.saved_at != iter_num:  # else ckpt.pt holds this state already
                 run.save(iter_num)  # NaN weights stop the run instead: the last save stays
-            print(f"saved {run.ckpt_path} (iter {iter_num}); continue: --init_from=resume")
+            print(f"saved {run.ckpt_path} (iter {iter_num}); continue: {run.resume_flags}")
         elif iter_num > first_iter:
-            plot_losses(Path(cfg.out_dir), run.tokens_per_iter)
+            plot_losses(cfg.ckpt_path.parent, run.tokens_per_iter)
             run.log_sample(iter_num, tokenizer)
     return {"iter_num": iter_num, **run.summary(), "interrupted": run.ctrl_c}
 
@@ -591,11 +599,13 @@ def main(argv=None):
     resume_flags.add_argument("--preset")
     resume_flags.add_argument("--out_dir", default=TrainConfig.out_dir)
     given, _ = resume_flags.parse_known_args(argv)
+    ckpt_path = PROJECT / given.out_dir / "ckpt.pt"
+    found = given.init_from == "auto" and ckpt_path.exists()  # auto: resume if there is one
     resumed = None
     saved_flags = []
     try:
-        if given.init_from == "resume":  # the run's settings first: the flags given now win
-            resumed = load_checkpoint(Path(given.out_dir) / "ckpt.pt")  # the one model it builds
+        if given.init_from == "resume" or found:  # the run's settings first: flags given now win
+            resumed = load_checkpoint(ckpt_path)  # the one model this run builds
             names = {f.name for f in fields(TrainConfig)} - {"device"}
             names -= set(TrainConfig.PRESETS.get(given.preset, {}))  # a preset given now wins too
             model, tokenizer, ckpt = resumed
@@ -980,15 +990,21 @@ def parse_config(cls, argv=None):
         parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, **options)
     # a user error is one line, not argparse's usage dump
     parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")
-    given = vars(parser.parse_args(argv))
+    known, unknown = parser.parse_known_args(argv)
+    if unknown:  # a typo gets the closest flag: --lerning_rate=1 (did you mean --learning_rate?)
+        import difflib  # imported here: the files that copy parse_config need no new import
+        flags = [f"--{f.name}" for f in fields(cls)]
+        close = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    given = vars(known)
     preset = given.get("preset", getattr(cls, "preset", None))
     try:
         if presets and preset not in presets:
             raise ValueError(f"--preset={preset!r} is not valid; use {', '.join(presets)}")
         return cls(**{**presets.get(preset, {}), **given})  # the flags given win over the preset
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        parser.exit(2, f"error: {e}\n")
 
 
 # copied from 04_gpt.py: pick_device
@@ -1035,14 +1051,26 @@ def autocast_context(device_type: str, dtype: str):
 
 
 # copied from 04_gpt.py: peak_flops
-def peak_flops(device: str, override: float = 0) -> float | None:
-    """FLOP/s to measure MFU against: override if > 0, a known GPU's datasheet peak, else None."""
-    peaks = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
-             "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+def peak_flops(device: str, dtype: str, override: float = 0) -> float | None:
+    """FLOP/s to measure MFU against: override if > 0, else a known GPU's dense datasheet peak for
+    dtype (bf16/fp16: tensor cores; float32: TF32 if torch has it on, else fp32), else None."""
     if override > 0 or torch.device(device).type != "cuda":
         return override or None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for gpu, flops in peaks.items() if gpu in name), None)
+    tflops = {  # dense TFLOP/s, NVIDIA's datasheets (whose headlines are often 2:4 sparse: 2x)
+        "NVIDIA H100 80GB HBM3": (989, 495, 67), "NVIDIA H200": (989, 495, 67),  # the SXM ones
+        "NVIDIA H100 PCIe": (756, 378, 51), "NVIDIA H100 NVL": (835, 418, 60),
+        "NVIDIA A100-SXM4-80GB": (312, 156, 19.5), "NVIDIA A100-SXM4-40GB": (312, 156, 19.5),
+        "NVIDIA A100 80GB PCIe": (312, 156, 19.5), "NVIDIA A100-PCIE-40GB": (312, 156, 19.5),
+        "NVIDIA L40S": (362, 183, 91.6), "NVIDIA L40": (181, 90.5, 90.5),
+        "NVIDIA L4": (121, 60, 30.3), "NVIDIA GeForce RTX 4090": (165, 82.6, 82.6),
+        "NVIDIA GeForce RTX 3090": (71, 35.6, 35.6), "Tesla V100-SXM2-16GB": (125, 0, 15.7),
+        "Tesla V100-SXM2-32GB": (125, 0, 15.7), "Tesla T4": (65, 0, 8.1),  # no bf16, no TF32
+    }  # fmt: skip
+    half, tf32, fp32 = tflops.get(torch.cuda.get_device_name(device), (0, 0, 0))  # 0: not listed
+    peak = half
+    if dtype == "float32":  # TF32: fp32 matmuls on the tensor cores, at half their bf16 rate
+        peak = tf32 if tf32 and torch.backends.cuda.matmul.allow_tf32 else fp32
+    return peak * 1e12 or None  # None: a GPU the table does not know
 
 
 if __name__ == "__main__":

@@ -16,21 +16,22 @@ differ in the last bits). They differ in what each rank holds, and in which coll
 (fsdp also holds about one block's gathered parameters at a time; rank 0 prints each rank's bytes.)
 Then what a long job needs: activation checkpointing and torch.compile per block, checkpoints (on
 rank 0 in 05's format, or every rank's shards), and restarts that end with the weights of an
-uninterrupted run (bit for bit on CPU, at the same world size: dropout's masks depend on it too).
+uninterrupted run (bit for bit on CPU, at the same world size: dropout's masks depend on it too),
+after a crash or a Ctrl-C (every rank saves at the next log step; --init_from=resume continues).
 
 References: Li et al. 2020 (DDP); Rajbhandari et al. 2020 (ZeRO); Zhao et al. 2023 (FSDP); Chen et
 al. 2016 (activation checkpointing); pytorch/torchtitan (FSDP2 in practice); karpathy/build-nanogpt.
 
 Run (after `python 02_dataloader.py` has prepared the data):
   python 06_distributed.py                                  # a world of one, the same code path
-  torchrun --standalone --nproc_per_node=2 06_distributed.py --strategy=fsdp   # 2 CPU ranks (gloo)
+  torchrun --standalone --nproc_per_node=2 06_distributed.py --device=cpu   # 2 CPU ranks (gloo)
   torchrun --standalone --nproc_per_node=8 06_distributed.py --strategy=fsdp --compile \\
       --tokenizer=gpt2 --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --batch_size=64 \\
       --gradient_accumulation_steps=8                          # 8 GPUs (nccl): GPT-2 small
   # rank 1 dies after step 25; torchrun restarts both at step 20 (the variable: pytorch#135712)
   TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --standalone --nproc_per_node=2 --max-restarts=1 \\
       06_distributed.py --init_from=auto --out_dir=out/restart --max_iters=40 \\
-      --checkpoint_interval=10 --fail_at_step=25
+      --checkpoint_interval=10 --fail_at_step=25 --device=cpu
   # several machines: the same command on every node (HOST = node 0's address)
   torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
       --rdzv-id=gpt 06_distributed.py --strategy=fsdp --init_from=auto --batch_size=64
@@ -38,6 +39,7 @@ Run (after `python 02_dataloader.py` has prepared the data):
 
 import argparse
 import gc
+import io
 import json
 import math
 import os
@@ -46,7 +48,7 @@ import signal
 import sys
 import time
 import traceback
-from contextlib import nullcontext
+from contextlib import nullcontext, redirect_stderr
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import timedelta
 from pathlib import Path
@@ -65,7 +67,7 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+PROJECT = Path(__file__).resolve().parent  # relative paths (data/, out/, flags) resolve here
 
 # -----------------------------------------------------------------------------
 # 1. The process group: who am I, how many are we, how do we talk
@@ -153,10 +155,8 @@ def parallelize(model: nn.Module, cfg, world: World) -> nn.Module:
         return shard_fully(model, cfg)
     # DDP (and zero1): construction broadcasts rank 0's weights; backward all-reduces (averages)
     # the gradients in ~25 MB buckets as each is ready, overlapping with the rest (.grad: views)
-    device_ids = None
-    if world.device.startswith("cuda"):
-        device_ids = [torch.device(world.device).index]
-    return DDP(model, device_ids=device_ids, gradient_as_bucket_view=True)
+    # (no device_ids: DDP need not move the batches, which are on the model's device already)
+    return DDP(model, gradient_as_bucket_view=True)
 
 
 def shard_fully(model: nn.Module, cfg) -> nn.Module:
@@ -203,9 +203,11 @@ def build_optimizer(cfg, model: nn.Module, world: World) -> torch.optim.Optimize
             module, cfg.weight_decay, cfg.learning_rate, betas, device_type)
     if cfg.strategy == "zero1":
         # ZeRO builds its own optimizer from these groups; the one above is dropped unused
-        # (an optimizer makes its state at its first step, so building it cost nothing)
+        # (an optimizer makes its state at its first step, so building it cost nothing). Bucket
+        # view: each rank's parameters in one flat buffer, one broadcast each, not one per tensor
         optimizer = ZeroRedundancyOptimizer(
-            optimizer.param_groups, optimizer_class=type(optimizer), lr=cfg.learning_rate)
+            optimizer.param_groups, optimizer_class=type(optimizer), lr=cfg.learning_rate,
+            parameters_as_bucket_view=True)
     return optimizer
 
 
@@ -260,9 +262,24 @@ def train_step(model, optimizer, data, cfg, world: World, it: int):
     return loss_sum / accumulation, norm
 
 
-def train(cfg, world: World) -> dict:
+class CtrlC:
+    """The SIGINT handler: the first Ctrl-C sets .pressed, which train reads at its next log step;
+    a second one quits at once. torchrun passes one SIGINT to each of its ranks, then SIGKILL 30 s
+    later (its --shutdown-timeout): the save must come before it."""
+
+    pressed = False
+
+    def __call__(self, signum, frame):
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+        print0("\nCtrl-C: saving at the next log step (again: quit without saving)")
+
+
+def train(cfg, world: World, ctrl_c: CtrlC) -> dict:
     """05's loop, data parallel (init_distributed first): {"iter_num", "losses" ({iter_num as
-    logged: the ranks' mean loss}), "val_loss", "memory" (this rank's), "local_state" (its own)}."""
+    logged: the ranks' mean loss}), "val_loss", "memory" (this rank's), "local_state" (its own),
+    "interrupted" (by Ctrl-C: saved at iter_num)}."""
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
     dtype = pick_dtype(cfg.dtype, world.device)
     if dtype == "float16":  # a GPU without bf16: 06 has no gradient scaler
@@ -287,6 +304,8 @@ def train(cfg, world: World) -> dict:
         print0(f"nothing left to do at iter {start}: to train longer, repeat the run's flags "
                f"with --init_from=resume --max_iters={start + cfg.max_iters}")
     saved_at = start or None  # the iteration of the checkpoint a NaN leaves intact
+    iter_num = start
+    interrupted = False
     losses = {}
     memory = None
     val_loss = None
@@ -307,8 +326,14 @@ def train(cfg, world: World) -> dict:
         logged = saved or iter_num % cfg.log_interval == 0  # a save's loss is checked first
         evaluated = last or iter_num % cfg.eval_interval == 0
         if logged:  # reading a tensor waits for the GPU: on log steps only
-            dist.all_reduce(loss)  # NEW: a sum over the ranks (gloo has no average)
-            mean_loss = loss.item() / world.size
+            # NEW: the ranks agree on Ctrl-C here, in the loss's all-reduce, so that all save
+            # together: at every step it would cost a collective and a wait for the GPU
+            pressed = torch.tensor(float(ctrl_c.pressed), device=world.device)
+            sums = torch.stack([loss, pressed])
+            dist.all_reduce(sums)  # NEW: a sum over the ranks (gloo has no average)
+            loss_sum, presses = sums.tolist()
+            mean_loss = loss_sum / world.size
+            interrupted = presses > 0 and not last  # at the last step: done anyway
             losses[iter_num] = mean_loss
             if isinstance(norm, DTensor):  # NEW: FSDP's norm is a DTensor
                 norm = norm.full_tensor()
@@ -323,13 +348,17 @@ def train(cfg, world: World) -> dict:
             check_finite("val loss", val_loss, iter_num, cfg.ckpt_path, saved_at)
             best_val_loss = min(best_val_loss, val_loss)
             print0(f"iter {iter_num}: val loss {val_loss:.4f}")
-        if saved:  # 05's format (see save_checkpoint); save() adds the model and the optimizer
+        if saved or interrupted:  # save() adds the model and the optimizer
             run_info = {"model_args": model_args, "tokenizer": meta["tokenizer"],
                         "config": settings, "stage": "distributed", "iter_num": iter_num,
                         "best_val_loss": best_val_loss, "val_loss": val_loss, "scaler": {},
                         "rng": rng_states()}  # 05's format; never restored: the loop reseeds
             save(cfg, model, optimizer, world, run_info)  # NEW: every rank, not the master only
             saved_at = iter_num
+        if interrupted:
+            print0(f"saved {cfg.ckpt_path} (iter {iter_num}); continue: this command with "
+                   "--init_from=resume")
+            break
         if iter_num == cfg.fail_at_step:  # a crash, for the restart test
             inject_fault(world, iter_num)
         if logged or evaluated:  # restart the clock: evaluations and saves are not steps
@@ -337,8 +366,8 @@ def train(cfg, world: World) -> dict:
             timed_from = iter_num
     module = getattr(model, "module", model)  # NEW: DDP keeps the model in .module
     local_state = {name: local_part(p).detach() for name, p in module.named_parameters()}
-    return {"iter_num": max(start, cfg.max_iters), "losses": losses, "val_loss": val_loss,
-            "memory": memory, "local_state": local_state}
+    return {"iter_num": iter_num, "losses": losses, "val_loss": val_loss, "memory": memory,
+            "local_state": local_state, "interrupted": interrupted}
 
 
 @torch.no_grad()
@@ -377,10 +406,10 @@ def save(cfg, model, optimizer, world: World, run_info: dict):
         name = f"dcp-{run_info['iter_num']:06d}"  # a new directory per save
         model_state, optimizer_state = dsd.get_state_dict(model, optimizer)
         state = {"model": model_state, "optimizer": optimizer_state}
-        dcp.save(state, checkpoint_id=Path(cfg.out_dir) / name)  # each rank writes its shards
+        dcp.save(state, checkpoint_id=cfg.ckpt_path.with_name(name))  # each rank writes its shards
         if world.rank == 0:  # dcp.save returns once every rank's part and the metadata are written
             save_checkpoint(cfg.ckpt_path, {"path": name, **run_info})
-            for old in Path(cfg.out_dir).glob("dcp-0*"):
+            for old in cfg.ckpt_path.parent.glob("dcp-0*"):
                 if old.name != name:  # superseded
                     shutil.rmtree(old)
     else:
@@ -390,6 +419,7 @@ def save(cfg, model, optimizer, world: World, run_info: dict):
             optimizer.consolidate_state_dict(to=0)
             torch.get_device_module(world.device).synchronize()  # its copies don't wait for the GPU
             optimizer_state = optimizer.state_dict() if world.rank == 0 else None
+            optimizer._all_state_dicts = []  # else rank 0 keeps this copy until the next save
         else:
             by_name = dsd.get_optimizer_state_dict(model, optimizer, options=options)
             optimizer_state = None
@@ -422,7 +452,7 @@ def check_checkpoint(cfg, n_vocab: int):
     """The checkpoint in out_dir, full or sharded, must be the one init_from and the flags say."""
     found = cfg.ckpt_path.exists()
     other_name = "ckpt.pt" if cfg.sharded_checkpoint else "dcp-latest.pt"
-    other_kind = Path(cfg.out_dir) / other_name  # what the opposite --sharded_checkpoint writes
+    other_kind = cfg.ckpt_path.with_name(other_name)  # the opposite --sharded_checkpoint's
     if cfg.init_from != "scratch" and not found and other_kind.exists():
         flag = "--sharded_checkpoint"
         if cfg.sharded_checkpoint:
@@ -471,7 +501,7 @@ def resume(cfg, model, optimizer, world: World) -> tuple[int, float]:
     if cfg.sharded_checkpoint:  # DCP fills templates of what this rank holds, re-slicing as needed
         model_state, optimizer_state = dsd.get_state_dict(model, optimizer)
         state = {"model": model_state, "optimizer": optimizer_state}
-        dcp.load(state, checkpoint_id=Path(cfg.out_dir) / ckpt["path"])
+        dcp.load(state, checkpoint_id=cfg.ckpt_path.with_name(ckpt["path"]))
         dsd.set_state_dict(model, optimizer, model_state_dict=state["model"],
                            optim_state_dict=state["optimizer"])
     else:  # every rank passes the full state; FSDP keeps its slices, ZeRO its parameters' state
@@ -516,7 +546,7 @@ class DistConfig:
     # data, as 02 prepared it: data_dir/<dataset>-<tokenizer>/{train.bin, val.bin, meta.json}
     dataset: Annotated[str, "a corpus 02_dataloader.py prepared"] = "tinyshakespeare"
     tokenizer: Annotated[str, "char or gpt2: which of 02's token files"] = "char"
-    data_dir: Annotated[str, "02's output; '' = data/ beside this script"] = ""
+    data_dir: Annotated[str, "02's output; a relative path starts at this folder"] = "data"
     out_dir: Annotated[str, "ckpt.pt, or dcp-latest.pt + dcp-*/ if sharded"] = "out/distributed"
     init_from: Annotated[str, "scratch, resume, or auto (resume if one exists)"] = "scratch"
     overwrite: Annotated[bool, "start afresh even over a checkpoint (replaced)"] = False
@@ -527,14 +557,15 @@ class DistConfig:
     block_size: Annotated[int, "context length in tokens"] = 64
     dropout: Annotated[float, "masks: a function of (seed, step, rank, world size)"] = 0.0
     bias: Annotated[bool, "biases in Linear and LayerNorm"] = False
-    strategy: Annotated[str, "ddp, zero1 or fsdp: what each rank holds"] = "ddp"
+    strategy: Annotated[str, "ddp: full copies; zero1: AdamW split; fsdp: all split"] = "ddp"
     activation_checkpointing: Annotated[bool, "keep a block's input, rerun it in backward"] = False
     compile: Annotated[bool, "torch.compile each block, before sharding"] = False
     sync_every_micro_step: Annotated[bool, "fsdp: reduce-scatter at each micro-step"] = True
-    sharded_checkpoint: Annotated[bool, "every rank writes its own shards (DCP)"] = False
+    sharded_checkpoint: Annotated[bool, "each rank saves its slice, not one full file"] = False
     fail_at_step: Annotated[int, "fault injection: the last rank dies after this step"] = 0
-    # optimization, as 05: a step is gradient_accumulation_steps micro-batches of batch_size rows
-    batch_size: Annotated[int, "rows per micro-batch of ALL ranks (nanoGPT: per rank)"] = 12
+    # optimization, as 05: a step is gradient_accumulation_steps micro-batches of batch_size rows,
+    # all ranks' (so any world size takes the same steps); 16 splits over 1, 2, 4, 8 and 16 ranks
+    batch_size: Annotated[int, "rows per micro-batch, all ranks together"] = 16
     gradient_accumulation_steps: Annotated[int, "micro-batches per step"] = 1
     max_iters: Annotated[int, "optimizer steps in total"] = 2000
     optimizer: Annotated[str, "adamw (05's) or sgd (the tests')"] = "adamw"
@@ -561,12 +592,12 @@ class DistConfig:
 
     @property
     def corpus_dir(self) -> Path:
-        return Path(self.data_dir or DATA_DIR) / f"{self.dataset}-{self.tokenizer}"
+        return PROJECT / self.data_dir / f"{self.dataset}-{self.tokenizer}"
 
     @property
     def ckpt_path(self) -> Path:  # the full checkpoint, or the pointer to the latest sharded one
         name = "dcp-latest.pt" if self.sharded_checkpoint else "ckpt.pt"
-        return Path(self.out_dir) / name
+        return PROJECT / self.out_dir / name
 
     def model_args(self, vocab_size: int) -> dict:  # 04's GPTConfig, as a dict
         model_fields = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias")
@@ -586,6 +617,13 @@ def check_settings(cfg: DistConfig):
     if cfg.batch_size % world_size:
         raise ValueError(f"batch_size={cfg.batch_size} (the global micro-batch) does not "
                          f"split across {world_size} ranks; use a multiple of {world_size}")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))  # this rank's GPU, under torchrun
+    gpus = torch.cuda.device_count()
+    bound = gpus == 1 and "TORCHELASTIC_RUN_ID" not in os.environ  # srun bound one to each rank
+    if pick_device(cfg.device).startswith("cuda") and local_rank >= gpus and not bound:
+        raise ValueError(f"local rank {local_rank} has no GPU of its own (NCCL needs one each): "
+                         f"start at most {gpus} ranks per machine (--nproc_per_node={gpus}), "
+                         "or train on the CPU: --device=cpu")
     if cfg.sharded_checkpoint and cfg.strategy == "zero1":
         raise ValueError("--sharded_checkpoint needs --strategy=ddp or fsdp: "
                          "torch.distributed.checkpoint cannot read ZeRO's optimizer")
@@ -601,20 +639,44 @@ class RunError(ValueError):
     """A mistake found mid-run, not a bug (check_finite's FloatingPointError too): one line."""
 
 
-def main(argv=None) -> dict:
-    cfg = parse_config(DistConfig, argv)
-    world = init_distributed(cfg.device)
+def parse_on_every_rank(argv) -> DistConfig:
+    """parse_config on every rank: a mistake stops all before the group starts, and rank 0 says why.
+    The others wait in silence (torchrun ends them once rank 0 exits: exiting first, they could cut
+    it short); one that outlives the wait had a mistake of its own (a node without the data)."""
+    rank = os.environ.get("RANK", "0")
+    if rank == "0":
+        return parse_config(DistConfig, argv)
     try:
-        result = train(cfg, world)
+        with redirect_stderr(io.StringIO()) as message:
+            return parse_config(DistConfig, argv)
+    except SystemExit:
+        time.sleep(10)  # rank 0 fails too, as a rule: then torchrun ends this rank here
+        print(f"rank {rank}: {message.getvalue()}", end="", file=sys.stderr)
+        raise
+
+
+def main(argv=None) -> dict:
+    cfg = parse_on_every_rank(argv)  # NEW: one line for a mistake, not one per rank
+    world = init_distributed(cfg.device)
+    ctrl_c = CtrlC()
+    old_handler = signal.signal(signal.SIGINT, ctrl_c)  # main thread only
+    try:
+        result = train(cfg, world, ctrl_c)
     except BaseException as error:
         # the traceback holds train()'s frames and through them the model: let it go first
         traceback.clear_frames(error.__traceback__)
         if isinstance(error, (RunError, FloatingPointError)):  # not a bug: no traceback
             print0(f"error: {error}", file=sys.stderr)  # every rank stops; rank 0 says why
             error = SystemExit(2)
+        if isinstance(error, KeyboardInterrupt):  # a second Ctrl-C: quit, said when it came
+            error = SystemExit(130)
         shutdown_distributed(world, failed=True)
         raise error
+    finally:
+        signal.signal(signal.SIGINT, old_handler)
     shutdown_distributed(world)
+    if result["interrupted"]:
+        sys.exit(130)  # a shell's code for a Ctrl-C (128 + SIGINT)
     return result
 
 
@@ -903,15 +965,21 @@ def parse_config(cls, argv=None):
         parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, **options)
     # a user error is one line, not argparse's usage dump
     parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")
-    given = vars(parser.parse_args(argv))
+    known, unknown = parser.parse_known_args(argv)
+    if unknown:  # a typo gets the closest flag: --lerning_rate=1 (did you mean --learning_rate?)
+        import difflib  # imported here: the files that copy parse_config need no new import
+        flags = [f"--{f.name}" for f in fields(cls)]
+        close = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    given = vars(known)
     preset = given.get("preset", getattr(cls, "preset", None))
     try:
         if presets and preset not in presets:
             raise ValueError(f"--preset={preset!r} is not valid; use {', '.join(presets)}")
         return cls(**{**presets.get(preset, {}), **given})  # the flags given win over the preset
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        parser.exit(2, f"error: {e}\n")
 
 
 # copied from 04_gpt.py: pick_device
@@ -1025,7 +1093,8 @@ def check_finite(what: str, value: float, step: int, ckpt_path, saved_at: int | 
         return
     message = f"{what} is {value} at iteration {step}: training diverged"
     if saved_at is not None:
-        message += f"; {ckpt_path} (iter {saved_at}) is intact: --init_from=resume"
+        resume = f"--init_from=resume --out_dir={ckpt_path.parent}"
+        message += f"; {ckpt_path} (iter {saved_at}) is intact: {resume}"
     raise FloatingPointError(f"{message}; try a lower --learning_rate (or --dtype=float32)")
 
 

@@ -22,6 +22,7 @@ Run it:
   python 07_finetune.py --init_from=gpt2 --max_iters=100 --num_responses=10  # GPT-2, CPU: slow
   python 07_finetune.py --init_from=gpt2-medium --device=cuda      # the book's run, one GPU
   python 07_finetune.py --init_from=gpt2-medium --lora_rank=16 --learning_rate=5e-4 --device=cuda
+  python 07_finetune.py --init_from=resume  # after Ctrl-C: go on where out_dir's run stopped
   python 07_finetune.py --help          # every setting, with its default
 Then: python 09_generate.py --ckpt=out/finetune/ckpt.pt --chat, or DPO on top with 08_dpo.py.
 """
@@ -32,6 +33,7 @@ import json
 import math
 import os
 import pickle
+import signal
 import sys
 import time
 from collections import Counter
@@ -45,7 +47,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+PROJECT = Path(__file__).resolve().parent  # relative paths (data/, out/, flags) resolve here
+DATA_DIR = PROJECT / "data"
 OPENAI_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 # -----------------------------------------------------------------------------
@@ -58,7 +61,11 @@ def load_instruction_data(path="") -> list[dict]:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: `python 02_dataloader.py` fetches "
                                 "rasbt's entries, or pass --data_path=<a JSON list of entries>")
-    data = json.loads(path.read_text(encoding="utf-8"))  # not JSON: a ValueError
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise ValueError(f"{path} is not a JSON file ({e}); --data_path takes a JSON list of "
+                         '{"instruction", "input", "output"} objects') from None
     entries = data if isinstance(data, list) and data else [None]  # no list or empty: entry 0 fails
     for i, entry in enumerate(entries):
         record = entry if isinstance(entry, dict) else {}
@@ -290,7 +297,8 @@ def final_hidden(model, idx, position_ids=None, mask=None, cache=None):
 def generate_greedy(model, prompts: list[list[int]], max_new_tokens: int, end_id: int,
                     ctx=nullcontext()):
     """Greedy answers (token ids) to prompts, each stopped at end_id (not included) or when prompt +
-    answer fill the context (a longer prompt keeps its last block_size - 1). model.eval() first."""
+    answer fill the context (a longer prompt keeps its last block_size - 1). model.eval() first;
+    the blocks run in ctx (autocast's precision), the head in fp32."""
     device = model.lm_head.weight.device
     block_size = model.config.block_size
     prompts = [p[max(0, len(p) - block_size + 1) :] for p in prompts]
@@ -306,20 +314,25 @@ def generate_greedy(model, prompts: list[list[int]], max_new_tokens: int, end_id
     cache = KVCache(model.config.n_layer, T + max_new_tokens)
     new_tokens = [idx[:, :0]]  # (B, 0) at first
     done = torch.zeros_like(real[:, 0])  # (B,) False
-    for _ in range(max_new_tokens):
-        with ctx:  # blocks in ctx's precision, the head in fp32: bf16 logits could flip a near tie
+    fp32 = torch.autocast(device.type, enabled=False)  # the head: bf16 logits could flip a near tie
+    # One region for the whole answer: autocast keeps each weight's cast while it lasts (leaving
+    # the outermost region drops them), so each weight is cast once per answer, not per token.
+    with ctx:
+        for _ in range(max_new_tokens):
             h = final_hidden(model, idx, position_ids, mask, cache)[:, -1]  # (B, C)
-        logits = model.lm_head(h.float())  # (B, vocab_size)
-        next_ids = torch.where(done, end_id, logits.argmax(dim=-1))  # (B,); an ended row's: end_id
-        idx = next_ids[:, None]  # (B, 1)
-        new_tokens.append(idx)
-        position_ids = (position_ids[:, -1:] + 1).clamp(max=block_size - 1)  # (B, 1)
-        context_full = position_ids[:, 0] == block_size - 1
-        done |= (next_ids == end_id) | context_full  # ended rows go on, fed end_id
-        if done.all():  # the one read of the device per token
-            break
-        real = torch.cat([real, torch.ones_like(real[:, :1])], dim=1)  # (B, L)
-        mask = real[:, None, None, :]  # (B, 1, 1, L): the new token sees every real key
+            with fp32:
+                logits = model.lm_head(h.float())  # (B, vocab_size)
+            argmax = logits.argmax(dim=-1)  # (B,)
+            next_ids = torch.where(done, end_id, argmax)  # (B,); an ended row's: end_id
+            idx = next_ids[:, None]  # (B, 1)
+            new_tokens.append(idx)
+            position_ids = (position_ids[:, -1:] + 1).clamp(max=block_size - 1)  # (B, 1)
+            context_full = position_ids[:, 0] == block_size - 1
+            done |= (next_ids == end_id) | context_full  # ended rows go on, fed end_id
+            if done.all():  # the one read of the device per token
+                break
+            real = torch.cat([real, torch.ones_like(real[:, :1])], dim=1)  # (B, L)
+            mask = real[:, None, None, :]  # (B, 1, 1, L): the new token sees every real key
     answers = torch.cat(new_tokens, dim=1).tolist()
     return [row[: row.index(end_id)] if end_id in row else row for row in answers]
 
@@ -342,10 +355,12 @@ def generate_responses(model, entries, encode, decode, end_id, max_new_tokens, b
 
 @dataclass
 class FinetuneConfig:
-    """Instruction finetuning of a GPT, full or LoRA (--lora_rank > 0); defaults are the book's."""
+    """Instruction finetuning of a GPT, full or LoRA (--lora_rank > 0); defaults are the book's.
+    Relative paths resolve against this script's folder, wherever it is run from."""
 
-    init_from: Annotated[str, "checkpoint (ckpt_path), gpt2, gpt2-medium/large/xl"] = "checkpoint"
-    ckpt_path: Annotated[str, "what to finetune (05's default)"] = "out/shakespeare-char/ckpt.pt"
+    init_from: Annotated[str, "scratch (a new run from --ckpt), resume out_dir's run, auto "
+                              "(resume if any), or gpt2, gpt2-medium/large/xl"] = "scratch"
+    ckpt: Annotated[str, "what to finetune (05's default)"] = "out/shakespeare-char/ckpt.pt"
     out_dir: Annotated[str, "ckpt.pt and test_responses.json go here"] = "out/finetune"
     overwrite: Annotated[bool, "replace an earlier run's ckpt.pt in out_dir"] = False
     data_path: Annotated[str, "a JSON list of entries; '' = rasbt's instruction-data.json"] = ""
@@ -371,9 +386,9 @@ class FinetuneConfig:
     seed: Annotated[int, "seeds the batches and the adapters"] = 1337
 
     def __post_init__(self):  # every check names its fix; parse_config prints one `error:` line
-        models = ", ".join(OPENAI_MODELS)
-        if self.init_from not in ("checkpoint", *OPENAI_MODELS):
-            raise ValueError(f"--init_from={self.init_from!r}: use checkpoint, {models}")
+        choices = ("scratch", "resume", "auto", *OPENAI_MODELS)
+        if self.init_from not in choices:
+            raise ValueError(f"--init_from={self.init_from!r}: use {', '.join(choices)}")
         if self.lora_rank < 0:
             raise ValueError(f"--lora_rank must be >= 0, got {self.lora_rank}")
         if not set(self.lora_targets.split(",")) <= set(LORA_TARGETS):
@@ -386,19 +401,28 @@ class FinetuneConfig:
             raise ValueError(f"--max_iters={self.max_iters}, --epochs={self.epochs}: no steps")
         self.device = pick_device(self.device)  # "auto" resolved here, once
         self.dtype = pick_dtype(self.dtype, self.device)
+        self.ckpt = str(PROJECT / self.ckpt)  # an absolute path stays as it is
+        self.out_dir = str(PROJECT / self.out_dir)
+        run_path = Path(self.out_dir) / "ckpt.pt"
+        if self.init_from == "auto":
+            self.init_from = "resume" if run_path.exists() else "scratch"
         if self.init_from in OPENAI_MODELS:  # OpenAI's weights enter at 04, a checkpoint in data/
-            self.ckpt_path = str(DATA_DIR / self.init_from / "ckpt.pt")
-            if not Path(self.ckpt_path).exists():
-                raise FileNotFoundError(f"{self.ckpt_path} not found: python 04_gpt.py "
+            self.ckpt = str(DATA_DIR / self.init_from / "ckpt.pt")
+            if not Path(self.ckpt).exists():
+                raise FileNotFoundError(f"{self.ckpt} not found: python 04_gpt.py "
                                         f"--init_from={self.init_from} --save_ckpt fetches it")
-        elif not Path(self.ckpt_path).exists():
-            raise FileNotFoundError(f"no checkpoint at {self.ckpt_path}: run 05_pretrain.py, "
-                                    "pass another --ckpt_path, or use --init_from=gpt2")
-        earlier_run = Path(self.out_dir) / "ckpt.pt"
-        if earlier_run.exists() and not self.overwrite:
-            raise ValueError(f"{earlier_run} holds an earlier run, which this one would "
-                             "replace; choose another --out_dir, or pass --overwrite")
+        if self.init_from == "resume" and not run_path.exists():
+            raise FileNotFoundError(f"no run to resume: {run_path} does not exist; "
+                                    "start one with --init_from=scratch")
+        elif self.init_from == "scratch" and not Path(self.ckpt).exists():
+            raise FileNotFoundError(f"no checkpoint at {self.ckpt}: run 05_pretrain.py, "
+                                    "pass another --ckpt, or use --init_from=gpt2")
+        if self.init_from != "resume" and run_path.exists() and not self.overwrite:
+            raise ValueError(f"{run_path} holds an earlier run, which this one would replace; "
+                             "continue it with --init_from=resume, choose another --out_dir, "
+                             "or pass --overwrite")
         if self.data_path:  # a bad file fails now, before a model is loaded
+            self.data_path = str(PROJECT / self.data_path)
             split_data(load_instruction_data(self.data_path))
 
 
@@ -415,16 +439,28 @@ def extend_context(model, block_size: int):
     return longer
 
 
-def load_model(cfg: FinetuneConfig):
-    """(model on the CPU, tokenizer spec) from cfg.ckpt_path, >= cfg.min_block_size positions."""
-    model, _, ckpt = load_checkpoint(cfg.ckpt_path)
+def load_model(cfg: FinetuneConfig, run=None):
+    """(model on the CPU, with its adapters if LoRA; tokenizer spec; the checkpoint resumed or
+    None): cfg.ckpt's model with >= cfg.min_block_size positions, or on resume the model of the
+    run in out_dir (run: its load_checkpoint, if the caller has it)."""
+    resuming = cfg.init_from == "resume"
+    path = Path(cfg.out_dir) / "ckpt.pt" if resuming else Path(cfg.ckpt)
+    model, _, ckpt = run or load_checkpoint(path)
     stage = ckpt.get("stage")
-    print(f"loaded {cfg.ckpt_path} (stage {stage!r}, {ckpt.get('iter_num')} iterations)")
+    print(f"loaded {path} (stage {stage!r}, {ckpt.get('iter_num')} iterations)")
+    resumable = stage == "finetune" and ckpt.get("optimizer") is not None
+    if resuming and not resumable:
+        raise ValueError(f"{path} is no finetuning run to resume (no optimizer state); "
+                         "--init_from=scratch --overwrite starts afresh")
     block_size = model.config.block_size
-    if block_size < cfg.min_block_size:
+    if block_size < cfg.min_block_size:  # a resumed model has its positions already
         print(f"stretching the position table from {block_size} to {cfg.min_block_size}")
         model = extend_context(model, cfg.min_block_size)
-    return model, ckpt["tokenizer"]
+    if cfg.lora_rank > 0:
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","))
+    if resuming and cfg.lora_rank > 0:  # the base weights and the adapters, as before the merge
+        model.load_state_dict(ckpt["unmerged"])
+    return model, ckpt["tokenizer"], ckpt if resuming else None
 
 
 def prepare_data(cfg: FinetuneConfig, model, tokenizer_spec: dict) -> dict:
@@ -459,22 +495,50 @@ def prepare_data(cfg: FinetuneConfig, model, tokenizer_spec: dict) -> dict:
     }
 
 
-def make_checkpoint(model, config: dict, tokenizer_spec: dict, iter_num: int,
-                    best_val_loss: float, val_loss: float) -> dict:
-    """05's format, stage "finetune"; with LoRA a merged copy. No optimizer or RNG: no resume."""
-    has_lora = any(isinstance(m, LoRALinear) for m in model.modules())
-    plain = merge_lora(copy.deepcopy(model)) if has_lora else model
-    return {
-        "model": plain.state_dict(),
-        "model_args": asdict(plain.config),
-        "tokenizer": tokenizer_spec,
-        "config": config,
-        "stage": "finetune",
-        "iter_num": iter_num,
-        "best_val_loss": best_val_loss,
-        "val_loss": val_loss,
-        "optimizer": None, "scaler": None, "rng": None,  # no resume
-    }
+class FinetuneRun:
+    """`with FinetuneRun(...) as run:` catches Ctrl-C as 05 does: the first sets run.ctrl_c, and
+    the loop ends its step, saves and returns; a second quits at once. run.save writes ckpt.pt in
+    05's format, stage "finetune": a plain GPT for 08 and 09 (with LoRA, a merged copy), and what
+    a resume needs besides: Adam's state, the step, the RNG (dropout) and, with LoRA, the model
+    before the merge ("unmerged"). The batches need no state: batch_indices makes them a function
+    of (seed, step)."""
+
+    def __init__(self, cfg, model, optimizer, scaler, tokenizer_spec: dict, resumed=None):
+        self.path = Path(cfg.out_dir) / "ckpt.pt"
+        self.model = model
+        self.parts = {"optimizer": optimizer, "scaler": scaler}  # saved as their state dicts
+        self.has_lora = any(isinstance(m, LoRALinear) for m in model.modules())
+        if self.has_lora:  # W and B A apart: W + B A cannot be split back into them exactly
+            self.parts["unmerged"] = model
+        self.header = {"tokenizer": tokenizer_spec, "config": asdict(cfg)}
+        self.header["stage"] = "finetune"  # the same in every save
+        self.saved_at = resumed["iter_num"] if resumed else None  # the step ckpt.pt holds
+        self.best_val_loss = resumed["best_val_loss"] if resumed else math.inf
+        self.ctrl_c = False
+
+    def __enter__(self):
+        self.old_handler = signal.signal(signal.SIGINT, self.on_sigint)  # main thread only
+        return self
+
+    def __exit__(self, *exc_info):
+        signal.signal(signal.SIGINT, self.old_handler)
+
+    def on_sigint(self, signum, frame):
+        if self.ctrl_c:
+            raise KeyboardInterrupt
+        self.ctrl_c = True
+        print("\nCtrl-C: saving after this step (again: quit without saving)")
+
+    def save(self, step: int, val_loss: float):
+        self.best_val_loss = min(self.best_val_loss, val_loss)
+        plain = merge_lora(copy.deepcopy(self.model)) if self.has_lora else self.model
+        states = {name: part.state_dict() for name, part in self.parts.items()}
+        best_val_loss = self.best_val_loss
+        progress = {"iter_num": step, "val_loss": val_loss, "best_val_loss": best_val_loss}
+        model = {"model": plain.state_dict(), "model_args": asdict(plain.config)}
+        ckpt = {**model, **self.header, **states, **progress}
+        save_checkpoint(self.path, {**ckpt, "rng": rng_states()})
+        self.saved_at = step
 
 
 def write_test_responses(model, data: dict, cfg: FinetuneConfig, ctx):
@@ -498,96 +562,120 @@ def write_test_responses(model, data: dict, cfg: FinetuneConfig, ctx):
           f"the model in {cfg.out_dir}/ckpt.pt")
 
 
-def finetune(cfg: FinetuneConfig, model, tokenizer_spec: dict, data: dict) -> dict:
-    """Finetune model, with the validation loss before and after; save checkpoint, test answers."""
+def finetune(cfg: FinetuneConfig, model, tokenizer_spec: dict, data: dict,
+             resumed=None) -> dict:
+    """Finetune model (load_model's) from step 0, or where the run resumed (its checkpoint)
+    stopped; the validation loss before and after; save checkpoints, write the test answers."""
     train = data["train"]
     val = data["val"]
     end_id = data["end_id"]
     device_type = cfg.device.split(":")[0]
     ctx = autocast_context(device_type, cfg.dtype)
     if device_type == "cuda":  # TF32: fp32 matmuls on tensor cores, 10-bit mantissa (as 05)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = True  # cuDNN's (convolutions): on by default
     model.to(cfg.device)
-    if cfg.lora_rank > 0:
-        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","))
     params = [p for p in model.parameters() if p.requires_grad]  # a tied tensor appears once
     optimizer = configure_optimizers(model, cfg.weight_decay, cfg.learning_rate,
                                      (0.9, 0.999), device_type)  # AdamW's default betas
     scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")  # off: pass-through
+    step = 0  # optimizer steps done
+    if resumed:  # the model came with it; Adam's moments, the step and the RNG come too
+        optimizer.load_state_dict(resumed["optimizer"])
+        scaler.load_state_dict(resumed["scaler"] or scaler.state_dict())  # {}: saved without fp16
+        set_rng_states(resumed["rng"])
+        step = resumed["iter_num"]
     trainable = sum(p.numel() for p in params)
     total = sum(p.numel() for p in model.parameters())
     max_iters = cfg.max_iters or max(1, int(cfg.epochs * (len(train) // cfg.batch_size)))
     print(f"parameters: {trainable:,} trainable of {total:,} ({trainable / total:.2%}); "
           f"{cfg.device} {cfg.dtype}, {torch.get_num_threads()} threads, "
           f"{max_iters} steps of {cfg.batch_size} examples")
-    before = evaluate_loss(model, val, cfg.batch_size, end_id, ctx)
-    print(f"before finetuning: val loss {before['loss']:.4f}, "
-          f"perplexity {before['perplexity']:.2f}")
-    best_val_loss = float("inf")
     losses = []
-    tokens = 0
-    t0 = time.perf_counter()
-    model.train()
-    for it in range(max_iters):
-        batch = [train[i] for i in batch_indices(it, len(train), cfg.batch_size, cfg.seed)]
-        x, y = collate_fn(batch, end_id, allowed_max_length=model.config.block_size,
-                          mask_prompt=cfg.mask_prompt, device=cfg.device)
-        with ctx:
-            _, loss = model(x, y)
-        scaler.scale(loss).backward()  # fp16 only: scaled so that small gradients do not underflow
-        scaler.unscale_(optimizer)
-        norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        # on the device: .item() makes the CPU wait for the GPU, so only on log and eval steps
-        losses.append(loss.detach())
-        tokens += x.numel()
-        last = it == max_iters - 1
-        if it % cfg.log_interval == 0 or last:
-            tokens_per_s = tokens / (time.perf_counter() - t0)
-            print(f"step {it + 1}/{max_iters}: loss {loss.item():.4f}, "
-                  f"grad norm {norm.item():.2f}, {tokens_per_s:,.0f} tokens/s")
-            tokens = 0
-            t0 = time.perf_counter()
-        if (it + 1) % cfg.eval_interval == 0 or last:
-            after = evaluate_loss(model, val, cfg.batch_size, end_id, ctx)
-            val_loss = after["loss"]
-            if not math.isfinite(val_loss):  # never save a broken model over the last good one
-                raise FloatingPointError(f"val loss {val_loss} at step {it + 1}; "
-                                         "lower --learning_rate")
-            best_val_loss = min(best_val_loss, val_loss)
-            print(f"step {it + 1}: val loss {val_loss:.4f}")
-            ckpt = make_checkpoint(model, asdict(cfg), tokenizer_spec, it + 1, best_val_loss,
-                                   val_loss)
-            save_checkpoint(Path(cfg.out_dir) / "ckpt.pt", ckpt)
-            tokens = 0
-            t0 = time.perf_counter()  # tokens/s: the evaluation's time is not training time
-
-    print(f"after finetuning: val loss {after['loss']:.4f}, perplexity {after['perplexity']:.2f}")
-    write_test_responses(model, data, cfg, ctx)
+    with FinetuneRun(cfg, model, optimizer, scaler, tokenizer_spec, resumed) as run:
+        before = evaluate_loss(model, val, cfg.batch_size, end_id, ctx)
+        print(f"at step {step} of {max_iters}: val loss {before['loss']:.4f}, "
+              f"perplexity {before['perplexity']:.2f}")
+        after = before
+        tokens = 0
+        t0 = time.perf_counter()
+        model.train()
+        while step < max_iters and not run.ctrl_c:
+            indices = batch_indices(step, len(train), cfg.batch_size, cfg.seed)  # f(seed, step)
+            batch = [train[i] for i in indices]
+            x, y = collate_fn(batch, end_id, allowed_max_length=model.config.block_size,
+                              mask_prompt=cfg.mask_prompt, device=cfg.device)
+            with ctx:
+                _, loss = model(x, y)
+            scaler.scale(loss).backward()  # fp16 only: scaled so that small gradients stay > 0
+            scaler.unscale_(optimizer)
+            norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            # on the device: .item() makes the CPU wait for the GPU, so only on log and eval steps
+            losses.append(loss.detach())
+            tokens += x.numel()
+            last = step == max_iters
+            if step % cfg.log_interval == 0 or last:
+                tokens_per_s = tokens / (time.perf_counter() - t0)
+                print(f"step {step}/{max_iters}: loss {loss.item():.4f}, "
+                      f"grad norm {norm.item():.2f}, {tokens_per_s:,.0f} tokens/s")
+                tokens = 0
+                t0 = time.perf_counter()
+            if step % cfg.eval_interval == 0 or last:
+                after = evaluate_loss(model, val, cfg.batch_size, end_id, ctx)
+                if not math.isfinite(after["loss"]):  # never save a broken model over a good one
+                    raise FloatingPointError(f"val loss {after['loss']} at step {step}; "
+                                             "lower --learning_rate")
+                print(f"step {step}: val loss {after['loss']:.4f}")
+                run.save(step, after["loss"])
+                tokens = 0
+                t0 = time.perf_counter()  # tokens/s: the evaluation's time is not training time
+        if run.ctrl_c and run.saved_at != step:  # else ckpt.pt holds this step already
+            run.save(step, after["loss"])  # the last evaluation's
+    if run.ctrl_c:
+        print(f"saved {run.path} at step {step} of {max_iters}; continue: "
+              f"python 07_finetune.py --init_from=resume --out_dir={cfg.out_dir}")
+    else:
+        print(f"after finetuning: val loss {after['loss']:.4f}, "
+              f"perplexity {after['perplexity']:.2f}")
+        # ckpt.pt is saved: answer with the merged weights, one matmul per Linear, not three, and
+        # trainable, as autocast wants the weights whose casts it keeps (frozen ones: every call)
+        merge_lora(model)
+        write_test_responses(model, data, cfg, ctx)
     return {
-        "iter_num": max_iters,
-        "train_losses": torch.stack(losses).tolist(),
+        "iter_num": step,
+        "train_losses": torch.stack(losses).tolist() if losses else [],
         "before": before,
         "after": after,
-        "best_val_loss": best_val_loss,
+        "best_val_loss": run.best_val_loss,
+        "interrupted": run.ctrl_c,
     }
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     cfg = parse_config(FinetuneConfig, argv)  # a bad setting: one `error:` line, exit status 2
-    print("config:", ", ".join(f"{k}={v!r}" for k, v in asdict(cfg).items()))
-    torch.set_num_threads(cfg.threads or torch.get_num_threads())
-    torch.manual_seed(cfg.seed)
     try:  # not a checkpoint, a vocabulary without --unknown_char, a context too short for the data
-        model, tokenizer_spec = load_model(cfg)
+        run = None
+        if cfg.init_from == "resume":  # the run's own settings first; the flags given now win
+            run = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
+            saved = run[2]["config"] if run[2].get("stage") == "finetune" else {}  # else: an error
+            flags = [f"--{k}={v}" for k, v in saved.items() if k != "device"]  # this machine's
+            cfg = parse_config(FinetuneConfig, flags + argv)
+        print("config:", ", ".join(f"{k}={v!r}" for k, v in asdict(cfg).items()))
+        torch.set_num_threads(cfg.threads or torch.get_num_threads())
+        torch.manual_seed(cfg.seed)
+        model, tokenizer_spec, resumed = load_model(cfg, run)
         data = prepare_data(cfg, model, tokenizer_spec)
-    except ValueError as e:  # the user's to fix, not our bug: one line, as parse_config does
+    except (ValueError, FileNotFoundError) as e:  # the user's to fix: one line, as parse_config
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    return finetune(cfg, model, tokenizer_spec, data)
+    result = finetune(cfg, model, tokenizer_spec, data, resumed)
+    if result["interrupted"]:
+        sys.exit(130)  # what a shell reports after Ctrl-C
+    return result
 
 
 # -----------------------------------------------------------------------------
@@ -892,15 +980,21 @@ def parse_config(cls, argv=None):
         parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, **options)
     # a user error is one line, not argparse's usage dump
     parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")
-    given = vars(parser.parse_args(argv))
+    known, unknown = parser.parse_known_args(argv)
+    if unknown:  # a typo gets the closest flag: --lerning_rate=1 (did you mean --learning_rate?)
+        import difflib  # imported here: the files that copy parse_config need no new import
+        flags = [f"--{f.name}" for f in fields(cls)]
+        close = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    given = vars(known)
     preset = given.get("preset", getattr(cls, "preset", None))
     try:
         if presets and preset not in presets:
             raise ValueError(f"--preset={preset!r} is not valid; use {', '.join(presets)}")
         return cls(**{**presets.get(preset, {}), **given})  # the flags given win over the preset
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        parser.exit(2, f"error: {e}\n")
 
 
 # copied from 04_gpt.py: pick_device
@@ -957,6 +1051,29 @@ def configure_optimizers(model, weight_decay: float, learning_rate: float, betas
               {"params": vectors, "weight_decay": 0.0}]
     implementation = {"fused": True} if device_type in ("cuda", "cpu") else {"foreach": True}
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **implementation)
+
+
+# copied from 05_pretrain.py: rng_states
+def rng_states() -> dict:
+    """The states of torch's random generators (CPU, each CUDA GPU, MPS), which dropout draws."""
+    states = {"torch": torch.get_rng_state(), "cuda": []}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.backends.mps.is_available():
+        states["mps"] = torch.mps.get_rng_state()
+    return states
+
+
+# copied from 05_pretrain.py: set_rng_states
+def set_rng_states(states: dict):
+    """Restore what rng_states() returned (to as many GPUs as this machine has; each keeps its
+    own). A generator this machine lacks, or a state the checkpoint lacks, is left as it is."""
+    torch.set_rng_state(states["torch"].cpu())
+    if states["cuda"] and torch.cuda.is_available():
+        gpus = torch.cuda.device_count()
+        torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"][:gpus]])
+    if states.get("mps") is not None and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(states["mps"].cpu())
 
 
 # copied from 05_pretrain.py: save_checkpoint

@@ -34,9 +34,10 @@ Run it (one process; 07's checkpoint is the starting policy):
   python 08_dpo.py                                           # DPO on it -> out/dpo/ckpt.pt
   python 08_dpo.py --average_log_probs --beta=1.0 --out_dir=out/dpo-avg       # per-token rewards
   python 09_generate.py --ckpt=out/dpo/ckpt.pt --chat        # talk to the result
-One GPU, the book's model: the same with --init_from=gpt2-medium (04, 07) and 07's
---out_dir=out/finetune-medium, then
-  python 08_dpo.py --ckpt_path=out/finetune-medium/ckpt.pt --out_dir=out/dpo-medium
+Ctrl-C saves after the current step; `python 08_dpo.py --init_from=resume --out_dir=out/dpo`
+continues the run bit for bit. One GPU, the book's model: the same with --init_from=gpt2-medium
+(04, 07) and 07's --out_dir=out/finetune-medium, then
+  python 08_dpo.py --ckpt=out/finetune-medium/ckpt.pt --out_dir=out/dpo-medium
 """
 
 import argparse
@@ -45,6 +46,7 @@ import json
 import math
 import os
 import pickle
+import signal
 import sys
 import time
 from collections import Counter
@@ -61,7 +63,8 @@ import torch.nn.functional as F
 # -----------------------------------------------------------------------------
 # 1. The data: preference pairs
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+PROJECT = Path(__file__).resolve().parent  # relative paths (data/, out/, flags) resolve here
+DATA_DIR = PROJECT / "data"
 PAIRS_FILE = "instruction-data-with-preference.json"  # rasbt's, which 02 fetches
 
 
@@ -71,20 +74,17 @@ def load_preference_data(path="") -> list[dict]:
     or your own file in that format."""
     path = Path(path or DATA_DIR / PAIRS_FILE)
     if not path.exists():
-        raise FileNotFoundError(
-            f"{path} does not exist; `python 02_dataloader.py` fetches rasbt's pairs "
-            "(sha256-checked), or pass --data_path=<your JSON list of pairs>"
-        )
+        raise FileNotFoundError(f"{path} does not exist: `python 02_dataloader.py` fetches "
+                                "rasbt's pairs, or pass --data_path=<yours>")
     data = json.loads(path.read_text(encoding="utf-8"))  # not JSON: a ValueError
     entries = data if isinstance(data, list) and data else [None]  # else entry 0 is bad
     texts = ("instruction", "chosen", "rejected")
     for i, entry in enumerate(entries):
         is_object = isinstance(entry, dict) and isinstance(entry.get("input", ""), str)
         if not (is_object and all(isinstance(entry.get(k), str) for k in texts)):
-            raise ValueError(
-                f"{path}: entry {i} is not an object with string 'instruction', 'chosen' and "
-                f"'rejected' (optional 'input'): {str(entry)[:80]}; fix or drop it"
-            )
+            raise ValueError(f"{path}: entry {i} is not an object with string 'instruction', "
+                             f"'chosen' and 'rejected' (optional 'input'): {str(entry)[:80]}; "
+                             "fix or drop it")
     return data
 
 
@@ -276,10 +276,12 @@ def pair_metrics(losses, chosen_rewards, rejected_rewards) -> dict:
 
 @dataclass
 class DPOConfig:
-    """Direct Preference Optimization of 07's instruction-tuned GPT, with the book's settings."""
+    """Direct Preference Optimization of 07's instruction-tuned GPT, with the book's settings.
+    Relative paths resolve against this script's folder, wherever it is run from."""
 
-    ckpt_path: Annotated[str, "the starting policy: 07's checkpoint"] = "out/finetune/ckpt.pt"
+    ckpt: Annotated[str, "07's model: the start and the reference"] = "out/finetune/ckpt.pt"
     out_dir: Annotated[str, "ckpt.pt, log.jsonl and dpo_responses.json go here"] = "out/dpo"
+    init_from: Annotated[str, "scratch, resume (out_dir's run), or auto"] = "scratch"
     overwrite: Annotated[bool, "replace the ckpt.pt of an earlier run in out_dir"] = False
     data_path: Annotated[str, "a JSON list of pairs; '' = rasbt's, which 02 fetches"] = ""
     beta: Annotated[float, "the KL penalty's weight: larger stays closer to the reference"] = 0.1
@@ -305,10 +307,8 @@ class DPOConfig:
         if not self.beta > 0:
             raise ValueError(f"--beta={self.beta} must be > 0 (the paper: 0.1)")
         if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(
-                f"--label_smoothing={self.label_smoothing} must be in [0, 0.5) "
-                "(at 0.5 the labels would be noise)"
-            )
+            raise ValueError(f"--label_smoothing={self.label_smoothing} must be in [0, 0.5) "
+                             "(at 0.5 the labels would be noise)")
         at_least_one = ("batch_size", "log_interval", "eval_interval")
         at_least_zero = ("max_iters", "warmup_iters", "learning_rate", "weight_decay",
                          "grad_clip", "max_new_tokens", "threads")
@@ -319,48 +319,48 @@ class DPOConfig:
                 raise ValueError(f"--{name} must be at least {least}, got {value}")
         if self.eval_pairs == 0:
             raise ValueError("--eval_pairs=0 evaluates nothing; use -1 (all pairs) or a count")
+        if self.init_from not in ("scratch", "resume", "auto"):
+            raise ValueError(f"--init_from={self.init_from!r}: use scratch, resume, auto")
         self.device = pick_device(self.device)  # "auto" resolved here, once
         self.dtype = pick_dtype(self.dtype, self.device)
-        if not Path(self.ckpt_path).exists():
-            raise FileNotFoundError(
-                f"no checkpoint at {self.ckpt_path}: DPO starts from 07's model "
-                "(python 07_finetune.py --init_from=gpt2), or point --ckpt_path at one"
-            )
-        earlier_run = Path(self.out_dir) / "ckpt.pt"
-        if earlier_run.exists() and not self.overwrite:
-            raise ValueError(
-                f"{earlier_run} holds an earlier run, which this one would replace; "
-                "choose another --out_dir, or pass --overwrite"
-            )
+        self.ckpt = str(PROJECT / self.ckpt)  # an absolute path stays as it is
+        self.out_dir = str(PROJECT / self.out_dir)
+        run = Path(self.out_dir) / "ckpt.pt"
+        if self.init_from == "auto":
+            self.init_from = "resume" if run.exists() else "scratch"
+        if self.init_from == "resume" and not run.exists():
+            raise FileNotFoundError(f"no {run} to resume; --init_from=scratch starts one")
+        if self.init_from == "scratch" and run.exists() and not self.overwrite:
+            raise ValueError(f"{run} holds an earlier run: --init_from=resume continues it, "
+                             "--overwrite replaces it, or choose another --out_dir")
         if self.data_path:  # a bad file fails now, before a model is loaded
+            self.data_path = str(PROJECT / self.data_path)
             load_preference_data(self.data_path)
 
 
-def prepare_pairs(cfg: DPOConfig, tokenizer, block_size: int) -> dict:
-    """Train and val pairs tokenized for the model, the val entries, encode and end_id; prints
-    how many pairs the context cuts or drops."""
+def prepare_pairs(cfg: DPOConfig, tokenizer_spec: dict, block_size: int) -> dict:
+    """Train and val pairs tokenized for the model, the val entries, encode, decode and end_id;
+    prints how many pairs the context cuts or drops."""
+    tokenizer = get_tokenizer(tokenizer_spec)
     encode, unknown = text_encoder(tokenizer, "?")
     end_id = end_token_id(tokenizer)
     splits = split_data(load_preference_data(cfg.data_path))
     train, n_cut, n_dropped = tokenize_pairs(splits["train"], encode, end_id, block_size)
     val, _, _ = tokenize_pairs(splits["val"], encode, end_id, block_size)
     sizes = ", ".join(f"{split} {len(entries)}" for split, entries in splits.items())
-    message = (
-        f"data: {sizes} pairs; {n_cut} training pairs cut at the context ({block_size} "
-        f"tokens), {n_dropped} dropped (the prompt alone is longer)"
-    )
+    message = (f"data: {sizes} pairs; {n_cut} training pairs cut at the context ({block_size} "
+               f"tokens), {n_dropped} dropped (the prompt alone is longer)")
     if unknown:
         n_unknown = sum(unknown.values())
         message += f"; {n_unknown} characters the char model lacks became '?'"
     print(message)
     if len(train) < cfg.batch_size or not val:
-        raise ValueError(
-            f"{len(train)} training and {len(val)} validation pairs fit the context of "
-            f"{block_size} tokens, too few for --batch_size={cfg.batch_size}: lower it, or "
-            "start from a model with a longer context (GPT-2's: 1024)"
-        )
+        fix = "lower it, or start from a model with a longer context (GPT-2's: 1024)"
+        raise ValueError(f"{len(train)} training and {len(val)} validation pairs fit the "
+                         f"context of {block_size} tokens, too few for --batch_size="
+                         f"{cfg.batch_size}: {fix}")
     return {"train": train, "val": val, "val_entries": splits["val"],
-            "encode": encode, "end_id": end_id}
+            "encode": encode, "decode": tokenizer.decode, "end_id": end_id}
 
 
 @torch.no_grad()
@@ -383,26 +383,25 @@ def log_evaluation(it: int, metrics: dict, path: Path):
     """Print evaluate's metrics, and add them to the JSON lines at path (step 0 starts afresh)."""
     record = {"iter": it}
     for split, m in metrics.items():
-        print(
-            f"step {it} {split:5s} loss {m['loss']:.4f}, "
-            f"rewards {m['chosen_reward']:+.3f} chosen, {m['rejected_reward']:+.3f} rejected, "
-            f"margin {m['margin']:+.3f}, accuracy {m['accuracy']:.1%}"
-        )
+        print(f"step {it} {split:5s} loss {m['loss']:.4f}, "
+              f"rewards {m['chosen_reward']:+.3f} chosen, {m['rejected_reward']:+.3f} rejected, "
+              f"margin {m['margin']:+.3f}, accuracy {m['accuracy']:.1%}")
         record |= {f"{split}_{name}": value for name, value in m.items()}
     with open(path, "a" if it else "w") as log:
         print(json.dumps(record), file=log)
 
 
-def write_responses(reference, policy, data: dict, decode, cfg: DPOConfig, ctx):
+def write_responses(reference, policy, data: dict, cfg: DPOConfig, ctx):
     """Greedy answers before DPO (the reference IS the model before) and after, in
     dpo_responses.json."""
     entries = data["val_entries"]
     if cfg.num_responses >= 0:  # -1: all
         entries = entries[: cfg.num_responses]
     encode = data["encode"]
+    decode = data["decode"]
     end_id = data["end_id"]
     settings = (cfg.max_new_tokens, cfg.batch_size, ctx)
-    # 07's greedy answers, through its KV cache
+    # 07's greedy answers: KV cache, one ctx region per batch, the head in fp32
     before = generate_responses(reference, entries, encode, decode, end_id, *settings)
     after = generate_responses(policy, entries, encode, decode, end_id, *settings)
     records = []
@@ -418,115 +417,182 @@ def write_responses(reference, policy, data: dict, decode, cfg: DPOConfig, ctx):
     print(f"{len(records)} validation answers before and after DPO in {path}")
 
 
+def load_models(cfg: DPOConfig, run=None) -> tuple:
+    """(policy, reference, tokenizer spec, resumed) on the CPU. reference: cfg.ckpt's model, frozen;
+    policy: its copy, or on resume out_dir's model, whose checkpoint (run, if given) is resumed."""
+    if not Path(cfg.ckpt).exists():
+        make_one = "python 07_finetune.py --init_from=gpt2 makes one"
+        raise FileNotFoundError(f"no checkpoint at {cfg.ckpt}: DPO needs 07's; {make_one}")
+    model, _, ckpt = load_checkpoint(cfg.ckpt)
+    stage = ckpt.get("stage")
+    print(f"{stage} model: {model.num_params():,} parameters")
+    if stage not in ("finetune", "dpo"):  # 04's, 05's or 06's: it never learned to answer
+        raise ValueError(f"{cfg.ckpt} is a {stage!r} model; DPO needs 07's: "
+                         f"python 07_finetune.py --ckpt={cfg.ckpt} finetunes it")
+    reference = make_reference(model)  # the model before DPO, frozen
+    if cfg.init_from == "scratch":
+        return model, reference, ckpt["tokenizer"], None
+    run_path = Path(cfg.out_dir) / "ckpt.pt"
+    policy, _, resumed = run or load_checkpoint(run_path)
+    if resumed.get("stage") != "dpo" or resumed.get("optimizer") is None:
+        raise ValueError(f"{run_path} holds no DPO run to resume; "
+                         "--init_from=scratch --overwrite starts afresh")
+    return policy, reference, ckpt["tokenizer"], resumed
+
+
+class DPORun:
+    """`with DPORun(...) as run:` catches Ctrl-C as 05 does: the first sets run.ctrl_c (the loop
+    ends its step, saves, returns), a second quits at once. run.save writes ckpt.pt, stage "dpo",
+    with Adam's state and the step: a resume needs no more (batches: f(seed, step); no dropout)."""
+
+    def __init__(self, cfg, policy, optimizer, scaler, tokenizer_spec, resumed):
+        self.path = Path(cfg.out_dir) / "ckpt.pt"
+        self.parts = {"model": policy, "optimizer": optimizer, "scaler": scaler}
+        self.header = {"model_args": asdict(policy.config), "tokenizer": tokenizer_spec,
+                       "config": asdict(cfg), "stage": "dpo"}  # the same in every save
+        self.best_val = resumed["best_val_loss"] if resumed else math.inf
+        self.ctrl_c = False
+
+    def __enter__(self):
+        self.old_handler = signal.signal(signal.SIGINT, self.on_sigint)  # main thread only
+        return self
+
+    def __exit__(self, *exc_info):
+        signal.signal(signal.SIGINT, self.old_handler)
+
+    def on_sigint(self, signum, frame):
+        if self.ctrl_c:
+            raise KeyboardInterrupt
+        self.ctrl_c = True
+        print("\nCtrl-C: saving after this step (again: quit without saving)")
+
+    def save(self, step: int, val_loss: float):
+        self.best_val = min(self.best_val, val_loss)
+        states = {name: part.state_dict() for name, part in self.parts.items()}
+        progress = {"iter_num": step, "val_loss": val_loss, "best_val_loss": self.best_val}
+        save_checkpoint(self.path, {**states, **self.header, **progress})
+
+
 def dpo(cfg: DPOConfig, start=None, data=None) -> dict:
-    """Train the policy against its frozen copy (start, data: load_checkpoint's and
-    prepare_pairs' results, when the caller has them). Returns the metrics before and after, the
-    losses, both models."""
-    policy, tokenizer, ckpt = start or load_checkpoint(cfg.ckpt_path)
+    """Train the policy against its frozen reference from step 0, or where a resumed run stopped
+    (start, data: load_models' and prepare_pairs' results, if the caller has them). Returns the
+    metrics before (None on resume) and after, this run's losses, the models, steps, interrupted."""
+    policy, reference, tokenizer_spec, resumed = start or load_models(cfg)
     block_size = policy.config.block_size
-    data = data or prepare_pairs(cfg, tokenizer, block_size)
+    data = data or prepare_pairs(cfg, tokenizer_spec, block_size)
     train = data["train"]
-    end_id = data["end_id"]
     device_type = cfg.device.split(":")[0]
     ctx = autocast_context(device_type, cfg.dtype)
-    out_dir = Path(cfg.out_dir)
     if device_type == "cuda":  # TF32: fp32 matmuls on tensor cores, 10-bit mantissa (as 05)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = True  # cuDNN's (convolutions): on by default
     # eval mode for the policy too: dropout would make log pi noisy, a margin that is not there
     policy = policy.to(cfg.device).eval()
-    reference = make_reference(policy)  # the model before DPO, frozen
+    reference.to(cfg.device)  # in place, as for every nn.Module
     max_iters = cfg.max_iters or len(train) // cfg.batch_size  # 0: one epoch, as the book
-    print(
-        f"policy: {cfg.ckpt_path} (stage {ckpt.get('stage')!r}, "
-        f"{ckpt.get('iter_num')} iterations), {policy.num_params():,} parameters, "
-        f"and its frozen copy; {max_iters} steps of {cfg.batch_size}"
-    )
+    print(f"{max_iters} steps of {cfg.batch_size} pairs")
     # AdamW on every weight as the book (at lr 5e-6 decaying the LayerNorm gains is harmless)
     fused = device_type in ("cuda", "cpu")
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay, fused=fused)
-    fp16 = cfg.dtype == "float16"
-    scaler = torch.amp.GradScaler(device_type, enabled=fp16)  # off: a pass-through
+    fp16 = cfg.dtype == "float16"  # bf16 and fp32 need no loss scaling: a pass-through
+    scaler = torch.amp.GradScaler(device_type, enabled=fp16)
+    step = 0  # optimizer steps done
+    if resumed:  # the policy came with it; Adam's moments and the step come too
+        optimizer.load_state_dict(resumed["optimizer"])
+        scaler.load_state_dict(resumed["scaler"])
+        step = resumed["iter_num"]
+        print(f"resuming at step {step} of {max_iters}")
 
     def score(pairs):  # (losses, chosen rewards, rejected rewards) of a list of pairs, (B,) each
-        batch = collate_pairs(pairs, end_id, block_size, cfg.device)
+        batch = collate_pairs(pairs, data["end_id"], block_size, cfg.device)  # pad: end token
         average = cfg.average_log_probs
         return dpo_batch(policy, reference, batch, cfg.beta, cfg.label_smoothing, average, ctx)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log_path = out_dir / "log.jsonl"
-    print("before DPO (the policy is the reference: rewards 0, loss ln 2 = 0.6931):")
-    before = evaluate(score, data, cfg.eval_pairs, cfg.batch_size)
-    log_evaluation(0, before, log_path)
-    best_val_loss = float("inf")
+    log_path = Path(cfg.out_dir) / "log.jsonl"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    before = None
+    after = None
+    val_loss = resumed["val_loss"] if resumed else None
     train_losses = []
-    tokens = 0  # since the last log line
-    t0 = time.perf_counter()
-    for it in range(max_iters):
-        lr = cfg.learning_rate * min(1.0, (it + 1) / (cfg.warmup_iters + 1))
-        for group in optimizer.param_groups:  # linear warmup, then constant (the DPO paper)
-            group["lr"] = lr
-        indices = batch_indices(it, len(train), cfg.batch_size, cfg.seed)
-        pairs = [train[i] for i in indices]
-        losses, chosen_rewards, rejected_rewards = score(pairs)
-        loss = losses.mean()
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)  # true gradients, before clipping
-        max_norm = cfg.grad_clip or math.inf
-        norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        # on the device: .item() makes the CPU wait for the GPU, so only on log and eval steps
-        train_losses.append(loss.detach())
-        tokens += sum(2 * len(p) + len(c) + len(r) for p, c, r in pairs)
-        last = it == max_iters - 1
-        if it % cfg.log_interval == 0 or last:
-            m = pair_metrics(losses, chosen_rewards, rejected_rewards)
-            tokens_per_s = tokens / (time.perf_counter() - t0)
-            print(
-                f"step {it + 1}/{max_iters}: loss {m['loss']:.4f}, "
-                f"margin {m['margin']:+.3f}, accuracy {m['accuracy']:.0%}, "
-                f"grad norm {norm:.2f}, {tokens_per_s:,.0f} tokens/s"
-            )
-            tokens = 0
-            t0 = time.perf_counter()
-        if (it + 1) % cfg.eval_interval == 0 or last:
-            after = evaluate(score, data, cfg.eval_pairs, cfg.batch_size)
-            log_evaluation(it + 1, after, log_path)
-            val_loss = after["val"]["loss"]  # the DPO loss (ln 2 at the start), not the LM loss
-            best_val_loss = min(best_val_loss, val_loss)
-            save_checkpoint(out_dir / "ckpt.pt", {  # 05's format, stage "dpo"
-                "model": policy.state_dict(), "model_args": asdict(policy.config),
-                "config": asdict(cfg), "tokenizer": ckpt["tokenizer"], "stage": "dpo",
-                "iter_num": it + 1, "val_loss": val_loss, "best_val_loss": best_val_loss,
-                "optimizer": None, "scaler": None, "rng": None,  # a DPO run does not resume
-            })
-            tokens = 0
-            t0 = time.perf_counter()  # tokens/s: the evaluation's time is not training time
-
-    write_responses(reference, policy, data, tokenizer.decode, cfg, ctx)
-    print(f"talk to the aligned model: python 09_generate.py --ckpt={out_dir / 'ckpt.pt'} --chat")
-    train_losses = torch.stack(train_losses).tolist()  # one read of the device
-    return {"iter_num": max_iters, "train_losses": train_losses, "before": before,
-            "after": after, "policy": policy, "reference": reference}
+    with DPORun(cfg, policy, optimizer, scaler, tokenizer_spec, resumed) as run:
+        if not resumed:
+            print("before DPO (the policy is the reference: rewards 0, loss ln 2 = 0.6931):")
+            before = evaluate(score, data, cfg.eval_pairs, cfg.batch_size)
+            log_evaluation(0, before, log_path)
+            val_loss = before["val"]["loss"]
+        tokens = 0  # since the last log line
+        t0 = time.perf_counter()
+        while step < max_iters and not run.ctrl_c:
+            lr = cfg.learning_rate * min(1.0, (step + 1) / (cfg.warmup_iters + 1))
+            for group in optimizer.param_groups:  # linear warmup, then constant (the DPO paper)
+                group["lr"] = lr
+            indices = batch_indices(step, len(train), cfg.batch_size, cfg.seed)  # f(seed, step)
+            pairs = [train[i] for i in indices]
+            losses, chosen_rewards, rejected_rewards = score(pairs)
+            loss = losses.mean()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # true gradients, before clipping
+            max_norm = cfg.grad_clip or math.inf
+            norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            # on the device: .item() makes the CPU wait for the GPU, so only on log and eval steps
+            train_losses.append(loss.detach())
+            tokens += sum(2 * len(p) + len(c) + len(r) for p, c, r in pairs)
+            last = step == max_iters
+            if step % cfg.log_interval == 0 or last:
+                m = pair_metrics(losses, chosen_rewards, rejected_rewards)
+                tokens_per_s = tokens / (time.perf_counter() - t0)
+                print(f"step {step}/{max_iters}: loss {m['loss']:.4f}, "
+                      f"margin {m['margin']:+.3f}, accuracy {m['accuracy']:.0%}, "
+                      f"grad norm {norm:.2f}, {tokens_per_s:,.0f} tokens/s")
+                tokens = 0
+                t0 = time.perf_counter()
+            if step % cfg.eval_interval == 0 or last:
+                after = evaluate(score, data, cfg.eval_pairs, cfg.batch_size)
+                log_evaluation(step, after, log_path)
+                val_loss = after["val"]["loss"]  # the DPO loss (ln 2 at the start), not the LM's
+                run.save(step, val_loss)
+                tokens = 0
+                t0 = time.perf_counter()  # tokens/s: the evaluation's time is not training time
+        if run.ctrl_c:
+            run.save(step, val_loss)
+    if run.ctrl_c:
+        print(f"saved {run.path} (step {step}); continue: "
+              f"python 08_dpo.py --init_from=resume --out_dir={cfg.out_dir}")
+    else:
+        write_responses(reference, policy, data, cfg, ctx)
+        print(f"talk to the aligned model: python 09_generate.py --ckpt={run.path} --chat")
+    train_losses = torch.stack(train_losses).tolist() if train_losses else []
+    return {"iter_num": step, "train_losses": train_losses, "before": before, "after": after,
+            "policy": policy, "reference": reference, "interrupted": run.ctrl_c}
 
 
 def main(argv=None):
-    cfg = parse_config(DPOConfig, argv)  # a bad setting or a missing file: one line, exit 2
-    settings = ", ".join(f"{k}={v!r}" for k, v in asdict(cfg).items())
-    print("config:", settings)
-    torch.set_num_threads(cfg.threads or torch.get_num_threads())
-    torch.manual_seed(cfg.seed)
-    try:  # a file that is not a checkpoint, pairs that do not fit the context
-        start = load_checkpoint(cfg.ckpt_path)
-        policy, tokenizer, _ = start
-        data = prepare_pairs(cfg, tokenizer, policy.config.block_size)
-    except (ValueError, FileNotFoundError) as e:  # the user's to fix, not our bug: one line
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = parse_config(DPOConfig, argv)  # a bad setting: one `error:` line, exit 2
+    try:  # a missing or bad file, pairs that do not fit: the user's to fix, not our bug
+        run = None
+        if cfg.init_from == "resume":  # the run's own settings first; the flags given now win
+            run = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
+            saved = run[2]["config"] if run[2].get("stage") == "dpo" else {}  # else: see below
+            flags = [f"--{k}={v}" for k, v in saved.items() if k != "device"]  # this machine's
+            cfg = parse_config(DPOConfig, flags + argv)
+        print("config:", ", ".join(f"{k}={v!r}" for k, v in asdict(cfg).items()))
+        torch.set_num_threads(cfg.threads or torch.get_num_threads())
+        torch.manual_seed(cfg.seed)
+        start = load_models(cfg, run)
+        policy, _, tokenizer_spec, _ = start
+        data = prepare_pairs(cfg, tokenizer_spec, policy.config.block_size)
+    except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)  # as parse_config
-    return dpo(cfg, start, data)
+    result = dpo(cfg, start, data)
+    if result["interrupted"]:
+        sys.exit(130)  # what a shell reports after Ctrl-C
+    return result
 
 
 # -----------------------------------------------------------------------------
@@ -831,15 +897,21 @@ def parse_config(cls, argv=None):
         parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, **options)
     # a user error is one line, not argparse's usage dump
     parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")
-    given = vars(parser.parse_args(argv))
+    known, unknown = parser.parse_known_args(argv)
+    if unknown:  # a typo gets the closest flag: --lerning_rate=1 (did you mean --learning_rate?)
+        import difflib  # imported here: the files that copy parse_config need no new import
+        flags = [f"--{f.name}" for f in fields(cls)]
+        close = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    given = vars(known)
     preset = given.get("preset", getattr(cls, "preset", None))
     try:
         if presets and preset not in presets:
             raise ValueError(f"--preset={preset!r} is not valid; use {', '.join(presets)}")
         return cls(**{**presets.get(preset, {}), **given})  # the flags given win over the preset
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        parser.exit(2, f"error: {e}\n")
 
 
 # copied from 04_gpt.py: pick_device
@@ -1021,7 +1093,8 @@ def final_hidden(model, idx, position_ids=None, mask=None, cache=None):
 def generate_greedy(model, prompts: list[list[int]], max_new_tokens: int, end_id: int,
                     ctx=nullcontext()):
     """Greedy answers (token ids) to prompts, each stopped at end_id (not included) or when prompt +
-    answer fill the context (a longer prompt keeps its last block_size - 1). model.eval() first."""
+    answer fill the context (a longer prompt keeps its last block_size - 1). model.eval() first;
+    the blocks run in ctx (autocast's precision), the head in fp32."""
     device = model.lm_head.weight.device
     block_size = model.config.block_size
     prompts = [p[max(0, len(p) - block_size + 1) :] for p in prompts]
@@ -1037,20 +1110,25 @@ def generate_greedy(model, prompts: list[list[int]], max_new_tokens: int, end_id
     cache = KVCache(model.config.n_layer, T + max_new_tokens)
     new_tokens = [idx[:, :0]]  # (B, 0) at first
     done = torch.zeros_like(real[:, 0])  # (B,) False
-    for _ in range(max_new_tokens):
-        with ctx:  # blocks in ctx's precision, the head in fp32: bf16 logits could flip a near tie
+    fp32 = torch.autocast(device.type, enabled=False)  # the head: bf16 logits could flip a near tie
+    # One region for the whole answer: autocast keeps each weight's cast while it lasts (leaving
+    # the outermost region drops them), so each weight is cast once per answer, not per token.
+    with ctx:
+        for _ in range(max_new_tokens):
             h = final_hidden(model, idx, position_ids, mask, cache)[:, -1]  # (B, C)
-        logits = model.lm_head(h.float())  # (B, vocab_size)
-        next_ids = torch.where(done, end_id, logits.argmax(dim=-1))  # (B,); an ended row's: end_id
-        idx = next_ids[:, None]  # (B, 1)
-        new_tokens.append(idx)
-        position_ids = (position_ids[:, -1:] + 1).clamp(max=block_size - 1)  # (B, 1)
-        context_full = position_ids[:, 0] == block_size - 1
-        done |= (next_ids == end_id) | context_full  # ended rows go on, fed end_id
-        if done.all():  # the one read of the device per token
-            break
-        real = torch.cat([real, torch.ones_like(real[:, :1])], dim=1)  # (B, L)
-        mask = real[:, None, None, :]  # (B, 1, 1, L): the new token sees every real key
+            with fp32:
+                logits = model.lm_head(h.float())  # (B, vocab_size)
+            argmax = logits.argmax(dim=-1)  # (B,)
+            next_ids = torch.where(done, end_id, argmax)  # (B,); an ended row's: end_id
+            idx = next_ids[:, None]  # (B, 1)
+            new_tokens.append(idx)
+            position_ids = (position_ids[:, -1:] + 1).clamp(max=block_size - 1)  # (B, 1)
+            context_full = position_ids[:, 0] == block_size - 1
+            done |= (next_ids == end_id) | context_full  # ended rows go on, fed end_id
+            if done.all():  # the one read of the device per token
+                break
+            real = torch.cat([real, torch.ones_like(real[:, :1])], dim=1)  # (B, L)
+            mask = real[:, None, None, :]  # (B, 1, 1, L): the new token sees every real key
     answers = torch.cat(new_tokens, dim=1).tolist()
     return [row[: row.index(end_id)] if end_id in row else row for row in answers]
 

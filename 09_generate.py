@@ -30,6 +30,7 @@ Run it (after `python 05_pretrain.py`, which writes out/shakespeare-char/ckpt.pt
 import argparse
 import codecs
 import math
+import os
 import pickle
 import sys
 import time
@@ -305,6 +306,9 @@ def generate(model, prompts, max_new_tokens: int, temperature=1.0, top_k=None, t
 def complete(model, tok, prompts, cfg, stop_strings=(), eot_token=None) -> list[str]:
     """Each prompt's (token ids, one batch) new text, with cfg's settings; row 0 streams to
     stdout as it is made."""
+    dropped = max(len(p) for p in prompts) - model.config.block_size
+    if dropped > 0:  # generate_tokens keeps the last block_size tokens: say so
+        print(f"note: the prompt is {dropped} tokens too long; its start is cut", file=sys.stderr)
     streams = [TextStream(tok, stop_strings, lambda text: print(text, end="", flush=True))]
     streams += [TextStream(tok, stop_strings) for _ in prompts[1:]]
     device = model.lm_head.weight.device
@@ -373,13 +377,8 @@ def strided_windows(n_tokens: int, block_size: int, stride: int) -> list[tuple[i
     if not 1 <= stride <= T:
         raise ValueError(f"stride must be in [1, {T}] (the window length), got {stride}")
     ends = list(range(T, n_tokens - 1, stride)) + [n_tokens - 1]  # the last one ends the text
-    windows = []
-    prev_end = 0
-    for end in ends:
-        if end > prev_end:
-            windows.append((end - T, end, end - prev_end))
-            prev_end = end
-    return windows
+    prev_ends = [0] + ends[:-1]  # each window scores the targets after the previous end
+    return [(end - T, end, end - prev_end) for prev_end, end in zip(prev_ends, ends)]
 
 
 @torch.no_grad()
@@ -467,68 +466,72 @@ def bench(cfg) -> None:
 # -----------------------------------------------------------------------------
 # Command line
 
+PROJECT = Path(__file__).resolve().parent  # relative paths (--ckpt, --eval_file) start here
 DEFAULT_CKPT = "out/shakespeare-char/ckpt.pt"  # 05_pretrain.py's output: the Quick start's model
 STAGES = {"pretrain": "05", "distributed": "06", "finetune": "07", "dpo": "08"}  # their scripts
+# the command that writes each folder's ckpt.pt (05-08: their default out_dir; 04: OpenAI's model)
+WRITERS = {"out/shakespeare-char": "python 05_pretrain.py", "out/dpo": "python 08_dpo.py",
+           "out/distributed": "python 06_distributed.py", "out/finetune": "python 07_finetune.py",
+           "data/gpt2": "python 04_gpt.py --init_from=gpt2 --save_ckpt"}
+# what "val_loss" holds: the next-token loss (07's on the answers only), but 08's the DPO loss
+SAVED_LOSS = {"finetune": "val loss {:.4f} on the answers", "dpo": "val DPO loss {:.4f}"}
 
 
 @dataclass
 class GenerateConfig:
-    """Sample from, chat with, evaluate or benchmark a GPT: a checkpoint of 05-08."""
+    """Sample from, chat with, evaluate or benchmark a GPT that 04-08 saved."""
 
-    ckpt: Annotated[str, "a checkpoint of 05-08 (default: 05's Shakespeare model)"] = DEFAULT_CKPT
-    prompt: Annotated[str, 'text to continue; "" = <|endoftext|> (GPT-2) or a newline (char)'] = ""
-    num_samples: Annotated[int, "samples of the prompt, generated together as one batch"] = 1
-    max_new_tokens: Annotated[int, "tokens to generate per sample"] = 500
-    temperature: Annotated[float, "0 = greedy; < 1 sharper, > 1 more random"] = 0.8
-    top_k: Annotated[int, "sample among the k most likely tokens; 0 = no limit"] = 200
-    top_p: Annotated[float, "nucleus: most likely tokens covering this probability; 1 = off"] = 1.0
-    seed: Annotated[int, "the sampling seed"] = 1337
-    stop: Annotated[
-        str, 'stop strings, comma-separated; "\\n" is a newline (--stop="\\n\\n,THE END")'
-    ] = ""
-    use_cache: Annotated[bool, "the KV cache (false: rerun the whole context each token)"] = True
-    chat: Annotated[bool, "chat with an instruction-tuned checkpoint (07/08)"] = False
-    eval_file: Annotated[str, "print perplexity and bits per byte of this text file"] = ""
-    eval_stride: Annotated[int, "the windows advance by this many tokens; 0 = block_size // 2"] = 0
-    bench: Annotated[bool, "time tokens/s with and without the cache (random weights)"] = False
-    bench_presets: Annotated[str, "GPTConfig presets to benchmark, comma-separated"] = "small,gpt2"
-    device: Annotated[str, "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"] = "auto"
-    dtype: Annotated[str, "auto (see pick_dtype), float32, bfloat16, float16 (CUDA)"] = "auto"
-    threads: Annotated[int, "CPU threads; 0 = PyTorch's default"] = 0
+    ckpt: Annotated[str, "the model to load (relative paths start in 09's folder)"] = DEFAULT_CKPT
+    prompt: Annotated[str, 'the text to continue; "" starts a new document'] = ""
+    num_samples: Annotated[int, "how many texts to write (together, as a batch)"] = 1
+    max_new_tokens: Annotated[int, "the most tokens (words, pieces of words) per text"] = 500
+    temperature: Annotated[float, "randomness: 0 = likeliest token; <1 safer, >1 wilder"] = 0.8
+    top_k: Annotated[int, "pick among the k likeliest next tokens only; 0 = all"] = 200
+    top_p: Annotated[float, "pick from the likeliest tokens up to this probability; 1 = all"] = 1.0
+    seed: Annotated[int, "the random seed: the same seed writes the same text"] = 1337
+    stop: Annotated[str, 'end the text at any of these, comma-separated; "\\n" is a newline '
+                         '(--stop="\\n\\n,THE END")'] = ""
+    use_cache: Annotated[bool, "reuse past tokens' keys and values (KV cache): faster"] = True
+    chat: Annotated[bool, "talk to a model trained to follow instructions (07's, 08's)"] = False
+    eval_file: Annotated[str, "the model's perplexity and bits per byte on this text file"] = ""
+    eval_stride: Annotated[int, "tokens between --eval_file's windows; 0 = half a context"] = 0
+    bench: Annotated[bool, "time generation with and without the KV cache, untrained"] = False
+    bench_presets: Annotated[str, "model sizes --bench times, comma-separated: tiny, small, gpt2, "
+                                  "gpt2-medium, gpt2-large, gpt2-xl"] = "small,gpt2"
+    device: Annotated[str, "auto = cuda (NVIDIA GPU) > mps (Apple GPU) > cpu; or name one"] = "auto"
+    dtype: Annotated[str, "precision: auto = bfloat16 on GPU (old: float16); CPU float32"] = "auto"
+    threads: Annotated[int, "CPU threads to use; 0 = PyTorch's choice"] = 0
 
     def __post_init__(self):  # checked before loading anything; parse_config prints the error
         self.device = pick_device(self.device)  # "auto" -> cuda, mps or cpu
         self.dtype = pick_dtype(self.dtype, self.device)
         check_sampling(self.temperature, self.top_k or None, self.top_p)
-        if min(self.max_new_tokens, self.eval_stride, self.threads) < 0 or self.num_samples < 1:
-            raise ValueError("need --max_new_tokens, --eval_stride, --threads >= 0 "
-                             "and --num_samples >= 1")
+        least = {"max_new_tokens": 0, "eval_stride": 0, "threads": 0, "num_samples": 1}
+        for name, smallest in least.items():
+            if getattr(self, name) < smallest:
+                raise ValueError(f"--{name}={getattr(self, name)}: use {smallest} or more")
         for preset in self.bench_presets.split(",") if self.bench else []:
             GPTConfig.from_preset(preset)  # an unknown one: a ValueError naming the presets
-        if self.eval_file and not Path(self.eval_file).is_file():
+        if self.eval_file and not (PROJECT / self.eval_file).is_file():
             raise FileNotFoundError(f"--eval_file={self.eval_file}: no such file")
-        if not self.bench and not Path(self.ckpt).is_file():
-            raise FileNotFoundError(f"--ckpt={self.ckpt}: no such file; 05-08 write "
-                                    "out_dir/ckpt.pt (this default one: `python 05_pretrain.py`)")
-
-
-def fail(message) -> None:  # a user error found after parsing: one line, status 2, as parse_config
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+        ckpt_path = PROJECT / self.ckpt  # an absolute ckpt stays as it is
+        if not self.bench and not ckpt_path.is_file():
+            folders = {PROJECT / folder: command for folder, command in WRITERS.items()}
+            other = "05-08 (into their out_dir), or 04_gpt.py --save_ckpt (into data/<model>/)"
+            command = folders.get(ckpt_path.parent, other)
+            raise FileNotFoundError(f"--ckpt={self.ckpt}: no such file ({ckpt_path}); "
+                                    f"make it with: {command}")
 
 
 def load_model(cfg):
     """(model in eval mode on cfg.device, tokenizer, checkpoint dict), saying what it loaded."""
-    try:  # onto the CPU, memory-mapped: an optimizer state in the file never reaches the GPU
-        model, tok, ckpt = load_checkpoint(cfg.ckpt)
-    except (ValueError, FileNotFoundError) as e:
-        fail(e)
+    model, tok, ckpt = load_checkpoint(PROJECT / cfg.ckpt)  # CPU, mmap: Adam's state stays on disk
     stage = ckpt.get("stage", "?")
     script = f"{STAGES[stage]}_{stage}.py" if stage in STAGES else "an unknown script"
     val_loss = ckpt.get("val_loss", ckpt.get("best_val_loss"))
     val = "no val loss measured"
     if val_loss is not None and math.isfinite(val_loss):
-        val = f"val loss {val_loss:.4f}"
+        val = SAVED_LOSS.get(stage, "val loss {:.4f}").format(val_loss)
     iters = ckpt.get("iter_num", 0)
     print(f"loaded {cfg.ckpt}: the {stage} model of {script} after {iters:,} iterations, {val}; "
           f"{model.num_params() / 1e6:.2f}M parameters, {ckpt['tokenizer']['kind']} tokens, "
@@ -542,18 +545,14 @@ def encode(tok, text: str) -> list[int]:
         return tok.encode(text, allowed_special="all")
     missing = "".join(sorted(set(text) - set(tok.chars)))
     if missing:
-        raise ValueError(f"characters {missing!r} are not in this char model's vocabulary; "
-                         "leave them out")
+        raise ValueError(f"characters {missing!r} are not in the model's vocabulary; drop them")
     return tok.encode(text)
 
 
 def evaluate_file(model, tok, cfg) -> dict:
     """Print (and return) the perplexity and bits per byte of cfg.eval_file."""
-    try:  # a text that is not UTF-8, that the tokenizer cannot encode, or too short to score
-        text = Path(cfg.eval_file).read_text(encoding="utf-8")
-        result = evaluate_text(model, tok, text, cfg.eval_stride, progress=True)
-    except ValueError as e:
-        fail(e)
+    text = (PROJECT / cfg.eval_file).read_text(encoding="utf-8")  # not UTF-8: a ValueError
+    result = evaluate_text(model, tok, text, cfg.eval_stride, progress=True)
     print(f"{cfg.eval_file}: {result['tokens']:,} tokens, {result['bytes']:,} bytes, "
           f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.3f}, "
           f"bits per byte {result['bits_per_byte']:.4f}")
@@ -564,10 +563,7 @@ def sample_from_prompt(model, tok, cfg) -> list[str]:
     """cfg.num_samples continuations of cfg.prompt, one batch: the first streams as it is made."""
     document_start = "<|endoftext|>" if tok.eot_token is not None else "\n"
     prompt = cfg.prompt or document_start
-    try:
-        prompt_ids = encode(tok, prompt)
-    except ValueError as e:  # text the tokenizer cannot encode
-        fail(e)
+    prompt_ids = encode(tok, prompt)  # text the tokenizer cannot encode: a ValueError
     print(prompt, end="", flush=True)  # then the first sample streams as it is made
     typed_stops = [s for s in cfg.stop.split(",") if s]
     stop_strings = [s.replace("\\n", "\n").replace("\\t", "\t") for s in typed_stops]
@@ -583,15 +579,23 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
     device_type = cfg.device.split(":")[0]  # "cuda:1" -> "cuda"
-    with autocast_context(device_type, cfg.dtype):
-        if cfg.bench:
-            return bench(cfg)
-        model, tok, ckpt = load_model(cfg)
-        if cfg.chat:
-            return chat(model, tok, cfg, ckpt)
-        if cfg.eval_file:
-            return evaluate_file(model, tok, cfg)
-        return sample_from_prompt(model, tok, cfg)
+    try:
+        with autocast_context(device_type, cfg.dtype):
+            if cfg.bench:
+                return bench(cfg)
+            model, tok, ckpt = load_model(cfg)
+            if cfg.chat:
+                return chat(model, tok, cfg, ckpt)
+            if cfg.eval_file:
+                return evaluate_file(model, tok, cfg)
+            return sample_from_prompt(model, tok, cfg)
+    except ValueError as e:  # not a checkpoint; text it cannot encode, or too short to score
+        print(f"error: {e}", file=sys.stderr)  # one line, status 2, as parse_config; no work done
+        sys.exit(2)
+    except BrokenPipeError:  # the reader left early (`09_generate.py | head`): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)  # Python flushes stdout on exit: into this
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(141)  # 128 + SIGPIPE, as `seq 999999 | head` gives seq; not 0: text was lost
 
 
 # -----------------------------------------------------------------------------
@@ -896,15 +900,21 @@ def parse_config(cls, argv=None):
         parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, **options)
     # a user error is one line, not argparse's usage dump
     parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")
-    given = vars(parser.parse_args(argv))
+    known, unknown = parser.parse_known_args(argv)
+    if unknown:  # a typo gets the closest flag: --lerning_rate=1 (did you mean --learning_rate?)
+        import difflib  # imported here: the files that copy parse_config need no new import
+        flags = [f"--{f.name}" for f in fields(cls)]
+        close = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    given = vars(known)
     preset = given.get("preset", getattr(cls, "preset", None))
     try:
         if presets and preset not in presets:
             raise ValueError(f"--preset={preset!r} is not valid; use {', '.join(presets)}")
         return cls(**{**presets.get(preset, {}), **given})  # the flags given win over the preset
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        parser.exit(2, f"error: {e}\n")
 
 
 # copied from 04_gpt.py: pick_device

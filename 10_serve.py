@@ -24,10 +24,11 @@ Run it (after `python 05_pretrain.py`, which writes out/shakespeare-char/ckpt.pt
 
 import argparse
 import codecs
-import contextlib
+import errno
 import json
 import math
 import pickle
+import socket
 import struct
 import sys
 import threading
@@ -42,6 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+PROJECT = Path(__file__).resolve().parent  # relative paths (flags, defaults) resolve here
 DEFAULT_CKPT = "out/shakespeare-char/ckpt.pt"  # what `python 05_pretrain.py` writes
 
 # -----------------------------------------------------------------------------
@@ -76,11 +78,8 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path) -> None:
     offset = 0
     for name, t in tensors.items():
         end = offset + t.numel() * t.element_size()
-        header[name] = {
-            "dtype": dtype_names[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [offset, end],
-        }
+        dtype = dtype_names[t.dtype]
+        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, end]}
         offset = end
     header_bytes = json.dumps(header).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)  # pad with spaces: tensors start 8-byte aligned
@@ -119,12 +118,11 @@ def export_hf(model, tokenizer_spec: dict, out_dir, overwrite: bool = False) -> 
     if eot_id is None:
         (out / "chars.json").write_text(json.dumps(tokenizer_spec, ensure_ascii=False))
         (out / "README.txt").write_text(
-            "A character-level GPT-2: token id i is the character chars[i] of chars.json.\n"
-            "transformers has no tokenizer for it, so encode a text as\n"
-            "[chars.index(ch) for ch in text] and decode ids as\n"
-            "''.join(chars[i] for i in ids). A character outside chars.json cannot be\n"
-            "encoded, and a text (prompt and new tokens) holds at most n_positions tokens\n"
-            "(config.json): the model's context.\n"
+            "A character-level GPT-2: token id i is the character chars[i], where\n"
+            "chars = json.load(open('chars.json'))['chars']. transformers has no tokenizer\n"
+            "for it: encode a text as [chars.index(ch) for ch in text], decode ids as\n"
+            "''.join(chars[i] for i in ids). Other characters cannot be encoded, and a text\n"
+            "(prompt and new tokens) holds at most n_positions tokens (config.json).\n"
         )
         return out
     # tiktoken fetched these files (sha256-checked) to build GPT-2's encoding: read from its cache
@@ -210,7 +208,8 @@ def is_stop(value) -> bool:  # a string, or a list of up to 4 strings
 
 
 # The optional settings: name -> (default, check, what a value must be). The checks ask type(v),
-# not isinstance: JSON's true is a bool, and a Python bool is an int.
+# not isinstance: JSON's true is a bool, and a Python bool is an int. n (answers per request) takes
+# 1 only: ignoring another value would answer a request that was not made.
 SAMPLING = {
     "max_tokens": (16, is_token_count, f"an integer in [1, {MAX_TOKENS}]"),
     "temperature": (1.0, lambda v: is_number(v) and 0 <= v <= 2, "a number from 0 to 2"),
@@ -218,11 +217,19 @@ SAMPLING = {
     "seed": (None, lambda v: type(v) is int and 0 <= v < 2**63, "an integer in [0, 2**63)"),
     "stream": (False, lambda v: type(v) is bool, "true or false"),
     "stop": ((), is_stop, "a string, or a list of up to 4"),
+    "n": (1, lambda v: type(v) is int and v == 1, "1 (one answer per request here)"),
 }
 
 
-def parse_settings(body: dict) -> dict:
-    """SAMPLING's settings from a request's body, each checked; absent or null gets the default."""
+def parse_settings(body: dict, text_field: str) -> dict:
+    """SAMPLING's settings from a request's body, each checked; absent or null gets the default.
+    Any other field is refused, as OpenAI does: a typo (max_tokns) would be ignored in silence.
+    But "user" (an end user's name, for OpenAI's abuse monitoring) changes no answer: ignored."""
+    known = ["model", text_field, *SAMPLING, "user"]
+    for name in body:
+        if name not in known:
+            message = f"unknown field '{name}': this server takes {', '.join(known)}"
+            raise APIError(message, name, "unknown_parameter")
     settings = {}
     for name, (default, ok, must) in SAMPLING.items():
         value = body.get(name)
@@ -245,9 +252,19 @@ def user_instruction(messages) -> str | None:
     return messages[-1].get("content")
 
 
+def check_characters(tok, text: str, param: str) -> None:
+    """A char model reads only its training text's characters: the others are a 400 naming them,
+    on both endpoints. An OpenAI API user expects no silent "?" (BPE encodes any text), and
+    OpenAI's answer has no field to say that the question was changed. GPT-2: nothing to check."""
+    char_vocab = set(getattr(tok, "chars", text))  # GPT-2's: any text
+    missing = "".join(sorted(set(text) - char_vocab))
+    if missing:
+        message = f"this model knows only the characters of its training text, not {missing!r}"
+        raise APIError(message + ": replace or remove them", param)
+
+
 def encode_prompt(tok, text: str) -> list[int]:
-    """The user's own text. A character that a char model lacks is an error (a ValueError);
-    GPT-2's BPE encodes any text, a typed "<|endoftext|>" as its end token."""
+    """The user's own text; GPT-2's BPE encodes a typed "<|endoftext|>" as its end token."""
     if hasattr(tok, "chars"):
         return tok.encode(text)
     return tok.encode(text, allowed_special="all")
@@ -273,15 +290,15 @@ def parse_request(server, body, chat: bool) -> tuple[list[int], dict, int | None
     field as its param."""
     if not isinstance(body, dict):
         raise APIError("the body must be a JSON object", code="invalid_json")
+    param = "messages" if chat else "prompt"  # the field that holds the text
+    settings = parse_settings(body, param)
     if body.get("model") != server.model_name:
         model = json.dumps(body.get("model"))
         message = f"no model {model}: this server has '{server.model_name}'"
         raise APIError(message, "model", "model_not_found")
     tok = server.tok
     block_size = server.model.config.block_size
-    settings = parse_settings(body)
     if chat:
-        param = "messages"
         text = user_instruction(body.get("messages"))
         if type(text) is not str:
             message = "'messages' must be a list of {role, content}, the last the user's"
@@ -292,17 +309,15 @@ def parse_request(server, body, chat: bool) -> tuple[list[int], dict, int | None
             settings["max_tokens"] = block_size
         encode = encode_chat
     else:
-        param = "prompt"
         text = body.get("prompt")
         if type(text) is not str:
             raise APIError(f"'prompt' must be a string, got {json.dumps(text)}", param)
         encode = encode_prompt
-    try:
-        prompt = encode(tok, text)
-    except ValueError as e:  # a character that a char model lacks
-        raise APIError(str(e), param) from None
-    if not 1 <= len(prompt) <= block_size:
-        message = f"the prompt has {len(prompt)} tokens; the context holds 1 to {block_size}"
+    check_characters(tok, text, param)
+    prompt = encode(tok, text)
+    if not 1 <= len(prompt) <= block_size:  # a 400 on both endpoints, as OpenAI's: never a cut
+        what = "07's template with your message" if chat else "the prompt"
+        message = f"{what} has {len(prompt)} tokens; the context holds 1 to {block_size}"
         raise APIError(message, param, "context_length_exceeded")
     end_token = tok.eot_token  # None for a char model
     if chat and hasattr(tok, "chars"):  # as 07: a char model's answer ends at a newline
@@ -435,39 +450,68 @@ def make_server(model, tok, model_name: str, host="127.0.0.1", port=8000) -> Thr
 # Command line
 
 
+def ckpt_hint(ckpt: Path) -> str:
+    """The command that writes a missing checkpoint: 04 saves OpenAI's GPT-2 in data/gpt2*/,
+    05, 07 and 08 write out_dir/ckpt.pt (by default out/shakespeare-char, finetune, dpo)."""
+    folder = ckpt.parent
+    if folder.parent == PROJECT / "data" and folder.name.startswith("gpt2"):
+        return f"python 04_gpt.py --init_from={folder.name} --save_ckpt"
+    writers = {"finetune": "07_finetune.py", "dpo": "08_dpo.py"}
+    script = writers.get(folder.name.split("-")[0], "05_pretrain.py")  # out/dpo-avg: 08's too
+    if folder.is_relative_to(PROJECT):  # as a user types it: 05-08 resolve it there too
+        folder = folder.relative_to(PROJECT)
+    return f"python {script} --out_dir={folder}"
+
+
+def check_address(host: str, port: int) -> None:
+    """Take host:port and let go at once, so that a port in use or an unknown host is one line
+    before the model loads; the server takes it for good once the model has loaded."""
+    try:
+        with socket.socket() as probe:  # as the server's: IPv4, a port in TIME_WAIT reused
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as e:  # socket.gaierror too: a host name that does not resolve
+        if e.errno in (errno.EADDRINUSE, errno.EACCES):  # in use; below 1024: root's
+            fix = "pick a free port, or --port=0 for any"
+            raise ValueError(f"--port={port}: {e.strerror}; {fix}") from None
+        fix = "use --host=127.0.0.1 (this machine only) or 0.0.0.0 (all its networks)"
+        raise ValueError(f"--host={host}: {e.strerror}; {fix}") from None
+
+
 @dataclass
 class ServeConfig:
     """Export a checkpoint of 05-08 as a Hugging Face model, serve it with OpenAI's API, or both."""
 
-    ckpt: Annotated[str, "a checkpoint of 05-08 (default: 05's Shakespeare model)"] = DEFAULT_CKPT
-    export_hf: Annotated[str, "write the model to this directory in Hugging Face's format"] = ""
-    overwrite: Annotated[bool, "let --export_hf write into a directory that is not empty"] = False
-    serve: Annotated[bool, "answer OpenAI's API over HTTP (no authentication!) till Ctrl-C"] = False
-    host: Annotated[str, "the address to listen on; 127.0.0.1 = this machine only"] = "127.0.0.1"
+    ckpt: Annotated[str, "a ckpt.pt of 05-08 (relative: to this script's folder)"] = DEFAULT_CKPT
+    export_hf: Annotated[str, "save the model in Hugging Face's format, in this folder"] = ""
+    overwrite: Annotated[bool, "let --export_hf write into a folder that holds files"] = False
+    serve: Annotated[bool, "answer OpenAI's API over HTTP until Ctrl-C; no password"] = False
+    host: Annotated[str, "127.0.0.1 = only this computer may connect; 0.0.0.0 = any"] = "127.0.0.1"
     port: Annotated[int, "the port to listen on; 0 = any free one"] = 8000
-    device: Annotated[str, "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"] = "auto"
-    threads: Annotated[int, "CPU threads; 0 = PyTorch's default"] = 0
+    device: Annotated[str, "run on: auto (a GPU if there is one), cpu, cuda, cuda:1, mps"] = "auto"
+    threads: Annotated[int, "CPU threads for PyTorch; 0 = its default"] = 0
 
     def __post_init__(self):  # checked before loading anything; parse_config prints the error
         self.device = pick_device(self.device)  # "auto" -> cuda, mps or cpu
         if not (self.export_hf or self.serve):
             raise ValueError("nothing to do: pass --export_hf=DIR, --serve, or both")
+        self.ckpt = str(PROJECT / self.ckpt)  # an absolute path stays as it is
+        if self.export_hf:
+            self.export_hf = str(PROJECT / self.export_hf)
         export_dir = Path(self.export_hf)
         export_dir_used = self.export_hf and export_dir.is_dir() and any(export_dir.iterdir())
         if export_dir_used and not self.overwrite:
-            raise ValueError(
-                f"--export_hf={export_dir} is not empty: pick an empty directory, "
-                "or pass --overwrite"
-            )
+            message = f"--export_hf={export_dir} is not empty: pick an empty folder, or --overwrite"
+            raise ValueError(message)
         if not 0 <= self.port < 65536:
             raise ValueError(f"need 0 <= --port < 65536, got {self.port}")
         if self.threads < 0:
             raise ValueError(f"need --threads >= 0 (0 = PyTorch's default), got {self.threads}")
         if not Path(self.ckpt).is_file():
-            raise FileNotFoundError(
-                f"--ckpt={self.ckpt}: no such file; 05-08 write out_dir/ckpt.pt "
-                "(this default one: `python 05_pretrain.py`)"
-            )
+            hint = ckpt_hint(Path(self.ckpt))
+            raise FileNotFoundError(f"--ckpt={self.ckpt}: no such file; `{hint}` writes it")
+        if self.serve:
+            check_address(self.host, self.port)
 
 
 def main(argv=None):
@@ -489,8 +533,12 @@ def main(argv=None):
     port = server.server_address[1]  # the one picked, for --port=0
     url = f"http://{cfg.host}:{port}/v1"
     print(f"serving {name!r} with OpenAI's API at {url} (Ctrl-C stops)", flush=True)
-    with server, contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: close the socket and end
-        server.serve_forever()
+    with server:  # closes the socket
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:  # Ctrl-C, the way to stop: one line, no traceback
+            print("\nCtrl-C: stopped serving", flush=True)
+            sys.exit(130)  # the shell's code for "ended by Ctrl-C", as 05's
 
 
 # -----------------------------------------------------------------------------
@@ -811,15 +859,21 @@ def parse_config(cls, argv=None):
         parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, **options)
     # a user error is one line, not argparse's usage dump
     parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")
-    given = vars(parser.parse_args(argv))
+    known, unknown = parser.parse_known_args(argv)
+    if unknown:  # a typo gets the closest flag: --lerning_rate=1 (did you mean --learning_rate?)
+        import difflib  # imported here: the files that copy parse_config need no new import
+        flags = [f"--{f.name}" for f in fields(cls)]
+        close = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    given = vars(known)
     preset = given.get("preset", getattr(cls, "preset", None))
     try:
         if presets and preset not in presets:
             raise ValueError(f"--preset={preset!r} is not valid; use {', '.join(presets)}")
         return cls(**{**presets.get(preset, {}), **given})  # the flags given win over the preset
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        parser.exit(2, f"error: {e}\n")
 
 
 # copied from 04_gpt.py: pick_device

@@ -9,7 +9,8 @@ the project's speed, not a lesson, so it lives outside them:
     python tests/bench.py pretrain    # 05: ms/iter of the CPU recipe for each thread count x dtype
     python tests/bench.py answers     # 07: GPT-2 small's greedy answers, with and without KV cache
     python tests/bench.py serve       # 10: the server's tokens/s, 1 and 8 clients (05's model)
-    python tests/bench.py             # all five
+    python tests/bench.py evaluate    # 11: multiple choice, packed and batched vs one per pass
+    python tests/bench.py             # all six
     python tests/bench.py nanogpt --nanogpt=PATH   # 05 beside your clone of nanoGPT, same recipe
 
 Numbers from a small shared machine mean little unless nothing else runs: run it on a quiet
@@ -18,6 +19,7 @@ machine, and compare figures taken in the same run.
 
 import argparse
 import os
+import random
 import re
 import shutil
 import statistics
@@ -98,6 +100,7 @@ def bench_pretrain(iters: int = 200):
     data/tinyshakespeare-char (python 02_dataloader.py).
     """
     pre05 = load_script("05_pretrain")
+    pre05.plot_losses = lambda *args: None  # the out_dirs are temporary: no plot to point at
     if hasattr(os, "sched_getaffinity"):
         cores = len(os.sched_getaffinity(0))
     else:
@@ -128,7 +131,7 @@ def bench_serve(ckpt="out/shakespeare-char/ckpt.pt", requests: int = 4, max_toke
 
     Each client sends `requests` completions one after another (temperature 0.8; a char model never
     stops early); tokens/s = all completion tokens / wall time. The server runs in a thread of this
-    process, on a free port, with one CPU thread.
+    process, on a free port, with one CPU thread. A relative ckpt starts at the project folder.
     """
     import threading
     from concurrent.futures import ThreadPoolExecutor
@@ -137,8 +140,10 @@ def bench_serve(ckpt="out/shakespeare-char/ckpt.pt", requests: int = 4, max_toke
 
     serve10 = load_script("10_serve")
     torch.set_num_threads(1)
-    model, tokenizer, _ = serve10.load_checkpoint(ckpt)
+    model, tokenizer, _ = serve10.load_checkpoint(ROOT / ckpt)
     server = serve10.make_server(model.eval(), tokenizer, "shakespeare", "127.0.0.1", 0)
+    quiet = {"log_message": lambda self, *args: None}  # no access-log line per request
+    server.RequestHandlerClass = type("QuietHandler", (server.RequestHandlerClass,), quiet)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port = server.server_address[1]
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
@@ -250,6 +255,47 @@ NANOGPT_RECIPE = ["--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head
                   "--dropout=0.0", "--eval_iters=200", "--log_interval=100", "--device=cpu"]
 
 
+def bench_evaluate(n_examples: int = 16, rounds: int = 2):
+    """11: multiple-choice scoring, packed and batched (ours) against llm.c's way (one example, a
+    row per choice, per forward pass), on GPT-2 small's shapes with random weights (speed does not
+    depend on the weights). Examples are HellaSwag-shaped: a context of 20-100 tokens, 4 endings
+    of 10-30. Examples/s of both on the same examples, the best of `rounds`; same scores."""
+    ev = load_script("11_evaluate")
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    config = ev.GPTConfig.from_preset("gpt2", vocab_size=50257, block_size=1024)
+    model = ev.GPT(config).eval()
+    encoded = []
+    for _ in range(n_examples):
+        context = [rng.randrange(50257) for _ in range(rng.randint(20, 100))]
+        choices = [[rng.randrange(50257) for _ in range(rng.randint(10, 30))] for _ in range(4)]
+        encoded.append({"context": context, "choices": choices, "cut": False})
+
+    def one_per_pass():
+        return [ev.score_rows(model, example) for example in encoded]
+
+    def packed():
+        return ev.score_examples(model, encoded)
+
+    packed()  # warm-up: allocations, kernel choice
+    rows = []
+    for name, fn in (("llm.c's way: one example per pass", one_per_pass),
+                     ("ours: packed, batched", packed)):
+        best = float("inf")
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            scores = fn()
+            best = min(best, time.perf_counter() - t0)
+        rows.append((name, n_examples / best, scores))
+    reference = torch.tensor(rows[0][2])
+    same = all(torch.allclose(torch.tensor(s), reference, atol=1e-3) for _, _, s in rows)
+    print(f"\n11: multiple choice, gpt2 shapes (random weights), {n_examples} examples x 4 "
+          f"choices, fp32, {torch.get_num_threads()} threads; same scores: {same}")
+    print(f"{'scorer':<36} {'examples/s':>10} {'speedup':>8}")
+    for name, rate, _ in rows:
+        print(f"{name:<36} {rate:>10.2f} {rate / rows[0][1]:>7.2f}x")
+
+
 def run_timed(cmd: list[str], cwd: Path) -> tuple[float, float]:
     """(wall seconds, the last val loss printed) of one whole process."""
     t0 = time.perf_counter()
@@ -303,7 +349,8 @@ BENCHES = {"encode": bench_encode,
            "model": bench_model,
            "pretrain": bench_pretrain,
            "answers": bench_answers,
-           "serve": bench_serve}
+           "serve": bench_serve,
+           "evaluate": bench_evaluate}
 
 
 def main(argv=None):

@@ -1,10 +1,13 @@
 """Tests for 01_tokenizer.py: our GPT-2 BPE against tiktoken, our fast trainer against the naive
 one."""
 
+import contextlib
 import functools
 import hashlib
 import json
+import os
 import random
+import shutil
 
 import pytest
 import tiktoken
@@ -276,6 +279,8 @@ def test_bad_training_and_loading_input(tok01, tmp_path):
     path.write_text(json.dumps({"kind": "char", "chars": "ab"}))
     with pytest.raises(ValueError, match="not a BPETokenizer file"):
         tok01.BPETokenizer.load(path)
+    with pytest.raises(ValueError, match="missing or not a BPETokenizer file"):
+        tok01.BPETokenizer.load(tmp_path / "no_such.json")
     with pytest.raises(ValueError, match="token ids must be"):
         tok01.BPETokenizer({(97, 98): 300})
 
@@ -387,27 +392,58 @@ def test_download_shows_progress_for_big_files(tok01, tmp_path, monkeypatch, cap
 def test_cli_train_encode_decode(tok01, shakespeare_text, tmp_path, capsys):
     text_file, out = tmp_path / "text.txt", tmp_path / "bpe.json"
     text_file.write_text(shakespeare_text[:20_000], encoding="utf-8")
-    tok01.main(["train", str(text_file), "--vocab_size=300", f"--out={out}"])
+    tok01.main([f"--train={text_file}", "--vocab_size=300", f"--out={out}"])
     tok = tok01.BPETokenizer.load(out)
     assert tok.n_vocab == 300
     assert "43 merges in" in capsys.readouterr().out
-    tok01.main(["encode", f"--tokenizer={out}", "To be, or not"])
+    tok01.main([f"--tokenizer={out}", "--encode=To be, or not"])
     printed = capsys.readouterr().out.splitlines()[0]
     assert json.loads(printed) == tok.encode("To be, or not")
-    tok01.main(["decode", f"--tokenizer={out}", *map(str, tok.encode("To be, or not"))])
+    tok01.main([f"--tokenizer={out}", "--decode", *map(str, tok.encode("To be, or not"))])
     assert capsys.readouterr().out == "To be, or not\n"
-    tok01.main(["encode", f"--tokenizer={out}", "--allowed_special=all", "end<|endoftext|>"])
+    tok01.main([f"--tokenizer={out}", "--allowed_special=all", "--encode=end<|endoftext|>"])
     assert json.loads(capsys.readouterr().out.splitlines()[0])[-1] == 299
+
+
+def test_cli_help_lists_each_flag_with_its_type_and_default_once(tok01, capsys):
+    """--help in the style of 04-10: `--name TYPE  meaning (default: X)`, each default once."""
     with pytest.raises(SystemExit) as exit_info:
         tok01.main(["--help"])
-    assert exit_info.value.code == 0 and "bench" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    flat = " ".join(out.split())  # argparse wraps long lines
+    assert f"] {tok01.__doc__.splitlines()[0]} options:" in flat  # the description line
+    assert "--vocab_size int tokens in all" in flat and "--naive_chars int" in flat
+    for default in ("(default: 1024)", "(default: out/bpe.json)", "(default: gpt2)"):
+        assert flat.count(default) == 1, default
+
+
+def test_cli_relative_paths_start_at_the_project_folder(tok01, shakespeare_text, tmp_path,
+                                                        monkeypatch, capsys):
+    """--train=FILE and --out=FILE, relative, mean the same file wherever the user runs from."""
+    project = tok01.PROJECT
+    out_existed = (project / "out").exists()
+    relative = f"out/test-01-relative-{os.getpid()}"  # under out/, which git ignores
+    (project / relative).mkdir(parents=True)
+    try:
+        (project / relative / "text.txt").write_text(shakespeare_text[:5_000], encoding="utf-8")
+        monkeypatch.chdir(tmp_path)
+        tok01.main([f"--train={relative}/text.txt", "--vocab_size=260",
+                    f"--out={relative}/bpe.json"])
+        assert tok01.BPETokenizer.load(project / relative / "bpe.json").n_vocab == 260
+        assert list(tmp_path.iterdir()) == []  # nothing written where the user stands
+    finally:
+        shutil.rmtree(project / relative)
+        if not out_existed:
+            with contextlib.suppress(OSError):  # unless something else wrote there meanwhile
+                (project / "out").rmdir()
 
 
 @pytest.mark.parametrize("argv", [
-    ["train", "any.txt", "--vocab=300"],  # prefix of --vocab_size
-    ["train", "any.txt", "--vocab-size=300"],  # the old spelling
-    ["encode", "--allowed=all", "hi"],  # prefix of --allowed_special
-    ["bench", "--naive=1000"],  # prefix of --naive_chars
+    ["--train=any.txt", "--vocab=300"],  # prefix of --vocab_size
+    ["--train=any.txt", "--vocab-size=300"],  # the old spelling
+    ["--encode=hi", "--allowed=all"],  # prefix of --allowed_special
+    ["--bench", "--naive=1000"],  # prefix of --naive_chars
 ])
 def test_cli_rejects_abbreviations_and_dashes(tok01, capsys, argv):
     with pytest.raises(SystemExit) as exit_info:
@@ -417,23 +453,47 @@ def test_cli_rejects_abbreviations_and_dashes(tok01, capsys, argv):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["train", "no/such/file.txt"],
-     "error: no/such/file.txt: no such file; give a UTF-8 text file"),
-    (["train", "any.txt", "--vocab_size=100"], "error: --vocab_size=100; use at least 257"),
-    (["bench", "--vocab_size=256"], "error: --vocab_size=256; use at least 257"),
-    (["bench", "--naive_chars=0"], "error: --naive_chars=0; use a positive count"),
-    (["encode", "the end<|endoftext|>"],
-     "error: Encountered text corresponding to disallowed special token "
-     "'<|endoftext|>'. Add --allowed_special=all"),
-    (["encode", "--tokenizer=no/such.json", "hi"], "error: [Errno 2] No such file or directory"),
+    (["--encode=hi", "--tokenizr=gpt2"],
+     "error: unrecognized arguments: --tokenizr=gpt2 (did you mean --tokenizer?)"),
+    (["--encdoe=hi"], "error: unrecognized arguments: --encdoe=hi (did you mean --encode?)"),
+    (["--bench", "--naive-chars=10"],
+     "error: unrecognized arguments: --naive-chars=10 (did you mean --naive_chars?)"),
+    (["--bench", "--zzz=1"], "error: unrecognized arguments: --zzz=1 (see --help)"),
+])
+def test_cli_suggests_the_closest_flag(tok01, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        tok01.main(argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == message + "\n"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--train=no/such/file.txt"], "error: --train=no/such/file.txt: no UTF-8 text file at "),
+    (["--train={binary}"], "error: --train={binary}: no UTF-8 text file at {binary}"),
+    (["--train=any.txt", "--vocab_size=100"], "error: --vocab_size=100; use at least 257"),
+    (["--bench", "--vocab_size=256"], "error: --vocab_size=256; use at least 257"),
+    (["--bench", "--naive_chars=0"], "error: --naive_chars=0; use a positive count"),
+    (["--encode=the end<|endoftext|>"],
+     "error: --encode's text holds <|endoftext|>; add --allowed_special=all"),
+    (["--encode=hi", "--tokenizer=no/such.json"], "error: "),
+    (["--encode=hi", "--tokenizer=README.md"], "error: "),
+    (["--encode=hi", "--decode", "1"], "error: argument --decode: not allowed with argument"),
+    (["--decode", "1", "x"], "error: argument --decode: invalid int value: 'x'"),
+    ([], "error: say what to do: --train=FILE, --encode=TEXT, --decode IDS or --bench"),
 ])
 def test_cli_user_errors_are_one_line_and_exit_2(tok01, capsys, tmp_path, argv, message):
     """A user's mistake gets one line saying what to do, status 2, no traceback, before any work."""
+    binary = tmp_path / "binary.bin"
+    binary.write_bytes(bytes(range(256)))  # not UTF-8
+    argv = [a.format(binary=binary) for a in argv]
+    message = message.format(binary=binary)
     with pytest.raises(SystemExit) as exit_info:
         tok01.main(argv)
     captured = capsys.readouterr()
     assert exit_info.value.code == 2
     assert captured.err.startswith(message) and captured.err.count("\n") == 1, captured.err
+    if argv and "--tokenizer=" in argv[-1]:  # the file, and how to make one
+        assert argv[-1].split("=")[1] in captured.err and "--train" in captured.err
     assert captured.out == ""  # nothing ran
 
 
@@ -451,8 +511,7 @@ def test_merge_logger_reports_progress(tok01, capsys):
 def test_bench_compares_the_trainers(tok01, shakespeare_path, capsys):
     """The lesson in numbers: the naive and the incremental trainer learn the same merges, and a
     run longer than a few seconds shows progress (here: every 100 merges)."""
-    data_dir = shakespeare_path.parent
-    tok01.main(["bench", "--vocab_size=457", "--naive_chars=3000", f"--data_dir={data_dir}"])
+    tok01.main(["--bench", "--vocab_size=457", "--naive_chars=3000"])
     out = capsys.readouterr().out
     assert "naive trainer (recount), 200 merges on the first 3,000 characters:" in out
     assert "  merge 100/200: " in out and "  merge 200/200: " in out

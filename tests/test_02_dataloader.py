@@ -5,9 +5,13 @@ single-process batch (for the rank slices), rasbt's `range(0, len - T, stride)` 
 sliding windows), tiktoken (for GPT-2 token files), and hand-built cleaning examples.
 """
 
+import contextlib
 import hashlib
 import http.server
+import os
+import shutil
 import threading
+import unicodedata
 
 import numpy as np
 import pytest
@@ -527,7 +531,8 @@ def test_default_run_prepares_tinyshakespeare_in_the_data_home(
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "instruction-data-with-preference.json", "instruction-data.json", "tinyshakespeare-char",
         "tinyshakespeare-gpt2", "tinyshakespeare.txt"]
-    text = dl02.clean_text(shakespeare_text)[0]
+    text = cleaned_by_hand(shakespeare_text)
+    assert len(text) < len(shakespeare_text)  # there was something to clean
     split = int(len(text) * 0.9)
     for kind in ("char", "gpt2"):
         corpus = tmp_path / f"tinyshakespeare-{kind}"
@@ -536,7 +541,23 @@ def test_default_run_prepares_tinyshakespeare_in_the_data_home(
         assert meta["tokenizer"]["kind"] == kind
         enc = dl02.get_tokenizer(meta["tokenizer"])
         assert dl02.load_tokens(corpus, "val").tolist() == enc.encode(text[split:])
-    assert dl02.load_meta(tmp_path / "tinyshakespeare-char")["train_tokens"] == split == 1_003_849
+    assert dl02.load_meta(tmp_path / "tinyshakespeare-char")["train_tokens"] == split
+
+
+def cleaned_by_hand(raw: str) -> str:
+    """What clean_text must make of tiny Shakespeare, by plain string operations, not its regexes.
+
+    The file is NFC, every character but the newline is printable (no \\r, control, zero-width
+    or exotic space), and no paragraph of 50+ characters repeats: its only blemishes are spaces
+    at line ends and runs of blank lines, which cleaning strips and shortens to one blank line."""
+    assert unicodedata.is_normalized("NFC", raw)
+    assert all(ch == "\n" or ch.isprintable() for ch in raw)
+    long_paragraphs = [p.strip() for p in raw.split("\n\n") if len(p.strip()) >= 50]
+    assert len(set(long_paragraphs)) == len(long_paragraphs)
+    text = "\n".join(line.rstrip(" ") for line in raw.split("\n"))
+    while "\n\n\n" in text:
+        text = text.replace("\n\n\n", "\n\n")
+    return text
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -549,13 +570,18 @@ def test_default_run_prepares_tinyshakespeare_in_the_data_home(
     (["--batch_size=-1"], "error: --block_size=32, --batch_size=-1: use sizes > 0"),
     (["--block_size=2000000", "--text_file={small}"],
      "error: --block_size=2000000: the train split has"),
+    (["--text_file={binary}"], "error: {binary} is not UTF-8 text; give a UTF-8 text file"),
 ])
 def test_main_user_errors_are_one_line_before_any_work(dl02, tmp_path, capsys, argv, message):
     text_file = tmp_path / "small.txt"
     text_file.write_text(SMALL_TEXT)
+    binary_file = tmp_path / "binary.bin"
+    binary_file.write_bytes(bytes(range(256)))
     data_dir = tmp_path / "data"
+    message = message.format(binary=binary_file)
     with pytest.raises(SystemExit) as exit_info:
-        dl02.main([a.format(small=text_file) for a in argv] + [f"--data_dir={data_dir}"])
+        dl02.main([a.format(small=text_file, binary=binary_file) for a in argv]
+                  + [f"--data_dir={data_dir}"])
     captured = capsys.readouterr()
     assert exit_info.value.code == 2
     assert captured.err.startswith(message) and captured.err.count("\n") == 1, captured.err
@@ -573,6 +599,52 @@ def test_main_rejects_abbreviations_and_bad_flags(dl02, capsys, argv, message):
         dl02.main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--tokenizer=char"], "unrecognized arguments: --tokenizer=char (did you mean --tokenizers?)"),
+    (["--data-dir=x"], "unrecognized arguments: --data-dir=x (did you mean --data_dir?)"),
+    (["--zzz=1"], "unrecognized arguments: --zzz=1 (see --help)"),
+])
+def test_main_suggests_the_closest_flag(dl02, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        dl02.main(argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_main_help_lists_each_flag_with_its_type_and_default_once(dl02, capsys):
+    """--help in the style of 04-10: `--name TYPE  meaning (default: X)`, each default once."""
+    with pytest.raises(SystemExit) as exit_info:
+        dl02.main(["--help"])
+    flat = " ".join(capsys.readouterr().out.split())  # argparse wraps long lines
+    assert exit_info.value.code == 0
+    assert f"] {dl02.__doc__.splitlines()[0]} options:" in flat  # the description line
+    assert "--block_size int tokens per window" in flat and "--val_fraction float" in flat
+    assert flat.count("(default: ") == 10  # once for each of the ten flags
+    for default in ("(default: None:", "(default: char,gpt2)", "(default: data)"):
+        assert flat.count(default) == 1, default
+
+
+def test_main_relative_paths_start_at_the_project_folder(dl02, tmp_path, monkeypatch, capsys):
+    """--text_file and --data_dir, relative, name the same place wherever the user runs from, so
+    05 finds what 02 wrote."""
+    project = dl02.PROJECT
+    out_existed = (project / "out").exists()
+    relative = f"out/test-02-relative-{os.getpid()}"  # under out/, which git ignores
+    (project / relative).mkdir(parents=True)
+    try:
+        (project / relative / "small.txt").write_text(SMALL_TEXT)
+        monkeypatch.chdir(tmp_path)
+        dl02.main([f"--text_file={relative}/small.txt", f"--data_dir={relative}",
+                   "--tokenizers=char", "--block_size=8"])
+        assert dl02.load_meta(project / relative / "small-char")["train_tokens"] > 0
+        assert list(tmp_path.iterdir()) == []  # nothing written where the user stands
+    finally:
+        shutil.rmtree(project / relative)
+        if not out_existed:
+            with contextlib.suppress(OSError):  # unless something else wrote there meanwhile
+                (project / "out").rmdir()
 
 
 def test_gpt2_corpus_keeps_endoftext_as_the_separator_token(dl02, tmp_path):

@@ -416,7 +416,11 @@ def test_cli_demo_and_bench_run(attn03, capsys):
         (["--bench=maybe"], "expected true or false"),
         (["--seq_lens=8,x"], "comma-separated integers"),
         (["--benc"], "unrecognized arguments: --benc"),  # no abbreviations
-        (["--repeat=0"], "must be positive"),
+        (["--repeat=0"], "--repeat: 0 is not positive"),
+        (["--seq_lens=8,0"], "--seq_lens: 0 is not positive"),
+        (["--n-head=3"], "unrecognized arguments: --n-head=3 (did you mean --n_head?)"),
+        (["--bnech"], "unrecognized arguments: --bnech (did you mean --bench?)"),
+        (["--zzz"], "unrecognized arguments: --zzz (see --help)"),
     ],
 )
 def test_cli_errors_are_one_line(attn03, capsys, argv, message):
@@ -425,6 +429,18 @@ def test_cli_errors_are_one_line(attn03, capsys, argv, message):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_cli_help_lists_each_flag_with_its_type_and_default_once(attn03, capsys):
+    """--help in the style of 04-10: `--name TYPE  meaning (default: X)`, each default once."""
+    with pytest.raises(SystemExit) as exit_info:
+        attn03.main(["--help"])
+    flat = " ".join(capsys.readouterr().out.split())  # argparse wraps long lines
+    assert exit_info.value.code == 0
+    assert f"] {attn03.__doc__.splitlines()[0]} options:" in flat  # the description line
+    assert "--n_head int attention heads" in flat and "--bench [bool]" in flat
+    assert flat.count("(default: ") == 8  # once for each of the eight flags
+    assert flat.count("(default: 128,256,512,1024,2048)") == 1  # as one would type it
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

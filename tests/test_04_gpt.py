@@ -8,11 +8,14 @@ ln(vocab_size) for the loss of an untrained model, and plain argmax loops for gr
 import json
 import math
 import re
+import shutil
 import struct
+from dataclasses import fields
 
 import pytest
 import requests
 import torch
+from conftest import ROOT
 
 TINY = dict(block_size=16, vocab_size=101, n_layer=2, n_head=4, n_embd=32)
 
@@ -136,6 +139,44 @@ def test_flops_per_token_by_hand(gpt04):
     L, C = TINY["n_layer"], TINY["n_embd"]
     assert gpt04.flops_per_token(model, seq_len=10) == 6 * n + 12 * L * C * 10
     assert gpt04.flops_per_token(model) == 6 * n + 12 * L * C * TINY["block_size"]
+
+
+# NVIDIA's datasheets, as they print them, for bf16 tensor cores, TF32 tensor cores and fp32, in
+# TFLOP/s. The H100 and L4 sheets give the tensor cores' figures with 2:4 sparsity only: the dense
+# peak is half (/ 2 below). The L40S and L40 sheets print the dense figure beside the sparse one.
+DATASHEETS = {
+    "NVIDIA H100 80GB HBM3": (1979 / 2, 989 / 2, 67),  # H100 SXM5
+    "NVIDIA H100 PCIe": (1513 / 2, 756 / 2, 51),
+    "NVIDIA L40S": (362.05, 183, 91.6),
+    "NVIDIA L40": (181.05, 90.5, 90.5),
+    "NVIDIA L4": (242 / 2, 120 / 2, 30.3),
+}
+
+
+@pytest.mark.parametrize("name", DATASHEETS)
+def test_peak_flops_by_exact_gpu_name_and_dtype(gpt04, monkeypatch, name):
+    """MFU's denominator is the datasheet peak of this exact GPU in the dtype that runs: "H100
+    PCIe" is not an SXM H100, "L4" not an L40; fp32 runs as TF32 only while TF32 is on."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    bf16, tf32, fp32 = (tflops * 1e12 for tflops in DATASHEETS[name])
+    for dtype in ("bfloat16", "float16"):
+        assert gpt04.peak_flops("cuda", dtype) == pytest.approx(bf16, rel=0.01)
+    tf32_before = torch.backends.cuda.matmul.allow_tf32  # the process's setting: put it back
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert gpt04.peak_flops("cuda", "float32") == pytest.approx(tf32, rel=0.01)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert gpt04.peak_flops("cuda", "float32") == pytest.approx(fp32, rel=0.01)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32_before
+    assert gpt04.peak_flops("cuda", "bfloat16", override=5e12) == 5e12  # --peak_flops wins
+
+
+def test_peak_flops_knows_no_peak_for_unknown_gpus_and_cpus(gpt04, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100")
+    assert gpt04.peak_flops("cuda", "bfloat16") is None  # not a full name: no guess
+    assert gpt04.peak_flops("cpu", "float32") is None and gpt04.peak_flops("mps", "float32") is None
+    assert gpt04.peak_flops("cpu", "float32", override=2e12) == 2e12
 
 
 def test_gpt_is_lean(gpt04):
@@ -474,18 +515,72 @@ def test_from_pretrained_checks_the_size_and_leaves_no_partial_file(gpt04, tmp_p
     monkeypatch.setattr(gpt04.requests, "get", short_response)
     with pytest.raises(RuntimeError, match=r"\b11\b.*\b20\b"):
         gpt04.from_pretrained("gpt2", cache_dir=tmp_path)
-    assert list((tmp_path / "gpt2").iterdir()) == []
+    assert list(tmp_path.iterdir()) == []  # no partial file, and no empty gpt2/ folder
+
+
+def offline(*args, **kwargs):
+    raise requests.ConnectionError("Name or service not known")
 
 
 def test_from_pretrained_without_network_says_what_to_do(gpt04, tmp_path, monkeypatch):
-    def offline(*args, **kwargs):
-        raise requests.ConnectionError("Name or service not known")
-
+    """Offline: an error naming where to put the file by hand, nothing left behind; and a file put
+    there by hand is what the next call loads, still offline."""
     monkeypatch.setattr(gpt04.requests, "get", offline)
-    folder = tmp_path / "gpt2"
-    with pytest.raises(RuntimeError, match=re.escape(str(folder))):  # where to put the file by hand
+    with pytest.raises(RuntimeError) as error:
         gpt04.from_pretrained("gpt2", cache_dir=tmp_path)
-    assert not folder.exists() or list(folder.iterdir()) == []  # no partial file left behind
+    assert list(tmp_path.iterdir()) == []  # no partial file, and no empty gpt2/ folder
+    by_hand = re.search(r"put the file at (\S+) by hand", str(error.value))[1]
+    monkeypatch.setitem(gpt04.GPTConfig.PRESETS, "gpt2", TINY)
+    hf = random_hf_gpt2()
+    save_in_hf_naming(hf, by_hand, prefix="")
+    model = gpt04.from_pretrained("gpt2", cache_dir=tmp_path)
+    idx = torch.randint(TINY["vocab_size"], (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], hf(idx).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_init_from_gpt2_offline_is_one_line_and_leaves_nothing(
+    gpt04, tmp_path, monkeypatch, capsys
+):
+    """`04 --init_from=gpt2` without network: exit 2, one `error:` line saying where to put the
+    file, no traceback, and no empty data_dir/gpt2/ left behind."""
+    monkeypatch.setattr(gpt04.requests, "get", offline)
+    with pytest.raises(SystemExit) as exit_info:
+        gpt04.main(["--init_from=gpt2", f"--data_dir={tmp_path}", "--device=cpu"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: download of ") and err.count("\n") == 1, err
+    assert f"put the file at {tmp_path}" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_tokenizer_files_offline_is_one_line(gpt04, monkeypatch, capsys):
+    """tiktoken fetches GPT-2's BPE files on first use: offline, that is one `error:` line too."""
+    import tiktoken
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(SystemExit) as exit_info:
+        gpt04.main(["--max_new_tokens=1", "--device=cpu"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("error: ") and "Name or service not known" in err
+
+
+def test_a_relative_data_dir_resolves_against_the_project_folder(
+    gpt04, tmp_path, monkeypatch, capsys
+):
+    """A relative --data_dir, run from another folder, lands in the project, where 05-10 look."""
+    source = gpt04.GPT(gpt04.GPTConfig(**{**TINY, "vocab_size": 50257}))
+    monkeypatch.setattr(gpt04, "from_pretrained", lambda model_type, cache_dir: source)
+    monkeypatch.chdir(tmp_path)
+    relative = f".test-04-{tmp_path.name}"  # beside the scripts, removed at the end
+    try:
+        gpt04.main(["--init_from=gpt2", "--save_ckpt", f"--data_dir={relative}",
+                    "--max_new_tokens=1"])
+        assert (ROOT / relative / "gpt2" / "ckpt.pt").exists()
+        assert list(tmp_path.iterdir()) == []  # nothing in the current folder
+    finally:
+        shutil.rmtree(ROOT / relative, ignore_errors=True)
 
 
 def test_from_pretrained_uses_the_cache(gpt04, tmp_path, monkeypatch):
@@ -517,10 +612,14 @@ def test_from_pretrained_uses_the_cache(gpt04, tmp_path, monkeypatch):
 
 
 def test_help(gpt04, capsys):
+    """Every flag, with its default once (argparse adds it; no help text says it again)."""
     with pytest.raises(SystemExit) as exit_info:
         gpt04.main(["--help"])
     assert exit_info.value.code == 0
-    assert "--init_from" in capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())
+    flags = [f.name for f in fields(gpt04.SampleConfig)]
+    assert all(f"--{name}" in out for name in flags) and "--init_from" in out
+    assert out.count("default") == len(flags)
 
 
 def test_demo_counts_gpt2_and_samples(gpt04, capsys):
@@ -541,6 +640,9 @@ def test_demo_counts_gpt2_and_samples(gpt04, capsys):
         (["--preset=gpt3"], "--preset='gpt3' is not valid"),
         (["--dtype=float16", "--device=cpu"], "float16 needs loss scaling"),
         (["--init_fro=gpt2"], "unrecognized arguments: --init_fro"),  # no abbreviations
+        # a misspelt flag: the closest one is suggested, from the flags of this script
+        (["--max_new_token=3"], "--max_new_token=3 (did you mean --max_new_tokens?)"),
+        (["--temprature", "0.5"], "--temprature 0.5 (did you mean --temperature?)"),
         (["--max_new_tokens=many"], "invalid int value"),
     ],
 )
@@ -551,3 +653,10 @@ def test_cli_errors_are_one_line(gpt04, capsys, argv, message):
     captured = capsys.readouterr()
     assert captured.err.startswith("error: ") and message in captured.err, captured.err
     assert captured.err.count("\n") == 1 and captured.out == ""  # one line, before any work
+
+
+def test_an_unknown_flag_far_from_every_flag_gets_no_suggestion(gpt04, capsys):
+    with pytest.raises(SystemExit):
+        gpt04.main(["--xyzzy=1"])
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --xyzzy=1" in err and "did you mean" not in err

@@ -9,6 +9,7 @@ char_corpus).
 import hashlib
 import json
 import math
+import re
 import shutil
 import signal
 import subprocess
@@ -18,7 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, count_device_reads
 
 
 def tiny(pre05, out_dir, data_dir, **overrides):
@@ -200,7 +201,8 @@ def test_resume_of_a_finished_run_says_how_to_extend_it(pre05, char_corpus, tmp_
     result = pre05.train(tiny(pre05, tmp_path, char_corpus, max_iters=4, init_from="resume"))
     out = capsys.readouterr().out
     assert "resuming at iter 4 of 4" in out and "nothing left to do" in out
-    assert "--init_from=resume --max_iters=" in out and "iter 4:" not in out  # no evaluation either
+    assert f"--init_from=resume --out_dir={tmp_path} --max_iters=" in out  # this run's folder
+    assert "iter 4:" not in out  # no evaluation either
     assert result["iter_num"] == 4 and sha256(tmp_path / "ckpt.pt") == before
 
 
@@ -259,7 +261,7 @@ def test_nan_stops_the_run_and_keeps_the_checkpoint(pre05, char_corpus, tmp_path
     monkeypatch.setattr(pre05.GPT, "forward", poisoned)
     message = (
         r"loss is nan at iteration \d+: training diverged; .*ckpt.pt \(iter 4\) is intact: "
-        r"--init_from"
+        rf"--init_from=resume --out_dir={re.escape(str(tmp_path))};"  # this run's folder
     )
     with pytest.raises(FloatingPointError, match=message):
         pre05.train(tiny(pre05, tmp_path, char_corpus, init_from="resume", log_interval=10))
@@ -467,18 +469,25 @@ def test_autocast_context(pre05):
         pre05.pick_dtype("float64", "cpu")
 
 
-def test_peak_flops(pre05, monkeypatch):
-    """MFU's denominator: --peak_flops wins; a GPU's datasheet peak by name; none on CPU."""
-    names = iter(["NVIDIA H100 80GB HBM3", "NVIDIA L40S", "NVIDIA L4", "Some Future GPU"])
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: next(names))
-    assert [pre05.peak_flops("cuda") for _ in range(4)] == [
-        989e12,
-        362e12,
-        121e12,
-        None,
-    ]  # L40S before L4
-    assert pre05.peak_flops("cpu") is None and pre05.peak_flops("mps") is None
-    assert pre05.peak_flops("cpu", override=2e12) == 2e12
+def test_mfu_is_measured_against_the_peak_of_the_dtype_that_runs(
+    pre05, char_corpus, tmp_path, monkeypatch
+):
+    """train asks peak_flops (04's table, tested there by GPU name and dtype) for the peak of its
+    device in the dtype it runs, and --peak_flops overrides it; a CPU has none."""
+    asked = []
+
+    def spy(device, dtype, override=0):
+        asked.append((device, dtype, override))
+        return 1e12
+
+    monkeypatch.setattr(pre05, "peak_flops", spy)
+    cfg = tiny(pre05, tmp_path, char_corpus, max_iters=2, log_interval=1, peak_flops=3e12)
+    result = pre05.train(cfg)
+    assert asked == [("cpu", "float32", 3e12)] and result["mfu"] > 0
+    monkeypatch.undo()
+    assert pre05.peak_flops("cpu", "float32") is None
+    assert pre05.peak_flops("mps", "bfloat16") is None
+    assert pre05.peak_flops("cpu", "float32", override=2e12) == 2e12
 
 
 # -----------------------------------------------------------------------------
@@ -539,17 +548,23 @@ def test_parse_config_preset_then_flags(pre05, char_corpus, tmp_path):
     assert cfg.bias is True and cfg.n_layer == 2 and cfg.compile is True
 
 
-@pytest.mark.parametrize("flag", ["--n_lay=2", "--max_iter=3", "--comp", "--block-size=8"])
-def test_abbreviations_and_other_spellings_are_rejected(pre05, capsys, flag):
+@pytest.mark.parametrize("flag, closest", [
+    ("--n_lay=2", "--n_layer"), ("--max_iter=3", "--max_iters"), ("--comp", "--compile"),
+    ("--block-size=8", "--block_size"), ("--lerning_rate=1", "--learning_rate"),
+])  # fmt: skip
+def test_abbreviations_and_other_spellings_are_rejected(pre05, capsys, flag, closest):
     """argparse would take --n_lay for --n_layer; with allow_abbrev=False it is an error, and so is
-    the dashed spelling: one spelling, --field_name=value."""
+    the dashed spelling: one spelling, --field_name=value. The error names the closest flag."""
     with pytest.raises(SystemExit) as exit_info:
         pre05.parse_config(pre05.TrainConfig, [flag])
     assert exit_info.value.code == 2
-    assert f"unrecognized arguments: {flag}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"unrecognized arguments: {flag} (did you mean {closest}?)" in err
+    assert err.startswith("error: ") and err.count("\n") == 1
 
 
 def test_help_lists_every_field_with_its_text(pre05, capsys):
+    """Each flag with its text and its default, once: no help text repeats the default."""
     with pytest.raises(SystemExit) as exit_info:
         pre05.main(["--help"])
     assert exit_info.value.code == 0
@@ -557,6 +572,7 @@ def test_help_lists_every_field_with_its_text(pre05, capsys):
     for f in pre05.fields(pre05.TrainConfig):
         assert f"--{f.name}" in out and f.type.__metadata__[0][:20] in " ".join(out.split())
     assert "transformer blocks" in out and "preset shakespeare-char-gpu:" in out
+    assert out.count("default") == len(pre05.fields(pre05.TrainConfig))
 
 
 def user_error(pre05, capsys, argv) -> str:
@@ -579,7 +595,7 @@ def user_error(pre05, capsys, argv) -> str:
     (["--warmup_iters=100", "--lr_decay_iters=50"], "must exceed --warmup_iters=100"),
     (["--n_embd=30", "--n_head=4"], "not divisible by n_head=4"),
     (["--block_size=1000000"], "too few for --block_size=1000000"),
-    (["--init_from=gpt2"], "--init_from='gpt2' is not valid; use scratch, resume"),
+    (["--init_from=gpt2"], "--init_from='gpt2' is not valid; use scratch, resume, auto"),
     (["--init_from=resume"], "no checkpoint at"),
 ])  # fmt: skip
 def test_user_errors_are_one_line_and_leave_nothing_behind(
@@ -920,3 +936,166 @@ def test_rng_states_save_and_restore_the_mps_generator(pre05, monkeypatch):
         {"torch": torch.get_rng_state(), "cuda": []}
     )  # no "mps": an old checkpoint
     assert len(restored) == 1
+
+
+# -----------------------------------------------------------------------------
+# The loop against a hand-written reference; what it reads from the device; how it times
+
+
+def test_train_takes_the_steps_of_a_hand_written_loop(pre05, char_corpus, tmp_path):
+    """4 steps of train() == 4 steps of plain torch written out here: the same init (the seed),
+    AdamW with weight decay on the matrices only, the lr of get_lr at each step, clipping, the same
+    batches; and the lr logged at each step is get_lr's. A schedule that moves at every step, a
+    large weight decay and a clip that bites make each part count: a halved or constant lr, no
+    weight decay or no clipping moves some weight by 1e-3 or more, where the two loops agree
+    exactly (the same kernels in the same order)."""
+    cfg = tiny(pre05, tmp_path, char_corpus, max_iters=4, lr_decay_iters=4, warmup_iters=1,
+               eval_interval=4, log_interval=1, learning_rate=1e-2, min_lr=1e-3,
+               weight_decay=0.5, grad_clip=0.5)  # fmt: skip
+    pre05.train(cfg)
+    torch.manual_seed(cfg.seed)
+    model = pre05.GPT(cfg.model_config(pre05.load_meta(cfg.corpus_dir)["n_vocab"]))
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    vectors = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": matrices, "weight_decay": cfg.weight_decay},
+              {"params": vectors, "weight_decay": 0.0}]  # fmt: skip
+    optimizer = torch.optim.AdamW(groups, betas=(cfg.beta1, cfg.beta2), fused=True)
+    tokens = pre05.load_tokens(cfg.corpus_dir, "train")
+    lrs = [pre05.get_lr(it, cfg) for it in range(cfg.max_iters)]
+    for it, lr in enumerate(lrs):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = pre05.get_batch(tokens, cfg.batch_size, cfg.block_size, step=it, seed=cfg.seed)
+        _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad()
+    trained = model_state(tmp_path / "ckpt.pt")
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(trained[name], tensor, rtol=0, atol=1e-6, msg=name)
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [row["lr"] for row in rows if "lr" in row] == lrs
+    assert len(set(lrs)) == len(lrs)  # the schedule moves at every step
+
+
+def test_the_loop_reads_the_device_only_at_log_and_eval_points(
+    pre05, char_corpus, tmp_path, monkeypatch
+):
+    """Each read of a tensor's value (.item(), float(), a format...) makes the CPU wait for the
+    GPU: the loop reads only where it logs (every log_interval steps) or evaluates, never in the
+    steps between. Counted on the CPU: the reads by 05's own code from one training batch to the
+    next. (GPT's input check reads ids on eager CPU tensors only, never a GPU's: switched off.)"""
+    monkeypatch.setattr(pre05.GPT, "_check_input", lambda self, idx: None)
+    reads = count_device_reads(monkeypatch, pre05.__file__)
+    get_batch = pre05.get_batch
+
+    def marked(*args, **kwargs):
+        if kwargs["seed"] == 1337:  # a training batch (an evaluation's: seed + 1)
+            reads.append(("step", kwargs["step"]))
+        return get_batch(*args, **kwargs)
+
+    monkeypatch.setattr(pre05, "get_batch", marked)
+    pre05.train(tiny(pre05, tmp_path, char_corpus, max_iters=6, log_interval=3, eval_interval=6))
+    per_step = {}
+    for read in reads:
+        if isinstance(read, tuple):
+            step = read[1]
+            per_step[step] = 0
+        elif per_step:
+            per_step[step] += 1
+    # step k ends at iteration k + 1: log lines at 3 and 6, an evaluation at 6
+    assert [per_step[k] for k in (0, 1, 3, 4)] == [0, 0, 0, 0], per_step
+    assert 0 < per_step[2] < per_step[5], per_step  # the counter counts: log, then log + eval
+
+
+def test_checkpoints_are_read_memory_mapped(pre05, char_corpus, tmp_path, monkeypatch):
+    """load_checkpoint maps the file (mmap=True): what a run does not use is never read, and
+    tensors only are unpickled (weights_only=True). Seen by spying on torch.load in a resume."""
+    pre05.train(tiny(pre05, tmp_path, char_corpus, max_iters=2, eval_interval=2))
+    load, calls = torch.load, []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    pre05.main(["--init_from=resume", f"--out_dir={tmp_path}", "--max_iters=3"])
+    assert len(calls) == 1  # main reads it once, for the settings and the model
+    assert calls[0]["mmap"] is True and calls[0]["weights_only"] is True
+
+
+def test_the_window_after_an_evaluation_is_left_out_of_mfu_and_time_left(
+    pre05, char_corpus, tmp_path, capsys
+):
+    """The first log window after the start or an evaluation times a GPU's emptied queue and any
+    compiling, not training: its line shows no MFU and no time left, and the median step time
+    that train returns leaves it out."""
+    cfg = tiny(pre05, tmp_path, char_corpus, max_iters=6, log_interval=1, eval_interval=3,
+               peak_flops=1e12)  # fmt: skip
+    result = pre05.train(cfg)
+    out = capsys.readouterr().out.splitlines()
+    lines = {int(line[5]): line for line in out if line.startswith("iter ") and "/6 |" in line}
+    cold = {1, 4}  # the windows after the evaluations at 0 and 3
+    assert sorted(lines) == [1, 2, 3, 4, 5, 6]
+    for step, line in lines.items():
+        warm = step not in cold
+        assert ("| MFU " in line) == warm and ("s left" in line) == warm, line
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    warm_ms = sorted(row["ms"] for row in rows if "ms" in row and row["iter"] not in cold)
+    assert len(warm_ms) == 4 and result["ms_per_iter"] == warm_ms[2]  # their median
+
+
+# -----------------------------------------------------------------------------
+# Where runs go, how they continue
+
+
+SMALL = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=8", "--batch_size=2",
+         "--eval_iters=1", "--max_new_tokens=0", "--threads=1"]  # fmt: skip
+
+
+def test_init_from_auto_starts_afresh_then_resumes(pre05, char_corpus, tmp_path, capsys):
+    """--init_from=auto, as in 06: a new run where out_dir holds no checkpoint, else that run
+    continued (a requeued job, started with the same command, picks up where it stopped)."""
+    argv = [*SMALL, "--init_from=auto", f"--data_dir={char_corpus}", f"--out_dir={tmp_path}"]
+    pre05.main([*argv, "--max_iters=2"])
+    assert "resuming" not in capsys.readouterr().out
+    pre05.main([*argv, "--max_iters=4"])
+    assert "resuming at iter 2 of 4" in capsys.readouterr().out
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["iter_num"] == 4 and ckpt["config"]["init_from"] == "resume"
+
+
+def test_a_relative_out_dir_resolves_against_the_project_folder(
+    pre05, char_corpus, tmp_path, monkeypatch
+):
+    """A relative --out_dir, and the default data_dir, resolve against the folder the scripts are
+    in, not the current one: each stage finds what an earlier one wrote, wherever it was run."""
+    monkeypatch.chdir(tmp_path)
+    assert pre05.TrainConfig().corpus_dir == ROOT / "data" / "tinyshakespeare-char"
+    relative = f".test-05-{tmp_path.name}"  # beside the scripts, removed at the end
+    try:
+        pre05.main([*SMALL, "--max_iters=2", f"--data_dir={char_corpus}", f"--out_dir={relative}"])
+        assert (ROOT / relative / "ckpt.pt").exists() and (ROOT / relative / "log.jsonl").exists()
+        pre05.main(["--init_from=resume", f"--out_dir={relative}", "--max_iters=3"])
+        assert torch.load(ROOT / relative / "ckpt.pt", weights_only=True)["iter_num"] == 3
+        assert list(tmp_path.iterdir()) == []  # nothing in the current folder
+    finally:
+        shutil.rmtree(ROOT / relative, ignore_errors=True)
+
+
+def test_the_ctrl_c_hint_continues_this_run_when_followed_literally(
+    pre05, char_corpus, tmp_path, monkeypatch, capsys
+):
+    """Ctrl-C's last line ends with the flags that continue this run: given alone they resume it
+    (without --out_dir they would look in the default one: here an empty project folder)."""
+    monkeypatch.setattr(pre05, "PROJECT", tmp_path / "project")
+    get_batch = pre05.get_batch
+    interrupt_at(pre05, monkeypatch, step=2, seed=1337)
+    run = [*SMALL, "--max_iters=5", f"--data_dir={char_corpus}", f"--out_dir={tmp_path / 'run'}"]
+    pre05.main(run)
+    hint = capsys.readouterr().out.splitlines()[-1]
+    assert hint.startswith(f"saved {tmp_path / 'run' / 'ckpt.pt'} (iter 3); continue: ")
+    monkeypatch.setattr(pre05, "get_batch", get_batch)  # no more Ctrl-C
+    pre05.main(hint.split("continue: ")[1].split())
+    assert "resuming at iter 3 of 5" in capsys.readouterr().out

@@ -7,9 +7,13 @@ reference computation (per-token cross-entropy, one prompt decoded alone, the un
 
 import copy
 import json
+import os
 import re
+import signal
 import types
+from contextlib import nullcontext
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -302,8 +306,33 @@ def test_greedy_with_no_new_tokens_and_the_head_in_fp32_under_bf16(ft07):
     assert dtypes and set(dtypes) == {torch.float32} and set(block_dtypes) == {torch.bfloat16}
 
 
+class CountingContext:
+    """Another context manager (autocast), counting how often it is entered."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.entries = 0
+
+    def __enter__(self):
+        self.entries += 1
+        return self.inner.__enter__()
+
+    def __exit__(self, *exc_info):
+        return self.inner.__exit__(*exc_info)
+
+
+def test_a_batch_of_answers_enters_autocast_once(ft07):
+    """Autocast keeps its bf16 casts of the weights only while its outermost region lasts: entered
+    per token, every weight would be cast again for every token."""
+    model = tiny_gpt(ft07, vocab_size=32, block_size=24).eval()
+    ctx = CountingContext(torch.autocast("cpu", dtype=torch.bfloat16))
+    answers = ft07.generate_greedy(model, [[1, 2], [3]], 6, end_id=99, ctx=ctx)  # 99: never ends
+    assert [len(answer) for answer in answers] == [6, 6]
+    assert ctx.entries == 1
+
+
 def test_cached_greedy_runs_through_lora_adapters(ft07):
-    """07 writes its test answers before merging LoRA: the cache must go through the adapters."""
+    """The cache goes through LoRA's adapters too (07 answers with them merged, which is faster)."""
     torch.manual_seed(0)
     model = ft07.apply_lora(tiny_gpt(ft07, vocab_size=32, block_size=24), rank=4, alpha=8).eval()
     for m in model.modules():
@@ -383,11 +412,20 @@ def char_setup(ft07, instruction_data_path, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("lora_rank", [0, 4])
-def test_finetune_loss_falls_and_the_checkpoint_loads(ft07, char_setup, lora_rank, capsys):
+def test_finetune_loss_falls_and_the_checkpoint_loads(ft07, char_setup, lora_rank, capsys,
+                                                      monkeypatch):
     tmp, entries = char_setup
     out_dir = tmp / f"out{lora_rank}"
+    answering = []  # per batch of test answers: whether the model has unmerged adapters
+    original_generate = ft07.generate_greedy
+
+    def generate_greedy(model, *args):
+        answering.append(any(isinstance(m, ft07.LoRALinear) for m in model.modules()))
+        return original_generate(model, *args)
+
+    monkeypatch.setattr(ft07, "generate_greedy", generate_greedy)
     result = ft07.main([
-        f"--ckpt_path={tmp / 'base' / 'ckpt.pt'}", f"--data_path={tmp / 'data.json'}",
+        f"--ckpt={tmp / 'base' / 'ckpt.pt'}", f"--data_path={tmp / 'data.json'}",
         f"--out_dir={out_dir}", f"--lora_rank={lora_rank}", "--max_iters=30", "--batch_size=4",
         f"--learning_rate={1e-2 if lora_rank else 3e-3}",
         "--min_block_size=0", "--eval_interval=15", "--max_new_tokens=8", "--device=cpu",
@@ -397,6 +435,7 @@ def test_finetune_loss_falls_and_the_checkpoint_loads(ft07, char_setup, lora_ran
     assert result["after"]["loss"] < result["before"]["loss"]
     out = capsys.readouterr().out
     assert "test answers: 4/4" in out  # progress while the answers are written
+    assert answering == [False]  # LoRA's answers come from the merged weights (faster)
     # r * (in + out) per adapted Linear, n_embd 32, 2 layers: 2 * 4 * (128 + 64 + 160 + 160) = 4,096
     assert ("parameters: 4,096 trainable of" if lora_rank else "(100.00%)") in out
 
@@ -421,6 +460,159 @@ def test_finetune_loss_falls_and_the_checkpoint_loads(ft07, char_setup, lora_ran
     responses = json.loads((out_dir / "test_responses.json").read_text(encoding="utf-8"))
     assert [r["output"] for r in responses] == [e["output"] for e in splits["test"]]
     assert all(isinstance(r["model_response"], str) for r in responses)
+
+
+def rough_model(ft07, vocab_size: int, block_size: int):
+    """A tiny GPT with large random weights (std 0.3; as test_09's): confident, varied greedy
+    answers. GPT-2's std 0.02 gives near-uniform logits whose first answer token is often the
+    end token, so an empty answer would pass for a right one."""
+    torch.manual_seed(0)
+    model = tiny_gpt(ft07, vocab_size=vocab_size, block_size=block_size, n_embd=32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith((".bias", "ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def test_the_written_answers_are_the_models_greedy_answers(ft07, char_setup, tmp_path):
+    """test_responses.json holds, per test entry, the text of greedy_reference's tokens (one prompt
+    alone, the whole context rerun per token) up to the end token, beside the entry itself."""
+    tmp, entries = char_setup
+    _, tokenizer, _ = ft07.load_checkpoint(tmp / "base" / "ckpt.pt")
+    end_id = ft07.end_token_id(tokenizer)
+    model = rough_model(ft07, tokenizer.n_vocab, block_size=256)
+    test = entries[:5]
+    data = {"test": test, "encode": tokenizer.encode, "decode": tokenizer.decode, "end_id": end_id}
+    cfg = types.SimpleNamespace(num_responses=-1, batch_size=2, max_new_tokens=12,
+                                out_dir=str(tmp_path))
+    ft07.write_test_responses(model, data, cfg, nullcontext())
+    records = json.loads((tmp_path / "test_responses.json").read_text(encoding="utf-8"))
+    assert [{k: r[k] for k in entry} for r, entry in zip(records, test)] == test
+    for entry, record in zip(test, records):
+        prompt = tokenizer.encode(ft07.format_input(entry) + ft07.RESPONSE_HEADER)
+        tokens = greedy_reference(model, prompt, 12)
+        tokens = tokens[: tokens.index(end_id)] if end_id in tokens else tokens
+        assert record["model_response"] == tokenizer.decode(tokens).strip()
+        assert record["model_response"]  # the rough model says something
+
+
+def finetune_args(tmp, out_dir, *flags) -> list[str]:
+    """07's flags for a short CPU run on char_setup's model and entries, into out_dir."""
+    return [f"--ckpt={tmp / 'base' / 'ckpt.pt'}", f"--data_path={tmp / 'data.json'}",
+            f"--out_dir={out_dir}", "--batch_size=4", "--min_block_size=0", "--device=cpu",
+            "--dtype=float32", "--max_new_tokens=4", *flags]
+
+
+@pytest.mark.parametrize("mask_prompt", [True, False])
+def test_the_first_step_learns_from_the_answer_tokens_only(ft07, char_setup, tmp_path,
+                                                             mask_prompt):
+    """Step 1's loss is the loaded model's cross-entropy on batch 0, worked out here per example
+    without padding: the mean over the answer's targets (and the end token), and with
+    --mask_prompt=false over the prompt's too. The two differ, so each run tells them apart."""
+    tmp, entries = char_setup
+    flags = ["--max_iters=1", "--num_responses=0", f"--mask_prompt={mask_prompt}"]
+    result = ft07.main(finetune_args(tmp, tmp_path, *flags))
+    model, tokenizer, _ = ft07.load_checkpoint(tmp / "base" / "ckpt.pt")
+    end_id = ft07.end_token_id(tokenizer)
+    train = ft07.split_data(entries)["train"]  # every example fits the context: none dropped
+    seed = ft07.FinetuneConfig.seed
+    batch = [train[i] for i in ft07.batch_indices(0, len(train), 4, seed)]
+
+    def mean_loss(answer_only: bool) -> float:
+        terms = []
+        for entry in batch:
+            prompt = tokenizer.encode(ft07.format_input(entry))
+            answer = tokenizer.encode(ft07.RESPONSE_HEADER + entry["output"])
+            ids = prompt + answer + [end_id]
+            with torch.no_grad():
+                logp = model(torch.tensor([ids[:-1]]))[0][0].log_softmax(-1)  # (T, V)
+            first = len(prompt) - 1 if answer_only else 0  # position first predicts ids[first + 1]
+            terms += [-logp[i, ids[i + 1]] for i in range(first, len(ids) - 1)]
+        return torch.stack(terms).mean().item()
+
+    expected = mean_loss(answer_only=mask_prompt)
+    assert result["train_losses"][0] == pytest.approx(expected, rel=1e-5)
+    assert abs(mean_loss(answer_only=not mask_prompt) - expected) > 0.01
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_ctrl_c_saves_and_the_resumed_run_ends_as_an_uninterrupted_one(
+    ft07, char_setup, tmp_path, monkeypatch, capsys, lora_rank
+):
+    """A real SIGINT while step 2 runs: that step ends, ckpt.pt is saved at step 2, the command to
+    go on is printed, the exit status is 130. Resumed, the run ends with the weights (bit for
+    bit) and the answers of a run never stopped: the model with its adapters, Adam's moments and
+    the batch order all go on where they were."""
+    tmp, _ = char_setup
+    flags = [f"--lora_rank={lora_rank}", "--max_iters=5", "--eval_interval=3",
+             "--learning_rate=1e-2", "--num_responses=2"]
+    ft07.main(finetune_args(tmp, tmp_path / "whole", *flags))
+    original_batch_indices = ft07.batch_indices
+
+    def batch_indices(step, *args):
+        if step == 1:  # the second step's batch: Ctrl-C while it runs
+            os.kill(os.getpid(), signal.SIGINT)
+        return original_batch_indices(step, *args)
+
+    monkeypatch.setattr(ft07, "batch_indices", batch_indices)
+    out_dir = tmp_path / "stopped"
+    with pytest.raises(SystemExit) as exit_info:
+        ft07.main(finetune_args(tmp, out_dir, *flags))
+    assert exit_info.value.code == 130
+    out = capsys.readouterr().out
+    hint = f"continue: python 07_finetune.py --init_from=resume --out_dir={out_dir}"
+    assert f"at step 2 of 5; {hint}" in out
+    assert ft07.load_checkpoint(out_dir / "ckpt.pt")[2]["iter_num"] == 2
+    assert not (out_dir / "test_responses.json").exists()
+    auto = [f"--ckpt={tmp / 'base' / 'ckpt.pt'}", "--init_from=auto"]  # resume if there is a run
+    for folder, start in [(out_dir, "resume"), (tmp_path / "new", "scratch")]:
+        cfg = ft07.parse_config(ft07.FinetuneConfig, [*auto, f"--out_dir={folder}"])
+        assert cfg.init_from == start
+    monkeypatch.setattr(ft07, "batch_indices", original_batch_indices)
+    result = ft07.main(["--init_from=resume", f"--out_dir={out_dir}"])  # the run's own settings
+    assert len(result["train_losses"]) == 3 and result["iter_num"] == 5
+    whole = ft07.load_checkpoint(tmp_path / "whole" / "ckpt.pt")[2]
+    resumed = ft07.load_checkpoint(out_dir / "ckpt.pt")[2]
+    assert whole["model"].keys() == resumed["model"].keys()
+    for name, tensor in whole["model"].items():
+        assert torch.equal(resumed["model"][name], tensor), name
+    answers = [(path / "test_responses.json").read_text() for path in (tmp_path / "whole", out_dir)]
+    assert answers[0] == answers[1]
+
+
+def test_a_second_ctrl_c_quits_at_once(ft07, tmp_path):
+    (tmp_path / "base.pt").touch()  # --ckpt must exist
+    cfg = ft07.FinetuneConfig(ckpt=str(tmp_path / "base.pt"), out_dir=str(tmp_path))
+    model = tiny_gpt(ft07)
+    optimizer = torch.optim.AdamW(model.parameters())
+    before = signal.getsignal(signal.SIGINT)
+    with ft07.FinetuneRun(cfg, model, optimizer, None, {"kind": "gpt2"}) as run:
+        os.kill(os.getpid(), signal.SIGINT)  # the first: noted, the step goes on
+        assert run.ctrl_c
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before  # put back
+
+
+def test_relative_paths_start_at_the_project_folder(ft07, char_setup, tmp_path, monkeypatch):
+    """Run from another folder: a relative --ckpt, --data_path and --out_dir resolve against the
+    folder the script lives in (PROJECT; here a stand-in), never the current folder."""
+    tmp, _ = char_setup
+    assert ft07.PROJECT == Path(ft07.__file__).resolve().parent
+    project = tmp_path / "project"
+    (project / "base").mkdir(parents=True)
+    (project / "base" / "ckpt.pt").write_bytes((tmp / "base" / "ckpt.pt").read_bytes())
+    (project / "data.json").write_bytes((tmp / "data.json").read_bytes())
+    monkeypatch.setattr(ft07, "PROJECT", project)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    ft07.main(["--ckpt=base/ckpt.pt", "--data_path=data.json", "--out_dir=out/ft", "--max_iters=1",
+               "--batch_size=4", "--min_block_size=0", "--num_responses=0", "--device=cpu"])
+    assert (project / "out" / "ft" / "ckpt.pt").exists()
+    assert list(elsewhere.iterdir()) == []
 
 
 @pytest.mark.slow
@@ -462,8 +654,12 @@ def test_a_lora_checkpoint_loads_in_09_as_the_merged_model(ft07, gen09, tmp_path
         if isinstance(m, ft07.LoRALinear):
             nn.init.normal_(m.lora_B, std=0.1)
     spec = {"kind": "char", "chars": "".join(chr(65 + i) for i in range(64))}
-    ckpt = ft07.make_checkpoint(model, {"lora_rank": 4, "lora_alpha": 8}, spec, 7, 1.5, 1.6)
-    ft07.save_checkpoint(tmp_path / "ckpt.pt", ckpt)
+    (tmp_path / "base.pt").touch()  # --ckpt must exist
+    cfg = ft07.FinetuneConfig(ckpt=str(tmp_path / "base.pt"), out_dir=str(tmp_path), lora_rank=4,
+                              lora_alpha=8)
+    optimizer = ft07.configure_optimizers(model, 0.1, 1e-3, (0.9, 0.999), "cpu")
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    ft07.FinetuneRun(cfg, model, optimizer, scaler, spec).save(7, 1.6)
     loaded, tokenizer, ckpt = gen09.load_checkpoint(tmp_path / "ckpt.pt")
     saved = (ckpt["stage"], ckpt["iter_num"], ckpt["val_loss"], tokenizer.n_vocab)
     assert saved == ("finetune", 7, 1.6, 64)
@@ -491,13 +687,13 @@ def run_main(ft07, capsys, argv) -> str:
 @pytest.fixture
 def no_model(ft07, monkeypatch):
     """Fail the test if a model gets loaded: the check must come first."""
-    fail = lambda cfg: pytest.fail("a model was loaded before the check")  # noqa: E731
+    fail = lambda *args: pytest.fail("a model was loaded before the check")  # noqa: E731
     monkeypatch.setattr(ft07, "load_model", fail)
 
 
 def test_missing_checkpoint_says_what_to_do(ft07, tmp_path, capsys, no_model):
     missing = tmp_path / "nothing.pt"
-    argv = [f"--ckpt_path={missing}", f"--out_dir={tmp_path / 'out'}", "--device=cpu"]
+    argv = [f"--ckpt={missing}", f"--out_dir={tmp_path / 'out'}", "--device=cpu"]
     err = run_main(ft07, capsys, argv)
     assert re.search(r"no checkpoint at .*nothing\.pt.*05_pretrain\.py.*--init_from=gpt2", err), err
     assert not (tmp_path / "out").exists()  # nothing left behind
@@ -505,16 +701,25 @@ def test_missing_checkpoint_says_what_to_do(ft07, tmp_path, capsys, no_model):
 
 def test_a_file_that_is_not_a_checkpoint_is_called_so(ft07, tmp_path, capsys):
     (tmp_path / "notes.pt").write_text("not a checkpoint")
-    argv = [f"--ckpt_path={tmp_path / 'notes.pt'}", f"--out_dir={tmp_path / 'out'}", "--device=cpu"]
+    argv = [f"--ckpt={tmp_path / 'notes.pt'}", f"--out_dir={tmp_path / 'out'}", "--device=cpu"]
     err = run_main(ft07, capsys, argv)
     assert "not a checkpoint of these scripts" in err and "weights_only" not in err
     assert not (tmp_path / "out").exists()
 
 
+def test_a_data_file_that_is_not_json_is_named(ft07, char_setup, tmp_path, capsys, no_model):
+    tmp, _ = char_setup
+    (tmp_path / "README.md").write_text("# not JSON")
+    argv = [f"--ckpt={tmp / 'base' / 'ckpt.pt'}", f"--out_dir={tmp_path / 'out'}",
+            f"--data_path={tmp_path / 'README.md'}", "--device=cpu"]
+    err = run_main(ft07, capsys, argv)
+    assert f"{tmp_path / 'README.md'} is not a JSON file" in err and "JSON list of" in err
+
+
 def test_a_bad_data_file_stops_before_a_model_loads(ft07, char_setup, tmp_path, capsys, no_model):
     tmp, _ = char_setup
     (tmp_path / "data.json").write_text(json.dumps([ENTRY, {"instruction": "no output"}]))
-    argv = [f"--ckpt_path={tmp / 'base' / 'ckpt.pt'}", f"--out_dir={tmp_path / 'out'}",
+    argv = [f"--ckpt={tmp / 'base' / 'ckpt.pt'}", f"--out_dir={tmp_path / 'out'}",
             f"--data_path={tmp_path / 'data.json'}", "--device=cpu"]
     err = run_main(ft07, capsys, argv)
     assert "entry 1" in err
@@ -523,7 +728,7 @@ def test_a_bad_data_file_stops_before_a_model_loads(ft07, char_setup, tmp_path, 
 def test_an_earlier_run_is_never_overwritten_unasked(ft07, char_setup, tmp_path, capsys, no_model):
     tmp, _ = char_setup
     (tmp_path / "ckpt.pt").write_bytes(b"an earlier run")
-    args = [f"--ckpt_path={tmp / 'base' / 'ckpt.pt'}", f"--out_dir={tmp_path}", "--device=cpu"]
+    args = [f"--ckpt={tmp / 'base' / 'ckpt.pt'}", f"--out_dir={tmp_path}", "--device=cpu"]
     err = run_main(ft07, capsys, args)
     assert "--out_dir" in err and "--overwrite" in err
     assert (tmp_path / "ckpt.pt").read_bytes() == b"an earlier run"
@@ -543,7 +748,7 @@ def test_data_the_model_cannot_take_is_one_error_line(ft07, char_setup, tmp_path
     long = tmp_path / "long.json"  # every prompt longer than the checkpoint's 224 positions
     longer = [{**e, "instruction": e["instruction"] + " x" * 120} for e in entries]
     long.write_text(json.dumps(longer))
-    argv = [f"--ckpt_path={tmp / 'base' / 'ckpt.pt'}", f"--out_dir={tmp_path / 'out'}",
+    argv = [f"--ckpt={tmp / 'base' / 'ckpt.pt'}", f"--out_dir={tmp_path / 'out'}",
             "--device=cpu", *flags.format(long=long, data=tmp / "data.json").split()]
     assert message in run_main(ft07, capsys, argv)
     assert not (tmp_path / "out").exists()
@@ -554,15 +759,16 @@ def test_data_the_model_cannot_take_is_one_error_line(ft07, char_setup, tmp_path
     ("--lora_targets=lm_head", "lm_head"),
     ("--batch_size=0", "--batch_size"), ("--max_iters=0 --epochs=0", "no steps"),
     ("--init_from=gpt3", "gpt3"), ("--dtype=fp8", "--dtype"),
+    ("--init_from=resume", "no run to resume"),
 ])  # fmt: skip
 def test_bad_values_get_one_error_line(ft07, char_setup, tmp_path, capsys, no_model, flags,
                                       message):
     tmp, _ = char_setup
-    argv = [f"--ckpt_path={tmp / 'base' / 'ckpt.pt'}", f"--out_dir={tmp_path}", *flags.split()]
+    argv = [f"--ckpt={tmp / 'base' / 'ckpt.pt'}", f"--out_dir={tmp_path}", *flags.split()]
     assert message in run_main(ft07, capsys, argv)
 
 
-FLAGS = ["--max_iter=10", "--lora=4", "--overwrite=maybe", "--batch-size=4"]
+FLAGS = ["--max_iter=10", "--lora=4", "--overwrite=maybe", "--batch-size=4", "--ckpt_path=x"]
 
 
 @pytest.mark.parametrize("flag", FLAGS)

@@ -10,8 +10,12 @@ log-probs under bf16 autocast.
 import itertools
 import json
 import math
+import os
+import shutil
+import signal
 import types
 from contextlib import nullcontext
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,29 +171,93 @@ def test_logprobs_come_from_an_fp32_head_under_bf16_autocast(dpo08):
     assert (old.double() - exact).abs().max() > 1e-2  # the bf16 head is off by far more
 
 
-@pytest.mark.parametrize("num_responses, expected", [(2, 2), (0, 0), (-1, 3)])
-def test_responses_before_and_after_for_n_or_all_entries(dpo08, tmp_path, num_responses, expected):
-    """write_responses answers the first num_responses validation entries (-1: all, as 07's flag)
-    with both models, through 07's cached greedy answers; the JSON holds each entry with both
-    answers."""
+def rough_gpt(dpo08, vocab_size: int, seed: int):
+    """A tiny GPT with large random weights (std 0.3, as 09's tests): GPT-2's init (std 0.02)
+    gives near-uniform logits, and both tiny models would end every answer at once (''), so a
+    bug that writes '' or swaps the models would pass; std 0.3 gives varied, confident answers."""
+    torch.manual_seed(seed)
+    model = tiny_gpt(dpo08, vocab_size=vocab_size, block_size=256, n_embd=32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith((".bias", "ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def greedy_reference(model, prompt: list[int], max_new_tokens: int, end_id: int) -> list[int]:
+    """Greedy decoding with GPT.forward over the whole context at every token: no KV cache, no
+    batch, no padding (the prompts here fit the context)."""
+    ids = list(prompt)
+    for _ in range(max_new_tokens):
+        logits, _ = model(torch.tensor([ids]))
+        next_id = logits[0, -1].argmax().item()
+        if next_id == end_id:
+            break
+        ids.append(next_id)
+    return ids[len(prompt) :]
+
+
+def answer_setup(dpo08, tmp_path, num_responses=-1, max_new_tokens=8):
+    """(reference, policy, data, cfg) for write_responses: three entries, two rough models."""
     entries = [
         {"instruction": f"Say {w}.", "input": "", "chosen": w, "rejected": "no"} for w in "abc"
     ]
     prompt_texts = [dpo08.format_input(e) + dpo08.RESPONSE_HEADER for e in entries]
     tok = dpo08.CharTokenizer.from_text("".join(prompt_texts))
-    torch.manual_seed(0)
-    policy = tiny_gpt(dpo08, vocab_size=tok.n_vocab, block_size=128).eval()
-    reference = tiny_gpt(dpo08, vocab_size=tok.n_vocab, block_size=128).eval()
-    data = {"val_entries": entries, "encode": tok.encode, "end_id": tok.encode("\n")[0]}
-    cfg = types.SimpleNamespace(num_responses=num_responses, max_new_tokens=5, batch_size=2,
-                                out_dir=tmp_path)
-    dpo08.write_responses(reference, policy, data, tok.decode, cfg, nullcontext())
+    reference = rough_gpt(dpo08, tok.n_vocab, seed=2)  # seeds whose answers differ by entry
+    policy = rough_gpt(dpo08, tok.n_vocab, seed=22)
+    data = {"val_entries": entries, "encode": tok.encode, "decode": tok.decode,
+            "end_id": tok.encode("\n")[0]}
+    cfg = types.SimpleNamespace(num_responses=num_responses, max_new_tokens=max_new_tokens,
+                                batch_size=2, out_dir=tmp_path)
+    return reference, policy, data, cfg
+
+
+@pytest.mark.parametrize("num_responses, expected", [(2, 2), (0, 0), (-1, 3)])
+def test_responses_before_and_after_for_n_or_all_entries(dpo08, tmp_path, num_responses, expected):
+    """write_responses answers the first num_responses validation entries (-1: all, as 07's flag):
+    before_dpo is the reference's greedy answer, after_dpo the policy's, each equal to a greedy
+    decoding that reruns the whole context per token; the two models answer differently."""
+    reference, policy, data, cfg = answer_setup(dpo08, tmp_path, num_responses)
+    dpo08.write_responses(reference, policy, data, cfg, nullcontext())
     records = json.loads((tmp_path / "dpo_responses.json").read_text(encoding="utf-8"))
-    assert [r["instruction"] for r in records] == [e["instruction"] for e in entries[:expected]]
-    prompts = [tok.encode(text) for text in prompt_texts[:expected]]
+    entries = data["val_entries"][:expected]
+    assert [r["instruction"] for r in records] == [e["instruction"] for e in entries]
     for model, key in ((reference, "before_dpo"), (policy, "after_dpo")):
-        answers = dpo08.generate_greedy(model, prompts, 5, data["end_id"]) if prompts else []
-        assert [r[key] for r in records] == [tok.decode(ids).strip() for ids in answers]
+        for entry, record in zip(entries, records):
+            prompt = data["encode"](dpo08.format_input(entry) + dpo08.RESPONSE_HEADER)
+            ids = greedy_reference(model, prompt, cfg.max_new_tokens, data["end_id"])
+            assert record[key] == data["decode"](ids).strip(), key
+    for record in records:  # answers that can tell the models apart, and '' from an answer
+        assert record["before_dpo"] and record["after_dpo"]
+        assert record["before_dpo"] != record["after_dpo"]
+
+
+class CountingContext:
+    """A context manager that counts how often it is entered: the precision region of answers."""
+
+    def __init__(self):
+        self.entries = 0
+
+    def __enter__(self):
+        self.entries += 1
+
+    def __exit__(self, *exc_info):
+        return False
+
+
+def test_answers_enter_the_precision_region_once_per_batch_not_per_token(dpo08, tmp_path):
+    """torch.autocast's exit clears its cache of bf16 weights when the nesting returns to 0, so
+    entering it per token re-casts every weight per token: one region per batch (two batches of
+    two and one entries per model here), however long the answers."""
+    counts = []
+    for max_new_tokens in (1, 8):
+        reference, policy, data, cfg = answer_setup(dpo08, tmp_path, -1, max_new_tokens)
+        ctx = CountingContext()
+        dpo08.write_responses(reference, policy, data, cfg, ctx)
+        counts.append(ctx.entries)
+    assert 1 <= counts[1] <= 2 * 2  # two models, two batches each
+    assert counts[0] == counts[1]
 
 
 def test_pairs_are_formatted_exactly_as_07_finetuned(dpo08, ft07):
@@ -333,12 +401,22 @@ def start(dpo08, tmp_path_factory, preference_data_path):
     return tmp, ckpt
 
 
-def run_config(dpo08, tmp, out_dir, **overrides):
-    settings = dict(ckpt_path=str(tmp / "ft.pt"), out_dir=str(out_dir),
+def run_settings(tmp, out_dir, **overrides) -> dict:
+    settings = dict(ckpt=str(tmp / "ft.pt"), out_dir=str(out_dir),
                     data_path=str(tmp / "pairs.json"), max_iters=12, learning_rate=3e-3,
                     warmup_iters=2, beta=0.1, eval_interval=6, log_interval=6, max_new_tokens=4,
                     num_responses=2, device="cpu", dtype="float32", threads=1)
-    return dpo08.DPOConfig(**{**settings, **overrides})
+    return {**settings, **overrides}
+
+
+def run_config(dpo08, tmp, out_dir, **overrides):
+    return dpo08.DPOConfig(**run_settings(tmp, out_dir, **overrides))
+
+
+def run_argv(tmp, out_dir, **overrides) -> list[str]:
+    """run_config's settings as flags for main; threads=0 leaves torch's thread count alone."""
+    settings = run_settings(tmp, out_dir, threads=0, **overrides)
+    return [f"--{name}={value}" for name, value in settings.items()]
 
 
 @pytest.fixture(scope="module")
@@ -413,6 +491,110 @@ def test_the_loop_reads_no_value_from_the_device_per_step(dpo08, start, monkeypa
 
 
 # -----------------------------------------------------------------------------
+# Ctrl-C and resume
+
+
+def interrupt_at(dpo08, monkeypatch, step: int, times: int = 1):
+    """Make the training batch of `step` send this process SIGINT `times` times, as Ctrl-C
+    would (evaluation never asks batch_indices)."""
+    batch_indices = dpo08.batch_indices
+
+    def patched(batch_step, *args):
+        if batch_step == step:
+            for _ in range(times):
+                signal.raise_signal(signal.SIGINT)
+        return batch_indices(batch_step, *args)
+
+    monkeypatch.setattr(dpo08, "batch_indices", patched)
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_and_the_hint_resumes_to_the_same_weights(dpo08, start, tmp_path,
+                                                                 monkeypatch, capsys):
+    """4 steps in one go == Ctrl-C during step 2, exit 130, the printed command, 2 more steps:
+    the same bits in the policy and in Adam's state. The resume takes the run's own settings
+    from its checkpoint (the command names only --init_from and --out_dir), rebuilds the
+    reference from --ckpt, and the batches are a function of the step."""
+    tmp, _ = start
+    settings = dict(max_iters=4, eval_interval=3, batch_size=4, eval_pairs=4, num_responses=0)
+    full = tmp_path / "full"
+    dpo08.main(run_argv(tmp, full, **settings))
+    split = tmp_path / "split"
+    handler = signal.getsignal(signal.SIGINT)
+    interrupt_at(dpo08, monkeypatch, step=1)  # the second step (0-based)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        dpo08.main(run_argv(tmp, split, **settings))
+    monkeypatch.undo()
+    assert exit_info.value.code == 130  # as a shell reports Ctrl-C
+    assert signal.getsignal(signal.SIGINT) is handler  # dpo() restored the Ctrl-C handler
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and "Ctrl-C: saving after this step" in out
+    assert f"saved {split / 'ckpt.pt'} (step 2)" in out
+    assert not (split / "dpo_responses.json").exists()  # an interrupted run answers nothing
+    command = out.split("continue: ")[1].split()  # python 08_dpo.py --init_from=... --out_dir=...
+    assert command[:2] == ["python", "08_dpo.py"] and f"--out_dir={split}" in command
+    resumed = dpo08.main(command[2:])
+    assert "resuming at step 2 of 4" in capsys.readouterr().out
+    assert resumed["iter_num"] == 4 and resumed["before"] is None
+    a = torch.load(full / "ckpt.pt", weights_only=True)
+    b = torch.load(split / "ckpt.pt", weights_only=True)
+    assert a["iter_num"] == b["iter_num"] == 4
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    for i, state in a["optimizer"]["state"].items():
+        assert all(torch.equal(state[k], b["optimizer"]["state"][i][k]) for k in state)
+    assert a["val_loss"] == b["val_loss"] and a["best_val_loss"] == b["best_val_loss"]
+    log = [json.loads(line)["iter"] for line in (split / "log.jsonl").read_text().splitlines()]
+    assert log == [0, 3, 4]
+
+
+def test_a_second_ctrl_c_quits_at_once(dpo08, start, tmp_path, monkeypatch):
+    tmp, _ = start
+    interrupt_at(dpo08, monkeypatch, step=1, times=2)
+    cfg = run_config(dpo08, tmp, tmp_path, max_iters=4, eval_interval=100, eval_pairs=8)
+    with pytest.raises(KeyboardInterrupt):
+        dpo08.dpo(cfg)
+    assert not (tmp_path / "ckpt.pt").exists()  # no save: it quit during step 2
+
+
+def test_init_from_auto_resumes_when_out_dir_holds_a_run(dpo08, start, tmp_path):
+    tmp, ckpt = start
+    cfg = run_config(dpo08, tmp, tmp_path, init_from="auto")
+    assert cfg.init_from == "scratch"
+    dpo08.save_checkpoint(tmp_path / "ckpt.pt", ckpt)
+    cfg = run_config(dpo08, tmp, tmp_path, init_from="auto")
+    assert cfg.init_from == "resume"
+
+
+def test_resume_needs_a_dpo_run_with_its_optimizer_state(dpo08, capsys, start, tmp_path):
+    tmp, ckpt = start
+    argv = [f"--out_dir={tmp_path}", "--init_from=resume"]
+    assert_user_error(dpo08, capsys, argv, f"no {tmp_path / 'ckpt.pt'} to resume",
+                      "--init_from=scratch")
+    dpo08.save_checkpoint(tmp_path / "ckpt.pt", ckpt)  # 07's: weights only
+    argv = [f"--ckpt={tmp / 'ft.pt'}", f"--out_dir={tmp_path}", "--init_from=resume"]
+    assert_user_error(dpo08, capsys, argv, "no DPO run to resume", "--init_from=scratch")
+
+
+@pytest.mark.slow
+def test_relative_paths_resolve_against_the_project_folder(dpo08, start, tmp_path, monkeypatch):
+    """Run from another folder, a relative --out_dir and --ckpt still mean PROJECT/<path>."""
+    tmp, _ = start
+    monkeypatch.chdir(tmp_path)
+    out_dir = Path("out") / f"test-08-relative-{os.getpid()}"
+    ckpt = os.path.relpath(tmp / "ft.pt", dpo08.PROJECT)  # ../../tmp/...: from the project
+    assert not (tmp_path / ckpt).exists()  # from the current folder it means nothing
+    try:
+        argv = run_argv(tmp, out_dir, ckpt=ckpt, max_iters=1, eval_pairs=8, num_responses=0)
+        dpo08.main(argv)
+        assert (dpo08.PROJECT / out_dir / "ckpt.pt").exists()
+        assert not (tmp_path / out_dir).exists()
+    finally:
+        shutil.rmtree(dpo08.PROJECT / out_dir, ignore_errors=True)
+
+
+# -----------------------------------------------------------------------------
 # command line and errors: one `error:` line, exit status 2, nothing written
 
 
@@ -421,7 +603,7 @@ def test_help_lists_the_dpo_flags(dpo08, capsys):
         dpo08.main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--beta", "--label_smoothing", "--average_log_probs", "--ckpt_path",
+    for flag in ("--beta", "--label_smoothing", "--average_log_probs", "--ckpt",
                  "--eval_interval", "--overwrite"):
         assert flag in out
 
@@ -438,17 +620,31 @@ def assert_user_error(dpo08, capsys, argv, *words):
 
 
 def test_a_missing_checkpoint_says_how_to_make_one(dpo08, capsys, tmp_path):
+    cfg = dpo08.DPOConfig(ckpt=str(tmp_path / "none.pt"), out_dir=str(tmp_path / "out"))
     with pytest.raises(FileNotFoundError, match="07_finetune.py") as error:
-        dpo08.DPOConfig(ckpt_path=str(tmp_path / "none.pt"), device="cpu")
+        dpo08.load_models(cfg)
     assert "--init_from=gpt2" in str(error.value)
-    argv = [f"--ckpt_path={tmp_path / 'none.pt'}", f"--out_dir={tmp_path / 'out'}"]
+    argv = [f"--ckpt={tmp_path / 'none.pt'}", f"--out_dir={tmp_path / 'out'}"]
     assert_user_error(dpo08, capsys, argv, "07_finetune.py")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_pretraining_checkpoint_is_sent_to_07_first(dpo08, capsys, start, tmp_path):
+    """05's model has not learned to answer: the error says so and names 07's command, rather
+    than that the pairs do not fit its context."""
+    tmp, ckpt = start
+    pretrained = tmp_path / "pretrain.pt"
+    dpo08.save_checkpoint(pretrained, {**ckpt, "stage": "pretrain"})
+    argv = [f"--ckpt={pretrained}", f"--data_path={tmp / 'pairs.json'}",
+            f"--out_dir={tmp_path / 'out'}", "--device=cpu"]
+    command = f"python 07_finetune.py --ckpt={pretrained}"
+    assert_user_error(dpo08, capsys, argv, "'pretrain'", command)
     assert not (tmp_path / "out").exists()
 
 
 def test_a_file_that_is_not_a_checkpoint_is_called_that(dpo08, capsys, tmp_path):
     (tmp_path / "notes.pt").write_text("not a checkpoint")
-    argv = [f"--ckpt_path={tmp_path / 'notes.pt'}", f"--out_dir={tmp_path / 'out'}", "--device=cpu"]
+    argv = [f"--ckpt={tmp_path / 'notes.pt'}", f"--out_dir={tmp_path / 'out'}", "--device=cpu"]
     assert_user_error(dpo08, capsys, argv, "not a checkpoint of these scripts")
     assert not (tmp_path / "out").exists()
 
@@ -456,10 +652,10 @@ def test_a_file_that_is_not_a_checkpoint_is_called_that(dpo08, capsys, tmp_path)
 def test_an_existing_checkpoint_is_never_overwritten_unasked(dpo08, capsys, start, tmp_path):
     tmp, _ = start
     (tmp_path / "ckpt.pt").write_bytes(b"someone else's run")
-    argv = [f"--ckpt_path={tmp / 'ft.pt'}", f"--out_dir={tmp_path}", "--device=cpu"]
-    assert_user_error(dpo08, capsys, argv, "--overwrite", "--out_dir")
+    argv = [f"--ckpt={tmp / 'ft.pt'}", f"--out_dir={tmp_path}", "--device=cpu"]
+    assert_user_error(dpo08, capsys, argv, "--overwrite", "--out_dir", "--init_from=resume")
     assert (tmp_path / "ckpt.pt").read_bytes() == b"someone else's run"
-    cfg = dpo08.DPOConfig(ckpt_path=str(tmp / "ft.pt"), out_dir=str(tmp_path), overwrite=True)
+    cfg = dpo08.DPOConfig(ckpt=str(tmp / "ft.pt"), out_dir=str(tmp_path), overwrite=True)
     assert cfg.overwrite
 
 
@@ -468,7 +664,7 @@ def test_pairs_that_do_not_fit_the_context_are_a_user_error(dpo08, capsys, start
     small = tiny_gpt(dpo08, vocab_size=ckpt["model_args"]["vocab_size"], block_size=16)
     small_ckpt = {**ckpt, "model": small.state_dict(), "model_args": dpo08.asdict(small.config)}
     dpo08.save_checkpoint(tmp_path / "small.pt", small_ckpt)
-    argv = [f"--ckpt_path={tmp_path / 'small.pt'}", f"--data_path={tmp / 'pairs.json'}",
+    argv = [f"--ckpt={tmp_path / 'small.pt'}", f"--data_path={tmp / 'pairs.json'}",
             f"--out_dir={tmp_path / 'out'}", "--device=cpu"]
     assert_user_error(dpo08, capsys, argv, "fit the context of 16 tokens", "--batch_size")
     assert not (tmp_path / "out").exists()
@@ -487,8 +683,10 @@ def test_bad_settings_get_a_clear_error(dpo08, capsys, flag, message):
 
 
 def test_unknown_and_abbreviated_flags_are_errors(dpo08, capsys):
-    # 08 starts from 07 only
-    assert_user_error(dpo08, capsys, ["--init_from=gpt2"], "--init_from")
+    # 08 starts from 07's checkpoint (--ckpt) or resumes its own run: no OpenAI weights here
+    assert_user_error(dpo08, capsys, ["--init_from=gpt2"], "--init_from", "scratch, resume, auto")
+    # the checkpoint to read is --ckpt in every script
+    assert_user_error(dpo08, capsys, ["--ckpt_path=out/finetune/ckpt.pt"], "--ckpt_path")
     # no abbreviations: --bet is not --beta
     assert_user_error(dpo08, capsys, ["--bet=0.2"], "--bet")
 
@@ -500,6 +698,6 @@ def test_bad_preference_data_gets_a_clear_error(dpo08, capsys, start, tmp_path):
     with pytest.raises(ValueError, match="entry 1"):
         dpo08.load_preference_data(path)
     tmp, _ = start
-    argv = [f"--ckpt_path={tmp / 'ft.pt'}", f"--data_path={path}", f"--out_dir={tmp_path / 'out'}"]
+    argv = [f"--ckpt={tmp / 'ft.pt'}", f"--data_path={path}", f"--out_dir={tmp_path / 'out'}"]
     assert_user_error(dpo08, capsys, argv, "entry 1")
     assert not (tmp_path / "out").exists()

@@ -1,18 +1,25 @@
 """Tests for 09_generate.py: the KV cache against the model's own forward, sampling filters against
 sets computed here from the logits, batching against one prompt at a time, the full-context rule
-against a plain re-implementation of its docstring, stopping, streaming, and perplexity against
-the model's own loss."""
+against a plain re-implementation of its docstring, stopping, streaming, perplexity against the
+model's own forward one position at a time, and the command line's messages."""
 
 import dataclasses
 import io
 import math
 import os
 import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT
 
 VOCAB = 48
 
@@ -258,19 +265,32 @@ def test_strided_windows_score_every_target_once(gen09, n_tokens, block_size, st
     assert scored == list(range(1, n_tokens))
 
 
-def test_perplexity_equals_exp_of_the_models_own_loss(gen09):
+def context_start(t: int, T: int, stride: int, n_tokens: int) -> int:
+    """Where the context of target t begins, read off evaluate_text's docstring, one position at a
+    time: windows of T tokens, the first ids[0:T] (targets 1..T), each next one ending `stride`
+    later, the last one ending the text; a target is scored by the first window that reaches it."""
+    end = T
+    while end < t:
+        end = min(end + stride, n_tokens - 1)
+    return end - T
+
+
+@pytest.mark.parametrize("stride", [1, 10, 32])
+def test_perplexity_equals_a_reference_computed_one_position_at_a_time(gen09, stride):
+    """Each target's negative log-likelihood from the GPT's own forward over exactly the context the
+    docstring promises it: stride 1 is a sliding window (the last 32 tokens), 32 no overlap."""
     line = "To be, or not to be: that is the question — Whether 'tis nobler in the mind to suffer "
     text = (line + "café. ") * 3
     tok = gen09.CharTokenizer.from_text(text)
     model = rough_model(gen09, block_size=32, vocab_size=tok.n_vocab)
-    result = gen09.evaluate_text(model, tok, text, stride=10, batch_size=3)
-    ids = torch.tensor(tok.encode(text))
+    result = gen09.evaluate_text(model, tok, text, stride=stride, batch_size=3)
+    ids = tok.encode(text)
     nats = 0.0
-    for begin, end, n in gen09.strided_windows(len(ids), 32, 10):
-        targets = ids[begin + 1 : end + 1].clone()
-        targets[:-n] = -100  # scored by an earlier window
-        _, loss = model(ids[None, begin:end], targets[None])
-        nats += loss.item() * n
+    with torch.no_grad():
+        for t in range(1, len(ids)):  # every target but the first character
+            begin = context_start(t, 32, stride, len(ids))
+            logits, _ = model(torch.tensor([ids[begin:t]]))  # (1, 1, V): the last position
+            nats -= logits[0, -1].log_softmax(dim=-1)[ids[t]].item()
     n_bytes = len(text[1:].encode("utf-8"))  # the first character is context only
     assert n_bytes > len(text) - 1  # '—' and 'é' take more than one byte
     assert result["tokens"] == len(text) - 1 and result["bytes"] == n_bytes
@@ -383,13 +403,20 @@ def test_eval_file_shows_progress_when_long(gen09, tmp_path, capsys, monkeypatch
     assert "scored 799 / 799 tokens" in err
 
 
-def test_cli_says_which_checkpoint_it_loaded(gen09, tmp_path, capsys):
+@pytest.mark.parametrize("stage, script, loss", [
+    ("dpo", "08_dpo.py", "val DPO loss 1.5000"),  # 08 saves the DPO loss of its pairs
+    ("finetune", "07_finetune.py", "val loss 1.5000 on the answers"),
+    ("pretrain", "05_pretrain.py", "val loss 1.5000"),
+])  # fmt: skip
+def test_cli_says_which_checkpoint_it_loaded(gen09, tmp_path, capsys, stage, script, loss):
+    """The header names the stage's script and the loss it saved: 08's "val_loss" is DPO's."""
     path = tmp_path / "run" / "ckpt.pt"
-    save_tiny_checkpoint(gen09, path, "abc \n", stage="dpo", iter_num=1234, val_loss=1.5)
+    save_tiny_checkpoint(gen09, path, "abc \n", stage=stage, iter_num=1234, val_loss=1.5)
     gen09.main([f"--ckpt={path}", "--max_new_tokens=3", "--device=cpu"])
     first_line = capsys.readouterr().out.splitlines()[0]
-    assert str(path) in first_line and "08_dpo.py" in first_line
-    assert "1,234 iterations" in first_line and "val loss 1.5000" in first_line
+    assert str(path) in first_line and script in first_line
+    assert "1,234 iterations" in first_line and loss in first_line
+    assert stage != "dpo" or "val loss" not in first_line  # not a language model's loss
 
 
 def test_default_checkpoint_is_05s_shakespeare_model_not_the_newest(
@@ -397,7 +424,7 @@ def test_default_checkpoint_is_05s_shakespeare_model_not_the_newest(
 ):
     """The README promises Shakespeare from `python 09_generate.py`, even after 07 and 08 wrote
     newer runs."""
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(gen09, "PROJECT", tmp_path)  # the project folder, for this test
     shakespeare = tmp_path / "out" / "shakespeare-char" / "ckpt.pt"
     save_tiny_checkpoint(gen09, shakespeare, "abc \n", iter_num=2000)
     os.utime(shakespeare, (1000, 1000))
@@ -409,10 +436,52 @@ def test_default_checkpoint_is_05s_shakespeare_model_not_the_newest(
     assert "2,000 iterations" in first_line and "no val loss" in first_line
 
 
-def test_cli_without_a_checkpoint_says_how_to_get_one(gen09, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)  # an empty directory: no out/shakespeare-char/ckpt.pt
-    err = exits_with_one_error_line(gen09, ["--device=cpu"], capsys)
-    assert "--ckpt=out/shakespeare-char/ckpt.pt" in err and "python 05_pretrain.py" in err
+def default_out_dir(script: str) -> str:
+    """The out_dir default written in a stage's own source (`out_dir: Annotated[...] = "out/x"`)."""
+    source = (ROOT / script).read_text(encoding="utf-8")
+    field = re.search(r'\n    out_dir: Annotated\[\s*str,.*?\]\s*=\s*"([^"]+)"', source, re.DOTALL)
+    return field.group(1)
+
+
+@pytest.mark.parametrize("script", ["05_pretrain.py", "06_distributed.py", "07_finetune.py",
+                                    "08_dpo.py"])
+def test_a_missing_checkpoint_names_the_script_that_writes_it(gen09, tmp_path, monkeypatch, capsys,
+                                                               script):
+    """Each stage's default out_dir/ckpt.pt, read from that stage's source: the hint runs it."""
+    monkeypatch.setattr(gen09, "PROJECT", tmp_path)  # an empty project: no checkpoints
+    ckpt = f"{default_out_dir(script)}/ckpt.pt"
+    argv = ["--device=cpu"] if script == "05_pretrain.py" else [f"--ckpt={ckpt}", "--device=cpu"]
+    err = exits_with_one_error_line(gen09, argv, capsys)
+    assert f"--ckpt={ckpt}" in err and f"python {script}" in err and str(tmp_path / ckpt) in err
+    others = {"05_pretrain.py", "06_distributed.py", "07_finetune.py", "08_dpo.py"} - {script}
+    assert not any(other in err for other in others)
+
+
+def test_a_missing_gpt2_checkpoint_names_04(gen09, tmp_path, monkeypatch, capsys):
+    """data/gpt2/ckpt.pt is 04's: `04_gpt.py --init_from=gpt2 --save_ckpt` writes it."""
+    monkeypatch.setattr(gen09, "PROJECT", tmp_path)
+    assert "save_ckpt" in (ROOT / "04_gpt.py").read_text(encoding="utf-8")
+    err = exits_with_one_error_line(gen09, ["--ckpt=data/gpt2/ckpt.pt", "--device=cpu"], capsys)
+    assert "python 04_gpt.py --init_from=gpt2 --save_ckpt" in err and "05_pretrain" not in err
+
+
+def test_a_relative_ckpt_and_eval_file_start_at_the_project_folder(
+    gen09, tmp_path, monkeypatch, capsys
+):
+    """Run from elsewhere: --ckpt=<folder>/ckpt.pt and --eval_file are found next to 09, not in the
+    current folder (where 05 once wrote out/ and 09 then said "no such file")."""
+    monkeypatch.chdir(tmp_path)
+    run_dir = Path(tempfile.mkdtemp(prefix=".test09-", dir=ROOT))  # inside the project folder
+    try:
+        save_tiny_checkpoint(gen09, run_dir / "ckpt.pt", "abc \n")
+        (run_dir / "eval.txt").write_text("abc cab\n" * 3, encoding="utf-8")
+        folder = run_dir.name  # relative to the project folder
+        argv = [f"--ckpt={folder}/ckpt.pt", f"--eval_file={folder}/eval.txt", "--device=cpu"]
+        result = gen09.main(argv)
+    finally:
+        shutil.rmtree(run_dir)
+    assert result["tokens"] == 3 * 8 - 1
+    assert f"loaded {folder}/ckpt.pt:" in capsys.readouterr().out
 
 
 def test_a_missing_checkpoint_names_09s_own_flag(gen09, capsys):
@@ -469,6 +538,63 @@ def test_bench_prints_a_row_per_length_without_the_warm_up(gen09, capsys, monkey
 ])  # fmt: skip
 def test_cli_rejects_bad_settings_before_loading(gen09, capsys, name, flags):
     assert name in exits_with_one_error_line(gen09, flags.split(), capsys)
+
+
+@pytest.mark.parametrize("flag", ["--max_new_tokens=-1", "--eval_stride=-1", "--threads=-1",
+                                  "--num_samples=0"])
+def test_a_number_out_of_range_names_only_its_own_flag(gen09, capsys, flag):
+    err = exits_with_one_error_line(gen09, [flag, "--device=cpu"], capsys)
+    names = ["--max_new_tokens", "--eval_stride", "--threads", "--num_samples"]
+    assert [name for name in names if name in err] == [flag.split("=")[0]], err
+
+
+def test_help_gives_each_default_once_in_plain_words(gen09, capsys):
+    """Each flag's help ends with its default, said once; no pointer into the code."""
+    with pytest.raises(SystemExit):
+        gen09.main(["--help"])
+    out = capsys.readouterr().out
+    flags = [f"--{f.name}" for f in dataclasses.fields(gen09.GenerateConfig)]
+    helps = re.split(r"\n  (?=--)", out.split("options:")[1])[1:]  # one entry per flag
+    assert [h.split()[0] for h in helps] == flags
+    for entry in helps:
+        assert entry.count("default") == 1, entry
+        assert not re.search(r"see \w+_\w+|pick_dtype|GPTConfig", entry), entry
+
+
+def test_a_prompt_longer_than_the_context_is_cut_with_one_line(gen09, tmp_path, capsys):
+    """The model reads 64 tokens (its block_size): a 150-character prompt loses its first 86, and
+    stderr says so in one line; a prompt that fits says nothing."""
+    save_tiny_checkpoint(gen09, tmp_path / "ckpt.pt", "abc \n")
+    ckpt = f"--ckpt={tmp_path / 'ckpt.pt'}"
+    for prompt, dropped in (("abc " * 10, None), ("abc c" * 30, 150 - 64)):
+        gen09.main([ckpt, f"--prompt={prompt}", "--max_new_tokens=3", "--device=cpu"])
+        err = capsys.readouterr().err
+        if dropped is None:
+            assert err == ""
+        else:
+            assert err.count("\n") == 1 and re.search(rf"\b{dropped}\b", err), err
+
+
+def test_a_reader_that_closes_the_pipe_early_ends_it_quietly(gen09, tmp_path):
+    """`python 09_generate.py | head -1`: head leaves after the header while 09 writes; 09 stops
+    with no traceback (not even Python's "Exception ignored" at exit) and status 141, 128 + SIGPIPE,
+    what a Unix tool cut off by a closed pipe reports."""
+    save_tiny_checkpoint(gen09, tmp_path / "ckpt.pt", "abc \n")
+    cmd = [sys.executable, str(ROOT / "09_generate.py"), f"--ckpt={tmp_path / 'ckpt.pt'}",
+           "--max_new_tokens=1000000", "--device=cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            start_new_session=True)
+    try:
+        assert proc.stdout.readline().startswith(b"loaded ")  # the header: 09 is generating now
+        proc.stdout.close()  # the reader leaves
+        returncode = proc.wait(timeout=30)  # a million tokens: only the closed pipe stops it soon
+        err = proc.stderr.read().decode()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.stderr.close()
+    assert returncode == 141 and err == "", err
 
 
 def test_cli_rejects_abbreviations(gen09, capsys):

@@ -9,6 +9,7 @@ import http.client
 import json
 import os
 import queue
+import shutil
 import signal
 import socket
 import struct
@@ -223,6 +224,25 @@ def test_chat_ends_where_07_taught_it(serve10, server):
     assert settings["max_tokens"] == 64
 
 
+@pytest.mark.parametrize("chat", [False, True], ids=["completion", "chat"])
+def test_temperature_and_top_p_sample_as_09s_generation(serve10, server, client, chat):
+    """The server's draw at temperature 0.7 and top_p 0.9 is generate_tokens' with a generator of
+    the same seed; a top_p so small that one token is left is the greedy answer."""
+    tok = server.tok
+    prompt = tok.encode("Once upon a time")
+    if chat:  # 07's template, encoded in two parts
+        instruction = serve10.format_input({"instruction": "Name a colour."})
+        prompt = tok.encode(instruction) + tok.encode(serve10.RESPONSE_HEADER)
+    settings = {"max_tokens": 24, "seed": 5}
+    sampled = complete(client, chat, temperature=0.7, top_p=0.9, **settings)[0]
+    generator = torch.Generator().manual_seed(5)
+    steps = serve10.generate_tokens(server.model, [prompt], 0.7, top_p=0.9, generator=generator)
+    assert sampled == tok.decode([t.item() for _, (t, _) in zip(range(24), steps)])
+    greedy = complete(client, chat, temperature=0, **settings)[0]
+    assert complete(client, chat, temperature=1.0, top_p=1e-9, **settings)[0] == greedy
+    assert sampled != greedy  # so the two checks above are different checks
+
+
 def test_seed_makes_sampling_repeatable(client):
     first = complete(client, temperature=1.0, seed=7)[0]
     assert complete(client, temperature=1.0, seed=7, stream=True)[0] == first
@@ -278,6 +298,12 @@ BAD_REQUESTS = {  # name: (path, body, status, param)
     "temperature 3": (P, OK | {"temperature": 3}, 400, "temperature"),
     "top_p 0": (P, OK | {"top_p": 0}, 400, "top_p"),
     "unknown model": (P, OK | {"model": "gpt-4"}, 400, "model"),
+    "misspelt field": (P, OK | {"max_tokns": 5}, 400, "max_tokns"),
+    "misspelt model field": (P, {"modle": "tiny", "prompt": "Hi"}, 400, "modle"),
+    "an OpenAI field not served": (C, CHAT | {"logprobs": True}, 400, "logprobs"),
+    "chat's field in a completion": (P, OK | {"messages": CHAT["messages"]}, 400, "messages"),
+    "n 2": (P, OK | {"n": 2}, 400, "n"),
+    "n 2 in chat": (C, CHAT | {"n": 2}, 400, "n"),
     "unknown path": ("/v1/embeddings", OK, 404, None),
 }  # fmt: skip
 
@@ -292,6 +318,13 @@ def test_bad_request_gets_openais_error_shape_and_the_server_goes_on(server, cli
     assert set(got) == {"error"} and set(got["error"]) == {"message", "type", "param", "code"}
     assert got["error"]["param"] == param and got["error"]["message"]
     assert complete(client)[1] == "length"  # a normal request right after is answered
+
+
+def test_fields_that_change_nothing_are_taken(client):
+    """n: 1 (one answer, the only kind) and "user" (an end user's name, for OpenAI's abuse
+    monitoring), which SDKs and chat UIs may send, are taken and change nothing."""
+    assert complete(client, n=1, user="someone") == complete(client)
+    assert complete(client, chat=True, n=1, user="someone") == complete(client, chat=True)
 
 
 def test_unknown_get_path_is_404_and_the_client_sees_openais_errors(server, client):
@@ -313,6 +346,52 @@ def test_eight_concurrent_clients_all_get_complete_answers(client):
     with ThreadPoolExecutor(8) as pool:  # all at once
         answers = list(pool.map(ask, range(8)))
     assert answers == expected
+
+
+def test_two_overlapping_requests_are_answered_one_at_a_time(serve10, server, client, monkeypatch):
+    """The server's lock: a second request waits for the first answer to end. The first answer
+    holds on until the second request waits at the lock (or, without one, generates too), so that
+    they overlap whatever the threads' timing; none may generate while the other does."""
+    counts = {"waiting": 0, "generating": 0, "most_generating": 0}
+    changed = threading.Condition()
+    lock = server.lock
+
+    class WatchedLock:  # the server's own lock, counting who has come to it
+        def __enter__(self):
+            with changed:
+                counts["waiting"] += 1
+                changed.notify_all()
+            return lock.__enter__()
+
+        def __exit__(self, *exc_info):
+            return lock.__exit__(*exc_info)
+
+    def second_came() -> bool:  # to the lock, or (without a lock) into generation
+        return counts["waiting"] == 2 or counts["generating"] == 2
+
+    stream_text = serve10.stream_text
+
+    def watched_stream_text(*args, **kwargs):
+        with changed:
+            counts["generating"] += 1
+            counts["most_generating"] = max(counts["most_generating"], counts["generating"])
+            changed.notify_all()
+            both_came = changed.wait_for(second_came, timeout=DEADLINE_S)
+            assert both_came, f"the second request did not come in {DEADLINE_S} s"
+        try:
+            yield from stream_text(*args, **kwargs)
+        finally:
+            with changed:
+                counts["generating"] -= 1
+
+    monkeypatch.setattr(server, "lock", WatchedLock())
+    monkeypatch.setattr(serve10, "stream_text", watched_stream_text)
+    prompts = ["One at", "a time"]
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda p: complete(client, prompt=p), prompts))
+    assert counts["most_generating"] == 1, "two answers were generated at once"
+    monkeypatch.undo()  # the answers, each as it is alone
+    assert answers == [complete(client, prompt=p) for p in prompts]
 
 
 def test_client_dropping_mid_stream_leaves_the_server_answering(server, client):
@@ -353,13 +432,23 @@ def test_stream_is_server_sent_events_ending_in_done(server):
 
 
 def test_character_model_server(serve10):
-    """A character model: a prompt character outside its vocabulary is a 400; chat replaces such
-    characters (07's template has '#') and ends the answer at a newline, as 07 trained it."""
+    """A character model: characters outside its vocabulary are a 400 naming them, on both
+    endpoints alike (never a silent "?"); chat replaces only its template's own (07's has '#'),
+    and ends the answer at a newline, as 07 trained it."""
     model = rough_model(serve10, len(CHARS), block_size=256)
     with running(serve10, model, CHAR_SPEC) as srv:
         client = openai_client(srv)
-        with pytest.raises(openai.BadRequestError, match="not in the vocabulary"):
-            client.completions.create(model="tiny", prompt="ROMEO: 1")
+        text = "Café for 2, ROMEO?"
+        missing = sorted(set(text) - set(CHARS))  # é and 2
+        chat = {"messages": [{"role": "user", "content": text}]}
+        asks = {"prompt": client.completions.create, "messages": client.chat.completions.create}
+        for param, create in asks.items():
+            request = {"prompt": text} if param == "prompt" else chat
+            with pytest.raises(openai.BadRequestError) as refused:
+                create(model="tiny", max_tokens=5, **request)
+            error = refused.value.body
+            assert error["param"] == param and "from_text" not in error["message"]
+            assert all(ch in error["message"] for ch in missing), error["message"]
         text, finish = complete(client, chat=True, temperature=1.0, seed=0, max_tokens=200)
         assert "\n" not in text and (finish == "stop") == (len(text) < 200)
         greedy = complete(client, prompt="ROMEO:", max_tokens=50)
@@ -458,15 +547,19 @@ def test_export_from_the_command_line(serve10, tmp_path, capsys):
         assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_serve_from_the_command_line(serve10, tmp_path):
+def test_serve_from_the_command_line_and_stop_it_with_ctrl_c(serve10, tmp_path):
     """`python 10_serve.py --serve --port=0` answers the openai client under the checkpoint's
-    name."""
+    name; Ctrl-C (SIGINT) stops it with one line and no traceback, exit status 130."""
     ckpt_path = tmp_path / "out" / "tiny" / "ckpt.pt"
     ckpt = save_ckpt(rough_model(serve10, 50257), {"kind": "gpt2"}, ckpt_path)
     command = [sys.executable, "10_serve.py", f"--ckpt={ckpt}", "--serve", "--port=0"]
     command += ["--device=cpu", "--threads=1"]
     proc = subprocess.Popen(
-        command, cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+        # SIGINT as from a terminal: a shell that runs pytest in the background ignores it, and
+        # its children inherit that; the default restored, the server sees what a user's does
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         line = first_line_with(proc, "serving", seconds=STARTUP_DEADLINE_S)
@@ -474,6 +567,73 @@ def test_serve_from_the_command_line(serve10, tmp_path):
         client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=30)
         assert [m.id for m in client.models.list().data] == ["tiny"]
         assert complete(client, chat=True)[1] == "length"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=DEADLINE_S)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # gone already, if Ctrl-C stopped it
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    assert "Traceback" not in err, err
+    assert len(out.split()) > 1 and len(out.strip().splitlines()) == 1, out  # one line, words
+    assert proc.returncode == 130
+
+
+def test_a_port_in_use_or_an_unknown_host_is_one_line_before_loading(
+    serve10, tmp_path, capsys, monkeypatch
+):
+    """Each is `error: --setting: why; the fix`, exit status 2, before the model is loaded."""
+    ckpt = save_ckpt(rough_model(serve10, len(CHARS)), CHAR_SPEC, tmp_path / "ckpt.pt")
+    monkeypatch.setattr(serve10, "load_checkpoint", lambda path: pytest.fail("loaded the model"))
+    with socket.create_server(("127.0.0.1", 0)) as taken:  # a port in use, by another socket
+        port = taken.getsockname()[1]
+        fixes = {f"--port={port}": "--port=0", "--host=no.such.host": "--host=127.0.0.1"}
+        for setting, fix in fixes.items():
+            with pytest.raises(SystemExit) as e:
+                serve10.main([f"--ckpt={ckpt}", "--serve", "--device=cpu", setting])
+            err = capsys.readouterr().err
+            assert e.value.code == 2 and err.startswith(f"error: {setting}:"), err
+            assert err.count("\n") == 1 and fix in err, err
+
+
+def test_a_missing_checkpoint_names_the_script_that_writes_it(
+    serve10, pre05, ft07, dpo08, tmp_path, capsys, monkeypatch
+):
+    """Each stage's default out_dir, read from its own config, and 04's data/gpt2*/: the hint is
+    the command that writes the missing ckpt.pt, its --out_dir the checkpoint's folder."""
+    project = tmp_path / "project"  # empty: every default checkpoint is missing
+    monkeypatch.setattr(serve10, "PROJECT", project)
+    configs = {"05_pretrain.py": pre05.TrainConfig, "07_finetune.py": ft07.FinetuneConfig}
+    configs["08_dpo.py"] = dpo08.DPOConfig
+    hints = {f"{config.out_dir}/ckpt.pt": f"python {script} --out_dir={config.out_dir}`"
+             for script, config in configs.items()}
+    hints["data/gpt2-medium/ckpt.pt"] = "python 04_gpt.py --init_from=gpt2-medium --save_ckpt`"
+    hints[f"{tmp_path}/elsewhere/ckpt.pt"] = f"--out_dir={tmp_path}/elsewhere`"
+    for ckpt, hint in hints.items():
+        with pytest.raises(SystemExit):
+            serve10.main([f"--ckpt={ckpt}", "--serve", "--device=cpu"])
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --ckpt={project / ckpt}: no such file") and hint in err
+    with pytest.raises(SystemExit):  # no --ckpt: 05's model, the Quick start's
+        serve10.main(["--serve", "--device=cpu"])
+    hint = f"`python 05_pretrain.py --out_dir={pre05.TrainConfig.out_dir}`"
+    assert hint in capsys.readouterr().err
+
+
+def test_relative_paths_start_from_the_project_folder(serve10, tmp_path, monkeypatch):
+    """Run from anywhere, a relative --ckpt and --export_hf mean the same folders: the project's,
+    where 05-08 wrote the checkpoint."""
+    out_dir = ROOT / "out"
+    out_dir_was_there = out_dir.exists()
+    run_dir = out_dir / f"test-10-{os.getpid()}"  # under the project, removed at the end
+    monkeypatch.chdir(tmp_path)
+    try:
+        save_ckpt(rough_model(serve10, len(CHARS)), CHAR_SPEC, run_dir / "ckpt.pt")
+        relative = run_dir.relative_to(ROOT)
+        argv = [f"--ckpt={relative}/ckpt.pt", f"--export_hf={relative}/hf", "--device=cpu"]
+        assert serve10.main(argv) == run_dir / "hf"
+        assert (run_dir / "hf" / "config.json").is_file() and not any(tmp_path.iterdir())
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        if not out_dir_was_there:
+            with contextlib.suppress(OSError):  # not empty: another test's, or a user's, files
+                out_dir.rmdir()

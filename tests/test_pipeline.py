@@ -24,12 +24,12 @@ def run(*args: str) -> str:
 def test_the_pipeline_through_the_command_lines(tmp_path, shakespeare_path):
     # 1. tokenizer: train a small BPE on Shakespeare, then encode and decode through the CLI
     bpe = tmp_path / "bpe.json"
-    run("01_tokenizer.py", "train", str(shakespeare_path), "--vocab_size=300", f"--out={bpe}")
+    run("01_tokenizer.py", f"--train={shakespeare_path}", "--vocab_size=300", f"--out={bpe}")
     line = "To be, or not to be: that is the question."
-    encoded = run("01_tokenizer.py", "encode", line, f"--tokenizer={bpe}")
+    encoded = run("01_tokenizer.py", f"--encode={line}", f"--tokenizer={bpe}")
     ids = json.loads(encoded.splitlines()[0])
     assert len(ids) < len(line.encode())  # the merges compress
-    decoded = run("01_tokenizer.py", "decode", *map(str, ids), f"--tokenizer={bpe}")
+    decoded = run("01_tokenizer.py", "--decode", *map(str, ids), f"--tokenizer={bpe}")
     assert decoded.rstrip("\n") == line
 
     # 2. data: 02 cleans and tokenizes the corpus into data_dir/<dataset>-<tokenizer>/, which 05
@@ -49,14 +49,14 @@ def test_the_pipeline_through_the_command_lines(tmp_path, shakespeare_path):
 
     # 4. finetune it on instructions (few steps; a char model gets its context stretched)
     ft = tmp_path / "finetune"
-    run("07_finetune.py", f"--ckpt_path={pre / 'ckpt.pt'}", f"--out_dir={ft}", "--max_iters=3",
+    run("07_finetune.py", f"--ckpt={pre / 'ckpt.pt'}", f"--out_dir={ft}", "--max_iters=3",
         "--batch_size=2", "--min_block_size=256", "--eval_interval=3", "--num_responses=2",
         "--max_new_tokens=8", "--threads=1", "--dtype=float32")
     assert len(json.loads((ft / "test_responses.json").read_text())) >= 2
 
     # 5. DPO from the finetuned checkpoint
     dpo = tmp_path / "dpo"
-    run("08_dpo.py", f"--ckpt_path={ft / 'ckpt.pt'}", f"--out_dir={dpo}", "--max_iters=2",
+    run("08_dpo.py", f"--ckpt={ft / 'ckpt.pt'}", f"--out_dir={dpo}", "--max_iters=2",
         "--batch_size=2", "--eval_interval=2", "--eval_pairs=4", "--num_responses=1",
         "--max_new_tokens=8", "--threads=1", "--dtype=float32")
     assert (dpo / "dpo_responses.json").exists()

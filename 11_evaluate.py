@@ -1,0 +1,1062 @@
+"""Stage 11: evaluation: multiple choice by log-likelihood, answers judged by a larger model.
+
+Val loss (05, 06) says how well a model predicts text like its training text, not whether it
+knows anything, nor whether 07's and 08's answers are any good. Two ways to ask:
+
+Multiple choice by log-likelihood (HellaSwag, Zellers et al. 2019; ARC, PIQA, your own). An example
+is a context and a few choices, one of them right:
+    context  "A man is sitting on a roof. he"
+    choices  " is using wrap to wrap a pair of skis.", ..., " starts pulling up roofing on a roof."
+Nothing is generated: the model scores each choice as log p(choice | context), the sum of its
+tokens' log-probabilities, and its answer is the best scored choice. Every token costs
+probability, so choices of unequal length are compared three ways, each reported:
+  - acc: the summed log-probability. It favours the short choice: fewer tokens, less to pay.
+  - acc_norm (lm-evaluation-harness): the sum divided by the choice's length in characters, a
+    score per character, which no tokenizer changes.
+  - acc_token_mean (llm.c's acc_norm): the mean per token, the lowest mean loss.
+They agree on choices of one length. acc parts from the others when one choice is much longer;
+the two means part when one choice spends few tokens on many characters (common words) and
+another many tokens on few (rare words, numbers, names). The context and each choice are encoded
+apart and concatenated, as llm.c and lm-evaluation-harness do: a choice's tokens never depend on
+what precedes it. A HellaSwag ending follows its ctx after one space (llm.c's way); a plain-format
+choice is appended as written: write " Paris" with its space. A context too long for the model's
+block is cut from its left; the report counts them.
+
+Fast. llm.c runs one example per forward pass: a row per choice, each repeating the context, and
+a log-softmax over a (rows, T, vocab) tensor. Here a row holds an example's context once, then
+every choice; a mask lets a choice see the context and its own earlier tokens only, and its
+positions go on from the context's end, so each token sees what it would see in a row of its own.
+Many examples share a pass, and the head (vocab logits) runs only where a choice token is
+predicted, a chunk at a time: the same numbers (tested against transformers), ~3x faster on CPU.
+
+Answers judged by a larger model (Raschka, ch. 7): 07's test_responses.json (08's
+dpo_responses.json) holds instructions, reference answers and our model's answers; a judge behind
+OpenAI's API (Ollama, vLLM, OpenAI, 10_serve.py) scores each from 0 to 100. A reply with no
+number is counted and shown, never scored 0.
+
+References: Zellers et al. 2019, "HellaSwag"; EleutherAI's lm-evaluation-harness; llm.c's
+dev/data/hellaswag.py; Raschka, "Build a Large Language Model (From Scratch)", ch. 7; Wilson 1927
+(the interval); Zheng et al. 2023, "Judging LLM-as-a-Judge".
+
+Run it:
+  python 04_gpt.py --init_from=gpt2 --save_ckpt      # OpenAI's GPT-2 124M as data/gpt2/ckpt.pt
+  python 11_evaluate.py --ckpt=data/gpt2/ckpt.pt --task=hellaswag --limit=500
+  python 11_evaluate.py --ckpt=data/gpt2/ckpt.pt --task=hellaswag --device=cuda  # all 10,042
+  python 11_evaluate.py --ckpt=out/dpo/ckpt.pt --compare=out/finetune/ckpt.pt \\
+      --task=my_questions.jsonl --out_json=out/eval.json     # 08 beside 07, per example as JSON
+  ollama serve & ollama pull llama3.1                       # a judge, then
+  python 11_evaluate.py --ckpt=out/finetune/ckpt.pt --responses=out/finetune/test_responses.json \\
+      --judge_url=http://localhost:11434/v1 --judge_model=llama3.1
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import pickle
+import re
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Annotated, ClassVar
+
+import requests
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PROJECT = Path(__file__).resolve().parent  # relative paths (data/, out/, flags) resolve here
+DATA_DIR = PROJECT / "data"
+
+# -----------------------------------------------------------------------------
+# 1. The tasks: examples {"context", "choices", "label"}, from HellaSwag or a JSONL file
+
+_HELLASWAG = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data"
+HELLASWAG_URL = f"{_HELLASWAG}/hellaswag_val.jsonl"  # 10,042 examples, 12,246,618 bytes
+# the hash Hugging Face's datasets library records for this file
+HELLASWAG_SHA256 = "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"
+PLAIN_FORMAT = '{"context": str, "choices": [str, ...], "label": int}'
+
+
+def read_jsonl(path) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a line that is no JSON object: an error."""
+    rows = []
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"{path} line {number}: not JSON ({e})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path} line {number}: not a JSON object")
+        rows.append((number, row))
+    return rows
+
+
+def to_example(row: dict, where: str) -> dict:
+    """A line of HellaSwag ({"ctx", "endings", "label"}) or of the plain format -> an example,
+    checked. HellaSwag's endings follow the context after a space, as llm.c renders them."""
+    hellaswag = "endings" in row
+    names = ("ctx", "endings") if hellaswag else ("context", "choices")
+    for name in (*names, "label"):
+        if name not in row:
+            raise ValueError(f"{where}: no field {name!r}; each line is {PLAIN_FORMAT}, "
+                             "or a line of HellaSwag")
+    context = row[names[0]]
+    choices = row[names[1]]
+    label = row["label"]
+    if not isinstance(context, str) or not context:
+        raise ValueError(f"{where}: {names[0]!r} must be a non-empty string")
+    if not isinstance(choices, list) or len(choices) < 2:
+        raise ValueError(f"{where}: {names[1]!r} must be a list of at least 2 strings")
+    for i, choice in enumerate(choices):
+        if not isinstance(choice, str) or not choice.strip():
+            raise ValueError(f"{where}: choice {i} is empty; every choice needs text")
+    if type(label) is not int or not 0 <= label < len(choices):
+        raise ValueError(f"{where}: label {label!r} is out of range: "
+                         f"an index from 0 to {len(choices) - 1}")
+    if hellaswag:
+        choices = [" " + ending for ending in choices]
+    return {"context": context, "choices": choices, "label": label}
+
+
+def load_task(task: str, limit: int = 0) -> list[dict]:
+    """The examples of task: "hellaswag" (its validation set, downloaded into data/ once, checked
+    by its sha256) or the path of a JSONL file. limit > 0: the first limit examples."""
+    path = Path(task)
+    if task == "hellaswag":
+        path = download(HELLASWAG_URL, DATA_DIR / "hellaswag_val.jsonl", HELLASWAG_SHA256)
+    rows = read_jsonl(path)[: limit or None]  # limit 0: all
+    if not rows:
+        raise ValueError(f"{path} holds no examples; each line is {PLAIN_FORMAT}")
+    return [to_example(row, f"{path} line {number}") for number, row in rows]
+
+
+# -----------------------------------------------------------------------------
+# 2. Scoring: log p(choice | context), llm.c's way first, then packed and batched
+
+
+def encode_text(tok, text: str, where: str) -> list[int]:
+    """Text -> ids. "<|endoftext|>" in a task is text; a char model must know every character."""
+    if not isinstance(tok, CharTokenizer):
+        return tok.encode(text, disallowed_special=())
+    missing = "".join(sorted(set(text) - set(tok.chars)))
+    if missing:
+        raise ValueError(f"{where}: characters {missing!r} are not in this char model's "
+                         "vocabulary; score a model of GPT-2 tokens, or leave them out")
+    return tok.encode(text)
+
+
+def encode_example(tok, example: dict, block_size: int, where: str) -> dict:
+    """{"context": ids, "choices": [ids, ...], "cut": bool}. The context keeps its last tokens so
+    that context + the longest choice is block_size + 1 tokens at most (the last token of a row
+    is a target only, never an input)."""
+    context = encode_text(tok, example["context"], where)
+    choices = [encode_text(tok, c, where) for c in example["choices"]]
+    longest = max(len(choice) for choice in choices)
+    room = block_size + 1 - longest  # context tokens that fit
+    if room < 1:
+        raise ValueError(f"{where}: a choice of {longest} tokens leaves no room for its context "
+                         f"in a block of {block_size}; shorten it")
+    cut = len(context) > room
+    return {"context": context[-room:], "choices": choices, "cut": cut}
+
+
+@torch.no_grad()
+def score_rows(model, encoded: dict) -> list[float]:
+    """One example in one forward pass -> its choices' summed log-probabilities. llm.c's way, the
+    reference: a row per choice (context + choice), right-padded (causal attention keeps padding
+    away from real tokens), logits and a log-softmax at every position; the choice's summed."""
+    device = model.lm_head.weight.device
+    context = encoded["context"]
+    rows = [context + choice for choice in encoded["choices"]]
+    T = max(len(row) for row in rows)
+    idx = torch.zeros(len(rows), T, dtype=torch.long)  # pad id 0: after the row, unseen
+    is_choice = torch.zeros(len(rows), T, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        idx[i, : len(row)] = torch.tensor(row)
+        is_choice[i, len(context) : len(row)] = True
+    idx = idx.to(device)
+    logits, _ = model(idx[:, :-1])  # (N, T-1, V)
+    logprobs = F.log_softmax(logits.float(), dim=-1)  # (N, T-1, V): the full copy
+    targets = idx[:, 1:, None]  # (N, T-1, 1): each position's next token
+    target_logprobs = logprobs.gather(-1, targets).squeeze(-1)  # (N, T-1)
+    scored = is_choice[:, 1:].to(device)  # a target that is a choice token
+    return (target_logprobs * scored).sum(dim=1).tolist()
+
+
+def pack_example(encoded: dict) -> tuple[list, list, list, list]:
+    """One row for an example: the context once, then each choice but its last token (a token is
+    an input only if a token follows it). Returns the row's tokens, their positions, their segments
+    (0: context, j + 1: choice j), and for each choice token (choice j, the index in the row
+    whose output predicts it, its id). Context [5, 6], choices [7, 8], [9]:
+        tokens [5, 6, 7], positions [0, 1, 2], segments [0, 0, 1],
+        targets [(0, 1, 7), (0, 2, 8), (1, 1, 9)]: 6 predicts 7 and 9, 7 predicts 8."""
+    context = encoded["context"]
+    tokens = list(context)
+    positions = list(range(len(context)))
+    segments = [0] * len(context)
+    targets = []
+    for j, choice in enumerate(encoded["choices"]):
+        previous = len(context) - 1  # a choice's first token follows the context's last
+        for k, token in enumerate(choice):
+            targets.append((j, previous, token))
+            if k == len(choice) - 1:
+                break  # the last token predicts nothing: no input
+            previous = len(tokens)
+            tokens.append(token)
+            positions.append(len(context) + k)  # as if the choice were alone after the context
+            segments.append(j + 1)
+    return tokens, positions, segments, targets
+
+
+def packed_batch(packed: list[tuple], device) -> tuple[torch.Tensor, ...]:
+    """Rows right-padded to one length: idx, position ids (B, T) and the mask (B, 1, T, T): a
+    token sees the earlier tokens of the context and of its own segment. Padding is segment -1
+    (it sees the context and earlier padding: no empty row in the softmax, no NaN)."""
+    T = max(len(tokens) for tokens, _, _, _ in packed)
+    idx = torch.zeros(len(packed), T, dtype=torch.long)
+    pos = torch.zeros(len(packed), T, dtype=torch.long)
+    seg = torch.full((len(packed), T), -1, dtype=torch.long)
+    for row, (tokens, positions, segments, _) in enumerate(packed):
+        idx[row, : len(tokens)] = torch.tensor(tokens)
+        pos[row, : len(tokens)] = torch.tensor(positions)
+        seg[row, : len(tokens)] = torch.tensor(segments)
+    same_segment = seg[:, :, None] == seg[:, None, :]  # (B, T, T) query, key
+    key_is_context = (seg == 0)[:, None, :]  # (B, 1, T)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T)
+    mask = (same_segment | key_is_context) & causal  # (B, T, T)
+    return idx.to(device), pos.to(device), mask[:, None].to(device)
+
+
+def target_logprobs(model, h, targets, chunk_numbers=2**24) -> torch.Tensor:
+    """log p(target) for each row of h (N, C) and targets (N,). The head runs in fp32 (outside
+    autocast) on a chunk of rows at a time: its logits are (rows, V) with rows * V at most
+    chunk_numbers (64 MB), never (N, V), however many rows a batch holds."""
+    rows = max(1, chunk_numbers // model.config.vocab_size)
+    out = []
+    with torch.autocast(h.device.type, enabled=False):
+        for h_part, t_part in zip(h.split(rows), targets.split(rows)):
+            logits = model.lm_head(h_part.float())  # (rows, V)
+            nll = F.cross_entropy(logits, t_part, reduction="none")  # (rows,)
+            out.append(-nll)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def score_packed(model, encoded: list[dict]) -> list[list[float]]:
+    """Several examples in one forward pass, an example per row -> each one's choices' summed
+    log-probabilities. The mask goes in through 03's KVCache, used once (final_hidden applies a
+    mask with a cache only); its writes cost little beside the matmuls."""
+    device = model.lm_head.weight.device
+    packed = [pack_example(e) for e in encoded]
+    idx, pos, mask = packed_batch(packed, device)
+    B, T = idx.shape
+    cache = KVCache(model.config.n_layer, T)
+    h = final_hidden(model, idx, pos, mask, cache)  # (B, T, C)
+    rows = []  # where each choice token is predicted: row * T + index
+    ids = []  # the choice tokens
+    slots = []  # which choice of the batch each belongs to
+    first_slot = 0
+    for row, (_, _, _, targets) in enumerate(packed):
+        for j, previous, token in targets:
+            rows.append(row * T + previous)
+            ids.append(token)
+            slots.append(first_slot + j)
+        first_slot += len(encoded[row]["choices"])
+    h = h.flatten(0, 1)[torch.tensor(rows, device=device)]  # (N, C)
+    logprobs = target_logprobs(model, h, torch.tensor(ids, device=device))  # (N,)
+    sums = torch.zeros(first_slot, device=device)
+    sums.index_add_(0, torch.tensor(slots, device=device), logprobs)
+    flat = iter(sums.tolist())  # one read of the device per batch
+    return [[next(flat) for _ in e["choices"]] for e in encoded]
+
+
+def score_examples(model, encoded: list[dict], batch_tokens=8192, progress=False):
+    """Every example's choices' summed log-probabilities, in order. Examples are sorted by packed
+    length (little padding) and batched while rows * longest <= batch_tokens."""
+    lengths = [len(pack_example(e)[0]) for e in encoded]
+    order = sorted(range(len(encoded)), key=lengths.__getitem__)
+    scores = [None] * len(encoded)
+    t0 = time.perf_counter()
+    start = 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and (end - start + 1) * lengths[order[end]] <= batch_tokens:
+            end += 1
+        batch = order[start:end]
+        for i, result in zip(batch, score_packed(model, [encoded[i] for i in batch])):
+            scores[i] = result
+        start = end
+        if progress:
+            rate = start / (time.perf_counter() - t0)
+            print(f"\rscored {start:,}/{len(order):,}, {rate:.1f} examples/s", end="", flush=True)
+    if progress:
+        print()
+    return scores
+
+
+# -----------------------------------------------------------------------------
+# 3. The three scores, with a 95% interval
+
+
+def pick(scores: list[float]) -> int:
+    """The index of the highest score (the first, if tied)."""
+    return max(range(len(scores)), key=scores.__getitem__)
+
+
+def wilson_interval(correct: int, n: int, z=1.96) -> tuple[float, float]:
+    """The 95% interval of an accuracy measured on n examples (Wilson's: unlike p +- 1.96 * its
+    standard error, it stays in [0, 1] and holds for small n). 290 of 1,000: 0.263 to 0.319."""
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+METRICS = ("acc", "acc_norm", "acc_token_mean")
+
+
+def task_scores(examples, encoded, logprobs, task: str) -> dict:
+    """The task's three accuracies, intervals and chance, and the per-example results."""
+    correct = dict.fromkeys(METRICS, 0)
+    results = []
+    for example, enc, sums in zip(examples, encoded, logprobs):
+        n_tokens = [len(choice) for choice in enc["choices"]]
+        n_chars = [len(choice) for choice in example["choices"]]
+        picks = {
+            "acc": pick(sums),
+            "acc_norm": pick([s / c for s, c in zip(sums, n_chars)]),
+            "acc_token_mean": pick([s / t for s, t in zip(sums, n_tokens)]),
+        }
+        for metric, choice in picks.items():
+            correct[metric] += choice == example["label"]
+        results.append({"label": example["label"], "logprobs": sums, "n_tokens": n_tokens,
+                        "n_chars": n_chars, "picks": picks})  # fmt: skip
+    n = len(examples)
+    scores = {"task": task, "n": n}
+    for metric in METRICS:
+        scores[metric] = correct[metric] / n
+        scores[f"{metric}_interval"] = wilson_interval(correct[metric], n)
+    scores["chance"] = sum(1 / len(e["choices"]) for e in examples) / n
+    scores["contexts_cut"] = sum(enc["cut"] for enc in encoded)
+    scores["examples"] = results
+    return scores
+
+
+def evaluate_task(model, tok, examples: list[dict], task: str, cfg) -> dict:
+    """Encode every example (every error found before any work), score them, sum up."""
+    block_size = model.config.block_size
+    encoded = []
+    for i, example in enumerate(examples):
+        encoded.append(encode_example(tok, example, block_size, f"example {i}"))
+    logprobs = score_examples(model, encoded, cfg.batch_tokens, progress=True)
+    return task_scores(examples, encoded, logprobs, task)
+
+
+# -----------------------------------------------------------------------------
+# 4. The judge: an OpenAI-compatible endpoint scores answers 0-100
+
+JUDGE_PROMPT = """Grade a model's answer to this instruction.
+{prompt}
+
+### Reference answer:
+{reference}
+
+### Model's answer:
+{answer}
+
+Score the model's answer from 0 to 100, where 100 means it is as good as the reference answer \
+and 0 means it is wrong or empty. Reply with the integer score only."""
+
+ANSWER_KEYS = ("model_response", "after_dpo", "before_dpo")  # 07's, then 08's
+
+
+class JudgeError(RuntimeError):
+    """The judge cannot be reached, or answers with an error: one line, naming the URL."""
+
+
+def load_responses(path, key: str = "") -> tuple[list[dict], str]:
+    """The entries of 07's test_responses.json or 08's dpo_responses.json, and the key that
+    holds the answers (given, or the first of ANSWER_KEYS there)."""
+    entries = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{path}: expected a JSON list of entries, as 07 and 08 write")
+    key = key or next((k for k in ANSWER_KEYS if k in entries[0]), "model_response")
+    for i, entry in enumerate(entries):
+        for field in ("instruction", "output", key):
+            if not isinstance(entry.get(field), str):
+                raise ValueError(f"{path} entry {i}: no string {field!r}")
+    return entries, key
+
+
+def ask_judge(url: str, model: str, prompt: str, api_key: str = "", timeout=120) -> str:
+    """The judge's reply to one prompt: POST url/chat/completions, temperature 0."""
+    endpoint = url.rstrip("/") + "/chat/completions"
+    body = {"model": model, "temperature": 0,
+            "messages": [{"role": "user", "content": prompt}]}  # fmt: skip
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = requests.post(endpoint, json=body, headers=headers, timeout=timeout)
+    except requests.RequestException as e:
+        raise JudgeError(f"cannot reach the judge at {url} ({type(e).__name__}); start one "
+                         f"(`ollama serve`, then `ollama pull {model}`), or point --judge_url "
+                         "at a running server") from None
+    if response.status_code != 200:
+        raise JudgeError(f"the judge at {url} answered {response.status_code}: "
+                         f"{response.text[:200]!r}; check --judge_model and the API key")
+    try:
+        return response.json()["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise JudgeError(f"the judge at {url} sent no chat completion: "
+                         f"{response.text[:200]!r}") from None
+
+
+def parse_score(reply: str) -> int | None:
+    """The first whole number from 0 to 100 in a reply ("Score: 85" -> 85), or None."""
+    for number in re.findall(r"\d+", reply):
+        if int(number) <= 100:
+            return int(number)
+    return None
+
+
+def judge_responses(cfg) -> dict:
+    """Score every answer; the mean, the distribution by tens, and the replies with no number."""
+    entries, key = load_responses(cfg.responses, cfg.response_key)
+    api_key = os.environ.get(cfg.judge_key_env, "") if cfg.judge_key_env else ""
+    scores = []
+    no_number = []
+    for i, entry in enumerate(entries):
+        prompt = JUDGE_PROMPT.format(prompt=format_input(entry), reference=entry["output"],
+                                     answer=entry[key])  # fmt: skip
+        reply = ask_judge(cfg.judge_url, cfg.judge_model, prompt, api_key)
+        score = parse_score(reply)
+        if score is None:
+            no_number.append({"entry": i, "reply": reply})
+        else:
+            scores.append(score)
+        print(f"\rjudged {i + 1}/{len(entries)}", end="", flush=True)
+    print()
+    by_tens = [0] * 10  # 0-9, ..., 90-100
+    for score in scores:
+        by_tens[min(score // 10, 9)] += 1
+    mean = sum(scores) / len(scores) if scores else float("nan")
+    return {"responses": str(cfg.responses), "key": key, "judge": cfg.judge_model,
+            "n": len(entries), "scored": len(scores), "mean": mean, "by_tens": by_tens,
+            "no_number": no_number, "scores": scores}  # fmt: skip
+
+
+def print_judgement(result: dict) -> None:
+    print(f"{result['responses']} ({result['key']}), judged by {result['judge']}: "
+          f"mean {result['mean']:.1f} of 100 over {result['scored']} of {result['n']} answers")
+    for tens, count in enumerate(result["by_tens"]):
+        low = 10 * tens
+        high = 100 if tens == 9 else low + 9
+        print(f"  {low:>3}-{high:<3} {count:>5} {'#' * count}")
+    print(f"{len(result['no_number'])} replies held no number (not scored):")
+    for item in result["no_number"][:5]:
+        print(f"  entry {item['entry']}: {item['reply'][:100]!r}")
+
+
+# -----------------------------------------------------------------------------
+# 5. The report, and the command line
+
+DEFAULT_CKPT = "out/shakespeare-char/ckpt.pt"  # 05_pretrain.py's output: the Quick start's model
+
+
+def describe(path, model, ckpt: dict) -> dict:
+    """What a report says of a model: its checkpoint, stage, size and the tokens it has seen."""
+    config = ckpt.get("config") or {}
+    step_keys = ("batch_size", "gradient_accumulation_steps", "block_size")
+    tokens = None  # recorded by 05's settings; others do not say
+    if all(isinstance(config.get(k), int) for k in step_keys):
+        per_iter = math.prod(config[k] for k in step_keys)
+        tokens = ckpt.get("iter_num", 0) * per_iter
+    return {"ckpt": str(path), "stage": ckpt.get("stage", "?"),
+            "parameters": model.num_params(), "tokens_seen": tokens}  # fmt: skip
+
+
+def print_report(models: list[dict], scores: list[dict]) -> None:
+    """One table: a column per model, a row per score (95% interval), and chance."""
+    for i, m in enumerate(models):
+        seen = "not recorded" if m["tokens_seen"] is None else f"{m['tokens_seen']:,}"
+        print(f"model {i + 1}: {m['ckpt']} ({m['stage']}, {m['parameters'] / 1e6:.2f}M "
+              f"parameters, tokens seen: {seen})")
+    first = scores[0]
+    print(f"task {first['task']}: {first['n']:,} examples, "
+          f"{first['contexts_cut']:,} contexts cut from the left to fit")
+    header = "".join(f"{f'model {i + 1}':>24}" for i in range(len(models)))
+    print(f"{'score':<16}{header}")
+    for metric in METRICS:
+        cells = []
+        for s in scores:
+            low, high = s[f"{metric}_interval"]
+            cells.append(f"{s[metric]:>8.4f} ({low:.3f}-{high:.3f})")
+        print(f"{metric:<16}" + "".join(f"{c:>24}" for c in cells))
+    print(f"{'chance':<16}{first['chance']:>8.4f}")
+
+
+@dataclass
+class EvalConfig:
+    """Score checkpoints of 05-08 on multiple-choice tasks, or their answers with a judge.
+    A relative path (flag or default) is taken from the project's folder."""
+
+    ckpt: Annotated[str, "a checkpoint of 05-08 (default: 05's Shakespeare model)"] = DEFAULT_CKPT
+    task: Annotated[str, "hellaswag (fetched into data/), or a JSONL file of examples"] = ""
+    limit: Annotated[int, "score the first N examples; 0 = all"] = 0
+    compare: Annotated[str, "a second checkpoint, scored on the same examples"] = ""
+    out_json: Annotated[str, "write the scores and per-example results here"] = ""
+    batch_tokens: Annotated[int, "tokens per forward pass; lower it if memory runs out"] = 8192
+    responses: Annotated[str, "answers to judge: 07's test_responses.json, 08's"] = ""
+    response_key: Annotated[str, "the field of answers; empty: model_response or after_dpo"] = ""
+    judge_url: Annotated[str, "OpenAI-compatible: http://localhost:11434/v1 (ollama)"] = ""
+    judge_model: Annotated[str, "the judge's model name, e.g. llama3.1"] = ""
+    judge_key_env: Annotated[str, "the variable holding the judge's API key"] = "OPENAI_API_KEY"
+    device: Annotated[str, "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"] = "auto"
+    dtype: Annotated[str, "auto (see pick_dtype), float32, bfloat16, float16 (CUDA)"] = "auto"
+    threads: Annotated[int, "CPU threads; 0 = PyTorch's default"] = 0
+
+    def __post_init__(self):  # checked before loading anything; parse_config prints the error
+        self.device = pick_device(self.device)  # "auto" -> cuda, mps or cpu
+        self.dtype = pick_dtype(self.dtype, self.device)
+        if not (self.task or self.responses):
+            raise ValueError("nothing to do: pass --task=hellaswag|FILE.jsonl, "
+                             "or --responses=FILE with --judge_url and --judge_model")
+        if min(self.limit, self.threads) < 0 or self.batch_tokens < 1:
+            raise ValueError("need --limit >= 0, --threads >= 0 and --batch_tokens >= 1")
+        if self.responses and not (self.judge_url and self.judge_model):
+            raise ValueError("--responses needs --judge_url and --judge_model")
+        for name in ("ckpt", "compare", "responses", "out_json", "task"):
+            value = getattr(self, name)
+            if value and value != "hellaswag":
+                setattr(self, name, str(PROJECT / value))
+        must_exist = ["compare", "responses", "task"] + (["ckpt"] if self.task else [])
+        for name in must_exist:
+            value = getattr(self, name)
+            if value and value != "hellaswag" and not Path(value).is_file():
+                raise FileNotFoundError(f"--{name}={value}: no such file")
+
+
+def load_model(path, cfg):
+    """(model in eval mode on cfg.device, tokenizer, what the report says of it)."""
+    model, tok, ckpt = load_checkpoint(path)  # onto the CPU, memory-mapped
+    return model.to(cfg.device).eval(), tok, describe(path, model, ckpt)
+
+
+def write_json(path, result: dict) -> None:
+    """result as JSON, written to path + ".tmp" and renamed: never half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+
+
+def run_task(cfg) -> dict:
+    """Score cfg.ckpt (and cfg.compare) on cfg.task: the report; the result for the JSON."""
+    examples = load_task(cfg.task, cfg.limit)
+    task = "hellaswag" if cfg.task == "hellaswag" else Path(cfg.task).name
+    models = []
+    scores = []
+    for path in [cfg.ckpt, cfg.compare] if cfg.compare else [cfg.ckpt]:
+        model, tok, about = load_model(path, cfg)
+        scores.append(evaluate_task(model, tok, examples, task, cfg))
+        models.append(about)
+    print_report(models, scores)
+    result = {**scores[0], "model": models[0]}
+    if cfg.compare:
+        result["compare"] = {**scores[1], "model": models[1]}
+    return result
+
+
+def main(argv=None):
+    cfg = parse_config(EvalConfig, argv)  # a bad setting: one "error:" line, exit status 2
+    if cfg.device.startswith("cuda"):  # TF32: matmuls left in fp32 (the head)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    torch.set_num_threads(cfg.threads or torch.get_num_threads())
+    device_type = cfg.device.split(":")[0]  # "cuda:1" -> "cuda"
+    try:
+        if cfg.responses:
+            result = judge_responses(cfg)
+            print_judgement(result)
+        else:
+            with autocast_context(device_type, cfg.dtype):
+                result = run_task(cfg)
+    except (ValueError, OSError, RuntimeError) as e:  # bad input, a failed download or judge
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if cfg.out_json:
+        write_json(cfg.out_json, result)
+    return result
+
+
+# -----------------------------------------------------------------------------
+# Appendix: pieces copied unchanged from earlier stages, so that this file runs on its own.
+# Each is its origin's text byte for byte (tests/test_copies.py checks); read them there.
+
+# copied from 01_tokenizer.py: CharTokenizer
+class CharTokenizer:
+    """One token per character: from_text("hello") gives e=0 h=1 l=2 o=3; "hole" -> [1, 3, 2, 0]."""
+
+    def __init__(self, chars: str):
+        if len(set(chars)) != len(chars):
+            raise ValueError("chars has repeated characters; "
+                             "build it with CharTokenizer.from_text(text)")
+        self.chars = chars
+        self.n_vocab = len(chars)
+        self.eot_token = None  # no end-of-text token
+        self.stoi = {ch: i for i, ch in enumerate(chars)}  # character -> id
+        self.itos = dict(enumerate(chars))  # id -> character
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        return cls("".join(sorted(set(text))))
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self.stoi[ch] for ch in text]
+        except KeyError as e:
+            raise ValueError(f"character {e.args[0]!r} is not in the vocabulary; "
+                             "build the tokenizer from text that contains it "
+                             "(CharTokenizer.from_text)") from None
+
+    def decode(self, ids) -> str:
+        try:
+            return "".join([self.itos[i] for i in ids])
+        except KeyError as e:
+            raise ValueError(f"token id {e.args[0]!r} is not in the vocabulary "
+                             f"(ids are 0..{self.n_vocab - 1})") from None
+
+    def to_dict(self) -> dict:
+        return {"kind": "char", "chars": self.chars}
+
+
+# copied from 01_tokenizer.py: get_tokenizer
+def get_tokenizer(spec: dict):
+    """The tokenizer a dict describes: {"kind": "char", "chars": ...} -> CharTokenizer;
+    {"kind": "gpt2"} -> tiktoken's GPT-2 encoding."""
+    kind = spec.get("kind")
+    if kind == "char":
+        return CharTokenizer(spec["chars"])
+    if kind == "gpt2":
+        import tiktoken  # only when asked for: char-only scripts do not need it
+
+        return tiktoken.get_encoding("gpt2")
+    raise ValueError(f"unknown tokenizer kind {kind!r}; "
+                     "use {'kind': 'char', 'chars': ...} or {'kind': 'gpt2'}")
+
+
+# copied from 01_tokenizer.py: download
+def download(url: str, path, sha256: str | None = None, timeout: float = 30) -> Path:
+    """Download url to path, unless a good file is there: streamed to path + ".tmp", checked,
+    renamed. sha256=None: no pinned hash (Hugging Face's weights); the byte count is checked."""
+    path = Path(path)
+    if path.exists() and sha256 is None:
+        return path  # a download gets this name only once it is complete and checked
+    if path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == sha256:
+        return path  # the exact bytes we expect
+    path.unlink(missing_ok=True)  # corrupt or stale: never leave it where a good file is expected
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    digest = hashlib.sha256()
+    done = 0  # bytes written so far
+    t0 = time.perf_counter()
+    headers = {"Accept-Encoding": "identity"}  # the raw bytes, no gzip
+    try:
+        with requests.get(url, stream=True, timeout=timeout, headers=headers) as response:
+            response.raise_for_status()
+            total = int(response.headers.get("content-length", 0))  # exact: identity encoding
+            with open(tmp, "wb") as f:
+                for block in response.iter_content(chunk_size=1 << 20):
+                    done += f.write(block)
+                    digest.update(block)
+                    if total > 1 << 24:  # progress for big files (> 16 MB)
+                        rate = done / (time.perf_counter() - t0)  # bytes/s
+                        megabytes = f"{done >> 20:,}/{total >> 20:,} MB"
+                        seconds_left = (total - done) / rate
+                        end = "\n" if done == total else ""  # the last report ends the line
+                        print(f"\r{path.name}: {megabytes}, {rate / 2**20:.1f} MB/s, "
+                              f"~{seconds_left:.0f} s left ", end=end, flush=True)
+        if total and done != total:
+            raise RuntimeError(f"download of {url} stopped after {done} of {total} bytes; retry")
+        got = digest.hexdigest()
+        if sha256 and got != sha256:
+            raise ValueError(f"sha256 mismatch for {url}: expected {sha256}, got {got}; retry; "
+                             "if it persists the file changed upstream: check it and update the "
+                             f"hash, or put the expected file in {path.parent} by hand")
+        os.replace(tmp, path)
+    except requests.RequestException as e:
+        raise RuntimeError(f"download of {url} failed: {e}; check the URL and your network, "
+                           f"or put the file at {path} by hand") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+# copied from 03_attention.py: CausalSelfAttention
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention by scaled_dot_product_attention: (B, T, C) -> (B, T, C)."""
+
+    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True):
+        super().__init__()
+        if n_head <= 0 or n_embd % n_head != 0:
+            raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}: each head "
+                             "gets n_embd // n_head channels; choose an n_head that divides "
+                             "n_embd (GPT-2: 768 and 12)")
+        self.n_embd = n_embd
+        self.n_head = n_head
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)  # q, k, v of all heads in one matmul
+        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)  # mixes the heads' outputs
+        self.attn_dropout_p = dropout  # SDPA takes dropout on the weights as an argument
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.size()
+        hs = C // self.n_head  # head size
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        dropout_p = self.attn_dropout_p if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+# copied from 03_attention.py: KVCache
+class KVCache:
+    """The keys and values of every token so far: per layer, (B, n_head, max_len, head_size)."""
+
+    def __init__(self, n_layer: int, max_len: int):
+        self.k = [None] * n_layer  # per layer: (B, n_head, max_len, head_size) keys
+        self.v = [None] * n_layer  # per layer: the values, the same shape
+        self.length = 0  # tokens cached so far
+        self.max_len = max_len
+
+    def attend(self, attn, x: torch.Tensor, layer: int, mask=None) -> torch.Tensor:
+        """attn (a CausalSelfAttention) on the new tokens x (B, T, C), over the cache and x."""
+        B, T, C = x.size()
+        hs = C // attn.n_head  # head size
+        start = self.length  # the new tokens' positions: start .. end - 1
+        end = start + T
+        q, k, v = attn.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, attn.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, attn.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, attn.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if self.k[layer] is None:  # the first call allocates; every later one writes in place
+            self.k[layer] = k.new_zeros(B, attn.n_head, self.max_len, hs)
+            self.v[layer] = torch.zeros_like(self.k[layer])
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        k = self.k[layer][:, :, :end]  # (B, nh, end, hs): a view, no copy
+        v = self.v[layer][:, :, :end]  # (B, nh, end, hs)
+        if layer == len(self.k) - 1:  # the last layer moves the cache on
+            self.length = end
+        if mask is None and T > 1 and start > 0:  # a later chunk: the causal triangle, shifted
+            # by start: query i sees keys 0 .. start + i
+            mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        is_causal = mask is None and T > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return attn.c_proj(y)  # no dropout at inference
+
+
+# copied from 04_gpt.py: GPTConfig
+@dataclass
+class GPTConfig:
+    """The numbers that define a GPT: the defaults are GPT-2 small (124M), PRESETS other sizes."""
+
+    block_size: int = 1024  # longest sequence the model can see (number of learned positions)
+    vocab_size: int = 50257  # GPT-2's BPE: 50,000 merges + 256 bytes + <|endoftext|>
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads per block; each head has n_embd // n_head dimensions
+    n_embd: int = 768  # width of the residual stream
+    dropout: float = 0.0  # 0 for pretraining (GPT-2 used 0.1); try 0.1+ when finetuning small data
+    bias: bool = True  # biases in Linear and LayerNorm, as GPT-2; False is a bit faster and as good
+    PRESETS: ClassVar[dict[str, dict]] = {  # a class constant, not a field
+        "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+        "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+        "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+        "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+        "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),  # nanoGPT shakespeare-char
+        "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64),  # tests and quick demos
+    }
+
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            is_int = isinstance(value, int) and not isinstance(value, bool)  # True is an int too
+            if not is_int or value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"GPTConfig: n_embd={self.n_embd} is not divisible by "
+                             f"n_head={self.n_head}; choose an n_head that divides n_embd "
+                             f"(e.g. n_embd={self.n_head * 64})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "GPTConfig":
+        if name not in cls.PRESETS:
+            choices = sorted(cls.PRESETS)
+            raise ValueError(f"unknown model preset {name!r}; choose one of {choices}")
+        return cls(**{**cls.PRESETS[name], **overrides})  # the overrides win
+
+
+# copied from 04_gpt.py: MLP
+class MLP(nn.Module):
+    """Position-wise feed-forward: widen 4x, GELU, project back. (B, T, C) -> (B, T, C)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        C = config.n_embd
+        self.c_fc = nn.Linear(C, 4 * C, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU: its weights give its outputs
+        self.c_proj = nn.Linear(4 * C, C, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, C)
+
+
+# copied from 04_gpt.py: Block
+class Block(nn.Module):
+    """One transformer block, pre-LayerNorm: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        C = config.n_embd
+        self.ln_1 = nn.LayerNorm(C, bias=config.bias)
+        self.attn = CausalSelfAttention(C, config.n_head, config.dropout, config.bias)
+        self.ln_2 = nn.LayerNorm(C, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))  # tokens talk to each other
+        return x + self.mlp(self.ln_2(x))  # each token thinks on its own
+
+
+# copied from 04_gpt.py: GPT
+class GPT(nn.Module):
+    """GPT-2: embeddings -> n_layer blocks -> LayerNorm -> LM head (tied to the token embedding)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
+            wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embedding
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying: one Parameter, two uses
+        self.apply(self._init_weights)
+        residual_std = 0.02 / math.sqrt(2 * config.n_layer)  # GPT-2's residual projections
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=residual_std)
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx, targets=None):
+        """idx, targets: (B, T) ids and next ids (-100: skip) -> logits (B, T, vocab_size), loss."""
+        self._check_input(idx)
+        B, T = idx.shape
+        pos = torch.arange(T, device=idx.device)  # (T,)
+        tok_emb = self.transformer.wte(idx)  # (B, T, C)
+        pos_emb = self.transformer.wpe(pos)  # (T, C)
+        x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, vocab_size)
+        loss = None
+        if targets is not None:  # in fp32 whatever the logits' dtype (bf16 under autocast)
+            logits_fp32 = logits.float().view(B * T, -1)  # (B * T, vocab_size)
+            loss = F.cross_entropy(logits_fp32, targets.reshape(B * T), ignore_index=-100)
+        return logits, loss
+
+    def _check_input(self, idx):
+        if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"idx must be a (B, T) tensor of integer token ids, not "
+                             f"{tuple(idx.shape)} {idx.dtype}; for one sequence use idx[None], "
+                             "for other dtypes idx.long()")
+        block_size = self.config.block_size
+        if idx.size(1) > block_size:
+            raise ValueError(f"sequence length {idx.size(1)} exceeds block_size={block_size} "
+                             "(no position embedding beyond it); crop to the last tokens "
+                             f"with idx[:, -{block_size}:]")
+        # eager CPU only: min/max would make the CPU wait for a GPU, and break torch.compile's graph
+        eager_cpu = idx.device.type == "cpu" and not torch.compiler.is_compiling()
+        if idx.numel() and eager_cpu:
+            lo = idx.min().item()
+            hi = idx.max().item()
+            vocab_size = self.config.vocab_size
+            if lo < 0 or hi >= vocab_size:
+                raise ValueError(f"token ids must be in [0, {vocab_size}), got ids from {lo} to "
+                                 f"{hi}; the tokenizer and the model disagree: set "
+                                 "GPTConfig.vocab_size to its n_vocab")
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters (tied wte/lm_head once); non_embedding: without wpe (a lookup, no FLOPs)."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+
+# copied from 04_gpt.py: parse_config
+def parse_config(cls, argv=None):
+    """The dataclass cls from the command line: a --field=value flag per Annotated field (bools
+    also bare), cls.PRESETS first when cls has them; a ValueError from cls is one `error:` line
+    and exit 2."""
+
+    def to_bool(text: str) -> bool:
+        if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
+            raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+        return text.lower() in ("1", "true", "yes")
+
+    presets = getattr(cls, "PRESETS", {})
+    description = (cls.__doc__ or "").split("\n")[0]
+    epilog = "".join(f"preset {name}: {values}\n" for name, values in presets.items())
+    parser = argparse.ArgumentParser(description=description, epilog=epilog, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(cls):  # `n_layer: Annotated[int, "transformer blocks"] = 4`
+        kind = f.type.__origin__  # int
+        meaning = f.type.__metadata__[0]  # "transformer blocks"
+        help_text = f"{meaning} (default: {f.default!r})".replace("%", "%%")  # argparse %-formats
+        options = dict(type=kind, metavar=kind.__name__, help=help_text)
+        if kind is bool:  # a bare --compile means --compile=true
+            options.update(type=to_bool, nargs="?", const=True)
+        # absent flags stay absent: the preset or the default fills them in
+        parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, **options)
+    # a user error is one line, not argparse's usage dump
+    parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")
+    known, unknown = parser.parse_known_args(argv)
+    if unknown:  # a typo gets the closest flag: --lerning_rate=1 (did you mean --learning_rate?)
+        import difflib  # imported here: the files that copy parse_config need no new import
+        flags = [f"--{f.name}" for f in fields(cls)]
+        close = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    given = vars(known)
+    preset = given.get("preset", getattr(cls, "preset", None))
+    try:
+        if presets and preset not in presets:
+            raise ValueError(f"--preset={preset!r} is not valid; use {', '.join(presets)}")
+        return cls(**{**presets.get(preset, {}), **given})  # the flags given win over the preset
+    except (ValueError, FileNotFoundError) as e:
+        parser.exit(2, f"error: {e}\n")
+
+
+# copied from 04_gpt.py: pick_device
+def pick_device(device: str = "auto") -> str:
+    """"auto" -> cuda if there is a GPU, else mps (Apple silicon), else cpu; others are checked."""
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": torch.backends.mps.is_available()}
+    if device == "auto":
+        return next(kind for kind in ("cuda", "mps", "cpu") if available[kind])
+    kind, _, index = device.partition(":")  # "cuda:1" -> "cuda", "1"
+    if kind not in available or (index and not index.isdigit()):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:<index> or mps")
+    no_such_gpu = kind == "cuda" and index and int(index) >= torch.cuda.device_count()
+    if not available[kind] or no_such_gpu:
+        raise ValueError(f"device {device!r} is not available on this machine; "
+                         "use --device=auto (or cpu)")
+    return device
+
+
+# copied from 04_gpt.py: pick_dtype
+def pick_dtype(dtype: str, device: str) -> str:
+    """"auto" -> bfloat16 on CUDA GPUs that do it natively (compute capability 8.0+), float16 on
+    older ones (with a GradScaler), float32 on CPU and MPS. Explicit choices are checked."""
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype={dtype!r} is not valid; use auto, float32, bfloat16, float16")
+    cuda = torch.device(device).type == "cuda"
+    if dtype == "float16" and not cuda:
+        raise ValueError("--dtype=float16 needs loss scaling, done on CUDA only; "
+                         "use bfloat16 or float32")
+    if dtype != "auto":
+        return dtype
+    if not cuda:
+        return "float32"
+    native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    return "bfloat16" if native_bf16 else "float16"
+
+
+# copied from 04_gpt.py: autocast_context
+def autocast_context(device_type: str, dtype: str):
+    """Mixed precision for the forward pass: torch.autocast in dtype, or nothing for float32."""
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
+
+
+# copied from 05_pretrain.py: load_checkpoint
+def load_checkpoint(path):
+    """(model, tokenizer, checkpoint dict) from a checkpoint of 05-08, the model on the CPU. mmap:
+    what is not used (Adam's state) is never read. torch.compile's "_orig_mod." is dropped."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}; train one with `python 05_pretrain.py` "
+                                f"(it writes out_dir/ckpt.pt), or check the path")
+    try:
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError):  # not torch.save's, or not tensors
+        ckpt = None
+    if not isinstance(ckpt, dict) or not {"model", "model_args", "tokenizer"} <= set(ckpt):
+        raise ValueError(f"{path} is not a checkpoint of these scripts (05_pretrain.py to "
+                         f"08_dpo.py write them as out_dir/ckpt.pt); check the path")
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+    model.load_state_dict(state)
+    return model, get_tokenizer(ckpt["tokenizer"]), ckpt
+
+
+# copied from 07_finetune.py: final_hidden
+def final_hidden(model, idx, position_ids=None, mask=None, cache=None):
+    """(B, T) ids -> (B, T, n_embd) after ln_f; with a cache (03's KVCache), idx come after it."""
+    transformer = model.transformer
+    if position_ids is None:
+        start = 0 if cache is None else cache.length  # the tokens the cache holds already
+        position_ids = torch.arange(start, start + idx.size(1), device=idx.device)  # (T,)
+    tok_emb = transformer.wte(idx)  # (B, T, C)
+    pos_emb = transformer.wpe(position_ids)  # (T, C), or (B, T, C) with a row's own positions
+    x = transformer.drop(tok_emb + pos_emb)  # (B, T, C)
+    for layer, block in enumerate(transformer.h):
+        h = block.ln_1(x)
+        if cache is None:
+            x = x + block.attn(h)
+        else:
+            x = x + cache.attend(block.attn, h, layer, mask)
+        x = x + block.mlp(block.ln_2(x))
+    return transformer.ln_f(x)
+
+
+# copied from 07_finetune.py: format_input
+def format_input(entry: dict) -> str:
+    """Alpaca's prompt for entry: a fixed preamble, "### Instruction:", and "### Input:" if any."""
+    instruction_text = (
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request."
+        f"\n\n### Instruction:\n{entry['instruction']}"
+    )
+    if not entry.get("input"):
+        return instruction_text
+    return instruction_text + f"\n\n### Input:\n{entry['input']}"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,428 @@
+"""Tests for 11_evaluate.py: each choice's log-probability is transformers' (on 10's export), the
+three scores are what their definitions say, packed batches score as one example at a time does,
+the judge copes with numbers, words and errors (a stub, and 10_serve.py's server), a download with
+the wrong hash leaves nothing, and bad input is one line."""
+
+import contextlib
+import dataclasses
+import hashlib
+import http.server
+import json
+import socket
+import threading
+import uuid
+
+import pytest
+import tiktoken
+import torch
+import transformers
+from conftest import ROOT, load_script
+
+CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+@pytest.fixture(scope="module")
+def ev11():
+    return load_script("11_evaluate")
+
+
+def rough_model(ev, vocab_size, block_size=64, seed=0):
+    """A tiny GPT with large random weights (std 0.3): confident, varied predictions, so the
+    choices score far apart and a wrong token or position changes the numbers, not the 6th
+    decimal."""
+    torch.manual_seed(seed)
+    config = ev.GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2,
+                          n_embd=32)  # fmt: skip
+    model = ev.GPT(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def save_ckpt(model, spec, path, stage="pretrain"):
+    """A checkpoint as 05-08 write it (the keys load_checkpoint reads)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = {"batch_size": 2, "gradient_accumulation_steps": 3, "block_size": 64}
+    ckpt = {"model": model.state_dict(), "model_args": dataclasses.asdict(model.config),
+            "tokenizer": spec, "config": config, "stage": stage, "iter_num": 5}  # fmt: skip
+    torch.save(ckpt, path)
+    return path
+
+
+HELLASWAG_LINES = [  # HellaSwag's own fields; the endings follow ctx after a space
+    {"ind": 24, "ctx": "A man is sitting on a roof. he", "label": 3, "split": "val",
+     "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
+                 "is holding a rubik's cube.", "starts pulling up roofing on a roof."]},
+    {"ind": 7, "ctx": "The chef cracks two eggs into a bowl and", "label": 0,
+     "endings": ["whisks them.", "paints the ceiling blue with a very small brush, slowly.",
+                 "sings.", "puts the bowl in the oven at 200 degrees for an hour."]},
+    {"ind": 9, "ctx": " ".join(["A very long context that will not fit."] * 12), "label": 1,
+     "endings": ["It ends.", "It ends here, at last, after all that.", "No."]},
+]
+PLAIN_LINES = [  # choices are appended as written
+    {"context": "The capital of France is", "choices": [" Paris", " London", " a city"],
+     "label": 0},
+    {"context": "2 + 2 =", "choices": [" 4", " five", " 22", " four, of course"], "label": 0},
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def gpt2_model(ev11):
+    return rough_model(ev11, 50257)
+
+
+@pytest.fixture(scope="module")
+def examples(ev11, tmp_path_factory):
+    """Both formats, read back by load_task."""
+    folder = tmp_path_factory.mktemp("tasks")
+    hellaswag = ev11.load_task(str(write_jsonl(folder / "hs.jsonl", HELLASWAG_LINES)))
+    plain = ev11.load_task(str(write_jsonl(folder / "plain.jsonl", PLAIN_LINES)))
+    return hellaswag + plain
+
+
+# -----------------------------------------------------------------------------
+# Scoring
+
+
+def test_each_choice_logprob_is_transformers_on_10s_export(ev11, gpt2_model, examples, tmp_path):
+    """Every choice's summed log-probability, packed and batched and llm.c's way, equals
+    GPT2LMHeadModel's on the same weights (exported by 10), with the encoding llm.c uses: context
+    and " " + ending encoded apart; a long context keeps its last tokens."""
+    load_script("10_serve").export_hf(gpt2_model, {"kind": "gpt2"}, tmp_path / "hf")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    enc = tiktoken.get_encoding("gpt2")
+    block_size = gpt2_model.config.block_size
+    hs_line = HELLASWAG_LINES[0]
+    assert examples[0]["context"] == hs_line["ctx"]
+    assert examples[0]["choices"] == [" " + e for e in hs_line["endings"]]
+    encoded = [ev11.encode_example(enc, e, block_size, "test") for e in examples]
+    packed = ev11.score_examples(gpt2_model, encoded, batch_tokens=64)
+    theirs = []
+    for example in examples:
+        choices = [enc.encode(c) for c in example["choices"]]
+        room = block_size + 1 - max(len(c) for c in choices)
+        context = enc.encode(example["context"])[-room:]
+        scores = []
+        for choice in choices:
+            row = torch.tensor([context + choice])
+            with torch.no_grad():
+                logprobs = hf(row[:, :-1]).logits.log_softmax(-1)[0]  # (T-1, V)
+            targets = row[0, 1:]
+            per_token = logprobs[torch.arange(len(targets)), targets]
+            scores.append(per_token[-len(choice) :].sum().item())
+        theirs.append(scores)
+    assert [e["cut"] for e in encoded] == [False, False, True, False, False]
+    for ours, reference, e in zip(packed, theirs, encoded):
+        expected = torch.tensor(reference)
+        torch.testing.assert_close(torch.tensor(ours), expected, atol=1e-4, rtol=0)
+        llmc_way = ev11.score_rows(gpt2_model, e)
+        torch.testing.assert_close(torch.tensor(llmc_way), expected, atol=1e-4, rtol=0)
+    spread = max(max(s) - min(s) for s in theirs)
+    assert spread > 1.0  # the choices really score apart
+
+
+def test_packed_batches_score_as_one_example_at_a_time(ev11, gpt2_model, examples):
+    """Many examples per pass, in any batch size, equal one example per pass (packed or llm.c's
+    rows): no token sees another choice, another example or the padding."""
+    enc = tiktoken.get_encoding("gpt2")
+    encoded = [ev11.encode_example(enc, e, 64, "test") for e in examples]
+    alone = [ev11.score_rows(gpt2_model, e) for e in encoded]
+    for batch_tokens in (1, 100, 10_000):  # one example per pass, a few, all at once
+        batched = ev11.score_examples(gpt2_model, encoded, batch_tokens=batch_tokens)
+        for got, want in zip(batched, alone):
+            torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-5, rtol=1e-6)
+
+
+def test_the_head_never_sees_more_rows_than_a_chunk(ev11, gpt2_model, monkeypatch):
+    """The fp32 logits are (rows, V) for a chunk of rows at a time, never the whole batch."""
+    shapes = []
+    head = gpt2_model.lm_head
+    monkeypatch.setattr(head, "forward", lambda x: shapes.append(x.shape) or x @ head.weight.t())
+    h = torch.randn(50, 32)
+    targets = torch.randint(50257, (50,))
+    chunked = ev11.target_logprobs(gpt2_model, h, targets, chunk_numbers=50257 * 8)
+    assert max(s[0] for s in shapes) == 8 and sum(s[0] for s in shapes) == 50
+    whole = (h @ head.weight.t()).log_softmax(-1)[torch.arange(50), targets]
+    torch.testing.assert_close(chunked, whole)
+
+
+def test_the_three_scores_follow_their_definitions(ev11):
+    """Built so that each score picks a different choice: the highest sum (acc), per character
+    (acc_norm, lm-evaluation-harness), per token (acc_token_mean, llm.c)."""
+    choices = ["x" * 40, "y" * 12, "z" * 100]
+    sums = [-10.0, -12.0, -15.0]
+    n_tokens = [2, 12, 10]
+    per_char = [s / len(c) for s, c in zip(sums, choices)]  # -0.25, -1.0, -0.15
+    per_token = [s / t for s, t in zip(sums, n_tokens)]  # -5.0, -1.0, -1.5
+    expected_picks = {"acc": sums.index(max(sums)), "acc_norm": per_char.index(max(per_char)),
+                      "acc_token_mean": per_token.index(max(per_token))}  # fmt: skip
+    assert sorted(expected_picks.values()) == [0, 1, 2]  # three different choices
+    labels = [0, 2, 2, 1]
+    examples = [{"context": "c", "choices": choices, "label": label} for label in labels]
+    encoded = [{"choices": [[0] * n for n in n_tokens], "cut": False} for _ in labels]
+    result = ev11.task_scores(examples, encoded, [sums] * len(labels), "made")
+    for metric, choice in expected_picks.items():
+        correct = labels.count(choice)
+        assert result[metric] == correct / len(labels)
+        low, high = result[f"{metric}_interval"]
+        assert low <= correct / len(labels) <= high
+    assert result["examples"][0]["picks"] == expected_picks
+    assert result["chance"] == 1 / 3 and result["n"] == 4
+
+
+def test_wilson_interval_is_95_percent(ev11):
+    """The interval covers the true accuracy about 95% of the time, by simulation."""
+    gen = torch.Generator().manual_seed(0)
+    for p, n in ((0.3, 200), (0.9, 40)):
+        hits = (torch.rand(4000, n, generator=gen) < p).sum(1).tolist()
+        covered = [low <= p <= high for low, high in (ev11.wilson_interval(k, n) for k in hits)]
+        assert 0.93 < sum(covered) / len(covered) < 0.97
+
+
+# -----------------------------------------------------------------------------
+# The command line: the report, the JSON, --compare, the path rule, bad input
+
+
+def test_command_line_report_json_and_compare(ev11, gpt2_model, tmp_path, capsys):
+    """The interface: --ckpt --task=FILE --limit --out_json (--compare): the JSON holds the scores,
+    and per example the label, each choice's summed log-probability, tokens and characters; the
+    scores recomputed from those are the reported ones."""
+    first = save_ckpt(gpt2_model, {"kind": "gpt2"}, tmp_path / "a" / "ckpt.pt")
+    second = save_ckpt(rough_model(ev11, 50257, seed=1), {"kind": "gpt2"}, tmp_path / "b.pt")
+    task = write_jsonl(tmp_path / "hs.jsonl", HELLASWAG_LINES + PLAIN_LINES)
+    out = tmp_path / "eval.json"
+    ev11.main([f"--ckpt={first}", f"--task={task}", "--limit=4", f"--out_json={out}",
+               f"--compare={second}", "--device=cpu"])  # fmt: skip
+    report = capsys.readouterr().out
+    assert "acc_norm" in report and "chance" in report and "1 contexts cut" in report
+    assert "tokens seen: 1,920" in report  # 5 iterations of 2 x 3 x 64 tokens
+    result = json.loads(out.read_text())
+    assert {"task", "n", "acc", "acc_norm", "acc_token_mean", "examples"} <= set(result)
+    assert result["n"] == 4 and len(result["examples"]) == 4
+    assert result["compare"]["model"]["ckpt"] == str(second)
+    assert result["examples"] != result["compare"]["examples"]  # two models, two sets of scores
+    enc = tiktoken.get_encoding("gpt2")
+    for scores in (result, result["compare"]):
+        correct = {"acc": 0, "acc_norm": 0, "acc_token_mean": 0}
+        for row, line in zip(scores["examples"], HELLASWAG_LINES + PLAIN_LINES):
+            choices = [" " + e for e in line["endings"]] if "endings" in line else line["choices"]
+            assert row["n_chars"] == [len(c) for c in choices]
+            assert row["n_tokens"] == [len(enc.encode(c)) for c in choices]
+            s = row["logprobs"]
+            norm = [a / b for a, b in zip(s, row["n_chars"])]
+            mean = [a / b for a, b in zip(s, row["n_tokens"])]
+            for metric, values in (("acc", s), ("acc_norm", norm), ("acc_token_mean", mean)):
+                correct[metric] += values.index(max(values)) == row["label"]
+        for metric, count in correct.items():
+            assert scores[metric] == count / 4
+
+
+def test_relative_paths_resolve_against_the_project_folder(ev11, gpt2_model, tmp_path,
+                                                           monkeypatch):  # fmt: skip
+    """Run from another folder, a relative --out_json lands under the project folder."""
+    ckpt = save_ckpt(gpt2_model, {"kind": "gpt2"}, tmp_path / "ckpt.pt")
+    task = write_jsonl(tmp_path / "plain.jsonl", PLAIN_LINES)
+    relative = f"out/test-11-{uuid.uuid4().hex}.json"
+    monkeypatch.chdir(tmp_path)
+    try:
+        ev11.main([f"--ckpt={ckpt}", f"--task={task}", f"--out_json={relative}", "--device=cpu"])
+        assert (ROOT / relative).is_file() and not (tmp_path / relative).exists()
+    finally:
+        (ROOT / relative).unlink(missing_ok=True)
+
+
+def bad_line(path, number, row):
+    rows = [dict(PLAIN_LINES[0]) for _ in range(3)]
+    rows[number - 1] = row
+    return write_jsonl(path, rows)
+
+
+BAD_TASKS = {  # a line's flaw -> what the error must name
+    "missing field": ({"context": "a", "label": 0}, ["line 2", "'choices'"]),
+    "label out of range": ({"context": "a", "choices": [" b", " c"], "label": 2}, ["label 2"]),
+    "empty choice": ({"context": "a", "choices": [" b", ""], "label": 0}, ["choice 1 is empty"]),
+    "not JSON": ("{oops", ["line 2", "not JSON"]),
+}
+
+
+@pytest.mark.parametrize("flaw", BAD_TASKS)
+def test_bad_task_file_is_one_line_naming_the_problem(ev11, gpt2_model, tmp_path, capsys, flaw):
+    row, words = BAD_TASKS[flaw]
+    ckpt = save_ckpt(gpt2_model, {"kind": "gpt2"}, tmp_path / "ckpt.pt")
+    task = bad_line(tmp_path / "t.jsonl", 2, row)
+    if flaw == "not JSON":
+        task.write_text(task.read_text().replace(json.dumps(row), row))
+    with pytest.raises(SystemExit) as e:
+        ev11.main([f"--ckpt={ckpt}", f"--task={task}", "--device=cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error:") and err.count("\n") == 1
+    assert all(word in err for word in words), err
+
+
+def test_bad_settings_and_files_are_one_line(ev11, tmp_path, capsys):
+    char_model = rough_model(ev11, len(CHARS))
+    char_ckpt = save_ckpt(char_model, {"kind": "char", "chars": CHARS}, tmp_path / "char.pt")
+    not_a_ckpt = tmp_path / "notes.pt"
+    not_a_ckpt.write_text("not a checkpoint")
+    plain = write_jsonl(tmp_path / "plain.jsonl", PLAIN_LINES)  # '2', '+', '=' are not in CHARS
+    cases = [
+        ([f"--ckpt={char_ckpt}", f"--task={plain}"], "'+2=' are not in this char model"),
+        ([f"--ckpt={not_a_ckpt}", f"--task={plain}"], "is not a checkpoint"),
+        ([f"--ckpt={char_ckpt}"], "nothing to do"),
+        ([f"--ckpt={char_ckpt}", f"--task={tmp_path / 'none.jsonl'}"], "no such file"),
+        ([f"--responses={plain}"], "--judge_url and --judge_model"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            ev11.main([*argv, "--device=cpu"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and err.count("\n") == 1, err
+
+
+class FakeResponse:
+    """What requests.get(stream=True) returns, serving fixed bytes."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+        self.headers = {"content-length": str(len(data))}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def raise_for_status(self):
+        pass
+
+    def iter_content(self, chunk_size):
+        yield self.data
+
+
+def test_hellaswag_download_is_checked_and_atomic(ev11, tmp_path, monkeypatch):
+    """A download whose sha256 is not the pinned one raises and leaves no file (nor its .tmp);
+    with the right hash it is kept, and its lines load in HellaSwag's format."""
+    data = "".join(json.dumps(row) + "\n" for row in HELLASWAG_LINES).encode()
+    monkeypatch.setattr(ev11.requests, "get", lambda *a, **k: FakeResponse(data))
+    monkeypatch.setattr(ev11, "DATA_DIR", tmp_path)
+    with pytest.raises(ValueError, match="sha256 mismatch"):
+        ev11.load_task("hellaswag")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(ev11, "HELLASWAG_SHA256", hashlib.sha256(data).hexdigest())
+    examples = ev11.load_task("hellaswag", limit=2)
+    assert [p.name for p in tmp_path.iterdir()] == ["hellaswag_val.jsonl"]
+    assert [e["label"] for e in examples] == [3, 0]
+
+
+# -----------------------------------------------------------------------------
+# The judge
+
+
+RESPONSES = [
+    {"instruction": "Name a colour.", "input": "", "output": "Blue.", "model_response": "Red."},
+    {"instruction": "Add 2 and 3.", "input": "", "output": "5", "model_response": "5"},
+    {"instruction": "Say hi.", "input": "", "output": "Hi!", "model_response": "Hello."},
+]
+REPLIES = {"Red.": "Score: 85", "5": "100", "Hello.": "I would rather not say."}
+
+
+@contextlib.contextmanager
+def stub_judge(status=200):
+    """An OpenAI-style chat endpoint on a free port: it answers from REPLIES by the model's answer
+    found in the prompt, or with `status` and an error body."""
+    prompts = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            prompt = body["messages"][0]["content"]
+            prompts.append(prompt)
+            answer = prompt.split("### Model's answer:\n")[1].split("\n")[0]
+            reply = {"choices": [{"message": {"role": "assistant", "content": REPLIES[answer]}}]}
+            if status != 200:
+                reply = {"error": {"message": "model 'judge' not found"}}
+            data = json.dumps(reply).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1", prompts
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_judge_scores_numbers_and_counts_replies_without_one(ev11, tmp_path, capsys):
+    responses = tmp_path / "test_responses.json"
+    responses.write_text(json.dumps(RESPONSES))
+    out = tmp_path / "judged.json"
+    with stub_judge() as (url, prompts):
+        argv = [f"--responses={responses}", f"--judge_url={url}", "--judge_model=judge"]
+        result = ev11.main([*argv, f"--out_json={out}", "--device=cpu"])
+    assert result["scores"] == [85, 100] and result["mean"] == 92.5
+    assert [item["entry"] for item in result["no_number"]] == [2]  # shown, not scored 0
+    assert result["by_tens"][8] == 1 and result["by_tens"][9] == 1
+    first = prompts[0]  # the instruction (07's template), the reference and the answer
+    assert "Name a colour." in first and "Blue." in first and "Red." in first
+    report = capsys.readouterr().out
+    assert "mean 92.5" in report and "I would rather not say." in report
+    assert json.loads(out.read_text())["mean"] == 92.5
+
+
+def test_failing_or_unreachable_judge_is_one_line_naming_the_url(ev11, tmp_path, capsys):
+    responses = tmp_path / "r.json"
+    responses.write_text(json.dumps(RESPONSES))
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    with stub_judge(status=404) as (failing, _):
+        for url, words in ((closed, "ollama serve"), (failing, "answered 404")):
+            with pytest.raises(SystemExit) as e:
+                ev11.main([f"--responses={responses}", f"--judge_url={url}",
+                           "--judge_model=judge", "--device=cpu"])  # fmt: skip
+            err = capsys.readouterr().err
+            assert e.value.code == 2 and url in err and words in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("reply, score", [("85", 85), ("Score: 42/100", 42), ("none", None),
+                                          ("1000 points, so 7", 7)])  # fmt: skip
+def test_parse_score_takes_the_first_number_up_to_100(ev11, reply, score):
+    assert ev11.parse_score(reply) == score
+
+
+def test_judge_through_10s_server(ev11, tmp_path):
+    """10_serve.py speaks OpenAI's API: the whole judge path runs against it (its tiny model's
+    replies, each scored or shown), and a model it does not serve is one line."""
+    serve10 = load_script("10_serve")
+    model = rough_model(serve10, 50257, block_size=256)  # the judge's prompt: ~150 tokens
+    server = serve10.make_server(model, serve10.get_tokenizer({"kind": "gpt2"}), "tiny", port=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    responses = tmp_path / "r.json"
+    responses.write_text(json.dumps(RESPONSES[:1]))  # a tiny model's whole context: ~1 s
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        argv = [f"--responses={responses}", f"--judge_url={url}", "--device=cpu"]
+        result = ev11.main([*argv, "--judge_model=tiny"])
+        assert result["n"] == 1 == len(result["scores"]) + len(result["no_number"])
+        with pytest.raises(SystemExit) as e:  # a model it does not have
+            ev11.main([*argv, "--judge_model=llama3.1"])
+        assert e.value.code == 2
+    finally:
+        server.shutdown()
+        server.server_close()
