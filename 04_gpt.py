@@ -431,8 +431,8 @@ def parse_config(cls, argv=None):
         import difflib  # imported here: the files that copy parse_config need no new import
         flags = [f"--{f.name}" for f in fields(cls)]
         close = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+        hint = f"did you mean {close[0]}?" if close else "see --help"
+        parser.exit(2, f"error: unrecognized arguments: {' '.join(unknown)} ({hint})\n")
     given = vars(known)
     preset = given.get("preset", getattr(cls, "preset", None))
     try:

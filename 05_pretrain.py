@@ -155,9 +155,6 @@ def check_run(cfg: TrainConfig, resumed: tuple | None = None):
     wanted = asdict(cfg.model_config(meta["n_vocab"]))  # GPTConfig checks n_embd % n_head...
     if cfg.init_from == "resume":  # the run's settings come from its checkpoint: it must be one
         model, tokenizer, ckpt = resumed
-        if ckpt.get("optimizer") is None:  # 07 and 08 save the weights only
-            raise ValueError(f"{cfg.ckpt_path} holds no optimizer state ({ckpt.get('stage')} "
-                             "saves weights only): sample it with 09_generate.py")
         saved = ckpt["model_args"]
         differing = ", ".join(f"{k}={v!r}" for k, v in saved.items() if v != wanted[k])
         if differing:  # the model is the checkpoint's: the settings must say so too
@@ -361,7 +358,7 @@ def plot_losses(out_dir: Path, tokens_per_iter: int):
 
 
 # -----------------------------------------------------------------------------
-# Around the step: the NaN stop, and one object the loop calls for Ctrl-C, saves, timing, logs.
+# Around the step: the NaN stop, Ctrl-C, and one object the loop calls for saves, timing, logs.
 
 
 def check_finite(what: str, value: float, step: int, ckpt_path, saved_at: int | None):
@@ -375,11 +372,36 @@ def check_finite(what: str, value: float, step: int, ckpt_path, saved_at: int | 
     raise FloatingPointError(f"{message}; try a lower --learning_rate (or --dtype=float32)")
 
 
+class CtrlC:
+    """`with CtrlC() as ctrl_c:` lets a training loop stop cleanly. The first Ctrl-C sets
+    ctrl_c.pressed: the loop finishes its step, saves and says how to continue. A second one quits
+    at once (KeyboardInterrupt). Python installs signal handlers from the main thread only. `say`
+    prints the notice (06 passes print0: torchrun sends the SIGINT to every rank) and `when` says
+    when the save comes (06 saves at its next log step, where the ranks agree on it)."""
+
+    def __init__(self, when: str = "after this step", say=print):
+        self.notice = f"\nCtrl-C: saving {when} (again: quit without saving)"
+        self.say = say
+        self.pressed = False
+
+    def __enter__(self):
+        self.old_handler = signal.signal(signal.SIGINT, self.on_sigint)
+        return self
+
+    def __exit__(self, *exc_info):
+        signal.signal(signal.SIGINT, self.old_handler)  # the one before, as if never pressed
+
+    def on_sigint(self, signum, frame):
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+        self.say(self.notice)
+
+
 class Run:
-    """`with Run(...) as run:` sets torch's threads (cfg.threads), opens out_dir/log.jsonl and
-    catches Ctrl-C, which sets run.ctrl_c: the loop ends its step, saves and returns (a second
-    Ctrl-C quits at once). Meanwhile run prints and logs, times the steps and saves ckpt.pt (best.pt
-    if val improved) in every training stage's format; a NaN stops it first: the last save holds."""
+    """`with Run(...) as run:` sets torch's threads (cfg.threads) and opens out_dir/log.jsonl.
+    Meanwhile run prints and logs, times the steps and saves ckpt.pt (best.pt if val improved) in
+    every training stage's format; a NaN stops it first: the last save holds."""
 
     def __init__(self, cfg, model, optimizer, scaler, header, ckpt):
         self.cfg = cfg
@@ -398,7 +420,6 @@ class Run:
         self.peak = peak_flops(cfg.device, cfg.dtype, cfg.peak_flops)
         self.resume_flags = f"--init_from=resume --out_dir={cfg.out_dir}"  # from any folder
         self.step_ms = []  # one per warm log window; train returns their median
-        self.ctrl_c = False
         self.restart_clock(self.saved_at or 0)
 
     def __enter__(self):
@@ -413,19 +434,11 @@ class Run:
             tmp.write_text("".join(kept))
             os.replace(tmp, log_path)  # atomic: the old log or the kept rows, never half of them
         self.log_file = open(log_path, "a" if self.resumed else "w")
-        self.old_handler = signal.signal(signal.SIGINT, self.on_sigint)  # main thread only
         return self
 
     def __exit__(self, *exc_info):
         torch.set_num_threads(self.old_threads)
         self.log_file.close()
-        signal.signal(signal.SIGINT, self.old_handler)
-
-    def on_sigint(self, signum, frame):
-        if self.ctrl_c:
-            raise KeyboardInterrupt
-        self.ctrl_c = True
-        print("\nCtrl-C: saving after this step (again: quit without saving)")
 
     def record_eval(self, step, losses) -> bool:
         """Stop at a NaN loss; else print and log the losses. True if val is the best so far."""
@@ -553,11 +566,11 @@ def train(cfg: TrainConfig, resumed: tuple | None = None) -> dict:
     rows = cfg.batch_size * micro_steps  # one global batch per step, split in micro-steps
     max_norm = cfg.grad_clip or math.inf
     first_iter = iter_num
-    with Run(cfg, model, optimizer, scaler, header, ckpt) as run:
+    with CtrlC() as ctrl_c, Run(cfg, model, optimizer, scaler, header, ckpt) as run:
         run.print_start(settings["dtype"])
         if ckpt is None:  # the untrained model's loss, about ln(vocab_size), and a first ckpt.pt
             run.save(iter_num, estimate_loss(compiled_model, data, cfg, iter_num))
-        while iter_num < cfg.max_iters and not run.ctrl_c:
+        while iter_num < cfg.max_iters and not ctrl_c.pressed:
             lr = get_lr(iter_num, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -579,14 +592,14 @@ def train(cfg: TrainConfig, resumed: tuple | None = None) -> dict:
                 run.save(iter_num, losses)  # a NaN loss stops the run instead
             if cfg.sample_interval and iter_num % cfg.sample_interval == 0 and not last:
                 run.log_sample(iter_num, tokenizer)
-        if run.ctrl_c:
+        if ctrl_c.pressed:
             if run.saved_at != iter_num:  # else ckpt.pt holds this state already
                 run.save(iter_num)  # NaN weights stop the run instead: the last save stays
             print(f"saved {run.ckpt_path} (iter {iter_num}); continue: {run.resume_flags}")
         elif iter_num > first_iter:
             plot_losses(cfg.ckpt_path.parent, run.tokens_per_iter)
             run.log_sample(iter_num, tokenizer)
-    return {"iter_num": iter_num, **run.summary(), "interrupted": run.ctrl_c}
+    return {"iter_num": iter_num, **run.summary(), "interrupted": ctrl_c.pressed}
 
 
 def main(argv=None):
@@ -609,6 +622,10 @@ def main(argv=None):
             names = {f.name for f in fields(TrainConfig)} - {"device"}
             names -= set(TrainConfig.PRESETS.get(given.preset, {}))  # a preset given now wins too
             model, tokenizer, ckpt = resumed
+            stage = ckpt.get("stage")
+            if stage not in ("pretrain", "distributed"):  # 07's, 08's: state of their own loops
+                raise ValueError(f"{ckpt_path} holds a {stage} model; 05 resumes only its own "
+                                 "or 06's runs (sample it with 09_generate.py)")
             saved_flags = [f"--{k}={v}" for k, v in ckpt["config"].items() if k in names]
         cfg = parse_config(TrainConfig, saved_flags + argv)  # its own errors: one line too
         check_run(cfg, resumed)
@@ -995,8 +1012,8 @@ def parse_config(cls, argv=None):
         import difflib  # imported here: the files that copy parse_config need no new import
         flags = [f"--{f.name}" for f in fields(cls)]
         close = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+        hint = f"did you mean {close[0]}?" if close else "see --help"
+        parser.exit(2, f"error: unrecognized arguments: {' '.join(unknown)} ({hint})\n")
     given = vars(known)
     preset = given.get("preset", getattr(cls, "preset", None))
     try:

@@ -262,24 +262,10 @@ def train_step(model, optimizer, data, cfg, world: World, it: int):
     return loss_sum / accumulation, norm
 
 
-class CtrlC:
-    """The SIGINT handler: the first Ctrl-C sets .pressed, which train reads at its next log step;
-    a second one quits at once. torchrun passes one SIGINT to each of its ranks, then SIGKILL 30 s
-    later (its --shutdown-timeout): the save must come before it."""
-
-    pressed = False
-
-    def __call__(self, signum, frame):
-        if self.pressed:
-            raise KeyboardInterrupt
-        self.pressed = True
-        print0("\nCtrl-C: saving at the next log step (again: quit without saving)")
-
-
-def train(cfg, world: World, ctrl_c: CtrlC) -> dict:
-    """05's loop, data parallel (init_distributed first): {"iter_num", "losses" ({iter_num as
-    logged: the ranks' mean loss}), "val_loss", "memory" (this rank's), "local_state" (its own),
-    "interrupted" (by Ctrl-C: saved at iter_num)}."""
+def train(cfg, world: World, ctrl_c) -> dict:
+    """05's loop, data parallel (init_distributed first; ctrl_c: an entered CtrlC): {"iter_num",
+    "losses" ({iter_num as logged: the ranks' mean loss}), "val_loss", "memory" (this rank's),
+    "local_state" (its own), "interrupted" (by Ctrl-C: saved at iter_num)}."""
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
     dtype = pick_dtype(cfg.dtype, world.device)
     if dtype == "float16":  # a GPU without bf16: 06 has no gradient scaler
@@ -658,10 +644,11 @@ def parse_on_every_rank(argv) -> DistConfig:
 def main(argv=None) -> dict:
     cfg = parse_on_every_rank(argv)  # NEW: one line for a mistake, not one per rank
     world = init_distributed(cfg.device)
-    ctrl_c = CtrlC()
-    old_handler = signal.signal(signal.SIGINT, ctrl_c)  # main thread only
+    # torchrun passes one SIGINT to each of its ranks, then SIGKILL 30 s later (its
+    # --shutdown-timeout): the save at the next log step must come before it
     try:
-        result = train(cfg, world, ctrl_c)
+        with CtrlC("at the next log step", say=print0) as ctrl_c:
+            result = train(cfg, world, ctrl_c)
     except BaseException as error:
         # the traceback holds train()'s frames and through them the model: let it go first
         traceback.clear_frames(error.__traceback__)
@@ -672,8 +659,6 @@ def main(argv=None) -> dict:
             error = SystemExit(130)
         shutdown_distributed(world, failed=True)
         raise error
-    finally:
-        signal.signal(signal.SIGINT, old_handler)
     shutdown_distributed(world)
     if result["interrupted"]:
         sys.exit(130)  # a shell's code for a Ctrl-C (128 + SIGINT)
@@ -970,8 +955,8 @@ def parse_config(cls, argv=None):
         import difflib  # imported here: the files that copy parse_config need no new import
         flags = [f"--{f.name}" for f in fields(cls)]
         close = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+        hint = f"did you mean {close[0]}?" if close else "see --help"
+        parser.exit(2, f"error: unrecognized arguments: {' '.join(unknown)} ({hint})\n")
     given = vars(known)
     preset = given.get("preset", getattr(cls, "preset", None))
     try:
@@ -1096,6 +1081,33 @@ def check_finite(what: str, value: float, step: int, ckpt_path, saved_at: int | 
         resume = f"--init_from=resume --out_dir={ckpt_path.parent}"
         message += f"; {ckpt_path} (iter {saved_at}) is intact: {resume}"
     raise FloatingPointError(f"{message}; try a lower --learning_rate (or --dtype=float32)")
+
+
+# copied from 05_pretrain.py: CtrlC
+class CtrlC:
+    """`with CtrlC() as ctrl_c:` lets a training loop stop cleanly. The first Ctrl-C sets
+    ctrl_c.pressed: the loop finishes its step, saves and says how to continue. A second one quits
+    at once (KeyboardInterrupt). Python installs signal handlers from the main thread only. `say`
+    prints the notice (06 passes print0: torchrun sends the SIGINT to every rank) and `when` says
+    when the save comes (06 saves at its next log step, where the ranks agree on it)."""
+
+    def __init__(self, when: str = "after this step", say=print):
+        self.notice = f"\nCtrl-C: saving {when} (again: quit without saving)"
+        self.say = say
+        self.pressed = False
+
+    def __enter__(self):
+        self.old_handler = signal.signal(signal.SIGINT, self.on_sigint)
+        return self
+
+    def __exit__(self, *exc_info):
+        signal.signal(signal.SIGINT, self.old_handler)  # the one before, as if never pressed
+
+    def on_sigint(self, signum, frame):
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+        self.say(self.notice)
 
 
 # copied from 05_pretrain.py: save_checkpoint

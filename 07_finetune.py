@@ -452,6 +452,14 @@ def load_model(cfg: FinetuneConfig, run=None):
     if resuming and not resumable:
         raise ValueError(f"{path} is no finetuning run to resume (no optimizer state); "
                          "--init_from=scratch --overwrite starts afresh")
+    if resuming:  # other adapters would fit neither the saved weights nor Adam's moments
+        lora = ("lora_rank", "lora_alpha", "lora_targets")
+        saved = {k: ckpt["config"][k] for k in lora}
+        given = {k: getattr(cfg, k) for k in lora}
+        if saved != given:
+            flags = " ".join(f"--{k}={v}" for k, v in saved.items())
+            raise ValueError(f"{path} was trained with {flags}: "
+                             "resume with those")
     block_size = model.config.block_size
     if block_size < cfg.min_block_size:  # a resumed model has its positions already
         print(f"stretching the position table from {block_size} to {cfg.min_block_size}")
@@ -496,12 +504,10 @@ def prepare_data(cfg: FinetuneConfig, model, tokenizer_spec: dict) -> dict:
 
 
 class FinetuneRun:
-    """`with FinetuneRun(...) as run:` catches Ctrl-C as 05 does: the first sets run.ctrl_c, and
-    the loop ends its step, saves and returns; a second quits at once. run.save writes ckpt.pt in
-    05's format, stage "finetune": a plain GPT for 08 and 09 (with LoRA, a merged copy), and what
-    a resume needs besides: Adam's state, the step, the RNG (dropout) and, with LoRA, the model
-    before the merge ("unmerged"). The batches need no state: batch_indices makes them a function
-    of (seed, step)."""
+    """run.save writes ckpt.pt in 05's format, stage "finetune": a plain GPT for 08 and 09 (with
+    LoRA, a merged copy), and what a resume needs besides: Adam's state, the step, the RNG
+    (dropout) and, with LoRA, the model before the merge ("unmerged"). The batches need no state:
+    batch_indices makes them a function of (seed, step)."""
 
     def __init__(self, cfg, model, optimizer, scaler, tokenizer_spec: dict, resumed=None):
         self.path = Path(cfg.out_dir) / "ckpt.pt"
@@ -514,20 +520,6 @@ class FinetuneRun:
         self.header["stage"] = "finetune"  # the same in every save
         self.saved_at = resumed["iter_num"] if resumed else None  # the step ckpt.pt holds
         self.best_val_loss = resumed["best_val_loss"] if resumed else math.inf
-        self.ctrl_c = False
-
-    def __enter__(self):
-        self.old_handler = signal.signal(signal.SIGINT, self.on_sigint)  # main thread only
-        return self
-
-    def __exit__(self, *exc_info):
-        signal.signal(signal.SIGINT, self.old_handler)
-
-    def on_sigint(self, signum, frame):
-        if self.ctrl_c:
-            raise KeyboardInterrupt
-        self.ctrl_c = True
-        print("\nCtrl-C: saving after this step (again: quit without saving)")
 
     def save(self, step: int, val_loss: float):
         self.best_val_loss = min(self.best_val_loss, val_loss)
@@ -577,7 +569,8 @@ def finetune(cfg: FinetuneConfig, model, tokenizer_spec: dict, data: dict,
     params = [p for p in model.parameters() if p.requires_grad]  # a tied tensor appears once
     optimizer = configure_optimizers(model, cfg.weight_decay, cfg.learning_rate,
                                      (0.9, 0.999), device_type)  # AdamW's default betas
-    scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")  # off: pass-through
+    fp16 = cfg.dtype == "float16"  # bf16 and fp32 need no loss scaling: a pass-through
+    scaler = torch.amp.GradScaler(device_type, enabled=fp16)
     step = 0  # optimizer steps done
     if resumed:  # the model came with it; Adam's moments, the step and the RNG come too
         optimizer.load_state_dict(resumed["optimizer"])
@@ -586,12 +579,14 @@ def finetune(cfg: FinetuneConfig, model, tokenizer_spec: dict, data: dict,
         step = resumed["iter_num"]
     trainable = sum(p.numel() for p in params)
     total = sum(p.numel() for p in model.parameters())
-    max_iters = cfg.max_iters or max(1, int(cfg.epochs * (len(train) // cfg.batch_size)))
+    batches = len(train) // cfg.batch_size  # an epoch's
+    max_iters = cfg.max_iters or max(1, int(cfg.epochs * batches))
     print(f"parameters: {trainable:,} trainable of {total:,} ({trainable / total:.2%}); "
           f"{cfg.device} {cfg.dtype}, {torch.get_num_threads()} threads, "
           f"{max_iters} steps of {cfg.batch_size} examples")
     losses = []
-    with FinetuneRun(cfg, model, optimizer, scaler, tokenizer_spec, resumed) as run:
+    run = FinetuneRun(cfg, model, optimizer, scaler, tokenizer_spec, resumed)
+    with CtrlC() as ctrl_c:
         before = evaluate_loss(model, val, cfg.batch_size, end_id, ctx)
         print(f"at step {step} of {max_iters}: val loss {before['loss']:.4f}, "
               f"perplexity {before['perplexity']:.2f}")
@@ -599,7 +594,7 @@ def finetune(cfg: FinetuneConfig, model, tokenizer_spec: dict, data: dict,
         tokens = 0
         t0 = time.perf_counter()
         model.train()
-        while step < max_iters and not run.ctrl_c:
+        while step < max_iters and not ctrl_c.pressed:
             indices = batch_indices(step, len(train), cfg.batch_size, cfg.seed)  # f(seed, step)
             batch = [train[i] for i in indices]
             x, y = collate_fn(batch, end_id, allowed_max_length=model.config.block_size,
@@ -608,7 +603,8 @@ def finetune(cfg: FinetuneConfig, model, tokenizer_spec: dict, data: dict,
                 _, loss = model(x, y)
             scaler.scale(loss).backward()  # fp16 only: scaled so that small gradients stay > 0
             scaler.unscale_(optimizer)
-            norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)
+            max_norm = cfg.grad_clip or math.inf
+            norm = nn.utils.clip_grad_norm_(params, max_norm)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -632,9 +628,9 @@ def finetune(cfg: FinetuneConfig, model, tokenizer_spec: dict, data: dict,
                 run.save(step, after["loss"])
                 tokens = 0
                 t0 = time.perf_counter()  # tokens/s: the evaluation's time is not training time
-        if run.ctrl_c and run.saved_at != step:  # else ckpt.pt holds this step already
+        if ctrl_c.pressed and run.saved_at != step:  # else ckpt.pt holds this step already
             run.save(step, after["loss"])  # the last evaluation's
-    if run.ctrl_c:
+    if ctrl_c.pressed:
         print(f"saved {run.path} at step {step} of {max_iters}; continue: "
               f"python 07_finetune.py --init_from=resume --out_dir={cfg.out_dir}")
     else:
@@ -650,7 +646,7 @@ def finetune(cfg: FinetuneConfig, model, tokenizer_spec: dict, data: dict,
         "before": before,
         "after": after,
         "best_val_loss": run.best_val_loss,
-        "interrupted": run.ctrl_c,
+        "interrupted": ctrl_c.pressed,
     }
 
 
@@ -985,8 +981,8 @@ def parse_config(cls, argv=None):
         import difflib  # imported here: the files that copy parse_config need no new import
         flags = [f"--{f.name}" for f in fields(cls)]
         close = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+        hint = f"did you mean {close[0]}?" if close else "see --help"
+        parser.exit(2, f"error: unrecognized arguments: {' '.join(unknown)} ({hint})\n")
     given = vars(known)
     preset = given.get("preset", getattr(cls, "preset", None))
     try:
@@ -1090,6 +1086,33 @@ def save_checkpoint(path, ckpt: dict):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# copied from 05_pretrain.py: CtrlC
+class CtrlC:
+    """`with CtrlC() as ctrl_c:` lets a training loop stop cleanly. The first Ctrl-C sets
+    ctrl_c.pressed: the loop finishes its step, saves and says how to continue. A second one quits
+    at once (KeyboardInterrupt). Python installs signal handlers from the main thread only. `say`
+    prints the notice (06 passes print0: torchrun sends the SIGINT to every rank) and `when` says
+    when the save comes (06 saves at its next log step, where the ranks agree on it)."""
+
+    def __init__(self, when: str = "after this step", say=print):
+        self.notice = f"\nCtrl-C: saving {when} (again: quit without saving)"
+        self.say = say
+        self.pressed = False
+
+    def __enter__(self):
+        self.old_handler = signal.signal(signal.SIGINT, self.on_sigint)
+        return self
+
+    def __exit__(self, *exc_info):
+        signal.signal(signal.SIGINT, self.old_handler)  # the one before, as if never pressed
+
+    def on_sigint(self, signum, frame):
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+        self.say(self.notice)
 
 
 # copied from 05_pretrain.py: load_checkpoint

@@ -441,9 +441,8 @@ def load_models(cfg: DPOConfig, run=None) -> tuple:
 
 
 class DPORun:
-    """`with DPORun(...) as run:` catches Ctrl-C as 05 does: the first sets run.ctrl_c (the loop
-    ends its step, saves, returns), a second quits at once. run.save writes ckpt.pt, stage "dpo",
-    with Adam's state and the step: a resume needs no more (batches: f(seed, step); no dropout)."""
+    """run.save writes ckpt.pt, stage "dpo", with Adam's state and the step: a resume needs no
+    more (batches: f(seed, step); no dropout)."""
 
     def __init__(self, cfg, policy, optimizer, scaler, tokenizer_spec, resumed):
         self.path = Path(cfg.out_dir) / "ckpt.pt"
@@ -451,25 +450,12 @@ class DPORun:
         self.header = {"model_args": asdict(policy.config), "tokenizer": tokenizer_spec,
                        "config": asdict(cfg), "stage": "dpo"}  # the same in every save
         self.best_val = resumed["best_val_loss"] if resumed else math.inf
-        self.ctrl_c = False
-
-    def __enter__(self):
-        self.old_handler = signal.signal(signal.SIGINT, self.on_sigint)  # main thread only
-        return self
-
-    def __exit__(self, *exc_info):
-        signal.signal(signal.SIGINT, self.old_handler)
-
-    def on_sigint(self, signum, frame):
-        if self.ctrl_c:
-            raise KeyboardInterrupt
-        self.ctrl_c = True
-        print("\nCtrl-C: saving after this step (again: quit without saving)")
 
     def save(self, step: int, val_loss: float):
         self.best_val = min(self.best_val, val_loss)
         states = {name: part.state_dict() for name, part in self.parts.items()}
-        progress = {"iter_num": step, "val_loss": val_loss, "best_val_loss": self.best_val}
+        best = self.best_val
+        progress = {"iter_num": step, "val_loss": val_loss, "best_val_loss": best}
         save_checkpoint(self.path, {**states, **self.header, **progress})
 
 
@@ -499,7 +485,7 @@ def dpo(cfg: DPOConfig, start=None, data=None) -> dict:
     step = 0  # optimizer steps done
     if resumed:  # the policy came with it; Adam's moments and the step come too
         optimizer.load_state_dict(resumed["optimizer"])
-        scaler.load_state_dict(resumed["scaler"])
+        scaler.load_state_dict(resumed["scaler"] or scaler.state_dict())  # {}: saved without fp16
         step = resumed["iter_num"]
         print(f"resuming at step {step} of {max_iters}")
 
@@ -514,7 +500,8 @@ def dpo(cfg: DPOConfig, start=None, data=None) -> dict:
     after = None
     val_loss = resumed["val_loss"] if resumed else None
     train_losses = []
-    with DPORun(cfg, policy, optimizer, scaler, tokenizer_spec, resumed) as run:
+    run = DPORun(cfg, policy, optimizer, scaler, tokenizer_spec, resumed)
+    with CtrlC() as ctrl_c:
         if not resumed:
             print("before DPO (the policy is the reference: rewards 0, loss ln 2 = 0.6931):")
             before = evaluate(score, data, cfg.eval_pairs, cfg.batch_size)
@@ -522,8 +509,9 @@ def dpo(cfg: DPOConfig, start=None, data=None) -> dict:
             val_loss = before["val"]["loss"]
         tokens = 0  # since the last log line
         t0 = time.perf_counter()
-        while step < max_iters and not run.ctrl_c:
-            lr = cfg.learning_rate * min(1.0, (step + 1) / (cfg.warmup_iters + 1))
+        while step < max_iters and not ctrl_c.pressed:
+            warmup = min(1.0, (step + 1) / (cfg.warmup_iters + 1))
+            lr = cfg.learning_rate * warmup
             for group in optimizer.param_groups:  # linear warmup, then constant (the DPO paper)
                 group["lr"] = lr
             indices = batch_indices(step, len(train), cfg.batch_size, cfg.seed)  # f(seed, step)
@@ -557,17 +545,20 @@ def dpo(cfg: DPOConfig, start=None, data=None) -> dict:
                 run.save(step, val_loss)
                 tokens = 0
                 t0 = time.perf_counter()  # tokens/s: the evaluation's time is not training time
-        if run.ctrl_c:
+        if ctrl_c.pressed:
             run.save(step, val_loss)
-    if run.ctrl_c:
+    if ctrl_c.pressed:
         print(f"saved {run.path} (step {step}); continue: "
               f"python 08_dpo.py --init_from=resume --out_dir={cfg.out_dir}")
     else:
         write_responses(reference, policy, data, cfg, ctx)
-        print(f"talk to the aligned model: python 09_generate.py --ckpt={run.path} --chat")
+        chat = f"python 09_generate.py --ckpt={run.path} --chat"
+        print(f"talk to the aligned model: {chat}")
     train_losses = torch.stack(train_losses).tolist() if train_losses else []
-    return {"iter_num": step, "train_losses": train_losses, "before": before, "after": after,
-            "policy": policy, "reference": reference, "interrupted": run.ctrl_c}
+    return {"iter_num": step, "train_losses": train_losses,
+            "before": before, "after": after,
+            "policy": policy, "reference": reference,
+            "interrupted": ctrl_c.pressed}
 
 
 def main(argv=None):
@@ -902,8 +893,8 @@ def parse_config(cls, argv=None):
         import difflib  # imported here: the files that copy parse_config need no new import
         flags = [f"--{f.name}" for f in fields(cls)]
         close = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+        hint = f"did you mean {close[0]}?" if close else "see --help"
+        parser.exit(2, f"error: unrecognized arguments: {' '.join(unknown)} ({hint})\n")
     given = vars(known)
     preset = given.get("preset", getattr(cls, "preset", None))
     try:
@@ -992,6 +983,33 @@ def load_checkpoint(path):
     state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
     model.load_state_dict(state)
     return model, get_tokenizer(ckpt["tokenizer"]), ckpt
+
+
+# copied from 05_pretrain.py: CtrlC
+class CtrlC:
+    """`with CtrlC() as ctrl_c:` lets a training loop stop cleanly. The first Ctrl-C sets
+    ctrl_c.pressed: the loop finishes its step, saves and says how to continue. A second one quits
+    at once (KeyboardInterrupt). Python installs signal handlers from the main thread only. `say`
+    prints the notice (06 passes print0: torchrun sends the SIGINT to every rank) and `when` says
+    when the save comes (06 saves at its next log step, where the ranks agree on it)."""
+
+    def __init__(self, when: str = "after this step", say=print):
+        self.notice = f"\nCtrl-C: saving {when} (again: quit without saving)"
+        self.say = say
+        self.pressed = False
+
+    def __enter__(self):
+        self.old_handler = signal.signal(signal.SIGINT, self.on_sigint)
+        return self
+
+    def __exit__(self, *exc_info):
+        signal.signal(signal.SIGINT, self.old_handler)  # the one before, as if never pressed
+
+    def on_sigint(self, signum, frame):
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+        self.say(self.notice)
 
 
 # copied from 07_finetune.py: split_data

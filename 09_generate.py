@@ -21,8 +21,7 @@ Run it (after `python 05_pretrain.py`, which writes out/shakespeare-char/ckpt.pt
   python 09_generate.py --prompt="ROMEO:" --temperature=0 --max_new_tokens=200 --num_samples=3
   python 09_generate.py --ckpt=out/finetune/ckpt.pt --chat   # 07's model (out/dpo/ckpt.pt: 08's)
   python 09_generate.py --eval_file=data/tinyshakespeare.txt      # perplexity, bits per byte
-  python 04_gpt.py --init_from=gpt2 --save_ckpt       # OpenAI's GPT-2 as a checkpoint, then
-  python 09_generate.py --ckpt=data/gpt2/ckpt.pt
+  python 04_gpt.py --init_from=gpt2 --save_ckpt && python 09_generate.py --ckpt=data/gpt2/ckpt.pt
   python 09_generate.py --device=cuda    # one GPU (bf16 autocast where the GPU has it natively)
   python 09_generate.py --bench          # tokens/s with and without the cache (CPU: ~3 minutes)
 """
@@ -331,8 +330,7 @@ def chat(model, tok, cfg, ckpt: dict) -> None:
     """A loop of single-turn prompts, each what 07 trained on: format_input + RESPONSE_HEADER,
     encoded in two parts (BPE could merge tokens across the seam). A char model lacks characters
     such as the template's '#': each becomes 07's unknown_char; only those the user typed are
-    reported. Answers end as 07 taught: at <|endoftext|> (GPT-2) or a newline (char), or at a
-    "### " header."""
+    reported. Answers end as 07 taught: at <|endoftext|> (GPT-2), a newline (char) or "### "."""
     stage = ckpt.get("stage")
     if stage not in ("finetune", "dpo"):
         print(f"note: a {stage} checkpoint; chat needs an instruction-tuned one (07 or 08)")
@@ -575,8 +573,7 @@ def sample_from_prompt(model, tok, cfg) -> list[str]:
 def main(argv=None):
     cfg = parse_config(GenerateConfig, argv)  # a bad setting: one "error:" line, exit status 2
     if cfg.device.startswith("cuda"):  # TF32: matmuls left in fp32 (the head, or --dtype=float32)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = True  # (cuDNN's switch: convolutions, none here)
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
     device_type = cfg.device.split(":")[0]  # "cuda:1" -> "cuda"
     try:
@@ -596,6 +593,9 @@ def main(argv=None):
         devnull = os.open(os.devnull, os.O_WRONLY)  # Python flushes stdout on exit: into this
         os.dup2(devnull, sys.stdout.fileno())
         sys.exit(141)  # 128 + SIGPIPE, as `seq 999999 | head` gives seq; not 0: text was lost
+    except KeyboardInterrupt:  # Ctrl-C mid-generation: what was written stays written
+        print("\nCtrl-C: stopped", file=sys.stderr)
+        sys.exit(130)  # 128 + SIGINT, a shell's status for a Ctrl-C
 
 
 # -----------------------------------------------------------------------------
@@ -905,8 +905,8 @@ def parse_config(cls, argv=None):
         import difflib  # imported here: the files that copy parse_config need no new import
         flags = [f"--{f.name}" for f in fields(cls)]
         close = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+        hint = f"did you mean {close[0]}?" if close else "see --help"
+        parser.exit(2, f"error: unrecognized arguments: {' '.join(unknown)} ({hint})\n")
     given = vars(known)
     preset = given.get("preset", getattr(cls, "preset", None))
     try:

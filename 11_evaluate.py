@@ -506,7 +506,7 @@ class EvalConfig:
     """Score checkpoints of 05-08 on multiple-choice tasks, or their answers with a judge.
     A relative path (flag or default) is taken from the project's folder."""
 
-    ckpt: Annotated[str, "a checkpoint of 05-08 (default: 05's Shakespeare model)"] = DEFAULT_CKPT
+    ckpt: Annotated[str, "the model to score: a checkpoint of 04-08"] = DEFAULT_CKPT
     task: Annotated[str, "hellaswag (fetched into data/), or a JSONL file of examples"] = ""
     limit: Annotated[int, "score the first N examples; 0 = all"] = 0
     compare: Annotated[str, "a second checkpoint, scored on the same examples"] = ""
@@ -518,8 +518,8 @@ class EvalConfig:
     judge_model: Annotated[str, "the judge's model name, e.g. llama3.1"] = ""
     judge_key_env: Annotated[str, "the variable holding the judge's API key"] = "OPENAI_API_KEY"
     device: Annotated[str, "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"] = "auto"
-    dtype: Annotated[str, "auto (see pick_dtype), float32, bfloat16, float16 (CUDA)"] = "auto"
-    threads: Annotated[int, "CPU threads; 0 = PyTorch's default"] = 0
+    dtype: Annotated[str, "precision: auto = bfloat16 on GPU (old: float16); CPU float32"] = "auto"
+    threads: Annotated[int, "CPU threads to use; 0 = PyTorch's choice"] = 0
 
     def __post_init__(self):  # checked before loading anything; parse_config prints the error
         self.device = pick_device(self.device)  # "auto" -> cuda, mps or cpu
@@ -949,8 +949,8 @@ def parse_config(cls, argv=None):
         import difflib  # imported here: the files that copy parse_config need no new import
         flags = [f"--{f.name}" for f in fields(cls)]
         close = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+        hint = f"did you mean {close[0]}?" if close else "see --help"
+        parser.exit(2, f"error: unrecognized arguments: {' '.join(unknown)} ({hint})\n")
     given = vars(known)
     preset = given.get("preset", getattr(cls, "preset", None))
     try:

@@ -146,6 +146,21 @@ def interrupt_at(pre05, monkeypatch, step, seed):
     monkeypatch.setattr(pre05, "get_batch", patched)
 
 
+def test_ctrl_c_is_noted_then_quits_and_the_handler_is_put_back(pre05):
+    """CtrlC, which 06, 07 and 08 copy: the first press sets .pressed and says, through `say`,
+    when the save comes; the second raises KeyboardInterrupt; leaving restores the old handler."""
+    said = []
+    before = signal.getsignal(signal.SIGINT)
+    with pre05.CtrlC("at the next log step", say=said.append) as ctrl_c:
+        assert not ctrl_c.pressed and signal.getsignal(signal.SIGINT) is not before
+        signal.raise_signal(signal.SIGINT)
+        assert ctrl_c.pressed and len(said) == 1 and "saving at the next log step" in said[0]
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+        assert len(said) == 1  # the second press quits without a word
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 @pytest.mark.parametrize("stop", ["max_iters", "ctrl-c"])
 def test_resume_is_bit_identical(pre05, char_corpus, tmp_path, monkeypatch, capsys, stop):
     """12 steps in one go == 6 or 7 steps, stop, resume, 5 or 6 more: the same bits, weights and
@@ -745,18 +760,22 @@ def test_resume_with_other_model_settings_names_the_saved_ones(
     assert sha256(out_dir / "ckpt.pt") == before
 
 
-def test_resume_of_a_weights_only_checkpoint_names_what_wrote_it(
-    pre05, char_corpus, tmp_path, capsys
+@pytest.mark.parametrize("stage", ["finetune", "dpo"])
+def test_resume_of_a_later_stage_checkpoint_names_what_wrote_it(
+    pre05, char_corpus, tmp_path, capsys, stage
 ):
-    """07 and 08 save no optimizer state: resuming one of theirs is its own error, not a model
-    mismatch."""
+    """07 and 08 save optimizer state too, of their own loops: 05 resumes only 05's and 06's runs,
+    and says so, not a model mismatch; the checkpoint stays as it was."""
     pre05.train(tiny(pre05, tmp_path, char_corpus, max_iters=2, eval_interval=2))
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    ckpt.update(stage="finetune", optimizer=None, scaler=None, rng=None)  # as 07 saves it
+    ckpt.update(stage=stage)  # the rest as 07 and 08 save it: weights, optimizer, scaler, step
+    ckpt["config"]["max_iters"] = 0  # their default (an epoch), not a setting of 05's
     torch.save(ckpt, tmp_path / "ckpt.pt")
+    before = sha256(tmp_path / "ckpt.pt")
     err = user_error(pre05, capsys, ["--init_from=resume", f"--out_dir={tmp_path}"])
-    assert "no optimizer state" in err and "finetune" in err and "holds a model" not in err
-    assert "09_generate.py" in err
+    assert f"holds a {stage} model" in err and "05 resumes only its own or 06's" in err
+    assert "09_generate.py" in err and "holds a model with" not in err
+    assert sha256(tmp_path / "ckpt.pt") == before
 
 
 def test_a_preset_given_at_resume_applies_under_the_flags_given_now(

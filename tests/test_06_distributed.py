@@ -163,10 +163,9 @@ def rank_main(rank: int, world_size: int, spec: dict):
         probe.update(steps=[], count_ddp=scenario.get("count_ddp"),
                      ctrl_c_at=scenario.get("ctrl_c_at"))
         started = time.perf_counter()
-        ctrl_c = dist06.CtrlC()
-        signal.signal(signal.SIGINT, ctrl_c)  # as 06's main does
         try:
-            result = dist06.train(cfg, world, ctrl_c)
+            with dist06.CtrlC("at the next log step") as ctrl_c:  # as 06's main does
+                result = dist06.train(cfg, world, ctrl_c)
         except ValueError as error:  # the unshared run's: every rank must stop, and soon
             result = {"error": str(error), "seconds": time.perf_counter() - started}
         results[scenario["name"]] = {**result, "collectives": probe["steps"]}

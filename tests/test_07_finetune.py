@@ -582,18 +582,27 @@ def test_ctrl_c_saves_and_the_resumed_run_ends_as_an_uninterrupted_one(
     assert answers[0] == answers[1]
 
 
-def test_a_second_ctrl_c_quits_at_once(ft07, tmp_path):
-    (tmp_path / "base.pt").touch()  # --ckpt must exist
-    cfg = ft07.FinetuneConfig(ckpt=str(tmp_path / "base.pt"), out_dir=str(tmp_path))
-    model = tiny_gpt(ft07)
-    optimizer = torch.optim.AdamW(model.parameters())
+def test_a_second_ctrl_c_quits_at_once(ft07):
     before = signal.getsignal(signal.SIGINT)
-    with ft07.FinetuneRun(cfg, model, optimizer, None, {"kind": "gpt2"}) as run:
+    with ft07.CtrlC() as ctrl_c:
         os.kill(os.getpid(), signal.SIGINT)  # the first: noted, the step goes on
-        assert run.ctrl_c
+        assert ctrl_c.pressed
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is before  # put back
+
+
+def test_a_resume_with_other_lora_flags_names_the_saved_ones(ft07, char_setup, tmp_path, capsys):
+    """The adapters are the run's: other ones would fit neither its weights nor Adam's moments."""
+    tmp, _ = char_setup
+    lora = ["--lora_rank=4", "--lora_alpha=8.0", "--lora_targets=c_attn,c_fc"]
+    ft07.main(finetune_args(tmp, tmp_path, *lora, "--max_iters=1", "--num_responses=0"))
+    capsys.readouterr()
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    for changed in ["--lora_rank=2", "--lora_rank=0", "--lora_alpha=16", "--lora_targets=c_attn"]:
+        err = run_main(ft07, capsys, ["--init_from=resume", f"--out_dir={tmp_path}", changed])
+        assert f"{tmp_path / 'ckpt.pt'} was trained with {' '.join(lora)}" in err, err
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
 
 
 def test_relative_paths_start_at_the_project_folder(ft07, char_setup, tmp_path, monkeypatch):

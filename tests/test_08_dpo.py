@@ -558,6 +558,18 @@ def test_a_second_ctrl_c_quits_at_once(dpo08, start, tmp_path, monkeypatch):
     assert not (tmp_path / "ckpt.pt").exists()  # no save: it quit during step 2
 
 
+def test_a_run_saved_without_fp16_resumes_with_it(dpo08, start, tmp_path):
+    """Without fp16 the gradient scaler is off and saves {}: a float16 resume starts a new one."""
+    tmp, _ = start
+    settings = dict(max_iters=1, batch_size=2, eval_pairs=2, num_responses=0)
+    dpo08.main(run_argv(tmp, tmp_path, **settings))
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["scaler"] == {}
+    cfg = run_config(dpo08, tmp, tmp_path, init_from="resume", **{**settings, "max_iters": 2})
+    cfg.dtype = "float16"  # as a resume on a GPU gets it: the flag refuses float16 off CUDA
+    assert dpo08.dpo(cfg)["iter_num"] == 2
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["scaler"]["scale"] > 0
+
+
 def test_init_from_auto_resumes_when_out_dir_holds_a_run(dpo08, start, tmp_path):
     tmp, ckpt = start
     cfg = run_config(dpo08, tmp, tmp_path, init_from="auto")

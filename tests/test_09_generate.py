@@ -597,6 +597,25 @@ def test_a_reader_that_closes_the_pipe_early_ends_it_quietly(gen09, tmp_path):
     assert returncode == 141 and err == "", err
 
 
+
+def test_ctrl_c_mid_generation_stops_with_one_line(gen09, tmp_path, monkeypatch, capsys):
+    """Ctrl-C while 09 writes: one line on stderr and status 130 (128 + SIGINT), no traceback."""
+    save_tiny_checkpoint(gen09, tmp_path / "ckpt.pt", "abc \n")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # what Python raises in the main thread at a Ctrl-C
+
+    monkeypatch.setattr(gen09, "sample_from_prompt", interrupted)
+    try:
+        gen09.main([f"--ckpt={tmp_path / 'ckpt.pt'}", "--device=cpu"])
+    except KeyboardInterrupt:  # escaping, it would stop pytest itself
+        pytest.fail("Ctrl-C left 09 as a KeyboardInterrupt traceback")
+    except SystemExit as exit_info:
+        assert exit_info.code == 130
+    else:
+        pytest.fail("09 went on after a Ctrl-C")
+    assert capsys.readouterr().err.strip() == "Ctrl-C: stopped"
+
 def test_cli_rejects_abbreviations(gen09, capsys):
     with pytest.raises(SystemExit) as exit_info:
         gen09.main(["--temp=0"])  # not taken as --temperature

@@ -3,13 +3,14 @@
 Each script is: the docstring, the imports, the stage's own code and main(), then (if it copies
 anything) one appendix of marked copies. Budgets, counted as `wc -l` counts: 01-04 at most 700
 lines; the later stages at most 600 above the appendix's section rule (the docstring included),
-620 for the two training loops (05, 06: each refuses a resume that does not fit, stops at a NaN
-before it saves, and 06 has its ranks agree where they start), and 1,150 in all. The appendix's
-size follows from its origins: when they were unpacked to one idea per line, the copies of 05-10
-grew to 390-630 lines, more than the 400 that a 1,000-line total would have left them. A budget
-is a ceiling, not a target: lines are split until each says one thing, then machinery is cut,
-never explanation. A copy comes from an earlier stage, never a later one: a reader who reaches
-it has read its origin already.
+680 for the three training loops that save, resume to the weights of an uninterrupted run and
+stop on Ctrl-C after a save (05; 06, whose ranks also agree where they start and when to stop;
+07, whose resume carries LoRA's unmerged weights), and 1,200 in all. The appendix's size follows
+from its origins: when they were unpacked to one idea per line, the copies of 05-11 grew to
+420-640 lines, more than the 400 that a 1,000-line total would have left them. A budget is a
+ceiling, not a target: lines are split until each says one thing, then machinery is cut, never
+explanation. A copy comes from an earlier stage, never a later one: a reader who reaches it has
+read its origin already.
 
 Density, one idea per line: the stage part's code lines (comments, docstrings and blank lines left
 out, a trailing comment cut) average at most 52 characters, and at most 4% of them reach 100.
@@ -31,11 +32,11 @@ MAX_LONG = 0.04  # the share of code lines of 100 characters or more
 
 
 def budget(path: Path) -> int:
-    return 700 if int(path.name[:2]) <= 4 else 1150
+    return 700 if int(path.name[:2]) <= 4 else 1200
 
 
 def stage_budget(path: Path) -> int:
-    return 620 if path.name[:2] in ("05", "06") else 600
+    return 680 if path.name[:2] in ("05", "06", "07") else 600
 
 
 def stage_part(lines: list[str]) -> list[str]:
