@@ -94,6 +94,21 @@ def count_device_reads(monkeypatch, script: str) -> list:
     return reads
 
 
+def roughen(model, biases: bool = False):
+    """model in eval mode, its weights redrawn at std 0.3 (GPT-2's init: 0.02), LayerNorm gains
+    left at 1 (biases=True redraws the biases too). A tiny GPT at 0.02 has near-uniform logits:
+    its greedy answers often end at once (''), so a bug that writes '' or swaps two models would
+    pass. At 0.3 its predictions are confident and varied."""
+    kept = ("ln_1.weight", "ln_2.weight", "ln_f.weight")
+    if not biases:
+        kept = (".bias", *kept)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith(kept):
+                p.normal_(0.0, 0.3)
+    return model.eval()
+
+
 def _script_fixture(name):
     @pytest.fixture(scope="session")
     def fixture():

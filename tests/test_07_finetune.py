@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from conftest import count_device_reads
+from conftest import count_device_reads, roughen
 from torch.testing import assert_close
 
 P = -100  # the ignore index, short for the hand-written target tables
@@ -468,11 +468,7 @@ def rough_model(ft07, vocab_size: int, block_size: int):
     end token, so an empty answer would pass for a right one."""
     torch.manual_seed(0)
     model = tiny_gpt(ft07, vocab_size=vocab_size, block_size=block_size, n_embd=32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.endswith((".bias", "ln_1.weight", "ln_2.weight", "ln_f.weight")):
-                p.normal_(0.0, 0.3)
-    return model.eval()
+    return roughen(model)
 
 
 def test_the_written_answers_are_the_models_greedy_answers(ft07, char_setup, tmp_path):

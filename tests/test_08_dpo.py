@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import count_device_reads
+from conftest import count_device_reads, roughen
 from torch.testing import assert_close
 
 LN2 = math.log(2)
@@ -177,11 +177,7 @@ def rough_gpt(dpo08, vocab_size: int, seed: int):
     bug that writes '' or swaps the models would pass; std 0.3 gives varied, confident answers."""
     torch.manual_seed(seed)
     model = tiny_gpt(dpo08, vocab_size=vocab_size, block_size=256, n_embd=32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.endswith((".bias", "ln_1.weight", "ln_2.weight", "ln_f.weight")):
-                p.normal_(0.0, 0.3)
-    return model.eval()
+    return roughen(model)
 
 
 def greedy_reference(model, prompt: list[int], max_new_tokens: int, end_id: int) -> list[int]:

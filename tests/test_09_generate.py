@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT
+from conftest import ROOT, roughen
 
 VOCAB = 48
 
@@ -33,11 +33,7 @@ def rough_model(gen09, block_size=128, vocab_size=VOCAB, seed=0):
         block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32
     )
     model = gen09.GPT(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.endswith((".bias", "ln_1.weight", "ln_2.weight", "ln_f.weight")):
-                p.normal_(0.0, 0.3)
-    return model.eval()
+    return roughen(model)
 
 
 def reference_greedy(model, prompt, n_new):

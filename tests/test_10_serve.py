@@ -25,7 +25,7 @@ import pytest
 import tiktoken
 import torch
 import transformers
-from conftest import ROOT
+from conftest import ROOT, roughen
 
 
 def rough_model(serve10, vocab_size, bias=True, block_size=64, seed=0):
@@ -36,11 +36,7 @@ def rough_model(serve10, vocab_size, bias=True, block_size=64, seed=0):
         block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32, bias=bias
     )
     model = serve10.GPT(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
-                p.normal_(0.0, 0.3)
-    return model.eval()
+    return roughen(model, biases=True)
 
 
 CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"

@@ -16,7 +16,7 @@ import pytest
 import tiktoken
 import torch
 import transformers
-from conftest import ROOT, load_script
+from conftest import ROOT, load_script, roughen
 
 CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
@@ -34,11 +34,7 @@ def rough_model(ev, vocab_size, block_size=64, seed=0):
     config = ev.GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2,
                           n_embd=32)  # fmt: skip
     model = ev.GPT(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
-                p.normal_(0.0, 0.3)
-    return model.eval()
+    return roughen(model, biases=True)
 
 
 def save_ckpt(model, spec, path, stage="pretrain"):
