@@ -570,7 +570,7 @@ class DistConfig:
     checkpoint_interval: Annotated[int, "save every this many steps, and last"] = 100
     device: Annotated[str, "auto, cpu or cuda: rank r drives cuda:LOCAL_RANK"] = "auto"
     dtype: Annotated[str, "auto (bf16 on GPUs that have it), float32, bfloat16"] = "auto"
-    threads: Annotated[int, "CPU threads per rank; 0 = PyTorch's default"] = 0
+    threads: Annotated[int, "CPU threads per rank; 0 = PyTorch's choice"] = 0
     seed: Annotated[int, "seeds weights (same on every rank), batches, dropout"] = 1337
 
     def __post_init__(self):  # a mistake is one `error:` line (see parse_config)

@@ -360,7 +360,7 @@ class FinetuneConfig:
 
     init_from: Annotated[str, "scratch (a new run from --ckpt), resume out_dir's run, auto "
                               "(resume if any), or gpt2, gpt2-medium/large/xl"] = "scratch"
-    ckpt: Annotated[str, "what to finetune (05's default)"] = "out/shakespeare-char/ckpt.pt"
+    ckpt: Annotated[str, "a checkpoint of 04-06"] = "out/shakespeare-char/ckpt.pt"
     out_dir: Annotated[str, "ckpt.pt and test_responses.json go here"] = "out/finetune"
     overwrite: Annotated[bool, "replace an earlier run's ckpt.pt in out_dir"] = False
     data_path: Annotated[str, "a JSON list of entries; '' = rasbt's instruction-data.json"] = ""
@@ -382,7 +382,7 @@ class FinetuneConfig:
     num_responses: Annotated[int, "test entries to answer in test_responses (-1 = all)"] = -1
     device: Annotated[str, "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"] = "auto"
     dtype: Annotated[str, "auto (CUDA: bf16/fp16, else fp32), float32, bfloat16, float16"] = "auto"
-    threads: Annotated[int, "CPU threads; 0 = PyTorch's default"] = 0
+    threads: Annotated[int, "CPU threads to use; 0 = PyTorch's choice"] = 0
     seed: Annotated[int, "seeds the batches and the adapters"] = 1337
 
     def __post_init__(self):  # every check names its fix; parse_config prints one `error:` line

@@ -300,7 +300,7 @@ class DPOConfig:
     num_responses: Annotated[int, "val entries answered before and after DPO (-1 = all)"] = 5
     device: Annotated[str, "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"] = "auto"
     dtype: Annotated[str, "auto (CUDA: bf16/fp16, else fp32), float32, bfloat16, float16"] = "auto"
-    threads: Annotated[int, "CPU threads; 0 = PyTorch's default"] = 0
+    threads: Annotated[int, "CPU threads to use; 0 = PyTorch's choice"] = 0
     seed: Annotated[int, "seeds the batch order"] = 1337
 
     def __post_init__(self):  # every check names its fix; parse_config prints it as one line

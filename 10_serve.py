@@ -489,7 +489,7 @@ class ServeConfig:
     host: Annotated[str, "127.0.0.1 = only this computer may connect; 0.0.0.0 = any"] = "127.0.0.1"
     port: Annotated[int, "the port to listen on; 0 = any free one"] = 8000
     device: Annotated[str, "run on: auto (a GPU if there is one), cpu, cuda, cuda:1, mps"] = "auto"
-    threads: Annotated[int, "CPU threads for PyTorch; 0 = its default"] = 0
+    threads: Annotated[int, "CPU threads to use; 0 = PyTorch's choice"] = 0
 
     def __post_init__(self):  # checked before loading anything; parse_config prints the error
         self.device = pick_device(self.device)  # "auto" -> cuda, mps or cpu
