@@ -112,14 +112,14 @@ def text_encoder(tokenizer, unknown_char: str = "?"):
         return (lambda text: tokenizer.encode(text, disallowed_special=())), unknown
     vocabulary = set(tokenizer.chars)
     if unknown_char and unknown_char not in vocabulary:
-        raise ValueError(f"unknown_char={unknown_char!r} is not among the model's characters; "
+        raise ValueError(f"unknown_char={unknown_char!r} is not a character of the model; "
                          "pick one that is (07's --unknown_char)")
 
     def encode(text: str) -> list[int]:
         missing = [ch for ch in text if ch not in vocabulary]
         if missing and not unknown_char:
             names = "".join(sorted(set(missing)))
-            raise ValueError(f"characters {names!r} are not in the model's char vocabulary; "
+            raise ValueError(f"characters {names!r} are not in the model's vocabulary; "
                              "07's --unknown_char='?' replaces them, or use a GPT-2 model")
         unknown.update(missing)
         replaced = [ch if ch in vocabulary else unknown_char for ch in text]
@@ -185,7 +185,7 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int = 0) -> list[int
     """The example indices of batch `step`: a fresh shuffle per epoch, the last partial batch
     dropped. Stateless, like 02's get_batch: batch = f(seed, step)."""
     if not 0 < batch_size <= n:
-        raise ValueError(f"batch_size={batch_size} must be from 1 to {n}, the number of examples")
+        raise ValueError(f"batch_size={batch_size} must be 1 to {n} (the examples)")
     epoch, batch_in_epoch = divmod(step, n // batch_size)  # n // batch_size batches per epoch
     order = np.random.default_rng([seed, epoch]).permutation(n)
     start = batch_in_epoch * batch_size
@@ -365,21 +365,21 @@ class FinetuneConfig:
     overwrite: Annotated[bool, "replace an earlier run's ckpt.pt in out_dir"] = False
     data_path: Annotated[str, "a JSON list of entries; '' = rasbt's instruction-data.json"] = ""
     min_block_size: Annotated[int, "stretch a shorter context to this many positions"] = 512
-    mask_prompt: Annotated[bool, "loss on the answer only (false: on the prompt too)"] = True
-    unknown_char: Annotated[str, "char models: replaces the chars they lack ('' = error)"] = "?"
-    lora_rank: Annotated[int, "0 = full finetuning; r > 0 = LoRA of rank r, weights frozen"] = 0
+    mask_prompt: Annotated[bool, "loss on the answer only (false: the prompt too)"] = True
+    unknown_char: Annotated[str, "char models: for chars they lack ('' = error)"] = "?"
+    lora_rank: Annotated[int, "0 = full finetuning; r > 0: LoRA of rank r"] = 0
     lora_alpha: Annotated[float, "adapters scaled by lora_alpha / lora_rank"] = 16.0
     lora_targets: Annotated[str, "comma-separated Linears to adapt"] = "c_attn,c_proj,c_fc"
     batch_size: Annotated[int, "examples per step"] = 8
     epochs: Annotated[float, "passes over the training split (when max_iters = 0)"] = 2.0
-    max_iters: Annotated[int, "optimizer steps; 0 = epochs * (train examples // batch_size)"] = 0
+    max_iters: Annotated[int, "steps; 0 = epochs * examples // batch_size"] = 0
     learning_rate: Annotated[float, "AdamW's; LoRA likes ~10x more (e.g. 5e-4)"] = 5e-5
     weight_decay: Annotated[float, "AdamW's, on 2-D weights only"] = 0.1
     grad_clip: Annotated[float, "clip the global gradient norm to this; 0 = no clip"] = 1.0
     log_interval: Annotated[int, "a log line every this many steps"] = 10
-    eval_interval: Annotated[int, "val loss and ckpt.pt every this many steps and at the end"] = 50
+    eval_interval: Annotated[int, "val loss and ckpt.pt every this many steps"] = 50
     max_new_tokens: Annotated[int, "longest answer in test_responses.json"] = 256
-    num_responses: Annotated[int, "test entries to answer in test_responses (-1 = all)"] = -1
+    num_responses: Annotated[int, "test entries to answer (-1 = all)"] = -1
     device: Annotated[str, "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"] = "auto"
     dtype: Annotated[str, "auto (CUDA: bf16/fp16, else fp32), float32, bfloat16, float16"] = "auto"
     threads: Annotated[int, "CPU threads to use; 0 = PyTorch's choice"] = 0
@@ -389,10 +389,12 @@ class FinetuneConfig:
         choices = ("scratch", "resume", "auto", *OPENAI_MODELS)
         if self.init_from not in choices:
             raise ValueError(f"--init_from={self.init_from!r}: use {', '.join(choices)}")
-        if self.lora_rank < 0:
-            raise ValueError(f"--lora_rank must be >= 0, got {self.lora_rank}")
+        for f in fields(self):  # none below 0 (num_responses' -1: all): grad_clip -1 would ascend
+            value = getattr(self, f.name)
+            if f.type.__origin__ in (int, float) and value < 0 and f.name != "num_responses":
+                raise ValueError(f"--{f.name} must be at least 0, got {value}")
         if not set(self.lora_targets.split(",")) <= set(LORA_TARGETS):
-            raise ValueError(f"--lora_targets={self.lora_targets!r}: use a comma-separated "
+            raise ValueError(f"--lora_targets={self.lora_targets!r}: use a comma-joined "
                              f"subset of {','.join(LORA_TARGETS)}")
         for name in ("batch_size", "log_interval", "eval_interval"):
             if getattr(self, name) < 1:
@@ -419,7 +421,7 @@ class FinetuneConfig:
                                     "pass another --ckpt, or use --init_from=gpt2")
         if self.init_from != "resume" and run_path.exists() and not self.overwrite:
             raise ValueError(f"{run_path} holds an earlier run, which this one would replace; "
-                             "continue it with --init_from=resume, choose another --out_dir, "
+                             "resume it (--init_from=resume), choose another --out_dir, "
                              "or pass --overwrite")
         if self.data_path:  # a bad file fails now, before a model is loaded
             self.data_path = str(PROJECT / self.data_path)
@@ -452,10 +454,10 @@ def load_model(cfg: FinetuneConfig, run=None):
     if resuming and not resumable:
         raise ValueError(f"{path} is no finetuning run to resume (no optimizer state); "
                          "--init_from=scratch --overwrite starts afresh")
-    if resuming:  # other adapters would fit neither the saved weights nor Adam's moments
-        lora = ("lora_rank", "lora_alpha", "lora_targets")
-        saved = {k: ckpt["config"][k] for k in lora}
-        given = {k: getattr(cfg, k) for k in lora}
+    if resuming:  # other adapters or positions fit neither the saved weights nor Adam's moments
+        shape = ("lora_rank", "lora_alpha", "lora_targets", "min_block_size")
+        saved = {k: ckpt["config"][k] for k in shape}
+        given = {k: getattr(cfg, k) for k in shape}
         if saved != given:
             flags = " ".join(f"--{k}={v}" for k, v in saved.items())
             raise ValueError(f"{path} was trained with {flags}: "
@@ -522,11 +524,13 @@ class FinetuneRun:
         self.best_val_loss = resumed["best_val_loss"] if resumed else math.inf
 
     def save(self, step: int, val_loss: float):
+        if not all(bool(p.isfinite().all()) for p in self.model.parameters()):  # Ctrl-C, diverged
+            raise FloatingPointError(f"NaN weights at step {step}; {self.path} kept")
         self.best_val_loss = min(self.best_val_loss, val_loss)
         plain = merge_lora(copy.deepcopy(self.model)) if self.has_lora else self.model
         states = {name: part.state_dict() for name, part in self.parts.items()}
-        best_val_loss = self.best_val_loss
-        progress = {"iter_num": step, "val_loss": val_loss, "best_val_loss": best_val_loss}
+        best = self.best_val_loss
+        progress = {"iter_num": step, "val_loss": val_loss, "best_val_loss": best}
         model = {"model": plain.state_dict(), "model_args": asdict(plain.config)}
         ckpt = {**model, **self.header, **states, **progress}
         save_checkpoint(self.path, {**ckpt, "rng": rng_states()})
@@ -665,10 +669,10 @@ def main(argv=None):
         torch.manual_seed(cfg.seed)
         model, tokenizer_spec, resumed = load_model(cfg, run)
         data = prepare_data(cfg, model, tokenizer_spec)
-    except (ValueError, FileNotFoundError) as e:  # the user's to fix: one line, as parse_config
-        print(f"error: {e}", file=sys.stderr)
+        result = finetune(cfg, model, tokenizer_spec, data, resumed)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # the user's to fix (a NaN:
+        print(f"error: {e}", file=sys.stderr)  # a lower lr), one line, as parse_config
         sys.exit(2)
-    result = finetune(cfg, model, tokenizer_spec, data, resumed)
     if result["interrupted"]:
         sys.exit(130)  # what a shell reports after Ctrl-C
     return result

@@ -1050,14 +1050,14 @@ def text_encoder(tokenizer, unknown_char: str = "?"):
         return (lambda text: tokenizer.encode(text, disallowed_special=())), unknown
     vocabulary = set(tokenizer.chars)
     if unknown_char and unknown_char not in vocabulary:
-        raise ValueError(f"unknown_char={unknown_char!r} is not among the model's characters; "
+        raise ValueError(f"unknown_char={unknown_char!r} is not a character of the model; "
                          "pick one that is (07's --unknown_char)")
 
     def encode(text: str) -> list[int]:
         missing = [ch for ch in text if ch not in vocabulary]
         if missing and not unknown_char:
             names = "".join(sorted(set(missing)))
-            raise ValueError(f"characters {names!r} are not in the model's char vocabulary; "
+            raise ValueError(f"characters {names!r} are not in the model's vocabulary; "
                              "07's --unknown_char='?' replaces them, or use a GPT-2 model")
         unknown.update(missing)
         replaced = [ch if ch in vocabulary else unknown_char for ch in text]
@@ -1079,7 +1079,7 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int = 0) -> list[int
     """The example indices of batch `step`: a fresh shuffle per epoch, the last partial batch
     dropped. Stateless, like 02's get_batch: batch = f(seed, step)."""
     if not 0 < batch_size <= n:
-        raise ValueError(f"batch_size={batch_size} must be from 1 to {n}, the number of examples")
+        raise ValueError(f"batch_size={batch_size} must be 1 to {n} (the examples)")
     epoch, batch_in_epoch = divmod(step, n // batch_size)  # n // batch_size batches per epoch
     order = np.random.default_rng([seed, epoch]).permutation(n)
     start = batch_in_epoch * batch_size

@@ -589,15 +589,19 @@ def test_a_second_ctrl_c_quits_at_once(ft07):
 
 
 def test_a_resume_with_other_lora_flags_names_the_saved_ones(ft07, char_setup, tmp_path, capsys):
-    """The adapters are the run's: other ones would fit neither its weights nor Adam's moments."""
+    """The adapters and the stretched positions are the run's: others would fit neither its
+    weights nor Adam's moments."""
     tmp, _ = char_setup
     lora = ["--lora_rank=4", "--lora_alpha=8.0", "--lora_targets=c_attn,c_fc"]
     ft07.main(finetune_args(tmp, tmp_path, *lora, "--max_iters=1", "--num_responses=0"))
     capsys.readouterr()
     before = (tmp_path / "ckpt.pt").read_bytes()
-    for changed in ["--lora_rank=2", "--lora_rank=0", "--lora_alpha=16", "--lora_targets=c_attn"]:
+    saved = " ".join([*lora, "--min_block_size=0"])
+    changed_flags = ["--lora_rank=2", "--lora_rank=0", "--lora_alpha=16", "--lora_targets=c_attn",
+                     "--min_block_size=256"]
+    for changed in changed_flags:
         err = run_main(ft07, capsys, ["--init_from=resume", f"--out_dir={tmp_path}", changed])
-        assert f"{tmp_path / 'ckpt.pt'} was trained with {' '.join(lora)}" in err, err
+        assert f"{tmp_path / 'ckpt.pt'} was trained with {saved}" in err, err
     assert (tmp_path / "ckpt.pt").read_bytes() == before
 
 
@@ -764,7 +768,9 @@ def test_data_the_model_cannot_take_is_one_error_line(ft07, char_setup, tmp_path
     ("--lora_targets=lm_head", "lm_head"),
     ("--batch_size=0", "--batch_size"), ("--max_iters=0 --epochs=0", "no steps"),
     ("--init_from=gpt3", "gpt3"), ("--dtype=fp8", "--dtype"),
-    ("--init_from=resume", "no run to resume"),
+    ("--init_from=resume", "no run to resume"), ("--grad_clip=-1", "--grad_clip"),
+    ("--seed=-1", "--seed"), ("--learning_rate=-1", "--learning_rate"),
+    ("--threads=-1", "--threads"),
 ])  # fmt: skip
 def test_bad_values_get_one_error_line(ft07, char_setup, tmp_path, capsys, no_model, flags,
                                       message):
@@ -790,8 +796,27 @@ def test_help_lists_the_flags(ft07, capsys):
 
 @pytest.mark.parametrize("settings, message", [
     (dict(dtype="fp8"), "--dtype"), (dict(lora_rank=-1), "--lora_rank"),
-    (dict(init_from="gpt3"), "--init_from"),
+    (dict(init_from="gpt3"), "--init_from"), (dict(grad_clip=-1.0), "--grad_clip"),
 ])
 def test_bad_settings_get_a_clear_error_before_anything_loads(ft07, settings, message):
     with pytest.raises(ValueError, match=message):
         ft07.FinetuneConfig(**settings)
+
+
+def test_a_save_of_nan_weights_keeps_the_last_good_checkpoint(ft07, char_setup, tmp_path):
+    """A Ctrl-C after the loss diverged saves through FinetuneRun.save: it must not write NaN
+    weights over the last good ckpt.pt (main turns the error into one line)."""
+    tmp, _ = char_setup
+    cfg = ft07.FinetuneConfig(ckpt=str(tmp / "base" / "ckpt.pt"), out_dir=str(tmp_path),
+                              device="cpu", dtype="float32")
+    model = ft07.GPT(ft07.GPTConfig(block_size=8, vocab_size=10, n_layer=1, n_head=1, n_embd=8))
+    optimizer = torch.optim.AdamW(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    run = ft07.FinetuneRun(cfg, model, optimizer, scaler, {"kind": "char", "chars": "0123456789"})
+    run.save(1, 2.0)
+    good = (tmp_path / "ckpt.pt").read_bytes()
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN weights at step 2"):
+        run.save(2, 2.0)
+    assert (tmp_path / "ckpt.pt").read_bytes() == good
