@@ -185,7 +185,7 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int = 0) -> list[int
     """The example indices of batch `step`: a fresh shuffle per epoch, the last partial batch
     dropped. Stateless, like 02's get_batch: batch = f(seed, step)."""
     if not 0 < batch_size <= n:
-        raise ValueError(f"batch_size={batch_size} must be 1 to {n} (the examples)")
+        raise ValueError(f"batch_size={batch_size} must be 1 to {n}, the examples")
     epoch, batch_in_epoch = divmod(step, n // batch_size)  # n // batch_size batches per epoch
     order = np.random.default_rng([seed, epoch]).permutation(n)
     start = batch_in_epoch * batch_size
@@ -366,7 +366,7 @@ class FinetuneConfig:
     data_path: Annotated[str, "a JSON list of entries; '' = rasbt's instruction-data.json"] = ""
     min_block_size: Annotated[int, "stretch a shorter context to this many positions"] = 512
     mask_prompt: Annotated[bool, "loss on the answer only (false: the prompt too)"] = True
-    unknown_char: Annotated[str, "char models: for chars they lack ('' = error)"] = "?"
+    unknown_char: Annotated[str, "char models: for chars they lack ('': error)"] = "?"
     lora_rank: Annotated[int, "0 = full finetuning; r > 0: LoRA of rank r"] = 0
     lora_alpha: Annotated[float, "adapters scaled by lora_alpha / lora_rank"] = 16.0
     lora_targets: Annotated[str, "comma-separated Linears to adapt"] = "c_attn,c_proj,c_fc"
@@ -375,11 +375,11 @@ class FinetuneConfig:
     max_iters: Annotated[int, "steps; 0 = epochs * examples // batch_size"] = 0
     learning_rate: Annotated[float, "AdamW's; LoRA likes ~10x more (e.g. 5e-4)"] = 5e-5
     weight_decay: Annotated[float, "AdamW's, on 2-D weights only"] = 0.1
-    grad_clip: Annotated[float, "clip the global gradient norm to this; 0 = no clip"] = 1.0
+    grad_clip: Annotated[float, "clip the gradient norm to this; 0 = no clip"] = 1.0
     log_interval: Annotated[int, "a log line every this many steps"] = 10
     eval_interval: Annotated[int, "val loss and ckpt.pt every this many steps"] = 50
     max_new_tokens: Annotated[int, "longest answer in test_responses.json"] = 256
-    num_responses: Annotated[int, "test entries to answer (-1 = all)"] = -1
+    num_responses: Annotated[int, "test entries to answer (-1: all)"] = -1
     device: Annotated[str, "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"] = "auto"
     dtype: Annotated[str, "auto (CUDA: bf16/fp16, else fp32), float32, bfloat16, float16"] = "auto"
     threads: Annotated[int, "CPU threads to use; 0 = PyTorch's choice"] = 0
@@ -464,7 +464,7 @@ def load_model(cfg: FinetuneConfig, run=None):
                              "resume with those")
     block_size = model.config.block_size
     if block_size < cfg.min_block_size:  # a resumed model has its positions already
-        print(f"stretching the position table from {block_size} to {cfg.min_block_size}")
+        print(f"stretching the positions from {block_size} to {cfg.min_block_size}")
         model = extend_context(model, cfg.min_block_size)
     if cfg.lora_rank > 0:
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","))
@@ -659,10 +659,10 @@ def main(argv=None):
     cfg = parse_config(FinetuneConfig, argv)  # a bad setting: one `error:` line, exit status 2
     try:  # not a checkpoint, a vocabulary without --unknown_char, a context too short for the data
         run = None
-        if cfg.init_from == "resume":  # the run's own settings first; the flags given now win
+        if cfg.init_from == "resume":  # its settings, then the flags and this machine's dtype
             run = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
             saved = run[2]["config"] if run[2].get("stage") == "finetune" else {}  # else: an error
-            flags = [f"--{k}={v}" for k, v in saved.items() if k != "device"]  # this machine's
+            flags = [f"--{k}={v}" for k, v in saved.items() if k not in ("device", "dtype")]
             cfg = parse_config(FinetuneConfig, flags + argv)
         print("config:", ", ".join(f"{k}={v!r}" for k, v in asdict(cfg).items()))
         torch.set_num_threads(cfg.threads or torch.get_num_threads())

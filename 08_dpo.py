@@ -566,10 +566,10 @@ def main(argv=None):
     cfg = parse_config(DPOConfig, argv)  # a bad setting: one `error:` line, exit 2
     try:  # a missing or bad file, pairs that do not fit: the user's to fix, not our bug
         run = None
-        if cfg.init_from == "resume":  # the run's own settings first; the flags given now win
+        if cfg.init_from == "resume":  # its settings, then the flags and this machine's dtype
             run = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
             saved = run[2]["config"] if run[2].get("stage") == "dpo" else {}  # else: see below
-            flags = [f"--{k}={v}" for k, v in saved.items() if k != "device"]  # this machine's
+            flags = [f"--{k}={v}" for k, v in saved.items() if k not in ("device", "dtype")]
             cfg = parse_config(DPOConfig, flags + argv)
         print("config:", ", ".join(f"{k}={v!r}" for k, v in asdict(cfg).items()))
         torch.set_num_threads(cfg.threads or torch.get_num_threads())
@@ -1079,7 +1079,7 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int = 0) -> list[int
     """The example indices of batch `step`: a fresh shuffle per epoch, the last partial batch
     dropped. Stateless, like 02's get_batch: batch = f(seed, step)."""
     if not 0 < batch_size <= n:
-        raise ValueError(f"batch_size={batch_size} must be 1 to {n} (the examples)")
+        raise ValueError(f"batch_size={batch_size} must be 1 to {n}, the examples")
     epoch, batch_in_epoch = divmod(step, n // batch_size)  # n // batch_size batches per epoch
     order = np.random.default_rng([seed, epoch]).permutation(n)
     start = batch_in_epoch * batch_size

@@ -820,3 +820,17 @@ def test_a_save_of_nan_weights_keeps_the_last_good_checkpoint(ft07, char_setup, 
     with pytest.raises(FloatingPointError, match="NaN weights at step 2"):
         run.save(2, 2.0)
     assert (tmp_path / "ckpt.pt").read_bytes() == good
+
+
+def test_a_run_saved_on_a_gpu_in_float16_resumes_on_a_cpu(ft07, char_setup, tmp_path, capsys):
+    """The device and the dtype are the resuming machine's: a GPU run's float16, replayed on a
+    CPU, would stop the resume (CPU has no fp16 training here)."""
+    tmp, _ = char_setup
+    ft07.main(finetune_args(tmp, tmp_path, "--max_iters=2", "--num_responses=0"))
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    ckpt["config"].update(device="cuda", dtype="float16")  # as a GPU without bf16 saves it
+    ckpt["iter_num"] = 1
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    capsys.readouterr()
+    result = ft07.main(["--init_from=resume", f"--out_dir={tmp_path}", "--num_responses=0"])
+    assert result["iter_num"] == 2

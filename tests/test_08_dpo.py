@@ -709,3 +709,17 @@ def test_bad_preference_data_gets_a_clear_error(dpo08, capsys, start, tmp_path):
     argv = [f"--ckpt={tmp / 'ft.pt'}", f"--data_path={path}", f"--out_dir={tmp_path / 'out'}"]
     assert_user_error(dpo08, capsys, argv, "entry 1")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_saved_on_a_gpu_in_float16_resumes_on_a_cpu(dpo08, start, tmp_path):
+    """The device and the dtype are the resuming machine's: a GPU run's float16, replayed on a
+    CPU, would stop the resume (CPU has no fp16 training here)."""
+    tmp, _ = start
+    settings = dict(max_iters=2, batch_size=2, eval_pairs=2, num_responses=0)
+    dpo08.main(run_argv(tmp, tmp_path, **settings))
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    ckpt["config"].update(device="cuda", dtype="float16")  # as a GPU without bf16 saves it
+    ckpt["iter_num"] = 1
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    result = dpo08.main(["--init_from=resume", f"--out_dir={tmp_path}"])
+    assert result["iter_num"] == 2
