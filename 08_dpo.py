@@ -284,22 +284,22 @@ class DPOConfig:
     init_from: Annotated[str, "scratch, resume (out_dir's run), or auto"] = "scratch"
     overwrite: Annotated[bool, "replace the ckpt.pt of an earlier run in out_dir"] = False
     data_path: Annotated[str, "a JSON list of pairs; '' = rasbt's, which 02 fetches"] = ""
-    beta: Annotated[float, "the KL penalty's weight: larger stays closer to the reference"] = 0.1
-    label_smoothing: Annotated[float, "conservative DPO: share of labels assumed flipped"] = 0.0
-    average_log_probs: Annotated[bool, "per-token mean, not sum, of the answer log-probs"] = False
+    beta: Annotated[float, "the KL penalty's weight: larger stays nearer the reference"] = 0.1
+    label_smoothing: Annotated[float, "conservative DPO: the share of flipped labels"] = 0.0
+    average_log_probs: Annotated[bool, "mean, not sum, of the answer's log-probs"] = False
     batch_size: Annotated[int, "pairs per step (2x sequences); also answers per batch"] = 8
     max_iters: Annotated[int, "optimizer steps; 0 = one pass over the training pairs"] = 0
     learning_rate: Annotated[float, "small: DPO nudges a trained model; flat after warmup"] = 5e-6
     warmup_iters: Annotated[int, "linear warmup steps (as the DPO paper)"] = 10
     weight_decay: Annotated[float, "AdamW's"] = 0.01
-    grad_clip: Annotated[float, "clip the global gradient norm to this; 0 = no clipping"] = 1.0
+    grad_clip: Annotated[float, "clip the gradient norm to this; 0 = no clipping"] = 1.0
     log_interval: Annotated[int, "a log line every this many steps"] = 5
     eval_interval: Annotated[int, "train/val metrics and ckpt.pt every this many steps"] = 25
     eval_pairs: Annotated[int, "pairs of each split to evaluate on (-1 = all)"] = 64
     max_new_tokens: Annotated[int, "longest answer in dpo_responses.json"] = 128
     num_responses: Annotated[int, "val entries answered before and after DPO (-1 = all)"] = 5
     device: Annotated[str, "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"] = "auto"
-    dtype: Annotated[str, "auto (CUDA: bf16/fp16, else fp32), float32, bfloat16, float16"] = "auto"
+    dtype: Annotated[str, "auto (GPU: bf16/fp16; CPU: fp32), float32, bfloat16, float16"] = "auto"
     threads: Annotated[int, "CPU threads to use; 0 = PyTorch's choice"] = 0
     seed: Annotated[int, "seeds the batch order"] = 1337
 
@@ -311,14 +311,15 @@ class DPOConfig:
                              "(at 0.5 the labels would be noise)")
         at_least_one = ("batch_size", "log_interval", "eval_interval")
         at_least_zero = ("max_iters", "warmup_iters", "learning_rate", "weight_decay",
-                         "grad_clip", "max_new_tokens", "threads")
+                         "grad_clip", "max_new_tokens", "threads", "seed")
         for name in at_least_one + at_least_zero:
             least = int(name in at_least_one)
             value = getattr(self, name)
-            if value < least:
+            if not value >= least:  # nan too
                 raise ValueError(f"--{name} must be at least {least}, got {value}")
         if self.eval_pairs == 0:
-            raise ValueError("--eval_pairs=0 evaluates nothing; use -1 (all pairs) or a count")
+            raise ValueError("--eval_pairs=0 evaluates nothing; "
+                             "use -1 (all pairs) or a count")
         if self.init_from not in ("scratch", "resume", "auto"):
             raise ValueError(f"--init_from={self.init_from!r}: use scratch, resume, auto")
         self.device = pick_device(self.device)  # "auto" resolved here, once
@@ -384,7 +385,8 @@ def log_evaluation(it: int, metrics: dict, path: Path):
     record = {"iter": it}
     for split, m in metrics.items():
         print(f"step {it} {split:5s} loss {m['loss']:.4f}, "
-              f"rewards {m['chosen_reward']:+.3f} chosen, {m['rejected_reward']:+.3f} rejected, "
+              f"rewards {m['chosen_reward']:+.3f} chosen, "
+              f"{m['rejected_reward']:+.3f} rejected, "
               f"margin {m['margin']:+.3f}, accuracy {m['accuracy']:.1%}")
         record |= {f"{split}_{name}": value for name, value in m.items()}
     with open(path, "a" if it else "w") as log:
@@ -452,6 +454,9 @@ class DPORun:
         self.best_val = resumed["best_val_loss"] if resumed else math.inf
 
     def save(self, step: int, val_loss: float):
+        weights = self.parts["model"].parameters()
+        if not all(bool(p.isfinite().all()) for p in weights):  # diverged: keep the last good one
+            raise FloatingPointError(f"NaN weights at step {step}; {self.path} kept")
         self.best_val = min(self.best_val, val_loss)
         states = {name: part.state_dict() for name, part in self.parts.items()}
         best = self.best_val
@@ -492,7 +497,8 @@ def dpo(cfg: DPOConfig, start=None, data=None) -> dict:
     def score(pairs):  # (losses, chosen rewards, rejected rewards) of a list of pairs, (B,) each
         batch = collate_pairs(pairs, data["end_id"], block_size, cfg.device)  # pad: end token
         average = cfg.average_log_probs
-        return dpo_batch(policy, reference, batch, cfg.beta, cfg.label_smoothing, average, ctx)
+        smoothing = cfg.label_smoothing
+        return dpo_batch(policy, reference, batch, cfg.beta, smoothing, average, ctx)
 
     log_path = Path(cfg.out_dir) / "log.jsonl"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -577,10 +583,10 @@ def main(argv=None):
         start = load_models(cfg, run)
         policy, _, tokenizer_spec, _ = start
         data = prepare_pairs(cfg, tokenizer_spec, policy.config.block_size)
-    except (ValueError, FileNotFoundError) as e:
+        result = dpo(cfg, start, data)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # a NaN: a lower lr
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)  # as parse_config
-    result = dpo(cfg, start, data)
     if result["interrupted"]:
         sys.exit(130)  # what a shell reports after Ctrl-C
     return result

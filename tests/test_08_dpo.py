@@ -682,6 +682,8 @@ def test_pairs_that_do_not_fit_the_context_are_a_user_error(dpo08, capsys, start
     ("--beta=0", "beta"), ("--label_smoothing=0.5", "label_smoothing"),
     ("--batch_size=0", "batch_size"), ("--eval_interval=0", "eval_interval"),
     ("--device=tpu", "tpu"), ("--dtype=fp8", "fp8"), ("--eval_pairs=0", "eval_pairs"),
+    ("--seed=-1", "seed"), ("--learning_rate=nan", "learning_rate"),
+    ("--grad_clip=-1", "grad_clip"),
 ])
 def test_bad_settings_get_a_clear_error(dpo08, capsys, flag, message):
     name, value = flag[2:].split("=")
@@ -723,3 +725,22 @@ def test_a_run_saved_on_a_gpu_in_float16_resumes_on_a_cpu(dpo08, start, tmp_path
     torch.save(ckpt, tmp_path / "ckpt.pt")
     result = dpo08.main(["--init_from=resume", f"--out_dir={tmp_path}"])
     assert result["iter_num"] == 2
+
+
+def test_a_save_of_nan_weights_keeps_the_last_good_checkpoint(dpo08, start, tmp_path):
+    """A run that diverged (or a Ctrl-C after it) saves through DPORun.save: it must not write NaN
+    weights over the last good ckpt.pt (main turns the error into one line)."""
+    tmp, _ = start
+    settings = dict(max_iters=1, batch_size=2, eval_pairs=2, num_responses=0)
+    result = dpo08.main(run_argv(tmp, tmp_path, **settings))
+    good = (tmp_path / "ckpt.pt").read_bytes()
+    cfg = run_config(dpo08, tmp, tmp_path, init_from="resume", **settings)
+    policy = result["policy"]
+    optimizer = torch.optim.AdamW(policy.parameters())
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    run = dpo08.DPORun(cfg, policy, optimizer, scaler, {"kind": "char", "chars": "ab"}, None)
+    with torch.no_grad():
+        policy.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN weights at step 2"):
+        run.save(2, 0.5)
+    assert (tmp_path / "ckpt.pt").read_bytes() == good
