@@ -48,7 +48,7 @@ import signal
 import sys
 import time
 import traceback
-from contextlib import nullcontext, redirect_stderr
+from contextlib import nullcontext, redirect_stderr, redirect_stdout
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import timedelta
 from pathlib import Path
@@ -633,9 +633,11 @@ def parse_on_every_rank(argv) -> DistConfig:
     if rank == "0":
         return parse_config(DistConfig, argv)
     try:
-        with redirect_stderr(io.StringIO()) as message:
+        with redirect_stderr(io.StringIO()) as message, redirect_stdout(io.StringIO()):
             return parse_config(DistConfig, argv)
-    except SystemExit:
+    except SystemExit as stop:
+        if not stop.code:  # --help: rank 0 prints it
+            raise
         time.sleep(10)  # rank 0 fails too, as a rule: then torchrun ends this rank here
         print(f"rank {rank}: {message.getvalue()}", end="", file=sys.stderr)
         raise

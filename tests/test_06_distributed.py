@@ -928,6 +928,20 @@ def test_more_ranks_than_gpus_is_one_line(dist06, corpus, tmp_path, capsys, monk
     assert not dist.is_initialized() and not (tmp_path / "run").exists()
 
 
+
+def test_help_under_torchrun_is_printed_by_rank_0_only(dist06, capsys, monkeypatch):
+    """--help under torchrun: rank 0 prints it; the others exit 0 at once, printing nothing."""
+    waits = []
+    monkeypatch.setattr(time, "sleep", waits.append)
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as exit_info:
+            dist06.parse_on_every_rank(["--help"])
+        assert exit_info.value.code == 0
+        out = capsys.readouterr()
+        assert ("--strategy" in out.out) == (rank == "0") and out.err == "", out
+    assert waits == []
+
 @pytest.mark.slow
 def test_a_user_error_under_torchrun_is_one_line(corpus, tmp_path):
     """--batch_size=13 on 2 ranks: rank 0 prints the error line once, and every rank stops before
