@@ -1,13 +1,11 @@
 """Tests for 01_tokenizer.py: our GPT-2 BPE against tiktoken, our fast trainer against the naive
 one."""
 
-import contextlib
 import functools
 import hashlib
 import json
-import os
 import random
-import shutil
+from pathlib import Path
 
 import pytest
 import tiktoken
@@ -420,23 +418,19 @@ def test_cli_help_lists_each_flag_with_its_type_and_default_once(tok01, capsys):
 
 def test_cli_relative_paths_start_at_the_project_folder(tok01, shakespeare_text, tmp_path,
                                                         monkeypatch, capsys):
-    """--train=FILE and --out=FILE, relative, mean the same file wherever the user runs from."""
-    project = tok01.PROJECT
-    out_existed = (project / "out").exists()
-    relative = f"out/test-01-relative-{os.getpid()}"  # under out/, which git ignores
-    (project / relative).mkdir(parents=True)
-    try:
-        (project / relative / "text.txt").write_text(shakespeare_text[:5_000], encoding="utf-8")
-        monkeypatch.chdir(tmp_path)
-        tok01.main([f"--train={relative}/text.txt", "--vocab_size=260",
-                    f"--out={relative}/bpe.json"])
-        assert tok01.BPETokenizer.load(project / relative / "bpe.json").n_vocab == 260
-        assert list(tmp_path.iterdir()) == []  # nothing written where the user stands
-    finally:
-        shutil.rmtree(project / relative)
-        if not out_existed:
-            with contextlib.suppress(OSError):  # unless something else wrote there meanwhile
-                (project / "out").rmdir()
+    """--train=FILE and --out=FILE, relative, mean the same file wherever the user runs from: they
+    start at PROJECT (the script's folder; here a stand-in), never at the current folder."""
+    assert tok01.PROJECT == Path(tok01.__file__).resolve().parent
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "text.txt").write_text(shakespeare_text[:5_000], encoding="utf-8")
+    monkeypatch.setattr(tok01, "PROJECT", project)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    tok01.main(["--train=text.txt", "--vocab_size=260", "--out=out/bpe.json"])
+    assert tok01.BPETokenizer.load(project / "out" / "bpe.json").n_vocab == 260
+    assert list(elsewhere.iterdir()) == []  # nothing written where the user stands
 
 
 @pytest.mark.parametrize("argv", [

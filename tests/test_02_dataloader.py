@@ -5,13 +5,11 @@ single-process batch (for the rank slices), rasbt's `range(0, len - T, stride)` 
 sliding windows), tiktoken (for GPT-2 token files), and hand-built cleaning examples.
 """
 
-import contextlib
 import hashlib
 import http.server
-import os
-import shutil
 import threading
 import unicodedata
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -628,23 +626,19 @@ def test_main_help_lists_each_flag_with_its_type_and_default_once(dl02, capsys):
 
 def test_main_relative_paths_start_at_the_project_folder(dl02, tmp_path, monkeypatch, capsys):
     """--text_file and --data_dir, relative, name the same place wherever the user runs from, so
-    05 finds what 02 wrote."""
-    project = dl02.PROJECT
-    out_existed = (project / "out").exists()
-    relative = f"out/test-02-relative-{os.getpid()}"  # under out/, which git ignores
-    (project / relative).mkdir(parents=True)
-    try:
-        (project / relative / "small.txt").write_text(SMALL_TEXT)
-        monkeypatch.chdir(tmp_path)
-        dl02.main([f"--text_file={relative}/small.txt", f"--data_dir={relative}",
-                   "--tokenizers=char", "--block_size=8"])
-        assert dl02.load_meta(project / relative / "small-char")["train_tokens"] > 0
-        assert list(tmp_path.iterdir()) == []  # nothing written where the user stands
-    finally:
-        shutil.rmtree(project / relative)
-        if not out_existed:
-            with contextlib.suppress(OSError):  # unless something else wrote there meanwhile
-                (project / "out").rmdir()
+    05 finds what 02 wrote: they start at PROJECT (the script's folder; here a stand-in)."""
+    assert dl02.PROJECT == Path(dl02.__file__).resolve().parent
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "small.txt").write_text(SMALL_TEXT)
+    monkeypatch.setattr(dl02, "PROJECT", project)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    dl02.main(["--text_file=small.txt", "--data_dir=prepared", "--tokenizers=char",
+               "--block_size=8"])
+    assert dl02.load_meta(project / "prepared" / "small-char")["train_tokens"] > 0
+    assert list(elsewhere.iterdir()) == []  # nothing written where the user stands
 
 
 def test_gpt2_corpus_keeps_endoftext_as_the_separator_token(dl02, tmp_path):
