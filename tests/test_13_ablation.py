@@ -1,0 +1,131 @@
+"""Tests for 13_ablation.py: Muon's update, which parameters it takes, the rows, the table.
+
+The rows train for a few iterations on a small corpus, so the file runs in seconds on a CPU.
+"""
+
+import pytest
+import torch
+from conftest import load_script
+
+m = load_script("13_ablation")
+
+
+@pytest.mark.parametrize("shape", [(16, 48), (48, 16), (32, 32)], ids=["wide", "tall", "square"])
+def test_orthogonalize_sends_every_singular_value_near_one(shape):
+    """U diag(S) V^T with S over two orders of magnitude comes out close to U V^T."""
+    torch.manual_seed(0)
+    rows, cols = shape
+    k = min(shape)
+    U, _ = torch.linalg.qr(torch.randn(rows, k))
+    V, _ = torch.linalg.qr(torch.randn(cols, k))
+    S = torch.logspace(-1, 1, k)
+    out = m.orthogonalize(U @ torch.diag(S) @ V.T)
+    assert out.shape == shape
+    singular_values = torch.linalg.svdvals(out)
+    assert singular_values.min() > 0.6 and singular_values.max() < 1.3
+    target = U @ V.T  # the nearest orthogonal matrix
+    cosine = (out * target).sum() / (out.norm() * target.norm())
+    assert cosine > 0.95
+
+
+def test_muon_steps_along_the_orthogonalized_nesterov_momentum():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(24, 8))  # tall: the update is scaled by sqrt(24 / 8)
+    opt = m.Muon([p], lr=0.1, momentum=0.9)
+    momentum = torch.zeros_like(p)
+    for _ in range(3):
+        before = p.detach().clone()
+        grad = torch.randn_like(p)
+        p.grad = grad.clone()
+        opt.step()
+        momentum = 0.9 * momentum + 0.1 * grad
+        nesterov = 0.1 * grad + 0.9 * momentum
+        expected = before - 0.1 * 3**0.5 * m.orthogonalize(nesterov)
+        torch.testing.assert_close(p.detach(), expected)
+
+
+def recipe(**overrides):
+    """NANOGPT_CPU_RECIPE as ablate builds it, for 65 characters; overrides win."""
+    settings = dict(m.NANOGPT_CPU_RECIPE, vocab_size=65, max_iters=20, lr_decay_iters=20,
+                    muon_lr=0.02, seed=1337, device="cpu", dtype="float32")
+    return m.SimpleNamespace(**{**settings, **overrides})
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    config = m.ModernConfig.flavour("llama3", n_layer=2, vocab_size=65)
+    model = m.ModernGPT(config)
+    adamw, muon = m.make_optimizers(model, recipe(), muon=True)
+    in_muon = {id(p) for group in muon.param_groups for p in group["params"]}
+    in_adamw = {id(p) for group in adamw.param_groups for p in group["params"]}
+    for name, p in model.named_parameters():
+        hidden_matrix = name.startswith("transformer.h.") and p.dim() == 2
+        assert (id(p) in in_muon) == hidden_matrix, name
+        assert (id(p) in in_adamw) != hidden_matrix, name
+    (everything,) = m.make_optimizers(model, recipe(), muon=False)
+    assert sum(len(g["params"]) for g in everything.param_groups) == len(list(model.parameters()))
+
+
+def test_the_first_row_is_05s_gpt():
+    """Its settings build 05's model: 05's weights load by name and give 05's logits."""
+    pre05 = load_script("05_pretrain")
+    first_row = m.ABLATION[0][1]
+    shape = {k: m.NANOGPT_CPU_RECIPE[k] for k in ("block_size", "n_layer", "n_head", "n_embd")}
+    theirs = pre05.GPT(pre05.GPTConfig(vocab_size=65, **shape, bias=pre05.TrainConfig.bias))
+    config = m.ModernConfig(vocab_size=65, n_kv_head=shape["n_head"], **shape, **first_row)
+    model = m.ModernGPT(config)
+    model.load_state_dict(theirs.state_dict())  # strict: the same parameters, the same names
+    idx = torch.randint(65, (2, 16))
+    torch.testing.assert_close(model(idx)[0], theirs.eval()(idx)[0])
+
+
+def test_each_row_adds_its_change_and_the_last_is_the_modern_block():
+    settings = {}
+    for name, change, _ in m.ABLATION:
+        before = settings
+        settings = {**settings, **change}
+        changed = {k for k in settings if settings[k] != before.get(k)}
+        assert changed == set(change), name
+    config = m.ModernConfig(**{"n_head": 4, "n_kv_head": 4, **settings})
+    modern = m.ModernConfig.flavour("qwen3")
+    for field in ("norm", "pos", "mlp", "qk_norm", "bias"):
+        assert getattr(config, field) == getattr(modern, field), field
+    assert config.n_kv_head < config.n_head
+    assert [optimizer for *_, optimizer in m.ABLATION][-1] == "muon"
+
+
+def test_muon_trains_a_row(char_corpus):
+    data = {split: m.load_tokens(char_corpus / "tinyshakespeare-char", split)
+            for split in ("train", "val")}
+    settings = m.ABLATION[-2][1] | dict(norm="rmsnorm", pos="rope", mlp="swiglu")
+    short = recipe(max_iters=30, lr_decay_iters=30, warmup_iters=0, eval_iters=2)
+    untrained = recipe(max_iters=0, lr_decay_iters=1, eval_iters=2)
+    before = m.train_row(settings, "muon", data, untrained)["val_loss"]
+    after = m.train_row(settings, "muon", data, short)["val_loss"]
+    assert after < before - 0.5
+
+
+def test_the_table_has_a_row_per_change(char_corpus, capsys, monkeypatch):
+    monkeypatch.setitem(m.NANOGPT_CPU_RECIPE, "eval_iters", 1)
+    table = m.main(["--max_iters=2", "--rounds=2", f"--data_dir={char_corpus}"])
+    out = capsys.readouterr().out
+    assert [row["name"] for row in table] == [name for name, *_ in m.ABLATION]
+    for row in table:
+        numbers = [f"{row['params']:,}", f"{row['kv_bytes']:,}", f"{row['val_loss']:.4f}"]
+        cells = [row["name"], *numbers]
+        assert "| " + " | ".join(cells) + " |" in out
+    assert out.count("round 2/2") == len(m.ABLATION)
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--rounds=0"], "--rounds"),
+    (["--max_iters=0"], "--max_iters"),
+    (["--muon_lr=0"], "--muon_lr"),
+    (["--data_dir=no/such/dir"], "python 02_dataloader.py"),
+    (["--max_itres=5"], "did you mean --max_iters"),
+])
+def test_bad_flags_are_one_line(flags, says, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        m.main(flags)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and says in err and err.count("\n") == 1
