@@ -1,4 +1,4 @@
-"""Stage 9: generation, fast: a KV cache, sampling, batches, chat and evaluation.
+"""Stage 9: generation, fast: a KV cache, sampling, batches and chat.
 
 A GPT scores "what comes next"; generating is a loop around it (score, pick, append) made useful:
   - Sampling: greedy, temperature, top-k, top-p, seeded; stops at <|endoftext|> or stop strings;
@@ -9,18 +9,15 @@ A GPT scores "what comes next"; generating is a loop around it (score, pick, app
     modules around the cache (04's GPT untouched, 05-08's checkpoints work); `--bench` times it.
   - Batches: prompts of unequal length are LEFT-padded so their last tokens line up; a mask hides
     the padding, and each row's positions start at 0 at its first real token, as if it were alone.
-  - Chat in 07's instruction template; perplexity and bits per byte of a text over strided windows
-    (bits per byte does not depend on the tokenizer: a char and a BPE model compare on one text).
+  - Chat in 07's instruction template. (A text's perplexity and bits per byte: 11_evaluate.py.)
 
 References: Radford et al. 2019 (GPT-2); nanoGPT's sample.py; Raschka, "Build a Large Language
-Model (From Scratch)", ch. 5, 7; Holtzman et al. 2019 (top-p); Pope et al. 2022 (KV caching);
-Hugging Face, "Perplexity of fixed-length models".
+Model (From Scratch)", ch. 5, 7; Holtzman et al. 2019 (top-p); Pope et al. 2022 (KV caching).
 
 Run it (after `python 05_pretrain.py`, which writes out/shakespeare-char/ckpt.pt):
   python 09_generate.py                                 # sample from 05's Shakespeare model
   python 09_generate.py --prompt="ROMEO:" --temperature=0 --max_new_tokens=200 --num_samples=3
   python 09_generate.py --ckpt=out/finetune/ckpt.pt --chat   # 07's model (out/dpo/ckpt.pt: 08's)
-  python 09_generate.py --eval_file=data/tinyshakespeare.txt      # perplexity, bits per byte
   python 04_gpt.py --init_from=gpt2 --save_ckpt && python 09_generate.py --ckpt=data/gpt2/ckpt.pt
   python 09_generate.py --device=cuda    # one GPU (bf16 autocast where the GPU has it natively)
   python 09_generate.py --bench          # tokens/s with and without the cache (CPU: ~3 minutes)
@@ -109,7 +106,7 @@ def forward_cached(model, idx, cache=None, attention_mask=None, last_only=False)
     in it. attention_mask (B, T): False at (left) padding. Position ids count each row's real
     tokens, on from the cache: [pad pad a b] gets [0 0 0 1], what `a b` alone gets. Returns logits
     (B, T, V), or (B, 1, V) with last_only (the head is 38.6M of GPT-2's 124M weights). The head
-    runs in fp32 outside autocast: sampling and perplexity see exact logits (bf16's steps are
+    runs in fp32 outside autocast: sampling sees exact logits (bf16's steps are
     0.125-0.5 at GPT-2's logit sizes). For inference: call model.eval() first (dropout off).
     """
     B, T = idx.shape
@@ -140,7 +137,7 @@ def forward_cached(model, idx, cache=None, attention_mask=None, last_only=False)
         mask = (k_pos <= q_pos) & key_real[:, None, :]  # (B, T, L) causal and key is real
         mask = mask | (k_pos == q_pos)  # a padded query sees itself: no NaN
         mask = mask[:, None]  # (B, 1, T, L)
-    kv = cache.kv if cache is not None else None  # no cache: plain causal attention (perplexity)
+    kv = cache.kv if cache is not None else None  # no cache: plain causal attention
     if cache is None and padded:  # or, for the padding mask, a cache used once
         kv = KVCache(model.config.n_layer, T)
     h = final_hidden(model, idx, position_ids, mask, kv)  # (B, T, C)
@@ -153,7 +150,7 @@ def forward_cached(model, idx, cache=None, attention_mask=None, last_only=False)
 
 
 # -----------------------------------------------------------------------------
-# Generation (batches, a full context, stopping, streaming), and what it serves: chat, evaluation
+# Generation (batches, a full context, stopping, streaming), and what it serves: chat
 
 
 def left_pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -357,78 +354,6 @@ def chat(model, tok, cfg, ckpt: dict) -> None:
     print()
 
 
-def strided_windows(n_tokens: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
-    """Windows (begin, end, n_scored) over n_tokens tokens that score every target once.
-
-    Inputs ids[begin:end], targets ids[begin+1:end+1], of which only the last n_scored count (the
-    earlier ones were scored, with less context, by the window before). All windows are T =
-    min(block_size, n_tokens - 1) long (so they batch) and end `stride` apart, so each target after
-    the first window has >= T - stride tokens of context: stride T is fast, stride 1 most informed.
-
-    >>> strided_windows(10, 4, 2)       # targets 1..9
-    [(0, 4, 4), (2, 6, 2), (4, 8, 2), (5, 9, 1)]
-    """
-    if n_tokens < 2:
-        raise ValueError(f"need at least 2 tokens to score anything, got {n_tokens}: "
-                         "use a longer text")
-    T = min(block_size, n_tokens - 1)
-    if not 1 <= stride <= T:
-        raise ValueError(f"stride must be in [1, {T}] (the window length), got {stride}")
-    ends = list(range(T, n_tokens - 1, stride)) + [n_tokens - 1]  # the last one ends the text
-    prev_ends = [0] + ends[:-1]  # each window scores the targets after the previous end
-    return [(end - T, end, end - prev_end) for prev_end, end in zip(prev_ends, ends)]
-
-
-@torch.no_grad()
-def evaluate_text(model, tok, text: str, stride=0, batch_size=8, progress=False) -> dict:
-    """Perplexity and bits per byte of `text`: how surprised the model is by it.
-
-    loss = mean negative log-likelihood per token (nats), perplexity = exp(loss), bits per byte =
-    total nats / ln 2 / UTF-8 bytes scored: the tokenizer changes perplexity (a character is easier
-    to guess than a word), not bits per byte. GPT-2 reads the text after an <|endoftext|>, so every
-    token is scored; a char model's first character is context only. stride 0: block_size // 2.
-    batch_size windows per forward (fewer if their logits would pass 2**27 numbers, 512 MB).
-    progress: tokens scored, rate and time left on stderr every 5 s.
-    """
-    start = [] if tok.eot_token is None else [tok.eot_token]  # GPT-2 reads after <|endoftext|>
-    ids = start + encode(tok, text)
-    n_tokens = len(ids) - 1  # the targets: every id but the first
-    block_size = model.config.block_size
-    V = model.config.vocab_size
-    default_stride = max(1, min(block_size, n_tokens) // 2)
-    windows = strided_windows(len(ids), block_size, stride or default_stride)
-    data = torch.tensor(ids, device=model.lm_head.weight.device)
-    T = windows[0][1] - windows[0][0]  # every window's length
-    batch_size = max(1, min(batch_size, 2**27 // (T * V)))  # GPT-2, T=1024: 2 windows per pass
-    nats = 0.0
-    done = 0  # targets scored so far
-    t0 = time.perf_counter()
-    shown = t0  # when progress was last printed
-    for i in range(0, len(windows), batch_size):
-        batch = windows[i : i + batch_size]
-        x = torch.stack([data[b:e] for b, e, _ in batch])  # (B, T)
-        y = torch.stack([data[b + 1 : e + 1] for b, e, _ in batch])  # (B, T)
-        logits = forward_cached(model, x)  # (B, T, V)
-        nll = F.cross_entropy(logits.flatten(0, 1), y.view(-1), reduction="none").view_as(y)
-        n_scored = [n for _, _, n in batch]
-        last_n = torch.tensor(n_scored, device=x.device)[:, None]  # (B, 1)
-        scored = torch.arange(T, device=x.device) >= T - last_n  # (B, T) each row's last n
-        nats += nll[scored].sum().item()
-        done += sum(n_scored)
-        now = time.perf_counter()
-        if progress and now - shown >= 5:
-            shown = now
-            rate = done / (now - t0)
-            seconds_left = (n_tokens - done) / rate
-            print(f"scored {done:,} / {n_tokens:,} tokens, {rate:,.0f} tokens/s, "
-                  f"{seconds_left:,.0f} s left", file=sys.stderr, flush=True)
-    n_bytes = sum(len(token_bytes(tok, t)) for t in ids[1:])  # the scored tokens' bytes
-    loss = nats / n_tokens
-    bits_per_byte = nats / math.log(2) / n_bytes
-    return {"tokens": n_tokens, "bytes": n_bytes, "loss": loss,
-            "perplexity": math.exp(loss), "bits_per_byte": bits_per_byte}  # fmt: skip
-
-
 def time_generation(model, n_new: int, use_cache: bool) -> tuple[float, str]:
     """Greedy from a 16-token prompt: tokens/s, and ms per token, the first 64 -> the last 64."""
     steps = generate_tokens(model, [list(range(16))], temperature=0, use_cache=use_cache)
@@ -464,7 +389,7 @@ def bench(cfg) -> None:
 # -----------------------------------------------------------------------------
 # Command line
 
-PROJECT = Path(__file__).resolve().parent  # relative paths (--ckpt, --eval_file) start here
+PROJECT = Path(__file__).resolve().parent  # a relative --ckpt starts here
 DEFAULT_CKPT = "out/shakespeare-char/ckpt.pt"  # 05_pretrain.py's output: the Quick start's model
 STAGES = {"pretrain": "05", "distributed": "06", "finetune": "07", "dpo": "08"}  # their scripts
 # the command that writes each folder's ckpt.pt (05-08: their default out_dir; 04: OpenAI's model)
@@ -477,7 +402,7 @@ SAVED_LOSS = {"finetune": "val loss {:.4f} on the answers", "dpo": "val DPO loss
 
 @dataclass
 class GenerateConfig:
-    """Sample from, chat with, evaluate or benchmark a GPT that 04-08 saved."""
+    """Sample from, chat with or benchmark a GPT that 04-08 saved."""
 
     ckpt: Annotated[str, "the model to load (relative paths start in 09's folder)"] = DEFAULT_CKPT
     prompt: Annotated[str, 'the text to continue; "" starts a new document'] = ""
@@ -491,8 +416,6 @@ class GenerateConfig:
                          '(--stop="\\n\\n,THE END")'] = ""
     use_cache: Annotated[bool, "reuse past tokens' keys and values (KV cache): faster"] = True
     chat: Annotated[bool, "talk to a model trained to follow instructions (07's, 08's)"] = False
-    eval_file: Annotated[str, "the model's perplexity and bits per byte on this text file"] = ""
-    eval_stride: Annotated[int, "tokens between --eval_file's windows; 0 = half a context"] = 0
     bench: Annotated[bool, "time generation with and without the KV cache, untrained"] = False
     bench_presets: Annotated[str, "model sizes --bench times, comma-separated: tiny, small, gpt2, "
                                   "gpt2-medium, gpt2-large, gpt2-xl"] = "small,gpt2"
@@ -504,14 +427,12 @@ class GenerateConfig:
         self.device = pick_device(self.device)  # "auto" -> cuda, mps or cpu
         self.dtype = pick_dtype(self.dtype, self.device)
         check_sampling(self.temperature, self.top_k or None, self.top_p)
-        least = {"max_new_tokens": 0, "eval_stride": 0, "threads": 0, "num_samples": 1}
+        least = {"max_new_tokens": 0, "threads": 0, "num_samples": 1}
         for name, smallest in least.items():
             if getattr(self, name) < smallest:
                 raise ValueError(f"--{name}={getattr(self, name)}: use {smallest} or more")
         for preset in self.bench_presets.split(",") if self.bench else []:
             GPTConfig.from_preset(preset)  # an unknown one: a ValueError naming the presets
-        if self.eval_file and not (PROJECT / self.eval_file).is_file():
-            raise FileNotFoundError(f"--eval_file={self.eval_file}: no such file")
         ckpt_path = PROJECT / self.ckpt  # an absolute ckpt stays as it is
         if not self.bench and not ckpt_path.is_file():
             folders = {PROJECT / folder: command for folder, command in WRITERS.items()}
@@ -547,16 +468,6 @@ def encode(tok, text: str) -> list[int]:
     return tok.encode(text)
 
 
-def evaluate_file(model, tok, cfg) -> dict:
-    """Print (and return) the perplexity and bits per byte of cfg.eval_file."""
-    text = (PROJECT / cfg.eval_file).read_text(encoding="utf-8")  # not UTF-8: a ValueError
-    result = evaluate_text(model, tok, text, cfg.eval_stride, progress=True)
-    print(f"{cfg.eval_file}: {result['tokens']:,} tokens, {result['bytes']:,} bytes, "
-          f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.3f}, "
-          f"bits per byte {result['bits_per_byte']:.4f}")
-    return result
-
-
 def sample_from_prompt(model, tok, cfg) -> list[str]:
     """cfg.num_samples continuations of cfg.prompt, one batch: the first streams as it is made."""
     document_start = "<|endoftext|>" if tok.eot_token is not None else "\n"
@@ -583,10 +494,8 @@ def main(argv=None):
             model, tok, ckpt = load_model(cfg)
             if cfg.chat:
                 return chat(model, tok, cfg, ckpt)
-            if cfg.eval_file:
-                return evaluate_file(model, tok, cfg)
             return sample_from_prompt(model, tok, cfg)
-    except ValueError as e:  # not a checkpoint; text it cannot encode, or too short to score
+    except ValueError as e:  # not a checkpoint; a prompt it cannot encode
         print(f"error: {e}", file=sys.stderr)  # one line, status 2, as parse_config; no work done
         sys.exit(2)
     except BrokenPipeError:  # the reader left early (`09_generate.py | head`): stop quietly

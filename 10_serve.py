@@ -1009,7 +1009,7 @@ def forward_cached(model, idx, cache=None, attention_mask=None, last_only=False)
     in it. attention_mask (B, T): False at (left) padding. Position ids count each row's real
     tokens, on from the cache: [pad pad a b] gets [0 0 0 1], what `a b` alone gets. Returns logits
     (B, T, V), or (B, 1, V) with last_only (the head is 38.6M of GPT-2's 124M weights). The head
-    runs in fp32 outside autocast: sampling and perplexity see exact logits (bf16's steps are
+    runs in fp32 outside autocast: sampling sees exact logits (bf16's steps are
     0.125-0.5 at GPT-2's logit sizes). For inference: call model.eval() first (dropout off).
     """
     B, T = idx.shape
@@ -1040,7 +1040,7 @@ def forward_cached(model, idx, cache=None, attention_mask=None, last_only=False)
         mask = (k_pos <= q_pos) & key_real[:, None, :]  # (B, T, L) causal and key is real
         mask = mask | (k_pos == q_pos)  # a padded query sees itself: no NaN
         mask = mask[:, None]  # (B, 1, T, L)
-    kv = cache.kv if cache is not None else None  # no cache: plain causal attention (perplexity)
+    kv = cache.kv if cache is not None else None  # no cache: plain causal attention
     if cache is None and padded:  # or, for the padding mask, a cache used once
         kv = KVCache(model.config.n_layer, T)
     h = final_hidden(model, idx, position_ids, mask, kv)  # (B, T, C)

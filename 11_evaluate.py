@@ -1,7 +1,9 @@
-"""Stage 11: evaluation: multiple choice by log-likelihood, answers judged by a larger model.
+"""Stage 11: evaluation: a text's bits per byte, multiple choice, answers judged by a larger model.
 
-Val loss (05, 06) says how well a model predicts text like its training text, not whether it
-knows anything, nor whether 07's and 08's answers are any good. Two ways to ask:
+Val loss (05, 06) says how well a model predicts text like its training text. On any text the
+same measure is perplexity, and bits per byte, which compares models of different tokenizers
+(section 4). Neither says whether the model knows anything, nor whether 07's and 08's answers
+are any good. Two ways to ask:
 
 Multiple choice by log-likelihood (HellaSwag, Zellers et al. 2019; ARC, PIQA, your own). An example
 is a context and a few choices, one of them right:
@@ -36,9 +38,11 @@ number is counted and shown, never scored 0.
 
 References: Zellers et al. 2019, "HellaSwag"; EleutherAI's lm-evaluation-harness; llm.c's
 dev/data/hellaswag.py; Raschka, "Build a Large Language Model (From Scratch)", ch. 7; Wilson 1927
-(the interval); Zheng et al. 2023, "Judging LLM-as-a-Judge".
+(the interval); Zheng et al. 2023, "Judging LLM-as-a-Judge"; Hugging Face, "Perplexity of
+fixed-length models" (the strided windows).
 
 Run it:
+  python 11_evaluate.py --text_file=data/tinyshakespeare.txt   # 05's model (train + val text)
   python 04_gpt.py --init_from=gpt2 --save_ckpt      # OpenAI's GPT-2 124M as data/gpt2/ckpt.pt
   python 11_evaluate.py --ckpt=data/gpt2/ckpt.pt --task=hellaswag --limit=500
   python 11_evaluate.py --ckpt=data/gpt2/ckpt.pt --task=hellaswag --device=cuda  # all 10,042
@@ -360,7 +364,76 @@ def evaluate_task(model, tok, examples: list[dict], task: str, cfg) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# 4. The judge: an OpenAI-compatible endpoint scores answers 0-100
+# 4. A text: perplexity and bits per byte
+#
+# 05's val loss is the mean nats per token over random windows of the val split. On a whole text
+# every token is scored once, with as much context as the model's block allows: windows of
+# block_size tokens end `stride` apart, and each scores only the targets that the window before
+# it did not. Perplexity, exp(mean nats per token), depends on the tokenizer (a character is
+# easier to guess than a word); bits per byte, (all nats / ln 2) / (UTF-8 bytes scored), does not,
+# so a char model and a GPT-2 compare on it.
+
+
+def strided_windows(n_tokens: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
+    """Windows (begin, end, n_scored) over n_tokens tokens that score every target once.
+
+    Inputs ids[begin:end], targets ids[begin+1:end+1], of which only the last n_scored count (the
+    earlier ones were scored, with less context, by the window before). All windows are T =
+    min(block_size, n_tokens - 1) long (so they batch) and end `stride` apart, so each target after
+    the first window has at least T - stride + 1 tokens of context: stride T is fast, stride 1 most
+    informed.
+
+    >>> strided_windows(10, 4, 2)       # targets 1..9
+    [(0, 4, 4), (2, 6, 2), (4, 8, 2), (5, 9, 1)]
+    """
+    if n_tokens < 2:
+        raise ValueError(f"need at least 2 tokens to score anything, got {n_tokens}: "
+                         "use a longer text")
+    T = min(block_size, n_tokens - 1)
+    if not 1 <= stride <= T:
+        raise ValueError(f"--stride must be in [1, {T}] (the window length), got {stride}")
+    ends = list(range(T, n_tokens - 1, stride)) + [n_tokens - 1]  # the last one ends the text
+    prev_ends = [0] + ends[:-1]  # each window scores the targets after the previous end
+    return [(end - T, end, end - prev_end) for prev_end, end in zip(prev_ends, ends)]
+
+
+@torch.no_grad()
+def text_scores(model, tok, text: str, stride=0, batch_tokens=8192, progress=False,
+                where="the text") -> dict:
+    """Perplexity and bits per byte of text; stride 0: half a window. GPT-2 reads the text after
+    an <|endoftext|>, so every token is scored; a char model's first character is context only.
+    A forward pass takes batch_tokens // T windows of T tokens; the head runs on scored ones."""
+    start = [] if tok.eot_token is None else [tok.eot_token]
+    ids = start + encode_text(tok, text, where)
+    scored_text = text if start else text[1:]  # the characters whose tokens are targets
+    block_size = model.config.block_size
+    default_stride = max(1, min(block_size, len(ids) - 1) // 2)
+    windows = strided_windows(len(ids), block_size, stride or default_stride)
+    data = torch.tensor(ids, device=model.lm_head.weight.device)
+    T = windows[0][1] - windows[0][0]  # every window's length
+    per_pass = max(1, batch_tokens // T)
+    nats = 0.0
+    for i in range(0, len(windows), per_pass):
+        batch = windows[i : i + per_pass]
+        x = torch.stack([data[b:e] for b, e, _ in batch])  # (B, T)
+        y = torch.stack([data[b + 1 : e + 1] for b, e, _ in batch])  # (B, T)
+        last_n = torch.tensor([n for _, _, n in batch], device=x.device)[:, None]  # (B, 1)
+        scored = torch.arange(T, device=x.device) >= T - last_n  # (B, T): each row's last n
+        h = final_hidden(model, x)  # (B, T, C)
+        nats -= target_logprobs(model, h[scored], y[scored]).sum().item()
+        if progress:
+            print(f"\rscored {i + len(batch):,}/{len(windows):,} windows", end="", flush=True)
+    if progress:
+        print()
+    n_tokens = len(ids) - 1  # the targets: every id but the first
+    n_bytes = len(scored_text.encode("utf-8"))
+    loss = nats / n_tokens
+    return {"tokens": n_tokens, "bytes": n_bytes, "loss": loss, "perplexity": math.exp(loss),
+            "bits_per_byte": nats / math.log(2) / n_bytes}  # fmt: skip
+
+
+# -----------------------------------------------------------------------------
+# 5. The judge: an OpenAI-compatible endpoint scores answers 0-100
 
 JUDGE_PROMPT = """Grade a model's answer to this instruction.
 {prompt}
@@ -464,7 +537,7 @@ def print_judgement(result: dict) -> None:
 
 
 # -----------------------------------------------------------------------------
-# 5. The report, and the command line
+# 6. The report, and the command line
 
 DEFAULT_CKPT = "out/shakespeare-char/ckpt.pt"  # 05_pretrain.py's output: the Quick start's model
 
@@ -508,6 +581,8 @@ class EvalConfig:
 
     ckpt: Annotated[str, "the model to score: a checkpoint of 04-08"] = DEFAULT_CKPT
     task: Annotated[str, "hellaswag (fetched into data/), or a JSONL file of examples"] = ""
+    text_file: Annotated[str, "a UTF-8 text: its perplexity and bits per byte"] = ""
+    stride: Annotated[int, "--text_file: tokens between windows; 0 = half a window"] = 0
     limit: Annotated[int, "score the first N examples; 0 = all"] = 0
     compare: Annotated[str, "a second checkpoint, scored on the same examples"] = ""
     out_json: Annotated[str, "write the scores and per-example results here"] = ""
@@ -524,18 +599,22 @@ class EvalConfig:
     def __post_init__(self):  # checked before loading anything; parse_config prints the error
         self.device = pick_device(self.device)  # "auto" -> cuda, mps or cpu
         self.dtype = pick_dtype(self.dtype, self.device)
-        if not (self.task or self.responses):
-            raise ValueError("nothing to do: pass --task=hellaswag|FILE.jsonl, "
+        if self.task and self.text_file:
+            raise ValueError("pass --task or --text_file, not both: one evaluation per run")
+        if not (self.task or self.text_file or self.responses):
+            raise ValueError("nothing to do: pass --task=hellaswag|FILE.jsonl, --text_file=FILE, "
                              "or --responses=FILE with --judge_url and --judge_model")
-        if min(self.limit, self.threads) < 0 or self.batch_tokens < 1:
-            raise ValueError("need --limit >= 0, --threads >= 0 and --batch_tokens >= 1")
+        if min(self.limit, self.threads, self.stride) < 0 or self.batch_tokens < 1:
+            raise ValueError("need --limit, --threads and --stride >= 0, --batch_tokens >= 1")
         if self.responses and not (self.judge_url and self.judge_model):
             raise ValueError("--responses needs --judge_url and --judge_model")
-        for name in ("ckpt", "compare", "responses", "out_json", "task"):
+        for name in ("ckpt", "compare", "responses", "out_json", "task", "text_file"):
             value = getattr(self, name)
             if value and value != "hellaswag":
                 setattr(self, name, str(PROJECT / value))
-        must_exist = ["compare", "responses", "task"] + (["ckpt"] if self.task else [])
+        must_exist = ["compare", "responses", "task", "text_file"]
+        if self.task or self.text_file:
+            must_exist.append("ckpt")
         for name in must_exist:
             value = getattr(self, name)
             if value and value != "hellaswag" and not Path(value).is_file():
@@ -575,6 +654,26 @@ def run_task(cfg) -> dict:
     return result
 
 
+def run_text(cfg) -> dict:
+    """Perplexity and bits per byte of cfg.text_file under cfg.ckpt (and cfg.compare)."""
+    try:
+        text = Path(cfg.text_file).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"--text_file={cfg.text_file} is not UTF-8 text") from None
+    results = []
+    for path in [cfg.ckpt, cfg.compare] if cfg.compare else [cfg.ckpt]:
+        model, tok, about = load_model(path, cfg)
+        result = text_scores(model, tok, text, cfg.stride, cfg.batch_tokens, progress=True,
+                             where=cfg.text_file)
+        print(f"{path}: {result['tokens']:,} tokens scored, {result['bytes']:,} bytes, "
+              f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.3f}, "
+              f"bits per byte {result['bits_per_byte']:.4f}")
+        results.append({"text_file": cfg.text_file, **result, "model": about})
+    if cfg.compare:
+        results[0]["compare"] = results[1]
+    return results[0]
+
+
 def main(argv=None):
     cfg = parse_config(EvalConfig, argv)  # a bad setting: one "error:" line, exit status 2
     if cfg.device.startswith("cuda"):  # TF32: matmuls left in fp32 (the head)
@@ -587,12 +686,15 @@ def main(argv=None):
             print_judgement(result)
         else:
             with autocast_context(device_type, cfg.dtype):
-                result = run_task(cfg)
-    except (ValueError, OSError, RuntimeError) as e:  # bad input, a failed download or judge
+                result = run_text(cfg) if cfg.text_file else run_task(cfg)
+        if cfg.out_json:
+            write_json(cfg.out_json, result)
+    except (ValueError, OSError, RuntimeError) as e:  # bad input, a failed download, judge, write
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    if cfg.out_json:
-        write_json(cfg.out_json, result)
+    except KeyboardInterrupt:  # Ctrl-C: --out_json is written whole or not at all
+        print("\nCtrl-C: stopped", file=sys.stderr)
+        sys.exit(130)  # 128 + SIGINT, a shell's status for a Ctrl-C
     return result
 
 

@@ -5,17 +5,18 @@ each row of the table adds one change to the row above and trains from scratch w
 nanoGPT's CPU recipe for Shakespeare-char (4 layers, 128 wide, block 64, batch 12, 2,000
 iterations). The rows: 05's GPT (GPT-2's block), +RoPE, +RMSNorm, +SwiGLU, +QK-norm, +GQA, and
 last the same model with Muon, the optimizer of modded-nanogpt's speedruns, for its hidden
-matrices. Every row sees the same batches in the same order, so its val loss differs from the
-row above by its change alone; rounds repeat the table, and the table shows each row's median
-training time. A change that does not help at this size shows as such: small models and short
-runs are where some of these changes matter least.
+matrices. Every row sees the same batches in the same order from the same seed, so its val
+loss differs from the row above by its change, and by how its new shapes draw the initial weights
+(the README measures the noise a change of seed alone makes); rounds repeat the table, which
+shows each row's median training time. A change that does not help at this size shows as such:
+small models and short runs are where some of these changes matter least.
 
 References: Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks" (blog
 post and modded-nanogpt); Bernstein & Newhouse 2024, "Old optimizer, new norm"; Liu et al. 2025,
 "Muon is Scalable for LLM Training" (Moonshot AI); 12's references for each change.
 
 Run it (once before: python 02_dataloader.py --tokenizers=char, the data 05 reads):
-  python 13_ablation.py                  # the table, one round (about 12 minutes on a laptop CPU)
+  python 13_ablation.py                  # the table, one round (about 15 minutes on 2 CPU cores)
   python 13_ablation.py --rounds=3       # the README's table: the median of 3 rounds
   python 13_ablation.py --max_iters=200  # a quick look
 """
@@ -23,6 +24,7 @@ Run it (once before: python 02_dataloader.py --tokenizers=char, the data 05 read
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -41,18 +43,20 @@ PROJECT = Path(__file__).resolve().parent  # a relative --data_dir starts here
 # -----------------------------------------------------------------------------
 # The ablation: one change a row, each row trained from scratch as 05 trains
 #
-# The loop is 05's without its machinery (no checkpoints or logs: a row is minutes long), with 05's
-# pieces copied: get_batch, get_lr, estimate_loss. The first row is 05's model: GPT-2's block with
-# no biases, as 05 trains it by default (a test loads 05's weights into it). SwiGLU's hidden size
-# keeps the parameter count; GQA halves the key/value heads, which removes parameters: the table
-# shows how many. The last row is the same model as the row above, with Muon (below).
+# The loop is 05's without its machinery (no checkpoints, logs or fp16 loss scaling: a row is
+# minutes long), with 05's pieces copied: get_batch, get_lr, estimate_loss. The first row is 05's
+# model: GPT-2's block with no biases, as 05 trains it by default (a test loads 05's weights into
+# it). Each row adds its change to all the changes above it. SwiGLU's hidden size keeps about the
+# parameter count (8C/3 rounded up to a multiple of 32: 2% more); GQA halves the key/value heads,
+# which removes parameters: the table shows how many. The last row is the model of the row above
+# with Muon (below) for its hidden matrices, which then have no weight decay (AdamW's was 0.1).
 NANOGPT_CPU_RECIPE = dict(
-    batch_size=12, block_size=64, n_layer=4, n_head=4, n_kv_head=4, n_embd=128,
+    batch_size=12, block_size=64, n_layer=4, n_head=4, n_kv_head=4, n_embd=128,  # 4 = no GQA
     learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, decay_lr=True,
     weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0,
     eval_iters=200,  # not the recipe's 20: its noise is the size of some rows' differences
 )  # fmt: skip
-ABLATION = [  # (row, its change to the row above, optimizer)
+ABLATION = [  # (row, the change it adds to the rows above, optimizer)
     ("05's GPT", dict(bias=False), "adamw"),
     ("+RoPE", dict(pos="rope"), "adamw"),
     ("+RMSNorm", dict(norm="rmsnorm"), "adamw"),
@@ -63,14 +67,15 @@ ABLATION = [  # (row, its change to the row above, optimizer)
 ]
 
 
-def train_row(settings: dict, optimizer: str, data: dict, recipe) -> dict:
-    """One row: a ModernGPT with settings, trained as 05 trains; its val loss and speed."""
+def train_row(settings: dict, optimizer_name: str, data: dict, recipe) -> dict:
+    """One row: a ModernGPT with settings, trained as 05 trains; its val loss and speed. recipe:
+    NANOGPT_CPU_RECIPE's settings and the run's (iterations, device, seed, Muon's lr)."""
     torch.manual_seed(recipe.seed)
-    shape = ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd")
-    sizes = {name: getattr(recipe, name) for name in shape}
+    size_fields = ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd")
+    sizes = {name: getattr(recipe, name) for name in size_fields}
     config = ModernConfig(**{**sizes, **settings})  # the row's settings win
     model = ModernGPT(config).to(recipe.device)
-    optimizers = make_optimizers(model, recipe, optimizer == "muon")
+    optimizers = make_optimizers(model, recipe, optimizer_name == "muon")
     groups = [group for opt in optimizers for group in opt.param_groups]
     for group in groups:  # 05's schedule, as a fraction of each group's own peak
         group["peak_lr"] = group["lr"]
@@ -103,35 +108,47 @@ def ablate(cfg) -> list[dict]:
     """Train every ABLATION row cfg.rounds times (rows interleaved); print the table."""
     corpus = PROJECT / cfg.data_dir / "tinyshakespeare-char"
     data = {split: load_tokens(corpus, split) for split in ("train", "val")}
+    dtype = pick_dtype("auto", cfg.device)  # bf16 on recent GPUs, else fp32 (05's fp32 on CPU)
+    if dtype == "float16":  # no loss scaling here: older GPUs train in fp32
+        dtype = "float32"
     recipe = SimpleNamespace(
         **NANOGPT_CPU_RECIPE, vocab_size=load_meta(corpus)["n_vocab"],
         max_iters=cfg.max_iters, lr_decay_iters=cfg.max_iters, muon_lr=cfg.muon_lr,
-        seed=cfg.seed, device=cfg.device, dtype=pick_dtype("auto", cfg.device))
-    runs = {name: [] for name, _, _ in ABLATION}
-    for round_number in range(1, cfg.rounds + 1):
-        settings = {}
-        for name, change, optimizer in ABLATION:
-            settings = {**settings, **change}
-            run = train_row(settings, optimizer, data, recipe)
+        seed=cfg.seed, device=cfg.device, dtype=dtype)
+    # the recipe warms up for 100 of 2,000 iterations; a shorter run, for a 20th of its own
+    recipe.warmup_iters = min(recipe.warmup_iters, cfg.max_iters // 20)
+    rows = []  # (name, all the changes so far, optimizer)
+    settings = {}
+    for name, change, optimizer_name in ABLATION:
+        settings = {**settings, **change}
+        rows.append((name, settings, optimizer_name))
+    runs = {name: [] for name, _, _ in rows}
+    for round_index in range(cfg.rounds):
+        # each round starts at another row: a row trained late in a long run is slower (a CPU's
+        # clock drops under sustained load), so no row is always late
+        first = round_index * len(rows) // cfg.rounds
+        for name, settings, optimizer_name in rows[first:] + rows[:first]:
+            run = train_row(settings, optimizer_name, data, recipe)
             runs[name].append(run)
-            print(f"round {round_number}/{cfg.rounds} {name}: val loss "
-                  f"{run['val_loss']:.4f}, {run['seconds']:.1f} s")
+            print(f"round {round_index + 1}/{cfg.rounds} {name}: val loss "
+                  f"{run['val_loss']:.4f}, {run['seconds']:.1f} s", flush=True)
     return print_table(runs, recipe)
 
 
 def print_table(runs: dict, recipe) -> list[dict]:
-    """The ablation as a Markdown table: each row's median time; its val loss (on a CPU the same in
-    every round) and the change from the row above."""
+    """The ablation as a Markdown table: each row's median time and val loss (on a CPU the same
+    in every round), and the change in val loss from the row above."""
     print(f"\n{recipe.max_iters} iterations of nanoGPT's CPU recipe on {recipe.device}, "
           f"median of {len(next(iter(runs.values())))} round(s)")
-    print("| row | parameters | KV cache bytes/token | val loss | vs the row above "
+    print("| row | parameters | KV cache bytes/token (bf16) | val loss | vs the row above "
           "| train s | tokens/s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     table = []
     above = None
-    for name, rounds in runs.items():
-        seconds = sorted(run["seconds"] for run in rounds)[len(rounds) // 2]
-        row = dict(rounds[0], name=name, seconds=seconds)
+    for name, row_runs in runs.items():
+        seconds = statistics.median(run["seconds"] for run in row_runs)
+        val_loss = statistics.median(run["val_loss"] for run in row_runs)
+        row = dict(row_runs[0], name=name, seconds=seconds, val_loss=val_loss)
         row["tokens_per_s"] = recipe.max_iters * recipe.batch_size * recipe.block_size / seconds
         delta = "" if above is None else f"{row['val_loss'] - above['val_loss']:+.4f}"
         print(f"| {name} | {row['params']:,} | {row['kv_bytes']:,} | {row['val_loss']:.4f} "
@@ -144,16 +161,18 @@ def print_table(runs: dict, recipe) -> list[dict]:
 # -----------------------------------------------------------------------------
 # Muon: an optimizer for the hidden matrices
 #
-# Muon (Jordan et al. 2024, from modded-nanogpt; Kimi K2 trained with it at scale) is an optimizer
-# for the blocks' 2-D weights. The momentum of a weight matrix's gradient is dominated by a few
-# directions (a few large singular values); Muon steps along the nearest orthogonal matrix instead,
-# U V^T for the momentum's U S V^T, so that every direction gets the same step and the rare ones
-# learn too. Newton-Schulz finds U V^T without an SVD: scaled so no singular value exceeds 1, X
-# goes through five steps of the odd polynomial aX + b(XX^T)X + c(XX^T)^2 X, which acts on each
-# singular value alone: a small one grows 3.4x a step, a large one settles in about 0.7-1.2. Close
-# enough, and five steps stay cheap; the few that start below 1/1000 of the norm stay small.
-# Cost: 15 matmuls of the weight's size per step, small beside a forward pass over a batch.
-# Embeddings, the head and the norm gains stay with AdamW: a row of wte is a lookup, not a map.
+# Muon (Jordan et al. 2024, from modded-nanogpt's speedruns; Moonshot trained Kimi K2 with a
+# variant) is an optimizer for the blocks' 2-D weights. The momentum of a weight matrix's gradient
+# is dominated by a few directions (a few large singular values); Muon steps along the nearest
+# orthogonal matrix instead, U V^T for the momentum's U S V^T, so that every direction gets the
+# same step and the rare ones learn too. Newton-Schulz finds U V^T without an SVD: scaled so no
+# singular value exceeds 1, X goes through five steps of the odd polynomial
+# aX + b(XX^T)X + c(XX^T)^2 X, which acts on each singular value alone: a small one grows 3.4x a
+# step, a large one settles in about 0.7-1.2. Close enough, and five steps stay cheap; the few
+# that start below 1/1000 of the norm end below about 0.5. Its cost grows with the weights, not
+# with the batch: with this file's 768-token batches its FLOPs are about 60% of a training
+# step's, at GPT-2 124M with nanoGPT's 0.5M-token batches under 0.01%. Embeddings, the head and
+# the norm gains stay with AdamW: a row of wte is a lookup, not a map.
 NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)  # a, b, c: Jordan's, for a fast start from small values
 
 
@@ -199,21 +218,23 @@ class Muon(torch.optim.Optimizer):
 
 def make_optimizers(model, recipe, muon: bool) -> list:
     """AdamW as 05 sets it up; with muon, Muon takes the blocks' matrices from AdamW."""
-    hidden = []
+    muon_params = []
     if muon:
         named = model.named_parameters()
-        hidden = [p for name, p in named if name.startswith("transformer.h.") and p.dim() == 2]
-    taken = {id(p) for p in hidden}
-    rest = [p for p in model.parameters() if id(p) not in taken]
-    decayed = [p for p in rest if p.dim() >= 2]  # as 05: the matrices (here wte and the head)
-    groups = [{"params": decayed, "weight_decay": recipe.weight_decay},
-              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+        muon_params = [p for n, p in named if n.startswith("transformer.h.") and p.dim() == 2]
+    muon_ids = {id(p) for p in muon_params}
+    adamw_params = [p for p in model.parameters() if id(p) not in muon_ids]
+    matrices = [p for p in adamw_params if p.dim() >= 2]  # as 05: decay the matrices only
+    vectors = [p for p in adamw_params if p.dim() < 2]
+    groups = [{"params": matrices, "weight_decay": recipe.weight_decay},
+              {"params": vectors, "weight_decay": 0.0}]
     betas = (recipe.beta1, recipe.beta2)
-    fused = torch.device(recipe.device).type in ("cuda", "cpu")  # as 05; MPS: foreach
-    adamw = torch.optim.AdamW(groups, lr=recipe.learning_rate, betas=betas, fused=fused)
+    fused = torch.device(recipe.device).type in ("cuda", "cpu")
+    implementation = {"fused": True} if fused else {"foreach": True}  # as 05
+    adamw = torch.optim.AdamW(groups, lr=recipe.learning_rate, betas=betas, **implementation)
     optimizers = [adamw]
-    if hidden:
-        optimizers.append(Muon(hidden, lr=recipe.muon_lr))
+    if muon_params:
+        optimizers.append(Muon(muon_params, lr=recipe.muon_lr))
     return optimizers
 
 
@@ -242,6 +263,8 @@ class AblationConfig:
 
 def main(argv=None):
     cfg = parse_config(AblationConfig, argv)  # bad flags: one line, exit 2
+    if cfg.device.startswith("cuda"):  # TF32, as 05: fp32 matmuls on the tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = True
     try:
         return ablate(cfg)
     except (ValueError, FileNotFoundError) as e:  # no prepared data

@@ -1,7 +1,7 @@
 """Tests for 09_generate.py: the KV cache against the model's own forward, sampling filters against
 sets computed here from the logits, batching against one prompt at a time, the full-context rule
-against a plain re-implementation of its docstring, stopping, streaming, perplexity against the
-model's own forward one position at a time, and the command line's messages."""
+against a plain re-implementation of its docstring, stopping, streaming, and the command line's
+messages."""
 
 import dataclasses
 import io
@@ -244,71 +244,6 @@ def test_stream_holds_back_a_possible_stop_string(gen09):
 
 
 # -----------------------------------------------------------------------------
-# Evaluation
-
-
-@pytest.mark.parametrize(
-    "n_tokens, block_size, stride", [(10, 4, 2), (50, 16, 5), (9, 16, 3), (33, 8, 8)]
-)
-def test_strided_windows_score_every_target_once(gen09, n_tokens, block_size, stride):
-    windows = gen09.strided_windows(n_tokens, block_size, stride)
-    T = min(block_size, n_tokens - 1)
-    scored = []
-    for begin, end, n in windows:
-        assert end - begin == T and 1 <= n <= T
-        scored += range(end - n + 1, end + 1)  # target positions in the text
-        assert n == T or end - n - begin >= T - stride  # context of the first scored target
-    assert scored == list(range(1, n_tokens))
-
-
-def context_start(t: int, T: int, stride: int, n_tokens: int) -> int:
-    """Where the context of target t begins, read off evaluate_text's docstring, one position at a
-    time: windows of T tokens, the first ids[0:T] (targets 1..T), each next one ending `stride`
-    later, the last one ending the text; a target is scored by the first window that reaches it."""
-    end = T
-    while end < t:
-        end = min(end + stride, n_tokens - 1)
-    return end - T
-
-
-@pytest.mark.parametrize("stride", [1, 10, 32])
-def test_perplexity_equals_a_reference_computed_one_position_at_a_time(gen09, stride):
-    """Each target's negative log-likelihood from the GPT's own forward over exactly the context the
-    docstring promises it: stride 1 is a sliding window (the last 32 tokens), 32 no overlap."""
-    line = "To be, or not to be: that is the question — Whether 'tis nobler in the mind to suffer "
-    text = (line + "café. ") * 3
-    tok = gen09.CharTokenizer.from_text(text)
-    model = rough_model(gen09, block_size=32, vocab_size=tok.n_vocab)
-    result = gen09.evaluate_text(model, tok, text, stride=stride, batch_size=3)
-    ids = tok.encode(text)
-    nats = 0.0
-    with torch.no_grad():
-        for t in range(1, len(ids)):  # every target but the first character
-            begin = context_start(t, 32, stride, len(ids))
-            logits, _ = model(torch.tensor([ids[begin:t]]))  # (1, 1, V): the last position
-            nats -= logits[0, -1].log_softmax(dim=-1)[ids[t]].item()
-    n_bytes = len(text[1:].encode("utf-8"))  # the first character is context only
-    assert n_bytes > len(text) - 1  # '—' and 'é' take more than one byte
-    assert result["tokens"] == len(text) - 1 and result["bytes"] == n_bytes
-    assert result["perplexity"] == pytest.approx(math.exp(nats / (len(text) - 1)), rel=1e-5)
-    assert result["bits_per_byte"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-5)
-
-
-def test_bits_per_byte_of_gpt2_scores_every_token(gen09):
-    """With GPT-2's tokenizer the text follows an <|endoftext|>, so all its bytes are scored."""
-    tok = gen09.get_tokenizer({"kind": "gpt2"})
-    model = rough_model(gen09, block_size=16, vocab_size=tok.n_vocab)
-    text = "Hello, naïve world! 👋"
-    result = gen09.evaluate_text(model, tok, text)
-    ids = torch.tensor([tok.eot_token] + tok.encode(text))
-    logits, _ = model(ids[None, :-1])
-    nats = F.cross_entropy(logits[0], ids[1:], reduction="sum").item()  # fits one window
-    assert result["bytes"] == len(text.encode("utf-8"))
-    bits_per_byte = nats / math.log(2) / len(text.encode())
-    assert result["bits_per_byte"] == pytest.approx(bits_per_byte, rel=1e-5)
-
-
-# -----------------------------------------------------------------------------
 # Command line
 
 
@@ -337,7 +272,7 @@ def exits_with_one_error_line(gen09, argv, capsys) -> str:
     return err
 
 
-def test_cli_samples_evaluates_and_chats_from_a_checkpoint(gen09, tmp_path, capsys, monkeypatch):
+def test_cli_samples_and_chats_from_a_checkpoint(gen09, tmp_path, capsys, monkeypatch):
     chars = "".join(sorted(set("abcdefghijklmnopqrstuvwxyz ,.:#?\n" + "BIRW")))
     model, tok = save_tiny_checkpoint(gen09, tmp_path / "ckpt.pt", chars, stage="finetune")
     ckpt = f"--ckpt={tmp_path / 'ckpt.pt'}"
@@ -351,12 +286,6 @@ def test_cli_samples_evaluates_and_chats_from_a_checkpoint(gen09, tmp_path, caps
     out = capsys.readouterr().out
     assert len(texts) == 3 and len(set(texts)) > 1  # one batch, three different samples
     assert all("to be" + text in out for text in texts)
-
-    (tmp_path / "eval.txt").write_text("to be, or not to be.\n" * 5, encoding="utf-8")
-    result = gen09.main([ckpt, f"--eval_file={tmp_path / 'eval.txt'}", "--device=cpu"])
-    captured = capsys.readouterr()  # a second's work: no progress lines
-    assert "bits per byte" in captured.out and "tokens/s" not in captured.err
-    assert result["tokens"] == 5 * 21 - 1
 
     monkeypatch.setattr("sys.stdin", io.StringIO("Say a word.\n/quit\n"))  # what input() reads
     gen09.main([ckpt, "--chat", "--max_new_tokens=10", "--temperature=0", "--device=cpu"])
@@ -382,21 +311,6 @@ def test_chat_reports_only_the_characters_the_user_typed(gen09, tmp_path, capsys
     assert "#" not in out
     assert out.count("sent as '?'") == 1  # the first message is all known characters
     assert "sent as '?': '+2'" in out
-
-
-def test_eval_file_shows_progress_when_long(gen09, tmp_path, capsys, monkeypatch):
-    """A clock that jumps 10 s per reading makes every batch 'long': each prints tokens, rate, time
-    left."""
-    save_tiny_checkpoint(gen09, tmp_path / "ckpt.pt", "abc \n")
-    (tmp_path / "eval.txt").write_text("abc cab\n" * 100, encoding="utf-8")
-    clock = iter(range(0, 10**6, 10))
-    monkeypatch.setattr(gen09.time, "perf_counter", lambda: next(clock))
-    ckpt = f"--ckpt={tmp_path / 'ckpt.pt'}"
-    argv = [ckpt, f"--eval_file={tmp_path / 'eval.txt'}", "--device=cpu"]
-    result = gen09.main(argv)
-    err = capsys.readouterr().err
-    assert result["tokens"] == 799 and err.count("tokens/s") >= 3 and "s left" in err
-    assert "scored 799 / 799 tokens" in err
 
 
 @pytest.mark.parametrize("stage, script, loss", [
@@ -461,22 +375,19 @@ def test_a_missing_gpt2_checkpoint_names_04(gen09, tmp_path, monkeypatch, capsys
     assert "python 04_gpt.py --init_from=gpt2 --save_ckpt" in err and "05_pretrain" not in err
 
 
-def test_a_relative_ckpt_and_eval_file_start_at_the_project_folder(
-    gen09, tmp_path, monkeypatch, capsys
-):
-    """Run from elsewhere: --ckpt=<folder>/ckpt.pt and --eval_file are found next to 09, not in the
-    current folder (where 05 once wrote out/ and 09 then said "no such file")."""
+def test_a_relative_ckpt_starts_at_the_project_folder(gen09, tmp_path, monkeypatch, capsys):
+    """Run from elsewhere: --ckpt=<folder>/ckpt.pt is found next to 09, not in the current folder
+    (where 05 once wrote out/ and 09 then said "no such file")."""
     monkeypatch.chdir(tmp_path)
     run_dir = Path(tempfile.mkdtemp(prefix=".test09-", dir=ROOT))  # inside the project folder
     try:
         save_tiny_checkpoint(gen09, run_dir / "ckpt.pt", "abc \n")
-        (run_dir / "eval.txt").write_text("abc cab\n" * 3, encoding="utf-8")
         folder = run_dir.name  # relative to the project folder
-        argv = [f"--ckpt={folder}/ckpt.pt", f"--eval_file={folder}/eval.txt", "--device=cpu"]
-        result = gen09.main(argv)
+        argv = [f"--ckpt={folder}/ckpt.pt", "--max_new_tokens=3", "--device=cpu"]
+        texts = gen09.main(argv)
     finally:
         shutil.rmtree(run_dir)
-    assert result["tokens"] == 3 * 8 - 1
+    assert len(texts) == 1
     assert f"loaded {folder}/ckpt.pt:" in capsys.readouterr().out
 
 
@@ -503,14 +414,6 @@ def test_text_the_model_cannot_encode_is_a_user_error(gen09, tmp_path, capsys):
     assert "'Z'" in err and "vocabulary" in err
 
 
-def test_an_eval_file_that_is_not_utf8_is_a_user_error(gen09, tmp_path, capsys):
-    save_tiny_checkpoint(gen09, tmp_path / "ckpt.pt", "abc \n")
-    (tmp_path / "eval.txt").write_bytes(b"abc \xff\xfe cab\n")  # Latin-1 bytes, not UTF-8
-    argv = [f"--ckpt={tmp_path / 'ckpt.pt'}", f"--eval_file={tmp_path / 'eval.txt'}"]
-    err = exits_with_one_error_line(gen09, argv + ["--device=cpu"], capsys)
-    assert "utf-8" in err
-
-
 def test_bench_prints_a_row_per_length_without_the_warm_up(gen09, capsys, monkeypatch):
     """bench on a tiny model (a fraction of a second): the header, then one row per length, each
     with tokens/s cached and not, the speedup, and ms per token first -> last for both."""
@@ -529,18 +432,17 @@ def test_bench_prints_a_row_per_length_without_the_warm_up(gen09, capsys, monkey
 
 @pytest.mark.parametrize("name, flags", [
     ("top_p", "--top_p=2"), ("temperature", "--temperature=-1"), ("num_samples", "--num_samples=0"),
-    ("device", "--device=tpu"), ("dtype", "--dtype=float8"), ("eval_file", "--eval_file=/no.txt"),
+    ("device", "--device=tpu"), ("dtype", "--dtype=float8"),
     ("huge", "--bench --bench_presets=small,huge"),
 ])  # fmt: skip
 def test_cli_rejects_bad_settings_before_loading(gen09, capsys, name, flags):
     assert name in exits_with_one_error_line(gen09, flags.split(), capsys)
 
 
-@pytest.mark.parametrize("flag", ["--max_new_tokens=-1", "--eval_stride=-1", "--threads=-1",
-                                  "--num_samples=0"])
+@pytest.mark.parametrize("flag", ["--max_new_tokens=-1", "--threads=-1", "--num_samples=0"])
 def test_a_number_out_of_range_names_only_its_own_flag(gen09, capsys, flag):
     err = exits_with_one_error_line(gen09, [flag, "--device=cpu"], capsys)
-    names = ["--max_new_tokens", "--eval_stride", "--threads", "--num_samples"]
+    names = ["--max_new_tokens", "--threads", "--num_samples"]
     assert [name for name in names if name in err] == [flag.split("=")[0]], err
 
 
@@ -623,7 +525,7 @@ def test_help_lists_the_flags(gen09, capsys):
         gen09.main(["--help"])
     out = capsys.readouterr().out
     assert exit_info.value.code == 0
-    flags = ("--ckpt", "--temperature", "--top_p", "--stop", "--chat", "--eval_file", "--bench")
+    flags = ("--ckpt", "--temperature", "--top_p", "--stop", "--chat", "--bench")
     for flag in flags:
         assert flag in out
 

@@ -1,13 +1,15 @@
 """Tests for 11_evaluate.py: each choice's log-probability is transformers' (on 10's export), the
 three scores are what their definitions say, packed batches score as one example at a time does,
 the judge copes with numbers, words and errors (a stub, and 10_serve.py's server), a download with
-the wrong hash leaves nothing, and bad input is one line."""
+the wrong hash leaves nothing, a text's perplexity and bits per byte equal the model's own forward
+one position at a time, and bad input is one line."""
 
 import contextlib
 import dataclasses
 import hashlib
 import http.server
 import json
+import math
 import socket
 import threading
 import uuid
@@ -274,6 +276,9 @@ def test_bad_settings_and_files_are_one_line(ev11, tmp_path, capsys):
         ([f"--ckpt={char_ckpt}"], "nothing to do"),
         ([f"--ckpt={char_ckpt}", f"--task={tmp_path / 'none.jsonl'}"], "no such file"),
         ([f"--responses={plain}"], "--judge_url and --judge_model"),
+        ([f"--ckpt={char_ckpt}", f"--text_file={tmp_path / 'none.txt'}"], "no such file"),
+        ([f"--ckpt={char_ckpt}", f"--text_file={plain}", "--stride=-1"], "--stride"),
+        ([f"--ckpt={char_ckpt}", f"--text_file={plain}", f"--task={plain}"], "not both"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as e:
@@ -422,3 +427,114 @@ def test_judge_through_10s_server(ev11, tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+# -----------------------------------------------------------------------------
+# A text: perplexity and bits per byte
+
+
+@pytest.mark.parametrize(
+    "n_tokens, block_size, stride", [(10, 4, 2), (50, 16, 5), (9, 16, 3), (33, 8, 8)]
+)
+def test_strided_windows_score_every_target_once(ev11, n_tokens, block_size, stride):
+    windows = ev11.strided_windows(n_tokens, block_size, stride)
+    T = min(block_size, n_tokens - 1)
+    scored = []
+    for begin, end, n in windows:
+        assert end - begin == T and 1 <= n <= T
+        scored += range(end - n + 1, end + 1)  # target positions in the text
+        assert n == T or end - n - begin >= T - stride  # context of the first scored target
+    assert scored == list(range(1, n_tokens))
+
+
+def context_start(t: int, T: int, stride: int, n_tokens: int) -> int:
+    """Where the context of target t begins, read off strided_windows' docstring, one position at
+    a time: windows of T tokens, the first ids[0:T] (targets 1..T), each next one ending `stride`
+    later, the last one ending the text; a target is scored by the first window that reaches it."""
+    end = T
+    while end < t:
+        end = min(end + stride, n_tokens - 1)
+    return end - T
+
+
+@pytest.mark.parametrize("stride", [1, 10, 32])
+def test_perplexity_equals_a_reference_computed_one_position_at_a_time(ev11, stride):
+    """Each target's negative log-likelihood from the GPT's own forward over exactly the context the
+    windows promise it: stride 1 is a sliding window (the last 32 tokens), 32 no overlap. Three
+    windows share a forward pass, and the last pass is a short one."""
+    line = "To be, or not to be: that is the question — Whether 'tis nobler in the mind to suffer "
+    text = (line + "café. ") * 3
+    tok = ev11.CharTokenizer.from_text(text)
+    model = rough_model(ev11, tok.n_vocab, block_size=32).eval()
+    result = ev11.text_scores(model, tok, text, stride=stride, batch_tokens=3 * 32)
+    ids = tok.encode(text)
+    nats = 0.0
+    with torch.no_grad():
+        for t in range(1, len(ids)):  # every target but the first character
+            begin = context_start(t, 32, stride, len(ids))
+            logits, _ = model(torch.tensor([ids[begin:t]]))  # (1, 1, V): the last position
+            nats -= logits[0, -1].log_softmax(dim=-1)[ids[t]].item()
+    n_bytes = len(text[1:].encode("utf-8"))  # the first character is context only
+    assert n_bytes > len(text) - 1  # '—' and 'é' take more than one byte
+    assert result["tokens"] == len(text) - 1 and result["bytes"] == n_bytes
+    assert result["perplexity"] == pytest.approx(math.exp(nats / (len(text) - 1)), rel=1e-5)
+    assert result["bits_per_byte"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-5)
+
+
+def test_bits_per_byte_of_gpt2_scores_every_token(ev11):
+    """With GPT-2's tokenizer the text follows an <|endoftext|>, so all its bytes are scored."""
+    tok = ev11.get_tokenizer({"kind": "gpt2"})
+    model = rough_model(ev11, tok.n_vocab, block_size=16).eval()
+    text = "Hello, naïve world! 👋"
+    result = ev11.text_scores(model, tok, text)
+    ids = torch.tensor([tok.eot_token] + tok.encode(text))
+    logits, _ = model(ids[None, :-1])
+    nats = torch.nn.functional.cross_entropy(logits[0], ids[1:], reduction="sum").item()
+    assert result["bytes"] == len(text.encode("utf-8"))
+    bits_per_byte = nats / math.log(2) / len(text.encode())
+    assert result["bits_per_byte"] == pytest.approx(bits_per_byte, rel=1e-5)
+
+
+def test_text_file_on_the_command_line_with_compare_and_json(ev11, tmp_path, capsys):
+    text = "to be, or not to be.\n" * 5
+    (tmp_path / "eval.txt").write_text(text, encoding="utf-8")
+    spec = {"kind": "char", "chars": CHARS}
+    first = save_ckpt(rough_model(ev11, len(CHARS), seed=0), spec, tmp_path / "a.pt")
+    second = save_ckpt(rough_model(ev11, len(CHARS), seed=1), spec, tmp_path / "b.pt")
+    argv = [f"--ckpt={first}", f"--compare={second}", f"--text_file={tmp_path / 'eval.txt'}",
+            f"--out_json={tmp_path / 'out.json'}", "--device=cpu"]  # fmt: skip
+    result = ev11.main(argv)
+    out = capsys.readouterr().out
+    saved = json.loads((tmp_path / "out.json").read_text())
+    assert saved["tokens"] == len(text) - 1 and saved["compare"]["tokens"] == len(text) - 1
+    assert saved["bits_per_byte"] != saved["compare"]["bits_per_byte"]  # two models, two numbers
+    for scores in (result, result["compare"]):
+        assert f"bits per byte {scores['bits_per_byte']:.4f}" in out
+
+
+def test_a_text_file_that_is_not_utf8_is_one_line(ev11, tmp_path, capsys):
+    ckpt = save_ckpt(rough_model(ev11, len(CHARS)), {"kind": "char", "chars": CHARS},
+                     tmp_path / "ckpt.pt")  # fmt: skip
+    (tmp_path / "eval.txt").write_bytes(b"abc \xff\xfe cab\n")  # Latin-1 bytes, not UTF-8
+    with pytest.raises(SystemExit) as e:
+        ev11.main([f"--ckpt={ckpt}", f"--text_file={tmp_path / 'eval.txt'}", "--device=cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "is not UTF-8 text" in err and err.count("\n") == 1
+
+
+def test_ctrl_c_stops_with_one_line_and_no_json(ev11, tmp_path, capsys, monkeypatch):
+    ckpt = save_ckpt(rough_model(ev11, len(CHARS)), {"kind": "char", "chars": CHARS},
+                     tmp_path / "ckpt.pt")  # fmt: skip
+    (tmp_path / "eval.txt").write_text("to be.\n" * 3, encoding="utf-8")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # what Python raises in the main thread at a Ctrl-C
+
+    monkeypatch.setattr(ev11, "text_scores", interrupted)
+    argv = [f"--ckpt={ckpt}", f"--text_file={tmp_path / 'eval.txt'}",
+            f"--out_json={tmp_path / 'out.json'}", "--device=cpu"]  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        ev11.main(argv)
+    assert e.value.code == 130 and capsys.readouterr().err.strip() == "Ctrl-C: stopped"
+    assert not (tmp_path / "out.json").exists()
+
