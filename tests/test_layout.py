@@ -7,8 +7,9 @@ lines; the later stages at most 600 above the appendix's section rule (the docst
 stop on Ctrl-C after a save (05; 06, whose ranks also agree where they start and when to stop;
 07, whose resume carries LoRA's unmerged weights), 700 for 11, which holds three evaluations (a
 text's bits per byte, which 09 gave up to it, multiple choice and a judge), and 1,200 in all.
-The appendix's size follows from its origins: when they were unpacked to one idea per line, the copies of 05-11 grew to
-420-640 lines, more than the 400 that a 1,000-line total would have left them. A budget is a
+The appendix's size follows from its origins: when they were unpacked to one idea per line,
+the copies of 05-11 grew to 420-640 lines, more than the 400 that a 1,000-line total would have
+left them. A budget is a
 ceiling, not a target: lines are split until each says one thing, then machinery is cut, never
 explanation. A copy comes from an earlier stage, never a later one: a reader who reaches it has
 read its origin already.
