@@ -343,7 +343,7 @@ def test_load_safetensors_truncated_or_missing(gpt04, tmp_path):
 # --- Hugging Face GPT-2: names, weights, logits --------------------------------------------------
 
 
-def random_hf_gpt2():
+def random_hf_gpt2(activation_function="gelu_new"):
     """A small HF GPT2LMHeadModel with every weight random (biases and LayerNorms too).
 
     HF initialises biases to 0 and LayerNorm to (1, 0) and its weights small; left that way, a
@@ -356,7 +356,8 @@ def random_hf_gpt2():
     sizes.update(n_embd=TINY["n_embd"])
     sizes.update(n_layer=TINY["n_layer"], n_head=TINY["n_head"], bos_token_id=0, eos_token_id=0)
     no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    hf_config = transformers.GPT2Config(**sizes, **no_dropout)
+    hf_config = transformers.GPT2Config(**sizes, **no_dropout,
+                                        activation_function=activation_function)
     hf_config._attn_implementation = "eager"
     hf = transformers.GPT2LMHeadModel(hf_config).eval()
     with torch.no_grad():
@@ -383,12 +384,16 @@ def save_in_hf_naming(hf, path, prefix):
     safetensors_torch.save_file({k: v.contiguous() for k, v in sd.items()}, path)
 
 
-@pytest.mark.parametrize("prefix", ["", "transformer."])
-def test_logits_match_huggingface_gpt2(gpt04, tmp_path, prefix):
-    hf = random_hf_gpt2()
+@pytest.mark.parametrize("prefix, gelu, hf_gelu", [
+    ("", "tanh", "gelu_new"),  # OpenAI's GPT-2
+    ("transformer.", "tanh", "gelu_new"),
+    ("", "none", "gelu"),  # the exact GELU that 05 trains with
+])  # fmt: skip
+def test_logits_match_huggingface_gpt2(gpt04, tmp_path, prefix, gelu, hf_gelu):
+    hf = random_hf_gpt2(hf_gelu)
     path = tmp_path / "model.safetensors"
     save_in_hf_naming(hf, path, prefix)
-    model = tiny_model(gpt04)
+    model = tiny_model(gpt04, gelu=gelu)
     model.load_state_dict(gpt04.hf_to_gpt_state_dict(gpt04.load_safetensors(path)))
     assert model.lm_head.weight is model.transformer.wte.weight  # loading kept the tie
 

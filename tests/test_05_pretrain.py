@@ -110,6 +110,7 @@ def test_run_writes_checkpoints_log_and_plot(trained):
     assert out["val_loss"] == result["val_loss"] == out["best_val_loss"]
     # the settings as given (tiny() gives both): an "auto" dtype resolves anew at each resume
     assert out["config"]["dtype"] == "float32" and out["config"]["device"] == "cpu"
+    assert out["model_args"]["gelu"] == out["config"]["gelu"] == "none"  # what it trained with
     lines = open(f"{cfg.out_dir}/log.jsonl").read().splitlines()
     assert len([line for line in lines if '"val_loss"' in line]) == 3  # iterations 0, 100, 200
     # matplotlib is optional for users, but requirements-dev.txt installs it: CI tests the plot
@@ -529,6 +530,21 @@ def test_defaults_are_the_cpu_preset(pre05, char_corpus, tmp_path):
     )
     assert (cfg.learning_rate, cfg.min_lr, cfg.beta2, cfg.dropout) == (1e-3, 1e-4, 0.99, 0.0)
     assert (cfg.dtype, cfg.threads, cfg.compile) == ("auto", 0, False)
+    assert cfg.model_config(65).gelu == "none"  # nanoGPT's exact GELU: faster than GPT-2's tanh
+
+
+def test_a_checkpoint_from_before_the_gelu_setting_loads_with_gpt2s_gelu(pre05, tmp_path):
+    """model_args without "gelu" (checkpoints saved before it existed) mean GPT-2's tanh GELU."""
+    model = pre05.GPT(pre05.GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=2, n_embd=16))
+    model_args = asdict(model.config)
+    del model_args["gelu"]
+    spec = {"kind": "char", "chars": "abcdefghijk"}
+    ckpt = {"model": model.state_dict(), "model_args": model_args, "tokenizer": spec}
+    pre05.save_checkpoint(tmp_path / "c.pt", ckpt)
+    loaded, tokenizer, _ = pre05.load_checkpoint(tmp_path / "c.pt")
+    idx = torch.tensor([tokenizer.encode("abcab")])
+    torch.testing.assert_close(loaded(idx)[0], model(idx)[0], rtol=0, atol=0)
+    assert loaded.config.gelu == "tanh"
 
 
 def test_parse_config_preset_then_flags(pre05, char_corpus, tmp_path):

@@ -28,12 +28,13 @@ import transformers
 from conftest import ROOT, roughen
 
 
-def rough_model(serve10, vocab_size, bias=True, block_size=64, seed=0):
+def rough_model(serve10, vocab_size, bias=True, block_size=64, seed=0, gelu="tanh"):
     """A tiny GPT with large random weights (std 0.3, biases too): confident, varied predictions,
     so a wrong transpose or a missing bias changes the greedy tokens, not just the fifth decimal."""
     torch.manual_seed(seed)
     config = serve10.GPTConfig(
-        block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32, bias=bias
+        block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32, bias=bias,
+        gelu=gelu,
     )
     model = serve10.GPT(config)
     return roughen(model, biases=True)
@@ -47,13 +48,14 @@ CHAR_SPEC = {"kind": "char", "chars": CHARS}
 # The Hugging Face export
 
 
-@pytest.mark.parametrize("kind, bias", [("gpt2", True), ("char", False)])
+# GPT-2's tanh GELU, and the exact one that 05 trains with: each under its Hugging Face name
+@pytest.mark.parametrize("kind, bias, gelu", [("gpt2", True, "tanh"), ("char", False, "none")])
 def test_transformers_loads_the_export_with_our_logits_and_greedy_tokens(
-    serve10, tmp_path, kind, bias
+    serve10, tmp_path, kind, bias, gelu
 ):
     vocab_size = 50257 if kind == "gpt2" else len(CHARS)
     spec = {"kind": "gpt2"} if kind == "gpt2" else CHAR_SPEC
-    model = rough_model(serve10, vocab_size, bias=bias)
+    model = rough_model(serve10, vocab_size, bias=bias, gelu=gelu)
     serve10.export_hf(model, spec, tmp_path / "hf")
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "hf", output_loading_info=True
