@@ -44,7 +44,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Annotated, ClassVar
+from typing import Annotated
 
 import requests
 import torch
@@ -55,11 +55,11 @@ import torch.nn.functional as F
 # The model
 #
 # GPTConfig holds the handful of numbers that define a GPT; its defaults are GPT-2 small (124M),
-# and PRESETS holds the four GPT-2 sizes (Radford et al. 2019, table 2) plus two small ones for a
-# laptop. PRESETS is a ClassVar, a class constant rather than a field, so it travels with GPTConfig
-# when later stages copy it. Presets take overrides:
-#     GPTConfig.from_preset("gpt2-medium").n_layer == 24
-#     GPTConfig.from_preset("tiny", vocab_size=65).vocab_size == 65
+# and GPT_PRESETS holds the four GPT-2 sizes (Radford et al. 2019, table 2) plus two small ones for
+# a laptop. The presets live beside the class, not in it, so that the stages that only load a
+# checkpoint copy a small GPTConfig. Presets take overrides:
+#     preset_config("gpt2-medium").n_layer == 24
+#     preset_config("tiny", vocab_size=65).vocab_size == 65
 # GPT-2 trained with dropout 0.1; pretraining on lots of data needs none, finetuning on a little
 # data may want 0.1 or more. bias=False (no biases in Linear and LayerNorm) is a bit faster and as
 # good. A bad shape fails here, at construction, with the fix in the message.
@@ -67,7 +67,7 @@ import torch.nn.functional as F
 
 @dataclass
 class GPTConfig:
-    """The numbers that define a GPT: the defaults are GPT-2 small (124M), PRESETS other sizes."""
+    """The numbers that define a GPT: the defaults are GPT-2 small (124M); GPT_PRESETS: others."""
 
     block_size: int = 1024  # longest sequence the model can see (number of learned positions)
     vocab_size: int = 50257  # GPT-2's BPE: 50,000 merges + 256 bytes + <|endoftext|>
@@ -77,14 +77,6 @@ class GPTConfig:
     dropout: float = 0.0  # 0 for pretraining (GPT-2 used 0.1); try 0.1+ when finetuning small data
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2; False is a bit faster and as good
     gelu: str = "tanh"  # GPT-2's approximation; "none": exact (erf), faster on many CPUs (see MLP)
-    PRESETS: ClassVar[dict[str, dict]] = {  # a class constant, not a field
-        "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
-        "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
-        "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
-        "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
-        "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),  # nanoGPT shakespeare-char
-        "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64),  # tests and quick demos
-    }
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -99,12 +91,22 @@ class GPTConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
 
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> "GPTConfig":
-        if name not in cls.PRESETS:
-            choices = sorted(cls.PRESETS)
-            raise ValueError(f"unknown model preset {name!r}; choose one of {choices}")
-        return cls(**{**cls.PRESETS[name], **overrides})  # the overrides win
+
+GPT_PRESETS = {  # preset_config's choices
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+    "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),  # nanoGPT shakespeare-char
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64),  # tests and quick demos
+}
+
+
+def preset_config(name: str, **overrides) -> GPTConfig:
+    """GPTConfig of the preset name, with overrides (which win): "gpt2", ..., "tiny"."""
+    if name not in GPT_PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(GPT_PRESETS)}")
+    return GPTConfig(**{**GPT_PRESETS[name], **overrides})
 
 
 # MLP: position-wise, each token on its own; most of a block's parameters live here (8 * n_embd^2
@@ -148,7 +150,7 @@ class Block(nn.Module):
 
 # GPT: the module names are nanoGPT's (transformer.wte, .h.0.attn.c_attn, lm_head), so the state
 # dict lines up with OpenAI's checkpoint. For example:
-#     model = GPT(GPTConfig.from_preset("tiny", vocab_size=100))
+#     model = GPT(preset_config("tiny", vocab_size=100))
 #     logits, loss = model(torch.randint(100, (2, 8)), targets=torch.randint(100, (2, 8)))
 #     logits.shape == (2, 8, 100), and loss starts near ln(100) = 4.6
 # - Weight tying (Press & Wolf 2017): the matrix that maps a token to a vector also scores vectors
@@ -379,7 +381,7 @@ def from_pretrained(model_type: str, cache_dir) -> "GPT":
         fetched = download(url, path.parent.with_suffix(".safetensors"))  # no hash pinned
         os.renames(fetched, path)  # makes the folder: a failed download leaves none behind
     with torch.device("meta"):  # shapes only: no memory, no random init
-        model = GPT(GPTConfig.from_preset(model_type))  # vocab 50257, block 1024, bias, no dropout
+        model = GPT(preset_config(model_type))  # vocab 50257, block 1024, bias, no dropout
     state_dict = hf_to_gpt_state_dict(load_safetensors(path))
     model.load_state_dict(state_dict, assign=True)
     model.lm_head.weight = model.transformer.wte.weight  # assign=True untied them: tie again
@@ -535,7 +537,7 @@ class SampleConfig:
     data_dir: Annotated[str, "OpenAI's weights are cached here (relative to this script)"] = "data"
 
     def __post_init__(self):  # a ValueError here is one `error:` line from parse_config
-        choices = {"preset": GPTConfig.PRESETS, "init_from": ("scratch", *GPT2_SIZES)}
+        choices = {"preset": GPT_PRESETS, "init_from": ("scratch", *GPT2_SIZES)}
         for name, allowed in choices.items():
             value = getattr(self, name)
             if value not in allowed:
@@ -569,7 +571,7 @@ def main(argv=None):
 
     # Counting needs no memory: "meta" tensors have shapes, no storage: even gpt2-xl is instant.
     with torch.device("meta"):
-        model = GPT(GPTConfig.from_preset(cfg.preset))
+        model = GPT(preset_config(cfg.preset))
     print(f"{cfg.preset}: {model.config}")
     n_params = model.num_params()
     for name, n in params_by_component(model).items():
@@ -586,7 +588,7 @@ def main(argv=None):
     try:  # offline, or a damaged file: one line naming it, no traceback, nothing left behind
         enc = tiktoken.get_encoding("gpt2")  # tiktoken downloads GPT-2's BPE files once
         if cfg.init_from == "scratch":
-            model = GPT(GPTConfig.from_preset("tiny"))
+            model = GPT(preset_config("tiny"))
             what = "a random 'tiny' model (expect gibberish)"
         else:
             model = from_pretrained(cfg.init_from, cache_dir=data_dir)

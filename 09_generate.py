@@ -33,7 +33,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Annotated, ClassVar
+from typing import Annotated
 
 import torch
 import torch.nn as nn
@@ -374,7 +374,7 @@ def bench(cfg) -> None:
     print(f"{cfg.device}, {cfg.dtype}, {threads} threads, greedy, batch 1, prompt 16 tokens")
     print("   model   new  tok/s cache  no cache  speedup   ms/token cache         no cache")
     for preset in cfg.bench_presets.split(","):
-        config = GPTConfig.from_preset(preset, vocab_size=50257, block_size=1024)
+        config = preset_config(preset, vocab_size=50257, block_size=1024)
         model = GPT(config).to(cfg.device).eval()
         for n_new in (8, 256, 512):  # 8: a warm-up (allocations, kernel choice), not shown
             cached_rate, cached_ms = time_generation(model, n_new, use_cache=True)
@@ -432,7 +432,7 @@ class GenerateConfig:
             if getattr(self, name) < smallest:
                 raise ValueError(f"--{name}={getattr(self, name)}: use {smallest} or more")
         for preset in self.bench_presets.split(",") if self.bench else []:
-            GPTConfig.from_preset(preset)  # an unknown one: a ValueError naming the presets
+            preset_config(preset)  # an unknown one: a ValueError naming the presets
         ckpt_path = PROJECT / self.ckpt  # an absolute ckpt stays as it is
         if not self.bench and not ckpt_path.is_file():
             folders = {PROJECT / folder: command for folder, command in WRITERS.items()}
@@ -635,7 +635,7 @@ class KVCache:
 # copied from 04_gpt.py: GPTConfig
 @dataclass
 class GPTConfig:
-    """The numbers that define a GPT: the defaults are GPT-2 small (124M), PRESETS other sizes."""
+    """The numbers that define a GPT: the defaults are GPT-2 small (124M); GPT_PRESETS: others."""
 
     block_size: int = 1024  # longest sequence the model can see (number of learned positions)
     vocab_size: int = 50257  # GPT-2's BPE: 50,000 merges + 256 bytes + <|endoftext|>
@@ -645,14 +645,6 @@ class GPTConfig:
     dropout: float = 0.0  # 0 for pretraining (GPT-2 used 0.1); try 0.1+ when finetuning small data
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2; False is a bit faster and as good
     gelu: str = "tanh"  # GPT-2's approximation; "none": exact (erf), faster on many CPUs (see MLP)
-    PRESETS: ClassVar[dict[str, dict]] = {  # a class constant, not a field
-        "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
-        "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
-        "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
-        "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
-        "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),  # nanoGPT shakespeare-char
-        "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64),  # tests and quick demos
-    }
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -667,12 +659,24 @@ class GPTConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
 
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> "GPTConfig":
-        if name not in cls.PRESETS:
-            choices = sorted(cls.PRESETS)
-            raise ValueError(f"unknown model preset {name!r}; choose one of {choices}")
-        return cls(**{**cls.PRESETS[name], **overrides})  # the overrides win
+
+# copied from 04_gpt.py: GPT_PRESETS
+GPT_PRESETS = {  # preset_config's choices
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+    "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),  # nanoGPT shakespeare-char
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64),  # tests and quick demos
+}
+
+
+# copied from 04_gpt.py: preset_config
+def preset_config(name: str, **overrides) -> GPTConfig:
+    """GPTConfig of the preset name, with overrides (which win): "gpt2", ..., "tiny"."""
+    if name not in GPT_PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(GPT_PRESETS)}")
+    return GPTConfig(**{**GPT_PRESETS[name], **overrides})
 
 
 # copied from 04_gpt.py: MLP

@@ -77,7 +77,7 @@ def bench_model(iters: int = 5):
     print(f"{'model':>8} {'params':>8} {'B x T':>8} {'ms/iter':>9} {'tokens/s':>9} {'GFLOP/s':>8}")
     for preset, B, T in [("small", 8, 128), ("gpt2", 2, 64)]:
         torch.manual_seed(0)
-        model = gpt04.GPT(gpt04.GPTConfig.from_preset(preset))
+        model = gpt04.GPT(gpt04.preset_config(preset))
         idx = torch.randint(model.config.vocab_size, (B, T))
         times = []
         for _ in range(iters + 1):  # the first iteration warms up (allocations, kernel choice)
@@ -263,7 +263,7 @@ def bench_evaluate(n_examples: int = 16, rounds: int = 2):
     ev = load_script("11_evaluate")
     torch.manual_seed(0)
     rng = random.Random(0)
-    config = ev.GPTConfig.from_preset("gpt2", vocab_size=50257, block_size=1024)
+    config = ev.GPTConfig()  # GPT-2 small's shapes: the defaults
     model = ev.GPT(config).eval()
     encoded = []
     for _ in range(n_examples):

@@ -42,7 +42,7 @@ def test_forward_shapes(gpt04, bias, with_targets):
 
 def test_loss_at_init_is_about_ln_vocab(gpt04):
     """An untrained model should be unsure of everything: cross-entropy near ln(vocab_size)."""
-    model = gpt04.GPT(gpt04.GPTConfig.from_preset("tiny", vocab_size=1000))
+    model = gpt04.GPT(gpt04.preset_config("tiny", vocab_size=1000))
     idx = torch.randint(1000, (4, 32))
     _, loss = model(idx, targets=torch.randint(1000, (4, 32)))
     assert abs(loss.item() - math.log(1000)) < 0.1
@@ -109,15 +109,15 @@ def test_config_validation(gpt04, kwargs, message):
 
 def test_unknown_preset_lists_the_choices(gpt04):
     with pytest.raises(ValueError, match="gpt2-medium"):
-        gpt04.GPTConfig.from_preset("gpt3")
-    assert gpt04.GPTConfig.from_preset("tiny", vocab_size=65).vocab_size == 65
+        gpt04.preset_config("gpt3")
+    assert gpt04.preset_config("tiny", vocab_size=65).vocab_size == 65
 
 
 @pytest.mark.parametrize("preset", ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"])
 def test_param_count_matches_huggingface(gpt04, preset):
     """Built on the meta device (shapes only, no memory), against HF's GPT-2 of the same size."""
     import transformers  # not importorskip: CI installs requirements-dev.txt, and this must run
-    config = gpt04.GPTConfig.from_preset(preset)
+    config = gpt04.preset_config(preset)
     hf_config = transformers.GPT2Config(
         n_layer=config.n_layer,
         n_head=config.n_head,
@@ -476,7 +476,7 @@ class FakeResponse:
 def test_from_pretrained_downloads_then_loads(gpt04, tmp_path, monkeypatch):
     """The first call fetches Hugging Face's URL into cache_dir/gpt2/ and the logits are HF's."""
     hf = random_hf_gpt2()
-    monkeypatch.setitem(gpt04.GPTConfig.PRESETS, "gpt2", TINY)
+    monkeypatch.setitem(gpt04.GPT_PRESETS, "gpt2", TINY)
     served = tmp_path / "served.safetensors"
     save_in_hf_naming(hf, served, prefix="")
     urls = []
@@ -535,7 +535,7 @@ def test_from_pretrained_without_network_says_what_to_do(gpt04, tmp_path, monkey
         gpt04.from_pretrained("gpt2", cache_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []  # no partial file, and no empty gpt2/ folder
     by_hand = re.search(r"put the file at (\S+) by hand", str(error.value))[1]
-    monkeypatch.setitem(gpt04.GPTConfig.PRESETS, "gpt2", TINY)
+    monkeypatch.setitem(gpt04.GPT_PRESETS, "gpt2", TINY)
     hf = random_hf_gpt2()
     save_in_hf_naming(hf, by_hand, prefix="")
     model = gpt04.from_pretrained("gpt2", cache_dir=tmp_path)
@@ -594,7 +594,7 @@ def test_from_pretrained_uses_the_cache(gpt04, tmp_path, monkeypatch):
     ("gpt2" is shrunk to the tiny test size so that the cached file is small.)
     """
     hf = random_hf_gpt2()
-    monkeypatch.setitem(gpt04.GPTConfig.PRESETS, "gpt2", TINY)
+    monkeypatch.setitem(gpt04.GPT_PRESETS, "gpt2", TINY)
 
     def no_network(*args, **kwargs):
         raise AssertionError("from_pretrained must not download a cached file")

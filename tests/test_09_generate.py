@@ -420,7 +420,7 @@ def test_bench_prints_a_row_per_length_without_the_warm_up(gen09, capsys, monkey
     def tiny(preset, **sizes):
         return gen09.GPTConfig(n_layer=1, n_head=1, n_embd=8, **sizes)
 
-    monkeypatch.setattr(gen09.GPTConfig, "from_preset", staticmethod(tiny))
+    monkeypatch.setattr(gen09, "preset_config", tiny)
     gen09.bench(SimpleNamespace(device="cpu", dtype="float32", bench_presets="tiny"))
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("cpu, float32,") and "no cache" in lines[1]
