@@ -45,10 +45,11 @@ PROJECT = Path(__file__).resolve().parent  # a relative --data_dir starts here
 #
 # The loop is 05's without its machinery (no checkpoints, logs or fp16 loss scaling: a row is
 # minutes long), with 05's pieces copied: get_batch, get_lr, estimate_loss. The first row is 05's
-# model: GPT-2's block with no biases, as 05 trains it by default (a test loads 05's weights into
-# it). Each row adds its change to all the changes above it. SwiGLU's hidden size keeps about the
-# parameter count (8C/3 rounded up to a multiple of 32: 2% more); GQA halves the key/value heads,
-# which removes parameters: the table shows how many. The last row is the model of the row above
+# model: GPT-2's block with no biases, as 05 trains it by default, but with GPT-2's tanh GELU (05
+# takes the exact one, 0.0005 apart, for speed; a test loads 05's weights into it). Each row adds
+# its change to all the changes above it. SwiGLU's hidden size keeps about the parameter count
+# (8C/3 rounded up to a multiple of 32: 2% more); GQA halves the key/value heads, which removes
+# parameters: the table shows how many. The last row is the model of the row above
 # with Muon (below) for its hidden matrices, which then have no weight decay (AdamW's was 0.1).
 NANOGPT_CPU_RECIPE = dict(
     batch_size=12, block_size=64, n_layer=4, n_head=4, n_kv_head=4, n_embd=128,  # 4 = no GQA

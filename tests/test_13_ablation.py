@@ -66,11 +66,13 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
 
 
 def test_the_first_row_is_05s_gpt():
-    """Its settings build 05's model: 05's weights load by name and give 05's logits."""
+    """Its settings build 05's model (with GPT-2's tanh GELU): 05's weights load by name and give
+    05's logits."""
     pre05 = load_script("05_pretrain")
     first_row = m.ABLATION[0][1]
     shape = {k: m.NANOGPT_CPU_RECIPE[k] for k in ("block_size", "n_layer", "n_head", "n_embd")}
-    theirs = pre05.GPT(pre05.GPTConfig(vocab_size=65, **shape, bias=pre05.TrainConfig.bias))
+    gpt2_block = dict(bias=pre05.TrainConfig.bias, gelu="tanh")
+    theirs = pre05.GPT(pre05.GPTConfig(vocab_size=65, **shape, **gpt2_block))
     config = m.ModernConfig(vocab_size=65, n_kv_head=shape["n_head"], **shape, **first_row)
     model = m.ModernGPT(config)
     model.load_state_dict(theirs.state_dict())  # strict: the same parameters, the same names
