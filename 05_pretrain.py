@@ -156,8 +156,7 @@ def check_run(cfg: TrainConfig, resumed: tuple | None = None):
     meta = load_meta(cfg.corpus_dir)  # if 02 has not prepared it: the 02 command that does
     wanted = asdict(cfg.model_config(meta["n_vocab"]))  # GPTConfig checks n_embd % n_head...
     if cfg.init_from == "resume":  # the run's settings come from its checkpoint: it must be one
-        model, tokenizer, ckpt = resumed
-        saved = ckpt["model_args"]
+        saved = resumed[2]["model_args"]
         differing = ", ".join(f"{k}={v!r}" for k, v in saved.items() if v != wanted[k])
         if differing:  # the model is the checkpoint's: the settings must say so too
             raise ValueError(f"{cfg.ckpt_path} holds a model with {differing}: "
@@ -191,8 +190,8 @@ def configure_optimizers(model, weight_decay: float, learning_rate: float, betas
     vectors = [p for p in params if p.dim() < 2]
     groups = [{"params": matrices, "weight_decay": weight_decay},
               {"params": vectors, "weight_decay": 0.0}]
-    implementation = {"fused": True} if device_type in ("cuda", "cpu") else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **implementation)
+    fused = device_type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused, foreach=not fused)
 
 
 # With learning_rate 1e-3, min_lr 1e-4, warmup_iters 100, lr_decay_iters 2000 (the CPU recipe):
@@ -240,8 +239,7 @@ def estimate_loss(model, data: dict, cfg, step: int) -> dict:
     for split, ids in data.items():
         total = torch.zeros((), device=cfg.device)  # summed on the device: one .item() per split
         for k in range(cfg.eval_iters):
-            batch_number = step * cfg.eval_iters + k
-            x, y = get_batch(ids, cfg.batch_size, cfg.block_size, step=batch_number,
+            x, y = get_batch(ids, cfg.batch_size, cfg.block_size, step=step * cfg.eval_iters + k,
                              seed=cfg.seed + 1, device=cfg.device)
             with autocast_context(x.device.type, cfg.dtype):
                 _, loss = model(x, y)
@@ -278,9 +276,7 @@ def sample(model, tokenizer, cfg) -> str:
 
 def rng_states() -> dict:
     """The states of torch's random generators (CPU, each CUDA GPU, MPS), which dropout draws."""
-    states = {"torch": torch.get_rng_state(), "cuda": []}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+    states = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}  # no GPU: []
     if torch.backends.mps.is_available():
         states["mps"] = torch.mps.get_rng_state()
     return states
@@ -290,10 +286,9 @@ def set_rng_states(states: dict):
     """Restore what rng_states() returned (to as many GPUs as this machine has; each keeps its
     own). A generator this machine lacks, or a state the checkpoint lacks, is left as it is."""
     torch.set_rng_state(states["torch"].cpu())
-    if states["cuda"] and torch.cuda.is_available():
-        gpus = torch.cuda.device_count()
-        torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"][:gpus]])
-    if states.get("mps") is not None and torch.backends.mps.is_available():
+    gpus = torch.cuda.device_count()  # 0 without CUDA
+    torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"][:gpus]])
+    if "mps" in states and torch.backends.mps.is_available():
         torch.mps.set_rng_state(states["mps"].cpu())
 
 
@@ -339,8 +334,7 @@ def plot_losses(out_dir: Path, tokens_per_iter: int):
     except ImportError:
         print("no loss curve: matplotlib is not installed (pip install matplotlib)")
         return
-    lines = (out_dir / "log.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines]
+    records = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
     fig = Figure(figsize=(8, 4.5), layout="tight")
     ax = fig.subplots()
     curves = dict(loss="train (one batch)", train_loss="train, eval", val_loss="val, eval")
@@ -399,9 +393,9 @@ class CtrlC:
 
 
 class Run:
-    """`with Run(...) as run:` sets torch's threads (cfg.threads) and opens out_dir/log.jsonl.
-    Meanwhile run prints and logs, times the steps and saves ckpt.pt (best.pt if val improved) in
-    every training stage's format; a NaN stops it first: the last save holds."""
+    """`with Run(...) as run:` sets torch's threads (cfg.threads), prints the settings and opens
+    out_dir/log.jsonl. Meanwhile run prints and logs, times the steps and saves ckpt.pt (best.pt if
+    val improved) in every training stage's format; a NaN stops it first: the last save holds."""
 
     def __init__(self, cfg, model, optimizer, scaler, header, ckpt):
         self.cfg = cfg
@@ -410,10 +404,10 @@ class Run:
         self.scaler = scaler
         self.header = header  # model_args, tokenizer, config, stage: the same in every save
         self.ckpt_path = cfg.ckpt_path
-        self.resumed = ckpt is not None  # this run continues the one ckpt.pt holds
-        self.saved_at = ckpt["iter_num"] if ckpt else None  # the iteration ckpt.pt holds
-        self.best_val = ckpt["best_val_loss"] if ckpt else math.inf
-        self.losses = {"val": ckpt["val_loss"]} if ckpt else {}  # the last evaluation's
+        self.resumed = bool(ckpt)  # this run continues the one ckpt.pt holds
+        self.saved_at = ckpt.get("iter_num")  # the iteration ckpt.pt holds
+        self.best_val = ckpt.get("best_val_loss", math.inf)
+        self.losses = {"val": ckpt.get("val_loss")}  # the last evaluation's
         rows = cfg.batch_size * cfg.gradient_accumulation_steps  # one global batch
         self.tokens_per_iter = rows * cfg.block_size
         self.flops_per_iter = flops_per_token(model, cfg.block_size) * self.tokens_per_iter
@@ -423,8 +417,20 @@ class Run:
         self.restart_clock(self.saved_at or 0)
 
     def __enter__(self):
+        cfg = self.cfg
         self.old_threads = torch.get_num_threads()
-        torch.set_num_threads(self.cfg.threads or self.old_threads)
+        torch.set_num_threads(cfg.threads or self.old_threads)
+        print(cfg)  # the settings, with the device and dtype this machine resolved
+        against = f" | MFU against {self.peak / 1e12:.4g} TFLOP/s" if self.peak else ""
+        print(f"{self.model.num_params():,} parameters | {self.tokens_per_iter:,} tokens per "
+              f"iteration | {cfg.device} {cfg.dtype}, {torch.get_num_threads()} threads, "
+              f"compile {cfg.compile}{against}")
+        if self.resumed:
+            print(f"resuming at iter {self.saved_at} of {cfg.max_iters} from {self.ckpt_path} "
+                  f"(--dtype={self.header['config']['dtype']} runs as {cfg.dtype} on {cfg.device})")
+            if self.saved_at >= cfg.max_iters:
+                print(f"nothing left to do (to train longer: {self.resume_flags} "
+                      f"--max_iters={2 * self.saved_at})")
         self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
         log_path = self.ckpt_path.with_name("log.jsonl")
         if self.resumed and log_path.exists():  # drop rows past ckpt.pt: this run logs them again
@@ -440,23 +446,20 @@ class Run:
         torch.set_num_threads(self.old_threads)
         self.log_file.close()
 
-    def record_eval(self, step, losses) -> bool:
-        """Stop at a NaN loss; else print and log the losses. True if val is the best so far."""
-        for split, value in losses.items():
-            check_finite(f"the {split} loss", value, step, self.ckpt_path, self.saved_at)
-        val_loss = losses["val"]
-        improved = val_loss < self.best_val
-        self.best_val = min(self.best_val, val_loss)
-        self.losses = losses
-        best = " (best, saving best.pt)" if improved else ""
-        print(f"iter {step}: train loss {losses['train']:.4f}, "
-              f"val loss {val_loss:.4f}{best}")
-        self.write(iter=step, train_loss=losses["train"], val_loss=val_loss)
-        return improved
-
     def save(self, step, losses=None):
-        """ckpt.pt (best.pt if the evaluation's losses improve val); a NaN stops the run first."""
-        best = losses is not None and self.record_eval(step, losses)
+        """ckpt.pt, and best.pt if an evaluation's losses (printed and logged) improve val."""
+        improved = False
+        if losses is not None:
+            for split, value in losses.items():
+                check_finite(f"the {split} loss", value, step, self.ckpt_path, self.saved_at)
+            val_loss = losses["val"]
+            improved = val_loss < self.best_val
+            self.best_val = min(self.best_val, val_loss)
+            self.losses = losses
+            best = " (best, saving best.pt)" if improved else ""
+            print(f"iter {step}: train loss {losses['train']:.4f}, "
+                  f"val loss {val_loss:.4f}{best}")
+            self.write(iter=step, train_loss=losses["train"], val_loss=val_loss)
         weight_norm = nn.utils.get_total_norm(self.model.parameters())  # NaN after NaN gradients
         check_finite("the weight norm", weight_norm.item(), step, self.ckpt_path, self.saved_at)
         state = dict(
@@ -466,7 +469,7 @@ class Run:
             rng=rng_states(),
         )
         save_checkpoint(self.ckpt_path, state)
-        if best:
+        if improved:
             save_checkpoint(self.ckpt_path.with_name("best.pt"), state)
         self.saved_at = step
         self.restart_clock(step)
@@ -474,38 +477,21 @@ class Run:
     def write(self, **record):
         print(json.dumps(record), file=self.log_file, flush=True)  # flushed: a crash loses nothing
 
-    def restart_clock(self, step, warm=False):
-        """Restart the step timer; warm=False: after a start, an evaluation or a sample."""
+    def restart_clock(self, step, warm=False):  # warm=False: after a start, eval or sample
         self.clock_start = time.perf_counter()
         self.clock_step = step
         self.warm = warm
 
-    def print_start(self, dtype_given):
-        cfg = self.cfg
-        print("config:", ", ".join(f"{k}={v!r}" for k, v in asdict(cfg).items()))
-        against = f" | MFU against {self.peak / 1e12:.4g} TFLOP/s" if self.peak else ""
-        print(f"{self.model.num_params():,} parameters | {self.tokens_per_iter:,} tokens per "
-              f"iteration | {cfg.device} {cfg.dtype}, {torch.get_num_threads()} threads, "
-              f"compile {cfg.compile}{against}")
-        if not self.resumed:
-            return
-        print(f"resuming at iter {self.saved_at} of {cfg.max_iters} from {self.ckpt_path} "
-              f"(--dtype={dtype_given} runs as {cfg.dtype} on {cfg.device})")
-        if self.saved_at >= cfg.max_iters:
-            print(f"nothing left to do (to train longer: {self.resume_flags} "
-                  f"--max_iters={2 * self.saved_at})")
-
     def log_step(self, step, loss, lr, grad_norm):
         check_finite("the loss", loss, step, self.ckpt_path, self.saved_at)
-        steps = max(1, step - self.clock_step)  # >= 1: restarts come after a step's log line
+        steps = step - self.clock_step  # >= 1: restarts come after a step's log line
         dt = (time.perf_counter() - self.clock_start) / steps
         ms = 1000 * dt
         mfu = f" | MFU {self.flops_per_iter / dt / self.peak:.1%}" if self.peak else ""
-        seconds_left = (self.cfg.max_iters - step) * dt
         left = ""  # the first window after a start, an evaluation or a sample pays for compiling
         if self.warm:  # and a GPU's emptied queue: it stays out of MFU, time left and the median
             self.step_ms.append(ms)
-            left = f"{mfu} | ~{seconds_left:.0f} s left"
+            left = f"{mfu} | ~{(self.cfg.max_iters - step) * dt:.0f} s left"
         print(f"iter {step}/{self.cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} "
               f"| grad norm {grad_norm:.3f} | {ms:.1f} ms "
               f"| {self.tokens_per_iter / dt:,.0f} tok/s{left}")
@@ -520,7 +506,7 @@ class Run:
 
     def summary(self) -> dict:
         """The losses, the median step time (robust to hiccups), and tokens/s and MFU at it."""
-        ms = sorted(self.step_ms)[len(self.step_ms) // 2] if self.step_ms else math.nan
+        ms = np.median(self.step_ms) if self.step_ms else math.nan
         mfu = self.flops_per_iter / (ms / 1000) / self.peak if self.peak else None
         return dict(train_loss=self.losses.get("train"), val_loss=self.losses.get("val"),
                     best_val_loss=self.best_val, ms_per_iter=ms,
@@ -544,7 +530,7 @@ def train(cfg: TrainConfig, resumed: tuple | None = None) -> dict:
     data = {split: load_tokens(cfg.corpus_dir, split) for split in ("train", "val")}
     tokenizer_spec = load_meta(cfg.corpus_dir)["tokenizer"]  # saved in the checkpoints
     tokenizer = get_tokenizer(tokenizer_spec)
-    ckpt = None
+    ckpt = {}  # empty: a new run
     if cfg.init_from == "resume":  # the model is the checkpoint's, built once
         model, _, ckpt = resumed or load_checkpoint(cfg.ckpt_path)
     else:
@@ -553,7 +539,7 @@ def train(cfg: TrainConfig, resumed: tuple | None = None) -> dict:
     optimizer = configure_optimizers(
         model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")  # off: pass-through
-    iter_num = ckpt["iter_num"] if ckpt else 0
+    iter_num = ckpt.get("iter_num", 0)
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"] or scaler.state_dict())  # {}: saved without fp16
@@ -564,11 +550,9 @@ def train(cfg: TrainConfig, resumed: tuple | None = None) -> dict:
     ctx = autocast_context(device_type, cfg.dtype)
     micro_steps = cfg.gradient_accumulation_steps
     rows = cfg.batch_size * micro_steps  # one global batch per step, split in micro-steps
-    max_norm = cfg.grad_clip or math.inf
     first_iter = iter_num
     with CtrlC() as ctrl_c, Run(cfg, model, optimizer, scaler, header, ckpt) as run:
-        run.print_start(settings["dtype"])
-        if ckpt is None:  # the untrained model's loss, about ln(vocab_size), and a first ckpt.pt
+        if not ckpt:  # the untrained model's loss, about ln(vocab_size), and a first ckpt.pt
             run.save(iter_num, estimate_loss(compiled_model, data, cfg, iter_num))
         while iter_num < cfg.max_iters and not ctrl_c.pressed:
             lr = get_lr(iter_num, cfg)
@@ -578,7 +562,7 @@ def train(cfg: TrainConfig, resumed: tuple | None = None) -> dict:
                 data["train"], rows, cfg.block_size, step=iter_num, seed=cfg.seed, device=device)
             loss = forward_backward(compiled_model, x, y, micro_steps, ctx, scaler)
             scaler.unscale_(optimizer)  # clip the true gradients, not fp16's scaled ones
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
             scaler.step(optimizer)  # fp16: skips the step if a gradient overflowed
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -621,12 +605,13 @@ def main(argv=None):
             resumed = load_checkpoint(ckpt_path)  # the one model this run builds
             names = {f.name for f in fields(TrainConfig)} - {"device"}
             names -= set(TrainConfig.PRESETS.get(given.preset, {}))  # a preset given now wins too
-            model, tokenizer, ckpt = resumed
+            model, _, ckpt = resumed
             stage = ckpt.get("stage")
             if stage not in ("pretrain", "distributed"):  # 07's, 08's: state of their own loops
                 raise ValueError(f"{ckpt_path} holds a {stage} model; 05 resumes only its own "
                                  "or 06's runs (sample it with 09_generate.py)")
-            saved_flags = [f"--{k}={v}" for k, v in ckpt["config"].items() if k in names]
+            saved = {**ckpt["config"], "gelu": model.config.gelu}  # older runs: GPT-2's
+            saved_flags = [f"--{k}={v}" for k, v in saved.items() if k in names]
         cfg = parse_config(TrainConfig, saved_flags + argv)  # its own errors: one line too
         check_run(cfg, resumed)
     except (ValueError, FileNotFoundError) as error:

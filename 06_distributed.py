@@ -52,7 +52,7 @@ from contextlib import nullcontext, redirect_stderr, redirect_stdout
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, ClassVar
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -78,15 +78,13 @@ class World:
     """This process's place in the job (what init_distributed returns)."""
 
     rank: int  # 0 .. size-1 over all machines; rank 0 prints and writes the full checkpoint
-    local_rank: int  # index on this machine: which of its GPUs this process drives
     size: int  # how many processes (ranks), over all machines
-    device: str  # "cuda:<local_rank>" ("cuda:0" if a launcher bound one GPU to it) or "cpu"
-    owns_group: bool  # init_distributed made the group, so shutdown_distributed destroys it
+    device: str  # "cuda:<LOCAL_RANK>" ("cuda:0" if a launcher bound one GPU to it) or "cpu"
 
 
 def print0(*args, **kwargs):
     """print() on rank 0 only: eight ranks printing the same line eight times help nobody."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if dist.get_rank() == 0:
         print(*args, flush=True, **kwargs)
 
 
@@ -101,11 +99,10 @@ def init_distributed(device: str = "auto") -> World:
     torchrun = "RANK" in os.environ
     needed = ("LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     missing = [name for name in needed if name not in os.environ]
-    if owns_group and torchrun and missing:
+    if torchrun and missing:
         raise ValueError(f"RANK is set but {', '.join(missing)} not: start the job with torchrun "
                          "or unset RANK")
-    default_local_rank = 0 if owns_group else dist.get_rank()  # a test's ranks: one machine
-    local_rank = int(os.environ.get("LOCAL_RANK", default_local_rank))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = pick_device(device)
     if device.startswith("cuda"):  # one GPU per process: the LOCAL_RANK-th, or the one bound to it
         gpu = local_rank if torch.cuda.device_count() > 1 else 0
@@ -121,24 +118,23 @@ def init_distributed(device: str = "auto") -> World:
         store_args = {} if torchrun else dict(store=dist.HashStore(), rank=0, world_size=1)
         timeout = timedelta(minutes=30)  # the ranks wait at a barrier while rank 0 saves
         dist.init_process_group(backend, device_id=device_id, timeout=timeout, **store_args)
-    return World(dist.get_rank(), local_rank, dist.get_world_size(), device, owns_group)
+    return World(dist.get_rank(), dist.get_world_size(), device)
 
 
-def shutdown_distributed(world: World, failed: bool = False):
+def shutdown_distributed(failed: bool = False):
     """Leave the group in an order that cannot hang: a barrier (not after an error: the others may
     wait elsewhere), gc.collect() to free a dropped DDP (gloo can deadlock under it), destroy it."""
-    if world.owns_group:
-        if not failed:
-            dist.barrier()
-        gc.collect()
-        dist.destroy_process_group()
+    if not failed:
+        dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
 
 
 # -----------------------------------------------------------------------------
 # 2. The strategies: how each wraps the model and builds its optimizer
 
 
-def parallelize(model: nn.Module, cfg, world: World) -> nn.Module:
+def parallelize(model: nn.Module, cfg) -> nn.Module:
     """Per block, torchtitan's order: activation checkpointing, compile, DDP or FSDP (whose
     collectives then wrap the compiled blocks). In place: parameter names, so checkpoints, stay."""
     for block in model.transformer.h:
@@ -196,18 +192,15 @@ def build_optimizer(cfg, model: nn.Module, world: World) -> torch.optim.Optimize
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate)
     else:
-        module = getattr(model, "module", model)  # DDP keeps the model in .module
         betas = (cfg.beta1, cfg.beta2)
-        device_type = torch.device(world.device).type
-        optimizer = configure_optimizers(
-            module, cfg.weight_decay, cfg.learning_rate, betas, device_type)
+        optimizer = configure_optimizers(model, cfg.weight_decay, cfg.learning_rate, betas,
+                                         torch.device(world.device).type)
     if cfg.strategy == "zero1":
         # ZeRO builds its own optimizer from these groups; the one above is dropped unused
         # (an optimizer makes its state at its first step, so building it cost nothing). Bucket
         # view: each rank's parameters in one flat buffer, one broadcast each, not one per tensor
-        optimizer = ZeroRedundancyOptimizer(
-            optimizer.param_groups, optimizer_class=type(optimizer), lr=cfg.learning_rate,
-            parameters_as_bucket_view=True)
+        optimizer = ZeroRedundancyOptimizer(optimizer.param_groups, type(optimizer),
+                                            parameters_as_bucket_view=True)
     return optimizer
 
 
@@ -257,7 +250,7 @@ def train_step(model, optimizer, data, cfg, world: World, it: int):
             (loss / accumulation).backward()  # outside autocast; .grad adds up: the mean
         loss_sum += loss.detach()
     # NEW: with FSDP the gradients are DTensors: the norm is computed over every rank's shards
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+    norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
     optimizer.step()
     return loss_sum / accumulation, norm
 
@@ -283,7 +276,7 @@ def train(cfg, world: World, ctrl_c) -> dict:
     print0(f"{cfg.strategy} on {world.size} rank(s) ({world.device}, {cfg.dtype}): "
            f"{model.num_params():,} params | {tokens_per_iter:,} tokens a step, "
            f"{cfg.batch_size // world.size} rows per rank")
-    model = parallelize(model, cfg, world)  # NEW: DDP or FSDP wraps the model
+    model = parallelize(model, cfg)  # NEW: DDP or FSDP wraps the model
     optimizer = build_optimizer(cfg, model, world)  # NEW: zero1 wraps the optimizer
     start, best_val_loss = resume(cfg, model, optimizer, world)  # NEW: dsd, agreed by the ranks
     if start >= cfg.max_iters:
@@ -440,9 +433,7 @@ def check_checkpoint(cfg, n_vocab: int):
     other_name = "ckpt.pt" if cfg.sharded_checkpoint else "dcp-latest.pt"
     other_kind = cfg.ckpt_path.with_name(other_name)  # the opposite --sharded_checkpoint's
     if cfg.init_from != "scratch" and not found and other_kind.exists():
-        flag = "--sharded_checkpoint"
-        if cfg.sharded_checkpoint:
-            flag = "--sharded_checkpoint=false"
+        flag = "--sharded_checkpoint=false" if cfg.sharded_checkpoint else "--sharded_checkpoint"
         raise ValueError(f"{other_kind} is the other kind: resume it with {flag}")
     if cfg.init_from == "resume" and not found:
         raise FileNotFoundError(f"--init_from=resume: no checkpoint at {cfg.ckpt_path}; check "
@@ -479,7 +470,7 @@ def resume(cfg, model, optimizer, world: World) -> tuple[int, float]:
     # (it cannot see rank 0's checkpoint) stops them all instead of hanging in a collective
     starts = [None] * world.size
     dist.all_gather_object(starts, start)
-    if starts.count(starts[0]) < world.size:
+    if len(set(starts)) > 1:
         raise RunError(f"the ranks see different checkpoints in {cfg.out_dir} (iterations "
                        f"{starts}): out_dir must be on a filesystem that all nodes share")
     if ckpt is None:
@@ -499,9 +490,7 @@ def resume(cfg, model, optimizer, world: World) -> tuple[int, float]:
             # fused CUDA AdamW fails (pytorch/pytorch#124133): each state tensor goes to its
             # parameter's device
             for p, state in optimizer.optim.state.items():
-                for key, value in list(state.items()):
-                    if torch.is_tensor(value):
-                        state[key] = value.to(p.device)
+                state.update({key: value.to(p.device) for key, value in state.items()})
             optimizer.state.clear()  # the base class keeps a second copy, which ZeRO never reads
         else:
             by_name = key_optimizer_state(ckpt["optimizer"], model, optimizer, to_names=True)
@@ -587,9 +576,8 @@ class DistConfig:
         return PROJECT / self.out_dir / name
 
     def model_args(self, vocab_size: int) -> dict:  # 04's GPTConfig, as a dict
-        model_fields = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "gelu")
-        model_args = {name: getattr(self, name) for name in model_fields}
-        return {"vocab_size": vocab_size, **model_args}
+        names = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "gelu")
+        return {"vocab_size": vocab_size} | {name: getattr(self, name) for name in names}
 
 
 def check_settings(cfg: DistConfig):
@@ -660,9 +648,9 @@ def main(argv=None) -> dict:
             error = SystemExit(2)
         if isinstance(error, KeyboardInterrupt):  # a second Ctrl-C: quit, said when it came
             error = SystemExit(130)
-        shutdown_distributed(world, failed=True)
+        shutdown_distributed(failed=True)
         raise error
-    shutdown_distributed(world)
+    shutdown_distributed()
     if result["interrupted"]:
         sys.exit(130)  # a shell's code for a Ctrl-C (128 + SIGINT)
     return result
@@ -779,7 +767,7 @@ class CausalSelfAttention(nn.Module):
 # copied from 04_gpt.py: GPTConfig
 @dataclass
 class GPTConfig:
-    """The numbers that define a GPT: the defaults are GPT-2 small (124M), PRESETS other sizes."""
+    """The numbers that define a GPT: the defaults are GPT-2 small (124M); GPT_PRESETS: others."""
 
     block_size: int = 1024  # longest sequence the model can see (number of learned positions)
     vocab_size: int = 50257  # GPT-2's BPE: 50,000 merges + 256 bytes + <|endoftext|>
@@ -789,14 +777,6 @@ class GPTConfig:
     dropout: float = 0.0  # 0 for pretraining (GPT-2 used 0.1); try 0.1+ when finetuning small data
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2; False is a bit faster and as good
     gelu: str = "tanh"  # GPT-2's approximation; "none": exact (erf), faster on many CPUs (see MLP)
-    PRESETS: ClassVar[dict[str, dict]] = {  # a class constant, not a field
-        "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
-        "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
-        "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
-        "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
-        "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),  # nanoGPT shakespeare-char
-        "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64),  # tests and quick demos
-    }
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -810,13 +790,6 @@ class GPTConfig:
                              f"(e.g. n_embd={self.n_head * 64})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> "GPTConfig":
-        if name not in cls.PRESETS:
-            choices = sorted(cls.PRESETS)
-            raise ValueError(f"unknown model preset {name!r}; choose one of {choices}")
-        return cls(**{**cls.PRESETS[name], **overrides})  # the overrides win
 
 
 # copied from 04_gpt.py: MLP
@@ -1042,8 +1015,8 @@ def configure_optimizers(model, weight_decay: float, learning_rate: float, betas
     vectors = [p for p in params if p.dim() < 2]
     groups = [{"params": matrices, "weight_decay": weight_decay},
               {"params": vectors, "weight_decay": 0.0}]
-    implementation = {"fused": True} if device_type in ("cuda", "cpu") else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **implementation)
+    fused = device_type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused, foreach=not fused)
 
 
 # copied from 05_pretrain.py: get_lr
@@ -1063,9 +1036,7 @@ def get_lr(it: int, cfg) -> float:
 # copied from 05_pretrain.py: rng_states
 def rng_states() -> dict:
     """The states of torch's random generators (CPU, each CUDA GPU, MPS), which dropout draws."""
-    states = {"torch": torch.get_rng_state(), "cuda": []}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+    states = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}  # no GPU: []
     if torch.backends.mps.is_available():
         states["mps"] = torch.mps.get_rng_state()
     return states

@@ -40,7 +40,7 @@ from collections import Counter
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Annotated, ClassVar
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -163,22 +163,18 @@ def tokenize_examples(entries: list[dict], encode, max_length: int) -> list[tupl
 # attention lets a token see only the tokens before it, so no real token ever sees padding. The
 # padding positions do see the real tokens, but their targets are -100: nothing they compute reaches
 # the loss. (Left padding would need a mask, as in 03, and shifted positions.)
-def collate_fn(batch, pad_token_id=50256, ignore_index=-100, allowed_max_length=None,
-               mask_prompt=True, device="cpu"):
+def collate_fn(batch, pad_token_id, allowed_max_length=None, mask_prompt=True, device="cpu"):
     """A list of (ids, prompt_length) -> inputs and targets (B, T), cut at allowed_max_length."""
     T = max(len(ids) for ids, _ in batch)
-    inputs = []
-    targets = []
-    for ids, prompt_length in batch:
-        seq = torch.tensor(ids + [pad_token_id] * (T + 1 - len(ids)))  # (T+1,) ids, end, padding
-        x = seq[:-1]
-        y = seq[1:].clone()  # y[i] = seq[i + 1]: the next token
-        y[len(ids) :] = ignore_index  # y[len(ids) - 1] is the end token: kept; the rest is padding
-        if mask_prompt:  # y[i] for i < prompt_length - 1: a prompt token
-            y[: max(prompt_length - 1, 0)] = ignore_index
-        inputs.append(x[:allowed_max_length])
-        targets.append(y[:allowed_max_length])
-    return torch.stack(inputs).to(device), torch.stack(targets).to(device)  # (B, T) each
+    rows = [ids + [pad_token_id] * (T + 1 - len(ids)) for ids, _ in batch]  # ids, end, padding
+    seq = torch.tensor(rows)  # (B, T+1)
+    x = seq[:, :-1]
+    y = seq[:, 1:].clone()  # y[:, i] = seq[:, i + 1]: the next token
+    for row, (ids, prompt_length) in enumerate(batch):
+        y[row, len(ids) :] = -100  # y[row, len(ids) - 1] is the end token: kept; the rest: padding
+        if mask_prompt:  # y[row, i] for i < prompt_length - 1: a prompt token
+            y[row, : max(prompt_length - 1, 0)] = -100
+    return x[:, :allowed_max_length].to(device), y[:, :allowed_max_length].to(device)  # (B, T)
 
 
 def batch_indices(step: int, n: int, batch_size: int, seed: int = 0) -> list[int]:
@@ -219,9 +215,6 @@ class LoRALinear(nn.Module):
 
 def apply_lora(model: nn.Module, rank: int, alpha: float, targets=LORA_TARGETS) -> nn.Module:
     """Freeze every parameter, then wrap each Linear named in targets ("c_proj": attn's, mlp's)."""
-    targets = [targets] if isinstance(targets, str) else list(targets)
-    if not targets or set(targets) - set(LORA_TARGETS):
-        raise ValueError(f"LoRA targets {targets} must be a non-empty subset of {LORA_TARGETS}")
     model.requires_grad_(False)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
@@ -249,21 +242,19 @@ def merge_lora(model: nn.Module) -> nn.Module:
 def evaluate_loss(model, examples, batch_size, pad_token_id, ctx=nullcontext()) -> dict:
     """Mean cross-entropy over the answer tokens (prompt and padding masked) and its perplexity:
     each batch's mean times its count of targets, summed on the device and read once at the end."""
-    was_training = model.training
     device = next(model.parameters()).device
     model.eval()
-    total = torch.zeros((), device=device)
-    count = torch.zeros((), device=device)
+    total = 0
+    count = 0
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
-        x, y = collate_fn(batch, pad_token_id, allowed_max_length=model.config.block_size,
-                          device=device)
+        x, y = collate_fn(batch, pad_token_id, model.config.block_size, device=device)
         with ctx:
             _, loss = model(x, y)
         n_targets = (y != -100).sum()
         total = total + loss * n_targets
         count = count + n_targets
-    model.train(was_training)
+    model.train()  # as nanoGPT's estimate_loss: its callers train
     loss = (total / count).item()
     return {"loss": loss, "perplexity": math.exp(loss)}
 
@@ -389,17 +380,16 @@ class FinetuneConfig:
         choices = ("scratch", "resume", "auto", *OPENAI_MODELS)
         if self.init_from not in choices:
             raise ValueError(f"--init_from={self.init_from!r}: use {', '.join(choices)}")
-        for f in fields(self):  # none below 0 (num_responses' -1: all): grad_clip -1 would ascend
+        least = {"batch_size": 1, "log_interval": 1, "eval_interval": 1, "num_responses": -1}
+        for f in fields(self):  # others: at least 0; -1 answers all; grad_clip -1 would ascend
             value = getattr(self, f.name)
-            if f.type.__origin__ in (int, float) and value < 0 and f.name != "num_responses":
-                raise ValueError(f"--{f.name} must be at least 0, got {value}")
+            minimum = least.get(f.name, 0)
+            if f.type.__origin__ in (int, float) and value < minimum:
+                raise ValueError(f"--{f.name} must be at least {minimum}, got {value}")
         if not set(self.lora_targets.split(",")) <= set(LORA_TARGETS):
             raise ValueError(f"--lora_targets={self.lora_targets!r}: use a comma-joined "
                              f"subset of {','.join(LORA_TARGETS)}")
-        for name in ("batch_size", "log_interval", "eval_interval"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_iters < 0 or (self.max_iters == 0 and self.epochs <= 0):
+        if self.max_iters == 0 and self.epochs <= 0:
             raise ValueError(f"--max_iters={self.max_iters}, --epochs={self.epochs}: no steps")
         self.device = pick_device(self.device)  # "auto" resolved here, once
         self.dtype = pick_dtype(self.dtype, self.device)
@@ -410,15 +400,14 @@ class FinetuneConfig:
             self.init_from = "resume" if run_path.exists() else "scratch"
         if self.init_from in OPENAI_MODELS:  # OpenAI's weights enter at 04, a checkpoint in data/
             self.ckpt = str(DATA_DIR / self.init_from / "ckpt.pt")
-            if not Path(self.ckpt).exists():
-                raise FileNotFoundError(f"{self.ckpt} not found: python 04_gpt.py "
-                                        f"--init_from={self.init_from} --save_ckpt fetches it")
         if self.init_from == "resume" and not run_path.exists():
             raise FileNotFoundError(f"no run to resume: {run_path} does not exist; "
                                     "start one with --init_from=scratch")
-        elif self.init_from == "scratch" and not Path(self.ckpt).exists():
-            raise FileNotFoundError(f"no checkpoint at {self.ckpt}: run 05_pretrain.py, "
-                                    "pass another --ckpt, or use --init_from=gpt2")
+        if self.init_from != "resume" and not Path(self.ckpt).exists():
+            fix = "run 05_pretrain.py, pass another --ckpt, or use --init_from=gpt2"
+            if self.init_from in OPENAI_MODELS:
+                fix = f"python 04_gpt.py --init_from={self.init_from} --save_ckpt fetches it"
+            raise FileNotFoundError(f"no checkpoint at {self.ckpt}: {fix}")
         if self.init_from != "resume" and run_path.exists() and not self.overwrite:
             raise ValueError(f"{run_path} holds an earlier run, which this one would replace; "
                              "resume it (--init_from=resume), choose another --out_dir, "
@@ -448,20 +437,17 @@ def load_model(cfg: FinetuneConfig, run=None):
     resuming = cfg.init_from == "resume"
     path = Path(cfg.out_dir) / "ckpt.pt" if resuming else Path(cfg.ckpt)
     model, _, ckpt = run or load_checkpoint(path)
-    stage = ckpt.get("stage")
-    print(f"loaded {path} (stage {stage!r}, {ckpt.get('iter_num')} iterations)")
-    resumable = stage == "finetune" and ckpt.get("optimizer") is not None
+    print(f"loaded {path} (stage {ckpt.get('stage')!r}, {ckpt.get('iter_num')} iterations)")
+    resumable = ckpt.get("stage") == "finetune" and ckpt.get("optimizer") is not None
     if resuming and not resumable:
         raise ValueError(f"{path} is no finetuning run to resume (no optimizer state); "
                          "--init_from=scratch --overwrite starts afresh")
     if resuming:  # other adapters or positions fit neither the saved weights nor Adam's moments
         shape = ("lora_rank", "lora_alpha", "lora_targets", "min_block_size")
         saved = {k: ckpt["config"][k] for k in shape}
-        given = {k: getattr(cfg, k) for k in shape}
-        if saved != given:
+        if saved != {k: getattr(cfg, k) for k in shape}:
             flags = " ".join(f"--{k}={v}" for k, v in saved.items())
-            raise ValueError(f"{path} was trained with {flags}: "
-                             "resume with those")
+            raise ValueError(f"{path} was trained with {flags}: resume with those")
     block_size = model.config.block_size
     if block_size < cfg.min_block_size:  # a resumed model has its positions already
         print(f"stretching the positions from {block_size} to {cfg.min_block_size}")
@@ -515,32 +501,28 @@ class FinetuneRun:
         self.path = Path(cfg.out_dir) / "ckpt.pt"
         self.model = model
         self.parts = {"optimizer": optimizer, "scaler": scaler}  # saved as their state dicts
-        self.has_lora = any(isinstance(m, LoRALinear) for m in model.modules())
+        self.has_lora = cfg.lora_rank > 0
         if self.has_lora:  # W and B A apart: W + B A cannot be split back into them exactly
             self.parts["unmerged"] = model
-        self.header = {"tokenizer": tokenizer_spec, "config": asdict(cfg)}
-        self.header["stage"] = "finetune"  # the same in every save
-        self.saved_at = resumed["iter_num"] if resumed else None  # the step ckpt.pt holds
+        self.header = {"tokenizer": tokenizer_spec, "config": asdict(cfg), "stage": "finetune"}
         self.best_val_loss = resumed["best_val_loss"] if resumed else math.inf
 
     def save(self, step: int, val_loss: float):
-        if not all(bool(p.isfinite().all()) for p in self.model.parameters()):  # Ctrl-C, diverged
+        if not all(p.isfinite().all() for p in self.model.parameters()):  # Ctrl-C, diverged
             raise FloatingPointError(f"NaN weights at step {step}; {self.path} kept")
         self.best_val_loss = min(self.best_val_loss, val_loss)
         plain = merge_lora(copy.deepcopy(self.model)) if self.has_lora else self.model
         states = {name: part.state_dict() for name, part in self.parts.items()}
-        best = self.best_val_loss
-        progress = {"iter_num": step, "val_loss": val_loss, "best_val_loss": best}
+        progress = {"iter_num": step, "val_loss": val_loss, "best_val_loss": self.best_val_loss}
         model = {"model": plain.state_dict(), "model_args": asdict(plain.config)}
         ckpt = {**model, **self.header, **states, **progress}
         save_checkpoint(self.path, {**ckpt, "rng": rng_states()})
-        self.saved_at = step
 
 
 def write_test_responses(model, data: dict, cfg: FinetuneConfig, ctx):
     """The model's answers to the test entries, beside the references, in out_dir/ as JSON."""
     test = data["test"]
-    if cfg.num_responses >= 0:
+    if cfg.num_responses >= 0:  # -1: all
         test = test[: cfg.num_responses]
     model.eval()  # no dropout
     answers = []
@@ -582,7 +564,7 @@ def finetune(cfg: FinetuneConfig, model, tokenizer_spec: dict, data: dict,
         set_rng_states(resumed["rng"])
         step = resumed["iter_num"]
     trainable = sum(p.numel() for p in params)
-    total = sum(p.numel() for p in model.parameters())
+    total = model.num_params()
     batches = len(train) // cfg.batch_size  # an epoch's
     max_iters = cfg.max_iters or max(1, int(cfg.epochs * batches))
     print(f"parameters: {trainable:,} trainable of {total:,} ({trainable / total:.2%}); "
@@ -601,14 +583,12 @@ def finetune(cfg: FinetuneConfig, model, tokenizer_spec: dict, data: dict,
         while step < max_iters and not ctrl_c.pressed:
             indices = batch_indices(step, len(train), cfg.batch_size, cfg.seed)  # f(seed, step)
             batch = [train[i] for i in indices]
-            x, y = collate_fn(batch, end_id, allowed_max_length=model.config.block_size,
-                              mask_prompt=cfg.mask_prompt, device=cfg.device)
+            x, y = collate_fn(batch, end_id, model.config.block_size, cfg.mask_prompt, cfg.device)
             with ctx:
                 _, loss = model(x, y)
             scaler.scale(loss).backward()  # fp16 only: scaled so that small gradients stay > 0
             scaler.unscale_(optimizer)
-            max_norm = cfg.grad_clip or math.inf
-            norm = nn.utils.clip_grad_norm_(params, max_norm)
+            norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -632,7 +612,7 @@ def finetune(cfg: FinetuneConfig, model, tokenizer_spec: dict, data: dict,
                 run.save(step, after["loss"])
                 tokens = 0
                 t0 = time.perf_counter()  # tokens/s: the evaluation's time is not training time
-        if ctrl_c.pressed and run.saved_at != step:  # else ckpt.pt holds this step already
+        if ctrl_c.pressed:
             run.save(step, after["loss"])  # the last evaluation's
     if ctrl_c.pressed:
         print(f"saved {run.path} at step {step} of {max_iters}; continue: "
@@ -806,7 +786,7 @@ class KVCache:
 # copied from 04_gpt.py: GPTConfig
 @dataclass
 class GPTConfig:
-    """The numbers that define a GPT: the defaults are GPT-2 small (124M), PRESETS other sizes."""
+    """The numbers that define a GPT: the defaults are GPT-2 small (124M); GPT_PRESETS: others."""
 
     block_size: int = 1024  # longest sequence the model can see (number of learned positions)
     vocab_size: int = 50257  # GPT-2's BPE: 50,000 merges + 256 bytes + <|endoftext|>
@@ -816,14 +796,6 @@ class GPTConfig:
     dropout: float = 0.0  # 0 for pretraining (GPT-2 used 0.1); try 0.1+ when finetuning small data
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2; False is a bit faster and as good
     gelu: str = "tanh"  # GPT-2's approximation; "none": exact (erf), faster on many CPUs (see MLP)
-    PRESETS: ClassVar[dict[str, dict]] = {  # a class constant, not a field
-        "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
-        "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
-        "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
-        "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
-        "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),  # nanoGPT shakespeare-char
-        "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64),  # tests and quick demos
-    }
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -837,13 +809,6 @@ class GPTConfig:
                              f"(e.g. n_embd={self.n_head * 64})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> "GPTConfig":
-        if name not in cls.PRESETS:
-            choices = sorted(cls.PRESETS)
-            raise ValueError(f"unknown model preset {name!r}; choose one of {choices}")
-        return cls(**{**cls.PRESETS[name], **overrides})  # the overrides win
 
 
 # copied from 04_gpt.py: MLP
@@ -1046,16 +1011,14 @@ def configure_optimizers(model, weight_decay: float, learning_rate: float, betas
     vectors = [p for p in params if p.dim() < 2]
     groups = [{"params": matrices, "weight_decay": weight_decay},
               {"params": vectors, "weight_decay": 0.0}]
-    implementation = {"fused": True} if device_type in ("cuda", "cpu") else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **implementation)
+    fused = device_type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused, foreach=not fused)
 
 
 # copied from 05_pretrain.py: rng_states
 def rng_states() -> dict:
     """The states of torch's random generators (CPU, each CUDA GPU, MPS), which dropout draws."""
-    states = {"torch": torch.get_rng_state(), "cuda": []}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+    states = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}  # no GPU: []
     if torch.backends.mps.is_available():
         states["mps"] = torch.mps.get_rng_state()
     return states
@@ -1066,10 +1029,9 @@ def set_rng_states(states: dict):
     """Restore what rng_states() returned (to as many GPUs as this machine has; each keeps its
     own). A generator this machine lacks, or a state the checkpoint lacks, is left as it is."""
     torch.set_rng_state(states["torch"].cpu())
-    if states["cuda"] and torch.cuda.is_available():
-        gpus = torch.cuda.device_count()
-        torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"][:gpus]])
-    if states.get("mps") is not None and torch.backends.mps.is_available():
+    gpus = torch.cuda.device_count()  # 0 without CUDA
+    torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"][:gpus]])
+    if "mps" in states and torch.backends.mps.is_available():
         torch.mps.set_rng_state(states["mps"].cpu())
 
 

@@ -65,12 +65,13 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Annotated, ClassVar
+from typing import Annotated
 
 import requests
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 PROJECT = Path(__file__).resolve().parent  # relative paths (data/, out/, flags) resolve here
 DATA_DIR = PROJECT / "data"
@@ -78,33 +79,17 @@ DATA_DIR = PROJECT / "data"
 # -----------------------------------------------------------------------------
 # 1. The tasks: examples {"context", "choices", "label"}, from HellaSwag or a JSONL file
 
-_HELLASWAG = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data"
-HELLASWAG_URL = f"{_HELLASWAG}/hellaswag_val.jsonl"  # 10,042 examples, 12,246,618 bytes
-# the hash Hugging Face's datasets library records for this file
+# 10,042 examples, 12,246,618 bytes; the hash is the one Hugging Face's datasets library records
+HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 HELLASWAG_SHA256 = "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"
 PLAIN_FORMAT = '{"context": str, "choices": [str, ...], "label": int}'
-
-
-def read_jsonl(path) -> list[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; a line that is no JSON object: an error."""
-    rows = []
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise ValueError(f"{path} line {number}: not JSON ({e})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path} line {number}: not a JSON object")
-        rows.append((number, row))
-    return rows
 
 
 def to_example(row: dict, where: str) -> dict:
     """A line of HellaSwag ({"ctx", "endings", "label"}) or of the plain format -> an example,
     checked. HellaSwag's endings follow the context after a space, as llm.c renders them."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: not a JSON object")
     hellaswag = "endings" in row
     names = ("ctx", "endings") if hellaswag else ("context", "choices")
     for name in (*names, "label"):
@@ -135,10 +120,21 @@ def load_task(task: str, limit: int = 0) -> list[dict]:
     path = Path(task)
     if task == "hellaswag":
         path = download(HELLASWAG_URL, DATA_DIR / "hellaswag_val.jsonl", HELLASWAG_SHA256)
-    rows = read_jsonl(path)[: limit or None]  # limit 0: all
-    if not rows:
+    examples = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if limit and len(examples) == limit:  # limit 0: all
+            break
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"{path} line {number}: not JSON ({e})") from None
+        examples.append(to_example(row, f"{path} line {number}"))
+    if not examples:
         raise ValueError(f"{path} holds no examples; each line is {PLAIN_FORMAT}")
-    return [to_example(row, f"{path} line {number}") for number, row in rows]
+    return examples
 
 
 # -----------------------------------------------------------------------------
@@ -176,29 +172,24 @@ def score_rows(model, encoded: dict) -> list[float]:
     """One example in one forward pass -> its choices' summed log-probabilities. llm.c's way, the
     reference: a row per choice (context + choice), right-padded (causal attention keeps padding
     away from real tokens), logits and a log-softmax at every position; the choice's summed."""
-    device = model.lm_head.weight.device
-    context = encoded["context"]
-    rows = [context + choice for choice in encoded["choices"]]
-    T = max(len(row) for row in rows)
-    idx = torch.zeros(len(rows), T, dtype=torch.long)  # pad id 0: after the row, unseen
-    is_choice = torch.zeros(len(rows), T, dtype=torch.bool)
-    for i, row in enumerate(rows):
-        idx[i, : len(row)] = torch.tensor(row)
-        is_choice[i, len(context) : len(row)] = True
-    idx = idx.to(device)
+    rows = [torch.tensor(encoded["context"] + choice) for choice in encoded["choices"]]
+    is_choice = [torch.arange(len(row)) >= len(encoded["context"]) for row in rows]
+    idx = pad_sequence(rows, batch_first=True)  # (N, T), pad id 0: after the row, unseen
+    is_choice = pad_sequence(is_choice, batch_first=True)  # (N, T)
+    idx = idx.to(model.lm_head.weight.device)
     logits, _ = model(idx[:, :-1])  # (N, T-1, V)
     logprobs = F.log_softmax(logits.float(), dim=-1)  # (N, T-1, V): the full copy
     targets = idx[:, 1:, None]  # (N, T-1, 1): each position's next token
     target_logprobs = logprobs.gather(-1, targets).squeeze(-1)  # (N, T-1)
-    scored = is_choice[:, 1:].to(device)  # a target that is a choice token
+    scored = is_choice[:, 1:].to(idx.device)  # a target that is a choice token
     return (target_logprobs * scored).sum(dim=1).tolist()
 
 
-def pack_example(encoded: dict) -> tuple[list, list, list, list]:
+def pack_example(encoded: dict) -> dict:
     """One row for an example: the context once, then each choice but its last token (a token is
     an input only if a token follows it). Returns the row's tokens, their positions, their segments
-    (0: context, j + 1: choice j), and for each choice token (choice j, the index in the row
-    whose output predicts it, its id). Context [5, 6], choices [7, 8], [9]:
+    (0: context, j + 1: choice j), as tensors, and its targets: for each choice token (choice j,
+    the index in the row whose output predicts it, its id). Context [5, 6], choices [7, 8], [9]:
         tokens [5, 6, 7], positions [0, 1, 2], segments [0, 0, 1],
         targets [(0, 1, 7), (0, 2, 8), (1, 1, 9)]: 6 predicts 7 and 9, 7 predicts 8."""
     context = encoded["context"]
@@ -207,30 +198,25 @@ def pack_example(encoded: dict) -> tuple[list, list, list, list]:
     segments = [0] * len(context)
     targets = []
     for j, choice in enumerate(encoded["choices"]):
-        previous = len(context) - 1  # a choice's first token follows the context's last
-        for k, token in enumerate(choice):
-            targets.append((j, previous, token))
-            if k == len(choice) - 1:
-                break  # the last token predicts nothing: no input
-            previous = len(tokens)
-            tokens.append(token)
-            positions.append(len(context) + k)  # as if the choice were alone after the context
-            segments.append(j + 1)
-    return tokens, positions, segments, targets
+        inputs = choice[:-1]  # the last token predicts nothing: no input
+        # the first token follows the context's last, each later one the choice's previous
+        previous = [len(context) - 1] + list(range(len(tokens), len(tokens) + len(inputs)))
+        targets += [(j, p, token) for p, token in zip(previous, choice)]
+        tokens += inputs
+        positions += range(len(context), len(context) + len(inputs))  # as if alone after context
+        segments += [j + 1] * len(inputs)
+    return {"tokens": torch.tensor(tokens), "positions": torch.tensor(positions),
+            "segments": torch.tensor(segments), "targets": targets}  # fmt: skip
 
 
-def packed_batch(packed: list[tuple], device) -> tuple[torch.Tensor, ...]:
+def packed_batch(packed: list[dict], device) -> tuple[torch.Tensor, ...]:
     """Rows right-padded to one length: idx, position ids (B, T) and the mask (B, 1, T, T): a
     token sees the earlier tokens of the context and of its own segment. Padding is segment -1
     (it sees the context and earlier padding: no empty row in the softmax, no NaN)."""
-    T = max(len(tokens) for tokens, _, _, _ in packed)
-    idx = torch.zeros(len(packed), T, dtype=torch.long)
-    pos = torch.zeros(len(packed), T, dtype=torch.long)
-    seg = torch.full((len(packed), T), -1, dtype=torch.long)
-    for row, (tokens, positions, segments, _) in enumerate(packed):
-        idx[row, : len(tokens)] = torch.tensor(tokens)
-        pos[row, : len(tokens)] = torch.tensor(positions)
-        seg[row, : len(tokens)] = torch.tensor(segments)
+    idx = pad_sequence([p["tokens"] for p in packed], batch_first=True)  # (B, T)
+    pos = pad_sequence([p["positions"] for p in packed], batch_first=True)  # (B, T)
+    seg = pad_sequence([p["segments"] for p in packed], batch_first=True, padding_value=-1)
+    T = idx.size(1)
     same_segment = seg[:, :, None] == seg[:, None, :]  # (B, T, T) query, key
     key_is_context = (seg == 0)[:, None, :]  # (B, 1, T)
     causal = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T)
@@ -260,31 +246,24 @@ def score_packed(model, encoded: list[dict]) -> list[list[float]]:
     device = model.lm_head.weight.device
     packed = [pack_example(e) for e in encoded]
     idx, pos, mask = packed_batch(packed, device)
-    B, T = idx.shape
-    cache = KVCache(model.config.n_layer, T)
+    cache = KVCache(model.config.n_layer, idx.size(1))
     h = final_hidden(model, idx, pos, mask, cache)  # (B, T, C)
-    rows = []  # where each choice token is predicted: row * T + index
-    ids = []  # the choice tokens
-    slots = []  # which choice of the batch each belongs to
-    first_slot = 0
-    for row, (_, _, _, targets) in enumerate(packed):
-        for j, previous, token in targets:
-            rows.append(row * T + previous)
-            ids.append(token)
-            slots.append(first_slot + j)
-        first_slot += len(encoded[row]["choices"])
-    h = h.flatten(0, 1)[torch.tensor(rows, device=device)]  # (N, C)
-    logprobs = target_logprobs(model, h, torch.tensor(ids, device=device))  # (N,)
-    sums = torch.zeros(first_slot, device=device)
-    sums.index_add_(0, torch.tensor(slots, device=device), logprobs)
-    flat = iter(sums.tolist())  # one read of the device per batch
-    return [[next(flat) for _ in e["choices"]] for e in encoded]
+    targets = []  # (row, choice j, the index whose output predicts it, its id): the choice tokens
+    for row, p in enumerate(packed):
+        targets += [(row, *target) for target in p["targets"]]
+    row, choice, previous, token = torch.tensor(targets, device=device).T  # 4 x (N,)
+    logprobs = target_logprobs(model, h[row, previous], token)  # (N,)
+    n_choices = max(len(e["choices"]) for e in encoded)
+    sums = torch.zeros(len(encoded), n_choices, device=device)
+    sums.index_put_((row, choice), logprobs, accumulate=True)  # (B, choices): the summed log p
+    per_choice = sums.tolist()  # one read of the device per batch
+    return [per_choice[i][: len(e["choices"])] for i, e in enumerate(encoded)]
 
 
-def score_examples(model, encoded: list[dict], batch_tokens=8192, progress=False):
+def score_examples(model, encoded: list[dict], batch_tokens=8192):
     """Every example's choices' summed log-probabilities, in order. Examples are sorted by packed
     length (little padding) and batched while rows * longest <= batch_tokens."""
-    lengths = [len(pack_example(e)[0]) for e in encoded]
+    lengths = [len(pack_example(e)["tokens"]) for e in encoded]
     order = sorted(range(len(encoded)), key=lengths.__getitem__)
     scores = [None] * len(encoded)
     t0 = time.perf_counter()
@@ -297,21 +276,12 @@ def score_examples(model, encoded: list[dict], batch_tokens=8192, progress=False
         for i, result in zip(batch, score_packed(model, [encoded[i] for i in batch])):
             scores[i] = result
         start = end
-        if progress:
-            rate = start / (time.perf_counter() - t0)
-            print(f"\rscored {start:,}/{len(order):,}, {rate:.1f} examples/s", end="", flush=True)
-    if progress:
-        print()
+        show_progress("examples scored", start, len(order), t0)
     return scores
 
 
 # -----------------------------------------------------------------------------
 # 3. The three scores, with a 95% interval
-
-
-def pick(scores: list[float]) -> int:
-    """The index of the highest score (the first, if tied)."""
-    return max(range(len(scores)), key=scores.__getitem__)
 
 
 def wilson_interval(correct: int, n: int, z=1.96) -> tuple[float, float]:
@@ -328,25 +298,22 @@ METRICS = ("acc", "acc_norm", "acc_token_mean")
 
 def task_scores(examples, encoded, logprobs, task: str) -> dict:
     """The task's three accuracies, intervals and chance, and the per-example results."""
-    correct = dict.fromkeys(METRICS, 0)
     results = []
     for example, enc, sums in zip(examples, encoded, logprobs):
         n_tokens = [len(choice) for choice in enc["choices"]]
         n_chars = [len(choice) for choice in example["choices"]]
-        picks = {
-            "acc": pick(sums),
-            "acc_norm": pick([s / c for s, c in zip(sums, n_chars)]),
-            "acc_token_mean": pick([s / t for s, t in zip(sums, n_tokens)]),
-        }
-        for metric, choice in picks.items():
-            correct[metric] += choice == example["label"]
+        per_char = [s / c for s, c in zip(sums, n_chars)]
+        per_token = [s / t for s, t in zip(sums, n_tokens)]
+        by_metric = {"acc": sums, "acc_norm": per_char, "acc_token_mean": per_token}
+        picks = {m: v.index(max(v)) for m, v in by_metric.items()}  # the first best, if tied
         results.append({"label": example["label"], "logprobs": sums, "n_tokens": n_tokens,
                         "n_chars": n_chars, "picks": picks})  # fmt: skip
     n = len(examples)
     scores = {"task": task, "n": n}
     for metric in METRICS:
-        scores[metric] = correct[metric] / n
-        scores[f"{metric}_interval"] = wilson_interval(correct[metric], n)
+        correct = sum(r["picks"][metric] == r["label"] for r in results)
+        scores[metric] = correct / n
+        scores[f"{metric}_interval"] = wilson_interval(correct, n)
     scores["chance"] = sum(1 / len(e["choices"]) for e in examples) / n
     scores["contexts_cut"] = sum(enc["cut"] for enc in encoded)
     scores["examples"] = results
@@ -356,10 +323,8 @@ def task_scores(examples, encoded, logprobs, task: str) -> dict:
 def evaluate_task(model, tok, examples: list[dict], task: str, cfg) -> dict:
     """Encode every example (every error found before any work), score them, sum up."""
     block_size = model.config.block_size
-    encoded = []
-    for i, example in enumerate(examples):
-        encoded.append(encode_example(tok, example, block_size, f"example {i}"))
-    logprobs = score_examples(model, encoded, cfg.batch_tokens, progress=True)
+    encoded = [encode_example(tok, e, block_size, f"example {i}") for i, e in enumerate(examples)]
+    logprobs = score_examples(model, encoded, cfg.batch_tokens)
     return task_scores(examples, encoded, logprobs, task)
 
 
@@ -390,6 +355,7 @@ def strided_windows(n_tokens: int, block_size: int, stride: int) -> list[tuple[i
         raise ValueError(f"need at least 2 tokens to score anything, got {n_tokens}: "
                          "use a longer text")
     T = min(block_size, n_tokens - 1)
+    stride = stride or max(1, T // 2)  # 0: half a window
     if not 1 <= stride <= T:
         raise ValueError(f"--stride must be in [1, {T}] (the window length), got {stride}")
     ends = list(range(T, n_tokens - 1, stride)) + [n_tokens - 1]  # the last one ends the text
@@ -398,33 +364,27 @@ def strided_windows(n_tokens: int, block_size: int, stride: int) -> list[tuple[i
 
 
 @torch.no_grad()
-def text_scores(model, tok, text: str, stride=0, batch_tokens=8192, progress=False,
-                where="the text") -> dict:
+def text_scores(model, tok, text: str, stride=0, batch_tokens=8192, where="the text") -> dict:
     """Perplexity and bits per byte of text; stride 0: half a window. GPT-2 reads the text after
     an <|endoftext|>, so every token is scored; a char model's first character is context only.
     A forward pass takes batch_tokens // T windows of T tokens; the head runs on scored ones."""
     start = [] if tok.eot_token is None else [tok.eot_token]
     ids = start + encode_text(tok, text, where)
     scored_text = text if start else text[1:]  # the characters whose tokens are targets
-    block_size = model.config.block_size
-    default_stride = max(1, min(block_size, len(ids) - 1) // 2)
-    windows = strided_windows(len(ids), block_size, stride or default_stride)
+    windows = strided_windows(len(ids), model.config.block_size, stride)
     data = torch.tensor(ids, device=model.lm_head.weight.device)
     T = windows[0][1] - windows[0][0]  # every window's length
     per_pass = max(1, batch_tokens // T)
     nats = 0.0
+    t0 = time.perf_counter()
     for i in range(0, len(windows), per_pass):
         batch = windows[i : i + per_pass]
-        x = torch.stack([data[b:e] for b, e, _ in batch])  # (B, T)
-        y = torch.stack([data[b + 1 : e + 1] for b, e, _ in batch])  # (B, T)
-        last_n = torch.tensor([n for _, _, n in batch], device=x.device)[:, None]  # (B, 1)
-        scored = torch.arange(T, device=x.device) >= T - last_n  # (B, T): each row's last n
-        h = final_hidden(model, x)  # (B, T, C)
-        nats -= target_logprobs(model, h[scored], y[scored]).sum().item()
-        if progress:
-            print(f"\rscored {i + len(batch):,}/{len(windows):,} windows", end="", flush=True)
-    if progress:
-        print()
+        rows = torch.stack([data[b : e + 1] for b, e, _ in batch])  # (B, T + 1)
+        last_n = torch.tensor([n for _, _, n in batch], device=data.device)[:, None]  # (B, 1)
+        scored = torch.arange(T, device=data.device) >= T - last_n  # (B, T): each row's last n
+        h = final_hidden(model, rows[:, :-1])  # (B, T, C): inputs, and rows[:, 1:] the targets
+        nats -= target_logprobs(model, h[scored], rows[:, 1:][scored]).sum().item()
+        show_progress("windows scored", i + len(batch), len(windows), t0)
     n_tokens = len(ids) - 1  # the targets: every id but the first
     n_bytes = len(scored_text.encode("utf-8"))
     loss = nats / n_tokens
@@ -450,10 +410,6 @@ and 0 means it is wrong or empty. Reply with the integer score only."""
 ANSWER_KEYS = ("model_response", "after_dpo", "before_dpo")  # 07's, then 08's
 
 
-class JudgeError(RuntimeError):
-    """The judge cannot be reached, or answers with an error: one line, naming the URL."""
-
-
 def load_responses(path, key: str = "") -> tuple[list[dict], str]:
     """The entries of 07's test_responses.json or 08's dpo_responses.json, and the key that
     holds the answers (given, or the first of ANSWER_KEYS there)."""
@@ -468,26 +424,25 @@ def load_responses(path, key: str = "") -> tuple[list[dict], str]:
     return entries, key
 
 
-def ask_judge(url: str, model: str, prompt: str, api_key: str = "", timeout=120) -> str:
-    """The judge's reply to one prompt: POST url/chat/completions, temperature 0."""
+def ask_judge(url: str, model: str, prompt: str, api_key: str) -> str:
+    """The judge's reply to one prompt: POST url/chat/completions, temperature 0. The judge cannot
+    be reached, or answers with an error: a RuntimeError of one line, naming the URL."""
     endpoint = url.rstrip("/") + "/chat/completions"
     body = {"model": model, "temperature": 0,
             "messages": [{"role": "user", "content": prompt}]}  # fmt: skip
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        response = requests.post(endpoint, json=body, headers=headers, timeout=timeout)
+        response = requests.post(endpoint, json=body, headers=headers, timeout=120)
     except requests.RequestException as e:
-        raise JudgeError(f"cannot reach the judge at {url} ({type(e).__name__}); start one "
-                         f"(`ollama serve`, then `ollama pull {model}`), or point --judge_url "
-                         "at a running server") from None
-    if response.status_code != 200:
-        raise JudgeError(f"the judge at {url} answered {response.status_code}: "
-                         f"{response.text[:200]!r}; check --judge_model and the API key")
-    try:
+        raise RuntimeError(f"cannot reach the judge at {url} ({type(e).__name__}); start one "
+                           f"(`ollama serve`, then `ollama pull {model}`), or point --judge_url "
+                           "at a running server") from None
+    try:  # an error status comes with an error body, not a chat completion
         return response.json()["choices"][0]["message"]["content"]
     except (ValueError, KeyError, IndexError, TypeError):
-        raise JudgeError(f"the judge at {url} sent no chat completion: "
-                         f"{response.text[:200]!r}") from None
+        raise RuntimeError(f"the judge at {url} answered {response.status_code} with no chat "
+                           f"completion: {response.text[:200]!r}; check --judge_model and the "
+                           "API key") from None
 
 
 def parse_score(reply: str) -> int | None:
@@ -499,11 +454,12 @@ def parse_score(reply: str) -> int | None:
 
 
 def judge_responses(cfg) -> dict:
-    """Score every answer; the mean, the distribution by tens, and the replies with no number."""
+    """Score every answer; print the mean, the distribution by tens, the replies with no number."""
     entries, key = load_responses(cfg.responses, cfg.response_key)
-    api_key = os.environ.get(cfg.judge_key_env, "") if cfg.judge_key_env else ""
+    api_key = os.environ.get(cfg.judge_key_env, "")  # "" if unset: no Authorization header
     scores = []
     no_number = []
+    t0 = time.perf_counter()
     for i, entry in enumerate(entries):
         prompt = JUDGE_PROMPT.format(prompt=format_input(entry), reference=entry["output"],
                                      answer=entry[key])  # fmt: skip
@@ -513,27 +469,21 @@ def judge_responses(cfg) -> dict:
             no_number.append({"entry": i, "reply": reply})
         else:
             scores.append(score)
-        print(f"\rjudged {i + 1}/{len(entries)}", end="", flush=True)
-    print()
-    by_tens = [0] * 10  # 0-9, ..., 90-100
-    for score in scores:
-        by_tens[min(score // 10, 9)] += 1
+        show_progress("answers judged", i + 1, len(entries), t0)
+    by_tens = [sum(min(s // 10, 9) == t for s in scores) for t in range(10)]  # 0-9, ..., 90-100
     mean = sum(scores) / len(scores) if scores else float("nan")
-    return {"responses": str(cfg.responses), "key": key, "judge": cfg.judge_model,
-            "n": len(entries), "scored": len(scores), "mean": mean, "by_tens": by_tens,
-            "no_number": no_number, "scores": scores}  # fmt: skip
-
-
-def print_judgement(result: dict) -> None:
-    print(f"{result['responses']} ({result['key']}), judged by {result['judge']}: "
-          f"mean {result['mean']:.1f} of 100 over {result['scored']} of {result['n']} answers")
-    for tens, count in enumerate(result["by_tens"]):
+    print(f"{cfg.responses} ({key}), judged by {cfg.judge_model}: "
+          f"mean {mean:.1f} of 100 over {len(scores)} of {len(entries)} answers")
+    for tens, count in enumerate(by_tens):
         low = 10 * tens
         high = 100 if tens == 9 else low + 9
         print(f"  {low:>3}-{high:<3} {count:>5} {'#' * count}")
-    print(f"{len(result['no_number'])} replies held no number (not scored):")
-    for item in result["no_number"][:5]:
+    print(f"{len(no_number)} replies held no number (not scored):")
+    for item in no_number[:5]:
         print(f"  entry {item['entry']}: {item['reply'][:100]!r}")
+    return {"responses": str(cfg.responses), "key": key, "judge": cfg.judge_model,
+            "n": len(entries), "scored": len(scores), "mean": mean, "by_tens": by_tens,
+            "no_number": no_number, "scores": scores}  # fmt: skip
 
 
 # -----------------------------------------------------------------------------
@@ -548,26 +498,25 @@ def describe(path, model, ckpt: dict) -> dict:
     step_keys = ("batch_size", "gradient_accumulation_steps", "block_size")
     tokens = None  # recorded by 05's settings; others do not say
     if all(isinstance(config.get(k), int) for k in step_keys):
-        per_iter = math.prod(config[k] for k in step_keys)
-        tokens = ckpt.get("iter_num", 0) * per_iter
+        tokens = ckpt.get("iter_num", 0) * math.prod(config[k] for k in step_keys)
     return {"ckpt": str(path), "stage": ckpt.get("stage", "?"),
             "parameters": model.num_params(), "tokens_seen": tokens}  # fmt: skip
 
 
-def print_report(models: list[dict], scores: list[dict]) -> None:
+def print_report(results: list[dict]) -> None:
     """One table: a column per model, a row per score (95% interval), and chance."""
-    for i, m in enumerate(models):
+    for i, m in enumerate(result["model"] for result in results):
         seen = "not recorded" if m["tokens_seen"] is None else f"{m['tokens_seen']:,}"
         print(f"model {i + 1}: {m['ckpt']} ({m['stage']}, {m['parameters'] / 1e6:.2f}M "
               f"parameters, tokens seen: {seen})")
-    first = scores[0]
+    first = results[0]
     print(f"task {first['task']}: {first['n']:,} examples, "
           f"{first['contexts_cut']:,} contexts cut from the left to fit")
-    header = "".join(f"{f'model {i + 1}':>24}" for i in range(len(models)))
+    header = "".join(f"{f'model {i + 1}':>24}" for i in range(len(results)))
     print(f"{'score':<16}{header}")
     for metric in METRICS:
         cells = []
-        for s in scores:
+        for s in results:
             low, high = s[f"{metric}_interval"]
             cells.append(f"{s[metric]:>8.4f} ({low:.3f}-{high:.3f})")
         print(f"{metric:<16}" + "".join(f"{c:>24}" for c in cells))
@@ -610,65 +559,56 @@ class EvalConfig:
             raise ValueError("--responses needs --judge_url and --judge_model")
         for name in ("ckpt", "compare", "responses", "out_json", "task", "text_file"):
             value = getattr(self, name)
-            if value and value != "hellaswag":
-                setattr(self, name, str(PROJECT / value))
-        must_exist = ["compare", "responses", "task", "text_file"]
-        if self.task or self.text_file:
-            must_exist.append("ckpt")
-        for name in must_exist:
-            value = getattr(self, name)
-            if value and value != "hellaswag" and not Path(value).is_file():
+            if not value or value == "hellaswag":
+                continue
+            value = str(PROJECT / value)
+            setattr(self, name, value)
+            is_read = name != "out_json" and not (name == "ckpt" and self.responses)
+            if is_read and not Path(value).is_file():  # the judge reads no checkpoint
                 raise FileNotFoundError(f"--{name}={value}: no such file")
 
 
-def load_model(path, cfg):
-    """(model in eval mode on cfg.device, tokenizer, what the report says of it)."""
-    model, tok, ckpt = load_checkpoint(path)  # onto the CPU, memory-mapped
-    return model.to(cfg.device).eval(), tok, describe(path, model, ckpt)
+def show_progress(what: str, done: int, total: int, t0: float) -> None:
+    """"examples scored 40/100, 12.5/s", rewritten in place: the last one ends the line."""
+    rate = done / (time.perf_counter() - t0)
+    end = "\n" if done == total else ""
+    print(f"\r{what} {done:,}/{total:,}, {rate:.1f}/s", end=end, flush=True)
 
 
 def write_json(path, result: dict) -> None:
     """result as JSON, written to path + ".tmp" and renamed: never half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = Path(f"{path}.tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     tmp.write_text(json.dumps(result, indent=1), encoding="utf-8")
     os.replace(tmp, path)
     print(f"wrote {path}")
 
 
-def run_task(cfg) -> dict:
-    """Score cfg.ckpt (and cfg.compare) on cfg.task: the report; the result for the JSON."""
-    examples = load_task(cfg.task, cfg.limit)
-    task = "hellaswag" if cfg.task == "hellaswag" else Path(cfg.task).name
-    models = []
-    scores = []
-    for path in [cfg.ckpt, cfg.compare] if cfg.compare else [cfg.ckpt]:
-        model, tok, about = load_model(path, cfg)
-        scores.append(evaluate_task(model, tok, examples, task, cfg))
-        models.append(about)
-    print_report(models, scores)
-    result = {**scores[0], "model": models[0]}
-    if cfg.compare:
-        result["compare"] = {**scores[1], "model": models[1]}
-    return result
-
-
-def run_text(cfg) -> dict:
-    """Perplexity and bits per byte of cfg.text_file under cfg.ckpt (and cfg.compare)."""
-    try:
-        text = Path(cfg.text_file).read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ValueError(f"--text_file={cfg.text_file} is not UTF-8 text") from None
+def evaluate_models(cfg) -> dict:
+    """Score cfg.ckpt (and cfg.compare, on the same examples or text) on cfg.task or
+    cfg.text_file, and report: the first model's result, the second's under "compare"."""
+    if cfg.task:
+        examples = load_task(cfg.task, cfg.limit)
+    else:
+        try:
+            text = Path(cfg.text_file).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"--text_file={cfg.text_file} is not UTF-8 text") from None
     results = []
     for path in [cfg.ckpt, cfg.compare] if cfg.compare else [cfg.ckpt]:
-        model, tok, about = load_model(path, cfg)
-        result = text_scores(model, tok, text, cfg.stride, cfg.batch_tokens, progress=True,
-                             where=cfg.text_file)
-        print(f"{path}: {result['tokens']:,} tokens scored, {result['bytes']:,} bytes, "
-              f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.3f}, "
-              f"bits per byte {result['bits_per_byte']:.4f}")
-        results.append({"text_file": cfg.text_file, **result, "model": about})
+        model, tok, ckpt = load_checkpoint(path)  # onto the CPU, memory-mapped
+        model = model.to(cfg.device).eval()
+        if cfg.task:
+            result = evaluate_task(model, tok, examples, Path(cfg.task).name, cfg)
+        else:
+            scores = text_scores(model, tok, text, cfg.stride, cfg.batch_tokens, cfg.text_file)
+            result = {"text_file": cfg.text_file, **scores}
+            print(f"{path}: {result['tokens']:,} tokens scored, {result['bytes']:,} bytes, "
+                  f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.3f}, "
+                  f"bits per byte {result['bits_per_byte']:.4f}")
+        results.append({**result, "model": describe(path, model, ckpt)})
+    if cfg.task:
+        print_report(results)
     if cfg.compare:
         results[0]["compare"] = results[1]
     return results[0]
@@ -676,17 +616,14 @@ def run_text(cfg) -> dict:
 
 def main(argv=None):
     cfg = parse_config(EvalConfig, argv)  # a bad setting: one "error:" line, exit status 2
-    if cfg.device.startswith("cuda"):  # TF32: matmuls left in fp32 (the head)
-        torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on CUDA: matmuls left in fp32 (the head)
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
-    device_type = cfg.device.split(":")[0]  # "cuda:1" -> "cuda"
     try:
         if cfg.responses:
             result = judge_responses(cfg)
-            print_judgement(result)
         else:
-            with autocast_context(device_type, cfg.dtype):
-                result = run_text(cfg) if cfg.text_file else run_task(cfg)
+            with autocast_context(cfg.device.split(":")[0], cfg.dtype):  # "cuda:1" -> "cuda"
+                result = evaluate_models(cfg)
         if cfg.out_json:
             write_json(cfg.out_json, result)
     except (ValueError, OSError, RuntimeError) as e:  # bad input, a failed download, judge, write
@@ -872,7 +809,7 @@ class KVCache:
 # copied from 04_gpt.py: GPTConfig
 @dataclass
 class GPTConfig:
-    """The numbers that define a GPT: the defaults are GPT-2 small (124M), PRESETS other sizes."""
+    """The numbers that define a GPT: the defaults are GPT-2 small (124M); GPT_PRESETS: others."""
 
     block_size: int = 1024  # longest sequence the model can see (number of learned positions)
     vocab_size: int = 50257  # GPT-2's BPE: 50,000 merges + 256 bytes + <|endoftext|>
@@ -882,14 +819,6 @@ class GPTConfig:
     dropout: float = 0.0  # 0 for pretraining (GPT-2 used 0.1); try 0.1+ when finetuning small data
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2; False is a bit faster and as good
     gelu: str = "tanh"  # GPT-2's approximation; "none": exact (erf), faster on many CPUs (see MLP)
-    PRESETS: ClassVar[dict[str, dict]] = {  # a class constant, not a field
-        "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
-        "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
-        "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
-        "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
-        "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),  # nanoGPT shakespeare-char
-        "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64),  # tests and quick demos
-    }
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -903,13 +832,6 @@ class GPTConfig:
                              f"(e.g. n_embd={self.n_head * 64})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> "GPTConfig":
-        if name not in cls.PRESETS:
-            choices = sorted(cls.PRESETS)
-            raise ValueError(f"unknown model preset {name!r}; choose one of {choices}")
-        return cls(**{**cls.PRESETS[name], **overrides})  # the overrides win
 
 
 # copied from 04_gpt.py: MLP

@@ -466,8 +466,7 @@ def estimate_loss(model, data: dict, cfg, step: int) -> dict:
     for split, ids in data.items():
         total = torch.zeros((), device=cfg.device)  # summed on the device: one .item() per split
         for k in range(cfg.eval_iters):
-            batch_number = step * cfg.eval_iters + k
-            x, y = get_batch(ids, cfg.batch_size, cfg.block_size, step=batch_number,
+            x, y = get_batch(ids, cfg.batch_size, cfg.block_size, step=step * cfg.eval_iters + k,
                              seed=cfg.seed + 1, device=cfg.device)
             with autocast_context(x.device.type, cfg.dtype):
                 _, loss = model(x, y)

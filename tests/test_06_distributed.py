@@ -131,8 +131,8 @@ def instrument(dist06, rank: int) -> dict:
         probe["now"]["all_reduce"] += 1
         return default_hooks.allreduce_hook(process_group, bucket)
 
-    def hooked_parallelize(model, cfg, world):
-        model = parallelize(model, cfg, world)
+    def hooked_parallelize(model, cfg):
+        model = parallelize(model, cfg)
         if probe["count_ddp"]:
             model.register_comm_hook(None, all_reduce)
         return model
@@ -455,7 +455,7 @@ def test_activation_checkpointing_saves_memory(dist06, corpus, tmp_path):
     """06's parallelize with --activation_checkpointing keeps much less for backward (its arithmetic
     is tested above, with DDP and FSDP), measured through DDP on one micro-batch of 6 rows x 64
     tokens of the default model (12.53 MB -> 1.23 MB); without the flag, nothing changes."""
-    world = dist06.init_distributed("cpu")  # a world of one: DDP needs a process group
+    dist06.init_distributed("cpu")  # a world of one: DDP needs a process group
     try:
         data = dist06.load_tokens(corpus / "tinyshakespeare-char", "train")
         x, y = dist06.get_batch(data, 6, 64, step=0)
@@ -466,13 +466,13 @@ def test_activation_checkpointing_saves_memory(dist06, corpus, tmp_path):
             torch.manual_seed(0)
             model = dist06.GPT(dist06.GPTConfig(**cfg.model_args(65)))
             before = saved_activation_bytes(model, x, y)
-            after = saved_activation_bytes(dist06.parallelize(model, cfg, world), x, y)
+            after = saved_activation_bytes(dist06.parallelize(model, cfg), x, y)
             if checkpointing:
                 assert after < 0.5 * before, (before, after)
             else:
                 assert after == before, (before, after)
     finally:
-        dist06.shutdown_distributed(world)
+        dist06.shutdown_distributed()
 
 
 def test_compile_per_block_keeps_the_arithmetic(dist06, corpus, tmp_path, monkeypatch, capsys):
@@ -563,7 +563,7 @@ def test_zero1_resume_keeps_optimizer_state_beside_its_parameters(dist06, corpus
         second_copy = [v for s in optimizer.state.values() for v in (s or {}).values()]
         assert not any(torch.is_tensor(v) for v in second_copy)
     finally:
-        dist06.shutdown_distributed(world)
+        dist06.shutdown_distributed()
 
 
 @pytest.mark.slow
