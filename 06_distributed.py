@@ -433,7 +433,7 @@ def check_checkpoint(cfg, n_vocab: int):
     other_name = "ckpt.pt" if cfg.sharded_checkpoint else "dcp-latest.pt"
     other_kind = cfg.ckpt_path.with_name(other_name)  # the opposite --sharded_checkpoint's
     if cfg.init_from != "scratch" and not found and other_kind.exists():
-        flag = "--sharded_checkpoint=false" if cfg.sharded_checkpoint else "--sharded_checkpoint"
+        flag = f"--sharded_checkpoint={str(not cfg.sharded_checkpoint).lower()}"
         raise ValueError(f"{other_kind} is the other kind: resume it with {flag}")
     if cfg.init_from == "resume" and not found:
         raise FileNotFoundError(f"--init_from=resume: no checkpoint at {cfg.ckpt_path}; check "
@@ -448,7 +448,7 @@ def check_checkpoint(cfg, n_vocab: int):
         ckpt = torch.load(cfg.ckpt_path, map_location="cpu", mmap=True, weights_only=True)
     except Exception:  # empty, cut short, not a checkpoint: torch's message is many lines
         raise ValueError(f"{cfg.ckpt_path} is not a readable checkpoint; {fix}") from None
-    saved = ckpt.get("model_args")
+    saved = {"gelu": "tanh"} | ckpt.get("model_args", {})  # none saved: older, GPT-2's GELU
     if saved != cfg.model_args(n_vocab):
         raise ValueError(f"{cfg.ckpt_path} holds another model, {saved}: to resume it, "
                          f"repeat that run's flags; or {fix}")

@@ -660,7 +660,7 @@ def test_auto_finds_either_kind_of_checkpoint_and_refuses_the_other_flag(dist06,
     beside it (a sharded run restarted without the flag)."""
     monkeypatch.delenv("RANK", raising=False)
     settings = dict(strategy="ddp", **RUNS["sgd-1"])
-    cases = (("dcp-latest.pt", {}, "--sharded_checkpoint"),
+    cases = (("dcp-latest.pt", {}, "--sharded_checkpoint=true"),
              ("ckpt.pt", {"sharded_checkpoint": True}, "--sharded_checkpoint=false"))
     for on_disk, flags, fix in cases:
         run = tmp_path / on_disk
@@ -704,6 +704,23 @@ def test_resume_refuses_a_checkpoint_that_does_not_fit(dist06, corpus, tmp_path,
             err = user_error(dist06, capsys, flags_now)
             assert f"{run / name} {message}" in err and "another --out_dir" in err, err
             assert [f.name for f in run.iterdir()] == [name] and not dist.is_initialized()
+
+
+def test_a_checkpoint_from_before_the_gelu_setting_resumes_with_gelu_tanh(dist06, corpus,
+                                                                          tmp_path, monkeypatch):
+    """model_args without "gelu" (saved before the setting existed) were GPT-2's tanh GELU: such a
+    checkpoint fits --gelu=tanh, and the refusal of the default names gelu='tanh'."""
+    monkeypatch.delenv("RANK", raising=False)
+    paths = dict(data_dir=str(corpus), out_dir=str(tmp_path))
+    cfg = dist06.DistConfig(**{**BASE, **RUNS["adamw-1"]}, **paths, gelu="tanh")
+    n_vocab = dist06.load_meta(cfg.corpus_dir)["n_vocab"]
+    model_args = cfg.model_args(n_vocab)
+    del model_args["gelu"]
+    torch.save({"model_args": model_args, "optimizer": {"state": {}}, "iter_num": 2},
+               tmp_path / "ckpt.pt")
+    dist06.check_checkpoint(dataclasses.replace(cfg, init_from="resume"), n_vocab)  # fits
+    with pytest.raises(ValueError, match="'gelu': 'tanh'"):
+        dist06.check_checkpoint(dataclasses.replace(cfg, init_from="resume", gelu="none"), n_vocab)
 
 
 @pytest.mark.parametrize("what", ["loss", "val loss"])
