@@ -239,12 +239,11 @@ def target_logprobs(model, h, targets, chunk_numbers=2**24) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score_packed(model, encoded: list[dict]) -> list[list[float]]:
+def score_packed(model, encoded: list[dict], packed: list[dict]) -> list[list[float]]:
     """Several examples in one forward pass, an example per row -> each one's choices' summed
     log-probabilities. The mask goes in through 03's KVCache, used once (final_hidden applies a
     mask with a cache only); its writes cost little beside the matmuls."""
-    device = model.lm_head.weight.device
-    packed = [pack_example(e) for e in encoded]
+    device = model.lm_head.weight.device  # packed: pack_example's rows of encoded, in order
     idx, pos, mask = packed_batch(packed, device)
     cache = KVCache(model.config.n_layer, idx.size(1))
     h = final_hidden(model, idx, pos, mask, cache)  # (B, T, C)
@@ -263,7 +262,8 @@ def score_packed(model, encoded: list[dict]) -> list[list[float]]:
 def score_examples(model, encoded: list[dict], batch_tokens=8192):
     """Every example's choices' summed log-probabilities, in order. Examples are sorted by packed
     length (little padding) and batched while rows * longest <= batch_tokens."""
-    lengths = [len(pack_example(e)["tokens"]) for e in encoded]
+    packed = [pack_example(e) for e in encoded]  # each example packed once
+    lengths = [len(p["tokens"]) for p in packed]
     order = sorted(range(len(encoded)), key=lengths.__getitem__)
     scores = [None] * len(encoded)
     t0 = time.perf_counter()
@@ -273,7 +273,8 @@ def score_examples(model, encoded: list[dict], batch_tokens=8192):
         while end < len(order) and (end - start + 1) * lengths[order[end]] <= batch_tokens:
             end += 1
         batch = order[start:end]
-        for i, result in zip(batch, score_packed(model, [encoded[i] for i in batch])):
+        results = score_packed(model, [encoded[i] for i in batch], [packed[i] for i in batch])
+        for i, result in zip(batch, results):
             scores[i] = result
         start = end
         show_progress("examples scored", start, len(order), t0)
