@@ -7,8 +7,9 @@ A model trained here lives in a ckpt.pt that only these scripts read; its users 
     04's names, whose loader we run backwards, and GPT-2's tokenizer files (OpenAI's, renamed).
   - OpenAI's HTTP API is spoken by chat UIs and SDKs. `--serve` answers GET /v1/models and POST
     /v1/completions and /v1/chat/completions (streamed as server-sent events on request) with
-    09's KV-cache generation and 07's chat template, on the standard library's HTTP server: no
-    new dependency. A lesson and a local tool: for real traffic, serve the export with vLLM or TGI.
+    09's sampling on 03's KV cache and 07's chat template, on the standard library's HTTP server:
+    no new dependency. A lesson and a local tool: for real traffic, serve the export with vLLM or
+    TGI.
 
 References: the safetensors format (github.com/huggingface/safetensors); transformers'
 GPT2Config; OpenAI's API reference (completions, chat completions, streaming); server-sent
@@ -143,15 +144,35 @@ def export_hf(model, tokenizer_spec: dict, out_dir, overwrite: bool = False) -> 
 # -----------------------------------------------------------------------------
 # Serve: OpenAI's HTTP API (completions, chat completions, streamed as server-sent events)
 
-# What stream_text relies on, from 09 (its code is in the appendix):
-# - generate_tokens yields (next_ids (B,), logits (B, V)) for ever, a step per token, on 03's KV
-#   cache; the caller stops it (here: max_tokens, the end token, a stop string).
-# - The context holds block_size tokens. When it is full, the window slides by half: the last
-#   block_size // 2 tokens are re-encoded into a fresh cache (sliding by one would leave every
-#   cached key stale: each was computed at its position). So an answer may outrun the context.
-# - 09's sample draws each token: temperature and top_p reshape the probabilities p (temperature 0
-#   is argmax), then argmax(p / E), E ~ Exp(1) from the seeded generator, is a draw from p, as
-#   torch.multinomial's: E_i / p_i is exponential with rate p_i, and the least is i w.p. p_i.
+# One request at a time (the server's lock), so one sequence: none of 09's batch bookkeeping
+# (left padding, a mask, each row's positions), only its rules. The model knows positions 0 ..
+# block_size - 1; when the context is full, the window slides by half: the last block_size // 2
+# tokens are re-encoded into a fresh cache (sliding by one would leave every cached key stale: each
+# was computed at its position). So an answer may outrun the context. 09's sample draws each token:
+# temperature and top_p reshape the probabilities p (temperature 0 is argmax), then argmax(p / E),
+# E ~ Exp(1) from the seeded generator, is a draw from p, as torch.multinomial's: E_i / p_i is
+# exponential with rate p_i, and the least is i w.p. p_i. Token for token, this is 09's
+# generate_tokens on a batch of one (tested).
+@torch.no_grad()
+def generate_tokens(model, prompt: list[int], temperature=1.0, top_p=None, generator=None):
+    """Yield the token ids that follow prompt, one a step, for ever: the caller stops it."""
+    block_size = model.config.block_size
+    device = model.lm_head.weight.device
+    context = prompt[-block_size:]  # a longer prompt keeps its last block_size tokens
+    new_tokens = context  # the tokens the cache has not seen: first the whole prompt
+    cache = KVCache(model.config.n_layer, block_size)  # 03's
+    while True:
+        idx = torch.tensor([new_tokens], device=device)  # (1, T)
+        hidden = final_hidden(model, idx, cache=cache)[:, -1]  # (1, C): the last position
+        logits = model.lm_head(hidden)  # (1, V)
+        token = sample(logits, temperature, top_p=top_p, generator=generator).item()
+        yield token
+        context = context + [token]
+        new_tokens = [token]
+        if len(context) > block_size:  # full: slide to the last half, into a fresh cache
+            context = context[-max(1, block_size // 2) :]
+            new_tokens = context
+            cache = KVCache(model.config.n_layer, block_size)
 
 
 def stream_text(model, tok, prompt: list[int], settings: dict, end_token=None):
@@ -165,11 +186,10 @@ def stream_text(model, tok, prompt: list[int], settings: dict, end_token=None):
     stream = TextStream(tok, settings["stop"])
     temperature = settings["temperature"]
     top_p = settings["top_p"]
-    steps = generate_tokens(model, [prompt], temperature, top_p=top_p, generator=generator)
+    steps = generate_tokens(model, prompt, temperature, top_p=top_p, generator=generator)
     finish = "length"
     for _ in range(settings["max_tokens"]):
-        next_ids, _ = next(steps)  # (1,)
-        token = next_ids.item()
+        token = next(steps)
         if token != end_token:
             yield stream.add(token), None
         if token == end_token or stream.stopped:
@@ -969,126 +989,6 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None) -> t
     probs = F.softmax(logits, dim=-1)
     exponential = torch.empty_like(probs).exponential_(generator=generator)  # (B, V) E_i ~ Exp(1)
     return (probs / exponential).argmax(dim=-1)  # token i with probability p_i, as multinomial
-
-
-# copied from 09_generate.py: BatchCache
-class BatchCache:
-    """03's KVCache (kv) plus, for left-padded rows: key_real (B, length), False at padding;
-    next_pos (B, 1), each row's next position; padded: some cached key is padding (else no mask)."""
-
-    def __init__(self, n_layer: int, max_len: int):
-        self.kv = KVCache(n_layer, max_len)
-        self.key_real = None
-        self.next_pos = None
-        self.padded = False
-
-
-# copied from 09_generate.py: forward_cached
-def forward_cached(model, idx, cache=None, attention_mask=None, last_only=False):
-    """The GPT forward pass around a BatchCache (None: the whole context, nothing kept).
-
-    idx (B, T) are the NEW tokens: their keys/values join the cache, and they attend to everything
-    in it. attention_mask (B, T): False at (left) padding. Position ids count each row's real
-    tokens, on from the cache: [pad pad a b] gets [0 0 0 1], what `a b` alone gets. Returns logits
-    (B, T, V), or (B, 1, V) with last_only (the head is 38.6M of GPT-2's 124M weights). The head
-    runs in fp32 outside autocast: sampling sees exact logits (bf16's steps are
-    0.125-0.5 at GPT-2's logit sizes). For inference: call model.eval() first (dropout off).
-    """
-    B, T = idx.shape
-    t0 = 0 if cache is None else cache.kv.length  # tokens already cached
-    limit = model.config.block_size
-    if t0 + T > limit:
-        raise ValueError(f"{t0} cached + {T} new tokens exceed the context of {limit} positions; "
-                         "crop the input or start a new cache (generate_tokens slides the window)")
-    if attention_mask is None:
-        real = torch.ones_like(idx, dtype=torch.bool)  # (B, T)
-    else:
-        real = attention_mask.bool()  # (B, T)
-    first_pos = cache.next_pos if t0 else 0  # (B, 1) where each row goes on, or 0
-    real_before = real.long().cumsum(dim=1) - 1  # (B, T) real tokens before each; -1 at padding
-    position_ids = first_pos + real_before.clamp(min=0)  # (B, T)
-    padded = attention_mask is not None and not bool(real.all())
-    key_real = real  # (B, L) which keys are real tokens
-    if cache is not None:
-        if cache.key_real is not None:
-            key_real = torch.cat([cache.key_real, real], dim=1)
-        cache.key_real = key_real
-        cache.padded |= padded
-        padded = cache.padded
-    mask = None  # no padding: causal suffices (KVCache.attend shifts it for a later chunk)
-    if padded:
-        q_pos = torch.arange(t0, t0 + T, device=idx.device)[:, None]  # (T, 1)
-        k_pos = torch.arange(t0 + T, device=idx.device)[None, :]  # (1, L)
-        mask = (k_pos <= q_pos) & key_real[:, None, :]  # (B, T, L) causal and key is real
-        mask = mask | (k_pos == q_pos)  # a padded query sees itself: no NaN
-        mask = mask[:, None]  # (B, 1, T, L)
-    kv = cache.kv if cache is not None else None  # no cache: plain causal attention
-    if cache is None and padded:  # or, for the padding mask, a cache used once
-        kv = KVCache(model.config.n_layer, T)
-    h = final_hidden(model, idx, position_ids, mask, kv)  # (B, T, C)
-    h = h[:, -1:] if last_only else h  # (B, 1 or T, C)
-    with torch.autocast(idx.device.type, enabled=False):
-        logits = model.lm_head(h.float())  # (B, T or 1, V)
-    if cache is not None:
-        cache.next_pos = position_ids[:, -1:] + 1  # (B, 1)
-    return logits
-
-
-# copied from 09_generate.py: left_pad
-def left_pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """[[5, 6, 7], [8]] -> idx [[5, 6, 7], [0, 0, 8]], mask [[1, 1, 1], [0, 0, 1]] (bool).
-    Left: every row's last token is in the last column, so each step appends one new column."""
-    if not prompts or not all(prompts):
-        raise ValueError("every prompt needs at least one token; "
-                         "start from the eot token or a newline")
-    T = max(len(p) for p in prompts)
-    rows = [[0] * (T - len(p)) + list(p) for p in prompts]  # pad id 0: masked
-    real = [[False] * (T - len(p)) + [True] * len(p) for p in prompts]
-    return torch.tensor(rows, device=device), torch.tensor(real, device=device)
-
-
-# copied from 09_generate.py: generate_tokens
-@torch.no_grad()
-def generate_tokens(
-    model, prompts, temperature=1.0, top_k=None, top_p=None, generator=None, use_cache=True
-):
-    """Yield (next_ids (B,), logits (B, V)) per token, for ever: the caller decides when to stop.
-
-    prompts: token-id lists of any lengths (left-padded). use_cache=False reruns the whole context
-    each step (the same tokens, O(T) times the work). The model knows positions 0 .. block_size-1
-    only: a longer prompt keeps its last block_size tokens, and a full context slides to its last
-    block_size // 2 tokens, re-encoded from position 0 into a fresh cache. Why not slide by one, as
-    04's generate does? Each cached key was computed at its absolute position; moving the window by
-    one changes them all, so the cache is stale every step: no cache at all. Halving costs one
-    prefill per block_size // 2 tokens. Each row of a batch slides as it would alone.
-    """
-    block_size = model.config.block_size
-    keep = max(1, block_size // 2)  # what a full context slides to
-    device = model.lm_head.weight.device
-    idx, mask = left_pad([p[-block_size:] for p in prompts], device)  # (B, T) each
-    logits = None  # none yet: encode the prompt
-    while True:
-        if logits is None:  # encode the whole window: the prompt, after a slide, or uncached
-            cache = BatchCache(model.config.n_layer, block_size) if use_cache else None
-            logits = forward_cached(model, idx, cache, attention_mask=mask, last_only=True)
-            logits = logits[:, -1]  # (B, V)
-        next_ids = sample(logits, temperature, top_k, top_p, generator)  # (B,)
-        yield next_ids, logits
-        idx = torch.cat([idx, next_ids[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        if idx.size(1) > block_size:  # full: slide the rows that are, re-pad, re-encode
-            rows = []
-            for row, is_real in zip(idx.tolist(), mask.tolist()):
-                tokens = [t for t, real in zip(row, is_real) if real]  # the row's own tokens
-                if len(tokens) > block_size:
-                    tokens = tokens[-keep:]
-                rows.append(tokens)
-            idx, mask = left_pad(rows, device)
-            logits = None
-        elif use_cache:  # with the cache only the new token
-            logits = forward_cached(model, next_ids[:, None], cache)[:, -1]
-        else:  # without it, the whole window again
-            logits = None
 
 
 # copied from 09_generate.py: token_bytes

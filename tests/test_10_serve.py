@@ -69,8 +69,8 @@ def test_transformers_loads_the_export_with_our_logits_and_greedy_tokens(
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, model(idx)[0], atol=1e-4, rtol=1e-4)
     prompt = torch.randint(vocab_size, (8,)).tolist()
-    steps = serve10.generate_tokens(model, [prompt], temperature=0)  # 09's KV-cache generation
-    ours = [t.item() for _, (t, _) in zip(range(30), steps)]
+    steps = serve10.generate_tokens(model, prompt, temperature=0)  # the server's generation
+    ours = [t for _, t in zip(range(30), steps)]
     assert len(set(ours)) > 5 and 50256 not in ours  # varied, and no end token for HF to stop at
     generated = hf.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False)
     theirs = generated[0, 8:].tolist()  # the new tokens, after the prompt's 8
@@ -195,14 +195,14 @@ def test_models_lists_the_served_model(client):
 
 
 @pytest.mark.parametrize("chat", [False, True], ids=["completion", "chat"])
-def test_greedy_answer_is_09s_and_streams_the_same_text(serve10, server, client, chat):
+def test_greedy_answer_is_09s_and_streams_the_same_text(serve10, gen09, server, client, chat):
     text, finish = complete(client, chat)
     tok = server.tok
     prompt = tok.encode("Once upon a time")
     if chat:  # 07's template, encoded in two parts
         instruction = serve10.format_input({"instruction": "Name a colour."})
         prompt = tok.encode(instruction) + tok.encode(serve10.RESPONSE_HEADER)
-    steps = serve10.generate_tokens(server.model, [prompt], temperature=0)  # 09's generation
+    steps = gen09.generate_tokens(server.model, [prompt], temperature=0)  # 09's generation
     assert text == tok.decode([t.item() for _, (t, _) in zip(range(20), steps)])
     assert finish == "length" and len(text) > 20
     assert complete(client, chat, stream=True) == (text, finish)
@@ -223,7 +223,7 @@ def test_chat_ends_where_07_taught_it(serve10, server):
 
 
 @pytest.mark.parametrize("chat", [False, True], ids=["completion", "chat"])
-def test_temperature_and_top_p_sample_as_09s_generation(serve10, server, client, chat):
+def test_temperature_and_top_p_sample_as_09s_generation(serve10, gen09, server, client, chat):
     """The server's draw at temperature 0.7 and top_p 0.9 is generate_tokens' with a generator of
     the same seed; a top_p so small that one token is left is the greedy answer."""
     tok = server.tok
@@ -234,11 +234,29 @@ def test_temperature_and_top_p_sample_as_09s_generation(serve10, server, client,
     settings = {"max_tokens": 24, "seed": 5}
     sampled = complete(client, chat, temperature=0.7, top_p=0.9, **settings)[0]
     generator = torch.Generator().manual_seed(5)
-    steps = serve10.generate_tokens(server.model, [prompt], 0.7, top_p=0.9, generator=generator)
+    steps = gen09.generate_tokens(server.model, [prompt], 0.7, top_p=0.9, generator=generator)
     assert sampled == tok.decode([t.item() for _, (t, _) in zip(range(24), steps)])
     greedy = complete(client, chat, temperature=0, **settings)[0]
     assert complete(client, chat, temperature=1.0, top_p=1e-9, **settings)[0] == greedy
     assert sampled != greedy  # so the two checks above are different checks
+
+
+@pytest.mark.parametrize("temperature", [0, 0.8])
+def test_the_servers_generation_is_09s_also_where_the_window_slides(serve10, gen09, temperature):
+    """10 generates one sequence on 03's cache, 09 a batch on its own bookkeeping: the same tokens,
+    from a prompt longer than the context through three contexts of new tokens (each full context
+    slides to its last half and is re-encoded), with the same draws from a seeded generator."""
+    model = rough_model(serve10, len(CHARS), block_size=16).eval()
+    prompt = torch.randint(len(CHARS), (20,)).tolist()
+    settings = dict(temperature=temperature, top_p=0.9)
+    generator = torch.Generator().manual_seed(3)
+    ours = serve10.generate_tokens(model, prompt, generator=generator, **settings)
+    ours = [token for _, token in zip(range(48), ours)]
+    generator = torch.Generator().manual_seed(3)
+    theirs = gen09.generate_tokens(model, [prompt], generator=generator, **settings)
+    theirs = [ids.item() for _, (ids, _) in zip(range(48), theirs)]
+    assert ours == theirs
+    assert len(set(ours)) > 3  # varied: a wrong slide would show
 
 
 def test_seed_makes_sampling_repeatable(client):
