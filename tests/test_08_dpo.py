@@ -585,6 +585,19 @@ def test_resume_needs_a_dpo_run_with_its_optimizer_state(dpo08, capsys, start, t
     assert_user_error(dpo08, capsys, argv, "no DPO run to resume", "--init_from=scratch")
 
 
+def test_the_reference_is_never_the_file_a_save_replaces(dpo08, capsys, start, tmp_path):
+    """--ckpt=out_dir/ckpt.pt would lose 07's model at the first save, and a resume would take
+    the policy for the reference: refused, with --overwrite too, before anything is written."""
+    tmp, ckpt = start
+    dpo08.save_checkpoint(tmp_path / "ckpt.pt", ckpt)
+    written = (tmp_path / "ckpt.pt").read_bytes()
+    for init_from in ("scratch", "resume"):
+        argv = [f"--ckpt={tmp_path / 'ckpt.pt'}", f"--out_dir={tmp_path}", "--overwrite",
+                f"--data_path={tmp / 'pairs.json'}", f"--init_from={init_from}"]
+        assert_user_error(dpo08, capsys, argv, "the file each save replaces", "--out_dir")
+    assert (tmp_path / "ckpt.pt").read_bytes() == written
+
+
 @pytest.mark.slow
 def test_relative_paths_resolve_against_the_project_folder(dpo08, start, tmp_path, monkeypatch):
     """Run from another folder, a relative --out_dir and --ckpt still mean PROJECT/<path>."""
