@@ -328,7 +328,7 @@ class DPOConfig:
         self.out_dir = str(PROJECT / self.out_dir)
         run = Path(self.out_dir) / "ckpt.pt"
         if Path(self.ckpt).resolve() == run.resolve():  # the reference: never replaced by a save
-            raise ValueError(f"--ckpt={self.ckpt} is the file each save replaces; "
+            raise ValueError(f"--ckpt={self.ckpt} is the file a save replaces; "
                              "choose another --out_dir")
         if self.init_from == "auto":
             self.init_from = "resume" if run.exists() else "scratch"

@@ -594,7 +594,7 @@ def test_the_reference_is_never_the_file_a_save_replaces(dpo08, capsys, start, t
     for init_from in ("scratch", "resume"):
         argv = [f"--ckpt={tmp_path / 'ckpt.pt'}", f"--out_dir={tmp_path}", "--overwrite",
                 f"--data_path={tmp / 'pairs.json'}", f"--init_from={init_from}"]
-        assert_user_error(dpo08, capsys, argv, "the file each save replaces", "--out_dir")
+        assert_user_error(dpo08, capsys, argv, "the file a save replaces", "--out_dir")
     assert (tmp_path / "ckpt.pt").read_bytes() == written
 
 
