@@ -155,29 +155,28 @@ def export_hf(model, tokenizer_spec: dict, out_dir, overwrite: bool = False) -> 
 # generate_tokens on a batch of one (tested).
 @torch.no_grad()
 def generate_tokens(model, prompt: list[int], temperature=1.0, top_p=None, generator=None):
-    """Yield the token ids that follow prompt, one a step, for ever: the caller stops it."""
+    """Yield the ids that follow prompt (1+ ids), one a step, for ever: the caller stops it."""
     block_size = model.config.block_size
+    keep = max(1, block_size // 2)  # what a full context slides to
     device = model.lm_head.weight.device
-    context = prompt[-block_size:]  # a longer prompt keeps its last block_size tokens
-    new_tokens = context  # the tokens the cache has not seen: first the whole prompt
+    context = prompt[-block_size:]  # (parse_request refuses a longer prompt; a caller's is cut)
     cache = KVCache(model.config.n_layer, block_size)  # 03's
     while True:
-        idx = torch.tensor([new_tokens], device=device)  # (1, T)
-        hidden = final_hidden(model, idx, cache=cache)[:, -1]  # (1, C): the last position
+        idx = torch.tensor([context[cache.length :]], device=device)  # (1, T): what is not cached
+        hidden = final_hidden(model, idx, cache=cache)[:, -1]  # (1, C): positions from cache.length
         logits = model.lm_head(hidden)  # (1, V)
         token = sample(logits, temperature, top_p=top_p, generator=generator).item()
         yield token
-        context = context + [token]
-        new_tokens = [token]
-        if len(context) > block_size:  # full: slide to the last half, into a fresh cache
-            context = context[-max(1, block_size // 2) :]
-            new_tokens = context
+        context.append(token)  # context is a copy: the caller's prompt stays as it was
+        if len(context) > block_size:  # no position left for this token: slide, into a new cache
+            context = context[-keep:]
             cache = KVCache(model.config.n_layer, block_size)
 
 
 def stream_text(model, tok, prompt: list[int], settings: dict, end_token=None):
-    """Yield (text, None) for each new token (text may be "" while held back), then (the rest,
-    finish_reason): "stop" at end_token or a stop string, "length" after max_tokens tokens."""
+    """Yield (text, None) for each new token before end_token (text may be "" while held back),
+    then (the rest, finish_reason): "stop" at end_token or a stop string, "length" after
+    max_tokens tokens."""
     generator = torch.Generator(device=model.lm_head.weight.device)
     if settings["seed"] is None:
         generator.seed()  # a random seed of its own
@@ -416,7 +415,7 @@ class OpenAIHandler(BaseHTTPRequestHandler):
 
     def send_whole(self, chunks, answer, prompt_tokens: int):
         """The answer as one JSON object, with its usage in tokens."""
-        pieces = list(chunks)  # one per new token, then the end
+        pieces = list(chunks)  # one per new token (the end token: none), then the end
         text = "".join(piece for piece, _ in pieces)
         finish = pieces[-1][1]
         completion_tokens = len(pieces) - 1
