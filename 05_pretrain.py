@@ -5,10 +5,10 @@ takes a batch of random windows of the corpus, computes the next-token loss, bac
 takes one AdamW step. Around that core sits what makes a run trustworthy and fast enough to use:
 AdamW with weight decay on the matrices only; warmup then cosine decay of the learning rate;
 gradient clipping and accumulation; on CUDA bf16 autocast (fp16 with a gradient scaler on GPUs
-without native bf16), TF32 and torch.compile, on CPU plain fp32; checkpoints written atomically
-with everything needed to continue a run bit for bit; Ctrl-C that saves; a NaN that stops the run
-with the last checkpoint intact; a log line (loss, lr, grad norm, ms, tokens/s, MFU on GPUs of
-known peak), log.jsonl, a loss plot and text samples.
+without native bf16), TF32 and, with --compile, torch.compile; on CPU plain fp32; checkpoints
+written atomically with everything needed to continue a run bit for bit; Ctrl-C that saves; a NaN
+that stops the run with the last checkpoint intact; a log line (loss, lr, grad norm, ms, tokens/s,
+MFU on GPUs of known peak), log.jsonl, a loss plot and text samples.
 
 References: karpathy/nanoGPT train.py (its names, its Shakespeare recipes: val loss ~1.88 on CPU
 after 2000 iterations, ~1.47 on one GPU); Loshchilov & Hutter 2019 (AdamW); Loshchilov & Hutter
@@ -94,7 +94,7 @@ class TrainConfig:
     eval_interval: Annotated[int, "evaluate and save every this many iters"] = 250
     eval_iters: Annotated[int, "batches per split in an evaluation"] = 20
     log_interval: Annotated[int, "a log line every this many iterations"] = 10
-    sample_interval: Annotated[int, "a sample every this many iters (0 = at the end)"] = 500
+    sample_interval: Annotated[int, "a sample every this many iters (0: the end only)"] = 500
     max_new_tokens: Annotated[int, "tokens per sample (0 = no samples)"] = 200
     prompt: Annotated[str, "samples continue this text"] = "\n"
     temperature: Annotated[float, "< 1 samples sharper, > 1 more random"] = 0.8
@@ -118,7 +118,7 @@ class TrainConfig:
         choices = {"tokenizer": ("char", "gpt2"), "init_from": ("scratch", "resume", "auto"),
                    "gelu": ("none", "tanh")}
         check_values(self, choices, self.AT_LEAST_ONE)
-        if self.init_from == "auto":  # as in 06: resume if out_dir holds a checkpoint, else start
+        if self.init_from == "auto":  # 06's too: resume if out_dir holds a checkpoint, else start
             self.init_from = "resume" if self.ckpt_path.exists() else "scratch"
         if self.max_new_tokens and not self.prompt:
             raise ValueError("--prompt is empty: samples continue at least one token "
@@ -127,48 +127,6 @@ class TrainConfig:
     def model_config(self, vocab_size: int) -> "GPTConfig":  # vocab_size: the corpus's
         model_args = {name: getattr(self, name) for name in self.MODEL_FIELDS}
         return GPTConfig(vocab_size=vocab_size, **model_args)
-
-
-def check_values(cfg, choices: dict, at_least_one: tuple):
-    """A settings dataclass's values: each of choices among its allowed; each number at least 0, or
-    1 if at_least_one names it (the seed: any); AdamW's betas under 1; warmup shorter than decay."""
-    for name, allowed in choices.items():
-        value = getattr(cfg, name)
-        if value not in allowed:
-            raise ValueError(f"--{name}={value!r} is not valid; use {', '.join(allowed)}")
-    for f in fields(cfg):
-        minimum = 1 if f.name in at_least_one else 0
-        value = getattr(cfg, f.name)
-        if f.type.__origin__ in (int, float) and f.name != "seed" and value < minimum:
-            raise ValueError(f"--{f.name} must be at least {minimum}, got {value}")
-    if max(cfg.beta1, cfg.beta2) >= 1:  # a decay of 1 or more: the averages never forget
-        raise ValueError(f"--beta1={cfg.beta1} and --beta2={cfg.beta2} must be less than 1")
-    if cfg.decay_lr and cfg.lr_decay_iters <= cfg.warmup_iters:
-        raise ValueError(f"--lr_decay_iters={cfg.lr_decay_iters} must exceed --warmup_iters="
-                         f"{cfg.warmup_iters}; usually lr_decay_iters = max_iters "
-                         "(or --decay_lr=false)")
-    pick_dtype(cfg.dtype, pick_device(cfg.device))  # a dtype the device has; both name the fix
-
-
-def check_run(cfg: TrainConfig, resumed: tuple | None = None):
-    """The checks that read the disk, which main runs before any work; each error names its fix.
-    resumed: load_checkpoint's (model, tokenizer, ckpt) of out_dir/ckpt.pt when cfg resumes."""
-    meta = load_meta(cfg.corpus_dir)  # if 02 has not prepared it: the 02 command that does
-    wanted = asdict(cfg.model_config(meta["n_vocab"]))  # GPTConfig checks n_embd % n_head...
-    if cfg.init_from == "resume":  # the run's settings come from its checkpoint: it must be one
-        saved = resumed[2]["model_args"]
-        differing = ", ".join(f"{k}={v!r}" for k, v in saved.items() if v != wanted[k])
-        if differing:  # the model is the checkpoint's: the settings must say so too
-            raise ValueError(f"{cfg.ckpt_path} holds a model with {differing}: "
-                             "resume with those (vocab_size: --dataset, --tokenizer)")
-    elif cfg.ckpt_path.exists() and not cfg.overwrite:
-        raise ValueError(f"{cfg.ckpt_path} exists; continue that run with --init_from=resume, "
-                         f"train into another --out_dir, or replace it: --overwrite")
-    train_tokens = len(load_tokens(cfg.corpus_dir, "train"))  # load_tokens checks the file
-    val_tokens = len(load_tokens(cfg.corpus_dir, "val"))
-    if min(train_tokens, val_tokens) <= cfg.block_size:
-        raise ValueError(f"{cfg.corpus_dir} has {train_tokens} train and {val_tokens} val "
-                         f"tokens, too few for --block_size={cfg.block_size}; use a smaller one")
 
 
 # -----------------------------------------------------------------------------
@@ -232,7 +190,7 @@ def forward_backward(model, x, y, micro_steps: int, ctx, scaler) -> torch.Tensor
 @torch.no_grad()
 def estimate_loss(model, data: dict, cfg, step: int) -> dict:
     """Each split's loss, dropout off: the mean of eval_iters batch means. Batch k at `step` is
-    get_batch(step=step * eval_iters + k, seed=seed + 1), as in 06. Each forward sees batch_size
+    get_batch(step=step * eval_iters + k, seed=seed + 1), 06's too. Each forward sees batch_size
     rows, as a training micro-step does: with GPT-2's vocabulary the fp32 logits fill the memory."""
     model.eval()
     out = {}
@@ -309,7 +267,7 @@ def save_checkpoint(path, ckpt: dict):
 
 def load_checkpoint(path):
     """(model, tokenizer, checkpoint dict) from a checkpoint of 05-08, the model on the CPU. mmap:
-    what is not used (Adam's state) is never read. torch.compile's "_orig_mod." is dropped."""
+    unused parts (Adam's state, in 09-11) are never read; a compiled model's "_orig_mod." goes."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}; train one with `python 05_pretrain.py` "
@@ -484,12 +442,14 @@ class Run:
 
     def log_step(self, step, loss, lr, grad_norm):
         check_finite("the loss", loss, step, self.ckpt_path, self.saved_at)
-        steps = step - self.clock_step  # >= 1: restarts come after a step's log line
+        steps = step - self.clock_step  # >= 1: no restart comes between a step and its log line
         dt = (time.perf_counter() - self.clock_start) / steps
         ms = 1000 * dt
         mfu = f" | MFU {self.flops_per_iter / dt / self.peak:.1%}" if self.peak else ""
-        left = ""  # the first window after a start, an evaluation or a sample pays for compiling
-        if self.warm:  # and a GPU's emptied queue: it stays out of MFU, time left and the median
+        # the first window after a start, an evaluation or a sample pays for compiling and a GPU's
+        # emptied queue: it stays out of MFU, the time left and the median (warm: a later window)
+        left = ""
+        if self.warm:
             self.step_ms.append(ms)
             left = f"{mfu} | ~{(self.cfg.max_iters - step) * dt:.0f} s left"
         print(f"iter {step}/{self.cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} "
@@ -562,6 +522,7 @@ def train(cfg: TrainConfig, resumed: tuple | None = None) -> dict:
                 data["train"], rows, cfg.block_size, step=iter_num, seed=cfg.seed, device=device)
             loss = forward_backward(compiled_model, x, y, micro_steps, ctx, scaler)
             scaler.unscale_(optimizer)  # clip the true gradients, not fp16's scaled ones
+            # grad_clip 0: a limit of inf never clips, and still measures the norm for the log
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
             scaler.step(optimizer)  # fp16: skips the step if a gradient overflowed
             scaler.update()
@@ -573,7 +534,7 @@ def train(cfg: TrainConfig, resumed: tuple | None = None) -> dict:
                 run.log_step(iter_num, loss.item(), lr, grad_norm.item())  # a NaN loss stops it
             if iter_num % cfg.eval_interval == 0 or last:
                 losses = estimate_loss(compiled_model, data, cfg, iter_num)
-                run.save(iter_num, losses)  # a NaN loss stops the run instead
+                run.save(iter_num, losses)  # printed, logged, ckpt.pt (+ best.pt); NaN: a stop
             if cfg.sample_interval and iter_num % cfg.sample_interval == 0 and not last:
                 run.log_sample(iter_num, tokenizer)
         if ctrl_c.pressed:
@@ -586,16 +547,63 @@ def train(cfg: TrainConfig, resumed: tuple | None = None) -> dict:
     return {"iter_num": iter_num, **run.summary(), "interrupted": ctrl_c.pressed}
 
 
+# -----------------------------------------------------------------------------
+# The command line: the checks that run before any work, and main
+
+
+def check_values(cfg, choices: dict, at_least_one: tuple):
+    """A settings dataclass's values: each of choices among its allowed; each number at least 0, or
+    1 if at_least_one names it (the seed: any); AdamW's betas under 1; warmup shorter than decay;
+    a device and a dtype this machine has."""
+    for name, allowed in choices.items():
+        value = getattr(cfg, name)
+        if value not in allowed:
+            raise ValueError(f"--{name}={value!r} is not valid; use {', '.join(allowed)}")
+    for f in fields(cfg):
+        minimum = 1 if f.name in at_least_one else 0
+        value = getattr(cfg, f.name)
+        if f.type.__origin__ in (int, float) and f.name != "seed" and value < minimum:
+            raise ValueError(f"--{f.name} must be at least {minimum}, got {value}")
+    if max(cfg.beta1, cfg.beta2) >= 1:  # a decay of 1 or more: the averages never forget
+        raise ValueError(f"--beta1={cfg.beta1} and --beta2={cfg.beta2} must be less than 1")
+    if cfg.decay_lr and cfg.lr_decay_iters <= cfg.warmup_iters:
+        raise ValueError(f"--lr_decay_iters={cfg.lr_decay_iters} must exceed --warmup_iters="
+                         f"{cfg.warmup_iters}; usually lr_decay_iters = max_iters "
+                         "(or --decay_lr=false)")
+    pick_dtype(cfg.dtype, pick_device(cfg.device))  # a dtype the device has; both name the fix
+
+
+def check_run(cfg: TrainConfig, resumed: tuple | None = None):
+    """The checks that read the disk, which main runs before any work; each error names its fix.
+    resumed: load_checkpoint's (model, tokenizer, ckpt) of out_dir/ckpt.pt when cfg resumes."""
+    meta = load_meta(cfg.corpus_dir)  # if 02 has not prepared it: the 02 command that does
+    wanted = asdict(cfg.model_config(meta["n_vocab"]))  # GPTConfig checks n_embd % n_head...
+    if cfg.init_from == "resume":  # the run's settings come from its checkpoint: it must be one
+        saved = resumed[2]["model_args"]
+        differing = ", ".join(f"{k}={v!r}" for k, v in saved.items() if v != wanted[k])
+        if differing:  # the model is the checkpoint's: the settings must say so too
+            raise ValueError(f"{cfg.ckpt_path} holds a model with {differing}: "
+                             "resume with those (vocab_size: --dataset, --tokenizer)")
+    elif cfg.ckpt_path.exists() and not cfg.overwrite:
+        raise ValueError(f"{cfg.ckpt_path} exists; continue that run with --init_from=resume, "
+                         f"train into another --out_dir, or replace it: --overwrite")
+    train_tokens = len(load_tokens(cfg.corpus_dir, "train"))  # load_tokens checks the file
+    val_tokens = len(load_tokens(cfg.corpus_dir, "val"))
+    if min(train_tokens, val_tokens) <= cfg.block_size:
+        raise ValueError(f"{cfg.corpus_dir} has {train_tokens} train and {val_tokens} val "
+                         f"tokens, too few for --block_size={cfg.block_size}; use a smaller one")
+
+
 def main(argv=None):
     """Train from the command line; a user error is one `error:` line, before any work. Resuming
     takes each setting not given now (a flag; a --preset, under the flags) from the checkpoint
     (--max_iters=N alone extends a run); the device, and a dtype saved as auto, resolve anew."""
     argv = sys.argv[1:] if argv is None else argv
-    resume_flags = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # parse_config: all
-    resume_flags.add_argument("--init_from")
-    resume_flags.add_argument("--preset")
-    resume_flags.add_argument("--out_dir", default=TrainConfig.out_dir)
-    given, _ = resume_flags.parse_known_args(argv)
+    peek = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # parse_config: all flags
+    peek.add_argument("--init_from")
+    peek.add_argument("--preset")
+    peek.add_argument("--out_dir", default=TrainConfig.out_dir)
+    given, _ = peek.parse_known_args(argv)
     ckpt_path = PROJECT / given.out_dir / "ckpt.pt"
     found = given.init_from == "auto" and ckpt_path.exists()  # auto: resume if there is one
     resumed = None

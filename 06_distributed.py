@@ -987,7 +987,8 @@ def autocast_context(device_type: str, dtype: str):
 # copied from 05_pretrain.py: check_values
 def check_values(cfg, choices: dict, at_least_one: tuple):
     """A settings dataclass's values: each of choices among its allowed; each number at least 0, or
-    1 if at_least_one names it (the seed: any); AdamW's betas under 1; warmup shorter than decay."""
+    1 if at_least_one names it (the seed: any); AdamW's betas under 1; warmup shorter than decay;
+    a device and a dtype this machine has."""
     for name, allowed in choices.items():
         value = getattr(cfg, name)
         if value not in allowed:

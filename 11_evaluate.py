@@ -1029,7 +1029,7 @@ def autocast_context(device_type: str, dtype: str):
 # copied from 05_pretrain.py: load_checkpoint
 def load_checkpoint(path):
     """(model, tokenizer, checkpoint dict) from a checkpoint of 05-08, the model on the CPU. mmap:
-    what is not used (Adam's state) is never read. torch.compile's "_orig_mod." is dropped."""
+    unused parts (Adam's state, in 09-11) are never read; a compiled model's "_orig_mod." goes."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}; train one with `python 05_pretrain.py` "

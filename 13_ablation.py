@@ -459,7 +459,7 @@ def get_lr(it: int, cfg) -> float:
 @torch.no_grad()
 def estimate_loss(model, data: dict, cfg, step: int) -> dict:
     """Each split's loss, dropout off: the mean of eval_iters batch means. Batch k at `step` is
-    get_batch(step=step * eval_iters + k, seed=seed + 1), as in 06. Each forward sees batch_size
+    get_batch(step=step * eval_iters + k, seed=seed + 1), 06's too. Each forward sees batch_size
     rows, as a training micro-step does: with GPT-2's vocabulary the fp32 logits fill the memory."""
     model.eval()
     out = {}
