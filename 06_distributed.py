@@ -4,8 +4,9 @@
 through NCCL, or CPU processes talking through gloo (so it runs, and is tested, on a laptop). All
 three strategies are data parallel: every rank runs the whole model on its own slice of each global
 batch, and the ranks average their gradients, so N ranks with B/N rows each take the step one
-process takes with B rows (the tests check it to 1e-6 on CPU; GPUs' TF32, bf16 and summation orders
-differ in the last bits). They differ in what each rank holds, and in which collective runs when:
+process takes with B rows (the tests check it on CPU: 1e-6 with SGD, 2e-4 with AdamW, whose
+update is ~lr wherever a gradient is near 0; GPUs' TF32, bf16 and summation orders differ in the
+last bits). They differ in what each rank holds, and in which collective runs when:
 
   bytes per rank, fp32 AdamW   params grads AdamW state  collectives in a step (P parameters)
   ddp    replicate everything  4P     4P    8P           all-reduce grads during backward
@@ -13,7 +14,8 @@ differ in the last bits). They differ in what each rank holds, and in which coll
   fsdp   shard everything      4P/N   4P/N  8P/N         all-gather params before each block's
                                                          forward and backward; reduce-scatter grads
 
-(fsdp also holds about one block's gathered parameters at a time; rank 0 prints each rank's bytes.)
+(fsdp also holds one block's gathered parameters at a time, and the root's (embeddings, head)
+from forward to backward; rank 0 prints each rank's bytes.)
 Then what a long job needs: activation checkpointing and torch.compile per block, checkpoints (on
 rank 0 in 05's format, or every rank's shards), and restarts that end with the weights of an
 uninterrupted run (bit for bit on CPU, at the same world size: dropout's masks depend on it too),
@@ -123,7 +125,7 @@ def init_distributed(device: str = "auto") -> World:
 
 def shutdown_distributed(failed: bool = False):
     """Leave the group in an order that cannot hang: a barrier (not after an error: the others may
-    wait elsewhere), gc.collect() to free a dropped DDP (gloo can deadlock under it), destroy it."""
+    wait elsewhere), gc.collect() (a DDP freed after the group can deadlock gloo), then destroy."""
     if not failed:
         dist.barrier()
     gc.collect()
@@ -135,8 +137,8 @@ def shutdown_distributed(failed: bool = False):
 
 
 def parallelize(model: nn.Module, cfg) -> nn.Module:
-    """Per block, torchtitan's order: activation checkpointing, compile, DDP or FSDP (whose
-    collectives then wrap the compiled blocks). In place: parameter names, so checkpoints, stay."""
+    """DDP(model) or the FSDP-sharded model, after activation checkpointing and compile per block
+    (torchtitan's order: FSDP wraps compiled blocks). Names stay 05's: dsd drops DDP's "module."."""
     for block in model.transformer.h:
         if cfg.activation_checkpointing:
             # else every intermediate (q, k, v, the 4x-wide MLP...) waits for backward; with it
@@ -163,8 +165,8 @@ def shard_fully(model: nn.Module, cfg) -> nn.Module:
     (embeddings, head, kept gathered from forward to backward): a rank holds its shards, the root's
     parameters and about one block in full. Traffic: 1.5x DDP's all-reduce.
     Over A micro-steps, each micro-step reduce-scatters: A times that traffic, gradients sharded.
-    --sync_every_micro_step=false reduce-scatters in the last only: 1/A of the traffic, but every
-    rank holds full, unsharded gradients until then (4P bytes more).
+    --sync_every_micro_step=false reduce-scatters in the last only (1/A of that traffic; the
+    all-gathers still run each micro-step), but ranks hold full gradients until then (4P more).
     bf16: gathered as bf16 (half the traffic), reduced in fp32; inputs are cast too, so the
     residual stream adds in bf16 (05, DDP: fp32): losses differ slightly from DDP's."""
     param_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None  # None: as stored, fp32
@@ -233,7 +235,7 @@ def train_step(model, optimizer, data, cfg, world: World, it: int):
     optimizer.zero_grad(set_to_none=True)  # here, not after the step: memory_report sees the grads
     accumulation = cfg.gradient_accumulation_steps
     x, y = get_batch(data, cfg.batch_size * accumulation, cfg.block_size, it, cfg.seed,
-                     world.rank, world.size, world.device)  # NEW: this rank's (A * B/N, T)
+                     world.rank, world.size, world.device)  # NEW: (A * B/N, T), 02's rank-th slice
     loss_sum = torch.zeros((), device=world.device)
     micro_batches = zip(x.chunk(accumulation), y.chunk(accumulation))
     for micro_step, (xb, yb) in enumerate(micro_batches):
@@ -264,7 +266,7 @@ def train(cfg, world: World, ctrl_c) -> dict:
     if dtype == "float16":  # a GPU without bf16: 06 has no gradient scaler
         dtype = "float32"
     settings = asdict(cfg)  # checkpoints keep it: a resume resolves "auto" on its machine
-    cfg = replace(cfg, device=world.device, dtype=dtype)
+    cfg = replace(cfg, device=world.device, dtype=dtype)  # replace() runs check_settings again
     data = {split: load_tokens(cfg.corpus_dir, split) for split in ("train", "val")}
     meta = load_meta(cfg.corpus_dir)
     model_args = cfg.model_args(meta["n_vocab"])
@@ -302,7 +304,7 @@ def train(cfg, world: World, ctrl_c) -> dict:
             memory = memory_report(model, optimizer, world)
         last = iter_num == cfg.max_iters
         saved = last or iter_num % cfg.checkpoint_interval == 0
-        logged = saved or iter_num % cfg.log_interval == 0  # a save's loss is checked first
+        logged = saved or iter_num % cfg.log_interval == 0  # so a NaN stops before a save
         evaluated = last or iter_num % cfg.eval_interval == 0
         if logged:  # reading a tensor waits for the GPU: on log steps only
             # NEW: the ranks agree on Ctrl-C here, in the loss's all-reduce, so that all save
@@ -396,7 +398,7 @@ def save(cfg, model, optimizer, world: World, run_info: dict):
         model_state = dsd.get_model_state_dict(model, options=options)
         if isinstance(optimizer, ZeroRedundancyOptimizer):  # rank 0 receives every rank's state
             optimizer.consolidate_state_dict(to=0)
-            torch.get_device_module(world.device).synchronize()  # its copies don't wait for the GPU
+            torch.get_device_module(world.device).synchronize()  # its GPU copies are async: wait
             optimizer_state = optimizer.state_dict() if world.rank == 0 else None
             optimizer._all_state_dicts = []  # else rank 0 keeps this copy until the next save
         else:
@@ -448,7 +450,7 @@ def check_checkpoint(cfg, n_vocab: int):
         ckpt = torch.load(cfg.ckpt_path, map_location="cpu", mmap=True, weights_only=True)
     except Exception:  # empty, cut short, not a checkpoint: torch's message is many lines
         raise ValueError(f"{cfg.ckpt_path} is not a readable checkpoint; {fix}") from None
-    saved = {"gelu": "tanh"} | ckpt.get("model_args", {})  # none saved: older, GPT-2's GELU
+    saved = {"gelu": "tanh"} | ckpt.get("model_args", {})  # no gelu key: older, GPT-2's tanh
     if saved != cfg.model_args(n_vocab):
         raise ValueError(f"{cfg.ckpt_path} holds another model, {saved}: to resume it, "
                          f"repeat that run's flags; or {fix}")
@@ -466,8 +468,8 @@ def resume(cfg, model, optimizer, world: World) -> tuple[int, float]:
         # mmap: the ranks of one machine share the file's pages instead of each reading a copy
         ckpt = torch.load(cfg.ckpt_path, map_location="cpu", mmap=True, weights_only=True)
         start = ckpt["iter_num"]
-    # NEW: rank 0 decides where to start; all learn every rank's view, so one that disagrees
-    # (it cannot see rank 0's checkpoint) stops them all instead of hanging in a collective
+    # NEW: each rank reads its own copy of the file; all learn every rank's view, so one that
+    # disagrees (it cannot see the others' checkpoint) stops them all, not hanging in a collective
     starts = [None] * world.size
     dist.all_gather_object(starts, start)
     if len(set(starts)) > 1:
