@@ -99,11 +99,6 @@ def init_distributed(device: str = "auto") -> World:
     NCCL for CUDA tensors (NVLink, InfiniBand), gloo for CPU tensors (TCP)."""
     owns_group = not dist.is_initialized()
     torchrun = "RANK" in os.environ
-    needed = ("LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    missing = [name for name in needed if name not in os.environ]
-    if torchrun and missing:
-        raise ValueError(f"RANK is set but {', '.join(missing)} not: start the job with torchrun "
-                         "or unset RANK")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = pick_device(device)
     if device.startswith("cuda"):  # one GPU per process: the LOCAL_RANK-th, or the one bound to it
@@ -523,7 +518,7 @@ class DistConfig:
     # data, as 02 prepared it: data_dir/<dataset>-<tokenizer>/{train.bin, val.bin, meta.json}
     dataset: Annotated[str, "a corpus 02_dataloader.py prepared"] = "tinyshakespeare"
     tokenizer: Annotated[str, "char or gpt2: which of 02's token files"] = "char"
-    data_dir: Annotated[str, "02's output; a relative path starts at this folder"] = "data"
+    data_dir: Annotated[str, "02's output; relative to this folder"] = "data"
     out_dir: Annotated[str, "ckpt.pt, or dcp-latest.pt + dcp-*/ if sharded"] = "out/distributed"
     init_from: Annotated[str, "scratch, resume, or auto (resume if one exists)"] = "scratch"
     overwrite: Annotated[bool, "start afresh even over a checkpoint (replaced)"] = False
@@ -590,6 +585,11 @@ def check_settings(cfg: DistConfig):
     at_least_one = ("batch_size", "block_size", "gradient_accumulation_steps", "max_iters",
                     "eval_interval", "eval_iters", "log_interval", "checkpoint_interval")
     check_values(cfg, choices, at_least_one)
+    needed = ("LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # torchrun sets them all
+    missing = [name for name in needed if name not in os.environ]
+    if "RANK" in os.environ and missing:
+        raise ValueError(f"RANK is set but {', '.join(missing)} not: start the job with torchrun "
+                         "or unset RANK")
     world_size = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's (get_batch checks the group)
     if cfg.batch_size % world_size:
         raise ValueError(f"batch_size={cfg.batch_size} (the global micro-batch) does not "

@@ -591,7 +591,7 @@ def test_kill_and_restart_under_torchrun(dist06, corpus, two_ranks, tmp_path):
             assert torch.equal(restarted["optimizer"]["state"][i][key], value), (i, key)
 
 
-def test_errors(dist06, corpus, tmp_path, monkeypatch):
+def test_errors(dist06, corpus, tmp_path, monkeypatch, capsys):
     """Bad settings and a half-made torchrun environment fail with a message that names the fix."""
     where = dict(data_dir=str(corpus), out_dir=str(tmp_path / "run"))
     monkeypatch.setenv("WORLD_SIZE", "4")  # as torchrun --nproc_per_node=4 sets it
@@ -614,8 +614,9 @@ def test_errors(dist06, corpus, tmp_path, monkeypatch):
     missing = "LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT"
     message = f"RANK is set but {missing} not: start the job with torchrun"
     with pytest.raises(ValueError, match=message):
-        dist06.init_distributed("cpu")
-    assert not dist.is_initialized()
+        dist06.DistConfig(**where)
+    argv = [f"--{name}={value}" for name, value in where.items()]
+    assert message in user_error(dist06, capsys, argv)  # one line, before any work
 
 
 def user_error(dist06, capsys, argv) -> str:
@@ -926,7 +927,9 @@ def test_more_ranks_than_gpus_is_one_line(dist06, corpus, tmp_path, capsys, monk
     --virtual-local-rank each rank sees one GPU as its local rank 0, which is fine."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    for name, value in dict(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", TORCHELASTIC_RUN_ID="x").items():
+    torchrun_env = dict(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", TORCHELASTIC_RUN_ID="x",
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
+    for name, value in torchrun_env.items():
         monkeypatch.setenv(name, value)
     flags = ["--dtype=float32", f"--data_dir={corpus}", f"--out_dir={tmp_path / 'run'}"]
     for rank, local_rank in (("0", "0"), ("1", "0")):  # rank 0, and rank 1 under a virtual rank
