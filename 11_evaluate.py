@@ -10,26 +10,29 @@ is a context and a few choices, one of them right:
     context  "A man is sitting on a roof. he"
     choices  " is using wrap to wrap a pair of skis.", ..., " starts pulling up roofing on a roof."
 Nothing is generated: the model scores each choice as log p(choice | context), the sum of its
-tokens' log-probabilities, and its answer is the best scored choice. Every token costs
-probability, so choices of unequal length are compared three ways, each reported:
+tokens' log-probabilities, and its answer is the best scored choice. Every token costs probability,
+so choices of unequal length are compared three ways, each reported:
   - acc: the summed log-probability. It favours the short choice: fewer tokens, less to pay.
   - acc_norm (lm-evaluation-harness): the sum divided by the choice's length in characters, a
-    score per character, which no tokenizer changes.
+    score per character, which no tokenizer changes (HellaSwag's leading space counts here, not
+    in lm-evaluation-harness).
   - acc_token_mean (llm.c's acc_norm): the mean per token, the lowest mean loss.
-They agree on choices of one length. acc parts from the others when one choice is much longer;
-the two means part when one choice spends few tokens on many characters (common words) and
-another many tokens on few (rare words, numbers, names). The context and each choice are encoded
-apart and concatenated, as llm.c and lm-evaluation-harness do: a choice's tokens never depend on
-what precedes it. A HellaSwag ending follows its ctx after one space (llm.c's way); a plain-format
-choice is appended as written: write " Paris" with its space. A context too long for the model's
-block is cut from its left; the report counts them.
+acc and acc_token_mean agree on choices of equal token counts, acc and acc_norm on choices of equal
+character counts. acc parts from the others when one choice is much longer; the two means part when
+one choice spends few tokens on many characters (common words) and another many tokens on few (rare
+words, numbers, names). The context and each choice are encoded apart and concatenated, as llm.c
+does: a choice's tokens never depend on what precedes it (lm-evaluation-harness encodes the whole
+and splits it; with GPT-2's BPE nearly always the same). A HellaSwag ending follows its ctx after
+one space (llm.c's way); a plain-format choice is appended as written: write " Paris" with its
+space. A context too long for the model's block is cut from its left; the report counts them.
 
 Fast. llm.c runs one example per forward pass: a row per choice, each repeating the context, and
 a log-softmax over a (rows, T, vocab) tensor. Here a row holds an example's context once, then
 every choice; a mask lets a choice see the context and its own earlier tokens only, and its
 positions go on from the context's end, so each token sees what it would see in a row of its own.
 Many examples share a pass, and the head (vocab logits) runs only where a choice token is
-predicted, a chunk at a time: the same numbers (tested against transformers), ~3x faster on CPU.
+predicted, a chunk at a time: the same numbers (tested against transformers), ~2.5x faster on
+CPU (the README's figure).
 
 Answers judged by a larger model (Raschka, ch. 7): 07's test_responses.json (08's
 dpo_responses.json) holds instructions, reference answers and our model's answers; a judge behind
@@ -170,8 +173,9 @@ def encode_example(tok, example: dict, block_size: int, where: str) -> dict:
 @torch.no_grad()
 def score_rows(model, encoded: dict) -> list[float]:
     """One example in one forward pass -> its choices' summed log-probabilities. llm.c's way, the
-    reference: a row per choice (context + choice), right-padded (causal attention keeps padding
-    away from real tokens), logits and a log-softmax at every position; the choice's summed."""
+    reference that the tests and the benchmark hold score_packed to: a row per choice (context +
+    choice), right-padded (causal attention keeps padding away from real tokens), logits and a log-
+    softmax at every position; the choice's summed."""
     rows = [torch.tensor(encoded["context"] + choice) for choice in encoded["choices"]]
     is_choice = [torch.arange(len(row)) >= len(encoded["context"]) for row in rows]
     idx = pad_sequence(rows, batch_first=True)  # (N, T), pad id 0: after the row, unseen
@@ -246,7 +250,7 @@ def score_packed(model, encoded: list[dict], packed: list[dict]) -> list[list[fl
     device = model.lm_head.weight.device  # packed: pack_example's rows of encoded, in order
     idx, pos, mask = packed_batch(packed, device)
     cache = KVCache(model.config.n_layer, idx.size(1))
-    h = final_hidden(model, idx, pos, mask, cache)  # (B, T, C)
+    h = final_hidden(model, idx, pos, mask, cache)  # (B, T, C); a mask needs a cache
     targets = []  # (row, choice j, the index whose output predicts it, its id): the choice tokens
     for row, p in enumerate(packed):
         targets += [(row, *target) for target in p["targets"]]
@@ -287,7 +291,7 @@ def score_examples(model, encoded: list[dict], batch_tokens=8192):
 
 def wilson_interval(correct: int, n: int, z=1.96) -> tuple[float, float]:
     """The 95% interval of an accuracy measured on n examples (Wilson's: unlike p +- 1.96 * its
-    standard error, it stays in [0, 1] and holds for small n). 290 of 1,000: 0.263 to 0.319."""
+    standard error, it stays in [0, 1] and near 95% for small n). 290 of 1,000: 0.263 to 0.319."""
     p = correct / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
@@ -526,7 +530,7 @@ def print_report(results: list[dict]) -> None:
 
 @dataclass
 class EvalConfig:
-    """Score checkpoints of 05-08 on multiple-choice tasks, or their answers with a judge.
+    """Score checkpoints of 04-08 on multiple-choice tasks, or their answers with a judge.
     A relative path (flag or default) is taken from the project's folder."""
 
     ckpt: Annotated[str, "the model to score: a checkpoint of 04-08"] = DEFAULT_CKPT
