@@ -13,9 +13,8 @@ Nothing is generated: the model scores each choice as log p(choice | context), t
 tokens' log-probabilities, and its answer is the best scored choice. Every token costs probability,
 so choices of unequal length are compared three ways, each reported:
   - acc: the summed log-probability. It favours the short choice: fewer tokens, less to pay.
-  - acc_norm (lm-evaluation-harness): the sum divided by the choice's length in characters, a
-    score per character, which no tokenizer changes (HellaSwag's leading space counts here, not
-    in lm-evaluation-harness).
+  - acc_norm (lm-evaluation-harness): the sum divided by the choice's length in characters (here
+    with HellaSwag's leading space, there without), a score per character, no tokenizer's.
   - acc_token_mean (llm.c's acc_norm): the mean per token, the lowest mean loss.
 acc and acc_token_mean agree on choices of equal token counts, acc and acc_norm on choices of equal
 character counts. acc parts from the others when one choice is much longer; the two means part when
@@ -26,13 +25,12 @@ and splits it; with GPT-2's BPE nearly always the same). A HellaSwag ending foll
 one space (llm.c's way); a plain-format choice is appended as written: write " Paris" with its
 space. A context too long for the model's block is cut from its left; the report counts them.
 
-Fast. llm.c runs one example per forward pass: a row per choice, each repeating the context, and
-a log-softmax over a (rows, T, vocab) tensor. Here a row holds an example's context once, then
-every choice; a mask lets a choice see the context and its own earlier tokens only, and its
-positions go on from the context's end, so each token sees what it would see in a row of its own.
-Many examples share a pass, and the head (vocab logits) runs only where a choice token is
-predicted, a chunk at a time: the same numbers (tested against transformers), ~2.5x faster on
-CPU (the README's figure).
+Fast. llm.c runs one example per forward pass: a row per choice, each repeating the context, and a
+log-softmax over a (rows, T, vocab) tensor. Here a row holds an example's context once, then every
+choice; a mask lets a choice see the context and its own earlier tokens only, and its positions go
+on from the context's end, so each token sees what it would see in a row of its own. Many examples
+share a pass, and the head (vocab logits) runs only where a choice token is predicted, a chunk at a
+time: the same numbers (tested against transformers), ~2.5x faster on CPU.
 
 Answers judged by a larger model (Raschka, ch. 7): 07's test_responses.json (08's
 dpo_responses.json) holds instructions, reference answers and our model's answers; a judge behind
