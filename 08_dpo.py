@@ -26,7 +26,8 @@ training ones.
 References: Rafailov et al. 2023, "Direct Preference Optimization: Your Language Model is Secretly
 a Reward Model"; Mitchell 2023, "A note on DPO with noisy preferences" (conservative DPO);
 Raschka, "Build a Large Language Model (From Scratch)", ch. 7 bonus, dpo-from-scratch
-(rasbt/LLMs-from-scratch), whose data and settings we use; Hugging Face TRL's DPOTrainer.
+(rasbt/LLMs-from-scratch), whose data and settings we use (its averaged log-probs: a flag);
+Hugging Face TRL's DPOTrainer.
 
 Run it (one process; 07's checkpoint is the starting policy):
   python 04_gpt.py --init_from=gpt2 --save_ckpt              # once: OpenAI's GPT-2 as a checkpoint
@@ -69,9 +70,9 @@ PAIRS_FILE = "instruction-data-with-preference.json"  # rasbt's, which 02 fetche
 
 
 def load_preference_data(path="") -> list[dict]:
-    """Entries {"instruction", "input", "chosen", "rejected"}. path="": rasbt's pairs (07's
-    instructions with two answers each by Llama 3.1 70B, polite and impolite), which 02 fetches;
-    or your own file in that format."""
+    """Entries {"instruction", "input", "chosen", "rejected"}. path="": rasbt's pairs, which 02
+    fetches: each of 07's entries with its answer and Llama 3.1 70B's rewrite of it, more polite or
+    less; the politer is chosen (in 6 of 1,100 the two are the same). Or your own file."""
     path = Path(path or DATA_DIR / PAIRS_FILE)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: `python 02_dataloader.py` fetches "
@@ -195,7 +196,7 @@ def pair_logprobs(model, x, y, mask, average: bool = False, ctx=nullcontext()):
     gaps DPO measures (log pi - log ref) are that small, so a bf16 head would bury them in
     rounding (summed over 100 tokens of GPT-2-sized logits: 0.2 nats off in bf16, 0.03 with
     CUDA's TF32). The price: (2B, T, vocab) logits of 4 bytes each instead of 2."""
-    # final_hidden is GPT.forward up to ln_f, without lm_head (and its input check): we apply
+    # final_hidden is GPT.forward through ln_f, without lm_head (and its input check): we apply
     # the head ourselves, in fp32 outside ctx; GPT.forward's would run under ctx, in bf16
     with ctx:
         h = final_hidden(model, x)  # (2B, T, C)
@@ -276,7 +277,7 @@ def pair_metrics(losses, chosen_rewards, rejected_rewards) -> dict:
 
 @dataclass
 class DPOConfig:
-    """Direct Preference Optimization of 07's instruction-tuned GPT, with the book's settings.
+    """Direct Preference Optimization of 07's instruction-tuned GPT; the book's settings, summed.
     Relative paths resolve against this script's folder, wherever it is run from."""
 
     ckpt: Annotated[str, "07's model: the start and the reference"] = "out/finetune/ckpt.pt"
@@ -423,8 +424,8 @@ def write_responses(reference, policy, data: dict, cfg: DPOConfig, ctx):
 
 
 def load_models(cfg: DPOConfig, run=None) -> tuple:
-    """(policy, reference, tokenizer spec, resumed) on the CPU. reference: cfg.ckpt's model, frozen;
-    policy: its copy, or on resume out_dir's model, whose checkpoint (run, if given) is resumed."""
+    """(policy, reference, tokenizer spec, resumed) on the CPU. policy: cfg.ckpt's model, or on
+    resume out_dir's (run: its checkpoint, if read); reference: a frozen copy of cfg.ckpt's."""
     if not Path(cfg.ckpt).exists():
         make_one = "python 07_finetune.py --init_from=gpt2 makes one"
         raise FileNotFoundError(f"no checkpoint at {cfg.ckpt}: DPO needs 07's; {make_one}")
@@ -577,7 +578,7 @@ def main(argv=None):
         run = None
         if cfg.init_from == "resume":  # its settings, then the flags and this machine's dtype
             run = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
-            saved = run[2]["config"] if run[2].get("stage") == "dpo" else {}  # else: see below
+            saved = run[2]["config"] if run[2].get("stage") == "dpo" else {}  # else: refused
             flags = [f"--{k}={v}" for k, v in saved.items() if k not in ("device", "dtype")]
             cfg = parse_config(DPOConfig, flags + argv)
         print("config:", ", ".join(f"{k}={v!r}" for k, v in asdict(cfg).items()))
