@@ -63,7 +63,8 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None) -> t
     temperature 0 is greedy (argmax); otherwise the logits are divided by it (< 1 sharper, > 1
     flatter; towards 0, one-hot on the argmax). top_k keeps the k largest logits (ties too); top_p
     the fewest most likely tokens whose probabilities reach top_p (Holtzman et al. 2019): of probs
-    [0.5, 0.3, 0.15, 0.05], top_p=0.8 keeps two; the third goes, the mass above it reaches 0.8.
+    [0.5, 0.3, 0.15, 0.05], top_p=0.75 keeps two; the third goes: the mass above it, 0.8, reaches
+    0.75 (at exactly 0.8 float rounding would decide).
     """
     check_sampling(temperature, top_k, top_p)
     if temperature == 0:
@@ -105,9 +106,9 @@ def forward_cached(model, idx, cache=None, attention_mask=None, last_only=False)
     idx (B, T) are the NEW tokens: their keys/values join the cache, and they attend to everything
     in it. attention_mask (B, T): False at (left) padding. Position ids count each row's real
     tokens, on from the cache: [pad pad a b] gets [0 0 0 1], what `a b` alone gets. Returns logits
-    (B, T, V), or (B, 1, V) with last_only (the head is 38.6M of GPT-2's 124M weights). The head
-    runs in fp32 outside autocast: sampling sees exact logits (bf16's steps are
-    0.125-0.5 at GPT-2's logit sizes). For inference: call model.eval() first (dropout off).
+    (B, T, V), or (B, 1, V) with last_only (the head, 38.6M of GPT-2's 124M weights, then runs at
+    the last position only). The head runs in fp32 outside autocast: sampling sees exact logits
+    (bf16's steps are 0.125-0.5 at GPT-2's logit sizes). For inference: call model.eval() first.
     """
     B, T = idx.shape
     t0 = 0 if cache is None else cache.kv.length  # tokens already cached
@@ -138,7 +139,7 @@ def forward_cached(model, idx, cache=None, attention_mask=None, last_only=False)
         mask = mask | (k_pos == q_pos)  # a padded query sees itself: no NaN
         mask = mask[:, None]  # (B, 1, T, L)
     kv = cache.kv if cache is not None else None  # no cache: plain causal attention
-    if cache is None and padded:  # or, for the padding mask, a cache used once
+    if cache is None and padded:  # 03's attention takes no mask, KVCache.attend does: use once
         kv = KVCache(model.config.n_layer, T)
     h = final_hidden(model, idx, position_ids, mask, kv)  # (B, T, C)
     h = h[:, -1:] if last_only else h  # (B, 1 or T, C)
@@ -177,7 +178,8 @@ def generate_tokens(
     block_size // 2 tokens, re-encoded from position 0 into a fresh cache. Why not slide by one, as
     04's generate does? Each cached key was computed at its absolute position; moving the window by
     one changes them all, so the cache is stale every step: no cache at all. Halving costs one
-    prefill per block_size // 2 tokens. Each row of a batch slides as it would alone.
+    prefill per block_size // 2 tokens of a row (a batch re-encodes whenever any of its rows
+    slides). Each row of a batch slides as it would alone.
     """
     block_size = model.config.block_size
     keep = max(1, block_size // 2)  # what a full context slides to
@@ -278,7 +280,8 @@ class TextStream:
 def generate(model, prompts, max_new_tokens: int, temperature=1.0, top_k=None, top_p=None,
              generator=None, eot_token=None, streams=None, use_cache=True) -> list[list[int]]:
     """Up to max_new_tokens new ids per prompt (token-id lists). A row ends at eot_token (left out)
-    or when its TextStream (streams: one per row) meets a stop string; ended rows ride along."""
+    or when its TextStream (streams: one per row) meets a stop string (whose tokens stay in; the
+    stream's text leaves it out); ended rows ride along."""
     out = [[] for _ in prompts]
     done = [False] * len(prompts)
     steps = generate_tokens(model, prompts, temperature, top_k, top_p, generator, use_cache)
@@ -327,7 +330,8 @@ def chat(model, tok, cfg, ckpt: dict) -> None:
     """A loop of single-turn prompts, each what 07 trained on: format_input + RESPONSE_HEADER,
     encoded in two parts (BPE could merge tokens across the seam). A char model lacks characters
     such as the template's '#': each becomes 07's unknown_char; only those the user typed are
-    reported. Answers end as 07 taught: at <|endoftext|> (GPT-2), a newline (char) or "### "."""
+    reported. Answers end as 07 taught: at <|endoftext|> (GPT-2), a newline (char) or at
+    "\\n\\n### "."""
     stage = ckpt.get("stage")
     if stage not in ("finetune", "dpo"):
         print(f"note: a {stage} checkpoint; chat needs an instruction-tuned one (07 or 08)")

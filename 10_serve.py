@@ -969,7 +969,8 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None) -> t
     temperature 0 is greedy (argmax); otherwise the logits are divided by it (< 1 sharper, > 1
     flatter; towards 0, one-hot on the argmax). top_k keeps the k largest logits (ties too); top_p
     the fewest most likely tokens whose probabilities reach top_p (Holtzman et al. 2019): of probs
-    [0.5, 0.3, 0.15, 0.05], top_p=0.8 keeps two; the third goes, the mass above it reaches 0.8.
+    [0.5, 0.3, 0.15, 0.05], top_p=0.75 keeps two; the third goes: the mass above it, 0.8, reaches
+    0.75 (at exactly 0.8 float rounding would decide).
     """
     check_sampling(temperature, top_k, top_p)
     if temperature == 0:
