@@ -3,7 +3,7 @@
 A pretrained GPT continues text; it does not answer. Finetuning it on a thousand examples of
 (instruction, optional input, response), each in one fixed prompt template, teaches it to answer:
 after "### Response:" comes the answer, then <|endoftext|> (supervised finetuning, SFT). The model
-and the loss are 05's; new are the data (rasbt's 1,100 Alpaca-style entries, split as in
+and the loss are 04's; new are the data (rasbt's 1,100 Alpaca-style entries, split as in
 Raschka's book, ch. 7) and which tokens the loss counts: collate_fn pads on the right and masks
 the prompt and the padding out of the loss, and causal attention makes an attention mask
 unnecessary. LoRA learns a small low-rank update beside each frozen weight instead of changing
@@ -20,7 +20,7 @@ Run it:
   python 07_finetune.py                 # 05's char model (run python 05_pretrain.py first)
   python 04_gpt.py --init_from=gpt2 --save_ckpt  # once per model: OpenAI's weights, into data/
   python 07_finetune.py --init_from=gpt2 --max_iters=100 --num_responses=10  # GPT-2, CPU: slow
-  python 07_finetune.py --init_from=gpt2-medium --device=cuda      # the book's run, one GPU
+  python 07_finetune.py --init_from=gpt2-medium --device=cuda      # the book's model, one GPU
   python 07_finetune.py --init_from=gpt2-medium --lora_rank=16 --learning_rate=5e-4 --device=cuda
   python 07_finetune.py --init_from=resume  # after Ctrl-C: go on where out_dir's run stopped
   python 07_finetune.py --help          # every setting, with its default
@@ -193,8 +193,8 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int = 0) -> list[int
 # Finetuning changes a weight W (out, in) by some dW, and that change has a low "intrinsic rank", so
 # learn it as B A with B (out, r) and A (r, in), r small: r * (in + out) parameters instead of
 # in * out (GPT-2's c_attn at r=8: 24,576 instead of 1,769,472). B starts at zero, so the model
-# starts exactly as the base; alpha / rank scales the update, so another rank needs no new learning
-# rate. merge_lora folds B A into W: a plain GPT again, no cost at inference, the usual state dict.
+# starts exactly as the base; alpha / rank scales the update (the book: alpha alone), so another
+# rank needs less retuning. merge_lora folds B A into W: a plain GPT again, no cost at inference.
 LORA_TARGETS = ("c_attn", "c_proj", "c_fc")  # GPT's Linears (lm_head is tied to wte: not a target)
 
 
@@ -346,8 +346,8 @@ def generate_responses(model, entries, encode, decode, end_id, max_new_tokens, b
 
 @dataclass
 class FinetuneConfig:
-    """Instruction finetuning of a GPT, full or LoRA (--lora_rank > 0); defaults are the book's.
-    Relative paths resolve against this script's folder, wherever it is run from."""
+    """Instruction finetuning, full or LoRA (--lora_rank > 0): the book's settings, with prompt
+    masking (its exercise 7.2) and clipping. Relative paths start at this script's folder."""
 
     init_from: Annotated[str, "scratch (a new run from --ckpt), resume out_dir's run, auto "
                               "(resume if any), or gpt2, gpt2-medium/large/xl"] = "scratch"
@@ -412,7 +412,7 @@ class FinetuneConfig:
             raise ValueError(f"{run_path} holds an earlier run, which this one would replace; "
                              "resume it (--init_from=resume), choose another --out_dir, "
                              "or pass --overwrite")
-        if self.data_path:  # a bad file fails now, before a model is loaded
+        if self.data_path:  # a bad file of yours fails now, before a model is loaded
             self.data_path = str(PROJECT / self.data_path)
             split_data(load_instruction_data(self.data_path))
 
@@ -620,8 +620,8 @@ def finetune(cfg: FinetuneConfig, model, tokenizer_spec: dict, data: dict,
     else:
         print(f"after finetuning: val loss {after['loss']:.4f}, "
               f"perplexity {after['perplexity']:.2f}")
-        # ckpt.pt is saved: answer with the merged weights, one matmul per Linear, not three, and
-        # trainable, as autocast wants the weights whose casts it keeps (frozen ones: every call)
+        # ckpt.pt is saved: answer with the merged weights, one matmul per Linear, not three;
+        # merge_lora leaves them trainable: autocast keeps only casts of weights that need grad
         merge_lora(model)
         write_test_responses(model, data, cfg, ctx)
     return {
