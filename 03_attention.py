@@ -15,7 +15,7 @@ This file builds it in five steps, each adding one idea (read top to bottom), th
    `MultiHeadAttention` computes all heads with one fused qkv matrix and a reshape (same maths).
 5. `CausalSelfAttention`: the same through `F.scaled_dot_product_attention`, which on GPU runs
    FlashAttention / memory-efficient kernels that never store the T x T score matrix. This is the
-   class 04_gpt.py and every later stage use.
+   class 04_gpt.py and the stages up to 11 use (12 and 13 write their own, with RoPE).
 6. `PaddedCausalSelfAttention`: a padding mask for batches of unequal lengths, and why the later
    stages, which pad on the right, do not need one.
 7. `KVCache`: attention at inference, one new token at a time over the cached keys and values of
@@ -27,7 +27,7 @@ With the same weights, steps 4 and 5 compute the same function (and one head of 
 References:
 - Vaswani et al. 2017, "Attention Is All You Need" (scaled dot-product and multi-head attention).
 - Radford et al. 2019, GPT-2 report; karpathy/nanoGPT model.py (the names c_attn, c_proj).
-- Raschka, "Build a Large Language Model (From Scratch)", chapter 3 (the same five steps).
+- Raschka, "Build a Large Language Model (From Scratch)", chapter 3 (steps 1-4; SDPA: its bonus).
 - Dao et al. 2022, "FlashAttention" (why not materialising the score matrix saves memory and time).
 
 Commands:
@@ -219,7 +219,7 @@ class MultiHeadAttention(nn.Module):
     Names follow nanoGPT (c_attn, c_proj) so the weights load into CausalSelfAttention unchanged.
 
     The cost is the (B, n_head, T, T) score matrix it builds, stores and softmaxes: memory grows
-    with T^2 (at T = 2048, 12 heads: 200 MB per sequence in fp32). Step 5 avoids that.
+    with T^2 (at T = 2048, 12 heads: 200 MB, 192 MiB, per sequence in fp32). Step 5 avoids that.
 
     x: (B, T, n_embd) -> (B, T, n_embd).
     """
@@ -265,7 +265,7 @@ class MultiHeadAttention(nn.Module):
 # exists in memory, and is_causal=True lets them skip the blocks above the diagonal instead of
 # masking them. SDPA applies the dropout on the attention weights itself (dropout_p, only while
 # training). With the same weights it computes what MultiHeadAttention computes (the tests check
-# it); `--bench` times the two. This is the class 04_gpt.py and every later stage use.
+# it); `--bench` times the two. This is the class 04_gpt.py and the stages up to 11 use.
 
 
 class CausalSelfAttention(nn.Module):
@@ -309,9 +309,10 @@ class PaddedCausalSelfAttention(CausalSelfAttention):
     only if j is not in its future AND j is real, so pads never influence a real token, wherever
     they sit (left, right, or holes in the middle).
 
-    subtle: a query may have no allowed key at all (a pad at position 0 of a left-padded row, a row
-    that is all padding). Its scores are all -inf, softmax gives 0/0 = NaN, and since NaN * 0 is
-    still NaN, the NaN spreads into the gradients of every weight. The fix: every query may also
+    subtle: a query may have no allowed key at all (the leading pads of a left-padded row, a row
+    that is all padding). Its scores are all -inf; a hand-written softmax (and some SDPA kernels)
+    gives 0/0 = NaN, and since NaN * 0 is still NaN, the NaN spreads into the gradients of every
+    weight. The fix: every query may also
     attend to itself (the diagonal). A real query's row allows itself already (its own position is
     not in its future, and it is real), so real tokens are unchanged; a row that had no key left
     gets a finite value (the pad's own value vector), which the loss ignores anyway.
@@ -360,7 +361,7 @@ class PaddedCausalSelfAttention(CausalSelfAttention):
 # (attention still reads every cached key). The price is memory: 2 * n_layer * n_embd numbers per
 # token and row (GPT-2 small in fp32: 75 MB for 1024 tokens), in buffers allocated once, max_len
 # tokens for every row of the batch, and written in place. Growing them by concatenation instead
-# copies the whole cache for every token and layer: 6-10% slower for GPT-2 small on a CPU
+# copies the whole cache for every token and layer: 3-9% slower for GPT-2 small on a CPU
 # (`python tests/bench.py answers`); for GPT-2 medium, 8 rows of 500 tokens in bf16, by the last
 # token that reads and writes 0.8 GB, more than its 0.7 GB of weights (arithmetic, not measured).
 # The cache does the attention itself, with the weights of a CausalSelfAttention, so the model's
