@@ -57,7 +57,7 @@ class ModernConfig:
     norm: str = "layernorm"  # or "rmsnorm"
     norm_eps: float = 1e-5
     pos: str = "learned"  # or "rope"
-    rope_theta: float = 10000.0  # RoPE's base: its slowest angle
+    rope_theta: float = 10000.0  # RoPE's base: the slowest pair turns ~1/theta per token
     mlp: str = "gelu"  # or "swiglu"
     mlp_hidden: int = 0  # 0 = 4 * n_embd (gelu), or swiglu_hidden()
     multiple_of: int = 32  # swiglu_hidden rounds up to this
@@ -146,10 +146,10 @@ def make_norm(config: ModernConfig, size: int) -> nn.Module:
 # distance, and there is no table of positions to learn. v is not rotated: it is what a token
 # passes on, not how tokens find each other. theta sets the slowest turn, so the longest distance
 # told apart: GPT-NeoX and Llama 2 use 10,000, Llama 3 500,000, Qwen3 1,000,000 (long contexts).
-# The halves pairing (not neighbours 2i, 2i+1 as in the paper) is Hugging Face's and Meta's
-# released layout; the two are the same model up to a permutation of q and k's dimensions.
+# The halves pairing is GPT-NeoX's and Hugging Face's (the paper and Meta's code pair neighbours
+# 2i, 2i+1; HF's converter permutes q and k's weights): the same model up to that permutation.
 # Cost: no parameters; a few elementwise ops per layer. The angles are made for the positions
-# of each call (a generated token's position is cache.length), in fp32 as Hugging Face does.
+# of each call (a generated token's position is cache.length), in fp32, then cast to x's dtype.
 def rope_angles(positions, head_size: int, theta: float):
     """positions (T,) -> (cos, sin), each (T, head_size): the angle of every pair, twice."""
     pair = torch.arange(0, head_size, 2, device=positions.device)
@@ -163,7 +163,7 @@ def apply_rope(x, cos, sin):
     """Rotate x (B, nh, T, hs): halves (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
     x1, x2 = x.chunk(2, dim=-1)  # the two halves
     rotated_half = torch.cat([-x2, x1], dim=-1)
-    return x * cos + rotated_half * sin
+    return x * cos.to(x.dtype) + rotated_half * sin.to(x.dtype)  # fp32 angles: bf16 q stays bf16
 
 
 # Attention with the modern settings. Against 03's CausalSelfAttention:
@@ -173,7 +173,7 @@ def apply_rope(x, cos, sin):
 #   a little quality for a KV cache n_head / n_kv_head times smaller, which at inference is the
 #   memory that limits batch size and context (Llama 3 8B: 32 query heads, 8 key/value heads).
 #   n_kv_head == n_head is 04's multi-head attention; n_kv_head == 1 is multi-query attention.
-# - QK-norm (Qwen3; Dehghani et al. 2023): an RMSNorm with its own gain on each head's q and k,
+# - QK-norm (Qwen3; Dehghani et al. 2023, with LayerNorm): an RMSNorm with a gain on each q and k,
 #   before RoPE. q.k can no longer grow with the weights, a cause of loss spikes; cost: 2 norms.
 # - cache (GroupedKVCache): the keys and values of earlier tokens, n_kv_head heads of them.
 class Attention(nn.Module):
@@ -342,7 +342,7 @@ class ModernGPT(nn.Module):
 # repeat to n_head happens after the cache, in the attention). Per token and layer it holds a key
 # and a value of n_kv_head * head_size numbers: cache_bytes_per_token. Llama 3 8B in bf16:
 # 2 * 32 layers * 8 heads * 128 * 2 bytes = 128 KiB per token, 16 GiB for 128K tokens of context;
-# with 32 key/value heads (no GQA) it would be 64 GiB, more than the 16 GiB of weights.
+# with 32 key/value heads (no GQA) it would be 64 GiB, more than the 16 GB of weights.
 class GroupedKVCache:
     """Per layer: keys and values (B, n_kv_head, max_len, head_size); length: tokens so far."""
 
@@ -361,7 +361,7 @@ class GroupedKVCache:
         end = self.length + k.size(2)
         self.k[layer][:, :, self.length:end] = k
         self.v[layer][:, :, self.length:end] = v
-        if layer == len(self.k) - 1:  # the last layer moves on
+        if layer == len(self.k) - 1:  # every layer has written this call's tokens: move on
             self.length = end
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
@@ -400,10 +400,10 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0,
 # -----------------------------------------------------------------------------
 # Hugging Face's Llama and Qwen3, loaded into this code
 #
-# Both architectures are ModernConfig with rmsnorm, rope, swiglu and no biases; Qwen3 adds
-# QK-norm and states its head_dim. hf_config reads config.json and refuses, by name, every
-# setting this file does not implement: silently ignoring one (Llama 3.1's "llama3" RoPE scaling,
-# a sliding window) would give a model that loads and writes worse text, with no error anywhere.
+# Both architectures are ModernConfig with rmsnorm, rope, swiglu and no biases; Qwen3 adds QK-norm
+# and states its head_dim. check_hf_config refuses, by name, every setting this file does not
+# implement: silently ignoring one (Llama 3.1's "llama3" RoPE scaling, a sliding window) would give
+# a model that loads and writes worse text, with no error anywhere.
 # Their names map onto ours; q, k and v are stacked into c_attn, gate and up into c_fc.
 HF_ARCHITECTURES = ("LlamaForCausalLM", "Qwen3ForCausalLM")
 HF_LAYER_NAMES = {  # theirs: ours, in each layer

@@ -498,7 +498,7 @@ class ModernConfig:
     norm: str = "layernorm"  # or "rmsnorm"
     norm_eps: float = 1e-5
     pos: str = "learned"  # or "rope"
-    rope_theta: float = 10000.0  # RoPE's base: its slowest angle
+    rope_theta: float = 10000.0  # RoPE's base: the slowest pair turns ~1/theta per token
     mlp: str = "gelu"  # or "swiglu"
     mlp_hidden: int = 0  # 0 = 4 * n_embd (gelu), or swiglu_hidden()
     multiple_of: int = 32  # swiglu_hidden rounds up to this
@@ -579,7 +579,7 @@ def apply_rope(x, cos, sin):
     """Rotate x (B, nh, T, hs): halves (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
     x1, x2 = x.chunk(2, dim=-1)  # the two halves
     rotated_half = torch.cat([-x2, x1], dim=-1)
-    return x * cos + rotated_half * sin
+    return x * cos.to(x.dtype) + rotated_half * sin.to(x.dtype)  # fp32 angles: bf16 q stays bf16
 
 
 # copied from 12_modern_gpt.py: Attention

@@ -141,6 +141,21 @@ def test_cached_generation_equals_uncached(flavour):
     assert len(set(cached[0, 5:].tolist())) > 3  # not one token repeated
 
 
+@pytest.mark.parametrize("flavour", ["llama3", "qwen3"])
+def test_a_bf16_model_runs_rope_in_bf16(flavour):
+    """load_hf(dtype=torch.bfloat16) and model.to(bfloat16): RoPE's fp32 angles must not turn q
+    and k into fp32 beside a bf16 v (SDPA refuses mixed dtypes); the logits stay near fp32's."""
+    torch.manual_seed(0)
+    config = m.ModernConfig.flavour(flavour, vocab_size=VOCAB, n_layer=2, n_embd=64)
+    model = m.ModernGPT(config).eval()
+    idx = torch.randint(VOCAB, (2, 16))
+    with torch.no_grad():
+        exact, _ = model(idx)
+        logits, _ = model.to(torch.bfloat16)(idx)
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), exact, atol=0.05, rtol=0.05)
+
+
 @pytest.mark.parametrize("flavour", ["gpt2", "qwen3"])
 def test_a_prompt_fed_in_chunks_through_the_cache_gives_the_same_logits(flavour):
     config = m.ModernConfig.flavour(flavour, vocab_size=VOCAB, n_layer=2, n_embd=64)
