@@ -25,7 +25,7 @@ LLMs-from-scratch ch02 (GPTDatasetV1); C4 (Raffel et al. 2020) and Gopher (Rae e
 de-duplication and quality rules; Lee et al. 2022, "Deduplicating Training Data Makes LMs Better".
 
 Run (CPU is plenty, nothing here trains):
-    python 02_dataloader.py                 # tiny Shakespeare -> data/tinyshakespeare-{char,gpt2}/
+    python 02_dataloader.py  # tiny Shakespeare -> data/tinyshakespeare-{char,gpt2}/, 07/08's data
     python 02_dataloader.py --tokenizers=char --block_size=16
     python 02_dataloader.py --text_file=my.txt --normalize=NFKC  # -> data/my-char/, data/my-gpt2/
     python 02_dataloader.py --help
@@ -178,7 +178,7 @@ def deduplicate_paragraphs(text: str, min_chars: int = 50) -> tuple[str, dict]:
 
 def quality_filter(text: str, min_letter_fraction: float = 0.5,
                    max_char_run: int = 10) -> tuple[str, dict]:
-    """Drop paragraphs that do not look like prose (two Gopher-style rules).
+    """Drop paragraphs that do not look like prose (two rules in the spirit of Gopher's).
 
     - too few letters: fewer than min_letter_fraction of the non-space characters are letters
       (tables of numbers, "==== ---- ====", lines of symbols);
@@ -218,7 +218,7 @@ def clean_text(text: str, form: str = "NFC",
 
 
 def format_report(report: dict) -> str:
-    """One line per step: 'quality_filter: paragraphs_removed=2 ... e.g. ['!!!!...']'."""
+    """One line per step: 'quality_filter: paragraphs_removed=2 ...  e.g. '!!!!!!!!!!!!''."""
     counts = [f"{k}={v}" for k, v in report.items() if k not in ("step", "examples")]
     line = f"{report['step']}: {' '.join(counts)}"
     if report.get("examples"):
@@ -341,8 +341,7 @@ def load_tokens(corpus_dir, split: str) -> np.memmap:
 # y = [12, 13]. The (B, T+1) windows are read with one fancy index; x and y are then contiguous
 # copies, since a strided view would make .to("cuda", non_blocking=True) stage a pageable copy
 # first (and block), and .view(-1) fails on it. On CUDA the batch goes through pinned memory, so
-# the copy to the GPU overlaps with compute. Its checks are inline, so later stages copy exactly
-# load_meta, load_tokens and get_batch.
+# the copy to the GPU overlaps with compute.
 
 def get_batch(data, batch_size: int, block_size: int, step: int, seed: int = 0, rank: int = 0,
               world_size: int = 1, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -471,7 +470,7 @@ def main(argv=None):
     parser = FlagParser(description=__doc__.split("\n")[0])  # the docstring's first line
     parser.add_argument("--dataset", type=str, help="the corpus's name; tinyshakespeare is "
                         "downloaded (default: %(default)s: tinyshakespeare or --text_file's name)")
-    parser.add_argument("--text_file", type=str, help="your own UTF-8 text file to prepare")
+    parser.add_argument("--text_file", type=str, help="your UTF-8 text (relative to this folder)")
     parser.add_argument("--tokenizers", type=str, default="char,gpt2",
                         help="char (a token per character), gpt2 (GPT-2's BPE) or char,gpt2")
     parser.add_argument("--normalize", type=str, default="NFC", choices=["NFC", "NFKC"],
@@ -530,7 +529,7 @@ def run(args):  # main's work, its arguments checked before any of it
         print(f"cleaned: {len(text):,} -> {len(cleaned):,} characters")
         text = cleaned
     train_chars = int(len(text) * (1 - args.val_fraction))
-    if args.block_size >= train_chars:  # a token is >= 1 character
+    if args.block_size >= train_chars:  # char: a token a character; GPT-2: get_batch checks
         raise ValueError(f"--block_size={args.block_size}: the train split has fewer characters "
                          "than one window; use a smaller block_size or more text")
     specs = {"char": CharTokenizer.from_text(text).to_dict(), "gpt2": {"kind": "gpt2"}}
@@ -565,9 +564,10 @@ def show_batches(train, tokenizer, batch_size: int, block_size: int, seed: int):
         same = torch.equal(torch.cat(rank_rows), x)
         print(f"  ranks 0 and 1 of 2 together give the same batch: {same}")
     dataset = SlidingWindowDataset(train, block_size, stride=block_size)
-    window_x, _ = dataset[1]
+    second = min(1, len(dataset) - 1)  # a short text may hold one window
+    window_x, _ = dataset[second]
     print(f"SlidingWindowDataset(stride={block_size}): {len(dataset):,} windows; "
-          f"window 1 starts {tokenizer.decode(window_x[:10].tolist())!r}...")
+          f"window {second} starts {tokenizer.decode(window_x[:10].tolist())!r}...")
 
 
 # -----------------------------------------------------------------------------

@@ -503,6 +503,16 @@ def test_main_demo_on_a_small_text(dl02, tmp_path, capsys):
         assert len(dl02.load_tokens(out_dir, "val")) > 0
 
 
+def test_main_demo_on_a_text_of_one_window(dl02, tmp_path, capsys):
+    """A train split that holds one window of block_size (not two) still gets its demo."""
+    text_file = tmp_path / "tiny.txt"
+    text_file.write_text("abcdefghij" * 10)  # 90 train characters, 10 val
+    argv = [f"--text_file={text_file}", f"--data_dir={tmp_path}", "--tokenizers=char",
+            "--block_size=60", "--batch_size=2"]
+    dl02.main(argv)
+    assert "1 windows; window 0 starts 'abcdefghij'" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("clean", ["--clean=false", "--clean=true", "--clean"])
 def test_main_clean_flag_bare_or_with_a_value(dl02, tmp_path, clean, capsys):
     text_file = tmp_path / "small.txt"
