@@ -130,8 +130,8 @@ class MLP(nn.Module):
 
 # Block, pre-LayerNorm: normalising the input of each branch (not its output, as the 2017
 # transformer did) leaves the residual stream an untouched sum from embedding to output, so
-# gradients flow straight through and deep stacks train without warmup tricks. GPT-2 moved the
-# LayerNorm there for that reason (and added the final ln_f that GPT applies after the last block).
+# gradients flow straight through and deep stacks train stably (Xiong et al. 2020). GPT-2 moved
+# the LayerNorm there (and added the final ln_f that our GPT applies after the last block).
 class Block(nn.Module):
     """One transformer block, pre-LayerNorm: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
@@ -288,10 +288,10 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: i
 #
 # A .safetensors file is a length, a JSON header and raw bytes; that is the whole format:
 #     [8 bytes: N, little-endian uint64][N bytes: JSON header][data]
-#     header = {"wte.weight": {"dtype": "F32", "shape": [50257, 768],
+#     header = {"wte.weight": {"dtype": "F32", "shape": [50257, 768],  # e.g.; any order
 #                              "data_offsets": [0, 154389504]},
 #               ..., "__metadata__": {...}}   # offsets are relative to the start of the data
-# Each tensor is its bytes in row-major, little-endian order (every machine PyTorch runs on is
+# Each tensor is its bytes in row-major, little-endian order (every common machine is
 # little-endian, so torch.frombuffer reads them as they are). No code runs while loading, unlike
 # a pickled .bin checkpoint, which is why Hugging Face moved to this format. The reader checks
 # every offset against the file, reads the tensors in file order, each into its own buffer, and
@@ -369,8 +369,8 @@ def hf_to_gpt_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 # from_pretrained downloads Hugging Face's model.safetensors once into cache_dir/<model_type>/
 # (0.5 to 6 GB; no pinned hash, so download checks the byte count). The model is built on the
 # "meta" device (shapes only, no memory, no random init) and then takes the checkpoint's tensors
-# as its own (assign=True), so gpt2-xl never exists twice in memory. assign=True gives wte and
-# lm_head two separate Parameters, so the tie is made again.
+# as its own (assign=True): no second, random copy (only the four transposed projections are
+# copied, briefly). assign=True gives wte and lm_head two separate Parameters: tied again.
 def from_pretrained(model_type: str, cache_dir) -> "GPT":
     """GPT-2 with OpenAI's weights: "gpt2" (124M), "gpt2-medium", "gpt2-large" or "gpt2-xl"."""
     if model_type not in GPT2_SIZES:
@@ -389,7 +389,7 @@ def from_pretrained(model_type: str, cache_dir) -> "GPT":
 
 
 # -----------------------------------------------------------------------------
-# Running the model: settings from the command line, a device, a precision (05-10 copy these).
+# Running the model: settings from the command line, a device, a precision (05-13 copy these).
 #
 # A dataclass is the single list of a script's settings: each field, with its type and help text
 # (`n_layer: Annotated[int, "transformer blocks"] = 4`, PEP 593), becomes a --field=value flag
@@ -565,7 +565,7 @@ def params_by_component(model: GPT) -> dict[str, int]:
 
 def main(argv=None):
     cfg = parse_config(SampleConfig, argv)
-    if cfg.device.startswith("cuda"):  # TF32 matmuls: ~8x fp32's throughput on Ampere+, ample here
+    if cfg.device.startswith("cuda"):  # TF32 matmuls: up to 8x fp32's (A100, H100), ample here
         torch.backends.cuda.matmul.allow_tf32 = True  # cuDNN's (convolutions): on by default
     torch.manual_seed(cfg.seed)
 
