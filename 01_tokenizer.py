@@ -4,8 +4,8 @@ A model reads integers, not text. A tokenizer turns text into a list of ids and 
 1. CharTokenizer: one id per character. Tiny vocabulary (65 for Shakespeare), long sequences,
    cannot encode a character it has not seen. The "hello world" that 05 trains on.
 2. BPETokenizer: byte-level byte pair encoding (BPE), the tokenizer of GPT-2 (and, with other
-   merge lists, of GPT-3/4, Llama 3, ...). It starts from the 256 byte values, so it can encode
-   ANY text, then learns merges: "the most frequent adjacent pair of tokens becomes a new token",
+   merges and pre-splits, of GPT-3/4, Llama 3). It starts from the 256 bytes, so it can encode ANY
+   text, then learns merges: "the most frequent adjacent pair of tokens becomes a new token",
    repeated until the vocabulary is full. Common words end up as one token, rare ones as pieces.
 
 Three details make it GPT-2's BPE and not just any BPE:
@@ -29,11 +29,11 @@ minbpe.
 
 Run (CPU only; one of --train, --encode, --decode, --bench; relative paths start at this folder):
     python 01_tokenizer.py --train=data/tinyshakespeare.txt --vocab_size=1024 --out=out/bpe.json
+                                        # (the text: after 02 or --bench fetched it)
     python 01_tokenizer.py --encode="Hello world, it's 2024!"          # GPT-2 (our encoder)
     python 01_tokenizer.py --encode="To be, or not to be" --tokenizer=out/bpe.json
     python 01_tokenizer.py --decode 15496 995
-    python 01_tokenizer.py --bench      # the naive trainer against the incremental one (~20 s)
-    python 01_tokenizer.py --help
+    python 01_tokenizer.py --bench      # the naive trainer against the incremental one (~30 s)
 """
 
 import argparse
@@ -253,7 +253,7 @@ def train_bpe(text: str, n_merges: int, pattern: str = GPT2_SPLIT_PATTERN,
             heapq.heappop(heap)  # outdated entry: its pair's count changed since it was pushed
         if not heap:
             raise _no_pairs_left(i)
-        count, pair = heapq.heappop(heap)
+        negative_count, pair = heapq.heappop(heap)
         idx = 256 + i
         merges[pair] = idx
         delta = defaultdict(int)  # pair -> change of its count caused by this merge
@@ -277,7 +277,7 @@ def train_bpe(text: str, n_merges: int, pattern: str = GPT2_SPLIT_PATTERN,
                 else:
                     del stats[p]
         if log:
-            log(i, pair, idx, -count)
+            log(i, pair, idx, -negative_count)
     return merges
 
 
@@ -290,7 +290,7 @@ class BPETokenizer:
     A merge's new id is also its priority: merges learned earlier have smaller ids and are
     applied first (true of our trainers and of GPT-2, where merge i makes id 256 + i).
     byte_ids[b] is the id of the single byte b: b itself for our trained tokenizers, GPT-2's
-    own order for OpenAI's (where "!" is 0 and the space byte is 220).
+    own order for OpenAI's (bytes_to_unicode's, printable first: "!" is 0, the space byte 220).
     """
 
     def __init__(self, merges: dict, special_tokens: dict | None = None, byte_ids=None,
@@ -372,7 +372,7 @@ class BPETokenizer:
         """Encode text, treating special-token strings as ordinary text (tiktoken's
         encode_ordinary)."""
         # lone surrogates ("\ud800", e.g. from a broken JSON escape) have no UTF-8 encoding; like
-        # tiktoken, we re-read the text as UTF-16: they become U+FFFD, and pairs one character
+        # tiktoken, we re-read the text as UTF-16: they become U+FFFD, a split pair its character
         text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
         chunks = self.pattern_re.findall(text)  # "Hello world!" -> ["Hello", " world", "!"]
         # one cache lookup per chunk, flattened; map/chain keep the loop in C, which matters here
@@ -616,7 +616,7 @@ def bench_train(text: str, vocab_size: int, naive_chars: int) -> None:
 
 
 class FlagParser(argparse.ArgumentParser):
-    """argparse with no abbreviations (--max_iter is not --max_iters) and 04-10's --help. A mistake
+    """argparse with no abbreviations (--max_iter is not --max_iters) and 04-13's --help. A mistake
     is one line and exit status 2, not a usage dump; a misspelt flag gets the closest known one:
     `error: unrecognized arguments: --max_iter=9 (did you mean --max_iters?)`."""
 

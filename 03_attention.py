@@ -671,7 +671,7 @@ def main(argv=None) -> None:
 
 # copied from 01_tokenizer.py: FlagParser
 class FlagParser(argparse.ArgumentParser):
-    """argparse with no abbreviations (--max_iter is not --max_iters) and 04-10's --help. A mistake
+    """argparse with no abbreviations (--max_iter is not --max_iters) and 04-13's --help. A mistake
     is one line and exit status 2, not a usage dump; a misspelt flag gets the closest known one:
     `error: unrecognized arguments: --max_iter=9 (did you mean --max_iters?)`."""
 
