@@ -44,13 +44,13 @@ PROJECT = Path(__file__).resolve().parent  # a relative --data_dir starts here
 # The ablation: one change a row, each row trained from scratch as 05 trains
 #
 # The loop is 05's without its machinery (no checkpoints, logs or fp16 loss scaling: a row is
-# minutes long), with 05's pieces copied: get_batch, get_lr, estimate_loss. The first row is 05's
+# minutes long), with 02's get_batch and 05's get_lr and estimate_loss. The first row is 05's
 # model: GPT-2's block with no biases, as 05 trains it by default, but with GPT-2's tanh GELU (05
 # takes the exact one, 0.0005 apart, for speed; a test loads 05's weights into it). Each row adds
 # its change to all the changes above it. SwiGLU's hidden size keeps about the parameter count
-# (8C/3 rounded up to a multiple of 32: 2% more); GQA halves the key/value heads, which removes
-# parameters: the table shows how many. The last row is the model of the row above
-# with Muon (below) for its hidden matrices, which then have no weight decay (AdamW's was 0.1).
+# (8C/3 rounded up to a multiple of 32: the MLP 3% more); GQA halves the key/value heads, which
+# removes parameters: the table shows how many. The last row is the model of the row above with
+# Muon (below) for its hidden matrices, which then have no weight decay (AdamW's was 0.1).
 NANOGPT_CPU_RECIPE = dict(
     batch_size=12, block_size=64, n_layer=4, n_head=4, n_kv_head=4, n_embd=128,  # 4 = no GQA
     learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, decay_lr=True,
@@ -137,7 +137,7 @@ def ablate(cfg) -> list[dict]:
 
 
 def print_table(runs: dict, recipe) -> list[dict]:
-    """The ablation as a Markdown table: each row's median time and val loss (on a CPU the same
+    """The ablation as a Markdown table: each row's median time, its val loss (on a CPU the same
     in every round), and the change in val loss from the row above."""
     print(f"\n{recipe.max_iters} iterations of nanoGPT's CPU recipe on {recipe.device}, "
           f"median of {len(next(iter(runs.values())))} round(s)")
@@ -172,7 +172,7 @@ def print_table(runs: dict, recipe) -> list[dict]:
 # step, a large one settles in about 0.7-1.2. Close enough, and five steps stay cheap; the few
 # that start below 1/1000 of the norm end below about 0.5. Its cost grows with the weights, not
 # with the batch: with this file's 768-token batches its FLOPs are about 60% of a training
-# step's, at GPT-2 124M with nanoGPT's 0.5M-token batches under 0.01%. Embeddings, the head and
+# step's, at GPT-2 124M with nanoGPT's 0.5M-token batches under 1%. Embeddings, the head and
 # the norm gains stay with AdamW: a row of wte is a lookup, not a map.
 NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)  # a, b, c: Jordan's, for a fast start from small values
 
