@@ -259,12 +259,12 @@ def evaluate_loss(model, examples, batch_size, pad_token_id, ctx=nullcontext()) 
     return {"loss": loss, "perplexity": math.exp(loss)}
 
 
-# Answers come from 03's KV cache: each prompt goes through the model once, then each step feeds it
-# only the newest token (09 tells all of generation). A batch is padded on the LEFT, so every row's
-# next token lands in the same column; the mask hides the padding (03's step 6), and each row
-# counts its positions from its first real token, as if alone. final_hidden is 04's GPT.forward
-# without the head (or input checks), with position_ids per row and the cache; mask counts only
-# with a cache (no cache: plain causal, as 08 scores answers).
+# Speed only (a first read may skip to section 5: a plain greedy loop's tokens). Answers come from
+# 03's KV cache: each prompt goes through the model once, then each step feeds it only the newest
+# token (09: all of generation). A batch is padded on the LEFT, so every row's next token lands in
+# the same column; the mask hides the padding (03's step 6), and each row counts its positions from
+# its first real token, as if alone. final_hidden is 04's GPT.forward without the head and input
+# checks, with per-row position_ids and a cache; mask counts only with a cache (else plain causal).
 def final_hidden(model, idx, position_ids=None, mask=None, cache=None):
     """(B, T) ids -> (B, T, n_embd) after ln_f; with a cache (03's KVCache), idx come after it."""
     transformer = model.transformer
