@@ -439,7 +439,7 @@ def parse_config(cls, argv=None):
         if presets and preset not in presets:
             raise ValueError(f"--preset={preset!r} is not valid; use {', '.join(presets)}")
         return cls(**{**presets.get(preset, {}), **given})  # the flags given win over the preset
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: a missing file, a folder, no permission
         parser.exit(2, f"error: {e}\n")
 
 

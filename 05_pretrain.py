@@ -269,7 +269,7 @@ def load_checkpoint(path):
     """(model, tokenizer, checkpoint dict) from a checkpoint of 05-08, the model on the CPU. mmap:
     unused parts (Adam's state, in 09-11) are never read; a compiled model's "_orig_mod." goes."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; train one with `python 05_pretrain.py` "
                                 f"(it writes out_dir/ckpt.pt), or check the path")
     try:
@@ -562,8 +562,9 @@ def check_values(cfg, choices: dict, at_least_one: tuple):
     for f in fields(cfg):
         minimum = 1 if f.name in at_least_one else 0
         value = getattr(cfg, f.name)
-        if f.type.__origin__ in (int, float) and f.name != "seed" and value < minimum:
-            raise ValueError(f"--{f.name} must be at least {minimum}, got {value}")
+        number = f.type.__origin__ in (int, float) and f.name != "seed"
+        if number and not minimum <= value < math.inf:  # nan fails every comparison
+            raise ValueError(f"--{f.name}={value} must be finite and >= {minimum}")
     if max(cfg.beta1, cfg.beta2) >= 1:  # a decay of 1 or more: the averages never forget
         raise ValueError(f"--beta1={cfg.beta1} and --beta2={cfg.beta2} must be less than 1")
     if cfg.decay_lr and cfg.lr_decay_iters <= cfg.warmup_iters:
@@ -995,7 +996,7 @@ def parse_config(cls, argv=None):
         if presets and preset not in presets:
             raise ValueError(f"--preset={preset!r} is not valid; use {', '.join(presets)}")
         return cls(**{**presets.get(preset, {}), **given})  # the flags given win over the preset
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: a missing file, a folder, no permission
         parser.exit(2, f"error: {e}\n")
 
 

@@ -302,7 +302,7 @@ def generate_greedy(model, prompts: list[list[int]], max_new_tokens: int, end_id
     causal = torch.ones(T, T, device=device).tril().bool()
     itself = torch.eye(T, device=device).bool()  # a pad sees itself: no row all masked, no NaN
     mask = ((causal & real[:, None, :]) | itself)[:, None]  # (B, 1, T, T)
-    cache = KVCache(model.config.n_layer, T + max_new_tokens)
+    cache = KVCache(model.config.n_layer, T + min(max_new_tokens, block_size))  # rows stop there
     new_tokens = [idx[:, :0]]  # (B, 0) at first
     done = torch.zeros_like(real[:, 0])  # (B,) False
     fp32 = torch.autocast(device.type, enabled=False)  # the head: bf16 logits could flip a near tie
@@ -354,7 +354,7 @@ class FinetuneConfig:
     ckpt: Annotated[str, "a checkpoint of 04-06"] = "out/shakespeare-char/ckpt.pt"
     out_dir: Annotated[str, "ckpt.pt and test_responses.json go here"] = "out/finetune"
     overwrite: Annotated[bool, "replace an earlier run's ckpt.pt in out_dir"] = False
-    data_path: Annotated[str, "a JSON list of entries; '' = rasbt's instruction-data.json"] = ""
+    data_path: Annotated[str, "a JSON list of entries; '' = rasbt's, which 02 fetches"] = ""
     min_block_size: Annotated[int, "stretch a shorter context to this many positions"] = 512
     mask_prompt: Annotated[bool, "loss on the answer only (false: the prompt too)"] = True
     unknown_char: Annotated[str, "char models: for chars they lack ('': error)"] = "?"
@@ -373,7 +373,7 @@ class FinetuneConfig:
     num_responses: Annotated[int, "test entries to answer (-1: all)"] = -1
     device: Annotated[str, "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"] = "auto"
     dtype: Annotated[str, "auto (CUDA: bf16/fp16, else fp32), float32, bfloat16, float16"] = "auto"
-    threads: Annotated[int, "CPU threads to use; 0 = PyTorch's choice"] = 0
+    threads: Annotated[int, "CPU threads; 0 = PyTorch's choice"] = 0
     seed: Annotated[int, "seeds the batches and the adapters"] = 1337
 
     def __post_init__(self):  # every check names its fix; parse_config prints one `error:` line
@@ -384,8 +384,8 @@ class FinetuneConfig:
         for f in fields(self):  # others: at least 0; -1 answers all; grad_clip -1 would ascend
             value = getattr(self, f.name)
             minimum = least.get(f.name, 0)
-            if f.type.__origin__ in (int, float) and value < minimum:
-                raise ValueError(f"--{f.name} must be at least {minimum}, got {value}")
+            if f.type.__origin__ in (int, float) and not minimum <= value < math.inf:  # nan too
+                raise ValueError(f"--{f.name}={value} must be finite and >= {minimum}")
         if not set(self.lora_targets.split(",")) <= set(LORA_TARGETS):
             raise ValueError(f"--lora_targets={self.lora_targets!r}: use a comma-joined "
                              f"subset of {','.join(LORA_TARGETS)}")
@@ -403,7 +403,7 @@ class FinetuneConfig:
         if self.init_from == "resume" and not run_path.exists():
             raise FileNotFoundError(f"no run to resume: {run_path} does not exist; "
                                     "start one with --init_from=scratch")
-        if self.init_from != "resume" and not Path(self.ckpt).exists():
+        if self.init_from != "resume" and not Path(self.ckpt).is_file():
             fix = "run 05_pretrain.py, pass another --ckpt, or use --init_from=gpt2"
             if self.init_from in OPENAI_MODELS:
                 fix = f"python 04_gpt.py --init_from={self.init_from} --save_ckpt fetches it"
@@ -955,7 +955,7 @@ def parse_config(cls, argv=None):
         if presets and preset not in presets:
             raise ValueError(f"--preset={preset!r} is not valid; use {', '.join(presets)}")
         return cls(**{**presets.get(preset, {}), **given})  # the flags given win over the preset
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: a missing file, a folder, no permission
         parser.exit(2, f"error: {e}\n")
 
 
@@ -1083,7 +1083,7 @@ def load_checkpoint(path):
     """(model, tokenizer, checkpoint dict) from a checkpoint of 05-08, the model on the CPU. mmap:
     unused parts (Adam's state, in 09-11) are never read; a compiled model's "_orig_mod." goes."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; train one with `python 05_pretrain.py` "
                                 f"(it writes out_dir/ckpt.pt), or check the path")
     try:

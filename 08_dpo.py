@@ -283,7 +283,7 @@ class DPOConfig:
     ckpt: Annotated[str, "07's model: the start and the reference"] = "out/finetune/ckpt.pt"
     out_dir: Annotated[str, "ckpt.pt, log.jsonl and dpo_responses.json go here"] = "out/dpo"
     init_from: Annotated[str, "scratch, resume (out_dir's run), or auto"] = "scratch"
-    overwrite: Annotated[bool, "replace the ckpt.pt of an earlier run in out_dir"] = False
+    overwrite: Annotated[bool, "replace out_dir's ckpt.pt of an earlier run"] = False
     data_path: Annotated[str, "a JSON list of pairs; '' = rasbt's, which 02 fetches"] = ""
     beta: Annotated[float, "the KL penalty's weight: larger stays nearer the reference"] = 0.1
     label_smoothing: Annotated[float, "conservative DPO: the share of flipped labels"] = 0.0
@@ -293,7 +293,7 @@ class DPOConfig:
     learning_rate: Annotated[float, "small: DPO nudges a trained model; flat after warmup"] = 5e-6
     warmup_iters: Annotated[int, "linear warmup steps (as the DPO paper)"] = 10
     weight_decay: Annotated[float, "AdamW's"] = 0.01
-    grad_clip: Annotated[float, "clip the gradient norm to this; 0 = no clipping"] = 1.0
+    grad_clip: Annotated[float, "clip the gradient norm to this; 0 = never"] = 1.0
     log_interval: Annotated[int, "a log line every this many steps"] = 5
     eval_interval: Annotated[int, "train/val metrics and ckpt.pt every this many steps"] = 25
     eval_pairs: Annotated[int, "pairs of each split to evaluate on (-1 = all)"] = 64
@@ -301,11 +301,11 @@ class DPOConfig:
     num_responses: Annotated[int, "val entries answered before and after DPO (-1 = all)"] = 5
     device: Annotated[str, "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"] = "auto"
     dtype: Annotated[str, "auto (GPU: bf16/fp16; CPU: fp32), float32, bfloat16, float16"] = "auto"
-    threads: Annotated[int, "CPU threads to use; 0 = PyTorch's choice"] = 0
+    threads: Annotated[int, "CPU threads; 0 = PyTorch's choice"] = 0
     seed: Annotated[int, "seeds the batch order"] = 1337
 
     def __post_init__(self):  # every check names its fix; parse_config prints it as one line
-        if not self.beta > 0:
+        if not 0 < self.beta < math.inf:
             raise ValueError(f"--beta={self.beta} must be > 0 (the paper: 0.1)")
         if not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"--label_smoothing={self.label_smoothing} must be in [0, 0.5) "
@@ -316,8 +316,8 @@ class DPOConfig:
         for name in at_least_one + at_least_zero:
             least = int(name in at_least_one)
             value = getattr(self, name)
-            if not value >= least:  # nan too
-                raise ValueError(f"--{name} must be at least {least}, got {value}")
+            if not least <= value < math.inf:  # nan too
+                raise ValueError(f"--{name}={value} must be finite and >= {least}")
         if self.eval_pairs == 0:
             raise ValueError("--eval_pairs=0 evaluates nothing; "
                              "use -1 (all pairs) or a count")
@@ -426,7 +426,7 @@ def write_responses(reference, policy, data: dict, cfg: DPOConfig, ctx):
 def load_models(cfg: DPOConfig, run=None) -> tuple:
     """(policy, reference, tokenizer spec, resumed) on the CPU. policy: cfg.ckpt's model, or on
     resume out_dir's (run: its checkpoint, if read); reference: a frozen copy of cfg.ckpt's."""
-    if not Path(cfg.ckpt).exists():
+    if not Path(cfg.ckpt).is_file():
         make_one = "python 07_finetune.py --init_from=gpt2 makes one"
         raise FileNotFoundError(f"no checkpoint at {cfg.ckpt}: DPO needs 07's; {make_one}")
     model, _, ckpt = load_checkpoint(cfg.ckpt)
@@ -513,7 +513,7 @@ def dpo(cfg: DPOConfig, start=None, data=None) -> dict:
     run = DPORun(cfg, policy, optimizer, scaler, tokenizer_spec, resumed)
     with CtrlC() as ctrl_c:
         if not resumed:
-            print("before DPO (the policy is the reference: rewards 0, loss ln 2 = 0.6931):")
+            print("before DPO (policy = reference: rewards 0, loss ln 2 = 0.6931):")
             before = evaluate(score, data, cfg.eval_pairs, cfg.batch_size)
             log_evaluation(0, before, log_path)
             val_loss = before["val"]["loss"]
@@ -893,7 +893,7 @@ def parse_config(cls, argv=None):
         if presets and preset not in presets:
             raise ValueError(f"--preset={preset!r} is not valid; use {', '.join(presets)}")
         return cls(**{**presets.get(preset, {}), **given})  # the flags given win over the preset
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: a missing file, a folder, no permission
         parser.exit(2, f"error: {e}\n")
 
 
@@ -961,7 +961,7 @@ def load_checkpoint(path):
     """(model, tokenizer, checkpoint dict) from a checkpoint of 05-08, the model on the CPU. mmap:
     unused parts (Adam's state, in 09-11) are never read; a compiled model's "_orig_mod." goes."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; train one with `python 05_pretrain.py` "
                                 f"(it writes out_dir/ckpt.pt), or check the path")
     try:
@@ -1117,7 +1117,7 @@ def generate_greedy(model, prompts: list[list[int]], max_new_tokens: int, end_id
     causal = torch.ones(T, T, device=device).tril().bool()
     itself = torch.eye(T, device=device).bool()  # a pad sees itself: no row all masked, no NaN
     mask = ((causal & real[:, None, :]) | itself)[:, None]  # (B, 1, T, T)
-    cache = KVCache(model.config.n_layer, T + max_new_tokens)
+    cache = KVCache(model.config.n_layer, T + min(max_new_tokens, block_size))  # rows stop there
     new_tokens = [idx[:, :0]]  # (B, 0) at first
     done = torch.zeros_like(real[:, 0])  # (B,) False
     fp32 = torch.autocast(device.type, enabled=False)  # the head: bf16 logits could flip a near tie

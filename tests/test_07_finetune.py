@@ -288,6 +288,16 @@ def test_batched_cached_greedy_equals_one_prompt_at_a_time_without_cache(ft07, e
         assert out == (ref[: ref.index(end_id)] if end_id in ref else ref)
 
 
+def test_a_huge_max_new_tokens_is_bounded_by_the_context(ft07):
+    """Answers stop when the context is full, so the cache holds the prompt and at most a
+    context more: --max_new_tokens=10**12 answers as 24 does, allocating no 10**12 positions."""
+    torch.manual_seed(0)
+    model = tiny_gpt(ft07, vocab_size=32, block_size=24).eval()
+    prompts = [[1, 2, 3], list(range(1, 21))]
+    huge = ft07.generate_greedy(model, prompts, max_new_tokens=10**12, end_id=31)
+    assert huge == ft07.generate_greedy(model, prompts, max_new_tokens=24, end_id=31)
+
+
 def test_greedy_with_no_new_tokens_and_the_head_in_fp32_under_bf16(ft07):
     """max_new_tokens=0 answers nothing (08 allows it); under bf16 autocast the blocks run in bf16
     but the argmax reads fp32 logits, as 08's and 09's heads (bf16 would round GPT-2's logits by
@@ -767,8 +777,10 @@ def test_data_the_model_cannot_take_is_one_error_line(ft07, char_setup, tmp_path
     ("--batch_size=0", "--batch_size"), ("--max_iters=0 --epochs=0", "no steps"),
     ("--init_from=gpt3", "gpt3"), ("--dtype=fp8", "--dtype"),
     ("--init_from=resume", "no run to resume"), ("--grad_clip=-1", "--grad_clip"),
+    ("--grad_clip=nan", "--grad_clip=nan must be finite and >= 0"), ("--epochs=inf", "--epochs"),
     ("--seed=-1", "--seed"), ("--learning_rate=-1", "--learning_rate"),
-    ("--threads=-1", "--threads"),
+    ("--threads=-1", "--threads"), ("--ckpt=tests", "no checkpoint at"),
+    ("--data_path=tests", "Is a directory"),
 ])  # fmt: skip
 def test_bad_values_get_one_error_line(ft07, char_setup, tmp_path, capsys, no_model, flags,
                                       message):

@@ -696,7 +696,7 @@ def test_pairs_that_do_not_fit_the_context_are_a_user_error(dpo08, capsys, start
     ("--batch_size=0", "batch_size"), ("--eval_interval=0", "eval_interval"),
     ("--device=tpu", "tpu"), ("--dtype=fp8", "fp8"), ("--eval_pairs=0", "eval_pairs"),
     ("--seed=-1", "seed"), ("--learning_rate=nan", "learning_rate"),
-    ("--grad_clip=-1", "grad_clip"),
+    ("--grad_clip=-1", "grad_clip"), ("--beta=inf", "beta"), ("--learning_rate=inf", "finite"),
 ])
 def test_bad_settings_get_a_clear_error(dpo08, capsys, flag, message):
     name, value = flag[2:].split("=")
