@@ -180,7 +180,8 @@ def test_seed_makes_sampling_reproducible(gen09):
 
 
 @pytest.mark.parametrize(
-    "bad", [dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)]
+    "bad", [dict(temperature=-1.0), dict(temperature=float("nan")), dict(top_k=0), dict(top_p=0.0),
+            dict(top_p=1.5)]
 )
 def test_bad_sampling_settings_raise(gen09, bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
@@ -432,6 +433,7 @@ def test_bench_prints_a_row_per_length_without_the_warm_up(gen09, capsys, monkey
 
 @pytest.mark.parametrize("name, flags", [
     ("top_p", "--top_p=2"), ("temperature", "--temperature=-1"), ("num_samples", "--num_samples=0"),
+    ("temperature", "--temperature=nan"),
     ("device", "--device=tpu"), ("dtype", "--dtype=float8"),
     ("huge", "--bench --bench_presets=small,huge"),
 ])  # fmt: skip
