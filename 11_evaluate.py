@@ -16,9 +16,9 @@ so choices of unequal length are compared three ways, each reported:
   - acc_norm (lm-evaluation-harness): the sum divided by the choice's length in characters (here
     with HellaSwag's leading space, there without), a score per character, no tokenizer's.
   - acc_token_mean (llm.c's acc_norm): the mean per token, the lowest mean loss.
-acc and acc_token_mean agree on choices of equal token counts, acc and acc_norm on choices of equal
-character counts. acc parts from the others when one choice is much longer; the two means part when
-one choice spends few tokens on many characters (common words) and another many tokens on few (rare
+acc agrees with acc_token_mean on choices of equal token counts, with acc_norm on equal character
+counts. acc parts from the others when one choice is much longer; the two means part when one
+choice spends few tokens on many characters (common words) and another many tokens on few (rare
 words, numbers, names). The context and each choice are encoded apart and concatenated, as llm.c
 does: a choice's tokens never depend on what precedes it (lm-evaluation-harness encodes the whole
 and splits it; with GPT-2's BPE nearly always the same). A HellaSwag ending follows its ctx after
@@ -417,8 +417,8 @@ def load_responses(path, key: str = "") -> tuple[list[dict], str]:
     """The entries of 07's test_responses.json or 08's dpo_responses.json, and the key that
     holds the answers (given, or the first of ANSWER_KEYS there)."""
     entries = json.loads(Path(path).read_text(encoding="utf-8"))
-    if not isinstance(entries, list) or not entries:
-        raise ValueError(f"{path}: expected a JSON list of entries, as 07 and 08 write")
+    if not (isinstance(entries, list) and entries and all(type(e) is dict for e in entries)):
+        raise ValueError(f"{path}: expected a JSON list of entries (objects), as 07 and 08 write")
     key = key or next((k for k in ANSWER_KEYS if k in entries[0]), "model_response")
     for i, entry in enumerate(entries):
         for field in ("instruction", "output", key):
@@ -492,8 +492,6 @@ def judge_responses(cfg) -> dict:
 # -----------------------------------------------------------------------------
 # 6. The report, and the command line
 
-DEFAULT_CKPT = "out/shakespeare-char/ckpt.pt"  # 05_pretrain.py's output: the Quick start's model
-
 
 def describe(path, model, ckpt: dict) -> dict:
     """What a report says of a model: its checkpoint, stage, size and the tokens it has seen."""
@@ -531,7 +529,8 @@ class EvalConfig:
     """Score checkpoints of 04-08 on multiple-choice tasks, or their answers with a judge.
     A relative path (flag or default) is taken from the project's folder."""
 
-    ckpt: Annotated[str, "the model to score: a checkpoint of 04-08"] = DEFAULT_CKPT
+    # the default: what the Quick start's `python 05_pretrain.py` writes
+    ckpt: Annotated[str, "the model to score: 04-08's checkpoint"] = "out/shakespeare-char/ckpt.pt"
     task: Annotated[str, "hellaswag (fetched into data/), or a JSONL file of examples"] = ""
     text_file: Annotated[str, "a UTF-8 text: its perplexity and bits per byte"] = ""
     stride: Annotated[int, "--text_file: tokens between windows; 0 = half a window"] = 0
@@ -551,8 +550,8 @@ class EvalConfig:
     def __post_init__(self):  # checked before loading anything; parse_config prints the error
         self.device = pick_device(self.device)  # "auto" -> cuda, mps or cpu
         self.dtype = pick_dtype(self.dtype, self.device)
-        if self.task and self.text_file:
-            raise ValueError("pass --task or --text_file, not both: one evaluation per run")
+        if sum(map(bool, (self.task, self.text_file, self.responses))) > 1:
+            raise ValueError("pass one of --task, --text_file, --responses: one evaluation a run")
         if not (self.task or self.text_file or self.responses):
             raise ValueError("nothing to do: pass --task=hellaswag|FILE.jsonl, --text_file=FILE, "
                              "or --responses=FILE with --judge_url and --judge_model")
@@ -569,6 +568,8 @@ class EvalConfig:
             is_read = name != "out_json" and not (name == "ckpt" and self.responses)
             if is_read and not Path(value).is_file():  # the judge reads no checkpoint
                 raise FileNotFoundError(f"--{name}={value}: no such file")
+            if name == "out_json" and Path(value).exists() and not value.endswith(".json"):
+                raise ValueError(f"--out_json={value} is a file of another kind: name a .json")
 
 
 def show_progress(what: str, done: int, total: int, t0: float) -> None:
@@ -588,8 +589,7 @@ def write_json(path, result: dict) -> None:
 
 
 def evaluate_models(cfg) -> dict:
-    """Score cfg.ckpt (and cfg.compare, on the same examples or text) on cfg.task or
-    cfg.text_file, and report: the first model's result, the second's under "compare"."""
+    """Score cfg.ckpt (and cfg.compare, reported under "compare") on cfg.task or cfg.text_file."""
     if cfg.task:
         examples = load_task(cfg.task, cfg.limit)
     else:

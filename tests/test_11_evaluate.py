@@ -278,13 +278,26 @@ def test_bad_settings_and_files_are_one_line(ev11, tmp_path, capsys):
         ([f"--responses={plain}"], "--judge_url and --judge_model"),
         ([f"--ckpt={char_ckpt}", f"--text_file={tmp_path / 'none.txt'}"], "no such file"),
         ([f"--ckpt={char_ckpt}", f"--text_file={plain}", "--stride=-1"], "--stride"),
-        ([f"--ckpt={char_ckpt}", f"--text_file={plain}", f"--task={plain}"], "not both"),
+        ([f"--ckpt={char_ckpt}", f"--text_file={plain}", f"--task={plain}"], "one evaluation"),
+        ([f"--responses={plain}", f"--task={plain}", "--judge_url=http://x", "--judge_model=m"],
+         "one evaluation"),  # the judge alone would run, the task silently skipped
+        ([f"--ckpt={char_ckpt}", f"--task={plain}", f"--out_json={char_ckpt}"],
+         "a file of another kind"),  # a checkpoint is never overwritten with scores
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as e:
             ev11.main([*argv, "--device=cpu"])
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and err.count("\n") == 1, err
+    assert torch.load(char_ckpt, weights_only=True)["model_args"]  # still a checkpoint
+
+
+@pytest.mark.parametrize("entries", [[1, 2], [{"instruction": "a", "output": "b"}, 5], []])
+def test_responses_that_are_not_a_list_of_objects_are_one_error(ev11, tmp_path, entries):
+    path = tmp_path / "responses.json"
+    path.write_text(json.dumps(entries))
+    with pytest.raises(ValueError, match="a JSON list of entries"):
+        ev11.load_responses(path)
 
 
 class FakeResponse:
