@@ -210,6 +210,7 @@ class APIError(Exception):
 
 # per request: past the context the window slides (generate_tokens); this bounds the wait
 MAX_TOKENS = 4096
+MAX_BODY = 1_000_000  # bytes: a prompt of a context's tokens is a few kB
 
 
 def is_number(value) -> bool:
@@ -347,7 +348,7 @@ def parse_request(server, body, chat: bool) -> tuple[list[int], dict, int | None
 def parse_json(raw: bytes):
     try:
         return json.loads(raw)
-    except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError; [[[...]]]
         raise APIError(f"the body is not valid JSON: {e}", code="invalid_json") from None
 
 
@@ -379,6 +380,8 @@ class OpenAIHandler(BaseHTTPRequestHandler):
             length = self.headers.get("Content-Length", "0")
             if not length.isdigit():  # a negative one would hang the read
                 raise APIError(f"Content-Length must be the body's size in bytes, got {length!r}")
+            if int(length) > MAX_BODY:  # a request, not an upload: refused before it is read
+                raise APIError(f"the body is over {MAX_BODY:,} bytes", status=413)
             raw = self.rfile.read(int(length))
             if not chat and self.path != "/v1/completions":
                 raise APIError(f"no route POST {self.path}", code="not_found", status=404)
@@ -518,6 +521,8 @@ class ServeConfig:
         if self.export_hf:
             self.export_hf = str(PROJECT / self.export_hf)
         export_dir = Path(self.export_hf)
+        if self.export_hf and export_dir.exists() and not export_dir.is_dir():
+            raise ValueError(f"--export_hf={export_dir} is a file: name a folder")
         export_dir_used = self.export_hf and export_dir.is_dir() and any(export_dir.iterdir())
         if export_dir_used and not self.overwrite:
             message = f"--export_hf={export_dir} is not empty: pick an empty folder, or --overwrite"
@@ -538,13 +543,13 @@ def main(argv=None):
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
     try:
         model, tok, checkpoint = load_checkpoint(cfg.ckpt)
-    except ValueError as e:  # a file that is not a checkpoint of these scripts
+        if cfg.export_hf:
+            out = export_hf(model, checkpoint["tokenizer"], cfg.export_hf, cfg.overwrite)
+            load = f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})"
+            print(f"wrote {out}; load it with {load}")
+    except (ValueError, OSError) as e:  # not a checkpoint of ours; a folder we cannot write
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    if cfg.export_hf:
-        out = export_hf(model, checkpoint["tokenizer"], cfg.export_hf, cfg.overwrite)
-        load = f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})"
-        print(f"wrote {out}; load it with {load}")
     if not cfg.serve:
         return out
     name = Path(cfg.ckpt).resolve().parent.name  # out/finetune/ckpt.pt serves "finetune"

@@ -291,6 +291,7 @@ BAD_REQUESTS = {  # name: (path, body, status, param)
     "malformed JSON": (P, b'{"model": "tiny", "prompt": ', 400, None),
     "not an object": (P, b'["tiny", "Hello"]', 400, None),
     "not UTF-8": (P, b'{"model": "\xff"}', 400, None),
+    "nested too deep": (P, b"[" * 100_000 + b"]" * 100_000, 400, None),  # json's recursion
     "missing prompt": (P, {"model": "tiny"}, 400, "prompt"),
     "missing model": (P, {"prompt": "Hello"}, 400, "model"),
     "missing messages": (C, {"model": "tiny"}, 400, "messages"),
@@ -434,6 +435,16 @@ def test_client_dropping_mid_stream_leaves_the_server_answering(server, client):
     assert complete(client)[1] == "length"
 
 
+def test_a_body_over_the_limit_is_refused_unread(server):
+    """Content-Length over MAX_BODY: 413 before reading (reading it would allocate it all)."""
+    sock = socket.create_connection(server.server_address, timeout=DEADLINE_S)
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999\r\n\r\n"
+    sock.sendall(head)
+    status_line = sock.makefile("rb").readline()
+    sock.close()
+    assert status_line.split()[1] == b"413", status_line
+
+
 def test_stream_is_server_sent_events_ending_in_done(server):
     conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
     body = json.dumps(CHAT | {"stream": True, "max_tokens": 5})
@@ -552,15 +563,20 @@ def test_export_from_the_command_line(serve10, tmp_path, capsys):
     idx = torch.randint(len(CHARS), (1, 16))
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, model(idx)[0], atol=1e-4, rtol=1e-4)
+    capsys.readouterr()  # transformers' progress bars
     refused = [
         ([f"--export_hf={export_dir}"], "is not empty"),
         ([], "nothing to do"),
         (["--serve", "--port=70000"], "--port"),
+        ([f"--export_hf={ckpt}"], "is a file: name a folder"),  # the checkpoint stays as it was
+        ([f"--export_hf={ckpt / 'hf'}"], "Not a directory"),  # found only when writing
     ]
     for argv, message in refused:
         with pytest.raises(SystemExit) as e:
             serve10.main([f"--ckpt={ckpt}", "--device=cpu", *argv])
-        assert e.value.code == 2 and message in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and err.count("\n") == 1, err
+    assert serve10.load_checkpoint(ckpt)[2]["stage"]
 
 
 def test_serve_from_the_command_line_and_stop_it_with_ctrl_c(serve10, tmp_path):
