@@ -499,13 +499,13 @@ def main(argv=None):
             if cfg.chat:
                 return chat(model, tok, cfg, ckpt)
             return sample_from_prompt(model, tok, cfg)
-    except ValueError as e:  # not a checkpoint; a prompt it cannot encode
-        print(f"error: {e}", file=sys.stderr)  # one line, status 2, as parse_config; no work done
-        sys.exit(2)
     except BrokenPipeError:  # the reader left early (`09_generate.py | head`): stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)  # Python flushes stdout on exit: into this
         os.dup2(devnull, sys.stdout.fileno())
         sys.exit(141)  # 128 + SIGPIPE, as `seq 999999 | head` gives seq; not 0: text was lost
+    except (ValueError, OSError) as e:  # no checkpoint; a bad prompt; no GPT-2 BPE offline
+        print(f"error: {e}", file=sys.stderr)  # one line, status 2, as parse_config; no work done
+        sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C mid-generation: what was written stays written
         print("\nCtrl-C: stopped", file=sys.stderr)
         sys.exit(130)  # 128 + SIGINT, a shell's status for a Ctrl-C

@@ -408,6 +408,21 @@ def test_a_file_that_is_not_a_checkpoint_is_called_that(gen09, tmp_path, capsys)
         assert "is not a checkpoint of these scripts" in err and "weights_only" not in err
 
 
+def test_gpt2s_tokenizer_out_of_reach_is_one_error_line(gen09, tmp_path, capsys, monkeypatch):
+    """Offline with no tiktoken cache, GPT-2's BPE cannot be fetched: requests' ConnectionError
+    (an OSError) is the user's to fix, one line, not a traceback."""
+    import requests
+
+    save_tiny_checkpoint(gen09, tmp_path / "ckpt.pt", "abc \n")
+
+    def offline(spec):
+        raise requests.ConnectionError("cannot reach openaipublic.blob.core.windows.net")
+
+    monkeypatch.setattr(gen09, "get_tokenizer", offline)
+    argv = [f"--ckpt={tmp_path / 'ckpt.pt'}", "--device=cpu"]
+    assert "cannot reach" in exits_with_one_error_line(gen09, argv, capsys)
+
+
 def test_text_the_model_cannot_encode_is_a_user_error(gen09, tmp_path, capsys):
     save_tiny_checkpoint(gen09, tmp_path / "ckpt.pt", "abc \n")
     argv = [f"--ckpt={tmp_path / 'ckpt.pt'}", "--prompt=abZ", "--device=cpu"]
