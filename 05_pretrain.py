@@ -547,7 +547,6 @@ def train(cfg: TrainConfig, resumed: tuple | None = None) -> dict:
     return {"iter_num": iter_num, **run.summary(), "interrupted": ctrl_c.pressed}
 
 
-# -----------------------------------------------------------------------------
 # The command line: the checks that run before any work, and main
 
 
@@ -579,15 +578,18 @@ def check_run(cfg: TrainConfig, resumed: tuple | None = None):
     resumed: load_checkpoint's (model, tokenizer, ckpt) of out_dir/ckpt.pt when cfg resumes."""
     meta = load_meta(cfg.corpus_dir)  # if 02 has not prepared it: the 02 command that does
     wanted = asdict(cfg.model_config(meta["n_vocab"]))  # GPTConfig checks n_embd % n_head...
+    run_files = [cfg.ckpt_path.with_name(name) for name in ("ckpt.pt", "best.pt", "log.jsonl")]
     if cfg.init_from == "resume":  # the run's settings come from its checkpoint: it must be one
         saved = resumed[2]["model_args"]
         differing = ", ".join(f"{k}={v!r}" for k, v in saved.items() if v != wanted[k])
         if differing:  # the model is the checkpoint's: the settings must say so too
             raise ValueError(f"{cfg.ckpt_path} holds a model with {differing}: "
                              "resume with those (vocab_size: --dataset, --tokenizer)")
-    elif cfg.ckpt_path.exists() and not cfg.overwrite:
-        raise ValueError(f"{cfg.ckpt_path} exists; continue that run with --init_from=resume, "
+    elif any(path.exists() for path in run_files) and not cfg.overwrite:
+        raise ValueError(f"{cfg.ckpt_path.parent} holds a run; continue it: --init_from=resume, "
                          f"train into another --out_dir, or replace it: --overwrite")
+    if cfg.max_new_tokens:  # a prompt the tokenizer cannot encode: now, not at the first sample
+        get_tokenizer(meta["tokenizer"]).encode(cfg.prompt)
     train_tokens = len(load_tokens(cfg.corpus_dir, "train"))  # load_tokens checks the file
     val_tokens = len(load_tokens(cfg.corpus_dir, "val"))
     if min(train_tokens, val_tokens) <= cfg.block_size:
@@ -612,7 +614,7 @@ def main(argv=None):
     try:
         if given.init_from == "resume" or found:  # the run's settings first: flags given now win
             resumed = load_checkpoint(ckpt_path)  # the one model this run builds
-            names = {f.name for f in fields(TrainConfig)} - {"device"}
+            names = {f.name for f in fields(TrainConfig)} - {"device", "out_dir"}  # read: written
             names -= set(TrainConfig.PRESETS.get(given.preset, {}))  # a preset given now wins too
             model, _, ckpt = resumed
             stage = ckpt.get("stage")
@@ -623,10 +625,13 @@ def main(argv=None):
             saved_flags = [f"--{k}={v}" for k, v in saved.items() if k in names]
         cfg = parse_config(TrainConfig, saved_flags + argv)  # its own errors: one line too
         check_run(cfg, resumed)
-    except (ValueError, FileNotFoundError) as error:
+        result = train(cfg, resumed)
+    except (ValueError, OSError, FloatingPointError) as error:  # a NaN: try a lower lr
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    return train(cfg, resumed)
+    if result["interrupted"]:
+        sys.exit(130)  # a shell's code for a Ctrl-C (128 + SIGINT), as 06-08
+    return result
 
 
 # -----------------------------------------------------------------------------

@@ -354,7 +354,7 @@ class FinetuneConfig:
     ckpt: Annotated[str, "a checkpoint of 04-06"] = "out/shakespeare-char/ckpt.pt"
     out_dir: Annotated[str, "ckpt.pt and test_responses.json go here"] = "out/finetune"
     overwrite: Annotated[bool, "replace an earlier run's ckpt.pt in out_dir"] = False
-    data_path: Annotated[str, "a JSON list of entries; '' = rasbt's, which 02 fetches"] = ""
+    data_path: Annotated[str, "JSON list of entries; '' = rasbt's (02 fetches it)"] = ""
     min_block_size: Annotated[int, "stretch a shorter context to this many positions"] = 512
     mask_prompt: Annotated[bool, "loss on the answer only (false: the prompt too)"] = True
     unknown_char: Annotated[str, "char models: for chars they lack ('': error)"] = "?"
@@ -362,9 +362,9 @@ class FinetuneConfig:
     lora_alpha: Annotated[float, "adapters scaled by lora_alpha / lora_rank"] = 16.0
     lora_targets: Annotated[str, "comma-separated Linears to adapt"] = "c_attn,c_proj,c_fc"
     batch_size: Annotated[int, "examples per step"] = 8
-    epochs: Annotated[float, "passes over the training split (when max_iters = 0)"] = 2.0
+    epochs: Annotated[float, "passes over the training split (max_iters = 0)"] = 2.0
     max_iters: Annotated[int, "steps; 0 = epochs * examples // batch_size"] = 0
-    learning_rate: Annotated[float, "AdamW's; LoRA likes ~10x more (e.g. 5e-4)"] = 5e-5
+    learning_rate: Annotated[float, "AdamW's; LoRA likes ~10x more: 5e-4"] = 5e-5
     weight_decay: Annotated[float, "AdamW's, on 2-D weights only"] = 0.1
     grad_clip: Annotated[float, "clip the gradient norm to this; 0 = no clip"] = 1.0
     log_interval: Annotated[int, "a log line every this many steps"] = 10
@@ -639,10 +639,10 @@ def main(argv=None):
     cfg = parse_config(FinetuneConfig, argv)  # a bad setting: one `error:` line, exit status 2
     try:  # not a checkpoint, a vocabulary without --unknown_char, a context too short for the data
         run = None
-        if cfg.init_from == "resume":  # its settings, then the flags and this machine's dtype
+        if cfg.init_from == "resume":  # its settings but device, dtype, out_dir; then the flags
             run = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
             saved = run[2]["config"] if run[2].get("stage") == "finetune" else {}  # else: an error
-            flags = [f"--{k}={v}" for k, v in saved.items() if k not in ("device", "dtype")]
+            flags = [f"--{k}={saved[k]}" for k in saved.keys() - {"device", "dtype", "out_dir"}]
             cfg = parse_config(FinetuneConfig, flags + argv)
         print("config:", ", ".join(f"{k}={v!r}" for k, v in asdict(cfg).items()))
         torch.set_num_threads(cfg.threads or torch.get_num_threads())

@@ -284,12 +284,12 @@ class DPOConfig:
     out_dir: Annotated[str, "ckpt.pt, log.jsonl and dpo_responses.json go here"] = "out/dpo"
     init_from: Annotated[str, "scratch, resume (out_dir's run), or auto"] = "scratch"
     overwrite: Annotated[bool, "replace out_dir's ckpt.pt of an earlier run"] = False
-    data_path: Annotated[str, "a JSON list of pairs; '' = rasbt's, which 02 fetches"] = ""
+    data_path: Annotated[str, "JSON list of pairs; '' = rasbt's (02 fetches it)"] = ""
     beta: Annotated[float, "the KL penalty's weight: larger stays nearer the reference"] = 0.1
     label_smoothing: Annotated[float, "conservative DPO: the share of flipped labels"] = 0.0
     average_log_probs: Annotated[bool, "mean, not sum, of the answer's log-probs"] = False
     batch_size: Annotated[int, "pairs per step (2x sequences); also answers per batch"] = 8
-    max_iters: Annotated[int, "optimizer steps; 0 = one pass over the training pairs"] = 0
+    max_iters: Annotated[int, "optimizer steps; 0 = one pass over the pairs"] = 0
     learning_rate: Annotated[float, "small: DPO nudges a trained model; flat after warmup"] = 5e-6
     warmup_iters: Annotated[int, "linear warmup steps (as the DPO paper)"] = 10
     weight_decay: Annotated[float, "AdamW's"] = 0.01
@@ -576,10 +576,10 @@ def main(argv=None):
     cfg = parse_config(DPOConfig, argv)  # a bad setting: one `error:` line, exit 2
     try:  # a missing or bad file, pairs that do not fit: the user's to fix, not our bug
         run = None
-        if cfg.init_from == "resume":  # its settings, then the flags and this machine's dtype
+        if cfg.init_from == "resume":  # its settings but device, dtype, out_dir; then the flags
             run = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
             saved = run[2]["config"] if run[2].get("stage") == "dpo" else {}  # else: refused
-            flags = [f"--{k}={v}" for k, v in saved.items() if k not in ("device", "dtype")]
+            flags = [f"--{k}={saved[k]}" for k in saved.keys() - {"device", "dtype", "out_dir"}]
             cfg = parse_config(DPOConfig, flags + argv)
         print("config:", ", ".join(f"{k}={v!r}" for k, v in asdict(cfg).items()))
         torch.set_num_threads(cfg.threads or torch.get_num_threads())

@@ -693,7 +693,7 @@ def test_a_run_never_overwrites_a_checkpoint_it_did_not_write(pre05, char_corpus
              "--max_iters=2", "--eval_iters=1", "--max_new_tokens=0", "--threads=1",
              f"--data_dir={char_corpus}", f"--out_dir={tmp_path}"]  # fmt: skip
     err = user_error(pre05, capsys, small)
-    assert "ckpt.pt exists" in err and "--init_from=resume" in err and "--out_dir" in err
+    assert "holds a run" in err and "--init_from=resume" in err and "--out_dir" in err
     assert "--overwrite" in err and sha256(tmp_path / "ckpt.pt") == before
     pre05.main([*small, "--overwrite"])
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["model_args"]["n_layer"] == 1
@@ -1144,9 +1144,57 @@ def test_the_ctrl_c_hint_continues_this_run_when_followed_literally(
     get_batch = pre05.get_batch
     interrupt_at(pre05, monkeypatch, step=2, seed=1337)
     run = [*SMALL, "--max_iters=5", f"--data_dir={char_corpus}", f"--out_dir={tmp_path / 'run'}"]
-    pre05.main(run)
+    with pytest.raises(SystemExit) as stop:
+        pre05.main(run)
+    assert stop.value.code == 130  # a shell's code for Ctrl-C
     hint = capsys.readouterr().out.splitlines()[-1]
     assert hint.startswith(f"saved {tmp_path / 'run' / 'ckpt.pt'} (iter 3); continue: ")
     monkeypatch.setattr(pre05, "get_batch", get_batch)  # no more Ctrl-C
     pre05.main(hint.split("continue: ")[1].split())
     assert "resuming at iter 3 of 5" in capsys.readouterr().out
+
+
+def test_a_resume_writes_where_it_read_not_where_the_run_was_made(
+    pre05, char_corpus, tmp_path, monkeypatch
+):
+    """A run moved to the default out_dir, resumed with no --out_dir, continues there: the saved
+    settings' out_dir (its old folder, or another run's) is never where a resume writes."""
+    monkeypatch.setattr(pre05, "PROJECT", tmp_path)
+    pre05.main([*SMALL, "--max_iters=2", f"--data_dir={char_corpus}", "--out_dir=old"])
+    default = tmp_path / pre05.TrainConfig.out_dir
+    default.parent.mkdir(parents=True)
+    (tmp_path / "old").rename(default)
+    pre05.main(["--init_from=resume", "--max_iters=3"])
+    assert torch.load(default / "ckpt.pt", weights_only=True)["iter_num"] == 3
+    assert not (tmp_path / "old").exists()
+
+
+def test_a_new_run_never_replaces_a_runs_files(pre05, char_corpus, tmp_path, capsys):
+    """best.pt (or log.jsonl) without ckpt.pt is still a run's: refused without --overwrite."""
+    argv = [*SMALL, "--max_iters=2", f"--data_dir={char_corpus}", f"--out_dir={tmp_path}"]
+    pre05.main(argv)
+    (tmp_path / "ckpt.pt").unlink()
+    best = (tmp_path / "best.pt").read_bytes()
+    assert "holds a run" in user_error(pre05, capsys, argv)
+    assert (tmp_path / "best.pt").read_bytes() == best
+
+
+def test_a_prompt_the_tokenizer_cannot_encode_is_refused_before_training(
+    pre05, char_corpus, tmp_path, capsys
+):
+    argv = [*SMALL, "--max_new_tokens=5", "--prompt=\u00e9", f"--data_dir={char_corpus}",
+            f"--out_dir={tmp_path}"]
+    assert "not in the vocabulary" in user_error(pre05, capsys, argv)
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_a_nan_loss_is_one_error_line_and_ctrl_c_exits_130(
+    pre05, char_corpus, tmp_path, capsys, monkeypatch
+):
+    argv = [*SMALL, "--max_iters=4", "--eval_interval=2", f"--data_dir={char_corpus}",
+            "--learning_rate=1e30", "--warmup_iters=0", "--decay_lr=false"]
+    assert "diverged" in user_error(pre05, capsys, [*argv, f"--out_dir={tmp_path / 'nan'}"])
+    interrupt_at(pre05, monkeypatch, step=1, seed=1337)
+    with pytest.raises(SystemExit) as stop:
+        pre05.main([*SMALL, "--max_iters=4", f"--data_dir={char_corpus}", f"--out_dir={tmp_path}"])
+    assert stop.value.code == 130

@@ -845,3 +845,18 @@ def test_a_run_saved_on_a_gpu_in_float16_resumes_on_a_cpu(ft07, char_setup, tmp_
     capsys.readouterr()
     result = ft07.main(["--init_from=resume", f"--out_dir={tmp_path}", "--num_responses=0"])
     assert result["iter_num"] == 2
+
+
+def test_a_resume_writes_where_it_read(ft07, char_setup, tmp_path, monkeypatch):
+    """A run moved into the default out_dir, resumed with no --out_dir, goes on there: the saved
+    settings' out_dir (the folder it was made in) is not where the resume writes."""
+    tmp, _ = char_setup
+    monkeypatch.setattr(ft07, "PROJECT", tmp_path)
+    default = tmp_path / ft07.FinetuneConfig.out_dir
+    ft07.main(finetune_args(tmp, default, "--max_iters=2", "--num_responses=0"))
+    ckpt = torch.load(default / "ckpt.pt", weights_only=False)
+    ckpt["config"]["out_dir"] = str(tmp_path / "elsewhere")  # where the run was made
+    torch.save(ckpt, default / "ckpt.pt")
+    ft07.main(["--init_from=resume", "--max_iters=3", "--num_responses=0"])
+    assert torch.load(default / "ckpt.pt", weights_only=True)["iter_num"] == 3
+    assert not (tmp_path / "elsewhere").exists()

@@ -757,3 +757,17 @@ def test_a_save_of_nan_weights_keeps_the_last_good_checkpoint(dpo08, start, tmp_
     with pytest.raises(FloatingPointError, match="NaN weights at step 2"):
         run.save(2, 0.5)
     assert (tmp_path / "ckpt.pt").read_bytes() == good
+
+
+def test_a_resume_writes_where_it_read(dpo08, start, tmp_path, monkeypatch):
+    """A run moved into the default out_dir, resumed with no --out_dir, goes on there."""
+    tmp, _ = start
+    monkeypatch.setattr(dpo08, "PROJECT", tmp_path)
+    default = tmp_path / dpo08.DPOConfig.out_dir
+    dpo08.main(run_argv(tmp, default, max_iters=2, batch_size=2, eval_pairs=2, num_responses=0))
+    ckpt = torch.load(default / "ckpt.pt", weights_only=False)
+    ckpt["config"]["out_dir"] = str(tmp_path / "elsewhere")  # where the run was made
+    torch.save(ckpt, default / "ckpt.pt")
+    dpo08.main(["--init_from=resume", "--max_iters=3"])
+    assert torch.load(default / "ckpt.pt", weights_only=True)["iter_num"] == 3
+    assert not (tmp_path / "elsewhere").exists()
