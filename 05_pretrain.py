@@ -553,7 +553,7 @@ def train(cfg: TrainConfig, resumed: tuple | None = None) -> dict:
 def check_values(cfg, choices: dict, at_least_one: tuple):
     """A settings dataclass's values: each of choices among its allowed; each number at least 0, or
     1 if at_least_one names it (the seed: any); AdamW's betas under 1; warmup shorter than decay;
-    a device and a dtype this machine has."""
+    an out_dir that is not a file; a device and a dtype this machine has."""
     for name, allowed in choices.items():
         value = getattr(cfg, name)
         if value not in allowed:
@@ -570,6 +570,8 @@ def check_values(cfg, choices: dict, at_least_one: tuple):
         raise ValueError(f"--lr_decay_iters={cfg.lr_decay_iters} must exceed --warmup_iters="
                          f"{cfg.warmup_iters}; usually lr_decay_iters = max_iters "
                          "(or --decay_lr=false)")
+    if cfg.ckpt_path.parent.is_file():  # found now, not at the first save
+        raise ValueError(f"--out_dir={cfg.out_dir} is a file: name a folder")
     pick_dtype(cfg.dtype, pick_device(cfg.device))  # a dtype the device has; both name the fix
 
 

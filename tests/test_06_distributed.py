@@ -607,6 +607,9 @@ def test_errors(dist06, corpus, tmp_path, monkeypatch, capsys):
         dist06.DistConfig(strategy="zero1", sharded_checkpoint=True, **where)
     with pytest.raises(ValueError, match="--optimizer='adam' is not valid"):
         dist06.DistConfig(optimizer="adam", **where)
+    a_file = corpus / "tinyshakespeare-char" / "meta.json"
+    with pytest.raises(ValueError, match="is a file: name a folder"):  # not at the first save
+        dist06.DistConfig(**{**where, "out_dir": str(a_file)})
     # half of torchrun's environment: say what is missing and how to launch
     monkeypatch.setenv("RANK", "0")
     for var in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK"):
