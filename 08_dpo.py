@@ -285,18 +285,18 @@ class DPOConfig:
     init_from: Annotated[str, "scratch, resume (out_dir's run), or auto"] = "scratch"
     overwrite: Annotated[bool, "replace out_dir's ckpt.pt of an earlier run"] = False
     data_path: Annotated[str, "JSON list of pairs; '' = rasbt's (02 fetches it)"] = ""
-    beta: Annotated[float, "the KL penalty's weight: larger stays nearer the reference"] = 0.1
+    beta: Annotated[float, "the KL penalty's weight: larger stays nearer 07's model"] = 0.1
     label_smoothing: Annotated[float, "conservative DPO: the share of flipped labels"] = 0.0
     average_log_probs: Annotated[bool, "mean, not sum, of the answer's log-probs"] = False
     batch_size: Annotated[int, "pairs per step (2x sequences); also answers per batch"] = 8
-    max_iters: Annotated[int, "optimizer steps; 0 = one pass over the pairs"] = 0
+    max_iters: Annotated[int, "optimizer steps; 0: one pass over the pairs"] = 0
     learning_rate: Annotated[float, "small: DPO nudges a trained model; flat after warmup"] = 5e-6
-    warmup_iters: Annotated[int, "linear warmup steps (as the DPO paper)"] = 10
+    warmup_iters: Annotated[int, "linear warmup steps (the DPO paper's)"] = 10
     weight_decay: Annotated[float, "AdamW's"] = 0.01
     grad_clip: Annotated[float, "clip the gradient norm to this; 0 = never"] = 1.0
     log_interval: Annotated[int, "a log line every this many steps"] = 5
-    eval_interval: Annotated[int, "train/val metrics and ckpt.pt every this many steps"] = 25
-    eval_pairs: Annotated[int, "pairs of each split to evaluate on (-1 = all)"] = 64
+    eval_interval: Annotated[int, "train/val metrics, ckpt.pt every this many steps"] = 25
+    eval_pairs: Annotated[int, "pairs of each split to evaluate (-1 = all)"] = 64
     max_new_tokens: Annotated[int, "longest answer in dpo_responses.json"] = 128
     num_responses: Annotated[int, "val entries answered before and after DPO (-1 = all)"] = 5
     device: Annotated[str, "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"] = "auto"
@@ -443,6 +443,8 @@ def load_models(cfg: DPOConfig, run=None) -> tuple:
     if resumed.get("stage") != "dpo" or resumed.get("optimizer") is None:
         raise ValueError(f"{run_path} holds no DPO run to resume; "
                          "--init_from=scratch --overwrite starts afresh")
+    if resumed["config"]["ckpt"] != cfg.ckpt:  # DPO's reference: the model the run began from
+        raise ValueError(f"{run_path} began from --ckpt={resumed['config']['ckpt']}")
     return policy, reference, ckpt["tokenizer"], resumed
 
 

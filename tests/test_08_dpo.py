@@ -771,3 +771,13 @@ def test_a_resume_writes_where_it_read(dpo08, start, tmp_path, monkeypatch):
     dpo08.main(["--init_from=resume", "--max_iters=3"])
     assert torch.load(default / "ckpt.pt", weights_only=True)["iter_num"] == 3
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_resume_against_another_reference_is_refused(dpo08, start, tmp_path, capsys):
+    """The reference is the model the run began from: a resume with another --ckpt (even a copy
+    of the same weights) would change what the policy is measured against."""
+    tmp, _ = start
+    dpo08.main(run_argv(tmp, tmp_path, max_iters=2, batch_size=2, eval_pairs=2, num_responses=0))
+    shutil.copy(tmp / "ft.pt", tmp_path / "other.pt")
+    argv = ["--init_from=resume", f"--out_dir={tmp_path}", f"--ckpt={tmp_path / 'other.pt'}"]
+    assert_user_error(dpo08, capsys, argv, "began from", str(tmp / "ft.pt"))

@@ -33,7 +33,7 @@ MAX_LONG = 0.04  # the share of code lines of 100 characters or more
 
 
 # over the 1,000: each ceiling a few lines above the file's size today, so that none grows back
-TOTAL_OVER_BUDGET = {"05": 1080, "06": 1110, "07": 1110, "08": 1160, "10": 1070, "11": 1090}
+TOTAL_OVER_BUDGET = {"05": 1080, "06": 1110, "07": 1110, "08": 1165, "10": 1070, "11": 1090}
 
 
 def budget(path: Path) -> int:
