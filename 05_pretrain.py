@@ -310,6 +310,81 @@ def plot_losses(out_dir: Path, tokens_per_iter: int):
 
 
 # -----------------------------------------------------------------------------
+# The training loop
+
+
+def train(cfg: TrainConfig, resumed: tuple | None = None) -> dict:
+    """Train as cfg says; resumed: load_checkpoint(out_dir/ckpt.pt) if main read it. Returns
+    iter_num, the losses, ms_per_iter, tokens_per_s, mfu (None: no known peak), interrupted."""
+    settings = asdict(cfg)  # saved as given: a resumed run resolves an "auto" dtype on its machine
+    device = pick_device(cfg.device)
+    cfg = replace(cfg, device=device, dtype=pick_dtype(cfg.dtype, device))
+    device_type = torch.device(device).type
+    torch.manual_seed(cfg.seed)
+    if device_type == "cuda":  # TF32: fp32 matmuls on the tensor cores, with a 10-bit mantissa
+        torch.backends.cuda.matmul.allow_tf32 = True  # cuDNN's (convolutions): on by default
+    data = {split: load_tokens(cfg.corpus_dir, split) for split in ("train", "val")}
+    tokenizer_spec = load_meta(cfg.corpus_dir)["tokenizer"]  # saved in the checkpoints
+    tokenizer = get_tokenizer(tokenizer_spec)
+    ckpt = {}  # empty: a new run
+    if cfg.init_from == "resume":  # the model is the checkpoint's, built once
+        model, _, ckpt = resumed or load_checkpoint(cfg.ckpt_path)
+    else:
+        model = GPT(cfg.model_config(tokenizer.n_vocab))
+    model.to(device)
+    optimizer = configure_optimizers(
+        model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")  # off: pass-through
+    iter_num = ckpt.get("iter_num", 0)
+    if ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"] or scaler.state_dict())  # {}: saved without fp16
+        set_rng_states(ckpt["rng"])  # last: building the model drew random numbers
+    header = dict(model_args=asdict(model.config), tokenizer=tokenizer_spec, config=settings)
+    header["stage"] = "pretrain"
+    compiled_model = torch.compile(model, dynamic=False) if cfg.compile else model
+    ctx = autocast_context(device_type, cfg.dtype)
+    micro_steps = cfg.gradient_accumulation_steps
+    rows = cfg.batch_size * micro_steps  # one global batch per step, split in micro-steps
+    first_iter = iter_num
+    with CtrlC() as ctrl_c, Run(cfg, model, optimizer, scaler, header, ckpt) as run:
+        if not ckpt:  # the untrained model's loss, about ln(vocab_size), and a first ckpt.pt
+            run.save(iter_num, estimate_loss(compiled_model, data, cfg, iter_num))
+        while iter_num < cfg.max_iters and not ctrl_c.pressed:
+            lr = get_lr(iter_num, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = get_batch(  # batch number iter_num: a function of (seed, iter_num) alone
+                data["train"], rows, cfg.block_size, step=iter_num, seed=cfg.seed, device=device)
+            loss = forward_backward(compiled_model, x, y, micro_steps, ctx, scaler)
+            scaler.unscale_(optimizer)  # clip the true gradients, not fp16's scaled ones
+            # grad_clip 0: a limit of inf never clips, and still measures the norm for the log
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+            scaler.step(optimizer)  # fp16: skips the step if a gradient overflowed
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            iter_num += 1
+            last = iter_num == cfg.max_iters
+            if iter_num % cfg.log_interval == 0 or last:
+                # .item() waits for the GPU: only at log lines (fused AdamW takes fp16's inf check
+                # on the GPU, so scaler.step does not wait)
+                run.log_step(iter_num, loss.item(), lr, grad_norm.item())  # a NaN loss stops it
+            if iter_num % cfg.eval_interval == 0 or last:
+                losses = estimate_loss(compiled_model, data, cfg, iter_num)
+                run.save(iter_num, losses)  # printed, logged, ckpt.pt (+ best.pt); NaN: a stop
+            if cfg.sample_interval and iter_num % cfg.sample_interval == 0 and not last:
+                run.log_sample(iter_num, tokenizer)
+        if ctrl_c.pressed:
+            if run.saved_at != iter_num:  # else ckpt.pt holds this state already
+                run.save(iter_num)  # NaN weights stop the run instead: the last save stays
+            print(f"saved {run.ckpt_path} (iter {iter_num}); continue: {run.resume_flags}")
+        elif iter_num > first_iter:
+            plot_losses(cfg.ckpt_path.parent, run.tokens_per_iter)
+            run.log_sample(iter_num, tokenizer)
+    return {"iter_num": iter_num, **run.summary(), "interrupted": ctrl_c.pressed}
+
+
+# -----------------------------------------------------------------------------
 # Around the step: the NaN stop, Ctrl-C, and one object the loop calls for saves, timing, logs.
 
 
@@ -435,7 +510,7 @@ class Run:
     def write(self, **record):
         print(json.dumps(record), file=self.log_file, flush=True)  # flushed: a crash loses nothing
 
-    def restart_clock(self, step, warm=False):  # warm=False: after a start, eval or sample
+    def restart_clock(self, step, warm=False):  # cold after a start, eval, sample: see log_step
         self.clock_start = time.perf_counter()
         self.clock_step = step
         self.warm = warm
@@ -471,80 +546,6 @@ class Run:
         return dict(train_loss=self.losses.get("train"), val_loss=self.losses.get("val"),
                     best_val_loss=self.best_val, ms_per_iter=ms,
                     tokens_per_s=1000 * self.tokens_per_iter / ms, mfu=mfu)
-
-
-# -----------------------------------------------------------------------------
-# The training loop
-
-
-def train(cfg: TrainConfig, resumed: tuple | None = None) -> dict:
-    """Train as cfg says; resumed: load_checkpoint(out_dir/ckpt.pt) if main read it. Returns
-    iter_num, the losses, ms_per_iter, tokens_per_s, mfu (None: no known peak), interrupted."""
-    settings = asdict(cfg)  # saved as given: a resumed run resolves an "auto" dtype on its machine
-    device = pick_device(cfg.device)
-    cfg = replace(cfg, device=device, dtype=pick_dtype(cfg.dtype, device))
-    device_type = torch.device(device).type
-    torch.manual_seed(cfg.seed)
-    if device_type == "cuda":  # TF32: fp32 matmuls on the tensor cores, with a 10-bit mantissa
-        torch.backends.cuda.matmul.allow_tf32 = True  # cuDNN's (convolutions): on by default
-    data = {split: load_tokens(cfg.corpus_dir, split) for split in ("train", "val")}
-    tokenizer_spec = load_meta(cfg.corpus_dir)["tokenizer"]  # saved in the checkpoints
-    tokenizer = get_tokenizer(tokenizer_spec)
-    ckpt = {}  # empty: a new run
-    if cfg.init_from == "resume":  # the model is the checkpoint's, built once
-        model, _, ckpt = resumed or load_checkpoint(cfg.ckpt_path)
-    else:
-        model = GPT(cfg.model_config(tokenizer.n_vocab))
-    model.to(device)
-    optimizer = configure_optimizers(
-        model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
-    scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")  # off: pass-through
-    iter_num = ckpt.get("iter_num", 0)
-    if ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"] or scaler.state_dict())  # {}: saved without fp16
-        set_rng_states(ckpt["rng"])  # last: building the model drew random numbers
-    header = dict(model_args=asdict(model.config), tokenizer=tokenizer_spec, config=settings)
-    header["stage"] = "pretrain"
-    compiled_model = torch.compile(model, dynamic=False) if cfg.compile else model
-    ctx = autocast_context(device_type, cfg.dtype)
-    micro_steps = cfg.gradient_accumulation_steps
-    rows = cfg.batch_size * micro_steps  # one global batch per step, split in micro-steps
-    first_iter = iter_num
-    with CtrlC() as ctrl_c, Run(cfg, model, optimizer, scaler, header, ckpt) as run:
-        if not ckpt:  # the untrained model's loss, about ln(vocab_size), and a first ckpt.pt
-            run.save(iter_num, estimate_loss(compiled_model, data, cfg, iter_num))
-        while iter_num < cfg.max_iters and not ctrl_c.pressed:
-            lr = get_lr(iter_num, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x, y = get_batch(  # batch number iter_num: a function of (seed, iter_num) alone
-                data["train"], rows, cfg.block_size, step=iter_num, seed=cfg.seed, device=device)
-            loss = forward_backward(compiled_model, x, y, micro_steps, ctx, scaler)
-            scaler.unscale_(optimizer)  # clip the true gradients, not fp16's scaled ones
-            # grad_clip 0: a limit of inf never clips, and still measures the norm for the log
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-            scaler.step(optimizer)  # fp16: skips the step if a gradient overflowed
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            iter_num += 1
-            last = iter_num == cfg.max_iters
-            if iter_num % cfg.log_interval == 0 or last:
-                # .item() waits for the GPU: only at log lines (fp16's scaler.step waits every step)
-                run.log_step(iter_num, loss.item(), lr, grad_norm.item())  # a NaN loss stops it
-            if iter_num % cfg.eval_interval == 0 or last:
-                losses = estimate_loss(compiled_model, data, cfg, iter_num)
-                run.save(iter_num, losses)  # printed, logged, ckpt.pt (+ best.pt); NaN: a stop
-            if cfg.sample_interval and iter_num % cfg.sample_interval == 0 and not last:
-                run.log_sample(iter_num, tokenizer)
-        if ctrl_c.pressed:
-            if run.saved_at != iter_num:  # else ckpt.pt holds this state already
-                run.save(iter_num)  # NaN weights stop the run instead: the last save stays
-            print(f"saved {run.ckpt_path} (iter {iter_num}); continue: {run.resume_flags}")
-        elif iter_num > first_iter:
-            plot_losses(cfg.ckpt_path.parent, run.tokens_per_iter)
-            run.log_sample(iter_num, tokenizer)
-    return {"iter_num": iter_num, **run.summary(), "interrupted": ctrl_c.pressed}
 
 
 # The command line: the checks that run before any work, and main
@@ -616,7 +617,8 @@ def main(argv=None):
     try:
         if given.init_from == "resume" or found:  # the run's settings first: flags given now win
             resumed = load_checkpoint(ckpt_path)  # the one model this run builds
-            names = {f.name for f in fields(TrainConfig)} - {"device", "out_dir"}  # read: written
+            # not the device (this machine's), nor out_dir: the folder just read is the one written
+            names = {f.name for f in fields(TrainConfig)} - {"device", "out_dir"}
             names -= set(TrainConfig.PRESETS.get(given.preset, {}))  # a preset given now wins too
             model, _, ckpt = resumed
             stage = ckpt.get("stage")
