@@ -8,8 +8,8 @@ Raschka's book, ch. 7) and which tokens the loss counts: collate_fn pads on the 
 the prompt and the padding out of the loss, and causal attention makes an attention mask
 unnecessary. LoRA learns a small low-rank update beside each frozen weight instead of changing
 them all, and is merged in at the end, so the checkpoint is a plain GPT in 05's format (stage
-"finetune", which 08 and 09 load). The validation loss is measured before and after, and the
-model's answers to the test split land in out_dir/test_responses.json beside the references.
+"finetune", which 08 and 09 load). The validation loss is measured before and after; the test
+split lands in out_dir/test.json, for 09_generate.py to answer and 11_evaluate.py to judge.
 05's char model (64 positions, no '#', few digits) runs too, stretched to more positions, with "?"
 for the characters it lacks: it learns the template's look, not the task.
 
@@ -19,12 +19,13 @@ al. 2021 (LoRA); Taori et al. 2023 (Stanford Alpaca); Ouyang et al. 2022 (Instru
 Run it:
   python 07_finetune.py                 # 05's char model (run python 05_pretrain.py first)
   python 04_gpt.py --init_from=gpt2 --save_ckpt  # once per model: OpenAI's weights, into data/
-  python 07_finetune.py --init_from=gpt2 --max_iters=100 --num_responses=10  # GPT-2, CPU: slow
+  python 07_finetune.py --init_from=gpt2 --max_iters=100     # GPT-2 on a CPU: slow
   python 07_finetune.py --init_from=gpt2-medium --device=cuda      # the book's model, one GPU
   python 07_finetune.py --init_from=gpt2-medium --lora_rank=16 --learning_rate=5e-4 --device=cuda
   python 07_finetune.py --init_from=resume  # after Ctrl-C: go on where out_dir's run stopped
   python 07_finetune.py --help          # every setting, with its default
-Then: python 09_generate.py --ckpt=out/finetune/ckpt.pt --chat, or DPO on top with 08_dpo.py.
+Then: python 09_generate.py --ckpt=out/finetune/ckpt.pt --chat (or --answers=out/finetune/test.json
+for the test split's answers), or DPO on top with 08_dpo.py.
 """
 
 import argparse
@@ -84,7 +85,11 @@ def split_data(data: list, train_fraction=0.85, test_fraction=0.10) -> dict[str,
         raise ValueError(f"{len(data)} entries are too few to split 85/10/5 "
                          "(every split needs one); use 20+")
     test_end = n_train + n_test
-    return {"train": data[:n_train], "test": data[n_train:test_end], "val": data[test_end:]}
+    return {
+        "train": data[:n_train],
+        "test": data[n_train:test_end],
+        "val": data[test_end:],
+    }
 
 
 # Training: format_input(entry) + RESPONSE_HEADER + output + end token; inference: it writes on.
@@ -235,7 +240,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 # -----------------------------------------------------------------------------
-# 4. Evaluation: the loss on the answers, and greedy answers
+# 4. Evaluation: the loss on the answers
 
 
 @torch.no_grad()
@@ -259,87 +264,6 @@ def evaluate_loss(model, examples, batch_size, pad_token_id, ctx=nullcontext()) 
     return {"loss": loss, "perplexity": math.exp(loss)}
 
 
-# Speed only (a first read may skip to section 5: a plain greedy loop's tokens). Answers come from
-# 03's KV cache: each prompt goes through the model once, then each step feeds it only the newest
-# token (09: all of generation). A batch is padded on the LEFT, so every row's next token lands in
-# the same column; the mask hides the padding (03's step 6), and each row counts its positions from
-# its first real token, as if alone. final_hidden is 04's GPT.forward without the head and input
-# checks, with per-row position_ids and a cache; mask counts only with a cache (else plain causal).
-def final_hidden(model, idx, position_ids=None, mask=None, cache=None):
-    """(B, T) ids -> (B, T, n_embd) after ln_f; with a cache (03's KVCache), idx come after it."""
-    transformer = model.transformer
-    if position_ids is None:
-        start = 0 if cache is None else cache.length  # the tokens the cache holds already
-        position_ids = torch.arange(start, start + idx.size(1), device=idx.device)  # (T,)
-    tok_emb = transformer.wte(idx)  # (B, T, C)
-    pos_emb = transformer.wpe(position_ids)  # (T, C), or (B, T, C) with a row's own positions
-    x = transformer.drop(tok_emb + pos_emb)  # (B, T, C)
-    for layer, block in enumerate(transformer.h):
-        h = block.ln_1(x)
-        if cache is None:
-            x = x + block.attn(h)
-        else:
-            x = x + cache.attend(block.attn, h, layer, mask)
-        x = x + block.mlp(block.ln_2(x))
-    return transformer.ln_f(x)
-
-
-@torch.no_grad()
-def generate_greedy(model, prompts: list[list[int]], max_new_tokens: int, end_id: int,
-                    ctx=nullcontext()):
-    """Greedy answers (token ids) to prompts, each stopped at end_id (not included) or when prompt +
-    answer fill the context (a longer prompt keeps its last block_size - 1). model.eval() first;
-    the blocks run in ctx (autocast's precision), the head in fp32."""
-    device = model.lm_head.weight.device
-    block_size = model.config.block_size
-    prompts = [p[max(0, len(p) - block_size + 1) :] for p in prompts]
-    T = max(map(len, prompts))
-    rows = [[0] * (T - len(p)) + p for p in prompts]  # padded on the left with id 0, masked
-    idx = torch.tensor(rows, device=device)  # (B, T)
-    lengths = torch.tensor([len(p) for p in prompts], device=device)  # (B,)
-    real = torch.arange(T, device=device) >= T - lengths[:, None]  # (B, T): False on padding
-    position_ids = (real.cumsum(dim=1) - 1).clamp(min=0)  # (B, T): 0 at a row's first real token
-    causal = torch.ones(T, T, device=device).tril().bool()
-    itself = torch.eye(T, device=device).bool()  # a pad sees itself: no row all masked, no NaN
-    mask = ((causal & real[:, None, :]) | itself)[:, None]  # (B, 1, T, T)
-    cache = KVCache(model.config.n_layer, T + min(max_new_tokens, block_size))  # rows stop there
-    new_tokens = [idx[:, :0]]  # (B, 0) at first
-    done = torch.zeros_like(real[:, 0])  # (B,) False
-    fp32 = torch.autocast(device.type, enabled=False)  # the head: bf16 logits could flip a near tie
-    # One region for the whole answer: autocast keeps each weight's cast while it lasts (leaving
-    # the outermost region drops them), so each weight is cast once per answer, not per token.
-    with ctx:
-        for _ in range(max_new_tokens):
-            h = final_hidden(model, idx, position_ids, mask, cache)[:, -1]  # (B, C)
-            with fp32:
-                logits = model.lm_head(h.float())  # (B, vocab_size)
-            argmax = logits.argmax(dim=-1)  # (B,)
-            next_ids = torch.where(done, end_id, argmax)  # (B,); an ended row's: end_id
-            idx = next_ids[:, None]  # (B, 1)
-            new_tokens.append(idx)
-            position_ids = (position_ids[:, -1:] + 1).clamp(max=block_size - 1)  # (B, 1)
-            context_full = position_ids[:, 0] == block_size - 1
-            done |= (next_ids == end_id) | context_full  # ended rows go on, fed end_id
-            if done.all():  # the one read of the device per token
-                break
-            real = torch.cat([real, torch.ones_like(real[:, :1])], dim=1)  # (B, L)
-            mask = real[:, None, None, :]  # (B, 1, 1, L): the new token sees every real key
-    answers = torch.cat(new_tokens, dim=1).tolist()
-    return [row[: row.index(end_id)] if end_id in row else row for row in answers]
-
-
-def generate_responses(model, entries, encode, decode, end_id, max_new_tokens, batch_size,
-                       ctx=nullcontext()):
-    """The model's greedy answer to each entry, as text (prompt: format_input + RESPONSE_HEADER)."""
-    prompts = [encode(format_input(e)) + encode(RESPONSE_HEADER) for e in entries]
-    responses = []
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
-        for ids in generate_greedy(model, batch, max_new_tokens, end_id, ctx):
-            responses.append(decode(ids).strip())
-    return responses
-
-
 # -----------------------------------------------------------------------------
 # 5. Settings, the model to start from, and the finetuning loop
 
@@ -352,7 +276,7 @@ class FinetuneConfig:
     init_from: Annotated[str, "scratch (a new run from --ckpt), resume out_dir's run, auto "
                               "(resume if any), or gpt2, gpt2-medium/large/xl"] = "scratch"
     ckpt: Annotated[str, "a checkpoint of 04-06"] = "out/shakespeare-char/ckpt.pt"
-    out_dir: Annotated[str, "ckpt.pt and test_responses.json go here"] = "out/finetune"
+    out_dir: Annotated[str, "ckpt.pt and test.json go here"] = "out/finetune"
     overwrite: Annotated[bool, "replace an earlier run's ckpt.pt in out_dir"] = False
     data_path: Annotated[str, "JSON list of entries; '' = rasbt's (02 fetches it)"] = ""
     min_block_size: Annotated[int, "stretch a shorter context to this many positions"] = 512
@@ -369,8 +293,6 @@ class FinetuneConfig:
     grad_clip: Annotated[float, "clip the gradient norm to this; 0 = no clip"] = 1.0
     log_interval: Annotated[int, "a log line every this many steps"] = 10
     eval_interval: Annotated[int, "val loss and ckpt.pt every this many steps"] = 50
-    max_new_tokens: Annotated[int, "longest answer in test_responses.json"] = 256
-    num_responses: Annotated[int, "test entries to answer (-1: all)"] = -1
     device: Annotated[str, "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"] = "auto"
     dtype: Annotated[str, "auto (CUDA: bf16/fp16, else fp32), float32, bfloat16, float16"] = "auto"
     threads: Annotated[int, "CPU threads; 0 = PyTorch's choice"] = 0
@@ -380,8 +302,8 @@ class FinetuneConfig:
         choices = ("scratch", "resume", "auto", *OPENAI_MODELS)
         if self.init_from not in choices:
             raise ValueError(f"--init_from={self.init_from!r}: use {', '.join(choices)}")
-        least = {"batch_size": 1, "log_interval": 1, "eval_interval": 1, "num_responses": -1}
-        for f in fields(self):  # others: at least 0; -1 answers all; grad_clip -1 would ascend
+        least = {"batch_size": 1, "log_interval": 1, "eval_interval": 1}
+        for f in fields(self):  # others: at least 0 (grad_clip -1 would ascend)
             value = getattr(self, f.name)
             minimum = least.get(f.name, 0)
             if f.type.__origin__ in (int, float) and not minimum <= value < math.inf:  # nan too
@@ -403,12 +325,18 @@ class FinetuneConfig:
         if self.init_from == "resume" and not run_path.exists():
             raise FileNotFoundError(f"no run to resume: {run_path} does not exist; "
                                     "start one with --init_from=scratch")
-        if self.init_from != "resume" and not Path(self.ckpt).is_file():
+        new_run = self.init_from != "resume"  # from --ckpt's model
+        if new_run and not Path(self.ckpt).is_file():
             fix = "run 05_pretrain.py, pass another --ckpt, or use --init_from=gpt2"
             if self.init_from in OPENAI_MODELS:
                 fix = f"python 04_gpt.py --init_from={self.init_from} --save_ckpt fetches it"
             raise FileNotFoundError(f"no checkpoint at {self.ckpt}: {fix}")
-        if self.init_from != "resume" and run_path.exists() and not self.overwrite:
+        if run_path.parent.is_file():  # found now, not at the first save
+            raise ValueError(f"--out_dir={self.out_dir} is a file: name a folder")
+        if new_run and Path(self.ckpt).resolve() == run_path.resolve():  # --overwrite or not
+            raise ValueError(f"--ckpt={self.ckpt} is the ckpt.pt this run writes; "
+                             "use another --out_dir")
+        if new_run and run_path.exists() and not self.overwrite:
             raise ValueError(f"{run_path} holds an earlier run, which this one would replace; "
                              "resume it (--init_from=resume), choose another --out_dir, "
                              "or pass --overwrite")
@@ -460,7 +388,7 @@ def load_model(cfg: FinetuneConfig, run=None):
 
 
 def prepare_data(cfg: FinetuneConfig, model, tokenizer_spec: dict) -> dict:
-    """The splits tokenized for model: train, val examples; test entries; encode, decode, end_id."""
+    """The splits tokenized for model: train, val examples; test entries; encode, end_id."""
     tokenizer = get_tokenizer(tokenizer_spec)
     block_size = model.config.block_size
     encode, unknown = text_encoder(tokenizer, cfg.unknown_char)
@@ -486,7 +414,6 @@ def prepare_data(cfg: FinetuneConfig, model, tokenizer_spec: dict) -> dict:
         "val": val,
         "test": splits["test"],
         "encode": encode,
-        "decode": tokenizer.decode,
         "end_id": end_token_id(tokenizer),
     }
 
@@ -504,7 +431,7 @@ class FinetuneRun:
         self.has_lora = cfg.lora_rank > 0
         if self.has_lora:  # W and B A apart: W + B A cannot be split back into them exactly
             self.parts["unmerged"] = model
-        self.header = {"tokenizer": tokenizer_spec, "config": asdict(cfg), "stage": "finetune"}
+        self.header = dict(tokenizer=tokenizer_spec, config=asdict(cfg), stage="finetune")
         self.best_val_loss = resumed["best_val_loss"] if resumed else math.inf
 
     def save(self, step: int, val_loss: float):
@@ -513,37 +440,16 @@ class FinetuneRun:
         self.best_val_loss = min(self.best_val_loss, val_loss)
         plain = merge_lora(copy.deepcopy(self.model)) if self.has_lora else self.model
         states = {name: part.state_dict() for name, part in self.parts.items()}
-        progress = {"iter_num": step, "val_loss": val_loss, "best_val_loss": self.best_val_loss}
+        progress = dict(iter_num=step, val_loss=val_loss, best_val_loss=self.best_val_loss)
         model = {"model": plain.state_dict(), "model_args": asdict(plain.config)}
         ckpt = {**model, **self.header, **states, **progress}
         save_checkpoint(self.path, {**ckpt, "rng": rng_states()})
 
 
-def write_test_responses(model, data: dict, cfg: FinetuneConfig, ctx):
-    """The model's answers to the test entries, beside the references, in out_dir/ as JSON."""
-    test = data["test"]
-    if cfg.num_responses >= 0:  # -1: all
-        test = test[: cfg.num_responses]
-    model.eval()  # no dropout
-    answers = []
-    t0 = time.perf_counter()
-    for start in range(0, len(test), cfg.batch_size):  # a batch per call, to show progress
-        batch = test[start : start + cfg.batch_size]
-        answers += generate_responses(model, batch, data["encode"], data["decode"],
-                                      data["end_id"], cfg.max_new_tokens, cfg.batch_size, ctx)
-        rate = len(answers) / (time.perf_counter() - t0)
-        print(f"\rtest answers: {len(answers)}/{len(test)}, {rate:.2f}/s", end="", flush=True)
-    path = Path(cfg.out_dir) / "test_responses.json"
-    records = [{**entry, "model_response": answer} for entry, answer in zip(test, answers)]
-    path.write_text(json.dumps(records, indent=1, ensure_ascii=False), encoding="utf-8")
-    print(f"\n{len(test)} test answers in {path}, beside the references; "
-          f"the model in {cfg.out_dir}/ckpt.pt")
-
-
 def finetune(cfg: FinetuneConfig, model, tokenizer_spec: dict, data: dict,
              resumed=None) -> dict:
     """Finetune model (load_model's) from step 0, or where the run resumed (its checkpoint)
-    stopped; the validation loss before and after; save checkpoints, write the test answers."""
+    stopped; the validation loss before and after; save checkpoints and the test split."""
     train = data["train"]
     val = data["val"]
     end_id = data["end_id"]
@@ -565,6 +471,7 @@ def finetune(cfg: FinetuneConfig, model, tokenizer_spec: dict, data: dict,
         step = resumed["iter_num"]
     trainable = sum(p.numel() for p in params)
     total = model.num_params()
+    block_size = model.config.block_size
     batches = len(train) // cfg.batch_size  # an epoch's
     max_iters = cfg.max_iters or max(1, int(cfg.epochs * batches))
     print(f"parameters: {trainable:,} trainable of {total:,} ({trainable / total:.2%}); "
@@ -583,7 +490,7 @@ def finetune(cfg: FinetuneConfig, model, tokenizer_spec: dict, data: dict,
         while step < max_iters and not ctrl_c.pressed:
             indices = batch_indices(step, len(train), cfg.batch_size, cfg.seed)  # f(seed, step)
             batch = [train[i] for i in indices]
-            x, y = collate_fn(batch, end_id, model.config.block_size, cfg.mask_prompt, cfg.device)
+            x, y = collate_fn(batch, end_id, block_size, cfg.mask_prompt, cfg.device)
             with ctx:
                 _, loss = model(x, y)
             scaler.scale(loss).backward()  # fp16 only: scaled so that small gradients stay > 0
@@ -620,10 +527,11 @@ def finetune(cfg: FinetuneConfig, model, tokenizer_spec: dict, data: dict,
     else:
         print(f"after finetuning: val loss {after['loss']:.4f}, "
               f"perplexity {after['perplexity']:.2f}")
-        # ckpt.pt is saved: answer with the merged weights, one matmul per Linear, not three;
-        # merge_lora leaves them trainable: autocast keeps only casts of weights that need grad
-        merge_lora(model)
-        write_test_responses(model, data, cfg, ctx)
+        test_path = Path(cfg.out_dir) / "test.json"  # held out: for 09 to answer, 11 to judge
+        text = json.dumps(data["test"], indent=1, ensure_ascii=False)
+        test_path.write_text(text, encoding="utf-8")
+        print(f"answer the test split: python 09_generate.py --ckpt={run.path} "
+              f"--answers={test_path} --temperature=0 --max_new_tokens=256")  # the book's
     return {
         "iter_num": step,
         "train_losses": torch.stack(losses).tolist() if losses else [],
@@ -642,7 +550,9 @@ def main(argv=None):
         if cfg.init_from == "resume":  # its settings but device, dtype, out_dir; then the flags
             run = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
             saved = run[2]["config"] if run[2].get("stage") == "finetune" else {}  # else: an error
-            flags = [f"--{k}={saved[k]}" for k in saved.keys() - {"device", "dtype", "out_dir"}]
+            names = {f.name for f in fields(FinetuneConfig)}  # an older run's others: dropped
+            names -= {"device", "dtype", "out_dir"}
+            flags = [f"--{k}={saved[k]}" for k in saved.keys() & names]
             cfg = parse_config(FinetuneConfig, flags + argv)
         print("config:", ", ".join(f"{k}={v!r}" for k, v in asdict(cfg).items()))
         torch.set_num_threads(cfg.threads or torch.get_num_threads())
@@ -743,44 +653,6 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side again
         return self.resid_dropout(self.c_proj(y))
-
-
-# copied from 03_attention.py: KVCache
-class KVCache:
-    """The keys and values of every token so far: per layer, (B, n_head, max_len, head_size)."""
-
-    def __init__(self, n_layer: int, max_len: int):
-        self.k = [None] * n_layer  # per layer: (B, n_head, max_len, head_size) keys
-        self.v = [None] * n_layer  # per layer: the values, the same shape
-        self.length = 0  # tokens cached so far
-        self.max_len = max_len
-
-    def attend(self, attn, x: torch.Tensor, layer: int, mask=None) -> torch.Tensor:
-        """attn (a CausalSelfAttention) on the new tokens x (B, T, C), over the cache and x."""
-        B, T, C = x.size()
-        hs = C // attn.n_head  # head size
-        start = self.length  # the new tokens' positions: start .. end - 1
-        end = start + T
-        q, k, v = attn.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
-        q = q.view(B, T, attn.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, attn.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, attn.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        if self.k[layer] is None:  # the first call allocates; every later one writes in place
-            self.k[layer] = k.new_zeros(B, attn.n_head, self.max_len, hs)
-            self.v[layer] = torch.zeros_like(self.k[layer])
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        k = self.k[layer][:, :, :end]  # (B, nh, end, hs): a view, no copy
-        v = self.v[layer][:, :, :end]  # (B, nh, end, hs)
-        if layer == len(self.k) - 1:  # the last layer moves the cache on
-            self.length = end
-        if mask is None and T > 1 and start > 0:  # a later chunk: the causal triangle, shifted
-            # by start: query i sees keys 0 .. start + i
-            mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        is_causal = mask is None and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return attn.c_proj(y)  # no dropout at inference
 
 
 # copied from 04_gpt.py: GPTConfig

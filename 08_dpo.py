@@ -188,6 +188,17 @@ def sequence_logprobs(logits, targets, mask, average: bool = False):
     return total / mask.sum(dim=-1).clamp(min=1)  # per answer token
 
 
+def final_hidden(model, idx):
+    """(B, T) ids -> (B, T, n_embd): 04's GPT.forward up to ln_f, without the head (and without
+    its input checks: the ids are ours)."""
+    transformer = model.transformer
+    pos = torch.arange(idx.size(1), device=idx.device)  # (T,)
+    x = transformer.drop(transformer.wte(idx) + transformer.wpe(pos))  # (B, T, C)
+    for block in transformer.h:
+        x = block(x)
+    return transformer.ln_f(x)
+
+
 def pair_logprobs(model, x, y, mask, average: bool = False, ctx=nullcontext()):
     """(chosen, rejected) sequence log-probs, (B,) each, of a collate_pairs batch, in one pass.
 
@@ -196,8 +207,8 @@ def pair_logprobs(model, x, y, mask, average: bool = False, ctx=nullcontext()):
     gaps DPO measures (log pi - log ref) are that small, so a bf16 head would bury them in
     rounding (summed over 100 tokens of GPT-2-sized logits: 0.2 nats off in bf16, 0.03 with
     CUDA's TF32). The price: (2B, T, vocab) logits of 4 bytes each instead of 2."""
-    # final_hidden is GPT.forward through ln_f, without lm_head (and its input check): we apply
-    # the head ourselves, in fp32 outside ctx; GPT.forward's would run under ctx, in bf16
+    # final_hidden is GPT.forward through ln_f, without lm_head: we apply the head ourselves,
+    # in fp32 outside ctx; GPT.forward's would run under ctx, in bf16
     with ctx:
         h = final_hidden(model, x)  # (2B, T, C)
     head = model.lm_head.weight.float()  # (vocab_size, C): the token embedding, tied
@@ -281,14 +292,14 @@ class DPOConfig:
     Relative paths resolve against this script's folder, wherever it is run from."""
 
     ckpt: Annotated[str, "07's model: the start and the reference"] = "out/finetune/ckpt.pt"
-    out_dir: Annotated[str, "ckpt.pt, log.jsonl and dpo_responses.json go here"] = "out/dpo"
+    out_dir: Annotated[str, "ckpt.pt and log.jsonl go here"] = "out/dpo"
     init_from: Annotated[str, "scratch, resume (out_dir's run), or auto"] = "scratch"
     overwrite: Annotated[bool, "replace out_dir's ckpt.pt of an earlier run"] = False
     data_path: Annotated[str, "JSON list of pairs; '' = rasbt's (02 fetches it)"] = ""
     beta: Annotated[float, "the KL penalty's weight: larger stays nearer 07's model"] = 0.1
     label_smoothing: Annotated[float, "conservative DPO: the share of flipped labels"] = 0.0
     average_log_probs: Annotated[bool, "mean, not sum, of the answer's log-probs"] = False
-    batch_size: Annotated[int, "pairs per step (2x sequences); also answers per batch"] = 8
+    batch_size: Annotated[int, "pairs per step (2x sequences)"] = 8
     max_iters: Annotated[int, "optimizer steps; 0: one pass over the pairs"] = 0
     learning_rate: Annotated[float, "small: DPO nudges a trained model; flat after warmup"] = 5e-6
     warmup_iters: Annotated[int, "linear warmup steps (the DPO paper's)"] = 10
@@ -297,8 +308,6 @@ class DPOConfig:
     log_interval: Annotated[int, "a log line every this many steps"] = 5
     eval_interval: Annotated[int, "train/val metrics, ckpt.pt every this many steps"] = 25
     eval_pairs: Annotated[int, "pairs of each split to evaluate (-1 = all)"] = 64
-    max_new_tokens: Annotated[int, "longest answer in dpo_responses.json"] = 128
-    num_responses: Annotated[int, "val entries answered before and after DPO (-1 = all)"] = 5
     device: Annotated[str, "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"] = "auto"
     dtype: Annotated[str, "auto (GPU: bf16/fp16; CPU: fp32), float32, bfloat16, float16"] = "auto"
     threads: Annotated[int, "CPU threads; 0 = PyTorch's choice"] = 0
@@ -312,7 +321,7 @@ class DPOConfig:
                              "(at 0.5 the labels would be noise)")
         at_least_one = ("batch_size", "log_interval", "eval_interval")
         at_least_zero = ("max_iters", "warmup_iters", "learning_rate", "weight_decay",
-                         "grad_clip", "max_new_tokens", "threads", "seed")
+                         "grad_clip", "threads", "seed")
         for name in at_least_one + at_least_zero:
             least = int(name in at_least_one)
             value = getattr(self, name)
@@ -344,8 +353,8 @@ class DPOConfig:
 
 
 def prepare_pairs(cfg: DPOConfig, tokenizer_spec: dict, block_size: int) -> dict:
-    """Train and val pairs tokenized for the model, the val entries, encode, decode and end_id;
-    prints how many pairs the context cuts or drops."""
+    """Train and val pairs tokenized for the model, and end_id (which pads); prints how many
+    pairs the context cuts or drops."""
     tokenizer = get_tokenizer(tokenizer_spec)
     encode, unknown = text_encoder(tokenizer, "?")
     end_id = end_token_id(tokenizer)
@@ -364,8 +373,7 @@ def prepare_pairs(cfg: DPOConfig, tokenizer_spec: dict, block_size: int) -> dict
         raise ValueError(f"{len(train)} training and {len(val)} validation pairs fit the "
                          f"context of {block_size} tokens, too few for --batch_size="
                          f"{cfg.batch_size}: {fix}")
-    return {"train": train, "val": val, "val_entries": splits["val"],
-            "encode": encode, "decode": tokenizer.decode, "end_id": end_id}
+    return {"train": train, "val": val, "end_id": end_id}
 
 
 @torch.no_grad()
@@ -395,32 +403,6 @@ def log_evaluation(it: int, metrics: dict, path: Path):
         record |= {f"{split}_{name}": value for name, value in m.items()}
     with open(path, "a" if it else "w") as log:
         print(json.dumps(record), file=log)
-
-
-def write_responses(reference, policy, data: dict, cfg: DPOConfig, ctx):
-    """Greedy answers before DPO (the reference IS the model before) and after, in
-    dpo_responses.json."""
-    entries = data["val_entries"]
-    if cfg.num_responses >= 0:  # -1: all
-        entries = entries[: cfg.num_responses]
-    encode = data["encode"]
-    decode = data["decode"]
-    end_id = data["end_id"]
-    settings = (cfg.max_new_tokens, cfg.batch_size, ctx)
-    # 07's greedy answers: KV cache, one ctx region per batch, the head in fp32
-    before = generate_responses(reference, entries, encode, decode, end_id, *settings)
-    after = generate_responses(policy, entries, encode, decode, end_id, *settings)
-    records = []
-    for entry, answer_before, answer_after in zip(entries, before, after):
-        records.append({**entry, "before_dpo": answer_before, "after_dpo": answer_after})
-    path = Path(cfg.out_dir) / "dpo_responses.json"
-    text = json.dumps(records, indent=1, ensure_ascii=False)
-    path.write_text(text, encoding="utf-8")
-    if records:
-        first = records[0]
-        prompt = format_input(first) + RESPONSE_HEADER
-        print(f"{prompt}  before: {first['before_dpo']}\n  after:  {first['after_dpo']}")
-    print(f"{len(records)} validation answers before and after DPO in {path}")
 
 
 def load_models(cfg: DPOConfig, run=None) -> tuple:
@@ -562,10 +544,10 @@ def dpo(cfg: DPOConfig, start=None, data=None) -> dict:
     if ctrl_c.pressed:
         print(f"saved {run.path} (step {step}); continue: "
               f"python 08_dpo.py --init_from=resume --out_dir={cfg.out_dir}")
-    else:
-        write_responses(reference, policy, data, cfg, ctx)
-        chat = f"python 09_generate.py --ckpt={run.path} --chat"
-        print(f"talk to the aligned model: {chat}")
+    else:  # 07's test split, answered before (07's model) and after DPO, for 11 to judge
+        test = Path(cfg.ckpt).parent / "test.json"
+        print(f"talk to the aligned model: python 09_generate.py --ckpt={run.path} --chat; "
+              f"answer 07's test split: --answers={test} --temperature=0 --max_new_tokens=256")
     train_losses = torch.stack(train_losses).tolist() if train_losses else []
     return {"iter_num": step, "train_losses": train_losses,
             "before": before, "after": after,
@@ -581,7 +563,9 @@ def main(argv=None):
         if cfg.init_from == "resume":  # its settings but device, dtype, out_dir; then the flags
             run = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
             saved = run[2]["config"] if run[2].get("stage") == "dpo" else {}  # else: refused
-            flags = [f"--{k}={saved[k]}" for k in saved.keys() - {"device", "dtype", "out_dir"}]
+            names = {f.name for f in fields(DPOConfig)}  # an older run's others: dropped
+            names -= {"device", "dtype", "out_dir"}
+            flags = [f"--{k}={saved[k]}" for k in saved.keys() & names]
             cfg = parse_config(DPOConfig, flags + argv)
         print("config:", ", ".join(f"{k}={v!r}" for k, v in asdict(cfg).items()))
         torch.set_num_threads(cfg.threads or torch.get_num_threads())
@@ -683,44 +667,6 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side again
         return self.resid_dropout(self.c_proj(y))
-
-
-# copied from 03_attention.py: KVCache
-class KVCache:
-    """The keys and values of every token so far: per layer, (B, n_head, max_len, head_size)."""
-
-    def __init__(self, n_layer: int, max_len: int):
-        self.k = [None] * n_layer  # per layer: (B, n_head, max_len, head_size) keys
-        self.v = [None] * n_layer  # per layer: the values, the same shape
-        self.length = 0  # tokens cached so far
-        self.max_len = max_len
-
-    def attend(self, attn, x: torch.Tensor, layer: int, mask=None) -> torch.Tensor:
-        """attn (a CausalSelfAttention) on the new tokens x (B, T, C), over the cache and x."""
-        B, T, C = x.size()
-        hs = C // attn.n_head  # head size
-        start = self.length  # the new tokens' positions: start .. end - 1
-        end = start + T
-        q, k, v = attn.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
-        q = q.view(B, T, attn.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, attn.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, attn.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        if self.k[layer] is None:  # the first call allocates; every later one writes in place
-            self.k[layer] = k.new_zeros(B, attn.n_head, self.max_len, hs)
-            self.v[layer] = torch.zeros_like(self.k[layer])
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        k = self.k[layer][:, :, :end]  # (B, nh, end, hs): a view, no copy
-        v = self.v[layer][:, :, :end]  # (B, nh, end, hs)
-        if layer == len(self.k) - 1:  # the last layer moves the cache on
-            self.length = end
-        if mask is None and T > 1 and start > 0:  # a later chunk: the causal triangle, shifted
-            # by start: query i sees keys 0 .. start + i
-            mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        is_causal = mask is None and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return attn.c_proj(y)  # no dropout at inference
 
 
 # copied from 04_gpt.py: GPTConfig
@@ -1015,7 +961,11 @@ def split_data(data: list, train_fraction=0.85, test_fraction=0.10) -> dict[str,
         raise ValueError(f"{len(data)} entries are too few to split 85/10/5 "
                          "(every split needs one); use 20+")
     test_end = n_train + n_test
-    return {"train": data[:n_train], "test": data[n_train:test_end], "val": data[test_end:]}
+    return {
+        "train": data[:n_train],
+        "test": data[n_train:test_end],
+        "val": data[test_end:],
+    }
 
 
 # copied from 07_finetune.py: RESPONSE_HEADER
@@ -1078,84 +1028,6 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int = 0) -> list[int
     order = np.random.default_rng([seed, epoch]).permutation(n)
     start = batch_in_epoch * batch_size
     return order[start : start + batch_size].tolist()
-
-
-# copied from 07_finetune.py: final_hidden
-def final_hidden(model, idx, position_ids=None, mask=None, cache=None):
-    """(B, T) ids -> (B, T, n_embd) after ln_f; with a cache (03's KVCache), idx come after it."""
-    transformer = model.transformer
-    if position_ids is None:
-        start = 0 if cache is None else cache.length  # the tokens the cache holds already
-        position_ids = torch.arange(start, start + idx.size(1), device=idx.device)  # (T,)
-    tok_emb = transformer.wte(idx)  # (B, T, C)
-    pos_emb = transformer.wpe(position_ids)  # (T, C), or (B, T, C) with a row's own positions
-    x = transformer.drop(tok_emb + pos_emb)  # (B, T, C)
-    for layer, block in enumerate(transformer.h):
-        h = block.ln_1(x)
-        if cache is None:
-            x = x + block.attn(h)
-        else:
-            x = x + cache.attend(block.attn, h, layer, mask)
-        x = x + block.mlp(block.ln_2(x))
-    return transformer.ln_f(x)
-
-
-# copied from 07_finetune.py: generate_greedy
-@torch.no_grad()
-def generate_greedy(model, prompts: list[list[int]], max_new_tokens: int, end_id: int,
-                    ctx=nullcontext()):
-    """Greedy answers (token ids) to prompts, each stopped at end_id (not included) or when prompt +
-    answer fill the context (a longer prompt keeps its last block_size - 1). model.eval() first;
-    the blocks run in ctx (autocast's precision), the head in fp32."""
-    device = model.lm_head.weight.device
-    block_size = model.config.block_size
-    prompts = [p[max(0, len(p) - block_size + 1) :] for p in prompts]
-    T = max(map(len, prompts))
-    rows = [[0] * (T - len(p)) + p for p in prompts]  # padded on the left with id 0, masked
-    idx = torch.tensor(rows, device=device)  # (B, T)
-    lengths = torch.tensor([len(p) for p in prompts], device=device)  # (B,)
-    real = torch.arange(T, device=device) >= T - lengths[:, None]  # (B, T): False on padding
-    position_ids = (real.cumsum(dim=1) - 1).clamp(min=0)  # (B, T): 0 at a row's first real token
-    causal = torch.ones(T, T, device=device).tril().bool()
-    itself = torch.eye(T, device=device).bool()  # a pad sees itself: no row all masked, no NaN
-    mask = ((causal & real[:, None, :]) | itself)[:, None]  # (B, 1, T, T)
-    cache = KVCache(model.config.n_layer, T + min(max_new_tokens, block_size))  # rows stop there
-    new_tokens = [idx[:, :0]]  # (B, 0) at first
-    done = torch.zeros_like(real[:, 0])  # (B,) False
-    fp32 = torch.autocast(device.type, enabled=False)  # the head: bf16 logits could flip a near tie
-    # One region for the whole answer: autocast keeps each weight's cast while it lasts (leaving
-    # the outermost region drops them), so each weight is cast once per answer, not per token.
-    with ctx:
-        for _ in range(max_new_tokens):
-            h = final_hidden(model, idx, position_ids, mask, cache)[:, -1]  # (B, C)
-            with fp32:
-                logits = model.lm_head(h.float())  # (B, vocab_size)
-            argmax = logits.argmax(dim=-1)  # (B,)
-            next_ids = torch.where(done, end_id, argmax)  # (B,); an ended row's: end_id
-            idx = next_ids[:, None]  # (B, 1)
-            new_tokens.append(idx)
-            position_ids = (position_ids[:, -1:] + 1).clamp(max=block_size - 1)  # (B, 1)
-            context_full = position_ids[:, 0] == block_size - 1
-            done |= (next_ids == end_id) | context_full  # ended rows go on, fed end_id
-            if done.all():  # the one read of the device per token
-                break
-            real = torch.cat([real, torch.ones_like(real[:, :1])], dim=1)  # (B, L)
-            mask = real[:, None, None, :]  # (B, 1, 1, L): the new token sees every real key
-    answers = torch.cat(new_tokens, dim=1).tolist()
-    return [row[: row.index(end_id)] if end_id in row else row for row in answers]
-
-
-# copied from 07_finetune.py: generate_responses
-def generate_responses(model, entries, encode, decode, end_id, max_new_tokens, batch_size,
-                       ctx=nullcontext()):
-    """The model's greedy answer to each entry, as text (prompt: format_input + RESPONSE_HEADER)."""
-    prompts = [encode(format_input(e)) + encode(RESPONSE_HEADER) for e in entries]
-    responses = []
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
-        for ids in generate_greedy(model, batch, max_new_tokens, end_id, ctx):
-            responses.append(decode(ids).strip())
-    return responses
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ A GPT scores "what comes next"; generating is a loop around it (score, pick, app
     modules around the cache (04's GPT untouched, 05-08's checkpoints work); `--bench` times it.
   - Batches: prompts of unequal length are LEFT-padded so their last tokens line up; a mask hides
     the padding, and each row's positions start at 0 at its first real token, as if it were alone.
-  - Chat in 07's instruction template. (A text's perplexity and bits per byte: 11_evaluate.py.)
+  - Chat in 07's instruction template, and answers to a file of instructions (07's test split),
+    made in batches for 11_evaluate.py to judge. (A text's perplexity: 11_evaluate.py too.)
 
 References: Radford et al. 2019 (GPT-2); nanoGPT's sample.py; Raschka, "Build a Large Language
 Model (From Scratch)", ch. 5, 7; Holtzman et al. 2019 (top-p); Pope et al. 2022 (KV caching).
@@ -18,6 +19,7 @@ Run it (after `python 05_pretrain.py`, which writes out/shakespeare-char/ckpt.pt
   python 09_generate.py                                 # sample from 05's Shakespeare model
   python 09_generate.py --prompt="ROMEO:" --temperature=0 --max_new_tokens=200 --num_samples=3
   python 09_generate.py --ckpt=out/finetune/ckpt.pt --chat   # 07's model (out/dpo/ckpt.pt: 08's)
+  python 09_generate.py --ckpt=out/finetune/ckpt.pt --answers=out/finetune/test.json --temperature=0
   python 04_gpt.py --init_from=gpt2 --save_ckpt && python 09_generate.py --ckpt=data/gpt2/ckpt.pt
   python 09_generate.py --device=cuda    # one GPU (bf16 autocast where the GPU has it natively)
   python 09_generate.py --bench          # tokens/s with and without the cache (CPU: ~3 minutes)
@@ -25,6 +27,7 @@ Run it (after `python 05_pretrain.py`, which writes out/shakespeare-char/ckpt.pt
 
 import argparse
 import codecs
+import json
 import math
 import os
 import pickle
@@ -85,10 +88,31 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None) -> t
     return (probs / exponential).argmax(dim=-1)  # token i with probability p_i, as multinomial
 
 
-# The cache itself is 03's KVCache, and the forward pass around it 07's final_hidden: the model's
-# own modules, so 04's GPT is untouched and any checkpoint of 05-08 works. What generation adds is
-# the bookkeeping of a batch of left-padded rows, kept beside the keys and values: which cached
-# keys are padding (key_real) and where each row's positions go on (next_pos).
+# The cache itself is 03's KVCache, and the forward pass around it is final_hidden: 04's
+# GPT.forward without the head and the input checks, with per-row position_ids and a cache (a mask
+# counts only with a cache; without one, attention is plain causal). The model's own modules run,
+# so 04's GPT is untouched and any checkpoint of 05-08 works.
+def final_hidden(model, idx, position_ids=None, mask=None, cache=None):
+    """(B, T) ids -> (B, T, n_embd) after ln_f; with a cache (03's KVCache), idx come after it."""
+    transformer = model.transformer
+    if position_ids is None:
+        start = 0 if cache is None else cache.length  # the tokens the cache holds already
+        position_ids = torch.arange(start, start + idx.size(1), device=idx.device)  # (T,)
+    tok_emb = transformer.wte(idx)  # (B, T, C)
+    pos_emb = transformer.wpe(position_ids)  # (T, C), or (B, T, C) with a row's own positions
+    x = transformer.drop(tok_emb + pos_emb)  # (B, T, C)
+    for layer, block in enumerate(transformer.h):
+        h = block.ln_1(x)
+        if cache is None:
+            x = x + block.attn(h)
+        else:
+            x = x + cache.attend(block.attn, h, layer, mask)
+        x = x + block.mlp(block.ln_2(x))
+    return transformer.ln_f(x)
+
+
+# What generation adds is the bookkeeping of a batch of left-padded rows, kept beside the keys and
+# values: which cached keys are padding (key_real) and where each row's positions go on (next_pos).
 class BatchCache:
     """03's KVCache (kv) plus, for left-padded rows: key_real (B, length), False at padding;
     next_pos (B, 1), each row's next position; padded: some cached key is padding (else no mask)."""
@@ -326,18 +350,34 @@ def encode_message(tok, text: str, char_vocab: set, unknown_char: str) -> list[i
     return tok.encode(text)
 
 
+# Chat and --answers prompt a model as 07 trained it: format_input + RESPONSE_HEADER, encoded in
+# two parts (BPE could merge tokens across the seam). A char model lacks characters such as the
+# template's '#': each becomes 07's unknown_char. Answers end as 07 taught: at <|endoftext|>
+# (GPT-2), at a newline (char) or at "\n\n### ".
+class Template:
+    """07's prompt template for tok, with the unknown_char and end token of ckpt's run."""
+
+    def __init__(self, tok, ckpt: dict):
+        self.tok = tok
+        self.char_vocab = set(getattr(tok, "chars", ""))  # empty for GPT-2
+        self.unknown_char = ckpt.get("config", {}).get("unknown_char") or "?"
+        self.end_token = tok.encode("\n")[0] if self.char_vocab else tok.eot_token
+        stage = ckpt.get("stage")
+        if stage not in ("finetune", "dpo"):
+            print(f"note: a {stage} checkpoint; 07's template needs an instruction-tuned one")
+
+    def prompt(self, entry: dict) -> list[int]:
+        """{"instruction": ..., "input": ...} -> the ids of its prompt, up to "### Response:"."""
+        text = encode_message(self.tok, format_input(entry), self.char_vocab, self.unknown_char)
+        header = encode_message(self.tok, RESPONSE_HEADER, self.char_vocab, self.unknown_char)
+        return text + header
+
+
 def chat(model, tok, cfg, ckpt: dict) -> None:
-    """A loop of single-turn prompts, each what 07 trained on: format_input + RESPONSE_HEADER,
-    encoded in two parts (BPE could merge tokens across the seam). A char model lacks characters
-    such as the template's '#': each becomes 07's unknown_char; only those the user typed are
-    reported. Answers end as 07 taught: at <|endoftext|> (GPT-2), a newline (char) or at
-    "\\n\\n### "."""
-    stage = ckpt.get("stage")
-    if stage not in ("finetune", "dpo"):
-        print(f"note: a {stage} checkpoint; chat needs an instruction-tuned one (07 or 08)")
-    char_vocab = set(getattr(tok, "chars", ""))  # empty for GPT-2
-    unknown_char = ckpt.get("config", {}).get("unknown_char") or "?"
-    end_token = tok.encode("\n")[0] if char_vocab else tok.eot_token
+    """A loop of single-turn prompts in 07's template; of the characters a char model lacks, only
+    those the user typed are reported."""
+    template = Template(tok, ckpt)
+    char_vocab = template.char_vocab
     print("chat: type a message; an empty line, /quit or Ctrl-D ends")
     while True:
         try:
@@ -348,14 +388,50 @@ def chat(model, tok, cfg, ckpt: dict) -> None:
             break
         lacking = "".join(sorted(set(message) - char_vocab))
         if char_vocab and lacking:
-            print(f"(not among this model's characters, sent as {unknown_char!r}: {lacking!r})")
-        instruction = format_input({"instruction": message})
-        prompt = encode_message(tok, instruction, char_vocab, unknown_char)
-        prompt += encode_message(tok, RESPONSE_HEADER, char_vocab, unknown_char)
+            print(f"(not among this model's characters, sent as {template.unknown_char!r}: "
+                  f"{lacking!r})")
+        prompt = template.prompt({"instruction": message})
         print("model> ", end="", flush=True)
-        complete(model, tok, [prompt], cfg, ["\n\n### "], end_token)
+        complete(model, tok, [prompt], cfg, ["\n\n### "], template.end_token)
         print()
     print()
+
+
+def load_entries(path) -> list[dict]:
+    """The entries of --answers: a JSON list of 07's (instruction, input, output)."""
+    file = PROJECT / path
+    if not file.is_file():
+        raise FileNotFoundError(f"--answers={path}: no such file ({file}); 07_finetune.py writes "
+                                "its test split as out_dir/test.json")
+    entries = json.loads(file.read_text(encoding="utf-8"))
+    is_list = isinstance(entries, list) and all(isinstance(e, dict) for e in entries)
+    if not is_list or not all(isinstance(e.get("instruction"), str) for e in entries):
+        raise ValueError(f"--answers={path}: expected a JSON list of objects, each with an "
+                         "instruction (07 writes its test split as out_dir/test.json)")
+    return entries
+
+
+def answer_all(model, tok, cfg, ckpt: dict, entries: list[dict]) -> Path:
+    """Each entry's answer in 07's template, cfg.batch_size entries per batch; the entries with
+    their answers ("model_response") go beside the checkpoint as <name>_responses.json, where
+    11_evaluate.py --responses scores them against the references ("output")."""
+    template = Template(tok, ckpt)
+    generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(cfg.seed)
+    answers = []
+    t0 = time.perf_counter()
+    for start in range(0, len(entries), cfg.batch_size):
+        prompts = [template.prompt(e) for e in entries[start : start + cfg.batch_size]]
+        streams = [TextStream(tok, ["\n\n### "]) for _ in prompts]
+        generate(model, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None,
+                 cfg.top_p, generator, template.end_token, streams, cfg.use_cache)
+        answers += [stream.text.strip() for stream in streams]
+        rate = len(answers) / (time.perf_counter() - t0)
+        print(f"\ranswers: {len(answers)}/{len(entries)}, {rate:.2f}/s", end="", flush=True)
+    records = [{**entry, "model_response": answer} for entry, answer in zip(entries, answers)]
+    path = (PROJECT / cfg.ckpt).parent / f"{Path(cfg.answers).stem}_responses.json"
+    path.write_text(json.dumps(records, indent=1, ensure_ascii=False), encoding="utf-8")
+    print(f"\n{len(records)} answers in {path}, beside the references")
+    return path
 
 
 def time_generation(model, n_new: int, use_cache: bool) -> tuple[float, str]:
@@ -420,6 +496,9 @@ class GenerateConfig:
                          '(--stop="\\n\\n,THE END")'] = ""
     use_cache: Annotated[bool, "reuse past tokens' keys and values (KV cache): faster"] = True
     chat: Annotated[bool, "talk to a model trained to follow instructions (07's, 08's)"] = False
+    answers: Annotated[str, "a JSON list of instructions (07's out_dir/test.json): answer them "
+                            "all into <its name>_responses.json beside --ckpt"] = ""
+    batch_size: Annotated[int, "instructions --answers answers together"] = 8
     bench: Annotated[bool, "time generation with and without the KV cache, untrained"] = False
     bench_presets: Annotated[str, "model sizes --bench times, comma-separated: tiny, small, gpt2, "
                                   "gpt2-medium, gpt2-large, gpt2-xl"] = "small,gpt2"
@@ -431,10 +510,12 @@ class GenerateConfig:
         self.device = pick_device(self.device)  # "auto" -> cuda, mps or cpu
         self.dtype = pick_dtype(self.dtype, self.device)
         check_sampling(self.temperature, self.top_k or None, self.top_p)
-        least = {"max_new_tokens": 0, "threads": 0, "num_samples": 1}
+        least = {"max_new_tokens": 0, "threads": 0, "num_samples": 1, "batch_size": 1}
         for name, smallest in least.items():
             if getattr(self, name) < smallest:
                 raise ValueError(f"--{name}={getattr(self, name)}: use {smallest} or more")
+        if self.chat and self.answers:
+            raise ValueError("--chat and --answers: choose one")
         for preset in self.bench_presets.split(",") if self.bench else []:
             preset_config(preset)  # an unknown one: a ValueError naming the presets
         ckpt_path = PROJECT / self.ckpt  # an absolute ckpt stays as it is
@@ -495,9 +576,12 @@ def main(argv=None):
         with autocast_context(device_type, cfg.dtype):
             if cfg.bench:
                 return bench(cfg)
+            entries = load_entries(cfg.answers) if cfg.answers else []  # read before the model
             model, tok, ckpt = load_model(cfg)
             if cfg.chat:
                 return chat(model, tok, cfg, ckpt)
+            if cfg.answers:
+                return answer_all(model, tok, cfg, ckpt, entries)
             return sample_from_prompt(model, tok, cfg)
     except BrokenPipeError:  # the reader left early (`09_generate.py | head`): stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)  # Python flushes stdout on exit: into this
@@ -893,26 +977,6 @@ def load_checkpoint(path):
     state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
     model.load_state_dict(state)
     return model, get_tokenizer(ckpt["tokenizer"]), ckpt
-
-
-# copied from 07_finetune.py: final_hidden
-def final_hidden(model, idx, position_ids=None, mask=None, cache=None):
-    """(B, T) ids -> (B, T, n_embd) after ln_f; with a cache (03's KVCache), idx come after it."""
-    transformer = model.transformer
-    if position_ids is None:
-        start = 0 if cache is None else cache.length  # the tokens the cache holds already
-        position_ids = torch.arange(start, start + idx.size(1), device=idx.device)  # (T,)
-    tok_emb = transformer.wte(idx)  # (B, T, C)
-    pos_emb = transformer.wpe(position_ids)  # (T, C), or (B, T, C) with a row's own positions
-    x = transformer.drop(tok_emb + pos_emb)  # (B, T, C)
-    for layer, block in enumerate(transformer.h):
-        h = block.ln_1(x)
-        if cache is None:
-            x = x + block.attn(h)
-        else:
-            x = x + cache.attend(block.attn, h, layer, mask)
-        x = x + block.mlp(block.ln_2(x))
-    return transformer.ln_f(x)
 
 
 # copied from 07_finetune.py: RESPONSE_HEADER

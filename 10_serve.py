@@ -920,7 +920,7 @@ def load_checkpoint(path):
     return model, get_tokenizer(ckpt["tokenizer"]), ckpt
 
 
-# copied from 07_finetune.py: final_hidden
+# copied from 09_generate.py: final_hidden
 def final_hidden(model, idx, position_ids=None, mask=None, cache=None):
     """(B, T) ids -> (B, T, n_embd) after ln_f; with a cache (03's KVCache), idx come after it."""
     transformer = model.transformer

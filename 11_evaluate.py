@@ -32,10 +32,10 @@ on from the context's end, so each token sees what it would see in a row of its 
 share a pass, and the head (vocab logits) runs only where a choice token is predicted, a chunk at a
 time: the same numbers (tested against transformers), ~2.5x faster on CPU.
 
-Answers judged by a larger model (Raschka, ch. 7): 07's test_responses.json (08's
-dpo_responses.json) holds instructions, reference answers and our model's answers; a judge behind
-OpenAI's API (Ollama, vLLM, OpenAI, 10_serve.py) scores each from 0 to 100. A reply with no
-number is counted and shown, never scored 0.
+Answers judged by a larger model (Raschka, ch. 7): `09_generate.py --answers` answers 07's test
+split into a test_responses.json beside the model (07's or 08's), with the instructions and the
+reference answers; a judge behind OpenAI's API (Ollama, vLLM, OpenAI, 10_serve.py) scores each
+from 0 to 100. A reply with no number is counted and shown, never scored 0.
 
 References: Zellers et al. 2019, "HellaSwag"; EleutherAI's lm-evaluation-harness; llm.c's
 dev/data/hellaswag.py; Raschka, "Build a Large Language Model (From Scratch)", ch. 7; Wilson 1927
@@ -50,7 +50,8 @@ Run it:
   python 11_evaluate.py --ckpt=out/dpo/ckpt.pt --compare=out/finetune/ckpt.pt \\
       --task=my_questions.jsonl --out_json=out/eval.json     # 08 beside 07, per example as JSON
   ollama serve & ollama pull llama3.1                       # a judge, then
-  python 11_evaluate.py --ckpt=out/finetune/ckpt.pt --responses=out/finetune/test_responses.json \\
+  python 09_generate.py --ckpt=out/finetune/ckpt.pt --answers=out/finetune/test.json --temperature=0
+  python 11_evaluate.py --responses=out/finetune/test_responses.json \\
       --judge_url=http://localhost:11434/v1 --judge_model=llama3.1
 """
 
@@ -410,21 +411,17 @@ JUDGE_PROMPT = """Grade a model's answer to this instruction.
 Score the model's answer from 0 to 100, where 100 means it is as good as the reference answer \
 and 0 means it is wrong or empty. Reply with the integer score only."""
 
-ANSWER_KEYS = ("model_response", "after_dpo", "before_dpo")  # 07's, then 08's
-
-
-def load_responses(path, key: str = "") -> tuple[list[dict], str]:
-    """The entries of 07's test_responses.json or 08's dpo_responses.json, and the key that
-    holds the answers (given, or the first of ANSWER_KEYS there)."""
+def load_responses(path, key: str = "model_response") -> list[dict]:
+    """The entries of a test_responses.json that 09 --answers wrote: each an instruction, its
+    reference answer ("output") and the model's (key)."""
     entries = json.loads(Path(path).read_text(encoding="utf-8"))
     if not (isinstance(entries, list) and entries and all(type(e) is dict for e in entries)):
-        raise ValueError(f"{path}: expected a JSON list of entries (objects), as 07 and 08 write")
-    key = key or next((k for k in ANSWER_KEYS if k in entries[0]), "model_response")
+        raise ValueError(f"{path}: expected a JSON list of entries (objects), as 09 writes")
     for i, entry in enumerate(entries):
         for field in ("instruction", "output", key):
             if not isinstance(entry.get(field), str):
                 raise ValueError(f"{path} entry {i}: no string {field!r}")
-    return entries, key
+    return entries
 
 
 def ask_judge(url: str, model: str, prompt: str, api_key: str) -> str:
@@ -458,7 +455,8 @@ def parse_score(reply: str) -> int | None:
 
 def judge_responses(cfg) -> dict:
     """Score every answer; print the mean, the distribution by tens, the replies with no number."""
-    entries, key = load_responses(cfg.responses, cfg.response_key)
+    key = cfg.response_key
+    entries = load_responses(cfg.responses, key)
     api_key = os.environ.get(cfg.judge_key_env, "")  # "" if unset: no Authorization header
     scores = []
     no_number = []
@@ -538,8 +536,8 @@ class EvalConfig:
     compare: Annotated[str, "a second checkpoint, scored on the same examples"] = ""
     out_json: Annotated[str, "write the scores and per-example results here"] = ""
     batch_tokens: Annotated[int, "tokens per forward pass; lower it if memory runs out"] = 8192
-    responses: Annotated[str, "answers to judge: 07's test_responses.json, 08's"] = ""
-    response_key: Annotated[str, "the field of answers; empty: model_response or after_dpo"] = ""
+    responses: Annotated[str, "answers to judge: a test_responses.json of 09 --answers"] = ""
+    response_key: Annotated[str, "the field of the answers in it"] = "model_response"
     judge_url: Annotated[str, "OpenAI-compatible: http://localhost:11434/v1 (ollama)"] = ""
     judge_model: Annotated[str, "the judge's model name, e.g. llama3.1"] = ""
     judge_key_env: Annotated[str, "the variable holding the judge's API key"] = "OPENAI_API_KEY"
@@ -1049,7 +1047,7 @@ def load_checkpoint(path):
     return model, get_tokenizer(ckpt["tokenizer"]), ckpt
 
 
-# copied from 07_finetune.py: final_hidden
+# copied from 09_generate.py: final_hidden
 def final_hidden(model, idx, position_ids=None, mask=None, cache=None):
     """(B, T) ids -> (B, T, n_embd) after ln_f; with a cache (03's KVCache), idx come after it."""
     transformer = model.transformer

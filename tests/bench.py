@@ -168,28 +168,6 @@ def bench_serve(ckpt="out/shakespeare-char/ckpt.pt", requests: int = 4, max_toke
     server.shutdown()
 
 
-@torch.no_grad()
-def greedy_rerun(model, prompts, max_new_tokens, end_id):
-    """07's answers before the KV cache: a right-padded batch, the whole context rerun per token."""
-    rows = [list(p) for p in prompts]
-    lengths = [len(p) for p in prompts]
-    done = [False] * len(rows)
-    for _ in range(max_new_tokens):
-        T = max(map(len, rows))
-        # right pads: the causal mask hides them
-        idx = torch.tensor([r + [end_id] * (T - len(r)) for r in rows])
-        last = torch.tensor([len(r) - 1 for r in rows])
-        logits = model(idx)[0][torch.arange(len(rows)), last]
-        for i, token in enumerate(logits.argmax(-1).tolist()):
-            if not done[i]:
-                rows[i].append(token)
-                done[i] = token == end_id
-        if all(done):
-            break
-    # the answers, end_id cut off
-    return [r[n:-1] if ended else r[n:] for r, n, ended in zip(rows, lengths, done)]
-
-
 class ConcatKVCache:
     """03's KVCache grown by concatenation (as Hugging Face's DynamicCache), for comparison:
     simpler, but every token copies the whole cache of every layer. max_len is ignored."""
@@ -213,35 +191,40 @@ class ConcatKVCache:
 
 
 def bench_answers(n: int = 8, max_new_tokens: int = 128):
-    """07's greedy answers to its first n test entries in one batch, GPT-2 small (random weights,
-    fp32): with 03's KV cache (07 now), with a cache grown by concatenation instead, and with the
-    whole context rerun for every token (07 before the cache). All three must give the same
-    tokens."""
+    """09 --answers: greedy answers to 07's first n test entries in one batch (its default),
+    GPT-2 small (random weights, fp32): with 03's KV cache (09's), with a cache grown by
+    concatenation instead, and with the whole context rerun for every token. All three must give
+    the same tokens."""
     import json
 
     import tiktoken
 
-    ft07, enc = load_script("07_finetune"), tiktoken.get_encoding("gpt2")
+    gen09, enc = load_script("09_generate"), tiktoken.get_encoding("gpt2")
     data = json.loads((DATA_DIR / "instruction-data.json").read_text(encoding="utf-8"))
-    entries = ft07.split_data(data)["test"][:n]  # 07's default batch
-    prompts = [enc.encode(ft07.format_input(e)) + enc.encode(ft07.RESPONSE_HEADER) for e in entries]
+    entries = load_script("07_finetune").split_data(data)["test"][:n]
+    template = gen09.Template(enc, {"stage": "finetune"})
+    prompts = [template.prompt(e) for e in entries]
     torch.manual_seed(0)
-    model = ft07.GPT(ft07.GPTConfig()).eval()  # 124M
+    model = gen09.GPT(gen09.GPTConfig()).eval()  # 124M
+
+    def answer(new_tokens, use_cache=True):
+        return gen09.generate(model, prompts, new_tokens, temperature=0,
+                              eot_token=enc.eot_token, use_cache=use_cache)
+
     shortest = min(map(len, prompts))
     longest = max(map(len, prompts))
-    print(f"\n07: greedy answers, GPT-2 small (random weights), fp32, one batch of {n} prompts of "
-          f"{shortest}-{longest} tokens, {max_new_tokens} new tokens each")
-    ft07.generate_greedy(model, prompts, 2, enc.eot_token)  # warm up
-    rows, buffers = [], ft07.KVCache
-    for name, cache in (("03's KV cache (07)", buffers), ("concatenated cache", ConcatKVCache)):
-        ft07.KVCache = cache
+    print(f"\n09 --answers: greedy, GPT-2 small (random weights), fp32, one batch of {n} prompts "
+          f"of {shortest}-{longest} tokens, {max_new_tokens} new tokens each")
+    answer(2)  # warm up
+    rows, buffers = [], gen09.KVCache
+    for name, cache in (("03's KV cache (09)", buffers), ("concatenated cache", ConcatKVCache)):
+        gen09.KVCache = cache
         try:
-            answers, seconds = timed(ft07.generate_greedy, model, prompts, max_new_tokens,
-                                     enc.eot_token)
+            answers, seconds = timed(answer, max_new_tokens)
             rows.append((name, answers, seconds))
         finally:
-            ft07.KVCache = buffers
-    answers, seconds = timed(greedy_rerun, model, prompts, max_new_tokens, enc.eot_token)
+            gen09.KVCache = buffers
+    answers, seconds = timed(answer, max_new_tokens, False)
     rows.append(("rerun the context", answers, seconds))
     tokens = sum(map(len, rows[0][1]))
     for name, out, seconds in rows:

@@ -11,14 +11,12 @@ import os
 import re
 import signal
 import types
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
-from conftest import count_device_reads, roughen
 from torch.testing import assert_close
 
 P = -100  # the ignore index, short for the hand-written target tables
@@ -255,137 +253,7 @@ def test_extend_context_interpolates_the_position_table(ft07):
 
 
 # -----------------------------------------------------------------------------
-# generation and the whole loop
-
-
-def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
-    """n greedy tokens after prompt: one prompt alone, the whole context rerun for every token."""
-    idx = torch.tensor([prompt])
-    with torch.no_grad():
-        for _ in range(n):
-            idx = torch.cat([idx, model(idx)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
-    return idx[0, len(prompt) :].tolist()
-
-
-@pytest.mark.parametrize("end_id", [0, 7])
-def test_batched_cached_greedy_equals_one_prompt_at_a_time_without_cache(ft07, end_id):
-    """Left padding, positions per row, the cache: each row gets what it gets alone and uncached.
-    The 20-token prompt fills the 24-token context after 4 new tokens while the others go on."""
-    torch.manual_seed(0)
-    model = tiny_gpt(ft07, vocab_size=32, block_size=24).eval()
-    prompts = [
-        [1, 2, 3],
-        [4, 5, 6, 7, 8, 9, 10],
-        [11],
-        [12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23],
-        list(range(1, 21)),
-    ]
-    got = ft07.generate_greedy(model, prompts, max_new_tokens=10, end_id=end_id)
-    assert len(got) == len(prompts)
-    for prompt, out in zip(prompts, got):
-        n = min(10, 24 - len(prompt))  # the context is full after n new tokens
-        ref = greedy_reference(model, prompt, n)
-        assert out == (ref[: ref.index(end_id)] if end_id in ref else ref)
-
-
-def test_a_huge_max_new_tokens_is_bounded_by_the_context(ft07):
-    """Answers stop when the context is full, so the cache holds the prompt and at most a
-    context more: --max_new_tokens=10**12 answers as 24 does, allocating no 10**12 positions."""
-    torch.manual_seed(0)
-    model = tiny_gpt(ft07, vocab_size=32, block_size=24).eval()
-    prompts = [[1, 2, 3], list(range(1, 21))]
-    huge = ft07.generate_greedy(model, prompts, max_new_tokens=10**12, end_id=31)
-    assert huge == ft07.generate_greedy(model, prompts, max_new_tokens=24, end_id=31)
-
-
-def test_greedy_with_no_new_tokens_and_the_head_in_fp32_under_bf16(ft07):
-    """max_new_tokens=0 answers nothing (08 allows it); under bf16 autocast the blocks run in bf16
-    but the argmax reads fp32 logits, as 08's and 09's heads (bf16 would round GPT-2's logits by
-    0.1-0.5)."""
-    model = tiny_gpt(ft07, vocab_size=32, block_size=24).eval()
-    assert ft07.generate_greedy(model, [[1, 2], [3]], max_new_tokens=0, end_id=0) == [[], []]
-    dtypes = []
-    model.lm_head.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
-    block_dtypes = []
-    c_fc = model.transformer.h[0].mlp.c_fc
-    c_fc.register_forward_hook(lambda m, i, out: block_dtypes.append(out.dtype))
-    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
-    ft07.generate_greedy(model, [[1, 2], [3]], 3, end_id=31, ctx=bf16)
-    assert dtypes and set(dtypes) == {torch.float32} and set(block_dtypes) == {torch.bfloat16}
-
-
-class CountingContext:
-    """Another context manager (autocast), counting how often it is entered."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.entries = 0
-
-    def __enter__(self):
-        self.entries += 1
-        return self.inner.__enter__()
-
-    def __exit__(self, *exc_info):
-        return self.inner.__exit__(*exc_info)
-
-
-def test_a_batch_of_answers_enters_autocast_once(ft07):
-    """Autocast keeps its bf16 casts of the weights only while its outermost region lasts: entered
-    per token, every weight would be cast again for every token."""
-    model = tiny_gpt(ft07, vocab_size=32, block_size=24).eval()
-    ctx = CountingContext(torch.autocast("cpu", dtype=torch.bfloat16))
-    answers = ft07.generate_greedy(model, [[1, 2], [3]], 6, end_id=99, ctx=ctx)  # 99: never ends
-    assert [len(answer) for answer in answers] == [6, 6]
-    assert ctx.entries == 1
-
-
-def test_cached_greedy_runs_through_lora_adapters(ft07):
-    """The cache goes through LoRA's adapters too (07 answers with them merged, which is faster)."""
-    torch.manual_seed(0)
-    model = ft07.apply_lora(tiny_gpt(ft07, vocab_size=32, block_size=24), rank=4, alpha=8).eval()
-    for m in model.modules():
-        if isinstance(m, ft07.LoRALinear):
-            nn.init.normal_(m.lora_B, std=0.5)  # an update large enough to change the answers
-    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
-    got = ft07.generate_greedy(model, prompts, max_new_tokens=8, end_id=0)
-    for prompt, out in zip(prompts, got):
-        ref = greedy_reference(model, prompt, 8)
-        assert out == (ref[: ref.index(0)] if 0 in ref else ref)
-    plain = ft07.generate_greedy(ft07.merge_lora(copy.deepcopy(model)), prompts, 8, end_id=0)
-    assert plain == got  # merged, the same answers
-
-
-def test_final_hidden_is_the_model_without_its_head_with_or_without_a_cache(ft07):
-    torch.manual_seed(0)
-    model = tiny_gpt(ft07, vocab_size=32, block_size=16).eval()
-    idx = torch.randint(32, (2, 11))
-    with torch.no_grad():
-        expected = model(idx)[0]  # (B, T, vocab)
-        assert_close(model.lm_head(ft07.final_hidden(model, idx)), expected, atol=1e-5, rtol=0)
-        cache, pieces = ft07.KVCache(model.config.n_layer, 16), []
-        for start, end in [(0, 4), (4, 5), (5, 6), (6, 11)]:  # a prompt, two tokens, then a chunk
-            pieces.append(ft07.final_hidden(model, idx[:, start:end], cache=cache))
-            assert cache.length == end
-        assert_close(model.lm_head(torch.cat(pieces, dim=1)), expected, atol=1e-5, rtol=0)
-
-
-def test_greedy_answers_read_the_device_once_per_token(ft07, monkeypatch):
-    """Issue 14: one sync per new token at most (the check whether every row has ended), plus the
-    final read of the answers; no rerun of the context, which the cache's length shows."""
-    torch.manual_seed(0)
-    model = tiny_gpt(ft07, vocab_size=32, block_size=64).eval()
-    reads, lengths = count_device_reads(monkeypatch, ft07.__file__), []
-    original_attend = ft07.KVCache.attend
-
-    def attend(self, attn, x, layer, mask=None):
-        lengths.append(x.size(1))
-        return original_attend(self, attn, x, layer, mask)
-
-    monkeypatch.setattr(ft07.KVCache, "attend", attend)
-    # end_id 99: never ends early
-    ft07.generate_greedy(model, [[1, 2, 3], [4, 5]], max_new_tokens=12, end_id=99)
-    assert len(reads) == 12 + 1
-    assert lengths == [3] * 2 + [1] * 2 * 11  # the prompt once per layer, then one token per layer
+# the whole loop
 
 
 @pytest.fixture(scope="module")
@@ -424,26 +292,18 @@ def test_finetune_loss_falls_and_the_checkpoint_loads(ft07, char_setup, lora_ran
                                                       monkeypatch):
     tmp, entries = char_setup
     out_dir = tmp / f"out{lora_rank}"
-    answering = []  # per batch of test answers: whether the model has unmerged adapters
-    original_generate = ft07.generate_greedy
-
-    def generate_greedy(model, *args):
-        answering.append(any(isinstance(m, ft07.LoRALinear) for m in model.modules()))
-        return original_generate(model, *args)
-
-    monkeypatch.setattr(ft07, "generate_greedy", generate_greedy)
     result = ft07.main([
         f"--ckpt={tmp / 'base' / 'ckpt.pt'}", f"--data_path={tmp / 'data.json'}",
         f"--out_dir={out_dir}", f"--lora_rank={lora_rank}", "--max_iters=30", "--batch_size=4",
         f"--learning_rate={1e-2 if lora_rank else 3e-3}",
-        "--min_block_size=0", "--eval_interval=15", "--max_new_tokens=8", "--device=cpu",
+        "--min_block_size=0", "--eval_interval=15", "--device=cpu",
         "--dtype=float32",
     ])  # fmt: skip
     assert len(result["train_losses"]) == 30
     assert result["after"]["loss"] < result["before"]["loss"]
     out = capsys.readouterr().out
-    assert "test answers: 4/4" in out  # progress while the answers are written
-    assert answering == [False]  # LoRA's answers come from the merged weights (faster)
+    test_path = out_dir / "test.json"  # the test split, and how 09 answers it
+    assert f"--ckpt={out_dir / 'ckpt.pt'} --answers={test_path} --temperature=0" in out
     # r * (in + out) per adapted Linear, n_embd 32, 2 layers: 2 * 4 * (128 + 64 + 160 + 160) = 4,096
     assert ("parameters: 4,096 trainable of" if lora_rank else "(100.00%)") in out
 
@@ -465,47 +325,14 @@ def test_finetune_loss_falls_and_the_checkpoint_loads(ft07, char_setup, lora_ran
     before, after = (ft07.evaluate_loss(m, train, 8, end_id)["loss"] for m in (base, model))
     assert after < (0.95 if lora_rank else 0.9) * before  # measured: 0.86 and 0.75
 
-    responses = json.loads((out_dir / "test_responses.json").read_text(encoding="utf-8"))
-    assert [r["output"] for r in responses] == [e["output"] for e in splits["test"]]
-    assert all(isinstance(r["model_response"], str) for r in responses)
-
-
-def rough_model(ft07, vocab_size: int, block_size: int):
-    """A tiny GPT with large random weights (std 0.3; as test_09's): confident, varied greedy
-    answers. GPT-2's std 0.02 gives near-uniform logits whose first answer token is often the
-    end token, so an empty answer would pass for a right one."""
-    torch.manual_seed(0)
-    model = tiny_gpt(ft07, vocab_size=vocab_size, block_size=block_size, n_embd=32)
-    return roughen(model)
-
-
-def test_the_written_answers_are_the_models_greedy_answers(ft07, char_setup, tmp_path):
-    """test_responses.json holds, per test entry, the text of greedy_reference's tokens (one prompt
-    alone, the whole context rerun per token) up to the end token, beside the entry itself."""
-    tmp, entries = char_setup
-    _, tokenizer, _ = ft07.load_checkpoint(tmp / "base" / "ckpt.pt")
-    end_id = ft07.end_token_id(tokenizer)
-    model = rough_model(ft07, tokenizer.n_vocab, block_size=256)
-    test = entries[:5]
-    data = {"test": test, "encode": tokenizer.encode, "decode": tokenizer.decode, "end_id": end_id}
-    cfg = types.SimpleNamespace(num_responses=-1, batch_size=2, max_new_tokens=12,
-                                out_dir=str(tmp_path))
-    ft07.write_test_responses(model, data, cfg, nullcontext())
-    records = json.loads((tmp_path / "test_responses.json").read_text(encoding="utf-8"))
-    assert [{k: r[k] for k in entry} for r, entry in zip(records, test)] == test
-    for entry, record in zip(test, records):
-        prompt = tokenizer.encode(ft07.format_input(entry) + ft07.RESPONSE_HEADER)
-        tokens = greedy_reference(model, prompt, 12)
-        tokens = tokens[: tokens.index(end_id)] if end_id in tokens else tokens
-        assert record["model_response"] == tokenizer.decode(tokens).strip()
-        assert record["model_response"]  # the rough model says something
+    assert json.loads(test_path.read_text(encoding="utf-8")) == splits["test"]
 
 
 def finetune_args(tmp, out_dir, *flags) -> list[str]:
     """07's flags for a short CPU run on char_setup's model and entries, into out_dir."""
     return [f"--ckpt={tmp / 'base' / 'ckpt.pt'}", f"--data_path={tmp / 'data.json'}",
             f"--out_dir={out_dir}", "--batch_size=4", "--min_block_size=0", "--device=cpu",
-            "--dtype=float32", "--max_new_tokens=4", *flags]
+            "--dtype=float32", *flags]
 
 
 @pytest.mark.parametrize("mask_prompt", [True, False])
@@ -515,7 +342,7 @@ def test_the_first_step_learns_from_the_answer_tokens_only(ft07, char_setup, tmp
     without padding: the mean over the answer's targets (and the end token), and with
     --mask_prompt=false over the prompt's too. The two differ, so each run tells them apart."""
     tmp, entries = char_setup
-    flags = ["--max_iters=1", "--num_responses=0", f"--mask_prompt={mask_prompt}"]
+    flags = ["--max_iters=1", f"--mask_prompt={mask_prompt}"]
     result = ft07.main(finetune_args(tmp, tmp_path, *flags))
     model, tokenizer, _ = ft07.load_checkpoint(tmp / "base" / "ckpt.pt")
     end_id = ft07.end_token_id(tokenizer)
@@ -547,11 +374,11 @@ def test_ctrl_c_saves_and_the_resumed_run_ends_as_an_uninterrupted_one(
 ):
     """A real SIGINT while step 2 runs: that step ends, ckpt.pt is saved at step 2, the command to
     go on is printed, the exit status is 130. Resumed, the run ends with the weights (bit for
-    bit) and the answers of a run never stopped: the model with its adapters, Adam's moments and
+    bit) and the test split of a run never stopped: the model with its adapters, Adam's moments and
     the batch order all go on where they were."""
     tmp, _ = char_setup
     flags = [f"--lora_rank={lora_rank}", "--max_iters=5", "--eval_interval=3",
-             "--learning_rate=1e-2", "--num_responses=2"]
+             "--learning_rate=1e-2"]
     ft07.main(finetune_args(tmp, tmp_path / "whole", *flags))
     original_batch_indices = ft07.batch_indices
 
@@ -569,7 +396,7 @@ def test_ctrl_c_saves_and_the_resumed_run_ends_as_an_uninterrupted_one(
     hint = f"continue: python 07_finetune.py --init_from=resume --out_dir={out_dir}"
     assert f"at step 2 of 5; {hint}" in out
     assert ft07.load_checkpoint(out_dir / "ckpt.pt")[2]["iter_num"] == 2
-    assert not (out_dir / "test_responses.json").exists()
+    assert not (out_dir / "test.json").exists()  # written at the end
     auto = [f"--ckpt={tmp / 'base' / 'ckpt.pt'}", "--init_from=auto"]  # resume if there is a run
     for folder, start in [(out_dir, "resume"), (tmp_path / "new", "scratch")]:
         cfg = ft07.parse_config(ft07.FinetuneConfig, [*auto, f"--out_dir={folder}"])
@@ -582,8 +409,8 @@ def test_ctrl_c_saves_and_the_resumed_run_ends_as_an_uninterrupted_one(
     assert whole["model"].keys() == resumed["model"].keys()
     for name, tensor in whole["model"].items():
         assert torch.equal(resumed["model"][name], tensor), name
-    answers = [(path / "test_responses.json").read_text() for path in (tmp_path / "whole", out_dir)]
-    assert answers[0] == answers[1]
+    splits = [(path / "test.json").read_text() for path in (tmp_path / "whole", out_dir)]
+    assert splits[0] == splits[1]
 
 
 def test_a_second_ctrl_c_quits_at_once(ft07):
@@ -601,7 +428,7 @@ def test_a_resume_with_other_lora_flags_names_the_saved_ones(ft07, char_setup, t
     weights nor Adam's moments."""
     tmp, _ = char_setup
     lora = ["--lora_rank=4", "--lora_alpha=8.0", "--lora_targets=c_attn,c_fc"]
-    ft07.main(finetune_args(tmp, tmp_path, *lora, "--max_iters=1", "--num_responses=0"))
+    ft07.main(finetune_args(tmp, tmp_path, *lora, "--max_iters=1"))
     capsys.readouterr()
     before = (tmp_path / "ckpt.pt").read_bytes()
     saved = " ".join([*lora, "--min_block_size=0"])
@@ -627,7 +454,7 @@ def test_relative_paths_start_at_the_project_folder(ft07, char_setup, tmp_path, 
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     ft07.main(["--ckpt=base/ckpt.pt", "--data_path=data.json", "--out_dir=out/ft", "--max_iters=1",
-               "--batch_size=4", "--min_block_size=0", "--num_responses=0", "--device=cpu"])
+               "--batch_size=4", "--min_block_size=0", "--device=cpu"])
     assert (project / "out" / "ft" / "ckpt.pt").exists()
     assert list(elsewhere.iterdir()) == []
 
@@ -656,7 +483,7 @@ def test_finetune_from_openai_weights(ft07, char_setup, tmp_path, monkeypatch, c
     out_dir = tmp_path / "out"
     result = ft07.main([
         "--init_from=gpt2", f"--data_path={tmp / 'data.json'}", f"--out_dir={out_dir}",
-        "--max_iters=4", "--batch_size=4", "--learning_rate=1e-3", "--max_new_tokens=4",
+        "--max_iters=4", "--batch_size=4", "--learning_rate=1e-3",
         "--device=cpu", "--dtype=float32",
     ])  # fmt: skip
     assert result["after"]["loss"] < result["before"]["loss"]
@@ -753,6 +580,26 @@ def test_an_earlier_run_is_never_overwritten_unasked(ft07, char_setup, tmp_path,
     assert asked.overwrite  # asked: accepted
 
 
+def test_an_out_dir_that_is_a_file_is_refused_before_any_work(ft07, char_setup, tmp_path, capsys,
+                                                               no_model):
+    tmp, _ = char_setup
+    (tmp_path / "notes").write_text("mine")
+    args = [f"--ckpt={tmp / 'base' / 'ckpt.pt'}", f"--out_dir={tmp_path / 'notes'}", "--device=cpu"]
+    assert "is a file: name a folder" in run_main(ft07, capsys, args)
+    assert (tmp_path / "notes").read_text() == "mine"
+
+
+def test_the_start_model_is_never_the_file_the_run_writes(ft07, char_setup, tmp_path, capsys,
+                                                          no_model):
+    """--ckpt=out_dir/ckpt.pt with --overwrite: the first save would replace the start model."""
+    tmp, _ = char_setup
+    start = tmp_path / "ckpt.pt"
+    start.write_bytes((tmp / "base" / "ckpt.pt").read_bytes())
+    args = [f"--ckpt={start}", f"--out_dir={tmp_path}", "--overwrite", "--device=cpu"]
+    assert "is the ckpt.pt this run writes; use another --out_dir" in run_main(ft07, capsys, args)
+    assert start.read_bytes() == (tmp / "base" / "ckpt.pt").read_bytes()
+
+
 @pytest.mark.parametrize("flags, message", [
     ("--unknown_char=~", "--unknown_char"),  # not among the checkpoint's characters
     ("--min_block_size=0 --data_path={long}",
@@ -837,26 +684,28 @@ def test_a_run_saved_on_a_gpu_in_float16_resumes_on_a_cpu(ft07, char_setup, tmp_
     """The device and the dtype are the resuming machine's: a GPU run's float16, replayed on a
     CPU, would stop the resume (CPU has no fp16 training here)."""
     tmp, _ = char_setup
-    ft07.main(finetune_args(tmp, tmp_path, "--max_iters=2", "--num_responses=0"))
+    ft07.main(finetune_args(tmp, tmp_path, "--max_iters=2"))
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     ckpt["config"].update(device="cuda", dtype="float16")  # as a GPU without bf16 saves it
     ckpt["iter_num"] = 1
     torch.save(ckpt, tmp_path / "ckpt.pt")
     capsys.readouterr()
-    result = ft07.main(["--init_from=resume", f"--out_dir={tmp_path}", "--num_responses=0"])
+    result = ft07.main(["--init_from=resume", f"--out_dir={tmp_path}"])
     assert result["iter_num"] == 2
 
 
 def test_a_resume_writes_where_it_read(ft07, char_setup, tmp_path, monkeypatch):
     """A run moved into the default out_dir, resumed with no --out_dir, goes on there: the saved
-    settings' out_dir (the folder it was made in) is not where the resume writes."""
+    settings' out_dir (the folder it was made in) is not where the resume writes. A saved setting
+    07 no longer has (an older version's) is dropped."""
     tmp, _ = char_setup
     monkeypatch.setattr(ft07, "PROJECT", tmp_path)
     default = tmp_path / ft07.FinetuneConfig.out_dir
-    ft07.main(finetune_args(tmp, default, "--max_iters=2", "--num_responses=0"))
+    ft07.main(finetune_args(tmp, default, "--max_iters=2"))
     ckpt = torch.load(default / "ckpt.pt", weights_only=False)
     ckpt["config"]["out_dir"] = str(tmp_path / "elsewhere")  # where the run was made
+    ckpt["config"]["num_responses"] = 5  # a setting of older versions: left out, not an error
     torch.save(ckpt, default / "ckpt.pt")
-    ft07.main(["--init_from=resume", "--max_iters=3", "--num_responses=0"])
+    ft07.main(["--init_from=resume", "--max_iters=3"])
     assert torch.load(default / "ckpt.pt", weights_only=True)["iter_num"] == 3
     assert not (tmp_path / "elsewhere").exists()

@@ -13,13 +13,11 @@ import math
 import os
 import shutil
 import signal
-import types
-from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import count_device_reads, roughen
+from conftest import count_device_reads
 from torch.testing import assert_close
 
 LN2 = math.log(2)
@@ -171,89 +169,13 @@ def test_logprobs_come_from_an_fp32_head_under_bf16_autocast(dpo08):
     assert (old.double() - exact).abs().max() > 1e-2  # the bf16 head is off by far more
 
 
-def rough_gpt(dpo08, vocab_size: int, seed: int):
-    """A tiny GPT with large random weights (std 0.3, as 09's tests): GPT-2's init (std 0.02)
-    gives near-uniform logits, and both tiny models would end every answer at once (''), so a
-    bug that writes '' or swaps the models would pass; std 0.3 gives varied, confident answers."""
-    torch.manual_seed(seed)
-    model = tiny_gpt(dpo08, vocab_size=vocab_size, block_size=256, n_embd=32)
-    return roughen(model)
-
-
-def greedy_reference(model, prompt: list[int], max_new_tokens: int, end_id: int) -> list[int]:
-    """Greedy decoding with GPT.forward over the whole context at every token: no KV cache, no
-    batch, no padding (the prompts here fit the context)."""
-    ids = list(prompt)
-    for _ in range(max_new_tokens):
-        logits, _ = model(torch.tensor([ids]))
-        next_id = logits[0, -1].argmax().item()
-        if next_id == end_id:
-            break
-        ids.append(next_id)
-    return ids[len(prompt) :]
-
-
-def answer_setup(dpo08, tmp_path, num_responses=-1, max_new_tokens=8):
-    """(reference, policy, data, cfg) for write_responses: three entries, two rough models."""
-    entries = [
-        {"instruction": f"Say {w}.", "input": "", "chosen": w, "rejected": "no"} for w in "abc"
-    ]
-    prompt_texts = [dpo08.format_input(e) + dpo08.RESPONSE_HEADER for e in entries]
-    tok = dpo08.CharTokenizer.from_text("".join(prompt_texts))
-    reference = rough_gpt(dpo08, tok.n_vocab, seed=2)  # seeds whose answers differ by entry
-    policy = rough_gpt(dpo08, tok.n_vocab, seed=22)
-    data = {"val_entries": entries, "encode": tok.encode, "decode": tok.decode,
-            "end_id": tok.encode("\n")[0]}
-    cfg = types.SimpleNamespace(num_responses=num_responses, max_new_tokens=max_new_tokens,
-                                batch_size=2, out_dir=tmp_path)
-    return reference, policy, data, cfg
-
-
-@pytest.mark.parametrize("num_responses, expected", [(2, 2), (0, 0), (-1, 3)])
-def test_responses_before_and_after_for_n_or_all_entries(dpo08, tmp_path, num_responses, expected):
-    """write_responses answers the first num_responses validation entries (-1: all, as 07's flag):
-    before_dpo is the reference's greedy answer, after_dpo the policy's, each equal to a greedy
-    decoding that reruns the whole context per token; the two models answer differently."""
-    reference, policy, data, cfg = answer_setup(dpo08, tmp_path, num_responses)
-    dpo08.write_responses(reference, policy, data, cfg, nullcontext())
-    records = json.loads((tmp_path / "dpo_responses.json").read_text(encoding="utf-8"))
-    entries = data["val_entries"][:expected]
-    assert [r["instruction"] for r in records] == [e["instruction"] for e in entries]
-    for model, key in ((reference, "before_dpo"), (policy, "after_dpo")):
-        for entry, record in zip(entries, records):
-            prompt = data["encode"](dpo08.format_input(entry) + dpo08.RESPONSE_HEADER)
-            ids = greedy_reference(model, prompt, cfg.max_new_tokens, data["end_id"])
-            assert record[key] == data["decode"](ids).strip(), key
-    for record in records:  # answers that can tell the models apart, and '' from an answer
-        assert record["before_dpo"] and record["after_dpo"]
-        assert record["before_dpo"] != record["after_dpo"]
-
-
-class CountingContext:
-    """A context manager that counts how often it is entered: the precision region of answers."""
-
-    def __init__(self):
-        self.entries = 0
-
-    def __enter__(self):
-        self.entries += 1
-
-    def __exit__(self, *exc_info):
-        return False
-
-
-def test_answers_enter_the_precision_region_once_per_batch_not_per_token(dpo08, tmp_path):
-    """torch.autocast's exit clears its cache of bf16 weights when the nesting returns to 0, so
-    entering it per token re-casts every weight per token: one region per batch (two batches of
-    two and one entries per model here), however long the answers."""
-    counts = []
-    for max_new_tokens in (1, 8):
-        reference, policy, data, cfg = answer_setup(dpo08, tmp_path, -1, max_new_tokens)
-        ctx = CountingContext()
-        dpo08.write_responses(reference, policy, data, cfg, ctx)
-        counts.append(ctx.entries)
-    assert 1 <= counts[1] <= 2 * 2  # two models, two batches each
-    assert counts[0] == counts[1]
+def test_final_hidden_is_the_model_without_its_head(dpo08):
+    torch.manual_seed(0)
+    model = tiny_gpt(dpo08, vocab_size=64, n_embd=32).eval()
+    idx = torch.randint(64, (2, 9))
+    with torch.no_grad():
+        got = model.lm_head(dpo08.final_hidden(model, idx))
+        assert_close(got, model(idx)[0], atol=1e-5, rtol=0)
 
 
 def test_pairs_are_formatted_exactly_as_07_finetuned(dpo08, ft07):
@@ -400,8 +322,8 @@ def start(dpo08, tmp_path_factory, preference_data_path):
 def run_settings(tmp, out_dir, **overrides) -> dict:
     settings = dict(ckpt=str(tmp / "ft.pt"), out_dir=str(out_dir),
                     data_path=str(tmp / "pairs.json"), max_iters=12, learning_rate=3e-3,
-                    warmup_iters=2, beta=0.1, eval_interval=6, log_interval=6, max_new_tokens=4,
-                    num_responses=2, device="cpu", dtype="float32", threads=1)
+                    warmup_iters=2, beta=0.1, eval_interval=6, log_interval=6, device="cpu",
+                    dtype="float32", threads=1)
     return {**settings, **overrides}
 
 
@@ -447,7 +369,7 @@ def test_the_reference_never_changes(tiny_run):
 
 
 @pytest.mark.slow
-def test_the_run_writes_a_dpo_checkpoint_responses_and_a_log(dpo08, tiny_run):
+def test_the_run_writes_a_dpo_checkpoint_and_a_log(dpo08, tiny_run):
     result, _, cfg = tiny_run
     out = dpo08.Path(cfg.out_dir)
     model, tok, ckpt = dpo08.load_checkpoint(out / "ckpt.pt")  # what 09 does
@@ -456,10 +378,6 @@ def test_the_run_writes_a_dpo_checkpoint_responses_and_a_log(dpo08, tiny_run):
     assert ckpt["val_loss"] == pytest.approx(result["after"]["val"]["loss"])
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, result["policy"].state_dict()[name]), name
-    records = json.loads((out / "dpo_responses.json").read_text(encoding="utf-8"))
-    assert len(records) == 2
-    keys = {"instruction", "input", "chosen", "rejected", "before_dpo", "after_dpo"}
-    assert keys <= set(records[0])
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [line["iter"] for line in log] == [0, 6, 12]
     assert log[-1]["train_margin"] == pytest.approx(result["after"]["train"]["margin"])
@@ -479,7 +397,7 @@ def test_the_loop_reads_no_value_from_the_device_per_step(dpo08, start, monkeypa
     for max_iters in (3, 9):
         reads.clear()
         cfg = run_config(dpo08, tmp, tmp / f"reads{max_iters}", max_iters=max_iters,
-                         log_interval=100, eval_interval=100, num_responses=0)
+                         log_interval=100, eval_interval=100)
         dpo08.dpo(cfg)
         counts.append(len(reads))
     assert counts[0] > 0  # the counter sees 08's reads (the log and eval lines)
@@ -512,7 +430,7 @@ def test_ctrl_c_saves_and_the_hint_resumes_to_the_same_weights(dpo08, start, tmp
     from its checkpoint (the command names only --init_from and --out_dir), rebuilds the
     reference from --ckpt, and the batches are a function of the step."""
     tmp, _ = start
-    settings = dict(max_iters=4, eval_interval=3, batch_size=4, eval_pairs=4, num_responses=0)
+    settings = dict(max_iters=4, eval_interval=3, batch_size=4, eval_pairs=4)
     full = tmp_path / "full"
     dpo08.main(run_argv(tmp, full, **settings))
     split = tmp_path / "split"
@@ -527,7 +445,6 @@ def test_ctrl_c_saves_and_the_hint_resumes_to_the_same_weights(dpo08, start, tmp
     out, err = capsys.readouterr()
     assert "Traceback" not in err and "Ctrl-C: saving after this step" in out
     assert f"saved {split / 'ckpt.pt'} (step 2)" in out
-    assert not (split / "dpo_responses.json").exists()  # an interrupted run answers nothing
     command = out.split("continue: ")[1].split()  # python 08_dpo.py --init_from=... --out_dir=...
     assert command[:2] == ["python", "08_dpo.py"] and f"--out_dir={split}" in command
     resumed = dpo08.main(command[2:])
@@ -557,7 +474,7 @@ def test_a_second_ctrl_c_quits_at_once(dpo08, start, tmp_path, monkeypatch):
 def test_a_run_saved_without_fp16_resumes_with_it(dpo08, start, tmp_path):
     """Without fp16 the gradient scaler is off and saves {}: a float16 resume starts a new one."""
     tmp, _ = start
-    settings = dict(max_iters=1, batch_size=2, eval_pairs=2, num_responses=0)
+    settings = dict(max_iters=1, batch_size=2, eval_pairs=2)
     dpo08.main(run_argv(tmp, tmp_path, **settings))
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["scaler"] == {}
     cfg = run_config(dpo08, tmp, tmp_path, init_from="resume", **{**settings, "max_iters": 2})
@@ -607,7 +524,7 @@ def test_relative_paths_resolve_against_the_project_folder(dpo08, start, tmp_pat
     ckpt = os.path.relpath(tmp / "ft.pt", dpo08.PROJECT)  # ../../tmp/...: from the project
     assert not (tmp_path / ckpt).exists()  # from the current folder it means nothing
     try:
-        argv = run_argv(tmp, out_dir, ckpt=ckpt, max_iters=1, eval_pairs=8, num_responses=0)
+        argv = run_argv(tmp, out_dir, ckpt=ckpt, max_iters=1, eval_pairs=8)
         dpo08.main(argv)
         assert (dpo08.PROJECT / out_dir / "ckpt.pt").exists()
         assert not (tmp_path / out_dir).exists()
@@ -730,7 +647,7 @@ def test_a_run_saved_on_a_gpu_in_float16_resumes_on_a_cpu(dpo08, start, tmp_path
     """The device and the dtype are the resuming machine's: a GPU run's float16, replayed on a
     CPU, would stop the resume (CPU has no fp16 training here)."""
     tmp, _ = start
-    settings = dict(max_iters=2, batch_size=2, eval_pairs=2, num_responses=0)
+    settings = dict(max_iters=2, batch_size=2, eval_pairs=2)
     dpo08.main(run_argv(tmp, tmp_path, **settings))
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     ckpt["config"].update(device="cuda", dtype="float16")  # as a GPU without bf16 saves it
@@ -744,7 +661,7 @@ def test_a_save_of_nan_weights_keeps_the_last_good_checkpoint(dpo08, start, tmp_
     """A run that diverged (or a Ctrl-C after it) saves through DPORun.save: it must not write NaN
     weights over the last good ckpt.pt (main turns the error into one line)."""
     tmp, _ = start
-    settings = dict(max_iters=1, batch_size=2, eval_pairs=2, num_responses=0)
+    settings = dict(max_iters=1, batch_size=2, eval_pairs=2)
     result = dpo08.main(run_argv(tmp, tmp_path, **settings))
     good = (tmp_path / "ckpt.pt").read_bytes()
     cfg = run_config(dpo08, tmp, tmp_path, init_from="resume", **settings)
@@ -764,9 +681,10 @@ def test_a_resume_writes_where_it_read(dpo08, start, tmp_path, monkeypatch):
     tmp, _ = start
     monkeypatch.setattr(dpo08, "PROJECT", tmp_path)
     default = tmp_path / dpo08.DPOConfig.out_dir
-    dpo08.main(run_argv(tmp, default, max_iters=2, batch_size=2, eval_pairs=2, num_responses=0))
+    dpo08.main(run_argv(tmp, default, max_iters=2, batch_size=2, eval_pairs=2))
     ckpt = torch.load(default / "ckpt.pt", weights_only=False)
     ckpt["config"]["out_dir"] = str(tmp_path / "elsewhere")  # where the run was made
+    ckpt["config"]["num_responses"] = 5  # a setting of older versions: left out, not an error
     torch.save(ckpt, default / "ckpt.pt")
     dpo08.main(["--init_from=resume", "--max_iters=3"])
     assert torch.load(default / "ckpt.pt", weights_only=True)["iter_num"] == 3
@@ -777,7 +695,7 @@ def test_a_resume_against_another_reference_is_refused(dpo08, start, tmp_path, c
     """The reference is the model the run began from: a resume with another --ckpt (even a copy
     of the same weights) would change what the policy is measured against."""
     tmp, _ = start
-    dpo08.main(run_argv(tmp, tmp_path, max_iters=2, batch_size=2, eval_pairs=2, num_responses=0))
+    dpo08.main(run_argv(tmp, tmp_path, max_iters=2, batch_size=2, eval_pairs=2))
     shutil.copy(tmp / "ft.pt", tmp_path / "other.pt")
     argv = ["--init_from=resume", f"--out_dir={tmp_path}", f"--ckpt={tmp_path / 'other.pt'}"]
     assert_user_error(dpo08, capsys, argv, "began from", str(tmp / "ft.pt"))

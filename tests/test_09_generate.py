@@ -5,6 +5,7 @@ messages."""
 
 import dataclasses
 import io
+import json
 import math
 import os
 import re
@@ -19,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, roughen
+from conftest import ROOT, count_device_reads, roughen
 
 VOCAB = 48
 
@@ -65,6 +66,32 @@ def run_steps(gen09, model, prompts, n_new, use_cache=True, **sampling):
 
 # -----------------------------------------------------------------------------
 # The KV cache
+
+
+def test_a_batch_reads_the_device_once_per_new_token(gen09, monkeypatch):
+    """One sync per step for the whole batch (the new ids, for the stops), plus one for the
+    prompt's padding: on a GPU each read makes the CPU wait."""
+    model = rough_model(gen09, block_size=64).eval()
+    reads = count_device_reads(monkeypatch, gen09.__file__)
+    out = gen09.generate(model, [[1, 2, 3], [4, 5]], 12, temperature=0, eot_token=VOCAB)
+    assert [len(row) for row in out] == [12, 12]  # VOCAB: an id never drawn, so no early stop
+    assert len(reads) <= 12 + 1
+
+
+def test_final_hidden_is_the_model_without_its_head_with_or_without_a_cache(gen09):
+    model = rough_model(gen09, block_size=16, vocab_size=32).eval()
+    idx = torch.randint(32, (2, 11))
+    with torch.no_grad():
+        expected = model(idx)[0]  # (B, T, vocab)
+        got = model.lm_head(gen09.final_hidden(model, idx))
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        cache = gen09.KVCache(model.config.n_layer, 16)
+        pieces = []
+        for start, end in [(0, 4), (4, 5), (5, 6), (6, 11)]:  # a prompt, two tokens, then a chunk
+            pieces.append(gen09.final_hidden(model, idx[:, start:end], cache=cache))
+            assert cache.length == end
+        got = model.lm_head(torch.cat(pieces, dim=1))
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
 def test_forward_cached_matches_model_forward_chunk_by_chunk(gen09):
@@ -312,6 +339,58 @@ def test_chat_reports_only_the_characters_the_user_typed(gen09, tmp_path, capsys
     assert "#" not in out
     assert out.count("sent as '?'") == 1  # the first message is all known characters
     assert "sent as '?': '+2'" in out
+
+
+ENTRIES = [  # 07's format; 'Q' and '7' are not among the model's characters below
+    {"instruction": "Name a colour.", "input": "", "output": "red"},
+    {"instruction": "Add these.", "input": "7 and 2", "output": "nine"},
+    {"instruction": "Say a word about the sea, quickly.", "input": "", "output": "waves"},
+    {"instruction": "Quote it.", "input": "to be", "output": "to be"},
+    {"instruction": "Why?", "output": "because"},
+]
+
+
+def test_answers_are_each_entrys_greedy_answer_alone_beside_the_checkpoint(gen09, tmp_path,
+                                                                           capsys):
+    """--answers answers in batches (of 2: prompts of unequal length, left-padded) what each
+    entry alone gets: 07's template, unknown characters as '?', ended at a newline (a char model's
+    end token); the entries with their answers go beside --ckpt, named after the file."""
+    chars = "".join(sorted(set("abcdefghijklmnopqrstuvwxyz ABNRSW,.:?\n")))
+    model, tok = save_tiny_checkpoint(gen09, tmp_path / "run" / "ckpt.pt", chars, "finetune")
+    (tmp_path / "test.json").write_text(json.dumps(ENTRIES))
+    argv = [f"--ckpt={tmp_path / 'run' / 'ckpt.pt'}", f"--answers={tmp_path / 'test.json'}",
+            "--batch_size=2", "--max_new_tokens=40", "--temperature=0", "--device=cpu"]
+    path = gen09.main(argv)
+    assert path == tmp_path / "run" / "test_responses.json"
+    records = json.loads(path.read_text())
+    assert [{k: v for k, v in r.items() if k != "model_response"} for r in records] == ENTRIES
+    newline = tok.encode("\n")[0]
+    for entry, record in zip(ENTRIES, records):
+        text = gen09.format_input(entry) + "\n\n### Response:\n"
+        prompt = tok.encode("".join(c if c in chars else "?" for c in text))
+        alone = gen09.generate(model, [prompt], 40, temperature=0, eot_token=newline)[0]
+        assert record["model_response"] == tok.decode(alone).strip()
+    assert len({r["model_response"] for r in records}) > 1  # a rough model: varied answers
+    assert f"5 answers in {path}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content, flags, message", [
+    (None, [], "07_finetune.py writes its test split as out_dir/test.json"),
+    ("{}", [], "expected a JSON list of objects, each with an instruction"),
+    ('[{"input": "x"}]', [], "expected a JSON list of objects, each with an instruction"),
+    ("[]", ["--chat"], "--chat and --answers: choose one"),
+    ("[]", ["--batch_size=0"], "--batch_size=0: use 1 or more"),
+])
+def test_bad_answers_settings_are_one_error_line_before_the_model(gen09, tmp_path, capsys,
+                                                                  monkeypatch, content, flags,
+                                                                  message):
+    save_tiny_checkpoint(gen09, tmp_path / "ckpt.pt", "abc\n", stage="finetune")
+    answers = tmp_path / "test.json"
+    if content is not None:
+        answers.write_text(content)
+    monkeypatch.setattr(gen09, "load_model", lambda cfg: pytest.fail("loaded the model"))
+    argv = [f"--ckpt={tmp_path / 'ckpt.pt'}", f"--answers={answers}", "--device=cpu", *flags]
+    assert message in exits_with_one_error_line(gen09, argv, capsys)
 
 
 @pytest.mark.parametrize("stage, script, loss", [

@@ -3,15 +3,15 @@
 Each script is: the docstring, the imports, the stage's own code and main(), then (if it copies
 anything) one appendix of marked copies. Budgets, counted as `wc -l` counts: 01-04 at most 700
 lines; the later stages at most 600 above the appendix's section rule (the docstring included), 660
-for the three training loops that save, resume to the weights of an uninterrupted run and stop on
-Ctrl-C after a save (05; 06, whose ranks also agree where they start and when to stop; 07, whose
-resume carries LoRA's unmerged weights), 640 for 11, which holds three evaluations (a text's bits
-per byte, which 09 gave up to it, multiple choice and a judge), and 1,000 in all, except the files
-in TOTAL_OVER_BUDGET. The appendix's size follows from its origins: when they were unpacked to one
-idea per line, the copies of 05-11 grew to 420-560 lines, more than the 400 that a 1,000-line total
-would have left them. A budget is a ceiling, not a target: lines are split until each says one
-thing, then machinery is cut, never explanation. A copy comes from an earlier stage, never a later
-one: a reader who reaches it has read its origin already.
+for the two training loops that save, resume to the weights of an uninterrupted run and stop on
+Ctrl-C after a save (05; 06, whose ranks also agree where they start and when to stop), 640 for
+11, which holds three evaluations (a text's bits per byte, which 09 gave up to it, multiple choice
+and a judge), and 1,000 in all, except the files in TOTAL_OVER_BUDGET. The appendix's size
+follows from its origins: when they were unpacked to one idea per line, the copies of 05, 06, 08,
+10 and 11 grew to 435-500 lines, more than the 400 that a 1,000-line total would have left them.
+A budget is a ceiling, not a target: lines are split until each says one thing, then machinery is
+cut, never explanation. A copy comes from an earlier stage, never a later one: a reader who
+reaches it has read its origin already.
 
 Density, one idea per line: the stage part's code lines (comments, docstrings and blank lines left
 out, a trailing comment cut) average at most 52 characters, and at most 4% of them reach 100.
@@ -33,7 +33,7 @@ MAX_LONG = 0.04  # the share of code lines of 100 characters or more
 
 
 # over the 1,000: each ceiling a few lines above the file's size today, so that none grows back
-TOTAL_OVER_BUDGET = {"05": 1080, "06": 1110, "07": 1110, "08": 1165, "10": 1070, "11": 1090}
+TOTAL_OVER_BUDGET = {"05": 1080, "06": 1110, "08": 1035, "10": 1070, "11": 1085}
 
 
 def budget(path: Path) -> int:
@@ -46,7 +46,7 @@ def budget(path: Path) -> int:
 def stage_budget(path: Path) -> int:
     if path.name[:2] == "11":
         return 640
-    return 660 if path.name[:2] in ("05", "06", "07") else 600
+    return 660 if path.name[:2] in ("05", "06") else 600
 
 
 def stage_part(lines: list[str]) -> list[str]:

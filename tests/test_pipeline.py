@@ -2,7 +2,8 @@
 
 tokenizer (01) -> data (02) -> pretrain (05) -> finetune (07) -> DPO (08) -> generate (09), on tiny
 settings. Each stage reads what the stage before it wrote: 05 trains on the token files that 02
-prepared, 07 starts from 05's checkpoint, 08 from 07's, and 09 samples from 08's. The last check
+prepared, 07 starts from 05's checkpoint, 08 from 07's, and 09 answers 07's test split with 08's
+model and samples from it. The last check
 ties the chain to the model code: 09's greedy text equals 04's own `generate` on the DPO checkpoint.
 """
 
@@ -50,18 +51,26 @@ def test_the_pipeline_through_the_command_lines(tmp_path, shakespeare_path):
     # 4. finetune it on instructions (few steps; a char model gets its context stretched)
     ft = tmp_path / "finetune"
     run("07_finetune.py", f"--ckpt={pre / 'ckpt.pt'}", f"--out_dir={ft}", "--max_iters=3",
-        "--batch_size=2", "--min_block_size=256", "--eval_interval=3", "--num_responses=2",
-        "--max_new_tokens=8", "--threads=1", "--dtype=float32")
-    assert len(json.loads((ft / "test_responses.json").read_text())) >= 2
+        "--batch_size=2", "--min_block_size=256", "--eval_interval=3", "--threads=1",
+        "--dtype=float32")
+    test = json.loads((ft / "test.json").read_text())  # the held-out split, for 09 to answer
+    assert len(test) >= 100
 
     # 5. DPO from the finetuned checkpoint
     dpo = tmp_path / "dpo"
     run("08_dpo.py", f"--ckpt={ft / 'ckpt.pt'}", f"--out_dir={dpo}", "--max_iters=2",
-        "--batch_size=2", "--eval_interval=2", "--eval_pairs=4", "--num_responses=1",
-        "--max_new_tokens=8", "--threads=1", "--dtype=float32")
-    assert (dpo / "dpo_responses.json").exists()
+        "--batch_size=2", "--eval_interval=2", "--eval_pairs=4", "--threads=1",
+        "--dtype=float32")
+    assert (dpo / "ckpt.pt").exists()
 
-    # 6. generate from the aligned model; greedy, so the text is determined by the weights
+    # 6. answer 07's test split with the aligned model, beside it, for 11's judge
+    run("09_generate.py", f"--ckpt={dpo / 'ckpt.pt'}", f"--answers={ft / 'test.json'}",
+        "--max_new_tokens=8", "--batch_size=32", "--temperature=0", "--device=cpu")
+    answers = json.loads((dpo / "test_responses.json").read_text())
+    assert [{k: a[k] for k in entry} for a, entry in zip(answers, test)] == test
+    assert all(isinstance(a["model_response"], str) for a in answers)
+
+    # 7. generate from the aligned model; greedy, so the text is determined by the weights
     prompt = "ROMEO:"
     out = run("09_generate.py", f"--ckpt={dpo / 'ckpt.pt'}", f"--prompt={prompt}",
               "--max_new_tokens=30", "--temperature=0", "--device=cpu")
