@@ -24,8 +24,8 @@ Run it:
   python 07_finetune.py --init_from=gpt2-medium --lora_rank=16 --learning_rate=5e-4 --device=cuda
   python 07_finetune.py --init_from=resume  # after Ctrl-C: go on where out_dir's run stopped
   python 07_finetune.py --help          # every setting, with its default
-Then: python 09_generate.py --ckpt=out/finetune/ckpt.pt --chat (or --answers=out/finetune/test.json
-for the test split's answers), or DPO on top with 08_dpo.py.
+Then: python 09_generate.py --ckpt=out/finetune/ckpt.pt --chat (or --temperature=0
+--answers=out/finetune/test.json: the test split's answers, for 11 to judge), or DPO with 08_dpo.py.
 """
 
 import argparse
@@ -92,7 +92,8 @@ def split_data(data: list, train_fraction=0.85, test_fraction=0.10) -> dict[str,
     }
 
 
-# Training: format_input(entry) + RESPONSE_HEADER + output + end token; inference: it writes on.
+# Training: format_input(entry) + RESPONSE_HEADER + output + end token; inference (09): the model
+# writes on after RESPONSE_HEADER.
 RESPONSE_HEADER = "\n\n### Response:\n"  # between the prompt and the answer
 
 
@@ -334,7 +335,7 @@ class FinetuneConfig:
         if run_path.parent.is_file():  # found now, not at the first save
             raise ValueError(f"--out_dir={self.out_dir} is a file: name a folder")
         if new_run and Path(self.ckpt).resolve() == run_path.resolve():  # --overwrite or not
-            raise ValueError(f"--ckpt={self.ckpt} is the ckpt.pt this run writes; "
+            raise ValueError(f"--ckpt={self.ckpt} is this run's ckpt.pt; "
                              "use another --out_dir")
         if new_run and run_path.exists() and not self.overwrite:
             raise ValueError(f"{run_path} holds an earlier run, which this one would replace; "
@@ -388,7 +389,7 @@ def load_model(cfg: FinetuneConfig, run=None):
 
 
 def prepare_data(cfg: FinetuneConfig, model, tokenizer_spec: dict) -> dict:
-    """The splits tokenized for model: train, val examples; test entries; encode, end_id."""
+    """The splits tokenized for model: train, val examples; test entries; end_id (which pads)."""
     tokenizer = get_tokenizer(tokenizer_spec)
     block_size = model.config.block_size
     encode, unknown = text_encoder(tokenizer, cfg.unknown_char)
@@ -413,7 +414,6 @@ def prepare_data(cfg: FinetuneConfig, model, tokenizer_spec: dict) -> dict:
         "train": train,
         "val": val,
         "test": splits["test"],
-        "encode": encode,
         "end_id": end_token_id(tokenizer),
     }
 
@@ -527,10 +527,10 @@ def finetune(cfg: FinetuneConfig, model, tokenizer_spec: dict, data: dict,
     else:
         print(f"after finetuning: val loss {after['loss']:.4f}, "
               f"perplexity {after['perplexity']:.2f}")
-        test_path = Path(cfg.out_dir) / "test.json"  # held out: for 09 to answer, 11 to judge
+        test_path = run.path.parent / "test.json"  # held out: for 09 to answer, 11 to judge
         text = json.dumps(data["test"], indent=1, ensure_ascii=False)
         test_path.write_text(text, encoding="utf-8")
-        print(f"answer the test split: python 09_generate.py --ckpt={run.path} "
+        print(f"for 11's judge: python 09_generate.py --ckpt={run.path} "
               f"--answers={test_path} --temperature=0 --max_new_tokens=256")  # the book's
     return {
         "iter_num": step,
@@ -550,7 +550,7 @@ def main(argv=None):
         if cfg.init_from == "resume":  # its settings but device, dtype, out_dir; then the flags
             run = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
             saved = run[2]["config"] if run[2].get("stage") == "finetune" else {}  # else: an error
-            names = {f.name for f in fields(FinetuneConfig)}  # an older run's others: dropped
+            names = {f.name for f in fields(FinetuneConfig)}  # an older 07's others: dropped
             names -= {"device", "dtype", "out_dir"}
             flags = [f"--{k}={saved[k]}" for k in saved.keys() & names]
             cfg = parse_config(FinetuneConfig, flags + argv)

@@ -563,7 +563,7 @@ def main(argv=None):
         if cfg.init_from == "resume":  # its settings but device, dtype, out_dir; then the flags
             run = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
             saved = run[2]["config"] if run[2].get("stage") == "dpo" else {}  # else: refused
-            names = {f.name for f in fields(DPOConfig)}  # an older run's others: dropped
+            names = {f.name for f in fields(DPOConfig)}  # an older 08's others: dropped
             names -= {"device", "dtype", "out_dir"}
             flags = [f"--{k}={saved[k]}" for k in saved.keys() & names]
             cfg = parse_config(DPOConfig, flags + argv)

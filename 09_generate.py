@@ -352,8 +352,8 @@ def encode_message(tok, text: str, char_vocab: set, unknown_char: str) -> list[i
 
 # Chat and --answers prompt a model as 07 trained it: format_input + RESPONSE_HEADER, encoded in
 # two parts (BPE could merge tokens across the seam). A char model lacks characters such as the
-# template's '#': each becomes 07's unknown_char. Answers end as 07 taught: at <|endoftext|>
-# (GPT-2), at a newline (char) or at "\n\n### ".
+# template's '#': each becomes 07's unknown_char. Answers end as 07 taught, at <|endoftext|>
+# (GPT-2) or a newline (char); 09 also stops at "\n\n### ", the start of another section.
 class Template:
     """07's prompt template for tok, with the unknown_char and end token of ckpt's run."""
 
@@ -430,7 +430,7 @@ def answer_all(model, tok, cfg, ckpt: dict, entries: list[dict]) -> Path:
     records = [{**entry, "model_response": answer} for entry, answer in zip(entries, answers)]
     path = (PROJECT / cfg.ckpt).parent / f"{Path(cfg.answers).stem}_responses.json"
     path.write_text(json.dumps(records, indent=1, ensure_ascii=False), encoding="utf-8")
-    print(f"\n{len(records)} answers in {path}, beside the references")
+    print(f"\n{len(records)} answers in {path}; 11_evaluate.py --responses judges them")
     return path
 
 
@@ -482,7 +482,7 @@ SAVED_LOSS = {"finetune": "val loss {:.4f} on the answers", "dpo": "val DPO loss
 
 @dataclass
 class GenerateConfig:
-    """Sample from, chat with or benchmark a GPT that 04-08 saved."""
+    """Sample from, chat with, answer a file of instructions with, or benchmark a GPT of 04-08."""
 
     ckpt: Annotated[str, "the model to load (relative paths start in 09's folder)"] = DEFAULT_CKPT
     prompt: Annotated[str, 'the text to continue; "" starts a new document'] = ""

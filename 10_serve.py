@@ -473,16 +473,18 @@ def make_server(model, tok, model_name: str, host="127.0.0.1", port=8000) -> Thr
 
 
 def ckpt_hint(ckpt: Path) -> str:
-    """The command that writes a missing checkpoint: 04 saves OpenAI's GPT-2 in data/gpt2*/,
-    05, 07 and 08 write out_dir/ckpt.pt (by default out/shakespeare-char, finetune, dpo)."""
+    """What makes a missing checkpoint: 04 saves OpenAI's GPT-2 in data/gpt2*/, 05, 07 and 08
+    write out_dir/ckpt.pt (by default out/shakespeare-char, finetune, dpo); a folder has one."""
+    if ckpt.is_dir():  # an out_dir: the checkpoint is the file in it
+        return f"a folder: --ckpt={ckpt / 'ckpt.pt'} names its checkpoint"
     folder = ckpt.parent
     if folder.parent == PROJECT / "data" and folder.name.startswith("gpt2"):
-        return f"python 04_gpt.py --init_from={folder.name} --save_ckpt"
+        return f"`python 04_gpt.py --init_from={folder.name} --save_ckpt` writes it"
     writers = {"finetune": "07_finetune.py", "dpo": "08_dpo.py"}
     script = writers.get(folder.name.split("-")[0], "05_pretrain.py")  # out/dpo-avg: 08's too
     if folder.is_relative_to(PROJECT):  # as a user types it: 05-08 resolve it there too
         folder = folder.relative_to(PROJECT)
-    return f"python {script} --out_dir={folder}"
+    return f"`python {script} --out_dir={folder}` writes it"
 
 
 def check_address(host: str, port: int) -> None:
@@ -533,7 +535,7 @@ class ServeConfig:
             raise ValueError(f"need --threads >= 0 (0 = PyTorch's default), got {self.threads}")
         if not Path(self.ckpt).is_file():
             hint = ckpt_hint(Path(self.ckpt))
-            raise FileNotFoundError(f"--ckpt={self.ckpt}: no such file; `{hint}` writes it")
+            raise FileNotFoundError(f"--ckpt={self.ckpt}: no such file; {hint}")
         if self.serve:
             check_address(self.host, self.port)
 

@@ -596,7 +596,7 @@ def test_the_start_model_is_never_the_file_the_run_writes(ft07, char_setup, tmp_
     start = tmp_path / "ckpt.pt"
     start.write_bytes((tmp / "base" / "ckpt.pt").read_bytes())
     args = [f"--ckpt={start}", f"--out_dir={tmp_path}", "--overwrite", "--device=cpu"]
-    assert "is the ckpt.pt this run writes; use another --out_dir" in run_main(ft07, capsys, args)
+    assert "is this run's ckpt.pt; use another --out_dir" in run_main(ft07, capsys, args)
     assert start.read_bytes() == (tmp / "base" / "ckpt.pt").read_bytes()
 
 

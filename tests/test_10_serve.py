@@ -645,6 +645,11 @@ def test_a_missing_checkpoint_names_the_script_that_writes_it(
             serve10.main([f"--ckpt={ckpt}", "--serve", "--device=cpu"])
         err = capsys.readouterr().err
         assert err.startswith(f"error: --ckpt={project / ckpt}: no such file") and hint in err
+    (project / "out" / "run").mkdir(parents=True)  # an out_dir given as --ckpt: name its file
+    with pytest.raises(SystemExit):
+        serve10.main(["--ckpt=out/run", "--serve", "--device=cpu"])
+    err = capsys.readouterr().err
+    assert f"a folder: --ckpt={project / 'out' / 'run' / 'ckpt.pt'} names its checkpoint" in err
     with pytest.raises(SystemExit):  # no --ckpt: 05's model, the Quick start's
         serve10.main(["--serve", "--device=cpu"])
     hint = f"`python 05_pretrain.py --out_dir={pre05.TrainConfig.out_dir}`"
