@@ -571,8 +571,8 @@ def check_values(cfg, choices: dict, at_least_one: tuple):
         raise ValueError(f"--lr_decay_iters={cfg.lr_decay_iters} must exceed --warmup_iters="
                          f"{cfg.warmup_iters}; usually lr_decay_iters = max_iters "
                          "(or --decay_lr=false)")
-    if cfg.ckpt_path.parent.is_file():  # found now, not at the first save
-        raise ValueError(f"--out_dir={cfg.out_dir} is a file: name a folder")
+    if any(folder.is_file() for folder in cfg.ckpt_path.parents):  # now, not at the first save
+        raise ValueError(f"--out_dir={cfg.out_dir} is a file, or in one: name a folder")
     pick_dtype(cfg.dtype, pick_device(cfg.device))  # a dtype the device has; both name the fix
 
 

@@ -71,8 +71,8 @@ def load_instruction_data(path="") -> list[dict]:
     for i, entry in enumerate(entries):
         record = entry if isinstance(entry, dict) else {}
         if not all(isinstance(record.get(key), str) for key in ("instruction", "output")):
-            raise ValueError(f"{path}: entry {i} is not an object with string 'instruction' and "
-                             f"'output' (optional 'input'), in a JSON list: {str(entry)[:80]}")
+            raise ValueError(f"{path}: entry {i} needs a string 'instruction' and "
+                             f"'output' (and maybe 'input'): {str(entry)[:80]}")
     return data
 
 
@@ -332,13 +332,15 @@ class FinetuneConfig:
             if self.init_from in OPENAI_MODELS:
                 fix = f"python 04_gpt.py --init_from={self.init_from} --save_ckpt fetches it"
             raise FileNotFoundError(f"no checkpoint at {self.ckpt}: {fix}")
-        if run_path.parent.is_file():  # found now, not at the first save
-            raise ValueError(f"--out_dir={self.out_dir} is a file: name a folder")
+        if any(folder.is_file() for folder in run_path.parents):  # now, not at the first save
+            raise ValueError(f"--out_dir={self.out_dir} is a file, or in one: name a folder")
         if new_run and Path(self.ckpt).resolve() == run_path.resolve():  # --overwrite or not
             raise ValueError(f"--ckpt={self.ckpt} is this run's ckpt.pt; "
                              "use another --out_dir")
-        if new_run and run_path.exists() and not self.overwrite:
-            raise ValueError(f"{run_path} holds an earlier run, which this one would replace; "
+        test_split = run_path.with_name("test.json")  # written at the end of a run
+        earlier = run_path.exists() or test_split.exists()
+        if new_run and earlier and not self.overwrite:
+            raise ValueError(f"{self.out_dir} holds an earlier run (ckpt.pt, test.json); "
                              "resume it (--init_from=resume), choose another --out_dir, "
                              "or pass --overwrite")
         if self.data_path:  # a bad file of yours fails now, before a model is loaded

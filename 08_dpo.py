@@ -337,6 +337,8 @@ class DPOConfig:
         self.ckpt = str(PROJECT / self.ckpt)  # an absolute path stays as it is
         self.out_dir = str(PROJECT / self.out_dir)
         run = Path(self.out_dir) / "ckpt.pt"
+        if any(folder.is_file() for folder in run.parents):  # now, not at the first save
+            raise ValueError(f"--out_dir={self.out_dir} is a file, or in one: name a folder")
         if Path(self.ckpt).resolve() == run.resolve():  # the reference: never replaced by a save
             raise ValueError(f"--ckpt={self.ckpt} is the file a save replaces; "
                              "choose another --out_dir")
@@ -447,8 +449,7 @@ class DPORun:
             raise FloatingPointError(f"NaN weights at step {step}; {self.path} kept")
         self.best_val = min(self.best_val, val_loss)
         states = {name: part.state_dict() for name, part in self.parts.items()}
-        best = self.best_val
-        progress = {"iter_num": step, "val_loss": val_loss, "best_val_loss": best}
+        progress = dict(iter_num=step, val_loss=val_loss, best_val_loss=self.best_val)
         save_checkpoint(self.path, {**states, **self.header, **progress})
 
 
@@ -544,10 +545,10 @@ def dpo(cfg: DPOConfig, start=None, data=None) -> dict:
     if ctrl_c.pressed:
         print(f"saved {run.path} (step {step}); continue: "
               f"python 08_dpo.py --init_from=resume --out_dir={cfg.out_dir}")
-    else:  # 07's test split, answered before (07's model) and after DPO, for 11 to judge
+    else:  # 07's test split, answered by 07's model and by this one, for 11 to judge
         test = Path(cfg.ckpt).parent / "test.json"
-        print(f"talk to the aligned model: python 09_generate.py --ckpt={run.path} --chat; "
-              f"answer 07's test split: --answers={test} --temperature=0 --max_new_tokens=256")
+        print(f"answers for 11's judge: python 09_generate.py --ckpt={run.path} --answers={test} "
+              "--temperature=0 --max_new_tokens=256 (or --chat: talk to it)")
     train_losses = torch.stack(train_losses).tolist() if train_losses else []
     return {"iter_num": step, "train_losses": train_losses,
             "before": before, "after": after,

@@ -388,8 +388,7 @@ def chat(model, tok, cfg, ckpt: dict) -> None:
             break
         lacking = "".join(sorted(set(message) - char_vocab))
         if char_vocab and lacking:
-            print(f"(not among this model's characters, sent as {template.unknown_char!r}: "
-                  f"{lacking!r})")
+            print(f"(not this model's characters, sent as {template.unknown_char!r}: {lacking!r})")
         prompt = template.prompt({"instruction": message})
         print("model> ", end="", flush=True)
         complete(model, tok, [prompt], cfg, ["\n\n### "], template.end_token)
@@ -397,39 +396,39 @@ def chat(model, tok, cfg, ckpt: dict) -> None:
     print()
 
 
-def load_entries(path) -> list[dict]:
-    """The entries of --answers: a JSON list of 07's (instruction, input, output)."""
-    file = PROJECT / path
+def load_entries(cfg) -> tuple[list[dict], Path]:
+    """--answers' entries (07's: instruction, input, output) and where their answers go: beside
+    --ckpt, named after the file (test.json: test_responses.json), if no file is there."""
+    file = PROJECT / cfg.answers
     if not file.is_file():
-        raise FileNotFoundError(f"--answers={path}: no such file ({file}); 07_finetune.py writes "
-                                "its test split as out_dir/test.json")
+        raise FileNotFoundError(f"--answers={cfg.answers}: no such file ({file}); 07_finetune.py "
+                                "writes its test split as out_dir/test.json")
     entries = json.loads(file.read_text(encoding="utf-8"))
-    is_list = isinstance(entries, list) and all(isinstance(e, dict) for e in entries)
+    is_list = isinstance(entries, list) and entries and all(type(e) is dict for e in entries)
     if not is_list or not all(isinstance(e.get("instruction"), str) for e in entries):
-        raise ValueError(f"--answers={path}: expected a JSON list of objects, each with an "
+        raise ValueError(f"--answers={cfg.answers}: expected a JSON list of objects, each with an "
                          "instruction (07 writes its test split as out_dir/test.json)")
-    return entries
+    path = (PROJECT / cfg.ckpt).parent / f"{file.stem}_responses.json"
+    if path.exists():  # another model's answers, or an older run's: never replaced unasked
+        raise FileExistsError(f"{path} exists: move it away to answer again")
+    return entries, path
 
 
-def answer_all(model, tok, cfg, ckpt: dict, entries: list[dict]) -> Path:
-    """Each entry's answer in 07's template, cfg.batch_size entries per batch; the entries with
-    their answers ("model_response") go beside the checkpoint as <name>_responses.json, where
-    11_evaluate.py --responses scores them against the references ("output")."""
+def answer_all(model, tok, cfg, ckpt: dict, entries: list[dict], path: Path):
+    """Each entry's answer in 07's template, cfg.batch_size entries per batch, beside the entry in
+    path, written after each batch (Ctrl-C keeps them), for 11_evaluate.py --responses."""
     template = Template(tok, ckpt)
     generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(cfg.seed)
-    answers = []
-    t0 = time.perf_counter()
+    records = []
     for start in range(0, len(entries), cfg.batch_size):
-        prompts = [template.prompt(e) for e in entries[start : start + cfg.batch_size]]
-        streams = [TextStream(tok, ["\n\n### "]) for _ in prompts]
+        batch = entries[start : start + cfg.batch_size]
+        prompts = [template.prompt(e) for e in batch]
+        streams = [TextStream(tok, ["\n\n### "]) for _ in batch]
         generate(model, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None,
                  cfg.top_p, generator, template.end_token, streams, cfg.use_cache)
-        answers += [stream.text.strip() for stream in streams]
-        rate = len(answers) / (time.perf_counter() - t0)
-        print(f"\ranswers: {len(answers)}/{len(entries)}, {rate:.2f}/s", end="", flush=True)
-    records = [{**entry, "model_response": answer} for entry, answer in zip(entries, answers)]
-    path = (PROJECT / cfg.ckpt).parent / f"{Path(cfg.answers).stem}_responses.json"
-    path.write_text(json.dumps(records, indent=1, ensure_ascii=False), encoding="utf-8")
+        records += [{**e, "model_response": s.text.strip()} for e, s in zip(batch, streams)]
+        path.write_text(json.dumps(records, indent=1, ensure_ascii=False), encoding="utf-8")
+        print(f"\ranswers: {len(records)}/{len(entries)}", end="", flush=True)
     print(f"\n{len(records)} answers in {path}; 11_evaluate.py --responses judges them")
     return path
 
@@ -576,12 +575,13 @@ def main(argv=None):
         with autocast_context(device_type, cfg.dtype):
             if cfg.bench:
                 return bench(cfg)
-            entries = load_entries(cfg.answers) if cfg.answers else []  # read before the model
+            if cfg.answers:  # checked before the model loads
+                entries, path = load_entries(cfg)
             model, tok, ckpt = load_model(cfg)
             if cfg.chat:
                 return chat(model, tok, cfg, ckpt)
             if cfg.answers:
-                return answer_all(model, tok, cfg, ckpt, entries)
+                return answer_all(model, tok, cfg, ckpt, entries, path)
             return sample_from_prompt(model, tok, cfg)
     except BrokenPipeError:  # the reader left early (`09_generate.py | head`): stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)  # Python flushes stdout on exit: into this

@@ -657,7 +657,9 @@ def test_user_errors_are_one_line_and_leave_nothing_behind(
 def test_an_out_dir_that_is_a_file_is_refused_before_any_work(pre05, char_corpus, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     argv = [*SMALL, f"--data_dir={char_corpus}", f"--out_dir={tmp_path / 'notes.txt'}"]
-    assert "notes.txt is a file: name a folder" in user_error(pre05, capsys, argv)
+    assert "notes.txt is a file, or in one: name a folder" in user_error(pre05, capsys, argv)
+    argv[-1] = f"--out_dir={tmp_path / 'notes.txt' / 'run'}"  # a folder under a file: the same
+    assert "notes.txt/run is a file, or in one: name a folder" in user_error(pre05, capsys, argv)
 
 
 def test_missing_data_names_the_02_command(pre05, tmp_path, capsys):

@@ -578,6 +578,10 @@ def test_an_earlier_run_is_never_overwritten_unasked(ft07, char_setup, tmp_path,
     assert (tmp_path / "ckpt.pt").read_bytes() == b"an earlier run"
     asked = ft07.parse_config(ft07.FinetuneConfig, [*args, "--overwrite"])
     assert asked.overwrite  # asked: accepted
+    (tmp_path / "ckpt.pt").unlink()
+    (tmp_path / "test.json").write_text("mine")  # the test split 07 writes at a run's end
+    assert "holds an earlier run (ckpt.pt, test.json)" in run_main(ft07, capsys, args)
+    assert (tmp_path / "test.json").read_text() == "mine"
 
 
 def test_an_out_dir_that_is_a_file_is_refused_before_any_work(ft07, char_setup, tmp_path, capsys,
@@ -585,7 +589,9 @@ def test_an_out_dir_that_is_a_file_is_refused_before_any_work(ft07, char_setup, 
     tmp, _ = char_setup
     (tmp_path / "notes").write_text("mine")
     args = [f"--ckpt={tmp / 'base' / 'ckpt.pt'}", f"--out_dir={tmp_path / 'notes'}", "--device=cpu"]
-    assert "is a file: name a folder" in run_main(ft07, capsys, args)
+    assert "is a file, or in one: name a folder" in run_main(ft07, capsys, args)
+    args[1] = f"--out_dir={tmp_path / 'notes' / 'run'}"  # a folder under a file: the same
+    assert "notes/run is a file, or in one: name a folder" in run_main(ft07, capsys, args)
     assert (tmp_path / "notes").read_text() == "mine"
 
 

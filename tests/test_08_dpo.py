@@ -557,6 +557,18 @@ def assert_user_error(dpo08, capsys, argv, *words):
         assert word in err, err
 
 
+@pytest.mark.parametrize("below", ["", "run"])  # the file itself, or a folder under it
+def test_an_out_dir_that_is_a_file_is_refused_before_any_work(dpo08, start, tmp_path, capsys,
+                                                               monkeypatch, below):
+    tmp, _ = start
+    (tmp_path / "notes").write_text("mine")
+    out_dir = tmp_path / "notes" / below
+    monkeypatch.setattr(dpo08, "load_models", lambda *a: pytest.fail("loaded the models"))
+    argv = run_argv(tmp, out_dir, max_iters=1)
+    assert_user_error(dpo08, capsys, argv, "is a file, or in one: name a folder")
+    assert (tmp_path / "notes").read_text() == "mine"
+
+
 def test_a_missing_checkpoint_says_how_to_make_one(dpo08, capsys, tmp_path):
     cfg = dpo08.DPOConfig(ckpt=str(tmp_path / "none.pt"), out_dir=str(tmp_path / "out"))
     with pytest.raises(FileNotFoundError, match="07_finetune.py") as error:

@@ -378,6 +378,8 @@ def test_answers_are_each_entrys_greedy_answer_alone_beside_the_checkpoint(gen09
     (None, [], "07_finetune.py writes its test split as out_dir/test.json"),
     ("{}", [], "expected a JSON list of objects, each with an instruction"),
     ('[{"input": "x"}]', [], "expected a JSON list of objects, each with an instruction"),
+    ("[]", [], "expected a JSON list of objects, each with an instruction"),  # nothing to answer
+    ('[{"instruction": "x"}]', ["answered"], "test_responses.json exists: move it away"),
     ("[]", ["--chat"], "--chat and --answers: choose one"),
     ("[]", ["--batch_size=0"], "--batch_size=0: use 1 or more"),
 ])
@@ -388,9 +390,37 @@ def test_bad_answers_settings_are_one_error_line_before_the_model(gen09, tmp_pat
     answers = tmp_path / "test.json"
     if content is not None:
         answers.write_text(content)
+    responses = tmp_path / "test_responses.json"
+    if flags == ["answered"]:  # another model's answers, or an older run's, stay as they are
+        responses.write_text("[]")
+        flags = []
     monkeypatch.setattr(gen09, "load_model", lambda cfg: pytest.fail("loaded the model"))
     argv = [f"--ckpt={tmp_path / 'ckpt.pt'}", f"--answers={answers}", "--device=cpu", *flags]
     assert message in exits_with_one_error_line(gen09, argv, capsys)
+    assert not responses.exists() or responses.read_text() == "[]"  # nothing written, or replaced
+
+
+def test_ctrl_c_during_answers_keeps_the_batches_done(gen09, tmp_path, capsys, monkeypatch):
+    chars = "".join(sorted(set("abcdefghijklmnopqrstuvwxyz ABNRSW,.:?\n")))
+    save_tiny_checkpoint(gen09, tmp_path / "ckpt.pt", chars, stage="finetune")
+    (tmp_path / "test.json").write_text(json.dumps(ENTRIES))
+    original_generate = gen09.generate
+    calls = []
+
+    def generate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # Ctrl-C during the second batch
+            raise KeyboardInterrupt
+        return original_generate(*args, **kwargs)
+
+    monkeypatch.setattr(gen09, "generate", generate)
+    argv = [f"--ckpt={tmp_path / 'ckpt.pt'}", f"--answers={tmp_path / 'test.json'}",
+            "--batch_size=2", "--max_new_tokens=4", "--device=cpu"]
+    with pytest.raises(SystemExit) as exit_info:
+        gen09.main(argv)
+    assert exit_info.value.code == 130 and "Ctrl-C: stopped" in capsys.readouterr().err
+    records = json.loads((tmp_path / "test_responses.json").read_text())
+    assert [r["instruction"] for r in records] == [e["instruction"] for e in ENTRIES[:2]]
 
 
 @pytest.mark.parametrize("stage, script, loss", [
