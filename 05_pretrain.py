@@ -468,7 +468,8 @@ class Run:
         log_path = self.ckpt_path.with_name("log.jsonl")
         if self.resumed and log_path.exists():  # drop rows past ckpt.pt: this run logs them again
             rows = log_path.read_text().splitlines(keepends=True)
-            kept = [row for row in rows if json.loads(row)["iter"] <= self.saved_at]
+            whole = [row for row in rows if row.endswith("\n")]  # a kill can cut the last one
+            kept = [row for row in whole if json.loads(row)["iter"] <= self.saved_at]
             tmp = log_path.with_suffix(".tmp")
             tmp.write_text("".join(kept))
             os.replace(tmp, log_path)  # atomic: the old log or the kept rows, never half of them

@@ -838,14 +838,14 @@ def test_a_preset_given_at_resume_applies_under_the_flags_given_now(
 
 
 def test_a_resumed_run_drops_the_log_rows_after_its_checkpoint(pre05, char_corpus, tmp_path):
-    """A run killed after its save at 4 may have logged iterations 5 and 6 (written here by hand);
-    the resumed run logs them again, so it first drops them: the log and the plot have each
-    iteration once, in order."""
+    """A run killed after its save at 4 may have logged iterations 5 and 6 (written here by hand),
+    the last one cut short by the kill; the resumed run logs them again, so it first drops them:
+    the log and the plot have each iteration once, in order."""
     pre05.train(tiny(pre05, tmp_path, char_corpus, max_iters=4, log_interval=1))
     log = tmp_path / "log.jsonl"
     with open(log, "a") as f:
-        for step in (5, 6):
-            f.write(json.dumps({"iter": step, "loss": 9.0, "lr": 1e-3, "grad_norm": 1.0}) + "\n")
+        f.write(json.dumps({"iter": 5, "loss": 9.0, "lr": 1e-3, "grad_norm": 1.0}) + "\n")
+        f.write('{"iter": 6, "loss": 9.0, "lr"')  # half a line
     pre05.train(tiny(pre05, tmp_path, char_corpus, max_iters=8, log_interval=1, init_from="resume"))
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["iter"] for r in rows if "loss" in r] == list(range(1, 9))
