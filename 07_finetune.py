@@ -278,7 +278,7 @@ class FinetuneConfig:
                               "(resume if any), or gpt2, gpt2-medium/large/xl"] = "scratch"
     ckpt: Annotated[str, "a checkpoint of 04-06"] = "out/shakespeare-char/ckpt.pt"
     out_dir: Annotated[str, "ckpt.pt and test.json go here"] = "out/finetune"
-    overwrite: Annotated[bool, "replace an earlier run's ckpt.pt in out_dir"] = False
+    overwrite: Annotated[bool, "replace an earlier run in out_dir"] = False
     data_path: Annotated[str, "JSON list of entries; '' = rasbt's (02 fetches it)"] = ""
     min_block_size: Annotated[int, "stretch a shorter context to this many positions"] = 512
     mask_prompt: Annotated[bool, "loss on the answer only (false: the prompt too)"] = True
