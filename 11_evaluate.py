@@ -483,8 +483,8 @@ def judge_responses(cfg) -> dict:
     for item in no_number[:5]:
         print(f"  entry {item['entry']}: {item['reply'][:100]!r}")
     return {"responses": str(cfg.responses), "key": key, "judge": cfg.judge_model,
-            "n": len(entries), "scored": len(scores), "mean": mean, "by_tens": by_tens,
-            "no_number": no_number, "scores": scores}  # fmt: skip
+            "n": len(entries), "scored": len(scores), "mean": mean if scores else None,
+            "by_tens": by_tens, "no_number": no_number, "scores": scores}  # fmt: skip
 
 
 # -----------------------------------------------------------------------------

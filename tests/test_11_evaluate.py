@@ -381,6 +381,22 @@ def stub_judge(status=200):
         server.server_close()
 
 
+def test_no_score_at_all_is_a_null_mean_in_strict_json(ev11, tmp_path, capsys):
+    """Every reply without a number: no mean, written as null (NaN is not JSON)."""
+    responses = tmp_path / "test_responses.json"
+    responses.write_text(json.dumps(RESPONSES[2:]))  # "Hello.": a reply with no number
+    out = tmp_path / "judged.json"
+    with stub_judge() as (url, _):
+        argv = [f"--responses={responses}", f"--judge_url={url}", "--judge_model=judge"]
+        result = ev11.main([*argv, f"--out_json={out}", "--device=cpu"])
+    assert result["scores"] == [] and result["mean"] is None
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    assert json.loads(out.read_text(), parse_constant=refuse)["mean"] is None
+
+
 def test_judge_scores_numbers_and_counts_replies_without_one(ev11, tmp_path, capsys):
     responses = tmp_path / "test_responses.json"
     responses.write_text(json.dumps(RESPONSES))
