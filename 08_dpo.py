@@ -545,10 +545,10 @@ def dpo(cfg: DPOConfig, start=None, data=None) -> dict:
     if ctrl_c.pressed:
         print(f"saved {run.path} (step {step}); continue: "
               f"python 08_dpo.py --init_from=resume --out_dir={cfg.out_dir}")
-    else:  # 07's test split, answered by 07's model and by this one, for 11 to judge
+    else:  # 07's test split, answered by 09 with this model, for 11 to judge
         test = Path(cfg.ckpt).parent / "test.json"
         print(f"answers for 11's judge: python 09_generate.py --ckpt={run.path} --answers={test} "
-              "--temperature=0 --max_new_tokens=256 (or --chat: talk to it)")
+              "--temperature=0 --max_new_tokens=256")  # --chat instead: talk to it
     train_losses = torch.stack(train_losses).tolist() if train_losses else []
     return {"iter_num": step, "train_losses": train_losses,
             "before": before, "after": after,

@@ -309,8 +309,7 @@ def generate(model, prompts, max_new_tokens: int, temperature=1.0, top_k=None, t
     out = [[] for _ in prompts]
     done = [False] * len(prompts)
     steps = generate_tokens(model, prompts, temperature, top_k, top_p, generator, use_cache)
-    # range first: no extra step at the end
-    for _, (next_ids, _) in zip(range(max_new_tokens), steps):
+    for _, (next_ids, _) in zip(range(max_new_tokens), steps):  # range first: no extra step
         for row, token in enumerate(next_ids.tolist()):  # one sync per step for the whole batch
             if done[row] or token == eot_token:
                 done[row] = True
@@ -377,7 +376,6 @@ def chat(model, tok, cfg, ckpt: dict) -> None:
     """A loop of single-turn prompts in 07's template; of the characters a char model lacks, only
     those the user typed are reported."""
     template = Template(tok, ckpt)
-    char_vocab = template.char_vocab
     print("chat: type a message; an empty line, /quit or Ctrl-D ends")
     while True:
         try:
@@ -386,8 +384,8 @@ def chat(model, tok, cfg, ckpt: dict) -> None:
             message = ""
         if message in ("", "/quit", "/exit"):
             break
-        lacking = "".join(sorted(set(message) - char_vocab))
-        if char_vocab and lacking:
+        lacking = "".join(sorted(set(message) - template.char_vocab))
+        if template.char_vocab and lacking:
             print(f"(not this model's characters, sent as {template.unknown_char!r}: {lacking!r})")
         prompt = template.prompt({"instruction": message})
         print("model> ", end="", flush=True)
@@ -416,7 +414,7 @@ def load_entries(cfg) -> tuple[list[dict], Path]:
 
 def answer_all(model, tok, cfg, ckpt: dict, entries: list[dict], path: Path):
     """Each entry's answer in 07's template, cfg.batch_size entries per batch, beside the entry in
-    path, written after each batch (Ctrl-C keeps them), for 11_evaluate.py --responses."""
+    path, rewritten after each batch (Ctrl-C keeps them), for 11_evaluate.py --responses."""
     template = Template(tok, ckpt)
     generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(cfg.seed)
     records = []
@@ -427,7 +425,9 @@ def answer_all(model, tok, cfg, ckpt: dict, entries: list[dict], path: Path):
         generate(model, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None,
                  cfg.top_p, generator, template.end_token, streams, cfg.use_cache)
         records += [{**e, "model_response": s.text.strip()} for e, s in zip(batch, streams)]
-        path.write_text(json.dumps(records, indent=1, ensure_ascii=False), encoding="utf-8")
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(records, indent=1, ensure_ascii=False), encoding="utf-8")
+        os.replace(tmp, path)  # atomic: a Ctrl-C leaves the last batch's file, never half of one
         print(f"\ranswers: {len(records)}/{len(entries)}", end="", flush=True)
     print(f"\n{len(records)} answers in {path}; 11_evaluate.py --responses judges them")
     return path

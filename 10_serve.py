@@ -474,10 +474,10 @@ def make_server(model, tok, model_name: str, host="127.0.0.1", port=8000) -> Thr
 
 def ckpt_hint(ckpt: Path) -> str:
     """What makes a missing checkpoint: 04 saves OpenAI's GPT-2 in data/gpt2*/, 05, 07 and 08
-    write out_dir/ckpt.pt (by default out/shakespeare-char, finetune, dpo); a folder has one."""
-    if ckpt.is_dir():  # an out_dir: the checkpoint is the file in it
+    write out_dir/ckpt.pt (by default out/shakespeare-char, finetune, dpo), the file in a folder."""
+    if (ckpt / "ckpt.pt").is_file():  # an out_dir: the checkpoint is the file in it
         return f"a folder: --ckpt={ckpt / 'ckpt.pt'} names its checkpoint"
-    folder = ckpt.parent
+    folder = ckpt if ckpt.is_dir() else ckpt.parent
     if folder.parent == PROJECT / "data" and folder.name.startswith("gpt2"):
         return f"`python 04_gpt.py --init_from={folder.name} --save_ckpt` writes it"
     writers = {"finetune": "07_finetune.py", "dpo": "08_dpo.py"}

@@ -1,8 +1,8 @@
-"""Tests for 07_finetune.py: template, split, collate masks, LoRA, batched greedy decoding, the
-loop, OpenAI's weights (offline), and the user errors that stop a run before any model loads.
+"""Tests for 07_finetune.py: template, split, collate masks, LoRA, the loop, the test split it
+writes, OpenAI's weights (offline), and the user errors that stop a run before any model loads.
 
 Every expected value is written out by hand (masks, template, LoRA's update) or comes from a
-reference computation (per-token cross-entropy, one prompt decoded alone, the unmerged model).
+reference computation (per-token cross-entropy, the unmerged model).
 """
 
 import copy
@@ -374,8 +374,8 @@ def test_ctrl_c_saves_and_the_resumed_run_ends_as_an_uninterrupted_one(
 ):
     """A real SIGINT while step 2 runs: that step ends, ckpt.pt is saved at step 2, the command to
     go on is printed, the exit status is 130. Resumed, the run ends with the weights (bit for
-    bit) and the test split of a run never stopped: the model with its adapters, Adam's moments and
-    the batch order all go on where they were."""
+    bit) of a run never stopped: the model with its adapters, Adam's moments and the batch order
+    all go on where they were."""
     tmp, _ = char_setup
     flags = [f"--lora_rank={lora_rank}", "--max_iters=5", "--eval_interval=3",
              "--learning_rate=1e-2"]
@@ -409,8 +409,6 @@ def test_ctrl_c_saves_and_the_resumed_run_ends_as_an_uninterrupted_one(
     assert whole["model"].keys() == resumed["model"].keys()
     for name, tensor in whole["model"].items():
         assert torch.equal(resumed["model"][name], tensor), name
-    splits = [(path / "test.json").read_text() for path in (tmp_path / "whole", out_dir)]
-    assert splits[0] == splits[1]
 
 
 def test_a_second_ctrl_c_quits_at_once(ft07):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import count_device_reads
+from conftest import count_device_reads, load_script
 from torch.testing import assert_close
 
 LN2 = math.log(2)
@@ -686,6 +686,19 @@ def test_a_save_of_nan_weights_keeps_the_last_good_checkpoint(dpo08, start, tmp_
     with pytest.raises(FloatingPointError, match="NaN weights at step 2"):
         run.save(2, 0.5)
     assert (tmp_path / "ckpt.pt").read_bytes() == good
+
+
+def test_the_end_prints_the_09_command_that_answers_07s_test_split(dpo08, start, tmp_path,
+                                                                   capsys):
+    tmp, _ = start
+    dpo08.main(run_argv(tmp, tmp_path, max_iters=1, batch_size=2, eval_pairs=2))
+    line = capsys.readouterr().out.split("answers for 11's judge: ")[1].splitlines()[0]
+    command = line.split()
+    assert command[:4] == ["python", "09_generate.py", f"--ckpt={tmp_path / 'ckpt.pt'}",
+                           f"--answers={tmp / 'test.json'}"]  # beside 07's checkpoint (ft.pt)
+    gen09 = load_script("09_generate")
+    cfg = gen09.parse_config(gen09.GenerateConfig, command[2:])  # flags 09 takes, as printed
+    assert cfg.temperature == 0 and cfg.max_new_tokens == 256
 
 
 def test_a_resume_writes_where_it_read(dpo08, start, tmp_path, monkeypatch):

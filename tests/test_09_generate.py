@@ -75,7 +75,7 @@ def test_a_batch_reads_the_device_once_per_new_token(gen09, monkeypatch):
     reads = count_device_reads(monkeypatch, gen09.__file__)
     out = gen09.generate(model, [[1, 2, 3], [4, 5]], 12, temperature=0, eot_token=VOCAB)
     assert [len(row) for row in out] == [12, 12]  # VOCAB: an id never drawn, so no early stop
-    assert len(reads) <= 12 + 1
+    assert 12 <= len(reads) <= 12 + 1  # at least one per step: the count sees 09's reads
 
 
 def test_final_hidden_is_the_model_without_its_head_with_or_without_a_cache(gen09):
@@ -398,6 +398,27 @@ def test_bad_answers_settings_are_one_error_line_before_the_model(gen09, tmp_pat
     argv = [f"--ckpt={tmp_path / 'ckpt.pt'}", f"--answers={answers}", "--device=cpu", *flags]
     assert message in exits_with_one_error_line(gen09, argv, capsys)
     assert not responses.exists() or responses.read_text() == "[]"  # nothing written, or replaced
+
+
+def test_answers_end_at_a_new_section_of_the_template(gen09, tmp_path, monkeypatch):
+    """An answer that goes on into "\n\n### Instruction:" (a model that learned the template's
+    look) is cut there, and stripped."""
+    chars = "".join(sorted(set("abcdefghijklmnopqrstuvwxyz ABINRSWY#,.:?\n")))
+    _, tok = save_tiny_checkpoint(gen09, tmp_path / "ckpt.pt", chars, stage="finetune")
+    (tmp_path / "test.json").write_text(json.dumps(ENTRIES[:2]))
+
+    def generate(model, prompts, *args):  # every row writes the same text, then is cut
+        streams = args[6]  # after max_new_tokens ... eot_token
+        for stream in streams:
+            for token in tok.encode(" Yes.\n\n### Instruction:\nmore"):
+                if not stream.stopped:  # as generate: a stopped row adds no more
+                    stream.add(token)
+        return [[] for _ in prompts]
+
+    monkeypatch.setattr(gen09, "generate", generate)
+    path = gen09.main([f"--ckpt={tmp_path / 'ckpt.pt'}", f"--answers={tmp_path / 'test.json'}",
+                       "--device=cpu"])
+    assert [r["model_response"] for r in json.loads(path.read_text())] == ["Yes.", "Yes."]
 
 
 def test_ctrl_c_during_answers_keeps_the_batches_done(gen09, tmp_path, capsys, monkeypatch):

@@ -645,7 +645,11 @@ def test_a_missing_checkpoint_names_the_script_that_writes_it(
             serve10.main([f"--ckpt={ckpt}", "--serve", "--device=cpu"])
         err = capsys.readouterr().err
         assert err.startswith(f"error: --ckpt={project / ckpt}: no such file") and hint in err
-    (project / "out" / "run").mkdir(parents=True)  # an out_dir given as --ckpt: name its file
+    (project / "out" / "run").mkdir(parents=True)  # an out_dir given as --ckpt, still empty
+    with pytest.raises(SystemExit):
+        serve10.main(["--ckpt=out/run", "--serve", "--device=cpu"])
+    assert "`python 05_pretrain.py --out_dir=out/run` writes it" in capsys.readouterr().err
+    (project / "out" / "run" / "ckpt.pt").write_bytes(b"")  # with a checkpoint: name the file
     with pytest.raises(SystemExit):
         serve10.main(["--ckpt=out/run", "--serve", "--device=cpu"])
     err = capsys.readouterr().err
