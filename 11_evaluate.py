@@ -411,6 +411,7 @@ JUDGE_PROMPT = """Grade a model's answer to this instruction.
 Score the model's answer from 0 to 100, where 100 means it is as good as the reference answer \
 and 0 means it is wrong or empty. Reply with the integer score only."""
 
+
 def load_responses(path, key: str = "model_response") -> list[dict]:
     """The entries of a test_responses.json that 09 --answers wrote: each an instruction, its
     reference answer ("output") and the model's (key)."""
