@@ -661,6 +661,7 @@ def test_ctrl_c_mid_generation_stops_with_one_line(gen09, tmp_path, monkeypatch,
         pytest.fail("09 went on after a Ctrl-C")
     assert capsys.readouterr().err.strip() == "Ctrl-C: stopped"
 
+
 def test_cli_rejects_abbreviations(gen09, capsys):
     with pytest.raises(SystemExit) as exit_info:
         gen09.main(["--temp=0"])  # not taken as --temperature
