@@ -371,8 +371,8 @@ def load_model(cfg: FinetuneConfig, run=None):
     print(f"loaded {path} (stage {ckpt.get('stage')!r}, {ckpt.get('iter_num')} iterations)")
     resumable = ckpt.get("stage") == "finetune" and ckpt.get("optimizer") is not None
     if resuming and not resumable:
-        raise ValueError(f"{path} is no finetuning run to resume (no optimizer state); "
-                         "--init_from=scratch --overwrite starts afresh")
+        raise ValueError(f"{path} holds a {ckpt.get('stage')!r} model, no 07 run to resume; "
+                         "resume a 07 out_dir, or start in another --out_dir")
     if resuming:  # other adapters or positions fit neither the saved weights nor Adam's moments
         shape = ("lora_rank", "lora_alpha", "lora_targets", "min_block_size")
         saved = {k: ckpt["config"][k] for k in shape}

@@ -425,8 +425,8 @@ def load_models(cfg: DPOConfig, run=None) -> tuple:
     run_path = Path(cfg.out_dir) / "ckpt.pt"
     policy, _, resumed = run or load_checkpoint(run_path)
     if resumed.get("stage") != "dpo" or resumed.get("optimizer") is None:
-        raise ValueError(f"{run_path} holds no DPO run to resume; "
-                         "--init_from=scratch --overwrite starts afresh")
+        raise ValueError(f"{run_path} holds a {resumed.get('stage')!r} model, no DPO run to "
+                         "resume; resume 08's out_dir, or start a run in another --out_dir")
     if resumed["config"]["ckpt"] != cfg.ckpt:  # DPO's reference: the model the run began from
         raise ValueError(f"{run_path} began from --ckpt={resumed['config']['ckpt']}")
     return policy, reference, ckpt["tokenizer"], resumed
@@ -542,11 +542,11 @@ def dpo(cfg: DPOConfig, start=None, data=None) -> dict:
                 t0 = time.perf_counter()  # tokens/s: the evaluation's time is not training time
         if ctrl_c.pressed:
             run.save(step, val_loss)
+    test = Path(cfg.ckpt).parent / "test.json"  # 07's test split: 09 answers it, 11 judges
     if ctrl_c.pressed:
         print(f"saved {run.path} (step {step}); continue: "
               f"python 08_dpo.py --init_from=resume --out_dir={cfg.out_dir}")
-    else:  # 07's test split, answered by 09 with this model, for 11 to judge
-        test = Path(cfg.ckpt).parent / "test.json"
+    elif test.exists():  # not beside a 07 run stopped early
         print(f"answers for 11's judge: python 09_generate.py --ckpt={run.path} --answers={test} "
               "--temperature=0 --max_new_tokens=256")  # --chat instead: talk to it
     train_losses = torch.stack(train_losses).tolist() if train_losses else []

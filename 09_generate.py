@@ -429,7 +429,7 @@ def answer_all(model, tok, cfg, ckpt: dict, entries: list[dict], path: Path):
         tmp.write_text(json.dumps(records, indent=1, ensure_ascii=False), encoding="utf-8")
         os.replace(tmp, path)  # atomic: a Ctrl-C leaves the last batch's file, never half of one
         print(f"\ranswers: {len(records)}/{len(entries)}", end="", flush=True)
-    print(f"\n{len(records)} answers in {path}; 11_evaluate.py --responses judges them")
+    print(f"\n{len(records)} answers in {path}; to judge them: 11_evaluate.py --responses")
     return path
 
 

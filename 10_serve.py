@@ -477,7 +477,7 @@ def ckpt_hint(ckpt: Path) -> str:
     write out_dir/ckpt.pt (by default out/shakespeare-char, finetune, dpo), the file in a folder."""
     if (ckpt / "ckpt.pt").is_file():  # an out_dir: the checkpoint is the file in it
         return f"a folder: --ckpt={ckpt / 'ckpt.pt'} names its checkpoint"
-    folder = ckpt if ckpt.is_dir() else ckpt.parent
+    folder = ckpt if ckpt.is_dir() or not ckpt.suffix else ckpt.parent  # out/run: a folder
     if folder.parent == PROJECT / "data" and folder.name.startswith("gpt2"):
         return f"`python 04_gpt.py --init_from={folder.name} --save_ckpt` writes it"
     writers = {"finetune": "07_finetune.py", "dpo": "08_dpo.py"}

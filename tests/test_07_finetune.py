@@ -593,6 +593,17 @@ def test_an_out_dir_that_is_a_file_is_refused_before_any_work(ft07, char_setup, 
     assert (tmp_path / "notes").read_text() == "mine"
 
 
+def test_resuming_another_stages_run_names_it_and_offers_no_overwrite(ft07, char_setup, tmp_path,
+                                                                      capsys):
+    """--init_from=resume --out_dir=out/shakespeare-char: 05's run is no 07 run, and the way out
+    must not be --overwrite, which would replace 05's model."""
+    tmp, _ = char_setup
+    (tmp_path / "ckpt.pt").write_bytes((tmp / "base" / "ckpt.pt").read_bytes())  # 05's
+    err = run_main(ft07, capsys, ["--init_from=resume", f"--out_dir={tmp_path}", "--device=cpu"])
+    assert "holds a 'pretrain' model, no 07 run to resume" in err and "--overwrite" not in err
+    assert (tmp_path / "ckpt.pt").read_bytes() == (tmp / "base" / "ckpt.pt").read_bytes()
+
+
 def test_the_start_model_is_never_the_file_the_run_writes(ft07, char_setup, tmp_path, capsys,
                                                           no_model):
     """--ckpt=out_dir/ckpt.pt with --overwrite: the first save would replace the start model."""

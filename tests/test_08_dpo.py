@@ -499,7 +499,8 @@ def test_resume_needs_a_dpo_run_with_its_optimizer_state(dpo08, capsys, start, t
                       "--init_from=scratch")
     dpo08.save_checkpoint(tmp_path / "ckpt.pt", ckpt)  # 07's: weights only
     argv = [f"--ckpt={tmp / 'ft.pt'}", f"--out_dir={tmp_path}", "--init_from=resume"]
-    assert_user_error(dpo08, capsys, argv, "no DPO run to resume", "--init_from=scratch")
+    assert_user_error(dpo08, capsys, argv, "holds a 'finetune' model, no DPO run to resume",
+                      "another --out_dir")
 
 
 def test_the_reference_is_never_the_file_a_save_replaces(dpo08, capsys, start, tmp_path):
@@ -691,11 +692,17 @@ def test_a_save_of_nan_weights_keeps_the_last_good_checkpoint(dpo08, start, tmp_
 def test_the_end_prints_the_09_command_that_answers_07s_test_split(dpo08, start, tmp_path,
                                                                    capsys):
     tmp, _ = start
-    dpo08.main(run_argv(tmp, tmp_path, max_iters=1, batch_size=2, eval_pairs=2))
+    (tmp_path / "ft.pt").write_bytes((tmp / "ft.pt").read_bytes())  # 07's, no test.json beside
+    argv = run_argv(tmp, tmp_path / "dpo", ckpt=tmp_path / "ft.pt", max_iters=1, batch_size=2,
+                    eval_pairs=2)
+    dpo08.main(argv)
+    assert "answers for 11's judge" not in capsys.readouterr().out  # it would fail as printed
+    (tmp_path / "test.json").write_text("[]")  # 07 writes its test split at a run's end
+    dpo08.main([*argv, "--overwrite"])
     line = capsys.readouterr().out.split("answers for 11's judge: ")[1].splitlines()[0]
     command = line.split()
-    assert command[:4] == ["python", "09_generate.py", f"--ckpt={tmp_path / 'ckpt.pt'}",
-                           f"--answers={tmp / 'test.json'}"]  # beside 07's checkpoint (ft.pt)
+    assert command[:4] == ["python", "09_generate.py", f"--ckpt={tmp_path / 'dpo' / 'ckpt.pt'}",
+                           f"--answers={tmp_path / 'test.json'}"]  # beside 07's checkpoint
     gen09 = load_script("09_generate")
     cfg = gen09.parse_config(gen09.GenerateConfig, command[2:])  # flags 09 takes, as printed
     assert cfg.temperature == 0 and cfg.max_new_tokens == 256
