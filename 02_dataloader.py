@@ -28,6 +28,7 @@ Run (CPU is plenty, nothing here trains):
     python 02_dataloader.py  # tiny Shakespeare -> data/tinyshakespeare-{char,gpt2}/, 07/08's data
     python 02_dataloader.py --tokenizers=char --block_size=16
     python 02_dataloader.py --text_file=my.txt --normalize=NFKC  # -> data/my-char/, data/my-gpt2/
+    python 02_dataloader.py --fetch=hellaswag   # a download alone: 11's multiple choice
     python 02_dataloader.py --help
 """
 
@@ -50,21 +51,15 @@ PROJECT = Path(__file__).resolve().parent  # relative paths (data/, flags) start
 DATA_DIR = PROJECT / "data"  # downloads, and the prepared corpora next to them
 
 # -----------------------------------------------------------------------------
-# 1. fetch: the corpora we know, with the hash of the exact bytes we expect
+# 1. fetch: the files we know (the corpus; 07's, 08's, 11's data), each with its bytes' hash
 
 _SHAKESPEARE = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare"
-_GPT2 = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main"
 _RASBT = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07"
+_HELLASWAG = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data"
 SOURCES = {  # name -> (url, sha256, filename in data/)
     "tinyshakespeare": (f"{_SHAKESPEARE}/input.txt",
                         "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
                         "tinyshakespeare.txt"),
-    "gpt2-encoder": (f"{_GPT2}/encoder.json",
-                     "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
-                     "encoder.json"),
-    "gpt2-vocab": (f"{_GPT2}/vocab.bpe",
-                   "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
-                   "vocab.bpe"),
     "instruction-data": (f"{_RASBT}/01_main-chapter-code/instruction-data.json",
                          "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944",
                          "instruction-data.json"),
@@ -72,6 +67,9 @@ SOURCES = {  # name -> (url, sha256, filename in data/)
                         "instruction-data-with-preference.json",
                         "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e",
                         "instruction-data-with-preference.json"),
+    "hellaswag": (f"{_HELLASWAG}/hellaswag_val.jsonl",
+                  "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588",
+                  "hellaswag_val.jsonl"),
 }
 
 
@@ -385,9 +383,7 @@ class SlidingWindowDataset(Dataset):
     """
 
     def __init__(self, tokens, block_size: int, stride: int):
-        if not isinstance(tokens, np.ndarray):
-            tokens = np.asarray(tokens)  # a list; an array or a memmap is kept as it is
-        self.tokens = tokens
+        self.tokens = np.asarray(tokens)  # a list: copied; an array or a memmap: a view
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         if stride <= 0:
@@ -482,6 +478,7 @@ def main(argv=None):
     parser.add_argument("--block_size", type=int, default=32, help="tokens per window shown")
     parser.add_argument("--batch_size", type=int, default=4, help="windows per batch shown")
     parser.add_argument("--seed", type=int, default=0, help="the random seed of get_batch")
+    parser.add_argument("--fetch", type=str, choices=list(SOURCES), help="download this file alone")
     parser.add_argument("--data_dir", type=str, default="data",
                         help="downloads, and the <dataset>-<tokenizer>/ folders 05 and 06 read; "
                              "relative paths start at this script's folder")
@@ -503,6 +500,9 @@ def run(args):  # main's work, its arguments checked before any of it
         raise ValueError(f"--block_size={args.block_size}, --batch_size={args.batch_size}: "
                          "use sizes > 0")
     data_dir = PROJECT / args.data_dir  # relative to this folder; an absolute path stays as it is
+    if args.fetch:  # a download alone, as 11's HellaSwag
+        print(f"{fetch(args.fetch, data_dir)}: {args.fetch}")
+        return
     text_file = PROJECT / args.text_file if args.text_file else None
     if text_file and not text_file.is_file():
         raise ValueError(f"--text_file={args.text_file}: no such file ({text_file})")

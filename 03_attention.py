@@ -361,9 +361,10 @@ class PaddedCausalSelfAttention(CausalSelfAttention):
 # (attention still reads every cached key). The price is memory: 2 * n_layer * n_embd numbers per
 # token and row (GPT-2 small in fp32: 75 MB for 1024 tokens), in buffers allocated once, max_len
 # tokens for every row of the batch, and written in place. Growing them by concatenation instead
-# copies the whole cache for every token and layer: 3-9% slower for GPT-2 small on a CPU
-# (`python tests/bench.py answers`); for GPT-2 medium, 8 rows of 500 tokens in bf16, by the last
-# token that reads and writes 0.8 GB, more than its 0.7 GB of weights (arithmetic, not measured).
+# copies the whole cache for every token and layer: for GPT-2 small on a CPU that costs little
+# (0.87-1.05x the time, `python tests/bench.py answers`); for GPT-2 medium, 8 rows of 500 tokens
+# in bf16, by the last token it reads and writes 0.8 GB, more than its 0.7 GB of weights
+# (arithmetic, not measured).
 # The cache does the attention itself, with the weights of a CausalSelfAttention, so the model's
 # modules stay as they are and any trained model works; a forward pass calls it for layers 0 ..
 # n_layer - 1 in order, and the last one moves `length` (the tokens cached so far) on. The batch
@@ -372,7 +373,7 @@ class PaddedCausalSelfAttention(CausalSelfAttention):
 # length + T) for T new tokens, True = may attend: step 6's rules (causal, real keys, and each
 # query itself) over absolute positions, query i at length + i. Without a mask it is causal,
 # shifted for a later chunk (SDPA's is_causal puts the triangle in the top-left corner, right only
-# when nothing is cached). 07 and 08 answer with this cache; 09 builds all of generation on it.
+# when nothing is cached). 09 builds all of generation on it; 10 serves with it.
 
 
 class KVCache:

@@ -45,6 +45,7 @@ fixed-length models" (the strided windows).
 Run it:
   python 11_evaluate.py --text_file=data/tinyshakespeare.txt   # 05's model (train + val text)
   python 04_gpt.py --init_from=gpt2 --save_ckpt      # OpenAI's GPT-2 124M as data/gpt2/ckpt.pt
+  python 02_dataloader.py --fetch=hellaswag         # HellaSwag's validation set into data/
   python 11_evaluate.py --ckpt=data/gpt2/ckpt.pt --task=hellaswag --limit=500
   python 11_evaluate.py --ckpt=data/gpt2/ckpt.pt --task=hellaswag --device=cuda  # all 10,042
   python 11_evaluate.py --ckpt=out/dpo/ckpt.pt --compare=out/finetune/ckpt.pt \\
@@ -56,7 +57,6 @@ Run it:
 """
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -81,9 +81,6 @@ DATA_DIR = PROJECT / "data"
 # -----------------------------------------------------------------------------
 # 1. The tasks: examples {"context", "choices", "label"}, from HellaSwag or a JSONL file
 
-# 10,042 examples, 12,246,618 bytes; the hash is the one Hugging Face's datasets library records
-HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
-HELLASWAG_SHA256 = "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"
 PLAIN_FORMAT = '{"context": str, "choices": [str, ...], "label": int}'
 
 
@@ -117,11 +114,14 @@ def to_example(row: dict, where: str) -> dict:
 
 
 def load_task(task: str, limit: int = 0) -> list[dict]:
-    """The examples of task: "hellaswag" (its validation set, downloaded into data/ once, checked
-    by its sha256) or the path of a JSONL file. limit > 0: the first limit examples."""
+    """The examples of task: "hellaswag" (its validation set, 10,042 examples, which 02 fetches
+    into data/) or the path of a JSONL file. limit > 0: the first limit examples."""
     path = Path(task)
     if task == "hellaswag":
-        path = download(HELLASWAG_URL, DATA_DIR / "hellaswag_val.jsonl", HELLASWAG_SHA256)
+        path = DATA_DIR / "hellaswag_val.jsonl"
+        if not path.exists():  # 02 is the one home of downloads (07's and 08's data too)
+            raise FileNotFoundError(f"no {path}: `python 02_dataloader.py --fetch=hellaswag` "
+                                    "downloads it (12 MB)")
     examples = []
     lines = path.read_text(encoding="utf-8").splitlines()
     for number, line in enumerate(lines, start=1):
@@ -530,7 +530,7 @@ class EvalConfig:
 
     # the default: what the Quick start's `python 05_pretrain.py` writes
     ckpt: Annotated[str, "the model to score: 04-08's checkpoint"] = "out/shakespeare-char/ckpt.pt"
-    task: Annotated[str, "hellaswag (fetched into data/), or a JSONL file of examples"] = ""
+    task: Annotated[str, "hellaswag (02 --fetch=hellaswag), or a JSONL file of examples"] = ""
     text_file: Annotated[str, "a UTF-8 text: its perplexity and bits per byte"] = ""
     stride: Annotated[int, "--text_file: tokens between windows; 0 = half a window"] = 0
     limit: Annotated[int, "score the first N examples; 0 = all"] = 0
@@ -628,7 +628,7 @@ def main(argv=None):
                 result = evaluate_models(cfg)
         if cfg.out_json:
             write_json(cfg.out_json, result)
-    except (ValueError, OSError, RuntimeError) as e:  # bad input, a failed download, judge, write
+    except (ValueError, OSError, RuntimeError) as e:  # bad input or file, the judge, a write
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C: --out_json is written whole or not at all
@@ -691,53 +691,6 @@ def get_tokenizer(spec: dict):
         return tiktoken.get_encoding("gpt2")
     raise ValueError(f"unknown tokenizer kind {kind!r}; "
                      "use {'kind': 'char', 'chars': ...} or {'kind': 'gpt2'}")
-
-
-# copied from 01_tokenizer.py: download
-def download(url: str, path, sha256: str | None = None, timeout: float = 30) -> Path:
-    """Download url to path, unless a good file is there: streamed to path + ".tmp", checked,
-    renamed. sha256=None: no pinned hash (Hugging Face's weights); the byte count is checked."""
-    path = Path(path)
-    if path.exists() and sha256 is None:
-        return path  # a download gets this name only once it is complete and checked
-    if path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == sha256:
-        return path  # the exact bytes we expect
-    path.unlink(missing_ok=True)  # corrupt or stale: never leave it where a good file is expected
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    digest = hashlib.sha256()
-    done = 0  # bytes written so far
-    t0 = time.perf_counter()
-    headers = {"Accept-Encoding": "identity"}  # the raw bytes, no gzip
-    try:
-        with requests.get(url, stream=True, timeout=timeout, headers=headers) as response:
-            response.raise_for_status()
-            total = int(response.headers.get("content-length", 0))  # exact: identity encoding
-            with open(tmp, "wb") as f:
-                for block in response.iter_content(chunk_size=1 << 20):
-                    done += f.write(block)
-                    digest.update(block)
-                    if total > 1 << 24:  # progress for big files (> 16 MB)
-                        rate = done / (time.perf_counter() - t0)  # bytes/s
-                        megabytes = f"{done >> 20:,}/{total >> 20:,} MB"
-                        seconds_left = (total - done) / rate
-                        end = "\n" if done == total else ""  # the last report ends the line
-                        print(f"\r{path.name}: {megabytes}, {rate / 2**20:.1f} MB/s, "
-                              f"~{seconds_left:.0f} s left ", end=end, flush=True)
-        if total and done != total:
-            raise RuntimeError(f"download of {url} stopped after {done} of {total} bytes; retry")
-        got = digest.hexdigest()
-        if sha256 and got != sha256:
-            raise ValueError(f"sha256 mismatch for {url}: expected {sha256}, got {got}; retry; "
-                             "if it persists the file changed upstream: check it and update the "
-                             f"hash, or put the expected file in {path.parent} by hand")
-        os.replace(tmp, path)
-    except requests.RequestException as e:
-        raise RuntimeError(f"download of {url} failed: {e}; check the URL and your network, "
-                           f"or put the file at {path} by hand") from e
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 # copied from 03_attention.py: CausalSelfAttention

@@ -163,7 +163,15 @@ def char_corpus(tmp_path_factory, shakespeare_text) -> Path:
 
 @pytest.fixture(scope="session")
 def gpt2_files() -> tuple[Path, Path]:
-    return _data_file("gpt2-encoder"), _data_file("gpt2-vocab")
+    """OpenAI's encoder.json and vocab.bpe: data/'s, else 01's own download (checked)."""
+    tok = load_script("01_tokenizer")
+    paths = []
+    for name, sha256 in tok.GPT2_FILES.items():
+        path = DATA_DIR / name
+        if not path.exists():
+            tok.download(f"{tok.GPT2_URL}/{name}", path, sha256)
+        paths.append(path)
+    return tuple(paths)
 
 
 @pytest.fixture(scope="session")

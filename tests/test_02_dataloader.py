@@ -476,9 +476,26 @@ def test_fetch(dl02, server, tmp_path, monkeypatch):
         dl02.fetch("nope", tmp_path)
 
 
-def test_sources_hashes_match_the_offline_copies(dl02, shakespeare_path, gpt2_files):
-    for name, path in [("tinyshakespeare", shakespeare_path), ("gpt2-encoder", gpt2_files[0]),
-                       ("gpt2-vocab", gpt2_files[1])]:
+def test_fetch_flag_downloads_that_source_alone(dl02, server, tmp_path, monkeypatch, capsys):
+    """--fetch=NAME (11's HellaSwag): that file, checked, into --data_dir; no corpus prepared."""
+    base, _ = server
+    sha = hashlib.sha256(PAYLOAD).hexdigest()
+    monkeypatch.setitem(dl02.SOURCES, "hellaswag", (f"{base}/payload.bin", sha, "hs.jsonl"))
+    dl02.main(["--fetch=hellaswag", f"--data_dir={tmp_path}"])
+    assert [p.name for p in tmp_path.iterdir()] == ["hs.jsonl"]
+    assert (tmp_path / "hs.jsonl").read_bytes() == PAYLOAD
+    assert capsys.readouterr().out == f"{tmp_path / 'hs.jsonl'}: hellaswag\n"
+    with pytest.raises(SystemExit) as stop:  # not a source we know: argparse's one line
+        dl02.main(["--fetch=wikipedia", f"--data_dir={tmp_path}"])
+    assert stop.value.code == 2
+    assert "invalid choice: 'wikipedia'" in capsys.readouterr().err
+
+
+def test_sources_hashes_match_the_offline_copies(dl02, shakespeare_path, instruction_data_path,
+                                                 preference_data_path):
+    for name, path in [("tinyshakespeare", shakespeare_path),
+                       ("instruction-data", instruction_data_path),
+                       ("preference-data", preference_data_path)]:
         assert hashlib.sha256(path.read_bytes()).hexdigest() == dl02.SOURCES[name][1], name
 
 
@@ -629,7 +646,7 @@ def test_main_help_lists_each_flag_with_its_type_and_default_once(dl02, capsys):
     assert exit_info.value.code == 0
     assert f"] {dl02.__doc__.splitlines()[0]} options:" in flat  # the description line
     assert "--block_size int tokens per window" in flat and "--val_fraction float" in flat
-    assert flat.count("(default: ") == 10  # once for each of the ten flags
+    assert flat.count("(default: ") == 11  # once for each of the eleven flags
     for default in ("(default: None:", "(default: char,gpt2)", "(default: data)"):
         assert flat.count(default) == 1, default
 

@@ -6,7 +6,6 @@ one position at a time, and bad input is one line."""
 
 import contextlib
 import dataclasses
-import hashlib
 import http.server
 import json
 import math
@@ -300,39 +299,21 @@ def test_responses_that_are_not_a_list_of_objects_are_one_error(ev11, tmp_path, 
         ev11.load_responses(path)
 
 
-class FakeResponse:
-    """What requests.get(stream=True) returns, serving fixed bytes."""
-
-    def __init__(self, data: bytes):
-        self.data = data
-        self.headers = {"content-length": str(len(data))}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def raise_for_status(self):
-        pass
-
-    def iter_content(self, chunk_size):
-        yield self.data
-
-
-def test_hellaswag_download_is_checked_and_atomic(ev11, tmp_path, monkeypatch):
-    """A download whose sha256 is not the pinned one raises and leaves no file (nor its .tmp);
-    with the right hash it is kept, and its lines load in HellaSwag's format."""
-    data = "".join(json.dumps(row) + "\n" for row in HELLASWAG_LINES).encode()
-    monkeypatch.setattr(ev11.requests, "get", lambda *a, **k: FakeResponse(data))
+def test_hellaswag_is_read_from_data_where_02_fetches_it(ev11, tmp_path, monkeypatch, capsys):
+    """No data/hellaswag_val.jsonl: one line naming the 02 command, before a model loads; with
+    the file there, its lines load in HellaSwag's format."""
     monkeypatch.setattr(ev11, "DATA_DIR", tmp_path)
-    with pytest.raises(ValueError, match="sha256 mismatch"):
-        ev11.load_task("hellaswag")
-    assert list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(ev11, "HELLASWAG_SHA256", hashlib.sha256(data).hexdigest())
+    not_a_model = tmp_path / "x.pt"  # loading it would fail with another message
+    not_a_model.write_bytes(b"x")
+    with pytest.raises(SystemExit) as stop:
+        ev11.main(["--task=hellaswag", f"--ckpt={not_a_model}"])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: no ") and "02_dataloader.py --fetch=hellaswag" in error
+    write_jsonl(tmp_path / "hellaswag_val.jsonl", HELLASWAG_LINES)
     examples = ev11.load_task("hellaswag", limit=2)
-    assert [p.name for p in tmp_path.iterdir()] == ["hellaswag_val.jsonl"]
     assert [e["label"] for e in examples] == [3, 0]
+    assert examples[0]["choices"][0] == " " + HELLASWAG_LINES[0]["endings"][0]
 
 
 # -----------------------------------------------------------------------------
