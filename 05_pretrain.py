@@ -15,7 +15,7 @@ after 2000 iterations, ~1.47 on one GPU); Loshchilov & Hutter 2019 (AdamW); Losh
 2017 (SGDR: cosine schedule); Goyal et al. 2017 (warmup); Micikevicius et al. 2018 (loss scaling).
 
 Run it (every setting, with its default: --help; several GPUs: 06_distributed.py):
-  python 02_dataloader.py --tokenizers=char           # once: the token files this stage reads
+  python 02_dataloader.py                             # once: the token files (char, GPT-2's)
   python 05_pretrain.py                               # nanoGPT's CPU recipe: 0.8M params
   python 05_pretrain.py --preset=shakespeare-char-gpu # nanoGPT's GPU recipe: 10.7M params, one GPU
   python 05_pretrain.py --init_from=resume            # continue the run in out_dir (--max_iters=N)
@@ -43,7 +43,7 @@ import torch.nn.functional as F
 PROJECT = Path(__file__).resolve().parent  # a relative data_dir or out_dir resolves here
 
 # -----------------------------------------------------------------------------
-# Settings: nanoGPT's names, each a --field=value flag (04's parse_config)
+# Settings: nanoGPT's names, each a --field=value flag (04's parse_config); the loop is train()
 
 
 @dataclass
@@ -133,11 +133,11 @@ class TrainConfig:
 # One optimizer step: AdamW's groups, the learning-rate schedule, gradient accumulation.
 #
 # Weight decay shrinks weights toward zero at every step (decoupled from the gradient: AdamW, not
-# an L2 term in the loss). It is meant for the matrices that multiply activations, Linear weights
-# and embeddings. Biases and LayerNorm gains are 1-D shifts and scales: decaying them regularizes
-# nothing and drags the gains toward 0, toward switching their layer off. Practice differs on the
-# embeddings (minGPT exempted them); we follow nanoGPT: decay iff p.dim() >= 2. fused=True updates
-# all tensors in one kernel (CUDA, and CPU since PyTorch 2.4: several times faster than foreach).
+# an L2 term in the loss). It is meant for the matrices, Linear weights and embeddings. Biases and
+# LayerNorm gains are 1-D shifts and scales: decaying them regularizes nothing and drags the gains
+# toward 0, toward switching their layer off. Practice differs on the embeddings (minGPT exempted
+# them); we follow nanoGPT: decay iff p.dim() >= 2. fused=True updates all tensors in one fused
+# pass (CUDA, and CPU since PyTorch 2.4: several times faster than foreach).
 
 
 def configure_optimizers(model, weight_decay: float, learning_rate: float, betas,
@@ -155,7 +155,7 @@ def configure_optimizers(model, weight_decay: float, learning_rate: float, betas
 # With learning_rate 1e-3, min_lr 1e-4, warmup_iters 100, lr_decay_iters 2000 (the CPU recipe):
 # it=0 -> 1e-3 / 101; it=100 -> 1e-3 (the peak); it=1050, halfway through the cosine ->
 # 1e-4 + 0.5 * (1 + cos(pi / 2)) * 9e-4 = 5.5e-4; it >= 2000 -> 1e-4. Warmup matters because
-# Adam's second-moment estimate is noise in the first steps, and full-size steps on it diverge.
+# Adam's second moment is noise in the first steps, and full steps on it diverge (Liu et al. 2020).
 def get_lr(it: int, cfg) -> float:
     """Linear warmup to cfg.learning_rate, then a cosine down to cfg.min_lr at lr_decay_iters."""
     if not cfg.decay_lr:
@@ -341,7 +341,7 @@ def train(cfg: TrainConfig, resumed: tuple | None = None) -> dict:
         scaler.load_state_dict(ckpt["scaler"] or scaler.state_dict())  # {}: saved without fp16
         set_rng_states(ckpt["rng"])  # last: building the model drew random numbers
     header = dict(model_args=asdict(model.config), tokenizer=tokenizer_spec, config=settings)
-    header["stage"] = "pretrain"
+    header["stage"] = "pretrain"  # header: the part of every run.save that never changes
     compiled_model = torch.compile(model, dynamic=False) if cfg.compile else model
     ctx = autocast_context(device_type, cfg.dtype)
     micro_steps = cfg.gradient_accumulation_steps
@@ -628,7 +628,7 @@ def main(argv=None):
                                  "or 06's runs (sample it with 09_generate.py)")
             saved = {**ckpt["config"], "gelu": model.config.gelu}  # older runs: GPT-2's
             saved_flags = [f"--{k}={v}" for k, v in saved.items() if k in names]
-        cfg = parse_config(TrainConfig, saved_flags + argv)  # its own errors: one line too
+        cfg = parse_config(TrainConfig, saved_flags + argv)  # the later flag wins: today's
         check_run(cfg, resumed)
         result = train(cfg, resumed)
     except (ValueError, OSError, FloatingPointError) as error:  # a NaN: try a lower lr

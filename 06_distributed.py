@@ -14,8 +14,8 @@ last bits). They differ in what each rank holds, and in which collective runs wh
   fsdp   shard everything      4P/N   4P/N  8P/N         all-gather params before each block's
                                                          forward and backward; reduce-scatter grads
 
-(fsdp also holds one block's gathered parameters at a time, and the root's (embeddings, head)
-from forward to backward; rank 0 prints each rank's bytes.)
+(fsdp also holds a block or two gathered at a time (the next is prefetched), and the root's
+(embeddings, head) from forward to backward; rank 0 prints each rank's bytes.)
 Then what a long job needs: activation checkpointing and torch.compile per block, checkpoints (on
 rank 0 in 05's format, or every rank's shards), and restarts that end with the weights of an
 uninterrupted run (bit for bit on CPU, at the same world size: dropout's masks depend on it too),
@@ -107,7 +107,7 @@ def init_distributed(device: str = "auto") -> World:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 matmuls
         torch.backends.cudnn.allow_tf32 = True
-    else:  # NCCL moves only CUDA tensors and gloo only CPU ones: mps trains on the CPU here
+    else:  # neither NCCL nor gloo moves MPS tensors: mps trains on the CPU here
         device = "cpu"
     if owns_group:  # torchrun's rendezvous, or a group of one whose store lives in this process
         backend = "nccl" if device.startswith("cuda") else "gloo"
@@ -158,9 +158,9 @@ def shard_fully(model: nn.Module, cfg) -> nn.Module:
     rebuilds a block's parameters before its forward (freed after) and its backward; then a
     reduce-scatter leaves each rank its slice's averaged gradient. Block by block, then the root
     (embeddings, head, kept gathered from forward to backward): a rank holds its shards, the root's
-    parameters and about one block in full. Traffic: 1.5x DDP's all-reduce.
+    parameters and one or two blocks in full (the next is prefetched). Traffic: ~1.5x DDP's.
     Over A micro-steps, each micro-step reduce-scatters: A times that traffic, gradients sharded.
-    --sync_every_micro_step=false reduce-scatters in the last only (1/A of that traffic; the
+    --sync_every_micro_step=false reduce-scatters in the last only (1/A of the reduce-scatters; the
     all-gathers still run each micro-step), but ranks hold full gradients until then (4P more).
     bf16: gathered as bf16 (half the traffic), reduced in fp32; inputs are cast too, so the
     residual stream adds in bf16 (05, DDP: fp32): losses differ slightly from DDP's."""
@@ -180,10 +180,10 @@ def local_part(tensor: torch.Tensor) -> torch.Tensor:
 
 def build_optimizer(cfg, model: nn.Module, world: World) -> torch.optim.Optimizer:
     """AdamW (05's configure_optimizers) or plain SGD; for zero1, wrapped in ZeRO stage 1:
-    ZeroRedundancyOptimizer, over a DDP model: each rank owns about 1/N of the parameters (whole
-    tensors, dealt out greedily by size) and keeps optimizer state for those only. After DDP's
-    all-reduce every rank updates just its own parameters, then broadcasts them so that the
-    replicas are equal again. (ZeRO-2 shards the gradients too, ZeRO-3 the parameters: FSDP.)"""
+    ZeroRedundancyOptimizer, over a DDP model: each rank owns whole tensors, dealt out greedily
+    by size (~1/N of the parameters; GPT-2's tied wte, 31%, goes to one), and keeps their state.
+    After DDP's all-reduce every rank updates just its own parameters, then broadcasts them so
+    the replicas are equal again. (ZeRO-2 shards the gradients too, ZeRO-3 the parameters: FSDP.)"""
     # SGD, for the tests: Adam divides the gradient's scale out, SGD's step is proportional to
     # it, so a gradient 2x too large (summed over 2 ranks, not averaged) moves the weights 2x
     if cfg.optimizer == "sgd":
@@ -241,7 +241,7 @@ def train_step(model, optimizer, data, cfg, world: World, it: int):
         elif cfg.strategy == "fsdp" and not cfg.sync_every_micro_step:  # NEW: see shard_fully
             model.set_requires_gradient_sync(last)  # reduce-scatter in the last only
         with sync:
-            # autocast as 05, with FSDP too: softmax and LayerNorm then run in fp32 as in 05
+            # autocast as 05, with FSDP too: on CUDA, LayerNorm then runs in fp32 as in 05
             with autocast_context(xb.device.type, cfg.dtype):
                 _, loss = model(xb, yb)
             (loss / accumulation).backward()  # outside autocast; .grad adds up: the mean
