@@ -50,13 +50,13 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
     if not temperature >= 0:  # nan too
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k <= 0:
-        raise ValueError(f"top_k must be a positive integer (or None/0 for no limit), got {top_k}")
+        raise ValueError(f"top_k must be a positive integer (None: no limit), got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1] (1 = no nucleus filter), got {top_p}")
 
 
 # The draw: token i with probability p_i is the largest p_i / E_i, each E_i an independent Exp(1)
-# draw (an "exponential race": E_i / p_i is Exp(p_i), and the smallest of those is i's with
+# draw (an "exponential race": E_i / p_i is exponential of rate p_i, and the smallest is i's with
 # probability p_i). torch.multinomial draws one sample just so, from the same generator, after
 # checking the probabilities (NaN, inf, negative), a check that has cost host syncs per token on
 # CUDA in some PyTorch versions. Same tokens here (tested on CPU), unchecked: a NaN does not raise.
@@ -131,8 +131,8 @@ def forward_cached(model, idx, cache=None, attention_mask=None, last_only=False)
     in it. attention_mask (B, T): False at (left) padding. Position ids count each row's real
     tokens, on from the cache: [pad pad a b] gets [0 0 0 1], what `a b` alone gets. Returns logits
     (B, T, V), or (B, 1, V) with last_only (the head, 38.6M of GPT-2's 124M weights, then runs at
-    the last position only). The head runs in fp32 outside autocast: sampling sees exact logits
-    (bf16's steps are 0.125-0.5 at GPT-2's logit sizes). For inference: call model.eval() first.
+    the last position only). The head runs in fp32 outside autocast (TF32 on CUDA), far finer than
+    bf16, whose steps are 0.125-0.5 at GPT-2's logit sizes. For inference: call model.eval() first.
     """
     B, T = idx.shape
     t0 = 0 if cache is None else cache.kv.length  # tokens already cached
@@ -153,7 +153,7 @@ def forward_cached(model, idx, cache=None, attention_mask=None, last_only=False)
         if cache.key_real is not None:
             key_real = torch.cat([cache.key_real, real], dim=1)
         cache.key_real = key_real
-        cache.padded |= padded
+        cache.padded |= padded  # a padded key, once cached, needs the mask at every later step
         padded = cache.padded
     mask = None  # no padding: causal suffices (KVCache.attend shifts it for a later chunk)
     if padded:
@@ -202,7 +202,7 @@ def generate_tokens(
     block_size // 2 tokens, re-encoded from position 0 into a fresh cache. Why not slide by one, as
     04's generate does? Each cached key was computed at its absolute position; moving the window by
     one changes them all, so the cache is stale every step: no cache at all. Halving costs one
-    prefill per block_size // 2 tokens of a row (a batch re-encodes whenever any of its rows
+    prefill per ~block_size / 2 new tokens of a row (a batch re-encodes whenever any of its rows
     slides). Each row of a batch slides as it would alone.
     """
     block_size = model.config.block_size

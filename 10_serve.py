@@ -964,7 +964,7 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
     if not temperature >= 0:  # nan too
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k <= 0:
-        raise ValueError(f"top_k must be a positive integer (or None/0 for no limit), got {top_k}")
+        raise ValueError(f"top_k must be a positive integer (None: no limit), got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1] (1 = no nucleus filter), got {top_p}")
 

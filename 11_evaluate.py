@@ -227,11 +227,11 @@ def packed_batch(packed: list[dict], device) -> tuple[torch.Tensor, ...]:
     return idx.to(device), pos.to(device), mask[:, None].to(device)
 
 
-def target_logprobs(model, h, targets, chunk_numbers=2**24) -> torch.Tensor:
+def target_logprobs(model, h, targets, max_logits=2**24) -> torch.Tensor:
     """log p(target) for each row of h (N, C) and targets (N,). The head runs in fp32 (outside
     autocast) on a chunk of rows at a time: its logits are (rows, V) with rows * V at most
-    chunk_numbers (64 MB), never (N, V), however many rows a batch holds."""
-    rows = max(1, chunk_numbers // model.config.vocab_size)
+    max_logits (64 MB), never (N, V), however many rows a batch holds."""
+    rows = max(1, max_logits // model.config.vocab_size)
     out = []
     with torch.autocast(h.device.type, enabled=False):
         for h_part, t_part in zip(h.split(rows), targets.split(rows)):
@@ -244,15 +244,15 @@ def target_logprobs(model, h, targets, chunk_numbers=2**24) -> torch.Tensor:
 @torch.no_grad()
 def score_packed(model, encoded: list[dict], packed: list[dict]) -> list[list[float]]:
     """Several examples in one forward pass, an example per row -> each one's choices' summed
-    log-probabilities. The mask goes in through 03's KVCache, used once (final_hidden applies a
-    mask with a cache only); its writes cost little beside the matmuls."""
+    log-probabilities. GPT.forward takes no mask; final_hidden takes one with a cache only, so 03's
+    KVCache is made and used once: its writes cost little beside the matmuls."""
     device = model.lm_head.weight.device  # packed: pack_example's rows of encoded, in order
     idx, pos, mask = packed_batch(packed, device)
     cache = KVCache(model.config.n_layer, idx.size(1))
     h = final_hidden(model, idx, pos, mask, cache)  # (B, T, C); a mask needs a cache
-    targets = []  # (row, choice j, the index whose output predicts it, its id): the choice tokens
+    targets = []  # per choice token: (row, choice j, the index whose output predicts it, its id)
     for row, p in enumerate(packed):
-        targets += [(row, *target) for target in p["targets"]]
+        targets += [(row, *target) for target in p["targets"]]  # pack_example's, row first
     row, choice, previous, token = torch.tensor(targets, device=device).T  # 4 x (N,)
     logprobs = target_logprobs(model, h[row, previous], token)  # (N,)
     n_choices = max(len(e["choices"]) for e in encoded)
@@ -337,7 +337,7 @@ def evaluate_task(model, tok, examples: list[dict], task: str, cfg) -> dict:
 #
 # 05's val loss is the mean nats per token over random windows of the val split. On a whole text
 # every token is scored once, with as much context as the model's block allows: windows of
-# block_size tokens end `stride` apart, and each scores only the targets that the window before
+# block_size tokens end `stride` apart, and each scores only the targets that the windows before
 # it did not. Perplexity, exp(mean nats per token), depends on the tokenizer (a character is
 # easier to guess than a word); bits per byte, (all nats / ln 2) / (UTF-8 bytes scored), does not,
 # so a char model and a GPT-2 compare on it.
@@ -347,7 +347,7 @@ def strided_windows(n_tokens: int, block_size: int, stride: int) -> list[tuple[i
     """Windows (begin, end, n_scored) over n_tokens tokens that score every target once.
 
     Inputs ids[begin:end], targets ids[begin+1:end+1], of which only the last n_scored count (the
-    earlier ones were scored, with less context, by the window before). All windows are T =
+    earlier ones were scored, with less context, by earlier windows). All windows are T =
     min(block_size, n_tokens - 1) long (so they batch) and end `stride` apart, so each target after
     the first window has at least T - stride + 1 tokens of context: stride T is fast, stride 1 most
     informed.
@@ -496,7 +496,7 @@ def describe(path, model, ckpt: dict) -> dict:
     """What a report says of a model: its checkpoint, stage, size and the tokens it has seen."""
     config = ckpt.get("config") or {}
     step_keys = ("batch_size", "gradient_accumulation_steps", "block_size")
-    tokens = None  # recorded by 05's settings; others do not say
+    tokens = None  # recorded by 05's and 06's settings; others do not say
     if all(isinstance(config.get(k), int) for k in step_keys):
         tokens = ckpt.get("iter_num", 0) * math.prod(config[k] for k in step_keys)
     return {"ckpt": str(path), "stage": ckpt.get("stage", "?"),
@@ -505,13 +505,13 @@ def describe(path, model, ckpt: dict) -> dict:
 
 def print_report(results: list[dict]) -> None:
     """One table: a column per model, a row per score (95% interval), and chance."""
-    for i, m in enumerate(result["model"] for result in results):
+    for i, result in enumerate(results):  # each model cuts its own: block sizes, tokenizers
+        m = result["model"]
         seen = "not recorded" if m["tokens_seen"] is None else f"{m['tokens_seen']:,}"
         print(f"model {i + 1}: {m['ckpt']} ({m['stage']}, {m['parameters'] / 1e6:.2f}M "
-              f"parameters, tokens seen: {seen})")
+              f"parameters, tokens seen: {seen}), {result['contexts_cut']:,} contexts cut to fit")
     first = results[0]
-    print(f"task {first['task']}: {first['n']:,} examples, "
-          f"{first['contexts_cut']:,} contexts cut from the left to fit")
+    print(f"task {first['task']}: {first['n']:,} examples; a cut context loses its left end")
     header = "".join(f"{f'model {i + 1}':>24}" for i in range(len(results)))
     print(f"{'score':<16}{header}")
     for metric in METRICS:
@@ -543,7 +543,7 @@ class EvalConfig:
     judge_model: Annotated[str, "the judge's model name, e.g. llama3.1"] = ""
     judge_key_env: Annotated[str, "the variable holding the judge's API key"] = "OPENAI_API_KEY"
     device: Annotated[str, "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"] = "auto"
-    dtype: Annotated[str, "precision: auto = bfloat16 on GPU (old: float16); CPU float32"] = "auto"
+    dtype: Annotated[str, "precision: auto = bf16 on CUDA (old GPUs: fp16), else float32"] = "auto"
     threads: Annotated[int, "CPU threads to use; 0 = PyTorch's choice"] = 0
 
     def __post_init__(self):  # checked before loading anything; parse_config prints the error

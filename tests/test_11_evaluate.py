@@ -144,7 +144,7 @@ def test_the_head_never_sees_more_rows_than_a_chunk(ev11, gpt2_model, monkeypatc
     monkeypatch.setattr(head, "forward", lambda x: shapes.append(x.shape) or x @ head.weight.t())
     h = torch.randn(50, 32)
     targets = torch.randint(50257, (50,))
-    chunked = ev11.target_logprobs(gpt2_model, h, targets, chunk_numbers=50257 * 8)
+    chunked = ev11.target_logprobs(gpt2_model, h, targets, max_logits=50257 * 8)
     assert max(s[0] for s in shapes) == 8 and sum(s[0] for s in shapes) == 50
     whole = (h @ head.weight.t()).log_softmax(-1)[torch.arange(50), targets]
     torch.testing.assert_close(chunked, whole)
