@@ -517,11 +517,10 @@ def download(url: str, path, sha256: str | None = None, timeout: float = 30) -> 
     """Download url to path, unless a good file is there: streamed to path + ".tmp", checked,
     renamed. sha256=None: no pinned hash (Hugging Face's weights); the byte count is checked."""
     path = Path(path)
-    if path.exists() and sha256 is None:
-        return path  # a download gets this name only once it is complete and checked
-    if path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == sha256:
-        return path  # the exact bytes we expect
-    path.unlink(missing_ok=True)  # corrupt or stale: never leave it where a good file is expected
+    if path.exists():  # ours get this name only once checked; a bad one is the user's: never lost
+        if sha256 is None or hashlib.sha256(path.read_bytes()).hexdigest() == sha256:
+            return path
+        raise ValueError(f"{path} is not the file expected (its sha256 differs): move it away")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     digest = hashlib.sha256()

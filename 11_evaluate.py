@@ -439,7 +439,7 @@ def ask_judge(url: str, model: str, prompt: str, api_key: str) -> str:
                            f"(`ollama serve`, then `ollama pull {model}`), or point --judge_url "
                            "at a running server") from None
     try:  # an error status comes with an error body, not a chat completion
-        return response.json()["choices"][0]["message"]["content"]
+        return response.json()["choices"][0]["message"]["content"] or ""  # null: no text
     except (ValueError, KeyError, IndexError, TypeError):
         raise RuntimeError(f"the judge at {url} answered {response.status_code} with no chat "
                            f"completion: {response.text[:200]!r}; check --judge_model and the "
@@ -535,7 +535,7 @@ class EvalConfig:
     stride: Annotated[int, "--text_file: tokens between windows; 0 = half a window"] = 0
     limit: Annotated[int, "score the first N examples; 0 = all"] = 0
     compare: Annotated[str, "a second checkpoint, scored on the same examples"] = ""
-    out_json: Annotated[str, "write the scores and per-example results here"] = ""
+    out_json: Annotated[str, "a new file for the scores and per-example results"] = ""
     batch_tokens: Annotated[int, "tokens per forward pass; lower it if memory runs out"] = 8192
     responses: Annotated[str, "answers to judge: a test_responses.json of 09 --answers"] = ""
     response_key: Annotated[str, "the field of the answers in it"] = "model_response"
@@ -567,8 +567,8 @@ class EvalConfig:
             is_read = name != "out_json" and not (name == "ckpt" and self.responses)
             if is_read and not Path(value).is_file():  # the judge reads no checkpoint
                 raise FileNotFoundError(f"--{name}={value}: no such file")
-            if name == "out_json" and Path(value).exists() and not value.endswith(".json"):
-                raise ValueError(f"--out_json={value} is a file of another kind: name a .json")
+            if name == "out_json" and Path(value).exists():  # maybe not ours: never replaced
+                raise ValueError(f"--out_json={value} exists: move it away, or name another file")
 
 
 def show_progress(what: str, done: int, total: int, t0: float) -> None:

@@ -422,9 +422,10 @@ def test_download_success_and_cache(dl02, server, tmp_path):
     # right hash on disk: no request
     dl02.download(f"{base}/payload.bin", tmp_path / "payload.bin", sha)
     assert hits == ["/payload.bin"]
-    path.write_bytes(b"stale")  # wrong hash on disk: downloaded again
-    assert dl02.download(f"{base}/payload.bin", path, sha).read_bytes() == PAYLOAD
-    assert hits == ["/payload.bin"] * 2
+    path.write_bytes(b"mine")  # another hash on disk: not a download of ours (the user's)
+    with pytest.raises(ValueError, match="payload.bin is not the file expected"):
+        dl02.download(f"{base}/payload.bin", path, sha)
+    assert path.read_bytes() == b"mine" and hits == ["/payload.bin"]  # kept, no request
 
 
 def test_download_checksum_mismatch_leaves_nothing(dl02, server, tmp_path):
@@ -454,16 +455,17 @@ def test_download_without_a_hash_checks_the_byte_count(dl02, server, tmp_path):
 
 
 def test_download_http_error_leaves_nothing(dl02, server, tmp_path):
-    base, _ = server
+    base, hits = server
     with pytest.raises(Exception, match="500") as error:
         dl02.download(f"{base}/error", tmp_path / "x.txt", "0" * 64)
     assert isinstance(error.value, (ValueError, RuntimeError))
     assert f"{base}/error" in str(error.value)
     assert list(tmp_path.iterdir()) == []
-    (tmp_path / "x.txt").write_bytes(b"corrupt")  # a wrong file on disk and a failing server:
-    with pytest.raises(RuntimeError):
+    (tmp_path / "x.txt").write_bytes(b"mine")  # a file of the user's, with another hash:
+    with pytest.raises(ValueError, match="x.txt is not the file expected"):
         dl02.download(f"{base}/error", tmp_path / "x.txt", "0" * 64)
-    assert list(tmp_path.iterdir()) == []  # the corrupt file is gone too, not kept as if good
+    assert (tmp_path / "x.txt").read_bytes() == b"mine"  # never replaced, nor deleted
+    assert hits == ["/error"]  # refused before any request
 
 
 def test_fetch(dl02, server, tmp_path, monkeypatch):

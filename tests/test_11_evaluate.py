@@ -269,6 +269,8 @@ def test_bad_settings_and_files_are_one_line(ev11, tmp_path, capsys):
     not_a_ckpt = tmp_path / "notes.pt"
     not_a_ckpt.write_text("not a checkpoint")
     plain = write_jsonl(tmp_path / "plain.jsonl", PLAIN_LINES)  # '2', '+', '=' are not in CHARS
+    answers = tmp_path / "test_responses.json"
+    answers.write_text(json.dumps(RESPONSES))
     cases = [
         ([f"--ckpt={char_ckpt}", f"--task={plain}"], "'+2=' are not in this char model"),
         ([f"--ckpt={not_a_ckpt}", f"--task={plain}"], "is not a checkpoint"),
@@ -281,7 +283,9 @@ def test_bad_settings_and_files_are_one_line(ev11, tmp_path, capsys):
         ([f"--responses={plain}", f"--task={plain}", "--judge_url=http://x", "--judge_model=m"],
          "one evaluation"),  # the judge alone would run, the task silently skipped
         ([f"--ckpt={char_ckpt}", f"--task={plain}", f"--out_json={char_ckpt}"],
-         "a file of another kind"),  # a checkpoint is never overwritten with scores
+         "exists: move it away"),  # a checkpoint is never overwritten with scores
+        ([f"--responses={answers}", "--judge_url=http://x", "--judge_model=m",
+          f"--out_json={answers}"], "exists: move it away"),  # nor the answers judged, nor any file
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as e:
@@ -289,6 +293,7 @@ def test_bad_settings_and_files_are_one_line(ev11, tmp_path, capsys):
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and err.count("\n") == 1, err
     assert torch.load(char_ckpt, weights_only=True)["model_args"]  # still a checkpoint
+    assert json.loads(answers.read_text()) == RESPONSES
 
 
 @pytest.mark.parametrize("entries", [[1, 2], [{"instruction": "a", "output": "b"}, 5], []])
@@ -325,7 +330,8 @@ RESPONSES = [
     {"instruction": "Add 2 and 3.", "input": "", "output": "5", "model_response": "5"},
     {"instruction": "Say hi.", "input": "", "output": "Hi!", "model_response": "Hello."},
 ]
-REPLIES = {"Red.": "Score: 85", "5": "100", "Hello.": "I would rather not say."}
+REPLIES = {"Red.": "Score: 85", "5": "100", "Hello.": "I would rather not say.",
+           "Nothing.": None}  # a reply with "content": null, as some servers send
 
 
 @contextlib.contextmanager
@@ -376,6 +382,16 @@ def test_no_score_at_all_is_a_null_mean_in_strict_json(ev11, tmp_path, capsys):
         raise ValueError(f"{constant} is not JSON")
 
     assert json.loads(out.read_text(), parse_constant=refuse)["mean"] is None
+
+
+def test_a_null_reply_is_one_without_a_number(ev11, tmp_path):
+    responses = tmp_path / "test_responses.json"
+    entry = {"instruction": "Say nothing.", "input": "", "output": "", "model_response": "Nothing."}
+    responses.write_text(json.dumps([entry]))
+    with stub_judge() as (url, _):
+        argv = [f"--responses={responses}", f"--judge_url={url}", "--judge_model=judge"]
+        result = ev11.main([*argv, "--device=cpu"])
+    assert result["scores"] == [] and result["no_number"] == [{"entry": 0, "reply": ""}]
 
 
 def test_judge_scores_numbers_and_counts_replies_without_one(ev11, tmp_path, capsys):
