@@ -255,8 +255,7 @@ def prepare_corpus(text: str, out_dir, tokenizer_spec: dict,
         encode_options["allowed_special"] = "all"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # an earlier run's meta.json would not fit the new .bin files
-    (out_dir / "meta.json").unlink(missing_ok=True)
+    (out_dir / "meta.json").unlink(missing_ok=True)  # an earlier run's: not the new .bin files
     counts = {}
     for split, part in parts.items():
         encoded = tokenizer.encode(part, **encode_options)
@@ -487,6 +486,8 @@ def main(argv=None):
         run(args)
     except (ValueError, OSError, RuntimeError) as e:
         parser.exit(2, f"error: {e}\n")
+    except KeyboardInterrupt:  # downloads and meta.json come last: a cut run looks unfinished
+        parser.exit(130, "\nCtrl-C: stopped\n")
 
 
 def run(args):  # main's work, its arguments checked before any of it

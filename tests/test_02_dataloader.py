@@ -493,6 +493,16 @@ def test_fetch_flag_downloads_that_source_alone(dl02, server, tmp_path, monkeypa
     assert "invalid choice: 'wikipedia'" in capsys.readouterr().err
 
 
+def test_ctrl_c_is_one_line_and_exit_130(dl02, tmp_path, monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt  # what Python raises in the main thread at a Ctrl-C
+
+    monkeypatch.setattr(dl02, "run", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        dl02.main([f"--data_dir={tmp_path}"])
+    assert stop.value.code == 130 and capsys.readouterr().err.strip() == "Ctrl-C: stopped"
+
+
 def test_sources_hashes_match_the_offline_copies(dl02, shakespeare_path, instruction_data_path,
                                                  preference_data_path):
     for name, path in [("tinyshakespeare", shakespeare_path),
