@@ -15,11 +15,11 @@ This file builds it in five steps, each adding one idea (read top to bottom), th
    `MultiHeadAttention` computes all heads with one fused qkv matrix and a reshape (same maths).
 5. `CausalSelfAttention`: the same through `F.scaled_dot_product_attention`, which on GPU runs
    FlashAttention / memory-efficient kernels that never store the T x T score matrix. This is the
-   class 04_gpt.py and the stages up to 11 use (12 and 13 write their own, with RoPE).
+   class 04_gpt.py and the stages up to 11 use (12 writes its own, with RoPE; 13 copies it).
 6. `PaddedCausalSelfAttention`: a padding mask for batches of unequal lengths, and why the later
    stages, which pad on the right, do not need one.
 7. `KVCache`: attention at inference, one new token at a time over the cached keys and values of
-   the tokens before it (what 07, 08 and 09 generate with).
+   the tokens before it (what 09 generates with, 10 serves with, 11 scores through).
 
 With the same weights, steps 4 and 5 compute the same function (and one head of step 4 is step
 3); the tests check it to 1e-5. `--bench` measures what step 5 buys: time and peak memory.
@@ -133,7 +133,7 @@ class CausalAttention(SelfAttention):
     def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
         scores = self.scores(x)  # (B, T, T)
         T = scores.size(-1)
-        # built on the fly: a (T, T) bool is cheap next to the (T, T) float scores we already have
+        # built on the fly: a (T, T) bool is cheap next to the (B, T, T) float scores we have
         ones = torch.ones(T, T, dtype=torch.bool, device=x.device)
         future = ones.triu(diagonal=1)  # (T, T): True above the diagonal
         scores = scores.masked_fill(future, float("-inf"))
@@ -319,8 +319,8 @@ class PaddedCausalSelfAttention(CausalSelfAttention):
 
     When no mask is needed at all: with RIGHT padding every real token comes before every pad, so
     the causal mask already hides the pads from the real tokens. The pads' own outputs are garbage,
-    but their targets are -100 and cross_entropy(..., ignore_index=-100) skips them. That is why
-    04's GPT runs plain CausalSelfAttention and the finetuning stages (07, 08) pad on the right.
+    but their targets are -100 and cross_entropy(..., ignore_index=-100) skips them (08 masks its
+    log-probabilities instead). That is why 07 and 08 pad on the right and keep 04's plain GPT.
     Left padding (a batch of prompts that must all end at the same position, as in generation)
     does need this mask, and shifted position ids besides.
 
@@ -407,7 +407,7 @@ class KVCache:
         if mask is None and T > 1 and start > 0:  # a later chunk: the causal triangle, shifted
             # by start: query i sees keys 0 .. start + i
             mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        is_causal = mask is None and T > 1
+        is_causal = mask is None and T > 1  # here only if start == 0: the top-left triangle fits
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return attn.c_proj(y)  # no dropout at inference
@@ -474,7 +474,7 @@ def peak_memory_forward(module: nn.Module, x: torch.Tensor, device: str) -> int 
 
 
 def megabytes(nbytes: int | None) -> str:
-    """A peak for the table: 3.5 MB as "3.5", no measurement (None) as "-"."""
+    """A peak for the table: 3.5 MiB as "3.5", no measurement (None) as "-"."""
     if nbytes is None:
         return "-"
     return f"{nbytes / 2**20:.1f}"
@@ -508,12 +508,12 @@ def bench(args: argparse.Namespace) -> None:
         measured_by = "(cuda allocator counters)"
     else:
         measured_by = "(profiler allocation records)"
-    print(f"peak MB = memory the forward allocates above weights and input {measured_by}")
-    print("T x T MB = one (B, n_head, T, T) score matrix, which the manual version materialises")
+    print(f"peak MiB = memory the forward allocates above weights and input {measured_by}")
+    print("T x T MiB = one (B, n_head, T, T) score matrix, which the manual version materialises")
     header = (
         f"{'T':>6} {'manual ms':>10} {'sdpa ms':>9} {'speedup':>8} "
-        f"{'manual peak MB':>15} {'sdpa peak MB':>13} "
-        f"{'T x T MB':>9} {'max |diff|':>11}"
+        f"{'manual peak MiB':>15} {'sdpa peak MiB':>13} "
+        f"{'T x T MiB':>9} {'max |diff|':>11}"
     )
     print(header)
     print("-" * len(header))
@@ -638,8 +638,8 @@ def main(argv=None) -> None:
                         choices=["cpu", "cuda", "mps"], help="where the benchmark runs")
     parser.add_argument("--dtype", type=str, default="auto",
                         choices=["auto", "float32", "bfloat16", "float16"],
-                        help="the benchmark's number format; auto = bfloat16 on cuda (its fast "
-                             "kernels need 16 bits), float32 elsewhere")
+                        help="the benchmark's number format; auto = bfloat16 on cuda (its flash "
+                             "kernel needs 16 bits), float32 elsewhere")
     parser.add_argument("--seq_lens", type=int_list, default="128,256,512,1024,2048",
                         metavar="ints", help="the sequence lengths T to time, comma-separated")
     parser.add_argument("--batch_size", type=int, default=1, help="sequences per forward")

@@ -94,7 +94,7 @@ class GPTConfig:
 
 GPT_PRESETS = {  # preset_config's choices
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 355M
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
     "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),  # nanoGPT shakespeare-char
@@ -369,15 +369,15 @@ def hf_to_gpt_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 # from_pretrained downloads Hugging Face's model.safetensors once into cache_dir/<model_type>/
 # (0.5 to 6 GB; no pinned hash, so download checks the byte count). The model is built on the
 # "meta" device (shapes only, no memory, no random init) and then takes the checkpoint's tensors
-# as its own (assign=True): no second, random copy (only the four transposed projections are
-# copied, briefly). assign=True gives wte and lm_head two separate Parameters: tied again.
+# as its own (assign=True): no second, random copy (the transposed projections, most of the
+# weights, are held twice, briefly). assign=True gives wte and lm_head two Parameters: tied again.
 def from_pretrained(model_type: str, cache_dir) -> "GPT":
     """GPT-2 with OpenAI's weights: "gpt2" (124M), "gpt2-medium", "gpt2-large" or "gpt2-xl"."""
     if model_type not in GPT2_SIZES:
         raise ValueError(f"unknown pretrained model {model_type!r}; choose one of {GPT2_SIZES}")
     url = f"https://huggingface.co/{model_type}/resolve/main/model.safetensors"
     path = Path(cache_dir) / model_type / "model.safetensors"
-    if not path.exists():  # fetched beside its folder, which appears once the file is whole
+    if not path.exists():  # to data/gpt2.safetensors first: the folder appears once it is whole
         fetched = download(url, path.parent.with_suffix(".safetensors"))  # no hash pinned
         os.renames(fetched, path)  # makes the folder: a failed download leaves none behind
     with torch.device("meta"):  # shapes only: no memory, no random init
@@ -569,7 +569,7 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True  # cuDNN's (convolutions): on by default
     torch.manual_seed(cfg.seed)
 
-    # Counting needs no memory: "meta" tensors have shapes, no storage: even gpt2-xl is instant.
+    # Counting needs no memory: "meta" tensors have shapes but no storage, so gpt2-xl is instant.
     with torch.device("meta"):
         model = GPT(preset_config(cfg.preset))
     print(f"{cfg.preset}: {model.config}")
@@ -607,7 +607,7 @@ def main(argv=None):
         os.replace(tmp, path)  # atomic: a file at path is always a whole checkpoint
         print(f"saved {path}: python 07_finetune.py --init_from={cfg.init_from} finetunes it")
     model.to(cfg.device).eval()
-    idx = torch.tensor([enc.encode(cfg.prompt)], device=cfg.device)
+    idx = torch.tensor([enc.encode(cfg.prompt) or [enc.eot_token]], device=cfg.device)  # "": none
     top_k = cfg.top_k or None  # 0 = all tokens
     with autocast_context(torch.device(cfg.device).type, cfg.dtype):
         out = generate(model, idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=top_k)

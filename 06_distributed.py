@@ -106,7 +106,6 @@ def init_distributed(device: str = "auto") -> World:
         device = f"cuda:{gpu}"
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 matmuls
-        torch.backends.cudnn.allow_tf32 = True
     else:  # neither NCCL nor gloo moves MPS tensors: mps trains on the CPU here
         device = "cpu"
     if owns_group:  # torchrun's rendezvous, or a group of one whose store lives in this process

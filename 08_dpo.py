@@ -189,8 +189,8 @@ def sequence_logprobs(logits, targets, mask, average: bool = False):
 
 
 def final_hidden(model, idx):
-    """(B, T) ids -> (B, T, n_embd): 04's GPT.forward up to ln_f, without the head (and without
-    its input checks: the ids are ours)."""
+    """(B, T) ids -> (B, T, n_embd): 04's GPT.forward up to ln_f, without the head (pair_logprobs
+    runs it in fp32) and without its input checks (the ids are ours)."""
     transformer = model.transformer
     pos = torch.arange(idx.size(1), device=idx.device)  # (T,)
     x = transformer.drop(transformer.wte(idx) + transformer.wpe(pos))  # (B, T, C)
@@ -239,9 +239,9 @@ def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejecte
     """
     chosen_logratios = policy_chosen - reference_chosen  # (B,) log pi/ref of the chosen answer
     rejected_logratios = policy_rejected - reference_rejected  # (B,)
-    logits = chosen_logratios - rejected_logratios  # (B,)
-    log_p_chosen_wins = F.logsigmoid(beta * logits)  # (B,) log sigmoid(m)
-    log_p_rejected_wins = F.logsigmoid(-beta * logits)  # (B,) log sigmoid(-m)
+    logratio_gap = chosen_logratios - rejected_logratios  # (B,) the margin m is beta * this
+    log_p_chosen_wins = F.logsigmoid(beta * logratio_gap)  # (B,) log sigmoid(m)
+    log_p_rejected_wins = F.logsigmoid(-beta * logratio_gap)  # (B,) log sigmoid(-m)
     eps = label_smoothing
     losses = -(1 - eps) * log_p_chosen_wins - eps * log_p_rejected_wins  # (B,)
     chosen_rewards = beta * chosen_logratios.detach()  # (B,) for the logs only
@@ -302,7 +302,7 @@ class DPOConfig:
     batch_size: Annotated[int, "pairs per step (2x sequences)"] = 8
     max_iters: Annotated[int, "optimizer steps; 0: one pass over the pairs"] = 0
     learning_rate: Annotated[float, "small: DPO nudges a trained model; flat after warmup"] = 5e-6
-    warmup_iters: Annotated[int, "linear warmup steps (the DPO paper's)"] = 10
+    warmup_iters: Annotated[int, "linear warmup steps (the DPO paper: 150)"] = 10
     weight_decay: Annotated[float, "AdamW's"] = 0.01
     grad_clip: Annotated[float, "clip the gradient norm to this; 0 = never"] = 1.0
     log_interval: Annotated[int, "a log line every this many steps"] = 5
@@ -960,7 +960,7 @@ def split_data(data: list, train_fraction=0.85, test_fraction=0.10) -> dict[str,
     n_test = int(len(data) * test_fraction)
     if n_train == 0 or n_test == 0 or n_train + n_test == len(data):  # no val left
         raise ValueError(f"{len(data)} entries are too few to split 85/10/5 "
-                         "(every split needs one); use 20+")
+                         "(every split needs one); use 10+")
     test_end = n_train + n_test
     return {
         "train": data[:n_train],

@@ -714,7 +714,7 @@ class KVCache:
         if mask is None and T > 1 and start > 0:  # a later chunk: the causal triangle, shifted
             # by start: query i sees keys 0 .. start + i
             mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        is_causal = mask is None and T > 1
+        is_causal = mask is None and T > 1  # here only if start == 0: the top-left triangle fits
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return attn.c_proj(y)  # no dropout at inference
@@ -751,7 +751,7 @@ class GPTConfig:
 # copied from 04_gpt.py: GPT_PRESETS
 GPT_PRESETS = {  # preset_config's choices
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 355M
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
     "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),  # nanoGPT shakespeare-char

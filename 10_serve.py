@@ -83,7 +83,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path) -> None:
         header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, end]}
         offset = end
     header_bytes = json.dumps(header).encode()
-    header_bytes += b" " * (-len(header_bytes) % 8)  # pad with spaces: tensors start 8-byte aligned
+    header_bytes += b" " * (-len(header_bytes) % 8)  # pad with spaces: the data starts 8-aligned
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(header_bytes)))
         f.write(header_bytes)
@@ -265,7 +265,7 @@ def parse_settings(body: dict, text_field: str) -> dict:
 
 def user_instruction(messages) -> str | None:
     """The content of the last message, if messages is a list of dicts and the last is the
-    user's: 07's template holds one instruction."""
+    user's: 07's template holds one instruction (earlier turns, system ones too, are dropped)."""
     dicts = type(messages) is list and messages and all(type(m) is dict for m in messages)
     if not dicts or messages[-1].get("role") != "user":
         return None
@@ -315,7 +315,7 @@ def parse_request(server, body, chat: bool) -> tuple[list[int], dict, int | None
     if body.get("model") != server.model_name:
         model = json.dumps(body.get("model"))
         message = f"no model {model}: this server has '{server.model_name}'"
-        raise APIError(message, "model", "model_not_found")
+        raise APIError(message, "model", "model_not_found", 404 if "model" in body else 400)
     tok = server.tok
     block_size = server.model.config.block_size
     if chat:
@@ -378,9 +378,9 @@ class OpenAIHandler(BaseHTTPRequestHandler):
         try:
             # the whole body first: a socket closed with unread data is reset, and our answer lost
             length = self.headers.get("Content-Length", "0")
-            if not length.isdigit():  # a negative one would hang the read
+            if not length.isdecimal():  # a negative one would hang the read; "²" is a digit
                 raise APIError(f"Content-Length must be the body's size in bytes, got {length!r}")
-            if int(length) > MAX_BODY:  # a request, not an upload: refused before it is read
+            if int(length) > MAX_BODY:  # refused unread (a client still sending may see a reset)
                 raise APIError(f"the body is over {MAX_BODY:,} bytes", status=413)
             raw = self.rfile.read(int(length))
             if not chat and self.path != "/v1/completions":
@@ -456,10 +456,9 @@ def make_server(model, tok, model_name: str, host="127.0.0.1", port=8000) -> Thr
     """A ThreadingHTTPServer answering with OpenAIHandler; port 0 picks a free one (see
     server.server_address). serve_forever() runs it, shutdown() from another thread stops it. The
     model computes in fp32, its matmuls in TF32 on CUDA (switched on here, for the whole process):
-    one token at a time is bound by per-step overhead more than by the matmuls' precision."""
+    a prompt's prefill is matmul-bound; a token at a time is bound by per-step overhead."""
     if model.lm_head.weight.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     server = ThreadingHTTPServer((host, port), OpenAIHandler)
     server.model = model.eval()
     server.tok = tok
@@ -697,7 +696,7 @@ class KVCache:
         if mask is None and T > 1 and start > 0:  # a later chunk: the causal triangle, shifted
             # by start: query i sees keys 0 .. start + i
             mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        is_causal = mask is None and T > 1
+        is_causal = mask is None and T > 1  # here only if start == 0: the top-left triangle fits
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return attn.c_proj(y)  # no dropout at inference

@@ -755,7 +755,7 @@ class KVCache:
         if mask is None and T > 1 and start > 0:  # a later chunk: the causal triangle, shifted
             # by start: query i sees keys 0 .. start + i
             mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        is_causal = mask is None and T > 1
+        is_causal = mask is None and T > 1  # here only if start == 0: the top-left triangle fits
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return attn.c_proj(y)  # no dropout at inference

@@ -314,7 +314,7 @@ BAD_REQUESTS = {  # name: (path, body, status, param)
     "max_tokens past the limit": (P, OK | {"max_tokens": 4097}, 400, "max_tokens"),
     "temperature 3": (P, OK | {"temperature": 3}, 400, "temperature"),
     "top_p 0": (P, OK | {"top_p": 0}, 400, "top_p"),
-    "unknown model": (P, OK | {"model": "gpt-4"}, 400, "model"),
+    "unknown model": (P, OK | {"model": "gpt-4"}, 404, "model"),  # OpenAI's status for it
     "misspelt field": (P, OK | {"max_tokns": 5}, 400, "max_tokns"),
     "misspelt model field": (P, {"modle": "tiny", "prompt": "Hi"}, 400, "modle"),
     "an OpenAI field not served": (C, CHAT | {"logprobs": True}, 400, "logprobs"),
@@ -347,7 +347,7 @@ def test_fields_that_change_nothing_are_taken(client):
 def test_unknown_get_path_is_404_and_the_client_sees_openais_errors(server, client):
     status, got = request(server, "GET", "/v1/nothing")
     assert status == 404 and "error" in got
-    with pytest.raises(openai.BadRequestError) as e:
+    with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="gpt-4", prompt="Hi")
     assert e.value.body["code"] == "model_not_found"
     assert complete(client)[1] == "length"
@@ -445,6 +445,17 @@ def test_a_body_over_the_limit_is_refused_unread(server):
     assert status_line.split()[1] == b"413", status_line
 
 
+@pytest.mark.parametrize("length", [b"-1", b"1e3", "\u00b2".encode("latin-1")])  # "²".isdigit()
+def test_a_content_length_that_is_not_a_number_is_a_400(server, client, length):
+    sock = socket.create_connection(server.server_address, timeout=DEADLINE_S)
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %s\r\n\r\n" % length
+    sock.sendall(head)
+    status_line = sock.makefile("rb").readline()
+    sock.close()
+    assert status_line.split()[1] == b"400", status_line
+    assert complete(client)[1] == "length"  # the server goes on
+
+
 def test_stream_is_server_sent_events_ending_in_done(server):
     conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
     body = json.dumps(CHAT | {"stream": True, "max_tokens": 5})
@@ -484,14 +495,11 @@ def test_character_model_server(serve10):
 
 @pytest.fixture
 def tf32_off():
-    """TF32 switched off for a test, and back as it was after: the flags are the process's."""
+    """TF32 switched off for a test, and back as it was after: the flag is the process's."""
     matmul_before = torch.backends.cuda.matmul.allow_tf32
-    cudnn_before = torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32 = matmul_before
-    torch.backends.cudnn.allow_tf32 = cudnn_before
 
 
 def test_make_server_switches_tf32_on_for_a_cuda_model(serve10, tf32_off):
@@ -507,7 +515,7 @@ def test_make_server_switches_tf32_on_for_a_cuda_model(serve10, tf32_off):
         cuda_model = types.SimpleNamespace(lm_head=types.SimpleNamespace(weight=weight))
         cuda_model.eval = lambda: cuda_model
     serve10.make_server(cuda_model, tok, "tiny", port=0).server_close()
-    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert torch.backends.cuda.matmul.allow_tf32  # cuDNN's: convolutions, none here
 
 
 # -----------------------------------------------------------------------------
