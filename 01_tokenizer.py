@@ -3,9 +3,9 @@
 A model reads integers, not text. A tokenizer turns text into a list of ids and back. Two here:
 1. CharTokenizer: one id per character. Tiny vocabulary (65 for Shakespeare), long sequences,
    cannot encode a character it has not seen. The "hello world" that 05 trains on.
-2. BPETokenizer: byte-level byte pair encoding (BPE), the tokenizer of GPT-2 (and, with other
-   merges and pre-splits, of GPT-3/4, Llama 3). It starts from the 256 bytes, so it can encode ANY
-   text, then learns merges: "the most frequent adjacent pair of tokens becomes a new token",
+2. BPETokenizer: byte-level byte pair encoding (BPE), the tokenizer of GPT-2 and GPT-3 (and, with
+   other merges and pre-splits, of GPT-4, Llama 3). It starts from the 256 bytes, so it can encode
+   ANY text, then learns merges: "the most frequent adjacent pair of tokens becomes a new token",
    repeated until the vocabulary is full. Common words end up as one token, rare ones as pieces.
 
 Three details make it GPT-2's BPE and not just any BPE:
@@ -510,8 +510,8 @@ class BPETokenizer:
 # small, so a file already there is hashed in one read. "Accept-Encoding: identity" asks for the
 # raw bytes: a gzip-encoded response would make the count differ from Content-Length. On an HTTP
 # error, a short body or a wrong hash we raise (RuntimeError/ValueError naming the fix) and leave
-# no file behind, deleting a corrupt one that was already there. Big files (> 16 MB) print their
-# progress: MB done, rate, time left.
+# no file behind; a file already there with another hash is not ours: kept, refused. Big files
+# (> 16 MB) print their progress: MB done, rate, time left.
 
 def download(url: str, path, sha256: str | None = None, timeout: float = 30) -> Path:
     """Download url to path, unless a good file is there: streamed to path + ".tmp", checked,
@@ -615,9 +615,9 @@ def bench_train(text: str, vocab_size: int, naive_chars: int) -> None:
 
 
 class FlagParser(argparse.ArgumentParser):
-    """argparse with no abbreviations (--max_iter is not --max_iters) and 04-13's --help. A mistake
-    is one line and exit status 2, not a usage dump; a misspelt flag gets the closest known one:
-    `error: unrecognized arguments: --max_iter=9 (did you mean --max_iters?)`."""
+    """argparse with no abbreviations (--vocab is not --vocab_size) and the help 04-13 print. A
+    mistake is one line and exit status 2, not a usage dump; a misspelt flag gets the closest one:
+    `error: unrecognized arguments: --vocab_siz=9 (did you mean --vocab_size?)`."""
 
     class Help(argparse.MetavarTypeHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
         """Each flag as `--name TYPE  meaning (default: X)`."""

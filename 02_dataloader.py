@@ -180,8 +180,8 @@ def quality_filter(text: str, min_letter_fraction: float = 0.5,
 
     - too few letters: fewer than min_letter_fraction of the non-space characters are letters
       (tables of numbers, "==== ---- ====", lines of symbols);
-    - repeated characters: the same non-space character more than max_char_run times in a row
-      ("!!!!!!!!!!!!", "aaaaaaaaaaaaaaaa", ASCII-art rulers).
+    - else, repeated characters: the same non-space character more than max_char_run times in a
+      row ("aaaaaaaaaaaaaaaa", "Nooooooooooooo!"; a line of "!" has too few letters already).
     Paragraphs with no visible characters are left alone (whitespace is normalize_whitespace's
     job).
     """
@@ -338,7 +338,7 @@ def load_tokens(corpus_dir, split: str) -> np.memmap:
 # y = [12, 13]. The (B, T+1) windows are read with one fancy index; x and y are then contiguous
 # copies, since a strided view would make .to("cuda", non_blocking=True) stage a pageable copy
 # first (and block), and .view(-1) fails on it. On CUDA the batch goes through pinned memory, so
-# the copy to the GPU overlaps with compute.
+# its copy is queued behind the GPU's work and the CPU goes on instead of waiting for it.
 
 def get_batch(data, batch_size: int, block_size: int, step: int, seed: int = 0, rank: int = 0,
               world_size: int = 1, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -362,7 +362,7 @@ def get_batch(data, batch_size: int, block_size: int, step: int, seed: int = 0, 
     window = data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64)  # (B, T+1)
     x = torch.from_numpy(np.ascontiguousarray(window[:, :-1]))  # (B, T)
     y = torch.from_numpy(np.ascontiguousarray(window[:, 1:]))  # (B, T)
-    if torch.device(device).type == "cuda":  # pinned memory lets the copy overlap with compute
+    if torch.device(device).type == "cuda":  # pinned: the copy is queued, the CPU goes on
         x = x.pin_memory().to(device, non_blocking=True)
         y = y.pin_memory().to(device, non_blocking=True)
         return x, y
@@ -375,8 +375,8 @@ def get_batch(data, batch_size: int, block_size: int, step: int, seed: int = 0, 
 class SlidingWindowDataset(Dataset):
     """Window i is x = tokens[i*stride : i*stride + T], y = the same shifted by one.
 
-    stride = block_size: windows tile the text without overlap (each token is a target once per
-    epoch); stride < block_size: overlapping windows, more (correlated) examples; stride >
+    stride = block_size: windows tile the text without overlap (each token a target at most once
+    per epoch); stride < block_size: overlapping windows, more (correlated) examples; stride >
     block_size skips text. The last tokens are dropped when they do not fill a whole window.
     Example: 6 tokens, block_size 2, stride 2 -> starts 0, 2 (start 4 would need token 6).
     """
@@ -675,9 +675,9 @@ def download(url: str, path, sha256: str | None = None, timeout: float = 30) -> 
 
 # copied from 01_tokenizer.py: FlagParser
 class FlagParser(argparse.ArgumentParser):
-    """argparse with no abbreviations (--max_iter is not --max_iters) and 04-13's --help. A mistake
-    is one line and exit status 2, not a usage dump; a misspelt flag gets the closest known one:
-    `error: unrecognized arguments: --max_iter=9 (did you mean --max_iters?)`."""
+    """argparse with no abbreviations (--vocab is not --vocab_size) and the help 04-13 print. A
+    mistake is one line and exit status 2, not a usage dump; a misspelt flag gets the closest one:
+    `error: unrecognized arguments: --vocab_siz=9 (did you mean --vocab_size?)`."""
 
     class Help(argparse.MetavarTypeHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
         """Each flag as `--name TYPE  meaning (default: X)`."""

@@ -672,9 +672,9 @@ def main(argv=None) -> None:
 
 # copied from 01_tokenizer.py: FlagParser
 class FlagParser(argparse.ArgumentParser):
-    """argparse with no abbreviations (--max_iter is not --max_iters) and 04-13's --help. A mistake
-    is one line and exit status 2, not a usage dump; a misspelt flag gets the closest known one:
-    `error: unrecognized arguments: --max_iter=9 (did you mean --max_iters?)`."""
+    """argparse with no abbreviations (--vocab is not --vocab_size) and the help 04-13 print. A
+    mistake is one line and exit status 2, not a usage dump; a misspelt flag gets the closest one:
+    `error: unrecognized arguments: --vocab_siz=9 (did you mean --vocab_size?)`."""
 
     class Help(argparse.MetavarTypeHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
         """Each flag as `--name TYPE  meaning (default: X)`."""

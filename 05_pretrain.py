@@ -762,7 +762,7 @@ def get_batch(data, batch_size: int, block_size: int, step: int, seed: int = 0, 
     window = data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64)  # (B, T+1)
     x = torch.from_numpy(np.ascontiguousarray(window[:, :-1]))  # (B, T)
     y = torch.from_numpy(np.ascontiguousarray(window[:, 1:]))  # (B, T)
-    if torch.device(device).type == "cuda":  # pinned memory lets the copy overlap with compute
+    if torch.device(device).type == "cuda":  # pinned: the copy is queued, the CPU goes on
         x = x.pin_memory().to(device, non_blocking=True)
         y = y.pin_memory().to(device, non_blocking=True)
         return x, y

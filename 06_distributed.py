@@ -518,7 +518,7 @@ class DistConfig:
     dataset: Annotated[str, "a corpus 02_dataloader.py prepared"] = "tinyshakespeare"
     tokenizer: Annotated[str, "char or gpt2: which of 02's token files"] = "char"
     data_dir: Annotated[str, "02's output; relative to this folder"] = "data"
-    out_dir: Annotated[str, "ckpt.pt, or dcp-latest.pt + dcp-*/ if sharded"] = "out/distributed"
+    out_dir: Annotated[str, "ckpt.pt (sharded: dcp-latest.pt, dcp-*/)"] = "out/distributed"
     init_from: Annotated[str, "scratch, resume, or auto (resume if one exists)"] = "scratch"
     overwrite: Annotated[bool, "start afresh even over a checkpoint (replaced)"] = False
     # model (04's GPTConfig), defaults 05's CPU recipe; then distributed (parallelize, save)
@@ -728,7 +728,7 @@ def get_batch(data, batch_size: int, block_size: int, step: int, seed: int = 0, 
     window = data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64)  # (B, T+1)
     x = torch.from_numpy(np.ascontiguousarray(window[:, :-1]))  # (B, T)
     y = torch.from_numpy(np.ascontiguousarray(window[:, 1:]))  # (B, T)
-    if torch.device(device).type == "cuda":  # pinned memory lets the copy overlap with compute
+    if torch.device(device).type == "cuda":  # pinned: the copy is queued, the CPU goes on
         x = x.pin_memory().to(device, non_blocking=True)
         y = y.pin_memory().to(device, non_blocking=True)
         return x, y

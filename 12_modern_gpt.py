@@ -57,7 +57,7 @@ class ModernConfig:
     norm: str = "layernorm"  # or "rmsnorm"
     norm_eps: float = 1e-5
     pos: str = "learned"  # or "rope"
-    rope_theta: float = 10000.0  # RoPE's base: the slowest pair turns ~1/theta per token
+    rope_theta: float = 10000.0  # RoPE's base: pair i turns theta^(-2i/head_size) per token
     mlp: str = "gelu"  # or "swiglu"
     mlp_hidden: int = 0  # 0 = 4 * n_embd (gelu), or swiglu_hidden()
     multiple_of: int = 32  # swiglu_hidden rounds up to this
@@ -149,7 +149,7 @@ def make_norm(config: ModernConfig, size: int) -> nn.Module:
 # The halves pairing is GPT-NeoX's and Hugging Face's (the paper and Meta's code pair neighbours
 # 2i, 2i+1; HF's converter permutes q and k's weights): the same model up to that permutation.
 # Cost: no parameters; a few elementwise ops per layer. The angles are made for the positions
-# of each call (a generated token's position is cache.length), in fp32, then cast to x's dtype.
+# of each call (a generated token's: the number of tokens before it), in fp32, then x's dtype.
 def rope_angles(positions, head_size: int, theta: float):
     """positions (T,) -> (cos, sin), each (T, head_size): the angle of every pair, twice."""
     pair = torch.arange(0, head_size, 2, device=positions.device)
@@ -174,7 +174,7 @@ def apply_rope(x, cos, sin):
 #   memory that limits batch size and context (Llama 3 8B: 32 query heads, 8 key/value heads).
 #   n_kv_head == n_head is 04's multi-head attention; n_kv_head == 1 is multi-query attention.
 # - QK-norm (Qwen3; Dehghani et al. 2023, with LayerNorm): an RMSNorm with a gain on each q and k,
-#   before RoPE. q.k can no longer grow with the weights, a cause of loss spikes; cost: 2 norms.
+#   before RoPE. q.k no longer grows with the q/k weights, a cause of loss spikes; cost: 2 norms.
 # - cache (GroupedKVCache): the keys and values of earlier tokens, n_kv_head heads of them.
 class Attention(nn.Module):
     """Causal self-attention with n_kv_head <= n_head key/value heads, RoPE and QK-norm."""
@@ -340,7 +340,7 @@ class ModernGPT(nn.Module):
 #
 # 03's KVCache keeps n_head heads; with GQA only n_kv_head exist, so only those are kept (the
 # repeat to n_head happens after the cache, in the attention). Per token and layer it holds a key
-# and a value of n_kv_head * head_size numbers: cache_bytes_per_token. Llama 3 8B in bf16:
+# and a value of n_kv_head * head_size numbers: cache_bytes_per_token. Llama 3.1 8B in bf16:
 # 2 * 32 layers * 8 heads * 128 * 2 bytes = 128 KiB per token, 16 GiB for 128K tokens of context;
 # with 32 key/value heads (no GQA) it would be 64 GiB, more than the 16 GB of weights.
 class GroupedKVCache:
@@ -454,7 +454,7 @@ def hf_config(hf: dict) -> ModernConfig:
     n_kv_head = hf.get("num_key_value_heads") or settings["n_head"]
     qwen3 = hf["architectures"][0] == "Qwen3ForCausalLM"
     tied = hf.get("tie_word_embeddings", False)
-    head_size = hf.get("head_dim") or 0
+    head_size = hf.get("head_dim") or (128 if qwen3 else 0)  # transformers' defaults
     return ModernConfig(**settings, **ModernConfig.MODERN, rope_theta=theta, n_kv_head=n_kv_head,
                         head_size=head_size, qk_norm=qwen3, tie_embeddings=tied)
 
@@ -572,7 +572,7 @@ def continue_prompt(cfg) -> str:
     config = model.config
     print(f"loaded {folder.name}: {model.num_params():,} parameters, "
           f"{config.n_head} query heads, {config.n_kv_head} kv heads, "
-          f"KV cache {cache_bytes_per_token(config):,} bytes/token (bf16)")
+          f"KV cache {cache_bytes_per_token(config):,} bytes/token in bf16 (fp32: twice)")
     hf = json.loads((folder / "config.json").read_text())
     eos = hf.get("eos_token_id")
     stop_ids = eos if isinstance(eos, list) else [eos]

@@ -78,7 +78,7 @@ def train_row(settings: dict, optimizer_name: str, data: dict, recipe) -> dict:
     model = ModernGPT(config).to(recipe.device)
     optimizers = make_optimizers(model, recipe, optimizer_name == "muon")
     groups = [group for opt in optimizers for group in opt.param_groups]
-    for group in groups:  # 05's schedule, as a fraction of each group's own peak
+    for group in groups:  # 05's schedule for both optimizers: a fraction of each group's peak
         group["peak_lr"] = group["lr"]
     device_type = torch.device(recipe.device).type
     ctx = autocast_context(device_type, recipe.dtype)
@@ -96,8 +96,8 @@ def train_row(settings: dict, optimizer_name: str, data: dict, recipe) -> dict:
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
-    if device_type == "cuda":  # the clock stops when the GPU is done
-        torch.cuda.synchronize()
+    if device_type != "cpu":  # the clock stops when the GPU is done (CUDA or MPS)
+        torch.get_device_module(device_type).synchronize()
     seconds = time.perf_counter() - start
     losses = estimate_loss(model, data, recipe, recipe.max_iters)
     tokens = recipe.max_iters * recipe.batch_size * recipe.block_size
@@ -169,11 +169,11 @@ def print_table(runs: dict, recipe) -> list[dict]:
 # same step and the rare ones learn too. Newton-Schulz finds U V^T without an SVD: scaled so no
 # singular value exceeds 1, X goes through five steps of the odd polynomial
 # aX + b(XX^T)X + c(XX^T)^2 X, which acts on each singular value alone: a small one grows 3.4x a
-# step, a large one settles in about 0.7-1.2. Close enough, and five steps stay cheap; the few
-# that start below 1/1000 of the norm end below about 0.5. Its cost grows with the weights, not
-# with the batch: with this file's 768-token batches its FLOPs are about 60% of a training
-# step's, at GPT-2 124M with nanoGPT's 0.5M-token batches under 1%. Embeddings, the head and
-# the norm gains stay with AdamW: a row of wte is a lookup, not a map.
+# step, a large one settles in about 0.7-1.2: close enough to 1, in five cheap steps; the few
+# that start below 1/1000 of X's Frobenius norm end below about 0.5. Its cost grows with the
+# weights, not with the batch: with this file's 768-token batches its FLOPs are about 60% of a
+# training step's, at GPT-2 124M with nanoGPT's 0.5M-token batches under 1%. Embeddings, the head
+# and the norm gains stay with AdamW: a row of wte is a lookup, not a map.
 NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)  # a, b, c: Jordan's, for a fast start from small values
 
 
@@ -347,7 +347,7 @@ def get_batch(data, batch_size: int, block_size: int, step: int, seed: int = 0, 
     window = data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64)  # (B, T+1)
     x = torch.from_numpy(np.ascontiguousarray(window[:, :-1]))  # (B, T)
     y = torch.from_numpy(np.ascontiguousarray(window[:, 1:]))  # (B, T)
-    if torch.device(device).type == "cuda":  # pinned memory lets the copy overlap with compute
+    if torch.device(device).type == "cuda":  # pinned: the copy is queued, the CPU goes on
         x = x.pin_memory().to(device, non_blocking=True)
         y = y.pin_memory().to(device, non_blocking=True)
         return x, y
@@ -498,7 +498,7 @@ class ModernConfig:
     norm: str = "layernorm"  # or "rmsnorm"
     norm_eps: float = 1e-5
     pos: str = "learned"  # or "rope"
-    rope_theta: float = 10000.0  # RoPE's base: the slowest pair turns ~1/theta per token
+    rope_theta: float = 10000.0  # RoPE's base: pair i turns theta^(-2i/head_size) per token
     mlp: str = "gelu"  # or "swiglu"
     mlp_hidden: int = 0  # 0 = 4 * n_embd (gelu), or swiglu_hidden()
     multiple_of: int = 32  # swiglu_hidden rounds up to this
