@@ -402,7 +402,7 @@ def check_finite(what: str, value: float, step: int, ckpt_path, saved_at: int | 
 class CtrlC:
     """`with CtrlC() as ctrl_c:` lets a training loop stop cleanly. The first Ctrl-C sets
     ctrl_c.pressed: the loop finishes its step, saves and says how to continue. A second one quits
-    at once (KeyboardInterrupt). Python installs signal handlers from the main thread only. `say`
+    at once (exit status 130). Python installs signal handlers from the main thread only. `say`
     prints the notice (06 passes print0: torchrun sends the SIGINT to every rank) and `when` says
     when the save comes (06 saves at its next log step, where the ranks agree on it)."""
 
@@ -419,8 +419,8 @@ class CtrlC:
         signal.signal(signal.SIGINT, self.old_handler)  # the one before, as if never pressed
 
     def on_sigint(self, signum, frame):
-        if self.pressed:
-            raise KeyboardInterrupt
+        if self.pressed:  # quit now: SystemExit, no traceback; the `with`s still close their files
+            sys.exit(130)
         self.pressed = True
         self.say(self.notice)
 

@@ -519,7 +519,7 @@ class DistConfig:
     tokenizer: Annotated[str, "char or gpt2: which of 02's token files"] = "char"
     data_dir: Annotated[str, "02's output; relative to this folder"] = "data"
     out_dir: Annotated[str, "ckpt.pt (sharded: dcp-latest.pt, dcp-*/)"] = "out/distributed"
-    init_from: Annotated[str, "scratch, resume, or auto (resume if one exists)"] = "scratch"
+    init_from: Annotated[str, "scratch, resume, or auto (resume if any)"] = "scratch"
     overwrite: Annotated[bool, "start afresh even over a checkpoint (replaced)"] = False
     # model (04's GPTConfig), defaults 05's CPU recipe; then distributed (parallelize, save)
     n_layer: Annotated[int, "transformer blocks"] = 4
@@ -530,10 +530,10 @@ class DistConfig:
     bias: Annotated[bool, "biases in Linear and LayerNorm"] = False
     gelu: Annotated[str, "none: exact GELU (05's); tanh: GPT-2's"] = "none"
     strategy: Annotated[str, "ddp: full copies; zero1: AdamW split; fsdp: all split"] = "ddp"
-    activation_checkpointing: Annotated[bool, "keep a block's input, rerun it in backward"] = False
-    compile: Annotated[bool, "torch.compile each block, before sharding"] = False
+    activation_checkpointing: Annotated[bool, "keep block inputs; rerun them in backward"] = False
+    compile: Annotated[bool, "compile each block (before sharding)"] = False
     sync_every_micro_step: Annotated[bool, "fsdp: reduce-scatter at each micro-step"] = True
-    sharded_checkpoint: Annotated[bool, "each rank saves its slice, not one full file"] = False
+    sharded_checkpoint: Annotated[bool, "ranks save their slices, not one file"] = False
     fail_at_step: Annotated[int, "fault injection: the last rank dies after this step"] = 0
     # optimization, as 05: a step is gradient_accumulation_steps micro-batches of batch_size rows,
     # all ranks' (so any world size takes the same steps); 16 splits over 1, 2, 4, 8 and 16 ranks
@@ -647,8 +647,6 @@ def main(argv=None) -> dict:
         if isinstance(error, (RunError, FloatingPointError)):  # not a bug: no traceback
             print0(f"error: {error}", file=sys.stderr)  # every rank stops; rank 0 says why
             error = SystemExit(2)
-        if isinstance(error, KeyboardInterrupt):  # a second Ctrl-C: quit, said when it came
-            error = SystemExit(130)
         shutdown_distributed(failed=True)
         raise error
     shutdown_distributed()
@@ -1063,7 +1061,7 @@ def check_finite(what: str, value: float, step: int, ckpt_path, saved_at: int | 
 class CtrlC:
     """`with CtrlC() as ctrl_c:` lets a training loop stop cleanly. The first Ctrl-C sets
     ctrl_c.pressed: the loop finishes its step, saves and says how to continue. A second one quits
-    at once (KeyboardInterrupt). Python installs signal handlers from the main thread only. `say`
+    at once (exit status 130). Python installs signal handlers from the main thread only. `say`
     prints the notice (06 passes print0: torchrun sends the SIGINT to every rank) and `when` says
     when the save comes (06 saves at its next log step, where the ranks agree on it)."""
 
@@ -1080,8 +1078,8 @@ class CtrlC:
         signal.signal(signal.SIGINT, self.old_handler)  # the one before, as if never pressed
 
     def on_sigint(self, signum, frame):
-        if self.pressed:
-            raise KeyboardInterrupt
+        if self.pressed:  # quit now: SystemExit, no traceback; the `with`s still close their files
+            sys.exit(130)
         self.pressed = True
         self.say(self.notice)
 

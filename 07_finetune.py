@@ -64,7 +64,8 @@ def load_instruction_data(path="") -> list[dict]:
                                 "rasbt's entries, or pass --data_path=<a JSON list of entries>")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:  # not JSON, or not UTF-8
+        json.dumps(data, ensure_ascii=False).encode("utf-8")  # a lone "\ud800" is not text
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested past Python's limit
         raise ValueError(f"{path} is not a JSON file ({e}); --data_path takes a JSON list of "
                          '{"instruction", "input", "output"} objects') from None
     entries = data if isinstance(data, list) and data else [None]  # no list or empty: entry 0 fails
@@ -533,7 +534,9 @@ def finetune(cfg: FinetuneConfig, model, tokenizer_spec: dict, data: dict,
               f"perplexity {after['perplexity']:.2f}")
         test_path = run.path.parent / "test.json"  # held out: for 09 to answer, 11 to judge
         text = json.dumps(data["test"], indent=1, ensure_ascii=False)
-        test_path.write_text(text, encoding="utf-8")
+        tmp = test_path.with_suffix(".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, test_path)  # whole or absent: 08 and 09 read it
         print(f"for 11's judge: python 09_generate.py --ckpt={run.path} "
               f"--answers={test_path} --temperature=0 --max_new_tokens=256")  # the book's
     return {
@@ -931,7 +934,7 @@ def save_checkpoint(path, ckpt: dict):
 class CtrlC:
     """`with CtrlC() as ctrl_c:` lets a training loop stop cleanly. The first Ctrl-C sets
     ctrl_c.pressed: the loop finishes its step, saves and says how to continue. A second one quits
-    at once (KeyboardInterrupt). Python installs signal handlers from the main thread only. `say`
+    at once (exit status 130). Python installs signal handlers from the main thread only. `say`
     prints the notice (06 passes print0: torchrun sends the SIGINT to every rank) and `when` says
     when the save comes (06 saves at its next log step, where the ranks agree on it)."""
 
@@ -948,8 +951,8 @@ class CtrlC:
         signal.signal(signal.SIGINT, self.old_handler)  # the one before, as if never pressed
 
     def on_sigint(self, signum, frame):
-        if self.pressed:
-            raise KeyboardInterrupt
+        if self.pressed:  # quit now: SystemExit, no traceback; the `with`s still close their files
+            sys.exit(130)
         self.pressed = True
         self.say(self.notice)
 

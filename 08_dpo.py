@@ -77,7 +77,10 @@ def load_preference_data(path="") -> list[dict]:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: `python 02_dataloader.py` fetches "
                                 "rasbt's pairs, or pass --data_path=<yours>")
-    data = json.loads(path.read_text(encoding="utf-8"))  # not JSON: a ValueError
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested past Python's limit
+        raise ValueError(f"{path} is not JSON ({e})") from None
     entries = data if isinstance(data, list) and data else [None]  # else entry 0 is bad
     texts = ("instruction", "chosen", "rejected")
     for i, entry in enumerate(entries):
@@ -302,7 +305,7 @@ class DPOConfig:
     batch_size: Annotated[int, "pairs per step (2x sequences)"] = 8
     max_iters: Annotated[int, "optimizer steps; 0: one pass over the pairs"] = 0
     learning_rate: Annotated[float, "small: DPO nudges a trained model; flat after warmup"] = 5e-6
-    warmup_iters: Annotated[int, "linear warmup steps (the DPO paper: 150)"] = 10
+    warmup_iters: Annotated[int, "linear warmup steps (the paper: 150)"] = 10
     weight_decay: Annotated[float, "AdamW's"] = 0.01
     grad_clip: Annotated[float, "clip the gradient norm to this; 0 = never"] = 1.0
     log_interval: Annotated[int, "a log line every this many steps"] = 5
@@ -327,9 +330,8 @@ class DPOConfig:
             value = getattr(self, name)
             if not least <= value < math.inf:  # nan too
                 raise ValueError(f"--{name}={value} must be finite and >= {least}")
-        if self.eval_pairs == 0:
-            raise ValueError("--eval_pairs=0 evaluates nothing; "
-                             "use -1 (all pairs) or a count")
+        if self.eval_pairs == 0 or self.eval_pairs < -1:  # 0 evaluates nothing
+            raise ValueError(f"--eval_pairs={self.eval_pairs}: use -1 (all pairs) or a count")
         if self.init_from not in ("scratch", "resume", "auto"):
             raise ValueError(f"--init_from={self.init_from!r}: use scratch, resume, auto")
         self.device = pick_device(self.device)  # "auto" resolved here, once
@@ -384,9 +386,7 @@ def evaluate(score, data: dict, eval_pairs: int, batch_size: int) -> dict:
     by score(pairs) -> (losses, chosen rewards, rejected rewards)."""
     metrics = {}
     for split in ("train", "val"):
-        pairs = data[split]
-        if eval_pairs > 0:
-            pairs = pairs[:eval_pairs]
+        pairs = data[split] if eval_pairs == -1 else data[split][:eval_pairs]
         starts = range(0, len(pairs), batch_size)
         scores = [score(pairs[i : i + batch_size]) for i in starts]
         columns = [torch.cat(column) for column in zip(*scores)]  # losses, rewards: (n,) each
@@ -930,7 +930,7 @@ def load_checkpoint(path):
 class CtrlC:
     """`with CtrlC() as ctrl_c:` lets a training loop stop cleanly. The first Ctrl-C sets
     ctrl_c.pressed: the loop finishes its step, saves and says how to continue. A second one quits
-    at once (KeyboardInterrupt). Python installs signal handlers from the main thread only. `say`
+    at once (exit status 130). Python installs signal handlers from the main thread only. `say`
     prints the notice (06 passes print0: torchrun sends the SIGINT to every rank) and `when` says
     when the save comes (06 saves at its next log step, where the ranks agree on it)."""
 
@@ -947,8 +947,8 @@ class CtrlC:
         signal.signal(signal.SIGINT, self.old_handler)  # the one before, as if never pressed
 
     def on_sigint(self, signum, frame):
-        if self.pressed:
-            raise KeyboardInterrupt
+        if self.pressed:  # quit now: SystemExit, no traceback; the `with`s still close their files
+            sys.exit(130)
         self.pressed = True
         self.say(self.notice)
 

@@ -73,6 +73,12 @@ def test_bad_data_gets_a_clear_error(ft07, tmp_path):
         ft07.load_instruction_data(path)
     with pytest.raises(ValueError, match="too few"):
         ft07.split_data([ENTRY] * 5)
+    path.write_text("[" * 100_000)  # deeper than Python's recursion limit: no traceback
+    with pytest.raises(ValueError, match="is not a JSON file"):
+        ft07.load_instruction_data(path)
+    path.write_text('[{"instruction": "\\ud800", "output": "a"}]')  # a lone surrogate: no text
+    with pytest.raises(ValueError, match="is not a JSON file"):  # now, not after the training
+        ft07.load_instruction_data(path)
 
 
 def test_char_tokenizer_replaces_or_names_unknown_characters(ft07):
@@ -416,8 +422,9 @@ def test_a_second_ctrl_c_quits_at_once(ft07):
     with ft07.CtrlC() as ctrl_c:
         os.kill(os.getpid(), signal.SIGINT)  # the first: noted, the step goes on
         assert ctrl_c.pressed
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(SystemExit) as stop:  # at once, with a shell's code and no traceback
             os.kill(os.getpid(), signal.SIGINT)
+    assert stop.value.code == 130
     assert signal.getsignal(signal.SIGINT) is before  # put back
 
 

@@ -466,8 +466,9 @@ def test_a_second_ctrl_c_quits_at_once(dpo08, start, tmp_path, monkeypatch):
     tmp, _ = start
     interrupt_at(dpo08, monkeypatch, step=1, times=2)
     cfg = run_config(dpo08, tmp, tmp_path, max_iters=4, eval_interval=100, eval_pairs=8)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as stop:  # a shell's code for Ctrl-C, no traceback
         dpo08.dpo(cfg)
+    assert stop.value.code == 130
     assert not (tmp_path / "ckpt.pt").exists()  # no save: it quit during step 2
 
 
@@ -625,6 +626,7 @@ def test_pairs_that_do_not_fit_the_context_are_a_user_error(dpo08, capsys, start
     ("--beta=0", "beta"), ("--label_smoothing=0.5", "label_smoothing"),
     ("--batch_size=0", "batch_size"), ("--eval_interval=0", "eval_interval"),
     ("--device=tpu", "tpu"), ("--dtype=fp8", "fp8"), ("--eval_pairs=0", "eval_pairs"),
+    ("--eval_pairs=-7", "eval_pairs"),
     ("--seed=-1", "seed"), ("--learning_rate=nan", "learning_rate"),
     ("--grad_clip=-1", "grad_clip"), ("--beta=inf", "beta"), ("--learning_rate=inf", "finite"),
 ])
@@ -654,6 +656,9 @@ def test_bad_preference_data_gets_a_clear_error(dpo08, capsys, start, tmp_path):
     argv = [f"--ckpt={tmp / 'ft.pt'}", f"--data_path={path}", f"--out_dir={tmp_path / 'out'}"]
     assert_user_error(dpo08, capsys, argv, "entry 1")
     assert not (tmp_path / "out").exists()
+    for text in ("", "[" * 100_000):  # empty; deeper than Python's recursion limit
+        path.write_text(text)
+        assert_user_error(dpo08, capsys, argv, f"{path} is not JSON")
 
 
 def test_a_run_saved_on_a_gpu_in_float16_resumes_on_a_cpu(dpo08, start, tmp_path):
