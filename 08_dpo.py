@@ -915,7 +915,7 @@ def load_checkpoint(path):
                                 f"(it writes out_dir/ckpt.pt), or check the path")
     try:
         ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError):  # not torch.save's, or not tensors
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError):  # not one, or cut short
         ckpt = None
     if not isinstance(ckpt, dict) or not {"model", "model_args", "tokenizer"} <= set(ckpt):
         raise ValueError(f"{path} is not a checkpoint of these scripts (05_pretrain.py to "

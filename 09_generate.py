@@ -72,7 +72,7 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None) -> t
     check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits.float() / max(temperature, 1e-6)  # a tinier one: the same, and no inf
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k).values[..., -1:]  # (B, 1) the k-th largest logit
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -80,7 +80,7 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None) -> t
         probs = F.softmax(logits, dim=-1)  # (B, V)
         ranked, order = torch.sort(probs, dim=-1, descending=True)  # order: rank -> token id
         mass_above = ranked.cumsum(dim=-1) - ranked  # of the tokens ranked above each one
-        drop_ranked = mass_above >= top_p  # the tokens ranked above already reach top_p
+        drop_ranked = (mass_above >= top_p) & (mass_above > 0)  # the first one always stays
         drop = drop_ranked.scatter(-1, order, drop_ranked)  # rank order -> token order
         logits = logits.masked_fill(drop, float("-inf"))
     probs = F.softmax(logits, dim=-1)
@@ -968,7 +968,7 @@ def load_checkpoint(path):
                                 f"(it writes out_dir/ckpt.pt), or check the path")
     try:
         ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError):  # not torch.save's, or not tensors
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError):  # not one, or cut short
         ckpt = None
     if not isinstance(ckpt, dict) or not {"model", "model_args", "tokenizer"} <= set(ckpt):
         raise ValueError(f"{path} is not a checkpoint of these scripts (05_pretrain.py to "

@@ -28,6 +28,7 @@ import codecs
 import errno
 import json
 import math
+import os
 import pickle
 import socket
 import struct
@@ -84,11 +85,13 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path) -> None:
         offset = end
     header_bytes = json.dumps(header).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)  # pad with spaces: the data starts 8-aligned
-    with open(path, "wb") as f:
+    tmp = Path(f"{path}.tmp")  # renamed once whole: a Ctrl-C leaves no half a model
+    with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(header_bytes)))
         f.write(header_bytes)
         for t in tensors.values():
             f.write(t.reshape(-1).view(torch.uint8).numpy())  # the raw bytes, no copy
+    os.replace(tmp, path)
 
 
 def export_hf(model, tokenizer_spec: dict, out_dir, overwrite: bool = False) -> Path:
@@ -548,22 +551,20 @@ def main(argv=None):
             out = export_hf(model, checkpoint["tokenizer"], cfg.export_hf, cfg.overwrite)
             load = f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})"
             print(f"wrote {out}; load it with {load}")
+        if not cfg.serve:
+            return out
+        name = Path(cfg.ckpt).resolve().parent.name  # out/finetune/ckpt.pt serves "finetune"
+        server = make_server(model.to(cfg.device), tok, name, cfg.host, cfg.port)  # TF32: CUDA
+        url = f"http://{cfg.host}:{server.server_address[1]}/v1"  # the port picked, for --port=0
+        print(f"serving {name!r} with OpenAI's API at {url} (Ctrl-C stops)", flush=True)
+        with server:  # closes the socket
+            server.serve_forever()
     except (ValueError, OSError) as e:  # not a checkpoint of ours; a folder we cannot write
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    if not cfg.serve:
-        return out
-    name = Path(cfg.ckpt).resolve().parent.name  # out/finetune/ckpt.pt serves "finetune"
-    server = make_server(model.to(cfg.device), tok, name, cfg.host, cfg.port)  # TF32 on CUDA
-    port = server.server_address[1]  # the one picked, for --port=0
-    url = f"http://{cfg.host}:{port}/v1"
-    print(f"serving {name!r} with OpenAI's API at {url} (Ctrl-C stops)", flush=True)
-    with server:  # closes the socket
-        try:
-            server.serve_forever()
-        except KeyboardInterrupt:  # Ctrl-C, the way to stop: one line, no traceback
-            print("\nCtrl-C: stopped serving", flush=True)
-            sys.exit(130)  # the shell's code for "ended by Ctrl-C", as 05's
+    except KeyboardInterrupt:  # the way to stop a server, or an export: one line, no traceback
+        print("\nCtrl-C: stopped", flush=True)
+        sys.exit(130)  # the shell's code for "ended by Ctrl-C", as 05's
 
 
 # -----------------------------------------------------------------------------
@@ -910,7 +911,7 @@ def load_checkpoint(path):
                                 f"(it writes out_dir/ckpt.pt), or check the path")
     try:
         ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError):  # not torch.save's, or not tensors
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError):  # not one, or cut short
         ckpt = None
     if not isinstance(ckpt, dict) or not {"model", "model_args", "tokenizer"} <= set(ckpt):
         raise ValueError(f"{path} is not a checkpoint of these scripts (05_pretrain.py to "
@@ -981,7 +982,7 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None) -> t
     check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits.float() / max(temperature, 1e-6)  # a tinier one: the same, and no inf
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k).values[..., -1:]  # (B, 1) the k-th largest logit
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -989,7 +990,7 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None) -> t
         probs = F.softmax(logits, dim=-1)  # (B, V)
         ranked, order = torch.sort(probs, dim=-1, descending=True)  # order: rank -> token id
         mass_above = ranked.cumsum(dim=-1) - ranked  # of the tokens ranked above each one
-        drop_ranked = mass_above >= top_p  # the tokens ranked above already reach top_p
+        drop_ranked = (mass_above >= top_p) & (mass_above > 0)  # the first one always stays
         drop = drop_ranked.scatter(-1, order, drop_ranked)  # rank order -> token order
         logits = logits.masked_fill(drop, float("-inf"))
     probs = F.softmax(logits, dim=-1)

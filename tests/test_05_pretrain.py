@@ -330,7 +330,7 @@ def test_compiled_checkpoint_loads_into_plain_model(pre05, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "content", ["a dict without weights", "random bytes", "an arbitrary object"]
+    "content", ["a dict without weights", "random bytes", "an arbitrary object", "a cut one"]
 )
 def test_load_checkpoint_errors(pre05, tmp_path, content):
     with pytest.raises(FileNotFoundError, match="05_pretrain.py"):
@@ -340,6 +340,9 @@ def test_load_checkpoint_errors(pre05, tmp_path, content):
         torch.save({"weights": 1}, path)
     elif content == "random bytes":
         path.write_bytes(b"\x80\x04not a zip at all" * 10)
+    elif content == "a cut one":  # a copy cut short: mmap's OSError ("Invalid argument")
+        torch.save({"model": {"w": torch.zeros(10_000)}, "model_args": {}, "tokenizer": {}}, path)
+        path.write_bytes(path.read_bytes()[:10_000])
     else:
         torch.save(
             SimpleNamespace(x=1), path

@@ -189,6 +189,10 @@ def test_temperature_to_zero_equals_greedy(gen09):
     logits = torch.randn(64, VOCAB) * 3
     generator = torch.Generator().manual_seed(0)
     assert gen09.sample(logits, 1e-6, generator=generator).tolist() == logits.argmax(-1).tolist()
+    # far tinier: logits / temperature would overflow to inf, and inf - inf is NaN (token 0)
+    for temperature, top_p in [(1e-39, None), (1.0, 1e-300), (1e-39, 1e-300)]:
+        drawn = gen09.sample(logits, temperature, top_p=top_p, generator=generator)
+        assert drawn.tolist() == logits.argmax(-1).tolist(), (temperature, top_p)
     model = rough_model(gen09, block_size=64)
     prompt = torch.randint(VOCAB, (4,)).tolist()
     greedy, _ = run_steps(gen09, model, [prompt], 30, temperature=0)

@@ -618,6 +618,21 @@ def test_serve_from_the_command_line_and_stop_it_with_ctrl_c(serve10, tmp_path):
     assert proc.returncode == 130
 
 
+def test_ctrl_c_during_an_export_is_one_line_and_leaves_no_half_model(serve10, tmp_path, capsys,
+                                                                     monkeypatch):
+    ckpt = save_ckpt(rough_model(serve10, len(CHARS)), CHAR_SPEC, tmp_path / "ckpt.pt")
+
+    def interrupted(source, target):  # Ctrl-C as the weights are written, before the rename
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(serve10.os, "replace", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        serve10.main([f"--ckpt={ckpt}", f"--export_hf={tmp_path / 'hf'}", "--device=cpu"])
+    out, err = capsys.readouterr()
+    assert stop.value.code == 130 and out.strip() == "Ctrl-C: stopped" and not err
+    assert not (tmp_path / "hf" / "model.safetensors").exists()
+
+
 def test_a_port_in_use_or_an_unknown_host_is_one_line_before_loading(
     serve10, tmp_path, capsys, monkeypatch
 ):
