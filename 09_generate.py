@@ -380,7 +380,7 @@ def chat(model, tok, cfg, ckpt: dict) -> None:
     while True:
         try:
             message = input("\nyou> ").strip()
-        except (EOFError, KeyboardInterrupt):  # Ctrl-D, Ctrl-C
+        except EOFError:  # Ctrl-D (a Ctrl-C: main's one line, status 130)
             message = ""
         if message in ("", "/quit", "/exit"):
             break

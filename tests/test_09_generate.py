@@ -330,6 +330,14 @@ def test_cli_samples_and_chats_from_a_checkpoint(gen09, tmp_path, capsys, monkey
     reply = tok.decode(reply_ids[0])
     assert f"model> {reply}\n" in capsys.readouterr().out
 
+    def ctrl_c(prompt):  # what input() raises at a Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("builtins.input", ctrl_c)
+    with pytest.raises(SystemExit) as stop:  # as anywhere else: one line, status 130
+        gen09.main([ckpt, "--chat", "--device=cpu"])
+    assert stop.value.code == 130 and capsys.readouterr().err.strip() == "Ctrl-C: stopped"
+
 
 def test_chat_reports_only_the_characters_the_user_typed(gen09, tmp_path, capsys, monkeypatch):
     """Shakespeare's characters have no '#', so the template's '###' headers go in as 07 trained
