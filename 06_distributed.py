@@ -985,9 +985,9 @@ def autocast_context(device_type: str, dtype: str):
 
 # copied from 05_pretrain.py: check_values
 def check_values(cfg, choices: dict, at_least_one: tuple):
-    """A settings dataclass's values: each of choices among its allowed; each number at least 0, or
-    1 if at_least_one names it (the seed: any); AdamW's betas under 1; warmup shorter than decay;
-    an out_dir that is not a file; a device and a dtype this machine has."""
+    """A settings dataclass's values: each of choices among its allowed; each number at least 0
+    (the seed too: numpy's takes none below), or 1 if at_least_one names it; AdamW's betas under 1;
+    warmup shorter than decay; an out_dir that is not a file; a device and a dtype it has."""
     for name, allowed in choices.items():
         value = getattr(cfg, name)
         if value not in allowed:
@@ -995,7 +995,7 @@ def check_values(cfg, choices: dict, at_least_one: tuple):
     for f in fields(cfg):
         minimum = 1 if f.name in at_least_one else 0
         value = getattr(cfg, f.name)
-        number = f.type.__origin__ in (int, float) and f.name != "seed"
+        number = f.type.__origin__ in (int, float)
         if number and not minimum <= value < math.inf:  # nan fails every comparison
             raise ValueError(f"--{f.name}={value} must be finite and >= {minimum}")
     if max(cfg.beta1, cfg.beta2) >= 1:  # a decay of 1 or more: the averages never forget

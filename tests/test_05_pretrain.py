@@ -642,6 +642,7 @@ def user_error(pre05, capsys, argv) -> str:
     (["--learning_rate=nan"], "--learning_rate=nan must be finite and >= 0"),
     (["--grad_clip=inf"], "--grad_clip=inf must be finite and >= 0"),
     (["--beta1=1"], "--beta1=1.0 and --beta2=0.99 must be less than 1"),
+    (["--seed=-1"], "--seed=-1 must be finite and >= 0"),  # numpy's generators take none below
     (["--warmup_iters=100", "--lr_decay_iters=50"], "must exceed --warmup_iters=100"),
     (["--n_embd=30", "--n_head=4"], "not divisible by n_head=4"),
     (["--block_size=1000000"], "too few for --block_size=1000000"),

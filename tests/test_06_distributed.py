@@ -645,6 +645,7 @@ def user_error(dist06, capsys, argv) -> str:
     (["--threads=-1", "--max_iters=1"], "--threads=-1 must be finite and >= 0"),
     (["--learning_rate=-1", "--max_iters=1"], "--learning_rate=-1.0 must be finite and >= 0"),
     (["--beta2=1.5", "--max_iters=1"], "--beta2=1.5 must be less than 1"),
+    (["--seed=-1"], "--seed=-1 must be finite and >= 0"),
     (["--warmup_iters=9", "--lr_decay_iters=9", "--max_iters=1"], "--lr_decay_iters=9 must exceed"),
 ])  # fmt: skip
 def test_user_errors_are_one_line_and_leave_nothing_behind(dist06, corpus, tmp_path, capsys,
