@@ -121,8 +121,7 @@ class TrainConfig:
         if self.init_from == "auto":  # 06's too: resume if out_dir holds a checkpoint, else start
             self.init_from = "resume" if self.ckpt_path.exists() else "scratch"
         if self.max_new_tokens and not self.prompt:
-            raise ValueError("--prompt is empty: samples continue at least one token "
-                             "(or --max_new_tokens=0)")
+            raise ValueError("--prompt is empty: samples continue one (or --max_new_tokens=0)")
 
     def model_config(self, vocab_size: int) -> "GPTConfig":  # vocab_size: the corpus's
         model_args = {name: getattr(self, name) for name in self.MODEL_FIELDS}
@@ -337,7 +336,8 @@ def train(cfg: TrainConfig, resumed: tuple | None = None) -> dict:
     scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")  # off: pass-through
     iter_num = ckpt.get("iter_num", 0)
     if ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        today = optimizer.state_dict()["param_groups"]  # betas, decay: the flags given now win
+        optimizer.load_state_dict(ckpt["optimizer"] | {"param_groups": today})
         scaler.load_state_dict(ckpt["scaler"] or scaler.state_dict())  # {}: saved without fp16
         set_rng_states(ckpt["rng"])  # last: building the model drew random numbers
     header = dict(model_args=asdict(model.config), tokenizer=tokenizer_spec, config=settings)

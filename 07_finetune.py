@@ -470,6 +470,8 @@ def finetune(cfg: FinetuneConfig, model, tokenizer_spec: dict, data: dict,
     scaler = torch.amp.GradScaler(device_type, enabled=fp16)
     step = 0  # optimizer steps done
     if resumed:  # the model came with it; Adam's moments, the step and the RNG come too
+        today = optimizer.state_dict()["param_groups"]  # lr and decay: the flags given now win
+        resumed["optimizer"]["param_groups"] = today
         optimizer.load_state_dict(resumed["optimizer"])
         scaler.load_state_dict(resumed["scaler"] or scaler.state_dict())  # {}: a run without fp16
         set_rng_states(resumed["rng"])

@@ -254,8 +254,7 @@ def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejecte
 
 def make_reference(policy: nn.Module) -> nn.Module:
     """The reference: a frozen deep copy of the starting policy. Its own weights (the policy's
-    change, the copy's must not), no gradients (no graph through it), eval mode (ref(y|x): one
-    fixed number)."""
+    change), no gradients (no graph through it), eval mode (ref(y|x): one fixed number)."""
     return copy.deepcopy(policy).requires_grad_(False).eval()
 
 
@@ -297,14 +296,14 @@ class DPOConfig:
     ckpt: Annotated[str, "07's model: the start and the reference"] = "out/finetune/ckpt.pt"
     out_dir: Annotated[str, "ckpt.pt and log.jsonl go here"] = "out/dpo"
     init_from: Annotated[str, "scratch, resume (out_dir's run), or auto"] = "scratch"
-    overwrite: Annotated[bool, "replace out_dir's ckpt.pt of an earlier run"] = False
+    overwrite: Annotated[bool, "replace an earlier run's ckpt.pt"] = False
     data_path: Annotated[str, "JSON list of pairs; '' = rasbt's (02 fetches it)"] = ""
-    beta: Annotated[float, "the KL penalty's weight: larger stays nearer 07's model"] = 0.1
+    beta: Annotated[float, "the KL penalty: larger stays nearer 07's model"] = 0.1
     label_smoothing: Annotated[float, "conservative DPO: the share of flipped labels"] = 0.0
     average_log_probs: Annotated[bool, "mean, not sum, of the answer's log-probs"] = False
     batch_size: Annotated[int, "pairs per step (2x sequences)"] = 8
     max_iters: Annotated[int, "optimizer steps; 0: one pass over the pairs"] = 0
-    learning_rate: Annotated[float, "small: DPO nudges a trained model; flat after warmup"] = 5e-6
+    learning_rate: Annotated[float, "DPO nudges a trained model; flat after warmup"] = 5e-6
     warmup_iters: Annotated[int, "linear warmup steps (the paper: 150)"] = 10
     weight_decay: Annotated[float, "AdamW's"] = 0.01
     grad_clip: Annotated[float, "clip the gradient norm to this; 0 = never"] = 1.0
@@ -331,7 +330,7 @@ class DPOConfig:
             if not least <= value < math.inf:  # nan too
                 raise ValueError(f"--{name}={value} must be finite and >= {least}")
         if self.eval_pairs == 0 or self.eval_pairs < -1:  # 0 evaluates nothing
-            raise ValueError(f"--eval_pairs={self.eval_pairs}: use -1 (all pairs) or a count")
+            raise ValueError(f"--eval_pairs={self.eval_pairs}: use -1 (all) or a count")
         if self.init_from not in ("scratch", "resume", "auto"):
             raise ValueError(f"--init_from={self.init_from!r}: use scratch, resume, auto")
         self.device = pick_device(self.device)  # "auto" resolved here, once
@@ -478,7 +477,8 @@ def dpo(cfg: DPOConfig, start=None, data=None) -> dict:
     scaler = torch.amp.GradScaler(device_type, enabled=fp16)
     step = 0  # optimizer steps done
     if resumed:  # the policy came with it; Adam's moments and the step come too
-        optimizer.load_state_dict(resumed["optimizer"])
+        today = optimizer.state_dict()["param_groups"]  # its decay: the flag given now wins
+        optimizer.load_state_dict(resumed["optimizer"] | {"param_groups": today})
         scaler.load_state_dict(resumed["scaler"] or scaler.state_dict())  # {}: saved without fp16
         step = resumed["iter_num"]
         print(f"resuming at step {step} of {max_iters}")

@@ -209,6 +209,17 @@ def test_a_run_from_before_the_gelu_setting_resumes_with_gpt2s_gelu(pre05, char_
     assert ckpt["model_args"]["gelu"] == ckpt["config"]["gelu"] == "tanh"
 
 
+def test_a_resume_takes_the_optimizer_settings_given_now(pre05, char_corpus, tmp_path):
+    """Adam's moments come from the checkpoint, its settings from today's flags: a resume with
+    another --weight_decay or --beta1 trains with them (load_state_dict alone keeps the saved)."""
+    pre05.train(tiny(pre05, tmp_path, char_corpus, max_iters=2, eval_interval=2))
+    pre05.main(["--init_from=resume", f"--out_dir={tmp_path}", "--max_iters=4",
+                "--weight_decay=0.0", "--beta1=0.5"])  # fmt: skip
+    groups = torch.load(tmp_path / "ckpt.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.0, 0.0]
+    assert all(tuple(g["betas"]) == (0.5, 0.99) for g in groups)
+
+
 def test_a_resumed_run_builds_its_model_once(pre05, char_corpus, tmp_path, monkeypatch):
     """main reads the checkpoint once, for its settings and its model; train and the checks reuse
     it (a GPT's random init is the slow part of building one)."""

@@ -527,6 +527,28 @@ def test_full_checkpoint_loads_in_05_and_resumes_in_a_world_of_one(dist06, pre05
                                atol=1e-6)
 
 
+@pytest.mark.parametrize("strategy, sharded", [("ddp", False), ("zero1", False), ("fsdp", True)])
+def test_a_resume_takes_the_optimizer_settings_given_now(dist06, corpus, tmp_path, monkeypatch,
+                                                         strategy, sharded):
+    """Adam's moments come from the checkpoint, betas and weight decay from the flags given now
+    (a checkpoint's param_groups would keep the old ones), in all three ways 06 loads one."""
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    settings = dict(strategy=strategy, sharded_checkpoint=sharded, **RUNS["adamw-1"])
+    dist06.main(argv(settings, data_dir=corpus, out_dir=tmp_path, max_iters=2))
+    seen = []
+    step = dist06.train_step
+
+    def recording(model, optimizer, *args):
+        seen.append([(g["weight_decay"], tuple(g["betas"])) for g in optimizer.param_groups])
+        return step(model, optimizer, *args)
+
+    monkeypatch.setattr(dist06, "train_step", recording)
+    dist06.main(argv(settings, data_dir=corpus, out_dir=tmp_path, max_iters=3, init_from="resume",
+                     weight_decay=0.0, beta1=0.5))
+    assert seen == [[(0.0, (0.5, 0.99)), (0.0, (0.5, 0.99))]]
+
+
 @pytest.mark.slow
 def test_zero1_resume_keeps_optimizer_state_beside_its_parameters(dist06, corpus, two_ranks,
                                                                   tmp_path, monkeypatch):

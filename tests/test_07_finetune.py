@@ -428,6 +428,17 @@ def test_a_second_ctrl_c_quits_at_once(ft07):
     assert signal.getsignal(signal.SIGINT) is before  # put back
 
 
+def test_a_resume_takes_the_learning_rate_given_now(ft07, char_setup, tmp_path):
+    """Adam's moments come from the checkpoint, the lr (constant here, the book's) from today's
+    flags: load_state_dict alone would keep the saved one."""
+    tmp, _ = char_setup
+    ft07.main(finetune_args(tmp, tmp_path, "--max_iters=1", "--weight_decay=0.1"))
+    ft07.main(["--init_from=resume", f"--out_dir={tmp_path}", "--max_iters=2",
+               "--learning_rate=1e-3", "--weight_decay=0.0"])  # fmt: skip
+    groups = torch.load(tmp_path / "ckpt.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [(g["lr"], g["weight_decay"]) for g in groups] == [(1e-3, 0.0), (1e-3, 0.0)]
+
+
 def test_a_resume_with_other_lora_flags_names_the_saved_ones(ft07, char_setup, tmp_path, capsys):
     """The adapters and the stretched positions are the run's: others would fit neither its
     weights nor Adam's moments."""

@@ -675,6 +675,17 @@ def test_a_run_saved_on_a_gpu_in_float16_resumes_on_a_cpu(dpo08, start, tmp_path
     assert result["iter_num"] == 2
 
 
+def test_a_resume_takes_the_weight_decay_given_now(dpo08, start, tmp_path):
+    """Adam's moments come from the checkpoint, the decay from the flag given now (the lr is set
+    at every step anyway): load_state_dict alone would keep the saved one."""
+    tmp, _ = start
+    dpo08.main(run_argv(tmp, tmp_path, max_iters=1, batch_size=2, eval_pairs=2))
+    dpo08.main(["--init_from=resume", f"--out_dir={tmp_path}", "--max_iters=2",
+                "--weight_decay=0.0"])  # fmt: skip
+    groups = torch.load(tmp_path / "ckpt.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.0]
+
+
 def test_a_save_of_nan_weights_keeps_the_last_good_checkpoint(dpo08, start, tmp_path):
     """A run that diverged (or a Ctrl-C after it) saves through DPORun.save: it must not write NaN
     weights over the last good ckpt.pt (main turns the error into one line)."""
