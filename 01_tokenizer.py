@@ -628,7 +628,7 @@ class FlagParser(argparse.ArgumentParser):
     def error(self, message: str):
         hint = "see --help"
         if message.startswith("unrecognized arguments: "):
-            first = message.split()[2].split("=")[0]  # "--max_iter=9" -> "--max_iter"
+            first = message.split()[2].split("=")[0]  # "--vocab_siz=9" -> "--vocab_siz"
             flags = [flag for action in self._actions for flag in action.option_strings]
             close = difflib.get_close_matches(first, flags, n=1)
             if close:
@@ -662,17 +662,18 @@ def main(argv=None):
 def run(args):  # main's work, its arguments checked before any of it
     if args.train is None and args.encode is None and args.decode is None and not args.bench:
         raise ValueError("say what to do: --train=FILE, --encode=TEXT, --decode IDS or --bench")
-    if args.vocab_size < 257:
-        raise ValueError(f"--vocab_size={args.vocab_size}; use at least 257 (256 bytes + 1)")
+    if args.vocab_size < 258:  # 256 bytes, <|endoftext|>, and a merge to learn
+        raise ValueError(f"--vocab_size={args.vocab_size}; use at least 258 (256 bytes + 2)")
     if args.encode and "<|endoftext|>" in args.encode and args.allowed_special == "none_raise":
-        raise ValueError("--encode's text holds <|endoftext|>; add --allowed_special=all to encode "
-                         "it as the end-of-text token, not as text")  # not encode's long message
+        raise ValueError("--encode's text holds <|endoftext|>; --allowed_special=all: one token")
     if args.train is not None:
         path = PROJECT / args.train
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, ValueError):  # missing, unreadable or not UTF-8
             raise ValueError(f"--train={args.train}: no UTF-8 text file at {path}") from None
+        if (PROJECT / args.out).resolve() == path.resolve():  # the text it learns from: kept
+            raise ValueError(f"--out={args.out} is --train's text: name another file")
         t0 = time.perf_counter()
         tok = BPETokenizer.train(text, args.vocab_size, log=merge_logger(args.vocab_size - 257))
         seconds = time.perf_counter() - t0

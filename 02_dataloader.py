@@ -249,6 +249,9 @@ def prepare_corpus(text: str, out_dir, tokenizer_spec: dict,
     dtype = token_dtype(tokenizer.n_vocab)
     split_at = int(len(text) * (1 - val_fraction))
     parts = {"train": text[:split_at], "val": text[split_at:]}
+    if not all(parts.values()):  # now, before an earlier corpus in out_dir is touched
+        raise ValueError(f"a split is empty ({len(text)} characters of text, val_fraction="
+                         f"{val_fraction}); use more text or another val_fraction")
     encode_options = {}
     if tokenizer.eot_token is not None:
         # a literal <|endoftext|> in a GPT-2 corpus is a document separator: encode it as the token
@@ -259,10 +262,7 @@ def prepare_corpus(text: str, out_dir, tokenizer_spec: dict,
     counts = {}
     for split, part in parts.items():
         encoded = tokenizer.encode(part, **encode_options)
-        ids = np.array(encoded, dtype=np.int64)
-        if len(ids) == 0:
-            raise ValueError(f"the {split} split is empty ({len(text)} characters of text); "
-                             "use more text or another val_fraction")
+        ids = np.array(encoded, dtype=np.int64)  # text that is not empty: a token at least
         ids.astype(dtype).tofile(out_dir / f"{split}.bin")
         counts[split] = len(ids)
     meta = {"tokenizer": tokenizer_spec, "n_vocab": tokenizer.n_vocab, "dtype": dtype.name,
@@ -688,7 +688,7 @@ class FlagParser(argparse.ArgumentParser):
     def error(self, message: str):
         hint = "see --help"
         if message.startswith("unrecognized arguments: "):
-            first = message.split()[2].split("=")[0]  # "--max_iter=9" -> "--max_iter"
+            first = message.split()[2].split("=")[0]  # "--vocab_siz=9" -> "--vocab_siz"
             flags = [flag for action in self._actions for flag in action.option_strings]
             close = difflib.get_close_matches(first, flags, n=1)
             if close:

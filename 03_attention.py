@@ -685,7 +685,7 @@ class FlagParser(argparse.ArgumentParser):
     def error(self, message: str):
         hint = "see --help"
         if message.startswith("unrecognized arguments: "):
-            first = message.split()[2].split("=")[0]  # "--max_iter=9" -> "--max_iter"
+            first = message.split()[2].split("=")[0]  # "--vocab_siz=9" -> "--vocab_siz"
             flags = [flag for action in self._actions for flag in action.option_strings]
             close = difflib.get_close_matches(first, flags, n=1)
             if close:

@@ -554,8 +554,8 @@ class Run:
 
 def check_values(cfg, choices: dict, at_least_one: tuple):
     """A settings dataclass's values: each of choices among its allowed; each number at least 0
-    (the seed too: numpy's takes none below), or 1 if at_least_one names it; AdamW's betas under 1;
-    warmup shorter than decay; an out_dir that is not a file; a device and a dtype it has."""
+    (the seed too: numpy's takes no negative one), or 1 if at_least_one names it; AdamW's betas
+    under 1; warmup shorter than decay; an out_dir that is not a file; a device, a dtype it has."""
     for name, allowed in choices.items():
         value = getattr(cfg, name)
         if value not in allowed:

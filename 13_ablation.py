@@ -258,8 +258,10 @@ class AblationConfig:
         self.device = pick_device(self.device)
         if self.max_iters < 1 or self.rounds < 1:
             raise ValueError("--max_iters and --rounds must be 1 or more")
-        if self.muon_lr <= 0:
-            raise ValueError("--muon_lr must be above 0")
+        if not 0 < self.muon_lr < math.inf:  # nan too
+            raise ValueError(f"--muon_lr={self.muon_lr} must be above 0 and finite")
+        if self.seed < 0:  # numpy's generators take none below 0
+            raise ValueError(f"--seed={self.seed} must be 0 or more")
 
 
 def main(argv=None):

@@ -464,11 +464,12 @@ def test_cli_suggests_the_closest_flag(tok01, capsys, argv, message):
 @pytest.mark.parametrize("argv,message", [
     (["--train=no/such/file.txt"], "error: --train=no/such/file.txt: no UTF-8 text file at "),
     (["--train={binary}"], "error: --train={binary}: no UTF-8 text file at {binary}"),
-    (["--train=any.txt", "--vocab_size=100"], "error: --vocab_size=100; use at least 257"),
-    (["--bench", "--vocab_size=256"], "error: --vocab_size=256; use at least 257"),
+    (["--train=any.txt", "--vocab_size=100"], "error: --vocab_size=100; use at least 258"),
+    (["--bench", "--vocab_size=257"], "error: --vocab_size=257; use at least 258"),  # 0 merges
+    (["--train={text}", "--out={text}"], "error: --out={text} is --train's text"),
     (["--bench", "--naive_chars=0"], "error: --naive_chars=0; use a positive count"),
     (["--encode=the end<|endoftext|>"],
-     "error: --encode's text holds <|endoftext|>; add --allowed_special=all"),
+     "error: --encode's text holds <|endoftext|>; --allowed_special=all: one token"),
     (["--encode=hi", "--tokenizer=no/such.json"], "error: "),
     (["--encode=hi", "--tokenizer=README.md"], "error: "),
     (["--encode=hi", "--decode", "1"], "error: argument --decode: not allowed with argument"),
@@ -479,8 +480,10 @@ def test_cli_user_errors_are_one_line_and_exit_2(tok01, capsys, tmp_path, argv, 
     """A user's mistake gets one line saying what to do, status 2, no traceback, before any work."""
     binary = tmp_path / "binary.bin"
     binary.write_bytes(bytes(range(256)))  # not UTF-8
-    argv = [a.format(binary=binary) for a in argv]
-    message = message.format(binary=binary)
+    text = tmp_path / "text.txt"  # the user's: never written over
+    text.write_text("some text to learn from")
+    argv = [a.format(binary=binary, text=text) for a in argv]
+    message = message.format(binary=binary, text=text)
     with pytest.raises(SystemExit) as exit_info:
         tok01.main(argv)
     captured = capsys.readouterr()
@@ -489,6 +492,7 @@ def test_cli_user_errors_are_one_line_and_exit_2(tok01, capsys, tmp_path, argv, 
     if argv and "--tokenizer=" in argv[-1]:  # the file, and how to make one
         assert argv[-1].split("=")[1] in captured.err and "--train" in captured.err
     assert captured.out == ""  # nothing ran
+    assert text.read_text() == "some text to learn from"
 
 
 def test_merge_logger_reports_progress(tok01, capsys):

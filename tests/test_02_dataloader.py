@@ -220,6 +220,13 @@ def test_prepare_corpus_errors(dl02, tmp_path):
         dl02.prepare_corpus("abc", tmp_path, {"kind": "char", "chars": "abc"}, val_fraction=1.0)
     with pytest.raises(ValueError, match="split is empty"):
         dl02.prepare_corpus("a", tmp_path, {"kind": "char", "chars": "a"})
+    spec = {"kind": "char", "chars": "abc"}
+    meta = dl02.prepare_corpus("abc" * 10, tmp_path, spec)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(ValueError, match="split is empty"):  # 1 - 1e-17 is 1.0: no val text
+        dl02.prepare_corpus("abc" * 10, tmp_path, spec, val_fraction=1e-17)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # the corpus untouched
+    assert dl02.load_meta(tmp_path) == meta
 
 
 # -----------------------------------------------------------------------------

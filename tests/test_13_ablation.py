@@ -122,6 +122,8 @@ def test_the_table_has_a_row_per_change(char_corpus, capsys, monkeypatch):
     (["--rounds=0"], "--rounds"),
     (["--max_iters=0"], "--max_iters"),
     (["--muon_lr=0"], "--muon_lr"),
+    (["--muon_lr=nan"], "--muon_lr=nan"),  # else the Muon row trains to a nan
+    (["--seed=-1"], "--seed=-1"),  # numpy's generators take none below 0
     (["--data_dir=no/such/dir"], "python 02_dataloader.py"),
     (["--max_itres=5"], "did you mean --max_iters"),
 ])
