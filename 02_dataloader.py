@@ -497,9 +497,9 @@ def run(args):  # main's work, its arguments checked before any of it
     if not 0 < args.val_fraction < 1:
         raise ValueError(f"--val_fraction={args.val_fraction}; "
                          "use a fraction between 0 and 1, e.g. 0.1")
-    if args.block_size <= 0 or args.batch_size <= 0:
-        raise ValueError(f"--block_size={args.block_size}, --batch_size={args.batch_size}: "
-                         "use sizes > 0")
+    if min(args.block_size, args.batch_size) <= 0 or args.seed < 0:
+        raise ValueError(f"--block_size={args.block_size}, --batch_size={args.batch_size}, "
+                         f"--seed={args.seed}: use sizes > 0, a seed >= 0")
     data_dir = PROJECT / args.data_dir  # relative to this folder; an absolute path stays as it is
     if args.fetch:  # a download alone, as 11's HellaSwag
         print(f"{fetch(args.fetch, data_dir)}: {args.fetch}")

@@ -656,9 +656,9 @@ def main(argv=None) -> None:
         parser.error("--device=cuda, but PyTorch sees no CUDA GPU here: use --device=cpu")
     if args.device == "mps" and not torch.backends.mps.is_available():
         parser.error("--device=mps, but PyTorch sees no Apple GPU here: use --device=cpu")
-    if args.n_head <= 0 or args.n_embd % args.n_head != 0:
+    if min(args.n_head, args.n_embd) <= 0 or args.n_embd % args.n_head != 0:
         parser.error(
-            f"--n_head={args.n_head} must divide --n_embd={args.n_embd} (GPT-2: 768 and 12)"
+            f"--n_head={args.n_head} must divide --n_embd={args.n_embd}, both > 0 (GPT-2: 768, 12)"
         )
     if args.bench:
         bench(args)

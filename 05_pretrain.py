@@ -945,7 +945,7 @@ def flops_per_token(model: GPT, seq_len: int | None = None) -> int:
 @torch.no_grad()
 def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None):
     """Append max_new_tokens tokens to idx (B, T); temperature 0 = greedy; top_k: k likeliest."""
-    if temperature < 0 or (top_k is not None and top_k <= 0):
+    if not temperature >= 0 or (top_k is not None and top_k <= 0):  # nan too
         raise ValueError("need temperature >= 0 (0 = greedy) and top_k a positive integer or "
                          f"None, got temperature={temperature}, top_k={top_k}")
     for _ in range(max_new_tokens):

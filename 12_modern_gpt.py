@@ -530,7 +530,7 @@ class ModernRunConfig:
         self.device = pick_device(self.device)
         if self.max_new_tokens < 1:
             raise ValueError("--max_new_tokens must be 1 or more")
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # nan too
             raise ValueError("--temperature must be 0 or more")
         if not self.prompt:
             raise ValueError("--prompt is empty: give the model some text to continue")

@@ -413,6 +413,8 @@ def test_cli_demo_and_bench_run(attn03, capsys):
     "argv, message",
     [
         (["--bench", "--n_embd=10", "--n_head=3"], "--n_head=3 must divide --n_embd=10"),
+        (["--bench", "--n_embd=-12", "--n_head=3"], "both > 0"),  # -12 % 3 == 0
+        (["--bench", "--n_embd=0", "--n_head=3"], "both > 0"),
         (["--bench=maybe"], "expected true or false"),
         (["--seq_lens=8,x"], "comma-separated integers"),
         (["--benc"], "unrecognized arguments: --benc"),  # no abbreviations

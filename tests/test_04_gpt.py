@@ -642,6 +642,7 @@ def test_demo_counts_gpt2_and_samples(gpt04, capsys):
         (["--device=tpu"], "unknown device 'tpu'"),
         (["--device=cuda:99"], "device 'cuda:99' is not available"),
         (["--temperature=-1"], "must be >= 0"),
+        (["--temperature=nan"], "must be >= 0"),  # nan fails every comparison, and min()
         (["--preset=gpt3"], "--preset='gpt3' is not valid"),
         (["--dtype=float16", "--device=cpu"], "float16 needs loss scaling"),
         (["--init_fro=gpt2"], "unrecognized arguments: --init_fro"),  # no abbreviations

@@ -225,6 +225,7 @@ def test_a_relative_hf_dir_starts_in_the_project_folder(tmp_path, monkeypatch):
     (["--hf_dir=no/such/folder"], "config.json"),
     (["--max_new_tokens=0"], "max_new_tokens"),
     (["--temperature=-1"], "temperature"),
+    (["--temperature=nan"], "temperature"),  # nan fails every comparison
     (["--prompt="], "prompt"),
 ])
 def test_bad_flags_are_one_line(flags, says, capsys):
