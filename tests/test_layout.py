@@ -33,7 +33,7 @@ MAX_LONG = 0.04  # the share of code lines of 100 characters or more
 
 
 # over the 1,000: each ceiling at or a few lines above the file's size today: none grows back
-TOTAL_OVER_BUDGET = {"05": 1080, "06": 1110, "08": 1035, "10": 1070, "11": 1040}
+TOTAL_OVER_BUDGET = {"05": 1080, "06": 1107, "08": 1035, "10": 1070, "11": 1038}
 
 
 def budget(path: Path) -> int:
