@@ -660,10 +660,13 @@ def main(argv=None) -> None:
         parser.error(
             f"--n_head={args.n_head} must divide --n_embd={args.n_embd}, both > 0 (GPT-2: 768, 12)"
         )
-    if args.bench:
-        bench(args)
-    else:
-        demo()
+    try:  # a Ctrl-C mid-benchmark: one line and a shell's 130, no traceback
+        if args.bench:
+            bench(args)
+        else:
+            demo()
+    except KeyboardInterrupt:
+        parser.exit(130, "\nCtrl-C: stopped\n")
 
 
 # -----------------------------------------------------------------------------

@@ -607,7 +607,8 @@ def main(argv=None):
         os.replace(tmp, path)  # atomic: a file at path is always a whole checkpoint
         print(f"saved {path}: python 07_finetune.py --init_from={cfg.init_from} finetunes it")
     model.to(cfg.device).eval()
-    idx = torch.tensor([enc.encode(cfg.prompt) or [enc.eot_token]], device=cfg.device)  # "": none
+    ids = enc.encode(cfg.prompt, disallowed_special=()) or [enc.eot_token]  # "": none; typed: text
+    idx = torch.tensor([ids], device=cfg.device)
     top_k = cfg.top_k or None  # 0 = all tokens
     with autocast_context(torch.device(cfg.device).type, cfg.dtype):
         out = generate(model, idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=top_k)

@@ -433,6 +433,16 @@ def test_cli_errors_are_one_line(attn03, capsys, argv, message):
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
 
 
+def test_cli_ctrl_c_is_one_line_and_exit_130(attn03, capsys, monkeypatch):
+    def interrupted(args):
+        raise KeyboardInterrupt  # what Python raises in the main thread at a Ctrl-C
+
+    monkeypatch.setattr(attn03, "bench", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        attn03.main(["--bench"])
+    assert stop.value.code == 130 and capsys.readouterr().err.strip() == "Ctrl-C: stopped"
+
+
 def test_cli_help_lists_each_flag_with_its_type_and_default_once(attn03, capsys):
     """--help in the style of 04-10: `--name TYPE  meaning (default: X)`, each default once."""
     with pytest.raises(SystemExit) as exit_info:

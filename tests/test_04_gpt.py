@@ -634,6 +634,9 @@ def test_demo_counts_gpt2_and_samples(gpt04, capsys):
     gpt04.main(["--preset=gpt2-xl", "--max_new_tokens=2", "--temperature=0", "--top_k=0"])
     out = capsys.readouterr().out
     assert "1,557,611,200" in out and "sample from" in out  # gpt2-xl counted on "meta", in no time
+    for prompt in ("", "a<|endoftext|>b"):  # none: from <|endoftext|>; a typed one is text
+        gpt04.main([f"--prompt={prompt}", "--max_new_tokens=2", "--device=cpu"])
+        assert "sample from" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
