@@ -471,7 +471,7 @@ def resume(cfg, model, optimizer, world: World) -> tuple[int, float]:
                        f"{starts}): out_dir must be on a filesystem that all nodes share")
     if ckpt is None:
         return 0, math.inf
-    today = [dict(group) for group in optimizer.param_groups]  # betas, decay: the flags given now
+    today = [dict(group) for group in optimizer.param_groups]  # this run's betas and decay
     if cfg.sharded_checkpoint:  # DCP fills templates of what this rank holds, re-slicing as needed
         model_state, optimizer_state = dsd.get_state_dict(model, optimizer)
         state = {"model": model_state, "optimizer": optimizer_state}
@@ -492,7 +492,7 @@ def resume(cfg, model, optimizer, world: World) -> tuple[int, float]:
         else:
             by_name = key_optimizer_state(ckpt["optimizer"], model, optimizer, to_names=True)
             dsd.set_optimizer_state_dict(model, optimizer, by_name, options=full_state)
-    for group, settings in zip(optimizer.param_groups, today):  # win over the checkpoint's
+    for group, settings in zip(optimizer.param_groups, today):  # the flags given now win
         group.update(settings)
     print0(f"resuming at iter {start} of {cfg.max_iters} from {cfg.ckpt_path}, "
            f"on {cfg.device} in {cfg.dtype}")
