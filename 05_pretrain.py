@@ -45,18 +45,15 @@ PROJECT = Path(__file__).resolve().parent  # a relative data_dir or out_dir reso
 # -----------------------------------------------------------------------------
 # Settings: nanoGPT's names, each a --field=value flag (04's parse_config); the loop is train()
 
-
 @dataclass
 class TrainConfig:
     """Pretrain a GPT on a text corpus. Defaults: nanoGPT's CPU recipe for Shakespeare-char."""
 
     PRESETS: ClassVar[dict[str, dict]] = {
-        # nanoGPT's README, "I only have a macbook": 0.8M parameters, val loss ~1.88 after 2000
-        "shakespeare-char-cpu": dict(
+        "shakespeare-char-cpu": dict(  # nanoGPT's README, "I only have a macbook": 0.8M params
             batch_size=12, block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0,
             max_iters=2000, lr_decay_iters=2000, eval_iters=20),
-        # nanoGPT's config/train_shakespeare_char.py: 10.7M parameters, val loss ~1.47 after 5000
-        "shakespeare-char-gpu": dict(
+        "shakespeare-char-gpu": dict(  # nanoGPT's config/train_shakespeare_char.py: 10.7M params
             batch_size=64, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2,
             max_iters=5000, lr_decay_iters=5000, eval_iters=200, compile=True),
     }  # fmt: skip
@@ -90,7 +87,7 @@ class TrainConfig:
     min_lr: Annotated[float, "~learning_rate / 10 (Chinchilla)"] = 1e-4
     # evaluation, logging, checkpoints, samples
     out_dir: Annotated[str, "ckpt.pt, best.pt, log.jsonl, loss.png"] = "out/shakespeare-char"
-    overwrite: Annotated[bool, "start afresh, replacing out_dir's checkpoint"] = False
+    overwrite: Annotated[bool, "start afresh, replacing out_dir's run"] = False
     eval_interval: Annotated[int, "evaluate and save every this many iters"] = 250
     eval_iters: Annotated[int, "batches per split in an evaluation"] = 20
     log_interval: Annotated[int, "a log line every this many iterations"] = 10
@@ -107,40 +104,35 @@ class TrainConfig:
     peak_flops: Annotated[float, "chip's top FLOP/s; MFU = the share used; 0 = known GPUs"] = 0.0
     seed: Annotated[int, "seeds the weights, the batches and dropout"] = 1337
 
-    AT_LEAST_ONE = ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval",
-                    "eval_iters", "log_interval")  # not fields: no annotation
-    MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "gelu")
-
     def __post_init__(self):  # each check names its fix; parse_config prints one `error:` line
-        data_dir = PROJECT / (self.data_dir or "data")  # '': older checkpoints' data/
-        self.corpus_dir = data_dir / f"{self.dataset}-{self.tokenizer}"
+        self.corpus_dir = PROJECT / self.data_dir / f"{self.dataset}-{self.tokenizer}"
         self.ckpt_path = PROJECT / self.out_dir / "ckpt.pt"  # an absolute out_dir stays as is
         choices = {"tokenizer": ("char", "gpt2"), "init_from": ("scratch", "resume", "auto"),
                    "gelu": ("none", "tanh")}
-        check_values(self, choices, self.AT_LEAST_ONE)
+        at_least_one = ("batch_size", "block_size", "gradient_accumulation_steps",
+                        "eval_interval", "eval_iters", "log_interval")
+        check_values(self, choices, at_least_one)
         if self.init_from == "auto":  # 06's too: resume if out_dir holds a checkpoint, else start
             self.init_from = "resume" if self.ckpt_path.exists() else "scratch"
         if self.max_new_tokens and not self.prompt:
             raise ValueError("--prompt is empty: samples continue one (or --max_new_tokens=0)")
 
     def model_config(self, vocab_size: int) -> "GPTConfig":  # vocab_size: the corpus's
-        model_args = {name: getattr(self, name) for name in self.MODEL_FIELDS}
-        return GPTConfig(vocab_size=vocab_size, **model_args)
+        names = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]  # each a flag here
+        return GPTConfig(vocab_size=vocab_size, **{name: getattr(self, name) for name in names})
 
 
 # -----------------------------------------------------------------------------
-# One optimizer step: AdamW's groups, the learning-rate schedule, gradient accumulation.
-#
-# Weight decay shrinks weights toward zero at every step (decoupled from the gradient: AdamW, not
-# an L2 term in the loss). It is meant for the matrices, Linear weights and embeddings. Biases and
+# One optimizer step: AdamW's groups, the learning-rate schedule, gradient accumulation. Weight
+# decay shrinks weights toward zero at every step (decoupled from the gradient: AdamW, not an L2
+# term in the loss). It is meant for the matrices, Linear weights and embeddings. Biases and
 # LayerNorm gains are 1-D shifts and scales: decaying them regularizes nothing and drags the gains
 # toward 0, toward switching their layer off. Practice differs on the embeddings (minGPT exempted
-# them); we follow nanoGPT: decay iff p.dim() >= 2. fused=True updates all tensors in one fused
-# pass (CUDA, and CPU since PyTorch 2.4: several times faster than foreach).
+# them); we follow nanoGPT: decay iff p.dim() >= 2. fused=True updates all tensors in one fused pass
+# (CUDA, and CPU since PyTorch 2.4: several times faster than foreach), and takes fp16's inf check
+# on the GPU, so scaler.step does not wait for it.
 
-
-def configure_optimizers(model, weight_decay: float, learning_rate: float, betas,
-                         device_type: str):
+def configure_optimizers(model, weight_decay, learning_rate, betas, device_type):
     """AdamW with weight decay on the 2-D tensors only; frozen parameters (LoRA) are left out."""
     params = [p for p in model.parameters() if p.requires_grad]  # a tied weight appears once
     matrices = [p for p in params if p.dim() >= 2]
@@ -184,7 +176,6 @@ def forward_backward(model, x, y, micro_steps: int, ctx, scaler) -> torch.Tensor
 
 # -----------------------------------------------------------------------------
 # Evaluation and samples
-
 
 @torch.no_grad()
 def estimate_loss(model, data: dict, cfg, step: int) -> dict:
@@ -230,7 +221,6 @@ def sample(model, tokenizer, cfg) -> str:
 # "best_val_loss", "val_loss" (last measured), "optimizer", "scaler", "rng"}. Read with
 # weights_only=True (no pickled code runs); written to a temporary file renamed over the old one.
 
-
 def rng_states() -> dict:
     """The states of torch's random generators (CPU, each CUDA GPU, MPS), which dropout draws."""
     states = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}  # no GPU: []
@@ -249,9 +239,8 @@ def set_rng_states(states: dict):
         torch.mps.set_rng_state(states["mps"].cpu())
 
 
-def save_checkpoint(path, ckpt: dict):
+def save_checkpoint(path: Path, ckpt: dict):
     """torch.save to path + ".tmp", flushed to disk, then renamed over path (atomic)."""
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -309,8 +298,7 @@ def plot_losses(out_dir: Path, tokens_per_iter: int):
 
 
 # -----------------------------------------------------------------------------
-# The training loop
-
+# The training loop, then around its step: the NaN stop, Ctrl-C, one object for saves, timing, logs
 
 def train(cfg: TrainConfig, resumed: tuple | None = None) -> dict:
     """Train as cfg says; resumed: load_checkpoint(out_dir/ckpt.pt) if main read it. Returns
@@ -358,16 +346,14 @@ def train(cfg: TrainConfig, resumed: tuple | None = None) -> dict:
                 data["train"], rows, cfg.block_size, step=iter_num, seed=cfg.seed, device=device)
             loss = forward_backward(compiled_model, x, y, micro_steps, ctx, scaler)
             scaler.unscale_(optimizer)  # clip the true gradients, not fp16's scaled ones
-            # grad_clip 0: a limit of inf never clips, and still measures the norm for the log
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+            max_norm = cfg.grad_clip or math.inf  # 0 -> inf: never clips, still measures the norm
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm)  # logged
             scaler.step(optimizer)  # fp16: skips the step if a gradient overflowed
             scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()  # .grad = None (the default): memory freed until backward
             iter_num += 1
             last = iter_num == cfg.max_iters
-            if iter_num % cfg.log_interval == 0 or last:
-                # .item() waits for the GPU: only at log lines (fused AdamW takes fp16's inf check
-                # on the GPU, so scaler.step does not wait)
+            if iter_num % cfg.log_interval == 0 or last:  # .item() waits for the GPU: only here
                 run.log_step(iter_num, loss.item(), lr, grad_norm.item())  # a NaN loss stops it
             if iter_num % cfg.eval_interval == 0 or last:
                 losses = estimate_loss(compiled_model, data, cfg, iter_num)
@@ -377,15 +363,11 @@ def train(cfg: TrainConfig, resumed: tuple | None = None) -> dict:
         if ctrl_c.pressed:
             if run.saved_at != iter_num:  # else ckpt.pt holds this state already
                 run.save(iter_num)  # NaN weights stop the run instead: the last save stays
-            print(f"saved {run.ckpt_path} (iter {iter_num}); continue: {run.resume_flags}")
+            print(f"saved {cfg.ckpt_path} (iter {iter_num}); continue: {run.resume_flags}")
         elif iter_num > first_iter:
             plot_losses(cfg.ckpt_path.parent, run.tokens_per_iter)
             run.log_sample(iter_num, tokenizer)
     return {"iter_num": iter_num, **run.summary(), "interrupted": ctrl_c.pressed}
-
-
-# -----------------------------------------------------------------------------
-# Around the step: the NaN stop, Ctrl-C, and one object the loop calls for saves, timing, logs.
 
 
 def check_finite(what: str, value: float, step: int, ckpt_path, saved_at: int | None):
@@ -427,8 +409,7 @@ class CtrlC:
 
 class Run:
     """`with Run(...) as run:` sets torch's threads (cfg.threads), prints the settings and opens
-    out_dir/log.jsonl. Meanwhile run prints and logs, times the steps and saves ckpt.pt (best.pt if
-    val improved) in every training stage's format; a NaN stops it first: the last save holds."""
+    out_dir/log.jsonl; then run prints and logs, times the steps and saves (in 05-08's format)."""
 
     def __init__(self, cfg, model, optimizer, scaler, header, ckpt):
         self.cfg = cfg
@@ -436,7 +417,7 @@ class Run:
         self.optimizer = optimizer
         self.scaler = scaler
         self.header = header  # model_args, tokenizer, config, stage: the same in every save
-        self.ckpt_path = cfg.ckpt_path
+        self.path = cfg.ckpt_path  # ckpt.pt
         self.resumed = bool(ckpt)  # this run continues the one ckpt.pt holds
         self.saved_at = ckpt.get("iter_num")  # the iteration ckpt.pt holds
         self.best_val = ckpt.get("best_val_loss", math.inf)
@@ -456,20 +437,18 @@ class Run:
         print(cfg)  # the settings, with the device and dtype this machine resolved
         against = f" | MFU against {self.peak / 1e12:.4g} TFLOP/s" if self.peak else ""
         print(f"{self.model.num_params():,} parameters | {self.tokens_per_iter:,} tokens per "
-              f"iteration | {cfg.device} {cfg.dtype}, {torch.get_num_threads()} threads, "
-              f"compile {cfg.compile}{against}")
+              f"iteration | {torch.get_num_threads()} threads{against}")
         if self.resumed:
-            print(f"resuming at iter {self.saved_at} of {cfg.max_iters} from {self.ckpt_path} "
+            print(f"resuming at iter {self.saved_at} of {cfg.max_iters} from {self.path} "
                   f"(--dtype={self.header['config']['dtype']} runs as {cfg.dtype} on {cfg.device})")
             if self.saved_at >= cfg.max_iters:
                 print(f"nothing left to do (to train longer: {self.resume_flags} "
                       f"--max_iters={2 * self.saved_at})")
-        self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-        log_path = self.ckpt_path.with_name("log.jsonl")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        log_path = self.path.with_name("log.jsonl")
         if self.resumed and log_path.exists():  # drop rows past ckpt.pt: this run logs them again
-            rows = log_path.read_text().splitlines(keepends=True)
-            whole = [row for row in rows if row.endswith("\n")]  # a kill can cut the last one
-            kept = [row for row in whole if json.loads(row)["iter"] <= self.saved_at]
+            rows = log_path.read_text().splitlines(keepends=True)  # a kill can cut the last one
+            kept = [r for r in rows if r.endswith("\n") and json.loads(r)["iter"] <= self.saved_at]
             tmp = log_path.with_suffix(".tmp")
             tmp.write_text("".join(kept))
             os.replace(tmp, log_path)  # atomic: the old log or the kept rows, never half of them
@@ -485,26 +464,25 @@ class Run:
         improved = False
         if losses is not None:
             for split, value in losses.items():
-                check_finite(f"the {split} loss", value, step, self.ckpt_path, self.saved_at)
+                check_finite(f"{split} loss", value, step, self.path, self.saved_at)
             val_loss = losses["val"]
             improved = val_loss < self.best_val
             self.best_val = min(self.best_val, val_loss)
             self.losses = losses
             best = " (best, saving best.pt)" if improved else ""
-            print(f"iter {step}: train loss {losses['train']:.4f}, "
-                  f"val loss {val_loss:.4f}{best}")
+            print(f"iter {step}: train loss {losses['train']:.4f}, val loss {val_loss:.4f}{best}")
             self.write(iter=step, train_loss=losses["train"], val_loss=val_loss)
         weight_norm = nn.utils.get_total_norm(self.model.parameters())  # NaN after NaN gradients
-        check_finite("the weight norm", weight_norm.item(), step, self.ckpt_path, self.saved_at)
+        check_finite("weight norm", weight_norm.item(), step, self.path, self.saved_at)
         state = dict(
             model=self.model.state_dict(), **self.header, iter_num=step,
             best_val_loss=self.best_val, val_loss=self.losses.get("val"),
             optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
             rng=rng_states(),
         )
-        save_checkpoint(self.ckpt_path, state)
+        save_checkpoint(self.path, state)
         if improved:
-            save_checkpoint(self.ckpt_path.with_name("best.pt"), state)
+            save_checkpoint(self.path.with_name("best.pt"), state)
         self.saved_at = step
         self.restart_clock(step)
 
@@ -517,7 +495,7 @@ class Run:
         self.warm = warm
 
     def log_step(self, step, loss, lr, grad_norm):
-        check_finite("the loss", loss, step, self.ckpt_path, self.saved_at)
+        check_finite("loss", loss, step, self.path, self.saved_at)
         steps = step - self.clock_step  # >= 1: no restart comes between a step and its log line
         dt = (time.perf_counter() - self.clock_start) / steps
         ms = 1000 * dt
@@ -551,18 +529,16 @@ class Run:
 
 # The command line: the checks that run before any work, and main
 
-
 def check_values(cfg, choices: dict, at_least_one: tuple):
-    """A settings dataclass's values: each of choices among its allowed; each number at least 0
-    (the seed too: numpy's takes no negative one), or 1 if at_least_one names it; AdamW's betas
+    """A settings dataclass's values: each field in choices among its allowed; each number at least
+    0 (the seed too: numpy's takes no negative one), or 1 if at_least_one names it; AdamW's betas
     under 1; warmup shorter than decay; an out_dir that is not a file; a device, a dtype it has."""
-    for name, allowed in choices.items():
-        value = getattr(cfg, name)
-        if value not in allowed:
-            raise ValueError(f"--{name}={value!r} is not valid; use {', '.join(allowed)}")
     for f in fields(cfg):
-        minimum = 1 if f.name in at_least_one else 0
         value = getattr(cfg, f.name)
+        allowed = choices.get(f.name)
+        if allowed and value not in allowed:
+            raise ValueError(f"--{f.name}={value!r} is not valid; use {', '.join(allowed)}")
+        minimum = 1 if f.name in at_least_one else 0
         number = f.type.__origin__ in (int, float)
         if number and not minimum <= value < math.inf:  # nan fails every comparison
             raise ValueError(f"--{f.name}={value} must be finite and >= {minimum}")
@@ -570,8 +546,7 @@ def check_values(cfg, choices: dict, at_least_one: tuple):
         raise ValueError(f"--beta1={cfg.beta1} and --beta2={cfg.beta2} must be less than 1")
     if cfg.decay_lr and cfg.lr_decay_iters <= cfg.warmup_iters:
         raise ValueError(f"--lr_decay_iters={cfg.lr_decay_iters} must exceed --warmup_iters="
-                         f"{cfg.warmup_iters}; usually lr_decay_iters = max_iters "
-                         "(or --decay_lr=false)")
+                         f"{cfg.warmup_iters}; usually it is max_iters (or --decay_lr=false)")
     if any(folder.is_file() for folder in cfg.ckpt_path.parents):  # now, not at the first save
         raise ValueError(f"--out_dir={cfg.out_dir} is a file, or in one: name a folder")
     pick_dtype(cfg.dtype, pick_device(cfg.device))  # a dtype the device has; both name the fix
@@ -618,8 +593,8 @@ def main(argv=None):
     try:
         if given.init_from == "resume" or found:  # the run's settings first: flags given now win
             resumed = load_checkpoint(ckpt_path)  # the one model this run builds
-            # not the device (this machine's), nor out_dir: the folder just read is the one written
-            names = {f.name for f in fields(TrainConfig)} - {"device", "out_dir"}
+            fresh = {"device", "out_dir"}  # this machine's; the folder read is the one written
+            names = {f.name for f in fields(TrainConfig)} - fresh
             names -= set(TrainConfig.PRESETS.get(given.preset, {}))  # a preset given now wins too
             model, _, ckpt = resumed
             stage = ckpt.get("stage")

@@ -14,8 +14,6 @@ last bits). They differ in what each rank holds, and in which collective runs wh
   fsdp   shard everything      4P/N   4P/N  8P/N         all-gather params before each block's
                                                          forward and backward; reduce-scatter grads
 
-(fsdp also holds a block or two gathered at a time (the next is prefetched), and the root's
-(embeddings, head) from forward to backward; rank 0 prints each rank's bytes.)
 Then what a long job needs: activation checkpointing and torch.compile per block, checkpoints (on
 rank 0 in 05's format, or every rank's shards), and restarts that end with the weights of an
 uninterrupted run (bit for bit on CPU, at the same world size: dropout's masks depend on it too),
@@ -74,7 +72,6 @@ PROJECT = Path(__file__).resolve().parent  # relative paths (data/, out/, flags)
 # -----------------------------------------------------------------------------
 # 1. The process group: who am I, how many are we, how do we talk
 
-
 @dataclass
 class World:
     """This process's place in the job (what init_distributed returns)."""
@@ -129,7 +126,6 @@ def shutdown_distributed(failed: bool = False):
 # -----------------------------------------------------------------------------
 # 2. The strategies: how each wraps the model and builds its optimizer
 
-
 def parallelize(model: nn.Module, cfg) -> nn.Module:
     """DDP(model) or the FSDP-sharded model, after activation checkpointing and compile per block
     (torchtitan's order: FSDP wraps compiled blocks). Names stay 05's: dsd drops DDP's "module."."""
@@ -143,26 +139,22 @@ def parallelize(model: nn.Module, cfg) -> nn.Module:
             # less memory traffic and fewer saved intermediates, for a compilation at startup.
             # Evaluation gets a second graph: model.eval() flips .training, which graphs guard on.
             block.compile(dynamic=False)
-    if cfg.strategy == "fsdp":
-        return shard_fully(model, cfg)
-    # DDP (and zero1): construction broadcasts rank 0's weights; backward all-reduces (averages)
-    # the gradients in ~25 MB buckets as each is ready, overlapping with the rest (.grad: views)
-    # (no device_ids: DDP need not move the batches, which are on the model's device already)
-    return DDP(model, gradient_as_bucket_view=True)
-
-
-def shard_fully(model: nn.Module, cfg) -> nn.Module:
-    """FSDP2 (ZeRO-3): fully_shard(block) makes each parameter a DTensor holding this rank's 1/N
-    slice of dim 0, so the optimizer built afterwards holds sharded state too. An all-gather
-    rebuilds a block's parameters before its forward (freed after) and its backward; then a
-    reduce-scatter leaves each rank its slice's averaged gradient. Block by block, then the root
-    (embeddings, head, kept gathered from forward to backward): a rank holds its shards, the root's
-    parameters and one or two blocks in full (the next is prefetched). Traffic: ~1.5x DDP's.
-    Over A micro-steps, each micro-step reduce-scatters: A times that traffic, gradients sharded.
-    --sync_every_micro_step=false reduce-scatters in the last only (1/A of the reduce-scatters; the
-    all-gathers still run each micro-step), but ranks hold full gradients until then (4P more).
-    bf16: gathered as bf16 (half the traffic), reduced in fp32; inputs are cast too, so the
-    residual stream adds in bf16 (05, DDP: fp32): losses differ slightly from DDP's."""
+    if cfg.strategy != "fsdp":
+        # DDP (and zero1): construction broadcasts rank 0's weights; backward all-reduces (averages)
+        # the gradients in ~25 MB buckets as each is ready, overlapping with the rest (.grad: views)
+        # (no device_ids: DDP need not move the batches, which are on the model's device already)
+        return DDP(model, gradient_as_bucket_view=True)
+    # FSDP2 (ZeRO-3): fully_shard(block) makes each parameter a DTensor holding this rank's 1/N
+    # slice of dim 0, so the optimizer built afterwards holds sharded state too. An all-gather
+    # rebuilds a block's parameters before its forward (freed after) and its backward; then a
+    # reduce-scatter leaves each rank its slice's averaged gradient. Block by block, then the root
+    # (embeddings, head, kept gathered from forward to backward): a rank holds its shards, the
+    # root's parameters and one or two blocks in full (the next is prefetched). Traffic: ~1.5x
+    # DDP's. Over A micro-steps, each reduce-scatters: A times that traffic, gradients sharded.
+    # --sync_every_micro_step=false reduce-scatters in the last only (1/A of the reduce-scatters;
+    # the all-gathers still run each micro-step), but ranks hold full gradients until then (4P
+    # more). bf16: gathered as bf16 (half the traffic), reduced in fp32; inputs are cast too, so the
+    # residual stream adds in bf16 (05, DDP: fp32): losses differ slightly from DDP's.
     param_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None  # None: as stored, fp32
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in model.transformer.h:
@@ -221,7 +213,6 @@ def memory_report(model: nn.Module, optimizer, world: World) -> dict[str, int]:
 # -----------------------------------------------------------------------------
 # 3. Training and evaluation: 05's, data parallel. `# NEW:` marks what data parallelism changes
 
-
 def train_step(model, optimizer, data, cfg, world: World, it: int):
     """05's step on global batch `it`, each rank on its 1/N of the rows (so the gradient is the
     mean over the same rows, up to the order of float additions): (this rank's mean loss, global
@@ -237,7 +228,7 @@ def train_step(model, optimizer, data, cfg, world: World, it: int):
         sync = nullcontext()
         if isinstance(model, DDP) and not last:  # NEW: DDP (and zero1) all-reduce in the last only
             sync = model.no_sync()
-        elif cfg.strategy == "fsdp" and not cfg.sync_every_micro_step:  # NEW: see shard_fully
+        elif cfg.strategy == "fsdp" and not cfg.sync_every_micro_step:  # NEW: see parallelize
             model.set_requires_gradient_sync(last)  # reduce-scatter in the last only
         with sync:
             # autocast as 05, with FSDP too: on CUDA, LayerNorm then runs in fp32 as in 05
@@ -368,7 +359,6 @@ def evaluate(model, tokens, cfg, world: World, step: int) -> float:
 # -----------------------------------------------------------------------------
 # 4. Checkpoints and restarts: the full state on rank 0 in 05's format, or every rank's shards
 
-
 def save(cfg, model, optimizer, world: World, run_info: dict):
     """Write run_info with the model and optimizer; every rank calls this (it runs collectives).
     Full: get_model_state_dict and get_optimizer_state_dict know every wrapper; for FSDP they
@@ -399,7 +389,7 @@ def save(cfg, model, optimizer, world: World, run_info: dict):
             by_name = dsd.get_optimizer_state_dict(model, optimizer, options=options)
             optimizer_state = None
             if world.rank == 0:  # the only rank that received the state
-                optimizer_state = key_optimizer_state(by_name, model, optimizer, to_names=False)
+                optimizer_state = key_optimizer_state(by_name, model, optimizer)
         if world.rank == 0:
             ckpt = {"model": model_state, "optimizer": optimizer_state, **run_info}
             save_checkpoint(cfg.ckpt_path, ckpt)
@@ -408,15 +398,14 @@ def save(cfg, model, optimizer, world: World, run_info: dict):
     dist.barrier()
 
 
-def key_optimizer_state(state_dict: dict, model, optimizer, to_names: bool) -> dict:
+def key_optimizer_state(state_dict: dict, model, optimizer) -> dict:
     """optimizer.state_dict() numbers the parameters 0, 1, ... in the optimizer's order;
-    torch.distributed.checkpoint keys them by name. Key state_dict by name, or back by number."""
+    torch.distributed.checkpoint keys them by name. Numbers become names, and names numbers."""
     module = getattr(model, "module", model)  # DDP keeps the model in .module
     name_of = {p: name for name, p in module.named_parameters()}
     names = [name_of[p] for group in optimizer.param_groups for p in group["params"]]
-    new_key = {name: number for number, name in enumerate(names)}
-    if to_names:
-        new_key = dict(enumerate(names))
+    number_of = {name: number for number, name in enumerate(names)}
+    new_key = number_of | dict(enumerate(names))  # one map both ways: str and int keys differ
     state = {new_key[k]: v for k, v in state_dict["state"].items()}
     groups = [{**group, "params": [new_key[k] for k in group["params"]]}
               for group in state_dict["param_groups"]]
@@ -435,7 +424,7 @@ def check_checkpoint(cfg, n_vocab: int):
         raise FileNotFoundError(f"--init_from=resume: no checkpoint at {cfg.ckpt_path}; check "
                                 "--out_dir, or start afresh: --init_from=auto")
     if cfg.init_from == "scratch" and (found or other_kind.exists()) and not cfg.overwrite:
-        raise ValueError(f"{cfg.out_dir} holds a checkpoint; continue it with --init_from=resume, "
+        raise ValueError(f"{cfg.out_dir} holds a checkpoint; continue it: --init_from=resume, "
                          "train into another --out_dir, or replace it: --overwrite")
     if cfg.init_from == "scratch" or not found:
         return
@@ -454,8 +443,7 @@ def check_checkpoint(cfg, n_vocab: int):
 
 def resume(cfg, model, optimizer, world: World) -> tuple[int, float]:
     """(iter_num, best_val_loss) of out_dir's checkpoint, loaded into any strategy at any world
-    size if init_from says so. Every rank reads it: out_dir must be on a filesystem all nodes see
-    (the ranks check that they agree)."""
+    size if init_from says so; out_dir must be on a filesystem that all nodes see."""
     ckpt = None
     start = 0
     if cfg.init_from != "scratch" and cfg.ckpt_path.exists():  # check_checkpoint read it
@@ -483,14 +471,13 @@ def resume(cfg, model, optimizer, world: World) -> tuple[int, float]:
         dsd.set_model_state_dict(model, ckpt["model"], options=full_state)
         if isinstance(optimizer, ZeroRedundancyOptimizer):
             optimizer.load_state_dict(ckpt["optimizer"])  # ZeRO keeps its parameters' state
-            # subtle: ZeRO's load_state_dict moves 0-dim state (Adam's step) to the CPU, where
-            # fused CUDA AdamW fails (pytorch/pytorch#124133): each state tensor goes to its
-            # parameter's device
+            # subtle: ZeRO's load_state_dict moves 0-dim state (Adam's step) to the CPU, where fused
+            # CUDA AdamW fails (pytorch/pytorch#124133): each goes back to its parameter's device
             for p, state in optimizer.optim.state.items():
                 state.update({key: value.to(p.device) for key, value in state.items()})
             optimizer.state.clear()  # the base class keeps a second copy, which ZeRO never reads
         else:
-            by_name = key_optimizer_state(ckpt["optimizer"], model, optimizer, to_names=True)
+            by_name = key_optimizer_state(ckpt["optimizer"], model, optimizer)
             dsd.set_optimizer_state_dict(model, optimizer, by_name, options=full_state)
     for group, settings in zip(optimizer.param_groups, today):  # the flags given now win
         group.update(settings)
@@ -512,7 +499,6 @@ def inject_fault(world: World, iter_num: int):
 # -----------------------------------------------------------------------------
 # 5. Settings, all checked before any work, and main
 
-
 @dataclass
 class DistConfig:
     """Train 04's GPT on N processes with DDP, ZeRO-1 or FSDP2 (launch with torchrun)."""
@@ -523,7 +509,7 @@ class DistConfig:
     data_dir: Annotated[str, "02's output; relative to this folder"] = "data"
     out_dir: Annotated[str, "ckpt.pt (sharded: dcp-latest.pt, dcp-*/)"] = "out/distributed"
     init_from: Annotated[str, "scratch, resume, or auto (resume if any)"] = "scratch"
-    overwrite: Annotated[bool, "start afresh even over a checkpoint (replaced)"] = False
+    overwrite: Annotated[bool, "start afresh, replacing a checkpoint"] = False
     # model (04's GPTConfig), defaults 05's CPU recipe; then distributed (parallelize, save)
     n_layer: Annotated[int, "transformer blocks"] = 4
     n_head: Annotated[int, "attention heads per block"] = 4
@@ -588,10 +574,9 @@ def check_settings(cfg: DistConfig):
                     "eval_interval", "eval_iters", "log_interval", "checkpoint_interval")
     check_values(cfg, choices, at_least_one)
     needed = ("LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # torchrun sets them all
-    missing = [name for name in needed if name not in os.environ]
-    if "RANK" in os.environ and missing:
-        raise ValueError(f"RANK is set but {', '.join(missing)} not: start the job with torchrun "
-                         "or unset RANK")
+    absent = ", ".join(name for name in needed if name not in os.environ)
+    if "RANK" in os.environ and absent:
+        raise ValueError(f"RANK is set but {absent} not: start the job with torchrun or unset RANK")
     world_size = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's (get_batch checks the group)
     if cfg.batch_size % world_size:
         raise ValueError(f"batch_size={cfg.batch_size} (the global micro-batch) does not "
@@ -601,8 +586,7 @@ def check_settings(cfg: DistConfig):
     bound = gpus == 1 and "TORCHELASTIC_RUN_ID" not in os.environ  # srun bound one to each rank
     if pick_device(cfg.device).startswith("cuda") and local_rank >= gpus and not bound:
         raise ValueError(f"local rank {local_rank} has no GPU of its own (NCCL needs one each): "
-                         f"start at most {gpus} ranks per machine (--nproc_per_node={gpus}), "
-                         "or train on the CPU: --device=cpu")
+                         f"use --nproc_per_node={gpus} or fewer, or --device=cpu")
     if cfg.sharded_checkpoint and cfg.strategy == "zero1":
         raise ValueError("--sharded_checkpoint needs --strategy=ddp or fsdp: "
                          "torch.distributed.checkpoint cannot read ZeRO's optimizer")
@@ -988,16 +972,15 @@ def autocast_context(device_type: str, dtype: str):
 
 # copied from 05_pretrain.py: check_values
 def check_values(cfg, choices: dict, at_least_one: tuple):
-    """A settings dataclass's values: each of choices among its allowed; each number at least 0
-    (the seed too: numpy's takes no negative one), or 1 if at_least_one names it; AdamW's betas
+    """A settings dataclass's values: each field in choices among its allowed; each number at least
+    0 (the seed too: numpy's takes no negative one), or 1 if at_least_one names it; AdamW's betas
     under 1; warmup shorter than decay; an out_dir that is not a file; a device, a dtype it has."""
-    for name, allowed in choices.items():
-        value = getattr(cfg, name)
-        if value not in allowed:
-            raise ValueError(f"--{name}={value!r} is not valid; use {', '.join(allowed)}")
     for f in fields(cfg):
-        minimum = 1 if f.name in at_least_one else 0
         value = getattr(cfg, f.name)
+        allowed = choices.get(f.name)
+        if allowed and value not in allowed:
+            raise ValueError(f"--{f.name}={value!r} is not valid; use {', '.join(allowed)}")
+        minimum = 1 if f.name in at_least_one else 0
         number = f.type.__origin__ in (int, float)
         if number and not minimum <= value < math.inf:  # nan fails every comparison
             raise ValueError(f"--{f.name}={value} must be finite and >= {minimum}")
@@ -1005,16 +988,14 @@ def check_values(cfg, choices: dict, at_least_one: tuple):
         raise ValueError(f"--beta1={cfg.beta1} and --beta2={cfg.beta2} must be less than 1")
     if cfg.decay_lr and cfg.lr_decay_iters <= cfg.warmup_iters:
         raise ValueError(f"--lr_decay_iters={cfg.lr_decay_iters} must exceed --warmup_iters="
-                         f"{cfg.warmup_iters}; usually lr_decay_iters = max_iters "
-                         "(or --decay_lr=false)")
+                         f"{cfg.warmup_iters}; usually it is max_iters (or --decay_lr=false)")
     if any(folder.is_file() for folder in cfg.ckpt_path.parents):  # now, not at the first save
         raise ValueError(f"--out_dir={cfg.out_dir} is a file, or in one: name a folder")
     pick_dtype(cfg.dtype, pick_device(cfg.device))  # a dtype the device has; both name the fix
 
 
 # copied from 05_pretrain.py: configure_optimizers
-def configure_optimizers(model, weight_decay: float, learning_rate: float, betas,
-                         device_type: str):
+def configure_optimizers(model, weight_decay, learning_rate, betas, device_type):
     """AdamW with weight decay on the 2-D tensors only; frozen parameters (LoRA) are left out."""
     params = [p for p in model.parameters() if p.requires_grad]  # a tied weight appears once
     matrices = [p for p in params if p.dim() >= 2]
@@ -1088,9 +1069,8 @@ class CtrlC:
 
 
 # copied from 05_pretrain.py: save_checkpoint
-def save_checkpoint(path, ckpt: dict):
+def save_checkpoint(path: Path, ckpt: dict):
     """torch.save to path + ".tmp", flushed to disk, then renamed over path (atomic)."""
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:

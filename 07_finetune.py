@@ -884,8 +884,7 @@ def autocast_context(device_type: str, dtype: str):
 
 
 # copied from 05_pretrain.py: configure_optimizers
-def configure_optimizers(model, weight_decay: float, learning_rate: float, betas,
-                         device_type: str):
+def configure_optimizers(model, weight_decay, learning_rate, betas, device_type):
     """AdamW with weight decay on the 2-D tensors only; frozen parameters (LoRA) are left out."""
     params = [p for p in model.parameters() if p.requires_grad]  # a tied weight appears once
     matrices = [p for p in params if p.dim() >= 2]
@@ -917,9 +916,8 @@ def set_rng_states(states: dict):
 
 
 # copied from 05_pretrain.py: save_checkpoint
-def save_checkpoint(path, ckpt: dict):
+def save_checkpoint(path: Path, ckpt: dict):
     """torch.save to path + ".tmp", flushed to disk, then renamed over path (atomic)."""
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:

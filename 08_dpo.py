@@ -2,32 +2,28 @@
 
 07 taught the model to answer; now we teach it which of two answers people prefer. The classic
 recipe (RLHF: Christiano et al. 2017, Ouyang et al. 2022) trains a reward model on preference
-pairs, then maximises that reward with PPO while a KL penalty keeps the policy close to a frozen
-reference. DPO (Rafailov et al. 2023) shows that this KL-regularised problem has a closed-form
-optimum,
+pairs, then maximises it with PPO while a KL penalty keeps the policy near a frozen reference. DPO
+(Rafailov et al. 2023) shows that this KL-regularised problem has a closed-form optimum,
 
     pi*(y|x) = ref(y|x) exp(r(x,y) / beta) / Z(x)
       <=>  r(x,y) = beta log(pi*(y|x) / ref(y|x)) + beta log Z(x)
 
 so every policy IMPLIES a reward, r = beta * log(pi / ref), and Z(x) cancels when two answers to
 the same prompt are compared. Put that reward into the Bradley-Terry model of preferences,
-p(chosen beats rejected) = sigmoid(r_chosen - r_rejected), and maximise the likelihood of the
-human labels: a plain classification loss on the policy itself, with no reward model, no sampling
-and no RL loop,
+p(chosen beats rejected) = sigmoid(r_chosen - r_rejected), and maximise the likelihood of the human
+labels: a plain classification loss on the policy itself, with no reward model, sampling or RL loop,
 
     loss = -log sigmoid(beta * ((log pi(chosen) - log ref(chosen))
                                 - (log pi(rejected) - log ref(rejected))))
 
-Reading the metrics: at step 0 the policy IS the reference, so every reward and margin is 0 and
-the loss ln 2 = 0.693 (sigmoid(0) = 1/2). The reward accuracy (pairs whose chosen reward is above
-the rejected one) starts at 0 (all ties) and should climb on held-out pairs too, not only on
-training ones.
+Reading the metrics: at step 0 the policy IS the reference, so every reward and margin is 0 and the
+loss ln 2 = 0.693 (sigmoid(0) = 1/2). The reward accuracy (pairs whose chosen reward is the higher)
+starts at 0 (all ties) and should climb on held-out pairs, not only on training ones.
 
 References: Rafailov et al. 2023, "Direct Preference Optimization: Your Language Model is Secretly
-a Reward Model"; Mitchell 2023, "A note on DPO with noisy preferences" (conservative DPO);
-Raschka, "Build a Large Language Model (From Scratch)", ch. 7 bonus, dpo-from-scratch
-(rasbt/LLMs-from-scratch), whose data and settings we use (its averaged log-probs: a flag);
-Hugging Face TRL's DPOTrainer.
+a Reward Model"; Mitchell 2023, "A note on DPO with noisy preferences" (conservative DPO); Raschka,
+"Build a Large Language Model (From Scratch)", ch. 7 bonus, dpo-from-scratch
+(rasbt/LLMs-from-scratch), whose data and settings we use; Hugging Face TRL's DPOTrainer.
 
 Run it (one process; 07's checkpoint is the starting policy):
   python 04_gpt.py --init_from=gpt2 --save_ckpt              # once: OpenAI's GPT-2 as a checkpoint
@@ -64,7 +60,7 @@ import torch.nn.functional as F
 # -----------------------------------------------------------------------------
 # 1. The data: preference pairs
 
-PROJECT = Path(__file__).resolve().parent  # relative paths (data/, out/, flags) resolve here
+PROJECT = Path(__file__).resolve().parent  # data/, out/, relative flags resolve here, any cwd
 DATA_DIR = PROJECT / "data"
 PAIRS_FILE = "instruction-data-with-preference.json"  # rasbt's, which 02 fetches
 
@@ -86,17 +82,15 @@ def load_preference_data(path="") -> list[dict]:
     for i, entry in enumerate(entries):
         is_object = isinstance(entry, dict) and isinstance(entry.get("input", ""), str)
         if not (is_object and all(isinstance(entry.get(k), str) for k in texts)):
-            raise ValueError(f"{path}: entry {i} is not an object with string 'instruction', "
-                             f"'chosen' and 'rejected' (optional 'input'): {str(entry)[:80]}; "
-                             "fix or drop it")
+            raise ValueError(f"{path}: entry {i} needs strings 'instruction', 'chosen' and "
+                             f"'rejected' (optional 'input'): {str(entry)[:80]}; fix or drop it")
     return data
 
 
 def tokenize_pairs(entries: list[dict], encode, end_id: int, max_length: int):
-    r"""(pairs, n_cut, n_dropped): (prompt, chosen, rejected) ids per entry, as the text 07
-    finetuned on: prompt = format_input + RESPONSE_HEADER, each answer + the end token (where it
-    stops). Pairs longer than max_length are cut by collate_pairs (n_cut); a prompt alone that
-    long leaves nothing: dropped.
+    r"""(pairs, n_cut, n_dropped): each entry's (prompt, chosen, rejected) ids, as 07 finetuned on
+    them: prompt = format_input + RESPONSE_HEADER, each answer + the end token (where it stops).
+    Pairs over max_length are cut by collate_pairs (n_cut), or dropped if the prompt alone is.
 
     subtle: 07 encodes header and answer together, we apart (to know where the answer starts).
     GPT-2's BPE merges only inside the chunks of its pre-split, and the header ends with "\n".
@@ -128,9 +122,8 @@ def tokenize_pairs(entries: list[dict], encode, end_id: int, max_length: int):
 def collate_pairs(batch, pad_token_id=50256, allowed_max_length=None, device="cpu"):
     """B pairs (prompt, chosen, rejected) -> inputs x, targets y and mask, each (2B, T).
 
-    Rows 0..B-1 hold prompt + chosen, rows B..2B-1 prompt + rejected: one forward pass scores
-    both halves (split them with .chunk(2)). For each sequence s (its answer ends with the end
-    token):
+    Rows 0..B-1 hold prompt + chosen, rows B..2B-1 prompt + rejected: one forward pass scores both
+    halves (split them with .chunk(2)). For each sequence s (its answer ends with the end token):
 
         x    = s without its last token              the model's input
         y    = s without its first token             y[i] is the token that x[:i+1] predicts
@@ -144,8 +137,7 @@ def collate_pairs(batch, pad_token_id=50256, allowed_max_length=None, device="cp
     No attention mask: padding goes on the right, and causal attention never lets a token see
     what comes after it, so no real token is changed by the padding; the padded positions' own
     outputs are left out of every sum by the mask. (03 shows the padding mask left padding would
-    need.) allowed_max_length (the context) cuts all three.
-    """
+    need.) allowed_max_length (the context) cuts all three."""
     seqs = [p + c for p, c, _ in batch] + [p + r for p, _, r in batch]
     prompt_lengths = [len(p) for p, _, _ in batch] * 2
     N = len(seqs)  # 2B
@@ -181,8 +173,7 @@ def sequence_logprobs(logits, targets, mask, average: bool = False):
     average=True (as rasbt's notebook; SimPO, Meng et al. 2024) divides by the number of answer
     tokens: the reward becomes per token, length no longer pays, but the values are ~1/length as
     large, so beta must be larger for the same push (SimPO uses beta ~2), and the loss is no
-    longer the one derived from the KL-regularised objective.
-    """
+    longer the one derived from the KL-regularised objective."""
     all_logps = logits.log_softmax(dim=-1)  # (N, T, V)
     logps = all_logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N, T): the targets'
     total = torch.where(mask, logps, 0.0).sum(dim=-1)  # (N,) where, not *: 0 * -inf would be nan
@@ -205,13 +196,12 @@ def final_hidden(model, idx):
 def pair_logprobs(model, x, y, mask, average: bool = False, ctx=nullcontext()):
     """(chosen, rejected) sequence log-probs, (B,) each, of a collate_pairs batch, in one pass.
 
-    The blocks run under ctx (bf16 autocast on a GPU); the LM head and log_softmax run in fp32,
-    outside it. subtle: GPT-2's logits are tens of nats, where one bf16 step is 0.125-0.5; the
-    gaps DPO measures (log pi - log ref) are that small, so a bf16 head would bury them in
-    rounding (summed over 100 tokens of GPT-2-sized logits: 0.2 nats off in bf16, 0.03 with
-    CUDA's TF32). The price: (2B, T, vocab) logits of 4 bytes each instead of 2."""
-    # final_hidden is GPT.forward through ln_f, without lm_head: we apply the head ourselves,
-    # in fp32 outside ctx; GPT.forward's would run under ctx, in bf16
+    The blocks run under ctx (bf16 autocast on a GPU) through final_hidden; the LM head and
+    log_softmax run in fp32, outside it (GPT.forward's head would run under ctx). subtle: GPT-2's
+    logits are tens of nats, where one bf16 step is 0.125-0.5; the gaps DPO measures (log pi -
+    log ref) are that small, so a bf16 head would bury them in rounding (summed over 100 tokens
+    of GPT-2-sized logits: 0.2 nats off in bf16, 0.03 with CUDA's TF32). The price: (2B, T,
+    vocab) logits of 4 bytes each instead of 2."""
     with ctx:
         h = final_hidden(model, x)  # (2B, T, C)
     head = model.lm_head.weight.float()  # (vocab_size, C): the token embedding, tied
@@ -236,10 +226,8 @@ def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejecte
     may be flipped, train towards a soft label, p(chosen wins) = 1 - eps instead of 1, i.e.
     binary cross-entropy -(1 - eps) log sigmoid(m) - eps log sigmoid(-m) with m = beta * (the
     log-ratio difference). Plain DPO keeps pushing m up forever; this loss is smallest at
-    m = ln((1 - eps) / eps) (2.2 for eps = 0.1), so the policy stops pushing once it is that
-    confident.
-    beta: a larger beta trusts the reference more (the KL penalty's weight); 0.1 is the paper's.
-    """
+    m = ln((1 - eps) / eps) (2.2 for eps = 0.1), where the policy stops pushing.
+    beta: a larger beta trusts the reference more (the KL penalty's weight); 0.1 is the paper's."""
     chosen_logratios = policy_chosen - reference_chosen  # (B,) log pi/ref of the chosen answer
     rejected_logratios = policy_rejected - reference_rejected  # (B,)
     logratio_gap = chosen_logratios - rejected_logratios  # (B,) the margin m is beta * this
@@ -263,15 +251,13 @@ def dpo_batch(policy, reference, batch, beta=0.1, label_smoothing=0.0, average=F
     """(losses, chosen rewards, rejected rewards), (B,) each, of a collate_pairs (x, y, mask)."""
     policy_chosen, policy_rejected = pair_logprobs(policy, *batch, average, ctx)
     with torch.no_grad():  # a fixed anchor: no graph, no saved activations
-        reference_logps = pair_logprobs(reference, *batch, average, ctx)
-    reference_chosen, reference_rejected = reference_logps
+        reference_chosen, reference_rejected = pair_logprobs(reference, *batch, average, ctx)
     return dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
                     beta, label_smoothing)
 
 
 def pair_metrics(losses, chosen_rewards, rejected_rewards) -> dict:
-    """Means over pairs: loss, chosen and rejected rewards, margin, and accuracy (the share of
-    pairs whose chosen reward is above the rejected one)."""
+    """Means over pairs: loss, chosen and rejected rewards, margin, and accuracy (margin > 0)."""
     margins = chosen_rewards - rejected_rewards
     means = {
         "loss": losses.mean(),
@@ -290,8 +276,7 @@ def pair_metrics(losses, chosen_rewards, rejected_rewards) -> dict:
 
 @dataclass
 class DPOConfig:
-    """Direct Preference Optimization of 07's instruction-tuned GPT; the book's settings, summed.
-    Relative paths resolve against this script's folder, wherever it is run from."""
+    """Direct Preference Optimization of 07's instruction-tuned GPT; the book's settings, summed."""
 
     ckpt: Annotated[str, "07's model: the start and the reference"] = "out/finetune/ckpt.pt"
     out_dir: Annotated[str, "ckpt.pt and log.jsonl go here"] = "out/dpo"
@@ -320,7 +305,7 @@ class DPOConfig:
             raise ValueError(f"--beta={self.beta} must be > 0 (the paper: 0.1)")
         if not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"--label_smoothing={self.label_smoothing} must be in [0, 0.5) "
-                             "(at 0.5 the labels would be noise)")
+                             "(at 0.5 the labels are noise)")
         at_least_one = ("batch_size", "log_interval", "eval_interval")
         at_least_zero = ("max_iters", "warmup_iters", "learning_rate", "weight_decay",
                          "grad_clip", "threads", "seed")
@@ -341,8 +326,7 @@ class DPOConfig:
         if any(folder.is_file() for folder in run.parents):  # now, not at the first save
             raise ValueError(f"--out_dir={self.out_dir} is a file, or in one: name a folder")
         if Path(self.ckpt).resolve() == run.resolve():  # the reference: never replaced by a save
-            raise ValueError(f"--ckpt={self.ckpt} is the file a save replaces; "
-                             "choose another --out_dir")
+            raise ValueError(f"--ckpt={self.ckpt} is the file a save replaces; change --out_dir")
         if self.init_from == "auto":
             self.init_from = "resume" if run.exists() else "scratch"
         if self.init_from == "resume" and not run.exists():
@@ -356,8 +340,7 @@ class DPOConfig:
 
 
 def prepare_pairs(cfg: DPOConfig, tokenizer_spec: dict, block_size: int) -> dict:
-    """Train and val pairs tokenized for the model, and end_id (which pads); prints how many
-    pairs the context cuts or drops."""
+    """Tokenized train and val pairs and end_id (the pad); prints what the context cuts or drops."""
     tokenizer = get_tokenizer(tokenizer_spec)
     encode, unknown = text_encoder(tokenizer, "?")
     end_id = end_token_id(tokenizer)
@@ -372,17 +355,15 @@ def prepare_pairs(cfg: DPOConfig, tokenizer_spec: dict, block_size: int) -> dict
         message += f"; {n_unknown} characters the char model lacks became '?'"
     print(message)
     if len(train) < cfg.batch_size or not val:
-        fix = "lower it, or start from a model with a longer context (GPT-2's: 1024)"
-        raise ValueError(f"{len(train)} training and {len(val)} validation pairs fit the "
-                         f"context of {block_size} tokens, too few for --batch_size="
-                         f"{cfg.batch_size}: {fix}")
+        raise ValueError(f"{len(train)} training and {len(val)} validation pairs fit the context "
+                         f"of {block_size} tokens, too few for --batch_size={cfg.batch_size}: "
+                         "lower it, or start from a model with a longer context (GPT-2's: 1024)")
     return {"train": train, "val": val, "end_id": end_id}
 
 
 @torch.no_grad()
 def evaluate(score, data: dict, eval_pairs: int, batch_size: int) -> dict:
-    """pair_metrics of each split's first eval_pairs pairs (-1: all), scored batch_size at a time
-    by score(pairs) -> (losses, chosen rewards, rejected rewards)."""
+    """pair_metrics of each split's first eval_pairs (-1: all), scored batch_size at a time."""
     metrics = {}
     for split in ("train", "val"):
         pairs = data[split] if eval_pairs == -1 else data[split][:eval_pairs]
@@ -423,7 +404,7 @@ def load_models(cfg: DPOConfig, run=None) -> tuple:
         return model, reference, ckpt["tokenizer"], None
     run_path = Path(cfg.out_dir) / "ckpt.pt"
     policy, _, resumed = run or load_checkpoint(run_path)
-    if resumed.get("stage") != "dpo" or resumed.get("optimizer") is None:
+    if resumed.get("stage") != "dpo":  # only 08 writes "dpo", always with Adam's state
         raise ValueError(f"{run_path} holds a {resumed.get('stage')!r} model, no DPO run to "
                          "resume; resume 08's out_dir, or start a run in another --out_dir")
     if resumed["config"]["ckpt"] != cfg.ckpt:  # DPO's reference: the model the run began from
@@ -444,7 +425,7 @@ class DPORun:
 
     def save(self, step: int, val_loss: float):
         weights = self.parts["model"].parameters()
-        if not all(bool(p.isfinite().all()) for p in weights):  # diverged: keep the last good one
+        if not all(p.isfinite().all() for p in weights):  # diverged: keep the last good one
             raise FloatingPointError(f"NaN weights at step {step}; {self.path} kept")
         self.best_val = min(self.best_val, val_loss)
         states = {name: part.state_dict() for name, part in self.parts.items()}
@@ -452,20 +433,19 @@ class DPORun:
         save_checkpoint(self.path, {**states, **self.header, **progress})
 
 
-def dpo(cfg: DPOConfig, start=None, data=None) -> dict:
+def dpo(cfg: DPOConfig, loaded=None) -> dict:
     """Train the policy against its frozen reference from step 0, or where a resumed run stopped
-    (start, data: load_models' and prepare_pairs' results, if the caller has them). Returns the
-    metrics before (None on resume) and after, this run's losses, the models, steps, interrupted."""
-    policy, reference, tokenizer_spec, resumed = start or load_models(cfg)
+    (loaded: out_dir's checkpoint, if main has read it). Returns the metrics before (None on
+    resume) and after, this run's losses, the models, steps, interrupted."""
+    policy, reference, tokenizer_spec, resumed = load_models(cfg, loaded)
     block_size = policy.config.block_size
-    data = data or prepare_pairs(cfg, tokenizer_spec, block_size)
+    data = prepare_pairs(cfg, tokenizer_spec, block_size)
     train = data["train"]
     device_type = cfg.device.split(":")[0]
     ctx = autocast_context(device_type, cfg.dtype)
     if device_type == "cuda":  # TF32: fp32 matmuls on tensor cores, 10-bit mantissa (as 05)
         torch.backends.cuda.matmul.allow_tf32 = True  # cuDNN's (convolutions): on by default
-    # eval mode for the policy too: dropout would make log pi noisy, a margin that is not there
-    policy = policy.to(cfg.device).eval()
+    policy.to(cfg.device).eval()  # eval too: dropout's noise in log pi fakes a margin
     reference.to(cfg.device)  # in place, as for every nn.Module
     max_iters = cfg.max_iters or len(train) // cfg.batch_size  # 0: one epoch, as the book
     print(f"{max_iters} steps of {cfg.batch_size} pairs")
@@ -485,9 +465,8 @@ def dpo(cfg: DPOConfig, start=None, data=None) -> dict:
 
     def score(pairs):  # (losses, chosen rewards, rejected rewards) of a list of pairs, (B,) each
         batch = collate_pairs(pairs, data["end_id"], block_size, cfg.device)  # pad: end token
-        average = cfg.average_log_probs
-        smoothing = cfg.label_smoothing
-        return dpo_batch(policy, reference, batch, cfg.beta, smoothing, average, ctx)
+        return dpo_batch(policy, reference, batch, cfg.beta, cfg.label_smoothing,
+                         cfg.average_log_probs, ctx)
 
     log_path = Path(cfg.out_dir) / "log.jsonl"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -521,8 +500,7 @@ def dpo(cfg: DPOConfig, start=None, data=None) -> dict:
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            # on the device: .item() makes the CPU wait for the GPU, so only on log and eval steps
-            train_losses.append(loss.detach())
+            train_losses.append(loss.detach())  # .item() waits for the GPU: log/eval steps only
             tokens += sum(2 * len(p) + len(c) + len(r) for p, c, r in pairs)
             last = step == max_iters
             if step % cfg.log_interval == 0 or last:
@@ -571,10 +549,7 @@ def main(argv=None):
         print("config:", ", ".join(f"{k}={v!r}" for k, v in asdict(cfg).items()))
         torch.set_num_threads(cfg.threads or torch.get_num_threads())
         torch.manual_seed(cfg.seed)
-        start = load_models(cfg, run)
-        policy, _, tokenizer_spec, _ = start
-        data = prepare_pairs(cfg, tokenizer_spec, policy.config.block_size)
-        result = dpo(cfg, start, data)
+        result = dpo(cfg, run)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:  # a NaN: a lower lr
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)  # as parse_config
@@ -890,9 +865,8 @@ def autocast_context(device_type: str, dtype: str):
 
 
 # copied from 05_pretrain.py: save_checkpoint
-def save_checkpoint(path, ckpt: dict):
+def save_checkpoint(path: Path, ckpt: dict):
     """torch.save to path + ".tmp", flushed to disk, then renamed over path (atomic)."""
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:

@@ -6,10 +6,9 @@ A model trained here lives in a ckpt.pt that only these scripts read; its users 
     model.safetensors (8 bytes of header length, a JSON header, the raw tensors: no pickle) in
     04's names, whose loader we run backwards, and GPT-2's tokenizer files (OpenAI's, renamed).
   - OpenAI's HTTP API is spoken by chat UIs and SDKs. `--serve` answers GET /v1/models and POST
-    /v1/completions and /v1/chat/completions (streamed as server-sent events on request) with
-    09's sampling on 03's KV cache and 07's chat template, on the standard library's HTTP server:
-    no new dependency. A lesson and a local tool: for real traffic, serve the export with vLLM or
-    TGI.
+    /v1/completions and /v1/chat/completions (streamed as server-sent events on request) with 09's
+    sampling on 03's KV cache and 07's chat template, on the standard library's HTTP server: no new
+    dependency. A lesson and a local tool: for real traffic, serve the export with vLLM or TGI.
 
 References: the safetensors format (github.com/huggingface/safetensors); transformers'
 GPT2Config; OpenAI's API reference (completions, chat completions, streaming); server-sent
@@ -67,8 +66,7 @@ def gpt_to_hf_state_dict(model) -> dict[str, torch.Tensor]:
     for name, module in model.named_modules():
         gpt2_has_bias = isinstance(module, (nn.Linear, nn.LayerNorm)) and name != "lm_head"
         if gpt2_has_bias and module.bias is None:
-            size = module.weight.shape[0]
-            hf_state[f"{name}.bias"] = torch.zeros(size, dtype=module.weight.dtype)
+            hf_state[f"{name}.bias"] = torch.zeros(len(module.weight), dtype=module.weight.dtype)
     return hf_state
 
 
@@ -160,7 +158,6 @@ def export_hf(model, tokenizer_spec: dict, out_dir, overwrite: bool = False) -> 
 def generate_tokens(model, prompt: list[int], temperature=1.0, top_p=None, generator=None):
     """Yield the ids that follow prompt (1+ ids), one a step, for ever: the caller stops it."""
     block_size = model.config.block_size
-    keep = max(1, block_size // 2)  # what a full context slides to
     device = model.lm_head.weight.device
     context = prompt[-block_size:]  # (parse_request refuses a longer prompt; a caller's is cut)
     cache = KVCache(model.config.n_layer, block_size)  # 03's
@@ -172,7 +169,7 @@ def generate_tokens(model, prompt: list[int], temperature=1.0, top_p=None, gener
         yield token
         context.append(token)  # context is a copy: the caller's prompt stays as it was
         if len(context) > block_size:  # no position left for this token: slide, into a new cache
-            context = context[-keep:]
+            context = context[-max(1, block_size // 2) :]  # its last half, at least 1 token
             cache = KVCache(model.config.n_layer, block_size)
 
 
@@ -181,14 +178,11 @@ def stream_text(model, tok, prompt: list[int], settings: dict, end_token=None):
     then (the rest, finish_reason): "stop" at end_token or a stop string, "length" after
     max_tokens tokens."""
     generator = torch.Generator(device=model.lm_head.weight.device)
-    if settings["seed"] is None:
-        generator.seed()  # a random seed of its own
-    else:
+    generator.seed()  # a random seed of its own, unless the request names one
+    if settings["seed"] is not None:
         generator.manual_seed(settings["seed"])
     stream = TextStream(tok, settings["stop"])
-    temperature = settings["temperature"]
-    top_p = settings["top_p"]
-    steps = generate_tokens(model, prompt, temperature, top_p=top_p, generator=generator)
+    steps = generate_tokens(model, prompt, settings["temperature"], settings["top_p"], generator)
     finish = "length"
     for _ in range(settings["max_tokens"]):
         token = next(steps)
@@ -206,18 +200,13 @@ class APIError(Exception):
     def __init__(self, msg: str, param=None, code="invalid_value", status=400):
         super().__init__(msg)
         self.status = status
-        error_type = "invalid_request_error"
-        error = {"message": msg, "type": error_type, "param": param, "code": code}
+        error = {"message": msg, "type": "invalid_request_error", "param": param, "code": code}
         self.body = {"error": error}
 
 
 # per request: past the context the window slides (generate_tokens); this bounds the wait
 MAX_TOKENS = 4096
 MAX_BODY = 1_000_000  # bytes: a prompt of a context's tokens is a few kB
-
-
-def is_number(value) -> bool:
-    return type(value) in (int, float)
 
 
 def is_token_count(value) -> bool:
@@ -235,8 +224,8 @@ def is_stop(value) -> bool:  # a string, or a list of up to 4 strings
 # 1 only: ignoring another value would answer a request that was not made.
 SAMPLING = {
     "max_tokens": (16, is_token_count, f"an integer in [1, {MAX_TOKENS}]"),
-    "temperature": (1.0, lambda v: is_number(v) and 0 <= v <= 2, "a number from 0 to 2"),
-    "top_p": (1.0, lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "temperature": (1.0, lambda v: type(v) in (int, float) and 0 <= v <= 2, "a number in [0, 2]"),
+    "top_p": (1.0, lambda v: type(v) in (int, float) and 0 < v <= 1, "a number in (0, 1]"),
     "seed": (None, lambda v: type(v) is int and 0 <= v < 2**63, "an integer in [0, 2**63)"),
     "stream": (False, lambda v: type(v) is bool, "true or false"),
     "stop": ((), is_stop, "a string, or a list of up to 4"),
@@ -266,13 +255,15 @@ def parse_settings(body: dict, text_field: str) -> dict:
     return settings
 
 
-def user_instruction(messages) -> str | None:
-    """The content of the last message, if messages is a list of dicts and the last is the
-    user's: 07's template holds one instruction (earlier turns, system ones too, are dropped)."""
+def user_instruction(messages) -> str:
+    """The content of the last message, which must be the user's (else a 400 on "messages"):
+    07's template holds one instruction (earlier turns, system ones too, are dropped)."""
     dicts = type(messages) is list and messages and all(type(m) is dict for m in messages)
-    if not dicts or messages[-1].get("role") != "user":
-        return None
-    return messages[-1].get("content")
+    last = messages[-1] if dicts else {}
+    if last.get("role") != "user" or type(last.get("content")) is not str:
+        message = "'messages' must be a list of {role, content}, the last the user's"
+        raise APIError(message, "messages")
+    return last["content"]
 
 
 def check_characters(tok, text: str, param: str) -> None:
@@ -295,16 +286,13 @@ def encode_prompt(tok, text: str) -> list[int]:
 
 def encode_chat(tok, instruction: str) -> list[int]:
     """07's template, in two parts as 07 encoded it (BPE could merge tokens across the seam)."""
-    parts = [format_input({"instruction": instruction}), RESPONSE_HEADER]
-    if not hasattr(tok, "chars"):  # GPT-2, as 07: a typed "<|endoftext|>" is text
-        prompt = tok.encode(parts[0], disallowed_special=())
-        return prompt + tok.encode(parts[1], disallowed_special=())
-    # a char model lacks some of the template's characters ('#'): "?" stands in, as in 07
-    char_vocab = set(tok.chars)
     prompt = []
-    for part in parts:
-        part = "".join(ch if ch in char_vocab else "?" for ch in part)
-        prompt += tok.encode(part)
+    for part in (format_input({"instruction": instruction}), RESPONSE_HEADER):
+        if hasattr(tok, "chars"):  # "?" for template characters a char model lacks ('#'), as in 07
+            part = "".join(ch if ch in tok.stoi else "?" for ch in part)
+            prompt += tok.encode(part)
+        else:  # GPT-2, as 07: a typed "<|endoftext|>" is text
+            prompt += tok.encode(part, disallowed_special=())
     return prompt
 
 
@@ -323,21 +311,16 @@ def parse_request(server, body, chat: bool) -> tuple[list[int], dict, int | None
     block_size = server.model.config.block_size
     if chat:
         text = user_instruction(body.get("messages"))
-        if type(text) is not str:
-            message = "'messages' must be a list of {role, content}, the last the user's"
-            raise APIError(message, param)
         # the next header: a model that goes on after its answer writes one
         settings["stop"].append("\n\n### ")
         if body.get("max_tokens") is None:  # a whole context: an answer ends at its end token
             settings["max_tokens"] = block_size
-        encode = encode_chat
     else:
         text = body.get("prompt")
         if type(text) is not str:
             raise APIError(f"'prompt' must be a string, got {json.dumps(text)}", param)
-        encode = encode_prompt
     check_characters(tok, text, param)
-    prompt = encode(tok, text)
+    prompt = encode_chat(tok, text) if chat else encode_prompt(tok, text)
     if not 1 <= len(prompt) <= block_size:  # a 400 on both endpoints, as OpenAI's: never a cut
         what = "07's template with your message" if chat else "the prompt"
         message = f"{what} has {len(prompt)} tokens; the context holds 1 to {block_size}"
@@ -346,13 +329,6 @@ def parse_request(server, body, chat: bool) -> tuple[list[int], dict, int | None
     if chat and hasattr(tok, "chars"):  # as 07: a char model's answer ends at a newline
         end_token = tok.encode("\n")[0]
     return prompt, settings, end_token
-
-
-def parse_json(raw: bytes):
-    try:
-        return json.loads(raw)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError; [[[...]]]
-        raise APIError(f"the body is not valid JSON: {e}", code="invalid_json") from None
 
 
 # (chat, stream) -> the answer's "object", and the key that holds a choice's text
@@ -371,7 +347,7 @@ class OpenAIHandler(BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path.rstrip("/") != "/v1/models":
             error = APIError(f"no route GET {self.path}", code="not_found", status=404)
-            return self.send_json(error)
+            return self.send_json(error.body, error.status)
         name = self.server.model_name
         model = {"id": name, "object": "model", "created": 0, "owned_by": "you"}
         self.send_json({"object": "list", "data": [model]})
@@ -388,10 +364,13 @@ class OpenAIHandler(BaseHTTPRequestHandler):
             raw = self.rfile.read(int(length))
             if not chat and self.path != "/v1/completions":
                 raise APIError(f"no route POST {self.path}", code="not_found", status=404)
-            body = parse_json(raw)
+            try:  # ValueError: a JSONDecodeError or UnicodeDecodeError; RecursionError: [[[...]]]
+                body = json.loads(raw)
+            except (ValueError, RecursionError) as e:
+                raise APIError(f"the body is not valid JSON: {e}", code="invalid_json") from None
             prompt, settings, end_token = parse_request(self.server, body, chat)
         except APIError as e:
-            return self.send_json(e)
+            return self.send_json(e.body, e.status)
         with self.server.lock:  # one generation at a time: the others wait here
             self.respond(chat, prompt, settings, end_token)
 
@@ -441,12 +420,7 @@ class OpenAIHandler(BaseHTTPRequestHandler):
                 self.wfile.write(f"data: {event}\n\n".encode())
         self.wfile.write(b"data: [DONE]\n\n")
 
-    def send_json(self, reply: dict | APIError):
-        """A dict with status 200, or an APIError: its body and its status."""
-        status = 200
-        if isinstance(reply, APIError):
-            status = reply.status
-            reply = reply.body
+    def send_json(self, reply: dict, status=200):
         data = json.dumps(reply).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -523,14 +497,13 @@ class ServeConfig:
             raise ValueError("nothing to do: pass --export_hf=DIR, --serve, or both")
         self.ckpt = str(PROJECT / self.ckpt)  # an absolute path stays as it is
         if self.export_hf:
-            self.export_hf = str(PROJECT / self.export_hf)
-        export_dir = Path(self.export_hf)
-        if self.export_hf and export_dir.exists() and not export_dir.is_dir():
-            raise ValueError(f"--export_hf={export_dir} is a file: name a folder")
-        export_dir_used = self.export_hf and export_dir.is_dir() and any(export_dir.iterdir())
-        if export_dir_used and not self.overwrite:
-            message = f"--export_hf={export_dir} is not empty: pick an empty folder, or --overwrite"
-            raise ValueError(message)
+            export_dir = PROJECT / self.export_hf
+            self.export_hf = str(export_dir)
+            if export_dir.is_file():
+                raise ValueError(f"--export_hf={export_dir} is a file: name a folder")
+            if export_dir.is_dir() and any(export_dir.iterdir()) and not self.overwrite:
+                fix = "pick an empty folder, or --overwrite"
+                raise ValueError(f"--export_hf={export_dir} is not empty: {fix}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"need 0 <= --port < 65536, got {self.port}")
         if self.threads < 0:

@@ -1,9 +1,8 @@
 """Stage 11: evaluation: a text's bits per byte, multiple choice, answers judged by a larger model.
 
-Val loss (05, 06) says how well a model predicts text like its training text. On any text the
-same measure is perplexity, and bits per byte, which compares models of different tokenizers
-(section 4). Neither says whether the model knows anything, nor whether 07's and 08's answers
-are any good. Two ways to ask:
+Val loss (05, 06) says how well a model predicts text like its training text. On any text the same
+measure is perplexity, and bits per byte, comparable across tokenizers (section 4). Neither says
+whether the model knows anything, nor whether 07's and 08's answers are any good. Two ways to ask:
 
 Multiple choice by log-likelihood (HellaSwag, Zellers et al. 2019; ARC, PIQA, your own). An example
 is a context and a few choices, one of them right:
@@ -85,16 +84,14 @@ PLAIN_FORMAT = '{"context": str, "choices": [str, ...], "label": int}'
 
 
 def to_example(row: dict, where: str) -> dict:
-    """A line of HellaSwag ({"ctx", "endings", "label"}) or of the plain format -> an example,
-    checked. HellaSwag's endings follow the context after a space, as llm.c renders them."""
+    """A HellaSwag line ({"ctx", "endings", "label"}) or a plain one -> an example, checked."""
     if not isinstance(row, dict):
         raise ValueError(f"{where}: not a JSON object")
     hellaswag = "endings" in row
     names = ("ctx", "endings") if hellaswag else ("context", "choices")
     for name in (*names, "label"):
         if name not in row:
-            raise ValueError(f"{where}: no field {name!r}; each line is {PLAIN_FORMAT}, "
-                             "or a line of HellaSwag")
+            raise ValueError(f"{where}: no field {name!r}; use {PLAIN_FORMAT} or HellaSwag's")
     context = row[names[0]]
     choices = row[names[1]]
     label = row["label"]
@@ -104,11 +101,10 @@ def to_example(row: dict, where: str) -> dict:
         raise ValueError(f"{where}: {names[1]!r} must be a list of at least 2 strings")
     for i, choice in enumerate(choices):
         if not isinstance(choice, str) or not choice.strip():
-            raise ValueError(f"{where}: choice {i} is empty; every choice needs text")
+            raise ValueError(f"{where}: choice {i} is empty")
     if type(label) is not int or not 0 <= label < len(choices):
-        raise ValueError(f"{where}: label {label!r} is out of range: "
-                         f"an index from 0 to {len(choices) - 1}")
-    if hellaswag:
+        raise ValueError(f"{where}: label {label!r} is out of range: 0 to {len(choices) - 1}")
+    if hellaswag:  # an ending follows the context after a space, as llm.c renders them
         choices = [" " + ending for ending in choices]
     return {"context": context, "choices": choices, "label": label}
 
@@ -119,12 +115,10 @@ def load_task(task: str, limit: int = 0) -> list[dict]:
     path = Path(task)
     if task == "hellaswag":
         path = DATA_DIR / "hellaswag_val.jsonl"
-        if not path.exists():  # 02 is the one home of downloads (07's and 08's data too)
-            raise FileNotFoundError(f"no {path}: `python 02_dataloader.py --fetch=hellaswag` "
-                                    "downloads it (12 MB)")
+        if not path.exists():  # 02, the one home of downloads (07's and 08's data too), gets 12 MB
+            raise FileNotFoundError(f"no {path}: run `python 02_dataloader.py --fetch=hellaswag`")
     examples = []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for number, line in enumerate(lines, start=1):
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if limit and len(examples) == limit:  # limit 0: all
             break
         if not line.strip():
@@ -155,9 +149,8 @@ def encode_text(tok, text: str, where: str) -> list[int]:
 
 
 def encode_example(tok, example: dict, block_size: int, where: str) -> dict:
-    """{"context": ids, "choices": [ids, ...], "cut": bool}. The context keeps its last tokens so
-    that context + the longest choice is block_size + 1 tokens at most (the last token of a row
-    is a target only, never an input)."""
+    """{"context": ids, "choices": [ids, ...], "cut": bool}. The context keeps its last tokens:
+    context + the longest choice is at most block_size + 1 (a row's last token is only a target)."""
     context = encode_text(tok, example["context"], where)
     choices = [encode_text(tok, c, where) for c in example["choices"]]
     longest = max(len(choice) for choice in choices)
@@ -165,26 +158,23 @@ def encode_example(tok, example: dict, block_size: int, where: str) -> dict:
     if room < 1:
         raise ValueError(f"{where}: a choice of {longest} tokens leaves no room for its context "
                          f"in a block of {block_size}; shorten it")
-    cut = len(context) > room
-    return {"context": context[-room:], "choices": choices, "cut": cut}
+    return {"context": context[-room:], "choices": choices, "cut": len(context) > room}
 
 
 @torch.no_grad()
 def score_rows(model, encoded: dict) -> list[float]:
-    """One example in one forward pass -> its choices' summed log-probabilities. llm.c's way, the
-    reference that the tests and the benchmark hold score_packed to: a row per choice (context +
-    choice), right-padded (causal attention keeps padding away from real tokens), logits and a log-
-    softmax at every position; the choice's summed."""
+    """One example in a forward pass -> its choices' summed log-probabilities, llm.c's way (the
+    reference for score_packed in tests and benchmark): a row of context + choice per choice,
+    right-padded (causal attention keeps padding from real tokens), a log-softmax everywhere."""
     rows = [torch.tensor(encoded["context"] + choice) for choice in encoded["choices"]]
     is_choice = [torch.arange(len(row)) >= len(encoded["context"]) for row in rows]
     idx = pad_sequence(rows, batch_first=True)  # (N, T), pad id 0: after the row, unseen
-    is_choice = pad_sequence(is_choice, batch_first=True)  # (N, T)
     idx = idx.to(model.lm_head.weight.device)
     logits, _ = model(idx[:, :-1])  # (N, T-1, V)
     logprobs = F.log_softmax(logits.float(), dim=-1)  # (N, T-1, V): the full copy
     targets = idx[:, 1:, None]  # (N, T-1, 1): each position's next token
     target_logprobs = logprobs.gather(-1, targets).squeeze(-1)  # (N, T-1)
-    scored = is_choice[:, 1:].to(idx.device)  # a target that is a choice token
+    scored = pad_sequence(is_choice, batch_first=True)[:, 1:].to(idx.device)  # choice targets
     return (target_logprobs * scored).sum(dim=1).tolist()
 
 
@@ -228,9 +218,8 @@ def packed_batch(packed: list[dict], device) -> tuple[torch.Tensor, ...]:
 
 
 def target_logprobs(model, h, targets, max_logits=2**24) -> torch.Tensor:
-    """log p(target) for each row of h (N, C) and targets (N,). The head runs in fp32 (outside
-    autocast) on a chunk of rows at a time: its logits are (rows, V) with rows * V at most
-    max_logits (64 MB), never (N, V), however many rows a batch holds."""
+    """log p(target) per row of h (N, C) and targets (N,). The fp32 head (outside autocast) runs
+    on chunks of rows: logits (rows, V) with rows * V <= max_logits (64 MB), never (N, V)."""
     rows = max(1, max_logits // model.config.vocab_size)
     out = []
     with torch.autocast(h.device.type, enabled=False):
@@ -248,15 +237,12 @@ def score_packed(model, encoded: list[dict], packed: list[dict]) -> list[list[fl
     KVCache is made and used once: its writes cost little beside the matmuls."""
     device = model.lm_head.weight.device  # packed: pack_example's rows of encoded, in order
     idx, pos, mask = packed_batch(packed, device)
-    cache = KVCache(model.config.n_layer, idx.size(1))
-    h = final_hidden(model, idx, pos, mask, cache)  # (B, T, C); a mask needs a cache
-    targets = []  # per choice token: (row, choice j, the index whose output predicts it, its id)
-    for row, p in enumerate(packed):
-        targets += [(row, *target) for target in p["targets"]]  # pack_example's, row first
+    h = final_hidden(model, idx, pos, mask, KVCache(model.config.n_layer, idx.size(1)))  # (B, T, C)
+    # pack_example's targets, row first: (row, choice j, the index that predicts it, its id)
+    targets = [(row, *target) for row, p in enumerate(packed) for target in p["targets"]]
     row, choice, previous, token = torch.tensor(targets, device=device).T  # 4 x (N,)
     logprobs = target_logprobs(model, h[row, previous], token)  # (N,)
-    n_choices = max(len(e["choices"]) for e in encoded)
-    sums = torch.zeros(len(encoded), n_choices, device=device)
+    sums = torch.zeros(len(encoded), max(len(e["choices"]) for e in encoded), device=device)
     sums.index_put_((row, choice), logprobs, accumulate=True)  # (B, choices): the summed log p
     per_choice = sums.tolist()  # one read of the device per batch
     return [per_choice[i][: len(e["choices"])] for i, e in enumerate(encoded)]
@@ -268,24 +254,24 @@ def score_examples(model, encoded: list[dict], batch_tokens=8192):
     packed = [pack_example(e) for e in encoded]  # each example packed once
     lengths = [len(p["tokens"]) for p in packed]
     order = sorted(range(len(encoded)), key=lengths.__getitem__)
-    scores = [None] * len(encoded)
+    batches = [[]]
+    for i in order:  # the longest yet: it sets the batch's row length
+        if batches[-1] and (len(batches[-1]) + 1) * lengths[i] > batch_tokens:
+            batches.append([])
+        batches[-1].append(i)
+    scores = {}
     t0 = time.perf_counter()
-    start = 0
-    while start < len(order):
-        end = start + 1
-        while end < len(order) and (end - start + 1) * lengths[order[end]] <= batch_tokens:
-            end += 1
-        batch = order[start:end]
+    for batch in batches:
         results = score_packed(model, [encoded[i] for i in batch], [packed[i] for i in batch])
-        for i, result in zip(batch, results):
-            scores[i] = result
-        start = end
-        show_progress("examples scored", start, len(order), t0)
-    return scores
+        scores.update(zip(batch, results))
+        show_progress("examples scored", len(scores), len(encoded), t0)
+    return [scores[i] for i in range(len(encoded))]
 
 
 # -----------------------------------------------------------------------------
 # 3. The three scores, with a 95% interval
+
+METRICS = ("acc", "acc_norm", "acc_token_mean")
 
 
 def wilson_interval(correct: int, n: int, z=1.96) -> tuple[float, float]:
@@ -295,9 +281,6 @@ def wilson_interval(correct: int, n: int, z=1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return centre - half, centre + half
-
-
-METRICS = ("acc", "acc_norm", "acc_token_mean")
 
 
 def task_scores(examples, encoded, logprobs, task: str) -> dict:
@@ -324,40 +307,25 @@ def task_scores(examples, encoded, logprobs, task: str) -> dict:
     return scores
 
 
-def evaluate_task(model, tok, examples: list[dict], task: str, cfg) -> dict:
-    """Encode every example (every error found before any work), score them, sum up."""
-    block_size = model.config.block_size
-    encoded = [encode_example(tok, e, block_size, f"example {i}") for i, e in enumerate(examples)]
-    logprobs = score_examples(model, encoded, cfg.batch_tokens)
-    return task_scores(examples, encoded, logprobs, task)
-
-
 # -----------------------------------------------------------------------------
 # 4. A text: perplexity and bits per byte
-#
-# 05's val loss is the mean nats per token over random windows of the val split. On a whole text
-# every token is scored once, with as much context as the model's block allows: windows of
-# block_size tokens end `stride` apart, and each scores only the targets that the windows before
-# it did not. Perplexity, exp(mean nats per token), depends on the tokenizer (a character is
-# easier to guess than a word); bits per byte, (all nats / ln 2) / (UTF-8 bytes scored), does not,
-# so a char model and a GPT-2 compare on it.
+# 05's val loss is the mean nats per token over random val windows. On a whole text every token is
+# scored once, with all the context the block allows. Perplexity, exp(mean nats per token), depends
+# on the tokenizer (a character is easier to guess than a word); bits per byte, (all nats / ln 2) /
+# (UTF-8 bytes scored), does not, so a char model and a GPT-2 compare on it.
 
 
-def strided_windows(n_tokens: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
-    """Windows (begin, end, n_scored) over n_tokens tokens that score every target once.
-
-    Inputs ids[begin:end], targets ids[begin+1:end+1], of which only the last n_scored count (the
-    earlier ones were scored, with less context, by earlier windows). All windows are T =
-    min(block_size, n_tokens - 1) long (so they batch) and end `stride` apart, so each target after
-    the first window has at least T - stride + 1 tokens of context: stride T is fast, stride 1 most
-    informed.
-
+def strided_windows(n_tokens: int, block_size: int, stride: int) -> list[tuple]:
+    """Windows (begin, end, n_scored) over n_tokens tokens that score every target once: inputs
+    ids[begin:end], targets ids[begin+1:end+1], of which only the last n_scored count (earlier
+    windows scored the others, with less context). Windows are T = min(block_size, n_tokens - 1)
+    long (so they batch) and end `stride` apart: a target after the first window has at least
+    T - stride + 1 tokens of context; stride T is fast, stride 1 most informed.
     >>> strided_windows(10, 4, 2)       # targets 1..9
     [(0, 4, 4), (2, 6, 2), (4, 8, 2), (5, 9, 1)]
     """
     if n_tokens < 2:
-        raise ValueError(f"need at least 2 tokens to score anything, got {n_tokens}: "
-                         "use a longer text")
+        raise ValueError(f"need 2 tokens or more to score, got {n_tokens}: use a longer text")
     T = min(block_size, n_tokens - 1)
     stride = stride or max(1, T // 2)  # 0: half a window
     if not 1 <= stride <= T:
@@ -429,21 +397,18 @@ def ask_judge(url: str, model: str, prompt: str, api_key: str) -> str:
     """The judge's reply to one prompt: POST url/chat/completions, temperature 0. The judge cannot
     be reached, or answers with an error: a RuntimeError of one line, naming the URL."""
     endpoint = url.rstrip("/") + "/chat/completions"
-    body = {"model": model, "temperature": 0,
-            "messages": [{"role": "user", "content": prompt}]}  # fmt: skip
+    body = {"model": model, "temperature": 0, "messages": [{"role": "user", "content": prompt}]}
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         response = requests.post(endpoint, json=body, headers=headers, timeout=120)
     except requests.RequestException as e:
-        raise RuntimeError(f"cannot reach the judge at {url} ({type(e).__name__}); start one "
-                           f"(`ollama serve`, then `ollama pull {model}`), or point --judge_url "
-                           "at a running server") from None
+        raise RuntimeError(f"cannot reach the judge at {url} ({type(e).__name__}): start one "
+                           f"(`ollama serve`, `ollama pull {model}`) or fix --judge_url") from None
     try:  # an error status comes with an error body, not a chat completion
         return response.json()["choices"][0]["message"]["content"] or ""  # null: no text
     except (ValueError, KeyError, IndexError, TypeError):
-        raise RuntimeError(f"the judge at {url} answered {response.status_code} with no chat "
-                           f"completion: {response.text[:200]!r}; check --judge_model and the "
-                           "API key") from None
+        raise RuntimeError(f"the judge at {url} answered {response.status_code}, no completion: "
+                           f"{response.text[:200]!r}; check --judge_model, the API key") from None
 
 
 def parse_score(reply: str) -> int | None:
@@ -483,7 +448,7 @@ def judge_responses(cfg) -> dict:
     print(f"{len(no_number)} replies held no number (not scored):")
     for item in no_number[:5]:
         print(f"  entry {item['entry']}: {item['reply'][:100]!r}")
-    return {"responses": str(cfg.responses), "key": key, "judge": cfg.judge_model,
+    return {"responses": cfg.responses, "key": key, "judge": cfg.judge_model,
             "n": len(entries), "scored": len(scores), "mean": mean if scores else None,
             "by_tens": by_tens, "no_number": no_number, "scores": scores}  # fmt: skip
 
@@ -499,7 +464,7 @@ def describe(path, model, ckpt: dict) -> dict:
     tokens = None  # recorded by 05's and 06's settings; others do not say
     if all(isinstance(config.get(k), int) for k in step_keys):
         tokens = ckpt.get("iter_num", 0) * math.prod(config[k] for k in step_keys)
-    return {"ckpt": str(path), "stage": ckpt.get("stage", "?"),
+    return {"ckpt": path, "stage": ckpt.get("stage", "?"),
             "parameters": model.num_params(), "tokens_seen": tokens}  # fmt: skip
 
 
@@ -528,9 +493,8 @@ class EvalConfig:
     """Score checkpoints of 04-08 on multiple-choice tasks, or their answers with a judge.
     A relative path (flag or default) is taken from the project's folder."""
 
-    # the default: what the Quick start's `python 05_pretrain.py` writes
-    ckpt: Annotated[str, "the model to score: 04-08's checkpoint"] = "out/shakespeare-char/ckpt.pt"
-    task: Annotated[str, "hellaswag (02 --fetch=hellaswag), or a JSONL file of examples"] = ""
+    ckpt: Annotated[str, "the model to score"] = "out/shakespeare-char/ckpt.pt"  # 05's Quick start
+    task: Annotated[str, "hellaswag (02 --fetch=hellaswag) or a JSONL file of examples"] = ""
     text_file: Annotated[str, "a UTF-8 text: its perplexity and bits per byte"] = ""
     stride: Annotated[int, "--text_file: tokens between windows; 0 = half a window"] = 0
     limit: Annotated[int, "score the first N examples; 0 = all"] = 0
@@ -541,9 +505,9 @@ class EvalConfig:
     response_key: Annotated[str, "the field of the answers in it"] = "model_response"
     judge_url: Annotated[str, "OpenAI-compatible: http://localhost:11434/v1 (ollama)"] = ""
     judge_model: Annotated[str, "the judge's model name, e.g. llama3.1"] = ""
-    judge_key_env: Annotated[str, "the variable holding the judge's API key"] = "OPENAI_API_KEY"
+    judge_key_env: Annotated[str, "the variable with the judge's API key"] = "OPENAI_API_KEY"
     device: Annotated[str, "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"] = "auto"
-    dtype: Annotated[str, "precision: auto = bf16 on CUDA (old GPUs: fp16), else float32"] = "auto"
+    dtype: Annotated[str, "auto: bf16 on CUDA (old GPUs: fp16), else float32"] = "auto"
     threads: Annotated[int, "CPU threads to use; 0 = PyTorch's choice"] = 0
 
     def __post_init__(self):  # checked before loading anything; parse_config prints the error
@@ -552,8 +516,7 @@ class EvalConfig:
         if sum(map(bool, (self.task, self.text_file, self.responses))) > 1:
             raise ValueError("pass one of --task, --text_file, --responses: one evaluation a run")
         if not (self.task or self.text_file or self.responses):
-            raise ValueError("nothing to do: pass --task=hellaswag|FILE.jsonl, --text_file=FILE, "
-                             "or --responses=FILE with --judge_url and --judge_model")
+            raise ValueError("nothing to do: pass --task, --text_file or --responses (see --help)")
         if min(self.limit, self.threads, self.stride) < 0 or self.batch_tokens < 1:
             raise ValueError("need --limit, --threads and --stride >= 0, --batch_tokens >= 1")
         if self.responses and not (self.judge_url and self.judge_model):
@@ -568,7 +531,7 @@ class EvalConfig:
             if is_read and not Path(value).is_file():  # the judge reads no checkpoint
                 raise FileNotFoundError(f"--{name}={value}: no such file")
             if name == "out_json" and Path(value).exists():  # maybe not ours: never replaced
-                raise ValueError(f"--out_json={value} exists: move it away, or name another file")
+                raise ValueError(f"--out_json={value} exists: move it away or name another")
 
 
 def show_progress(what: str, done: int, total: int, t0: float) -> None:
@@ -576,15 +539,6 @@ def show_progress(what: str, done: int, total: int, t0: float) -> None:
     rate = done / (time.perf_counter() - t0)
     end = "\n" if done == total else ""
     print(f"\r{what} {done:,}/{total:,}, {rate:.1f}/s", end=end, flush=True)
-
-
-def write_json(path, result: dict) -> None:
-    """result as JSON, written to path + ".tmp" and renamed: never half a file."""
-    tmp = Path(f"{path}.tmp")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(json.dumps(result, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
-    print(f"wrote {path}")
 
 
 def evaluate_models(cfg) -> dict:
@@ -600,8 +554,11 @@ def evaluate_models(cfg) -> dict:
     for path in [cfg.ckpt, cfg.compare] if cfg.compare else [cfg.ckpt]:
         model, tok, ckpt = load_checkpoint(path)  # onto the CPU, memory-mapped
         model = model.to(cfg.device).eval()
-        if cfg.task:
-            result = evaluate_task(model, tok, examples, Path(cfg.task).name, cfg)
+        if cfg.task:  # every example encoded (every error found) before any is scored
+            encoded = [encode_example(tok, e, model.config.block_size, f"example {i}")
+                       for i, e in enumerate(examples)]  # fmt: skip
+            logprobs = score_examples(model, encoded, cfg.batch_tokens)
+            result = task_scores(examples, encoded, logprobs, Path(cfg.task).name)
         else:
             scores = text_scores(model, tok, text, cfg.stride, cfg.batch_tokens, cfg.text_file)
             result = {"text_file": cfg.text_file, **scores}
@@ -626,8 +583,12 @@ def main(argv=None):
         else:
             with autocast_context(cfg.device.split(":")[0], cfg.dtype):  # "cuda:1" -> "cuda"
                 result = evaluate_models(cfg)
-        if cfg.out_json:
-            write_json(cfg.out_json, result)
+        if cfg.out_json:  # written to a .tmp and renamed: never half a file
+            tmp = Path(f"{cfg.out_json}.tmp")
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(result, indent=1), encoding="utf-8")
+            os.replace(tmp, cfg.out_json)
+            print(f"wrote {cfg.out_json}")
     except (ValueError, OSError, RuntimeError) as e:  # bad input or file, the judge, a write
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
