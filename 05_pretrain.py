@@ -105,7 +105,8 @@ class TrainConfig:
     seed: Annotated[int, "seeds the weights, the batches and dropout"] = 1337
 
     def __post_init__(self):  # each check names its fix; parse_config prints one `error:` line
-        self.corpus_dir = PROJECT / self.data_dir / f"{self.dataset}-{self.tokenizer}"
+        data_dir = PROJECT / (self.data_dir or "data")  # '': older checkpoints' data/
+        self.corpus_dir = data_dir / f"{self.dataset}-{self.tokenizer}"
         self.ckpt_path = PROJECT / self.out_dir / "ckpt.pt"  # an absolute out_dir stays as is
         choices = {"tokenizer": ("char", "gpt2"), "init_from": ("scratch", "resume", "auto"),
                    "gelu": ("none", "tanh")}
@@ -118,7 +119,7 @@ class TrainConfig:
             raise ValueError("--prompt is empty: samples continue one (or --max_new_tokens=0)")
 
     def model_config(self, vocab_size: int) -> "GPTConfig":  # vocab_size: the corpus's
-        names = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]  # each a flag here
+        names = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "gelu")
         return GPTConfig(vocab_size=vocab_size, **{name: getattr(self, name) for name in names})
 
 
@@ -447,8 +448,9 @@ class Run:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         log_path = self.path.with_name("log.jsonl")
         if self.resumed and log_path.exists():  # drop rows past ckpt.pt: this run logs them again
-            rows = log_path.read_text().splitlines(keepends=True)  # a kill can cut the last one
-            kept = [r for r in rows if r.endswith("\n") and json.loads(r)["iter"] <= self.saved_at]
+            rows = log_path.read_text().splitlines(keepends=True)
+            whole = [row for row in rows if row.endswith("\n")]  # a kill can cut the last one
+            kept = [row for row in whole if json.loads(row)["iter"] <= self.saved_at]
             tmp = log_path.with_suffix(".tmp")
             tmp.write_text("".join(kept))
             os.replace(tmp, log_path)  # atomic: the old log or the kept rows, never half of them
@@ -546,7 +548,8 @@ def check_values(cfg, choices: dict, at_least_one: tuple):
         raise ValueError(f"--beta1={cfg.beta1} and --beta2={cfg.beta2} must be less than 1")
     if cfg.decay_lr and cfg.lr_decay_iters <= cfg.warmup_iters:
         raise ValueError(f"--lr_decay_iters={cfg.lr_decay_iters} must exceed --warmup_iters="
-                         f"{cfg.warmup_iters}; usually it is max_iters (or --decay_lr=false)")
+                         f"{cfg.warmup_iters}; usually lr_decay_iters = max_iters "
+                         "(or --decay_lr=false)")
     if any(folder.is_file() for folder in cfg.ckpt_path.parents):  # now, not at the first save
         raise ValueError(f"--out_dir={cfg.out_dir} is a file, or in one: name a folder")
     pick_dtype(cfg.dtype, pick_device(cfg.device))  # a dtype the device has; both name the fix
@@ -579,7 +582,8 @@ def check_run(cfg: TrainConfig, resumed: tuple | None = None):
 def main(argv=None):
     """Train from the command line; a user error is one `error:` line, before any work. Resuming
     takes each setting not given now (a flag; a --preset, under the flags) from the checkpoint
-    (--max_iters=N alone extends a run); the device, and a dtype saved as auto, resolve anew."""
+    (--max_iters=N alone extends a run, at min_lr past lr_decay_iters); the device, and a dtype
+    saved as auto, resolve anew."""
     argv = sys.argv[1:] if argv is None else argv
     peek = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # parse_config: all flags
     peek.add_argument("--init_from")
@@ -593,8 +597,8 @@ def main(argv=None):
     try:
         if given.init_from == "resume" or found:  # the run's settings first: flags given now win
             resumed = load_checkpoint(ckpt_path)  # the one model this run builds
-            fresh = {"device", "out_dir"}  # this machine's; the folder read is the one written
-            names = {f.name for f in fields(TrainConfig)} - fresh
+            # not the device (this machine's), nor out_dir: the folder just read is the one written
+            names = {f.name for f in fields(TrainConfig)} - {"device", "out_dir"}
             names -= set(TrainConfig.PRESETS.get(given.preset, {}))  # a preset given now wins too
             model, _, ckpt = resumed
             stage = ckpt.get("stage")

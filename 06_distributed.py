@@ -267,7 +267,7 @@ def train(cfg, world: World, ctrl_c) -> dict:
     optimizer = build_optimizer(cfg, model, world)  # NEW: zero1 wraps the optimizer
     start, best_val_loss = resume(cfg, model, optimizer, world)  # NEW: dsd, agreed by the ranks
     if start >= cfg.max_iters:
-        print0(f"nothing left to do at iter {start}: to train longer, repeat the run's flags "
+        print0(f"nothing left to do at iter {start}: to train longer, repeat its flags "
                f"with --init_from=resume --max_iters={start + cfg.max_iters}")
     saved_at = start or None  # the iteration of the checkpoint a NaN leaves intact
     iter_num = start
@@ -374,7 +374,7 @@ def save(cfg, model, optimizer, world: World, run_info: dict):
         dcp.save(state, checkpoint_id=cfg.ckpt_path.with_name(name))  # each rank writes its shards
         if world.rank == 0:  # dcp.save returns once every rank's part and the metadata are written
             save_checkpoint(cfg.ckpt_path, {"path": name, **run_info})
-            for old in cfg.ckpt_path.parent.glob("dcp-0*"):
+            for old in cfg.ckpt_path.parent.glob("dcp-[0-9]*"):
                 if old.name != name:  # superseded
                     shutil.rmtree(old)
     else:
@@ -389,7 +389,7 @@ def save(cfg, model, optimizer, world: World, run_info: dict):
             by_name = dsd.get_optimizer_state_dict(model, optimizer, options=options)
             optimizer_state = None
             if world.rank == 0:  # the only rank that received the state
-                optimizer_state = key_optimizer_state(by_name, model, optimizer)
+                optimizer_state = key_optimizer_state(by_name, model, optimizer, to_names=False)
         if world.rank == 0:
             ckpt = {"model": model_state, "optimizer": optimizer_state, **run_info}
             save_checkpoint(cfg.ckpt_path, ckpt)
@@ -398,14 +398,14 @@ def save(cfg, model, optimizer, world: World, run_info: dict):
     dist.barrier()
 
 
-def key_optimizer_state(state_dict: dict, model, optimizer) -> dict:
+def key_optimizer_state(state_dict: dict, model, optimizer, to_names: bool) -> dict:
     """optimizer.state_dict() numbers the parameters 0, 1, ... in the optimizer's order;
-    torch.distributed.checkpoint keys them by name. Numbers become names, and names numbers."""
+    torch.distributed.checkpoint keys them by name. Key state_dict by name, or back by number."""
     module = getattr(model, "module", model)  # DDP keeps the model in .module
     name_of = {p: name for name, p in module.named_parameters()}
     names = [name_of[p] for group in optimizer.param_groups for p in group["params"]]
-    number_of = {name: number for number, name in enumerate(names)}
-    new_key = number_of | dict(enumerate(names))  # one map both ways: str and int keys differ
+    by_number = dict(enumerate(names))  # the optimizer's numbers -> names
+    new_key = by_number if to_names else {name: number for number, name in by_number.items()}
     state = {new_key[k]: v for k, v in state_dict["state"].items()}
     groups = [{**group, "params": [new_key[k] for k in group["params"]]}
               for group in state_dict["param_groups"]]
@@ -472,12 +472,12 @@ def resume(cfg, model, optimizer, world: World) -> tuple[int, float]:
         if isinstance(optimizer, ZeroRedundancyOptimizer):
             optimizer.load_state_dict(ckpt["optimizer"])  # ZeRO keeps its parameters' state
             # subtle: ZeRO's load_state_dict moves 0-dim state (Adam's step) to the CPU, where fused
-            # CUDA AdamW fails (pytorch/pytorch#124133): each goes back to its parameter's device
+            # CUDA AdamW fails (pytorch/pytorch#124133): all state returns to its parameter's device
             for p, state in optimizer.optim.state.items():
                 state.update({key: value.to(p.device) for key, value in state.items()})
             optimizer.state.clear()  # the base class keeps a second copy, which ZeRO never reads
         else:
-            by_name = key_optimizer_state(ckpt["optimizer"], model, optimizer)
+            by_name = key_optimizer_state(ckpt["optimizer"], model, optimizer, to_names=True)
             dsd.set_optimizer_state_dict(model, optimizer, by_name, options=full_state)
     for group, settings in zip(optimizer.param_groups, today):  # the flags given now win
         group.update(settings)
@@ -504,7 +504,7 @@ class DistConfig:
     """Train 04's GPT on N processes with DDP, ZeRO-1 or FSDP2 (launch with torchrun)."""
 
     # data, as 02 prepared it: data_dir/<dataset>-<tokenizer>/{train.bin, val.bin, meta.json}
-    dataset: Annotated[str, "a corpus 02_dataloader.py prepared"] = "tinyshakespeare"
+    dataset: Annotated[str, "the corpus 02 prepared"] = "tinyshakespeare"
     tokenizer: Annotated[str, "char or gpt2: which of 02's token files"] = "char"
     data_dir: Annotated[str, "02's output; relative to this folder"] = "data"
     out_dir: Annotated[str, "ckpt.pt (sharded: dcp-latest.pt, dcp-*/)"] = "out/distributed"
@@ -515,15 +515,15 @@ class DistConfig:
     n_head: Annotated[int, "attention heads per block"] = 4
     n_embd: Annotated[int, "width of the residual stream"] = 128
     block_size: Annotated[int, "context length in tokens"] = 64
-    dropout: Annotated[float, "masks: a function of (seed, step, rank, world size)"] = 0.0
+    dropout: Annotated[float, "masks: f(seed, step, rank, world size)"] = 0.0
     bias: Annotated[bool, "biases in Linear and LayerNorm"] = False
     gelu: Annotated[str, "none: exact GELU (05's); tanh: GPT-2's"] = "none"
     strategy: Annotated[str, "ddp: full copies; zero1: AdamW split; fsdp: all split"] = "ddp"
     activation_checkpointing: Annotated[bool, "keep block inputs; rerun them in backward"] = False
     compile: Annotated[bool, "compile each block (before sharding)"] = False
-    sync_every_micro_step: Annotated[bool, "fsdp: reduce-scatter at each micro-step"] = True
+    sync_every_micro_step: Annotated[bool, "fsdp: reduce-scatter every micro-step"] = True
     sharded_checkpoint: Annotated[bool, "ranks save their slices, not one file"] = False
-    fail_at_step: Annotated[int, "fault injection: the last rank dies after this step"] = 0
+    fail_at_step: Annotated[int, "fault injection: last rank dies after this step"] = 0
     # optimization, as 05: a step is gradient_accumulation_steps micro-batches of batch_size rows,
     # all ranks' (so any world size takes the same steps); 16 splits over 1, 2, 4, 8 and 16 ranks
     batch_size: Annotated[int, "rows per micro-batch, all ranks together"] = 16
@@ -543,7 +543,7 @@ class DistConfig:
     eval_iters: Annotated[int, "val batches per evaluation"] = 20
     log_interval: Annotated[int, "a log line every this many steps"] = 10
     checkpoint_interval: Annotated[int, "save every this many steps, and last"] = 100
-    device: Annotated[str, "auto, cpu or cuda: rank r drives cuda:LOCAL_RANK"] = "auto"
+    device: Annotated[str, "auto, cpu or cuda (rank r: cuda:LOCAL_RANK)"] = "auto"
     dtype: Annotated[str, "auto (bf16 on GPUs that have it), float32, bfloat16"] = "auto"
     threads: Annotated[int, "CPU threads per rank; 0 = PyTorch's choice"] = 0
     seed: Annotated[int, "seeds weights (same on every rank), batches, dropout"] = 1337
@@ -579,7 +579,7 @@ def check_settings(cfg: DistConfig):
         raise ValueError(f"RANK is set but {absent} not: start the job with torchrun or unset RANK")
     world_size = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's (get_batch checks the group)
     if cfg.batch_size % world_size:
-        raise ValueError(f"batch_size={cfg.batch_size} (the global micro-batch) does not "
+        raise ValueError(f"batch_size={cfg.batch_size} (global micro-batch) does not "
                          f"split across {world_size} ranks; use a multiple of {world_size}")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))  # this rank's GPU, under torchrun
     gpus = torch.cuda.device_count()
@@ -589,7 +589,7 @@ def check_settings(cfg: DistConfig):
                          f"use --nproc_per_node={gpus} or fewer, or --device=cpu")
     if cfg.sharded_checkpoint and cfg.strategy == "zero1":
         raise ValueError("--sharded_checkpoint needs --strategy=ddp or fsdp: "
-                         "torch.distributed.checkpoint cannot read ZeRO's optimizer")
+                         "it cannot hold ZeRO's optimizer")
     meta = load_meta(cfg.corpus_dir)  # no prepared data: its error names the 02 command
     if min(meta["train_tokens"], meta["val_tokens"]) <= cfg.block_size:
         raise ValueError(f"{cfg.corpus_dir}: train or val tokens too few for "
@@ -988,7 +988,8 @@ def check_values(cfg, choices: dict, at_least_one: tuple):
         raise ValueError(f"--beta1={cfg.beta1} and --beta2={cfg.beta2} must be less than 1")
     if cfg.decay_lr and cfg.lr_decay_iters <= cfg.warmup_iters:
         raise ValueError(f"--lr_decay_iters={cfg.lr_decay_iters} must exceed --warmup_iters="
-                         f"{cfg.warmup_iters}; usually it is max_iters (or --decay_lr=false)")
+                         f"{cfg.warmup_iters}; usually lr_decay_iters = max_iters "
+                         "(or --decay_lr=false)")
     if any(folder.is_file() for folder in cfg.ckpt_path.parents):  # now, not at the first save
         raise ValueError(f"--out_dir={cfg.out_dir} is a file, or in one: name a folder")
     pick_dtype(cfg.dtype, pick_device(cfg.device))  # a dtype the device has; both name the fix

@@ -283,9 +283,9 @@ class DPOConfig:
     init_from: Annotated[str, "scratch, resume (out_dir's run), or auto"] = "scratch"
     overwrite: Annotated[bool, "replace an earlier run's ckpt.pt"] = False
     data_path: Annotated[str, "JSON list of pairs; '' = rasbt's (02 fetches it)"] = ""
-    beta: Annotated[float, "the KL penalty: larger stays nearer 07's model"] = 0.1
-    label_smoothing: Annotated[float, "conservative DPO: the share of flipped labels"] = 0.0
-    average_log_probs: Annotated[bool, "mean, not sum, of the answer's log-probs"] = False
+    beta: Annotated[float, "KL penalty: larger stays nearer 07's model"] = 0.1
+    label_smoothing: Annotated[float, "conservative DPO: share of flipped labels"] = 0.0
+    average_log_probs: Annotated[bool, "mean, not sum, of an answer's log-probs"] = False
     batch_size: Annotated[int, "pairs per step (2x sequences)"] = 8
     max_iters: Annotated[int, "optimizer steps; 0: one pass over the pairs"] = 0
     learning_rate: Annotated[float, "DPO nudges a trained model; flat after warmup"] = 5e-6
@@ -293,9 +293,9 @@ class DPOConfig:
     weight_decay: Annotated[float, "AdamW's"] = 0.01
     grad_clip: Annotated[float, "clip the gradient norm to this; 0 = never"] = 1.0
     log_interval: Annotated[int, "a log line every this many steps"] = 5
-    eval_interval: Annotated[int, "train/val metrics, ckpt.pt every this many steps"] = 25
-    eval_pairs: Annotated[int, "pairs of each split to evaluate (-1 = all)"] = 64
-    device: Annotated[str, "auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"] = "auto"
+    eval_interval: Annotated[int, "metrics, ckpt.pt every this many steps"] = 25
+    eval_pairs: Annotated[int, "pairs per split to evaluate (-1 = all)"] = 64
+    device: Annotated[str, "auto (cuda > mps > cpu), cpu, cuda[:N], mps"] = "auto"
     dtype: Annotated[str, "auto (GPU: bf16/fp16; CPU: fp32), float32, bfloat16, float16"] = "auto"
     threads: Annotated[int, "CPU threads; 0 = PyTorch's choice"] = 0
     seed: Annotated[int, "seeds the batch order"] = 1337
@@ -357,7 +357,7 @@ def prepare_pairs(cfg: DPOConfig, tokenizer_spec: dict, block_size: int) -> dict
     if len(train) < cfg.batch_size or not val:
         raise ValueError(f"{len(train)} training and {len(val)} validation pairs fit the context "
                          f"of {block_size} tokens, too few for --batch_size={cfg.batch_size}: "
-                         "lower it, or start from a model with a longer context (GPT-2's: 1024)")
+                         "lower it, or start from a model of longer context (GPT-2's: 1024)")
     return {"train": train, "val": val, "end_id": end_id}
 
 
@@ -404,7 +404,7 @@ def load_models(cfg: DPOConfig, run=None) -> tuple:
         return model, reference, ckpt["tokenizer"], None
     run_path = Path(cfg.out_dir) / "ckpt.pt"
     policy, _, resumed = run or load_checkpoint(run_path)
-    if resumed.get("stage") != "dpo":  # only 08 writes "dpo", always with Adam's state
+    if resumed.get("stage") != "dpo" or not resumed.get("optimizer"):  # 08's, with Adam's
         raise ValueError(f"{run_path} holds a {resumed.get('stage')!r} model, no DPO run to "
                          "resume; resume 08's out_dir, or start a run in another --out_dir")
     if resumed["config"]["ckpt"] != cfg.ckpt:  # DPO's reference: the model the run began from

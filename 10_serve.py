@@ -178,8 +178,8 @@ def stream_text(model, tok, prompt: list[int], settings: dict, end_token=None):
     then (the rest, finish_reason): "stop" at end_token or a stop string, "length" after
     max_tokens tokens."""
     generator = torch.Generator(device=model.lm_head.weight.device)
-    generator.seed()  # a random seed of its own, unless the request names one
-    if settings["seed"] is not None:
+    generator.seed()  # a random seed of its own
+    if settings["seed"] is not None:  # or the one the request names
         generator.manual_seed(settings["seed"])
     stream = TextStream(tok, settings["stop"])
     steps = generate_tokens(model, prompt, settings["temperature"], settings["top_p"], generator)
@@ -499,7 +499,7 @@ class ServeConfig:
         if self.export_hf:
             export_dir = PROJECT / self.export_hf
             self.export_hf = str(export_dir)
-            if export_dir.is_file():
+            if export_dir.exists() and not export_dir.is_dir():
                 raise ValueError(f"--export_hf={export_dir} is a file: name a folder")
             if export_dir.is_dir() and any(export_dir.iterdir()) and not self.overwrite:
                 fix = "pick an empty folder, or --overwrite"

@@ -101,9 +101,9 @@ def to_example(row: dict, where: str) -> dict:
         raise ValueError(f"{where}: {names[1]!r} must be a list of at least 2 strings")
     for i, choice in enumerate(choices):
         if not isinstance(choice, str) or not choice.strip():
-            raise ValueError(f"{where}: choice {i} is empty")
+            raise ValueError(f"{where}: choice {i} is empty or not a string")
     if type(label) is not int or not 0 <= label < len(choices):
-        raise ValueError(f"{where}: label {label!r} is out of range: 0 to {len(choices) - 1}")
+        raise ValueError(f"{where}: label {label!r} must be an index from 0 to {len(choices) - 1}")
     if hellaswag:  # an ending follows the context after a space, as llm.c renders them
         choices = [" " + ending for ending in choices]
     return {"context": context, "choices": choices, "label": label}
@@ -254,9 +254,9 @@ def score_examples(model, encoded: list[dict], batch_tokens=8192):
     packed = [pack_example(e) for e in encoded]  # each example packed once
     lengths = [len(p["tokens"]) for p in packed]
     order = sorted(range(len(encoded)), key=lengths.__getitem__)
-    batches = [[]]
+    batches = []
     for i in order:  # the longest yet: it sets the batch's row length
-        if batches[-1] and (len(batches[-1]) + 1) * lengths[i] > batch_tokens:
+        if not batches or (len(batches[-1]) + 1) * lengths[i] > batch_tokens:
             batches.append([])
         batches[-1].append(i)
     scores = {}
@@ -408,7 +408,7 @@ def ask_judge(url: str, model: str, prompt: str, api_key: str) -> str:
         return response.json()["choices"][0]["message"]["content"] or ""  # null: no text
     except (ValueError, KeyError, IndexError, TypeError):
         raise RuntimeError(f"the judge at {url} answered {response.status_code}, no completion: "
-                           f"{response.text[:200]!r}; check --judge_model, the API key") from None
+                           f"{response.text[:200]!r}; check --judge_model and API key") from None
 
 
 def parse_score(reply: str) -> int | None:
