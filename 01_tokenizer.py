@@ -198,8 +198,7 @@ def train_bpe_naive(text: str, n_merges: int, pattern: str = GPT2_SPLIT_PATTERN,
     The textbook loop: count all pairs, merge the best one everywhere, repeat. Each merge costs a
     pass over the whole corpus, so this is O(n_merges * len(text)): fine for a page, tens of
     seconds for 100 KB. Kept as the reference that train_bpe must agree with.
-    log: called after each merge with (i, pair, new id, count), e.g. merge_logger(n_merges).
-    """
+    log: called after each merge with (i, pair, new id, count), e.g. merge_logger(n_merges)."""
     chunks = [list(chunk.encode("utf-8")) for chunk in regex.findall(pattern, text)]
     merges = {}
     for i in range(n_merges):
@@ -383,8 +382,7 @@ class BPETokenizer:
 
         allowed_special: "none_raise" (default: text containing a special token raises, because
         a user typing "<|endoftext|>" must not be able to end your document), "all", or a set.
-        To encode special-token strings as plain text, use encode_ordinary.
-        """
+        To encode special-token strings as plain text, use encode_ordinary."""
         specials = set(self.special_tokens)
         if isinstance(allowed_special, (set, frozenset)):
             allowed = set(allowed_special)
@@ -657,6 +655,8 @@ def main(argv=None):
         run(args)
     except (ValueError, OSError, RuntimeError) as e:
         parser.exit(2, f"error: {e}\n")
+    except KeyboardInterrupt:  # --train and --bench take a while: a stop is one line, no traceback
+        parser.exit(130, "\nCtrl-C: stopped\n")
 
 
 def run(args):  # main's work, its arguments checked before any of it

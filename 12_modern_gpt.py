@@ -42,7 +42,6 @@ PROJECT = Path(__file__).resolve().parent  # a relative --hf_dir starts here
 # The settings: each change from GPT-2 is one field; FLAVOURS are laptop-sized (4 layers, 128
 # wide): what makes each the family it is named after is its settings, not its size.
 
-
 @dataclass
 class ModernConfig:
     """A decoder: GPT-2's (the defaults) or a modern one (FLAVOURS: llama3, qwen3)."""
@@ -513,7 +512,6 @@ def load_hf(path, dtype=torch.float32) -> ModernGPT:
 # -----------------------------------------------------------------------------
 # Command line
 
-
 @dataclass
 class ModernRunConfig:
     """Load a Llama/Qwen3 folder and continue a prompt, or compare the flavours' sizes."""
@@ -559,8 +557,7 @@ def hf_tokenizer(folder: Path):
     try:
         from tokenizers import Tokenizer  # optional: only --prompt needs it
     except ImportError:
-        raise ValueError("--prompt needs the tokenizers package: "
-                         "pip install tokenizers") from None
+        raise ValueError("--prompt needs the tokenizers package: pip install tokenizers") from None
     return Tokenizer.from_file(str(folder / "tokenizer.json"))
 
 
@@ -596,6 +593,9 @@ def main(argv=None):
     except ValueError as e:  # another architecture, a missing file
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # loading or generating takes a while: one line, no traceback
+        print("\nCtrl-C: stopped", file=sys.stderr)
+        sys.exit(130)  # 128 + SIGINT, a shell's status for a Ctrl-C
 
 
 # -----------------------------------------------------------------------------

@@ -446,6 +446,16 @@ def test_cli_rejects_abbreviations_and_dashes(tok01, capsys, argv):
     assert "unrecognized arguments" in capsys.readouterr().err
 
 
+def test_cli_ctrl_c_is_one_line_and_exit_130(tok01, monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt  # what Python raises in the main thread at a Ctrl-C
+
+    monkeypatch.setattr(tok01, "run", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        tok01.main(["--bench"])
+    assert stop.value.code == 130 and capsys.readouterr().err.strip() == "Ctrl-C: stopped"
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--encode=hi", "--tokenizr=gpt2"],
      "error: unrecognized arguments: --tokenizr=gpt2 (did you mean --tokenizer?)"),

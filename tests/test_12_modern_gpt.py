@@ -188,6 +188,16 @@ def test_the_cli_prints_each_flavours_sizes(capsys):
     assert "bytes/token" in out
 
 
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    def interrupted():
+        raise KeyboardInterrupt  # what Python raises in the main thread at a Ctrl-C
+
+    monkeypatch.setattr(m, "print_flavours", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        m.main([])
+    assert stop.value.code == 130 and capsys.readouterr().err.strip() == "Ctrl-C: stopped"
+
+
 def word_tokenizer(folder):
     """A tokenizer.json of VOCAB whole words w0..w99, split at spaces."""
     tokenizers = pytest.importorskip("tokenizers")
