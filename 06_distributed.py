@@ -374,8 +374,8 @@ def save(cfg, model, optimizer, world: World, run_info: dict):
         dcp.save(state, checkpoint_id=cfg.ckpt_path.with_name(name))  # each rank writes its shards
         if world.rank == 0:  # dcp.save returns once every rank's part and the metadata are written
             save_checkpoint(cfg.ckpt_path, {"path": name, **run_info})
-            for old in cfg.ckpt_path.parent.glob("dcp-[0-9]*"):
-                if old.name != name:  # superseded
+            for old in cfg.ckpt_path.parent.glob("dcp-*"):
+                if old.name[4:].isdigit() and old.name != name:  # a save of ours, superseded
                     shutil.rmtree(old)
     else:
         options = dsd.StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -519,7 +519,7 @@ class DistConfig:
     bias: Annotated[bool, "biases in Linear and LayerNorm"] = False
     gelu: Annotated[str, "none: exact GELU (05's); tanh: GPT-2's"] = "none"
     strategy: Annotated[str, "ddp: full copies; zero1: AdamW split; fsdp: all split"] = "ddp"
-    activation_checkpointing: Annotated[bool, "keep block inputs; rerun them in backward"] = False
+    activation_checkpointing: Annotated[bool, "keep block inputs, rerun in backward"] = False
     compile: Annotated[bool, "compile each block (before sharding)"] = False
     sync_every_micro_step: Annotated[bool, "fsdp: reduce-scatter every micro-step"] = True
     sharded_checkpoint: Annotated[bool, "ranks save their slices, not one file"] = False
@@ -544,9 +544,9 @@ class DistConfig:
     log_interval: Annotated[int, "a log line every this many steps"] = 10
     checkpoint_interval: Annotated[int, "save every this many steps, and last"] = 100
     device: Annotated[str, "auto, cpu or cuda (rank r: cuda:LOCAL_RANK)"] = "auto"
-    dtype: Annotated[str, "auto (bf16 on GPUs that have it), float32, bfloat16"] = "auto"
-    threads: Annotated[int, "CPU threads per rank; 0 = PyTorch's choice"] = 0
-    seed: Annotated[int, "seeds weights (same on every rank), batches, dropout"] = 1337
+    dtype: Annotated[str, "auto (bf16 on GPUs with it), float32, bfloat16"] = "auto"
+    threads: Annotated[int, "CPU threads per rank; 0: PyTorch's"] = 0
+    seed: Annotated[int, "seeds weights (same on all ranks), batches, dropout"] = 1337
 
     def __post_init__(self):  # a mistake is one `error:` line (see parse_config)
         check_settings(self)

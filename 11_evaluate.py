@@ -576,8 +576,8 @@ def evaluate_models(cfg) -> dict:
 def main(argv=None):
     cfg = parse_config(EvalConfig, argv)  # a bad setting: one "error:" line, exit status 2
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on CUDA: matmuls left in fp32 (the head)
-    torch.set_num_threads(cfg.threads or torch.get_num_threads())
     try:
+        torch.set_num_threads(cfg.threads or torch.get_num_threads())  # a huge one: an error
         if cfg.responses:
             result = judge_responses(cfg)
         else:

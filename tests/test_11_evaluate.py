@@ -279,6 +279,7 @@ def test_bad_settings_and_files_are_one_line(ev11, tmp_path, capsys):
         ([f"--responses={plain}"], "--judge_url and --judge_model"),
         ([f"--ckpt={char_ckpt}", f"--text_file={tmp_path / 'none.txt'}"], "no such file"),
         ([f"--ckpt={char_ckpt}", f"--text_file={plain}", "--stride=-1"], "--stride"),
+        ([f"--ckpt={char_ckpt}", f"--text_file={plain}", "--threads=3000000000"], "Overflow"),
         ([f"--ckpt={char_ckpt}", f"--text_file={plain}", f"--task={plain}"], "one evaluation"),
         ([f"--responses={plain}", f"--task={plain}", "--judge_url=http://x", "--judge_model=m"],
          "one evaluation"),  # the judge alone would run, the task silently skipped
