@@ -50,7 +50,6 @@ DEFAULT_CKPT = "out/shakespeare-char/ckpt.pt"  # what `python 05_pretrain.py` wr
 # -----------------------------------------------------------------------------
 # Export: a checkpoint as a Hugging Face GPT-2 (config.json, model.safetensors, tokenizer files)
 
-
 def gpt_to_hf_state_dict(model) -> dict[str, torch.Tensor]:
     """Our weights in Hugging Face's GPT2LMHeadModel layout: 04's hf_to_gpt_state_dict, backwards.
     The names are already its own (04 chose them so), but its Conv1D stores the four projection
@@ -447,7 +446,6 @@ def make_server(model, tok, model_name: str, host="127.0.0.1", port=8000) -> Thr
 # -----------------------------------------------------------------------------
 # Command line
 
-
 def ckpt_hint(ckpt: Path) -> str:
     """What makes a missing checkpoint: 04 saves OpenAI's GPT-2 in data/gpt2*/, 05, 07 and 08
     write out_dir/ckpt.pt (by default out/shakespeare-char, finetune, dpo), the file in a folder."""
@@ -537,6 +535,8 @@ def main(argv=None):
         sys.exit(2)
     except KeyboardInterrupt:  # the way to stop a server, or an export: one line, no traceback
         print("\nCtrl-C: stopped", flush=True)
+        if cfg.serve:  # a request's thread may be in the model: an exit under it aborts (SIGABRT)
+            os._exit(130)  # at once: the finally blocks have run, the socket closed
         sys.exit(130)  # the shell's code for "ended by Ctrl-C", as 05's
 
 

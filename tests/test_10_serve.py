@@ -587,9 +587,11 @@ def test_export_from_the_command_line(serve10, tmp_path, capsys):
     assert serve10.load_checkpoint(ckpt)[2]["stage"]
 
 
-def test_serve_from_the_command_line_and_stop_it_with_ctrl_c(serve10, tmp_path):
+@pytest.mark.parametrize("mid_answer", [False, True])
+def test_serve_from_the_command_line_and_stop_it_with_ctrl_c(serve10, tmp_path, mid_answer):
     """`python 10_serve.py --serve --port=0` answers the openai client under the checkpoint's
-    name; Ctrl-C (SIGINT) stops it with one line and no traceback, exit status 130."""
+    name; Ctrl-C (SIGINT) stops it with one line and no traceback, exit status 130, also while a
+    request's thread is inside the model (an interpreter exit under it aborted: SIGABRT)."""
     ckpt_path = tmp_path / "out" / "tiny" / "ckpt.pt"
     ckpt = save_ckpt(rough_model(serve10, 50257), {"kind": "gpt2"}, ckpt_path)
     command = [sys.executable, "10_serve.py", f"--ckpt={ckpt}", "--serve", "--port=0"]
@@ -607,6 +609,10 @@ def test_serve_from_the_command_line_and_stop_it_with_ctrl_c(serve10, tmp_path):
         client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=30)
         assert [m.id for m in client.models.list().data] == ["tiny"]
         assert complete(client, chat=True)[1] == "length"
+        if mid_answer:  # the first token streamed: the answer's thread is generating the next
+            stream = client.completions.create(model="tiny", prompt="a", max_tokens=4096,
+                                               stream=True)
+            next(iter(stream))
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=DEADLINE_S)
     finally:
