@@ -55,7 +55,6 @@ OPENAI_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 # -----------------------------------------------------------------------------
 # 1. The data, and the prompt template (Alpaca's)
 
-
 def load_instruction_data(path="") -> list[dict]:
     """A JSON list of {"instruction", "input", "output"}; "" = rasbt's 1,100 (02 fetches them)."""
     path = Path(path or DATA_DIR / "instruction-data.json")
@@ -146,7 +145,6 @@ def end_token_id(tokenizer) -> int:
 
 # -----------------------------------------------------------------------------
 # 2. Examples and batches: append the end token, pad on the right, shift, mask
-
 
 def tokenize_examples(entries: list[dict], encode, max_length: int) -> list[tuple]:
     """(prompt + response ids, prompt length) per entry. The response starts with RESPONSE_HEADER,
@@ -245,7 +243,6 @@ def merge_lora(model: nn.Module) -> nn.Module:
 # -----------------------------------------------------------------------------
 # 4. Evaluation: the loss on the answers
 
-
 @torch.no_grad()
 def evaluate_loss(model, examples, batch_size, pad_token_id, ctx=nullcontext()) -> dict:
     """Mean cross-entropy over the answer tokens (prompt and padding masked) and its perplexity:
@@ -269,7 +266,6 @@ def evaluate_loss(model, examples, batch_size, pad_token_id, ctx=nullcontext()) 
 
 # -----------------------------------------------------------------------------
 # 5. Settings, the model to start from, and the finetuning loop
-
 
 @dataclass
 class FinetuneConfig:
@@ -572,6 +568,9 @@ def main(argv=None):
     except (ValueError, FileNotFoundError, FloatingPointError) as e:  # the user's to fix (a NaN:
         print(f"error: {e}", file=sys.stderr)  # a lower lr), one line, as parse_config
         sys.exit(2)
+    except KeyboardInterrupt:  # before the loop's CtrlC is set up: loading, preparing the data
+        print("\nCtrl-C: stopped", file=sys.stderr)
+        sys.exit(130)
     if result["interrupted"]:
         sys.exit(130)  # what a shell reports after Ctrl-C
     return result

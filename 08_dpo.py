@@ -118,7 +118,6 @@ def tokenize_pairs(entries: list[dict], encode, end_id: int, max_length: int):
 # -----------------------------------------------------------------------------
 # 2. Batches: chosen and rejected in one tensor, a mask on the response tokens
 
-
 def collate_pairs(batch, pad_token_id=50256, allowed_max_length=None, device="cpu"):
     """B pairs (prompt, chosen, rejected) -> inputs x, targets y and mask, each (2B, T).
 
@@ -157,7 +156,6 @@ def collate_pairs(batch, pad_token_id=50256, allowed_max_length=None, device="cp
 
 # -----------------------------------------------------------------------------
 # 3. Log-probabilities of an answer, the DPO loss, the implicit rewards
-
 
 def sequence_logprobs(logits, targets, mask, average: bool = False):
     """log pi(answer | prompt) per row: the answer tokens' log-probabilities, summed or averaged.
@@ -272,7 +270,6 @@ def pair_metrics(losses, chosen_rewards, rejected_rewards) -> dict:
 
 # -----------------------------------------------------------------------------
 # 4. The settings and the DPO loop
-
 
 @dataclass
 class DPOConfig:
@@ -553,6 +550,9 @@ def main(argv=None):
     except (ValueError, FileNotFoundError, FloatingPointError) as e:  # a NaN: a lower lr
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)  # as parse_config
+    except KeyboardInterrupt:  # before the loop's CtrlC is set up: loading, the first evaluation
+        print("\nCtrl-C: stopped", file=sys.stderr)
+        sys.exit(130)
     if result["interrupted"]:
         sys.exit(130)  # what a shell reports after Ctrl-C
     return result

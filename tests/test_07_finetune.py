@@ -428,6 +428,20 @@ def test_a_second_ctrl_c_quits_at_once(ft07):
     assert signal.getsignal(signal.SIGINT) is before  # put back
 
 
+def test_ctrl_c_before_the_loop_is_one_line_and_exit_130(ft07, char_setup, tmp_path,
+                                                        monkeypatch, capsys):
+    """Loading the model and preparing the data come before the loop's CtrlC."""
+    tmp, _ = char_setup
+
+    def interrupted(cfg, run=None):
+        raise KeyboardInterrupt  # what Python raises in the main thread at a Ctrl-C
+
+    monkeypatch.setattr(ft07, "load_model", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        ft07.main(finetune_args(tmp, tmp_path, "--max_iters=1"))
+    assert stop.value.code == 130 and capsys.readouterr().err.strip() == "Ctrl-C: stopped"
+
+
 def test_a_resume_takes_the_learning_rate_given_now(ft07, char_setup, tmp_path):
     """Adam's moments come from the checkpoint, the lr (constant here, the book's) from today's
     flags: load_state_dict alone would keep the saved one."""

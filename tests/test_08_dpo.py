@@ -472,6 +472,20 @@ def test_a_second_ctrl_c_quits_at_once(dpo08, start, tmp_path, monkeypatch):
     assert not (tmp_path / "ckpt.pt").exists()  # no save: it quit during step 2
 
 
+def test_ctrl_c_before_the_loop_is_one_line_and_exit_130(dpo08, start, tmp_path, monkeypatch,
+                                                        capsys):
+    """Loading the models and the first evaluation come before the loop's CtrlC."""
+    tmp, _ = start
+
+    def interrupted(cfg, loaded=None):
+        raise KeyboardInterrupt  # what Python raises in the main thread at a Ctrl-C
+
+    monkeypatch.setattr(dpo08, "dpo", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        dpo08.main(run_argv(tmp, tmp_path, max_iters=1))
+    assert stop.value.code == 130 and capsys.readouterr().err.strip() == "Ctrl-C: stopped"
+
+
 def test_a_run_saved_without_fp16_resumes_with_it(dpo08, start, tmp_path):
     """Without fp16 the gradient scaler is off and saves {}: a float16 resume starts a new one."""
     tmp, _ = start
