@@ -464,15 +464,16 @@ def ckpt_hint(ckpt: Path) -> str:
 def check_address(host: str, port: int) -> None:
     """Take host:port and let go at once, so that a port in use or an unknown host is one line
     before the model loads; the server takes it for good once the model has loaded."""
+    fix = "use --host=127.0.0.1 (this machine only) or 0.0.0.0 (all its networks)"
+    if not host:  # bind() reads "" as every network: a choice to make explicitly
+        raise ValueError(f"--host={host}: empty means every network; {fix}")
     try:
         with socket.socket() as probe:  # as the server's: IPv4, a port in TIME_WAIT reused
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((host, port))
     except OSError as e:  # socket.gaierror too: a host name that does not resolve
         if e.errno in (errno.EADDRINUSE, errno.EACCES):  # in use; below 1024: root's
-            fix = "pick a free port, or --port=0 for any"
-            raise ValueError(f"--port={port}: {e.strerror}; {fix}") from None
-        fix = "use --host=127.0.0.1 (this machine only) or 0.0.0.0 (all its networks)"
+            raise ValueError(f"--port={port}: {e.strerror}; pick a free one or --port=0") from None
         raise ValueError(f"--host={host}: {e.strerror}; {fix}") from None
 
 

@@ -639,7 +639,7 @@ def test_ctrl_c_during_an_export_is_one_line_and_leaves_no_half_model(serve10, t
     assert not (tmp_path / "hf" / "model.safetensors").exists()
 
 
-def test_a_port_in_use_or_an_unknown_host_is_one_line_before_loading(
+def test_a_port_in_use_or_a_bad_host_is_one_line_before_loading(
     serve10, tmp_path, capsys, monkeypatch
 ):
     """Each is `error: --setting: why; the fix`, exit status 2, before the model is loaded."""
@@ -647,7 +647,8 @@ def test_a_port_in_use_or_an_unknown_host_is_one_line_before_loading(
     monkeypatch.setattr(serve10, "load_checkpoint", lambda path: pytest.fail("loaded the model"))
     with socket.create_server(("127.0.0.1", 0)) as taken:  # a port in use, by another socket
         port = taken.getsockname()[1]
-        fixes = {f"--port={port}": "--port=0", "--host=no.such.host": "--host=127.0.0.1"}
+        fixes = {f"--port={port}": "--port=0", "--host=no.such.host": "--host=127.0.0.1",
+                 "--host=": "0.0.0.0"}  # empty: every network, which a user says explicitly
         for setting, fix in fixes.items():
             with pytest.raises(SystemExit) as e:
                 serve10.main([f"--ckpt={ckpt}", "--serve", "--device=cpu", setting])
