@@ -270,11 +270,11 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
     try:
         return ablate(cfg)
-    except (ValueError, FileNotFoundError) as e:  # no prepared data
+    except (ValueError, OSError) as e:  # no prepared data, or unreadable (a folder, no permission)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C: the rows so far were printed as they finished
-        print("stopped", file=sys.stderr)
+        print("\nCtrl-C: stopped", file=sys.stderr)
         sys.exit(130)
 
 

@@ -133,3 +133,21 @@ def test_bad_flags_are_one_line(flags, says, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and says in err and err.count("\n") == 1
+
+
+def test_a_corpus_that_cannot_be_read_is_one_line(tmp_path, capsys):
+    (tmp_path / "tinyshakespeare-char" / "meta.json").mkdir(parents=True)  # a folder, not a file
+    with pytest.raises(SystemExit) as exit_info:
+        m.main([f"--data_dir={tmp_path}", "--max_iters=2"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error:") and err.count("\n") == 1
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    def interrupted(cfg):
+        raise KeyboardInterrupt  # what Python raises in the main thread at a Ctrl-C
+
+    monkeypatch.setattr(m, "ablate", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        m.main(["--max_iters=2"])
+    assert stop.value.code == 130 and capsys.readouterr().err.strip() == "Ctrl-C: stopped"
