@@ -94,6 +94,12 @@ def count_device_reads(monkeypatch, script: str) -> list:
     return reads
 
 
+def interrupted(*args, **kwargs):
+    """A stand-in for the function a script's main calls: it raises what Python raises in the main
+    thread at a Ctrl-C, so a test sees what main makes of it."""
+    raise KeyboardInterrupt
+
+
 def roughen(model, biases: bool = False):
     """model in eval mode, its weights redrawn at std 0.3 (GPT-2's init: 0.02), LayerNorm gains
     left at 1 (biases=True redraws the biases too). A tiny GPT at 0.02 has near-uniform logits:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import tiktoken
+from conftest import interrupted
 
 HARD_STRINGS = [
     "",
@@ -447,9 +448,6 @@ def test_cli_rejects_abbreviations_and_dashes(tok01, capsys, argv):
 
 
 def test_cli_ctrl_c_is_one_line_and_exit_130(tok01, monkeypatch, capsys):
-    def interrupted(args):
-        raise KeyboardInterrupt  # what Python raises in the main thread at a Ctrl-C
-
     monkeypatch.setattr(tok01, "run", interrupted)
     with pytest.raises(SystemExit) as stop:
         tok01.main(["--bench"])

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import tiktoken
 import torch
+from conftest import interrupted
 from torch.utils.data import DataLoader
 
 # -----------------------------------------------------------------------------
@@ -501,9 +502,6 @@ def test_fetch_flag_downloads_that_source_alone(dl02, server, tmp_path, monkeypa
 
 
 def test_ctrl_c_is_one_line_and_exit_130(dl02, tmp_path, monkeypatch, capsys):
-    def interrupted(args):
-        raise KeyboardInterrupt  # what Python raises in the main thread at a Ctrl-C
-
     monkeypatch.setattr(dl02, "run", interrupted)
     with pytest.raises(SystemExit) as stop:
         dl02.main([f"--data_dir={tmp_path}"])

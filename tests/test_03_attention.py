@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import interrupted
 from torch.testing import assert_close
 
 C, NH = 16, 4  # default width and heads for the small modules below
@@ -434,9 +435,6 @@ def test_cli_errors_are_one_line(attn03, capsys, argv, message):
 
 
 def test_cli_ctrl_c_is_one_line_and_exit_130(attn03, capsys, monkeypatch):
-    def interrupted(args):
-        raise KeyboardInterrupt  # what Python raises in the main thread at a Ctrl-C
-
     monkeypatch.setattr(attn03, "bench", interrupted)
     with pytest.raises(SystemExit) as stop:
         attn03.main(["--bench"])

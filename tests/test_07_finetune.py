@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from conftest import interrupted
 from torch.testing import assert_close
 
 P = -100  # the ignore index, short for the hand-written target tables
@@ -432,9 +433,6 @@ def test_ctrl_c_before_the_loop_is_one_line_and_exit_130(ft07, char_setup, tmp_p
                                                         monkeypatch, capsys):
     """Loading the model and preparing the data come before the loop's CtrlC."""
     tmp, _ = char_setup
-
-    def interrupted(cfg, run=None):
-        raise KeyboardInterrupt  # what Python raises in the main thread at a Ctrl-C
 
     monkeypatch.setattr(ft07, "load_model", interrupted)
     with pytest.raises(SystemExit) as stop:

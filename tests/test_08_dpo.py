@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import count_device_reads, load_script
+from conftest import count_device_reads, interrupted, load_script
 from torch.testing import assert_close
 
 LN2 = math.log(2)
@@ -476,9 +476,6 @@ def test_ctrl_c_before_the_loop_is_one_line_and_exit_130(dpo08, start, tmp_path,
                                                         capsys):
     """Loading the models and the first evaluation come before the loop's CtrlC."""
     tmp, _ = start
-
-    def interrupted(cfg, loaded=None):
-        raise KeyboardInterrupt  # what Python raises in the main thread at a Ctrl-C
 
     monkeypatch.setattr(dpo08, "dpo", interrupted)
     with pytest.raises(SystemExit) as stop:

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, count_device_reads, roughen
+from conftest import ROOT, count_device_reads, interrupted, roughen
 
 VOCAB = 48
 
@@ -658,9 +658,6 @@ def test_a_reader_that_closes_the_pipe_early_ends_it_quietly(gen09, tmp_path):
 def test_ctrl_c_mid_generation_stops_with_one_line(gen09, tmp_path, monkeypatch, capsys):
     """Ctrl-C while 09 writes: one line on stderr and status 130 (128 + SIGINT), no traceback."""
     save_tiny_checkpoint(gen09, tmp_path / "ckpt.pt", "abc \n")
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt  # what Python raises in the main thread at a Ctrl-C
 
     monkeypatch.setattr(gen09, "sample_from_prompt", interrupted)
     try:

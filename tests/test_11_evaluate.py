@@ -17,7 +17,7 @@ import pytest
 import tiktoken
 import torch
 import transformers
-from conftest import ROOT, load_script, roughen
+from conftest import ROOT, interrupted, load_script, roughen
 
 CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
@@ -553,9 +553,6 @@ def test_ctrl_c_stops_with_one_line_and_no_json(ev11, tmp_path, capsys, monkeypa
     ckpt = save_ckpt(rough_model(ev11, len(CHARS)), {"kind": "char", "chars": CHARS},
                      tmp_path / "ckpt.pt")  # fmt: skip
     (tmp_path / "eval.txt").write_text("to be.\n" * 3, encoding="utf-8")
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt  # what Python raises in the main thread at a Ctrl-C
 
     monkeypatch.setattr(ev11, "text_scores", interrupted)
     argv = [f"--ckpt={ckpt}", f"--text_file={tmp_path / 'eval.txt'}",

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import ROOT, load_script
+from conftest import ROOT, interrupted, load_script
 
 m = load_script("12_modern_gpt")
 transformers = pytest.importorskip("transformers")
@@ -189,9 +189,6 @@ def test_the_cli_prints_each_flavours_sizes(capsys):
 
 
 def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
-    def interrupted():
-        raise KeyboardInterrupt  # what Python raises in the main thread at a Ctrl-C
-
     monkeypatch.setattr(m, "print_flavours", interrupted)
     with pytest.raises(SystemExit) as stop:
         m.main([])

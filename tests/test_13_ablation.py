@@ -5,7 +5,7 @@ The rows train for a few iterations on a small corpus, so the file runs in secon
 
 import pytest
 import torch
-from conftest import load_script
+from conftest import interrupted, load_script
 
 m = load_script("13_ablation")
 
@@ -144,9 +144,6 @@ def test_a_corpus_that_cannot_be_read_is_one_line(tmp_path, capsys):
 
 
 def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
-    def interrupted(cfg):
-        raise KeyboardInterrupt  # what Python raises in the main thread at a Ctrl-C
-
     monkeypatch.setattr(m, "ablate", interrupted)
     with pytest.raises(SystemExit) as stop:
         m.main(["--max_iters=2"])
