@@ -76,8 +76,7 @@ class CharTokenizer:
 
     def __init__(self, chars: str):
         if len(set(chars)) != len(chars):
-            raise ValueError("chars has repeated characters; "
-                             "build it with CharTokenizer.from_text(text)")
+            raise ValueError("chars has repeated characters; use CharTokenizer.from_text(text)")
         self.chars = chars
         self.n_vocab = len(chars)
         self.eot_token = None  # no end-of-text token
@@ -92,9 +91,8 @@ class CharTokenizer:
         try:
             return [self.stoi[ch] for ch in text]
         except KeyError as e:
-            raise ValueError(f"character {e.args[0]!r} is not in the vocabulary; "
-                             "build the tokenizer from text that contains it "
-                             "(CharTokenizer.from_text)") from None
+            raise ValueError(f"character {e.args[0]!r} is not in the vocabulary: build the "
+                             "tokenizer from text that has it (CharTokenizer.from_text)") from None
 
     def decode(self, ids) -> str:
         try:
@@ -568,17 +566,14 @@ def gpt2(data_dir=DATA_DIR) -> BPETokenizer:
 # it. For GPT-2 it returns tiktoken's encoding (Rust, fast); BPETokenizer.from_gpt2 gives the same
 # ids (the tests check it) and shows how they are made.
 def get_tokenizer(spec: dict):
-    """The tokenizer a dict describes: {"kind": "char", "chars": ...} -> CharTokenizer;
-    {"kind": "gpt2"} -> tiktoken's GPT-2 encoding."""
+    """{"kind": "char", "chars": ...} -> CharTokenizer; {"kind": "gpt2"} -> tiktoken's GPT-2."""
     kind = spec.get("kind")
     if kind == "char":
         return CharTokenizer(spec["chars"])
     if kind == "gpt2":
         import tiktoken  # only when asked for: char-only scripts do not need it
-
         return tiktoken.get_encoding("gpt2")
-    raise ValueError(f"unknown tokenizer kind {kind!r}; "
-                     "use {'kind': 'char', 'chars': ...} or {'kind': 'gpt2'}")
+    raise ValueError(f"unknown tokenizer kind {kind!r}; use 'char' (with 'chars') or 'gpt2'")
 
 
 # -----------------------------------------------------------------------------

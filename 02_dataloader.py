@@ -244,13 +244,13 @@ def prepare_corpus(text: str, out_dir, tokenizer_spec: dict,
     The .bin files are raw token ids with no header; meta.json says how to read them.
     """
     if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}; e.g. use 0.1")
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}; e.g. 0.1")
     tokenizer = get_tokenizer(tokenizer_spec)
     dtype = token_dtype(tokenizer.n_vocab)
     split_at = int(len(text) * (1 - val_fraction))
     parts = {"train": text[:split_at], "val": text[split_at:]}
     if not all(parts.values()):  # now, before an earlier corpus in out_dir is touched
-        raise ValueError(f"a split is empty ({len(text)} characters of text, val_fraction="
+        raise ValueError(f"a split is empty ({len(text)} characters, val_fraction="
                          f"{val_fraction}); use more text or another val_fraction")
     encode_options = {}
     if tokenizer.eot_token is not None:
@@ -307,9 +307,8 @@ def load_tokens(corpus_dir, split: str) -> np.memmap:
     known_dtype = meta["dtype"] in ("uint16", "uint32")
     if not known_dtype or meta["n_vocab"] > np.iinfo(meta["dtype"]).max + 1:
         meta_path = path.parent / "meta.json"
-        raise ValueError(f"{meta_path}: n_vocab {meta['n_vocab']} does not fit in "
-                         f"{meta['dtype']} (token files are uint16 or uint32); "
-                         "prepare the corpus again")
+        raise ValueError(f"{meta_path}: n_vocab {meta['n_vocab']} does not fit in {meta['dtype']} "
+                         "(token files: uint16 or uint32); prepare the corpus again")
     dtype = np.dtype(meta["dtype"])
     n_tokens = meta[f"{split}_tokens"]
     n_bytes = path.stat().st_size
@@ -342,19 +341,17 @@ def load_tokens(corpus_dir, split: str) -> np.memmap:
 
 def get_batch(data, batch_size: int, block_size: int, step: int, seed: int = 0, rank: int = 0,
               world_size: int = 1, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank's rows of global batch number step, a pure function of (seed, step):
-    x, y (B // world_size, T)."""
+    """Rank's rows x, y (B // world_size, T) of global batch step; a pure function of seed, step."""
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     if block_size >= len(data):
         raise ValueError(f"the data has {len(data)} tokens but one (x, y) window needs "
-                         f"block_size + 1 = {block_size + 1}; "
-                         "use a smaller block_size or more text")
+                         f"block_size + 1 = {block_size + 1}; lower block_size or use more text")
     if world_size <= 0 or batch_size <= 0 or batch_size % world_size:
         raise ValueError(f"batch_size {batch_size} does not split across {world_size} ranks; "
                          "use a positive multiple of world_size")
     if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside 0..{world_size - 1} (world_size {world_size})")
+        raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
     per_rank = batch_size // world_size
     rng = np.random.default_rng([seed, step])
     starts = rng.integers(0, len(data) - block_size, size=batch_size)  # the global batch
@@ -427,8 +424,7 @@ class RankBatchSampler(Sampler):
             raise ValueError(f"batch_size {batch_size} does not split across "
                              f"{world_size} ranks; use a positive multiple of world_size")
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside 0..{world_size - 1} "
-                             f"(world_size {world_size})")
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
         if n < batch_size:
             raise ValueError(f"{n} examples do not fill one batch of {batch_size}; "
                              "use a smaller batch_size, a smaller stride or more text")
@@ -476,7 +472,7 @@ def main(argv=None):
                         help="the share of the text (its end) kept for validation")
     parser.add_argument("--block_size", type=int, default=32, help="tokens per window shown")
     parser.add_argument("--batch_size", type=int, default=4, help="windows per batch shown")
-    parser.add_argument("--seed", type=int, default=0, help="the random seed of get_batch")
+    parser.add_argument("--seed", type=int, default=0, help="get_batch's random seed")
     parser.add_argument("--fetch", type=str, choices=list(SOURCES), help="download this file alone")
     parser.add_argument("--data_dir", type=str, default="data",
                         help="downloads, and the <dataset>-<tokenizer>/ folders 05 and 06 read; "
@@ -581,8 +577,7 @@ class CharTokenizer:
 
     def __init__(self, chars: str):
         if len(set(chars)) != len(chars):
-            raise ValueError("chars has repeated characters; "
-                             "build it with CharTokenizer.from_text(text)")
+            raise ValueError("chars has repeated characters; use CharTokenizer.from_text(text)")
         self.chars = chars
         self.n_vocab = len(chars)
         self.eot_token = None  # no end-of-text token
@@ -597,9 +592,8 @@ class CharTokenizer:
         try:
             return [self.stoi[ch] for ch in text]
         except KeyError as e:
-            raise ValueError(f"character {e.args[0]!r} is not in the vocabulary; "
-                             "build the tokenizer from text that contains it "
-                             "(CharTokenizer.from_text)") from None
+            raise ValueError(f"character {e.args[0]!r} is not in the vocabulary: build the "
+                             "tokenizer from text that has it (CharTokenizer.from_text)") from None
 
     def decode(self, ids) -> str:
         try:
@@ -614,17 +608,14 @@ class CharTokenizer:
 
 # copied from 01_tokenizer.py: get_tokenizer
 def get_tokenizer(spec: dict):
-    """The tokenizer a dict describes: {"kind": "char", "chars": ...} -> CharTokenizer;
-    {"kind": "gpt2"} -> tiktoken's GPT-2 encoding."""
+    """{"kind": "char", "chars": ...} -> CharTokenizer; {"kind": "gpt2"} -> tiktoken's GPT-2."""
     kind = spec.get("kind")
     if kind == "char":
         return CharTokenizer(spec["chars"])
     if kind == "gpt2":
         import tiktoken  # only when asked for: char-only scripts do not need it
-
         return tiktoken.get_encoding("gpt2")
-    raise ValueError(f"unknown tokenizer kind {kind!r}; "
-                     "use {'kind': 'char', 'chars': ...} or {'kind': 'gpt2'}")
+    raise ValueError(f"unknown tokenizer kind {kind!r}; use 'char' (with 'chars') or 'gpt2'")
 
 
 # copied from 01_tokenizer.py: download

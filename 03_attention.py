@@ -273,11 +273,9 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True):
         super().__init__()
-        if n_head <= 0 or n_embd % n_head != 0:
-            raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}: each head "
-                             "gets n_embd // n_head channels; choose an n_head that divides "
-                             "n_embd (GPT-2: 768 and 12)")
-        self.n_embd = n_embd
+        if n_head <= 0 or n_embd % n_head != 0:  # each head gets n_embd // n_head channels
+            raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}; choose an "
+                             "n_head that divides n_embd (GPT-2: 768 and 12)")
         self.n_head = n_head
         self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)  # q, k, v of all heads in one matmul
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)  # mixes the heads' outputs
@@ -287,7 +285,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.size()
         hs = C // self.n_head  # head size
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
@@ -336,7 +334,7 @@ class PaddedCausalSelfAttention(CausalSelfAttention):
                 "True/1 for real tokens, False/0 for padding"
             )
         hs = C // self.n_head  # head size
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
@@ -404,8 +402,7 @@ class KVCache:
         v = self.v[layer][:, :, :end]  # (B, nh, end, hs)
         if layer == len(self.k) - 1:  # the last layer moves the cache on
             self.length = end
-        if mask is None and T > 1 and start > 0:  # a later chunk: the causal triangle, shifted
-            # by start: query i sees keys 0 .. start + i
+        if mask is None and T > 1 and start > 0:  # a later chunk: query i sees keys 0 .. start + i
             mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
         is_causal = mask is None and T > 1  # here only if start == 0: the top-left triangle fits
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)

@@ -587,8 +587,7 @@ class CharTokenizer:
 
     def __init__(self, chars: str):
         if len(set(chars)) != len(chars):
-            raise ValueError("chars has repeated characters; "
-                             "build it with CharTokenizer.from_text(text)")
+            raise ValueError("chars has repeated characters; use CharTokenizer.from_text(text)")
         self.chars = chars
         self.n_vocab = len(chars)
         self.eot_token = None  # no end-of-text token
@@ -603,9 +602,8 @@ class CharTokenizer:
         try:
             return [self.stoi[ch] for ch in text]
         except KeyError as e:
-            raise ValueError(f"character {e.args[0]!r} is not in the vocabulary; "
-                             "build the tokenizer from text that contains it "
-                             "(CharTokenizer.from_text)") from None
+            raise ValueError(f"character {e.args[0]!r} is not in the vocabulary: build the "
+                             "tokenizer from text that has it (CharTokenizer.from_text)") from None
 
     def decode(self, ids) -> str:
         try:
@@ -620,17 +618,14 @@ class CharTokenizer:
 
 # copied from 01_tokenizer.py: get_tokenizer
 def get_tokenizer(spec: dict):
-    """The tokenizer a dict describes: {"kind": "char", "chars": ...} -> CharTokenizer;
-    {"kind": "gpt2"} -> tiktoken's GPT-2 encoding."""
+    """{"kind": "char", "chars": ...} -> CharTokenizer; {"kind": "gpt2"} -> tiktoken's GPT-2."""
     kind = spec.get("kind")
     if kind == "char":
         return CharTokenizer(spec["chars"])
     if kind == "gpt2":
         import tiktoken  # only when asked for: char-only scripts do not need it
-
         return tiktoken.get_encoding("gpt2")
-    raise ValueError(f"unknown tokenizer kind {kind!r}; "
-                     "use {'kind': 'char', 'chars': ...} or {'kind': 'gpt2'}")
+    raise ValueError(f"unknown tokenizer kind {kind!r}; use 'char' (with 'chars') or 'gpt2'")
 
 
 # copied from 03_attention.py: CausalSelfAttention
@@ -639,11 +634,9 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True):
         super().__init__()
-        if n_head <= 0 or n_embd % n_head != 0:
-            raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}: each head "
-                             "gets n_embd // n_head channels; choose an n_head that divides "
-                             "n_embd (GPT-2: 768 and 12)")
-        self.n_embd = n_embd
+        if n_head <= 0 or n_embd % n_head != 0:  # each head gets n_embd // n_head channels
+            raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}; choose an "
+                             "n_head that divides n_embd (GPT-2: 768 and 12)")
         self.n_head = n_head
         self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)  # q, k, v of all heads in one matmul
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)  # mixes the heads' outputs
@@ -653,7 +646,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.size()
         hs = C // self.n_head  # head size
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
@@ -680,13 +673,11 @@ class GPTConfig:
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
-            is_int = isinstance(value, int) and not isinstance(value, bool)  # True is an int too
-            if not is_int or value <= 0:
+            if type(value) is not int or value <= 0:  # not isinstance: True is an int too
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head != 0:
-            raise ValueError(f"GPTConfig: n_embd={self.n_embd} is not divisible by "
-                             f"n_head={self.n_head}; choose an n_head that divides n_embd "
-                             f"(e.g. n_embd={self.n_head * 64})")
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                             f"choose an n_head that divides it (e.g. n_embd={self.n_head * 64})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
 
@@ -772,15 +763,12 @@ class GPT(nn.Module):
 
     def _check_input(self, idx):
         if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"idx must be a (B, T) tensor of integer token ids, not "
-                             f"{tuple(idx.shape)} {idx.dtype}; for one sequence use idx[None], "
-                             "for other dtypes idx.long()")
+            raise ValueError(f"idx must be a (B, T) tensor of integer ids, not {tuple(idx.shape)} "
+                             f"{idx.dtype}; one sequence: idx[None]; other dtypes: idx.long()")
         block_size = self.config.block_size
         if idx.size(1) > block_size:
-            raise ValueError(f"sequence length {idx.size(1)} exceeds block_size={block_size} "
-                             "(no position embedding beyond it); crop to the last tokens "
-                             f"with idx[:, -{block_size}:]")
-        # eager CPU only: reading ids makes the CPU wait for a GPU, and breaks torch.compile's graph
+            raise ValueError(f"sequence length {idx.size(1)} exceeds block_size={block_size} (no "
+                             f"position embedding beyond it); crop it: idx[:, -{block_size}:]")
         eager_cpu = idx.device.type == "cpu" and not torch.compiler.is_compiling()
         if eager_cpu and ((idx < 0) | (idx >= self.config.vocab_size)).any():
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got ids from "
@@ -798,8 +786,7 @@ class GPT(nn.Module):
 # copied from 04_gpt.py: parse_config
 def parse_config(cls, argv=None):
     """The dataclass cls from the command line: a --field=value flag per Annotated field (bools
-    also bare), cls.PRESETS first when cls has them; a ValueError from cls is one `error:` line
-    and exit 2."""
+    also bare), cls.PRESETS first if any; a ValueError from cls is one `error:` line, exit 2."""
 
     def to_bool(text: str) -> bool:
         if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
@@ -851,8 +838,7 @@ def pick_device(device: str = "auto") -> str:
         raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:<index> or mps")
     no_such_gpu = kind == "cuda" and index and int(index) >= torch.cuda.device_count()
     if not available[kind] or no_such_gpu:
-        raise ValueError(f"device {device!r} is not available on this machine; "
-                         "use --device=auto (or cpu)")
+        raise ValueError(f"device {device!r} is not available on this machine; use --device=auto")
     return device
 
 
@@ -864,8 +850,7 @@ def pick_dtype(dtype: str, device: str) -> str:
         raise ValueError(f"--dtype={dtype!r} is not valid; use auto, float32, bfloat16, float16")
     cuda = torch.device(device).type == "cuda"
     if dtype == "float16" and not cuda:
-        raise ValueError("--dtype=float16 needs loss scaling, done on CUDA only; "
-                         "use bfloat16 or float32")
+        raise ValueError("--dtype=float16 needs loss scaling (CUDA only); use bfloat16 or float32")
     if dtype != "auto":
         return dtype
     if not cuda:

@@ -10,9 +10,8 @@ A model trained here lives in a ckpt.pt that only these scripts read; its users 
     sampling on 03's KV cache and 07's chat template, on the standard library's HTTP server: no new
     dependency. A lesson and a local tool: for real traffic, serve the export with vLLM or TGI.
 
-References: the safetensors format (github.com/huggingface/safetensors); transformers'
-GPT2Config; OpenAI's API reference (completions, chat completions, streaming); server-sent
-events (HTML standard).
+References: the safetensors format (github.com/huggingface/safetensors); transformers' GPT2Config;
+OpenAI's API reference (completions, chat, streaming); server-sent events (HTML standard).
 
 Run it (after `python 05_pretrain.py`, which writes out/shakespeare-char/ckpt.pt):
   python 10_serve.py --export_hf=out/hf                   # 05's model in Hugging Face's format
@@ -55,14 +54,11 @@ def gpt_to_hf_state_dict(model) -> dict[str, torch.Tensor]:
     The names are already its own (04 chose them so), but its Conv1D stores the four projection
     weights as (in, out): transposed back. lm_head is left out (transformers ties it to wte
     itself), and a model trained with bias=False gets zero biases: GPT-2 has them everywhere."""
-    hf_state = {}
-    for name, p in model.state_dict().items():
-        if name == "lm_head.weight":
-            continue
-        if name.endswith(HF_TRANSPOSED):
-            p = p.t()
-        hf_state[name] = p.detach().cpu().contiguous()
+    hf_state = {name: p.detach().cpu() for name, p in model.state_dict().items()}
+    del hf_state["lm_head.weight"]
     for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name != "lm_head":  # each a Conv1D in GPT-2
+            hf_state[f"{name}.weight"] = hf_state[f"{name}.weight"].t().contiguous()
         gpt2_has_bias = isinstance(module, (nn.Linear, nn.LayerNorm)) and name != "lm_head"
         if gpt2_has_bias and module.bias is None:
             hf_state[f"{name}.bias"] = torch.zeros(len(module.weight), dtype=module.weight.dtype)
@@ -93,13 +89,11 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path) -> None:
 
 def export_hf(model, tokenizer_spec: dict, out_dir, overwrite: bool = False) -> Path:
     """Write the model to out_dir as a Hugging Face GPT-2 that loads with no code of ours:
-    AutoModelForCausalLM.from_pretrained(out_dir), and AutoTokenizer for a GPT-2-token model: its
-    tokenizer files are OpenAI's under Hugging Face's names (encoder.json is vocab.json, vocab.bpe
-    is merges.txt). transformers has no char tokenizer: a char model gets chars.json, README.txt."""
+    AutoModelForCausalLM.from_pretrained(out_dir), and AutoTokenizer for GPT-2's tokens (OpenAI's
+    files, renamed). transformers has no char tokenizer: char models get chars.json, README.txt."""
     out = Path(out_dir)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        message = f"{out} is not empty: pick an empty --export_hf directory, or pass --overwrite"
-        raise FileExistsError(message)
+        raise FileExistsError(f"{out} is not empty: use an empty --export_hf folder or --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "chars.json", "README.txt"):
         (out / name).unlink(missing_ok=True)  # no tokenizer of an earlier export may stay behind
@@ -144,15 +138,14 @@ def export_hf(model, tokenizer_spec: dict, out_dir, overwrite: bool = False) -> 
 # -----------------------------------------------------------------------------
 # Serve: OpenAI's HTTP API (completions, chat completions, streamed as server-sent events)
 
-# One request at a time (the server's lock), so one sequence: none of 09's batch bookkeeping
-# (left padding, a mask, each row's positions), only its rules. The model knows positions 0 ..
-# block_size - 1; when the context is full, the window slides by half: the last block_size // 2
-# tokens are re-encoded into a fresh cache (sliding by one would leave every cached key stale: each
-# was computed at its position). So an answer may outrun the context. 09's sample draws each token:
-# temperature and top_p reshape the probabilities p (temperature 0 is argmax), then argmax(p / E),
-# E ~ Exp(1) from the seeded generator, is a draw from p, as torch.multinomial's: E_i / p_i is
-# exponential with rate p_i, and the least is i w.p. p_i. Token for token, this is 09's
-# generate_tokens on a batch of one (tested).
+# One request at a time (the server's lock), so one sequence: none of 09's batch bookkeeping (left
+# padding, a mask, each row's positions), only its rules. The model knows block_size positions; when
+# the context is full, the window slides by half: the last block_size // 2 tokens are re-encoded
+# into a fresh cache (sliding by one would leave every cached key stale: each was computed at its
+# position), so an answer may outrun the context. 09's sample draws each token: temperature and
+# top_p reshape the probabilities p (temperature 0: argmax), then argmax(p / E), E ~ Exp(1) from the
+# seeded generator, is a draw from p, as torch.multinomial's: E_i / p_i is exponential with rate
+# p_i; the least is i w.p. p_i. Token for token: 09's generate_tokens on a batch of one (tested).
 @torch.no_grad()
 def generate_tokens(model, prompt: list[int], temperature=1.0, top_p=None, generator=None):
     """Yield the ids that follow prompt (1+ ids), one a step, for ever: the caller stops it."""
@@ -173,9 +166,8 @@ def generate_tokens(model, prompt: list[int], temperature=1.0, top_p=None, gener
 
 
 def stream_text(model, tok, prompt: list[int], settings: dict, end_token=None):
-    """Yield (text, None) for each new token before end_token (text may be "" while held back),
-    then (the rest, finish_reason): "stop" at end_token or a stop string, "length" after
-    max_tokens tokens."""
+    """Yield (text, None) per new token before end_token (text "" while held back), then (the
+    rest, finish_reason): "stop" at end_token or a stop string, "length" after max_tokens tokens."""
     generator = torch.Generator(device=model.lm_head.weight.device)
     generator.seed()  # a random seed of its own
     if settings["seed"] is not None:  # or the one the request names
@@ -203,13 +195,8 @@ class APIError(Exception):
         self.body = {"error": error}
 
 
-# per request: past the context the window slides (generate_tokens); this bounds the wait
-MAX_TOKENS = 4096
+MAX_TOKENS = 4096  # per request: the window slides past the context; this bounds the wait
 MAX_BODY = 1_000_000  # bytes: a prompt of a context's tokens is a few kB
-
-
-def is_token_count(value) -> bool:
-    return type(value) is int and 0 < value <= MAX_TOKENS
 
 
 def is_stop(value) -> bool:  # a string, or a list of up to 4 strings
@@ -222,7 +209,8 @@ def is_stop(value) -> bool:  # a string, or a list of up to 4 strings
 # not isinstance: JSON's true is a bool, and a Python bool is an int. n (answers per request) takes
 # 1 only: ignoring another value would answer a request that was not made.
 SAMPLING = {
-    "max_tokens": (16, is_token_count, f"an integer in [1, {MAX_TOKENS}]"),
+    "max_tokens": (16, lambda v: type(v) is int and 0 < v <= MAX_TOKENS,
+                   f"an integer in [1, {MAX_TOKENS}]"),
     "temperature": (1.0, lambda v: type(v) in (int, float) and 0 <= v <= 2, "a number in [0, 2]"),
     "top_p": (1.0, lambda v: type(v) in (int, float) and 0 < v <= 1, "a number in (0, 1]"),
     "seed": (None, lambda v: type(v) is int and 0 <= v < 2**63, "an integer in [0, 2**63)"),
@@ -254,17 +242,6 @@ def parse_settings(body: dict, text_field: str) -> dict:
     return settings
 
 
-def user_instruction(messages) -> str:
-    """The content of the last message, which must be the user's (else a 400 on "messages"):
-    07's template holds one instruction (earlier turns, system ones too, are dropped)."""
-    dicts = type(messages) is list and messages and all(type(m) is dict for m in messages)
-    last = messages[-1] if dicts else {}
-    if last.get("role") != "user" or type(last.get("content")) is not str:
-        message = "'messages' must be a list of {role, content}, the last the user's"
-        raise APIError(message, "messages")
-    return last["content"]
-
-
 def check_characters(tok, text: str, param: str) -> None:
     """A char model reads only its training text's characters: the others are a 400 naming them,
     on both endpoints. An OpenAI API user expects no silent "?" (BPE encodes any text), and
@@ -274,13 +251,6 @@ def check_characters(tok, text: str, param: str) -> None:
     if missing:
         message = f"this model knows only the characters of its training text, not {missing!r}"
         raise APIError(message + ": replace or remove them", param)
-
-
-def encode_prompt(tok, text: str) -> list[int]:
-    """The user's own text; GPT-2's BPE encodes a typed "<|endoftext|>" as its end token."""
-    if hasattr(tok, "chars"):
-        return tok.encode(text)
-    return tok.encode(text, allowed_special="all")
 
 
 def encode_chat(tok, instruction: str) -> list[int]:
@@ -296,8 +266,7 @@ def encode_chat(tok, instruction: str) -> list[int]:
 
 
 def parse_request(server, body, chat: bool) -> tuple[list[int], dict, int | None]:
-    """Check a request's body: (prompt ids, settings, end token), or an APIError naming the bad
-    field as its param."""
+    """(prompt ids, settings, end token) from a body, or an APIError naming the field (param)."""
     if not isinstance(body, dict):
         raise APIError("the body must be a JSON object", code="invalid_json")
     param = "messages" if chat else "prompt"  # the field that holds the text
@@ -308,8 +277,13 @@ def parse_request(server, body, chat: bool) -> tuple[list[int], dict, int | None
         raise APIError(message, "model", "model_not_found", 404 if "model" in body else 400)
     tok = server.tok
     block_size = server.model.config.block_size
-    if chat:
-        text = user_instruction(body.get("messages"))
+    if chat:  # 07's template holds one instruction: the last message's, which must be the user's
+        messages = body.get("messages")  # (earlier turns, system ones too, are dropped)
+        dicts = type(messages) is list and messages and all(type(m) is dict for m in messages)
+        last = messages[-1] if dicts else {}
+        if last.get("role") != "user" or type(last.get("content")) is not str:
+            raise APIError("'messages' must be [{role, content}, ...], the last the user's", param)
+        text = last["content"]
         # the next header: a model that goes on after its answer writes one
         settings["stop"].append("\n\n### ")
         if body.get("max_tokens") is None:  # a whole context: an answer ends at its end token
@@ -319,7 +293,12 @@ def parse_request(server, body, chat: bool) -> tuple[list[int], dict, int | None
         if type(text) is not str:
             raise APIError(f"'prompt' must be a string, got {json.dumps(text)}", param)
     check_characters(tok, text, param)
-    prompt = encode_chat(tok, text) if chat else encode_prompt(tok, text)
+    if chat:
+        prompt = encode_chat(tok, text)
+    elif hasattr(tok, "chars"):
+        prompt = tok.encode(text)
+    else:  # the user's own text: GPT-2's BPE encodes a typed "<|endoftext|>" as its end token
+        prompt = tok.encode(text, allowed_special="all")
     if not 1 <= len(prompt) <= block_size:  # a 400 on both endpoints, as OpenAI's: never a cut
         what = "07's template with your message" if chat else "the prompt"
         message = f"{what} has {len(prompt)} tokens; the context holds 1 to {block_size}"
@@ -330,15 +309,6 @@ def parse_request(server, body, chat: bool) -> tuple[list[int], dict, int | None
     return prompt, settings, end_token
 
 
-# (chat, stream) -> the answer's "object", and the key that holds a choice's text
-ANSWER_KINDS = {
-    (False, False): ("text_completion", "text"),
-    (False, True): ("text_completion", "text"),
-    (True, False): ("chat.completion", "message"),
-    (True, True): ("chat.completion.chunk", "delta"),
-}
-
-
 class OpenAIHandler(BaseHTTPRequestHandler):
     """The subset of OpenAI's API that chat UIs and SDKs use. ThreadingHTTPServer gives each
     connection a thread; they take turns on the model (server.lock): requests queue, none lost."""
@@ -347,8 +317,7 @@ class OpenAIHandler(BaseHTTPRequestHandler):
         if self.path.rstrip("/") != "/v1/models":
             error = APIError(f"no route GET {self.path}", code="not_found", status=404)
             return self.send_json(error.body, error.status)
-        name = self.server.model_name
-        model = {"id": name, "object": "model", "created": 0, "owned_by": "you"}
+        model = {"id": self.server.model_name, "object": "model", "created": 0, "owned_by": "you"}
         self.send_json({"object": "list", "data": [model]})
 
     def do_POST(self):
@@ -374,9 +343,14 @@ class OpenAIHandler(BaseHTTPRequestHandler):
             self.respond(chat, prompt, settings, end_token)
 
     def respond(self, chat: bool, prompt: list[int], settings: dict, end_token):
-        """One JSON answer, or with stream=true server-sent events ending in [DONE]."""
+        """One JSON object with its usage in tokens, or with stream=true server-sent events: an
+        event "data: {...}\\n\\n" per piece, the last with its finish_reason, then [DONE]."""
         chunks = stream_text(self.server.model, self.server.tok, prompt, settings, end_token)
-        kind, key = ANSWER_KINDS[chat, settings["stream"]]
+        kind = "chat.completion" if chat else "text_completion"  # the answer's "object"
+        key = "message" if chat else "text"  # the key that holds a choice's text
+        if chat and settings["stream"]:  # a streamed chat's pieces: chunks, each with a delta
+            kind += ".chunk"
+            key = "delta"
         shared = {  # the fields that every chunk of this answer repeats
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": kind,
@@ -390,34 +364,24 @@ class OpenAIHandler(BaseHTTPRequestHandler):
             return shared | {"choices": [choice]}
 
         try:
-            if settings["stream"]:
-                self.send_events(chunks, answer)
-            else:
-                self.send_whole(chunks, answer, prompt_tokens=len(prompt))
+            if not settings["stream"]:
+                pieces = list(chunks)  # one per new token (the end token: none), then the end
+                text = "".join(piece for piece, _ in pieces)
+                finish = pieces[-1][1]
+                usage = {"prompt_tokens": len(prompt), "completion_tokens": len(pieces) - 1}
+                usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+                return self.send_json(answer(text, finish) | {"usage": usage})
+            # stream=true: an event per piece of text, sent as soon as it is decoded
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            for text, finish in chunks:
+                if text or finish:  # "" while held back: nothing to send yet
+                    event = json.dumps(answer(text, finish))
+                    self.wfile.write(f"data: {event}\n\n".encode())
+            self.wfile.write(b"data: [DONE]\n\n")
         except ConnectionError:  # the client left mid-answer: stop generating; the server goes on
             chunks.close()
-
-    def send_whole(self, chunks, answer, prompt_tokens: int):
-        """The answer as one JSON object, with its usage in tokens."""
-        pieces = list(chunks)  # one per new token (the end token: none), then the end
-        text = "".join(piece for piece, _ in pieces)
-        finish = pieces[-1][1]
-        completion_tokens = len(pieces) - 1
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
-        usage["total_tokens"] = prompt_tokens + completion_tokens
-        self.send_json(answer(text, finish) | {"usage": usage})
-
-    def send_events(self, chunks, answer):
-        """Server-sent events: a "data: {...}\\n\\n" per piece of text, the last with its
-        finish_reason, then "data: [DONE]\\n\\n"."""
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.end_headers()
-        for text, finish in chunks:
-            if text or finish:  # "" while held back: nothing to send yet
-                event = json.dumps(answer(text, finish))
-                self.wfile.write(f"data: {event}\n\n".encode())
-        self.wfile.write(b"data: [DONE]\n\n")
 
     def send_json(self, reply: dict, status=200):
         data = json.dumps(reply).encode()
@@ -552,8 +516,7 @@ class CharTokenizer:
 
     def __init__(self, chars: str):
         if len(set(chars)) != len(chars):
-            raise ValueError("chars has repeated characters; "
-                             "build it with CharTokenizer.from_text(text)")
+            raise ValueError("chars has repeated characters; use CharTokenizer.from_text(text)")
         self.chars = chars
         self.n_vocab = len(chars)
         self.eot_token = None  # no end-of-text token
@@ -568,9 +531,8 @@ class CharTokenizer:
         try:
             return [self.stoi[ch] for ch in text]
         except KeyError as e:
-            raise ValueError(f"character {e.args[0]!r} is not in the vocabulary; "
-                             "build the tokenizer from text that contains it "
-                             "(CharTokenizer.from_text)") from None
+            raise ValueError(f"character {e.args[0]!r} is not in the vocabulary: build the "
+                             "tokenizer from text that has it (CharTokenizer.from_text)") from None
 
     def decode(self, ids) -> str:
         try:
@@ -585,17 +547,14 @@ class CharTokenizer:
 
 # copied from 01_tokenizer.py: get_tokenizer
 def get_tokenizer(spec: dict):
-    """The tokenizer a dict describes: {"kind": "char", "chars": ...} -> CharTokenizer;
-    {"kind": "gpt2"} -> tiktoken's GPT-2 encoding."""
+    """{"kind": "char", "chars": ...} -> CharTokenizer; {"kind": "gpt2"} -> tiktoken's GPT-2."""
     kind = spec.get("kind")
     if kind == "char":
         return CharTokenizer(spec["chars"])
     if kind == "gpt2":
         import tiktoken  # only when asked for: char-only scripts do not need it
-
         return tiktoken.get_encoding("gpt2")
-    raise ValueError(f"unknown tokenizer kind {kind!r}; "
-                     "use {'kind': 'char', 'chars': ...} or {'kind': 'gpt2'}")
+    raise ValueError(f"unknown tokenizer kind {kind!r}; use 'char' (with 'chars') or 'gpt2'")
 
 
 # copied from 01_tokenizer.py: GPT2_URL
@@ -615,11 +574,9 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True):
         super().__init__()
-        if n_head <= 0 or n_embd % n_head != 0:
-            raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}: each head "
-                             "gets n_embd // n_head channels; choose an n_head that divides "
-                             "n_embd (GPT-2: 768 and 12)")
-        self.n_embd = n_embd
+        if n_head <= 0 or n_embd % n_head != 0:  # each head gets n_embd // n_head channels
+            raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}; choose an "
+                             "n_head that divides n_embd (GPT-2: 768 and 12)")
         self.n_head = n_head
         self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)  # q, k, v of all heads in one matmul
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)  # mixes the heads' outputs
@@ -629,7 +586,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.size()
         hs = C // self.n_head  # head size
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
@@ -668,8 +625,7 @@ class KVCache:
         v = self.v[layer][:, :, :end]  # (B, nh, end, hs)
         if layer == len(self.k) - 1:  # the last layer moves the cache on
             self.length = end
-        if mask is None and T > 1 and start > 0:  # a later chunk: the causal triangle, shifted
-            # by start: query i sees keys 0 .. start + i
+        if mask is None and T > 1 and start > 0:  # a later chunk: query i sees keys 0 .. start + i
             mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
         is_causal = mask is None and T > 1  # here only if start == 0: the top-left triangle fits
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
@@ -694,13 +650,11 @@ class GPTConfig:
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
-            is_int = isinstance(value, int) and not isinstance(value, bool)  # True is an int too
-            if not is_int or value <= 0:
+            if type(value) is not int or value <= 0:  # not isinstance: True is an int too
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head != 0:
-            raise ValueError(f"GPTConfig: n_embd={self.n_embd} is not divisible by "
-                             f"n_head={self.n_head}; choose an n_head that divides n_embd "
-                             f"(e.g. n_embd={self.n_head * 64})")
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                             f"choose an n_head that divides it (e.g. n_embd={self.n_head * 64})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
 
@@ -786,15 +740,12 @@ class GPT(nn.Module):
 
     def _check_input(self, idx):
         if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"idx must be a (B, T) tensor of integer token ids, not "
-                             f"{tuple(idx.shape)} {idx.dtype}; for one sequence use idx[None], "
-                             "for other dtypes idx.long()")
+            raise ValueError(f"idx must be a (B, T) tensor of integer ids, not {tuple(idx.shape)} "
+                             f"{idx.dtype}; one sequence: idx[None]; other dtypes: idx.long()")
         block_size = self.config.block_size
         if idx.size(1) > block_size:
-            raise ValueError(f"sequence length {idx.size(1)} exceeds block_size={block_size} "
-                             "(no position embedding beyond it); crop to the last tokens "
-                             f"with idx[:, -{block_size}:]")
-        # eager CPU only: reading ids makes the CPU wait for a GPU, and breaks torch.compile's graph
+            raise ValueError(f"sequence length {idx.size(1)} exceeds block_size={block_size} (no "
+                             f"position embedding beyond it); crop it: idx[:, -{block_size}:]")
         eager_cpu = idx.device.type == "cpu" and not torch.compiler.is_compiling()
         if eager_cpu and ((idx < 0) | (idx >= self.config.vocab_size)).any():
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got ids from "
@@ -809,16 +760,10 @@ class GPT(nn.Module):
         return n
 
 
-# copied from 04_gpt.py: HF_TRANSPOSED
-HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight",
-                 "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
 # copied from 04_gpt.py: parse_config
 def parse_config(cls, argv=None):
     """The dataclass cls from the command line: a --field=value flag per Annotated field (bools
-    also bare), cls.PRESETS first when cls has them; a ValueError from cls is one `error:` line
-    and exit 2."""
+    also bare), cls.PRESETS first if any; a ValueError from cls is one `error:` line, exit 2."""
 
     def to_bool(text: str) -> bool:
         if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
@@ -870,8 +815,7 @@ def pick_device(device: str = "auto") -> str:
         raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:<index> or mps")
     no_such_gpu = kind == "cuda" and index and int(index) >= torch.cuda.device_count()
     if not available[kind] or no_such_gpu:
-        raise ValueError(f"device {device!r} is not available on this machine; "
-                         "use --device=auto (or cpu)")
+        raise ValueError(f"device {device!r} is not available on this machine; use --device=auto")
     return device
 
 

@@ -646,8 +646,7 @@ def load_safetensors(path) -> dict[str, torch.Tensor]:
 # copied from 04_gpt.py: parse_config
 def parse_config(cls, argv=None):
     """The dataclass cls from the command line: a --field=value flag per Annotated field (bools
-    also bare), cls.PRESETS first when cls has them; a ValueError from cls is one `error:` line
-    and exit 2."""
+    also bare), cls.PRESETS first if any; a ValueError from cls is one `error:` line, exit 2."""
 
     def to_bool(text: str) -> bool:
         if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
@@ -699,8 +698,7 @@ def pick_device(device: str = "auto") -> str:
         raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:<index> or mps")
     no_such_gpu = kind == "cuda" and index and int(index) >= torch.cuda.device_count()
     if not available[kind] or no_such_gpu:
-        raise ValueError(f"device {device!r} is not available on this machine; "
-                         "use --device=auto (or cpu)")
+        raise ValueError(f"device {device!r} is not available on this machine; use --device=auto")
     return device
 
 

@@ -308,9 +308,8 @@ def load_tokens(corpus_dir, split: str) -> np.memmap:
     known_dtype = meta["dtype"] in ("uint16", "uint32")
     if not known_dtype or meta["n_vocab"] > np.iinfo(meta["dtype"]).max + 1:
         meta_path = path.parent / "meta.json"
-        raise ValueError(f"{meta_path}: n_vocab {meta['n_vocab']} does not fit in "
-                         f"{meta['dtype']} (token files are uint16 or uint32); "
-                         "prepare the corpus again")
+        raise ValueError(f"{meta_path}: n_vocab {meta['n_vocab']} does not fit in {meta['dtype']} "
+                         "(token files: uint16 or uint32); prepare the corpus again")
     dtype = np.dtype(meta["dtype"])
     n_tokens = meta[f"{split}_tokens"]
     n_bytes = path.stat().st_size
@@ -329,19 +328,17 @@ def load_tokens(corpus_dir, split: str) -> np.memmap:
 # copied from 02_dataloader.py: get_batch
 def get_batch(data, batch_size: int, block_size: int, step: int, seed: int = 0, rank: int = 0,
               world_size: int = 1, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank's rows of global batch number step, a pure function of (seed, step):
-    x, y (B // world_size, T)."""
+    """Rank's rows x, y (B // world_size, T) of global batch step; a pure function of seed, step."""
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     if block_size >= len(data):
         raise ValueError(f"the data has {len(data)} tokens but one (x, y) window needs "
-                         f"block_size + 1 = {block_size + 1}; "
-                         "use a smaller block_size or more text")
+                         f"block_size + 1 = {block_size + 1}; lower block_size or use more text")
     if world_size <= 0 or batch_size <= 0 or batch_size % world_size:
         raise ValueError(f"batch_size {batch_size} does not split across {world_size} ranks; "
                          "use a positive multiple of world_size")
     if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside 0..{world_size - 1} (world_size {world_size})")
+        raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
     per_rank = batch_size // world_size
     rng = np.random.default_rng([seed, step])
     starts = rng.integers(0, len(data) - block_size, size=batch_size)  # the global batch
@@ -359,8 +356,7 @@ def get_batch(data, batch_size: int, block_size: int, step: int, seed: int = 0, 
 # copied from 04_gpt.py: parse_config
 def parse_config(cls, argv=None):
     """The dataclass cls from the command line: a --field=value flag per Annotated field (bools
-    also bare), cls.PRESETS first when cls has them; a ValueError from cls is one `error:` line
-    and exit 2."""
+    also bare), cls.PRESETS first if any; a ValueError from cls is one `error:` line, exit 2."""
 
     def to_bool(text: str) -> bool:
         if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
@@ -412,8 +408,7 @@ def pick_device(device: str = "auto") -> str:
         raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:<index> or mps")
     no_such_gpu = kind == "cuda" and index and int(index) >= torch.cuda.device_count()
     if not available[kind] or no_such_gpu:
-        raise ValueError(f"device {device!r} is not available on this machine; "
-                         "use --device=auto (or cpu)")
+        raise ValueError(f"device {device!r} is not available on this machine; use --device=auto")
     return device
 
 
@@ -425,8 +420,7 @@ def pick_dtype(dtype: str, device: str) -> str:
         raise ValueError(f"--dtype={dtype!r} is not valid; use auto, float32, bfloat16, float16")
     cuda = torch.device(device).type == "cuda"
     if dtype == "float16" and not cuda:
-        raise ValueError("--dtype=float16 needs loss scaling, done on CUDA only; "
-                         "use bfloat16 or float32")
+        raise ValueError("--dtype=float16 needs loss scaling (CUDA only); use bfloat16 or float32")
     if dtype != "auto":
         return dtype
     if not cuda:

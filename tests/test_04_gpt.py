@@ -15,7 +15,7 @@ from dataclasses import fields
 import pytest
 import requests
 import torch
-from conftest import ROOT
+from conftest import ROOT, interrupted
 
 TINY = dict(block_size=16, vocab_size=101, n_layer=2, n_head=4, n_embd=32)
 
@@ -556,6 +556,27 @@ def test_init_from_gpt2_offline_is_one_line_and_leaves_nothing(
     err = capsys.readouterr().err
     assert err.startswith("error: download of ") and err.count("\n") == 1, err
     assert f"put the file at {tmp_path}" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+class CutByCtrlC(FakeResponse):
+    """A download that a Ctrl-C stops after its first block."""
+
+    def iter_content(self, chunk_size=1):
+        yield self.body[:1000]
+        interrupted()
+
+
+@pytest.mark.parametrize("init_from", ["gpt2", "scratch"])
+def test_ctrl_c_is_one_line_and_exit_130(gpt04, tmp_path, monkeypatch, capsys, init_from):
+    """A Ctrl-C while OpenAI's weights download (gpt2) or while the demo samples (scratch): one
+    line, a shell's 130, no traceback, and no partial download left in data_dir."""
+    monkeypatch.setattr(gpt04.requests, "get", lambda *args, **kwargs: CutByCtrlC(bytes(5000)))
+    monkeypatch.setattr(gpt04, "generate", interrupted)
+    with pytest.raises(BaseException) as stop:  # an escaped KeyboardInterrupt would end pytest
+        gpt04.main([f"--init_from={init_from}", f"--data_dir={tmp_path}", "--device=cpu"])
+    assert stop.type is SystemExit and stop.value.code == 130
+    assert capsys.readouterr().err.strip() == "Ctrl-C: stopped"
     assert list(tmp_path.iterdir()) == []
 
 
