@@ -1,12 +1,11 @@
 """06_distributed.py: one model, many processes. DDP, ZeRO-1 and FSDP2 under torchrun.
 
-05 trained the GPT in one process. Here the same training runs on N processes: one per GPU, talking
-through NCCL, or CPU processes talking through gloo (so it runs, and is tested, on a laptop). All
-three strategies are data parallel: every rank runs the whole model on its own slice of each global
-batch, and the ranks average their gradients, so N ranks with B/N rows each take the step one
-process takes with B rows (the tests check it on CPU: 1e-6 with SGD, 2e-4 with AdamW, whose
-update is ~lr wherever a gradient is near 0; GPUs' TF32, bf16 and summation orders differ in the
-last bits). They differ in what each rank holds, and in which collective runs when:
+Here 05's training runs on N processes: one per GPU, talking over NCCL, or CPU processes talking
+over gloo (so it runs, and is tested, on a laptop). All three strategies are data parallel: each
+rank runs the whole model on its slice of each global batch, and the ranks average their gradients,
+so N ranks of B/N rows take the step one process takes with B rows (tested on CPU: 1e-6 with SGD,
+2e-4 with AdamW, whose update is ~lr wherever a gradient is near 0; GPUs' TF32, bf16 and summation
+orders differ in the last bits). They differ in what a rank holds and in which collective runs when:
 
   bytes per rank, fp32 AdamW   params grads AdamW state  collectives in a step (P parameters)
   ddp    replicate everything  4P     4P    8P           all-reduce grads during backward
@@ -73,9 +72,7 @@ PROJECT = Path(__file__).resolve().parent  # relative paths (data/, out/, flags)
 # 1. The process group: who am I, how many are we, how do we talk
 
 @dataclass
-class World:
-    """This process's place in the job (what init_distributed returns)."""
-
+class World:  # this process's place in the job (what init_distributed returns)
     rank: int  # 0 .. size-1 over all machines; rank 0 prints and writes the full checkpoint
     size: int  # how many processes (ranks), over all machines
     device: str  # "cuda:<LOCAL_RANK>" ("cuda:0" if a launcher bound one GPU to it) or "cpu"
@@ -88,12 +85,11 @@ def print0(*args, **kwargs):
 
 
 def init_distributed(device: str = "auto") -> World:
-    """Join the process group that torchrun prepared, or make a world of one (the same code runs,
-    its collectives cheap); a group that exists already (a test's ranks) is joined, left alone.
-    torchrun starts one process per GPU (or CPU slot) and tells each who it is in environment
-    variables: RANK (global index), LOCAL_RANK (index on this machine: which GPU), WORLD_SIZE, and
-    MASTER_ADDR:MASTER_PORT, a store where the ranks find each other. The backend moves the bytes:
-    NCCL for CUDA tensors (NVLink, InfiniBand), gloo for CPU tensors (TCP)."""
+    """Join the process group torchrun prepared, or make a world of one (the same code runs, its
+    collectives cheap); a group that exists (a test's ranks) is joined as it is. torchrun tells each
+    process who it is in environment variables: RANK (global index), LOCAL_RANK (which GPU on this
+    machine), WORLD_SIZE, and MASTER_ADDR:MASTER_PORT, a store where the ranks meet. The backend
+    moves the bytes: NCCL for CUDA tensors (NVLink, InfiniBand), gloo for CPU ones (TCP)."""
     owns_group = not dist.is_initialized()
     torchrun = "RANK" in os.environ
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -162,14 +158,14 @@ def parallelize(model: nn.Module, cfg) -> nn.Module:
     return fully_shard(model, mp_policy=policy)
 
 
-def local_part(tensor: torch.Tensor) -> torch.Tensor:
+def local_part(tensor):
     """What this rank holds of a tensor: a DTensor's (FSDP's) own shard, or a plain tensor whole."""
     if isinstance(tensor, DTensor):
         return tensor.to_local()
     return tensor
 
 
-def build_optimizer(cfg, model: nn.Module, world: World) -> torch.optim.Optimizer:
+def build_optimizer(cfg, model, world: World):
     """AdamW (05's configure_optimizers) or plain SGD; for zero1, wrapped in ZeRO stage 1:
     ZeroRedundancyOptimizer, over a DDP model: each rank owns whole tensors, dealt out greedily
     by size (~1/N of the parameters; GPT-2's tied wte, 31%, goes to one), and keeps their state.
@@ -192,14 +188,13 @@ def build_optimizer(cfg, model: nn.Module, world: World) -> torch.optim.Optimize
     return optimizer
 
 
-def memory_report(model: nn.Module, optimizer, world: World) -> dict[str, int]:
+def memory_report(model, optimizer, world: World) -> dict:
     """Bytes of parameters, gradients and optimizer state this rank holds (after a step), counted
     on the tensors themselves (of a DTensor, its local shard); rank 0 prints every rank's."""
     params = list(model.parameters())  # a tied weight (wte = lm_head) is listed once
     state = getattr(optimizer, "optim", optimizer).state  # ZeRO's: in its local optimizer
-    grads = [p.grad for p in params if p.grad is not None]
-    optimizer_state = [v for s in state.values() for v in s.values() if torch.is_tensor(v)]
-    tensors = {"params": params, "grads": grads, "optimizer": optimizer_state}
+    tensors = {"params": params, "grads": [p.grad for p in params if p.grad is not None],
+               "optimizer": [v for s in state.values() for v in s.values() if torch.is_tensor(v)]}
     memory = {kind: sum(local_part(t).nbytes for t in ts) for kind, ts in tensors.items()}
     every_rank = [None] * world.size
     dist.all_gather_object(every_rank, memory)
@@ -214,27 +209,23 @@ def memory_report(model: nn.Module, optimizer, world: World) -> dict[str, int]:
 # 3. Training and evaluation: 05's, data parallel. `# NEW:` marks what data parallelism changes
 
 def train_step(model, optimizer, data, cfg, world: World, it: int):
-    """05's step on global batch `it`, each rank on its 1/N of the rows (so the gradient is the
-    mean over the same rows, up to the order of float additions): (this rank's mean loss, global
-    gradient norm), tensors still: reading them waits for the GPU, so only log steps do it."""
+    """05's step on global batch `it`, each rank on its 1/N of the rows: (this rank's mean loss,
+    global gradient norm), tensors still: reading them waits for the GPU, so only log steps do."""
     optimizer.zero_grad(set_to_none=True)  # here, not after the step: memory_report sees the grads
     accumulation = cfg.gradient_accumulation_steps
     x, y = get_batch(data, cfg.batch_size * accumulation, cfg.block_size, it, cfg.seed,
                      world.rank, world.size, world.device)  # NEW: (A * B/N, T), 02's rank-th slice
     loss_sum = torch.zeros((), device=world.device)
-    micro_batches = zip(x.chunk(accumulation), y.chunk(accumulation))
-    for micro_step, (xb, yb) in enumerate(micro_batches):
+    for micro_step, (xb, yb) in enumerate(zip(x.chunk(accumulation), y.chunk(accumulation))):
         last = micro_step == accumulation - 1
-        sync = nullcontext()
-        if isinstance(model, DDP) and not last:  # NEW: DDP (and zero1) all-reduce in the last only
-            sync = model.no_sync()
-        elif cfg.strategy == "fsdp" and not cfg.sync_every_micro_step:  # NEW: see parallelize
-            model.set_requires_gradient_sync(last)  # reduce-scatter in the last only
-        with sync:
-            # autocast as 05, with FSDP too: on CUDA, LayerNorm then runs in fp32 as in 05
-            with autocast_context(xb.device.type, cfg.dtype):
-                _, loss = model(xb, yb)
-            (loss / accumulation).backward()  # outside autocast; .grad adds up: the mean
+        if isinstance(model, DDP):  # NEW: all-reduce in the last only (the flag no_sync() sets)
+            model.require_backward_grad_sync = last
+        else:  # NEW: FSDP reduce-scatters in every micro-step, or the last only: see parallelize
+            model.set_requires_gradient_sync(last or cfg.sync_every_micro_step)
+        # autocast as 05, with FSDP too: on CUDA, LayerNorm then runs in fp32 as in 05
+        with autocast_context(xb.device.type, cfg.dtype):
+            _, loss = model(xb, yb)
+        (loss / accumulation).backward()  # outside autocast; .grad adds up: the mean
         loss_sum += loss.detach()
     # NEW: with FSDP the gradients are DTensors: the norm is computed over every rank's shards
     norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
@@ -294,8 +285,7 @@ def train(cfg, world: World, ctrl_c) -> dict:
         if logged:  # reading a tensor waits for the GPU: on log steps only
             # NEW: the ranks agree on Ctrl-C here, in the loss's all-reduce, so that all save
             # together: at every step it would cost a collective and a wait for the GPU
-            pressed = torch.tensor(float(ctrl_c.pressed), device=world.device)
-            sums = torch.stack([loss, pressed])
+            sums = torch.tensor([loss.item(), ctrl_c.pressed], device=world.device)
             dist.all_reduce(sums)  # NEW: a sum over the ranks (gloo has no average)
             loss_sum, presses = sums.tolist()
             mean_loss = loss_sum / world.size
@@ -338,10 +328,9 @@ def train(cfg, world: World, ctrl_c) -> dict:
 
 @torch.no_grad()
 def evaluate(model, tokens, cfg, world: World, step: int) -> float:
-    """05's val loss after `step` steps: the mean of the mean losses of global batches
-    step * eval_iters + k (k < eval_iters) of the val stream (seed + 1). Each rank takes its B/N
-    rows of each; as the ranks hold as many rows, the mean of their means is the batch's mean, so
-    this is 05's estimate_loss for any eval_iters, up to the order of float additions."""
+    """05's estimate_loss after `step` steps: the mean of the mean losses of global batches
+    step * eval_iters + k (k < eval_iters) of the val stream (seed + 1), each rank on B/N rows of
+    each; all take as many, so the mean of their means is the batch's (up to float sums' order)."""
     model.eval()
     loss_sum = torch.zeros((), device=world.device)
     for k in range(cfg.eval_iters):
@@ -360,13 +349,12 @@ def evaluate(model, tokens, cfg, world: World, step: int) -> float:
 # 4. Checkpoints and restarts: the full state on rank 0 in 05's format, or every rank's shards
 
 def save(cfg, model, optimizer, world: World, run_info: dict):
-    """Write run_info with the model and optimizer; every rank calls this (it runs collectives).
-    Full: get_model_state_dict and get_optimizer_state_dict know every wrapper; for FSDP they
-    gather one tensor at a time straight to rank 0's CPU, so no GPU holds the whole model. Numbered
-    like optimizer.state_dict(), the file is 05's. Sharded (too large to gather): every rank writes
-    its shards with torch.distributed.checkpoint, plus an index of which slice lies where, so
-    another world size can load them; rank 0 moves the pointer (dcp-latest.pt) once a save is
-    complete, so a crash mid-save leaves the last one usable."""
+    """Save run_info, model and optimizer; every rank calls this (it runs collectives). Full:
+    get_model_state_dict and get_optimizer_state_dict know every wrapper; for FSDP they gather one
+    tensor at a time straight to rank 0's CPU, so no GPU holds the whole model; numbered like
+    optimizer.state_dict(), the file is 05's. Sharded (too large to gather): each rank writes its
+    shards with torch.distributed.checkpoint, plus an index of which slice lies where, for any world
+    size; rank 0 then moves the pointer (dcp-latest.pt), so a crash mid-save keeps the last one."""
     if cfg.sharded_checkpoint:
         name = f"dcp-{run_info['iter_num']:06d}"  # a new directory per save
         model_state, optimizer_state = dsd.get_state_dict(model, optimizer)
@@ -398,14 +386,13 @@ def save(cfg, model, optimizer, world: World, run_info: dict):
     dist.barrier()
 
 
-def key_optimizer_state(state_dict: dict, model, optimizer, to_names: bool) -> dict:
+def key_optimizer_state(state_dict, model, optimizer, to_names):
     """optimizer.state_dict() numbers the parameters 0, 1, ... in the optimizer's order;
     torch.distributed.checkpoint keys them by name. Key state_dict by name, or back by number."""
     module = getattr(model, "module", model)  # DDP keeps the model in .module
     name_of = {p: name for name, p in module.named_parameters()}
     names = [name_of[p] for group in optimizer.param_groups for p in group["params"]]
-    by_number = dict(enumerate(names))  # the optimizer's numbers -> names
-    new_key = by_number if to_names else {name: number for number, name in by_number.items()}
+    new_key = dict(enumerate(names)) if to_names else {name: i for i, name in enumerate(names)}
     state = {new_key[k]: v for k, v in state_dict["state"].items()}
     groups = [{**group, "params": [new_key[k] for k in group["params"]]}
               for group in state_dict["param_groups"]]
@@ -414,6 +401,8 @@ def key_optimizer_state(state_dict: dict, model, optimizer, to_names: bool) -> d
 
 def check_checkpoint(cfg, n_vocab: int):
     """The checkpoint in out_dir, full or sharded, must be the one init_from and the flags say."""
+    if cfg.overwrite and cfg.init_from != "scratch":  # else auto resumes, --overwrite unheard
+        raise ValueError("--overwrite starts afresh: use it with --init_from=scratch")
     found = cfg.ckpt_path.exists()
     other_name = "ckpt.pt" if cfg.sharded_checkpoint else "dcp-latest.pt"
     other_kind = cfg.ckpt_path.with_name(other_name)  # the opposite --sharded_checkpoint's
@@ -441,9 +430,8 @@ def check_checkpoint(cfg, n_vocab: int):
         raise ValueError(f"{cfg.ckpt_path} holds no optimizer state (07, 08); {fix}")
 
 
-def resume(cfg, model, optimizer, world: World) -> tuple[int, float]:
-    """(iter_num, best_val_loss) of out_dir's checkpoint, loaded into any strategy at any world
-    size if init_from says so; out_dir must be on a filesystem that all nodes see."""
+def resume(cfg, model, optimizer, world: World):
+    """(iter_num, best_val_loss) resumed as init_from says, at any world size and strategy."""
     ckpt = None
     start = 0
     if cfg.init_from != "scratch" and cfg.ckpt_path.exists():  # check_checkpoint read it
@@ -566,7 +554,6 @@ class DistConfig:
 
 
 def check_settings(cfg: DistConfig):
-    """Every check that needs no training: a mistake is one `error:` line, before any work."""
     choices = {"strategy": ("ddp", "zero1", "fsdp"), "optimizer": ("adamw", "sgd"),
                "init_from": ("scratch", "resume", "auto"), "gelu": ("none", "tanh"),
                "dtype": ("auto", "float32", "bfloat16")}  # no float16: no gradient scaler
@@ -858,6 +845,7 @@ class GPT(nn.Module):
         if idx.size(1) > block_size:
             raise ValueError(f"sequence length {idx.size(1)} exceeds block_size={block_size} (no "
                              f"position embedding beyond it); crop it: idx[:, -{block_size}:]")
+        # eager CPU only: reading ids makes the CPU wait for a GPU, and breaks torch.compile's graph
         eager_cpu = idx.device.type == "cpu" and not torch.compiler.is_compiling()
         if eager_cpu and ((idx < 0) | (idx >= self.config.vocab_size)).any():
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got ids from "

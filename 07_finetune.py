@@ -769,6 +769,7 @@ class GPT(nn.Module):
         if idx.size(1) > block_size:
             raise ValueError(f"sequence length {idx.size(1)} exceeds block_size={block_size} (no "
                              f"position embedding beyond it); crop it: idx[:, -{block_size}:]")
+        # eager CPU only: reading ids makes the CPU wait for a GPU, and breaks torch.compile's graph
         eager_cpu = idx.device.type == "cpu" and not torch.compiler.is_compiling()
         if eager_cpu and ((idx < 0) | (idx >= self.config.vocab_size)).any():
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got ids from "

@@ -181,8 +181,7 @@ def sequence_logprobs(logits, targets, mask, average: bool = False):
 
 
 def final_hidden(model, idx):
-    """(B, T) ids -> (B, T, n_embd): 04's GPT.forward up to ln_f, without the head (pair_logprobs
-    runs it in fp32) and without its input checks (the ids are ours)."""
+    """(B, T) ids -> (B, T, C): 04's GPT.forward up to ln_f, no head, no checks of our own ids."""
     transformer = model.transformer
     pos = torch.arange(idx.size(1), device=idx.device)  # (T,)
     x = transformer.drop(transformer.wte(idx) + transformer.wpe(pos))  # (B, T, C)
@@ -278,7 +277,7 @@ class DPOConfig:
     ckpt: Annotated[str, "07's model: the start and the reference"] = "out/finetune/ckpt.pt"
     out_dir: Annotated[str, "ckpt.pt and log.jsonl go here"] = "out/dpo"
     init_from: Annotated[str, "scratch, resume (out_dir's run), or auto"] = "scratch"
-    overwrite: Annotated[bool, "replace an earlier run's ckpt.pt"] = False
+    overwrite: Annotated[bool, "replace an earlier run's ckpt.pt, log.jsonl"] = False
     data_path: Annotated[str, "JSON list of pairs; '' = rasbt's (02 fetches it)"] = ""
     beta: Annotated[float, "KL penalty: larger stays nearer 07's model"] = 0.1
     label_smoothing: Annotated[float, "conservative DPO: share of flipped labels"] = 0.0
@@ -328,9 +327,10 @@ class DPOConfig:
             self.init_from = "resume" if run.exists() else "scratch"
         if self.init_from == "resume" and not run.exists():
             raise FileNotFoundError(f"no {run} to resume; --init_from=scratch starts one")
-        if self.init_from == "scratch" and run.exists() and not self.overwrite:
-            raise ValueError(f"{run} holds an earlier run: --init_from=resume continues it, "
-                             "--overwrite replaces it, or choose another --out_dir")
+        earlier = run.exists() or run.with_name("log.jsonl").exists()  # a run's, not ours
+        if self.init_from == "scratch" and earlier and not self.overwrite:
+            raise ValueError(f"{self.out_dir} holds a run (ckpt.pt, log.jsonl): continue it: "
+                             "--init_from=resume, replace it: --overwrite, or another --out_dir")
         if self.data_path:  # a bad file fails now, before a model is loaded
             self.data_path = str(PROJECT / self.data_path)
             load_preference_data(self.data_path)
@@ -348,40 +348,36 @@ def prepare_pairs(cfg: DPOConfig, tokenizer_spec: dict, block_size: int) -> dict
     message = (f"data: {sizes} pairs; {n_cut} training pairs cut at the context ({block_size} "
                f"tokens), {n_dropped} dropped (the prompt alone is longer)")
     if unknown:
-        n_unknown = sum(unknown.values())
-        message += f"; {n_unknown} characters the char model lacks became '?'"
+        message += f"; {sum(unknown.values())} characters the char model lacks became '?'"
     print(message)
     if len(train) < cfg.batch_size or not val:
-        raise ValueError(f"{len(train)} training and {len(val)} validation pairs fit the context "
+        raise ValueError(f"{len(train)} training and {len(val)} val pairs fit the context "
                          f"of {block_size} tokens, too few for --batch_size={cfg.batch_size}: "
-                         "lower it, or start from a model of longer context (GPT-2's: 1024)")
+                         "lower it, or use a model of longer context (GPT-2's: 1024)")
     return {"train": train, "val": val, "end_id": end_id}
 
 
 @torch.no_grad()
-def evaluate(score, data: dict, eval_pairs: int, batch_size: int) -> dict:
-    """pair_metrics of each split's first eval_pairs (-1: all), scored batch_size at a time."""
+def evaluate(score, data: dict, cfg: DPOConfig, it: int) -> dict:
+    """pair_metrics of each split's first eval_pairs (-1: all), scored batch_size at a time;
+    printed, and added as one JSON line to out_dir/log.jsonl (step 0 starts the file afresh)."""
     metrics = {}
-    for split in ("train", "val"):
-        pairs = data[split] if eval_pairs == -1 else data[split][:eval_pairs]
-        starts = range(0, len(pairs), batch_size)
-        scores = [score(pairs[i : i + batch_size]) for i in starts]
-        columns = [torch.cat(column) for column in zip(*scores)]  # losses, rewards: (n,) each
-        metrics[split] = pair_metrics(*columns)
-    return metrics
-
-
-def log_evaluation(it: int, metrics: dict, path: Path):
-    """Print evaluate's metrics, and add them to the JSON lines at path (step 0 starts afresh)."""
     record = {"iter": it}
-    for split, m in metrics.items():
+    for split in ("train", "val"):
+        pairs = data[split] if cfg.eval_pairs == -1 else data[split][:cfg.eval_pairs]
+        starts = range(0, len(pairs), cfg.batch_size)
+        scores = [score(pairs[i : i + cfg.batch_size]) for i in starts]
+        columns = [torch.cat(column) for column in zip(*scores)]  # losses, rewards: (n,) each
+        m = pair_metrics(*columns)
         print(f"step {it} {split:5s} loss {m['loss']:.4f}, "
               f"rewards {m['chosen_reward']:+.3f} chosen, "
               f"{m['rejected_reward']:+.3f} rejected, "
               f"margin {m['margin']:+.3f}, accuracy {m['accuracy']:.1%}")
-        record |= {f"{split}_{name}": value for name, value in m.items()}
-    with open(path, "a" if it else "w") as log:
+        record |= {f"{split}_{k}": v for k, v in m.items()}
+        metrics[split] = m
+    with open(Path(cfg.out_dir) / "log.jsonl", "a" if it else "w") as log:
         print(json.dumps(record), file=log)
+    return metrics
 
 
 def load_models(cfg: DPOConfig, run=None) -> tuple:
@@ -403,7 +399,7 @@ def load_models(cfg: DPOConfig, run=None) -> tuple:
     policy, _, resumed = run or load_checkpoint(run_path)
     if resumed.get("stage") != "dpo" or not resumed.get("optimizer"):  # 08's, with Adam's
         raise ValueError(f"{run_path} holds a {resumed.get('stage')!r} model, no DPO run to "
-                         "resume; resume 08's out_dir, or start a run in another --out_dir")
+                         "resume; resume 08's out_dir, or start one in another --out_dir")
     if resumed["config"]["ckpt"] != cfg.ckpt:  # DPO's reference: the model the run began from
         raise ValueError(f"{run_path} began from --ckpt={resumed['config']['ckpt']}")
     return policy, reference, ckpt["tokenizer"], resumed
@@ -427,13 +423,12 @@ class DPORun:
         self.best_val = min(self.best_val, val_loss)
         states = {name: part.state_dict() for name, part in self.parts.items()}
         progress = dict(iter_num=step, val_loss=val_loss, best_val_loss=self.best_val)
-        save_checkpoint(self.path, {**states, **self.header, **progress})
+        save_checkpoint(self.path, states | self.header | progress)
 
 
 def dpo(cfg: DPOConfig, loaded=None) -> dict:
     """Train the policy against its frozen reference from step 0, or where a resumed run stopped
-    (loaded: out_dir's checkpoint, if main has read it). Returns the metrics before (None on
-    resume) and after, this run's losses, the models, steps, interrupted."""
+    (loaded: its checkpoint, if main read it). Returns metrics before (None on resume) and after."""
     policy, reference, tokenizer_spec, resumed = load_models(cfg, loaded)
     block_size = policy.config.block_size
     data = prepare_pairs(cfg, tokenizer_spec, block_size)
@@ -452,6 +447,7 @@ def dpo(cfg: DPOConfig, loaded=None) -> dict:
                                   weight_decay=cfg.weight_decay, fused=fused)
     fp16 = cfg.dtype == "float16"  # bf16 and fp32 need no loss scaling: a pass-through
     scaler = torch.amp.GradScaler(device_type, enabled=fp16)
+    resume = f"python 08_dpo.py --init_from=resume --out_dir={cfg.out_dir}"  # from any folder
     step = 0  # optimizer steps done
     if resumed:  # the policy came with it; Adam's moments and the step come too
         today = optimizer.state_dict()["param_groups"]  # its decay: the flag given now wins
@@ -459,14 +455,15 @@ def dpo(cfg: DPOConfig, loaded=None) -> dict:
         scaler.load_state_dict(resumed["scaler"] or scaler.state_dict())  # {}: saved without fp16
         step = resumed["iter_num"]
         print(f"resuming at step {step} of {max_iters}")
+        if step >= max_iters:  # a run at its end, resumed without a larger --max_iters
+            print(f"nothing left to do (to train longer: {resume} --max_iters={2 * step})")
 
     def score(pairs):  # (losses, chosen rewards, rejected rewards) of a list of pairs, (B,) each
         batch = collate_pairs(pairs, data["end_id"], block_size, cfg.device)  # pad: end token
         return dpo_batch(policy, reference, batch, cfg.beta, cfg.label_smoothing,
                          cfg.average_log_probs, ctx)
 
-    log_path = Path(cfg.out_dir) / "log.jsonl"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)  # log.jsonl comes before a save
     before = None
     after = None
     val_loss = resumed["val_loss"] if resumed else None
@@ -475,8 +472,7 @@ def dpo(cfg: DPOConfig, loaded=None) -> dict:
     with CtrlC() as ctrl_c:
         if not resumed:
             print("before DPO (policy = reference: rewards 0, loss ln 2 = 0.6931):")
-            before = evaluate(score, data, cfg.eval_pairs, cfg.batch_size)
-            log_evaluation(0, before, log_path)
+            before = evaluate(score, data, cfg, 0)
             val_loss = before["val"]["loss"]
         tokens = 0  # since the last log line
         t0 = time.perf_counter()
@@ -491,26 +487,23 @@ def dpo(cfg: DPOConfig, loaded=None) -> dict:
             loss = losses.mean()
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)  # true gradients, before clipping
-            max_norm = cfg.grad_clip or math.inf
-            norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm)
+            norm = nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip or math.inf)
             scaler.step(optimizer)
             scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()  # to None (the default): their memory is freed
             step += 1
             train_losses.append(loss.detach())  # .item() waits for the GPU: log/eval steps only
             tokens += sum(2 * len(p) + len(c) + len(r) for p, c, r in pairs)
             last = step == max_iters
             if step % cfg.log_interval == 0 or last:
                 m = pair_metrics(losses, chosen_rewards, rejected_rewards)
-                tokens_per_s = tokens / (time.perf_counter() - t0)
                 print(f"step {step}/{max_iters}: loss {m['loss']:.4f}, "
                       f"margin {m['margin']:+.3f}, accuracy {m['accuracy']:.0%}, "
-                      f"grad norm {norm:.2f}, {tokens_per_s:,.0f} tokens/s")
+                      f"grad norm {norm:.2f}, {tokens / (time.perf_counter() - t0):,.0f} tokens/s")
                 tokens = 0
                 t0 = time.perf_counter()
             if step % cfg.eval_interval == 0 or last:
-                after = evaluate(score, data, cfg.eval_pairs, cfg.batch_size)
-                log_evaluation(step, after, log_path)
+                after = evaluate(score, data, cfg, step)
                 val_loss = after["val"]["loss"]  # the DPO loss (ln 2 at the start), not the LM's
                 run.save(step, val_loss)
                 tokens = 0
@@ -519,8 +512,7 @@ def dpo(cfg: DPOConfig, loaded=None) -> dict:
             run.save(step, val_loss)
     test = Path(cfg.ckpt).parent / "test.json"  # 07's test split: 09 answers it, 11 judges
     if ctrl_c.pressed:
-        print(f"saved {run.path} (step {step}); continue: "
-              f"python 08_dpo.py --init_from=resume --out_dir={cfg.out_dir}")
+        print(f"saved {run.path} (step {step}); continue: {resume}")
     elif test.exists():  # not beside a 07 run stopped early
         print(f"answers for 11's judge: python 09_generate.py --ckpt={run.path} --answers={test} "
               "--temperature=0 --max_new_tokens=256")  # --chat instead: talk to it
@@ -545,7 +537,6 @@ def main(argv=None):
             cfg = parse_config(DPOConfig, flags + argv)
         print("config:", ", ".join(f"{k}={v!r}" for k, v in asdict(cfg).items()))
         torch.set_num_threads(cfg.threads or torch.get_num_threads())
-        torch.manual_seed(cfg.seed)
         result = dpo(cfg, run)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:  # a NaN: a lower lr
         print(f"error: {e}", file=sys.stderr)
@@ -751,6 +742,7 @@ class GPT(nn.Module):
         if idx.size(1) > block_size:
             raise ValueError(f"sequence length {idx.size(1)} exceeds block_size={block_size} (no "
                              f"position embedding beyond it); crop it: idx[:, -{block_size}:]")
+        # eager CPU only: reading ids makes the CPU wait for a GPU, and breaks torch.compile's graph
         eager_cpu = idx.device.type == "cpu" and not torch.compiler.is_compiling()
         if eager_cpu and ((idx < 0) | (idx >= self.config.vocab_size)).any():
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got ids from "

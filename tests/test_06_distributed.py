@@ -827,7 +827,8 @@ def test_checkpoints_keep_the_dtype_as_given(dist06, corpus, tmp_path, capsys, m
     dist06.main(argv(settings, data_dir=corpus, out_dir=run, init_from="resume"))
     device = dist06.pick_device("auto")
     device = "cuda:0" if device == "cuda" else "cpu"  # mps trains on the CPU in 06
-    dtype = dist06.pick_dtype("auto", device).replace("float16", "float32")  # no GradScaler in 06
+    dtype = dist06.pick_dtype("auto", device)
+    dtype = "float32" if dtype == "float16" else dtype  # no GradScaler in 06 ("bfloat16" stays)
     assert f"resuming at iter 2 of {K} from {run / 'ckpt.pt'}, on {device} in {dtype}" in \
         capsys.readouterr().out
 
@@ -858,6 +859,25 @@ def test_a_fresh_start_never_overwrites_a_run(dist06, corpus, two_ranks, tmp_pat
     out = capsys.readouterr().out
     assert f"resuming at iter {K} of {K}" in out and "nothing left to do" in out, out
     assert f"--max_iters={2 * K}" in out and result["iter_num"] == K and result["losses"] == {}
+
+
+def test_overwrite_with_auto_or_resume_is_refused(dist06, corpus, tmp_path, capsys, monkeypatch):
+    """--overwrite starts afresh, and --init_from=auto (finding a checkpoint) or resume would not:
+    the pair is refused in one line before any work, with or without a checkpoint (a job that
+    torchrun restarts meets the same answer on every attempt), and the checkpoint stays."""
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    settings = dict(strategy="ddp", **RUNS["adamw-1"])
+    run = tmp_path / "run"
+    dist06.main(argv(settings, data_dir=corpus, out_dir=run, max_iters=2))
+    before = (run / "ckpt.pt").read_bytes()
+    for out_dir, init_from in ((run, "auto"), (run, "resume"), (tmp_path / "empty", "auto")):
+        flags = argv(settings, data_dir=corpus, out_dir=out_dir, init_from=init_from,
+                     overwrite=True)
+        err = user_error(dist06, capsys, flags)
+        assert "--overwrite starts afresh: use it with --init_from=scratch" in err, err
+    assert (run / "ckpt.pt").read_bytes() == before and not (tmp_path / "empty").exists()
+    assert not dist.is_initialized()
 
 
 @pytest.mark.slow

@@ -622,6 +622,44 @@ def test_an_existing_checkpoint_is_never_overwritten_unasked(dpo08, capsys, star
     assert cfg.overwrite
 
 
+@pytest.mark.parametrize("init_from", ["scratch", "auto"])  # auto: no ckpt.pt, so scratch
+def test_an_earlier_runs_log_is_never_overwritten_unasked(dpo08, capsys, start, tmp_path,
+                                                          init_from):
+    """A folder with a log.jsonl and no ckpt.pt (a run stopped before its first save, or another
+    script's): a new run refuses it, as it refuses a ckpt.pt; --overwrite starts the log afresh."""
+    tmp, _ = start
+    (tmp_path / "log.jsonl").write_text('{"iter": 7}\n')
+    argv = run_argv(tmp, tmp_path, init_from=init_from, max_iters=1, batch_size=2, eval_pairs=2)
+    assert_user_error(dpo08, capsys, argv, "log.jsonl", "--overwrite", "--out_dir")
+    assert (tmp_path / "log.jsonl").read_text() == '{"iter": 7}\n'
+    assert not (tmp_path / "ckpt.pt").exists()
+    dpo08.main([*argv, "--overwrite"])
+    log = [json.loads(line)["iter"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert log == [0, 1]
+
+
+def test_a_resume_with_nothing_left_to_do_says_how_to_train_longer(dpo08, capsys, start,
+                                                                   tmp_path):
+    """A resume at or past --max_iters (the run's own, or a smaller one given now) trains and
+    writes nothing, and says so in one line, naming the flags that go on: exit status 0."""
+    tmp, _ = start
+    dpo08.main(run_argv(tmp, tmp_path, max_iters=2, batch_size=2, eval_pairs=2))
+    saved = (tmp_path / "ckpt.pt").read_bytes()
+    log = (tmp_path / "log.jsonl").read_text()
+    capsys.readouterr()
+    for more in ([], ["--max_iters=1"]):
+        result = dpo08.main(["--init_from=resume", f"--out_dir={tmp_path}", *more])
+        assert result["iter_num"] == 2 and result["after"] is None
+        lines = capsys.readouterr().out.splitlines()
+        hint = [line for line in lines if line.startswith("nothing left to do")]
+        assert len(hint) == 1, lines
+        assert (tmp_path / "ckpt.pt").read_bytes() == saved
+        assert (tmp_path / "log.jsonl").read_text() == log
+    command = hint[0].split("to train longer: ")[1].removesuffix(")").split()
+    assert command[:2] == ["python", "08_dpo.py"] and command[-1] == "--max_iters=4"
+    assert dpo08.main(command[2:])["iter_num"] == 4  # the command, as printed, goes on
+
+
 def test_pairs_that_do_not_fit_the_context_are_a_user_error(dpo08, capsys, start, tmp_path):
     tmp, ckpt = start
     small = tiny_gpt(dpo08, vocab_size=ckpt["model_args"]["vocab_size"], block_size=16)
