@@ -1,14 +1,13 @@
 """Stage 5: pretraining, the project's main job. A GPT learns to write Shakespeare on a laptop CPU.
 
-04 built the model; here it learns, from scratch, on the token files 02 prepared. Each iteration
-takes a batch of random windows of the corpus, computes the next-token loss, backpropagates, and
-takes one AdamW step. Around that core sits what makes a run trustworthy and fast enough to use:
-AdamW with weight decay on the matrices only; warmup then cosine decay of the learning rate;
-gradient clipping and accumulation; on CUDA bf16 autocast (fp16 with a gradient scaler on GPUs
-without native bf16), TF32 and, with --compile, torch.compile; on CPU plain fp32; checkpoints
-written atomically with everything needed to continue a run bit for bit; Ctrl-C that saves; a NaN
-that stops the run with the last checkpoint intact; a log line (loss, lr, grad norm, ms, tokens/s,
-MFU on GPUs of known peak), log.jsonl, a loss plot and text samples.
+04 built the model; here it learns, from scratch, on 02's token files. Each iteration takes a batch
+of random windows of the corpus, computes the next-token loss, backpropagates, and takes one AdamW
+step. Around that core, what makes a run trustworthy and fast enough: AdamW with weight decay on the
+matrices only; warmup then cosine decay of the learning rate; gradient clipping and accumulation; on
+CUDA bf16 autocast (fp16 with a gradient scaler on GPUs without native bf16), TF32 and, with
+--compile, torch.compile; on CPU plain fp32; atomic checkpoints that continue a run bit for bit;
+Ctrl-C that saves; a NaN that stops the run, the last checkpoint intact; a log line (loss, lr, grad
+norm, ms, tokens/s, MFU on GPUs of known peak), log.jsonl, a loss plot and text samples.
 
 References: karpathy/nanoGPT train.py (its names, its Shakespeare recipes: val loss ~1.88 on CPU
 after 2000 iterations, ~1.47 on one GPU); Loshchilov & Hutter 2019 (AdamW); Loshchilov & Hutter
@@ -62,7 +61,7 @@ class TrainConfig:
     # data, as 02 prepared it: data_dir/<dataset>-<tokenizer>/{train.bin, val.bin, meta.json}
     dataset: Annotated[str, "the corpus 02 prepared"] = "tinyshakespeare"
     tokenizer: Annotated[str, "char (a token per character) or gpt2 (BPE)"] = "char"
-    data_dir: Annotated[str, "02's prepared corpora (relative to this script)"] = "data"
+    data_dir: Annotated[str, "02's corpora (relative to this script)"] = "data"
     # model (04's GPTConfig)
     n_layer: Annotated[int, "transformer blocks"] = 4
     n_head: Annotated[int, "attention heads per block"] = 4
@@ -90,7 +89,7 @@ class TrainConfig:
     overwrite: Annotated[bool, "start afresh, replacing out_dir's run"] = False
     eval_interval: Annotated[int, "evaluate and save every this many iters"] = 250
     eval_iters: Annotated[int, "batches per split in an evaluation"] = 20
-    log_interval: Annotated[int, "a log line every this many iterations"] = 10
+    log_interval: Annotated[int, "a log line every this many iters"] = 10
     sample_interval: Annotated[int, "a sample every this many iters (0: the end only)"] = 500
     max_new_tokens: Annotated[int, "tokens per sample (0 = no samples)"] = 200
     prompt: Annotated[str, "samples continue this text"] = "\n"
@@ -113,6 +112,10 @@ class TrainConfig:
         at_least_one = ("batch_size", "block_size", "gradient_accumulation_steps",
                         "eval_interval", "eval_iters", "log_interval")
         check_values(self, choices, at_least_one)
+        if self.ckpt_path.parent.resolve() == PROJECT:  # '' or '.': the run among the scripts
+            raise ValueError(f"--out_dir={self.out_dir!r} is the project folder: name another")
+        if self.overwrite and self.init_from != "scratch":  # a resume (auto's too) ignores it
+            raise ValueError("--overwrite starts afresh: use it with --init_from=scratch")
         if self.init_from == "auto":  # 06's too: resume if out_dir holds a checkpoint, else start
             self.init_from = "resume" if self.ckpt_path.exists() else "scratch"
         if self.max_new_tokens and not self.prompt:
@@ -124,14 +127,13 @@ class TrainConfig:
 
 
 # -----------------------------------------------------------------------------
-# One optimizer step: AdamW's groups, the learning-rate schedule, gradient accumulation. Weight
-# decay shrinks weights toward zero at every step (decoupled from the gradient: AdamW, not an L2
-# term in the loss). It is meant for the matrices, Linear weights and embeddings. Biases and
-# LayerNorm gains are 1-D shifts and scales: decaying them regularizes nothing and drags the gains
-# toward 0, toward switching their layer off. Practice differs on the embeddings (minGPT exempted
-# them); we follow nanoGPT: decay iff p.dim() >= 2. fused=True updates all tensors in one fused pass
-# (CUDA, and CPU since PyTorch 2.4: several times faster than foreach), and takes fp16's inf check
-# on the GPU, so scaler.step does not wait for it.
+# One optimizer step: AdamW's groups, the lr schedule, gradient accumulation. Weight decay shrinks
+# weights toward 0 at every step (decoupled from the gradient: AdamW, not an L2 term in the loss).
+# It is meant for the matrices: Linear weights and embeddings. Biases and LayerNorm gains are 1-D
+# shifts and scales: decaying them regularizes nothing and drags the gains toward 0, switching their
+# layer off. Practice differs on the embeddings (minGPT exempted them); we follow nanoGPT: decay iff
+# p.dim() >= 2. fused=True updates all tensors in one pass (CUDA; CPU since PyTorch 2.4, several
+# times faster than foreach) and keeps fp16's inf check on the GPU: scaler.step never waits for it.
 
 def configure_optimizers(model, weight_decay, learning_rate, betas, device_type):
     """AdamW with weight decay on the 2-D tensors only; frozen parameters (LoRA) are left out."""
@@ -214,12 +216,11 @@ def sample(model, tokenizer, cfg) -> str:
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints that continue a run exactly. A checkpoint holds the weights, the optimizer (Adam's
-# moments), the gradient scaler, the settings, the step, and torch's random generators, so that a
-# resumed run draws the same dropout masks (nothing else needs state: 02's get_batch is a function
-# of the step, and sample() forks the generators). The format every training stage writes: {"model",
-# "model_args", "tokenizer", "config", "stage" (pretrain, distributed, finetune, dpo), "iter_num",
-# "best_val_loss", "val_loss" (last measured), "optimizer", "scaler", "rng"}. Read with
+# Checkpoints that continue a run exactly, in every training stage's format: {"model", "model_args",
+# "tokenizer", "config" (the settings), "stage" (pretrain, distributed, finetune, dpo), "iter_num",
+# "best_val_loss", "val_loss" (last measured), "optimizer" (Adam's moments), "scaler" (fp16's),
+# "rng" (torch's random generators, so that a resumed run draws the same dropout masks; nothing else
+# needs state: 02's get_batch is a function of the step, sample() forks the generators)}. Read with
 # weights_only=True (no pickled code runs); written to a temporary file renamed over the old one.
 
 def rng_states() -> dict:
@@ -279,7 +280,7 @@ def plot_losses(out_dir: Path, tokens_per_iter: int):
     try:
         from matplotlib.figure import Figure  # not pyplot: no window, no GUI backend to load
     except ImportError:
-        print("no loss curve: matplotlib is not installed (pip install matplotlib)")
+        print("no loss curve without matplotlib (pip install matplotlib)")
         return
     records = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
     fig = Figure(figsize=(8, 4.5), layout="tight")
@@ -299,9 +300,9 @@ def plot_losses(out_dir: Path, tokens_per_iter: int):
 
 
 # -----------------------------------------------------------------------------
-# The training loop, then around its step: the NaN stop, Ctrl-C, one object for saves, timing, logs
+# The training loop; below it CtrlC, and Run: `run` prints, logs (log.jsonl), times and saves
 
-def train(cfg: TrainConfig, resumed: tuple | None = None) -> dict:
+def train(cfg: TrainConfig, resumed=None) -> dict:
     """Train as cfg says; resumed: load_checkpoint(out_dir/ckpt.pt) if main read it. Returns
     iter_num, the losses, ms_per_iter, tokens_per_s, mfu (None: no known peak), interrupted."""
     settings = asdict(cfg)  # saved as given: a resumed run resolves an "auto" dtype on its machine
@@ -419,12 +420,10 @@ class Run:
         self.scaler = scaler
         self.header = header  # model_args, tokenizer, config, stage: the same in every save
         self.path = cfg.ckpt_path  # ckpt.pt
-        self.resumed = bool(ckpt)  # this run continues the one ckpt.pt holds
-        self.saved_at = ckpt.get("iter_num")  # the iteration ckpt.pt holds
+        self.saved_at = ckpt.get("iter_num")  # the iteration ckpt.pt holds; None: a new run
         self.best_val = ckpt.get("best_val_loss", math.inf)
         self.losses = {"val": ckpt.get("val_loss")}  # the last evaluation's
-        rows = cfg.batch_size * cfg.gradient_accumulation_steps  # one global batch
-        self.tokens_per_iter = rows * cfg.block_size
+        self.tokens_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.block_size
         self.flops_per_iter = flops_per_token(model, cfg.block_size) * self.tokens_per_iter
         self.peak = peak_flops(cfg.device, cfg.dtype, cfg.peak_flops)
         self.resume_flags = f"--init_from=resume --out_dir={cfg.out_dir}"  # from any folder
@@ -433,13 +432,14 @@ class Run:
 
     def __enter__(self):
         cfg = self.cfg
+        resumed = self.saved_at is not None  # this run continues the one ckpt.pt holds
         self.old_threads = torch.get_num_threads()
         torch.set_num_threads(cfg.threads or self.old_threads)
         print(cfg)  # the settings, with the device and dtype this machine resolved
         against = f" | MFU against {self.peak / 1e12:.4g} TFLOP/s" if self.peak else ""
         print(f"{self.model.num_params():,} parameters | {self.tokens_per_iter:,} tokens per "
               f"iteration | {torch.get_num_threads()} threads{against}")
-        if self.resumed:
+        if resumed:
             print(f"resuming at iter {self.saved_at} of {cfg.max_iters} from {self.path} "
                   f"(--dtype={self.header['config']['dtype']} runs as {cfg.dtype} on {cfg.device})")
             if self.saved_at >= cfg.max_iters:
@@ -447,14 +447,14 @@ class Run:
                       f"--max_iters={2 * self.saved_at})")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         log_path = self.path.with_name("log.jsonl")
-        if self.resumed and log_path.exists():  # drop rows past ckpt.pt: this run logs them again
+        if resumed and log_path.exists():  # drop rows past ckpt.pt: this run logs them again
             rows = log_path.read_text().splitlines(keepends=True)
             whole = [row for row in rows if row.endswith("\n")]  # a kill can cut the last one
             kept = [row for row in whole if json.loads(row)["iter"] <= self.saved_at]
             tmp = log_path.with_suffix(".tmp")
             tmp.write_text("".join(kept))
             os.replace(tmp, log_path)  # atomic: the old log or the kept rows, never half of them
-        self.log_file = open(log_path, "a" if self.resumed else "w")
+        self.log_file = open(log_path, "a" if resumed else "w")
         return self
 
     def __exit__(self, *exc_info):
@@ -502,10 +502,8 @@ class Run:
         dt = (time.perf_counter() - self.clock_start) / steps
         ms = 1000 * dt
         mfu = f" | MFU {self.flops_per_iter / dt / self.peak:.1%}" if self.peak else ""
-        # the first window after a start, an evaluation or a sample pays for compiling and a GPU's
-        # emptied queue: it stays out of MFU, the time left and the median (warm: a later window)
-        left = ""
-        if self.warm:
+        left = ""  # cold: the window after a start, eval or sample (compiling, emptied GPU queue)
+        if self.warm:  # a later window; a cold one stays out of MFU, time left and the median
             self.step_ms.append(ms)
             left = f"{mfu} | ~{(self.cfg.max_iters - step) * dt:.0f} s left"
         print(f"iter {step}/{self.cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} "
@@ -555,7 +553,7 @@ def check_values(cfg, choices: dict, at_least_one: tuple):
     pick_dtype(cfg.dtype, pick_device(cfg.device))  # a dtype the device has; both name the fix
 
 
-def check_run(cfg: TrainConfig, resumed: tuple | None = None):
+def check_run(cfg: TrainConfig, resumed=None):
     """The checks that read the disk, which main runs before any work; each error names its fix.
     resumed: load_checkpoint's (model, tokenizer, ckpt) of out_dir/ckpt.pt when cfg resumes."""
     meta = load_meta(cfg.corpus_dir)  # if 02 has not prepared it: the 02 command that does
@@ -569,21 +567,19 @@ def check_run(cfg: TrainConfig, resumed: tuple | None = None):
                              "resume with those (vocab_size: --dataset, --tokenizer)")
     elif any(path.exists() for path in run_files) and not cfg.overwrite:
         raise ValueError(f"{cfg.ckpt_path.parent} holds a run; continue it: --init_from=resume, "
-                         f"train into another --out_dir, or replace it: --overwrite")
+                         f"use another --out_dir, or replace it: --overwrite")
     if cfg.max_new_tokens:  # a prompt the tokenizer cannot encode: now, not at the first sample
         get_tokenizer(meta["tokenizer"]).encode(cfg.prompt)
-    train_tokens = len(load_tokens(cfg.corpus_dir, "train"))  # load_tokens checks the file
-    val_tokens = len(load_tokens(cfg.corpus_dir, "val"))
-    if min(train_tokens, val_tokens) <= cfg.block_size:
-        raise ValueError(f"{cfg.corpus_dir} has {train_tokens} train and {val_tokens} val "
+    tokens = (meta["train_tokens"], meta["val_tokens"])  # train's load_tokens checks the files
+    if min(tokens) <= cfg.block_size:
+        raise ValueError(f"{cfg.corpus_dir} has {tokens[0]} train and {tokens[1]} val "
                          f"tokens, too few for --block_size={cfg.block_size}; use a smaller one")
 
 
 def main(argv=None):
-    """Train from the command line; a user error is one `error:` line, before any work. Resuming
-    takes each setting not given now (a flag; a --preset, under the flags) from the checkpoint
-    (--max_iters=N alone extends a run, at min_lr past lr_decay_iters); the device, and a dtype
-    saved as auto, resolve anew."""
+    """The command line; a user error is one `error:` line, before any work. A resume takes each
+    setting not given now (a flag; a --preset, under them) from the checkpoint (--max_iters=N alone
+    extends a run, at min_lr past lr_decay_iters); the device and an auto dtype resolve anew."""
     argv = sys.argv[1:] if argv is None else argv
     peek = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # parse_config: all flags
     peek.add_argument("--init_from")
@@ -593,12 +589,11 @@ def main(argv=None):
     ckpt_path = PROJECT / given.out_dir / "ckpt.pt"
     found = given.init_from == "auto" and ckpt_path.exists()  # auto: resume if there is one
     resumed = None
-    saved_flags = []
     try:
         if given.init_from == "resume" or found:  # the run's settings first: flags given now win
             resumed = load_checkpoint(ckpt_path)  # the one model this run builds
-            # not the device (this machine's), nor out_dir: the folder just read is the one written
-            names = {f.name for f in fields(TrainConfig)} - {"device", "out_dir"}
+            # not the device (this machine's), out_dir (written where read), --overwrite (new runs')
+            names = {f.name for f in fields(TrainConfig)} - {"device", "out_dir", "overwrite"}
             names -= set(TrainConfig.PRESETS.get(given.preset, {}))  # a preset given now wins too
             model, _, ckpt = resumed
             stage = ckpt.get("stage")
@@ -606,13 +601,16 @@ def main(argv=None):
                 raise ValueError(f"{ckpt_path} holds a {stage} model; 05 resumes only its own "
                                  "or 06's runs (sample it with 09_generate.py)")
             saved = {**ckpt["config"], "gelu": model.config.gelu}  # older runs: GPT-2's
-            saved_flags = [f"--{k}={v}" for k, v in saved.items() if k in names]
-        cfg = parse_config(TrainConfig, saved_flags + argv)  # the later flag wins: today's
+            argv = [f"--{k}={v}" for k, v in saved.items() if k in names] + argv
+        cfg = parse_config(TrainConfig, argv)  # the later flag wins: today's
         check_run(cfg, resumed)
         result = train(cfg, resumed)
     except (ValueError, OSError, FloatingPointError) as error:  # a NaN: try a lower lr
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # before train's CtrlC: the checks, the data, building the model
+        print("\nCtrl-C: stopped", file=sys.stderr)
+        sys.exit(130)
     if result["interrupted"]:
         sys.exit(130)  # a shell's code for a Ctrl-C (128 + SIGINT), as 06-08
     return result

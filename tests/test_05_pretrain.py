@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, count_device_reads
+from conftest import ROOT, count_device_reads, interrupted
 
 
 def tiny(pre05, out_dir, data_dir, **overrides):
@@ -720,6 +720,49 @@ def test_a_run_never_overwrites_a_checkpoint_it_did_not_write(pre05, char_corpus
     assert "--overwrite" in err and sha256(tmp_path / "ckpt.pt") == before
     pre05.main([*small, "--overwrite"])
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["model_args"]["n_layer"] == 1
+
+
+def test_overwrite_with_a_resume_is_refused_before_training(pre05, char_corpus, tmp_path, capsys):
+    """--overwrite starts afresh: with --init_from=auto (which resumes where a run is) or resume
+    it would be ignored, so the pair is refused, run or no run, and the run is left as it was. A
+    run started with --overwrite does not pass it on: --init_from=auto then continues it."""
+    argv = [*SMALL, "--max_iters=2", f"--data_dir={char_corpus}", f"--out_dir={tmp_path}"]
+    fix = "--overwrite starts afresh: use it with --init_from=scratch"
+    assert fix in user_error(pre05, capsys, [*argv, "--init_from=auto", "--overwrite"])
+    assert list(tmp_path.iterdir()) == []
+    pre05.main([*argv, "--overwrite"])
+    before = sha256(tmp_path / "ckpt.pt")
+    for init_from in ("auto", "resume"):
+        flags = [f"--init_from={init_from}", "--overwrite=true", "--max_iters=3"]
+        assert fix in user_error(pre05, capsys, [*argv, *flags])
+        assert sha256(tmp_path / "ckpt.pt") == before
+    pre05.main([*argv, "--init_from=auto", "--max_iters=3"])
+    assert "resuming at iter 2 of 3" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("out_dir", ["", ".", "./", "out/.."])
+def test_an_out_dir_that_is_the_project_folder_is_refused(
+    pre05, char_corpus, tmp_path, monkeypatch, capsys, out_dir
+):
+    """A relative out_dir resolves against the project folder, so '' or '.' would put ckpt.pt,
+    log.jsonl and loss.png among the scripts: refused, naming the fix."""
+    project = tmp_path.resolve() / "project"  # PROJECT is a resolved path
+    project.mkdir()
+    monkeypatch.setattr(pre05, "PROJECT", project)
+    argv = [*SMALL, "--max_iters=2", f"--data_dir={char_corpus}", f"--out_dir={out_dir}"]
+    err = user_error(pre05, capsys, argv)
+    assert f"--out_dir={out_dir!r} is the project folder: name another" in err
+    assert list(project.iterdir()) == []
+
+
+def test_ctrl_c_before_the_loop_is_one_line_and_exit_130(pre05, char_corpus, tmp_path,
+                                                        monkeypatch, capsys):
+    """Checking, loading the data and building the model come before the loop's CtrlC."""
+    monkeypatch.setattr(pre05, "train", interrupted)
+    argv = [*SMALL, "--max_iters=2", f"--data_dir={char_corpus}", f"--out_dir={tmp_path}"]
+    with pytest.raises(SystemExit) as stop:
+        pre05.main(argv)
+    assert stop.value.code == 130 and capsys.readouterr().err.strip() == "Ctrl-C: stopped"
 
 
 def test_resume_from_a_foreign_checkpoint(pre05, char_corpus, tmp_path, capsys):
