@@ -573,7 +573,7 @@ def get_tokenizer(spec: dict):
     if kind == "gpt2":
         import tiktoken  # only when asked for: char-only scripts do not need it
         return tiktoken.get_encoding("gpt2")
-    raise ValueError(f"unknown tokenizer kind {kind!r}; use 'char' (with 'chars') or 'gpt2'")
+    raise ValueError(f"unknown tokenizer kind {kind!r}; use kind 'char' (with 'chars') or 'gpt2'")
 
 
 # -----------------------------------------------------------------------------

@@ -85,7 +85,7 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
-                             f"choose an n_head that divides it (e.g. n_embd={self.n_head * 64})")
+                             f"choose an n_head dividing n_embd (e.g. n_embd={self.n_head * 64})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
 
@@ -512,7 +512,6 @@ def peak_flops(device: str, dtype: str, override: float = 0) -> float | None:
 # -----------------------------------------------------------------------------
 # Demo: count, then sample
 
-
 @dataclass
 class SampleConfig:
     """Count a GPT-2's parameters and FLOPs; sample from a random tiny GPT or OpenAI's weights."""
@@ -559,13 +558,13 @@ def params_by_component(model: GPT) -> dict[str, int]:
 def main(argv=None):
     cfg = parse_config(SampleConfig, argv)
     try:  # OpenAI's weights take minutes to download: a Ctrl-C is one line, no traceback
-        run(cfg)
-    except KeyboardInterrupt:  # download() removes its .tmp; ckpt.pt is renamed in whole or not
+        demo(cfg)
+    except KeyboardInterrupt:  # download() and --save_ckpt remove their .tmp files
         print("\nCtrl-C: stopped", file=sys.stderr)
         sys.exit(130)  # 128 + SIGINT, a shell's status for a Ctrl-C
 
 
-def run(cfg: SampleConfig):  # main's work, its settings checked before any of it
+def demo(cfg: SampleConfig):  # main's work, its settings checked before any of it
     if cfg.device.startswith("cuda"):  # TF32 matmuls: up to 8x fp32's (A100, H100), ample here
         torch.backends.cuda.matmul.allow_tf32 = True  # cuDNN's (convolutions): on by default
     torch.manual_seed(cfg.seed)
@@ -580,9 +579,8 @@ def run(cfg: SampleConfig):  # main's work, its settings checked before any of i
     print(f"  {'total (tied weights counted once)':<42} {n_params:>14,}")
     total = flops_per_token(model) / 1e9
     weights = 6 * model.num_params(non_embedding=True) / 1e9
-    attention = total - weights
     print(f"training FLOPs per token at T={model.config.block_size}: {total:.2f} GFLOP "
-          f"(weights 6N: {weights:.2f}, attention: {attention:.2f})")
+          f"(weights 6N: {weights:.2f}, attention: {total - weights:.2f})")
 
     import tiktoken  # imported here: counting parameters needs no tokenizer
     data_dir = Path(__file__).resolve().parent / cfg.data_dir  # an absolute one stays as it is
@@ -604,8 +602,11 @@ def run(cfg: SampleConfig):  # main's work, its settings checked before any of i
         checkpoint = {"model": model.state_dict(), "model_args": asdict(model.config),
                       "stage": "openai", "tokenizer": {"kind": "gpt2"}, "config": asdict(cfg),
                       "iter_num": 0, "val_loss": None, "best_val_loss": None}
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)  # atomic: a file at path is always a whole checkpoint
+        try:
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, path)  # atomic: a file at path is always a whole checkpoint
+        finally:  # a Ctrl-C or a full disk mid-save leaves no partial .tmp behind
+            tmp.unlink(missing_ok=True)
         print(f"saved {path}: python 07_finetune.py --init_from={cfg.init_from} finetunes it")
     model.to(cfg.device).eval()
     ids = enc.encode(cfg.prompt, disallowed_special=()) or [enc.eot_token]  # "": none; typed: text

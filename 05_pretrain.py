@@ -112,8 +112,6 @@ class TrainConfig:
         at_least_one = ("batch_size", "block_size", "gradient_accumulation_steps",
                         "eval_interval", "eval_iters", "log_interval")
         check_values(self, choices, at_least_one)
-        if self.ckpt_path.parent.resolve() == PROJECT:  # '' or '.': the run among the scripts
-            raise ValueError(f"--out_dir={self.out_dir!r} is the project folder: name another")
         if self.overwrite and self.init_from != "scratch":  # a resume (auto's too) ignores it
             raise ValueError("--overwrite starts afresh: use it with --init_from=scratch")
         if self.init_from == "auto":  # 06's too: resume if out_dir holds a checkpoint, else start
@@ -127,11 +125,11 @@ class TrainConfig:
 
 
 # -----------------------------------------------------------------------------
-# One optimizer step: AdamW's groups, the lr schedule, gradient accumulation. Weight decay shrinks
-# weights toward 0 at every step (decoupled from the gradient: AdamW, not an L2 term in the loss).
-# It is meant for the matrices: Linear weights and embeddings. Biases and LayerNorm gains are 1-D
-# shifts and scales: decaying them regularizes nothing and drags the gains toward 0, switching their
-# layer off. Practice differs on the embeddings (minGPT exempted them); we follow nanoGPT: decay iff
+# One optimizer step: AdamW's groups, lr schedule, accumulation. Weight decay shrinks weights toward
+# 0 each step (decoupled from the gradient: AdamW, not an L2 term in the loss). It is meant for the
+# matrices (Linear weights, embeddings). Biases and LayerNorm gains are 1-D shifts and scales:
+# decaying them regularizes nothing and drags the gains toward 0, toward switching their layer off.
+# Practice differs on the embeddings (minGPT exempted them); we follow nanoGPT: decay iff
 # p.dim() >= 2. fused=True updates all tensors in one pass (CUDA; CPU since PyTorch 2.4, several
 # times faster than foreach) and keeps fp16's inf check on the GPU: scaler.step never waits for it.
 
@@ -420,7 +418,7 @@ class Run:
         self.scaler = scaler
         self.header = header  # model_args, tokenizer, config, stage: the same in every save
         self.path = cfg.ckpt_path  # ckpt.pt
-        self.saved_at = ckpt.get("iter_num")  # the iteration ckpt.pt holds; None: a new run
+        self.saved_at = ckpt.get("iter_num")  # the iteration ckpt.pt holds; None: none yet
         self.best_val = ckpt.get("best_val_loss", math.inf)
         self.losses = {"val": ckpt.get("val_loss")}  # the last evaluation's
         self.tokens_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.block_size
@@ -532,7 +530,7 @@ class Run:
 def check_values(cfg, choices: dict, at_least_one: tuple):
     """A settings dataclass's values: each field in choices among its allowed; each number at least
     0 (the seed too: numpy's takes no negative one), or 1 if at_least_one names it; AdamW's betas
-    under 1; warmup shorter than decay; an out_dir that is not a file; a device, a dtype it has."""
+    under 1; warmup shorter than decay; out_dir a folder, not the project; device, dtype it has."""
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         allowed = choices.get(f.name)
@@ -550,6 +548,8 @@ def check_values(cfg, choices: dict, at_least_one: tuple):
                          "(or --decay_lr=false)")
     if any(folder.is_file() for folder in cfg.ckpt_path.parents):  # now, not at the first save
         raise ValueError(f"--out_dir={cfg.out_dir} is a file, or in one: name a folder")
+    if cfg.ckpt_path.parent.resolve() == PROJECT:  # '' or '.': the run among the scripts
+        raise ValueError(f"--out_dir={cfg.out_dir!r} is the project folder: name another")
     pick_dtype(cfg.dtype, pick_device(cfg.device))  # a dtype the device has; both name the fix
 
 
@@ -570,16 +570,17 @@ def check_run(cfg: TrainConfig, resumed=None):
                          f"use another --out_dir, or replace it: --overwrite")
     if cfg.max_new_tokens:  # a prompt the tokenizer cannot encode: now, not at the first sample
         get_tokenizer(meta["tokenizer"]).encode(cfg.prompt)
-    tokens = (meta["train_tokens"], meta["val_tokens"])  # train's load_tokens checks the files
-    if min(tokens) <= cfg.block_size:
-        raise ValueError(f"{cfg.corpus_dir} has {tokens[0]} train and {tokens[1]} val "
+    train_tokens = meta["train_tokens"]  # train's load_tokens checks the files against these
+    val_tokens = meta["val_tokens"]
+    if min(train_tokens, val_tokens) <= cfg.block_size:
+        raise ValueError(f"{cfg.corpus_dir} has {train_tokens} train and {val_tokens} val "
                          f"tokens, too few for --block_size={cfg.block_size}; use a smaller one")
 
 
 def main(argv=None):
     """The command line; a user error is one `error:` line, before any work. A resume takes each
-    setting not given now (a flag; a --preset, under them) from the checkpoint (--max_iters=N alone
-    extends a run, at min_lr past lr_decay_iters); the device and an auto dtype resolve anew."""
+    setting not given now (a flag, or a --preset given now) from the checkpoint (--max_iters=N
+    alone extends a run, at min_lr past lr_decay_iters); device and an auto dtype resolve anew."""
     argv = sys.argv[1:] if argv is None else argv
     peek = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # parse_config: all flags
     peek.add_argument("--init_from")
@@ -601,8 +602,8 @@ def main(argv=None):
                 raise ValueError(f"{ckpt_path} holds a {stage} model; 05 resumes only its own "
                                  "or 06's runs (sample it with 09_generate.py)")
             saved = {**ckpt["config"], "gelu": model.config.gelu}  # older runs: GPT-2's
-            argv = [f"--{k}={v}" for k, v in saved.items() if k in names] + argv
-        cfg = parse_config(TrainConfig, argv)  # the later flag wins: today's
+            argv = [f"--{k}={v}" for k, v in saved.items() if k in names] + argv  # saved first
+        cfg = parse_config(TrainConfig, argv)  # the later flag wins: the one given now
         check_run(cfg, resumed)
         result = train(cfg, resumed)
     except (ValueError, OSError, FloatingPointError) as error:  # a NaN: try a lower lr
@@ -664,7 +665,7 @@ def get_tokenizer(spec: dict):
     if kind == "gpt2":
         import tiktoken  # only when asked for: char-only scripts do not need it
         return tiktoken.get_encoding("gpt2")
-    raise ValueError(f"unknown tokenizer kind {kind!r}; use 'char' (with 'chars') or 'gpt2'")
+    raise ValueError(f"unknown tokenizer kind {kind!r}; use kind 'char' (with 'chars') or 'gpt2'")
 
 
 # copied from 02_dataloader.py: load_meta
@@ -787,7 +788,7 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
-                             f"choose an n_head that divides it (e.g. n_embd={self.n_head * 64})")
+                             f"choose an n_head dividing n_embd (e.g. n_embd={self.n_head * 64})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
 

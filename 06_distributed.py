@@ -193,8 +193,9 @@ def memory_report(model, optimizer, world: World) -> dict:
     on the tensors themselves (of a DTensor, its local shard); rank 0 prints every rank's."""
     params = list(model.parameters())  # a tied weight (wte = lm_head) is listed once
     state = getattr(optimizer, "optim", optimizer).state  # ZeRO's: in its local optimizer
-    tensors = {"params": params, "grads": [p.grad for p in params if p.grad is not None],
-               "optimizer": [v for s in state.values() for v in s.values() if torch.is_tensor(v)]}
+    grads = [p.grad for p in params if p.grad is not None]
+    optimizer_state = [v for s in state.values() for v in s.values() if torch.is_tensor(v)]
+    tensors = {"params": params, "grads": grads, "optimizer": optimizer_state}
     memory = {kind: sum(local_part(t).nbytes for t in ts) for kind, ts in tensors.items()}
     every_rank = [None] * world.size
     dist.all_gather_object(every_rank, memory)
@@ -258,8 +259,8 @@ def train(cfg, world: World, ctrl_c) -> dict:
     optimizer = build_optimizer(cfg, model, world)  # NEW: zero1 wraps the optimizer
     start, best_val_loss = resume(cfg, model, optimizer, world)  # NEW: dsd, agreed by the ranks
     if start >= cfg.max_iters:
-        print0(f"nothing left to do at iter {start}: to train longer, repeat its flags "
-               f"with --init_from=resume --max_iters={start + cfg.max_iters}")
+        print0(f"nothing left to do at iter {start}: to train longer, give this command "
+               f"--max_iters={start + cfg.max_iters}")
     saved_at = start or None  # the iteration of the checkpoint a NaN leaves intact
     iter_num = start
     interrupted = False
@@ -313,7 +314,7 @@ def train(cfg, world: World, ctrl_c) -> dict:
             saved_at = iter_num
         if interrupted:
             print0(f"saved {cfg.ckpt_path} (iter {iter_num}); continue: this command with "
-                   "--init_from=resume")
+                   "--init_from=resume, without --overwrite")
             break
         if iter_num == cfg.fail_at_step:  # a crash, for the restart test
             inject_fault(world, iter_num)
@@ -386,13 +387,14 @@ def save(cfg, model, optimizer, world: World, run_info: dict):
     dist.barrier()
 
 
-def key_optimizer_state(state_dict, model, optimizer, to_names):
+def key_optimizer_state(state_dict, model, optimizer, to_names: bool):
     """optimizer.state_dict() numbers the parameters 0, 1, ... in the optimizer's order;
     torch.distributed.checkpoint keys them by name. Key state_dict by name, or back by number."""
     module = getattr(model, "module", model)  # DDP keeps the model in .module
     name_of = {p: name for name, p in module.named_parameters()}
     names = [name_of[p] for group in optimizer.param_groups for p in group["params"]]
-    new_key = dict(enumerate(names)) if to_names else {name: i for i, name in enumerate(names)}
+    by_number = dict(enumerate(names))  # the optimizer's numbers -> names
+    new_key = by_number if to_names else {name: number for number, name in by_number.items()}
     state = {new_key[k]: v for k, v in state_dict["state"].items()}
     groups = [{**group, "params": [new_key[k] for k in group["params"]]}
               for group in state_dict["param_groups"]]
@@ -401,8 +403,6 @@ def key_optimizer_state(state_dict, model, optimizer, to_names):
 
 def check_checkpoint(cfg, n_vocab: int):
     """The checkpoint in out_dir, full or sharded, must be the one init_from and the flags say."""
-    if cfg.overwrite and cfg.init_from != "scratch":  # else auto resumes, --overwrite unheard
-        raise ValueError("--overwrite starts afresh: use it with --init_from=scratch")
     found = cfg.ckpt_path.exists()
     other_name = "ckpt.pt" if cfg.sharded_checkpoint else "dcp-latest.pt"
     other_kind = cfg.ckpt_path.with_name(other_name)  # the opposite --sharded_checkpoint's
@@ -464,7 +464,7 @@ def resume(cfg, model, optimizer, world: World):
             for p, state in optimizer.optim.state.items():
                 state.update({key: value.to(p.device) for key, value in state.items()})
             optimizer.state.clear()  # the base class keeps a second copy, which ZeRO never reads
-        else:
+        elif ckpt["optimizer"]["state"]:  # plain SGD keeps none, and dsd cannot load an empty one
             by_name = key_optimizer_state(ckpt["optimizer"], model, optimizer, to_names=True)
             dsd.set_optimizer_state_dict(model, optimizer, by_name, options=full_state)
     for group, settings in zip(optimizer.param_groups, today):  # the flags given now win
@@ -574,6 +574,8 @@ def check_settings(cfg: DistConfig):
     if pick_device(cfg.device).startswith("cuda") and local_rank >= gpus and not bound:
         raise ValueError(f"local rank {local_rank} has no GPU of its own (NCCL needs one each): "
                          f"use --nproc_per_node={gpus} or fewer, or --device=cpu")
+    if cfg.overwrite and cfg.init_from != "scratch":  # else auto resumes, --overwrite unheard
+        raise ValueError("--overwrite starts afresh: use it with --init_from=scratch")
     if cfg.sharded_checkpoint and cfg.strategy == "zero1":
         raise ValueError("--sharded_checkpoint needs --strategy=ddp or fsdp: "
                          "it cannot hold ZeRO's optimizer")
@@ -753,7 +755,7 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
-                             f"choose an n_head that divides it (e.g. n_embd={self.n_head * 64})")
+                             f"choose an n_head dividing n_embd (e.g. n_embd={self.n_head * 64})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
 
@@ -949,7 +951,7 @@ def autocast_context(device_type: str, dtype: str):
 def check_values(cfg, choices: dict, at_least_one: tuple):
     """A settings dataclass's values: each field in choices among its allowed; each number at least
     0 (the seed too: numpy's takes no negative one), or 1 if at_least_one names it; AdamW's betas
-    under 1; warmup shorter than decay; an out_dir that is not a file; a device, a dtype it has."""
+    under 1; warmup shorter than decay; out_dir a folder, not the project; device, dtype it has."""
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         allowed = choices.get(f.name)
@@ -967,6 +969,8 @@ def check_values(cfg, choices: dict, at_least_one: tuple):
                          "(or --decay_lr=false)")
     if any(folder.is_file() for folder in cfg.ckpt_path.parents):  # now, not at the first save
         raise ValueError(f"--out_dir={cfg.out_dir} is a file, or in one: name a folder")
+    if cfg.ckpt_path.parent.resolve() == PROJECT:  # '' or '.': the run among the scripts
+        raise ValueError(f"--out_dir={cfg.out_dir!r} is the project folder: name another")
     pick_dtype(cfg.dtype, pick_device(cfg.device))  # a dtype the device has; both name the fix
 
 

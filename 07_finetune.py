@@ -60,7 +60,7 @@ def load_instruction_data(path="") -> list[dict]:
     path = Path(path or DATA_DIR / "instruction-data.json")
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: `python 02_dataloader.py` fetches "
-                                "rasbt's entries, or pass --data_path=<a JSON list of entries>")
+                                "rasbt's entries, or pass --data_path=<a JSON list>")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         json.dumps(data, ensure_ascii=False).encode("utf-8")  # a lone "\ud800" is not text
@@ -317,6 +317,12 @@ class FinetuneConfig:
         self.dtype = pick_dtype(self.dtype, self.device)
         self.ckpt = str(PROJECT / self.ckpt)  # an absolute path stays as it is
         self.out_dir = str(PROJECT / self.out_dir)
+        if Path(self.out_dir).resolve() == PROJECT:  # '' or '.': the run among the scripts
+            raise ValueError(f"--out_dir={self.out_dir!r} is the project: "
+                             "name another")
+        if self.overwrite and self.init_from in ("resume", "auto"):  # auto: maybe a resume
+            raise ValueError("--overwrite starts afresh: not with "
+                             f"--init_from={self.init_from}")
         run_path = Path(self.out_dir) / "ckpt.pt"
         if self.init_from == "auto":
             self.init_from = "resume" if run_path.exists() else "scratch"
@@ -552,11 +558,11 @@ def main(argv=None):
     cfg = parse_config(FinetuneConfig, argv)  # a bad setting: one `error:` line, exit status 2
     try:  # not a checkpoint, a vocabulary without --unknown_char, a context too short for the data
         run = None
-        if cfg.init_from == "resume":  # its settings but device, dtype, out_dir; then the flags
+        if cfg.init_from == "resume":  # its settings (but those in names -=), then the flags
             run = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
             saved = run[2]["config"] if run[2].get("stage") == "finetune" else {}  # else: an error
             names = {f.name for f in fields(FinetuneConfig)}  # an older 07's others: dropped
-            names -= {"device", "dtype", "out_dir"}
+            names -= {"device", "dtype", "out_dir", "overwrite"}
             flags = [f"--{k}={saved[k]}" for k in saved.keys() & names]
             cfg = parse_config(FinetuneConfig, flags + argv)
         print("config:", ", ".join(f"{k}={v!r}" for k, v in asdict(cfg).items()))
@@ -625,7 +631,7 @@ def get_tokenizer(spec: dict):
     if kind == "gpt2":
         import tiktoken  # only when asked for: char-only scripts do not need it
         return tiktoken.get_encoding("gpt2")
-    raise ValueError(f"unknown tokenizer kind {kind!r}; use 'char' (with 'chars') or 'gpt2'")
+    raise ValueError(f"unknown tokenizer kind {kind!r}; use kind 'char' (with 'chars') or 'gpt2'")
 
 
 # copied from 03_attention.py: CausalSelfAttention
@@ -677,7 +683,7 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
-                             f"choose an n_head that divides it (e.g. n_embd={self.n_head * 64})")
+                             f"choose an n_head dividing n_embd (e.g. n_embd={self.n_head * 64})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
 

@@ -274,17 +274,17 @@ def pair_metrics(losses, chosen_rewards, rejected_rewards) -> dict:
 class DPOConfig:
     """Direct Preference Optimization of 07's instruction-tuned GPT; the book's settings, summed."""
 
-    ckpt: Annotated[str, "07's model: the start and the reference"] = "out/finetune/ckpt.pt"
+    ckpt: Annotated[str, "07's model: the start and reference"] = "out/finetune/ckpt.pt"
     out_dir: Annotated[str, "ckpt.pt and log.jsonl go here"] = "out/dpo"
     init_from: Annotated[str, "scratch, resume (out_dir's run), or auto"] = "scratch"
     overwrite: Annotated[bool, "replace an earlier run's ckpt.pt, log.jsonl"] = False
     data_path: Annotated[str, "JSON list of pairs; '' = rasbt's (02 fetches it)"] = ""
     beta: Annotated[float, "KL penalty: larger stays nearer 07's model"] = 0.1
     label_smoothing: Annotated[float, "conservative DPO: share of flipped labels"] = 0.0
-    average_log_probs: Annotated[bool, "mean, not sum, of an answer's log-probs"] = False
+    average_log_probs: Annotated[bool, "mean, not sum, of answer log-probs"] = False
     batch_size: Annotated[int, "pairs per step (2x sequences)"] = 8
     max_iters: Annotated[int, "optimizer steps; 0: one pass over the pairs"] = 0
-    learning_rate: Annotated[float, "DPO nudges a trained model; flat after warmup"] = 5e-6
+    learning_rate: Annotated[float, "flat after warmup: DPO nudges a model"] = 5e-6
     warmup_iters: Annotated[int, "linear warmup steps (the paper: 150)"] = 10
     weight_decay: Annotated[float, "AdamW's"] = 0.01
     grad_clip: Annotated[float, "clip the gradient norm to this; 0 = never"] = 1.0
@@ -292,7 +292,7 @@ class DPOConfig:
     eval_interval: Annotated[int, "metrics, ckpt.pt every this many steps"] = 25
     eval_pairs: Annotated[int, "pairs per split to evaluate (-1 = all)"] = 64
     device: Annotated[str, "auto (cuda > mps > cpu), cpu, cuda[:N], mps"] = "auto"
-    dtype: Annotated[str, "auto (GPU: bf16/fp16; CPU: fp32), float32, bfloat16, float16"] = "auto"
+    dtype: Annotated[str, "auto (GPU: bf16/fp16, CPU: fp32), float32, bfloat16, float16"] = "auto"
     threads: Annotated[int, "CPU threads; 0 = PyTorch's choice"] = 0
     seed: Annotated[int, "seeds the batch order"] = 1337
 
@@ -318,19 +318,28 @@ class DPOConfig:
         self.dtype = pick_dtype(self.dtype, self.device)
         self.ckpt = str(PROJECT / self.ckpt)  # an absolute path stays as it is
         self.out_dir = str(PROJECT / self.out_dir)
+        if Path(self.out_dir).resolve() == PROJECT:  # '' or '.': the run among the scripts
+            raise ValueError(f"--out_dir={self.out_dir!r} is the project: name another")
         run = Path(self.out_dir) / "ckpt.pt"
         if any(folder.is_file() for folder in run.parents):  # now, not at the first save
             raise ValueError(f"--out_dir={self.out_dir} is a file, or in one: name a folder")
         if Path(self.ckpt).resolve() == run.resolve():  # the reference: never replaced by a save
-            raise ValueError(f"--ckpt={self.ckpt} is the file a save replaces; change --out_dir")
+            raise ValueError(f"--ckpt={self.ckpt} is the file a save replaces; "
+                             "change --out_dir")
+        if self.overwrite and self.init_from != "scratch":  # a resume (auto's too) ignores it
+            raise ValueError("--overwrite starts afresh: "
+                             "use it with --init_from=scratch")
         if self.init_from == "auto":
             self.init_from = "resume" if run.exists() else "scratch"
         if self.init_from == "resume" and not run.exists():
             raise FileNotFoundError(f"no {run} to resume; --init_from=scratch starts one")
-        earlier = run.exists() or run.with_name("log.jsonl").exists()  # a run's, not ours
-        if self.init_from == "scratch" and earlier and not self.overwrite:
-            raise ValueError(f"{self.out_dir} holds a run (ckpt.pt, log.jsonl): continue it: "
-                             "--init_from=resume, replace it: --overwrite, or another --out_dir")
+        if self.init_from == "scratch" and run.exists() and not self.overwrite:
+            raise ValueError(f"{run} holds a run: --init_from=resume goes on, --overwrite "
+                             "replaces it, or use another --out_dir")
+        log = run.with_name("log.jsonl")  # a run stopped before its first save, or another's
+        if self.init_from == "scratch" and log.exists() and not self.overwrite:
+            raise ValueError(f"{log} is a run's log: --overwrite replaces it, "
+                             "or use another --out_dir")
         if self.data_path:  # a bad file fails now, before a model is loaded
             self.data_path = str(PROJECT / self.data_path)
             load_preference_data(self.data_path)
@@ -345,20 +354,21 @@ def prepare_pairs(cfg: DPOConfig, tokenizer_spec: dict, block_size: int) -> dict
     train, n_cut, n_dropped = tokenize_pairs(splits["train"], encode, end_id, block_size)
     val, _, _ = tokenize_pairs(splits["val"], encode, end_id, block_size)
     sizes = ", ".join(f"{split} {len(entries)}" for split, entries in splits.items())
-    message = (f"data: {sizes} pairs; {n_cut} training pairs cut at the context ({block_size} "
+    message = (f"data: {sizes} pairs; {n_cut} train pairs cut at the context ({block_size} "
                f"tokens), {n_dropped} dropped (the prompt alone is longer)")
     if unknown:
-        message += f"; {sum(unknown.values())} characters the char model lacks became '?'"
+        n_unknown = sum(unknown.values())
+        message += f"; {n_unknown} characters the char model lacks became '?'"
     print(message)
     if len(train) < cfg.batch_size or not val:
-        raise ValueError(f"{len(train)} training and {len(val)} val pairs fit the context "
+        raise ValueError(f"{len(train)} train and {len(val)} val pairs fit the context "
                          f"of {block_size} tokens, too few for --batch_size={cfg.batch_size}: "
                          "lower it, or use a model of longer context (GPT-2's: 1024)")
     return {"train": train, "val": val, "end_id": end_id}
 
 
 @torch.no_grad()
-def evaluate(score, data: dict, cfg: DPOConfig, it: int) -> dict:
+def evaluate_and_log(score, data: dict, cfg: DPOConfig, it: int) -> dict:
     """pair_metrics of each split's first eval_pairs (-1: all), scored batch_size at a time;
     printed, and added as one JSON line to out_dir/log.jsonl (step 0 starts the file afresh)."""
     metrics = {}
@@ -399,7 +409,7 @@ def load_models(cfg: DPOConfig, run=None) -> tuple:
     policy, _, resumed = run or load_checkpoint(run_path)
     if resumed.get("stage") != "dpo" or not resumed.get("optimizer"):  # 08's, with Adam's
         raise ValueError(f"{run_path} holds a {resumed.get('stage')!r} model, no DPO run to "
-                         "resume; resume 08's out_dir, or start one in another --out_dir")
+                         "resume; resume 08's out_dir, or use another --out_dir")
     if resumed["config"]["ckpt"] != cfg.ckpt:  # DPO's reference: the model the run began from
         raise ValueError(f"{run_path} began from --ckpt={resumed['config']['ckpt']}")
     return policy, reference, ckpt["tokenizer"], resumed
@@ -428,7 +438,8 @@ class DPORun:
 
 def dpo(cfg: DPOConfig, loaded=None) -> dict:
     """Train the policy against its frozen reference from step 0, or where a resumed run stopped
-    (loaded: its checkpoint, if main read it). Returns metrics before (None on resume) and after."""
+    (loaded: out_dir's checkpoint, if main read it). Returns {iter_num, train_losses, before (None
+    on resume), after, policy, reference, interrupted}."""
     policy, reference, tokenizer_spec, resumed = load_models(cfg, loaded)
     block_size = policy.config.block_size
     data = prepare_pairs(cfg, tokenizer_spec, block_size)
@@ -447,7 +458,7 @@ def dpo(cfg: DPOConfig, loaded=None) -> dict:
                                   weight_decay=cfg.weight_decay, fused=fused)
     fp16 = cfg.dtype == "float16"  # bf16 and fp32 need no loss scaling: a pass-through
     scaler = torch.amp.GradScaler(device_type, enabled=fp16)
-    resume = f"python 08_dpo.py --init_from=resume --out_dir={cfg.out_dir}"  # from any folder
+    resume_command = f"python 08_dpo.py --init_from=resume --out_dir={cfg.out_dir}"  # any folder
     step = 0  # optimizer steps done
     if resumed:  # the policy came with it; Adam's moments and the step come too
         today = optimizer.state_dict()["param_groups"]  # its decay: the flag given now wins
@@ -456,7 +467,8 @@ def dpo(cfg: DPOConfig, loaded=None) -> dict:
         step = resumed["iter_num"]
         print(f"resuming at step {step} of {max_iters}")
         if step >= max_iters:  # a run at its end, resumed without a larger --max_iters
-            print(f"nothing left to do (to train longer: {resume} --max_iters={2 * step})")
+            print(f"nothing left to do (to train longer: {resume_command} "
+                  f"--max_iters={2 * step})")
 
     def score(pairs):  # (losses, chosen rewards, rejected rewards) of a list of pairs, (B,) each
         batch = collate_pairs(pairs, data["end_id"], block_size, cfg.device)  # pad: end token
@@ -472,7 +484,7 @@ def dpo(cfg: DPOConfig, loaded=None) -> dict:
     with CtrlC() as ctrl_c:
         if not resumed:
             print("before DPO (policy = reference: rewards 0, loss ln 2 = 0.6931):")
-            before = evaluate(score, data, cfg, 0)
+            before = evaluate_and_log(score, data, cfg, 0)
             val_loss = before["val"]["loss"]
         tokens = 0  # since the last log line
         t0 = time.perf_counter()
@@ -490,20 +502,21 @@ def dpo(cfg: DPOConfig, loaded=None) -> dict:
             norm = nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip or math.inf)
             scaler.step(optimizer)
             scaler.update()
-            optimizer.zero_grad()  # to None (the default): their memory is freed
+            optimizer.zero_grad()  # grads to None (the default): memory freed
             step += 1
             train_losses.append(loss.detach())  # .item() waits for the GPU: log/eval steps only
             tokens += sum(2 * len(p) + len(c) + len(r) for p, c, r in pairs)
             last = step == max_iters
             if step % cfg.log_interval == 0 or last:
                 m = pair_metrics(losses, chosen_rewards, rejected_rewards)
+                tokens_per_s = tokens / (time.perf_counter() - t0)
                 print(f"step {step}/{max_iters}: loss {m['loss']:.4f}, "
                       f"margin {m['margin']:+.3f}, accuracy {m['accuracy']:.0%}, "
-                      f"grad norm {norm:.2f}, {tokens / (time.perf_counter() - t0):,.0f} tokens/s")
+                      f"grad norm {norm:.2f}, {tokens_per_s:,.0f} tokens/s")
                 tokens = 0
                 t0 = time.perf_counter()
             if step % cfg.eval_interval == 0 or last:
-                after = evaluate(score, data, cfg, step)
+                after = evaluate_and_log(score, data, cfg, step)
                 val_loss = after["val"]["loss"]  # the DPO loss (ln 2 at the start), not the LM's
                 run.save(step, val_loss)
                 tokens = 0
@@ -512,7 +525,7 @@ def dpo(cfg: DPOConfig, loaded=None) -> dict:
             run.save(step, val_loss)
     test = Path(cfg.ckpt).parent / "test.json"  # 07's test split: 09 answers it, 11 judges
     if ctrl_c.pressed:
-        print(f"saved {run.path} (step {step}); continue: {resume}")
+        print(f"saved {run.path} (step {step}); continue: {resume_command}")
     elif test.exists():  # not beside a 07 run stopped early
         print(f"answers for 11's judge: python 09_generate.py --ckpt={run.path} --answers={test} "
               "--temperature=0 --max_new_tokens=256")  # --chat instead: talk to it
@@ -528,11 +541,11 @@ def main(argv=None):
     cfg = parse_config(DPOConfig, argv)  # a bad setting: one `error:` line, exit 2
     try:  # a missing or bad file, pairs that do not fit: the user's to fix, not our bug
         run = None
-        if cfg.init_from == "resume":  # its settings but device, dtype, out_dir; then the flags
+        if cfg.init_from == "resume":  # the run's settings but device, dtype, out_dir, overwrite
             run = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
             saved = run[2]["config"] if run[2].get("stage") == "dpo" else {}  # else: refused
             names = {f.name for f in fields(DPOConfig)}  # an older 08's others: dropped
-            names -= {"device", "dtype", "out_dir"}
+            names -= {"device", "dtype", "out_dir", "overwrite"}
             flags = [f"--{k}={saved[k]}" for k in saved.keys() & names]
             cfg = parse_config(DPOConfig, flags + argv)
         print("config:", ", ".join(f"{k}={v!r}" for k, v in asdict(cfg).items()))
@@ -598,7 +611,7 @@ def get_tokenizer(spec: dict):
     if kind == "gpt2":
         import tiktoken  # only when asked for: char-only scripts do not need it
         return tiktoken.get_encoding("gpt2")
-    raise ValueError(f"unknown tokenizer kind {kind!r}; use 'char' (with 'chars') or 'gpt2'")
+    raise ValueError(f"unknown tokenizer kind {kind!r}; use kind 'char' (with 'chars') or 'gpt2'")
 
 
 # copied from 03_attention.py: CausalSelfAttention
@@ -650,7 +663,7 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
-                             f"choose an n_head that divides it (e.g. n_embd={self.n_head * 64})")
+                             f"choose an n_head dividing n_embd (e.g. n_embd={self.n_head * 64})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
 

@@ -277,8 +277,10 @@ def parse_request(server, body, chat: bool) -> tuple[list[int], dict, int | None
         raise APIError(message, "model", "model_not_found", 404 if "model" in body else 400)
     tok = server.tok
     block_size = server.model.config.block_size
-    if chat:  # 07's template holds one instruction: the last message's, which must be the user's
-        messages = body.get("messages")  # (earlier turns, system ones too, are dropped)
+    if chat:
+        # 07's template holds one instruction: the last message's, which must be the user's
+        # (earlier turns, system ones too, are dropped)
+        messages = body.get("messages")
         dicts = type(messages) is list and messages and all(type(m) is dict for m in messages)
         last = messages[-1] if dicts else {}
         if last.get("role") != "user" or type(last.get("content")) is not str:
@@ -343,8 +345,7 @@ class OpenAIHandler(BaseHTTPRequestHandler):
             self.respond(chat, prompt, settings, end_token)
 
     def respond(self, chat: bool, prompt: list[int], settings: dict, end_token):
-        """One JSON object with its usage in tokens, or with stream=true server-sent events: an
-        event "data: {...}\\n\\n" per piece, the last with its finish_reason, then [DONE]."""
+        """One JSON object with its usage in tokens, or with stream=true server-sent events."""
         chunks = stream_text(self.server.model, self.server.tok, prompt, settings, end_token)
         kind = "chat.completion" if chat else "text_completion"  # the answer's "object"
         key = "message" if chat else "text"  # the key that holds a choice's text
@@ -371,17 +372,21 @@ class OpenAIHandler(BaseHTTPRequestHandler):
                 usage = {"prompt_tokens": len(prompt), "completion_tokens": len(pieces) - 1}
                 usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
                 return self.send_json(answer(text, finish) | {"usage": usage})
-            # stream=true: an event per piece of text, sent as soon as it is decoded
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.end_headers()
-            for text, finish in chunks:
-                if text or finish:  # "" while held back: nothing to send yet
-                    event = json.dumps(answer(text, finish))
-                    self.wfile.write(f"data: {event}\n\n".encode())
-            self.wfile.write(b"data: [DONE]\n\n")
+            self.send_events(chunks, answer)
         except ConnectionError:  # the client left mid-answer: stop generating; the server goes on
             chunks.close()
+
+    def send_events(self, chunks, answer):
+        """Server-sent events: a "data: {...}\\n\\n" per piece of text, sent as soon as it is
+        decoded, the last with its finish_reason, then "data: [DONE]\\n\\n"."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        for text, finish in chunks:
+            if text or finish:  # "" while held back: nothing to send yet
+                event = json.dumps(answer(text, finish))
+                self.wfile.write(f"data: {event}\n\n".encode())
+        self.wfile.write(b"data: [DONE]\n\n")
 
     def send_json(self, reply: dict, status=200):
         data = json.dumps(reply).encode()
@@ -554,7 +559,7 @@ def get_tokenizer(spec: dict):
     if kind == "gpt2":
         import tiktoken  # only when asked for: char-only scripts do not need it
         return tiktoken.get_encoding("gpt2")
-    raise ValueError(f"unknown tokenizer kind {kind!r}; use 'char' (with 'chars') or 'gpt2'")
+    raise ValueError(f"unknown tokenizer kind {kind!r}; use kind 'char' (with 'chars') or 'gpt2'")
 
 
 # copied from 01_tokenizer.py: GPT2_URL
@@ -654,7 +659,7 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
-                             f"choose an n_head that divides it (e.g. n_embd={self.n_head * 64})")
+                             f"choose an n_head dividing n_embd (e.g. n_embd={self.n_head * 64})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
 

@@ -646,7 +646,7 @@ def get_tokenizer(spec: dict):
     if kind == "gpt2":
         import tiktoken  # only when asked for: char-only scripts do not need it
         return tiktoken.get_encoding("gpt2")
-    raise ValueError(f"unknown tokenizer kind {kind!r}; use 'char' (with 'chars') or 'gpt2'")
+    raise ValueError(f"unknown tokenizer kind {kind!r}; use kind 'char' (with 'chars') or 'gpt2'")
 
 
 # copied from 03_attention.py: CausalSelfAttention
@@ -735,7 +735,7 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
-                             f"choose an n_head that divides it (e.g. n_embd={self.n_head * 64})")
+                             f"choose an n_head dividing n_embd (e.g. n_embd={self.n_head * 64})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
 

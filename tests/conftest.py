@@ -100,6 +100,18 @@ def interrupted(*args, **kwargs):
     raise KeyboardInterrupt
 
 
+def exit_status(main, *args) -> int:
+    """The status main(*args) exits with. A KeyboardInterrupt that escapes main fails the test:
+    escaping pytest.raises(SystemExit), it would end the whole pytest session instead."""
+    try:
+        main(*args)
+    except SystemExit as stop:
+        return stop.code
+    except KeyboardInterrupt:
+        pytest.fail("a Ctrl-C escaped main: a traceback, not one line")
+    pytest.fail("main returned instead of exiting")
+
+
 def roughen(model, biases: bool = False):
     """model in eval mode, its weights redrawn at std 0.3 (GPT-2's init: 0.02), LayerNorm gains
     left at 1 (biases=True redraws the biases too). A tiny GPT at 0.02 has near-uniform logits:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import tiktoken
-from conftest import interrupted
+from conftest import exit_status, interrupted
 
 HARD_STRINGS = [
     "",
@@ -449,9 +449,8 @@ def test_cli_rejects_abbreviations_and_dashes(tok01, capsys, argv):
 
 def test_cli_ctrl_c_is_one_line_and_exit_130(tok01, monkeypatch, capsys):
     monkeypatch.setattr(tok01, "run", interrupted)
-    with pytest.raises(SystemExit) as stop:
-        tok01.main(["--bench"])
-    assert stop.value.code == 130 and capsys.readouterr().err.strip() == "Ctrl-C: stopped"
+    assert exit_status(tok01.main, ["--bench"]) == 130
+    assert capsys.readouterr().err.strip() == "Ctrl-C: stopped"
 
 
 @pytest.mark.parametrize("argv,message", [

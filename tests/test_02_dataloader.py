@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tiktoken
 import torch
-from conftest import interrupted
+from conftest import exit_status, interrupted
 from torch.utils.data import DataLoader
 
 # -----------------------------------------------------------------------------
@@ -503,9 +503,8 @@ def test_fetch_flag_downloads_that_source_alone(dl02, server, tmp_path, monkeypa
 
 def test_ctrl_c_is_one_line_and_exit_130(dl02, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(dl02, "run", interrupted)
-    with pytest.raises(SystemExit) as stop:
-        dl02.main([f"--data_dir={tmp_path}"])
-    assert stop.value.code == 130 and capsys.readouterr().err.strip() == "Ctrl-C: stopped"
+    assert exit_status(dl02.main, [f"--data_dir={tmp_path}"]) == 130
+    assert capsys.readouterr().err.strip() == "Ctrl-C: stopped"
 
 
 def test_sources_hashes_match_the_offline_copies(dl02, shakespeare_path, instruction_data_path,

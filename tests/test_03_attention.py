@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import interrupted
+from conftest import exit_status, interrupted
 from torch.testing import assert_close
 
 C, NH = 16, 4  # default width and heads for the small modules below
@@ -436,9 +436,8 @@ def test_cli_errors_are_one_line(attn03, capsys, argv, message):
 
 def test_cli_ctrl_c_is_one_line_and_exit_130(attn03, capsys, monkeypatch):
     monkeypatch.setattr(attn03, "bench", interrupted)
-    with pytest.raises(SystemExit) as stop:
-        attn03.main(["--bench"])
-    assert stop.value.code == 130 and capsys.readouterr().err.strip() == "Ctrl-C: stopped"
+    assert exit_status(attn03.main, ["--bench"]) == 130
+    assert capsys.readouterr().err.strip() == "Ctrl-C: stopped"
 
 
 def test_cli_help_lists_each_flag_with_its_type_and_default_once(attn03, capsys):

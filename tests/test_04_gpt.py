@@ -11,11 +11,12 @@ import re
 import shutil
 import struct
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import requests
 import torch
-from conftest import ROOT, interrupted
+from conftest import ROOT, exit_status, interrupted
 
 TINY = dict(block_size=16, vocab_size=101, n_layer=2, n_head=4, n_embd=32)
 
@@ -690,3 +691,21 @@ def test_an_unknown_flag_far_from_every_flag_gets_no_suggestion(gpt04, capsys):
         gpt04.main(["--xyzzy=1"])
     err = capsys.readouterr().err
     assert "unrecognized arguments: --xyzzy=1" in err and "did you mean" not in err
+
+
+def test_ctrl_c_while_saving_the_weights_leaves_no_partial_file(gpt04, tmp_path, monkeypatch,
+                                                                capsys):
+    """--save_ckpt writes ckpt.pt.tmp, then renames it: a Ctrl-C mid-write leaves neither file
+    (gpt2-xl's is 6 GB)."""
+    tiny = gpt04.GPT(gpt04.preset_config("tiny"))
+    monkeypatch.setattr(gpt04, "from_pretrained", lambda *args, **kwargs: tiny)
+
+    def cut_short(obj, path):
+        Path(path).write_bytes(b"half a checkpoint")
+        interrupted()
+
+    monkeypatch.setattr(gpt04.torch, "save", cut_short)
+    argv = ["--init_from=gpt2", "--save_ckpt", f"--data_dir={tmp_path}", "--device=cpu"]
+    assert exit_status(gpt04.main, argv) == 130
+    assert capsys.readouterr().err.strip() == "Ctrl-C: stopped"
+    assert list((tmp_path / "gpt2").iterdir()) == []

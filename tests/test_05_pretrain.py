@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, count_device_reads, interrupted
+from conftest import ROOT, count_device_reads, exit_status, interrupted
 
 
 def tiny(pre05, out_dir, data_dir, **overrides):
@@ -760,9 +760,8 @@ def test_ctrl_c_before_the_loop_is_one_line_and_exit_130(pre05, char_corpus, tmp
     """Checking, loading the data and building the model come before the loop's CtrlC."""
     monkeypatch.setattr(pre05, "train", interrupted)
     argv = [*SMALL, "--max_iters=2", f"--data_dir={char_corpus}", f"--out_dir={tmp_path}"]
-    with pytest.raises(SystemExit) as stop:
-        pre05.main(argv)
-    assert stop.value.code == 130 and capsys.readouterr().err.strip() == "Ctrl-C: stopped"
+    assert exit_status(pre05.main, argv) == 130
+    assert capsys.readouterr().err.strip() == "Ctrl-C: stopped"
 
 
 def test_resume_from_a_foreign_checkpoint(pre05, char_corpus, tmp_path, capsys):

@@ -1138,3 +1138,17 @@ def test_05_resumes_a_checkpoint_of_06(dist06, pre05, corpus, two_ranks, tmp_pat
     untrained = dist06.GPT(resumed.config)
     losses = [val_loss_as_05(dist06, model, tokens, cfg, K + 2) for model in (resumed, untrained)]
     assert result["val_loss"] < losses[0] < losses[1], (result["val_loss"], losses)
+
+
+@pytest.mark.parametrize("strategy, sharded", [("ddp", False), ("fsdp", False), ("zero1", False),
+                                               ("ddp", True)])
+def test_plain_sgd_resumes_in_every_strategy(dist06, corpus, tmp_path, monkeypatch, strategy,
+                                              sharded):
+    """Plain SGD saves no optimizer state: its resume loads none, and trains on."""
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    settings = dict(strategy=strategy, sharded_checkpoint=sharded, **RUNS["sgd-1"])
+    dist06.main(argv(settings, data_dir=corpus, out_dir=tmp_path, max_iters=2))
+    result = dist06.main(argv(settings, data_dir=corpus, out_dir=tmp_path, max_iters=3,
+                              init_from="resume"))
+    assert result["iter_num"] == 3 and list(result["losses"]) == [3]

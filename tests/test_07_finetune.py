@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from conftest import interrupted
+from conftest import exit_status, interrupted
 from torch.testing import assert_close
 
 P = -100  # the ignore index, short for the hand-written target tables
@@ -435,9 +435,8 @@ def test_ctrl_c_before_the_loop_is_one_line_and_exit_130(ft07, char_setup, tmp_p
     tmp, _ = char_setup
 
     monkeypatch.setattr(ft07, "load_model", interrupted)
-    with pytest.raises(SystemExit) as stop:
-        ft07.main(finetune_args(tmp, tmp_path, "--max_iters=1"))
-    assert stop.value.code == 130 and capsys.readouterr().err.strip() == "Ctrl-C: stopped"
+    assert exit_status(ft07.main, finetune_args(tmp, tmp_path, "--max_iters=1")) == 130
+    assert capsys.readouterr().err.strip() == "Ctrl-C: stopped"
 
 
 def test_a_resume_takes_the_learning_rate_given_now(ft07, char_setup, tmp_path):
@@ -754,3 +753,31 @@ def test_a_resume_writes_where_it_read(ft07, char_setup, tmp_path, monkeypatch):
     ft07.main(["--init_from=resume", "--max_iters=3"])
     assert torch.load(default / "ckpt.pt", weights_only=True)["iter_num"] == 3
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_overwrite_with_a_resume_is_refused(ft07, char_setup, tmp_path, capsys):
+    """--overwrite starts afresh: beside --init_from=auto (which would resume the run in out_dir)
+    or resume it is one error line, the run untouched; a resume of a run begun with --overwrite
+    does not take it from the checkpoint."""
+    tmp, _ = char_setup
+    ft07.main(finetune_args(tmp, tmp_path, "--max_iters=1", "--overwrite"))
+    saved = (tmp_path / "ckpt.pt").read_bytes()
+    for init_from in ("auto", "resume"):
+        args = finetune_args(tmp, tmp_path, "--max_iters=2", f"--init_from={init_from}",
+                             "--overwrite")
+        assert "--overwrite starts afresh" in run_main(ft07, capsys, args)
+        assert (tmp_path / "ckpt.pt").read_bytes() == saved
+    ft07.main(["--init_from=resume", f"--out_dir={tmp_path}", "--max_iters=2", "--device=cpu"])
+    assert ft07.load_checkpoint(tmp_path / "ckpt.pt")[2]["iter_num"] == 2
+
+
+@pytest.mark.parametrize("out_dir", ["", ".", "out/.."])
+def test_an_out_dir_that_is_the_project_folder_is_refused(ft07, char_setup, tmp_path, capsys,
+                                                          monkeypatch, no_model, out_dir):
+    """'' or '.' would put ckpt.pt and test.json among the scripts."""
+    tmp, _ = char_setup
+    project = tmp_path.resolve()  # PROJECT is a resolved path: a bug writes here, not among ours
+    monkeypatch.setattr(ft07, "PROJECT", project)
+    args = [f"--ckpt={tmp / 'base' / 'ckpt.pt'}", f"--out_dir={out_dir}", "--device=cpu"]
+    assert "is the project: name another" in run_main(ft07, capsys, args)
+    assert list(project.iterdir()) == []

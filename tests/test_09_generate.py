@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, count_device_reads, interrupted, roughen
+from conftest import ROOT, count_device_reads, exit_status, interrupted, roughen
 
 VOCAB = 48
 
@@ -449,9 +449,8 @@ def test_ctrl_c_during_answers_keeps_the_batches_done(gen09, tmp_path, capsys, m
     monkeypatch.setattr(gen09, "generate", generate)
     argv = [f"--ckpt={tmp_path / 'ckpt.pt'}", f"--answers={tmp_path / 'test.json'}",
             "--batch_size=2", "--max_new_tokens=4", "--device=cpu"]
-    with pytest.raises(SystemExit) as exit_info:
-        gen09.main(argv)
-    assert exit_info.value.code == 130 and "Ctrl-C: stopped" in capsys.readouterr().err
+    assert exit_status(gen09.main, argv) == 130
+    assert "Ctrl-C: stopped" in capsys.readouterr().err
     records = json.loads((tmp_path / "test_responses.json").read_text())
     assert [r["instruction"] for r in records] == [e["instruction"] for e in ENTRIES[:2]]
 

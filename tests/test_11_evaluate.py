@@ -17,7 +17,7 @@ import pytest
 import tiktoken
 import torch
 import transformers
-from conftest import ROOT, interrupted, load_script, roughen
+from conftest import ROOT, exit_status, interrupted, load_script, roughen
 
 CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
@@ -557,8 +557,7 @@ def test_ctrl_c_stops_with_one_line_and_no_json(ev11, tmp_path, capsys, monkeypa
     monkeypatch.setattr(ev11, "text_scores", interrupted)
     argv = [f"--ckpt={ckpt}", f"--text_file={tmp_path / 'eval.txt'}",
             f"--out_json={tmp_path / 'out.json'}", "--device=cpu"]  # fmt: skip
-    with pytest.raises(SystemExit) as e:
-        ev11.main(argv)
-    assert e.value.code == 130 and capsys.readouterr().err.strip() == "Ctrl-C: stopped"
+    assert exit_status(ev11.main, argv) == 130
+    assert capsys.readouterr().err.strip() == "Ctrl-C: stopped"
     assert not (tmp_path / "out.json").exists()
 

@@ -5,7 +5,7 @@ The rows train for a few iterations on a small corpus, so the file runs in secon
 
 import pytest
 import torch
-from conftest import interrupted, load_script
+from conftest import exit_status, interrupted, load_script
 
 m = load_script("13_ablation")
 
@@ -145,6 +145,5 @@ def test_a_corpus_that_cannot_be_read_is_one_line(tmp_path, capsys):
 
 def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
     monkeypatch.setattr(m, "ablate", interrupted)
-    with pytest.raises(SystemExit) as stop:
-        m.main(["--max_iters=2"])
-    assert stop.value.code == 130 and capsys.readouterr().err.strip() == "Ctrl-C: stopped"
+    assert exit_status(m.main, ["--max_iters=2"]) == 130
+    assert capsys.readouterr().err.strip() == "Ctrl-C: stopped"
