@@ -558,7 +558,8 @@ def check_run(cfg: TrainConfig, resumed=None):
     resumed: load_checkpoint's (model, tokenizer, ckpt) of out_dir/ckpt.pt when cfg resumes."""
     meta = load_meta(cfg.corpus_dir)  # if 02 has not prepared it: the 02 command that does
     wanted = asdict(cfg.model_config(meta["n_vocab"]))  # GPTConfig checks n_embd % n_head...
-    run_files = [cfg.ckpt_path.with_name(name) for name in ("ckpt.pt", "best.pt", "log.jsonl")]
+    names = ("ckpt.pt", "best.pt", "log.jsonl", "loss.png")  # what a run writes
+    run_files = [cfg.ckpt_path.with_name(name) for name in names]
     if cfg.init_from == "resume":  # the run's settings come from its checkpoint: it must be one
         saved = resumed[2]["model_args"]
         differing = ", ".join(f"{k}={v!r}" for k, v in saved.items() if v != wanted[k])
@@ -566,8 +567,9 @@ def check_run(cfg: TrainConfig, resumed=None):
             raise ValueError(f"{cfg.ckpt_path} holds a model with {differing}: "
                              "resume with those (vocab_size: --dataset, --tokenizer)")
     elif any(path.exists() for path in run_files) and not cfg.overwrite:
-        raise ValueError(f"{cfg.ckpt_path.parent} holds a run; continue it: --init_from=resume, "
-                         f"use another --out_dir, or replace it: --overwrite")
+        way_on = "continue it: --init_from=resume, " if cfg.ckpt_path.exists() else ""
+        raise ValueError(f"{cfg.ckpt_path.parent} holds a run; {way_on}use another --out_dir, "
+                         "or replace it: --init_from=scratch --overwrite")
     if cfg.max_new_tokens:  # a prompt the tokenizer cannot encode: now, not at the first sample
         get_tokenizer(meta["tokenizer"]).encode(cfg.prompt)
     train_tokens = meta["train_tokens"]  # train's load_tokens checks the files against these

@@ -362,10 +362,12 @@ def save(cfg, model, optimizer, world: World, run_info: dict):
         state = {"model": model_state, "optimizer": optimizer_state}
         dcp.save(state, checkpoint_id=cfg.ckpt_path.with_name(name))  # each rank writes its shards
         if world.rank == 0:  # dcp.save returns once every rank's part and the metadata are written
+            old = None  # the save the pointer names until now, superseded by this one
+            if cfg.ckpt_path.exists():
+                old = torch.load(cfg.ckpt_path, weights_only=True)["path"]
             save_checkpoint(cfg.ckpt_path, {"path": name, **run_info})
-            for old in cfg.ckpt_path.parent.glob("dcp-*"):
-                if old.name[4:].isdigit() and old.name != name:  # a save of ours, superseded
-                    shutil.rmtree(old)
+            if old not in (None, name):
+                shutil.rmtree(cfg.ckpt_path.with_name(old))
     else:
         options = dsd.StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_state = dsd.get_model_state_dict(model, options=options)

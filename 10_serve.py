@@ -79,12 +79,15 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path) -> None:
     header_bytes = json.dumps(header).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)  # pad with spaces: the data starts 8-aligned
     tmp = Path(f"{path}.tmp")  # renamed once whole: a Ctrl-C leaves no half a model
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(header_bytes)))
-        f.write(header_bytes)
-        for t in tensors.values():
-            f.write(t.reshape(-1).view(torch.uint8).numpy())  # the raw bytes, no copy
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(header_bytes)))
+            f.write(header_bytes)
+            for t in tensors.values():
+                f.write(t.reshape(-1).view(torch.uint8).numpy())  # the raw bytes, no copy
+        os.replace(tmp, path)
+    finally:  # a Ctrl-C or a full disk: no .tmp left behind either
+        tmp.unlink(missing_ok=True)
 
 
 def export_hf(model, tokenizer_spec: dict, out_dir, overwrite: bool = False) -> Path:
@@ -108,8 +111,8 @@ def export_hf(model, tokenizer_spec: dict, out_dir, overwrite: bool = False) -> 
         "tie_word_embeddings": True,  # lm_head = wte
         "bos_token_id": eot_id, "eos_token_id": eot_id,
     }  # fmt: skip
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    save_safetensors(gpt_to_hf_state_dict(model), out / "model.safetensors")
+    save_safetensors(gpt_to_hf_state_dict(model), out / "model.safetensors")  # the long part
+    (out / "config.json").write_text(json.dumps(config, indent=2))  # then its config
     if eot_id is None:
         (out / "chars.json").write_text(json.dumps(tokenizer_spec, ensure_ascii=False))
         (out / "README.txt").write_text(
@@ -452,7 +455,7 @@ class ServeConfig:
 
     ckpt: Annotated[str, "a ckpt.pt of 05-08 (relative: to this script's folder)"] = DEFAULT_CKPT
     export_hf: Annotated[str, "save the model in Hugging Face's format, in this folder"] = ""
-    overwrite: Annotated[bool, "let --export_hf write into a folder that holds files"] = False
+    overwrite: Annotated[bool, "export into a folder with files (an export's: replaced)"] = False
     serve: Annotated[bool, "answer OpenAI's API over HTTP until Ctrl-C; no password"] = False
     host: Annotated[str, "127.0.0.1 = only this computer may connect; 0.0.0.0 = any"] = "127.0.0.1"
     port: Annotated[int, "the port to listen on; 0 = any free one"] = 8000
@@ -467,8 +470,8 @@ class ServeConfig:
         if self.export_hf:
             export_dir = PROJECT / self.export_hf
             self.export_hf = str(export_dir)
-            if export_dir.exists() and not export_dir.is_dir():
-                raise ValueError(f"--export_hf={export_dir} is a file: name a folder")
+            if any(path.is_file() for path in (export_dir, *export_dir.parents)):
+                raise ValueError(f"--export_hf={export_dir} is a file, or in one: name a folder")
             if export_dir.is_dir() and any(export_dir.iterdir()) and not self.overwrite:
                 fix = "pick an empty folder, or --overwrite"
                 raise ValueError(f"--export_hf={export_dir} is not empty: {fix}")

@@ -1234,14 +1234,22 @@ def test_a_resume_writes_where_it_read_not_where_the_run_was_made(
     assert not (tmp_path / "old").exists()
 
 
-def test_a_new_run_never_replaces_a_runs_files(pre05, char_corpus, tmp_path, capsys):
-    """best.pt (or log.jsonl) without ckpt.pt is still a run's: refused without --overwrite."""
+@pytest.mark.parametrize("init_from", ["scratch", "auto"])
+def test_a_new_run_never_replaces_a_runs_files(pre05, char_corpus, tmp_path, capsys, init_from):
+    """best.pt, log.jsonl or loss.png without ckpt.pt are still a run's: refused without
+    --overwrite, and with no ckpt.pt to resume, the way on is not --init_from=resume."""
     argv = [*SMALL, "--max_iters=2", f"--data_dir={char_corpus}", f"--out_dir={tmp_path}"]
     pre05.main(argv)
     (tmp_path / "ckpt.pt").unlink()
-    best = (tmp_path / "best.pt").read_bytes()
-    assert "holds a run" in user_error(pre05, capsys, argv)
-    assert (tmp_path / "best.pt").read_bytes() == best
+    argv.append(f"--init_from={init_from}")
+    for name in ("best.pt", "log.jsonl", "loss.png"):
+        kept = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+        err = user_error(pre05, capsys, argv)
+        assert "holds a run" in err and "--init_from=resume" not in err
+        assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == kept
+        fixed = pre05.parse_config(pre05.TrainConfig, [*argv, "--init_from=scratch", "--overwrite"])
+        pre05.check_run(fixed)  # the fix it names works
+        (tmp_path / name).unlink()  # the next file alone
 
 
 def test_a_prompt_the_tokenizer_cannot_encode_is_refused_before_training(

@@ -550,17 +550,17 @@ def test_a_resume_takes_the_optimizer_settings_given_now(dist06, corpus, tmp_pat
 
 
 def test_a_sharded_save_removes_only_its_own_earlier_saves(dist06, corpus, tmp_path, monkeypatch):
-    """A sharded save removes the dcp-<step> folders it supersedes, and nothing else of out_dir's
-    that starts with dcp-: a user's copy of a save, a folder or file of notes."""
+    """A sharded save removes the dcp-<step> folder it supersedes (the one the pointer named), and
+    nothing else of out_dir's that starts with dcp-: a user's copy of a save, notes, a dcp-2024."""
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
-    for folder in ("dcp-000001.bak", "dcp-notes"):
+    for folder in ("dcp-000001.bak", "dcp-notes", "dcp-2024"):
         (tmp_path / folder).mkdir()
     (tmp_path / "dcp-2024.txt").write_text("notes")
     settings = dict(strategy="ddp", sharded_checkpoint=True, **RUNS["adamw-1"])
     dist06.main(argv(settings, data_dir=corpus, out_dir=tmp_path, max_iters=2,
                      checkpoint_interval=1))
-    kept = {"dcp-000001.bak", "dcp-notes", "dcp-2024.txt"}
+    kept = {"dcp-000001.bak", "dcp-notes", "dcp-2024", "dcp-2024.txt"}
     assert {p.name for p in tmp_path.glob("dcp-*")} == kept | {"dcp-000002", "dcp-latest.pt"}
 
 
