@@ -70,8 +70,8 @@ def load_preference_data(path="") -> list[dict]:
     fetches: each of 07's entries with its answer and Llama 3.1 70B's rewrite of it, more polite or
     less; the politer is chosen (in 6 of 1,100 the two are the same). Or your own file."""
     path = Path(path or DATA_DIR / PAIRS_FILE)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: `python 02_dataloader.py` fetches "
+    if not path.is_file():  # missing, or a folder
+        raise FileNotFoundError(f"{path} is not a file: `python 02_dataloader.py` fetches "
                                 "rasbt's pairs, or pass --data_path=<yours>")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

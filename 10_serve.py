@@ -423,6 +423,8 @@ def ckpt_hint(ckpt: Path) -> str:
     write out_dir/ckpt.pt (by default out/shakespeare-char, finetune, dpo), the file in a folder."""
     if (ckpt / "ckpt.pt").is_file():  # an out_dir: the checkpoint is the file in it
         return f"a folder: --ckpt={ckpt / 'ckpt.pt'} names its checkpoint"
+    if ckpt.suffix and ckpt.name != "ckpt.pt":  # a name of the user's: 05-08 write ckpt.pt
+        return "05-08 write out_dir/ckpt.pt, 04 data/gpt2*/ckpt.pt: check the path"
     folder = ckpt if ckpt.is_dir() or not ckpt.suffix else ckpt.parent  # out/run: a folder
     if folder.parent == PROJECT / "data" and folder.name.startswith("gpt2"):
         return f"`python 04_gpt.py --init_from={folder.name} --save_ckpt` writes it"

@@ -709,6 +709,8 @@ def test_bad_preference_data_gets_a_clear_error(dpo08, capsys, start, tmp_path):
     for text in ("", "[" * 100_000):  # empty; deeper than Python's recursion limit
         path.write_text(text)
         assert_user_error(dpo08, capsys, argv, f"{path} is not JSON")
+    argv[1] = f"--data_path={tmp_path}"  # a folder
+    assert_user_error(dpo08, capsys, argv, f"{tmp_path} is not a file", "--data_path")
 
 
 def test_a_run_saved_on_a_gpu_in_float16_resumes_on_a_cpu(dpo08, start, tmp_path):

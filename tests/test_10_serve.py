@@ -675,6 +675,10 @@ def test_a_missing_checkpoint_names_the_script_that_writes_it(
             serve10.main([f"--ckpt={ckpt}", "--serve", "--device=cpu"])
         err = capsys.readouterr().err
         assert err.startswith(f"error: --ckpt={project / ckpt}: no such file") and hint in err
+    with pytest.raises(SystemExit):  # a file no script writes: no command would make it
+        serve10.main(["--ckpt=out/nope.pt", "--serve", "--device=cpu"])
+    err = capsys.readouterr().err
+    assert "check the path" in err and "--out_dir" not in err, err
     with pytest.raises(SystemExit):  # a folder's name, not there yet: 08's, by its name
         serve10.main(["--ckpt=out/dpo-new", "--serve", "--device=cpu"])
     assert "`python 08_dpo.py --out_dir=out/dpo-new` writes it" in capsys.readouterr().err
