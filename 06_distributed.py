@@ -47,7 +47,7 @@ import signal
 import sys
 import time
 import traceback
-from contextlib import nullcontext, redirect_stderr, redirect_stdout
+from contextlib import nullcontext, redirect_stderr, redirect_stdout, suppress
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import timedelta
 from pathlib import Path
@@ -363,11 +363,11 @@ def save(cfg, model, optimizer, world: World, run_info: dict):
         dcp.save(state, checkpoint_id=cfg.ckpt_path.with_name(name))  # each rank writes its shards
         if world.rank == 0:  # dcp.save returns once every rank's part and the metadata are written
             old = None  # the save the pointer names until now, superseded by this one
-            if cfg.ckpt_path.exists():
+            with suppress(Exception):  # no pointer, or an unreadable one (--overwrite replaces it)
                 old = torch.load(cfg.ckpt_path, weights_only=True)["path"]
             save_checkpoint(cfg.ckpt_path, {"path": name, **run_info})
             if old not in (None, name):
-                shutil.rmtree(cfg.ckpt_path.with_name(old))
+                shutil.rmtree(cfg.ckpt_path.with_name(old), ignore_errors=True)  # gone: fine
     else:
         options = dsd.StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_state = dsd.get_model_state_dict(model, options=options)

@@ -58,8 +58,8 @@ OPENAI_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 def load_instruction_data(path="") -> list[dict]:
     """A JSON list of {"instruction", "input", "output"}; "" = rasbt's 1,100 (02 fetches them)."""
     path = Path(path or DATA_DIR / "instruction-data.json")
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: `python 02_dataloader.py` fetches "
+    if not path.is_file():  # missing, or a folder
+        raise FileNotFoundError(f"{path} is not a file: `python 02_dataloader.py` fetches "
                                 "rasbt's entries, or pass --data_path=<a JSON list>")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -312,17 +312,18 @@ class FinetuneConfig:
             raise ValueError(f"--lora_targets={self.lora_targets!r}: use a comma-joined "
                              f"subset of {','.join(LORA_TARGETS)}")
         if self.max_iters == 0 and self.epochs <= 0:
-            raise ValueError(f"--max_iters={self.max_iters}, --epochs={self.epochs}: no steps")
+            raise ValueError(f"--max_iters={self.max_iters}, --epochs={self.epochs}: "
+                             "no steps")
         self.device = pick_device(self.device)  # "auto" resolved here, once
         self.dtype = pick_dtype(self.dtype, self.device)
         self.ckpt = str(PROJECT / self.ckpt)  # an absolute path stays as it is
         self.out_dir = str(PROJECT / self.out_dir)
         if Path(self.out_dir).resolve() == PROJECT:  # '' or '.': the run among the scripts
-            raise ValueError(f"--out_dir={self.out_dir!r} is the project: "
+            raise ValueError(f"--out_dir={self.out_dir!r} is the project folder: "
                              "name another")
         if self.overwrite and self.init_from in ("resume", "auto"):  # auto: maybe a resume
-            raise ValueError("--overwrite starts afresh: not with "
-                             f"--init_from={self.init_from}")
+            raise ValueError("--overwrite starts afresh: use it with "
+                             "--init_from=scratch or an OpenAI model's name")
         run_path = Path(self.out_dir) / "ckpt.pt"
         if self.init_from == "auto":
             self.init_from = "resume" if run_path.exists() else "scratch"
@@ -345,9 +346,12 @@ class FinetuneConfig:
         test_split = run_path.with_name("test.json")  # written at the end of a run
         earlier = run_path.exists() or test_split.exists()
         if new_run and earlier and not self.overwrite:
+            way_on = "resume it (--init_from=resume), " if run_path.exists() else ""
+            fresh = "--overwrite"  # beside an OpenAI model's name; scratch's (auto's too):
+            if self.init_from == "scratch":
+                fresh = "--init_from=scratch --overwrite"
             raise ValueError(f"{self.out_dir} holds an earlier run (ckpt.pt, test.json); "
-                             "resume it (--init_from=resume), choose another --out_dir, "
-                             "or pass --overwrite")
+                             f"{way_on}choose another --out_dir, or pass {fresh}")
         if self.data_path:  # a bad file of yours fails now, before a model is loaded
             self.data_path = str(PROJECT / self.data_path)
             split_data(load_instruction_data(self.data_path))
@@ -558,11 +562,11 @@ def main(argv=None):
     cfg = parse_config(FinetuneConfig, argv)  # a bad setting: one `error:` line, exit status 2
     try:  # not a checkpoint, a vocabulary without --unknown_char, a context too short for the data
         run = None
-        if cfg.init_from == "resume":  # its settings (but those in names -=), then the flags
+        if cfg.init_from == "resume":  # the run's settings, then the flags given now (theirs win)
             run = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
             saved = run[2]["config"] if run[2].get("stage") == "finetune" else {}  # else: an error
             names = {f.name for f in fields(FinetuneConfig)}  # an older 07's others: dropped
-            names -= {"device", "dtype", "out_dir", "overwrite"}
+            names -= {"device", "dtype", "out_dir", "overwrite"}  # this machine's; read here; new
             flags = [f"--{k}={saved[k]}" for k in saved.keys() & names]
             cfg = parse_config(FinetuneConfig, flags + argv)
         print("config:", ", ".join(f"{k}={v!r}" for k, v in asdict(cfg).items()))

@@ -274,17 +274,17 @@ def pair_metrics(losses, chosen_rewards, rejected_rewards) -> dict:
 class DPOConfig:
     """Direct Preference Optimization of 07's instruction-tuned GPT; the book's settings, summed."""
 
-    ckpt: Annotated[str, "07's model: the start and reference"] = "out/finetune/ckpt.pt"
+    ckpt: Annotated[str, "07's model: start and reference"] = "out/finetune/ckpt.pt"
     out_dir: Annotated[str, "ckpt.pt and log.jsonl go here"] = "out/dpo"
-    init_from: Annotated[str, "scratch, resume (out_dir's run), or auto"] = "scratch"
-    overwrite: Annotated[bool, "replace an earlier run's ckpt.pt, log.jsonl"] = False
-    data_path: Annotated[str, "JSON list of pairs; '' = rasbt's (02 fetches it)"] = ""
+    init_from: Annotated[str, "scratch, resume (out_dir's run) or auto"] = "scratch"
+    overwrite: Annotated[bool, "replace out_dir's earlier run"] = False
+    data_path: Annotated[str, "JSON list of pairs; '': rasbt's (02 fetches it)"] = ""
     beta: Annotated[float, "KL penalty: larger stays nearer 07's model"] = 0.1
-    label_smoothing: Annotated[float, "conservative DPO: share of flipped labels"] = 0.0
+    label_smoothing: Annotated[float, "conservative DPO: flipped-label share"] = 0.0
     average_log_probs: Annotated[bool, "mean, not sum, of answer log-probs"] = False
     batch_size: Annotated[int, "pairs per step (2x sequences)"] = 8
     max_iters: Annotated[int, "optimizer steps; 0: one pass over the pairs"] = 0
-    learning_rate: Annotated[float, "flat after warmup: DPO nudges a model"] = 5e-6
+    learning_rate: Annotated[float, "flat after warmup: nudges a trained model"] = 5e-6
     warmup_iters: Annotated[int, "linear warmup steps (the paper: 150)"] = 10
     weight_decay: Annotated[float, "AdamW's"] = 0.01
     grad_clip: Annotated[float, "clip the gradient norm to this; 0 = never"] = 1.0
@@ -292,7 +292,7 @@ class DPOConfig:
     eval_interval: Annotated[int, "metrics, ckpt.pt every this many steps"] = 25
     eval_pairs: Annotated[int, "pairs per split to evaluate (-1 = all)"] = 64
     device: Annotated[str, "auto (cuda > mps > cpu), cpu, cuda[:N], mps"] = "auto"
-    dtype: Annotated[str, "auto (GPU: bf16/fp16, CPU: fp32), float32, bfloat16, float16"] = "auto"
+    dtype: Annotated[str, "auto (GPU bf16/fp16, CPU fp32), float32, bfloat16, float16"] = "auto"
     threads: Annotated[int, "CPU threads; 0 = PyTorch's choice"] = 0
     seed: Annotated[int, "seeds the batch order"] = 1337
 
@@ -319,7 +319,7 @@ class DPOConfig:
         self.ckpt = str(PROJECT / self.ckpt)  # an absolute path stays as it is
         self.out_dir = str(PROJECT / self.out_dir)
         if Path(self.out_dir).resolve() == PROJECT:  # '' or '.': the run among the scripts
-            raise ValueError(f"--out_dir={self.out_dir!r} is the project: name another")
+            raise ValueError(f"--out_dir={self.out_dir!r} is the project folder: name another")
         run = Path(self.out_dir) / "ckpt.pt"
         if any(folder.is_file() for folder in run.parents):  # now, not at the first save
             raise ValueError(f"--out_dir={self.out_dir} is a file, or in one: name a folder")
@@ -338,8 +338,8 @@ class DPOConfig:
                              "replaces it, or use another --out_dir")
         log = run.with_name("log.jsonl")  # a run stopped before its first save, or another's
         if self.init_from == "scratch" and log.exists() and not self.overwrite:
-            raise ValueError(f"{log} is a run's log: --overwrite replaces it, "
-                             "or use another --out_dir")
+            raise ValueError(f"{log} is a run's log: --init_from=scratch --overwrite "
+                             "replaces it, or use another --out_dir")
         if self.data_path:  # a bad file fails now, before a model is loaded
             self.data_path = str(PROJECT / self.data_path)
             load_preference_data(self.data_path)
@@ -363,7 +363,7 @@ def prepare_pairs(cfg: DPOConfig, tokenizer_spec: dict, block_size: int) -> dict
     if len(train) < cfg.batch_size or not val:
         raise ValueError(f"{len(train)} train and {len(val)} val pairs fit the context "
                          f"of {block_size} tokens, too few for --batch_size={cfg.batch_size}: "
-                         "lower it, or use a model of longer context (GPT-2's: 1024)")
+                         "lower it, or use a model of longer context (GPT-2: 1024)")
     return {"train": train, "val": val, "end_id": end_id}
 
 
@@ -541,11 +541,11 @@ def main(argv=None):
     cfg = parse_config(DPOConfig, argv)  # a bad setting: one `error:` line, exit 2
     try:  # a missing or bad file, pairs that do not fit: the user's to fix, not our bug
         run = None
-        if cfg.init_from == "resume":  # the run's settings but device, dtype, out_dir, overwrite
+        if cfg.init_from == "resume":  # the run's settings, then the flags given now (theirs win)
             run = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
             saved = run[2]["config"] if run[2].get("stage") == "dpo" else {}  # else: refused
             names = {f.name for f in fields(DPOConfig)}  # an older 08's others: dropped
-            names -= {"device", "dtype", "out_dir", "overwrite"}
+            names -= {"device", "dtype", "out_dir", "overwrite"}  # this machine's; read here; new
             flags = [f"--{k}={saved[k]}" for k in saved.keys() & names]
             cfg = parse_config(DPOConfig, flags + argv)
         print("config:", ", ".join(f"{k}={v!r}" for k, v in asdict(cfg).items()))

@@ -111,8 +111,9 @@ def export_hf(model, tokenizer_spec: dict, out_dir, overwrite: bool = False) -> 
         "tie_word_embeddings": True,  # lm_head = wte
         "bos_token_id": eot_id, "eos_token_id": eot_id,
     }  # fmt: skip
-    save_safetensors(gpt_to_hf_state_dict(model), out / "model.safetensors")  # the long part
-    (out / "config.json").write_text(json.dumps(config, indent=2))  # then its config
+    save_safetensors(gpt_to_hf_state_dict(model), out / "model.safetensors")
+    # config.json last: a folder that holds one holds a whole model (a Ctrl-C stops before it)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
     if eot_id is None:
         (out / "chars.json").write_text(json.dumps(tokenizer_spec, ensure_ascii=False))
         (out / "README.txt").write_text(
@@ -423,8 +424,8 @@ def ckpt_hint(ckpt: Path) -> str:
     write out_dir/ckpt.pt (by default out/shakespeare-char, finetune, dpo), the file in a folder."""
     if (ckpt / "ckpt.pt").is_file():  # an out_dir: the checkpoint is the file in it
         return f"a folder: --ckpt={ckpt / 'ckpt.pt'} names its checkpoint"
-    if ckpt.suffix and ckpt.name != "ckpt.pt":  # a name of the user's: 05-08 write ckpt.pt
-        return "05-08 write out_dir/ckpt.pt, 04 data/gpt2*/ckpt.pt: check the path"
+    if ckpt.suffix and ckpt.name not in ("ckpt.pt", "best.pt") and not ckpt.is_dir():
+        return "05-08 write out_dir/ckpt.pt (05 best.pt too), 04 data/gpt2*/: check the path"
     folder = ckpt if ckpt.is_dir() or not ckpt.suffix else ckpt.parent  # out/run: a folder
     if folder.parent == PROJECT / "data" and folder.name.startswith("gpt2"):
         return f"`python 04_gpt.py --init_from={folder.name} --save_ckpt` writes it"
@@ -457,7 +458,7 @@ class ServeConfig:
 
     ckpt: Annotated[str, "a ckpt.pt of 05-08 (relative: to this script's folder)"] = DEFAULT_CKPT
     export_hf: Annotated[str, "save the model in Hugging Face's format, in this folder"] = ""
-    overwrite: Annotated[bool, "export into a folder with files (an export's: replaced)"] = False
+    overwrite: Annotated[bool, "--export_hf may hold files; an export's are replaced"] = False
     serve: Annotated[bool, "answer OpenAI's API over HTTP until Ctrl-C; no password"] = False
     host: Annotated[str, "127.0.0.1 = only this computer may connect; 0.0.0.0 = any"] = "127.0.0.1"
     port: Annotated[int, "the port to listen on; 0 = any free one"] = 8000

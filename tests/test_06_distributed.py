@@ -1152,3 +1152,29 @@ def test_plain_sgd_resumes_in_every_strategy(dist06, corpus, tmp_path, monkeypat
     result = dist06.main(argv(settings, data_dir=corpus, out_dir=tmp_path, max_iters=3,
                               init_from="resume"))
     assert result["iter_num"] == 3 and list(result["losses"]) == [3]
+
+
+def test_an_unreadable_pointer_is_replaced_by_a_sharded_run_with_overwrite(dist06, corpus,
+                                                                           tmp_path, monkeypatch):
+    """check_checkpoint's fix for an unreadable dcp-latest.pt, --init_from=scratch --overwrite,
+    must work: the first save cannot read the old pointer, and replaces it."""
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    (tmp_path / "dcp-latest.pt").write_bytes(b"not a checkpoint")
+    settings = dict(strategy="ddp", sharded_checkpoint=True, **RUNS["adamw-1"])
+    result = dist06.main(argv(settings, data_dir=corpus, out_dir=tmp_path, max_iters=2,
+                              overwrite=True))
+    assert result["iter_num"] == 2
+    assert torch.load(tmp_path / "dcp-latest.pt", weights_only=True)["path"] == "dcp-000002"
+
+
+@pytest.mark.parametrize("out_dir", ["", ".", "out/.."])
+def test_an_out_dir_that_is_the_project_folder_is_refused(dist06, corpus, tmp_path, capsys,
+                                                          monkeypatch, out_dir):
+    """'' or '.' would put ckpt.pt (and, sharded, the dcp-* folders) among the scripts."""
+    project = tmp_path.resolve()  # PROJECT is a resolved path: a bug writes here, not among ours
+    monkeypatch.setattr(dist06, "PROJECT", project)
+    with pytest.raises(SystemExit) as stop:
+        dist06.parse_config(dist06.DistConfig, [f"--data_dir={corpus}", f"--out_dir={out_dir}"])
+    assert stop.value.code == 2 and "is the project folder" in capsys.readouterr().err
+    assert list(project.iterdir()) == []

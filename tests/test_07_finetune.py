@@ -607,7 +607,11 @@ def test_an_earlier_run_is_never_overwritten_unasked(ft07, char_setup, tmp_path,
     assert asked.overwrite  # asked: accepted
     (tmp_path / "ckpt.pt").unlink()
     (tmp_path / "test.json").write_text("mine")  # the test split 07 writes at a run's end
-    assert "holds an earlier run (ckpt.pt, test.json)" in run_main(ft07, capsys, args)
+    for init_from in ("scratch", "auto"):  # no ckpt.pt: nothing to resume, auto starts afresh
+        err = run_main(ft07, capsys, [*args, f"--init_from={init_from}"])
+        assert "holds an earlier run (ckpt.pt, test.json)" in err and "resume" not in err, err
+        assert "--init_from=scratch --overwrite" in err  # the fix that works for auto too
+        ft07.parse_config(ft07.FinetuneConfig, [*args, "--init_from=scratch", "--overwrite"])
     assert (tmp_path / "test.json").read_text() == "mine"
 
 
@@ -671,7 +675,7 @@ def test_data_the_model_cannot_take_is_one_error_line(ft07, char_setup, tmp_path
     ("--grad_clip=nan", "--grad_clip=nan must be finite and >= 0"), ("--epochs=inf", "--epochs"),
     ("--seed=-1", "--seed"), ("--learning_rate=-1", "--learning_rate"),
     ("--threads=-1", "--threads"), ("--ckpt=tests", "no checkpoint at"),
-    ("--data_path=tests", "Is a directory"),
+    ("--data_path=tests", "tests is not a file"),  # a folder
 ])  # fmt: skip
 def test_bad_values_get_one_error_line(ft07, char_setup, tmp_path, capsys, no_model, flags,
                                       message):
@@ -779,5 +783,5 @@ def test_an_out_dir_that_is_the_project_folder_is_refused(ft07, char_setup, tmp_
     project = tmp_path.resolve()  # PROJECT is a resolved path: a bug writes here, not among ours
     monkeypatch.setattr(ft07, "PROJECT", project)
     args = [f"--ckpt={tmp / 'base' / 'ckpt.pt'}", f"--out_dir={out_dir}", "--device=cpu"]
-    assert "is the project: name another" in run_main(ft07, capsys, args)
+    assert "is the project folder: name another" in run_main(ft07, capsys, args)
     assert list(project.iterdir()) == []

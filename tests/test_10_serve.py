@@ -679,6 +679,9 @@ def test_a_missing_checkpoint_names_the_script_that_writes_it(
         serve10.main(["--ckpt=out/nope.pt", "--serve", "--device=cpu"])
     err = capsys.readouterr().err
     assert "check the path" in err and "--out_dir" not in err, err
+    with pytest.raises(SystemExit):  # 05's best.pt: 05 writes it
+        serve10.main(["--ckpt=out/run/best.pt", "--serve", "--device=cpu"])
+    assert "`python 05_pretrain.py --out_dir=out/run` writes it" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a folder's name, not there yet: 08's, by its name
         serve10.main(["--ckpt=out/dpo-new", "--serve", "--device=cpu"])
     assert "`python 08_dpo.py --out_dir=out/dpo-new` writes it" in capsys.readouterr().err
