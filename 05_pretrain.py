@@ -112,8 +112,6 @@ class TrainConfig:
         at_least_one = ("batch_size", "block_size", "gradient_accumulation_steps",
                         "eval_interval", "eval_iters", "log_interval")
         check_values(self, choices, at_least_one)
-        if self.overwrite and self.init_from != "scratch":  # a resume (auto's too) ignores it
-            raise ValueError("--overwrite starts afresh: use it with --init_from=scratch")
         if self.init_from == "auto":  # 06's too: resume if out_dir holds a checkpoint, else start
             self.init_from = "resume" if self.ckpt_path.exists() else "scratch"
         if self.max_new_tokens and not self.prompt:
@@ -529,8 +527,8 @@ class Run:
 
 def check_values(cfg, choices: dict, at_least_one: tuple):
     """A settings dataclass's values: each field in choices among its allowed; each number at least
-    0 (the seed too: numpy's takes no negative one), or 1 if at_least_one names it; AdamW's betas
-    under 1; warmup shorter than decay; out_dir a folder, not the project; device, dtype it has."""
+    0 (the seed too: numpy's takes no negative one), or 1 if at_least_one names it; betas under 1;
+    warmup before decay; out_dir a folder, not the project; --overwrite from scratch; the device."""
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         allowed = choices.get(f.name)
@@ -550,6 +548,8 @@ def check_values(cfg, choices: dict, at_least_one: tuple):
         raise ValueError(f"--out_dir={cfg.out_dir} is a file, or in one: name a folder")
     if cfg.ckpt_path.parent.resolve() == PROJECT:  # '' or '.': the run among the scripts
         raise ValueError(f"--out_dir={cfg.out_dir!r} is the project folder: name another")
+    if cfg.overwrite and cfg.init_from != "scratch":  # a resume (auto's too) would ignore it
+        raise ValueError("--overwrite starts afresh: use it with --init_from=scratch")
     pick_dtype(cfg.dtype, pick_device(cfg.device))  # a dtype the device has; both name the fix
 
 

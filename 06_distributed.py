@@ -286,7 +286,8 @@ def train(cfg, world: World, ctrl_c) -> dict:
         if logged:  # reading a tensor waits for the GPU: on log steps only
             # NEW: the ranks agree on Ctrl-C here, in the loss's all-reduce, so that all save
             # together: at every step it would cost a collective and a wait for the GPU
-            sums = torch.tensor([loss.item(), ctrl_c.pressed], device=world.device)
+            pressed = torch.tensor(float(ctrl_c.pressed), device=world.device)
+            sums = torch.stack([loss, pressed])  # on the device: one wait, at .tolist()
             dist.all_reduce(sums)  # NEW: a sum over the ranks (gloo has no average)
             loss_sum, presses = sums.tolist()
             mean_loss = loss_sum / world.size
@@ -576,8 +577,6 @@ def check_settings(cfg: DistConfig):
     if pick_device(cfg.device).startswith("cuda") and local_rank >= gpus and not bound:
         raise ValueError(f"local rank {local_rank} has no GPU of its own (NCCL needs one each): "
                          f"use --nproc_per_node={gpus} or fewer, or --device=cpu")
-    if cfg.overwrite and cfg.init_from != "scratch":  # else auto resumes, --overwrite unheard
-        raise ValueError("--overwrite starts afresh: use it with --init_from=scratch")
     if cfg.sharded_checkpoint and cfg.strategy == "zero1":
         raise ValueError("--sharded_checkpoint needs --strategy=ddp or fsdp: "
                          "it cannot hold ZeRO's optimizer")
@@ -952,8 +951,8 @@ def autocast_context(device_type: str, dtype: str):
 # copied from 05_pretrain.py: check_values
 def check_values(cfg, choices: dict, at_least_one: tuple):
     """A settings dataclass's values: each field in choices among its allowed; each number at least
-    0 (the seed too: numpy's takes no negative one), or 1 if at_least_one names it; AdamW's betas
-    under 1; warmup shorter than decay; out_dir a folder, not the project; device, dtype it has."""
+    0 (the seed too: numpy's takes no negative one), or 1 if at_least_one names it; betas under 1;
+    warmup before decay; out_dir a folder, not the project; --overwrite from scratch; the device."""
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         allowed = choices.get(f.name)
@@ -973,6 +972,8 @@ def check_values(cfg, choices: dict, at_least_one: tuple):
         raise ValueError(f"--out_dir={cfg.out_dir} is a file, or in one: name a folder")
     if cfg.ckpt_path.parent.resolve() == PROJECT:  # '' or '.': the run among the scripts
         raise ValueError(f"--out_dir={cfg.out_dir!r} is the project folder: name another")
+    if cfg.overwrite and cfg.init_from != "scratch":  # a resume (auto's too) would ignore it
+        raise ValueError("--overwrite starts afresh: use it with --init_from=scratch")
     pick_dtype(cfg.dtype, pick_device(cfg.device))  # a dtype the device has; both name the fix
 
 
