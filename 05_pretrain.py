@@ -5,9 +5,9 @@ of random windows of the corpus, computes the next-token loss, backpropagates, a
 step. Around that core, what makes a run trustworthy and fast enough: AdamW with weight decay on the
 matrices only; warmup then cosine decay of the learning rate; gradient clipping and accumulation; on
 CUDA bf16 autocast (fp16 with a gradient scaler on GPUs without native bf16), TF32 and, with
---compile, torch.compile; on CPU plain fp32; atomic checkpoints that continue a run bit for bit;
-Ctrl-C that saves; a NaN that stops the run, the last checkpoint intact; a log line (loss, lr, grad
-norm, ms, tokens/s, MFU on GPUs of known peak), log.jsonl, a loss plot and text samples.
+--compile, torch.compile; on CPU plain fp32; atomic checkpoints that continue a run (bit for bit on
+CPU); Ctrl-C that saves; a NaN that stops the run, the last checkpoint intact; a log line (loss, lr,
+grad norm, ms, tokens/s, MFU on GPUs of known peak), log.jsonl, a loss plot and text samples.
 
 References: karpathy/nanoGPT train.py (its names, its Shakespeare recipes: val loss ~1.88 on CPU
 after 2000 iterations, ~1.47 on one GPU); Loshchilov & Hutter 2019 (AdamW); Loshchilov & Hutter
@@ -69,7 +69,7 @@ class TrainConfig:
     block_size: Annotated[int, "context length in tokens"] = 64
     dropout: Annotated[float, "0: short runs on much data; GPU recipe: 0.2"] = 0.0
     bias: Annotated[bool, "biases in Linear and LayerNorm; nanoGPT has none"] = False
-    gelu: Annotated[str, "none: exact GELU, as nanoGPT (faster); tanh: GPT-2's"] = "none"
+    gelu: Annotated[str, "none: exact GELU, as nanoGPT (faster on CPUs); tanh: GPT-2's"] = "none"
     init_from: Annotated[str, "scratch, resume out_dir's run, or auto: resume if any"] = "scratch"
     # optimization
     batch_size: Annotated[int, "sequences per micro-batch"] = 12
@@ -104,7 +104,7 @@ class TrainConfig:
     seed: Annotated[int, "seeds the weights, the batches and dropout"] = 1337
 
     def __post_init__(self):  # each check names its fix; parse_config prints one `error:` line
-        data_dir = PROJECT / (self.data_dir or "data")  # '': older checkpoints' data/
+        data_dir = PROJECT / (self.data_dir or "data")  # '': a run saved before the default
         self.corpus_dir = data_dir / f"{self.dataset}-{self.tokenizer}"
         self.ckpt_path = PROJECT / self.out_dir / "ckpt.pt"  # an absolute out_dir stays as is
         choices = {"tokenizer": ("char", "gpt2"), "init_from": ("scratch", "resume", "auto"),
@@ -253,7 +253,7 @@ def save_checkpoint(path: Path, ckpt: dict):
 
 def load_checkpoint(path):
     """(model, tokenizer, checkpoint dict) from a checkpoint of 05-08, the model on the CPU. mmap:
-    unused parts (Adam's state, in 09-11) are never read; a compiled model's "_orig_mod." goes."""
+    unread parts (Adam's state, to sample) stay on disk; a compiled model's "_orig_mod." goes."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; train one with `python 05_pretrain.py` "
@@ -325,9 +325,9 @@ def train(cfg: TrainConfig, resumed=None) -> dict:
         today = optimizer.state_dict()["param_groups"]  # betas, decay: the flags given now win
         optimizer.load_state_dict(ckpt["optimizer"] | {"param_groups": today})
         scaler.load_state_dict(ckpt["scaler"] or scaler.state_dict())  # {}: saved without fp16
-        set_rng_states(ckpt["rng"])  # last: building the model drew random numbers
-    header = dict(model_args=asdict(model.config), tokenizer=tokenizer_spec, config=settings)
-    header["stage"] = "pretrain"  # header: the part of every run.save that never changes
+        set_rng_states(ckpt["rng"])  # after torch.manual_seed above, which would reset them
+    header = dict(model_args=asdict(model.config), tokenizer=tokenizer_spec, config=settings,
+                  stage="pretrain")  # the part of every run.save that never changes
     compiled_model = torch.compile(model, dynamic=False) if cfg.compile else model
     ctx = autocast_context(device_type, cfg.dtype)
     micro_steps = cfg.gradient_accumulation_steps
@@ -554,8 +554,8 @@ def check_values(cfg, choices: dict, at_least_one: tuple):
 
 
 def check_run(cfg: TrainConfig, resumed=None):
-    """The checks that read the disk, which main runs before any work; each error names its fix.
-    resumed: load_checkpoint's (model, tokenizer, ckpt) of out_dir/ckpt.pt when cfg resumes."""
+    """The checks that read the corpus's meta.json and out_dir's run, which main runs before any
+    work; each error names its fix. resumed: load_checkpoint's (model, tokenizer, ckpt), if any."""
     meta = load_meta(cfg.corpus_dir)  # if 02 has not prepared it: the 02 command that does
     wanted = asdict(cfg.model_config(meta["n_vocab"]))  # GPTConfig checks n_embd % n_head...
     names = ("ckpt.pt", "best.pt", "log.jsonl", "loss.png")  # what a run writes
@@ -603,7 +603,7 @@ def main(argv=None):
             if stage not in ("pretrain", "distributed"):  # 07's, 08's: state of their own loops
                 raise ValueError(f"{ckpt_path} holds a {stage} model; 05 resumes only its own "
                                  "or 06's runs (sample it with 09_generate.py)")
-            saved = {**ckpt["config"], "gelu": model.config.gelu}  # older runs: GPT-2's
+            saved = {**ckpt["config"], "gelu": model.config.gelu}  # no gelu in older configs: tanh
             argv = [f"--{k}={v}" for k, v in saved.items() if k in names] + argv  # saved first
         cfg = parse_config(TrainConfig, argv)  # the later flag wins: the one given now
         check_run(cfg, resumed)

@@ -4,7 +4,7 @@ Here 05's training runs on N processes: one per GPU, talking over NCCL, or CPU p
 over gloo (so it runs, and is tested, on a laptop). All three strategies are data parallel: each
 rank runs the whole model on its slice of each global batch, and the ranks average their gradients,
 so N ranks of B/N rows take the step one process takes with B rows (tested on CPU: 1e-6 with SGD,
-2e-4 with AdamW, whose update is ~lr wherever a gradient is near 0; GPUs' TF32, bf16 and summation
+2e-4 with AdamW: it steps ~lr even on a gradient of rounding noise; GPUs' TF32, bf16 and summation
 orders differ in the last bits). They differ in what a rank holds and in which collective runs when:
 
   bytes per rank, fp32 AdamW   params grads AdamW state  collectives in a step (P parameters)
@@ -15,7 +15,7 @@ orders differ in the last bits). They differ in what a rank holds and in which c
 
 Then what a long job needs: activation checkpointing and torch.compile per block, checkpoints (on
 rank 0 in 05's format, or every rank's shards), and restarts that end with the weights of an
-uninterrupted run (bit for bit on CPU, at the same world size: dropout's masks depend on it too),
+uninterrupted run (bit for bit on CPU, at the same world size, on which dropout's masks depend),
 after a crash or a Ctrl-C (every rank saves at the next log step; --init_from=resume continues).
 
 References: Li et al. 2020 (DDP); Rajbhandari et al. 2020 (ZeRO); Zhao et al. 2023 (FSDP); Chen et
@@ -90,7 +90,6 @@ def init_distributed(device: str = "auto") -> World:
     process who it is in environment variables: RANK (global index), LOCAL_RANK (which GPU on this
     machine), WORLD_SIZE, and MASTER_ADDR:MASTER_PORT, a store where the ranks meet. The backend
     moves the bytes: NCCL for CUDA tensors (NVLink, InfiniBand), gloo for CPU ones (TCP)."""
-    owns_group = not dist.is_initialized()
     torchrun = "RANK" in os.environ
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = pick_device(device)
@@ -101,7 +100,7 @@ def init_distributed(device: str = "auto") -> World:
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 matmuls
     else:  # neither NCCL nor gloo moves MPS tensors: mps trains on the CPU here
         device = "cpu"
-    if owns_group:  # torchrun's rendezvous, or a group of one whose store lives in this process
+    if not dist.is_initialized():  # torchrun's rendezvous, or a world of one with a local store
         backend = "nccl" if device.startswith("cuda") else "gloo"
         device_id = torch.device(device) if backend == "nccl" else None
         store_args = {} if torchrun else dict(store=dist.HashStore(), rank=0, world_size=1)
@@ -124,7 +123,7 @@ def shutdown_distributed(failed: bool = False):
 
 def parallelize(model: nn.Module, cfg) -> nn.Module:
     """DDP(model) or the FSDP-sharded model, after activation checkpointing and compile per block
-    (torchtitan's order: FSDP wraps compiled blocks). Names stay 05's: dsd drops DDP's "module."."""
+    (torchtitan's order: FSDP wraps compiled blocks). Names stay 05's, without DDP's "module."."""
     for block in model.transformer.h:
         if cfg.activation_checkpointing:
             # else every intermediate (q, k, v, the 4x-wide MLP...) waits for backward; with it
@@ -146,7 +145,7 @@ def parallelize(model: nn.Module, cfg) -> nn.Module:
     # reduce-scatter leaves each rank its slice's averaged gradient. Block by block, then the root
     # (embeddings, head, kept gathered from forward to backward): a rank holds its shards, the
     # root's parameters and one or two blocks in full (the next is prefetched). Traffic: ~1.5x
-    # DDP's. Over A micro-steps, each reduce-scatters: A times that traffic, gradients sharded.
+    # DDP's. Over A micro-steps, every micro-step reduce-scatters (A a step), gradients sharded.
     # --sync_every_micro_step=false reduce-scatters in the last only (1/A of the reduce-scatters;
     # the all-gathers still run each micro-step), but ranks hold full gradients until then (4P
     # more). bf16: gathered as bf16 (half the traffic), reduced in fp32; inputs are cast too, so the
@@ -336,13 +335,12 @@ def evaluate(model, tokens, cfg, world: World, step: int) -> float:
     model.eval()
     loss_sum = torch.zeros((), device=world.device)
     for k in range(cfg.eval_iters):
-        batch_number = step * cfg.eval_iters + k
-        x, y = get_batch(tokens, cfg.batch_size, cfg.block_size, batch_number, cfg.seed + 1,
-                         world.rank, world.size, world.device)  # NEW: this rank's rows
+        x, y = get_batch(tokens, cfg.batch_size, cfg.block_size, step * cfg.eval_iters + k,
+                         cfg.seed + 1, world.rank, world.size, world.device)  # NEW: rank's rows
         with autocast_context(x.device.type, cfg.dtype):
             _, loss = model(x, y)
         loss_sum += loss.float()
-    dist.all_reduce(loss_sum)  # NEW: a sum over the ranks (gloo has no average)
+    dist.all_reduce(loss_sum)  # NEW: a sum over the ranks
     model.train()
     return loss_sum.item() / (cfg.eval_iters * world.size)
 
@@ -385,6 +383,8 @@ def save(cfg, model, optimizer, world: World, run_info: dict):
         if world.rank == 0:
             ckpt = {"model": model_state, "optimizer": optimizer_state, **run_info}
             save_checkpoint(cfg.ckpt_path, ckpt)
+    if world.rank == 0 and cfg.overwrite:  # else a resume could find the replaced run's other kind
+        cfg.checkpoint(not cfg.sharded_checkpoint).unlink(missing_ok=True)
     # the others wait for the file: ranks that ran ahead would wait for rank 0 in the next step's
     # collectives instead, and on a slow shared filesystem could reach the collective timeout
     dist.barrier()
@@ -407,8 +407,7 @@ def key_optimizer_state(state_dict, model, optimizer, to_names: bool):
 def check_checkpoint(cfg, n_vocab: int):
     """The checkpoint in out_dir, full or sharded, must be the one init_from and the flags say."""
     found = cfg.ckpt_path.exists()
-    other_name = "ckpt.pt" if cfg.sharded_checkpoint else "dcp-latest.pt"
-    other_kind = cfg.ckpt_path.with_name(other_name)  # the opposite --sharded_checkpoint's
+    other_kind = cfg.checkpoint(not cfg.sharded_checkpoint)  # the opposite flag's
     if cfg.init_from != "scratch" and not found and other_kind.exists():
         flag = f"--sharded_checkpoint={str(not cfg.sharded_checkpoint).lower()}"
         raise ValueError(f"{other_kind} is the other kind: resume it with {flag}")
@@ -437,7 +436,7 @@ def resume(cfg, model, optimizer, world: World):
     """(iter_num, best_val_loss) resumed as init_from says, at any world size and strategy."""
     ckpt = None
     start = 0
-    if cfg.init_from != "scratch" and cfg.ckpt_path.exists():  # check_checkpoint read it
+    if cfg.init_from != "scratch" and cfg.ckpt_path.exists():  # check_settings checked it
         # mmap: the ranks of one machine share the file's pages instead of each reading a copy
         ckpt = torch.load(cfg.ckpt_path, map_location="cpu", mmap=True, weights_only=True)
         start = ckpt["iter_num"]
@@ -461,12 +460,12 @@ def resume(cfg, model, optimizer, world: World):
         full_state = dsd.StateDictOptions(full_state_dict=True)
         dsd.set_model_state_dict(model, ckpt["model"], options=full_state)
         if isinstance(optimizer, ZeroRedundancyOptimizer):
-            optimizer.load_state_dict(ckpt["optimizer"])  # ZeRO keeps its parameters' state
+            optimizer.load_state_dict(ckpt["optimizer"])
             # subtle: ZeRO's load_state_dict moves 0-dim state (Adam's step) to the CPU, where fused
             # CUDA AdamW fails (pytorch/pytorch#124133): all state returns to its parameter's device
             for p, state in optimizer.optim.state.items():
                 state.update({key: value.to(p.device) for key, value in state.items()})
-            optimizer.state.clear()  # the base class keeps a second copy, which ZeRO never reads
+            optimizer.state.clear()  # the base class's full copy, never read: 8P, not 8P/N
         elif ckpt["optimizer"]["state"]:  # plain SGD keeps none, and dsd cannot load an empty one
             by_name = key_optimizer_state(ckpt["optimizer"], model, optimizer, to_names=True)
             dsd.set_optimizer_state_dict(model, optimizer, by_name, options=full_state)
@@ -548,8 +547,10 @@ class DistConfig:
 
     @property
     def ckpt_path(self) -> Path:  # the full checkpoint, or the pointer to the latest sharded one
-        name = "dcp-latest.pt" if self.sharded_checkpoint else "ckpt.pt"
-        return PROJECT / self.out_dir / name
+        return self.checkpoint(self.sharded_checkpoint)
+
+    def checkpoint(self, sharded: bool) -> Path:  # either kind's file, found or not
+        return PROJECT / self.out_dir / ("dcp-latest.pt" if sharded else "ckpt.pt")
 
     def model_args(self, vocab_size: int) -> dict:  # 04's GPTConfig, as a dict
         names = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "gelu")
@@ -566,7 +567,7 @@ def check_settings(cfg: DistConfig):
     needed = ("LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # torchrun sets them all
     absent = ", ".join(name for name in needed if name not in os.environ)
     if "RANK" in os.environ and absent:
-        raise ValueError(f"RANK is set but {absent} not: start the job with torchrun or unset RANK")
+        raise ValueError(f"RANK is set but {absent} not: launch with torchrun or unset RANK")
     world_size = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's (get_batch checks the group)
     if cfg.batch_size % world_size:
         raise ValueError(f"batch_size={cfg.batch_size} (global micro-batch) does not "
@@ -578,8 +579,7 @@ def check_settings(cfg: DistConfig):
         raise ValueError(f"local rank {local_rank} has no GPU of its own (NCCL needs one each): "
                          f"use --nproc_per_node={gpus} or fewer, or --device=cpu")
     if cfg.sharded_checkpoint and cfg.strategy == "zero1":
-        raise ValueError("--sharded_checkpoint needs --strategy=ddp or fsdp: "
-                         "it cannot hold ZeRO's optimizer")
+        raise ValueError("--sharded_checkpoint cannot hold ZeRO's optimizer: use ddp or fsdp")
     meta = load_meta(cfg.corpus_dir)  # no prepared data: its error names the 02 command
     if min(meta["train_tokens"], meta["val_tokens"]) <= cfg.block_size:
         raise ValueError(f"{cfg.corpus_dir}: train or val tokens too few for "

@@ -946,7 +946,7 @@ def autocast_context(device_type: str, dtype: str):
 # copied from 05_pretrain.py: load_checkpoint
 def load_checkpoint(path):
     """(model, tokenizer, checkpoint dict) from a checkpoint of 05-08, the model on the CPU. mmap:
-    unused parts (Adam's state, in 09-11) are never read; a compiled model's "_orig_mod." goes."""
+    unread parts (Adam's state, to sample) stay on disk; a compiled model's "_orig_mod." goes."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; train one with `python 05_pretrain.py` "

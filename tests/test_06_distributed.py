@@ -640,7 +640,7 @@ def test_errors(dist06, corpus, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("WORLD_SIZE")
     with pytest.raises(ValueError, match="--strategy='zero3' is not valid; use ddp, zero1, fsdp"):
         dist06.DistConfig(strategy="zero3", **where)
-    with pytest.raises(ValueError, match="sharded_checkpoint needs"):
+    with pytest.raises(ValueError, match="sharded_checkpoint cannot hold ZeRO"):
         dist06.DistConfig(strategy="zero1", sharded_checkpoint=True, **where)
     with pytest.raises(ValueError, match="--optimizer='adam' is not valid"):
         dist06.DistConfig(optimizer="adam", **where)
@@ -652,7 +652,7 @@ def test_errors(dist06, corpus, tmp_path, monkeypatch, capsys):
     for var in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
     missing = "LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT"
-    message = f"RANK is set but {missing} not: start the job with torchrun"
+    message = f"RANK is set but {missing} not: launch with torchrun"
     with pytest.raises(ValueError, match=message):
         dist06.DistConfig(**where)
     argv = [f"--{name}={value}" for name, value in where.items()]
@@ -715,6 +715,24 @@ def test_auto_finds_either_kind_of_checkpoint_and_refuses_the_other_flag(dist06,
             assert f"{run / on_disk} is the other kind" in err, err
             assert err.endswith(f"resume it with {fix}\n"), err
         assert [f.name for f in run.iterdir()] == [on_disk]
+
+
+@pytest.mark.parametrize("sharded_first", [True, False])
+def test_overwrite_removes_the_replaced_runs_other_kind(dist06, corpus, tmp_path, capsys,
+                                                        monkeypatch, sharded_first):
+    """A run with --overwrite and the other --sharded_checkpoint replaces the run in out_dir: its
+    checkpoint of the other kind goes at the first save, so that a later resume with the old flag
+    is refused (naming the flag) instead of silently continuing the replaced run."""
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    old = dict(strategy="ddp", sharded_checkpoint=sharded_first, **RUNS["sgd-1"])
+    new = {**old, "sharded_checkpoint": not sharded_first}
+    dist06.main(argv(old, data_dir=corpus, out_dir=tmp_path, max_iters=2))
+    dist06.main(argv(new, data_dir=corpus, out_dir=tmp_path, max_iters=1, overwrite=True))
+    new_file = "ckpt.pt" if sharded_first else "dcp-latest.pt"
+    err = user_error(dist06, capsys, argv(old, data_dir=corpus, out_dir=tmp_path,
+                                          init_from="resume", max_iters=3))
+    assert f"{tmp_path / new_file} is the other kind" in err, err
 
 
 def test_resume_refuses_a_checkpoint_that_does_not_fit(dist06, corpus, tmp_path, capsys,
