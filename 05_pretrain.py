@@ -160,9 +160,9 @@ def get_lr(it: int, cfg) -> float:
 
 
 def forward_backward(model, x, y, micro_steps: int, ctx, scaler) -> torch.Tensor:
-    """Accumulate in .grad the gradient of the batch's mean loss in micro_steps chunks: backward()
-    adds into .grad, so loss_i / micro_steps per equal chunk sums to the batch's gradient, with one
-    chunk's activations in memory at a time. The mean loss stays on the device (.item() waits)."""
+    """Backward of one step's batch x, y in micro_steps chunks of batch_size rows: backward() adds
+    into .grad, so loss_i / micro_steps per chunk sums to the gradient of the batch's mean loss,
+    one chunk's activations in memory at a time. The mean loss stays on the GPU (.item() waits)."""
     losses = []
     for xb, yb in zip(x.chunk(micro_steps), y.chunk(micro_steps)):
         with ctx:

@@ -17,6 +17,7 @@ Then what a long job needs: activation checkpointing and torch.compile per block
 rank 0 in 05's format, or every rank's shards), and restarts that end with the weights of an
 uninterrupted run (bit for bit on CPU, at the same world size, on which dropout's masks depend),
 after a crash or a Ctrl-C (every rank saves at the next log step; --init_from=resume continues).
+A first reading: sections 1-3, where `# NEW:` marks what changes from 05; 4 and 5 can wait.
 
 References: Li et al. 2020 (DDP); Rajbhandari et al. 2020 (ZeRO); Zhao et al. 2023 (FSDP); Chen et
 al. 2016 (activation checkpointing); pytorch/torchtitan (FSDP2 in practice); karpathy/build-nanogpt.
@@ -246,8 +247,7 @@ def train(cfg, world: World, ctrl_c) -> dict:
     data = {split: load_tokens(cfg.corpus_dir, split) for split in ("train", "val")}
     meta = load_meta(cfg.corpus_dir)
     model_args = cfg.model_args(meta["n_vocab"])
-    # NEW: the same weights on every rank. DDP broadcasts rank 0's anyway; FSDP keeps each rank's
-    # slices of its own copy, so the seed is what makes the ranks' copies equal
+    # NEW: equal weights on all ranks (DDP broadcasts rank 0's; FSDP slices each rank's own copy)
     torch.manual_seed(cfg.seed)
     model = GPT(GPTConfig(**model_args)).to(world.device)
     tokens_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.block_size
