@@ -69,7 +69,7 @@ class TrainConfig:
     block_size: Annotated[int, "context length in tokens"] = 64
     dropout: Annotated[float, "0: short runs on much data; GPU recipe: 0.2"] = 0.0
     bias: Annotated[bool, "biases in Linear and LayerNorm; nanoGPT has none"] = False
-    gelu: Annotated[str, "none: exact GELU, as nanoGPT (faster on CPUs); tanh: GPT-2's"] = "none"
+    gelu: Annotated[str, "none: exact GELU, nanoGPT's (faster on CPUs); tanh: GPT-2's"] = "none"
     init_from: Annotated[str, "scratch, resume out_dir's run, or auto: resume if any"] = "scratch"
     # optimization
     batch_size: Annotated[int, "sequences per micro-batch"] = 12
@@ -326,8 +326,8 @@ def train(cfg: TrainConfig, resumed=None) -> dict:
         optimizer.load_state_dict(ckpt["optimizer"] | {"param_groups": today})
         scaler.load_state_dict(ckpt["scaler"] or scaler.state_dict())  # {}: saved without fp16
         set_rng_states(ckpt["rng"])  # after torch.manual_seed above, which would reset them
-    header = dict(model_args=asdict(model.config), tokenizer=tokenizer_spec, config=settings,
-                  stage="pretrain")  # the part of every run.save that never changes
+    header = dict(model_args=asdict(model.config), tokenizer=tokenizer_spec, config=settings)
+    header["stage"] = "pretrain"  # header: the part of every run.save that never changes
     compiled_model = torch.compile(model, dynamic=False) if cfg.compile else model
     ctx = autocast_context(device_type, cfg.dtype)
     micro_steps = cfg.gradient_accumulation_steps
@@ -558,7 +558,7 @@ def check_run(cfg: TrainConfig, resumed=None):
     work; each error names its fix. resumed: load_checkpoint's (model, tokenizer, ckpt), if any."""
     meta = load_meta(cfg.corpus_dir)  # if 02 has not prepared it: the 02 command that does
     wanted = asdict(cfg.model_config(meta["n_vocab"]))  # GPTConfig checks n_embd % n_head...
-    names = ("ckpt.pt", "best.pt", "log.jsonl", "loss.png")  # what a run writes
+    names = ("ckpt.pt", "best.pt", "log.jsonl", "loss.png")  # a run's; empty: it crashed early
     run_files = [cfg.ckpt_path.with_name(name) for name in names]
     if cfg.init_from == "resume":  # the run's settings come from its checkpoint: it must be one
         saved = resumed[2]["model_args"]
@@ -566,7 +566,7 @@ def check_run(cfg: TrainConfig, resumed=None):
         if differing:  # the model is the checkpoint's: the settings must say so too
             raise ValueError(f"{cfg.ckpt_path} holds a model with {differing}: "
                              "resume with those (vocab_size: --dataset, --tokenizer)")
-    elif any(path.exists() for path in run_files) and not cfg.overwrite:
+    elif any(path.exists() and path.stat().st_size for path in run_files) and not cfg.overwrite:
         way_on = "continue it: --init_from=resume, " if cfg.ckpt_path.exists() else ""
         raise ValueError(f"{cfg.ckpt_path.parent} holds a run; {way_on}use another --out_dir, "
                          "or replace it: --init_from=scratch --overwrite")

@@ -428,8 +428,8 @@ def check_checkpoint(cfg, n_vocab: int):
     if saved != cfg.model_args(n_vocab):
         raise ValueError(f"{cfg.ckpt_path} holds another model, {saved}: to resume it, "
                          f"repeat that run's flags; or {fix}")
-    if not cfg.sharded_checkpoint and ckpt.get("optimizer") is None:
-        raise ValueError(f"{cfg.ckpt_path} holds no optimizer state (07, 08); {fix}")
+    if ckpt.get("stage") not in ("pretrain", "distributed"):  # 07's, 08's: their loops' state
+        raise ValueError(f"{cfg.ckpt_path} holds a {ckpt.get('stage')} model; {fix}")
 
 
 def resume(cfg, model, optimizer, world: World):

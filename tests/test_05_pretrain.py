@@ -1252,6 +1252,24 @@ def test_a_new_run_never_replaces_a_runs_files(pre05, char_corpus, tmp_path, cap
         (tmp_path / name).unlink()  # the next file alone
 
 
+@pytest.mark.parametrize("init_from", ["scratch", "auto"])
+def test_a_run_that_died_before_its_first_save_blocks_no_retry(pre05, char_corpus, tmp_path,
+                                                                monkeypatch, init_from):
+    """A run that crashed in its first evaluation (a GPU out of memory, say) leaves only an empty
+    log.jsonl: nothing to protect, so the same command, or --init_from=auto, starts afresh."""
+    argv = [*SMALL, "--max_iters=2", f"--data_dir={char_corpus}", f"--out_dir={tmp_path}"]
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pre05, "estimate_loss", out_of_memory)
+        with pytest.raises(RuntimeError):
+            pre05.main(argv)
+    assert [path.name for path in tmp_path.iterdir()] == ["log.jsonl"]
+    assert pre05.main([*argv, f"--init_from={init_from}"])["iter_num"] == 2
+
+
 def test_a_prompt_the_tokenizer_cannot_encode_is_refused_before_training(
     pre05, char_corpus, tmp_path, capsys
 ):

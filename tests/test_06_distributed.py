@@ -737,18 +737,20 @@ def test_overwrite_removes_the_replaced_runs_other_kind(dist06, corpus, tmp_path
 
 def test_resume_refuses_a_checkpoint_that_does_not_fit(dist06, corpus, tmp_path, capsys,
                                                         monkeypatch):
-    """A resume (or auto) into an out_dir whose checkpoint another model wrote, that holds no
-    optimizer state (07, 08 write such) or that cannot be read stops with one line before any work,
-    naming the way on, instead of a traceback from inside the load."""
+    """A resume (or auto) into an out_dir whose checkpoint another model wrote, that another stage
+    wrote (07's, 08's: resumed as a pretraining run, it was overwritten) or that cannot be read
+    stops with one line before any work, naming the way on, instead of a traceback or a loss."""
     monkeypatch.delenv("RANK", raising=False)
     settings = dict(strategy="ddp", **RUNS["adamw-1"])
     cfg = dist06.DistConfig(**{**BASE, **settings}, data_dir=str(corpus), out_dir=str(tmp_path))
     model_args = cfg.model_args(dist06.load_meta(cfg.corpus_dir)["n_vocab"])
-    fits = {"model_args": model_args, "optimizer": {"state": {}}, "iter_num": 2}
+    fits = {"model_args": model_args, "optimizer": {"state": {}}, "iter_num": 2,
+            "stage": "pretrain"}
     cases = (  # what is on disk, the flags given now, what the error says
         ("ckpt.pt", fits, {"n_embd": 64}, "holds another model"),
         ("dcp-latest.pt", fits, {"n_layer": 3, "sharded_checkpoint": True}, "holds another"),
-        ("ckpt.pt", {**fits, "optimizer": None}, {}, "holds no optimizer state"),
+        ("ckpt.pt", {**fits, "stage": "finetune"}, {}, "holds a finetune model"),
+        ("ckpt.pt", {**fits, "stage": "dpo"}, {}, "holds a dpo model"),
         ("ckpt.pt", b"", {}, "is not a readable checkpoint"),
     )
     for number, (name, ckpt, flags, message) in enumerate(cases):
@@ -776,8 +778,8 @@ def test_a_checkpoint_from_before_the_gelu_setting_resumes_with_gelu_tanh(dist06
     n_vocab = dist06.load_meta(cfg.corpus_dir)["n_vocab"]
     model_args = cfg.model_args(n_vocab)
     del model_args["gelu"]
-    torch.save({"model_args": model_args, "optimizer": {"state": {}}, "iter_num": 2},
-               tmp_path / "ckpt.pt")
+    torch.save({"model_args": model_args, "optimizer": {"state": {}}, "iter_num": 2,
+                "stage": "pretrain"}, tmp_path / "ckpt.pt")
     dist06.check_checkpoint(dataclasses.replace(cfg, init_from="resume"), n_vocab)  # fits
     with pytest.raises(ValueError, match="'gelu': 'tanh'"):
         dist06.check_checkpoint(dataclasses.replace(cfg, init_from="resume", gelu="none"), n_vocab)
