@@ -168,6 +168,8 @@ def merge(ids: list[int], pair: tuple[int, int], idx: int) -> list[int]:
 
 
 def _no_pairs_left(n_done: int) -> ValueError:
+    if n_done == 0:  # no vocab_size helps: the smallest, 258, needs a pair to merge
+        return ValueError("the text is empty or has no pair of bytes to merge; use more text")
     return ValueError(f"the text has no pair left to merge after {n_done} merges; "
                       f"use a smaller vocab_size (at most {257 + n_done}) or more text")
 
@@ -189,8 +191,7 @@ def merge_logger(n_merges: int, every: int = 100):
     return log
 
 
-def train_bpe_naive(text: str, n_merges: int, pattern: str = GPT2_SPLIT_PATTERN,
-                    log=None) -> dict:
+def train_bpe_naive(text: str, n_merges: int, pattern: str = GPT2_SPLIT_PATTERN, log=None) -> dict:
     """Learn n_merges merges; returns {pair: new id} in the order they were learned.
 
     The textbook loop: count all pairs, merge the best one everywhere, repeat. Each merge costs a
@@ -215,8 +216,7 @@ def train_bpe_naive(text: str, n_merges: int, pattern: str = GPT2_SPLIT_PATTERN,
     return merges
 
 
-def train_bpe(text: str, n_merges: int, pattern: str = GPT2_SPLIT_PATTERN,
-              log=None) -> dict:
+def train_bpe(text: str, n_merges: int, pattern: str = GPT2_SPLIT_PATTERN, log=None) -> dict:
     """Same result as train_bpe_naive (tests check it), without rescanning the corpus.
 
     Three ideas:
@@ -448,12 +448,13 @@ class BPETokenizer:
         path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(data, ensure_ascii=False, indent=1)
         # indent=1 puts each number of a merge on a line of its own: one merge per line instead
-        spread_merge = r"\[\s+(\d+),\s+(\d+),\s+(\d+)\s+\]"
-        text = regex.sub(spread_merge, r"[\1, \2, \3]", text)
+        text = regex.sub(r"\[\s+(\d+),\s+(\d+),\s+(\d+)\s+\]", r"[\1, \2, \3]", text)
         tmp = path.with_name(path.name + ".tmp")  # written whole, then renamed: never half a file
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        try:
+            tmp.write_text(text, encoding="utf-8")
+            return tmp.replace(path)  # path, now the whole file
+        finally:  # a failed write or rename (path is a folder, the disk is full) leaves no .tmp
+            tmp.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path) -> "BPETokenizer":
@@ -466,8 +467,7 @@ class BPETokenizer:
                              "write one with BPETokenizer.save or `python 01_tokenizer.py --train`")
         unshow = {ch: b for b, ch in bytes_to_unicode().items()}
         # the one-character tokens are the 256 bytes: byte -> its id
-        vocab = data["vocab"]
-        byte_to_id = {unshow[tok]: int(idx) for idx, tok in vocab.items() if len(tok) == 1}
+        byte_to_id = {unshow[tok]: int(idx) for idx, tok in data["vocab"].items() if len(tok) == 1}
         byte_ids = [byte_to_id[b] for b in range(256)]
         merges = {(a, b): idx for a, b, idx in data["merges"]}
         return cls(merges, data["special_tokens"], byte_ids, data["pattern"])
@@ -645,9 +645,8 @@ def main(argv=None):
                         choices=["none_raise", "all"], help="all: <|endoftext|> is that token")
     parser.add_argument("--naive_chars", type=int, default=100_000,
                         help="--bench: characters of text for the naive (slow) trainer")
-    args = parser.parse_args(argv)
     try:  # the user's input or network: one line `error: ...`, exit status 2, no traceback
-        run(args)
+        run(parser.parse_args(argv))
     except (ValueError, OSError, RuntimeError) as e:
         parser.exit(2, f"error: {e}\n")
     except KeyboardInterrupt:  # --train and --bench take a while: a stop is one line, no traceback
@@ -661,18 +660,24 @@ def run(args):  # main's work, its arguments checked before any of it
         raise ValueError(f"--vocab_size={args.vocab_size}; use at least 258 (256 bytes + 2)")
     if args.encode and "<|endoftext|>" in args.encode and args.allowed_special == "none_raise":
         raise ValueError("--encode's text holds <|endoftext|>; --allowed_special=all: one token")
+    out = PROJECT / args.out  # --train's file: a new one, or a tokenizer 01 wrote (replaced)
+    if args.train is not None and (args.out.endswith(("/", os.sep)) or out.is_dir()):
+        raise ValueError(f"--out={args.out} is a folder: name a file, e.g. --out={out}/bpe.json")
+    try:  # any other file there is the user's (their text, their JSON): never written over
+        if args.train is not None and out.exists():
+            BPETokenizer.load(out)  # it loads: a tokenizer 01 wrote, which a new run may replace
+    except ValueError:
+        raise ValueError(f"--out={args.out} is not a file 01 wrote: name another file") from None
     if args.train is not None:
         path = PROJECT / args.train
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, ValueError):  # missing, unreadable or not UTF-8
             raise ValueError(f"--train={args.train}: no UTF-8 text file at {path}") from None
-        if (PROJECT / args.out).resolve() == path.resolve():  # the text it learns from: kept
-            raise ValueError(f"--out={args.out} is --train's text: name another file")
         t0 = time.perf_counter()
         tok = BPETokenizer.train(text, args.vocab_size, log=merge_logger(args.vocab_size - 257))
         seconds = time.perf_counter() - t0
-        print(f"{len(tok.merges)} merges in {seconds:.2f} s; wrote {tok.save(PROJECT / args.out)}")
+        print(f"{len(tok.merges)} merges in {seconds:.2f} s; wrote {tok.save(out)}")
         sample = text[:100_000]
         ratio = len(sample.encode("utf-8")) / len(tok.encode_ordinary(sample))
         print(f"compression on the first 100k characters: {ratio:.2f} bytes/token")

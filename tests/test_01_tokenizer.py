@@ -210,6 +210,22 @@ def test_trainers_on_hand_computed_example(tok01):
             train("aaabdaaabac", 10, pattern=r"(?s).+")
 
 
+@pytest.mark.parametrize("text", ["", "a", "a!"])  # empty, one byte, one-byte chunks
+def test_a_text_without_pairs_asks_for_more_text(tok01, text, tmp_path, capsys):
+    """A text with no pair to merge at all gets "use more text", not a vocab_size to lower: even
+    the smallest one the command line takes (258) needs a merge."""
+    for train in (tok01.train_bpe_naive, tok01.train_bpe):
+        with pytest.raises(ValueError, match="the text is empty or has no pair") as error:
+            train(text, 1)
+        assert "vocab_size" not in str(error.value)
+    (tmp_path / "text.txt").write_text(text)
+    argv = [f"--train={tmp_path / 'text.txt'}", "--vocab_size=258", f"--out={tmp_path / 'b.json'}"]
+    assert exit_status(tok01.main, argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: the text is empty") and captured.out == ""
+    assert list(tmp_path.iterdir()) == [tmp_path / "text.txt"]  # nothing written
+
+
 OVERLAPS = "aaaa aaaaa aa baaab abab ababab bbbb 🙂🙂🙂 日本日本日本 '\n\n" * 4 + "zzzzzzzzzz aaa"
 
 
@@ -434,6 +450,49 @@ def test_cli_relative_paths_start_at_the_project_folder(tok01, shakespeare_text,
     assert list(elsewhere.iterdir()) == []  # nothing written where the user stands
 
 
+def test_cli_train_replaces_only_a_tokenizer_it_wrote(tok01, shakespeare_text, tmp_path, capsys):
+    """An existing --out is written over only if it is a tokenizer 01 wrote (a rerun replaces its
+    own output); any other file (the user's JSON, text, another stage's file) is refused in one
+    line before training, and kept byte for byte."""
+    text_file, out = tmp_path / "text.txt", tmp_path / "bpe.json"
+    text_file.write_text(shakespeare_text[:5_000], encoding="utf-8")
+    for vocab_size in (260, 270):  # the second run replaces the first one's file
+        tok01.main([f"--train={text_file}", f"--vocab_size={vocab_size}", f"--out={out}"])
+        assert tok01.BPETokenizer.load(out).n_vocab == vocab_size
+    capsys.readouterr()
+    theirs = {"mine.json": '{"hello": 1}\n', "notes.txt": "my notes\n",
+              "meta.json": json.dumps({"kind": "char", "chars": "ab"})}
+    for name, content in theirs.items():
+        (tmp_path / name).write_text(content)
+        argv = [f"--train={text_file}", "--vocab_size=260", f"--out={tmp_path / name}"]
+        assert exit_status(tok01.main, argv) == 2
+        captured = capsys.readouterr()
+        assert captured.err.startswith(f"error: --out={tmp_path / name} is not a file 01 wrote")
+        assert captured.err.count("\n") == 1 and captured.out == ""  # before training
+        assert (tmp_path / name).read_text() == content
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["text.txt", "bpe.json", *theirs])
+
+
+def test_cli_out_naming_a_folder_is_refused_before_training(tok01, tmp_path, monkeypatch, capsys):
+    """--out=out/ (a folder, there or not) is one line before training that names a file to give
+    instead, and that file works; save() to a folder raises and leaves no .tmp behind."""
+    monkeypatch.setattr(tok01, "PROJECT", tmp_path)
+    (tmp_path / "text.txt").write_text("some text to learn from")
+    (tmp_path / "models").mkdir()
+    for folder in ("out/", "models", "models/"):
+        assert exit_status(tok01.main, ["--train=text.txt", f"--out={folder}"]) == 2
+        captured = capsys.readouterr()
+        assert captured.err.startswith(f"error: --out={folder} is a folder: name a file, e.g. ")
+        assert captured.err.count("\n") == 1 and captured.out == ""  # before training
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "text.txt"]
+    suggested = captured.err.split("e.g. ")[1].strip()  # the fix it names
+    tok01.main(["--train=text.txt", "--vocab_size=258", suggested])
+    tok = tok01.BPETokenizer.load(tmp_path / "models" / "bpe.json")
+    with pytest.raises(OSError):
+        tok.save(tmp_path / "models")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "text.txt"]
+
+
 @pytest.mark.parametrize("argv", [
     ["--train=any.txt", "--vocab=300"],  # prefix of --vocab_size
     ["--train=any.txt", "--vocab-size=300"],  # the old spelling
@@ -473,7 +532,7 @@ def test_cli_suggests_the_closest_flag(tok01, capsys, argv, message):
     (["--train={binary}"], "error: --train={binary}: no UTF-8 text file at {binary}"),
     (["--train=any.txt", "--vocab_size=100"], "error: --vocab_size=100; use at least 258"),
     (["--bench", "--vocab_size=257"], "error: --vocab_size=257; use at least 258"),  # 0 merges
-    (["--train={text}", "--out={text}"], "error: --out={text} is --train's text"),
+    (["--train={text}", "--out={text}"], "error: --out={text} is not a file 01 wrote"),
     (["--bench", "--naive_chars=0"], "error: --naive_chars=0; use a positive count"),
     (["--encode=the end<|endoftext|>"],
      "error: --encode's text holds <|endoftext|>; --allowed_special=all: one token"),

@@ -613,17 +613,22 @@ def cleaned_by_hand(raw: str) -> str:
     (["--block_size=2000000", "--text_file={small}"],
      "error: --block_size=2000000: the train split has"),
     (["--text_file={binary}"], "error: {binary} is not UTF-8 text; give a UTF-8 text file"),
+    (["--text_file={empty}", "--block_size=1"], "error: the text of {empty} is empty; use a file"),
+    (["--text_file={junk}", "--block_size=1"], "error: the text of {junk} is empty; use a file"),
 ])
 def test_main_user_errors_are_one_line_before_any_work(dl02, tmp_path, capsys, argv, message):
-    text_file = tmp_path / "small.txt"
-    text_file.write_text(SMALL_TEXT)
-    binary_file = tmp_path / "binary.bin"
-    binary_file.write_bytes(bytes(range(256)))
+    """A user's mistake is one line naming its fix, before anything is fetched or prepared; an
+    empty text (or one that cleaning empties) says so, not "use a smaller block_size"."""
+    files = {"small": tmp_path / "small.txt", "binary": tmp_path / "binary.bin",
+             "empty": tmp_path / "empty.txt", "junk": tmp_path / "junk.txt"}
+    files["small"].write_text(SMALL_TEXT)
+    files["binary"].write_bytes(bytes(range(256)))
+    files["empty"].write_text("")
+    files["junk"].write_text("==== ---- ====\n")  # no letters: cleaning removes it all
     data_dir = tmp_path / "data"
-    message = message.format(binary=binary_file)
+    message = message.format(**files)
     with pytest.raises(SystemExit) as exit_info:
-        dl02.main([a.format(small=text_file, binary=binary_file) for a in argv]
-                  + [f"--data_dir={data_dir}"])
+        dl02.main([a.format(**files) for a in argv] + [f"--data_dir={data_dir}"])
     captured = capsys.readouterr()
     assert exit_info.value.code == 2
     assert captured.err.startswith(message) and captured.err.count("\n") == 1, captured.err
