@@ -81,8 +81,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path) -> None:
     tmp = Path(f"{path}.tmp")  # renamed once whole: a Ctrl-C leaves no half a model
     try:
         with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(header_bytes)))
-            f.write(header_bytes)
+            f.write(struct.pack("<Q", len(header_bytes)) + header_bytes)  # its length, then it
             for t in tensors.values():
                 f.write(t.reshape(-1).view(torch.uint8).numpy())  # the raw bytes, no copy
         os.replace(tmp, path)
@@ -97,9 +96,12 @@ def export_hf(model, tokenizer_spec: dict, out_dir, overwrite: bool = False) -> 
     out = Path(out_dir)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} is not empty: use an empty --export_hf folder or --overwrite")
+    # --overwrite replaces this export's own files and deletes none: another may be the user's
+    gpt2 = [n for n in ("vocab.json", "merges.txt", "tokenizer_config.json") if (out / n).exists()]
+    if tokenizer_spec["kind"] == "char" and gpt2:
+        fix = "AutoTokenizer would load it for this char model: remove it, or pick an empty folder"
+        raise FileExistsError(f"{out} holds a GPT-2 tokenizer ({', '.join(gpt2)}); {fix}")
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "chars.json", "README.txt"):
-        (out / name).unlink(missing_ok=True)  # no tokenizer of an earlier export may stay behind
     c = model.config
     eot_id = 50256 if tokenizer_spec["kind"] == "gpt2" else None  # <|endoftext|>; chars: none
     config = {
@@ -131,10 +133,8 @@ def export_hf(model, tokenizer_spec: dict, out_dir, overwrite: bool = False) -> 
         data = read_file_cached(f"{GPT2_URL}/{openai_name}", GPT2_FILES[openai_name])
         (out / hf_name).write_bytes(data)
     eot = "<|endoftext|>"
-    tokenizer_config = {
-        "tokenizer_class": "GPT2Tokenizer", "model_max_length": c.block_size,
-        "bos_token": eot, "eos_token": eot, "unk_token": eot,
-    }  # fmt: skip
+    tokenizer_config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": c.block_size,
+                        "bos_token": eot, "eos_token": eot, "unk_token": eot}  # fmt: skip
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
     return out
 
@@ -201,12 +201,11 @@ class APIError(Exception):
 
 MAX_TOKENS = 4096  # per request: the window slides past the context; this bounds the wait
 MAX_BODY = 1_000_000  # bytes: a prompt of a context's tokens is a few kB
+ROUTES = ["GET /v1/models", "POST /v1/completions", "POST /v1/chat/completions"]
 
 
-def is_stop(value) -> bool:  # a string, or a list of up to 4 strings
-    if type(value) is str:
-        return True
-    return type(value) is list and len(value) <= 4 and all(type(s) is str for s in value)
+def is_stop(v) -> bool:  # a string, or a list of up to 4 strings
+    return type(v) is str or (type(v) is list and len(v) <= 4 and all(type(s) is str for s in v))
 
 
 # The optional settings: name -> (default, check, what a value must be). The checks ask type(v),
@@ -319,15 +318,12 @@ class OpenAIHandler(BaseHTTPRequestHandler):
     """The subset of OpenAI's API that chat UIs and SDKs use. ThreadingHTTPServer gives each
     connection a thread; they take turns on the model (server.lock): requests queue, none lost."""
 
-    def do_GET(self):
-        if self.path.rstrip("/") != "/v1/models":
-            error = APIError(f"no route GET {self.path}", code="not_found", status=404)
-            return self.send_json(error.body, error.status)
-        model = {"id": self.server.model_name, "object": "model", "created": 0, "owned_by": "you"}
-        self.send_json({"object": "list", "data": [model]})
+    def __getattr__(self, name: str):  # BaseHTTPRequestHandler calls do_<METHOD>: do_GET, do_PUT
+        if not name.startswith("do_"):  # (and sends an HTML 501 page for a method without one)
+            raise AttributeError(name)
+        return self.answer_request  # every method: so each error is OpenAI's JSON
 
-    def do_POST(self):
-        chat = self.path == "/v1/chat/completions"
+    def answer_request(self):
         try:
             # the whole body first: a socket closed with unread data is reset, and our answer lost
             length = self.headers.get("Content-Length", "0")
@@ -336,8 +332,15 @@ class OpenAIHandler(BaseHTTPRequestHandler):
             if int(length) > MAX_BODY:  # refused unread (a client still sending may see a reset)
                 raise APIError(f"the body is over {MAX_BODY:,} bytes", status=413)
             raw = self.rfile.read(int(length))
-            if not chat and self.path != "/v1/completions":
-                raise APIError(f"no route POST {self.path}", code="not_found", status=404)
+            route = f"{self.command} {self.path.partition('?')[0].rstrip('/')}"  # ?x=1: ignored
+            if route not in ROUTES:  # PUT, DELETE...: OpenAI answers a 404 too, not HTTP's 405
+                message = f"no route {route}: this server answers {', '.join(ROUTES)}"
+                raise APIError(message, code="not_found", status=404)
+            if route == "GET /v1/models":
+                name = self.server.model_name
+                model = {"id": name, "object": "model", "created": 0, "owned_by": "you"}
+                return self.send_json({"object": "list", "data": [model]})
+            chat = route == "POST /v1/chat/completions"
             try:  # ValueError: a JSONDecodeError or UnicodeDecodeError; RecursionError: [[[...]]]
                 body = json.loads(raw)
             except (ValueError, RecursionError) as e:
@@ -356,12 +359,9 @@ class OpenAIHandler(BaseHTTPRequestHandler):
         if chat and settings["stream"]:  # a streamed chat's pieces: chunks, each with a delta
             kind += ".chunk"
             key = "delta"
-        shared = {  # the fields that every chunk of this answer repeats
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "object": kind,
-            "created": int(time.time()),
-            "model": self.server.model_name,
-        }
+        # the fields that every chunk of this answer repeats
+        shared = {"id": f"cmpl-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
+                  "model": self.server.model_name}  # fmt: skip
 
         def answer(text: str, finish: str | None) -> dict:
             content = {"role": "assistant", "content": text} if chat else text
@@ -458,7 +458,7 @@ class ServeConfig:
 
     ckpt: Annotated[str, "a ckpt.pt of 05-08 (relative: to this script's folder)"] = DEFAULT_CKPT
     export_hf: Annotated[str, "save the model in Hugging Face's format, in this folder"] = ""
-    overwrite: Annotated[bool, "--export_hf may hold files; an export's are replaced"] = False
+    overwrite: Annotated[bool, "--export_hf may hold files: the export's own are replaced"] = False
     serve: Annotated[bool, "answer OpenAI's API over HTTP until Ctrl-C; no password"] = False
     host: Annotated[str, "127.0.0.1 = only this computer may connect; 0.0.0.0 = any"] = "127.0.0.1"
     port: Annotated[int, "the port to listen on; 0 = any free one"] = 8000

@@ -127,10 +127,31 @@ def test_export_refuses_a_non_empty_directory_unless_overwrite(serve10, tmp_path
     with pytest.raises(FileExistsError, match="--overwrite"):
         serve10.export_hf(rough_model(serve10, len(CHARS)), CHAR_SPEC, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
-    serve10.export_hf(rough_model(serve10, 50257), {"kind": "gpt2"}, tmp_path, overwrite=True)
-    serve10.export_hf(rough_model(serve10, len(CHARS)), CHAR_SPEC, tmp_path, overwrite=True)
-    names = sorted(p.name for p in tmp_path.iterdir())  # GPT-2's tokenizer files went: no mix
-    assert names == ["README.txt", "chars.json", "config.json", "model.safetensors", "notes.txt"]
+
+
+def test_overwrite_replaces_the_exports_own_files_and_deletes_none(serve10, tmp_path):
+    """--overwrite replaces the files that this export writes and no other: a user's README.txt
+    and chars.json stay beside a GPT-2 export (transformers reads neither). A char model's export
+    beside GPT-2's tokenizer files is refused, the folder left as it was: AutoTokenizer would load
+    them for the char model, and a file's name does not say whose it is."""
+    mine = {"README.txt": "my notes", "chars.json": "my table", "notes.txt": "mine"}
+    for name, text in mine.items():
+        (tmp_path / name).write_text(text)
+    first = rough_model(serve10, 50257)
+    serve10.export_hf(first, {"kind": "gpt2"}, tmp_path, overwrite=True)
+    second = rough_model(serve10, 50257, seed=1)
+    serve10.export_hf(second, {"kind": "gpt2"}, tmp_path, overwrite=True)  # an export's: replaced
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    idx = torch.randint(50257, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, second(idx)[0], atol=1e-4, rtol=1e-4)
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path).eos_token_id == 50256
+    assert {name: (tmp_path / name).read_text() for name in mine} == mine
+
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(FileExistsError, match="vocab.json, merges.txt, tokenizer_config.json"):
+        serve10.export_hf(rough_model(serve10, len(CHARS)), CHAR_SPEC, tmp_path, overwrite=True)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 # -----------------------------------------------------------------------------
@@ -353,6 +374,30 @@ def test_unknown_get_path_is_404_and_the_client_sees_openais_errors(server, clie
     assert complete(client)[1] == "length"
 
 
+def test_a_query_string_is_no_part_of_the_route(server):
+    """A query string (?x=1, as a proxy or an SDK's default_query may add) is ignored on every
+    route: each answers as it does without one."""
+    status, got = request(server, "GET", "/v1/models?x=1")
+    assert status == 200 and [m["id"] for m in got["data"]] == ["tiny"]
+    for path, body in ((P, OK), (C, CHAT)):
+        body = json.dumps(body | {"max_tokens": 2})
+        status, got = request(server, "POST", f"{path}?x=1&y=2", body)
+        assert status == 200 and got["choices"][0]["finish_reason"] == "length", got
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH", "OPTIONS", "NONSUCH"])
+def test_a_method_no_route_takes_gets_openais_json_error(server, client, method):
+    """PUT, DELETE or any method no route takes gets what OpenAI's API answers a method it does
+    not serve: a 404 in its JSON error shape, naming the request, not the standard library's HTML
+    501 page (the body is read first: a socket closed on unread data is reset)."""
+    for path in ("/v1/models", C):
+        status, got = request(server, method, path, json.dumps(CHAT))
+        assert status == 404
+        assert set(got) == {"error"} and set(got["error"]) == {"message", "type", "param", "code"}
+        assert f"{method} {path}" in got["error"]["message"]
+    assert complete(client)[1] == "length"  # and the server goes on
+
+
 def test_eight_concurrent_clients_all_get_complete_answers(client):
     prompts = [f"Client number {i} says" for i in range(8)]
     expected = [complete(client, prompt=p) for p in prompts]  # one at a time
@@ -572,12 +617,16 @@ def test_export_from_the_command_line(serve10, tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, model(idx)[0], atol=1e-4, rtol=1e-4)
     capsys.readouterr()  # transformers' progress bars
+    bpe_dir = tmp_path / "bpe"  # a GPT-2 tokenizer, which a char model must not be exported beside
+    bpe_dir.mkdir()
+    (bpe_dir / "vocab.json").write_text("{}")
     refused = [
         ([f"--export_hf={export_dir}"], "is not empty"),
         ([], "nothing to do"),
         (["--serve", "--port=70000"], "--port"),
         ([f"--export_hf={ckpt}"], "is a file, or in one"),  # the checkpoint stays as it was
         ([f"--export_hf={ckpt / 'hf'}"], "is a file, or in one"),  # found before loading
+        ([f"--export_hf={bpe_dir}", "--overwrite"], "GPT-2 tokenizer (vocab.json)"),
     ]
     for argv, message in refused:
         with pytest.raises(SystemExit) as e:
