@@ -333,8 +333,7 @@ def complete(model, tok, prompts, cfg, stop_strings=(), eot_token=None) -> list[
         print(f"note: the prompt is {dropped} tokens too long; its start is cut", file=sys.stderr)
     streams = [TextStream(tok, stop_strings, lambda text: print(text, end="", flush=True))]
     streams += [TextStream(tok, stop_strings) for _ in prompts[1:]]
-    device = model.lm_head.weight.device
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(cfg.seed)
     generate(model, prompts, cfg.max_new_tokens,
              cfg.temperature, cfg.top_k or None, cfg.top_p, generator,  # top_k 0: no limit
              eot_token=eot_token, streams=streams, use_cache=cfg.use_cache)
@@ -401,7 +400,10 @@ def load_entries(cfg) -> tuple[list[dict], Path]:
     if not file.is_file():
         raise FileNotFoundError(f"--answers={cfg.answers}: no such file ({file}); 07_finetune.py "
                                 "writes its test split as out_dir/test.json")
-    entries = json.loads(file.read_text(encoding="utf-8"))
+    try:
+        entries = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError:  # not JSON (JSONL, an empty file) or not text (a ckpt.pt): refused below
+        entries = None
     is_list = isinstance(entries, list) and entries and all(type(e) is dict for e in entries)
     if not is_list or not all(isinstance(e.get("instruction"), str) for e in entries):
         raise ValueError(f"--answers={cfg.answers}: expected a JSON list of objects, each with an "
@@ -460,9 +462,8 @@ def bench(cfg) -> None:
             plain_rate, plain_ms = time_generation(model, n_new, use_cache=False)
             if n_new == 8:
                 continue
-            speedup = cached_rate / plain_rate
             print(f"{preset:>8} {n_new:>5} {cached_rate:>12,.1f} {plain_rate:>9,.1f} "
-                  f"{speedup:>7.1f}x {cached_ms:>16} {plain_ms:>16}")
+                  f"{cached_rate / plain_rate:>7.1f}x {cached_ms:>16} {plain_ms:>16}")
 
 
 # -----------------------------------------------------------------------------
@@ -518,6 +519,9 @@ class GenerateConfig:
         for preset in self.bench_presets.split(",") if self.bench else []:
             preset_config(preset)  # an unknown one: a ValueError naming the presets
         ckpt_path = PROJECT / self.ckpt  # an absolute ckpt stays as it is
+        in_folder = Path(self.ckpt, "ckpt.pt")  # --ckpt=out/ft: a run's out_dir, not its ckpt.pt
+        if not self.bench and (PROJECT / in_folder).is_file():
+            raise IsADirectoryError(f"--ckpt={self.ckpt} is a folder; use --ckpt={in_folder}")
         if not self.bench and not ckpt_path.is_file():
             folders = {PROJECT / folder: command for folder, command in WRITERS.items()}
             other = "05-08 (into their out_dir), or 04_gpt.py --save_ckpt (into data/<model>/)"
@@ -555,13 +559,12 @@ def encode(tok, text: str) -> list[int]:
 def sample_from_prompt(model, tok, cfg) -> list[str]:
     """cfg.num_samples continuations of cfg.prompt, one batch: the first streams as it is made."""
     document_start = "<|endoftext|>" if tok.eot_token is not None else "\n"
-    prompt = cfg.prompt or document_start
-    prompt_ids = encode(tok, prompt)  # text the tokenizer cannot encode: a ValueError
-    print(prompt, end="", flush=True)  # then the first sample streams as it is made
+    prompt_ids = encode(tok, cfg.prompt or document_start)  # text it cannot encode: a ValueError
+    print(cfg.prompt, end="", flush=True)  # not the document start; the first sample then streams
     typed_stops = [s for s in cfg.stop.split(",") if s]
     stop_strings = [s.replace("\\n", "\n").replace("\\t", "\t") for s in typed_stops]
     texts = complete(model, tok, [prompt_ids] * cfg.num_samples, cfg, stop_strings, tok.eot_token)
-    print("".join(f"\n{'-' * 40}\n{prompt}{text}" for text in texts[1:]))  # the other samples
+    print("".join(f"\n{'-' * 40}\n{cfg.prompt}{text}" for text in texts[1:]))  # the others
     return texts
 
 

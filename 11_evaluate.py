@@ -383,7 +383,10 @@ and 0 means it is wrong or empty. Reply with the integer score only."""
 def load_responses(path, key: str = "model_response") -> list[dict]:
     """The entries of a test_responses.json that 09 --answers wrote: each an instruction, its
     reference answer ("output") and the model's (key)."""
-    entries = json.loads(Path(path).read_text(encoding="utf-8"))
+    try:
+        entries = json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONL or plain text (not one JSON value), or not UTF-8
+        raise ValueError(f"{path} is not JSON ({e}); 09 --answers writes a JSON list") from None
     if not (isinstance(entries, list) and entries and all(type(e) is dict for e in entries)):
         raise ValueError(f"{path}: expected a JSON list of entries (objects), as 09 writes")
     for i, entry in enumerate(entries):
@@ -420,37 +423,45 @@ def parse_score(reply: str) -> int | None:
 
 
 def judge_responses(cfg) -> dict:
-    """Score every answer; print the mean, the distribution by tens, the replies with no number."""
+    """Score every answer; print the mean, the distribution by tens, the replies with no number.
+    A failed request stops the run if it is the first; a later one is shown and skipped."""
     key = cfg.response_key
     entries = load_responses(cfg.responses, key)
     api_key = os.environ.get(cfg.judge_key_env, "")  # "" if unset: no Authorization header
     scores = []
     no_number = []
+    failed = []
     t0 = time.perf_counter()
     for i, entry in enumerate(entries):
         prompt = JUDGE_PROMPT.format(prompt=format_input(entry), reference=entry["output"],
                                      answer=entry[key])  # fmt: skip
-        reply = ask_judge(cfg.judge_url, cfg.judge_model, prompt, api_key)
-        score = parse_score(reply)
-        if score is None:
-            no_number.append({"entry": i, "reply": reply})
+        try:
+            reply = ask_judge(cfg.judge_url, cfg.judge_model, prompt, api_key)
+        except RuntimeError as e:  # too long for the judge, say: one error never loses the run
+            if i == 0:  # the first request's: a wrong URL, model or key; nothing judged yet
+                raise
+            failed.append({"entry": i, "error": str(e)})
+            print(f"\nentry {i} not scored: {e}")  # the progress line goes on below it
         else:
-            scores.append(score)
+            score = parse_score(reply)
+            if score is None:
+                no_number.append({"entry": i, "reply": reply})
+            else:
+                scores.append(score)
         show_progress("answers judged", i + 1, len(entries), t0)
     by_tens = [sum(min(s // 10, 9) == t for s in scores) for t in range(10)]  # 0-9, ..., 90-100
     mean = sum(scores) / len(scores) if scores else float("nan")
-    print(f"{cfg.responses} ({key}), judged by {cfg.judge_model}: "
-          f"mean {mean:.1f} of 100 over {len(scores)} of {len(entries)} answers")
+    print(f"{cfg.responses} ({key}), judged by {cfg.judge_model}: mean {mean:.1f} of 100 over "
+          f"{len(scores)} of {len(entries)} answers, {len(failed)} requests failed (not scored)")
     for tens, count in enumerate(by_tens):
-        low = 10 * tens
-        high = 100 if tens == 9 else low + 9
-        print(f"  {low:>3}-{high:<3} {count:>5} {'#' * count}")
+        high = 100 if tens == 9 else 10 * tens + 9
+        print(f"  {10 * tens:>3}-{high:<3} {count:>5} {'#' * count}")
     print(f"{len(no_number)} replies held no number (not scored):")
     for item in no_number[:5]:
         print(f"  entry {item['entry']}: {item['reply'][:100]!r}")
-    return {"responses": cfg.responses, "key": key, "judge": cfg.judge_model,
+    return {"responses": cfg.responses, "key": key, "judge": cfg.judge_model, "scores": scores,
             "n": len(entries), "scored": len(scores), "mean": mean if scores else None,
-            "by_tens": by_tens, "no_number": no_number, "scores": scores}  # fmt: skip
+            "by_tens": by_tens, "no_number": no_number, "failed": failed}  # fmt: skip
 
 
 # -----------------------------------------------------------------------------

@@ -474,8 +474,7 @@ def hf_to_modern_state_dict(sd: dict, n_layer: int) -> dict:
         for our_name, parts in HF_STACKED.items():
             stacked = [sd[theirs + p + ".weight"] for p in parts]
             out[ours + our_name + ".weight"] = torch.cat(stacked)
-    wte = out["transformer.wte.weight"]
-    out["lm_head.weight"] = sd.get("lm_head.weight", wte)
+    out["lm_head.weight"] = sd.get("lm_head.weight", out["transformer.wte.weight"])
     return out
 
 
@@ -533,6 +532,9 @@ class ModernRunConfig:
         if not self.prompt:
             raise ValueError("--prompt is empty: give the model some text to continue")
         folder = PROJECT / self.hf_dir
+        # the architecture before tokenizer.json: 10's GPT-2 export is a Hugging Face folder too
+        if self.hf_dir and (folder / "config.json").is_file():
+            check_hf_config(json.loads((folder / "config.json").read_text()), folder)
         for needed in ("config.json", "tokenizer.json"):
             if self.hf_dir and not (folder / needed).is_file():
                 raise ValueError(f"--hf_dir={self.hf_dir}: no {needed} in {folder}; "
@@ -545,8 +547,7 @@ def print_flavours() -> None:
         config = ModernConfig.flavour(name)
         model = ModernGPT(config)
         per_token = cache_bytes_per_token(config)
-        full_heads = replace(config, n_kv_head=config.n_head)
-        mha = cache_bytes_per_token(full_heads)
+        mha = cache_bytes_per_token(replace(config, n_kv_head=config.n_head))  # all heads kept
         print(f"{name:7s} {model.num_params():>11,} parameters, KV cache "
               f"{per_token:,} bytes/token with {config.n_kv_head} kv heads "
               f"({mha:,} with {config.n_head})")
@@ -573,8 +574,7 @@ def continue_prompt(cfg) -> str:
     hf = json.loads((folder / "config.json").read_text())
     eos = hf.get("eos_token_id")
     stop_ids = eos if isinstance(eos, list) else [eos]
-    prompt_ids = tok.encode(cfg.prompt).ids
-    idx = torch.tensor([prompt_ids], device=cfg.device)
+    idx = torch.tensor([tok.encode(cfg.prompt).ids], device=cfg.device)
     generator = torch.Generator(cfg.device).manual_seed(cfg.seed)
     out = generate(model, idx, cfg.max_new_tokens, cfg.temperature,
                    cfg.use_cache, stop_ids, generator)

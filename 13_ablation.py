@@ -99,9 +99,10 @@ def train_row(settings: dict, optimizer_name: str, data: dict, recipe) -> dict:
     if device_type != "cpu":  # the clock stops when the GPU is done (CUDA or MPS)
         torch.get_device_module(device_type).synchronize()
     seconds = time.perf_counter() - start
-    losses = estimate_loss(model, data, recipe, recipe.max_iters)
+    val = {"val": data["val"]}  # the table shows no train loss: evaluating it would double the cost
+    val_loss = estimate_loss(model, val, recipe, recipe.max_iters)["val"]
     tokens = recipe.max_iters * recipe.batch_size * recipe.block_size
-    return dict(params=model.num_params(), val_loss=losses["val"], seconds=seconds,
+    return dict(params=model.num_params(), val_loss=val_loss, seconds=seconds,
                 tokens_per_s=tokens / seconds, kv_bytes=cache_bytes_per_token(config))
 
 
@@ -118,6 +119,9 @@ def ablate(cfg) -> list[dict]:
         seed=cfg.seed, device=cfg.device, dtype=dtype)
     # the recipe warms up for 100 of 2,000 iterations; a shorter run, for a 20th of its own
     recipe.warmup_iters = min(recipe.warmup_iters, cfg.max_iters // 20)
+    # val batches: the recipe's 200, or as many as a shorter run's iterations (a forward pass is
+    # about a third of a training step: evaluation then costs at most a third of the training)
+    recipe.eval_iters = cfg.eval_iters or min(recipe.eval_iters, cfg.max_iters)
     rows = []  # (name, all the changes so far, optimizer)
     settings = {}
     for name, change, optimizer_name in ABLATION:
@@ -140,6 +144,7 @@ def print_table(runs: dict, recipe) -> list[dict]:
     """The ablation as a Markdown table: each row's median time, its val loss (on a CPU the same
     in every round), and the change in val loss from the row above."""
     print(f"\n{recipe.max_iters} iterations of nanoGPT's CPU recipe on {recipe.device}, "
+          f"val loss over {recipe.eval_iters} batches, "
           f"median of {len(next(iter(runs.values())))} round(s)")
     print("| row | parameters | KV cache bytes/token (bf16) | val loss | vs the row above "
           "| train s | tokens/s |")
@@ -249,6 +254,7 @@ class AblationConfig:
 
     max_iters: Annotated[int, "iterations per row (nanoGPT's recipe: 2000)"] = 2000
     rounds: Annotated[int, "times to train the table (the median time is shown)"] = 1
+    eval_iters: Annotated[int, "val batches per row; 0 = --max_iters of them, at most 200"] = 0
     muon_lr: Annotated[float, "Muon's peak learning rate"] = 0.02
     data_dir: Annotated[str, "02's prepared corpora (relative: from 13's folder)"] = "data"
     seed: Annotated[int, "seeds the weights and the batches, the same for every row"] = 1337
@@ -258,6 +264,8 @@ class AblationConfig:
         self.device = pick_device(self.device)
         if self.max_iters < 1 or self.rounds < 1:
             raise ValueError("--max_iters and --rounds must be 1 or more")
+        if self.eval_iters < 0:
+            raise ValueError(f"--eval_iters={self.eval_iters}: use 1 or more (0: the default)")
         if not 0 < self.muon_lr < math.inf:  # nan too
             raise ValueError(f"--muon_lr={self.muon_lr} must be above 0 and finite")
         if self.seed < 0:  # numpy's generators take none below 0

@@ -280,15 +280,17 @@ def test_stream_holds_back_a_possible_stop_string(gen09):
 
 
 def save_tiny_checkpoint(gen09, path, chars, stage="pretrain", iter_num=0, val_loss=None):
-    """A checkpoint in the format 05-08 write (the keys of 05's save_checkpoint)."""
-    tok = gen09.CharTokenizer(chars)
+    """A checkpoint in the format 05-08 write (the keys of 05's save_checkpoint); chars=None: of
+    GPT-2's tokens."""
+    spec = {"kind": "char", "chars": chars} if chars else {"kind": "gpt2"}
+    tok = gen09.get_tokenizer(spec)
     model = rough_model(gen09, block_size=64, vocab_size=tok.n_vocab)
     path.parent.mkdir(parents=True, exist_ok=True)
     best_val_loss = float("inf") if val_loss is None else val_loss
     torch.save({
         "model": model.state_dict(), "model_args": dataclasses.asdict(model.config),
         "optimizer": {}, "config": {}, "iter_num": iter_num, "best_val_loss": best_val_loss,
-        "val_loss": val_loss, "rng": {}, "tokenizer": tok.to_dict(), "stage": stage,
+        "val_loss": val_loss, "rng": {}, "tokenizer": spec, "stage": stage,
     }, path)  # fmt: skip
     return model, tok
 
@@ -412,6 +414,26 @@ def test_bad_answers_settings_are_one_error_line_before_the_model(gen09, tmp_pat
     assert not responses.exists() or responses.read_text() == "[]"  # nothing written, or replaced
 
 
+@pytest.mark.parametrize("content", [
+    '{"instruction": "a"}\n{"instruction": "b"}\n',  # JSON Lines: json's "Extra data"
+    "",  # json's "Expecting value"
+    None,  # a checkpoint's bytes: not UTF-8 text
+], ids=["jsonl", "empty", "ckpt"])  # fmt: skip
+def test_answers_that_are_not_json_name_the_flag_and_a_json_list(gen09, tmp_path, capsys,
+                                                                 monkeypatch, content):
+    """A file that is not JSON at all is refused as a wrong JSON one is: the line names
+    --answers=F and the JSON list it expects, not the parser's "Extra data: line 2 column 1"."""
+    save_tiny_checkpoint(gen09, tmp_path / "ckpt.pt", "abc\n", stage="finetune")
+    answers = tmp_path / "ckpt.pt"
+    if content is not None:
+        answers = tmp_path / "test.jsonl"
+        answers.write_text(content)
+    monkeypatch.setattr(gen09, "load_model", lambda cfg: pytest.fail("loaded the model"))
+    argv = [f"--ckpt={tmp_path / 'ckpt.pt'}", f"--answers={answers}", "--device=cpu"]
+    err = exits_with_one_error_line(gen09, argv, capsys)
+    assert f"--answers={answers}: expected a JSON list of objects" in err
+
+
 def test_answers_end_at_a_new_section_of_the_template(gen09, tmp_path, monkeypatch):
     """An answer that goes on into "\n\n### Instruction:" (a model that learned the template's
     look) is cut there, and stripped."""
@@ -531,6 +553,27 @@ def test_a_relative_ckpt_starts_at_the_project_folder(gen09, tmp_path, monkeypat
         shutil.rmtree(run_dir)
     assert len(texts) == 1
     assert f"loaded {folder}/ckpt.pt:" in capsys.readouterr().out
+
+
+def test_a_run_folder_as_ckpt_names_the_checkpoint_in_it(gen09, tmp_path, monkeypatch, capsys):
+    """--ckpt=out/ft, the out_dir 07 wrote: the line gives the flag that loads it,
+    --ckpt=out/ft/ckpt.pt, not "no such file; make it with 05-08"."""
+    monkeypatch.setattr(gen09, "PROJECT", tmp_path)
+    save_tiny_checkpoint(gen09, tmp_path / "out" / "ft" / "ckpt.pt", "abc \n", stage="finetune")
+    err = exits_with_one_error_line(gen09, ["--ckpt=out/ft", "--device=cpu"], capsys)
+    assert "--ckpt=out/ft/ckpt.pt" in err and "make it with" not in err
+
+
+def test_a_new_document_of_gpt2_tokens_prints_no_start_token(gen09, tmp_path, capsys):
+    """With no --prompt a GPT-2-token model starts from <|endoftext|>, a token, not text: each
+    sample is printed as the model wrote it, without a literal "<|endoftext|>" before it."""
+    save_tiny_checkpoint(gen09, tmp_path / "ckpt.pt", chars=None)
+    argv = [f"--ckpt={tmp_path / 'ckpt.pt'}", "--num_samples=2", "--max_new_tokens=5",
+            "--device=cpu"]
+    texts = gen09.main(argv)
+    printed = capsys.readouterr().out.split("\n", 1)[1]  # after the "loaded ..." line
+    assert "<|endoftext|>" not in printed
+    assert printed.startswith(texts[0]) and texts[1] in printed
 
 
 def test_a_missing_checkpoint_names_09s_own_flag(gen09, capsys):

@@ -297,6 +297,20 @@ def test_bad_settings_and_files_are_one_line(ev11, tmp_path, capsys):
     assert json.loads(answers.read_text()) == RESPONSES
 
 
+@pytest.mark.parametrize("text", ['{"instruction": "a"}\n{"instruction": "b"}\n', "Red.\nBlue.\n"])
+def test_responses_that_are_not_json_name_the_file_and_what_it_holds(ev11, tmp_path, capsys,
+                                                                     text):  # fmt: skip
+    """A JSONL or plain-text --responses file: one line naming the file and that 09 --answers
+    writes a JSON list, before any request."""
+    path = tmp_path / "test_responses.jsonl"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(SystemExit) as e:
+        ev11.main([f"--responses={path}", "--judge_url=http://x", "--judge_model=m"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert str(path) in err and "not JSON" in err and "09 --answers writes a JSON list" in err
+
+
 @pytest.mark.parametrize("entries", [[1, 2], [{"instruction": "a", "output": "b"}, 5], []])
 def test_responses_that_are_not_a_list_of_objects_are_one_error(ev11, tmp_path, entries):
     path = tmp_path / "responses.json"
@@ -333,12 +347,13 @@ RESPONSES = [
 ]
 REPLIES = {"Red.": "Score: 85", "5": "100", "Hello.": "I would rather not say.",
            "Nothing.": None}  # a reply with "content": null, as some servers send
+TOO_LONG = "A very long answer."  # the stub answers it with 400, as a judge does a long prompt
 
 
 @contextlib.contextmanager
 def stub_judge(status=200):
     """An OpenAI-style chat endpoint on a free port: it answers from REPLIES by the model's answer
-    found in the prompt, or with `status` and an error body."""
+    found in the prompt, or with `status` and an error body (with 400 for TOO_LONG)."""
     prompts = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -347,11 +362,15 @@ def stub_judge(status=200):
             prompt = body["messages"][0]["content"]
             prompts.append(prompt)
             answer = prompt.split("### Model's answer:\n")[1].split("\n")[0]
-            reply = {"choices": [{"message": {"role": "assistant", "content": REPLIES[answer]}}]}
-            if status != 200:
+            content = REPLIES.get(answer)
+            reply = {"choices": [{"message": {"role": "assistant", "content": content}}]}
+            code = 400 if answer == TOO_LONG else status
+            if code == 400:
+                reply = {"error": {"code": "context_length_exceeded"}}
+            elif status != 200:
                 reply = {"error": {"message": "model 'judge' not found"}}
             data = json.dumps(reply).encode()
-            self.send_response(status)
+            self.send_response(code)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
@@ -410,6 +429,25 @@ def test_judge_scores_numbers_and_counts_replies_without_one(ev11, tmp_path, cap
     report = capsys.readouterr().out
     assert "mean 92.5" in report and "I would rather not say." in report
     assert json.loads(out.read_text())["mean"] == 92.5
+
+
+def test_a_request_that_fails_after_the_first_is_shown_and_skipped(ev11, tmp_path, capsys):
+    """The judge refuses one answer (400, too long) after judging others: the run goes on, the
+    failure is shown on its own line (not glued to the progress line) and listed, and --out_json
+    holds every answer judged, before and after it."""
+    entries = [*RESPONSES[:2], {**RESPONSES[0], "model_response": TOO_LONG}, RESPONSES[2]]
+    responses = tmp_path / "test_responses.json"
+    responses.write_text(json.dumps(entries))
+    out = tmp_path / "judged.json"
+    with stub_judge() as (url, prompts):
+        argv = [f"--responses={responses}", f"--judge_url={url}", "--judge_model=judge"]
+        result = ev11.main([*argv, f"--out_json={out}", "--device=cpu"])
+    assert len(prompts) == 4 and [item["entry"] for item in result["failed"]] == [2]
+    assert result["scores"] == [85, 100] and [i["entry"] for i in result["no_number"]] == [3]
+    assert "400" in result["failed"][0]["error"]
+    assert json.loads(out.read_text())["failed"] == result["failed"]
+    report = capsys.readouterr().out
+    assert "\nentry 2 not scored:" in report and "1 requests failed" in report
 
 
 def test_failing_or_unreachable_judge_is_one_line_naming_the_url(ev11, tmp_path, capsys):

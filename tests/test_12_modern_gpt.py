@@ -227,6 +227,21 @@ def test_a_relative_hf_dir_starts_in_the_project_folder(tmp_path, monkeypatch):
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def test_10s_gpt2_export_is_refused_as_another_architecture(tmp_path, capsys):
+    """10's --export_hf folder is a Hugging Face folder of a GPT-2, with no tokenizer.json: the
+    line names its architecture and the two 12 reads, not "give a Hugging Face model folder"."""
+    serve10 = load_script("10_serve")
+    chars = "abcdefgh \n"
+    gpt = serve10.GPT(serve10.GPTConfig(block_size=16, vocab_size=len(chars), n_layer=1,
+                                        n_head=2, n_embd=16))
+    serve10.export_hf(gpt, {"kind": "char", "chars": chars}, tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        m.main([f"--hf_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error:") and err.count("\n") == 1
+    assert "GPT2LMHeadModel" in err and "Llama and Qwen3 only" in err
+
+
 @pytest.mark.parametrize("flags, says", [
     (["--hf_dir=no/such/folder"], "config.json"),
     (["--max_new_tokens=0"], "max_new_tokens"),

@@ -106,9 +106,55 @@ def test_muon_trains_a_row(char_corpus):
     assert after < before - 0.5
 
 
-def test_the_table_has_a_row_per_change(char_corpus, capsys, monkeypatch):
-    monkeypatch.setitem(m.NANOGPT_CPU_RECIPE, "eval_iters", 1)
-    table = m.main(["--max_iters=2", "--rounds=2", f"--data_dir={char_corpus}"])
+def test_a_row_evaluates_the_val_split_only_and_gets_the_same_val_loss(char_corpus, monkeypatch):
+    """The table shows no train loss, so after training a row draws eval_iters val batches and no
+    train batch; its val loss is the one an evaluation of both splits gives (the README's table)."""
+    data = {split: m.load_tokens(char_corpus / "tinyshakespeare-char", split)
+            for split in ("train", "val")}
+    drawn, models = [], []
+    get_batch, estimate_loss = m.get_batch, m.estimate_loss
+
+    def spy_get_batch(ids, *args, **kwargs):
+        drawn.append("train" if ids is data["train"] else "val")
+        return get_batch(ids, *args, **kwargs)
+
+    def spy_estimate_loss(model, *args):
+        models.append(model)
+        return estimate_loss(model, *args)
+
+    monkeypatch.setattr(m, "get_batch", spy_get_batch)
+    monkeypatch.setattr(m, "estimate_loss", spy_estimate_loss)
+    short = recipe(max_iters=3, lr_decay_iters=3, warmup_iters=0, eval_iters=2)
+    row = m.train_row(m.ABLATION[0][1], "adamw", data, short)
+    assert drawn == ["train"] * 3 + ["val"] * 2
+    assert row["val_loss"] == estimate_loss(models[0], data, short, 3)["val"]
+
+
+@pytest.mark.parametrize("flags, eval_iters", [
+    ([], m.NANOGPT_CPU_RECIPE["eval_iters"]),  # the README's table: 2,000 iterations, 200 batches
+    (["--max_iters=20"], 20),  # a short run: no more val batches than training steps
+    (["--max_iters=20", "--eval_iters=5"], 5),
+    (["--eval_iters=7"], 7),
+])  # fmt: skip
+def test_eval_iters_is_the_recipes_unless_the_run_is_shorter_or_the_flag_says(
+    char_corpus, capsys, monkeypatch, flags, eval_iters
+):
+    """A quick look (--max_iters=20) evaluates as many val batches as it trains steps, not the
+    recipe's 200, which took minutes where training took seconds; --eval_iters chooses."""
+    recipes = []
+
+    def train_row(settings, optimizer_name, data, recipe):
+        recipes.append(recipe)
+        return dict(params=1, val_loss=1.0, seconds=1.0, tokens_per_s=1.0, kv_bytes=1)
+
+    monkeypatch.setattr(m, "train_row", train_row)
+    m.main([*flags, f"--data_dir={char_corpus}"])
+    assert {r.eval_iters for r in recipes} == {eval_iters}
+    assert f"val loss over {eval_iters} batches" in capsys.readouterr().out
+
+
+def test_the_table_has_a_row_per_change(char_corpus, capsys):
+    table = m.main(["--max_iters=2", "--rounds=2", "--eval_iters=1", f"--data_dir={char_corpus}"])
     out = capsys.readouterr().out
     assert [row["name"] for row in table] == [name for name, *_ in m.ABLATION]
     for row in table:
@@ -121,6 +167,7 @@ def test_the_table_has_a_row_per_change(char_corpus, capsys, monkeypatch):
 @pytest.mark.parametrize("flags, says", [
     (["--rounds=0"], "--rounds"),
     (["--max_iters=0"], "--max_iters"),
+    (["--eval_iters=-1"], "--eval_iters=-1"),
     (["--muon_lr=0"], "--muon_lr"),
     (["--muon_lr=nan"], "--muon_lr=nan"),  # else the Muon row trains to a nan
     (["--seed=-1"], "--seed=-1"),  # numpy's generators take none below 0

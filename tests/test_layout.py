@@ -6,8 +6,9 @@ lines; the later stages at most 600 above the appendix's section rule (the docst
 1,000 in all. The files still over them are held at their size today, so that none grows back:
 STAGE_OVER_BUDGET (the two training loops that save, resume to the weights of an uninterrupted run
 and stop on Ctrl-C after a save: 05, and 06, whose ranks also agree where they start and when to
-stop) and TOTAL_OVER_BUDGET (the same two: beside their copies, 422 and 436 lines that follow
-from their origins, a 1,000-line total leaves 578 and 564 lines for their stage parts).
+stop; and 11, whose judge skips a failed request instead of losing the answers judged before it)
+and TOTAL_OVER_BUDGET (05 and 06: beside their copies, 422 and 436 lines that follow from their
+origins, a 1,000-line total leaves 578 and 564 lines for their stage parts).
 A budget is a ceiling, not a target: lines are split until each says one thing, then machinery is
 cut, never explanation. A copy comes from an earlier stage, never a later one: a reader who
 reaches it has read its origin already.
@@ -32,7 +33,7 @@ MAX_LONG = 0.04  # the share of code lines of 100 characters or more
 
 
 # over the budgets: each ceiling is the file's size today, so that none grows back
-STAGE_OVER_BUDGET = {"05": 621, "06": 634}
+STAGE_OVER_BUDGET = {"05": 621, "06": 634, "11": 611}
 TOTAL_OVER_BUDGET = {"05": 1043, "06": 1070}
 
 
