@@ -337,6 +337,9 @@ class FinetuneConfig:
             fix = "run 05_pretrain.py, pass another --ckpt, or use --init_from=gpt2"
             if self.init_from in OPENAI_MODELS:
                 fix = f"python 04_gpt.py --init_from={self.init_from} --save_ckpt fetches it"
+            inside = Path(self.ckpt) / "ckpt.pt"  # a run's folder: the file in it
+            if inside.is_file():
+                fix = f"use --ckpt={inside}"
             raise FileNotFoundError(f"no checkpoint at {self.ckpt}: {fix}")
         if any(folder.is_file() for folder in run_path.parents):  # now, not at the first save
             raise ValueError(f"--out_dir={self.out_dir} is a file, or in one: name a folder")
@@ -346,6 +349,12 @@ class FinetuneConfig:
         test_split = run_path.with_name("test.json")  # written at the end of a run
         earlier = run_path.exists() or test_split.exists()
         if new_run and earlier and not self.overwrite:
+            stage = "finetune"  # test.json alone: what a 07 run leaves at its end
+            if run_path.exists():  # not a checkpoint: load_checkpoint's own error
+                stage = load_checkpoint(run_path)[2].get("stage")
+            if stage != "finetune":  # 05's or 08's: nothing to resume, not ours to replace
+                raise ValueError(f"{run_path} holds a {stage!r} run, not 07's: "
+                                 "choose another --out_dir")
             way_on = "resume it (--init_from=resume), " if run_path.exists() else ""
             fresh = "--overwrite"  # beside an OpenAI model's name; scratch's (auto's too):
             if self.init_from == "scratch":

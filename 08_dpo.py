@@ -76,7 +76,7 @@ def load_preference_data(path="") -> list[dict]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested past Python's limit
-        raise ValueError(f"{path} is not JSON ({e})") from None
+        raise ValueError(f"{path} is not JSON ({e}); --data_path: a JSON list of pairs") from None
     entries = data if isinstance(data, list) and data else [None]  # else entry 0 is bad
     texts = ("instruction", "chosen", "rejected")
     for i, entry in enumerate(entries):
@@ -302,16 +302,14 @@ class DPOConfig:
         if not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"--label_smoothing={self.label_smoothing} must be in [0, 0.5) "
                              "(at 0.5 the labels are noise)")
-        at_least_one = ("batch_size", "log_interval", "eval_interval")
-        at_least_zero = ("max_iters", "warmup_iters", "learning_rate", "weight_decay",
-                         "grad_clip", "threads", "seed")
-        for name in at_least_one + at_least_zero:
-            least = int(name in at_least_one)
-            value = getattr(self, name)
-            if not least <= value < math.inf:  # nan too
-                raise ValueError(f"--{name}={value} must be finite and >= {least}")
-        if self.eval_pairs == 0 or self.eval_pairs < -1:  # 0 evaluates nothing
-            raise ValueError(f"--eval_pairs={self.eval_pairs}: use -1 (all) or a count")
+        least = dict(batch_size=1, log_interval=1, eval_interval=1, eval_pairs=-1)
+        for f in fields(self):  # the numbers (not bools, not strings); nan fails every <=
+            value = getattr(self, f.name)
+            minimum = least.get(f.name, 0)  # the others: at least 0
+            if type(value) in (int, float) and not minimum <= value < math.inf:
+                raise ValueError(f"--{f.name}={value} must be finite and >= {minimum}")
+        if self.eval_pairs == 0:  # evaluates nothing
+            raise ValueError("--eval_pairs=0: use -1 (all) or a count")
         if self.init_from not in ("scratch", "resume", "auto"):
             raise ValueError(f"--init_from={self.init_from!r}: use scratch, resume, auto")
         self.device = pick_device(self.device)  # "auto" resolved here, once
@@ -334,8 +332,10 @@ class DPOConfig:
         if self.init_from == "resume" and not run.exists():
             raise FileNotFoundError(f"no {run} to resume; --init_from=scratch starts one")
         if self.init_from == "scratch" and run.exists() and not self.overwrite:
-            raise ValueError(f"{run} holds a run: --init_from=resume goes on, --overwrite "
-                             "replaces it, or use another --out_dir")
+            fix = ", not 08's: use"  # 05's or 07's: nothing to resume, and not ours to replace
+            if load_checkpoint(run)[2].get("stage") == "dpo":  # not a checkpoint: its own error
+                fix = ": --init_from=resume goes on, --overwrite replaces it, or use"
+            raise ValueError(f"{run} holds a run{fix} another --out_dir")
         log = run.with_name("log.jsonl")  # a run stopped before its first save, or another's
         if self.init_from == "scratch" and log.exists() and not self.overwrite:
             raise ValueError(f"{log} is a run's log: --init_from=scratch --overwrite "
@@ -345,10 +345,11 @@ class DPOConfig:
             load_preference_data(self.data_path)
 
 
-def prepare_pairs(cfg: DPOConfig, tokenizer_spec: dict, block_size: int) -> dict:
+def prepare_pairs(cfg: DPOConfig, start: dict, block_size: int) -> dict:
     """Tokenized train and val pairs and end_id (the pad); prints what the context cuts or drops."""
-    tokenizer = get_tokenizer(tokenizer_spec)
-    encode, unknown = text_encoder(tokenizer, "?")
+    tokenizer = get_tokenizer(start["tokenizer"])
+    unknown_char = start["config"].get("unknown_char") or "?"  # 07's --unknown_char
+    encode, unknown = text_encoder(tokenizer, unknown_char)
     end_id = end_token_id(tokenizer)
     splits = split_data(load_preference_data(cfg.data_path))
     train, n_cut, n_dropped = tokenize_pairs(splits["train"], encode, end_id, block_size)
@@ -358,7 +359,7 @@ def prepare_pairs(cfg: DPOConfig, tokenizer_spec: dict, block_size: int) -> dict
                f"tokens), {n_dropped} dropped (the prompt alone is longer)")
     if unknown:
         n_unknown = sum(unknown.values())
-        message += f"; {n_unknown} characters the char model lacks became '?'"
+        message += f"; {n_unknown} characters the char model lacks became {unknown_char!r}"
     print(message)
     if len(train) < cfg.batch_size or not val:
         raise ValueError(f"{len(train)} train and {len(val)} val pairs fit the context "
@@ -391,8 +392,8 @@ def evaluate_and_log(score, data: dict, cfg: DPOConfig, it: int) -> dict:
 
 
 def load_models(cfg: DPOConfig, run=None) -> tuple:
-    """(policy, reference, tokenizer spec, resumed) on the CPU. policy: cfg.ckpt's model, or on
-    resume out_dir's (run: its checkpoint, if read); reference: a frozen copy of cfg.ckpt's."""
+    """(policy, reference, start, resumed) on the CPU. start: cfg.ckpt's checkpoint; policy: its
+    model, or on resume out_dir's (run: its checkpoint, if read); reference: a frozen copy of it."""
     if not Path(cfg.ckpt).is_file():
         make_one = "python 07_finetune.py --init_from=gpt2 makes one"
         raise FileNotFoundError(f"no checkpoint at {cfg.ckpt}: DPO needs 07's; {make_one}")
@@ -404,7 +405,7 @@ def load_models(cfg: DPOConfig, run=None) -> tuple:
                          f"python 07_finetune.py --ckpt={cfg.ckpt} finetunes it")
     reference = make_reference(model)  # the model before DPO, frozen
     if cfg.init_from == "scratch":
-        return model, reference, ckpt["tokenizer"], None
+        return model, reference, ckpt, None
     run_path = Path(cfg.out_dir) / "ckpt.pt"
     policy, _, resumed = run or load_checkpoint(run_path)
     if resumed.get("stage") != "dpo" or not resumed.get("optimizer"):  # 08's, with Adam's
@@ -412,18 +413,19 @@ def load_models(cfg: DPOConfig, run=None) -> tuple:
                          "resume; resume 08's out_dir, or use another --out_dir")
     if resumed["config"]["ckpt"] != cfg.ckpt:  # DPO's reference: the model the run began from
         raise ValueError(f"{run_path} began from --ckpt={resumed['config']['ckpt']}")
-    return policy, reference, ckpt["tokenizer"], resumed
+    return policy, reference, ckpt, resumed
 
 
 class DPORun:
     """run.save writes ckpt.pt, stage "dpo", with Adam's state and the step: a resume needs no
     more (batches: f(seed, step); no dropout)."""
 
-    def __init__(self, cfg, policy, optimizer, scaler, tokenizer_spec, resumed):
+    def __init__(self, cfg, policy, optimizer, scaler, start: dict, resumed):
         self.path = Path(cfg.out_dir) / "ckpt.pt"
         self.parts = {"model": policy, "optimizer": optimizer, "scaler": scaler}
-        self.header = {"model_args": asdict(policy.config), "tokenizer": tokenizer_spec,
-                       "config": asdict(cfg), "stage": "dpo"}  # the same in every save
+        text = {"unknown_char": start["config"].get("unknown_char")}  # 07's; 09 encodes with it
+        self.header = {"model_args": asdict(policy.config), "tokenizer": start["tokenizer"],
+                       "config": asdict(cfg) | text, "stage": "dpo"}  # the same in every save
         self.best_val = resumed["best_val_loss"] if resumed else math.inf
 
     def save(self, step: int, val_loss: float):
@@ -440,9 +442,9 @@ def dpo(cfg: DPOConfig, loaded=None) -> dict:
     """Train the policy against its frozen reference from step 0, or where a resumed run stopped
     (loaded: out_dir's checkpoint, if main read it). Returns {iter_num, train_losses, before (None
     on resume), after, policy, reference, interrupted}."""
-    policy, reference, tokenizer_spec, resumed = load_models(cfg, loaded)
+    policy, reference, start, resumed = load_models(cfg, loaded)
     block_size = policy.config.block_size
-    data = prepare_pairs(cfg, tokenizer_spec, block_size)
+    data = prepare_pairs(cfg, start, block_size)
     train = data["train"]
     device_type = cfg.device.split(":")[0]
     ctx = autocast_context(device_type, cfg.dtype)
@@ -480,7 +482,7 @@ def dpo(cfg: DPOConfig, loaded=None) -> dict:
     after = None
     val_loss = resumed["val_loss"] if resumed else None
     train_losses = []
-    run = DPORun(cfg, policy, optimizer, scaler, tokenizer_spec, resumed)
+    run = DPORun(cfg, policy, optimizer, scaler, start, resumed)
     with CtrlC() as ctrl_c:
         if not resumed:
             print("before DPO (policy = reference: rewards 0, loss ln 2 = 0.6931):")
@@ -489,8 +491,7 @@ def dpo(cfg: DPOConfig, loaded=None) -> dict:
         tokens = 0  # since the last log line
         t0 = time.perf_counter()
         while step < max_iters and not ctrl_c.pressed:
-            warmup = min(1.0, (step + 1) / (cfg.warmup_iters + 1))
-            lr = cfg.learning_rate * warmup
+            lr = cfg.learning_rate * min(1.0, (step + 1) / (cfg.warmup_iters + 1))
             for group in optimizer.param_groups:  # linear warmup, then constant (the DPO paper)
                 group["lr"] = lr
             indices = batch_indices(step, len(train), cfg.batch_size, cfg.seed)  # f(seed, step)

@@ -598,10 +598,15 @@ def test_a_bad_data_file_stops_before_a_model_loads(ft07, char_setup, tmp_path, 
 
 def test_an_earlier_run_is_never_overwritten_unasked(ft07, char_setup, tmp_path, capsys, no_model):
     tmp, _ = char_setup
-    (tmp_path / "ckpt.pt").write_bytes(b"an earlier run")
+    base = torch.load(tmp / "base" / "ckpt.pt", weights_only=True)
+    ft07.save_checkpoint(tmp_path / "ckpt.pt", {**base, "stage": "finetune"})  # a 07 run's
+    earlier = (tmp_path / "ckpt.pt").read_bytes()
     args = [f"--ckpt={tmp / 'base' / 'ckpt.pt'}", f"--out_dir={tmp_path}", "--device=cpu"]
     err = run_main(ft07, capsys, args)
-    assert "--out_dir" in err and "--overwrite" in err
+    assert "--out_dir" in err and "--overwrite" in err and "--init_from=resume" in err
+    assert (tmp_path / "ckpt.pt").read_bytes() == earlier
+    (tmp_path / "ckpt.pt").write_bytes(b"an earlier run")  # no checkpoint: said so, and kept
+    assert "not a checkpoint of these scripts" in run_main(ft07, capsys, args)
     assert (tmp_path / "ckpt.pt").read_bytes() == b"an earlier run"
     asked = ft07.parse_config(ft07.FinetuneConfig, [*args, "--overwrite"])
     assert asked.overwrite  # asked: accepted
@@ -635,6 +640,39 @@ def test_resuming_another_stages_run_names_it_and_offers_no_overwrite(ft07, char
     err = run_main(ft07, capsys, ["--init_from=resume", f"--out_dir={tmp_path}", "--device=cpu"])
     assert "holds a 'pretrain' model, no 07 run to resume" in err and "--overwrite" not in err
     assert (tmp_path / "ckpt.pt").read_bytes() == (tmp / "base" / "ckpt.pt").read_bytes()
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "dpo"])  # 05's (06's) run, or 08's
+def test_another_stages_run_in_out_dir_is_refused_offering_only_another_out_dir(
+        ft07, char_setup, tmp_path, capsys, no_model, stage):
+    """`--ckpt=out/tiny/best.pt --out_dir=out/tiny`: out_dir holds 05's run. --init_from=resume
+    would fail (no 07 run to resume) and --overwrite would replace 05's resumable run, so the
+    error offers neither, only another --out_dir, which works."""
+    tmp, _ = char_setup
+    base = torch.load(tmp / "base" / "ckpt.pt", weights_only=True)
+    ft07.save_checkpoint(tmp_path / "ckpt.pt", {**base, "stage": stage})
+    theirs = (tmp_path / "ckpt.pt").read_bytes()
+    args = [f"--ckpt={tmp / 'base' / 'ckpt.pt'}", f"--out_dir={tmp_path}", "--device=cpu"]
+    err = run_main(ft07, capsys, args)
+    assert f"{stage!r}" in err and "another --out_dir" in err, err
+    assert "--overwrite" not in err and "--init_from=resume" not in err, err
+    assert (tmp_path / "ckpt.pt").read_bytes() == theirs
+    ft07.parse_config(ft07.FinetuneConfig, [*args, f"--out_dir={tmp_path / 'new'}"])  # the fix
+
+
+def test_a_run_folder_as_ckpt_names_the_checkpoint_in_it(ft07, char_setup, tmp_path, capsys,
+                                                         no_model):
+    """--ckpt=out/ft (the folder, which holds ckpt.pt) is no missing model to train again: the
+    error names the file to pass, and that file works."""
+    tmp, _ = char_setup
+    folder = tmp / "base"
+    args = [f"--ckpt={folder}", f"--out_dir={tmp_path / 'out'}", "--device=cpu"]
+    err = run_main(ft07, capsys, args)
+    fixed = f"--ckpt={folder / 'ckpt.pt'}"
+    assert fixed in err and "05_pretrain.py" not in err, err
+    cfg = ft07.parse_config(ft07.FinetuneConfig, [fixed, *args[1:]])  # the fix, as named
+    assert cfg.ckpt == str(folder / "ckpt.pt")
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_start_model_is_never_the_file_the_run_writes(ft07, char_setup, tmp_path, capsys,

@@ -257,6 +257,51 @@ def test_dataset_drops_pairs_without_room_for_an_answer(dpo08):
     assert [(len(p), c[-1], r) for p, c, r in pairs][0] == (prompt, 99, [0, 99])
 
 
+def char_model_lacking(dpo08, start, lacking: str):
+    """start's 07 checkpoint with a char model whose vocabulary lacks the characters `lacking`
+    (it has "&" and "?"), saved by 07 with --unknown_char='&': (checkpoint, its tokenizer)."""
+    tmp, ckpt = start
+    entries = json.loads((tmp / "pairs.json").read_text(encoding="utf-8"))
+    header = dpo08.RESPONSE_HEADER
+    text = "".join(dpo08.format_input(e) + header + e["chosen"] + e["rejected"] for e in entries)
+    chars = "".join(sorted(set(text + "&?\n") - set(lacking)))
+    tok = dpo08.CharTokenizer(chars)
+    torch.manual_seed(0)
+    model = tiny_gpt(dpo08, vocab_size=tok.n_vocab, block_size=256, n_embd=32, n_layer=1)
+    return {**ckpt, "model": model.state_dict(), "model_args": dpo08.asdict(model.config),
+            "tokenizer": tok.to_dict(), "config": {"unknown_char": "&"}}, tok
+
+
+def test_pairs_are_encoded_with_07s_unknown_char(dpo08, start):
+    """07 --unknown_char='&' finetuned on '&' for each character its char model lacks: DPO's
+    pairs must be encoded the same way (not with '?'), or the policy sees text 07 never taught."""
+    tmp, _ = start
+    ckpt, tok = char_model_lacking(dpo08, start, lacking="e")
+    cfg = run_config(dpo08, tmp, tmp / "unused")
+    data = dpo08.prepare_pairs(cfg, ckpt, 256)
+    entries = json.loads((tmp / "pairs.json").read_text(encoding="utf-8"))
+    train = dpo08.split_data(entries)["train"]
+    end_id = tok.encode("\n")[0]
+    encode = lambda text: tok.encode(text.replace("e", "&"))  # noqa: E731 as 07 encoded
+    expected, _, _ = dpo08.tokenize_pairs(train, encode, end_id, 256)
+    assert data["train"] == expected
+
+
+def test_a_dpo_checkpoint_keeps_07s_unknown_char_for_09(dpo08, start, tmp_path):
+    """09 encodes prompts with the unknown_char in a checkpoint's config: an 08 checkpoint must
+    carry 07's, and the key (not a DPOConfig setting) must not stop a resume."""
+    tmp, _ = start
+    ckpt, tok = char_model_lacking(dpo08, start, lacking="e")
+    dpo08.save_checkpoint(tmp_path / "amp.pt", ckpt)
+    settings = dict(ckpt=tmp_path / "amp.pt", max_iters=1, batch_size=2, eval_pairs=2)
+    dpo08.main(run_argv(tmp, tmp_path / "dpo", **settings))
+    saved = torch.load(tmp_path / "dpo" / "ckpt.pt", weights_only=True)
+    assert saved["config"]["unknown_char"] == "&"
+    assert load_script("09_generate").Template(tok, saved).unknown_char == "&"
+    result = dpo08.main(["--init_from=resume", f"--out_dir={tmp_path / 'dpo'}", "--max_iters=2"])
+    assert result["iter_num"] == 2
+
+
 # -----------------------------------------------------------------------------
 # the reference model
 
@@ -613,13 +658,35 @@ def test_a_file_that_is_not_a_checkpoint_is_called_that(dpo08, capsys, tmp_path)
 
 
 def test_an_existing_checkpoint_is_never_overwritten_unasked(dpo08, capsys, start, tmp_path):
-    tmp, _ = start
-    (tmp_path / "ckpt.pt").write_bytes(b"someone else's run")
+    tmp, ckpt = start
+    dpo08.save_checkpoint(tmp_path / "ckpt.pt", {**ckpt, "stage": "dpo"})  # an 08 run's
+    earlier = (tmp_path / "ckpt.pt").read_bytes()
     argv = [f"--ckpt={tmp / 'ft.pt'}", f"--out_dir={tmp_path}", "--device=cpu"]
     assert_user_error(dpo08, capsys, argv, "--overwrite", "--out_dir", "--init_from=resume")
+    assert (tmp_path / "ckpt.pt").read_bytes() == earlier
+    (tmp_path / "ckpt.pt").write_bytes(b"someone else's run")  # no checkpoint: said so, kept
+    assert_user_error(dpo08, capsys, argv, "not a checkpoint of these scripts")
     assert (tmp_path / "ckpt.pt").read_bytes() == b"someone else's run"
     cfg = dpo08.DPOConfig(ckpt=str(tmp / "ft.pt"), out_dir=str(tmp_path), overwrite=True)
     assert cfg.overwrite
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])  # 05's (06's) run, or 07's
+def test_another_stages_run_in_out_dir_is_refused_offering_only_another_out_dir(
+        dpo08, capsys, start, tmp_path, monkeypatch, stage):
+    """out_dir holds 05's or 07's run: --init_from=resume would fail (no DPO run to resume) and
+    --overwrite would replace a run 08 did not write, so the error offers neither, only another
+    --out_dir, which works; nothing is loaded or written first."""
+    tmp, ckpt = start
+    dpo08.save_checkpoint(tmp_path / "ckpt.pt", {**ckpt, "stage": stage})
+    theirs = (tmp_path / "ckpt.pt").read_bytes()
+    monkeypatch.setattr(dpo08, "load_models", lambda *a: pytest.fail("loaded the models"))
+    argv = run_argv(tmp, tmp_path, max_iters=1)
+    err = assert_user_error(dpo08, capsys, argv, "another --out_dir")
+    assert "--overwrite" not in err and "--init_from=resume" not in err, err
+    assert (tmp_path / "ckpt.pt").read_bytes() == theirs
+    assert list(tmp_path.iterdir()) == [tmp_path / "ckpt.pt"]
+    run_config(dpo08, tmp, tmp_path / "dpo")  # the fix it names
 
 
 @pytest.mark.parametrize("init_from", ["scratch", "auto"])  # auto: no ckpt.pt, so scratch
@@ -688,6 +755,19 @@ def test_bad_settings_get_a_clear_error(dpo08, capsys, flag, message):
     assert_user_error(dpo08, capsys, [flag], message)
 
 
+def test_a_data_file_that_is_not_json_says_what_data_path_takes(dpo08, capsys, start, tmp_path):
+    """An empty or non-JSON --data_path: the error names the file and what --data_path must
+    hold, before a model is loaded."""
+    tmp, _ = start
+    path = tmp_path / "pairs.json"
+    argv = [f"--ckpt={tmp / 'ft.pt'}", f"--data_path={path}", f"--out_dir={tmp_path / 'out'}"]
+    for text in ("", "# notes, not JSON"):
+        path.write_text(text)
+        assert_user_error(dpo08, capsys, argv, f"{path} is not JSON", "--data_path",
+                          "JSON list of pairs")
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_and_abbreviated_flags_are_errors(dpo08, capsys):
     # 08 starts from 07's checkpoint (--ckpt) or resumes its own run: no OpenAI weights here
     assert_user_error(dpo08, capsys, ["--init_from=gpt2"], "--init_from", "scratch, resume, auto")
@@ -750,7 +830,8 @@ def test_a_save_of_nan_weights_keeps_the_last_good_checkpoint(dpo08, start, tmp_
     policy = result["policy"]
     optimizer = torch.optim.AdamW(policy.parameters())
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    run = dpo08.DPORun(cfg, policy, optimizer, scaler, {"kind": "char", "chars": "ab"}, None)
+    start_ckpt = {"tokenizer": {"kind": "char", "chars": "ab"}, "config": {}}  # 07's, in part
+    run = dpo08.DPORun(cfg, policy, optimizer, scaler, start_ckpt, None)
     with torch.no_grad():
         policy.lm_head.weight[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="NaN weights at step 2"):
