@@ -388,14 +388,20 @@ def stub_judge(status=200):
         server.server_close()
 
 
+def judge(ev11, tmp_path, entries, *flags) -> tuple[dict, list]:
+    """main's result for entries written as a test_responses.json and judged by stub_judge, and
+    the prompts the judge was sent."""
+    responses = tmp_path / "test_responses.json"
+    responses.write_text(json.dumps(entries))
+    with stub_judge() as (url, prompts):
+        argv = [f"--responses={responses}", f"--judge_url={url}", "--judge_model=judge"]
+        return ev11.main([*argv, *flags, "--device=cpu"]), prompts
+
+
 def test_no_score_at_all_is_a_null_mean_in_strict_json(ev11, tmp_path, capsys):
     """Every reply without a number: no mean, written as null (NaN is not JSON)."""
-    responses = tmp_path / "test_responses.json"
-    responses.write_text(json.dumps(RESPONSES[2:]))  # "Hello.": a reply with no number
     out = tmp_path / "judged.json"
-    with stub_judge() as (url, _):
-        argv = [f"--responses={responses}", f"--judge_url={url}", "--judge_model=judge"]
-        result = ev11.main([*argv, f"--out_json={out}", "--device=cpu"])
+    result, _ = judge(ev11, tmp_path, RESPONSES[2:], f"--out_json={out}")  # "Hello.": no number
     assert result["scores"] == [] and result["mean"] is None
 
     def refuse(constant):
@@ -405,22 +411,14 @@ def test_no_score_at_all_is_a_null_mean_in_strict_json(ev11, tmp_path, capsys):
 
 
 def test_a_null_reply_is_one_without_a_number(ev11, tmp_path):
-    responses = tmp_path / "test_responses.json"
     entry = {"instruction": "Say nothing.", "input": "", "output": "", "model_response": "Nothing."}
-    responses.write_text(json.dumps([entry]))
-    with stub_judge() as (url, _):
-        argv = [f"--responses={responses}", f"--judge_url={url}", "--judge_model=judge"]
-        result = ev11.main([*argv, "--device=cpu"])
+    result, _ = judge(ev11, tmp_path, [entry])
     assert result["scores"] == [] and result["no_number"] == [{"entry": 0, "reply": ""}]
 
 
 def test_judge_scores_numbers_and_counts_replies_without_one(ev11, tmp_path, capsys):
-    responses = tmp_path / "test_responses.json"
-    responses.write_text(json.dumps(RESPONSES))
     out = tmp_path / "judged.json"
-    with stub_judge() as (url, prompts):
-        argv = [f"--responses={responses}", f"--judge_url={url}", "--judge_model=judge"]
-        result = ev11.main([*argv, f"--out_json={out}", "--device=cpu"])
+    result, prompts = judge(ev11, tmp_path, RESPONSES, f"--out_json={out}")
     assert result["scores"] == [85, 100] and result["mean"] == 92.5
     assert [item["entry"] for item in result["no_number"]] == [2]  # shown, not scored 0
     assert result["by_tens"][8] == 1 and result["by_tens"][9] == 1
@@ -436,12 +434,8 @@ def test_a_request_that_fails_after_the_first_is_shown_and_skipped(ev11, tmp_pat
     failure is shown on its own line (not glued to the progress line) and listed, and --out_json
     holds every answer judged, before and after it."""
     entries = [*RESPONSES[:2], {**RESPONSES[0], "model_response": TOO_LONG}, RESPONSES[2]]
-    responses = tmp_path / "test_responses.json"
-    responses.write_text(json.dumps(entries))
     out = tmp_path / "judged.json"
-    with stub_judge() as (url, prompts):
-        argv = [f"--responses={responses}", f"--judge_url={url}", "--judge_model=judge"]
-        result = ev11.main([*argv, f"--out_json={out}", "--device=cpu"])
+    result, prompts = judge(ev11, tmp_path, entries, f"--out_json={out}")
     assert len(prompts) == 4 and [item["entry"] for item in result["failed"]] == [2]
     assert result["scores"] == [85, 100] and [i["entry"] for i in result["no_number"]] == [3]
     assert "400" in result["failed"][0]["error"]
