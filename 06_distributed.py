@@ -17,7 +17,7 @@ Then what a long job needs: activation checkpointing and torch.compile per block
 rank 0 in 05's format, or every rank's shards), and restarts that end with the weights of an
 uninterrupted run (bit for bit on CPU, at the same world size, on which dropout's masks depend),
 after a crash or a Ctrl-C (every rank saves at the next log step; --init_from=resume continues).
-A first reading: sections 1-3, where `# NEW:` marks what changes from 05; 4 and 5 can wait.
+A first reading: sections 1-3 (in 3, `# NEW:` marks what changes from 05); 4 and 5 can wait.
 
 References: Li et al. 2020 (DDP); Rajbhandari et al. 2020 (ZeRO); Zhao et al. 2023 (FSDP); Chen et
 al. 2016 (activation checkpointing); pytorch/torchtitan (FSDP2 in practice); karpathy/build-nanogpt.
@@ -146,7 +146,7 @@ def parallelize(model: nn.Module, cfg) -> nn.Module:
     # reduce-scatter leaves each rank its slice's averaged gradient. Block by block, then the root
     # (embeddings, head, kept gathered from forward to backward): a rank holds its shards, the
     # root's parameters and one or two blocks in full (the next is prefetched). Traffic: ~1.5x
-    # DDP's. Over A micro-steps, every micro-step reduce-scatters (A a step), gradients sharded.
+    # DDP's. Over A micro-steps, every micro-step reduce-scatters (A per step), gradients sharded.
     # --sync_every_micro_step=false reduce-scatters in the last only (1/A of the reduce-scatters;
     # the all-gathers still run each micro-step), but ranks hold full gradients until then (4P
     # more). bf16: gathered as bf16 (half the traffic), reduced in fp32; inputs are cast too, so the
@@ -424,12 +424,13 @@ def check_checkpoint(cfg, n_vocab: int):
         ckpt = torch.load(cfg.ckpt_path, map_location="cpu", mmap=True, weights_only=True)
     except Exception:  # empty, cut short, not a checkpoint: torch's message is many lines
         raise ValueError(f"{cfg.ckpt_path} is not a readable checkpoint; {fix}") from None
+    stage = ckpt.get("stage")  # 04's, 07's, 08's: not a run of 05 or 06, and not 06's to replace
+    if stage not in ("pretrain", "distributed"):
+        raise ValueError(f"{cfg.ckpt_path} holds a {stage!r} model: use another --out_dir")
     saved = {"gelu": "tanh"} | ckpt.get("model_args", {})  # no gelu key: older, GPT-2's tanh
     if saved != cfg.model_args(n_vocab):
         raise ValueError(f"{cfg.ckpt_path} holds another model, {saved}: to resume it, "
                          f"repeat that run's flags; or {fix}")
-    if ckpt.get("stage") not in ("pretrain", "distributed"):  # 07's, 08's: their loops' state
-        raise ValueError(f"{cfg.ckpt_path} holds a {ckpt.get('stage')} model; {fix}")
 
 
 def resume(cfg, model, optimizer, world: World):
@@ -579,7 +580,7 @@ def check_settings(cfg: DistConfig):
         raise ValueError(f"local rank {local_rank} has no GPU of its own (NCCL needs one each): "
                          f"use --nproc_per_node={gpus} or fewer, or --device=cpu")
     if cfg.sharded_checkpoint and cfg.strategy == "zero1":
-        raise ValueError("--sharded_checkpoint cannot hold ZeRO's optimizer: use ddp or fsdp")
+        raise ValueError("--sharded_checkpoint cannot hold ZeRO's state: --strategy=ddp or fsdp")
     meta = load_meta(cfg.corpus_dir)  # no prepared data: its error names the 02 command
     if min(meta["train_tokens"], meta["val_tokens"]) <= cfg.block_size:
         raise ValueError(f"{cfg.corpus_dir}: train or val tokens too few for "
@@ -613,8 +614,7 @@ def parse_on_every_rank(argv) -> DistConfig:
 def main(argv=None) -> dict:
     cfg = parse_on_every_rank(argv)  # NEW: one line for a mistake, not one per rank
     world = init_distributed(cfg.device)
-    # torchrun passes one SIGINT to each of its ranks, then SIGKILL 30 s later (its
-    # --shutdown-timeout): the save at the next log step must come before it
+    # torchrun sends each rank a SIGINT, then SIGKILL 30 s later (--shutdown-timeout): we save first
     try:
         with CtrlC("at the next log step", say=print0) as ctrl_c:
             result = train(cfg, world, ctrl_c)

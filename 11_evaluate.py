@@ -398,14 +398,14 @@ def load_responses(path, key: str = "model_response") -> list[dict]:
 
 def ask_judge(url: str, model: str, prompt: str, api_key: str) -> str:
     """The judge's reply to one prompt: POST url/chat/completions, temperature 0. The judge cannot
-    be reached, or answers with an error: a RuntimeError of one line, naming the URL."""
+    be reached: a ConnectionError; it answers with an error: a RuntimeError; one line each."""
     endpoint = url.rstrip("/") + "/chat/completions"
     body = {"model": model, "temperature": 0, "messages": [{"role": "user", "content": prompt}]}
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         response = requests.post(endpoint, json=body, headers=headers, timeout=120)
     except requests.RequestException as e:
-        raise RuntimeError(f"cannot reach the judge at {url} ({type(e).__name__}): start one "
+        raise ConnectionError(f"cannot reach the judge at {url} ({type(e).__name__}): start one "
                            f"(`ollama serve`, `ollama pull {model}`) or fix --judge_url") from None
     try:  # an error status comes with an error body, not a chat completion
         return response.json()["choices"][0]["message"]["content"] or ""  # null: no text
@@ -424,7 +424,7 @@ def parse_score(reply: str) -> int | None:
 
 def judge_responses(cfg) -> dict:
     """Score every answer; print the mean, the distribution by tens, the replies with no number.
-    A failed request stops the run if it is the first; a later one is shown and skipped."""
+    A later error answer is shown and skipped; the first, or an unreachable judge, stops the run."""
     key = cfg.response_key
     entries = load_responses(cfg.responses, key)
     api_key = os.environ.get(cfg.judge_key_env, "")  # "" if unset: no Authorization header
@@ -437,8 +437,8 @@ def judge_responses(cfg) -> dict:
                                      answer=entry[key])  # fmt: skip
         try:
             reply = ask_judge(cfg.judge_url, cfg.judge_model, prompt, api_key)
-        except RuntimeError as e:  # too long for the judge, say: one error never loses the run
-            if i == 0:  # the first request's: a wrong URL, model or key; nothing judged yet
+        except RuntimeError as e:  # it answered with an error: an answer too long for it, say
+            if i == 0:  # the first request's: a wrong model or key, as a rule; nothing judged yet
                 raise
             failed.append({"entry": i, "error": str(e)})
             print(f"\nentry {i} not scored: {e}")  # the progress line goes on below it
@@ -452,7 +452,7 @@ def judge_responses(cfg) -> dict:
     by_tens = [sum(min(s // 10, 9) == t for s in scores) for t in range(10)]  # 0-9, ..., 90-100
     mean = sum(scores) / len(scores) if scores else float("nan")
     print(f"{cfg.responses} ({key}), judged by {cfg.judge_model}: mean {mean:.1f} of 100 over "
-          f"{len(scores)} of {len(entries)} answers, {len(failed)} requests failed (not scored)")
+          f"{len(scores)} of {len(entries)} answers; failed requests: {len(failed)}")
     for tens, count in enumerate(by_tens):
         high = 100 if tens == 9 else 10 * tens + 9
         print(f"  {10 * tens:>3}-{high:<3} {count:>5} {'#' * count}")

@@ -749,8 +749,8 @@ def test_resume_refuses_a_checkpoint_that_does_not_fit(dist06, corpus, tmp_path,
     cases = (  # what is on disk, the flags given now, what the error says
         ("ckpt.pt", fits, {"n_embd": 64}, "holds another model"),
         ("dcp-latest.pt", fits, {"n_layer": 3, "sharded_checkpoint": True}, "holds another"),
-        ("ckpt.pt", {**fits, "stage": "finetune"}, {}, "holds a finetune model"),
-        ("ckpt.pt", {**fits, "stage": "dpo"}, {}, "holds a dpo model"),
+        ("ckpt.pt", {**fits, "stage": "finetune"}, {}, "holds a 'finetune' model"),
+        ("ckpt.pt", {**fits, "stage": "dpo"}, {}, "holds a 'dpo' model"),
         ("ckpt.pt", b"", {}, "is not a readable checkpoint"),
     )
     for number, (name, ckpt, flags, message) in enumerate(cases):

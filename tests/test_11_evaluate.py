@@ -441,7 +441,7 @@ def test_a_request_that_fails_after_the_first_is_shown_and_skipped(ev11, tmp_pat
     assert "400" in result["failed"][0]["error"]
     assert json.loads(out.read_text())["failed"] == result["failed"]
     report = capsys.readouterr().out
-    assert "\nentry 2 not scored:" in report and "1 requests failed" in report
+    assert "\nentry 2 not scored:" in report and "failed requests: 1" in report
 
 
 def test_failing_or_unreachable_judge_is_one_line_naming_the_url(ev11, tmp_path, capsys):
@@ -593,3 +593,22 @@ def test_ctrl_c_stops_with_one_line_and_no_json(ev11, tmp_path, capsys, monkeypa
     assert capsys.readouterr().err.strip() == "Ctrl-C: stopped"
     assert not (tmp_path / "out.json").exists()
 
+
+def test_a_judge_that_cannot_be_reached_midway_stops_at_once(ev11, tmp_path, capsys,
+                                                              monkeypatch):
+    """A judge that stops answering after the first answer (it died, the network went) ends the
+    run with one error line at once, instead of a timeout for every answer left."""
+    post = ev11.requests.post
+    calls = []
+
+    def dies_after_one(*args, **kwargs):
+        calls.append(args)
+        if len(calls) > 1:
+            raise ev11.requests.ConnectionError("refused")
+        return post(*args, **kwargs)
+
+    monkeypatch.setattr(ev11.requests, "post", dies_after_one)
+    with pytest.raises(SystemExit) as stop:
+        judge(ev11, tmp_path, RESPONSES)
+    assert stop.value.code == 2 and len(calls) == 2
+    assert "cannot reach the judge" in capsys.readouterr().err
