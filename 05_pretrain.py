@@ -104,7 +104,7 @@ class TrainConfig:
     seed: Annotated[int, "seeds the weights, the batches and dropout"] = 1337
 
     def __post_init__(self):  # each check names its fix; parse_config prints one `error:` line
-        data_dir = PROJECT / (self.data_dir or "data")  # '': a run saved before the default
+        data_dir = PROJECT / (self.data_dir or "data")  # '': how older runs saved data/
         self.corpus_dir = data_dir / f"{self.dataset}-{self.tokenizer}"
         self.ckpt_path = PROJECT / self.out_dir / "ckpt.pt"  # an absolute out_dir stays as is
         choices = {"tokenizer": ("char", "gpt2"), "init_from": ("scratch", "resume", "auto"),
@@ -162,7 +162,7 @@ def get_lr(it: int, cfg) -> float:
 def forward_backward(model, x, y, micro_steps: int, ctx, scaler) -> torch.Tensor:
     """Backward of one step's batch x, y in micro_steps chunks of batch_size rows: backward() adds
     into .grad, so loss_i / micro_steps per chunk sums to the gradient of the batch's mean loss,
-    one chunk's activations in memory at a time. The mean loss stays on the GPU (.item() waits)."""
+    one chunk's activations in memory at a time. The mean loss stays on the device: no .item()."""
     losses = []
     for xb, yb in zip(x.chunk(micro_steps), y.chunk(micro_steps)):
         with ctx:

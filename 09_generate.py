@@ -402,7 +402,7 @@ def load_entries(cfg) -> tuple[list[dict], Path]:
                                 "writes its test split as out_dir/test.json")
     try:
         entries = json.loads(file.read_text(encoding="utf-8"))
-    except ValueError:  # not JSON (JSONL, an empty file) or not text (a ckpt.pt): refused below
+    except (ValueError, RecursionError):  # not JSON, not text (a ckpt.pt), [[[...]]]: below
         entries = None
     is_list = isinstance(entries, list) and entries and all(type(e) is dict for e in entries)
     if not is_list or not all(isinstance(e.get("instruction"), str) for e in entries):

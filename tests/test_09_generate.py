@@ -418,7 +418,8 @@ def test_bad_answers_settings_are_one_error_line_before_the_model(gen09, tmp_pat
     '{"instruction": "a"}\n{"instruction": "b"}\n',  # JSON Lines: json's "Extra data"
     "",  # json's "Expecting value"
     None,  # a checkpoint's bytes: not UTF-8 text
-], ids=["jsonl", "empty", "ckpt"])  # fmt: skip
+    "[" * 100_000,  # nested past Python's recursion limit: json's RecursionError
+], ids=["jsonl", "empty", "ckpt", "nested"])  # fmt: skip
 def test_answers_that_are_not_json_name_the_flag_and_a_json_list(gen09, tmp_path, capsys,
                                                                  monkeypatch, content):
     """A file that is not JSON at all is refused as a wrong JSON one is: the line names
