@@ -120,7 +120,8 @@ def ablate(cfg) -> list[dict]:
     # the recipe warms up for 100 of 2,000 iterations; a shorter run, for a 20th of its own
     recipe.warmup_iters = min(recipe.warmup_iters, cfg.max_iters // 20)
     # val batches: the recipe's 200, or as many as a shorter run's iterations (a forward pass is
-    # about a third of a training step: evaluation then costs at most a third of the training)
+    # about a third of a training step: evaluation then costs at most a third of the training);
+    # fewer batches are noisier: a quick look's differences between rows may be noise alone
     recipe.eval_iters = cfg.eval_iters or min(recipe.eval_iters, cfg.max_iters)
     rows = []  # (name, all the changes so far, optimizer)
     settings = {}
