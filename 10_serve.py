@@ -332,7 +332,7 @@ class OpenAIHandler(BaseHTTPRequestHandler):
             if int(length) > MAX_BODY:  # refused unread (a client still sending may see a reset)
                 raise APIError(f"the body is over {MAX_BODY:,} bytes", status=413)
             raw = self.rfile.read(int(length))
-            route = f"{self.command} {self.path.partition('?')[0].rstrip('/')}"  # ?x=1: ignored
+            route = f"{self.command} {self.path.partition('?')[0].rstrip('/') or '/'}"  # no ?x=1
             if route not in ROUTES:  # PUT, DELETE...: OpenAI answers a 404 too, not HTTP's 405
                 message = f"no route {route}: this server answers {', '.join(ROUTES)}"
                 raise APIError(message, code="not_found", status=404)

@@ -395,6 +395,8 @@ def test_a_method_no_route_takes_gets_openais_json_error(server, client, method)
         assert status == 404
         assert set(got) == {"error"} and set(got["error"]) == {"message", "type", "param", "code"}
         assert f"{method} {path}" in got["error"]["message"]
+    status, got = request(server, method, "/", json.dumps(CHAT))  # the root: named as "/"
+    assert status == 404 and f"no route {method} /:" in got["error"]["message"]
     assert complete(client)[1] == "length"  # and the server goes on
 
 
