@@ -526,7 +526,7 @@ def run(args):  # main's work, its arguments checked before any of it
         print(f"cleaned: {len(text):,} -> {len(cleaned):,} characters")
         text = cleaned
     if not text:  # an empty file, or cleaning removed it all (its report says so): no window fits
-        raise ValueError(f"the text of {path} is empty; use a file with more text")
+        raise ValueError(f"{path} has no text left; use more text (or --clean=false)")
     train_chars = int(len(text) * (1 - args.val_fraction))
     if args.block_size >= train_chars:  # char: a token a character; GPT-2: get_batch checks
         raise ValueError(f"--block_size={args.block_size}: the train split has fewer characters "

@@ -613,8 +613,9 @@ def cleaned_by_hand(raw: str) -> str:
     (["--block_size=2000000", "--text_file={small}"],
      "error: --block_size=2000000: the train split has"),
     (["--text_file={binary}"], "error: {binary} is not UTF-8 text; give a UTF-8 text file"),
-    (["--text_file={empty}", "--block_size=1"], "error: the text of {empty} is empty; use a file"),
-    (["--text_file={junk}", "--block_size=1"], "error: the text of {junk} is empty; use a file"),
+    (["--text_file={empty}", "--block_size=1"], "error: {empty} has no text left; use more text"),
+    (["--text_file={junk}", "--block_size=1"],
+     "error: {junk} has no text left; use more text (or --clean=false)"),
 ])
 def test_main_user_errors_are_one_line_before_any_work(dl02, tmp_path, capsys, argv, message):
     """A user's mistake is one line naming its fix, before anything is fetched or prepared; an
