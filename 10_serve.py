@@ -96,7 +96,7 @@ def export_hf(model, tokenizer_spec: dict, out_dir, overwrite: bool = False) -> 
     out = Path(out_dir)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} is not empty: use an empty --export_hf folder or --overwrite")
-    # --overwrite replaces this export's own files and deletes none: another may be the user's
+    # --overwrite replaces the files an export writes and deletes none: another may be the user's
     gpt2 = [n for n in ("vocab.json", "merges.txt", "tokenizer_config.json") if (out / n).exists()]
     if tokenizer_spec["kind"] == "char" and gpt2:
         fix = "AutoTokenizer would load it for this char model: remove it, or pick an empty folder"
@@ -116,19 +116,19 @@ def export_hf(model, tokenizer_spec: dict, out_dir, overwrite: bool = False) -> 
     save_safetensors(gpt_to_hf_state_dict(model), out / "model.safetensors")
     # config.json last: a folder that holds one holds a whole model (a Ctrl-C stops before it)
     (out / "config.json").write_text(json.dumps(config, indent=2))
+    readme = (  # a char model's README.txt: a file with this text is an export's, no user's
+        "A character-level GPT-2: token id i is the character chars[i], where\n"
+        "chars = json.load(open('chars.json'))['chars']. transformers has no tokenizer\n"
+        "for it: encode a text as [chars.index(ch) for ch in text], decode ids as\n"
+        "''.join(chars[i] for i in ids). Other characters cannot be encoded, and a text\n"
+        "(prompt and new tokens) holds at most n_positions tokens (config.json).\n"
+    )
     if eot_id is None:
         (out / "chars.json").write_text(json.dumps(tokenizer_spec, ensure_ascii=False))
-        (out / "README.txt").write_text(
-            "A character-level GPT-2: token id i is the character chars[i], where\n"
-            "chars = json.load(open('chars.json'))['chars']. transformers has no tokenizer\n"
-            "for it: encode a text as [chars.index(ch) for ch in text], decode ids as\n"
-            "''.join(chars[i] for i in ids). Other characters cannot be encoded, and a text\n"
-            "(prompt and new tokens) holds at most n_positions tokens (config.json).\n"
-        )
+        (out / "README.txt").write_text(readme)
         return out
     # tiktoken fetched these files (sha256-checked) to build GPT-2's encoding: read from its cache
     from tiktoken.load import read_file_cached
-
     for hf_name, openai_name in (("vocab.json", "encoder.json"), ("merges.txt", "vocab.bpe")):
         data = read_file_cached(f"{GPT2_URL}/{openai_name}", GPT2_FILES[openai_name])
         (out / hf_name).write_bytes(data)
@@ -136,6 +136,10 @@ def export_hf(model, tokenizer_spec: dict, out_dir, overwrite: bool = False) -> 
     tokenizer_config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": c.block_size,
                         "bos_token": eot, "eos_token": eot, "unk_token": eot}  # fmt: skip
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    # a char export's README.txt and the chars.json it names would tell of the model replaced
+    if (out / "README.txt").is_file() and (out / "README.txt").read_bytes() == readme.encode():
+        for name in ("chars.json", "README.txt"):
+            (out / name).unlink(missing_ok=True)
     return out
 
 
@@ -178,15 +182,13 @@ def stream_text(model, tok, prompt: list[int], settings: dict, end_token=None):
         generator.manual_seed(settings["seed"])
     stream = TextStream(tok, settings["stop"])
     steps = generate_tokens(model, prompt, settings["temperature"], settings["top_p"], generator)
-    finish = "length"
-    for _ in range(settings["max_tokens"]):
-        token = next(steps)
+    for _, token in zip(range(settings["max_tokens"]), steps):  # range first: none made past them
         if token != end_token:
             yield stream.add(token), None
         if token == end_token or stream.stopped:
-            finish = "stop"
-            break
-    yield stream.finish(), finish
+            yield stream.finish(), "stop"
+            return
+    yield stream.finish(), "length"
 
 
 class APIError(Exception):
@@ -235,11 +237,9 @@ def parse_settings(body: dict, text_field: str) -> dict:
     settings = {}
     for name, (default, ok, must) in SAMPLING.items():
         value = body.get(name)
-        if value is None:  # null = absent, as OpenAI
-            value = default
-        elif not ok(value):
+        if value is not None and not ok(value):
             raise APIError(f"'{name}' must be {must}, got {json.dumps(value)}", name)
-        settings[name] = value
+        settings[name] = default if value is None else value  # null = absent, as OpenAI
     stop = settings["stop"]
     settings["stop"] = [stop] if type(stop) is str else list(stop)
     return settings

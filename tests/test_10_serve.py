@@ -154,6 +154,23 @@ def test_overwrite_replaces_the_exports_own_files_and_deletes_none(serve10, tmp_
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
+def test_overwrite_with_a_gpt2_model_removes_a_char_exports_notes(serve10, tmp_path):
+    """A GPT-2 export with --overwrite over a char model's export leaves none of its README.txt
+    and chars.json: they would describe the model it replaced. Known by the README's text (the
+    export's own), they go; a user's, of other words, stays (the test above)."""
+    serve10.export_hf(rough_model(serve10, len(CHARS)), CHAR_SPEC, tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    model = rough_model(serve10, 50257)
+    serve10.export_hf(model, {"kind": "gpt2"}, tmp_path, overwrite=True)
+    assert not (tmp_path / "README.txt").exists() and not (tmp_path / "chars.json").exists()
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    idx = torch.randint(50257, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx)[0], atol=1e-4, rtol=1e-4)
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path).eos_token_id == 50256
+
+
 # -----------------------------------------------------------------------------
 # The server
 
