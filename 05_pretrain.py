@@ -419,8 +419,9 @@ class Run:
         self.saved_at = ckpt.get("iter_num")  # the iteration ckpt.pt holds; None: none yet
         self.best_val = ckpt.get("best_val_loss", math.inf)
         self.losses = {"val": ckpt.get("val_loss")}  # the last evaluation's
-        self.tokens_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.block_size
-        self.flops_per_iter = flops_per_token(model, cfg.block_size) * self.tokens_per_iter
+        rows = cfg.batch_size * cfg.gradient_accumulation_steps  # sequences per optimizer step
+        self.tokens_per_iter = rows * cfg.block_size
+        self.flops_per_iter = flops_per_token(model) * self.tokens_per_iter  # at its block_size
         self.peak = peak_flops(cfg.device, cfg.dtype, cfg.peak_flops)
         self.resume_flags = f"--init_from=resume --out_dir={cfg.out_dir}"  # from any folder
         self.step_ms = []  # one per warm log window; train returns their median
@@ -558,8 +559,8 @@ def check_run(cfg: TrainConfig, resumed=None):
     work; each error names its fix. resumed: load_checkpoint's (model, tokenizer, ckpt), if any."""
     meta = load_meta(cfg.corpus_dir)  # if 02 has not prepared it: the 02 command that does
     wanted = asdict(cfg.model_config(meta["n_vocab"]))  # GPTConfig checks n_embd % n_head...
-    names = ("ckpt.pt", "best.pt", "log.jsonl", "loss.png")  # a run's; empty: it crashed early
-    run_files = [cfg.ckpt_path.with_name(name) for name in names]
+    names = ("ckpt.pt", "best.pt", "log.jsonl", "loss.png", "dcp-latest.pt")  # a run's, 06's too
+    run_files = [cfg.ckpt_path.with_name(name) for name in names]  # empty: it crashed early
     if cfg.init_from == "resume":  # the run's settings come from its checkpoint: it must be one
         saved = resumed[2]["model_args"]
         differing = ", ".join(f"{k}={v!r}" for k, v in saved.items() if v != wanted[k])
@@ -584,19 +585,18 @@ def main(argv=None):
     setting not given now (a flag, or a --preset given now) from the checkpoint (--max_iters=N
     alone extends a run, at min_lr past lr_decay_iters); device and an auto dtype resolve anew."""
     argv = sys.argv[1:] if argv is None else argv
-    peek = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # parse_config: all flags
-    peek.add_argument("--init_from")
-    peek.add_argument("--preset")
-    peek.add_argument("--out_dir", default=TrainConfig.out_dir)
-    given, _ = peek.parse_known_args(argv)
-    ckpt_path = PROJECT / given.out_dir / "ckpt.pt"
+    peek = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # every flag, as text
+    for f in fields(TrainConfig):  # -h, a typo: unknown, left to parse_config (no ckpt read first)
+        peek.add_argument(f"--{f.name}", nargs="?")  # "?": a bare bool flag (--compile) too
+    given, unknown = peek.parse_known_args(argv)
+    ckpt_path = PROJECT / (given.out_dir or TrainConfig.out_dir) / "ckpt.pt"  # None: not given
     found = given.init_from == "auto" and ckpt_path.exists()  # auto: resume if there is one
     resumed = None
     try:
-        if given.init_from == "resume" or found:  # the run's settings first: flags given now win
+        if (given.init_from == "resume" or found) and not unknown:  # the run's settings first
             resumed = load_checkpoint(ckpt_path)  # the one model this run builds
             # not the device (this machine's), out_dir (written where read), --overwrite (new runs')
-            names = {f.name for f in fields(TrainConfig)} - {"device", "out_dir", "overwrite"}
+            names = set(vars(given)) - {"device", "out_dir", "overwrite"}  # peek's: every field
             names -= set(TrainConfig.PRESETS.get(given.preset, {}))  # a preset given now wins too
             model, _, ckpt = resumed
             stage = ckpt.get("stage")

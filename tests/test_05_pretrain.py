@@ -780,6 +780,36 @@ def test_resume_from_a_foreign_checkpoint(pre05, char_corpus, tmp_path, capsys):
     assert "is not a checkpoint of" in err
 
 
+@pytest.mark.parametrize("init_from, ckpt", [
+    ("resume", None), ("resume", b"not a checkpoint"), ("auto", b"not a checkpoint"),
+])  # fmt: skip
+def test_help_and_a_misspelt_flag_beside_a_resume_come_before_its_checkpoint(
+    pre05, char_corpus, tmp_path, capsys, init_from, ckpt
+):
+    """--help, or a misspelt flag, beside --init_from=resume (or auto) is answered as without it:
+    the help text (exit 0), or the typo's one line naming the closest flag, not the missing or
+    unreadable checkpoint of out_dir (main used to read that first)."""
+    if ckpt is not None:
+        (tmp_path / "ckpt.pt").write_bytes(ckpt)
+    argv = [f"--init_from={init_from}", f"--data_dir={char_corpus}", f"--out_dir={tmp_path}"]
+    for flag in ("--help", "-h"):
+        assert exit_status(pre05.main, [*argv, flag]) == 0
+        assert "usage:" in capsys.readouterr().out
+    err = user_error(pre05, capsys, [*argv, "--lerning_rate=1"])
+    assert "--lerning_rate=1 (did you mean --learning_rate?)" in err
+
+
+def test_a_resume_checks_the_flags_given_now_against_the_saved_settings(
+    pre05, char_corpus, tmp_path
+):
+    """The flags given now are checked once, merged with the run's saved settings: a warmup longer
+    than the default lr_decay_iters (2000) is fine beside the run's own (3000)."""
+    pre05.train(tiny(pre05, tmp_path, char_corpus, max_iters=2, lr_decay_iters=3000))
+    resume = ["--init_from=resume", f"--out_dir={tmp_path}", "--max_iters=3"]
+    assert pre05.main([*resume, "--warmup_iters=2500"])["iter_num"] == 3
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"]["warmup_iters"] == 2500
+
+
 def test_a_user_error_prints_no_traceback(char_corpus, tmp_path):
     """The real command line, in a subprocess: exit status 2, one line on stderr, none on stdout."""
     cmd = [
@@ -1250,6 +1280,23 @@ def test_a_new_run_never_replaces_a_runs_files(pre05, char_corpus, tmp_path, cap
         fixed = pre05.parse_config(pre05.TrainConfig, [*argv, "--init_from=scratch", "--overwrite"])
         pre05.check_run(fixed)  # the fix it names works
         (tmp_path / name).unlink()  # the next file alone
+
+
+@pytest.mark.parametrize("init_from", ["scratch", "auto"])
+def test_a_new_run_never_starts_beside_06s_sharded_checkpoint(
+    pre05, char_corpus, tmp_path, capsys, init_from
+):
+    """06 --sharded_checkpoint saves dcp-NNNNNN/ folders and the pointer dcp-latest.pt, no ckpt.pt:
+    that out_dir holds a run too, refused without --overwrite and left as it was (05 used to start
+    a new run beside it)."""
+    (tmp_path / "dcp-000004").mkdir()
+    (tmp_path / "dcp-000004" / ".metadata").write_bytes(b"06's shards")
+    torch.save({"path": "dcp-000004", "iter_num": 4}, tmp_path / "dcp-latest.pt")
+    kept = {path.name: path.stat().st_mtime_ns for path in tmp_path.iterdir()}
+    argv = [*SMALL, "--max_iters=2", f"--data_dir={char_corpus}", f"--out_dir={tmp_path}"]
+    err = user_error(pre05, capsys, [*argv, f"--init_from={init_from}"])
+    assert "holds a run" in err and "--init_from=resume" not in err
+    assert {path.name: path.stat().st_mtime_ns for path in tmp_path.iterdir()} == kept
 
 
 @pytest.mark.parametrize("init_from", ["scratch", "auto"])
