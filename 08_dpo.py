@@ -141,8 +141,8 @@ def collate_pairs(batch, pad_token_id=50256, allowed_max_length=None, device="cp
     prompt_lengths = [len(p) for p, _, _ in batch] * 2
     N = len(seqs)  # 2B
     T = max(len(s) for s in seqs) - 1
-    x = torch.full((N, T), pad_token_id, dtype=torch.long)  # (2B, T)
-    y = torch.full((N, T), pad_token_id, dtype=torch.long)  # (2B, T) pad: a valid id to gather
+    x = torch.full((N, T), pad_token_id)  # (2B, T), int64 as its fill value
+    y = x.clone()  # (2B, T) pad: a valid id to gather
     mask = torch.zeros(N, T, dtype=torch.bool)  # (2B, T)
     for row, s in enumerate(seqs):
         n = len(s) - 1
@@ -322,22 +322,21 @@ class DPOConfig:
         if any(folder.is_file() for folder in run.parents):  # now, not at the first save
             raise ValueError(f"--out_dir={self.out_dir} is a file, or in one: name a folder")
         if Path(self.ckpt).resolve() == run.resolve():  # the reference: never replaced by a save
-            raise ValueError(f"--ckpt={self.ckpt} is the file a save replaces; "
-                             "change --out_dir")
+            raise ValueError(f"--ckpt={self.ckpt} is the file a save replaces; change --out_dir")
         if self.overwrite and self.init_from != "scratch":  # a resume (auto's too) ignores it
-            raise ValueError("--overwrite starts afresh: "
-                             "use it with --init_from=scratch")
+            raise ValueError("--overwrite starts afresh: use it with --init_from=scratch")
         if self.init_from == "auto":
             self.init_from = "resume" if run.exists() else "scratch"
         if self.init_from == "resume" and not run.exists():
             raise FileNotFoundError(f"no {run} to resume; --init_from=scratch starts one")
-        if self.init_from == "scratch" and run.exists() and not self.overwrite:
+        fresh = self.init_from == "scratch" and not self.overwrite  # may replace nothing
+        if fresh and run.exists():
             fix = ", not 08's: use"  # 05's or 07's: nothing to resume, and not ours to replace
             if load_checkpoint(run)[2].get("stage") == "dpo":  # not a checkpoint: its own error
                 fix = ": --init_from=resume goes on, --overwrite replaces it, or use"
             raise ValueError(f"{run} holds a run{fix} another --out_dir")
         log = run.with_name("log.jsonl")  # a run stopped before its first save, or another's
-        if self.init_from == "scratch" and log.exists() and not self.overwrite:
+        if fresh and log.exists():
             raise ValueError(f"{log} is a run's log: --init_from=scratch --overwrite "
                              "replaces it, or use another --out_dir")
         if self.data_path:  # a bad file fails now, before a model is loaded
@@ -358,8 +357,7 @@ def prepare_pairs(cfg: DPOConfig, start: dict, block_size: int) -> dict:
     message = (f"data: {sizes} pairs; {n_cut} train pairs cut at the context ({block_size} "
                f"tokens), {n_dropped} dropped (the prompt alone is longer)")
     if unknown:
-        n_unknown = sum(unknown.values())
-        message += f"; {n_unknown} characters the char model lacks became {unknown_char!r}"
+        message += f"; {unknown.total()} characters the char model lacks became {unknown_char!r}"
     print(message)
     if len(train) < cfg.batch_size or not val:
         raise ValueError(f"{len(train)} train and {len(val)} val pairs fit the context "
@@ -411,8 +409,9 @@ def load_models(cfg: DPOConfig, run=None) -> tuple:
     if resumed.get("stage") != "dpo" or not resumed.get("optimizer"):  # 08's, with Adam's
         raise ValueError(f"{run_path} holds a {resumed.get('stage')!r} model, no DPO run to "
                          "resume; resume 08's out_dir, or use another --out_dir")
-    if resumed["config"]["ckpt"] != cfg.ckpt:  # DPO's reference: the model the run began from
-        raise ValueError(f"{run_path} began from --ckpt={resumed['config']['ckpt']}")
+    began = ckpt["iter_num"], ckpt["val_loss"]  # 07 run again changes them; an older 08 saved none
+    if resumed.get("reference", began) != began:  # DPO's reference: the model the run began from
+        raise ValueError(f"{cfg.ckpt} changed since the run began; --init_from=scratch --overwrite")
     return policy, reference, ckpt, resumed
 
 
@@ -422,10 +421,12 @@ class DPORun:
 
     def __init__(self, cfg, policy, optimizer, scaler, start: dict, resumed):
         self.path = Path(cfg.out_dir) / "ckpt.pt"
-        self.parts = {"model": policy, "optimizer": optimizer, "scaler": scaler}
-        text = {"unknown_char": start["config"].get("unknown_char")}  # 07's; 09 encodes with it
+        self.parts = dict(model=policy, optimizer=optimizer, scaler=scaler)
+        kept = {"unknown_char": start["config"].get("unknown_char"),  # 07's; 09 encodes with it
+                "ckpt": cfg.ckpt.removeprefix(f"{PROJECT}{os.sep}")}  # the project folder may move
         self.header = {"model_args": asdict(policy.config), "tokenizer": start["tokenizer"],
-                       "config": asdict(cfg) | text, "stage": "dpo"}  # the same in every save
+                       "config": asdict(cfg) | kept, "stage": "dpo",
+                       "reference": (start["iter_num"], start["val_loss"])}  # same in every save
         self.best_val = resumed["best_val_loss"] if resumed else math.inf
 
     def save(self, step: int, val_loss: float):
@@ -469,8 +470,7 @@ def dpo(cfg: DPOConfig, loaded=None) -> dict:
         step = resumed["iter_num"]
         print(f"resuming at step {step} of {max_iters}")
         if step >= max_iters:  # a run at its end, resumed without a larger --max_iters
-            print(f"nothing left to do (to train longer: {resume_command} "
-                  f"--max_iters={2 * step})")
+            print(f"nothing left to do (to train longer: {resume_command} --max_iters={2 * step})")
 
     def score(pairs):  # (losses, chosen rewards, rejected rewards) of a list of pairs, (B,) each
         batch = collate_pairs(pairs, data["end_id"], block_size, cfg.device)  # pad: end token

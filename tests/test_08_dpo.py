@@ -830,7 +830,8 @@ def test_a_save_of_nan_weights_keeps_the_last_good_checkpoint(dpo08, start, tmp_
     policy = result["policy"]
     optimizer = torch.optim.AdamW(policy.parameters())
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    start_ckpt = {"tokenizer": {"kind": "char", "chars": "ab"}, "config": {}}  # 07's, in part
+    start_ckpt = {"tokenizer": {"kind": "char", "chars": "ab"}, "config": {},  # 07's, in part
+                  "iter_num": 0, "val_loss": None}
     run = dpo08.DPORun(cfg, policy, optimizer, scaler, start_ckpt, None)
     with torch.no_grad():
         policy.lm_head.weight[0, 0] = float("nan")
@@ -874,13 +875,43 @@ def test_a_resume_writes_where_it_read(dpo08, start, tmp_path, monkeypatch):
 
 
 def test_a_resume_against_another_reference_is_refused(dpo08, start, tmp_path, capsys):
-    """The reference is the model the run began from: a resume with another --ckpt (even a copy
-    of the same weights) would change what the policy is measured against."""
+    """The reference is the model the run began from. 07 run again over --ckpt (other weights,
+    another step and val loss), or a resume with another --ckpt, would silently change what the
+    policy is measured against: refused in one line that names the way on, the run untouched."""
+    tmp, ckpt = start
+    reference = tmp_path / "ft.pt"
+    shutil.copy(tmp / "ft.pt", reference)
+    out_dir = tmp_path / "dpo"
+    dpo08.main(run_argv(tmp, out_dir, ckpt=reference, max_iters=2, batch_size=2, eval_pairs=2))
+    saved = (out_dir / "ckpt.pt").read_bytes()
+    weights = {name: w + 0.01 for name, w in ckpt["model"].items()}
+    rerun = {**ckpt, "model": weights, "iter_num": 5, "val_loss": 1.5}  # 07's next run
+    dpo08.save_checkpoint(reference, rerun)  # 07 run again over the run's --ckpt
+    argv = ["--init_from=resume", f"--out_dir={out_dir}", "--max_iters=4"]
+    assert_user_error(dpo08, capsys, argv, str(reference), "--init_from=scratch --overwrite")
+    shutil.copy(tmp / "ft.pt", reference)  # restored: the run's own reference again
+    dpo08.save_checkpoint(tmp_path / "other.pt", rerun)
+    other = [*argv, f"--ckpt={tmp_path / 'other.pt'}"]
+    assert_user_error(dpo08, capsys, other, "--init_from=scratch --overwrite")
+    assert (out_dir / "ckpt.pt").read_bytes() == saved
+    assert dpo08.main(argv)["iter_num"] == 4  # restored, it goes on
+
+
+def test_a_moved_project_resumes_its_run(dpo08, start, tmp_path, monkeypatch):
+    """A --ckpt inside the project is saved relative to it: after the project folder moves (or a
+    clone elsewhere goes on), --init_from=resume finds 07's model in its new place and goes on."""
     tmp, _ = start
-    dpo08.main(run_argv(tmp, tmp_path, max_iters=2, batch_size=2, eval_pairs=2))
-    shutil.copy(tmp / "ft.pt", tmp_path / "other.pt")
-    argv = ["--init_from=resume", f"--out_dir={tmp_path}", f"--ckpt={tmp_path / 'other.pt'}"]
-    assert_user_error(dpo08, capsys, argv, "began from", str(tmp / "ft.pt"))
+    old, new = tmp_path.resolve() / "old", tmp_path.resolve() / "new"
+    (old / "out" / "finetune").mkdir(parents=True)
+    shutil.copy(tmp / "ft.pt", old / "out" / "finetune" / "ckpt.pt")
+    monkeypatch.setattr(dpo08, "PROJECT", old)
+    settings = dict(ckpt="out/finetune/ckpt.pt", max_iters=2, batch_size=2, eval_pairs=2)
+    dpo08.main(run_argv(tmp, "out/dpo", **settings))
+    old.rename(new)
+    monkeypatch.setattr(dpo08, "PROJECT", new)
+    result = dpo08.main(["--init_from=resume", "--out_dir=out/dpo", "--max_iters=3"])
+    assert result["iter_num"] == 3
+    assert torch.load(new / "out" / "dpo" / "ckpt.pt", weights_only=True)["iter_num"] == 3
 
 
 def test_overwrite_with_a_resume_is_refused(dpo08, capsys, start, tmp_path):
