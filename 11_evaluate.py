@@ -136,7 +136,6 @@ def load_task(task: str, limit: int = 0) -> list[dict]:
 # -----------------------------------------------------------------------------
 # 2. Scoring: log p(choice | context), llm.c's way first, then packed and batched
 
-
 def encode_text(tok, text: str, where: str) -> list[int]:
     """Text -> ids. "<|endoftext|>" in a task is text; a char model must know every character."""
     if not isinstance(tok, CharTokenizer):
@@ -173,9 +172,9 @@ def score_rows(model, encoded: dict) -> list[float]:
     logits, _ = model(idx[:, :-1])  # (N, T-1, V)
     logprobs = F.log_softmax(logits.float(), dim=-1)  # (N, T-1, V): the full copy
     targets = idx[:, 1:, None]  # (N, T-1, 1): each position's next token
-    target_logprobs = logprobs.gather(-1, targets).squeeze(-1)  # (N, T-1)
+    chosen = logprobs.gather(-1, targets).squeeze(-1)  # (N, T-1): each next token's
     scored = pad_sequence(is_choice, batch_first=True)[:, 1:].to(idx.device)  # choice targets
-    return (target_logprobs * scored).sum(dim=1).tolist()
+    return (chosen * scored).sum(dim=1).tolist()
 
 
 def pack_example(encoded: dict) -> dict:
@@ -336,12 +335,12 @@ def strided_windows(n_tokens: int, block_size: int, stride: int) -> list[tuple]:
 
 
 @torch.no_grad()
-def text_scores(model, tok, text: str, stride=0, batch_tokens=8192, where="the text") -> dict:
+def text_scores(model, tok, text: str, stride=0, batch_tokens=8192) -> dict:
     """Perplexity and bits per byte of text; stride 0: half a window. GPT-2 reads the text after
     an <|endoftext|>, so every token is scored; a char model's first character is context only.
     A forward pass takes batch_tokens // T windows of T tokens; the head runs on scored ones."""
     start = [] if tok.eot_token is None else [tok.eot_token]
-    ids = start + encode_text(tok, text, where)
+    ids = start + encode_text(tok, text, "the text")
     scored_text = text if start else text[1:]  # the characters whose tokens are targets
     windows = strided_windows(len(ids), model.config.block_size, stride)
     data = torch.tensor(ids, device=model.lm_head.weight.device)
@@ -400,7 +399,8 @@ def ask_judge(url: str, model: str, prompt: str, api_key: str) -> str:
     """The judge's reply to one prompt: POST url/chat/completions, temperature 0. The judge cannot
     be reached: a ConnectionError; it answers with an error: a RuntimeError; one line each."""
     endpoint = url.rstrip("/") + "/chat/completions"
-    body = {"model": model, "temperature": 0, "messages": [{"role": "user", "content": prompt}]}
+    messages = [{"role": "user", "content": prompt}]  # one turn: the grading prompt
+    body = {"model": model, "temperature": 0, "messages": messages}
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         response = requests.post(endpoint, json=body, headers=headers, timeout=120)
@@ -416,10 +416,8 @@ def ask_judge(url: str, model: str, prompt: str, api_key: str) -> str:
 
 def parse_score(reply: str) -> int | None:
     """The first whole number from 0 to 100 in a reply ("Score: 85" -> 85), or None."""
-    for number in re.findall(r"\d+", reply):
-        if int(number) <= 100:
-            return int(number)
-    return None
+    numbers = [int(n) for n in re.findall(r"\d+", reply) if int(n) <= 100]
+    return numbers[0] if numbers else None
 
 
 def judge_responses(cfg) -> dict:
@@ -466,7 +464,6 @@ def judge_responses(cfg) -> dict:
 
 # -----------------------------------------------------------------------------
 # 6. The report, and the command line
-
 
 def describe(path, model, ckpt: dict) -> dict:
     """What a report says of a model: its checkpoint, stage, size and the tokens it has seen."""
@@ -537,9 +534,8 @@ class EvalConfig:
             if not value or value == "hellaswag":
                 continue
             value = str(PROJECT / value)
-            setattr(self, name, value)
-            is_read = name != "out_json" and not (name == "ckpt" and self.responses)
-            if is_read and not Path(value).is_file():  # the judge reads no checkpoint
+            setattr(self, name, value)  # a checkpoint: load_checkpoint's error, before any scoring
+            if name in ("responses", "task", "text_file") and not Path(value).is_file():
                 raise FileNotFoundError(f"--{name}={value}: no such file")
             if name == "out_json" and Path(value).exists():  # maybe not ours: never replaced
                 raise ValueError(f"--out_json={value} exists: move it away or name another")
@@ -554,28 +550,32 @@ def show_progress(what: str, done: int, total: int, t0: float) -> None:
 
 def evaluate_models(cfg) -> dict:
     """Score cfg.ckpt (and cfg.compare, reported under "compare") on cfg.task or cfg.text_file."""
-    if cfg.task:
-        examples = load_task(cfg.task, cfg.limit)
-    else:
+    examples = load_task(cfg.task, cfg.limit) if cfg.task else []  # a text has none
+    if cfg.text_file:
         try:
             text = Path(cfg.text_file).read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise ValueError(f"--text_file={cfg.text_file} is not UTF-8 text") from None
-    results = []
+    loaded = []  # every model loaded and its input checked (every error found) before any scoring
     for path in [cfg.ckpt, cfg.compare] if cfg.compare else [cfg.ckpt]:
         model, tok, ckpt = load_checkpoint(path)  # onto the CPU, memory-mapped
-        model = model.to(cfg.device).eval()
-        if cfg.task:  # every example encoded (every error found) before any is scored
-            encoded = [encode_example(tok, e, model.config.block_size, f"example {i}")
-                       for i, e in enumerate(examples)]  # fmt: skip
+        encoded = [encode_example(tok, e, model.config.block_size, f"{path}, example {i}")
+                   for i, e in enumerate(examples)]  # fmt: skip
+        if cfg.text_file:  # the text as text_scores reads it: GPT-2's after an <|endoftext|>
+            n_ids = len(encode_text(tok, text, path)) + (tok.eot_token is not None)
+            strided_windows(n_ids, model.config.block_size, cfg.stride)  # and its windows
+        loaded.append((path, model, tok, ckpt, encoded))
+    results = []
+    for path, model, tok, ckpt, encoded in loaded:
+        model = model.to(cfg.device).eval()  # the first model stays there: both are small here
+        if cfg.task:
             logprobs = score_examples(model, encoded, cfg.batch_tokens)
             result = task_scores(examples, encoded, logprobs, Path(cfg.task).name)
         else:
-            scores = text_scores(model, tok, text, cfg.stride, cfg.batch_tokens, cfg.text_file)
+            scores = text_scores(model, tok, text, cfg.stride, cfg.batch_tokens)
             result = {"text_file": cfg.text_file, **scores}
-            print(f"{path}: {result['tokens']:,} tokens scored, {result['bytes']:,} bytes, "
-                  f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.3f}, "
-                  f"bits per byte {result['bits_per_byte']:.4f}")
+            print("{}: {tokens:,} tokens scored, {bytes:,} bytes, loss {loss:.4f}, perplexity "
+                  "{perplexity:.3f}, bits per byte {bits_per_byte:.4f}".format(path, **result))
         results.append({**result, "model": describe(path, model, ckpt)})
     if cfg.task:
         print_report(results)

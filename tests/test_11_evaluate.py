@@ -297,6 +297,48 @@ def test_bad_settings_and_files_are_one_line(ev11, tmp_path, capsys):
     assert json.loads(answers.read_text()) == RESPONSES
 
 
+class Scored(Exception):
+    """Raised by a stand-in for score_examples and text_scores: a model's scoring began."""
+
+
+def scored(*args, **kwargs):
+    raise Scored
+
+
+BAD_SECOND = {  # the second model's flaw -> what the error must say beside its path
+    "unknown character": "'é' are not in this char model",  # CHARS has no 'é'
+    "not a checkpoint": "is not a checkpoint",
+    "missing": "train one",
+}
+
+
+@pytest.mark.parametrize("flaw", BAD_SECOND)
+@pytest.mark.parametrize("mode", ["task", "text_file"])
+def test_compare_checks_the_second_model_before_the_first_is_scored(ev11, tmp_path, capsys,
+                                                                     monkeypatch, mode, flaw):
+    """--compare with a second model that cannot read the input, a file that is no checkpoint, or
+    none: one line naming it, before the first model is scored (which can take long)."""
+    chars = CHARS + "é"
+    first = save_ckpt(rough_model(ev11, len(chars)), {"kind": "char", "chars": chars},
+                      tmp_path / "first.pt")  # fmt: skip
+    second = tmp_path / "second.pt"
+    if flaw == "unknown character":
+        save_ckpt(rough_model(ev11, len(CHARS)), {"kind": "char", "chars": CHARS}, second)
+    elif flaw == "not a checkpoint":
+        second.write_text("not a checkpoint")
+    example = {"context": "A café is", "choices": [" warm.", " cold."], "label": 0}
+    task = write_jsonl(tmp_path / "cafe.jsonl", [example])
+    (tmp_path / "cafe.txt").write_text("A café is warm.\n" * 3, encoding="utf-8")
+    flag = f"--task={task}" if mode == "task" else f"--text_file={tmp_path / 'cafe.txt'}"
+    monkeypatch.setattr(ev11, "score_examples", scored)
+    monkeypatch.setattr(ev11, "text_scores", scored)
+    with pytest.raises(SystemExit) as e:
+        ev11.main([f"--ckpt={first}", f"--compare={second}", flag, "--device=cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error:") and err.count("\n") == 1
+    assert str(second) in err and BAD_SECOND[flaw] in err, err
+
+
 @pytest.mark.parametrize("text", ['{"instruction": "a"}\n{"instruction": "b"}\n', "Red.\nBlue.\n"])
 def test_responses_that_are_not_json_name_the_file_and_what_it_holds(ev11, tmp_path, capsys,
                                                                      text):  # fmt: skip
@@ -569,6 +611,39 @@ def test_text_file_on_the_command_line_with_compare_and_json(ev11, tmp_path, cap
     assert saved["bits_per_byte"] != saved["compare"]["bits_per_byte"]  # two models, two numbers
     for scores in (result, result["compare"]):
         assert f"bits per byte {scores['bits_per_byte']:.4f}" in out
+
+
+def test_compare_lays_out_both_models_windows_before_scoring(ev11, gpt2_model, tmp_path, capsys,
+                                                              monkeypatch):  # fmt: skip
+    """--text_file --compare, a char model beside a GPT-2 (fewer tokens, read after an
+    <|endoftext|>): for every --stride, the run is refused with text_scores' own one line for
+    the first model that text_scores refuses, before either is scored; else scoring begins."""
+    text = "To be, or not to be, that is the question.\n"
+    (tmp_path / "eval.txt").write_text(text, encoding="utf-8")
+    first = save_ckpt(rough_model(ev11, len(CHARS)), {"kind": "char", "chars": CHARS},
+                      tmp_path / "first.pt")  # fmt: skip
+    second = save_ckpt(gpt2_model, {"kind": "gpt2"}, tmp_path / "second.pt")
+    models = [ev11.load_checkpoint(path)[:2] for path in (first, second)]
+    text_scores = ev11.text_scores
+    monkeypatch.setattr(ev11, "text_scores", scored)
+    argv = [f"--ckpt={first}", f"--compare={second}", f"--text_file={tmp_path / 'eval.txt'}"]
+    refusers = set()  # which models text_scores refused, for some stride
+    for stride in range(1, 66):  # past both windows (64 tokens at most)
+        errors = {}
+        for i, (model, tok) in enumerate(models):
+            try:
+                text_scores(model.eval(), tok, text, stride)
+            except ValueError as e:
+                errors[i] = f"error: {e}\n"
+        refusers.add(tuple(errors))
+        if errors:
+            with pytest.raises(SystemExit):
+                ev11.main([*argv, f"--stride={stride}", "--device=cpu"])
+            assert capsys.readouterr().err == next(iter(errors.values())), stride
+        else:
+            with pytest.raises(Scored):
+                ev11.main([*argv, f"--stride={stride}", "--device=cpu"])
+    assert {(), (1,), (0, 1)} <= refusers  # none, the second only, both
 
 
 def test_a_text_file_that_is_not_utf8_is_one_line(ev11, tmp_path, capsys):
