@@ -3,6 +3,8 @@
 The rows train for a few iterations on a small corpus, so the file runs in seconds on a CPU.
 """
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import exit_status, interrupted, load_script
@@ -130,6 +132,57 @@ def test_a_row_evaluates_the_val_split_only_and_gets_the_same_val_loss(char_corp
     assert row["val_loss"] == estimate_loss(models[0], data, short, 3)["val"]
 
 
+def test_the_first_row_is_not_charged_for_the_process_first_slow_steps(
+    char_corpus, capsys, monkeypatch
+):
+    """A process's first steps are slow (PyTorch's set-up, cold caches); untimed steps take them,
+    so the first row's time compares fairly with the rows after it. On a clock that a batch moves
+    on by 100 s for the process's first 3 batches and by 1 s after, every row takes 1 s a step."""
+    now = [0.0]
+    batches = []
+    get_batch = m.get_batch
+
+    def slow_at_first(*args, **kwargs):
+        batches.append(args)
+        now[0] += 100 if len(batches) <= 3 else 1
+        return get_batch(*args, **kwargs)
+
+    monkeypatch.setattr(m, "get_batch", slow_at_first)
+    monkeypatch.setattr(m, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(m, "ABLATION", m.ABLATION[:2])
+    table = m.main(["--max_iters=2", "--eval_iters=1", f"--data_dir={char_corpus}"])
+    assert [row["seconds"] for row in table] == [2, 2]  # 2 steps at 1 s
+
+
+@pytest.mark.parametrize("split, share", [("val", "larger"), ("train", "smaller")])
+def test_a_split_shorter_than_a_window_is_one_line_before_any_training(
+    tmp_path, shakespeare_text, capsys, monkeypatch, split, share
+):
+    """02 with a tiny (or a huge) --val_fraction leaves a split shorter than the recipe's window:
+    found when the data is loaded, not after a row has trained, and the line names a flag that
+    exists (02's --val_fraction), not block_size, which 13 does not have."""
+    dl = load_script("02_dataloader")
+    text = shakespeare_text[:5000]
+    short = 30 / len(text)  # 30 characters: under one window of block_size + 1
+    val_fraction = short if split == "val" else 1 - short
+    spec = dl.CharTokenizer.from_text(text).to_dict()
+    dl.prepare_corpus(text, tmp_path / "tinyshakespeare-char", spec, val_fraction)
+    trained = []
+    train_row = m.train_row
+
+    def spy_train_row(*args):
+        trained.append(args)
+        return train_row(*args)
+
+    monkeypatch.setattr(m, "train_row", spy_train_row)
+    with pytest.raises(SystemExit) as exit_info:
+        m.main([f"--data_dir={tmp_path}", "--max_iters=2", "--eval_iters=1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error:") and err.count("\n") == 1
+    assert f"{split}.bin" in err and f"{share} --val_fraction" in err
+    assert trained == []
+
+
 @pytest.mark.parametrize("flags, eval_iters", [
     ([], m.NANOGPT_CPU_RECIPE["eval_iters"]),  # the README's table: 2,000 iterations, 200 batches
     (["--max_iters=20"], 20),  # a short run: no more val batches than training steps
@@ -149,7 +202,7 @@ def test_eval_iters_is_the_recipes_unless_the_run_is_shorter_or_the_flag_says(
 
     monkeypatch.setattr(m, "train_row", train_row)
     m.main([*flags, f"--data_dir={char_corpus}"])
-    assert {r.eval_iters for r in recipes} == {eval_iters}
+    assert {r.eval_iters for r in recipes[1:]} == {eval_iters}  # [0]: the untimed warm-up
     assert f"val loss over {eval_iters} batches" in capsys.readouterr().out
 
 
