@@ -213,8 +213,7 @@ def generate_tokens(
     while True:
         if logits is None:  # encode the whole window: the prompt, after a slide, or uncached
             cache = BatchCache(model.config.n_layer, block_size) if use_cache else None
-            logits = forward_cached(model, idx, cache, attention_mask=mask, last_only=True)
-            logits = logits[:, -1]  # (B, V)
+            logits = forward_cached(model, idx, cache, attention_mask=mask, last_only=True)[:, -1]
         next_ids = sample(logits, temperature, top_k, top_p, generator)  # (B,)
         yield next_ids, logits
         idx = torch.cat([idx, next_ids[:, None]], dim=1)
@@ -306,6 +305,9 @@ def generate(model, prompts, max_new_tokens: int, temperature=1.0, top_k=None, t
     """Up to max_new_tokens new ids per prompt (token-id lists). A row ends at eot_token (left out)
     or when its TextStream (streams: one per row) meets a stop string (whose tokens stay in; the
     stream's text leaves it out); ended rows ride along."""
+    dropped = max(len(p) for p in prompts) - model.config.block_size
+    if dropped > 0:  # generate_tokens keeps the last block_size tokens: say so
+        print(f"note: a prompt is {dropped} tokens too long; its start is cut", file=sys.stderr)
     out = [[] for _ in prompts]
     done = [False] * len(prompts)
     steps = generate_tokens(model, prompts, temperature, top_k, top_p, generator, use_cache)
@@ -328,9 +330,6 @@ def generate(model, prompts, max_new_tokens: int, temperature=1.0, top_k=None, t
 def complete(model, tok, prompts, cfg, stop_strings=(), eot_token=None) -> list[str]:
     """Each prompt's (token ids, one batch) new text, with cfg's settings; row 0 streams to
     stdout as it is made."""
-    dropped = max(len(p) for p in prompts) - model.config.block_size
-    if dropped > 0:  # generate_tokens keeps the last block_size tokens: say so
-        print(f"note: the prompt is {dropped} tokens too long; its start is cut", file=sys.stderr)
     streams = [TextStream(tok, stop_strings, lambda text: print(text, end="", flush=True))]
     streams += [TextStream(tok, stop_strings) for _ in prompts[1:]]
     generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(cfg.seed)
@@ -338,14 +337,6 @@ def complete(model, tok, prompts, cfg, stop_strings=(), eot_token=None) -> list[
              cfg.temperature, cfg.top_k or None, cfg.top_p, generator,  # top_k 0: no limit
              eot_token=eot_token, streams=streams, use_cache=cfg.use_cache)
     return [stream.text for stream in streams]
-
-
-def encode_message(tok, text: str, char_vocab: set, unknown_char: str) -> list[int]:
-    """Typed text -> ids, as 07 encoded its data: characters a char model lacks -> unknown_char."""
-    if not char_vocab:
-        return tok.encode(text, disallowed_special=())  # a typed "<|endoftext|>" is text
-    text = "".join(c if c in char_vocab else unknown_char for c in text)
-    return tok.encode(text)
 
 
 # Chat and --answers prompt a model as 07 trained it: format_input + RESPONSE_HEADER, encoded in
@@ -364,11 +355,16 @@ class Template:
         if stage not in ("finetune", "dpo"):
             print(f"note: a {stage} checkpoint; 07's template needs an instruction-tuned one")
 
+    def encode(self, text: str) -> list[int]:
+        """Typed text -> ids, as 07 encoded its data: chars a char model lacks -> unknown_char."""
+        if not self.char_vocab:
+            return self.tok.encode(text, disallowed_special=())  # a typed "<|endoftext|>" is text
+        text = "".join(c if c in self.char_vocab else self.unknown_char for c in text)
+        return self.tok.encode(text)
+
     def prompt(self, entry: dict) -> list[int]:
         """{"instruction": ..., "input": ...} -> the ids of its prompt, up to "### Response:"."""
-        text = encode_message(self.tok, format_input(entry), self.char_vocab, self.unknown_char)
-        header = encode_message(self.tok, RESPONSE_HEADER, self.char_vocab, self.unknown_char)
-        return text + header
+        return self.encode(format_input(entry)) + self.encode(RESPONSE_HEADER)
 
 
 def chat(model, tok, cfg, ckpt: dict) -> None:
@@ -401,13 +397,13 @@ def load_entries(cfg) -> tuple[list[dict], Path]:
         raise FileNotFoundError(f"--answers={cfg.answers}: no such file ({file}); 07_finetune.py "
                                 "writes its test split as out_dir/test.json")
     try:
-        entries = json.loads(file.read_text(encoding="utf-8"))
+        entries = json.loads(file.read_text(encoding="utf-8-sig"))  # -sig: skips a Windows BOM
     except (ValueError, RecursionError):  # not JSON, not text (a ckpt.pt), [[[...]]]: below
         entries = None
     is_list = isinstance(entries, list) and entries and all(type(e) is dict for e in entries)
     if not is_list or not all(isinstance(e.get("instruction"), str) for e in entries):
-        raise ValueError(f"--answers={cfg.answers}: expected a JSON list of objects, each with an "
-                         "instruction (07 writes its test split as out_dir/test.json)")
+        raise ValueError(f"--answers={cfg.answers}: expected UTF-8 JSON, a list of objects, each "
+                         "with an instruction (07 writes its test split as out_dir/test.json)")
     path = (PROJECT / cfg.ckpt).parent / f"{file.stem}_responses.json"
     if path.exists():  # another model's answers, or an older run's: never replaced unasked
         raise FileExistsError(f"{path} exists: move it away to answer again")
@@ -514,8 +510,13 @@ class GenerateConfig:
         for name, smallest in least.items():
             if getattr(self, name) < smallest:
                 raise ValueError(f"--{name}={getattr(self, name)}: use {smallest} or more")
+        if not 0 <= self.seed < 2**63:  # 10_serve's range; torch's generator takes 64 bits
+            raise ValueError(f"--seed={self.seed}: use an integer in [0, 2**63)")
         if self.chat and self.answers:
             raise ValueError("--chat and --answers: choose one")
+        for name in ("prompt", "num_samples", "stop") if self.chat or self.answers else []:
+            if getattr(self, name) != getattr(GenerateConfig, name):  # given: it would do nothing
+                raise ValueError(f"--{name} is for sampling, not --chat or --answers: drop it")
         for preset in self.bench_presets.split(",") if self.bench else []:
             preset_config(preset)  # an unknown one: a ValueError naming the presets
         ckpt_path = PROJECT / self.ckpt  # an absolute ckpt stays as it is
@@ -561,8 +562,7 @@ def sample_from_prompt(model, tok, cfg) -> list[str]:
     document_start = "<|endoftext|>" if tok.eot_token is not None else "\n"
     prompt_ids = encode(tok, cfg.prompt or document_start)  # text it cannot encode: a ValueError
     print(cfg.prompt, end="", flush=True)  # not the document start; the first sample then streams
-    typed_stops = [s for s in cfg.stop.split(",") if s]
-    stop_strings = [s.replace("\\n", "\n").replace("\\t", "\t") for s in typed_stops]
+    stop_strings = [s.replace("\\n", "\n").replace("\\t", "\t") for s in cfg.stop.split(",")]
     texts = complete(model, tok, [prompt_ids] * cfg.num_samples, cfg, stop_strings, tok.eot_token)
     print("".join(f"\n{'-' * 40}\n{cfg.prompt}{text}" for text in texts[1:]))  # the others
     return texts

@@ -390,9 +390,9 @@ def test_answers_are_each_entrys_greedy_answer_alone_beside_the_checkpoint(gen09
 
 @pytest.mark.parametrize("content, flags, message", [
     (None, [], "07_finetune.py writes its test split as out_dir/test.json"),
-    ("{}", [], "expected a JSON list of objects, each with an instruction"),
-    ('[{"input": "x"}]', [], "expected a JSON list of objects, each with an instruction"),
-    ("[]", [], "expected a JSON list of objects, each with an instruction"),  # nothing to answer
+    ("{}", [], "expected UTF-8 JSON, a list of objects, each with an instruction"),
+    ('[{"input": "x"}]', [], "expected UTF-8 JSON, a list of objects, each with an instruction"),
+    ("[]", [], "expected UTF-8 JSON, a list of objects, each with an"),  # nothing to answer
     ('[{"instruction": "x"}]', ["answered"], "test_responses.json exists: move it away"),
     ("[]", ["--chat"], "--chat and --answers: choose one"),
     ("[]", ["--batch_size=0"], "--batch_size=0: use 1 or more"),
@@ -432,7 +432,41 @@ def test_answers_that_are_not_json_name_the_flag_and_a_json_list(gen09, tmp_path
     monkeypatch.setattr(gen09, "load_model", lambda cfg: pytest.fail("loaded the model"))
     argv = [f"--ckpt={tmp_path / 'ckpt.pt'}", f"--answers={answers}", "--device=cpu"]
     err = exits_with_one_error_line(gen09, argv, capsys)
-    assert f"--answers={answers}: expected a JSON list of objects" in err
+    assert f"--answers={answers}: expected UTF-8 JSON, a list of objects" in err
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16"])
+def test_answers_read_utf8_with_a_bom_and_name_utf8_for_other_encodings(gen09, tmp_path, capsys,
+                                                                        encoding):
+    """A UTF-8 file that begins with a BOM (as Windows tools write it) is answered as one without;
+    a file in another encoding is one error line that names the UTF-8 it expects."""
+    chars = "".join(sorted(set("abcdefghijklmnopqrstuvwxyz ABNRSW,.:?\n")))
+    save_tiny_checkpoint(gen09, tmp_path / "ckpt.pt", chars, stage="finetune")
+    (tmp_path / "test.json").write_text(json.dumps(ENTRIES[:2]), encoding=encoding)
+    argv = [f"--ckpt={tmp_path / 'ckpt.pt'}", f"--answers={tmp_path / 'test.json'}",
+            "--max_new_tokens=3", "--device=cpu"]
+    if encoding == "utf-16":
+        assert "expected UTF-8 JSON" in exits_with_one_error_line(gen09, argv, capsys)
+        return
+    records = json.loads(gen09.main(argv).read_text())
+    assert [{k: v for k, v in r.items() if k != "model_response"} for r in records] == ENTRIES[:2]
+
+
+def test_answers_say_in_one_line_when_a_prompt_is_cut(gen09, tmp_path, capsys):
+    """--answers cuts a prompt longer than the context (64 tokens) from its start, as sampling
+    does, and says so as sampling does: one line on stderr with the tokens cut; a prompt that
+    fits says nothing."""
+    _, tok = save_tiny_checkpoint(gen09, tmp_path / "ckpt.pt", chars=None, stage="finetune")
+    entries = [{"instruction": "Name a colour."}, {"instruction": "Say it again. " * 20}]
+    (tmp_path / "test.json").write_text(json.dumps(entries))
+    argv = [f"--ckpt={tmp_path / 'ckpt.pt'}", f"--answers={tmp_path / 'test.json'}",
+            "--batch_size=1", "--max_new_tokens=2", "--device=cpu"]
+    gen09.main(argv)
+    prompts = [tok.encode(gen09.format_input(e)) + tok.encode("\n\n### Response:\n")
+               for e in entries]
+    assert len(prompts[0]) <= 64 < len(prompts[1])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(rf"\b{len(prompts[1]) - 64}\b", err), err
 
 
 def test_answers_end_at_a_new_section_of_the_template(gen09, tmp_path, monkeypatch):
@@ -639,6 +673,37 @@ def test_bench_prints_a_row_per_length_without_the_warm_up(gen09, capsys, monkey
 ])  # fmt: skip
 def test_cli_rejects_bad_settings_before_loading(gen09, capsys, name, flags):
     assert name in exits_with_one_error_line(gen09, flags.split(), capsys)
+
+
+@pytest.mark.parametrize("mode, flag", [
+    ("--answers=test.json", "--stop=e"), ("--answers=test.json", "--prompt=zzz"),
+    ("--answers=test.json", "--num_samples=5"), ("--chat", "--stop=e"), ("--chat", "--prompt=zzz"),
+])  # fmt: skip
+def test_a_sampling_flag_beside_chat_or_answers_is_one_error_line(gen09, tmp_path, capsys,
+                                                                  monkeypatch, mode, flag):
+    """--chat and --answers prompt in 07's template, one text per message or entry, ended as 07
+    taught: --prompt, --num_samples and --stop would do nothing there, so each is refused, named,
+    before the model loads, not silently dropped."""
+    save_tiny_checkpoint(gen09, tmp_path / "ckpt.pt", "abc\n", stage="finetune")
+    (tmp_path / "test.json").write_text(json.dumps(ENTRIES))
+    monkeypatch.chdir(tmp_path)  # not a path for --answers: the check comes before the file
+    monkeypatch.setattr(gen09, "load_model", lambda cfg: pytest.fail("loaded the model"))
+    argv = [f"--ckpt={tmp_path / 'ckpt.pt'}", mode, flag, "--device=cpu"]
+    err = exits_with_one_error_line(gen09, argv, capsys)
+    assert err.startswith(f"error: {flag.split('=')[0]} is for sampling"), err
+
+
+def test_a_seed_a_torch_generator_cannot_take_is_refused_before_the_model(gen09, tmp_path,
+                                                                        capsys, monkeypatch):
+    """Seeds are 0 .. 2**63 - 1 (as 10_serve's): 10**23 or -1 is one line naming --seed before
+    the model loads, not torch's "Overflow when unpacking long long" after it; the largest runs."""
+    save_tiny_checkpoint(gen09, tmp_path / "ckpt.pt", "abc\n")
+    ckpt = f"--ckpt={tmp_path / 'ckpt.pt'}"
+    gen09.main([ckpt, f"--seed={2**63 - 1}", "--max_new_tokens=2", "--device=cpu"])
+    monkeypatch.setattr(gen09, "load_model", lambda cfg: pytest.fail("loaded the model"))
+    for seed in (10**23, -1):
+        err = exits_with_one_error_line(gen09, [ckpt, f"--seed={seed}", "--device=cpu"], capsys)
+        assert err.startswith(f"error: --seed={seed}:"), err
 
 
 @pytest.mark.parametrize("flag", ["--max_new_tokens=-1", "--threads=-1", "--num_samples=0"])
