@@ -89,8 +89,7 @@ class ModernConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {allowed}")
         if self.mlp_hidden == 0 and self.mlp == "swiglu":
             self.mlp_hidden = swiglu_hidden(self.n_embd, self.multiple_of)
-        if self.mlp_hidden == 0:
-            self.mlp_hidden = 4 * self.n_embd
+        self.mlp_hidden = self.mlp_hidden or 4 * self.n_embd
 
     @classmethod
     def flavour(cls, name: str, **overrides):
@@ -183,17 +182,15 @@ class Attention(nn.Module):
         self.n_head = config.n_head
         self.n_kv_head = config.n_kv_head
         self.head_size = config.head_size
-        hs = config.head_size
-        self.q_size = config.n_head * hs
-        self.kv_size = config.n_kv_head * hs
+        self.q_size = config.n_head * config.head_size
+        self.kv_size = config.n_kv_head * config.head_size
         C = config.n_embd
-        qkv_size = self.q_size + 2 * self.kv_size
-        self.c_attn = nn.Linear(C, qkv_size, bias=config.bias)
+        self.c_attn = nn.Linear(C, self.q_size + 2 * self.kv_size, bias=config.bias)
         self.c_proj = nn.Linear(self.q_size, C, bias=config.bias)
         self.qk_norm = config.qk_norm
         if config.qk_norm:  # one gain per head dimension
-            self.q_norm = RMSNorm(hs, config.norm_eps)
-            self.k_norm = RMSNorm(hs, config.norm_eps)
+            self.q_norm = RMSNorm(config.head_size, config.norm_eps)
+            self.k_norm = RMSNorm(config.head_size, config.norm_eps)
 
     def forward(self, x, rope=None, cache=None, layer=0):
         B, T, C = x.size()
@@ -227,8 +224,7 @@ def causal_attention(q, k, v):
     if start == 0:  # no cache yet: the plain causal triangle
         return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
     # query i sits at position start + i and sees keys 0 .. start + i
-    ones = torch.ones(T, L, dtype=torch.bool, device=q.device)
-    mask = ones.tril(diagonal=start)
+    mask = torch.ones(T, L, dtype=torch.bool, device=q.device).tril(diagonal=start)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
@@ -244,8 +240,7 @@ class MLP(nn.Module):
         C = config.n_embd
         H = config.mlp_hidden
         self.swiglu = config.mlp == "swiglu"
-        fc_size = 2 * H if self.swiglu else H
-        self.c_fc = nn.Linear(C, fc_size, bias=config.bias)
+        self.c_fc = nn.Linear(C, 2 * H if self.swiglu else H, bias=config.bias)  # SwiGLU: 2H
         self.c_proj = nn.Linear(H, C, bias=config.bias)
 
     def forward(self, x):
@@ -325,8 +320,7 @@ class ModernGPT(nn.Module):
         loss = None
         if targets is not None:  # in fp32, -100 skipped, as 04
             flat = logits.float().view(B * T, -1)
-            flat_targets = targets.reshape(B * T)
-            loss = F.cross_entropy(flat, flat_targets, ignore_index=-100)
+            loss = F.cross_entropy(flat, targets.reshape(B * T), ignore_index=-100)
         return logits, loss
 
     def num_params(self) -> int:
@@ -367,19 +361,19 @@ class GroupedKVCache:
 
 def cache_bytes_per_token(config: ModernConfig, dtype_bytes: int = 2) -> int:
     """KV cache bytes one token takes: key + value, per layer, n_kv_head heads (bf16: 2 bytes)."""
-    per_layer = 2 * config.n_kv_head * config.head_size
-    return config.n_layer * per_layer * dtype_bytes
+    return config.n_layer * 2 * config.n_kv_head * config.head_size * dtype_bytes
 
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens: int, temperature: float = 0.0,
              use_cache: bool = True, stop_ids=(), generator=None):
     """Continue idx (B, T): greedy at temperature 0, else sampled; with or without the cache."""
-    total = idx.size(1) + max_new_tokens
-    if total > model.config.block_size:
-        raise ValueError(f"prompt + max_new_tokens = {total} exceeds block_size="
-                         f"{model.config.block_size}; ask for fewer new tokens")
-    cache = GroupedKVCache(model.config, total) if use_cache else None
+    room = model.config.block_size - idx.size(1)  # for new tokens, after the prompt
+    if max_new_tokens > room:
+        fix = f"ask for at most {room} new tokens" if room > 0 else "shorten the prompt"
+        raise ValueError(f"the prompt's {idx.size(1)} tokens leave room for {max(room, 0)} of the "
+                         f"{max_new_tokens} new (block_size={model.config.block_size}); {fix}")
+    cache = GroupedKVCache(model.config, idx.size(1) + max_new_tokens) if use_cache else None
     new_ids = idx  # what the next forward pass reads
     for _ in range(max_new_tokens):
         logits, _ = model(new_ids, cache=cache)
@@ -400,7 +394,7 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 0.0,
 # Hugging Face's Llama and Qwen3, loaded into this code
 #
 # Both architectures are ModernConfig with rmsnorm, rope, swiglu and no biases; Qwen3 adds QK-norm
-# and states its head_dim. check_hf_config refuses, by name, every setting this file does not
+# and states its head_dim. read_hf_config refuses, by name, every setting this file does not
 # implement: silently ignoring one (Llama 3.1's "llama3" RoPE scaling, a sliding window) would give
 # a model that loads and writes worse text, with no error anywhere.
 # Their names map onto ours; q, k and v are stacked into c_attn, gate and up into c_fc.
@@ -417,36 +411,41 @@ HF_STACKED = {  # ours: theirs, stacked along the output dimension
 HF_FIELDS = {  # ours: config.json's
     "block_size": "max_position_embeddings", "vocab_size": "vocab_size",
     "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
-    "n_embd": "hidden_size", "mlp_hidden": "intermediate_size",
-    "norm_eps": "rms_norm_eps",
+    "n_embd": "hidden_size", "mlp_hidden": "intermediate_size", "norm_eps": "rms_norm_eps",
 }  # fmt: skip
 
 
-def check_hf_config(hf: dict, path) -> None:
-    """A ValueError naming the first config.json setting this file does not implement."""
+def read_hf_config(folder: Path) -> dict:
+    """config.json; a ValueError names the first thing in it this file cannot read or implement."""
+    path = folder / "config.json"
+    try:
+        hf = json.loads(path.read_text())
+    except json.JSONDecodeError as e:  # a cut download, a hand edit
+        raise ValueError(f"{path} is not valid JSON ({e}); download it again") from None
     arch = (hf.get("architectures") or ["none"])[0]
     if arch not in HF_ARCHITECTURES:
-        raise ValueError(f"{path}: architecture {arch}; this file reads Llama and Qwen3 only")
-    rope_types = set()
-    for field in ("rope_parameters", "rope_scaling"):  # new, old name
-        rope = hf.get(field) or {}
-        rope_types.add(rope.get("rope_type", rope.get("type", "default")))
+        raise ValueError(f"{folder}: architecture {arch}; this file reads Llama and Qwen3 only")
+    ropes = [hf.get("rope_parameters") or {}, hf.get("rope_scaling") or {}]  # new, old name
+    rope_types = {rope.get("rope_type", rope.get("type", "default")) for rope in ropes}
     unsupported = {
         f"rope type {sorted(rope_types)}": rope_types != {"default"},
-        f"hidden_act={hf.get('hidden_act')!r}":
-            hf.get("hidden_act", "silu") != "silu",
+        f"hidden_act={hf.get('hidden_act')!r}": hf.get("hidden_act", "silu") != "silu",
         "attention_bias=true": hf.get("attention_bias", False),
         "mlp_bias=true": hf.get("mlp_bias", False),
         "use_sliding_window=true": hf.get("use_sliding_window", False),
     }
     for name, present in unsupported.items():
         if present:
-            raise ValueError(f"{path}: {name} is not implemented here; "
+            raise ValueError(f"{folder}: {name} is not implemented here; "
                              "this file reads plain Llama and Qwen3 models")
+    for theirs in HF_FIELDS.values():  # each one hf_config reads
+        if theirs not in hf:
+            raise ValueError(f"{path} has no {theirs}; download it again")
+    return hf
 
 
 def hf_config(hf: dict) -> ModernConfig:
-    """config.json's fields -> ModernConfig (after check_hf_config)."""
+    """config.json's fields -> ModernConfig (after read_hf_config)."""
     settings = {ours: hf[theirs] for ours, theirs in HF_FIELDS.items()}
     rope = hf.get("rope_parameters") or {}  # older files: at the top
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
@@ -460,10 +459,8 @@ def hf_config(hf: dict) -> ModernConfig:
 
 def hf_to_modern_state_dict(sd: dict, n_layer: int) -> dict:
     """A Hugging Face Llama/Qwen3 state dict in our names (lm_head: wte's when tied)."""
-    out = {
-        "transformer.wte.weight": sd["model.embed_tokens.weight"],
-        "transformer.ln_f.weight": sd["model.norm.weight"],
-    }
+    out = {"transformer.wte.weight": sd["model.embed_tokens.weight"],
+           "transformer.ln_f.weight": sd["model.norm.weight"]}
     for i in range(n_layer):
         theirs = f"model.layers.{i}."
         ours = f"transformer.h.{i}."
@@ -480,12 +477,16 @@ def hf_to_modern_state_dict(sd: dict, n_layer: int) -> dict:
 
 def read_hf_weights(folder: Path) -> dict:
     """Every tensor of a folder: model.safetensors, or a big model's shards."""
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{folder}: no .safetensors file; download the model's weights")
+    names = {"model.safetensors"}
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():  # a big model's shards: model-00001-of-00002.safetensors, ...
+        names = set(json.loads(index.read_text())["weight_map"].values())
+    missing = sorted(name for name in names if not (folder / name).is_file())
+    if missing:  # an interrupted download lacks some
+        raise ValueError(f"{folder}: no {', '.join(missing)}; download the model's weights")
     tensors = {}
-    for file in files:  # model-00001-of-00002.safetensors, ...
-        tensors.update(load_safetensors(file))
+    for name in sorted(names):
+        tensors.update(load_safetensors(folder / name))
     return tensors
 
 
@@ -495,17 +496,18 @@ def read_hf_weights(folder: Path) -> dict:
 def load_hf(path, dtype=torch.float32) -> ModernGPT:
     """A Hugging Face Llama or Qwen3 folder (config.json + safetensors) -> ModernGPT, eval mode."""
     folder = PROJECT / path  # an absolute path stays as it is
-    hf = json.loads((folder / "config.json").read_text())
-    check_hf_config(hf, folder)
-    config = hf_config(hf)
+    config = hf_config(read_hf_config(folder))
     with torch.device("meta"):
         model = ModernGPT(config)
-    sd = hf_to_modern_state_dict(read_hf_weights(folder), config.n_layer)
-    sd = {name: t.to(dtype) for name, t in sd.items()}
-    model.load_state_dict(sd, assign=True)
+    try:  # a tensor missing or of another shape: the weights are not config.json's model
+        sd = hf_to_modern_state_dict(read_hf_weights(folder), config.n_layer)
+        model.load_state_dict(sd, assign=True)
+    except (KeyError, RuntimeError) as e:  # load_state_dict's: a heading, a line per tensor
+        raise ValueError(f"{folder}: the weights do not match config.json "
+                         f"({str(e).splitlines()[-1].strip()}); download the model again") from None
     if config.tie_embeddings:  # assign=True untied them
         model.lm_head.weight = model.transformer.wte.weight
-    return model.eval()
+    return model.to(dtype).eval()
 
 
 # -----------------------------------------------------------------------------
@@ -534,7 +536,7 @@ class ModernRunConfig:
         folder = PROJECT / self.hf_dir
         # the architecture before tokenizer.json: 10's GPT-2 export is a Hugging Face folder too
         if self.hf_dir and (folder / "config.json").is_file():
-            check_hf_config(json.loads((folder / "config.json").read_text()), folder)
+            read_hf_config(folder)
         for needed in ("config.json", "tokenizer.json"):
             if self.hf_dir and not (folder / needed).is_file():
                 raise ValueError(f"--hf_dir={self.hf_dir}: no {needed} in {folder}; "
@@ -545,10 +547,9 @@ def print_flavours() -> None:
     """Each flavour at laptop size: parameters and KV cache bytes per token (bf16)."""
     for name in ModernConfig.FLAVOURS:
         config = ModernConfig.flavour(name)
-        model = ModernGPT(config)
         per_token = cache_bytes_per_token(config)
         mha = cache_bytes_per_token(replace(config, n_kv_head=config.n_head))  # all heads kept
-        print(f"{name:7s} {model.num_params():>11,} parameters, KV cache "
+        print(f"{name:7s} {ModernGPT(config).num_params():>11,} parameters, KV cache "
               f"{per_token:,} bytes/token with {config.n_kv_head} kv heads "
               f"({mha:,} with {config.n_head})")
 
@@ -557,9 +558,11 @@ def hf_tokenizer(folder: Path):
     """The folder's tokenizer.json, read by Hugging Face's tokenizers package."""
     try:
         from tokenizers import Tokenizer  # optional: only --prompt needs it
+        return Tokenizer.from_file(str(folder / "tokenizer.json"))
     except ImportError:
         raise ValueError("--prompt needs the tokenizers package: pip install tokenizers") from None
-    return Tokenizer.from_file(str(folder / "tokenizer.json"))
+    except Exception as e:  # tokenizers' error for a file it cannot parse is a plain Exception
+        raise ValueError(f"{folder / 'tokenizer.json'}: {e}; download it again") from None
 
 
 def continue_prompt(cfg) -> str:
@@ -567,12 +570,10 @@ def continue_prompt(cfg) -> str:
     folder = PROJECT / cfg.hf_dir
     tok = hf_tokenizer(folder)
     model = load_hf(folder).to(cfg.device)
-    config = model.config
     print(f"loaded {folder.name}: {model.num_params():,} parameters, "
-          f"{config.n_head} query heads, {config.n_kv_head} kv heads, "
-          f"KV cache {cache_bytes_per_token(config):,} bytes/token in bf16 (fp32: twice)")
-    hf = json.loads((folder / "config.json").read_text())
-    eos = hf.get("eos_token_id")
+          f"{model.config.n_head} query heads, {model.config.n_kv_head} kv heads, "
+          f"KV cache {cache_bytes_per_token(model.config):,} bytes/token in bf16 (fp32: twice)")
+    eos = read_hf_config(folder).get("eos_token_id")
     stop_ids = eos if isinstance(eos, list) else [eos]
     idx = torch.tensor([tok.encode(cfg.prompt).ids], device=cfg.device)
     generator = torch.Generator(cfg.device).manual_seed(cfg.seed)
@@ -585,7 +586,6 @@ def continue_prompt(cfg) -> str:
 
 def main(argv=None):
     cfg = parse_config(ModernRunConfig, argv)  # bad flags: one line, exit 2
-    torch.manual_seed(cfg.seed)
     try:
         if not cfg.hf_dir:
             return print_flavours()

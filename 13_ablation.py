@@ -550,8 +550,7 @@ class ModernConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {allowed}")
         if self.mlp_hidden == 0 and self.mlp == "swiglu":
             self.mlp_hidden = swiglu_hidden(self.n_embd, self.multiple_of)
-        if self.mlp_hidden == 0:
-            self.mlp_hidden = 4 * self.n_embd
+        self.mlp_hidden = self.mlp_hidden or 4 * self.n_embd
 
     @classmethod
     def flavour(cls, name: str, **overrides):
@@ -610,17 +609,15 @@ class Attention(nn.Module):
         self.n_head = config.n_head
         self.n_kv_head = config.n_kv_head
         self.head_size = config.head_size
-        hs = config.head_size
-        self.q_size = config.n_head * hs
-        self.kv_size = config.n_kv_head * hs
+        self.q_size = config.n_head * config.head_size
+        self.kv_size = config.n_kv_head * config.head_size
         C = config.n_embd
-        qkv_size = self.q_size + 2 * self.kv_size
-        self.c_attn = nn.Linear(C, qkv_size, bias=config.bias)
+        self.c_attn = nn.Linear(C, self.q_size + 2 * self.kv_size, bias=config.bias)
         self.c_proj = nn.Linear(self.q_size, C, bias=config.bias)
         self.qk_norm = config.qk_norm
         if config.qk_norm:  # one gain per head dimension
-            self.q_norm = RMSNorm(hs, config.norm_eps)
-            self.k_norm = RMSNorm(hs, config.norm_eps)
+            self.q_norm = RMSNorm(config.head_size, config.norm_eps)
+            self.k_norm = RMSNorm(config.head_size, config.norm_eps)
 
     def forward(self, x, rope=None, cache=None, layer=0):
         B, T, C = x.size()
@@ -655,8 +652,7 @@ def causal_attention(q, k, v):
     if start == 0:  # no cache yet: the plain causal triangle
         return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
     # query i sits at position start + i and sees keys 0 .. start + i
-    ones = torch.ones(T, L, dtype=torch.bool, device=q.device)
-    mask = ones.tril(diagonal=start)
+    mask = torch.ones(T, L, dtype=torch.bool, device=q.device).tril(diagonal=start)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
@@ -669,8 +665,7 @@ class MLP(nn.Module):
         C = config.n_embd
         H = config.mlp_hidden
         self.swiglu = config.mlp == "swiglu"
-        fc_size = 2 * H if self.swiglu else H
-        self.c_fc = nn.Linear(C, fc_size, bias=config.bias)
+        self.c_fc = nn.Linear(C, 2 * H if self.swiglu else H, bias=config.bias)  # SwiGLU: 2H
         self.c_proj = nn.Linear(H, C, bias=config.bias)
 
     def forward(self, x):
@@ -700,8 +695,7 @@ class Block(nn.Module):
 # copied from 12_modern_gpt.py: cache_bytes_per_token
 def cache_bytes_per_token(config: ModernConfig, dtype_bytes: int = 2) -> int:
     """KV cache bytes one token takes: key + value, per layer, n_kv_head heads (bf16: 2 bytes)."""
-    per_layer = 2 * config.n_kv_head * config.head_size
-    return config.n_layer * per_layer * dtype_bytes
+    return config.n_layer * 2 * config.n_kv_head * config.head_size * dtype_bytes
 
 
 # copied from 12_modern_gpt.py: ModernGPT
@@ -753,8 +747,7 @@ class ModernGPT(nn.Module):
         loss = None
         if targets is not None:  # in fp32, -100 skipped, as 04
             flat = logits.float().view(B * T, -1)
-            flat_targets = targets.reshape(B * T)
-            loss = F.cross_entropy(flat, flat_targets, ignore_index=-100)
+            loss = F.cross_entropy(flat, targets.reshape(B * T), ignore_index=-100)
         return logits, loss
 
     def num_params(self) -> int:

@@ -255,3 +255,66 @@ def test_bad_flags_are_one_line(flags, says, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and says in err and err.count("\n") == 1
+
+
+def drop_a_shard(folder):
+    """An interrupted download: one shard the index names is not there."""
+    shards = sorted(set(json.loads((folder / "model.safetensors.index.json").read_text())
+                        ["weight_map"].values()))
+    (folder / shards[1]).unlink()
+    return shards[1]
+
+
+def edit_config(**changes):
+    """A config.json of another model than the weights (None: the field removed)."""
+    def edit(folder):
+        hf = json.loads((folder / "config.json").read_text())
+        hf.update(changes)
+        kept = {key: value for key, value in hf.items() if value is not None}
+        (folder / "config.json").write_text(json.dumps(kept))
+        return "config.json"
+    return edit
+
+
+def cut_in_half(name):
+    """A download cut short: the file's first half only."""
+    def cut(folder):
+        text = (folder / name).read_text()
+        (folder / name).write_text(text[: len(text) // 2])
+        return name
+    return cut
+
+
+@pytest.mark.parametrize("break_folder, says", [
+    (drop_a_shard, "download the model's weights"),
+    (edit_config(intermediate_size=128), "download the model again"),  # shapes
+    (edit_config(num_hidden_layers=3), "download the model again"),  # a layer missing
+    (edit_config(intermediate_size=None), "intermediate_size"),
+    (cut_in_half("config.json"), "download it again"),
+    (cut_in_half("tokenizer.json"), "download it again"),
+], ids=["shard", "shape", "tensor", "field", "config", "tokenizer"])
+def test_a_broken_folder_is_one_line_naming_the_file_and_the_fix(tmp_path, capsys,
+                                                                break_folder, says):
+    """A folder whose download was cut short, or whose config.json is another model's, fails with
+    one `error:` line that names the file (or the field) and the fix, not a traceback."""
+    hf_model("llama", 2, False).save_pretrained(tmp_path, max_shard_size="100KB")
+    word_tokenizer(tmp_path)
+    named = break_folder(tmp_path)
+    capsys.readouterr()  # transformers' progress bar
+    assert exit_status(m.main, [f"--hf_dir={tmp_path}", "--max_new_tokens=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1
+    assert named in err and says in err
+
+
+def test_a_prompt_longer_than_the_context_asks_to_shorten_it():
+    """Fewer new tokens cannot help a prompt that fills block_size alone: the error says to
+    shorten the prompt; a prompt that leaves room is told how many new tokens fit."""
+    config = m.ModernConfig.flavour("llama3", vocab_size=VOCAB, n_layer=1, n_embd=64,
+                                    block_size=16)
+    model = m.ModernGPT(config).eval()
+    with pytest.raises(ValueError, match="shorten the prompt") as too_long:
+        m.generate(model, torch.zeros(1, 20, dtype=torch.long), 1)
+    assert "new tokens" not in str(too_long.value)
+    with pytest.raises(ValueError, match=f"at most {16 - 10} new tokens"):
+        m.generate(model, torch.zeros(1, 10, dtype=torch.long), 10)
