@@ -206,13 +206,10 @@ MAX_BODY = 1_000_000  # bytes: a prompt of a context's tokens is a few kB
 ROUTES = ["GET /v1/models", "POST /v1/completions", "POST /v1/chat/completions"]
 
 
-def is_stop(v) -> bool:  # a string, or a list of up to 4 strings
-    return type(v) is str or (type(v) is list and len(v) <= 4 and all(type(s) is str for s in v))
-
-
 # The optional settings: name -> (default, check, what a value must be). The checks ask type(v),
 # not isinstance: JSON's true is a bool, and a Python bool is an int. n (answers per request) takes
-# 1 only: ignoring another value would answer a request that was not made.
+# 1 only: ignoring another value would answer a request that was not made. So do the fields below
+# it (OpenAI's, for what this server lacks): clients send them at their defaults, asking nothing.
 SAMPLING = {
     "max_tokens": (16, lambda v: type(v) is int and 0 < v <= MAX_TOKENS,
                    f"an integer in [1, {MAX_TOKENS}]"),
@@ -220,8 +217,13 @@ SAMPLING = {
     "top_p": (1.0, lambda v: type(v) in (int, float) and 0 < v <= 1, "a number in (0, 1]"),
     "seed": (None, lambda v: type(v) is int and 0 <= v < 2**63, "an integer in [0, 2**63)"),
     "stream": (False, lambda v: type(v) is bool, "true or false"),
-    "stop": ((), is_stop, "a string, or a list of up to 4"),
+    "stop": ((), lambda v: type(v) is str or (type(v) is list and len(v) <= 4
+             and all(type(s) is str for s in v)), "a string, or a list of up to 4"),
     "n": (1, lambda v: type(v) is int and v == 1, "1 (one answer per request here)"),
+    "frequency_penalty": (0, lambda v: v == 0 and type(v) is not bool, "0 (no penalties here)"),
+    "presence_penalty": (0, lambda v: v == 0 and type(v) is not bool, "0 (no penalties here)"),
+    "logprobs": (False, lambda v: v is False, "false (no log probabilities here)"),
+    "stream_options": (None, lambda v: v == {"include_usage": False}, "null (no usage chunk)"),
 }
 
 
@@ -229,7 +231,7 @@ def parse_settings(body: dict, text_field: str) -> dict:
     """SAMPLING's settings from a request's body, each checked; absent or null gets the default.
     Any other field is refused, as OpenAI does: a typo (max_tokns) would be ignored in silence.
     But "user" (an end user's name, for OpenAI's abuse monitoring) changes no answer: ignored."""
-    known = ["model", text_field, *SAMPLING, "user"]
+    known = ["model", text_field, *SAMPLING, "max_completion_tokens", "user"]
     for name in body:
         if name not in known:
             message = f"unknown field '{name}': this server takes {', '.join(known)}"
@@ -243,17 +245,6 @@ def parse_settings(body: dict, text_field: str) -> dict:
     stop = settings["stop"]
     settings["stop"] = [stop] if type(stop) is str else list(stop)
     return settings
-
-
-def check_characters(tok, text: str, param: str) -> None:
-    """A char model reads only its training text's characters: the others are a 400 naming them,
-    on both endpoints. An OpenAI API user expects no silent "?" (BPE encodes any text), and
-    OpenAI's answer has no field to say that the question was changed. GPT-2: nothing to check."""
-    char_vocab = set(getattr(tok, "chars", text))  # GPT-2's: any text
-    missing = "".join(sorted(set(text) - char_vocab))
-    if missing:
-        message = f"this model knows only the characters of its training text, not {missing!r}"
-        raise APIError(message + ": replace or remove them", param)
 
 
 def encode_chat(tok, instruction: str) -> list[int]:
@@ -272,6 +263,10 @@ def parse_request(server, body, chat: bool) -> tuple[list[int], dict, int | None
     """(prompt ids, settings, end token) from a body, or an APIError naming the field (param)."""
     if not isinstance(body, dict):
         raise APIError("the body must be a JSON object", code="invalid_json")
+    if body.get("max_completion_tokens") is not None:  # OpenAI's newer name for chat's max_tokens
+        if body.get("max_tokens") not in (None, body["max_completion_tokens"]):
+            raise APIError("max_tokens and max_completion_tokens differ: send one", "max_tokens")
+        body = body | {"max_tokens": body["max_completion_tokens"]}
     param = "messages" if chat else "prompt"  # the field that holds the text
     settings = parse_settings(body, param)
     if body.get("model") != server.model_name:
@@ -297,17 +292,23 @@ def parse_request(server, body, chat: bool) -> tuple[list[int], dict, int | None
         text = body.get("prompt")
         if type(text) is not str:
             raise APIError(f"'prompt' must be a string, got {json.dumps(text)}", param)
-    check_characters(tok, text, param)
+    # a char model reads only its training text's characters: the others are a 400 naming them, on
+    # both endpoints. An OpenAI API user expects no silent "?" (BPE encodes any text), and OpenAI's
+    # answer has no field to say that the question was changed. GPT-2: nothing to check.
+    missing = "".join(sorted(set(text) - set(getattr(tok, "chars", text))))  # GPT-2's: any text
+    if missing:
+        message = f"this model knows only the characters of its training text, not {missing!r}"
+        raise APIError(message + ": replace or remove them", param)
     if chat:
         prompt = encode_chat(tok, text)
     elif hasattr(tok, "chars"):
         prompt = tok.encode(text)
     else:  # the user's own text: GPT-2's BPE encodes a typed "<|endoftext|>" as its end token
-        prompt = tok.encode(text, allowed_special="all")
+        prompt = tok.encode(text or "<|endoftext|>", allowed_special="all")  # "": a new document
     if not 1 <= len(prompt) <= block_size:  # a 400 on both endpoints, as OpenAI's: never a cut
         what = "07's template with your message" if chat else "the prompt"
         message = f"{what} has {len(prompt)} tokens; the context holds 1 to {block_size}"
-        raise APIError(message, param, "context_length_exceeded")
+        raise APIError(message, param, "context_length_exceeded" if prompt else "invalid_value")
     end_token = tok.eot_token  # None for a char model
     if chat and hasattr(tok, "chars"):  # as 07: a char model's answer ends at a newline
         end_token = tok.encode("\n")[0]
@@ -333,12 +334,14 @@ class OpenAIHandler(BaseHTTPRequestHandler):
                 raise APIError(f"the body is over {MAX_BODY:,} bytes", status=413)
             raw = self.rfile.read(int(length))
             route = f"{self.command} {self.path.partition('?')[0].rstrip('/') or '/'}"  # no ?x=1
+            name = self.server.model_name
+            model = {"id": name, "object": "model", "created": 0, "owned_by": "you"}
+            if route == f"GET /v1/models/{name}":  # one model: the openai client's models.retrieve
+                return self.send_json(model)
             if route not in ROUTES:  # PUT, DELETE...: OpenAI answers a 404 too, not HTTP's 405
                 message = f"no route {route}: this server answers {', '.join(ROUTES)}"
                 raise APIError(message, code="not_found", status=404)
             if route == "GET /v1/models":
-                name = self.server.model_name
-                model = {"id": name, "object": "model", "created": 0, "owned_by": "you"}
                 return self.send_json({"object": "list", "data": [model]})
             chat = route == "POST /v1/chat/completions"
             try:  # ValueError: a JSONDecodeError or UnicodeDecodeError; RecursionError: [[[...]]]
@@ -365,17 +368,15 @@ class OpenAIHandler(BaseHTTPRequestHandler):
 
         def answer(text: str, finish: str | None) -> dict:
             content = {"role": "assistant", "content": text} if chat else text
-            choice = {"index": 0, key: content, "finish_reason": finish}
-            return shared | {"choices": [choice]}
+            return shared | {"choices": [{"index": 0, key: content, "finish_reason": finish}]}
 
         try:
             if not settings["stream"]:
                 pieces = list(chunks)  # one per new token (the end token: none), then the end
                 text = "".join(piece for piece, _ in pieces)
-                finish = pieces[-1][1]
                 usage = {"prompt_tokens": len(prompt), "completion_tokens": len(pieces) - 1}
                 usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-                return self.send_json(answer(text, finish) | {"usage": usage})
+                return self.send_json(answer(text, pieces[-1][1]) | {"usage": usage})
             self.send_events(chunks, answer)
         except ConnectionError:  # the client left mid-answer: stop generating; the server goes on
             chunks.close()
@@ -388,8 +389,7 @@ class OpenAIHandler(BaseHTTPRequestHandler):
         self.end_headers()
         for text, finish in chunks:
             if text or finish:  # "" while held back: nothing to send yet
-                event = json.dumps(answer(text, finish))
-                self.wfile.write(f"data: {event}\n\n".encode())
+                self.wfile.write(f"data: {json.dumps(answer(text, finish))}\n\n".encode())
         self.wfile.write(b"data: [DONE]\n\n")
 
     def send_json(self, reply: dict, status=200):

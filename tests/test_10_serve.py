@@ -359,6 +359,14 @@ BAD_REQUESTS = {  # name: (path, body, status, param)
     "chat's field in a completion": (P, OK | {"messages": CHAT["messages"]}, 400, "messages"),
     "n 2": (P, OK | {"n": 2}, 400, "n"),
     "n 2 in chat": (C, CHAT | {"n": 2}, 400, "n"),
+    "a frequency_penalty": (C, CHAT | {"frequency_penalty": 0.5}, 400, "frequency_penalty"),
+    "a presence_penalty": (P, OK | {"presence_penalty": -1}, 400, "presence_penalty"),
+    "a penalty of false": (P, OK | {"presence_penalty": False}, 400, "presence_penalty"),
+    "logprobs 0 in a completion": (P, OK | {"logprobs": 0}, 400, "logprobs"),  # the token's own
+    "a usage chunk": (C, CHAT | {"stream_options": {"include_usage": True}}, 400, "stream_options"),
+    "max_tokens and max_completion_tokens differ": (
+        C, CHAT | {"max_tokens": 5, "max_completion_tokens": 6}, 400, "max_tokens"
+    ),
     "unknown path": ("/v1/embeddings", OK, 404, None),
 }  # fmt: skip
 
@@ -380,6 +388,57 @@ def test_fields_that_change_nothing_are_taken(client):
     monitoring), which SDKs and chat UIs may send, are taken and change nothing."""
     assert complete(client, n=1, user="someone") == complete(client)
     assert complete(client, chat=True, n=1, user="someone") == complete(client, chat=True)
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completion", "chat"])
+def test_openais_fields_at_their_defaults_are_taken(client, chat):
+    """What OpenAI's clients and frameworks send with their defaults, asking for nothing this
+    server lacks (no penalties, no log probabilities, no usage chunk), is answered as if absent;
+    another value of such a field is a 400 naming it (BAD_REQUESTS)."""
+    defaults = {"frequency_penalty": 0, "presence_penalty": 0.0, "logprobs": False}
+    assert complete(client, chat, **defaults) == complete(client, chat)
+    nulls = {"frequency_penalty": None, "logprobs": None, "stream_options": None}
+    assert complete(client, chat, stream=True, **nulls) == complete(client, chat)
+    usage_off = {"stream_options": {"include_usage": False}}
+    assert complete(client, chat, stream=True, **usage_off) == complete(client, chat)
+
+
+def test_max_completion_tokens_is_chats_max_tokens(client):
+    """The openai client's max_completion_tokens (OpenAI's newer name for max_tokens in chat) is
+    max_tokens, also beside a null max_tokens or an equal one, and not chat's default of a whole
+    context; two different numbers are a 400 (BAD_REQUESTS)."""
+    five = complete(client, chat=True, max_tokens=5)
+    assert five[1] == "length"
+    assert complete(client, chat=True, max_tokens=None, max_completion_tokens=5) == five
+    assert complete(client, chat=True, max_tokens=5, max_completion_tokens=5) == five
+    with pytest.raises(openai.BadRequestError) as e:
+        complete(client, chat=True, max_tokens=None, max_completion_tokens=0)
+    assert "max" in e.value.body["param"]  # the number checked as max_tokens'
+
+
+def test_one_model_is_retrieved_by_its_id(server, client):
+    """GET /v1/models/<id> (the openai client's models.retrieve): the served model's object, as
+    listed by GET /v1/models; another id is a 404."""
+    assert client.models.retrieve("tiny") == client.models.list().data[0]
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    status, got = request(server, "GET", "/v1/models/tiny?x=1")
+    assert status == 200 and got["id"] == "tiny"
+
+
+def test_an_empty_prompt_starts_a_new_document(server, client, serve10):
+    """"" is a prompt OpenAI answers: a GPT-2-token model starts from <|endoftext|>, as 09 does. A
+    char model has no such token: a 400 naming the prompt, which is not too long (the code says
+    so: not context_length_exceeded)."""
+    answer = client.completions.create(model="tiny", prompt="", max_tokens=8, temperature=0)
+    from_eot = complete(client, prompt="<|endoftext|>", max_tokens=8)
+    assert (answer.choices[0].text, answer.choices[0].finish_reason) == from_eot
+    assert answer.usage.prompt_tokens == 1
+    with running(serve10, rough_model(serve10, len(CHARS)), CHAR_SPEC) as srv:
+        status, got = request(srv, "POST", P, json.dumps({"model": "tiny", "prompt": ""}))
+        assert status == 400 and got["error"]["param"] == "prompt"
+        assert got["error"]["code"] == "invalid_value", got
+        assert complete(openai_client(srv), prompt="ROMEO:")[1] == "length"
 
 
 def test_unknown_get_path_is_404_and_the_client_sees_openais_errors(server, client):
