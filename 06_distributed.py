@@ -23,11 +23,11 @@ References: Li et al. 2020 (DDP); Rajbhandari et al. 2020 (ZeRO); Zhao et al. 20
 al. 2016 (activation checkpointing); pytorch/torchtitan (FSDP2 in practice); karpathy/build-nanogpt.
 
 Run (after `python 02_dataloader.py` has prepared the data):
-  python 06_distributed.py                                  # a world of one, the same code path
+  python 06_distributed.py --out_dir=out/one-rank           # a world of one, the same code path
   torchrun --standalone --nproc_per_node=2 06_distributed.py --device=cpu   # 2 CPU ranks (gloo)
   torchrun --standalone --nproc_per_node=8 06_distributed.py --strategy=fsdp --compile \\
       --tokenizer=gpt2 --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --batch_size=64 \\
-      --gradient_accumulation_steps=8                          # 8 GPUs (nccl): GPT-2 small
+      --gradient_accumulation_steps=8 --out_dir=out/gpt2-fsdp  # 8 GPUs (nccl): GPT-2 small
   # rank 1 dies after step 25; torchrun restarts both at step 20 (the variable: pytorch#135712)
   TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --standalone --nproc_per_node=2 --max-restarts=1 \\
       06_distributed.py --init_from=auto --out_dir=out/restart --max_iters=40 \\
