@@ -119,8 +119,7 @@ def bytes_to_unicode() -> dict[int, str]:
                  *range(ord("®"), ord("ÿ") + 1)]
     table = {b: chr(b) for b in printable}
     others = [b for b in range(256) if b not in table]
-    for n, b in enumerate(others):
-        table[b] = chr(256 + n)
+    table.update({b: chr(256 + n) for n, b in enumerate(others)})
     return table
 
 
@@ -143,8 +142,7 @@ GPT2_SPLIT_PATTERN = "|".join([
 def get_stats(ids: list[int], counts: dict | None = None) -> dict:
     """Count adjacent pairs, into counts if given:
     [1, 2, 3, 1, 2] -> {(1, 2): 2, (2, 3): 1, (3, 1): 1}."""
-    if counts is None:
-        counts = {}
+    counts = {} if counts is None else counts
     for pair in zip(ids, ids[1:]):
         counts[pair] = counts.get(pair, 0) + 1
     return counts
@@ -337,10 +335,9 @@ class BPETokenizer:
         -> [Ġthere]. Merges apply in the order they were learned, not left to right.
         """
         ids = list(ids)
-        merges = self.merges
         never = self.n_vocab  # larger than any id: "not a merge"
         # ranks[i]: what the pair (ids[i], ids[i + 1]) merges into, which is also its priority
-        ranks = [merges.get(pair, never) for pair in zip(ids, ids[1:])]
+        ranks = [self.merges.get(pair, never) for pair in zip(ids, ids[1:])]
         while ranks:
             new = min(ranks)
             if new == never:
@@ -350,9 +347,9 @@ class BPETokenizer:
             # only the pairs next to the new token changed: update those instead of recomputing all
             del ranks[i]
             if i < len(ranks):
-                ranks[i] = merges.get((new, ids[i + 1]), never)
+                ranks[i] = self.merges.get((new, ids[i + 1]), never)
             if i > 0:
-                ranks[i - 1] = merges.get((ids[i - 1], new), never)
+                ranks[i - 1] = self.merges.get((ids[i - 1], new), never)
         return ids
 
     def _bpe(self, chunk: str) -> list[int]:
@@ -458,19 +455,19 @@ class BPETokenizer:
 
     @classmethod
     def load(cls, path) -> "BPETokenizer":
-        try:
+        show = bytes_to_unicode()
+        try:  # missing, unreadable, not UTF-8, not JSON, or JSON that save() did not write
             data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError):  # missing, unreadable, not UTF-8 or not JSON
-            data = None
-        if not isinstance(data, dict) or data.get("kind") != "bpe":
+            if data["kind"] != "bpe":  # another tokenizer's dict, e.g. CharTokenizer.to_dict()
+                raise ValueError
+            ids = {tok: int(idx) for idx, tok in data["vocab"].items()}  # token -> id
+            byte_ids = [ids[show[b]] for b in range(256)]  # each byte is a one-character token
+            merges = {(a, b): idx for a, b, idx in data["merges"]}
+            return cls(merges, data["special_tokens"], byte_ids, data["pattern"])
+        except (OSError, ValueError, LookupError, TypeError, AttributeError, regex.error):
             raise ValueError(f"{path} is missing or not a BPETokenizer file (\"kind\": \"bpe\"); "
-                             "write one with BPETokenizer.save or `python 01_tokenizer.py --train`")
-        unshow = {ch: b for b, ch in bytes_to_unicode().items()}
-        # the one-character tokens are the 256 bytes: byte -> its id
-        byte_to_id = {unshow[tok]: int(idx) for idx, tok in data["vocab"].items() if len(tok) == 1}
-        byte_ids = [byte_to_id[b] for b in range(256)]
-        merges = {(a, b): idx for a, b, idx in data["merges"]}
-        return cls(merges, data["special_tokens"], byte_ids, data["pattern"])
+                             "write one with BPETokenizer.save or "
+                             "`python 01_tokenizer.py --train`") from None
 
     @classmethod
     def from_gpt2(cls, encoder_json, vocab_bpe) -> "BPETokenizer":
@@ -663,6 +660,9 @@ def run(args):  # main's work, its arguments checked before any of it
     out = PROJECT / args.out  # --train's file: a new one, or a tokenizer 01 wrote (replaced)
     if args.train is not None and (args.out.endswith(("/", os.sep)) or out.is_dir()):
         raise ValueError(f"--out={args.out} is a folder: name a file, e.g. --out={out}/bpe.json")
+    above = next(p for p in out.parents if p.exists())  # save() makes out's folders inside it
+    if args.train is not None and not above.is_dir():
+        raise ValueError(f"--out={args.out} is inside the file {above}: name a file in a folder")
     try:  # any other file there is the user's (their text, their JSON): never written over
         if args.train is not None and out.exists():
             BPETokenizer.load(out)  # it loads: a tokenizer 01 wrote, which a new run may replace

@@ -300,6 +300,26 @@ def test_bad_training_and_loading_input(tok01, tmp_path):
         tok01.BPETokenizer({(97, 98): 300})
 
 
+def test_load_refuses_json_that_save_did_not_write(tok01, tmp_path, capsys):
+    """JSON of another shape than save()'s (a key missing, a field of the wrong type, not an object)
+    is one ValueError naming the file and how to write one, not a KeyError from deep in load; and
+    --decode with it as --tokenizer is one line, exit status 2."""
+    path = tok01.BPETokenizer.train("to be or not to be", 260).save(tmp_path / "bpe.json")
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    tok01.BPETokenizer.load(path)  # the file save() wrote loads: each change below breaks it
+    broken = [{key: value for key, value in saved.items() if key != drop} for drop in saved]
+    broken += [{**saved, "vocab": []}, {**saved, "vocab": {"0": "x"}}, {**saved, "merges": [[1]]},
+               {**saved, "special_tokens": ["<|endoftext|>"]}, {**saved, "pattern": "("},
+               {**saved, "pattern": 1}, [saved], "bpe", None]
+    for data in broken:
+        path.write_text(json.dumps(data), encoding="utf-8")
+        with pytest.raises(ValueError, match="not a BPETokenizer file"):
+            tok01.BPETokenizer.load(path)
+        assert exit_status(tok01.main, ["--decode", "1", f"--tokenizer={path}"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {path} ") and "--train" in err and err.count("\n") == 1
+
+
 def test_chunk_cache_stays_correct_when_full(tok01, ours, ref):
     tok = tok01.BPETokenizer(ours.merges, ours.special_tokens, ours.byte_ids)
     # a tiny cache: chunks are evicted all the time
@@ -491,6 +511,22 @@ def test_cli_out_naming_a_folder_is_refused_before_training(tok01, tmp_path, mon
     with pytest.raises(OSError):
         tok.save(tmp_path / "models")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "text.txt"]
+
+
+def test_cli_out_inside_a_file_is_refused_before_training(tok01, tmp_path, monkeypatch, capsys):
+    """--out under a file (text.txt/bpe.json: save() cannot make a folder where a file is) is one
+    line naming --out and the file in the way, before training; the file is kept as it was."""
+    monkeypatch.setattr(tok01, "PROJECT", tmp_path)
+    monkeypatch.setattr(tok01.BPETokenizer, "train", interrupted)  # reached: exit 130, not 2
+    (tmp_path / "text.txt").write_text("some text to learn from")
+    for out in ("text.txt/bpe.json", "text.txt/more/bpe.json"):
+        assert exit_status(tok01.main, ["--train=text.txt", f"--out={out}"]) == 2
+        captured = capsys.readouterr()
+        assert captured.err.startswith(f"error: --out={out} ") and captured.out == ""
+        assert f"{tmp_path / 'text.txt'}: name a file in a folder" in captured.err
+        assert captured.err.count("\n") == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["text.txt"]
+    assert (tmp_path / "text.txt").read_text() == "some text to learn from"
 
 
 @pytest.mark.parametrize("argv", [
