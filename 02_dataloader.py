@@ -6,10 +6,9 @@ cuts it into batches, in the order the data travels:
 1. fetch      download a known corpus (streamed, sha256-checked, written atomically)
 2. clean      Unicode and whitespace normalization, exact de-duplication, a quality filter;
               each step says what it removed ("garbage in, garbage out")
-3. prepare    tokenize once into flat train.bin / val.bin files (uint16 while the vocabulary
-              fits) + meta.json, as nanoGPT's data/*/prepare.py does, in the one home of prepared
-              data, data/<dataset>-<tokenizer>/ (e.g. data/tinyshakespeare-char/), which 05 and
-              06 read
+3. prepare    tokenize once into flat train.bin / val.bin files (uint16 while the vocabulary fits) +
+              meta.json, as nanoGPT's data/*/prepare.py does, in the one home of prepared data,
+              data/<dataset>-<tokenizer>/ (e.g. data/tinyshakespeare-char/), which 05 and 06 read
 4. load       read the token files back with np.memmap: the OS pages in only the windows we
               touch, so a corpus larger than RAM works the same way as tiny Shakespeare
 5. batch      (x, y) pairs where y is x shifted by one token: at every position the model
@@ -29,8 +28,7 @@ Run (CPU is plenty, nothing here trains):
     python 02_dataloader.py --tokenizers=char --block_size=16
     python 02_dataloader.py --text_file=my.txt --normalize=NFKC  # -> data/my-char/, data/my-gpt2/
     python 02_dataloader.py --fetch=hellaswag   # a download alone: 11's multiple choice
-    python 02_dataloader.py --help
-"""
+    python 02_dataloader.py --help"""
 
 import argparse
 import difflib
@@ -106,8 +104,7 @@ def normalize_unicode(text: str, form: str = "NFC") -> tuple[str, dict]:
     identical but tokenize differently, so a model would learn two spellings of every accented
     word. NFC composes them: normalize_unicode("e\\u0301")[0] == "\\u00e9".
     NFKC also folds "compatibility" look-alikes: the ligature "ﬁ" -> "fi", full-width "Ａ" -> "A",
-    but also "x²" -> "x2", so it is the stronger and lossier choice.
-    """
+    but also "x²" -> "x2", so it is the stronger and lossier choice."""
     if form not in ("NFC", "NFD", "NFKC", "NFKD"):
         raise ValueError(f"unknown normalization form {form!r}; use NFC, NFD, NFKC or NFKD")
     # line by line is the same as the whole text ("\n" never combines) and lets us count lines
@@ -136,8 +133,7 @@ def normalize_whitespace(text: str) -> tuple[str, dict]:
     Why: "word\\r\\n" and "word\\n" are different token sequences; a zero-width space splits a
     word in two for the tokenizer; trailing spaces and blank-line runs waste context. Indentation
     and runs of spaces inside a line are kept (in code and verse they mean something).
-    Example: normalize_whitespace("a \\r\\n\\n\\n\\nb\\u00a0c")[0] == "a\\n\\nb c".
-    """
+    Example: normalize_whitespace("a \\r\\n\\n\\n\\nb\\u00a0c")[0] == "a\\n\\nb c"."""
     fixes = {}  # what -> how many, for the rules that changed something
     for what, pattern, replacement in _WHITESPACE_RULES:
         text, n = pattern.subn(replacement, text)
@@ -154,8 +150,7 @@ def deduplicate_paragraphs(text: str, min_chars: int = 50) -> tuple[str, dict]:
     memorized instead of learned and wastes compute (Lee et al. 2022). Short paragraphs are
     exempt: in a play, "ROMEO:\\nAy." legitimately occurs many times; only paragraphs of at least
     min_chars characters (after stripping) count as duplicates.
-    We keep a hash per paragraph, not the text: at web scale the set of hashes is what fits in
-    RAM.
+    We keep a hash per paragraph, not the text: at web scale the set of hashes is what fits in RAM.
     """
     seen = set()  # the hashes of the paragraphs kept so far
     kept = []
@@ -182,8 +177,7 @@ def quality_filter(text: str, min_letter_fraction: float = 0.5,
       (tables of numbers, "==== ---- ====", lines of symbols);
     - else, repeated characters: the same non-space character more than max_char_run times in a
       row ("aaaaaaaaaaaaaaaa", "Nooooooooooooo!"; a line of "!" has too few letters already).
-    Paragraphs with no visible characters are left alone (whitespace is normalize_whitespace's
-    job).
+    Paragraphs with no visible characters are left alone (whitespace is normalize_whitespace's job).
     """
     char_run = re.compile(r"(\S)\1{%d,}" % max_char_run)  # one char, then max_char_run more of it
     kept = []
@@ -241,8 +235,7 @@ def prepare_corpus(text: str, out_dir, tokenizer_spec: dict,
     The split is on the TEXT: the first (1 - val_fraction) of the characters are train, the rest
     val (nanoGPT's shakespeare_char split). A contiguous split, not random windows: neighbouring
     windows overlap, so a random split would put copies of the val text into train.
-    The .bin files are raw token ids with no header; meta.json says how to read them.
-    """
+    The .bin files are raw token ids with no header; meta.json says how to read them."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}; e.g. 0.1")
     tokenizer = get_tokenizer(tokenizer_spec)
@@ -257,6 +250,7 @@ def prepare_corpus(text: str, out_dir, tokenizer_spec: dict,
         # a literal <|endoftext|> in a GPT-2 corpus is a document separator: encode it as the token
         encode_options["allowed_special"] = "all"
     out_dir = Path(out_dir)
+    check_out_dir(out_dir)  # before anything in it is touched
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "meta.json").unlink(missing_ok=True)  # an earlier run's: not the new .bin files
     counts = {}
@@ -270,6 +264,16 @@ def prepare_corpus(text: str, out_dir, tokenizer_spec: dict,
     # written last: a corpus without meta.json is an unfinished one, and load_tokens says so
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     return meta
+
+
+def check_out_dir(out_dir: Path):
+    """Refuse an out_dir that may hold what we did not write: we replace only our own corpus."""
+    try:
+        safe = "train_tokens" in load_meta(out_dir)  # its meta.json has the keys we write: ours
+    except (OSError, ValueError, TypeError):  # no meta.json (a cut run's too), not JSON, not ours
+        safe = not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir()))
+    if not safe:
+        raise ValueError(f"{out_dir} holds no corpus of ours (or one cut short): move it away")
 
 
 # -----------------------------------------------------------------------------
@@ -497,17 +501,20 @@ def run(args):  # main's work, its arguments checked before any of it
         raise ValueError(f"--block_size={args.block_size}, --batch_size={args.batch_size}, "
                          f"--seed={args.seed}: use sizes > 0, a seed >= 0")
     data_dir = PROJECT / args.data_dir  # relative to this folder; an absolute path stays as it is
+    if any(p.is_file() for p in [data_dir, *data_dir.parents]):  # else a bare [Errno 17]/[Errno 20]
+        raise ValueError(f"--data_dir={args.data_dir} is a file or inside one; give a folder")
     if args.fetch:  # a download alone, as 11's HellaSwag
         print(f"{fetch(args.fetch, data_dir)}: {args.fetch}")
         return
     text_file = PROJECT / args.text_file if args.text_file else None
     if text_file and not text_file.is_file():
         raise ValueError(f"--text_file={args.text_file}: no such file ({text_file})")
-    default_name = text_file.stem if text_file else "tinyshakespeare"
-    name = args.dataset or default_name
+    name = args.dataset or (text_file.stem if text_file else "tinyshakespeare")
     if not text_file and name != "tinyshakespeare":
         raise ValueError(f"--dataset={name}: the corpus we fetch is tinyshakespeare; "
                          "for your own text, add --text_file=FILE")
+    for kind in kinds:  # before any work: we replace only an empty folder or our own corpus
+        check_out_dir(data_dir / f"{name}-{kind}")
     path = text_file
     if not text_file:
         path = fetch(name, data_dir)

@@ -701,3 +701,64 @@ def test_gpt2_corpus_keeps_endoftext_as_the_separator_token(dl02, tmp_path):
     tokens = list(dl02.load_tokens(tmp_path, "train"))
     assert tokens == enc.encode(text[: len(text) // 2], allowed_special="all")
     assert enc.eot_token in tokens
+
+
+@pytest.mark.parametrize("theirs", ["train.bin", "meta.json", "notes.txt"])
+def test_main_replaces_its_own_corpus_and_refuses_a_folder_it_did_not_write(
+        dl02, tmp_path, capsys, theirs):
+    """Nothing is lost: a rerun replaces the corpus 02 wrote (its meta.json says so) or fills an
+    empty folder, but a <dataset>-<tokenizer>/ folder holding someone else's files (a train.bin or
+    a meta.json that is not 02's) is refused before any work, in one line naming it and the fix."""
+    text_file = tmp_path / "mine.txt"
+    text_file.write_text(SMALL_TEXT)
+    data_dir = tmp_path / "data"
+    (data_dir / "mine-char").mkdir(parents=True)  # empty: ours to fill
+    argv = [f"--text_file={text_file}", f"--data_dir={data_dir}", "--clean=false"]
+    dl02.main(argv + ["--tokenizers=char"])
+    text_file.write_text(SMALL_TEXT * 2)
+    dl02.main(argv)  # the rerun replaces 02's own corpus
+    meta = dl02.load_meta(data_dir / "mine-char")
+    assert meta["train_tokens"] + meta["val_tokens"] == len(SMALL_TEXT * 2)
+    user_dir = data_dir / "mine-gpt2"
+    for path in user_dir.iterdir():  # 02's gpt2 corpus gives way to someone's file
+        path.unlink()
+    (user_dir / theirs).write_text('{"USER": 1}')
+    text_file.write_text(SMALL_TEXT * 3)  # a char corpus written again would differ
+    before = {p: p.read_bytes() for p in data_dir.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as exit_info:
+        dl02.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: {user_dir} ") and "move it away" in err
+    assert {p: p.read_bytes() for p in data_dir.rglob("*") if p.is_file()} == before
+    with pytest.raises(ValueError, match="move it away"):  # prepare_corpus itself refuses too
+        dl02.prepare_corpus(SMALL_TEXT, user_dir, {"kind": "gpt2"})
+    assert (user_dir / theirs).read_text() == '{"USER": 1}'
+
+
+@pytest.mark.parametrize("where", ["data_dir", "inside", "corpus", "fetch"])
+def test_main_refuses_a_file_where_a_folder_goes_before_any_work(dl02, tmp_path, capsys, where):
+    """A --data_dir that is a file (or inside one), or a file named like a corpus folder, is one
+    line naming it and the fix, before anything is written; not a bare [Errno 17] or [Errno 20]
+    (the latter came after the char corpus was already written)."""
+    text_file = tmp_path / "mine.txt"
+    text_file.write_text(SMALL_TEXT)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("USER")
+    data_dir = {"data_dir": blocker, "inside": blocker / "sub", "corpus": tmp_path,
+                "fetch": blocker}[where]
+    argv = [f"--data_dir={data_dir}", f"--text_file={text_file}"]
+    if where == "corpus":
+        blocker = tmp_path / "mine-gpt2"
+        blocker.write_text("USER")
+    if where == "fetch":
+        argv = [f"--data_dir={data_dir}", "--fetch=hellaswag"]
+    with pytest.raises(SystemExit) as exit_info:
+        dl02.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert "Errno" not in err and str(blocker.name) in err
+    assert "give a folder" in err or "move it away" in err
+    assert blocker.read_text() == "USER"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"mine.txt", "blocker",
+                                                                 blocker.name})
