@@ -339,8 +339,7 @@ def load_safetensors(path) -> dict[str, torch.Tensor]:
 # checkpoints are constants, not weights: dropped (subtle: the leading dot matters,
 # "h.0.attn.c_attn.bias" also ends with "attn.bias"). lm_head.weight is the tied wte.weight when
 # the checkpoint leaves it out.
-HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight",
-                 "mlp.c_fc.weight", "mlp.c_proj.weight")
+HF_TRANSPOSED = (".c_attn.weight", ".c_fc.weight", ".c_proj.weight")  # c_proj: attn's and mlp's
 GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's four, as HF names them
 
 
@@ -348,12 +347,11 @@ def hf_to_gpt_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     """A Hugging Face GPT-2 state dict in our names; Conv1D weights (HF_TRANSPOSED) transposed."""
     out = {}
     for name, tensor in sd.items():
-        name = name.removeprefix("transformer.")  # present or not, depending on the checkpoint
         if name.endswith((".attn.bias", ".attn.masked_bias")):
             continue  # mask buffers, not weights: skip
         if name.endswith(HF_TRANSPOSED):
             tensor = tensor.t()
-        if name != "lm_head.weight":
+        if not name.startswith(("transformer.", "lm_head.")):  # present or not: checkpoints differ
             name = "transformer." + name
         out[name] = tensor.contiguous()
     if "transformer.wte.weight" not in out:
@@ -536,6 +534,11 @@ class SampleConfig:
                 raise ValueError(f"--{name}={value!r} is not valid; use {', '.join(allowed)}")
         if not all(v >= 0 for v in (self.max_new_tokens, self.temperature, self.top_k)):
             raise ValueError("--max_new_tokens, --temperature and --top_k must be >= 0")
+        if not 0 <= self.seed < 2**63:  # torch's generator takes 64 bits
+            raise ValueError(f"--seed={self.seed}: use an integer in [0, 2**63)")
+        self.data_path = Path(__file__).resolve().parent / self.data_dir  # an absolute one: kept
+        if self.init_from != "scratch" and self.data_path.is_file():  # (no field: asdict skips it)
+            raise ValueError(f"--data_dir={self.data_dir} is a file; use a folder (default: data)")
         if self.save_ckpt and self.init_from == "scratch":
             raise ValueError("--save_ckpt saves OpenAI's model: use --init_from=gpt2 .. gpt2-xl")
         self.device = pick_device(self.device)
@@ -556,9 +559,8 @@ def params_by_component(model: GPT) -> dict[str, int]:
 
 
 def main(argv=None):
-    cfg = parse_config(SampleConfig, argv)
     try:  # OpenAI's weights take minutes to download: a Ctrl-C is one line, no traceback
-        demo(cfg)
+        demo(parse_config(SampleConfig, argv))
     except KeyboardInterrupt:  # download() and --save_ckpt remove their .tmp files
         print("\nCtrl-C: stopped", file=sys.stderr)
         sys.exit(130)  # 128 + SIGINT, a shell's status for a Ctrl-C
@@ -583,21 +585,20 @@ def demo(cfg: SampleConfig):  # main's work, its settings checked before any of 
           f"(weights 6N: {weights:.2f}, attention: {total - weights:.2f})")
 
     import tiktoken  # imported here: counting parameters needs no tokenizer
-    data_dir = Path(__file__).resolve().parent / cfg.data_dir  # an absolute one stays as it is
     try:  # offline, or a damaged file: one line naming it, no traceback, nothing left behind
         enc = tiktoken.get_encoding("gpt2")  # tiktoken downloads GPT-2's BPE files once
         if cfg.init_from == "scratch":
             model = GPT(preset_config("tiny"))
             what = "a random 'tiny' model (expect gibberish)"
         else:
-            model = from_pretrained(cfg.init_from, cache_dir=data_dir)
+            model = from_pretrained(cfg.init_from, cache_dir=cfg.data_path)
             what = f"OpenAI's {cfg.init_from}"
-    except (RuntimeError, ValueError, requests.RequestException) as e:
+    except (OSError, RuntimeError, ValueError) as e:  # OSError: requests' errors, a path's
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if cfg.save_ckpt:  # OpenAI's weights enter once, here; later stages load it (05's format)
-        path = data_dir / cfg.init_from / "ckpt.pt"
-        tmp = data_dir / cfg.init_from / "ckpt.pt.tmp"
+        path = cfg.data_path / cfg.init_from / "ckpt.pt"
+        tmp = cfg.data_path / cfg.init_from / "ckpt.pt.tmp"
         path.parent.mkdir(parents=True, exist_ok=True)
         checkpoint = {"model": model.state_dict(), "model_args": asdict(model.config),
                       "stage": "openai", "tokenizer": {"kind": "gpt2"}, "config": asdict(cfg),
@@ -614,8 +615,7 @@ def demo(cfg: SampleConfig):  # main's work, its settings checked before any of 
     top_k = cfg.top_k or None  # 0 = all tokens
     with autocast_context(torch.device(cfg.device).type, cfg.dtype):
         out = generate(model, idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=top_k)
-    text = enc.decode(out[0].tolist())
-    print(f"\nsample from {what} on {cfg.device} ({cfg.dtype}):\n{text}")
+    print(f"\nsample from {what} on {cfg.device} ({cfg.dtype}):\n{enc.decode(out[0].tolist())}")
 
 
 # -----------------------------------------------------------------------------

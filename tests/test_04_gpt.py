@@ -668,6 +668,11 @@ def test_demo_counts_gpt2_and_samples(gpt04, capsys):
         (["--device=cuda:99"], "device 'cuda:99' is not available"),
         (["--temperature=-1"], "must be >= 0"),
         (["--temperature=nan"], "must be >= 0"),  # nan fails every comparison, and min()
+        # torch.manual_seed takes 64 bits: a bigger seed was an OverflowError traceback
+        (["--seed=99999999999999999999"], "--seed=99999999999999999999: use an integer in"),
+        (["--seed=-1"], "--seed=-1: use an integer in"),
+        # a file where OpenAI's weights go (relative to the project): a traceback from mkdir
+        (["--init_from=gpt2", "--data_dir=04_gpt.py"], "--data_dir=04_gpt.py is a file"),
         (["--preset=gpt3"], "--preset='gpt3' is not valid"),
         (["--dtype=float16", "--device=cpu"], "float16 needs loss scaling"),
         (["--init_fro=gpt2"], "unrecognized arguments: --init_fro"),  # no abbreviations
@@ -684,6 +689,18 @@ def test_cli_errors_are_one_line(gpt04, capsys, argv, message):
     captured = capsys.readouterr()
     assert captured.err.startswith("error: ") and message in captured.err, captured.err
     assert captured.err.count("\n") == 1 and captured.out == ""  # one line, before any work
+
+
+def test_a_data_dir_below_a_file_is_one_line(gpt04, tmp_path, monkeypatch, capsys):
+    """A --data_dir that no folder can be made at (a file on its path) is an OSError in the
+    download: one `error:` line naming the path, exit 2, no traceback."""
+    monkeypatch.setattr(gpt04.requests, "get", offline)
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    data_dir = tmp_path / "notes.txt" / "weights"
+    argv = ["--init_from=gpt2", f"--data_dir={data_dir}", "--device=cpu"]
+    assert exit_status(gpt04.main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "notes.txt" in err, err
 
 
 def test_an_unknown_flag_far_from_every_flag_gets_no_suggestion(gpt04, capsys):
