@@ -62,15 +62,15 @@ def load_instruction_data(path="") -> list[dict]:
         raise FileNotFoundError(f"{path} is not a file: `python 02_dataloader.py` fetches "
                                 "rasbt's entries, or pass --data_path=<a JSON list>")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
         json.dumps(data, ensure_ascii=False).encode("utf-8")  # a lone "\ud800" is not text
     except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested past Python's limit
         raise ValueError(f"{path} is not a JSON file ({e}); --data_path takes a JSON list of "
                          '{"instruction", "input", "output"} objects') from None
     entries = data if isinstance(data, list) and data else [None]  # no list or empty: entry 0 fails
     for i, entry in enumerate(entries):
-        record = entry if isinstance(entry, dict) else {}
-        if not all(isinstance(record.get(key), str) for key in ("instruction", "output")):
+        record = {"input": "", **entry} if isinstance(entry, dict) else {}  # 'input' may be absent
+        if not all(isinstance(record.get(key), str) for key in ("instruction", "input", "output")):
             raise ValueError(f"{path}: entry {i} needs a string 'instruction' and "
                              f"'output' (and maybe 'input'): {str(entry)[:80]}")
     return data
@@ -269,8 +269,8 @@ def evaluate_loss(model, examples, batch_size, pad_token_id, ctx=nullcontext()) 
 
 @dataclass
 class FinetuneConfig:
-    """Instruction finetuning, full or LoRA (--lora_rank > 0): the book's settings, with prompt
-    masking (its exercise 7.2) and clipping. Relative paths start at this script's folder."""
+    """Instruction finetuning, full or LoRA (--lora_rank > 0): the book's settings, plus clipping.
+    Prompt masking (its exercise 7.2) is on. Relative paths start at this script's folder."""
 
     init_from: Annotated[str, "scratch (a new run from --ckpt's weights), resume, auto "
                               "(resume if any), or gpt2, gpt2-medium/large/xl"] = "scratch"
@@ -311,6 +311,8 @@ class FinetuneConfig:
         if not set(self.lora_targets.split(",")) <= set(LORA_TARGETS):
             raise ValueError(f"--lora_targets={self.lora_targets!r}: use a comma-joined "
                              f"subset of {','.join(LORA_TARGETS)}")
+        if self.lora_rank and not self.lora_alpha:  # scaling = alpha / rank = 0: nothing learns
+            raise ValueError("--lora_alpha=0 turns LoRA off: use > 0")
         if self.max_iters == 0 and self.epochs <= 0:
             raise ValueError(f"--max_iters={self.max_iters}, --epochs={self.epochs}: "
                              "no steps")
@@ -346,15 +348,15 @@ class FinetuneConfig:
         if new_run and Path(self.ckpt).resolve() == run_path.resolve():  # --overwrite or not
             raise ValueError(f"--ckpt={self.ckpt} is this run's ckpt.pt; "
                              "use another --out_dir")
+        stage = "finetune"  # no ckpt.pt (test.json alone: what a 07 run leaves at its end)
+        if new_run and run_path.exists():  # not a checkpoint: load_checkpoint's own error
+            stage = load_checkpoint(run_path)[2].get("stage")
+        if stage != "finetune":  # 05's or 08's: not ours to resume or replace, --overwrite or not
+            raise ValueError(f"{run_path} holds a {stage!r} run, not 07's: "
+                             "choose another --out_dir")
         test_split = run_path.with_name("test.json")  # written at the end of a run
         earlier = run_path.exists() or test_split.exists()
         if new_run and earlier and not self.overwrite:
-            stage = "finetune"  # test.json alone: what a 07 run leaves at its end
-            if run_path.exists():  # not a checkpoint: load_checkpoint's own error
-                stage = load_checkpoint(run_path)[2].get("stage")
-            if stage != "finetune":  # 05's or 08's: nothing to resume, not ours to replace
-                raise ValueError(f"{run_path} holds a {stage!r} run, not 07's: "
-                                 "choose another --out_dir")
             way_on = "resume it (--init_from=resume), " if run_path.exists() else ""
             fresh = "--overwrite"  # beside an OpenAI model's name; scratch's (auto's too):
             if self.init_from == "scratch":

@@ -80,6 +80,17 @@ def test_bad_data_gets_a_clear_error(ft07, tmp_path):
     path.write_text('[{"instruction": "\\ud800", "output": "a"}]')  # a lone surrogate: no text
     with pytest.raises(ValueError, match="is not a JSON file"):  # now, not after the training
         ft07.load_instruction_data(path)
+    for bad_input in (5, ["x", "y"]):  # not pasted into the prompt as "5" or "['x', 'y']"
+        path.write_text(json.dumps([ENTRY, {**ENTRY, "input": bad_input}]))
+        with pytest.raises(ValueError, match="entry 1"):
+            ft07.load_instruction_data(path)
+
+
+def test_a_data_file_with_a_byte_order_mark_loads(ft07, tmp_path):
+    """Windows editors save JSON with a UTF-8 BOM; 07 reads it as 09 does, the mark dropped."""
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([ENTRY]), encoding="utf-8-sig")
+    assert ft07.load_instruction_data(path) == [ENTRY]
 
 
 def test_char_tokenizer_replaces_or_names_unknown_characters(ft07):
@@ -605,11 +616,12 @@ def test_an_earlier_run_is_never_overwritten_unasked(ft07, char_setup, tmp_path,
     err = run_main(ft07, capsys, args)
     assert "--out_dir" in err and "--overwrite" in err and "--init_from=resume" in err
     assert (tmp_path / "ckpt.pt").read_bytes() == earlier
-    (tmp_path / "ckpt.pt").write_bytes(b"an earlier run")  # no checkpoint: said so, and kept
-    assert "not a checkpoint of these scripts" in run_main(ft07, capsys, args)
-    assert (tmp_path / "ckpt.pt").read_bytes() == b"an earlier run"
     asked = ft07.parse_config(ft07.FinetuneConfig, [*args, "--overwrite"])
     assert asked.overwrite  # asked: accepted
+    (tmp_path / "ckpt.pt").write_bytes(b"an earlier run")  # no checkpoint: said so, and kept
+    for overwrite in ([], ["--overwrite"]):  # not 07's: --overwrite does not replace it either
+        assert "not a checkpoint of these scripts" in run_main(ft07, capsys, [*args, *overwrite])
+    assert (tmp_path / "ckpt.pt").read_bytes() == b"an earlier run"
     (tmp_path / "ckpt.pt").unlink()
     (tmp_path / "test.json").write_text("mine")  # the test split 07 writes at a run's end
     for init_from in ("scratch", "auto"):  # no ckpt.pt: nothing to resume, auto starts afresh
@@ -647,7 +659,8 @@ def test_another_stages_run_in_out_dir_is_refused_offering_only_another_out_dir(
         ft07, char_setup, tmp_path, capsys, no_model, stage):
     """`--ckpt=out/tiny/best.pt --out_dir=out/tiny`: out_dir holds 05's run. --init_from=resume
     would fail (no 07 run to resume) and --overwrite would replace 05's resumable run, so the
-    error offers neither, only another --out_dir, which works."""
+    error offers neither, only another --out_dir, which works. --overwrite replaces 07's own runs
+    only: with it, the same error, and 05's run stays."""
     tmp, _ = char_setup
     base = torch.load(tmp / "base" / "ckpt.pt", weights_only=True)
     ft07.save_checkpoint(tmp_path / "ckpt.pt", {**base, "stage": stage})
@@ -656,6 +669,8 @@ def test_another_stages_run_in_out_dir_is_refused_offering_only_another_out_dir(
     err = run_main(ft07, capsys, args)
     assert f"{stage!r}" in err and "another --out_dir" in err, err
     assert "--overwrite" not in err and "--init_from=resume" not in err, err
+    assert (tmp_path / "ckpt.pt").read_bytes() == theirs
+    assert run_main(ft07, capsys, [*args, "--overwrite"]) == err
     assert (tmp_path / "ckpt.pt").read_bytes() == theirs
     ft07.parse_config(ft07.FinetuneConfig, [*args, f"--out_dir={tmp_path / 'new'}"])  # the fix
 
@@ -731,16 +746,21 @@ def test_flags_are_spelled_out_in_full(ft07, capsys, no_model, flag):
 
 
 def test_help_lists_the_flags(ft07, capsys):
+    """--help shows the config docstring's first line: it must be a whole sentence."""
     with pytest.raises(SystemExit) as e:
         ft07.main(["--help"])
     assert e.value.code == 0
-    assert "--lora_rank" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--lora_rank" in out
+    description = ft07.FinetuneConfig.__doc__.split("\n")[0]
+    assert description in out and description.endswith(".")
 
 
 @pytest.mark.parametrize("settings, message", [
     (dict(dtype="fp8"), "--dtype"), (dict(lora_rank=-1), "--lora_rank"),
     (dict(init_from="gpt3"), "--init_from"), (dict(grad_clip=-1.0), "--grad_clip"),
     (dict(lora_targets="c_attn,lm_head"), "--lora_targets"),  # lm_head is tied to wte
+    (dict(lora_rank=4, lora_alpha=0.0), "--lora_alpha"),  # scaling alpha / rank = 0: no learning
 ])
 def test_bad_settings_get_a_clear_error_before_anything_loads(ft07, settings, message):
     with pytest.raises(ValueError, match=message):
