@@ -586,7 +586,7 @@ def main(argv=None):
         model, tokenizer_spec, resumed = load_model(cfg, run)
         data = prepare_data(cfg, model, tokenizer_spec)
         result = finetune(cfg, model, tokenizer_spec, data, resumed)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # the user's to fix (a NaN:
+    except (ValueError, OSError, FloatingPointError) as e:  # the user's to fix (a NaN:
         print(f"error: {e}", file=sys.stderr)  # a lower lr), one line, as parse_config
         sys.exit(2)
     except KeyboardInterrupt:  # before the loop's CtrlC is set up: loading, preparing the data

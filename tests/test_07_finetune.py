@@ -643,6 +643,20 @@ def test_an_out_dir_that_is_a_file_is_refused_before_any_work(ft07, char_setup, 
     assert (tmp_path / "notes").read_text() == "mine"
 
 
+def test_a_save_that_the_disk_refuses_is_one_line(ft07, char_setup, tmp_path, capsys,
+                                                   monkeypatch):
+    """A write the system refuses (an out_dir made read-only, a full disk) is the user's to fix:
+    one `error:` line naming it, not a PermissionError traceback."""
+    tmp, _ = char_setup
+
+    def refused(path, ckpt):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(ft07, "save_checkpoint", refused)
+    err = run_main(ft07, capsys, finetune_args(tmp, tmp_path, "--max_iters=1"))
+    assert "Permission denied" in err and "ckpt.pt" in err
+
+
 def test_resuming_another_stages_run_names_it_and_offers_no_overwrite(ft07, char_setup, tmp_path,
                                                                       capsys):
     """--init_from=resume --out_dir=out/shakespeare-char: 05's run is no 07 run, and the way out
